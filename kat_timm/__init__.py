@@ -1,0 +1,11 @@
+"""kat_timm: the Kolmogorov-Arnold Transformer (KAT) for timm.
+
+KAT (Yang & Wang, 2024, arXiv 2409.10594) is a Vision Transformer whose MLP is a group-rational KAN: a learnable
+rational function P(x)/Q(x), shared within groups of channels, before and after the first linear layer.
+"""
+from .layers import GroupRational
+from .ops import group_rational
+
+__version__ = "0.1.0"
+
+__all__ = ["GroupRational", "group_rational", "__version__"]

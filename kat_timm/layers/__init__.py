@@ -1,0 +1,10 @@
+"""Layers built on the grouped rational op."""
+from timm.models import register_notrace_module
+
+from .group_rational import GroupRational
+from .rational_inits import RATIONAL_INITS_PATH, rational_init, rational_inits
+
+# fx tracing (timm's feature extraction) keeps the layer as a leaf instead of tracing into the custom op.
+register_notrace_module(GroupRational)
+
+__all__ = ["GroupRational", "RATIONAL_INITS_PATH", "rational_init", "rational_inits"]

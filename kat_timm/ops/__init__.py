@@ -1,0 +1,24 @@
+"""Kernels, references and dispatch of the grouped rational function.
+
+- ``group_rational``: the op (custom ``torch.library`` ops, all backends);
+- ``group_rational_reference``: the float64 reference tests and benchmarks compare against;
+- ``group_rational_autograd``: the same formula with plain differentiable PyTorch ops (TorchScript);
+- ``select_backend`` / ``native_cpu_status`` / ``triton_status``: which implementation runs, and why.
+"""
+from .backend import BACKEND_ENV, BACKENDS, requested_backend, select_backend, triton_status
+from .group_rational import group_rational
+from .rational_cpu import native_cpu_status
+from .rational_reference import group_rational_reference
+from .rational_torch import group_rational_autograd
+
+__all__ = [
+    "BACKEND_ENV",
+    "BACKENDS",
+    "group_rational",
+    "group_rational_autograd",
+    "group_rational_reference",
+    "native_cpu_status",
+    "requested_backend",
+    "select_backend",
+    "triton_status",
+]

@@ -1,0 +1,228 @@
+/*
+ * Native CPU kernels of the grouped rational function (kat_timm).
+ *
+ *   F(x) = (a0 + a1 x + ... + a5 x^5) / (1 + |b1||x| + |b2||x|^2 + |b3||x|^3 + |b4||x|^4)
+ *
+ * The input is the canonical (M, G, L) array (see kat_timm/ops/layout.py): M*G contiguous segments of L elements,
+ * segment s using the coefficients of group s % G. The flat array is cut into fixed-size chunks that OpenMP
+ * threads take in a static schedule; inside a chunk, each piece that stays within one segment is a plain loop with
+ * scalar coefficients that the compiler vectorises (one clone per instruction set through target_clones, so the
+ * binary runs on any x86-64 CPU without -march=native).
+ *
+ * Math is float32 whatever the storage type (float32, bfloat16, float16). The backward pass writes dx and the ten
+ * coefficient sums per group (S_i = sum g x^i / Q, T_j = sum g P / Q^2 |x|^j): float32 inside a piece, float64
+ * per chunk, and the chunk partials are added in chunk order at the end, so the result does not depend on the
+ * number of threads and two calls give bitwise-identical sums. No atomics.
+ *
+ * Built and loaded with ctypes by kat_timm/ops/rational_cpu.py; plain C, no PyTorch headers.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(KAT_NO_CLONES)
+#define KAT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define KAT_CLONES
+#endif
+
+enum { KAT_F32 = 0, KAT_BF16 = 1, KAT_F16 = 2 };
+enum { KAT_OK = 0, KAT_BAD_DTYPE = 1, KAT_NO_MEMORY = 2 };
+
+/* Elements per chunk: big enough to amortise scheduling, small enough for a good spread over threads. */
+#define KAT_CHUNK 16384
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;      /* round to nearest even */
+    uint32_t quiet_nan = (u >> 16) | 0x40u;                           /* keep NaN a NaN */
+    return (uint16_t)(((u & 0x7fffffffu) > 0x7f800000u) ? quiet_nan : rounded);
+}
+
+static inline float load_f32(const float *p, int64_t i) { return p[i]; }
+static inline void store_f32(float *p, int64_t i, float v) { p[i] = v; }
+static inline float load_bf16(const uint16_t *p, int64_t i) { return bf16_to_f32(p[i]); }
+static inline void store_bf16(uint16_t *p, int64_t i, float v) { p[i] = f32_to_bf16(v); }
+#ifdef __FLT16_MAX__
+#define KAT_HAVE_F16 1
+static inline float load_f16(const _Float16 *p, int64_t i) { return (float)p[i]; }
+static inline void store_f16(_Float16 *p, int64_t i, float v) { p[i] = (_Float16)v; }
+#else
+#define KAT_HAVE_F16 0
+#endif
+
+/* Coefficients of one group, float32, |b| already taken. */
+typedef struct {
+    float a[6];
+    float b[4];
+} kat_coeffs;
+
+static void load_coeffs(kat_coeffs *c, int64_t groups, const float *num, int64_t num_row_stride, const float *den) {
+    for (int64_t g = 0; g < groups; ++g) {
+        for (int i = 0; i < 6; ++i) c[g].a[i] = num[g * num_row_stride + i];
+        for (int j = 0; j < 4; ++j) c[g].b[j] = fabsf(den[g * 4 + j]);
+    }
+}
+
+/* One piece [begin, end) inside a segment: forward. */
+#define KAT_DEFINE_FORWARD_PIECE(SUFFIX, T)                                                                       \
+    KAT_CLONES static void forward_piece_##SUFFIX(const T *restrict x, T *restrict y, int64_t n,                 \
+                                                  const kat_coeffs *c) {                                          \
+        const float a0 = c->a[0], a1 = c->a[1], a2 = c->a[2], a3 = c->a[3], a4 = c->a[4], a5 = c->a[5];           \
+        const float b1 = c->b[0], b2 = c->b[1], b3 = c->b[2], b4 = c->b[3];                                       \
+        _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) {                                                    \
+            const float xv = load_##SUFFIX(x, i);                                                                 \
+            const float ax = fabsf(xv);                                                                           \
+            const float p = a0 + xv * (a1 + xv * (a2 + xv * (a3 + xv * (a4 + xv * a5))));                         \
+            const float q = 1.0f + ax * (b1 + ax * (b2 + ax * (b3 + ax * b4)));                                   \
+            store_##SUFFIX(y, i, p / q);                                                                          \
+        }                                                                                                         \
+    }
+
+/* One piece inside a segment: backward. Adds this piece's ten sums to acc (float64). */
+#define KAT_DEFINE_BACKWARD_PIECE(SUFFIX, T)                                                                      \
+    KAT_CLONES static void backward_piece_##SUFFIX(const T *restrict grad, const T *restrict x, T *restrict dx,  \
+                                                   int64_t n, const kat_coeffs *c, double *acc) {                 \
+        const float a0 = c->a[0], a1 = c->a[1], a2 = c->a[2], a3 = c->a[3], a4 = c->a[4], a5 = c->a[5];           \
+        const float b1 = c->b[0], b2 = c->b[1], b3 = c->b[2], b4 = c->b[3];                                       \
+        float s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, t1 = 0, t2 = 0, t3 = 0, t4 = 0;                     \
+        _Pragma("omp simd reduction(+ : s0, s1, s2, s3, s4, s5, t1, t2, t3, t4)") for (int64_t i = 0; i < n; ++i) { \
+            const float xv = load_##SUFFIX(x, i);                                                                 \
+            const float gv = load_##SUFFIX(grad, i);                                                              \
+            const float ax = fabsf(xv);                                                                           \
+            const float sx = xv < 0.0f ? -1.0f : 1.0f;                                                            \
+            const float p = a0 + xv * (a1 + xv * (a2 + xv * (a3 + xv * (a4 + xv * a5))));                         \
+            const float dp = a1 + xv * (2.0f * a2 + xv * (3.0f * a3 + xv * (4.0f * a4 + xv * 5.0f * a5)));        \
+            const float q = 1.0f + ax * (b1 + ax * (b2 + ax * (b3 + ax * b4)));                                   \
+            const float dq = b1 + ax * (2.0f * b2 + ax * (3.0f * b3 + ax * 4.0f * b4));                           \
+            const float rq = 1.0f / q;                                                                            \
+            const float f = p * rq;                                                                               \
+            store_##SUFFIX(dx, i, gv * (dp - f * sx * dq) * rq);                                                  \
+            const float gq = gv * rq;                                                                             \
+            const float x2 = xv * xv, x3 = x2 * xv, x4 = x2 * x2;                                                 \
+            s0 += gq;                                                                                             \
+            s1 += gq * xv;                                                                                        \
+            s2 += gq * x2;                                                                                        \
+            s3 += gq * x3;                                                                                        \
+            s4 += gq * x4;                                                                                        \
+            s5 += gq * x4 * xv;                                                                                   \
+            const float gf = gq * f;                                                                              \
+            t1 += gf * ax;                                                                                        \
+            t2 += gf * x2;                                                                                        \
+            t3 += gf * x2 * ax;                                                                                   \
+            t4 += gf * x4;                                                                                        \
+        }                                                                                                         \
+        acc[0] += s0; acc[1] += s1; acc[2] += s2; acc[3] += s3; acc[4] += s4; acc[5] += s5;                       \
+        acc[6] += t1; acc[7] += t2; acc[8] += t3; acc[9] += t4;                                                   \
+    }
+
+#define KAT_DEFINE_DRIVERS(SUFFIX, T)                                                                             \
+    KAT_DEFINE_FORWARD_PIECE(SUFFIX, T)                                                                           \
+    KAT_DEFINE_BACKWARD_PIECE(SUFFIX, T)                                                                          \
+    static void forward_##SUFFIX(const T *x, T *y, int64_t total, int64_t groups, int64_t seg_len,               \
+                                 const kat_coeffs *c, int nthreads) {                                             \
+        const int64_t chunks = (total + KAT_CHUNK - 1) / KAT_CHUNK;                                               \
+        _Pragma("omp parallel for schedule(static) num_threads(nthreads)") for (int64_t k = 0; k < chunks; ++k) { \
+            int64_t i = k * KAT_CHUNK;                                                                            \
+            const int64_t stop = i + KAT_CHUNK < total ? i + KAT_CHUNK : total;                                   \
+            while (i < stop) {                                                                                    \
+                const int64_t seg = i / seg_len;                                                                  \
+                const int64_t seg_end = (seg + 1) * seg_len;                                                      \
+                const int64_t end = seg_end < stop ? seg_end : stop;                                              \
+                forward_piece_##SUFFIX(x + i, y + i, end - i, &c[seg % groups]);                                  \
+                i = end;                                                                                          \
+            }                                                                                                     \
+        }                                                                                                         \
+    }                                                                                                             \
+    static void backward_##SUFFIX(const T *grad, const T *x, T *dx, int64_t total, int64_t groups,               \
+                                  int64_t seg_len, const kat_coeffs *c, double *partials, int nthreads) {         \
+        const int64_t chunks = (total + KAT_CHUNK - 1) / KAT_CHUNK;                                               \
+        _Pragma("omp parallel for schedule(static) num_threads(nthreads)") for (int64_t k = 0; k < chunks; ++k) { \
+            double *part = partials + k * groups * 10;                                                            \
+            int64_t i = k * KAT_CHUNK;                                                                            \
+            const int64_t stop = i + KAT_CHUNK < total ? i + KAT_CHUNK : total;                                   \
+            while (i < stop) {                                                                                    \
+                const int64_t seg = i / seg_len;                                                                  \
+                const int64_t seg_end = (seg + 1) * seg_len;                                                      \
+                const int64_t end = seg_end < stop ? seg_end : stop;                                              \
+                const int64_t g = seg % groups;                                                                   \
+                backward_piece_##SUFFIX(grad + i, x + i, dx + i, end - i, &c[g], part + g * 10);                  \
+                i = end;                                                                                          \
+            }                                                                                                     \
+        }                                                                                                         \
+    }
+
+KAT_DEFINE_DRIVERS(f32, float)
+KAT_DEFINE_DRIVERS(bf16, uint16_t)
+#if KAT_HAVE_F16
+KAT_DEFINE_DRIVERS(f16, _Float16)
+#endif
+
+/* 1 if the storage type is supported by this build. */
+int kat_rational_supports(int dtype) {
+    return dtype == KAT_F32 || dtype == KAT_BF16 || (dtype == KAT_F16 && KAT_HAVE_F16);
+}
+
+/*
+ * x, y: (M, G, L) contiguous, total = M * G * L elements of the storage type `dtype`.
+ * num: float32, row g at num + g * num_row_stride (stride 0 for one shared row); den: float32 (G, 4).
+ */
+int kat_rational_forward(int dtype, const void *x, void *y, int64_t total, int64_t groups, int64_t seg_len,
+                         const float *num, int64_t num_row_stride, const float *den, int nthreads) {
+    if (!kat_rational_supports(dtype)) return KAT_BAD_DTYPE;
+    kat_coeffs *c = (kat_coeffs *)malloc(sizeof(kat_coeffs) * (size_t)groups);
+    if (!c) return KAT_NO_MEMORY;
+    load_coeffs(c, groups, num, num_row_stride, den);
+    if (dtype == KAT_F32) forward_f32((const float *)x, (float *)y, total, groups, seg_len, c, nthreads);
+    else if (dtype == KAT_BF16) forward_bf16((const uint16_t *)x, (uint16_t *)y, total, groups, seg_len, c, nthreads);
+#if KAT_HAVE_F16
+    else forward_f16((const _Float16 *)x, (_Float16 *)y, total, groups, seg_len, c, nthreads);
+#endif
+    free(c);
+    return KAT_OK;
+}
+
+/*
+ * grad, x, dx: (M, G, L) contiguous of the storage type. sums: float64 (G, 10), overwritten with
+ * [S0..S5, T1..T4] per group.
+ */
+int kat_rational_backward(int dtype, const void *grad, const void *x, void *dx, int64_t total, int64_t groups,
+                          int64_t seg_len, const float *num, int64_t num_row_stride, const float *den, double *sums,
+                          int nthreads) {
+    if (!kat_rational_supports(dtype)) return KAT_BAD_DTYPE;
+    const int64_t chunks = (total + KAT_CHUNK - 1) / KAT_CHUNK;
+    kat_coeffs *c = (kat_coeffs *)malloc(sizeof(kat_coeffs) * (size_t)groups);
+    double *partials = (double *)calloc((size_t)(chunks * groups * 10), sizeof(double));
+    if (!c || !partials) {
+        free(c);
+        free(partials);
+        return KAT_NO_MEMORY;
+    }
+    load_coeffs(c, groups, num, num_row_stride, den);
+    if (dtype == KAT_F32)
+        backward_f32((const float *)grad, (const float *)x, (float *)dx, total, groups, seg_len, c, partials, nthreads);
+    else if (dtype == KAT_BF16)
+        backward_bf16((const uint16_t *)grad, (const uint16_t *)x, (uint16_t *)dx, total, groups, seg_len, c, partials,
+                      nthreads);
+#if KAT_HAVE_F16
+    else
+        backward_f16((const _Float16 *)grad, (const _Float16 *)x, (_Float16 *)dx, total, groups, seg_len, c, partials,
+                     nthreads);
+#endif
+    /* Fixed-order second stage: chunk 0, 1, 2, ... whatever thread computed them. */
+    memset(sums, 0, sizeof(double) * (size_t)(groups * 10));
+    for (int64_t k = 0; k < chunks; ++k)
+        for (int64_t j = 0; j < groups * 10; ++j) sums[j] += partials[k * groups * 10 + j];
+    free(c);
+    free(partials);
+    return KAT_OK;
+}

@@ -1,0 +1,193 @@
+"""``group_rational``: the grouped rational function of a GR-KAN layer, as ``torch.library`` custom ops.
+
+    F(x) = (a0 + a1 x + ... + a5 x^5) / (1 + |b1||x| + |b2||x|^2 + |b3||x|^3 + |b4||x|^4)
+
+Two custom ops, ``kat_timm::group_rational`` and ``kat_timm::group_rational_backward``, each with a fake (meta)
+implementation, tied together with ``torch.library.register_autograd``. So ``torch.compile(fullgraph=True)``
+traces through them, meta tensors work, and ``torch.library.opcheck`` passes. The implementations pick a backend
+through ``backend.select_backend`` and work on the canonical (M, G, L) view of ``layout.py``.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from .backend import select_backend
+from .layout import channels_moved_last, empty_output, mgl_view
+from .rational_torch import rational_backward_torch, rational_forward_torch
+
+__all__ = ["group_rational"]
+
+
+def _forward_impl(backend: str):
+    if backend == "native":
+        from .rational_cpu import rational_forward_native
+
+        return rational_forward_native
+    if backend == "triton":
+        from .rational_triton import rational_forward_triton
+
+        return rational_forward_triton
+    return rational_forward_torch
+
+
+def _backward_impl(backend: str):
+    if backend == "native":
+        from .rational_cpu import rational_backward_native
+
+        return rational_backward_native
+    if backend == "triton":
+        from .rational_triton import rational_backward_triton
+
+        return rational_backward_triton
+    return rational_backward_torch
+
+
+def _from_mgl(t3: torch.Tensor, x: torch.Tensor, cdim: int, moved: bool) -> torch.Tensor:
+    """Give a contiguous (M, G, L) result x's shape, in the layout ``empty_output`` describes."""
+    if moved:
+        return t3.view(x.movedim(cdim, -1).shape).movedim(-1, cdim)
+    return t3.view(x.shape)
+
+
+@torch.library.custom_op("kat_timm::group_rational", mutates_args=())
+def _group_rational_op(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    cdim = channel_dim % x.dim()
+    moved = channels_moved_last(x, cdim)
+    if x.numel() == 0:
+        return empty_output(x, cdim, moved)
+    x3 = mgl_view(x, cdim, denominator.shape[0], moved)
+    y3 = _forward_impl(select_backend(x))(x3, numerator, denominator)
+    return _from_mgl(y3, x, cdim, moved)
+
+
+@_group_rational_op.register_fake
+def _(x, numerator, denominator, channel_dim):
+    cdim = channel_dim % x.dim()
+    return empty_output(x, cdim, channels_moved_last(x, cdim))
+
+
+def _coefficient_grads(sums: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor):
+    """(G, 10) sums [S0..S5, T1..T4] -> gradients of numerator and denominator, in their dtypes."""
+    grad_numerator = sums[:, :6]
+    if numerator.shape[0] == 1:
+        grad_numerator = grad_numerator.sum(0, keepdim=True)
+    # d|b|/db with sign(0) = +1, so a zero (identity-initialised) denominator still learns.
+    sign_b = torch.where(denominator < 0, -1.0, 1.0).to(sums.dtype)
+    grad_denominator = -sign_b * sums[:, 6:]
+    return grad_numerator.to(numerator.dtype), grad_denominator.to(denominator.dtype)
+
+
+@torch.library.custom_op("kat_timm::group_rational_backward", mutates_args=())
+def _group_rational_backward_op(
+    grad: torch.Tensor, x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, channel_dim: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    cdim = channel_dim % x.dim()
+    moved = channels_moved_last(x, cdim)
+    groups = denominator.shape[0]
+    if x.numel() == 0:
+        return (
+            empty_output(x, cdim, moved),
+            torch.zeros_like(numerator),
+            torch.zeros_like(denominator),
+        )
+    x3 = mgl_view(x, cdim, groups, moved)
+    grad3 = mgl_view(grad.to(x.dtype), cdim, groups, moved)  # copies only if grad's layout differs from x's
+    grad_x3, sums = _backward_impl(select_backend(x))(grad3, x3, numerator, denominator)
+    grad_numerator, grad_denominator = _coefficient_grads(sums, numerator, denominator)
+    return _from_mgl(grad_x3, x, cdim, moved), grad_numerator, grad_denominator
+
+
+@_group_rational_backward_op.register_fake
+def _(grad, x, numerator, denominator, channel_dim):
+    cdim = channel_dim % x.dim()
+    return (
+        empty_output(x, cdim, channels_moved_last(x, cdim)),
+        torch.empty_like(numerator),
+        torch.empty_like(denominator),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, numerator, denominator, channel_dim = inputs
+    ctx.save_for_backward(x, numerator, denominator)
+    ctx.channel_dim = channel_dim
+
+
+def _backward(ctx, grad):
+    x, numerator, denominator = ctx.saved_tensors
+    grad_x, grad_numerator, grad_denominator = _group_rational_backward_op(
+        grad, x, numerator, denominator, ctx.channel_dim
+    )
+    return grad_x, grad_numerator, grad_denominator, None
+
+
+_group_rational_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _validate(x, numerator, denominator, channel_dim) -> None:
+    for name, tensor in (("x", x), ("numerator", numerator), ("denominator", denominator)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"group_rational: {name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if not tensor.dtype.is_floating_point:
+            raise TypeError(
+                f"group_rational: {name} must be a floating-point tensor (float32, float16, bfloat16 or float64), "
+                f"got {tensor.dtype}; convert it first, e.g. {name}.float()"
+            )
+    if x.dim() == 0:
+        raise ValueError("group_rational: x must have at least one dimension (the channel axis), got a scalar")
+    if not isinstance(channel_dim, int) or not -x.dim() <= channel_dim < x.dim():
+        raise ValueError(f"group_rational: channel_dim={channel_dim!r} is out of range for x of shape {tuple(x.shape)}")
+    if denominator.dim() != 2 or denominator.shape[1] != 4 or denominator.shape[0] < 1:
+        raise ValueError(
+            f"group_rational: denominator must have shape (G, 4) (one row b1..b4 per group), "
+            f"got {tuple(denominator.shape)}"
+        )
+    groups = denominator.shape[0]
+    if tuple(numerator.shape) not in ((1, 6), (groups, 6)):
+        raise ValueError(
+            f"group_rational: numerator must have shape (1, 6) (one shared row a0..a5) or ({groups}, 6) (one row per "
+            f"group, G = denominator.shape[0] = {groups}), got {tuple(numerator.shape)}"
+        )
+    channels = x.shape[channel_dim]
+    if channels % groups != 0:
+        raise ValueError(
+            f"group_rational: the channel axis (dim {channel_dim} of shape {tuple(x.shape)}) has C={channels} "
+            f"channels, which can't be cut into G={groups} equal groups; C must be a multiple of G"
+        )
+    if numerator.device != x.device or denominator.device != x.device:
+        raise ValueError(
+            f"group_rational: x, numerator and denominator must be on one device, got {x.device}, "
+            f"{numerator.device}, {denominator.device}"
+        )
+
+
+def group_rational(
+    x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, channel_dim: int = -1
+) -> torch.Tensor:
+    """Apply the grouped rational function (the GR-KAN activation).
+
+    The channel axis of ``x`` is cut into G = ``denominator.shape[0]`` contiguous chunks of C / G channels;
+    chunk g uses denominator row g and numerator row g (or the single shared numerator row)::
+
+        F(x) = (a0 + a1 x + ... + a5 x^5) / (1 + |b1||x| + |b2||x|^2 + |b3||x|^3 + |b4||x|^4)
+
+    Differentiable in all three tensors (d|b|/db = +1 at b == 0). Any shape and strides; the result is a new
+    tensor of x's dtype (math in float32 for float32/float16/bfloat16, float64 for float64). Deterministic.
+
+    Args:
+        x: input, floating point, with C channels on ``channel_dim``.
+        numerator: (1, 6) shared row or (G, 6) rows of a0..a5.
+        denominator: (G, 4) rows of b1..b4.
+        channel_dim: the channel axis: -1 for token layouts ``[..., C]``, 1 for images ``[B, C, H, W]``.
+
+    Returns:
+        F(x), shaped like ``x``.
+
+    Raises:
+        TypeError: a non-floating-point (integer, bool, complex) input.
+        ValueError: wrong coefficient shapes, C not a multiple of G, a bad channel_dim, mixed devices.
+    """
+    _validate(x, numerator, denominator, channel_dim)
+    return _group_rational_op(x, numerator, denominator, channel_dim)

@@ -1,0 +1,55 @@
+"""The canonical (M, G, L) view every backend works on.
+
+Cutting the channel axis into G contiguous groups makes any input a 3-D array (M, G, L) in which each group is a
+contiguous run of L elements with one set of coefficients:
+- channels last ``[..., C]``: M = prod(leading dims), L = C / G;
+- channels at ``channel_dim`` of a contiguous tensor (``[B, C, H, W]``): M = prod(dims before C),
+  L = (C / G) * prod(dims after C).
+A tensor whose memory is channels-last although its channel axis is not the last (``torch.channels_last``
+images) is viewed through ``movedim`` without a copy, and its output keeps that memory format. Anything else is
+copied to contiguous first. The fake (meta) implementations use the same rules, so their strides match.
+"""
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+
+__all__ = ["channels_moved_last", "mgl_view", "empty_output", "as_layout"]
+
+
+def channels_moved_last(x: torch.Tensor, cdim: int) -> bool:
+    """True when x is viewed as channels-last through movedim (no copy) rather than as a contiguous tensor."""
+    return (not x.is_contiguous()) and cdim != x.dim() - 1 and x.movedim(cdim, -1).is_contiguous()
+
+
+def as_layout(t: torch.Tensor, cdim: int, moved: bool) -> torch.Tensor:
+    """t in the memory order the kernels read: channels-last through movedim, or contiguous (copying if needed)."""
+    return t.movedim(cdim, -1).contiguous() if moved else t.contiguous()
+
+
+def mgl_view(t: torch.Tensor, cdim: int, groups: int, moved: bool) -> torch.Tensor:
+    """The (M, G, L) view of ``as_layout(t, ...)`` (a view, never a copy, of an already laid out tensor)."""
+    laid = as_layout(t, cdim, moved)
+    channels = t.shape[cdim]
+    if moved:
+        rows = math.prod(laid.shape[:-1])
+        return laid.view(rows, groups, channels // groups)
+    rows = math.prod(t.shape[:cdim])
+    return laid.view(rows, groups, (channels // groups) * math.prod(t.shape[cdim + 1 :]))
+
+
+def empty_output(x: torch.Tensor, cdim: int, moved: bool, dtype: torch.dtype = None) -> torch.Tensor:
+    """A fresh tensor shaped like x in the layout the kernels write (the same layout for real and fake tensors)."""
+    dtype = x.dtype if dtype is None else dtype
+    if moved:
+        return torch.empty(x.movedim(cdim, -1).shape, dtype=dtype, device=x.device).movedim(-1, cdim)
+    return torch.empty(x.shape, dtype=dtype, device=x.device)
+
+
+def mgl_shape(x: torch.Tensor, cdim: int, groups: int, moved: bool) -> Tuple[int, int, int]:
+    channels = x.shape[cdim]
+    if moved:
+        return math.prod(x.shape) // channels, groups, channels // groups
+    return math.prod(x.shape[:cdim]), groups, (channels // groups) * math.prod(x.shape[cdim + 1 :])

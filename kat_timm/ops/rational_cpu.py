@@ -1,0 +1,165 @@
+"""Native CPU kernels: build ``csrc/group_rational_cpu.c`` on first use, load it with ctypes, call it.
+
+Why not a PyTorch C++ extension: compiling against the PyTorch headers takes about a minute and needs ninja;
+this file is plain C with OpenMP and builds in about a second with the system C compiler. The library is cached
+under ``$KAT_TIMM_CACHE_DIR`` (default ``$XDG_CACHE_HOME/kat_timm`` or ``~/.cache/kat_timm``), keyed by a hash of
+the source, the compiler's version and the flags, and written through a temporary file and a rename so that
+concurrent processes never load a half-written library. Machines without a C compiler (or where the build fails)
+use the pure-PyTorch path instead; ``native_cpu_status()`` says why.
+
+The library is linked with ``-fopenmp`` but not against a particular libgomp: PyTorch has already loaded its
+own ``libgomp.so.1`` when this runs, so both share one OpenMP runtime and one thread pool.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["native_cpu_status", "native_cpu_supports", "rational_forward_native", "rational_backward_native"]
+
+_SOURCE = Path(__file__).with_name("csrc") / "group_rational_cpu.c"
+_BASE_FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-std=gnu11"]
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+_lock = threading.Lock()
+_library: Optional[ctypes.CDLL] = None
+_failure: Optional[str] = None
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("KAT_TIMM_CACHE_DIR"):
+        return Path(os.environ["KAT_TIMM_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "kat_timm"
+
+
+def _compiler_identity(compiler: str) -> str:
+    try:
+        out = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30)
+        return out.stdout
+    except (OSError, subprocess.SubprocessError) as error:
+        return f"unknown ({error})"
+
+
+def _build(compiler: str, flags: list) -> Path:
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(
+        source + _compiler_identity(compiler).encode() + " ".join(flags).encode() + platform.machine().encode()
+    ).hexdigest()[:16]
+    target = _cache_dir() / f"group_rational_cpu-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        result = subprocess.run(
+            [compiler, *flags, "-o", tmp, str(_SOURCE)], capture_output=True, text=True, timeout=300
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"`{compiler} {' '.join(flags)}` failed:\n{result.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _load() -> Optional[ctypes.CDLL]:
+    """Build (once per machine) and load the library; on failure remember why and return None."""
+    global _library, _failure
+    if _library is not None or _failure is not None:
+        return _library
+    with _lock:
+        if _library is not None or _failure is not None:
+            return _library
+        compiler = os.environ.get("CC", "cc")
+        if shutil.which(compiler) is None:
+            _failure = f"no C compiler found (looked for `{compiler}`; set CC or install gcc)"
+            return None
+        errors = []
+        # The second attempt drops the per-ISA clones, for compilers that do not know target_clones.
+        for flags in (_BASE_FLAGS, _BASE_FLAGS + ["-DKAT_NO_CLONES"]):
+            try:
+                library = ctypes.CDLL(str(_build(compiler, flags)))
+                break
+            except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+                errors.append(str(error))
+        else:
+            _failure = "building the native CPU kernel failed: " + "\n".join(errors)
+            return None
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        library.kat_rational_supports.argtypes = [ctypes.c_int]
+        library.kat_rational_forward.argtypes = [ctypes.c_int, ptr, ptr, i64, i64, i64, ptr, i64, ptr, ctypes.c_int]
+        library.kat_rational_backward.argtypes = [
+            ctypes.c_int, ptr, ptr, ptr, i64, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int,
+        ]
+        _library = library
+        return _library
+
+
+def native_cpu_status() -> Tuple[bool, str]:
+    """(available, reason): whether the native CPU kernel could be built and loaded here, and if not, why."""
+    library = _load()
+    return (True, "ok") if library is not None else (False, _failure or "unknown")
+
+
+def native_cpu_supports(dtype: torch.dtype) -> bool:
+    """True when the native kernel is available and handles tensors of ``dtype``."""
+    library = _load()
+    return library is not None and dtype in _DTYPE_CODES and bool(library.kat_rational_supports(_DTYPE_CODES[dtype]))
+
+
+def _coefficients(numerator: torch.Tensor, denominator: torch.Tensor):
+    num = numerator.detach().to(torch.float32).contiguous()
+    den = denominator.detach().to(torch.float32).contiguous()
+    num_row_stride = 0 if num.shape[0] == 1 else 6
+    return num, num_row_stride, den
+
+
+def _check(code: int) -> None:
+    if code != 0:
+        raise RuntimeError(f"native group_rational kernel failed with code {code} (1: dtype, 2: out of memory)")
+
+
+def rational_forward_native(x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """Forward on a contiguous CPU (M, G, L) view; returns a new tensor of x3's dtype."""
+    library = _load()
+    out = torch.empty_like(x3)
+    num, stride, den = _coefficients(numerator, denominator)
+    rows, groups, length = x3.shape
+    _check(
+        library.kat_rational_forward(
+            _DTYPE_CODES[x3.dtype], x3.data_ptr(), out.data_ptr(), x3.numel(), groups, length,
+            num.data_ptr(), stride, den.data_ptr(), torch.get_num_threads(),
+        )
+    )
+    return out
+
+
+def rational_backward_native(
+    grad3: torch.Tensor, x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Backward on contiguous CPU (M, G, L) views: grad_x and the (G, 10) float64 coefficient sums."""
+    library = _load()
+    grad_x = torch.empty_like(x3)
+    num, stride, den = _coefficients(numerator, denominator)
+    rows, groups, length = x3.shape
+    sums = torch.empty(groups, 10, dtype=torch.float64)
+    _check(
+        library.kat_rational_backward(
+            _DTYPE_CODES[x3.dtype], grad3.data_ptr(), x3.data_ptr(), grad_x.data_ptr(), x3.numel(), groups, length,
+            num.data_ptr(), stride, den.data_ptr(), sums.data_ptr(), torch.get_num_threads(),
+        )
+    )
+    return grad_x, sums

@@ -1,0 +1,90 @@
+"""Float64 reference of the grouped rational function and its three gradients.
+
+This is the yardstick every backend is tested against, so it is written for clarity, not speed: plain powers
+(no Horner), explicit gradient formulas (no autograd), everything in float64.
+
+    F(x) = (a0 + a1 x + ... + a5 x^5) / (1 + |b1| |x| + |b2| |x|^2 + |b3| |x|^3 + |b4| |x|^4)
+
+    dF/dx   = P'(x) / Q - P Q' / Q^2,  Q' = sign(x) * sum_j j |b_j| |x|^(j-1)
+    dF/da_i = x^i / Q
+    dF/db_j = -P / Q^2 * sign(b_j) * |x|^j
+
+sign(0) is taken as +1 for both x and b_j, as in the released kernels (an identity-initialised layer has b == 0
+exactly; with sign(0) = 0 its denominator could never move).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["group_rational_reference", "sign_zero_positive"]
+
+
+def sign_zero_positive(t: torch.Tensor) -> torch.Tensor:
+    """+1 where t >= 0, -1 where t < 0 (NaN maps to -1; callers propagate NaN through the values)."""
+    return torch.where(t >= 0, torch.ones_like(t), -torch.ones_like(t))
+
+
+def _per_channel(coefficients: torch.Tensor, channels: int, groups: int) -> torch.Tensor:
+    """Expand a (G, k) or (1, k) table to (C, k): channel c belongs to group c // (C // G)."""
+    rows = coefficients.expand(groups, coefficients.shape[1]) if coefficients.shape[0] == 1 else coefficients
+    return rows.repeat_interleave(channels // groups, dim=0)
+
+
+def group_rational_reference(
+    x: torch.Tensor,
+    numerator: torch.Tensor,
+    denominator: torch.Tensor,
+    channel_dim: int = -1,
+    grad_output: Optional[torch.Tensor] = None,
+):
+    """Evaluate the grouped rational function in float64.
+
+    Args:
+        x: input of any shape; its ``channel_dim`` axis has C channels, cut into G contiguous groups.
+        numerator: (1, 6) shared or (G, 6) per-group coefficients a0..a5.
+        denominator: (G, 4) coefficients b1..b4 (used through their absolute values).
+        channel_dim: the channel axis of ``x``.
+        grad_output: if given, the upstream gradient (shape of ``x``); the three gradients are returned too.
+
+    Returns:
+        ``y`` (float64, shape of ``x``), or ``(y, grad_x, grad_numerator, grad_denominator)`` when
+        ``grad_output`` is given; the coefficient gradients have the shapes of ``numerator`` and ``denominator``.
+    """
+    x64 = x.detach().to(torch.float64)
+    a = numerator.detach().to(torch.float64)
+    b = denominator.detach().to(torch.float64)
+    groups = b.shape[0]
+    cdim = channel_dim % x.dim()
+    channels = x.shape[cdim]
+
+    # Move channels last so coefficient tables broadcast as (..., C).
+    xl = x64.movedim(cdim, -1)
+    a_c = _per_channel(a, channels, groups)  # (C, 6)
+    b_c = _per_channel(b, channels, groups)  # (C, 4)
+    ax = xl.abs()
+    x_pow = [xl**i for i in range(6)]
+    ax_pow = [ax**j for j in range(5)]
+    p = sum(a_c[:, i] * x_pow[i] for i in range(6))
+    q = 1 + sum(b_c[:, j - 1].abs() * ax_pow[j] for j in range(1, 5))
+    y = (p / q).movedim(-1, cdim)
+    if grad_output is None:
+        return y
+
+    g = grad_output.detach().to(torch.float64).movedim(cdim, -1)
+    dp = sum(i * a_c[:, i] * x_pow[i - 1] for i in range(1, 6))
+    dq = sign_zero_positive(xl) * sum(j * b_c[:, j - 1].abs() * ax_pow[j - 1] for j in range(1, 5))
+    grad_x = (g * (dp / q - p * dq / q**2)).movedim(-1, cdim)
+
+    # Per-channel sums, then per-group sums (then over groups for a shared numerator row).
+    reduce_dims = tuple(range(xl.dim() - 1))
+    d_a = torch.stack([(g * x_pow[i] / q).sum(reduce_dims) for i in range(6)], dim=-1)  # (C, 6)
+    d_b = torch.stack(
+        [(-g * p / q**2 * ax_pow[j]).sum(reduce_dims) for j in range(1, 5)], dim=-1
+    ) * sign_zero_positive(b_c)  # (C, 4)
+    d_a = d_a.view(groups, channels // groups, 6).sum(1)
+    d_b = d_b.view(groups, channels // groups, 4).sum(1)
+    if a.shape[0] == 1:
+        d_a = d_a.sum(0, keepdim=True)
+    return y, grad_x, d_a, d_b

@@ -1,0 +1,148 @@
+"""Pure-PyTorch grouped rational function: the fallback that runs everywhere.
+
+Two flavours:
+- ``rational_forward_torch`` / ``rational_backward_torch``: explicit forward and backward on the canonical
+  (M, G, L) view (see ``layout.py``), in-place Horner in chunks of rows so the temporaries stay small. Used by
+  the custom op when neither the native CPU kernel nor Triton applies (float64, no compiler, forced by
+  ``KAT_RATIONAL_BACKEND=torch``). Low-precision inputs are computed in float32, float64 in float64.
+- ``group_rational_autograd``: the formula written with differentiable ops only, TorchScript-compatible. It is
+  what a scripted ``GroupRational`` runs, and the "plain PyTorch" baseline of the benchmark. ``|t|`` is written
+  ``t * s(t)`` with ``s`` a detached sign that is +1 at 0, so autograd gives d|t|/dt = +1 at t == 0 like the
+  kernels (``torch.abs`` would give 0 there and freeze an identity-initialised denominator).
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+__all__ = ["rational_forward_torch", "rational_backward_torch", "group_rational_autograd", "COEFFICIENT_SUMS"]
+
+# Backends return the ten coefficient sums per group, in this order:
+#   S_i = sum g * x^i / Q           (i = 0..5)  -> grad of a_i
+#   T_j = sum g * P / Q^2 * |x|^j   (j = 1..4)  -> grad of b_j is -sign(b_j) * T_j
+COEFFICIENT_SUMS = 10
+
+# Rows per chunk are chosen so a chunk holds about this many elements (a few MB of fp32 temporaries).
+_CHUNK_ELEMENTS = 1 << 18
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _row_chunks(rows: int, row_len: int):
+    step = max(1, _CHUNK_ELEMENTS // max(1, row_len))
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+
+
+def _horner(x: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """sum_k c_k x^k for c of shape (G, 1, n) broadcast over x of shape (m, G, L); highest power first."""
+    n = coefficients.shape[-1]
+    acc = torch.addcmul(coefficients[..., n - 2], coefficients[..., n - 1], x)
+    for k in range(n - 3, -1, -1):
+        torch.addcmul(coefficients[..., k], acc, x, out=acc)
+    return acc
+
+
+def _prepare(numerator: torch.Tensor, denominator: torch.Tensor, dtype: torch.dtype):
+    groups = denominator.shape[0]
+    a = numerator.to(dtype).expand(groups, 6).unsqueeze(1)  # (G, 1, 6)
+    b_abs = denominator.to(dtype).abs()
+    # Q = 1 + |b1||x| + ... as a polynomial in |x| with constant term 1.
+    q_coefficients = torch.cat([torch.ones_like(b_abs[:, :1]), b_abs], dim=1).unsqueeze(1)  # (G, 1, 5)
+    return a, b_abs.unsqueeze(1), q_coefficients
+
+
+def rational_forward_torch(x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """Forward on a contiguous (M, G, L) view; returns a new (M, G, L) tensor of x3's dtype."""
+    cdt = _compute_dtype(x3.dtype)
+    a, _, q_coefficients = _prepare(numerator, denominator, cdt)
+    out = torch.empty_like(x3)
+    rows, groups, length = x3.shape
+    for start, stop in _row_chunks(rows, groups * length):
+        xc = x3[start:stop].to(cdt)
+        p = _horner(xc, a)
+        q = _horner(xc.abs(), q_coefficients)
+        out[start:stop] = p.div_(q)
+    return out
+
+
+def rational_backward_torch(
+    grad3: torch.Tensor, x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Backward on contiguous (M, G, L) views.
+
+    Returns:
+        ``grad_x`` of shape (M, G, L) in x3's dtype, and the (G, 10) coefficient sums (see ``COEFFICIENT_SUMS``)
+        in float32 (float64 for float64 inputs).
+    """
+    cdt = _compute_dtype(x3.dtype)
+    a, b_abs, q_coefficients = _prepare(numerator, denominator, cdt)
+    powers = torch.arange(1, 6, dtype=cdt, device=x3.device)
+    da = a[..., 1:] * powers  # P' coefficients, (G, 1, 5)
+    dq = b_abs * powers[:4]  # Q' coefficients in |x|, (G, 1, 4)
+    grad_x = torch.empty_like(x3)
+    rows, groups, length = x3.shape
+    sums = torch.zeros(groups, 10, dtype=cdt, device=x3.device)
+    for start, stop in _row_chunks(rows, groups * length):
+        xc = x3[start:stop].to(cdt)
+        gc = grad3[start:stop].to(cdt)
+        ax = xc.abs()
+        p = _horner(xc, a)
+        q = _horner(ax, q_coefficients)
+        gq = gc / q  # not in place: gc may be the caller's gradient tensor itself
+        f = p.div_(q)  # F = P / Q
+        # dQ/dx = sign(x) * Q'(|x|) with sign(0) = +1.
+        dq_dx = _horner(ax, dq)
+        dq_dx = torch.where(xc < 0, -dq_dx, dq_dx)
+        grad_x[start:stop] = (_horner(xc, da) - f * dq_dx) * gq
+        x_pow = torch.ones_like(xc)
+        for i in range(6):
+            sums[:, i] += (gq * x_pow).sum(dim=(0, 2))
+            x_pow.mul_(xc)
+        gf = gq.mul_(f)
+        for j in range(1, 5):
+            gf.mul_(ax)
+            sums[:, 5 + j] += gf.sum(dim=(0, 2))
+    return grad_x, sums
+
+
+def _sign_zero_positive(t: torch.Tensor) -> torch.Tensor:
+    return torch.where(t < 0, -torch.ones_like(t), torch.ones_like(t)).detach()
+
+
+def group_rational_autograd(
+    x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, channel_dim: int = -1
+) -> torch.Tensor:
+    """The grouped rational function with plain differentiable PyTorch ops (TorchScript-compatible).
+
+    Args:
+        x: input; its ``channel_dim`` axis is cut into G = denominator.shape[0] contiguous groups.
+        numerator: (1, 6) or (G, 6).
+        denominator: (G, 4).
+        channel_dim: the channel axis.
+
+    Returns:
+        F(x) in x's dtype (computed in x's dtype: this path makes no precision promises for fp16/bf16).
+    """
+    groups = denominator.shape[0]
+    cdim = channel_dim % x.dim()
+    xl = x.movedim(cdim, -1)
+    channels = xl.shape[-1]
+    lead = xl.shape[:-1]
+    xg = xl.reshape(lead + (groups, channels // groups))
+    a = numerator.to(x.dtype).expand(groups, 6).unsqueeze(-2)  # (G, 1, 6)
+    b = denominator.to(x.dtype)
+    b_abs = (b * _sign_zero_positive(b)).unsqueeze(-2)  # (G, 1, 4)
+    ax = xg * _sign_zero_positive(xg)
+    p = a[..., 5]
+    for i in range(4, -1, -1):
+        p = p * xg + a[..., i]
+    q = b_abs[..., 3]
+    for j in range(2, -1, -1):
+        q = q * ax + b_abs[..., j]
+    q = q * ax + 1.0
+    y = (p / q).reshape(xl.shape)
+    return y.movedim(-1, cdim)

@@ -1,0 +1,516 @@
+#!/usr/bin/env python
+"""Fit group-rational initialisations for standard activations and write ``rational_inits.json``.
+
+The function being fitted is the rational used by the KAT group-rational layers,
+
+    F(x) = (a0 + a1 x + a2 x^2 + a3 x^3 + a4 x^4 + a5 x^5) / (1 + |b1||x| + |b2||x|^2 + |b3||x|^3 + |b4||x|^4)
+
+whose denominator is >= 1 (no poles). For every entry ``a0`` is pinned to ``target(0)`` so that ``F(0) == target(0)``
+exactly, and the denominators are written as nonnegative values ``c_j = |b_j|``.
+
+Method (all float64, fully deterministic: no random numbers anywhere):
+
+1. The variable is scaled to ``t = x / s`` with ``s = max(|lo|, |hi|)`` for conditioning; coefficients are mapped back
+   at the end (``a_i = alpha_i / s^i``, ``c_j = gamma_j / s^j``).
+2. Linearised least squares (Sanathanan-Koerner iteration): minimise ``|| w (P - f Q) / Q_prev ||`` over the
+   numerator and the nonnegative denominator coefficients (bounded linear least squares, BVLS).
+3. Nonlinear weighted least squares on the true error ``w (P/Q - f)`` (scipy ``least_squares``, trust-region
+   reflective, analytic Jacobian, bounds ``c_j >= 0``).
+4. Refinement, depending on the entry's mode:
+
+   * ``minimax`` (uniform weight): two candidates are computed from the least-squares fit, an L^p continuation
+     (p = 4, 8, 16, 32) and a Lawson iteration (iteratively reweighted least squares whose weights are multiplied by
+     the current |error|); the candidate (least squares included) with the smallest max error on the fit grid wins.
+   * ``weighted`` (Gaussian around 0 plus a uniform part): weighted least squares, with weight
+     ``w(x) = (1 - u) * g(x) / mean(g) + u``, ``g(x) = exp(-x^2 / (2 sigma^2))``; if a max-error cap is set, a
+     quadratic penalty on ``|error| > 0.95 * cap`` (with a growing penalty factor) keeps the max error under the cap.
+     This is the mode for GELU, which is used to convert trained networks whose pre-activations cluster near 0.
+
+The reported errors are measured on a denser grid (100001 points) than the fit grid.
+
+Examples::
+
+    python scripts/fit_rational.py                      # refit every entry of the table, write the table
+    python scripts/fit_rational.py gelu swish           # refit only these entries (the others are kept as they are)
+    python scripts/fit_rational.py --name mish --expr "x * torch.tanh(torch.nn.functional.softplus(x))"
+    python scripts/fit_rational.py --dry-run --range -4 4 swish
+
+Expressions are Python expressions in ``x`` (a float64 torch tensor); ``torch``, ``math`` and ``F``
+(``torch.nn.functional``) are available in their namespace.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from scipy.optimize import least_squares, lsq_linear
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_OUTPUT = os.path.join("kat_timm", "layers", "rational_inits.json")
+DEFAULT_RANGE = (-3.0, 3.0)
+DEFAULT_POINTS = 20001
+EVAL_POINTS = 100001
+NUM_DEGREE = 5  # a0..a5
+DEN_DEGREE = 4  # b1..b4
+
+# Built-in entries. ``mode`` is "exact" (no fitting), "minimax" or "weighted"; the weighted entries carry their
+# Gaussian width, their uniform weight fraction and their max-error cap.
+BUILTINS = OrderedDict(
+    [
+        ("identity", dict(expression="x", mode="exact")),
+        ("swish", dict(expression="x * torch.sigmoid(x)", mode="minimax")),
+        ("tanh", dict(expression="torch.tanh(x)", mode="minimax")),
+        ("sigmoid", dict(expression="torch.sigmoid(x)", mode="minimax")),
+        (
+            "gelu",
+            dict(
+                expression="x * 0.5 * (1 + torch.erf(x / math.sqrt(2)))",
+                mode="weighted",
+                gaussian_sigma=0.5,
+                uniform_weight=0.05,
+                max_error_cap=2.5e-3,
+            ),
+        ),
+        ("relu", dict(expression="torch.relu(x)", mode="minimax")),
+        ("leaky_relu", dict(expression="F.leaky_relu(x, negative_slope=0.01)", mode="minimax")),
+    ]
+)
+DEFAULT_UNIFORM_WEIGHT = 0.05
+
+LSQ_TOL = 1e-13
+
+
+class FitError(Exception):
+    """A user-facing error (bad name, bad expression, bad range...)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Target evaluation
+# ----------------------------------------------------------------------------------------------------------------------
+def evaluate_expression(expression: str, x: np.ndarray) -> np.ndarray:
+    """Evaluate ``expression`` (a Python expression in ``x``) on the float64 points ``x``."""
+    xt = torch.as_tensor(np.asarray(x, dtype=np.float64))
+    namespace = {"torch": torch, "math": math, "F": torch.nn.functional, "np": np, "x": xt}
+    try:
+        with torch.no_grad():
+            value = eval(expression, namespace)  # noqa: S307 - a local developer tool evaluating the user's input
+    except Exception as exc:  # any failure of the user's expression
+        raise FitError(f"expression {expression!r} failed to evaluate: {type(exc).__name__}: {exc}") from exc
+    try:
+        if isinstance(value, torch.Tensor):
+            value = value.detach().to(torch.float64).cpu().numpy()
+        value = np.asarray(value, dtype=np.float64)
+        value = np.broadcast_to(value, xt.shape).copy()
+    except Exception as exc:
+        raise FitError(
+            f"expression {expression!r} must give a number or a tensor of the shape of x, got {type(value).__name__}"
+            f" ({exc})"
+        ) from exc
+    if not np.all(np.isfinite(value)):
+        bad = np.asarray(x)[~np.isfinite(value)]
+        raise FitError(f"expression {expression!r} is not finite at x = {bad[0]!r} (and {bad.size - 1} other points)")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The rational function (float64, inline; standalone on purpose)
+# ----------------------------------------------------------------------------------------------------------------------
+def rational(x: np.ndarray, numerator, denominator) -> np.ndarray:
+    """F(x) in float64 with the layer's formula (denominator through absolute values)."""
+    x = np.asarray(x, dtype=np.float64)
+    ax = np.abs(x)
+    p = sum(float(numerator[i]) * x**i for i in range(NUM_DEGREE + 1))
+    q = 1.0 + sum(abs(float(denominator[j - 1])) * ax**j for j in range(1, DEN_DEGREE + 1))
+    return p / q
+
+
+class Problem:
+    """Fitting data on a grid, in the scaled variable t = x / s. Unknowns theta = (alpha_1..alpha_5, gamma_1..gamma_4)."""
+
+    def __init__(self, x: np.ndarray, f: np.ndarray, a0: float, scale: float):
+        self.x = x
+        self.f = f
+        self.a0 = a0
+        self.scale = scale
+        t = x / scale
+        self.num_basis = np.stack([t**i for i in range(1, NUM_DEGREE + 1)], axis=1)  # (N, 5)
+        self.den_basis = np.stack([np.abs(t) ** j for j in range(1, DEN_DEGREE + 1)], axis=1)  # (N, 4)
+        n_par = NUM_DEGREE + DEN_DEGREE
+        self.lower = np.r_[np.full(NUM_DEGREE, -np.inf), np.zeros(DEN_DEGREE)]
+        self.upper = np.full(n_par, np.inf)
+
+    def pq(self, theta):
+        p = self.a0 + self.num_basis @ theta[:NUM_DEGREE]
+        q = 1.0 + self.den_basis @ theta[NUM_DEGREE:]
+        return p, q
+
+    def error(self, theta):
+        p, q = self.pq(theta)
+        return p / q - self.f
+
+    def jacobian(self, theta):
+        """d(P/Q)/d theta, shape (N, 9)."""
+        p, q = self.pq(theta)
+        return np.concatenate([self.num_basis / q[:, None], -(p / q**2)[:, None] * self.den_basis], axis=1)
+
+    def max_error(self, theta):
+        return float(np.max(np.abs(self.error(theta))))
+
+    def clip(self, theta):
+        theta = np.array(theta, dtype=np.float64)
+        theta[NUM_DEGREE:] = np.maximum(theta[NUM_DEGREE:], 0.0)
+        return theta
+
+    def coefficients(self, theta):
+        """Unscaled (numerator a0..a5, denominator c1..c4 >= 0) as Python floats."""
+        s = self.scale
+        num = [float(self.a0)] + [float(theta[i - 1] / s**i) for i in range(1, NUM_DEGREE + 1)]
+        den = [float(abs(theta[NUM_DEGREE + j - 1]) / s**j) + 0.0 for j in range(1, DEN_DEGREE + 1)]
+        return num, den
+
+    # -- fitting stages ------------------------------------------------------------------------------------------------
+    def sanathanan_koerner(self, sqrt_w, iterations=20):
+        """Linearised weighted least squares, reweighted by 1 / Q_prev, denominators bounded to >= 0."""
+        q_prev = np.ones_like(self.x)
+        theta = np.zeros(NUM_DEGREE + DEN_DEGREE)
+        for _ in range(iterations):
+            row = sqrt_w / q_prev
+            a = np.concatenate([self.num_basis, -self.f[:, None] * self.den_basis], axis=1) * row[:, None]
+            rhs = (self.f - self.a0) * row
+            new = lsq_linear(a, rhs, bounds=(self.lower, self.upper), method="bvls").x
+            new = self.clip(new)
+            converged = np.max(np.abs(new - theta)) <= 1e-12 * max(1.0, np.max(np.abs(new)))
+            theta = new
+            _, q_prev = self.pq(theta)
+            if converged:
+                break
+        return theta
+
+    def weighted_least_squares(self, sqrt_w, theta, max_nfev=500):
+        res = least_squares(
+            lambda th: sqrt_w * self.error(th),
+            theta,
+            jac=lambda th: self.jacobian(th) * sqrt_w[:, None],
+            bounds=(self.lower, self.upper),
+            method="trf",
+            xtol=LSQ_TOL,
+            ftol=LSQ_TOL,
+            gtol=LSQ_TOL,
+            max_nfev=max_nfev,
+        )
+        return self.clip(res.x)
+
+    def lp_continuation(self, theta, powers=(4, 8, 16, 32), max_nfev=100):
+        """Minimise sum |e|^p for growing p (each stage warm-started), as least squares on e |e|^((p-2)/2)."""
+        for p in powers:
+            e0 = self.max_error(theta)
+            if e0 == 0.0:
+                break
+            k = (p - 2) / 2.0
+
+            def fun(th, e0=e0, k=k):
+                r = self.error(th) / e0
+                return r * np.abs(r) ** k
+
+            def jac(th, e0=e0, k=k):
+                r = self.error(th) / e0
+                return ((1.0 + k) * np.abs(r) ** k / e0)[:, None] * self.jacobian(th)
+
+            res = least_squares(
+                fun, theta, jac=jac, bounds=(self.lower, self.upper), method="trf",
+                xtol=LSQ_TOL, ftol=LSQ_TOL, gtol=LSQ_TOL, max_nfev=max_nfev,
+            )
+            theta = self.clip(res.x)
+        return theta
+
+    def lawson(self, theta, iterations=100, inner_nfev=20):
+        """Lawson-style minimax: weighted least squares with weights multiplied by |error| each round; keeps the best."""
+        v = np.full(self.x.shape, 1.0 / self.x.size)
+        best_err, best = self.max_error(theta), theta
+        for _ in range(iterations):
+            theta = self.weighted_least_squares(np.sqrt(v), theta, max_nfev=inner_nfev)
+            r = np.abs(self.error(theta))
+            m = float(r.max())
+            if m < best_err:
+                best_err, best = m, theta
+            if m == 0.0:
+                break
+            v = v * (r / m)
+            v = np.maximum(v / v.sum(), 1e-14 * v.max() / v.sum())
+            v /= v.sum()
+        return best
+
+    def capped_weighted_least_squares(self, w, theta, cap, penalties=(1e1, 1e2, 1e3, 1e4, 1e5, 1e6), max_nfev=200):
+        """Weighted least squares plus a growing quadratic penalty on |error| above 0.95 * cap."""
+        n = self.x.size
+        target = 0.95 * cap
+        sqrt_w = np.sqrt(w / n) / cap
+        for mu in penalties:
+            sqrt_mu = math.sqrt(mu / n) / cap
+
+            def fun(th, sqrt_mu=sqrt_mu):
+                r = self.error(th)
+                return np.concatenate([sqrt_w * r, sqrt_mu * np.maximum(np.abs(r) - target, 0.0)])
+
+            def jac(th, sqrt_mu=sqrt_mu):
+                r = self.error(th)
+                jm = self.jacobian(th)
+                active = np.where(np.abs(r) > target, np.sign(r) * sqrt_mu, 0.0)
+                return np.concatenate([jm * sqrt_w[:, None], jm * active[:, None]], axis=0)
+
+            res = least_squares(
+                fun, theta, jac=jac, bounds=(self.lower, self.upper), method="trf",
+                xtol=LSQ_TOL, ftol=LSQ_TOL, gtol=LSQ_TOL, max_nfev=max_nfev,
+            )
+            theta = self.clip(res.x)
+        return theta
+
+
+def gaussian_weight(x, sigma, uniform):
+    g = np.exp(-0.5 * (x / sigma) ** 2)
+    mean = g.mean()
+    if mean <= 0.0:  # the range lies far from 0: only the uniform part is left
+        return np.ones_like(x)
+    return (1.0 - uniform) * g / mean + uniform
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One entry
+# ----------------------------------------------------------------------------------------------------------------------
+def fit_entry(name, spec, lo, hi, points):
+    """Fit one entry; returns (json_record, stats)."""
+    expression = spec["expression"]
+    a0 = float(evaluate_expression(expression, np.zeros(1))[0])
+    x = np.linspace(lo, hi, points)
+    f = evaluate_expression(expression, x)
+    mode = spec["mode"]
+
+    if mode == "exact":
+        if expression.strip() != "x":
+            raise FitError(f"{name}: only the identity can be exact")
+        numerator, denominator = [0.0, 1.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]
+        note = "exact: F(x) = x (no fitting)"
+    else:
+        prob = Problem(x, f, a0, max(abs(lo), abs(hi)))
+        if mode == "minimax":
+            ones = np.ones_like(x)
+            theta_ls = prob.weighted_least_squares(ones, prob.sanathanan_koerner(ones))
+            candidates = [theta_ls, prob.lp_continuation(theta_ls), prob.lawson(theta_ls)]
+            errors = [prob.max_error(th) for th in candidates]
+            theta = candidates[int(np.argmin(errors))]
+            which = ["least squares", "L^p continuation", "Lawson iteration"][int(np.argmin(errors))]
+            note = (
+                "uniform weight on the fit range: Sanathanan-Koerner linearised LSQ, nonlinear LSQ, then minimax "
+                f"refinement (best of LSQ / L^p p<=32 / Lawson: {which}); a0 pinned to target(0)"
+            )
+        elif mode == "weighted":
+            sigma, uniform, cap = spec["gaussian_sigma"], spec["uniform_weight"], spec.get("max_error_cap")
+            w = gaussian_weight(x, sigma, uniform)
+            sqrt_w = np.sqrt(w)
+            theta = prob.weighted_least_squares(sqrt_w, prob.sanathanan_koerner(sqrt_w))
+            note = (
+                f"weighted LSQ, weight (1-u)*N(0, sigma)/mean + u with sigma={sigma:g}, u={uniform:g} "
+                "(Sanathanan-Koerner start, nonlinear LSQ)"
+            )
+            if cap is not None:
+                theta = prob.capped_weighted_least_squares(w, theta, cap)
+                note += f", max error on the fit range held under {cap:g} by a penalty"
+                if prob.max_error(theta) > cap:
+                    print(
+                        f"warning: {name}: max error {prob.max_error(theta):.3e} exceeds the cap {cap:g}",
+                        file=sys.stderr,
+                    )
+            note += "; a0 pinned to target(0)"
+        else:
+            raise FitError(f"{name}: unknown mode {mode!r}")
+        numerator, denominator = prob.coefficients(theta)
+
+    stats = measure(expression, numerator, denominator, lo, hi)
+    record = OrderedDict(
+        [
+            ("expression", expression),
+            ("numerator", numerator),
+            ("denominator", denominator),
+            ("fit_range", [float(lo), float(hi)]),
+            ("max_abs_error", stats["max_abs_error"]),
+            ("note", note),
+        ]
+    )
+    return record, stats
+
+
+def measure(expression, numerator, denominator, lo, hi):
+    x = np.linspace(lo, hi, EVAL_POINTS)
+    err = np.abs(rational(x, numerator, denominator) - evaluate_expression(expression, x))
+    near = np.abs(x) < 1.0
+    return {
+        "max_abs_error": float(err.max()),
+        "max_abs_error_near_zero": float(err[near].max()) if near.any() else float("nan"),
+        "f0": float(rational(np.zeros(1), numerator, denominator)[0]),
+        "target0": float(evaluate_expression(expression, np.zeros(1))[0]),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] + " See the module docstring for the method.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "built-in entries: " + ", ".join(BUILTINS) + "\n"
+            "examples:\n"
+            "  python scripts/fit_rational.py\n"
+            "  python scripts/fit_rational.py gelu swish\n"
+            '  python scripts/fit_rational.py --name mish --expr "x * torch.tanh(torch.nn.functional.softplus(x))"\n'
+        ),
+    )
+    parser.add_argument("names", nargs="*", help="entries to refit (default: every entry of the table)")
+    parser.add_argument("--name", help="name of an entry to add or refit from --expr")
+    parser.add_argument(
+        "--expr",
+        help="Python expression in x (a float64 torch tensor; torch, math and F = torch.nn.functional available)",
+    )
+    parser.add_argument("--range", nargs=2, type=float, metavar=("LO", "HI"), default=list(DEFAULT_RANGE),
+                        help="fit range (default: -3 3)")
+    parser.add_argument("--output", default=None, help=f"JSON table to update (default: {DEFAULT_OUTPUT})")
+    parser.add_argument("--dry-run", action="store_true", help="print the results, do not write the table")
+    parser.add_argument(
+        "--gaussian-sigma", type=float, default=None,
+        help="fit with a Gaussian weight of this width around 0 plus a uniform part (weighted least squares), for "
+             "every entry refitted in this run; 0 means uniform-weight minimax. Default: per entry (gelu: 0.5, "
+             "the others: uniform minimax)",
+    )
+    parser.add_argument(
+        "--uniform-weight", type=float, default=None,
+        help=f"uniform fraction u of the weight (1-u)*gauss/mean(gauss) + u (default: per entry, "
+             f"{DEFAULT_UNIFORM_WEIGHT})",
+    )
+    parser.add_argument(
+        "--max-error-cap", type=float, default=None,
+        help="for weighted fits: keep the max error on the range under this value (0: no cap; default: per entry, "
+             "gelu: 2.5e-3, the others: none)",
+    )
+    parser.add_argument("--points", type=int, default=DEFAULT_POINTS,
+                        help=f"points of the fit grid (default: {DEFAULT_POINTS})")
+    return parser.parse_args(argv)
+
+
+def load_table(path):
+    if not os.path.exists(path):
+        return OrderedDict()
+    try:
+        with open(path) as fh:
+            table = json.load(fh, object_pairs_hook=OrderedDict)
+    except (OSError, ValueError) as exc:
+        raise FitError(f"cannot read the table {path}: {exc}") from exc
+    if not isinstance(table, dict):
+        raise FitError(f"{path}: expected a JSON object keyed by name")
+    return table
+
+
+def build_spec(name, expression, table, args):
+    """The fitting spec of one entry: built-in defaults, then the stored expression, then the command line."""
+    if name in BUILTINS:
+        spec = dict(BUILTINS[name])
+    elif isinstance(table.get(name), dict) and "expression" in table[name]:
+        spec = dict(expression=table[name]["expression"], mode="minimax")
+    elif expression is None:
+        known = sorted(set(BUILTINS) | set(table))
+        raise FitError(f"unknown entry {name!r} (known: {', '.join(known)}); give --name {name} --expr EXPRESSION")
+    else:
+        spec = dict(mode="minimax")
+    if expression is not None:
+        spec["expression"] = expression
+        if spec["mode"] == "exact" and expression.strip() != "x":
+            spec["mode"] = "minimax"
+    if spec["mode"] != "exact":
+        if args.gaussian_sigma is not None:
+            if args.gaussian_sigma > 0:
+                spec.update(mode="weighted", gaussian_sigma=args.gaussian_sigma)
+                spec.setdefault("uniform_weight", DEFAULT_UNIFORM_WEIGHT)
+            else:
+                spec["mode"] = "minimax"
+        if args.uniform_weight is not None:
+            spec["uniform_weight"] = args.uniform_weight
+        if args.max_error_cap is not None:
+            spec["max_error_cap"] = args.max_error_cap if args.max_error_cap > 0 else None
+    return spec
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        lo, hi = args.range
+        if not (math.isfinite(lo) and math.isfinite(hi)) or lo >= hi:
+            raise FitError(f"--range needs finite LO < HI, got {lo!r} {hi!r}")
+        if args.points < 101:
+            raise FitError("--points must be at least 101")
+        if args.uniform_weight is not None and not 0.0 <= args.uniform_weight <= 1.0:
+            raise FitError("--uniform-weight must lie in [0, 1]")
+        if args.expr is not None and not args.name:
+            raise FitError("--expr needs --name")
+        output = args.output or os.path.join(REPO_ROOT, DEFAULT_OUTPUT)
+        table = load_table(output)
+
+        names = list(dict.fromkeys(args.names))
+        if args.name and args.name not in names:
+            names.append(args.name)
+        if not names:
+            names = list(BUILTINS) + [n for n in table if n not in BUILTINS]
+
+        specs = OrderedDict()
+        for name in names:
+            specs[name] = build_spec(name, args.expr if name == args.name else None, table, args)
+        if args.expr is not None:  # fail early and clearly on a broken expression
+            evaluate_expression(args.expr, np.linspace(lo, hi, 11))
+
+        results = OrderedDict()
+        print(f"{'name':<14} {'max|err| range':>15} {'max|err| |x|<1':>15} {'F(0)':>12}  {'time':>6}")
+        start = time.perf_counter()
+        for name, spec in specs.items():
+            t0 = time.perf_counter()
+            record, stats = fit_entry(name, spec, lo, hi, args.points)
+            results[name] = record
+            print(
+                f"{name:<14} {stats['max_abs_error']:>15.3e} {stats['max_abs_error_near_zero']:>15.3e} "
+                f"{stats['f0']:>12.5g}  {time.perf_counter() - t0:>5.1f}s"
+            )
+        print(f"total {time.perf_counter() - start:.1f}s")
+    except FitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    # Built-ins first in their order, then the other entries in the order they already had / were added.
+    new_table = OrderedDict()
+    for name in list(BUILTINS) + list(table) + list(results):
+        if name in new_table:
+            continue
+        if name in results:
+            new_table[name] = results[name]
+        elif name in table:
+            new_table[name] = table[name]
+    if args.dry_run:
+        print(json.dumps(OrderedDict((n, new_table[n]) for n in results), indent=2))
+        print("(dry run: nothing written)")
+        return 0
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    tmp = output + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(new_table, fh, indent=2)
+        fh.write("\n")
+    os.replace(tmp, output)
+    print(f"wrote {output} ({len(results)} entr{'y' if len(results) == 1 else 'ies'} refitted, {len(new_table)} in all)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""Shared test helpers: random coefficients and comparison against the float64 reference."""
+import torch
+
+from kat_timm.ops import group_rational, group_rational_reference
+
+
+def random_coefficients(groups: int, shared_numerator: bool = True, dtype=torch.float32, scale: float = 0.5):
+    numerator = (torch.randn(1 if shared_numerator else groups, 6, dtype=dtype) * scale).requires_grad_()
+    denominator = (torch.randn(groups, 4, dtype=dtype) * scale).requires_grad_()
+    return numerator, denominator
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max(max |expected|, 1e-12), in float64."""
+    expected = expected.double()
+    return ((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
+
+
+def check_against_reference(x, numerator, denominator, channel_dim=-1, rtol=1e-5, op=group_rational):
+    """Run forward and backward of ``op`` and assert value and all three gradients against the reference."""
+    x = x.detach().requires_grad_()
+    numerator = numerator.detach().requires_grad_()
+    denominator = denominator.detach().requires_grad_()
+    y = op(x, numerator, denominator, channel_dim)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    ref_y, ref_dx, ref_dnum, ref_dden = group_rational_reference(x, numerator, denominator, channel_dim, grad)
+    assert y.shape == x.shape and y.dtype == x.dtype, "output must have x's shape and dtype"
+    assert relative_error(y, ref_y) <= rtol, f"value: rel err {relative_error(y, ref_y):.3e}"
+    assert relative_error(x.grad, ref_dx) <= rtol, f"grad x: rel err {relative_error(x.grad, ref_dx):.3e}"
+    assert numerator.grad.shape == numerator.shape and denominator.grad.shape == denominator.shape
+    assert relative_error(numerator.grad, ref_dnum) <= rtol, (
+        f"grad numerator: rel err {relative_error(numerator.grad, ref_dnum):.3e}"
+    )
+    assert relative_error(denominator.grad, ref_dden) <= rtol, (
+        f"grad denominator: rel err {relative_error(denominator.grad, ref_dden):.3e}"
+    )
+    return y

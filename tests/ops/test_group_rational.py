@@ -1,0 +1,277 @@
+"""group_rational on CPU: every CPU backend against the float64 reference, plus the op's contract."""
+import pytest
+import torch
+
+from kat_timm.ops import group_rational, group_rational_reference, native_cpu_status, select_backend
+from kat_timm.layers import rational_init
+from tests.helpers import check_against_reference, random_coefficients, relative_error
+
+CPU_BACKENDS = ["torch", "native"]
+
+SHAPES = [
+    # (shape, channel_dim, groups)
+    ((3, 7, 64), -1, 8),  # token layout, odd leading sizes
+    ((5, 40), -1, 8),  # C = 40: groups of 5
+    ((1, 40), -1, 8),  # one row
+    ((2, 13, 3 * 7), -1, 7),  # prime group count, 3 channels per group
+    ((2, 40, 5, 3), 1, 8),  # image layout, odd spatial sizes
+    ((1, 16, 1, 1), 1, 8),  # image layout, one pixel
+    ((4, 3, 2048), -1, 8),  # wide groups (the kernels' one-group-per-tile path)
+    ((2, 3, 5, 24), 3, 4),  # channel_dim as a positive last index
+]
+
+
+@pytest.fixture(params=CPU_BACKENDS)
+def cpu_backend(request, use_backend):
+    if request.param == "native":
+        available, reason = native_cpu_status()
+        assert available, f"the native CPU kernel must build on the test machines: {reason}"
+    use_backend(request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("shape,channel_dim,groups", SHAPES)
+@pytest.mark.parametrize("shared_numerator", [True, False])
+def test_matches_reference(cpu_backend, shape, channel_dim, groups, shared_numerator):
+    x = torch.randn(shape) * 2
+    assert select_backend(x) == cpu_backend
+    numerator, denominator = random_coefficients(groups, shared_numerator)
+    check_against_reference(x, numerator, denominator, channel_dim)
+
+
+def test_exact_zero_coefficients_and_identity(cpu_backend):
+    """b == 0 exactly (identity init): value is P(x), and d|b|/db is taken as +1 so the denominator still learns."""
+    x = torch.randn(4, 6, 16)
+    numerator = torch.tensor([[0.0, 1.0, 0.0, 0.0, 0.0, 0.0]])
+    denominator = torch.zeros(8, 4)
+    y = check_against_reference(x, numerator, denominator)
+    assert torch.equal(y, x), "the identity init must reproduce x exactly"
+    numerator.requires_grad_()
+    denominator.requires_grad_()
+    (group_rational(x, numerator, denominator) ** 2).sum().backward()
+    assert (denominator.grad != 0).all(), "a zero denominator must receive a nonzero gradient (sign(0) = +1)"
+    # Mixed: some coefficients exactly zero, some negative.
+    numerator2 = torch.tensor([[0.0, 0.5, 0.0, -0.2, 0.0, 0.1]])
+    denominator2 = torch.tensor([[0.0, -0.3, 0.0, 0.2]]).repeat(8, 1)
+    check_against_reference(x, numerator2, denominator2)
+
+
+def test_x_exactly_zero(cpu_backend):
+    """At x == 0, dQ/dx uses sign(0) = +1: dF/dx = a1 - a0 * |b1|."""
+    x = torch.zeros(2, 8)
+    numerator = torch.tensor([[0.3, 0.7, 0.1, 0.0, 0.0, 0.0]], requires_grad=True)
+    denominator = torch.full((8, 4), 0.5, requires_grad=True)
+    x.requires_grad_()
+    group_rational(x, numerator, denominator).sum().backward()
+    assert torch.allclose(x.grad, torch.full_like(x, 0.7 - 0.3 * 0.5)), x.grad
+
+
+def test_gradcheck_float64(use_backend):
+    """gradcheck in float64 (float64 always takes the PyTorch path, which must be exact)."""
+    use_backend("auto")
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    numerator, denominator = random_coefficients(8, shared_numerator=False, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda *a: group_rational(*a, -1), (x, numerator, denominator))
+    x_img = torch.randn(2, 8, 3, 3, dtype=torch.float64, requires_grad=True)
+    num1, den1 = random_coefficients(4, shared_numerator=True, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda *a: group_rational(*a, 1), (x_img, num1, den1))
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+def test_low_precision(cpu_backend, dtype, rtol):
+    """fp16/bf16 in, same dtype out, math in fp32: error no worse than rounding the exact result to the dtype."""
+    x = (torch.randn(6, 9, 64) * 2).to(dtype)
+    numerator, denominator = random_coefficients(8)
+    y = group_rational(x, numerator, denominator)
+    assert y.dtype == dtype
+    exact = group_rational_reference(x, numerator, denominator)
+    rounding = relative_error(exact.to(dtype), exact)
+    assert relative_error(y, exact) <= max(2 * rounding, rtol), (relative_error(y, exact), rounding)
+
+    x.requires_grad_()
+    y = group_rational(x, numerator, denominator)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    _, ref_dx, ref_dnum, ref_dden = group_rational_reference(x, numerator, denominator, -1, grad)
+    assert x.grad.dtype == dtype
+    assert numerator.grad.dtype == torch.float32, "coefficient grads come back in the parameters' dtype"
+    assert relative_error(x.grad, ref_dx) <= 4 * rtol, "grad x"
+    # Coefficient sums are accumulated in fp32 from the low-precision inputs: only input rounding remains.
+    assert relative_error(numerator.grad, ref_dnum) <= 1e-4, "grad numerator"
+    assert relative_error(denominator.grad, ref_dden) <= 1e-4, "grad denominator"
+
+
+def test_non_contiguous_and_channels_last(cpu_backend):
+    numerator, denominator = random_coefficients(8, shared_numerator=False)
+    base = torch.randn(6, 64, 10)
+    x_transposed = base.transpose(1, 2)  # (6, 10, 64), not contiguous
+    y = check_against_reference(x_transposed, numerator, denominator, -1)
+    assert y.is_contiguous()
+    x_sliced = torch.randn(4, 9, 128)[:, ::2, ::2]  # strided in every dim
+    check_against_reference(x_sliced, numerator, denominator, -1)
+    image = torch.randn(2, 32, 5, 7).to(memory_format=torch.channels_last)
+    y = check_against_reference(image, numerator, denominator, 1)
+    assert y.is_contiguous(memory_format=torch.channels_last), "channels_last input gives channels_last output"
+    out = group_rational(base, numerator.detach(), denominator.detach(), 1)
+    assert out.data_ptr() != base.data_ptr(), "output must be a fresh tensor"
+
+
+def test_deterministic(cpu_backend):
+    x = torch.randn(16, 197, 96, requires_grad=True)
+    numerator, denominator = random_coefficients(8)
+    grad = torch.randn_like(x)
+    results = []
+    for _ in range(2):
+        for t in (x, numerator, denominator):
+            t.grad = None
+        group_rational(x, numerator, denominator).backward(grad)
+        results.append((x.grad.clone(), numerator.grad.clone(), denominator.grad.clone()))
+    for first, second in zip(*results):
+        assert torch.equal(first, second), "two identical backward calls must agree bitwise"
+
+
+def test_native_independent_of_thread_count(use_backend):
+    use_backend("native")
+    x = torch.randn(32, 197, 96)
+    numerator, denominator = random_coefficients(8)
+    grad = torch.randn_like(x)
+    threads = torch.get_num_threads()
+    grads = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for t in (numerator, denominator):
+                t.grad = None
+            x.requires_grad_()
+            group_rational(x, numerator, denominator).backward(grad)
+            grads.append((numerator.grad.clone(), denominator.grad.clone()))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_nan_stays_local(cpu_backend):
+    x = torch.randn(4, 32)
+    x[1, 5] = float("nan")
+    numerator, denominator = random_coefficients(8)
+    y = group_rational(x, numerator.detach(), denominator.detach())
+    nan = torch.isnan(y)
+    assert nan[1, 5] and nan.sum() == 1, "NaN must appear at its own position only"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("init", ["identity", "swish", "gelu", "tanh", "sigmoid", "relu", "leaky_relu"])
+def test_finite_for_large_inputs(use_backend, dtype, init):
+    use_backend("auto")
+    numerator, denominator = rational_init(init)
+    numerator = torch.tensor([numerator])
+    denominator = torch.tensor([denominator]).repeat(8, 1)
+    x = torch.linspace(-1e4, 1e4, 8 * 1001).to(dtype).view(1001, 8)
+    y = group_rational(x, numerator, denominator)
+    assert torch.isfinite(y).all(), f"non-finite output for {init} in {dtype}"
+
+
+def test_zero_size_input(cpu_backend):
+    x = torch.randn(0, 16, requires_grad=True)
+    numerator, denominator = random_coefficients(8)
+    y = group_rational(x, numerator, denominator)
+    assert y.shape == (0, 16)
+    y.sum().backward()
+    assert torch.equal(numerator.grad, torch.zeros_like(numerator))
+
+
+def test_bad_inputs():
+    numerator, denominator = random_coefficients(8)
+    with pytest.raises(ValueError, match=r"C=40 .*G=6"):
+        group_rational(torch.randn(2, 40), numerator, torch.randn(6, 4))
+    with pytest.raises(ValueError, match=r"\(G, 4\).*\(8, 5\)"):
+        group_rational(torch.randn(2, 40), numerator, torch.randn(8, 5))
+    with pytest.raises(ValueError, match=r"\(1, 6\).*\(8, 6\).*\(2, 6\)"):
+        group_rational(torch.randn(2, 40), torch.randn(2, 6), denominator)
+    with pytest.raises(TypeError, match="floating-point"):
+        group_rational(torch.arange(16).view(2, 8), numerator, denominator)
+    with pytest.raises(TypeError, match="floating-point"):
+        group_rational(torch.ones(2, 8, dtype=torch.bool), numerator, denominator)
+    with pytest.raises(ValueError, match="channel_dim"):
+        group_rational(torch.randn(2, 8), numerator, denominator, channel_dim=2)
+    with pytest.raises(ValueError, match="scalar"):
+        group_rational(torch.tensor(1.0), numerator, denominator)
+
+
+def test_backend_env_errors(use_backend):
+    x = torch.randn(2, 8)
+    use_backend("cuda-please")
+    with pytest.raises(ValueError, match="KAT_RATIONAL_BACKEND"):
+        select_backend(x)
+    use_backend("triton")
+    # In this (non-interpreted) session the Triton kernels can't take CPU tensors: the message says how to fix it.
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        group_rational(x, *random_coefficients(8))
+    use_backend("native")
+    with pytest.raises(RuntimeError, match="native"):
+        select_backend(torch.randn(2, 8, device="meta"))
+    assert select_backend(x.double()) == "torch", "float64 takes the torch path even when native is forced"
+
+
+def test_float64_routes_to_torch(use_backend):
+    use_backend("auto")
+    assert select_backend(torch.randn(2, 8, dtype=torch.float64)) == "torch"
+    assert select_backend(torch.randn(2, 8)) == "native"
+
+
+def test_meta_tensors():
+    x = torch.empty(2, 197, 384, device="meta", requires_grad=True)
+    numerator = torch.empty(1, 6, device="meta", requires_grad=True)
+    denominator = torch.empty(8, 4, device="meta", requires_grad=True)
+    y = group_rational(x, numerator, denominator)
+    assert y.device.type == "meta" and y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape and numerator.grad.shape == (1, 6) and denominator.grad.shape == (8, 4)
+
+
+@pytest.mark.parametrize("channel_dim,shape", [(-1, (3, 7, 64)), (1, (2, 16, 5, 5))])
+def test_opcheck(cpu_backend, channel_dim, shape):
+    x = torch.randn(shape, requires_grad=True)
+    numerator, denominator = random_coefficients(8)
+    torch.library.opcheck(torch.ops.kat_timm.group_rational.default, (x, numerator, denominator, channel_dim))
+    grad = torch.randn(shape)
+    torch.library.opcheck(
+        torch.ops.kat_timm.group_rational_backward.default,
+        (grad, x.detach(), numerator.detach(), denominator.detach(), channel_dim),
+    )
+
+
+def test_torch_compile_fullgraph(use_backend):
+    use_backend("auto")
+    torch._dynamo.reset()
+    numerator, denominator = random_coefficients(8)
+    linear = torch.nn.Linear(64, 64)
+
+    def block(x, num, den):
+        return linear(group_rational(x, num, den)).sum()
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    loss = compiled(x, numerator, denominator)
+    loss.backward()
+    grads = [t.grad.clone() for t in (x, numerator, denominator)]
+    for t in (x, numerator, denominator):
+        t.grad = None
+    block(x, numerator, denominator).backward()
+    assert torch.allclose(loss, block(x, numerator, denominator))
+    for compiled_grad, t in zip(grads, (x, numerator, denominator)):
+        assert torch.allclose(compiled_grad, t.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_compile_inductor(use_backend):
+    """The default inductor backend, forward and backward, without graph breaks."""
+    use_backend("auto")
+    torch._dynamo.reset()
+    numerator, denominator = random_coefficients(8)
+    compiled = torch.compile(lambda x, n, d: group_rational(x * 2, n, d), fullgraph=True)
+    x = torch.randn(4, 32, requires_grad=True)
+    y = compiled(x, numerator, denominator)
+    y.sum().backward()
+    expected = group_rational_reference(x * 2, numerator, denominator)
+    assert relative_error(y, expected) < 1e-5
+    assert x.grad is not None and numerator.grad is not None and denominator.grad is not None
