@@ -1,0 +1,393 @@
+#!/usr/bin/env python
+"""Benchmark ``kat_timm.ops.group_rational`` against GELU and against the plain PyTorch formula.
+
+What is measured, for every activation shape of KAT-T/S/B, (batch, 197, C) with C in {192, 384, 768} (act1 input,
+width d) and {768, 1536, 3072} (act2 input, width 4d), and every requested dtype:
+
+* providers:
+  - ``gelu``: ``torch.nn.functional.gelu`` (exact erf form), the activation KAT replaces;
+  - ``ours``: ``group_rational`` with the backend ``KAT_RATIONAL_BACKEND`` selects (auto: Triton on CUDA, the
+    native C kernel on CPU); the row names the backend that actually ran (``select_backend``);
+  - ``fallback``: ``group_rational`` forced onto its pure-PyTorch path (``KAT_RATIONAL_BACKEND=torch``);
+  - ``formula``: ``group_rational_autograd``, the same formula written with plain differentiable PyTorch ops;
+  - ``compiled``: ``torch.compile`` (default inductor backend, ``dynamic=False``, donated buffers off) of that
+    formula. Each shape and dtype is compiled from scratch; the compile time is excluded from the timings and
+    reported on its own line.
+* modes (gradients are taken for x and, for the rational providers, for the numerator and denominator too, as in
+  training):
+  - ``fwd``: the forward under ``torch.no_grad()`` (inference forward: nothing is saved for backward);
+  - ``bwd``: the backward alone, ``torch.autograd.grad(y, inputs, g, retain_graph=True)`` on a graph built once,
+    with a DENSE upstream gradient ``g = torch.randn_like(y)`` (``y.sum().backward()`` would hand the kernels a
+    stride-0 gradient, which is not what they get in a network);
+  - ``fwd+bwd``: a forward with grad enabled followed by that backward.
+* timing: on CUDA ``triton.testing.do_bench`` (median, L2 flushed between runs); on CPU ``time.perf_counter`` over
+  a few warm-up calls, then the median of several repetitions (each repetition loops enough calls to last a
+  few milliseconds).
+* effective bandwidth, counting only the unavoidable traffic of an elementwise op: forward reads x and writes y
+  (2 * numel * bytes), backward reads x and the gradient and writes dx (3 * numel * bytes), forward+backward
+  5 * numel * bytes. On CUDA it is also given as a percentage of the device's copy bandwidth (a large
+  ``Tensor.copy_``, 2 * bytes / time).
+
+The result is a markdown table on stdout (``--json PATH`` also writes the raw numbers), followed by the targets:
+on CPU, for the (8, 197, 3072) float32 shape, ours forward <= 3x GELU forward and ours forward+backward <= 4x GELU
+forward+backward; on CUDA, ours forward >= 85% and backward >= 80% of the copy bandwidth. They are reported as
+PASS/FAIL, never asserted.
+
+Examples::
+
+    python scripts/benchmark_ops.py                          # all shapes, float32, every provider
+    python scripts/benchmark_ops.py --device cpu --threads 2 --shapes 3072
+    python scripts/benchmark_ops.py --dtype float32 bfloat16 --providers gelu ours --json results.json
+    python scripts/benchmark_ops.py --quick                  # a smoke run of a few seconds
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from kat_timm.ops import BACKEND_ENV, group_rational, group_rational_autograd, select_backend
+
+TOKENS = 197  # 14 x 14 patches + the class token, at 224 px
+GROUPS = 8
+WIDTHS = {192: "T d", 384: "S d", 768: "T 4d, B d", 1536: "S 4d", 3072: "B 4d"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PROVIDERS = ("gelu", "ours", "fallback", "formula", "compiled")
+MODES = ("fwd", "bwd", "fwd+bwd")
+BYTES_MOVED = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}  # x numel * element size, per mode (see the docstring)
+CPU_TARGET_SHAPE, CPU_TARGETS = (8, TOKENS, 3072), {"fwd": 3.0, "fwd+bwd": 4.0}  # ours <= N x GELU
+CUDA_TARGETS = {"fwd": 85.0, "bwd": 80.0}  # ours >= N % of copy bandwidth
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="See the module docstring (top of this file) for what is measured.")
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where to run (default: cuda when available)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="batch size (default: 8 on CPU, 128 on CUDA; --quick: 1 on CPU, 8 on CUDA)")
+    parser.add_argument("--shapes", type=int, nargs="+", metavar="C", default=sorted(WIDTHS),
+                        help=f"channel widths C of the (batch, {TOKENS}, C) shapes (default: {sorted(WIDTHS)})")
+    parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["float32"],
+                        help="dtypes to measure (default: float32)")
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=None,
+                        help=f"what to measure (default: all of {', '.join(PROVIDERS)}; --quick drops compiled)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads on CPU (default: leave PyTorch's setting)")
+    parser.add_argument("--reps", type=int, default=None,
+                        help="CPU: timed repetitions per measurement, median reported (default 7, --quick 3)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: small batch, few repetitions, no torch.compile")
+    parser.add_argument("--json", metavar="PATH", help="also write the raw results to this JSON file")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available")
+    if any(c <= 0 or c % GROUPS for c in args.shapes):
+        parser.error(f"--shapes: every width must be a positive multiple of {GROUPS}")
+    if args.batch is None:
+        args.batch = (8 if args.device == "cuda" else 1) if args.quick else (128 if args.device == "cuda" else 8)
+    if args.providers is None:
+        args.providers = [p for p in PROVIDERS if not (args.quick and p == "compiled")]
+    if args.reps is None:
+        args.reps = 3 if args.quick else 7
+    return args
+
+
+# --------------------------------------------------------------------------------------------------- timing
+
+
+def make_timer(device: str, quick: bool, reps: int) -> Callable[[Callable[[], object]], float]:
+    """A function that times a no-argument callable and returns milliseconds per call (median)."""
+    if device == "cuda":
+        from triton.testing import do_bench  # imported lazily: slow, and absent on some CPU-only machines
+
+        warmup, rep = (5, 20) if quick else (25, 100)
+        return lambda fn: do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+    warmup, min_rep_s = (1, 0.002) if quick else (2, 0.02)
+
+    def cpu_bench(fn: Callable[[], object]) -> float:
+        for _ in range(warmup):
+            fn()
+        start = time.perf_counter()
+        fn()
+        inner = max(1, int(min_rep_s / max(time.perf_counter() - start, 1e-9)))
+        samples = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            samples.append((time.perf_counter() - start) / inner)
+        return statistics.median(samples) * 1e3
+
+    return cpu_bench
+
+
+def copy_bandwidth_gbps(bench) -> float:
+    """The device's copy bandwidth: 2 * bytes / time of a 512 MiB ``Tensor.copy_``."""
+    src = torch.empty(2 ** 27, dtype=torch.float32, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    gbps = 2 * src.numel() * src.element_size() / ms / 1e6
+    del src, dst
+    torch.cuda.empty_cache()
+    return gbps
+
+
+# ------------------------------------------------------------------------------------------------ providers
+
+
+@contextlib.contextmanager
+def backend_env(value: Optional[str]):
+    """Set ``KAT_RATIONAL_BACKEND`` for the duration of the block (None: leave it as it is)."""
+    old = os.environ.get(BACKEND_ENV)
+    if value is not None:
+        os.environ[BACKEND_ENV] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(BACKEND_ENV, None)
+        else:
+            os.environ[BACKEND_ENV] = old
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_provider(name: str, x, numerator, denominator, g) -> dict:
+    """The callable y = fn(x) of one provider, its gradient inputs, its label, and (compiled) its compile time."""
+    rational = (numerator, denominator)
+    if name == "gelu":
+        return {"label": "gelu", "fn": F.gelu, "params": ()}
+    if name in ("ours", "fallback"):
+        return {"label": f"ours ({select_backend(x)})", "params": rational,
+                "fn": lambda t: group_rational(t, numerator, denominator)}
+    if name == "formula":
+        return {"label": "formula (eager)", "params": rational,
+                "fn": lambda t: group_rational_autograd(t, numerator, denominator)}
+    # compiled: compile from scratch for this shape and dtype, outside the timed region; the first no-grad call
+    # compiles the inference graph, the first grad call + backward the training graphs. Donated buffers (backward
+    # reusing saved tensors' memory) are turned off for the whole process (the flag is also read when the backward
+    # runs): they forbid the retain_graph=True of the bwd measurement. No other provider uses torch.compile.
+    torch._functorch.config.donated_buffer = False
+    torch._dynamo.reset()
+    compiled = torch.compile(group_rational_autograd, dynamic=False)
+    start = time.perf_counter()
+    with torch.no_grad():
+        compiled(x, numerator, denominator)
+    synchronize(x.device.type)
+    inference_s = time.perf_counter() - start
+    start = time.perf_counter()
+    torch.autograd.grad(compiled(x, numerator, denominator), (x,) + rational, g)
+    synchronize(x.device.type)
+    training_s = time.perf_counter() - start
+    return {"label": "formula (compiled)", "params": rational,
+            "fn": lambda t: compiled(t, numerator, denominator),
+            "compile_s": {"inference": inference_s, "training": training_s}}
+
+
+def measure(provider: dict, x, g, bench) -> Dict[str, float]:
+    """Milliseconds of the three modes of one provider (see the module docstring)."""
+    fn, inputs = provider["fn"], (x,) + provider["params"]
+    with torch.no_grad():
+        fwd = bench(lambda: fn(x))
+    y = fn(x)
+    bwd = bench(lambda: torch.autograd.grad(y, inputs, g, retain_graph=True))
+    del y
+    fwd_bwd = bench(lambda: torch.autograd.grad(fn(x), inputs, g))
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
+
+
+def run_case(shape, dtype, providers, device, bench) -> List[dict]:
+    """Measure every provider on one shape and dtype; a provider that fails is recorded with its error."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=generator).to(device=device, dtype=dtype).requires_grad_()
+    numerator = (0.3 * torch.randn(1, 6, generator=generator)).to(device).requires_grad_()
+    denominator = (0.3 * torch.randn(GROUPS, 4, generator=generator)).to(device).requires_grad_()
+    g = torch.randn_like(x)
+    rows = []
+    for name in providers:
+        row = {"shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "provider": name}
+        try:
+            with backend_env("torch" if name == "fallback" else None):
+                provider = build_provider(name, x, numerator, denominator, g)
+                row["label"] = provider["label"]
+                row["ms"] = measure(provider, x, g, bench)
+            if "compile_s" in provider:
+                row["compile_s"] = provider["compile_s"]
+            bytes_per_pass = x.numel() * x.element_size()
+            row["gbps"] = {m: BYTES_MOVED[m] * bytes_per_pass / row["ms"][m] / 1e6 for m in MODES}
+        except Exception as error:  # report and go on: one broken provider shouldn't lose the whole run
+            row.setdefault("label", name)
+            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            print(f"warning: {name} failed on {shape} {dtype}: {row['error']}", file=sys.stderr)
+        rows.append(row)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+# -------------------------------------------------------------------------------------------------- report
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def triton_version() -> str:
+    try:
+        return importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def header(args, copy_gbps: Optional[float]) -> List[str]:
+    lines = ["## group_rational benchmark", ""]
+    if args.device == "cuda":
+        lines.append(f"- device: {device_name('cuda')} (copy bandwidth {copy_gbps:.0f} GB/s)")
+        lines.append("- timing: triton.testing.do_bench, median")
+    else:
+        lines.append(f"- device: CPU, {device_name('cpu')}, {torch.get_num_threads()} threads")
+        load, cpus = args.load_at_start, os.cpu_count() or 1
+        busy = load is not None and load + torch.get_num_threads() > cpus + 0.5
+        lines.append(f"- load average at start: {'unknown' if load is None else f'{load:.2f}'} on {cpus} CPUs"
+                     + (" (other processes are busy: multi-threaded timings are unreliable)" if busy else ""))
+        lines.append(f"- timing: time.perf_counter, median of {args.reps} repetitions")
+    lines += [
+        f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}",
+        f"- torch {torch.__version__}, triton {triton_version()}, python {platform.python_version()}",
+        f"- shapes: ({args.batch}, {TOKENS}, C), {GROUPS} groups; C = "
+        + ", ".join(f"{c} ({WIDTHS.get(c, 'custom')})" for c in args.shapes),
+        "- fwd: forward under no_grad; bwd: backward alone (dense upstream gradient, grads of x and the "
+        "coefficients); fwd+bwd: both; x GELU: time / GELU time of the same mode; "
+        "GB/s: (2, 3, 5) x numel x bytes / time",
+        "",
+    ]
+    return lines
+
+
+def table(rows: List[dict], cuda: bool, copy_gbps: Optional[float]) -> List[str]:
+    columns = ["shape", "dtype", "provider", "fwd ms", "bwd ms", "fwd+bwd ms", "fwd x GELU", "fwd+bwd x GELU",
+               "fwd+bwd GB/s"]
+    if cuda:
+        columns += ["fwd % copy", "bwd % copy"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    gelu = {(tuple(r["shape"]), r["dtype"]): r["ms"] for r in rows if r["provider"] == "gelu" and "ms" in r}
+    for row in rows:
+        cells = ["x".join(map(str, row["shape"])), row["dtype"], row["label"]]
+        if "error" in row:
+            cells += [f"failed: {row['error'][:60]}"] + [""] * (len(columns) - 4)
+        else:
+            ms, ref = row["ms"], gelu.get((tuple(row["shape"]), row["dtype"]))
+            cells += [f"{ms[m]:.3f}" for m in MODES]
+            cells += [f"{ms[m] / ref[m]:.2f}" if ref else "-" for m in ("fwd", "fwd+bwd")]
+            cells.append(f"{row['gbps']['fwd+bwd']:.1f}")
+            if cuda:
+                cells += [f"{100 * row['gbps'][m] / copy_gbps:.0f}%" for m in ("fwd", "bwd")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def compile_lines(rows: List[dict]) -> List[str]:
+    lines = []
+    for row in rows:
+        if "compile_s" in row:
+            c = row["compile_s"]
+            lines.append(f"- torch.compile time, {'x'.join(map(str, row['shape']))} {row['dtype']}: "
+                         f"{c['inference'] + c['training']:.1f} s (inference graph {c['inference']:.1f} s, "
+                         f"training graphs {c['training']:.1f} s); not in the timings; inductor's on-disk caches "
+                         "are on, so a first-ever compile is slower")
+    return lines
+
+
+def target_lines(rows: List[dict], cuda: bool, copy_gbps: Optional[float]) -> List[str]:
+    """The issue's targets as PASS/FAIL lines (reported, never asserted)."""
+    ok = [r for r in rows if "ms" in r]
+    verdict = lambda passed: "PASS" if passed else "FAIL"  # noqa: E731
+    lines = []
+    if cuda:
+        for r in (r for r in ok if r["provider"] == "ours"):
+            parts = []
+            for mode, target in CUDA_TARGETS.items():
+                pct = 100 * r["gbps"][mode] / copy_gbps
+                parts.append(f"{mode} {pct:.0f}% of copy bandwidth (target >= {target:.0f}%): {verdict(pct >= target)}")
+            lines.append(f"- CUDA target, {r['label']} {'x'.join(map(str, r['shape']))} {r['dtype']}: "
+                         + "; ".join(parts))
+        return lines
+    pick = {r["provider"]: r for r in ok if tuple(r["shape"]) == CPU_TARGET_SHAPE and r["dtype"] == "float32"}
+    if "ours" not in pick or "gelu" not in pick:
+        return [f"- CPU targets: not evaluated (they need ours and gelu on {CPU_TARGET_SHAPE} float32)"]
+    ours, gelu = pick["ours"], pick["gelu"]
+    parts = []
+    for mode, target in CPU_TARGETS.items():
+        ratio = ours["ms"][mode] / gelu["ms"][mode]
+        parts.append(f"{mode} {ratio:.2f}x GELU (target <= {target:g}x): {verdict(ratio <= target)}")
+    shape = "x".join(map(str, CPU_TARGET_SHAPE))
+    return [f"- CPU targets, {ours['label']} {shape} float32: " + "; ".join(parts)]
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.device == "cpu" and args.threads is not None:
+        torch.set_num_threads(args.threads)
+    args.load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    bench = make_timer(args.device, args.quick, args.reps)
+    copy_gbps = copy_bandwidth_gbps(bench) if args.device == "cuda" else None
+
+    started = time.perf_counter()
+    rows = []
+    for width in args.shapes:
+        for dtype_name in args.dtype:
+            shape = (args.batch, TOKENS, width)
+            print(f"measuring {shape} {dtype_name} ...", file=sys.stderr, flush=True)
+            rows += run_case(shape, DTYPES[dtype_name], args.providers, args.device, bench)
+    elapsed = time.perf_counter() - started
+
+    cuda = args.device == "cuda"
+    lines = header(args, copy_gbps) + table(rows, cuda, copy_gbps) + [""]
+    lines += compile_lines(rows) + target_lines(rows, cuda, copy_gbps)
+    lines.append(f"- measured in {elapsed:.0f} s")
+    print("\n".join(lines))
+
+    if args.json:
+        meta = {"device": device_name(args.device), "device_type": args.device, "threads": torch.get_num_threads(),
+                "load_at_start": args.load_at_start,
+                "date": datetime.datetime.now().isoformat(timespec="minutes"), "torch": torch.__version__,
+                "triton": triton_version(), "batch": args.batch, "reps": args.reps, "quick": args.quick,
+                "backend_env": os.environ.get(BACKEND_ENV, "auto"), "copy_gbps": copy_gbps,
+                "elapsed_s": elapsed}
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump({"meta": meta, "results": rows}, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
