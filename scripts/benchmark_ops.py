@@ -11,8 +11,8 @@ width d) and {768, 1536, 3072} (act2 input, width 4d), and every requested dtype
   - ``fallback``: ``group_rational`` forced onto its pure-PyTorch path (``KAT_RATIONAL_BACKEND=torch``);
   - ``formula``: ``group_rational_autograd``, the same formula written with plain differentiable PyTorch ops;
   - ``compiled``: ``torch.compile`` (default inductor backend, ``dynamic=False``, donated buffers off) of that
-    formula. Each shape and dtype is compiled from scratch; the compile time is excluded from the timings and
-    reported on its own line.
+    formula. Each shape and dtype is compiled from scratch, with an empty inductor cache; the compile time is
+    excluded from the timings and reported on its own line.
 * modes (gradients are taken for x and, for the rational providers, for the numerator and denominator too, as in
   training):
   - ``fwd``: the forward under ``torch.no_grad()`` (inference forward: nothing is saved for backward);
@@ -21,8 +21,8 @@ width d) and {768, 1536, 3072} (act2 input, width 4d), and every requested dtype
     stride-0 gradient, which is not what they get in a network);
   - ``fwd+bwd``: a forward with grad enabled followed by that backward.
 * timing: on CUDA ``triton.testing.do_bench`` (median, L2 flushed between runs); on CPU ``time.perf_counter`` over
-  a few warm-up calls, then the median of several repetitions (each repetition loops enough calls to last a
-  few milliseconds).
+  a few warm-up calls, then the median of several repetitions (each repetition loops enough calls to last
+  at least 50 ms).
 * effective bandwidth, counting only the unavoidable traffic of an elementwise op: forward reads x and writes y
   (2 * numel * bytes), backward reads x and the gradient and writes dx (3 * numel * bytes), forward+backward
   5 * numel * bytes. On CUDA it is also given as a percentage of the device's copy bandwidth (a large
@@ -117,7 +117,7 @@ def make_timer(device: str, quick: bool, reps: int) -> Callable[[Callable[[], ob
         warmup, rep = (5, 20) if quick else (25, 100)
         return lambda fn: do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
-    warmup, min_rep_s = (1, 0.002) if quick else (2, 0.02)
+    warmup, min_rep_s = (1, 0.002) if quick else (2, 0.05)
 
     def cpu_bench(fn: Callable[[], object]) -> float:
         for _ in range(warmup):
@@ -165,6 +165,18 @@ def backend_env(value: Optional[str]):
             os.environ[BACKEND_ENV] = old
 
 
+def fresh_compile_cache():
+    """An empty, temporary inductor (and Triton) cache, so that the compile time reported is a first compile's.
+
+    ``torch._inductor.utils.fresh_cache`` is private; where it is missing the on-disk caches stay in use.
+    """
+    try:
+        from torch._inductor.utils import fresh_cache
+    except ImportError:
+        return contextlib.nullcontext()
+    return fresh_cache()
+
+
 def synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -188,15 +200,16 @@ def build_provider(name: str, x, numerator, denominator, g) -> dict:
     torch._functorch.config.donated_buffer = False
     torch._dynamo.reset()
     compiled = torch.compile(group_rational_autograd, dynamic=False)
-    start = time.perf_counter()
-    with torch.no_grad():
-        compiled(x, numerator, denominator)
-    synchronize(x.device.type)
-    inference_s = time.perf_counter() - start
-    start = time.perf_counter()
-    torch.autograd.grad(compiled(x, numerator, denominator), (x,) + rational, g)
-    synchronize(x.device.type)
-    training_s = time.perf_counter() - start
+    with fresh_compile_cache():
+        start = time.perf_counter()
+        with torch.no_grad():
+            compiled(x, numerator, denominator)
+        synchronize(x.device.type)
+        inference_s = time.perf_counter() - start
+        start = time.perf_counter()
+        torch.autograd.grad(compiled(x, numerator, denominator), (x,) + rational, g)
+        synchronize(x.device.type)
+        training_s = time.perf_counter() - start
     return {"label": "formula (compiled)", "params": rational,
             "fn": lambda t: compiled(t, numerator, denominator),
             "compile_s": {"inference": inference_s, "training": training_s}}
@@ -273,10 +286,9 @@ def header(args, copy_gbps: Optional[float]) -> List[str]:
         lines.append("- timing: triton.testing.do_bench, median")
     else:
         lines.append(f"- device: CPU, {device_name('cpu')}, {torch.get_num_threads()} threads")
-        load, cpus = args.load_at_start, os.cpu_count() or 1
-        busy = load is not None and load + torch.get_num_threads() > cpus + 0.5
-        lines.append(f"- load average at start: {'unknown' if load is None else f'{load:.2f}'} on {cpus} CPUs"
-                     + (" (other processes are busy: multi-threaded timings are unreliable)" if busy else ""))
+        load = "unknown" if args.load_at_start is None else f"{args.load_at_start:.2f}"
+        lines.append(f"- load average (1 min) at start: {load} on {os.cpu_count()} CPUs (other busy processes "
+                     "slow multi-threaded runs down a lot)")
         lines.append(f"- timing: time.perf_counter, median of {args.reps} repetitions")
     lines += [
         f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}",
@@ -320,8 +332,7 @@ def compile_lines(rows: List[dict]) -> List[str]:
             c = row["compile_s"]
             lines.append(f"- torch.compile time, {'x'.join(map(str, row['shape']))} {row['dtype']}: "
                          f"{c['inference'] + c['training']:.1f} s (inference graph {c['inference']:.1f} s, "
-                         f"training graphs {c['training']:.1f} s); not in the timings; inductor's on-disk caches "
-                         "are on, so a first-ever compile is slower")
+                         f"training graphs {c['training']:.1f} s), empty inductor cache; not in the timings")
     return lines
 
 

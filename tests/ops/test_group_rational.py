@@ -78,9 +78,10 @@ def test_gradcheck_float64(use_backend):
 
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
-def test_low_precision(cpu_backend, dtype, rtol):
+@pytest.mark.parametrize("shape", [(6, 9, 64), (3, 5, 1024)])  # short groups (row mode), long groups
+def test_low_precision(cpu_backend, dtype, rtol, shape):
     """fp16/bf16 in, same dtype out, math in fp32: error no worse than rounding the exact result to the dtype."""
-    x = (torch.randn(6, 9, 64) * 2).to(dtype)
+    x = (torch.randn(shape) * 2).to(dtype)
     numerator, denominator = random_coefficients(8)
     y = group_rational(x, numerator, denominator)
     assert y.dtype == dtype
