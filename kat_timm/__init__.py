@@ -2,10 +2,13 @@
 
 KAT (Yang & Wang, 2024, arXiv 2409.10594) is a Vision Transformer whose MLP is a group-rational KAN: a learnable
 rational function P(x)/Q(x), shared within groups of channels, before and after the first linear layer.
+
+``import kat_timm`` registers the KAT models in timm: ``timm.create_model("kat_base", pretrained=True)``.
 """
-from .layers import GroupRational
+from .layers import KAN, GroupRational
+from .models import KAT
 from .ops import group_rational
 
 __version__ = "0.1.0"
 
-__all__ = ["GroupRational", "group_rational", "__version__"]
+__all__ = ["KAN", "KAT", "GroupRational", "group_rational", "__version__"]

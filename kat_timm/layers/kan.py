@@ -1,0 +1,114 @@
+"""``KAN``: the group-rational KAN block that replaces the MLP of a ViT block (GR-KAN, KAT paper section 4)."""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..ops.rational_reference import group_rational_reference
+from .group_rational import GroupRational
+from .rational_inits import rational_init
+
+__all__ = ["KAN", "rational_second_moment"]
+
+
+@functools.lru_cache(maxsize=None)
+def rational_second_moment(init: str, nodes: int = 200) -> float:
+    """E[F(z)^2] for z ~ N(0, 1) and F the ``init`` entry of the rational table.
+
+    Gauss-Hermite quadrature (probabilists' weights) in float64: F grows at most linearly, so F^2 is a smooth
+    function of polynomial growth and 200 nodes are exact to far better than 1e-6.
+    """
+    z, weights = np.polynomial.hermite_e.hermegauss(nodes)
+    numerator, denominator = rational_init(init)
+    values = group_rational_reference(
+        torch.from_numpy(z).view(-1, 1),
+        torch.tensor([numerator], dtype=torch.float64),
+        torch.tensor([denominator], dtype=torch.float64),
+    ).view(-1).numpy()
+    return float(np.sum(weights * values**2) / math.sqrt(2 * math.pi))
+
+
+class KAN(nn.Module):
+    """GR-KAN block: act1 (rational, identity) -> dropout -> fc1 -> act2 (rational) -> dropout -> [norm] -> fc2.
+
+    Accepts the keywords timm's ViT ``Block`` passes to its ``mlp_layer``, so ``VisionTransformer(mlp_layer=KAN)``
+    works as is; ``act_layer`` is accepted and ignored (the activations are the rationals). Submodule names give
+    the state-dict keys of the released checkpoints: ``fc1``, ``fc2``, ``act{1,2}.weight_numerator``,
+    ``act{1,2}.weight_denominator``.
+
+    ``init_weights`` applies the paper's variance-preserving initialisation (section S3), which the released code
+    intended but overwrote: fc1 with variance 1 / fan_in (act1 is the identity), fc2 with variance gain / fan_in,
+    gain = 1 / E[F(z)^2], z ~ N(0, 1), F = act2's initial function. timm's ViT calls it after its own Linear init.
+
+    Args:
+        in_features: input width d.
+        hidden_features: hidden width (4d in KAT).
+        out_features: output width (default: in_features).
+        act_layer: ignored (timm passes it); the activations are GroupRational.
+        norm_layer: optional norm on the hidden features before fc2 (timm's ``scale_mlp_norm``).
+        bias: bias in fc1 and fc2.
+        drop: dropout after act1 and after act2.
+        num_groups: channel groups of the rationals.
+        act_init: init of act2 (a name of the rational table: "swish" as released, "gelu", ...).
+        act1_init: init of act1 ("identity" as released).
+        device: device of the parameters.
+        dtype: dtype of the parameters.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: Optional[int] = None,
+        out_features: Optional[int] = None,
+        act_layer=None,
+        norm_layer=None,
+        bias: bool = True,
+        drop: float = 0.0,
+        num_groups: int = 8,
+        act_init: str = "swish",
+        act1_init: str = "identity",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        out_features = out_features or in_features
+        hidden_features = hidden_features or in_features
+        for name, width in (("in_features", in_features), ("hidden_features", hidden_features)):
+            if width % num_groups:
+                raise ValueError(f"KAN: {name}={width} is not a multiple of num_groups={num_groups}")
+        self.act1 = GroupRational(num_groups, init=act1_init, **factory)
+        self.drop1 = nn.Dropout(drop)
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias, **factory)
+        self.act2 = GroupRational(num_groups, init=act_init, **factory)
+        self.drop2 = nn.Dropout(drop)
+        self.norm = norm_layer(hidden_features, **factory) if norm_layer is not None else nn.Identity()
+        self.fc2 = nn.Linear(hidden_features, out_features, bias=bias, **factory)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Variance-preserving init (paper S3): rationals from their tables, fc1 / fc2 scaled to keep unit variance."""
+        self.act1.reset_parameters()
+        self.act2.reset_parameters()
+        # act1 is (close to) the identity: fc1 sees unit-variance inputs and keeps them at unit variance.
+        act1_gain = 1.0 / rational_second_moment(self.act1.init)
+        act2_gain = 1.0 / rational_second_moment(self.act2.init)
+        nn.init.normal_(self.fc1.weight, std=math.sqrt(act1_gain / self.fc1.in_features))
+        nn.init.normal_(self.fc2.weight, std=math.sqrt(act2_gain / self.fc2.in_features))
+        for linear in (self.fc1, self.fc2):
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(x)
+        x = self.drop1(x)
+        x = self.fc1(x)
+        x = self.act2(x)
+        x = self.drop2(x)
+        x = self.norm(x)
+        return self.fc2(x)

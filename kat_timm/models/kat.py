@@ -1,0 +1,269 @@
+"""Kolmogorov-Arnold Transformer (KAT) for timm.
+
+Paper: "Kolmogorov-Arnold Transformer", Xingyi Yang and Xinchao Wang, 2024 (https://arxiv.org/abs/2409.10594).
+Released weights: https://huggingface.co/adamdad (MIT licence).
+
+A KAT is timm's ``VisionTransformer`` with the MLP of every block replaced by a group-rational KAN
+(``kat_timm.layers.KAN``). This module is a thin layer on timm's ViT: the ``KAT`` subclass (KAN blocks, the
+paper's variance-preserving init, mimetic attention init, rational coefficients exempt from weight decay), the
+pretrained configs of the six released checkpoints, and one ``@register_model`` entry point per name.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any, Dict, Optional, Set
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import VisionTransformer, build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
+
+from ..layers import KAN
+
+__all__ = ["KAT", "RELEASED_TOP1", "checkpoint_filter_fn", "mimetic_attention_init_"]
+
+ATTN_INITS = ("mimetic", "timm")
+RATIONAL_PARAMETERS = ("weight_numerator", "weight_denominator")
+
+# ImageNet-1k top-1 (%) reported with the released checkpoints: (from scratch, from ViT ".vitft").
+RELEASED_TOP1 = {"tiny": (74.6, 75.7), "small": (81.2, 82.0), "base": (82.3, 82.8)}
+
+
+@torch.no_grad()
+def _orthogonal_like_factors(dim: int, alpha: float, beta: float, batch: int, rank: Optional[int], device, dtype):
+    """Factors (L, R) with L @ R ~= A = alpha Z + beta I, Z uniform with variance 1 / dim, per batch entry.
+
+    L = U sqrt(S) and R = sqrt(S) V^T from the SVD of A; with ``rank``, only the top-``rank`` singular triplets
+    (a randomised SVD: building a KAT-B needs 144 of them and a full SVD of each would take half a minute).
+    """
+    bound = math.sqrt(3.0 / dim)
+    a = torch.empty(batch, dim, dim, device=device, dtype=torch.float32).uniform_(-bound, bound).mul_(alpha)
+    a.diagonal(dim1=-2, dim2=-1).add_(beta)
+    if rank is None:
+        u, s, vh = torch.linalg.svd(a)
+        v = vh.transpose(-2, -1)
+    else:
+        u, s, v = torch.svd_lowrank(a, q=rank, niter=2)
+    root = s.sqrt().unsqueeze(-2)
+    return (u * root).to(dtype), (v * root).transpose(-2, -1).to(dtype)
+
+
+@torch.no_grad()
+def mimetic_attention_init_(attn: torch.nn.Module, qk=(0.7, 0.7), vo=(0.4, -0.4)) -> None:
+    """Mimetic init (Trockman & Kolter, 2023) of a timm ``Attention``, as used by the released KAT models.
+
+    Per head, W_q^T W_k mimics alpha Z + beta I (qk = (0.7, 0.7)); W_v and W_proj factor alpha Z + beta I with
+    vo = (0.4, -0.4). Drawn from torch's global RNG, so ``torch.manual_seed`` makes it reproducible.
+    """
+    weight = attn.qkv.weight
+    if weight.is_meta:
+        return
+    dim = weight.shape[1]
+    heads = attn.num_heads
+    head_dim = dim // heads
+    left, right = _orthogonal_like_factors(dim, qk[0], qk[1], heads, head_dim, weight.device, weight.dtype)
+    # Head h: query rows = (U sqrt S)[:, :head_dim]^T, key rows = (sqrt S V^T)[:head_dim].
+    weight[:dim].copy_(left.transpose(-2, -1).reshape(dim, dim))
+    weight[dim : 2 * dim].copy_(right.reshape(dim, dim))
+    v_left, v_right = _orthogonal_like_factors(dim, vo[0], vo[1], 1, None, weight.device, weight.dtype)
+    weight[2 * dim :].copy_(v_left[0])
+    attn.proj.weight.copy_(v_right[0])
+
+
+class KAT(VisionTransformer):
+    """Vision Transformer with group-rational KAN blocks (KAT).
+
+    Takes every argument of timm's ``VisionTransformer`` (img_size, patch_size, embed_dim, depth, num_heads,
+    num_classes, global_pool, drop_path_rate, dynamic_img_size, ...) plus:
+
+    Args:
+        act_init: init of each block's act2 (a name of the rational table; "swish" for the released models).
+        num_groups: channel groups of the rational activations (8 in all released models).
+        attn_init: "mimetic" (the released models') or "timm" (timm's default ViT init of the attention).
+        weight_init: timm's ViT weight init mode; the KAN blocks always get the variance-preserving init.
+    """
+
+    def __init__(
+        self,
+        act_init: str = "swish",
+        num_groups: int = 8,
+        attn_init: str = "mimetic",
+        weight_init: str = "",
+        **kwargs: Any,
+    ):
+        if "mlp_layer" in kwargs:
+            raise TypeError("KAT builds its own mlp_layer (kat_timm.layers.KAN); use VisionTransformer for others")
+        if attn_init not in ATTN_INITS:
+            raise ValueError(f"attn_init={attn_init!r} is not one of {ATTN_INITS}")
+        # Initialise once, below, after the attributes init_weights needs are set.
+        super().__init__(mlp_layer=partial(KAN, act_init=act_init, num_groups=num_groups), weight_init="skip", **kwargs)
+        self.act_init = act_init
+        self.num_groups = num_groups
+        self.attn_init = attn_init
+        self.weight_init_mode = "reset" if weight_init == "skip" else weight_init
+        if weight_init != "skip":
+            self.init_weights(needs_reset=False)
+
+    def init_weights(self, mode: str = "", needs_reset: bool = True) -> None:
+        """timm's ViT init (which calls each KAN block's variance-preserving ``init_weights``), then mimetic
+        attention when ``attn_init == "mimetic"``."""
+        super().init_weights(mode, needs_reset)
+        if self.attn_init == "mimetic":
+            for block in self.blocks:
+                mimetic_attention_init_(block.attn)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        """timm's ViT exemptions plus every rational coefficient (the released recipe decayed them)."""
+        rational = {name for name, _ in self.named_parameters() if name.endswith(RATIONAL_PARAMETERS)}
+        return set(super().no_weight_decay()) | rational
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: KAT, **kwargs) -> Dict[str, torch.Tensor]:
+    """Adapt a KAT checkpoint to ``model``: unwrap training checkpoints, drop a DDP ``module.`` prefix, then
+    timm's ViT filter (resamples position and patch embeddings for another img_size or patch size)."""
+    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+        if isinstance(state_dict.get(key), dict):
+            state_dict = state_dict[key]
+            break
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        state_dict = {k[len("module.") :]: v for k, v in state_dict.items()}
+    return vit_checkpoint_filter_fn(state_dict, model, **kwargs)
+
+
+def _create_kat(variant: str, pretrained: bool = False, **kwargs) -> KAT:
+    out_indices = kwargs.pop("out_indices", 3)
+    return build_model_with_cfg(
+        KAT,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **kwargs,
+    )
+
+
+def _cfg(hf_hub_id: Optional[str] = None, **kwargs) -> Dict[str, Any]:
+    return {
+        "hf_hub_id": hf_hub_id,
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.875,
+        "crop_mode": "center",
+        "interpolation": "bicubic",
+        "fixed_input_size": True,
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "license": "mit",
+        "paper_ids": "arXiv:2409.10594",
+        "paper_name": "Kolmogorov-Arnold Transformer",
+        **kwargs,
+    }
+
+
+def _released_cfgs(name: str, size: str) -> Dict[str, Dict[str, Any]]:
+    """Default tag (trained from scratch) and ``.vitft`` (started from an AugReg ViT) of one released model."""
+    repo = f"adamdad/kat_{size}_patch16_224"
+    return {
+        name: _cfg(hf_hub_id=repo),
+        f"{name}.vitft": _cfg(hf_hub_id=f"{repo}.vitft"),
+    }
+
+
+SIZES = {
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+}
+
+default_cfgs = generate_default_cfgs(
+    {
+        **{k: v for size in SIZES for k, v in _released_cfgs(f"kat_{size}_patch16_224", size).items()},
+        # The released models are swish-initialised: the explicit _swish_ names load the same weights.
+        **{k: v for size in SIZES for k, v in _released_cfgs(f"kat_{size}_swish_patch16_224", size).items()},
+        **{f"kat_{size}_gelu_patch16_224": _cfg() for size in SIZES},
+        # Short names: entry points of their own (not deprecations, which warn at every use).
+        **{k: v for size in SIZES for k, v in _released_cfgs(f"kat_{size}", size).items()},
+    }
+)
+
+
+def _kat(size: str, variant: str, pretrained: bool, **kwargs) -> KAT:
+    model_args = dict(patch_size=16, act_init="swish", **SIZES[size])
+    return _create_kat(variant, pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def kat_tiny_patch16_224(pretrained: bool = False, **kwargs) -> KAT:
+    """KAT-Tiny (KAT-T), 192 wide, 12 blocks, 3 heads; act2 swish-initialised."""
+    return _kat("tiny", "kat_tiny_patch16_224", pretrained, **kwargs)
+
+
+@register_model
+def kat_small_patch16_224(pretrained: bool = False, **kwargs) -> KAT:
+    """KAT-Small (KAT-S), 384 wide, 12 blocks, 6 heads; act2 swish-initialised."""
+    return _kat("small", "kat_small_patch16_224", pretrained, **kwargs)
+
+
+@register_model
+def kat_base_patch16_224(pretrained: bool = False, **kwargs) -> KAT:
+    """KAT-Base (KAT-B), 768 wide, 12 blocks, 12 heads; act2 swish-initialised."""
+    return _kat("base", "kat_base_patch16_224", pretrained, **kwargs)
+
+
+@register_model
+def kat_tiny_swish_patch16_224(pretrained: bool = False, **kwargs) -> KAT:
+    """KAT-T with act2 swish-initialised (the released configuration, explicit name)."""
+    return _kat("tiny", "kat_tiny_swish_patch16_224", pretrained, **kwargs)
+
+
+@register_model
+def kat_small_swish_patch16_224(pretrained: bool = False, **kwargs) -> KAT:
+    """KAT-S with act2 swish-initialised (the released configuration, explicit name)."""
+    return _kat("small", "kat_small_swish_patch16_224", pretrained, **kwargs)
+
+
+@register_model
+def kat_base_swish_patch16_224(pretrained: bool = False, **kwargs) -> KAT:
+    """KAT-B with act2 swish-initialised (the released configuration, explicit name)."""
+    return _kat("base", "kat_base_swish_patch16_224", pretrained, **kwargs)
+
+
+@register_model
+def kat_tiny_gelu_patch16_224(pretrained: bool = False, **kwargs) -> KAT:
+    """KAT-T with act2 GELU-initialised (no released weights)."""
+    return _kat("tiny", "kat_tiny_gelu_patch16_224", pretrained, **dict(dict(act_init="gelu"), **kwargs))
+
+
+@register_model
+def kat_small_gelu_patch16_224(pretrained: bool = False, **kwargs) -> KAT:
+    """KAT-S with act2 GELU-initialised (no released weights)."""
+    return _kat("small", "kat_small_gelu_patch16_224", pretrained, **dict(dict(act_init="gelu"), **kwargs))
+
+
+@register_model
+def kat_base_gelu_patch16_224(pretrained: bool = False, **kwargs) -> KAT:
+    """KAT-B with act2 GELU-initialised (no released weights)."""
+    return _kat("base", "kat_base_gelu_patch16_224", pretrained, **dict(dict(act_init="gelu"), **kwargs))
+
+
+@register_model
+def kat_tiny(pretrained: bool = False, **kwargs) -> KAT:
+    """Short name of kat_tiny_patch16_224 (same model, same pretrained tags)."""
+    return _kat("tiny", "kat_tiny", pretrained, **kwargs)
+
+
+@register_model
+def kat_small(pretrained: bool = False, **kwargs) -> KAT:
+    """Short name of kat_small_patch16_224 (same model, same pretrained tags)."""
+    return _kat("small", "kat_small", pretrained, **kwargs)
+
+
+@register_model
+def kat_base(pretrained: bool = False, **kwargs) -> KAT:
+    """Short name of kat_base_patch16_224 (same model, same pretrained tags)."""
+    return _kat("base", "kat_base", pretrained, **kwargs)
