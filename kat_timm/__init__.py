@@ -6,9 +6,9 @@ rational function P(x)/Q(x), shared within groups of channels, before and after 
 ``import kat_timm`` registers the KAT models in timm: ``timm.create_model("kat_base", pretrained=True)``.
 """
 from .layers import KAN, GroupRational
-from .models import KAT
+from .models import KAT, kat_from_vit
 from .ops import group_rational
 
 __version__ = "0.1.0"
 
-__all__ = ["KAN", "KAT", "GroupRational", "group_rational", "__version__"]
+__all__ = ["KAN", "KAT", "GroupRational", "group_rational", "kat_from_vit", "__version__"]

@@ -10,6 +10,7 @@ pretrained configs of the six released checkpoints, and one ``@register_model`` 
 """
 from __future__ import annotations
 
+import logging
 import math
 from functools import partial
 from typing import Any, Dict, Optional, Set
@@ -20,6 +21,9 @@ from timm.models import VisionTransformer, build_model_with_cfg, generate_defaul
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
 from ..layers import KAN
+from .from_vit import set_rationals_for_vit_mlp_, vit_state_dict_to_kat
+
+_logger = logging.getLogger(__name__)
 
 __all__ = ["KAT", "RELEASED_TOP1", "checkpoint_filter_fn", "mimetic_attention_init_"]
 
@@ -104,6 +108,14 @@ class KAT(VisionTransformer):
         self.weight_init_mode = "reset" if weight_init == "skip" else weight_init
         if weight_init != "skip":
             self.init_weights(needs_reset=False)
+        self.register_load_state_dict_pre_hook(_complete_vit_state_dict)
+
+    @torch.jit.ignore()
+    def load_pretrained(self, checkpoint_path: str, prefix: str = "") -> None:
+        """Load a ViT .npz (big_vision / AugReg) checkpoint (timm's ``--initial-checkpoint vit.npz`` route); the
+        rationals are then set to act1 = identity, act2 = GELU fit, so the KAT starts as the ViT's function."""
+        super().load_pretrained(checkpoint_path, prefix)
+        set_rationals_for_vit_mlp_(self)
 
     def init_weights(self, mode: str = "", needs_reset: bool = True) -> None:
         """timm's ViT init (which calls each KAN block's variance-preserving ``init_weights``), then mimetic
@@ -118,6 +130,17 @@ class KAT(VisionTransformer):
         """timm's ViT exemptions plus every rational coefficient (the released recipe decayed them)."""
         rational = {name for name, _ in self.named_parameters() if name.endswith(RATIONAL_PARAMETERS)}
         return set(super().no_weight_decay()) | rational
+
+
+def _complete_vit_state_dict(module, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook: a ViT state dict (KAN-shaped fc1/fc2 but no rational coefficients at all) gets
+    function-preserving rationals (act1 identity, act2 GELU fit), so ``--initial-checkpoint vit.pth`` works."""
+    if any(k.startswith(prefix) and k.endswith(RATIONAL_PARAMETERS) for k in state_dict):
+        return
+    completed = vit_state_dict_to_kat(state_dict, module.num_groups, prefix)
+    if len(completed) > len(state_dict):
+        _logger.info("Loading ViT weights into a KAT: act1 = identity, act2 = GELU fit (function-preserving)")
+        state_dict.update(completed)
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: KAT, **kwargs) -> Dict[str, torch.Tensor]:

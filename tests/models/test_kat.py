@@ -1,0 +1,186 @@
+"""KAT models: registry, released layout, initialisation, ViT -> KAT conversion."""
+import pytest
+import timm
+import torch
+
+import kat_timm
+from kat_timm.layers import GroupRational, rational_init
+from kat_timm.models import KAT, kat_from_vit
+from tests.helpers import relative_error
+
+SIZES = {"tiny": (192, 3, 5_718_328), "small": (384, 6, 22_051_576), "base": (768, 12, 86_568_568)}
+
+
+def test_registry_lists_every_name():
+    names = set(timm.list_models("kat*"))
+    for size in SIZES:
+        assert {f"kat_{size}_patch16_224", f"kat_{size}", f"kat_{size}_gelu_patch16_224",
+                f"kat_{size}_swish_patch16_224"} <= names
+    assert {"kat_tiny_patch16_224.vitft", "kat_base.vitft"} <= set(timm.list_models("kat*", pretrained=True))
+
+
+@pytest.mark.parametrize("size", sorted(SIZES))
+def test_released_layout_and_parameter_count(size):
+    embed_dim, heads, params = SIZES[size]
+    model = timm.create_model(f"kat_{size}_patch16_224", device="meta")
+    assert sum(p.numel() for p in model.parameters()) == params
+    state = model.state_dict()
+    for i in range(12):
+        for act in ("act1", "act2"):
+            assert state[f"blocks.{i}.mlp.{act}.weight_numerator"].shape == (1, 6)
+            assert state[f"blocks.{i}.mlp.{act}.weight_denominator"].shape == (8, 4)
+        assert state[f"blocks.{i}.mlp.fc1.weight"].shape == (4 * embed_dim, embed_dim)
+    assert model.blocks[0].attn.num_heads == heads and model.norm.eps == 1e-6
+    # Every key is a timm ViT key or a rational coefficient.
+    vit_keys = set(timm.create_model(f"vit_{size}_patch16_224", device="meta").state_dict())
+    extra = set(state) - vit_keys
+    assert extra and all(k.endswith(("weight_numerator", "weight_denominator")) for k in extra)
+    assert vit_keys - set(state) == set()
+
+
+@pytest.mark.parametrize("size", sorted(SIZES))
+def test_short_names_and_variants(size):
+    long_cfg = timm.create_model(f"kat_{size}_patch16_224.vitft", device="meta").pretrained_cfg
+    short_cfg = timm.create_model(f"kat_{size}.vitft", device="meta").pretrained_cfg
+    assert short_cfg["hf_hub_id"] == long_cfg["hf_hub_id"] == f"adamdad/kat_{size}_patch16_224.vitft"
+    default = timm.create_model(f"kat_{size}", device="meta").pretrained_cfg
+    assert default["hf_hub_id"] == f"adamdad/kat_{size}_patch16_224"
+    for cfg in (long_cfg, default):
+        assert (cfg["interpolation"], cfg["crop_pct"], cfg["crop_mode"], cfg["license"]) == ("bicubic", 0.875, "center", "mit")
+    gelu = timm.create_model(f"kat_{size}_gelu_patch16_224", device="meta")
+    assert gelu.act_init == "gelu" and gelu.blocks[0].mlp.act2.init == "gelu"
+    assert timm.create_model(f"kat_{size}", device="meta").blocks[0].mlp.act2.init == "swish"
+
+
+def test_gelu_variant_has_no_weights_to_load():
+    with pytest.raises(RuntimeError, match="No pretrained weights"):
+        timm.create_model("kat_tiny_gelu_patch16_224", pretrained=True)
+
+
+@pytest.mark.parametrize("size", sorted(SIZES))
+def test_kan_blocks_preserve_variance_at_init(size):
+    """Paper S3: every KAN block maps N(0, 1) tokens to outputs of about unit std."""
+    model = timm.create_model(f"kat_{size}_patch16_224")
+    embed_dim = SIZES[size][0]
+    x = torch.randn(512, embed_dim)
+    with torch.no_grad():
+        for depth, block in enumerate(model.blocks):
+            ratio = (block.mlp(x).std() / x.std()).item()
+            assert 0.7 <= ratio <= 1.4, f"block {depth}: output/input std {ratio:.3f}"
+
+
+def test_kan_init_is_the_papers_not_trunc_normal():
+    block = timm.create_model("kat_small_patch16_224").blocks[5].mlp
+    fan_in = block.fc2.in_features
+    gain = 1 / kat_timm.layers.rational_second_moment("swish")
+    assert abs(gain - 2.8178) < 1e-2, "close to swish's own 1 / E[swish(z)^2] (the fit differs beyond |z| = 3)"
+    assert abs(block.fc2.weight.std().item() ** 2 * fan_in / gain - 1) < 0.05
+    assert abs(block.fc1.weight.std().item() ** 2 * block.fc1.in_features - 1) < 0.05
+    assert block.fc1.bias.abs().max() == 0
+    numerator, _ = rational_init("identity")
+    assert block.act1.weight_numerator.tolist() == [numerator]
+
+
+@pytest.mark.parametrize("init", ["swish", "gelu", "identity", "tanh"])
+def test_second_moment_matches_numerical_integration(init):
+    """E[F(z)^2], z ~ N(0, 1), by quadrature, against a fine trapezoid rule of the reference in float64."""
+    z = torch.linspace(-14, 14, 280001, dtype=torch.float64)
+    numerator, denominator = rational_init(init)
+    f = kat_timm.ops.group_rational_reference(
+        z.view(-1, 1), torch.tensor([numerator], dtype=torch.float64), torch.tensor([denominator], dtype=torch.float64)
+    ).view(-1)
+    density = torch.exp(-0.5 * z**2) / (2 * torch.pi) ** 0.5
+    expected = torch.trapezoid(f**2 * density, z).item()
+    assert abs(kat_timm.layers.rational_second_moment(init) - expected) < 1e-6
+
+
+def test_mimetic_attention_init():
+    model = timm.create_model("kat_tiny_patch16_224")
+    attn = model.blocks[2].attn
+    d = attn.qkv.in_features
+    q, k, v = attn.qkv.weight.split(d)
+    # Per head W_q^T W_k ~ top part of 0.7 Z + 0.7 I: a clearly positive trace (timm's trunc_normal: ~0).
+    assert (torch.trace(q.T @ k) / d).item() > 0.5
+    # W_proj W_v has the trace of 0.4 Z - 0.4 I exactly (full SVD factors): about -0.4 per channel.
+    assert abs((torch.trace(attn.proj.weight @ v) / d).item() + 0.4) < 0.05
+    plain = timm.create_model("kat_tiny_patch16_224", attn_init="timm").blocks[2].attn
+    q, k, _ = plain.qkv.weight.split(d)
+    assert abs((torch.trace(q.T @ k) / d).item()) < 0.05
+
+
+def test_seeded_construction_is_reproducible():
+    torch.manual_seed(7)
+    first = timm.create_model("kat_tiny_patch16_224").state_dict()
+    torch.manual_seed(7)
+    second = timm.create_model("kat_tiny_patch16_224").state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    torch.manual_seed(8)
+    third = timm.create_model("kat_tiny_patch16_224").state_dict()
+    assert not torch.equal(first["blocks.0.attn.qkv.weight"], third["blocks.0.attn.qkv.weight"])
+
+
+def test_rational_coefficients_exempt_from_weight_decay():
+    model = timm.create_model("kat_tiny_patch16_224")
+    exempt = model.no_weight_decay()
+    rational = {n for n, _ in model.named_parameters() if n.endswith(("weight_numerator", "weight_denominator"))}
+    assert len(rational) == 48 and rational <= exempt
+    from timm.optim import create_optimizer_v2
+
+    optimizer = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)
+    decayed = {id(p) for group in optimizer.param_groups if group["weight_decay"] > 0 for p in group["params"]}
+    assert not any(id(p) in decayed for n, p in model.named_parameters() if n in rational)
+    assert id(model.blocks[0].mlp.fc1.weight) in decayed
+
+
+def test_kat_rejects_other_mlp_layers_and_bad_attn_init():
+    with pytest.raises(TypeError, match="mlp_layer"):
+        KAT(embed_dim=64, depth=1, num_heads=2, mlp_layer=torch.nn.Identity)
+    with pytest.raises(ValueError, match="attn_init"):
+        KAT(embed_dim=64, depth=1, num_heads=2, attn_init="xavier")
+
+
+def test_kat_from_vit_preserves_function():
+    vit = timm.create_model("vit_tiny_patch16_224").eval()
+    kat = kat_from_vit(vit)
+    assert isinstance(kat, KAT) and not kat.training
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected, actual = vit(x), kat(x)
+    assert relative_error(actual, expected) <= 1e-2
+    assert torch.equal(kat.blocks[4].mlp.fc2.weight, vit.blocks[4].mlp.fc2.weight)
+    assert kat.blocks[4].mlp.act2.init == "gelu"
+    numerator, denominator = rational_init("gelu")
+    assert torch.allclose(kat.blocks[4].mlp.act2.weight_denominator[3], torch.tensor(denominator))
+    # From the state dict alone (heads default to embed_dim // 64).
+    kat2 = kat_from_vit(vit.state_dict()).eval()
+    with torch.no_grad():
+        assert relative_error(kat2(x), expected) <= 1e-2
+
+
+def test_vit_checkpoint_into_kat_via_timm_load_checkpoint(tmp_path):
+    """timm train.py's --initial-checkpoint vit.pth route: load_checkpoint(kat, vit.pth) works, function kept."""
+    vit = timm.create_model("vit_tiny_patch16_224").eval()
+    path = tmp_path / "vit.pth"
+    torch.save({"state_dict": vit.state_dict(), "epoch": 1}, path)
+    kat = timm.create_model("kat_tiny_patch16_224").eval()
+    timm.models.load_checkpoint(kat, str(path))
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert relative_error(kat(x), vit(x)) <= 1e-2
+
+
+def test_incomplete_kat_checkpoint_still_fails():
+    """Only a checkpoint with no rationals at all counts as a ViT; a KAT missing some keys is an error."""
+    kat = timm.create_model("kat_tiny_patch16_224")
+    state = kat.state_dict()
+    del state["blocks.3.mlp.act2.weight_denominator"]
+    with pytest.raises(RuntimeError, match=r"blocks\.3\.mlp\.act2\.weight_denominator"):
+        kat.load_state_dict(state)
+
+
+def test_kat_from_vit_rejects_non_gelu():
+    vit = timm.create_model("vit_tiny_patch16_224", act_layer="relu")
+    with pytest.raises(ValueError, match="GELU"):
+        kat_from_vit(vit)
+    with pytest.raises(TypeError):
+        kat_from_vit("vit_tiny_patch16_224")
