@@ -36,3 +36,20 @@ def check_against_reference(x, numerator, denominator, channel_dim=-1, rtol=1e-5
         f"grad denominator: rel err {relative_error(denominator.grad, ref_dden):.3e}"
     )
     return y
+
+
+def assert_backward_deterministic(x, numerator, denominator, channel_dim=-1, runs=2):
+    """Run forward + backward ``runs`` times with one upstream gradient; all gradients must agree bitwise."""
+    x = x.detach().requires_grad_()
+    numerator = numerator.detach().requires_grad_()
+    denominator = denominator.detach().requires_grad_()
+    grad = torch.randn_like(x)
+    results = []
+    for _ in range(runs):
+        for t in (x, numerator, denominator):
+            t.grad = None
+        group_rational(x, numerator, denominator, channel_dim).backward(grad)
+        results.append([t.grad.clone() for t in (x, numerator, denominator)])
+    for other in results[1:]:
+        for name, first, again in zip(("x", "numerator", "denominator"), results[0], other):
+            assert torch.equal(first, again), f"grad {name} differs between identical backward calls"

@@ -15,33 +15,20 @@ import torch
 
 from .backend import select_backend
 from .layout import channels_moved_last, empty_output, mgl_view
-from .rational_torch import rational_backward_torch, rational_forward_torch
 
 __all__ = ["group_rational"]
 
 
-def _forward_impl(backend: str):
+def _implementation(backend: str, direction: str):
+    """The (M, G, L) function of ``backend`` for ``direction`` ("forward" or "backward"); the native and Triton
+    modules are imported on first use (building the C kernel, importing triton)."""
     if backend == "native":
-        from .rational_cpu import rational_forward_native
-
-        return rational_forward_native
-    if backend == "triton":
-        from .rational_triton import rational_forward_triton
-
-        return rational_forward_triton
-    return rational_forward_torch
-
-
-def _backward_impl(backend: str):
-    if backend == "native":
-        from .rational_cpu import rational_backward_native
-
-        return rational_backward_native
-    if backend == "triton":
-        from .rational_triton import rational_backward_triton
-
-        return rational_backward_triton
-    return rational_backward_torch
+        from . import rational_cpu as module
+    elif backend == "triton":
+        from . import rational_triton as module
+    else:
+        from . import rational_torch as module
+    return getattr(module, f"rational_{direction}_{backend}")
 
 
 def _from_mgl(t3: torch.Tensor, x: torch.Tensor, cdim: int, moved: bool) -> torch.Tensor:
@@ -58,7 +45,7 @@ def _group_rational_op(x: torch.Tensor, numerator: torch.Tensor, denominator: to
     if x.numel() == 0:
         return empty_output(x, cdim, moved)
     x3 = mgl_view(x, cdim, denominator.shape[0], moved)
-    y3 = _forward_impl(select_backend(x))(x3, numerator, denominator)
+    y3 = _implementation(select_backend(x), "forward")(x3, numerator, denominator)
     return _from_mgl(y3, x, cdim, moved)
 
 
@@ -94,7 +81,7 @@ def _group_rational_backward_op(
         )
     x3 = mgl_view(x, cdim, groups, moved)
     grad3 = mgl_view(grad.to(x.dtype), cdim, groups, moved)  # copies only if grad's layout differs from x's
-    grad_x3, sums = _backward_impl(select_backend(x))(grad3, x3, numerator, denominator)
+    grad_x3, sums = _implementation(select_backend(x), "backward")(grad3, x3, numerator, denominator)
     grad_numerator, grad_denominator = _coefficient_grads(sums, numerator, denominator)
     return _from_mgl(grad_x3, x, cdim, moved), grad_numerator, grad_denominator
 

@@ -12,8 +12,6 @@ copied to contiguous first. The fake (meta) implementations use the same rules, 
 from __future__ import annotations
 
 import math
-from typing import Tuple
-
 import torch
 
 __all__ = ["channels_moved_last", "mgl_view", "empty_output", "as_layout"]
@@ -47,9 +45,3 @@ def empty_output(x: torch.Tensor, cdim: int, moved: bool, dtype: torch.dtype = N
         return torch.empty(x.movedim(cdim, -1).shape, dtype=dtype, device=x.device).movedim(-1, cdim)
     return torch.empty(x.shape, dtype=dtype, device=x.device)
 
-
-def mgl_shape(x: torch.Tensor, cdim: int, groups: int, moved: bool) -> Tuple[int, int, int]:
-    channels = x.shape[cdim]
-    if moved:
-        return math.prod(x.shape) // channels, groups, channels // groups
-    return math.prod(x.shape[:cdim]), groups, (channels // groups) * math.prod(x.shape[cdim + 1 :])

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from kat_timm.ops import group_rational, group_rational_reference, select_backend
-from tests.helpers import check_against_reference, random_coefficients, relative_error
+from tests.helpers import assert_backward_deterministic, check_against_reference, random_coefficients, relative_error
 
 pytestmark = [
     pytest.mark.cuda,
@@ -62,17 +62,11 @@ def test_non_contiguous_and_channels_last():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_deterministic(dtype):
-    x = torch.randn(128, 197, 384, device="cuda").to(dtype).requires_grad_()
-    numerator, denominator = (t.detach().cuda().requires_grad_() for t in random_coefficients(8))
-    grad = torch.randn_like(x)
-    runs = []
-    for _ in range(2):
-        for t in (x, numerator, denominator):
-            t.grad = None
-        group_rational(x, numerator, denominator).backward(grad)
-        runs.append([t.grad.clone() for t in (x, numerator, denominator)])
-    assert all(torch.equal(a, b) for a, b in zip(*runs)), "gradients must be bitwise reproducible"
+@pytest.mark.parametrize("shape", [(128, 197, 384), (128, 197, 3072)])
+def test_deterministic(dtype, shape):
+    x = torch.randn(shape, device="cuda").to(dtype)
+    numerator, denominator = (t.detach().cuda() for t in random_coefficients(8))
+    assert_backward_deterministic(x, numerator, denominator)
 
 
 def test_autocast_keeps_low_precision_io():

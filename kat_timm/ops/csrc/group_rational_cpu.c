@@ -87,6 +87,29 @@ static void load_coeffs(kat_coeffs *c, int64_t groups, const float *num, int64_t
     }
 }
 
+/*
+ * The per-element math shared by every loop below; a0..a5 and b1..b4 (= |b_j|) must be in scope.
+ * KAT_P_Q defines ax = |x|, p = P(x), q = Q(|x|) (Horner). KAT_BACKWARD_TERMS also defines dxv = g dF/dx,
+ * gq = g / Q, gf = g P / Q^2 and the powers x2 = x^2, x4 = x^4: the ten coefficient terms are
+ * gq * x^i (i = 0..5) and gf * |x|^j (j = 1..4). sign(0) = +1 in dQ/dx.
+ */
+#define KAT_P_Q(xv)                                                                                               \
+    const float ax = fabsf(xv);                                                                                   \
+    const float p = a0 + (xv) * (a1 + (xv) * (a2 + (xv) * (a3 + (xv) * (a4 + (xv) * a5))));                       \
+    const float q = 1.0f + ax * (b1 + ax * (b2 + ax * (b3 + ax * b4)));
+
+#define KAT_BACKWARD_TERMS(xv, gv)                                                                                \
+    KAT_P_Q(xv)                                                                                                   \
+    const float sx = (xv) < 0.0f ? -1.0f : 1.0f;                                                                  \
+    const float dp = a1 + (xv) * (2.0f * a2 + (xv) * (3.0f * a3 + (xv) * (4.0f * a4 + (xv) * 5.0f * a5)));       \
+    const float dq = b1 + ax * (2.0f * b2 + ax * (3.0f * b3 + ax * 4.0f * b4));                                   \
+    const float rq = 1.0f / q;                                                                                    \
+    const float f = p * rq;                                                                                       \
+    const float dxv = (gv) * (dp - f * sx * dq) * rq;                                                             \
+    const float gq = (gv) * rq;                                                                                   \
+    const float gf = gq * f;                                                                                      \
+    const float x2 = (xv) * (xv), x4 = x2 * x2;
+
 /* One piece [begin, end) inside a segment: forward. */
 #define KAT_DEFINE_FORWARD_PIECE(SUFFIX, T)                                                                       \
     KAT_CLONES static void forward_piece_##SUFFIX(const T *restrict x, T *restrict y, int64_t n,                 \
@@ -95,9 +118,7 @@ static void load_coeffs(kat_coeffs *c, int64_t groups, const float *num, int64_t
         const float b1 = c->b[0], b2 = c->b[1], b3 = c->b[2], b4 = c->b[3];                                       \
         _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) {                                                    \
             const float xv = load_##SUFFIX(x, i);                                                                 \
-            const float ax = fabsf(xv);                                                                           \
-            const float p = a0 + xv * (a1 + xv * (a2 + xv * (a3 + xv * (a4 + xv * a5))));                         \
-            const float q = 1.0f + ax * (b1 + ax * (b2 + ax * (b3 + ax * b4)));                                   \
+            KAT_P_Q(xv)                                                                                           \
             store_##SUFFIX(y, i, p / q);                                                                          \
         }                                                                                                         \
     }
@@ -112,24 +133,14 @@ static void load_coeffs(kat_coeffs *c, int64_t groups, const float *num, int64_t
         _Pragma("omp simd reduction(+ : s0, s1, s2, s3, s4, s5, t1, t2, t3, t4)") for (int64_t i = 0; i < n; ++i) { \
             const float xv = load_##SUFFIX(x, i);                                                                 \
             const float gv = load_##SUFFIX(grad, i);                                                              \
-            const float ax = fabsf(xv);                                                                           \
-            const float sx = xv < 0.0f ? -1.0f : 1.0f;                                                            \
-            const float p = a0 + xv * (a1 + xv * (a2 + xv * (a3 + xv * (a4 + xv * a5))));                         \
-            const float dp = a1 + xv * (2.0f * a2 + xv * (3.0f * a3 + xv * (4.0f * a4 + xv * 5.0f * a5)));        \
-            const float q = 1.0f + ax * (b1 + ax * (b2 + ax * (b3 + ax * b4)));                                   \
-            const float dq = b1 + ax * (2.0f * b2 + ax * (3.0f * b3 + ax * 4.0f * b4));                           \
-            const float rq = 1.0f / q;                                                                            \
-            const float f = p * rq;                                                                               \
-            store_##SUFFIX(dx, i, gv * (dp - f * sx * dq) * rq);                                                  \
-            const float gq = gv * rq;                                                                             \
-            const float x2 = xv * xv, x3 = x2 * xv, x4 = x2 * x2;                                                 \
+            KAT_BACKWARD_TERMS(xv, gv)                                                                            \
+            store_##SUFFIX(dx, i, dxv);                                                                           \
             s0 += gq;                                                                                             \
             s1 += gq * xv;                                                                                        \
             s2 += gq * x2;                                                                                        \
-            s3 += gq * x3;                                                                                        \
+            s3 += gq * x2 * xv;                                                                                   \
             s4 += gq * x4;                                                                                        \
             s5 += gq * x4 * xv;                                                                                   \
-            const float gf = gq * f;                                                                              \
             t1 += gf * ax;                                                                                        \
             t2 += gf * x2;                                                                                        \
             t3 += gf * x2 * ax;                                                                                   \
@@ -154,28 +165,18 @@ static void load_coeffs(kat_coeffs *c, int64_t groups, const float *num, int64_t
             const float b4 = cc[9 * K + k];                                                                       \
             const float xv = load_##SUFFIX(x, k);                                                                 \
             const float gv = load_##SUFFIX(grad, k);                                                              \
-            const float ax = fabsf(xv);                                                                           \
-            const float sx = xv < 0.0f ? -1.0f : 1.0f;                                                            \
-            const float p = a0 + xv * (a1 + xv * (a2 + xv * (a3 + xv * (a4 + xv * a5))));                         \
-            const float dp = a1 + xv * (2.0f * a2 + xv * (3.0f * a3 + xv * (4.0f * a4 + xv * 5.0f * a5)));        \
-            const float q = 1.0f + ax * (b1 + ax * (b2 + ax * (b3 + ax * b4)));                                   \
-            const float dq = b1 + ax * (2.0f * b2 + ax * (3.0f * b3 + ax * 4.0f * b4));                           \
-            const float rq = 1.0f / q;                                                                            \
-            const float f = p * rq;                                                                               \
-            store_##SUFFIX(dx, k, gv * (dp - f * sx * dq) * rq);                                                  \
-            const float gq = gv * rq;                                                                             \
-            const float x2 = xv * xv, x4 = x2 * x2;                                                               \
-            const float gf = gq * f;                                                                              \
+            KAT_BACKWARD_TERMS(xv, gv)                                                                            \
+            store_##SUFFIX(dx, k, dxv);                                                                           \
             acc[k] += gq;                                                                                         \
-            acc[1 * KAT_COL_BLOCK + k] += gq * xv;                                                                                \
-            acc[2 * KAT_COL_BLOCK + k] += gq * x2;                                                                            \
-            acc[3 * KAT_COL_BLOCK + k] += gq * x2 * xv;                                                                       \
-            acc[4 * KAT_COL_BLOCK + k] += gq * x4;                                                                            \
-            acc[5 * KAT_COL_BLOCK + k] += gq * x4 * xv;                                                                       \
-            acc[6 * KAT_COL_BLOCK + k] += gf * ax;                                                                            \
-            acc[7 * KAT_COL_BLOCK + k] += gf * x2;                                                                            \
-            acc[8 * KAT_COL_BLOCK + k] += gf * x2 * ax;                                                                       \
-            acc[9 * KAT_COL_BLOCK + k] += gf * x4;                                                                            \
+            acc[1 * KAT_COL_BLOCK + k] += gq * xv;                                                                \
+            acc[2 * KAT_COL_BLOCK + k] += gq * x2;                                                                \
+            acc[3 * KAT_COL_BLOCK + k] += gq * x2 * xv;                                                           \
+            acc[4 * KAT_COL_BLOCK + k] += gq * x4;                                                                \
+            acc[5 * KAT_COL_BLOCK + k] += gq * x4 * xv;                                                           \
+            acc[6 * KAT_COL_BLOCK + k] += gf * ax;                                                                \
+            acc[7 * KAT_COL_BLOCK + k] += gf * x2;                                                                \
+            acc[8 * KAT_COL_BLOCK + k] += gf * x2 * ax;                                                           \
+            acc[9 * KAT_COL_BLOCK + k] += gf * x4;                                                                \
         }                                                                                                         \
     }
 
