@@ -25,10 +25,11 @@ def rational_second_moment(init: str, nodes: int = 200) -> float:
     """
     z, weights = np.polynomial.hermite_e.hermegauss(nodes)
     numerator, denominator = rational_init(init)
+    # Explicitly on the CPU: models may be built under `with torch.device("meta")`.
     values = group_rational_reference(
         torch.from_numpy(z).view(-1, 1),
-        torch.tensor([numerator], dtype=torch.float64),
-        torch.tensor([denominator], dtype=torch.float64),
+        torch.tensor([numerator], dtype=torch.float64, device="cpu"),
+        torch.tensor([denominator], dtype=torch.float64, device="cpu"),
     ).view(-1).numpy()
     return float(np.sum(weights * values**2) / math.sqrt(2 * math.pi))
 

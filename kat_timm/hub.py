@@ -1,0 +1,530 @@
+"""Helpers for KAT checkpoints and the Hugging Face Hub: safe loading, unwrapping, architecture inference, cards.
+
+The released KAT weights (``adamdad/kat_{tiny,small,base}_patch16_224[.vitft]``) are plain pickled state dicts
+(``pytorch_model.bin``) next to a timm ``config.json``. Training checkpoints written by timm's ``train.py`` or
+DeiT-style scripts wrap the state dict (``state_dict`` / ``model``, optionally with ``state_dict_ema`` /
+``model_ema``) and may carry a DDP ``module.`` or ``torch.compile`` ``_orig_mod.`` key prefix. This module turns any
+of those into a Hub-ready folder written by timm's own ``save_for_hf`` (``config.json`` + ``model.safetensors``
+[+ ``pytorch_model.bin``]) plus a ``README.md`` model card; ``scripts/convert_checkpoint.py`` is its CLI.
+
+Loading never runs arbitrary pickled code: ``.safetensors`` files are read with safetensors, everything else with
+``torch.load(weights_only=True)`` (tensors, containers and primitive types; ``argparse.Namespace`` is allowed too, as
+timm allows it, because timm training checkpoints store their arguments in one).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import pickle
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+
+__all__ = [
+    "CheckpointError",
+    "ConversionResult",
+    "check_kat_state_dict",
+    "convert_checkpoint",
+    "infer_architecture",
+    "kat_num_params",
+    "load_checkpoint",
+    "model_card",
+    "unwrap_state_dict",
+]
+
+PathLike = Union[str, Path]
+
+# Wrapper keys of training checkpoints, in the order timm's ``load_state_dict`` (and kat's checkpoint_filter_fn)
+# looks for them: EMA weights first, then the raw model weights.
+EMA_KEYS = ("state_dict_ema", "model_ema")
+MODEL_KEYS = ("state_dict", "model")
+# Wrapper prefixes of saved keys: DistributedDataParallel and torch.compile (either order, as timm strips them).
+KEY_PREFIXES = ("module.", "_orig_mod.")
+# Files written into a converted folder (removed first when overwriting with force=True).
+OUTPUT_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", "README.md")
+
+_RATIONAL_KEY = re.compile(r"^blocks\.(\d+)\.mlp\.act[12]\.weight_(numerator|denominator)$")
+_SIZE_OF_NAME = re.compile(r"^kat_(tiny|small|base)(?:_|$)")
+_SIZE_TITLES = {"tiny": "KAT-T", "small": "KAT-S", "base": "KAT-B"}
+_GITHUB = "https://github.com/Adamdad/kat"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read safely, is not a KAT state dict, or does not fit the requested model."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading and unwrapping
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Any:
+    """Read a checkpoint file without executing pickled code.
+
+    ``*.safetensors`` is read with ``safetensors.torch.load_file``; anything else (``.bin``, ``.pth``, ``.pt``,
+    ``.pth.tar``) with ``torch.load(weights_only=True)``, allowing ``argparse.Namespace`` (the ``args`` entry of timm
+    training checkpoints). Raises ``FileNotFoundError`` for a missing file and ``CheckpointError`` for a file that is
+    not a readable checkpoint or that needs a pickle global outside the allowed set (such a file is never unpickled
+    unsafely: nothing it references is called).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.name.endswith(".safetensors"):
+        import safetensors.torch
+
+        try:
+            return safetensors.torch.load_file(str(path), device=str(map_location))
+        except Exception as e:  # safetensors raises its own SafetensorError for a corrupt header
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        names = _unsafe_globals(path, e)
+        if not names:
+            detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (unpickling failed: {detail})") from e
+        raise CheckpointError(
+            f"{path}: refusing to load, the pickle references objects outside the weights-only allow-list "
+            f"(globals: {', '.join(names)}). Nothing in it was run. Load it with weights_only=False only if you "
+            "fully trust its origin, then re-save its state dict."
+        ) from e
+    except Exception as e:  # a truncated or foreign file: torch raises RuntimeError, EOFError, even KeyError
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+
+
+def _unsafe_globals(path: Path, error: Exception) -> List[str]:
+    """The pickle globals outside torch's weights-only allow-list that ``path`` needs, found without unpickling."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))  # torch >= 2.5, zip files only
+    except Exception:
+        names = []
+    return list(names) or re.findall(r"GLOBAL (\S+)", str(error))
+
+
+def _strip_prefixes(key: str) -> str:
+    while True:
+        for prefix in KEY_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+                break
+        else:
+            return key
+
+
+def unwrap_state_dict(checkpoint: Any, use_ema: Optional[bool] = None) -> Tuple[Dict[str, torch.Tensor], str]:
+    """The model state dict inside ``checkpoint`` and where it was found.
+
+    Args:
+        checkpoint: a state dict (every value a tensor) or a training checkpoint wrapping one under
+            ``state_dict_ema`` / ``model_ema`` (EMA weights) or ``state_dict`` / ``model``.
+        use_ema: None: the EMA weights when the checkpoint has them, else the model weights (what
+            ``timm.models.load_checkpoint`` / timm's pretrained loading and ``kat_timm``'s checkpoint filter do);
+            True: the EMA weights, an error when there are none; False: the model weights, never the EMA ones.
+
+    Returns:
+        ``(state_dict, source)``: keys stripped of DDP ``module.`` / torch.compile ``_orig_mod.`` prefixes, values
+        the checkpoint's tensors; ``source`` is the wrapper key used, or ``""`` for a bare state dict.
+    """
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f"not a state dict or training checkpoint: the file holds a {type(checkpoint).__name__}")
+    is_state_dict = len(checkpoint) > 0 and all(isinstance(v, torch.Tensor) for v in checkpoint.values())
+    ema_keys = [k for k in EMA_KEYS if isinstance(checkpoint.get(k), Mapping)]
+    model_keys = [k for k in MODEL_KEYS if isinstance(checkpoint.get(k), Mapping)]
+    if is_state_dict:
+        source, state_dict = "", checkpoint
+        if use_ema:
+            raise CheckpointError("EMA weights requested, but the checkpoint is a bare state dict (no state_dict_ema)")
+    elif use_ema is True:
+        if not ema_keys:
+            raise CheckpointError(f"EMA weights requested, but the checkpoint has none of {EMA_KEYS}")
+        source = ema_keys[0]
+    elif use_ema is None and ema_keys:
+        source = ema_keys[0]
+    elif model_keys:
+        source = model_keys[0]
+    else:
+        top = ", ".join(repr(k) for k in list(checkpoint)[:8]) or "nothing"
+        raise CheckpointError(
+            f"no model weights found: neither a state dict of tensors nor a training checkpoint with one of "
+            f"{EMA_KEYS + MODEL_KEYS} (top-level keys: {top})"
+        )
+    if source:
+        state_dict = checkpoint[source]
+    non_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if non_tensors or not state_dict:
+        where = f"checkpoint[{source!r}]" if source else "the checkpoint"
+        raise CheckpointError(f"{where} is not a state dict of tensors (non-tensor entries: {non_tensors[:5]})")
+    cleaned: Dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        new_key = _strip_prefixes(key)
+        if new_key in cleaned:
+            raise CheckpointError(f"two keys map to {new_key!r} once the module./_orig_mod. prefixes are removed")
+        cleaned[new_key] = value
+    return cleaned, source
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Architecture
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def check_kat_state_dict(state_dict: Mapping) -> int:
+    """Raise ``CheckpointError`` unless ``state_dict`` looks like a KAT (a timm ViT with rational activations).
+
+    Returns the number of blocks with rational coefficients. A plain ViT state dict (no
+    ``blocks.N.mlp.act{1,2}.weight_{numerator,denominator}``) is rejected with that explanation.
+    """
+    blocks = {int(m.group(1)) for m in map(_RATIONAL_KEY.match, state_dict) if m}
+    if not blocks:
+        vit_like = "patch_embed.proj.weight" in state_dict and any(k.startswith("blocks.") for k in state_dict)
+        hint = (
+            " It looks like a plain ViT: kat_timm.models.kat_from_vit builds the function-preserving KAT from it."
+            if vit_like
+            else ""
+        )
+        raise CheckpointError(
+            "not a KAT checkpoint: no rational activation coefficients "
+            f"(blocks.N.mlp.act1/act2.weight_numerator/weight_denominator) among its {len(state_dict)} keys.{hint}"
+        )
+    return len(blocks)
+
+
+def infer_architecture(state_dict: Mapping) -> str:
+    """The registered KAT architecture whose shapes match ``state_dict`` (e.g. ``"kat_tiny_patch16_224"``).
+
+    Reads embed dim (192 / 384 / 768 for KAT-T / S / B), depth, patch size and position-embedding length from the
+    tensors. The swish- and GELU-initialised variants share every shape (only the initial rational coefficients
+    differ), so the released name ``kat_{size}_patch16_224`` is returned. Raises ``CheckpointError`` when the
+    checkpoint is not a KAT or matches no released layout; pass the model name explicitly in that case.
+    """
+    from .models.kat import SIZES
+
+    check_kat_state_dict(state_dict)
+    proj = state_dict.get("patch_embed.proj.weight")
+    if proj is None or proj.ndim != 4:
+        raise CheckpointError("cannot infer the architecture: no 4-d patch_embed.proj.weight; pass the model name")
+    embed_dim, patch = int(proj.shape[0]), (int(proj.shape[-2]), int(proj.shape[-1]))
+    depth = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.") and k.split(".")[1].isdigit())
+    candidates = [size for size, cfg in SIZES.items() if cfg["embed_dim"] == embed_dim]
+    if not candidates:
+        known = ", ".join(f"{cfg['embed_dim']} (kat_{s})" for s, cfg in SIZES.items())
+        raise CheckpointError(
+            f"unknown architecture: embed dim {embed_dim} matches no KAT size (known: {known}); pass the model name"
+        )
+    size = candidates[0]
+    problems = []
+    if depth != SIZES[size]["depth"]:
+        problems.append(f"depth {depth} != {SIZES[size]['depth']}")
+    if patch != (16, 16):
+        problems.append(f"patch size {patch[0]}x{patch[1]} != 16x16")
+    pos = state_dict.get("pos_embed")
+    if pos is not None and pos.shape[-2] != 1 + (224 // 16) ** 2:
+        problems.append(f"pos_embed of {pos.shape[-2]} tokens != 197 (a 224x224 input)")
+    if problems:
+        raise CheckpointError(
+            f"ambiguous architecture: embed dim {embed_dim} suggests kat_{size}_patch16_224, but "
+            f"{'; '.join(problems)}; pass the model name (and its arguments) explicitly"
+        )
+    return f"kat_{size}_patch16_224"
+
+
+def kat_num_params(
+    embed_dim: int,
+    depth: int = 12,
+    num_classes: int = 1000,
+    patch_size: int = 16,
+    img_size: int = 224,
+    mlp_ratio: int = 4,
+    num_groups: int = 8,
+    in_chans: int = 3,
+) -> int:
+    """Parameter count of a KAT (class token, learned position embedding, qkv bias, token pooling, linear head).
+
+    Matches ``sum(p.numel() for p in model.parameters())`` of the registered models without building them: the ViT
+    parameters plus, per block, two rationals of a shared numerator [1, 6] and per-group denominators [groups, 4].
+    """
+    d, h = embed_dim, embed_dim * mlp_ratio
+    tokens = 1 + (img_size // patch_size) ** 2
+    embed = in_chans * patch_size * patch_size * d + d + d + tokens * d  # patch proj (w, b), cls token, pos embed
+    attn = 3 * d * d + 3 * d + d * d + d
+    rationals = 2 * (6 + num_groups * 4)
+    mlp = d * h + h + h * d + d + rationals
+    block = 2 * d + attn + 2 * d + mlp  # norm1, attn, norm2, KAN
+    head = d * num_classes + num_classes if num_classes else 0
+    return embed + depth * block + 2 * d + head
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model card
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _size_of(model_name: str) -> Optional[str]:
+    match = _SIZE_OF_NAME.match(model_name)
+    return match.group(1) if match else None
+
+
+def released_top1(model_name: str, tag: str = "") -> Optional[float]:
+    """ImageNet-1k top-1 (%) reported with the released checkpoint ``model_name``[.``tag``], None if not released."""
+    from .models import RELEASED_TOP1
+
+    size = _size_of(model_name)
+    if size is None or "gelu" in model_name or tag not in ("", "vitft"):
+        return None
+    return RELEASED_TOP1[size][1 if tag == "vitft" else 0]
+
+
+def model_card(
+    model_name: str,
+    tag: str = "",
+    num_params: Optional[int] = None,
+    repo_id: Optional[str] = None,
+    source: Optional[str] = None,
+) -> str:
+    """README.md (Hub model card) for a converted KAT checkpoint.
+
+    YAML front matter (timm library, image-classification, licence mit, ImageNet-1k), a description, the table of
+    the six released checkpoints (model, tag, parameters, reported ImageNet-1k top-1; this checkpoint's row marked),
+    a usage snippet (``import kat_timm`` before ``timm.create_model``) and the citation.
+
+    Args:
+        model_name: registered architecture, e.g. ``"kat_tiny_patch16_224"``.
+        tag: pretrained tag (``""`` = trained from scratch, ``"vitft"`` = initialised from a ViT).
+        num_params: parameter count of this checkpoint (default: computed for a 1000-class model).
+        repo_id: Hub repository the folder is meant for (used in the usage snippet).
+        source: a line on where the weights came from (file name, checksum, EMA or not).
+    """
+    from .models import RELEASED_TOP1
+    from .models.kat import SIZES
+
+    size = _size_of(model_name)
+    full_name = f"{model_name}.{tag}" if tag else model_name
+    if num_params is None and size is not None:
+        num_params = kat_num_params(SIZES[size]["embed_dim"], SIZES[size]["depth"])
+    title = _SIZE_TITLES.get(size, "KAT")
+    origin = "initialised from a pretrained (AugReg) ViT and fine-tuned" if tag == "vitft" else "trained from scratch"
+    top1 = released_top1(model_name, tag)
+    # Without a repo id, a released name loads through its registered pretrained cfg; anything else needs a repo.
+    hub_name = f"hf-hub:{repo_id}" if repo_id else (full_name if top1 is not None else "hf-hub:OWNER/REPO")
+
+    rows = []
+    for row_size, (scratch, vitft) in RELEASED_TOP1.items():
+        params = kat_num_params(SIZES[row_size]["embed_dim"], SIZES[row_size]["depth"]) / 1e6
+        for row_tag, row_top1 in (("", scratch), ("vitft", vitft)):
+            name = f"kat_{row_size}_patch16_224"
+            this = row_size == size and row_tag == tag and "gelu" not in model_name
+            label = f"`{name}.{row_tag}`" if row_tag else f"`{name}`"
+            how = "ViT init" if row_tag else "from scratch"
+            cells = [label, how, f"{params:.1f}M", f"{row_top1:.1f}"]
+            if this:
+                cells = [f"**{c}**" for c in cells]
+            rows.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(
+        ["| Model | Tag | Params | ImageNet-1k top-1 (%) |", "|---|---|---|---|", *rows]
+    )
+    details = [
+        f"- **Model type:** image classification / feature backbone ({title}, {origin})",
+        f"- **Architecture:** `{model_name}`" + (f", pretrained tag `{tag}`" if tag else ""),
+        f"- **Params:** {num_params / 1e6:.2f}M ({num_params:,})" if num_params else None,
+        "- **Image size:** 224 x 224 (bicubic resize, crop_pct 0.875, ImageNet mean/std)",
+        f"- **Reported ImageNet-1k top-1:** {top1:.1f}%" if top1 is not None else None,
+        "- **Paper:** [Kolmogorov-Arnold Transformer](https://arxiv.org/abs/2409.10594)",
+        f"- **Original code:** {_GITHUB}",
+        f"- **Weights converted from:** {source}" if source else None,
+    ]
+    usage = (
+        "```python\n"
+        "import timm\n"
+        "import torch\n"
+        "import kat_timm  # registers the KAT models (and their rational-activation kernels) in timm\n"
+        "\n"
+        f'model = timm.create_model("{hub_name}", pretrained=True).eval()\n'
+        "data_config = timm.data.resolve_model_data_config(model)\n"
+        "transform = timm.data.create_transform(**data_config, is_training=False)\n"
+        "\n"
+        "with torch.no_grad():\n"
+        "    logits = model(transform(img).unsqueeze(0))  # img: a PIL image\n"
+        "top5 = logits.softmax(-1).topk(5)\n"
+        "```\n"
+    )
+    citation = (
+        "```bibtex\n"
+        "@article{yang2024kat,\n"
+        "  title={Kolmogorov-Arnold Transformer},\n"
+        "  author={Yang, Xingyi and Wang, Xinchao},\n"
+        "  journal={arXiv preprint arXiv:2409.10594},\n"
+        "  year={2024}\n"
+        "}\n"
+        "```\n"
+    )
+    return "\n".join(
+        [
+            "---",
+            "tags:",
+            "- image-classification",
+            "- timm",
+            "- kat",
+            "- kolmogorov-arnold",
+            "library_name: timm",
+            "pipeline_tag: image-classification",
+            "license: mit",
+            "datasets:",
+            "- imagenet-1k",
+            "---",
+            f"# Model card for {full_name}",
+            "",
+            f"{title}, a Kolmogorov-Arnold Transformer (KAT) {origin} on ImageNet-1k. KAT is a Vision Transformer "
+            "whose MLPs are group-rational KANs: learnable rational functions P(x)/Q(x), shared within groups of "
+            "channels, around the first linear layer.",
+            "",
+            "## Model Details",
+            *[line for line in details if line],
+            "",
+            "## Results",
+            "",
+            "ImageNet-1k top-1 accuracy as reported by the authors with the released checkpoints (not re-measured "
+            "by the conversion).",
+            "",
+            table,
+            "",
+            "## Usage",
+            "",
+            "Needs `pip install kat-timm` (it provides the model code; timm alone does not know KAT):",
+            "",
+            usage,
+            "## Citation",
+            "",
+            citation,
+        ]
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Conversion
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ConversionResult:
+    """What ``convert_checkpoint`` wrote."""
+
+    output_dir: Path
+    model_name: str
+    tag: str
+    num_params: int
+    num_classes: int
+    source_key: str
+    files: List[str]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _prepare_output_dir(output_dir: Path, force: bool) -> None:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise CheckpointError(f"output path exists and is not a directory: {output_dir}")
+    if output_dir.is_dir() and any(output_dir.iterdir()):
+        if not force:
+            raise CheckpointError(f"output directory is not empty: {output_dir} (use --force to overwrite)")
+        # Only what a conversion writes: a stale pytorch_model.bin next to a new model.safetensors would mislead.
+        for name in OUTPUT_FILES:
+            (output_dir / name).unlink(missing_ok=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+
+def convert_checkpoint(
+    checkpoint_path: PathLike,
+    output_dir: PathLike,
+    model_name: Optional[str] = None,
+    tag: Optional[str] = None,
+    use_ema: Optional[bool] = None,
+    safe_serialization: Union[bool, str] = "both",
+    force: bool = False,
+    repo_id: Optional[str] = None,
+    verify: bool = True,
+) -> ConversionResult:
+    """Convert a KAT checkpoint into a Hub-ready folder (timm ``config.json``, weights, ``README.md``).
+
+    Args:
+        checkpoint_path: released ``.bin`` / ``.pth`` / ``.safetensors``, or a training checkpoint (see
+            ``unwrap_state_dict``); loaded with ``load_checkpoint`` (no arbitrary code runs).
+        output_dir: folder to write; must be empty or absent unless ``force`` (which replaces only the files a
+            conversion writes).
+        model_name: registered KAT name, optionally with a tag (``"kat_tiny_patch16_224.vitft"``); inferred from the
+            tensor shapes when None (``infer_architecture``).
+        tag: pretrained tag ("" or "vitft" for the released names); overrides a tag in ``model_name``.
+        use_ema: see ``unwrap_state_dict``.
+        safe_serialization: ``"both"`` (model.safetensors + pytorch_model.bin) or True (model.safetensors only),
+            passed to ``timm.models.save_for_hf``.
+        force: overwrite a non-empty ``output_dir``.
+        repo_id: Hub repository id for the card's usage snippet (default: the pretrained cfg's ``hf_hub_id``).
+        verify: reload the folder with ``timm.create_model("local-dir:...", pretrained=True)`` and check that every
+            tensor round-trips exactly.
+
+    The checkpoint must fit the model exactly (``load_state_dict(strict=True)``), except for the classifier: a head
+    of another width gives a model with that many classes (0 when the checkpoint has no head).
+    """
+    import timm
+    from timm.models import get_pretrained_cfg, save_for_hf, split_model_name_tag
+
+    if safe_serialization not in ("both", True):
+        raise CheckpointError(f"safe_serialization must be 'both' or True, not {safe_serialization!r}")
+    checkpoint_path = Path(checkpoint_path)
+    output_dir = Path(output_dir)
+    if not checkpoint_path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint_path}")
+    if output_dir.resolve() == checkpoint_path.parent.resolve():
+        raise CheckpointError("the output directory must not be the checkpoint's own directory")
+    state_dict, source_key = unwrap_state_dict(load_checkpoint(checkpoint_path), use_ema=use_ema)
+    check_kat_state_dict(state_dict)
+
+    if model_name is None:
+        model_name = infer_architecture(state_dict)
+    arch, name_tag = split_model_name_tag(model_name)
+    tag = name_tag if tag is None else tag
+    if not arch.startswith("kat_") or not timm.is_model(arch):
+        known = ", ".join(n for n in timm.list_models("kat_*") if "patch16" in n)
+        raise CheckpointError(f"unknown model {arch!r}; KAT models: {known}")
+    full_name = f"{arch}.{tag}" if tag else arch
+    try:
+        pretrained_cfg = get_pretrained_cfg(full_name, allow_unregistered=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"{e} (known tags: '' and 'vitft' for the released models)") from e
+
+    head = state_dict.get("head.weight")
+    num_classes = int(head.shape[0]) if head is not None else 0
+    kwargs = {} if num_classes == pretrained_cfg.num_classes else {"num_classes": num_classes}
+    model = timm.create_model(full_name, pretrained=False, **kwargs)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"the checkpoint does not fit {full_name}: {e}") from e
+    model.eval()
+
+    _prepare_output_dir(output_dir, force)
+    save_for_hf(model, str(output_dir), safe_serialization=safe_serialization)
+    num_params = sum(p.numel() for p in model.parameters())
+    what = f"`{source_key}` of " if source_key else ""
+    source = f"{what}`{checkpoint_path.name}` (sha256 `{_sha256(checkpoint_path)[:16]}...`)"
+    card = model_card(arch, tag, num_params, repo_id=repo_id or pretrained_cfg.hf_hub_id, source=source)
+    (output_dir / "README.md").write_text(card, encoding="utf-8")
+
+    if verify:
+        reloaded = timm.create_model(f"local-dir:{output_dir}", pretrained=True).state_dict()
+        expected = model.state_dict()
+        bad = [k for k, v in expected.items() if k not in reloaded or not torch.equal(reloaded[k], v)]
+        if bad or set(reloaded) != set(expected):
+            raise CheckpointError(f"verification failed: {output_dir} does not reload the weights exactly ({bad[:5]})")
+    files = sorted(p.name for p in output_dir.iterdir() if p.name in OUTPUT_FILES)
+    return ConversionResult(output_dir, arch, tag, num_params, num_classes, source_key, files)

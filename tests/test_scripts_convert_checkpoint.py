@@ -1,0 +1,348 @@
+"""scripts/convert_checkpoint.py and kat_timm.hub: a released-format KAT checkpoint -> Hub-ready folder -> timm.
+
+The checkpoints are random kat_tiny models (every tensor jittered, so nothing equals a fresh init), saved like the
+release: a pickled fp32 OrderedDict in a .bin. The converted folder must load with
+``timm.create_model("local-dir:OUTDIR", pretrained=True)`` to the same weights and the same outputs. Offline: the
+Hub is never contacted (huggingface_hub offline, sockets blocked).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import torch
+
+import kat_timm  # noqa: F401  (registers the KAT models in timm)
+import timm
+from kat_timm import hub
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "convert_checkpoint.py"
+TINY = "kat_tiny_patch16_224"
+RATIONAL = ("weight_numerator", "weight_denominator")
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("convert_checkpoint_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+convert_script = _load_script()
+
+
+def _no_network(*args, **kwargs):
+    raise AssertionError(f"network access attempted: {args!r}")
+
+
+@pytest.fixture(autouse=True)
+def _offline_single_thread(monkeypatch, tmp_path):
+    """Offline huggingface_hub, no sockets, one intra-op thread (model builds are much faster on a busy 2-core
+    machine); all undone after each test."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    monkeypatch.setattr(socket.socket, "connect", _no_network)
+    monkeypatch.setattr(socket, "create_connection", _no_network)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _random_state_dict(seed: int, name: str = TINY, **kwargs):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = timm.create_model(name, **kwargs)
+        return OrderedDict((k, v.detach() + 0.01 * torch.randn_like(v)) for k, v in model.state_dict().items())
+
+
+@pytest.fixture(scope="module")
+def weights():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return {"model": _random_state_dict(2001), "ema": _random_state_dict(2002)}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _save_released(state_dict, path: Path) -> Path:
+    torch.save(OrderedDict((k, v.float()) for k, v in state_dict.items()), path)
+    return path
+
+
+def _assert_same_weights(model, expected):
+    actual = model.state_dict()
+    assert set(actual) == set(expected)
+    different = [k for k in actual if not torch.equal(actual[k], expected[k])]
+    assert not different, different[:5]
+
+
+def _convert(argv, capsys=None):
+    code = convert_script.main([str(a) for a in argv])
+    out = capsys.readouterr() if capsys is not None else None
+    return code, out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The command line, end to end
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_cli_converts_a_released_bin_and_timm_loads_it(tmp_path, weights):
+    source = _save_released(weights["model"], tmp_path / "pytorch_model.bin")
+    out = tmp_path / "kat_tiny_hub"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hf_cache"))
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), str(source), "--model", TINY, "-o", str(out)],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"-> {TINY}, 5,718,328 params, 1000 classes" in result.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors",
+                                                      "pytorch_model.bin"]
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] == TINY and config["num_classes"] == 1000 and config["num_features"] == 192
+    cfg = config["pretrained_cfg"]
+    assert cfg["interpolation"] == "bicubic" and cfg["crop_pct"] == 0.875 and cfg["crop_mode"] == "center"
+    assert cfg["input_size"] == [3, 224, 224]
+    assert cfg["first_conv"] == "patch_embed.proj" and cfg["classifier"] == "head"
+    assert cfg["mean"] == [0.485, 0.456, 0.406] and cfg["std"] == [0.229, 0.224, 0.225]
+
+    card = (out / "README.md").read_text()
+    assert "license: mit" in card and "library_name: timm" in card
+    assert "import kat_timm" in card and 'timm.create_model("hf-hub:adamdad/kat_tiny_patch16_224"' in card
+    assert "| **`kat_tiny_patch16_224`** | **from scratch** | **5.7M** | **74.6** |" in card
+    assert "| `kat_base_patch16_224.vitft` | ViT init | 86.6M | 82.8 |" in card
+
+    # Round trip through timm, both weight files: identical tensors and identical outputs.
+    reference = timm.create_model(TINY)
+    reference.load_state_dict(weights["model"])
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = reference.eval()(x)
+    for keep in ("model.safetensors", "pytorch_model.bin"):
+        model = timm.create_model(f"local-dir:{out}", pretrained=True)
+        _assert_same_weights(model, weights["model"])
+        with torch.no_grad():
+            assert torch.equal(model.eval()(x), expected)
+        (out / keep).unlink()  # then the other file is what timm reads
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Input layouts
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "layout, flags, expected",
+    [
+        ("state_dict", [], "model"),
+        ("model", [], "model"),
+        ("ddp", [], "model"),
+        ("compiled_ddp", [], "model"),
+        ("ema", [], "ema"),  # EMA weights when present, as timm's loaders
+        ("ema", ["--ema"], "ema"),
+        ("ema", ["--no-ema"], "model"),
+        ("safetensors", [], "model"),
+    ],
+)
+def test_training_checkpoint_layouts(tmp_path, capsys, weights, layout, flags, expected):
+    sd, ema = weights["model"], weights["ema"]
+    prefixed = OrderedDict(("module." + k, v) for k, v in sd.items())
+    path = tmp_path / ("weights.safetensors" if layout == "safetensors" else "checkpoint.pth.tar")
+    if layout == "safetensors":
+        import safetensors.torch
+
+        safetensors.torch.save_file(dict(sd), str(path))
+    else:
+        checkpoint = {
+            "state_dict": {"state_dict": sd, "epoch": 3, "args": argparse.Namespace(model=TINY, lr=1e-3)},
+            "model": {"model": sd, "optimizer": {"state": {}, "param_groups": []}, "epoch": 3},
+            "ddp": {"state_dict": prefixed, "epoch": 3},
+            "compiled_ddp": OrderedDict(("_orig_mod.module." + k, v) for k, v in sd.items()),
+            "ema": {"state_dict": prefixed, "state_dict_ema": ema, "epoch": 3},
+        }[layout]
+        torch.save(checkpoint, path)
+    out = tmp_path / "out"
+    code, captured = _convert([path, "-o", out, "--safe-serialization", "true", *flags], capsys)  # arch inferred
+    assert code == 0, captured.err
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    model = timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert type(model).__name__ == "KAT" and model.pretrained_cfg["architecture"] == TINY
+    _assert_same_weights(model, weights[expected])
+
+
+def test_vitft_tag_and_other_head(tmp_path, capsys, weights):
+    """--tag vitft: the card's marked row and the config's tag; a 10-class head gives a 10-class model."""
+    sd = OrderedDict(weights["model"])
+    sd["head.weight"], sd["head.bias"] = torch.randn(10, 192), torch.randn(10)
+    path = _save_released(sd, tmp_path / "finetuned.bin")
+    code, captured = _convert([path, "--model", "kat_tiny", "--tag", "vitft", "-o", tmp_path / "out"], capsys)
+    assert code == 0, captured.err
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architecture"] == "kat_tiny" and config["num_classes"] == 10
+    assert config["pretrained_cfg"]["tag"] == "vitft"
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "| **`kat_tiny_patch16_224.vitft`** | **ViT init** | **5.7M** | **75.7** |" in card
+    assert "Params:** 5.53M (5,527,258)" in card  # this checkpoint's own count (10-class head)
+    model = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True)
+    assert model.num_classes == 10
+    _assert_same_weights(model, sd)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _error(argv, capsys) -> str:
+    code, captured = _convert(argv, capsys)
+    assert code == 2, captured
+    assert captured.err.startswith("error: ")
+    return captured.err
+
+
+def test_error_missing_file(tmp_path, capsys):
+    assert "checkpoint not found" in _error([tmp_path / "nope.bin", "-o", tmp_path / "out"], capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_error_not_a_kat_checkpoint(tmp_path, capsys, weights):
+    vit = OrderedDict((k, v) for k, v in weights["model"].items() if not k.endswith(RATIONAL))
+    path = _save_released(vit, tmp_path / "vit.bin")
+    err = _error([path, "-o", tmp_path / "out"], capsys)
+    assert "not a KAT checkpoint" in err and "plain ViT" in err and "kat_from_vit" in err
+    torch.save({"epoch": 3, "optimizer": {}}, tmp_path / "no_weights.pth")
+    assert "no model weights found" in _error([tmp_path / "no_weights.pth", "-o", tmp_path / "out"], capsys)
+
+
+def test_error_unknown_and_ambiguous_architecture(tmp_path, capsys, weights):
+    odd = {
+        "patch_embed.proj.weight": torch.zeros(256, 3, 16, 16),
+        "blocks.0.mlp.act1.weight_numerator": torch.zeros(1, 6),
+    }
+    torch.save(odd, tmp_path / "odd.pth")
+    err = _error([tmp_path / "odd.pth", "-o", tmp_path / "out"], capsys)
+    assert "unknown architecture: embed dim 256" in err and "pass the model name" in err
+    shallow = OrderedDict((k, v) for k, v in weights["model"].items()
+                          if not (k.startswith("blocks.") and int(k.split(".")[1]) >= 6))
+    path = _save_released(shallow, tmp_path / "shallow.bin")
+    err = _error([path, "-o", tmp_path / "out"], capsys)
+    assert "ambiguous architecture" in err and "depth 6 != 12" in err
+    # An explicit --model that does not fit: the load error names keys and shapes.
+    err = _error([path, "--model", TINY, "-o", tmp_path / "out"], capsys)
+    assert "does not fit kat_tiny_patch16_224" in err and "blocks.6.norm1.weight" in err
+    assert "unknown model 'vit_tiny_patch16_224'" in _error(
+        [path, "--model", "vit_tiny_patch16_224", "-o", tmp_path / "out"], capsys)
+    err = _error([tmp_path / "odd.pth", "--model", TINY, "--tag", "in22k", "-o", tmp_path / "out"], capsys)
+    assert "Invalid pretrained tag (in22k)" in err
+
+
+def test_error_size_mismatch(tmp_path, capsys):
+    small = _random_state_dict(3, "kat_small_patch16_224", weight_init="skip")
+    path = _save_released(small, tmp_path / "small.bin")
+    err = _error([path, "--model", TINY, "-o", tmp_path / "out"], capsys)
+    assert "size mismatch for blocks.0.attn.qkv.weight" in err and "torch.Size([1152, 384])" in err
+
+
+def test_error_output_dir_not_empty_then_force(tmp_path, capsys, weights):
+    path = _save_released(weights["model"], tmp_path / "pytorch_model.bin")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    (out / "pytorch_model.bin").write_bytes(b"stale")
+    assert "output directory is not empty" in _error([path, "-o", out], capsys)
+    assert (out / "pytorch_model.bin").read_bytes() == b"stale"
+    code, captured = _convert([path, "-o", out, "--force", "--safe-serialization", "true"], capsys)
+    assert code == 0, captured.err
+    # The stale weights are gone (timm would otherwise find two), unrelated files are left alone.
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors", "notes.txt"]
+
+
+def test_error_ema_requested_but_absent(tmp_path, capsys, weights):
+    path = _save_released(weights["model"], tmp_path / "pytorch_model.bin")
+    assert "EMA weights requested" in _error([path, "--ema", "-o", tmp_path / "out"], capsys)
+
+
+def test_error_booby_trapped_pickle_never_runs(tmp_path, capsys, weights):
+    marker = tmp_path / "payload_ran"
+
+    class Trap:
+        def __reduce__(self):
+            return exec, (f"open({str(marker)!r}, 'w').write('payload ran')",)
+
+    trapped = OrderedDict(weights["model"])
+    trapped["blocks.0.mlp.act1.weight_numerator"] = Trap()
+    torch.save(trapped, tmp_path / "trap.bin")
+    err = _error([tmp_path / "trap.bin", "-o", tmp_path / "out"], capsys)
+    assert "refusing to load" in err and "builtins.exec" in err
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "garbage.bin").write_bytes(b"not a checkpoint")
+    assert "not a readable PyTorch checkpoint" in _error([tmp_path / "garbage.bin", "-o", tmp_path / "out"], capsys)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# kat_timm.hub helpers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _shape_only(embed_dim: int, depth: int = 12, tokens: int = 197):
+    sd = {"patch_embed.proj.weight": torch.empty(embed_dim, 3, 16, 16), "pos_embed": torch.empty(1, tokens, embed_dim)}
+    for i in range(depth):
+        sd[f"blocks.{i}.mlp.act1.weight_numerator"] = torch.empty(1, 6)
+    return sd
+
+
+@pytest.mark.parametrize("size, dim", [("tiny", 192), ("small", 384), ("base", 768)])
+def test_infer_architecture(size, dim):
+    assert hub.infer_architecture(_shape_only(dim)) == f"kat_{size}_patch16_224"
+
+
+def test_infer_architecture_rejects_other_grids():
+    with pytest.raises(hub.CheckpointError, match="pos_embed of 145 tokens"):
+        hub.infer_architecture(_shape_only(192, tokens=145))
+
+
+def test_param_count_formula_matches_the_models():
+    for name, dim in ((TINY, 192), ("kat_small_patch16_224", 384)):
+        model = timm.create_model(name, weight_init="skip")
+        assert hub.kat_num_params(dim) == sum(p.numel() for p in model.parameters())
+    assert hub.kat_num_params(192, num_classes=0) == sum(
+        p.numel() for p in timm.create_model(TINY, num_classes=0, weight_init="skip").parameters())
+
+
+def test_model_card_lists_all_released_results():
+    card = hub.model_card("kat_small_patch16_224", "vitft")
+    assert card.startswith("---\n") and "\nlicense: mit\n" in card and "- imagenet-1k" in card
+    rows = [line for line in card.splitlines() if line.startswith("| ") and "kat_" in line]
+    assert len(rows) == 6
+    assert rows[3] == "| **`kat_small_patch16_224.vitft`** | **ViT init** | **22.1M** | **82.0** |"  # this one
+    for row in rows[:3] + rows[4:]:
+        assert "**" not in row
+    assert rows[0] == "| `kat_tiny_patch16_224` | from scratch | 5.7M | 74.6 |"
+    plain = [row.replace("**", "") for row in rows]
+    for i, (size, (scratch, vitft)) in enumerate(kat_timm.models.RELEASED_TOP1.items()):
+        assert plain[2 * i].startswith(f"| `kat_{size}_patch16_224` | from scratch |")
+        assert plain[2 * i].endswith(f"| {scratch:.1f} |")
+        assert plain[2 * i + 1].startswith(f"| `kat_{size}_patch16_224.vitft` | ViT init |")
+        assert plain[2 * i + 1].endswith(f"| {vitft:.1f} |")
+    assert 'timm.create_model("kat_small_patch16_224.vitft", pretrained=True)' in card
+    assert "Reported ImageNet-1k top-1:** 82.0%" in card
+    gelu = hub.model_card("kat_tiny_gelu_patch16_224")
+    assert "Reported ImageNet-1k top-1" not in gelu and "**`" not in gelu
+    assert 'timm.create_model("hf-hub:OWNER/REPO", pretrained=True)' in gelu  # no registered weights to name
