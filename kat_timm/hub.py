@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
+import timm
 
 __all__ = [
     "CheckpointError",
@@ -234,30 +235,10 @@ def infer_architecture(state_dict: Mapping) -> str:
     return f"kat_{size}_patch16_224"
 
 
-def kat_num_params(
-    embed_dim: int,
-    depth: int = 12,
-    num_classes: int = 1000,
-    patch_size: int = 16,
-    img_size: int = 224,
-    mlp_ratio: int = 4,
-    num_groups: int = 8,
-    in_chans: int = 3,
-) -> int:
-    """Parameter count of a KAT (class token, learned position embedding, qkv bias, token pooling, linear head).
-
-    Matches ``sum(p.numel() for p in model.parameters())`` of the registered models without building them: the ViT
-    parameters plus, per block, two rationals of a shared numerator [1, 6] and per-group denominators [groups, 4].
-    """
-    d, h = embed_dim, embed_dim * mlp_ratio
-    tokens = 1 + (img_size // patch_size) ** 2
-    embed = in_chans * patch_size * patch_size * d + d + d + tokens * d  # patch proj (w, b), cls token, pos embed
-    attn = 3 * d * d + 3 * d + d * d + d
-    rationals = 2 * (6 + num_groups * 4)
-    mlp = d * h + h + h * d + d + rationals
-    block = 2 * d + attn + 2 * d + mlp  # norm1, attn, norm2, KAN
-    head = d * num_classes + num_classes if num_classes else 0
-    return embed + depth * block + 2 * d + head
+def kat_num_params(model_name: str, **kwargs) -> int:
+    """Parameter count of a registered model, built on the meta device (no memory, no initialisation cost)."""
+    model = timm.create_model(model_name, device="meta", **kwargs)
+    return sum(p.numel() for p in model.parameters())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -301,12 +282,11 @@ def model_card(
         source: a line on where the weights came from (file name, checksum, EMA or not).
     """
     from .models import RELEASED_TOP1
-    from .models.kat import SIZES
 
     size = _size_of(model_name)
     full_name = f"{model_name}.{tag}" if tag else model_name
     if num_params is None and size is not None:
-        num_params = kat_num_params(SIZES[size]["embed_dim"], SIZES[size]["depth"])
+        num_params = kat_num_params(f"kat_{size}_patch16_224")
     title = _SIZE_TITLES.get(size, "KAT")
     origin = "initialised from a pretrained (AugReg) ViT and fine-tuned" if tag == "vitft" else "trained from scratch"
     top1 = released_top1(model_name, tag)
@@ -315,7 +295,7 @@ def model_card(
 
     rows = []
     for row_size, (scratch, vitft) in RELEASED_TOP1.items():
-        params = kat_num_params(SIZES[row_size]["embed_dim"], SIZES[row_size]["depth"]) / 1e6
+        params = kat_num_params(f"kat_{row_size}_patch16_224") / 1e6
         for row_tag, row_top1 in (("", scratch), ("vitft", vitft)):
             name = f"kat_{row_size}_patch16_224"
             this = row_size == size and row_tag == tag and "gelu" not in model_name

@@ -318,12 +318,9 @@ def test_infer_architecture_rejects_other_grids():
         hub.infer_architecture(_shape_only(192, tokens=145))
 
 
-def test_param_count_formula_matches_the_models():
-    for name, dim in ((TINY, 192), ("kat_small_patch16_224", 384)):
-        model = timm.create_model(name, weight_init="skip")
-        assert hub.kat_num_params(dim) == sum(p.numel() for p in model.parameters())
-    assert hub.kat_num_params(192, num_classes=0) == sum(
-        p.numel() for p in timm.create_model(TINY, num_classes=0, weight_init="skip").parameters())
+def test_param_counts_of_the_card():
+    assert hub.kat_num_params("kat_tiny_patch16_224") == 5_718_328
+    assert hub.kat_num_params("kat_tiny_patch16_224", num_classes=0) == 5_718_328 - (192 * 1000 + 1000)
 
 
 def test_model_card_lists_all_released_results():
