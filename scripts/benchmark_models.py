@@ -1,0 +1,517 @@
+#!/usr/bin/env python
+"""Benchmark KAT-T/S/B against timm's ViT-T/S/B: images/s for inference and for a training step, and construction time.
+
+What is measured, for every requested size (tiny, small, base) and mode, on ``kat_{size}_patch16_224`` (this
+package, registered in timm by ``import kat_timm``) and ``vit_{size}_patch16_224`` (timm), in one run, with the same
+batch, input and precision:
+
+* modes:
+  - ``infer``: a forward of a batch, model in eval mode, under ``torch.inference_mode()``;
+  - ``train``: one training step, model in train mode: ``zero_grad(set_to_none=True)``, forward, cross-entropy
+    against random labels, backward, ``torch.optim.AdamW`` step (lr 1e-5, weight decay 0.05, PyTorch's default
+    implementation for the device; the same for both models).
+* precision: bf16 autocast (``torch.autocast("cuda", torch.bfloat16)``, fp32 weights) on CUDA; plain fp32 on CPU.
+  Inputs are ``torch.randn`` images of ``--img-size`` px (channels-last with ``--channels-last``, which also
+  converts the models), labels uniform over the 1000 classes.
+* timing, interleaved: after a warm-up of both models, every repetition times the ViT and then the KAT (ViT, KAT,
+  ViT, KAT, ...), so that a burst of machine noise hits both alike. Each sample loops enough calls to last at
+  least ``min_rep_s`` (calibrated in the warm-up). The table gives the median time per call of each model
+  (as images/s) and the median over repetitions of the per-repetition KAT/ViT time ratio, with its min-max range.
+  On CPU the clock is ``time.perf_counter``; on CUDA, CUDA events around the loop, followed by a synchronize
+  (so host-side overhead, e.g. Python dispatch of the custom op, counts when the GPU would otherwise wait for it).
+* ``--compile``: both models go through ``torch.compile`` (default inductor backend); the first call of each
+  mode (the compile) is timed on its own and reported on a separate line, not in the table. Dynamo's caches are
+  reset before every size.
+* construction: ``timm.create_model(name, img_size=...)`` on CPU with fresh (random) init, timed once per model
+  with ``time.perf_counter`` (then moved to the device, untimed). The first model of the run also pays one-time
+  costs (lazy imports, KAT's cached rational moments), so ``--sizes base`` alone is the cleanest reading of
+  KAT-B's construction.
+
+The result is a markdown table on stdout (``--json PATH`` also writes the raw numbers, every sample included),
+with a header giving device, threads, load, date and versions, followed by the targets, reported as PASS/FAIL and
+never asserted:
+
+* CPU (2 threads, batch 8, 224 px, fp32), inference: KAT/ViT time <= 1.10 for tiny and small (the authors' code
+  measured 1.30 and 2.02 on a 2-core machine);
+* construction of kat_base_patch16_224 on CPU < 5 s;
+* CUDA (H200, batch 128, bf16 autocast): KAT throughput >= 0.90x ViT's for training, >= 0.95x for inference.
+
+A target line measured under other conditions than its own (e.g. another batch or thread count) says so.
+
+Examples::
+
+    python scripts/benchmark_models.py                                   # everything, on CUDA when available
+    python scripts/benchmark_models.py --device cpu --threads 2          # the CPU targets' configuration
+    python scripts/benchmark_models.py --device cpu --threads 2 --sizes tiny small --modes infer --reps 15
+    python scripts/benchmark_models.py --device cuda --compile --json results.json
+    python scripts/benchmark_models.py --quick                           # a smoke run of a few seconds
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import timm
+import torch
+import torch.nn.functional as F
+
+import kat_timm  # noqa: F401  (registers the kat_* models in timm)
+from kat_timm.ops import BACKEND_ENV, select_backend
+
+SIZES = ("tiny", "small", "base")
+MODES = ("infer", "train")
+FAMILIES = ("vit", "kat")  # measured in this order within every repetition
+NUM_CLASSES = 1000
+LR, WEIGHT_DECAY = 1e-5, 0.05  # small lr: random labels, the weights should barely move during the benchmark
+
+CPU_TARGET = {"sizes": ("tiny", "small"), "mode": "infer", "max_time_ratio": 1.10,
+              "threads": 2, "batch": 8, "img_size": 224}
+CONSTRUCTION_TARGET = {"model": "kat_base_patch16_224", "max_s": 5.0}
+CUDA_TARGETS = {"train": 0.90, "infer": 0.95}  # KAT throughput >= N x ViT's
+CUDA_TARGET_CONDITIONS = {"device": "H200", "batch": 128, "img_size": 224}
+
+
+def model_name(family: str, size: str) -> str:
+    return f"{family}_{size}_patch16_224"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="See the module docstring (top of this file) for what is measured.")
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where to run (default: cuda when available)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="batch size (default: 8 on CPU, 128 on CUDA; --quick: 2)")
+    parser.add_argument("--sizes", nargs="+", choices=SIZES, default=None,
+                        help="model sizes (default: all of tiny small base; --quick: tiny)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                        help="what to measure (default: infer train)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads on CPU (default: leave PyTorch's setting)")
+    parser.add_argument("--img-size", type=int, default=224, help="input resolution in px (default: 224)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="channels-last input and models (torch.channels_last)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile both models (the compile time is reported apart)")
+    parser.add_argument("--reps", type=int, default=None,
+                        help="timed repetitions per model (interleaved), medians reported (default: 7 on CPU, "
+                             "10 on CUDA; --quick: 3)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: tiny only, batch 2, one warm-up call, 3 repetitions of one call")
+    parser.add_argument("--json", metavar="PATH", help="also write the raw results to this JSON file")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available")
+    if args.batch is None:
+        args.batch = 2 if args.quick else (128 if args.device == "cuda" else 8)
+    if args.sizes is None:
+        args.sizes = ["tiny"] if args.quick else list(SIZES)
+    args.sizes = [s for s in SIZES if s in args.sizes]  # canonical order, no duplicates
+    args.modes = [m for m in MODES if m in args.modes]
+    if args.reps is None:
+        args.reps = 3 if args.quick else (10 if args.device == "cuda" else 7)
+    for name in ("batch", "img_size", "reps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.img_size % 16:
+        parser.error("--img-size must be a multiple of the patch size, 16")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
+    return args
+
+
+# --------------------------------------------------------------------------------------------------- timing
+
+
+class Timer:
+    """Times a no-argument callable: ``calibrate`` (warm-up, returns the number of calls per sample) and ``sample``
+    (seconds per call over that many calls). CPU: ``time.perf_counter``; CUDA: events + synchronize."""
+
+    def __init__(self, device: str, quick: bool, compiled: bool):
+        self.cuda = device == "cuda"
+        if self.cuda:
+            self.warmup, self.min_rep_s = (2, 0.02) if quick else (5, 0.2)
+        else:
+            self.warmup, self.min_rep_s = (1, 0.0) if quick else (2, 0.25)
+        if compiled:  # the first call compiles; a couple more settle autotuning and caches
+            self.warmup += 2
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def first_call_s(self, fn: Callable[[], object]) -> float:
+        """Seconds of one call, synchronized (used for the compile time, the first call of a compiled model)."""
+        self._sync()
+        start = time.perf_counter()
+        fn()
+        self._sync()
+        return time.perf_counter() - start
+
+    def calibrate(self, fn: Callable[[], object]) -> int:
+        for _ in range(self.warmup):
+            fn()
+        seconds = self.sample(fn, 1)
+        return max(1, int(self.min_rep_s / max(seconds, 1e-9) + 0.999))
+
+    def sample(self, fn: Callable[[], object], calls: int) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            for _ in range(calls):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1e3 / calls
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - start) / calls
+
+
+# ------------------------------------------------------------------------------------------------- models
+
+
+def set_compile_cache_limit(limit: int = 64) -> None:
+    """Room for every (model, mode) graph: ViT and KAT share VisionTransformer's code objects, and a full cache
+    would silently fall back to eager. The option was renamed (cache_size_limit -> recompile_limit)."""
+    for option in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, option):
+            setattr(torch._dynamo.config, option, max(limit, getattr(torch._dynamo.config, option)))
+
+
+def construct(name: str, img_size: int) -> tuple:
+    """(model on CPU, seconds): ``timm.create_model`` with a fresh random init."""
+    start = time.perf_counter()
+    model = timm.create_model(name, pretrained=False, img_size=img_size, num_classes=NUM_CLASSES)
+    return model, time.perf_counter() - start
+
+
+def autocast(device: str):
+    if device == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()  # fp32 on CPU
+
+
+class Runner:
+    """One model ready to run one mode: ``step()`` is the timed unit (a forward, or a full training step)."""
+
+    def __init__(self, model: torch.nn.Module, mode: str, images: torch.Tensor, labels: torch.Tensor, device: str,
+                 compiled: bool):
+        self.model, self.mode, self.images, self.labels, self.device = model, mode, images, labels, device
+        self.callable = torch.compile(model) if compiled else model
+        if mode == "train":
+            model.train()
+            # foreach / fused left to PyTorch's default for the device: the same for ViT and KAT.
+            self.optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+        else:
+            model.eval()
+            self.optimizer = None
+
+    def step(self) -> None:
+        if self.mode == "infer":
+            with torch.inference_mode(), autocast(self.device):
+                self.callable(self.images)
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device):
+            loss = F.cross_entropy(self.callable(self.images), self.labels)
+        loss.backward()
+        self.optimizer.step()
+
+    def close(self) -> None:
+        self.optimizer = None
+        self.callable = None
+
+
+def measure_pair(models: Dict[str, torch.nn.Module], mode: str, args, timer: Timer) -> dict:
+    """Interleaved timing of ViT and KAT in one mode; returns the row of the table (milliseconds)."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=generator).to(args.device)
+    if args.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, NUM_CLASSES, (args.batch,), generator=generator).to(args.device)
+    runners = {f: Runner(models[f], mode, images, labels, args.device, args.compile) for f in FAMILIES}
+    row: dict = {"mode": mode}
+    try:
+        if args.compile:
+            row["compile_s"] = {f: timer.first_call_s(runners[f].step) for f in FAMILIES}
+        calls = {f: timer.calibrate(runners[f].step) for f in FAMILIES}
+        samples: Dict[str, List[float]] = {f: [] for f in FAMILIES}
+        for _ in range(args.reps):
+            for family in FAMILIES:  # ViT, KAT, ViT, KAT, ...
+                samples[family].append(timer.sample(runners[family].step, calls[family]))
+    finally:
+        for runner in runners.values():
+            runner.close()
+    ratios = [k / v for v, k in zip(samples["vit"], samples["kat"])]
+    row.update({
+        "calls_per_sample": calls,
+        "samples_ms": {f: [s * 1e3 for s in samples[f]] for f in FAMILIES},
+        "median_ms": {f: statistics.median(samples[f]) * 1e3 for f in FAMILIES},
+        "images_per_s": {f: args.batch / statistics.median(samples[f]) for f in FAMILIES},
+        "time_ratios": ratios,
+        "time_ratio": statistics.median(ratios),
+        "time_ratio_range": [min(ratios), max(ratios)],
+        "throughput_ratio": statistics.median([1.0 / r for r in ratios]),
+    })
+    return row
+
+
+def run_size(size: str, args, timer: Timer) -> tuple:
+    """Construct ViT and KAT of one size (timed), then measure every mode. Returns (construction rows, rows)."""
+    construction, models = [], {}
+    for family in FAMILIES:
+        name = model_name(family, size)
+        print(f"constructing {name} ...", file=sys.stderr, flush=True)
+        model, seconds = construct(name, args.img_size)
+        construction.append({"size": size, "family": family, "model": name, "seconds": seconds,
+                             "params_m": sum(p.numel() for p in model.parameters()) / 1e6})
+        model = model.to(args.device)
+        if args.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        models[family] = model
+    if args.compile:
+        torch._dynamo.reset()
+    rows = []
+    for mode in args.modes:
+        print(f"measuring {size} {mode} ...", file=sys.stderr, flush=True)
+        row = {"size": size}
+        try:
+            row.update(measure_pair(models, mode, args, timer))
+        except Exception as error:  # report and go on: one failing case shouldn't lose the whole run
+            row.setdefault("mode", mode)
+            message = str(error).splitlines()[0] if str(error) else ""
+            row["error"] = f"{type(error).__name__}: {message}"
+            print(f"warning: {size} {mode} failed: {row['error']}", file=sys.stderr)
+        rows.append(row)
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    del models
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    return construction, rows
+
+
+# -------------------------------------------------------------------------------------------------- report
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def load_average() -> Optional[float]:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def rational_backend(device: str) -> str:
+    """The backend kat_timm's rationals take for this run's activations (fp32 on CPU, bf16 under autocast on CUDA)."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    try:
+        return select_backend(torch.empty(1, 8, device=device, dtype=dtype))
+    except Exception as error:  # a forced, unusable backend: the measurement will fail and say so
+        return f"unavailable ({type(error).__name__})"
+
+
+def precision(device: str) -> str:
+    return "bf16 autocast (fp32 weights)" if device == "cuda" else "fp32"
+
+
+def header(args) -> List[str]:
+    lines = ["## KAT vs ViT model benchmark", ""]
+    if args.device == "cuda":
+        lines.append(f"- device: {device_name('cuda')}")
+        lines.append(f"- timing: CUDA events + synchronize, {args.reps} interleaved repetitions (ViT, KAT, ...), "
+                     "medians")
+    else:
+        load = lambda v: "unknown" if v is None else f"{v:.2f}"  # noqa: E731
+        lines.append(f"- device: CPU, {device_name('cpu')}, {threads_text(torch.get_num_threads())}")
+        lines.append(f"- load average (1 min): {load(args.load_at_start)} at start, {load(args.load_at_end)} at end, "
+                     f"on {os.cpu_count()} CPUs (other busy processes slow multi-threaded runs down a lot)")
+        lines.append(f"- timing: time.perf_counter, {args.reps} interleaved repetitions (ViT, KAT, ...), medians")
+    lines += [
+        f"- date: {args.date}",
+        f"- torch {torch.__version__}, timm {timm.__version__}, kat_timm {kat_timm.__version__}, "
+        f"triton {package_version('triton')}, python {platform.python_version()}",
+        f"- batch {args.batch}, {args.img_size} px, {precision(args.device)}"
+        + (", channels-last" if args.channels_last else "") + (", torch.compile" if args.compile else ", eager")
+        + f"; KAT rationals: {os.environ.get(BACKEND_ENV, 'auto')} -> {rational_backend(args.device)} backend",
+        "- infer: eval forward under inference_mode; train: zero_grad + forward + cross-entropy + backward + AdamW "
+        "step, train mode; ratio: median over repetitions of KAT time / ViT time (range: min-max)",
+        "",
+    ]
+    return lines
+
+
+def table(rows: List[dict]) -> List[str]:
+    columns = ["size", "mode", "ViT img/s", "KAT img/s", "KAT/ViT time", "KAT/ViT throughput", "time ratio range",
+               "ViT ms", "KAT ms"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        cells = [row["size"], row["mode"]]
+        if "error" in row:
+            cells += [f"failed: {row['error'][:80]}"] + [""] * (len(columns) - 3)
+        else:
+            lo, hi = row["time_ratio_range"]
+            cells += [f"{row['images_per_s']['vit']:.1f}", f"{row['images_per_s']['kat']:.1f}",
+                      f"{row['time_ratio']:.3f}", f"{row['throughput_ratio']:.3f}", f"{lo:.2f}-{hi:.2f}",
+                      f"{row['median_ms']['vit']:.1f}", f"{row['median_ms']['kat']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def construction_lines(construction: List[dict]) -> List[str]:
+    if not construction:
+        return []
+    parts = [f"{c['model']} {c['seconds']:.2f} s ({c['params_m']:.1f} M params)" for c in construction]
+    return ["- construction (timm.create_model on CPU, fresh init): " + "; ".join(parts)]
+
+
+def compile_lines(rows: List[dict]) -> List[str]:
+    lines = []
+    for row in rows:
+        if "compile_s" in row:
+            c = row["compile_s"]
+            lines.append(f"- torch.compile, first call of {row['size']} {row['mode']}: ViT {c['vit']:.1f} s, "
+                         f"KAT {c['kat']:.1f} s; not in the timings")
+    return lines
+
+
+def threads_text(count: int) -> str:
+    return f"{count} thread" + ("" if count == 1 else "s")
+
+
+def verdict(passed: bool) -> str:
+    return "PASS" if passed else "FAIL"
+
+
+def target_lines(args, rows: List[dict], construction: List[dict]) -> List[str]:
+    """The issue's targets as PASS/FAIL lines (reported, never asserted)."""
+    ok = {(r["size"], r["mode"]): r for r in rows if "error" not in r}
+    lines = []
+    if args.device == "cpu":
+        t = CPU_TARGET
+        differs = []
+        if torch.get_num_threads() != t["threads"]:
+            differs.append(threads_text(torch.get_num_threads()))
+        if args.batch != t["batch"]:
+            differs.append(f"batch {args.batch}")
+        if args.img_size != t["img_size"]:
+            differs.append(f"{args.img_size} px")
+        if args.channels_last or args.compile:
+            differs.append("channels-last" if args.channels_last else "torch.compile")
+        note = (f" [measured with {', '.join(differs)}; the target is for {t['threads']} threads, batch "
+                f"{t['batch']}, {t['img_size']} px, eager]") if differs else ""
+        for size in t["sizes"]:
+            row = ok.get((size, t["mode"]))
+            if row is None:
+                lines.append(f"- CPU target, {size} inference: not evaluated (needs --sizes {size} --modes infer)")
+                continue
+            ratio = row["time_ratio"]
+            lines.append(f"- CPU target, {size} inference: KAT/ViT time {ratio:.3f} (target <= "
+                         f"{t['max_time_ratio']:.2f}): {verdict(ratio <= t['max_time_ratio'])}{note}")
+    else:
+        c = CUDA_TARGET_CONDITIONS
+        differs = []
+        if c["device"] not in device_name("cuda"):
+            differs.append(device_name("cuda"))
+        if args.batch != c["batch"]:
+            differs.append(f"batch {args.batch}")
+        if args.img_size != c["img_size"]:
+            differs.append(f"{args.img_size} px")
+        note = (f" [measured with {', '.join(differs)}; the target is for an {c['device']}, batch {c['batch']}, "
+                f"{c['img_size']} px, bf16 autocast]") if differs else ""
+        for size in args.sizes:
+            for mode, target in CUDA_TARGETS.items():
+                row = ok.get((size, mode))
+                if row is None:
+                    continue
+                ratio = row["throughput_ratio"]
+                lines.append(f"- CUDA target, {size} {'training' if mode == 'train' else 'inference'}: KAT throughput "
+                             f"{ratio:.3f}x ViT's (target >= {target:.2f}x): {verdict(ratio >= target)}{note}")
+    built = {c["model"]: c for c in construction}
+    name, limit = CONSTRUCTION_TARGET["model"], CONSTRUCTION_TARGET["max_s"]
+    if name in built:
+        seconds = built[name]["seconds"]
+        lines.append(f"- construction target, {name} on CPU ({threads_text(torch.get_num_threads())}): {seconds:.2f} s "
+                     f"(target < {limit:g} s): {verdict(seconds < limit)}")
+    else:
+        lines.append(f"- construction target, {name}: not evaluated (needs --sizes base)")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads is not None and args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    if args.compile:
+        set_compile_cache_limit()
+    args.load_at_start = load_average()
+    args.date = datetime.datetime.now().isoformat(timespec="minutes")
+    timer = Timer(args.device, args.quick, args.compile)
+
+    started = time.perf_counter()
+    construction, rows = [], []
+    for size in args.sizes:
+        built, measured = run_size(size, args, timer)
+        construction += built
+        rows += measured
+    elapsed = time.perf_counter() - started
+    args.load_at_end = load_average()
+
+    lines = header(args) + table(rows) + [""]
+    lines += construction_lines(construction) + compile_lines(rows) + target_lines(args, rows, construction)
+    lines.append(f"- measured in {elapsed:.0f} s")
+    print("\n".join(lines))
+
+    if args.json:
+        meta = {"device": device_name(args.device), "device_type": args.device, "threads": torch.get_num_threads(),
+                "load_at_start": args.load_at_start, "load_at_end": args.load_at_end, "date": args.date,
+                "torch": torch.__version__, "timm": timm.__version__, "kat_timm": kat_timm.__version__,
+                "triton": package_version("triton"), "python": platform.python_version(),
+                "batch": args.batch, "img_size": args.img_size, "precision": precision(args.device),
+                "channels_last": args.channels_last, "compile": args.compile, "reps": args.reps,
+                "quick": args.quick, "sizes": args.sizes, "modes": args.modes,
+                "backend_env": os.environ.get(BACKEND_ENV, "auto"), "rational_backend": rational_backend(args.device),
+                "elapsed_s": elapsed}
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump({"meta": meta, "construction": construction, "results": rows,
+                       "targets": target_lines(args, rows, construction)}, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Smoke test of scripts/benchmark_models.py: a --quick CPU run prints the KAT-vs-ViT table and writes the JSON."""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_models.py"
+
+
+def test_benchmark_models_quick_cpu(tmp_path):
+    out_json = tmp_path / "results.json"
+    started = time.perf_counter()
+    # One thread: the test machine may be busy, and OpenMP barriers under contention make a multi-threaded run slow.
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--device", "cpu", "--threads", "1", "--json", str(out_json)],
+        capture_output=True, text=True, timeout=120,
+    )
+    elapsed = time.perf_counter() - started
+    assert result.returncode == 0, result.stderr
+    assert elapsed < 60, f"--quick took {elapsed:.0f} s"
+
+    lines = result.stdout.splitlines()
+    assert "| size | mode | ViT img/s | KAT img/s | KAT/ViT time | KAT/ViT throughput |" in result.stdout
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line for line in lines if line.startswith("| tiny |")}
+    assert set(rows) == {("tiny", "infer"), ("tiny", "train")}, rows
+    for line in rows.values():
+        assert "failed" not in line, line
+        vit_ips, kat_ips, time_ratio, throughput_ratio = (float(c) for c in line.split("|")[3:7])
+        assert vit_ips > 0 and kat_ips > 0 and time_ratio > 0 and throughput_ratio > 0, line
+    assert "- construction (timm.create_model on CPU, fresh init): vit_tiny_patch16_224" in result.stdout
+    assert "- CPU target, tiny inference: KAT/ViT time" in result.stdout
+
+    data = json.loads(out_json.read_text())
+    assert data["meta"]["quick"] and data["meta"]["batch"] == 2 and data["meta"]["threads"] == 1
+    assert [(r["size"], r["mode"]) for r in data["results"]] == [("tiny", "infer"), ("tiny", "train")]
+    for row in data["results"]:
+        assert "error" not in row, row
+        assert len(row["samples_ms"]["vit"]) == len(row["samples_ms"]["kat"]) == data["meta"]["reps"]
+        assert row["time_ratio"] > 0 and row["images_per_s"]["kat"] > 0
+    assert {c["model"] for c in data["construction"]} == {"vit_tiny_patch16_224", "kat_tiny_patch16_224"}
+    assert all(c["seconds"] > 0 for c in data["construction"])
