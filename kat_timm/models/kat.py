@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional, Set
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import VisionTransformer, build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import VisionTransformer, build_model_with_cfg, clean_state_dict, generate_default_cfgs, register_model
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
 from ..layers import KAN
@@ -38,19 +38,23 @@ RELEASED_TOP1 = {"tiny": (74.6, 75.7), "small": (81.2, 82.0), "base": (82.3, 82.
 def _orthogonal_like_factors(dim: int, alpha: float, beta: float, batch: int, rank: Optional[int], device, dtype):
     """Factors (L, R) with L @ R ~= A = alpha Z + beta I, Z uniform with variance 1 / dim, per batch entry.
 
-    L = U sqrt(S) and R = sqrt(S) V^T from the SVD of A; with ``rank``, only the top-``rank`` singular triplets
-    (a randomised SVD: building a KAT-B needs 144 of them and a full SVD of each would take half a minute).
+    L = U sqrt(S) and R = sqrt(S) V^T from the SVD A = U S V^T. With ``rank``, only the top-``rank`` singular
+    triplets, by a randomised SVD (a KAT-B needs 144 of them: exact SVDs took half a minute on 2 cores). The full
+    factorisation goes through the symmetric eigenproblem A^T A = V S^2 V^T, about twice as fast as an SVD:
+    R = S^(1/2) V^T and L = A V S^(-1/2) (= U S^(1/2)).
     """
     bound = math.sqrt(3.0 / dim)
     a = torch.empty(batch, dim, dim, device=device, dtype=torch.float32).uniform_(-bound, bound).mul_(alpha)
     a.diagonal(dim1=-2, dim2=-1).add_(beta)
     if rank is None:
-        u, s, vh = torch.linalg.svd(a)
-        v = vh.transpose(-2, -1)
+        eigenvalues, v = torch.linalg.eigh(a.transpose(-2, -1) @ a)
+        root = eigenvalues.clamp_min(1e-12).pow(0.25).unsqueeze(-2)  # sqrt of the singular values
+        left = (a @ v) / root
     else:
-        u, s, v = torch.svd_lowrank(a, q=rank, niter=2)
-    root = s.sqrt().unsqueeze(-2)
-    return (u * root).to(dtype), (v * root).transpose(-2, -1).to(dtype)
+        u, s, v = torch.svd_lowrank(a, q=rank, niter=1)
+        root = s.sqrt().unsqueeze(-2)
+        left = u * root
+    return left.to(dtype), (v * root).transpose(-2, -1).to(dtype)
 
 
 @torch.no_grad()
@@ -119,11 +123,34 @@ class KAT(VisionTransformer):
 
     def init_weights(self, mode: str = "", needs_reset: bool = True) -> None:
         """timm's ViT init (which calls each KAN block's variance-preserving ``init_weights``), then mimetic
-        attention when ``attn_init == "mimetic"``."""
-        super().init_weights(mode, needs_reset)
+        attention when ``attn_init == "mimetic"``, then timm's ``fix_init`` rescaling when enabled.
+
+        timm's ``"reset"`` mode (what ``weight_init="skip"`` leaves for a later ``init_weights()``, e.g. after
+        ``to_empty``) only calls ``reset_parameters()``, which KAN doesn't have: its blocks are initialised
+        explicitly so that they always get the variance-preserving init.
+        """
+        # fix_init rescales attn.proj, which the mimetic init below overwrites: apply it last, once.
+        fix_init, self.fix_init = self.fix_init, False
+        try:
+            super().init_weights(mode, needs_reset)
+        finally:
+            self.fix_init = fix_init
+        if (mode or self.weight_init_mode) == "reset":
+            for module in self.modules():
+                if isinstance(module, KAN):
+                    module.init_weights()
         if self.attn_init == "mimetic":
-            for block in self.blocks:
-                mimetic_attention_init_(block.attn)
+            # One LAPACK thread: its multi-threaded SVD is slower here even on an idle 2-core machine, and a
+            # busy one made building KAT-B take minutes instead of seconds.
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                for block in self.blocks:
+                    mimetic_attention_init_(block.attn)
+            finally:
+                torch.set_num_threads(threads)
+        if self.fix_init:
+            self.fix_init_weight()
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
@@ -144,14 +171,26 @@ def _complete_vit_state_dict(module, state_dict, prefix, *args) -> None:
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: KAT, **kwargs) -> Dict[str, torch.Tensor]:
-    """Adapt a KAT checkpoint to ``model``: unwrap training checkpoints, drop a DDP ``module.`` prefix, then
-    timm's ViT filter (resamples position and patch embeddings for another img_size or patch size)."""
+    """Adapt a KAT checkpoint to ``model``: unwrap training checkpoints (EMA weights first, as timm does for
+    files), drop ``module.`` / ``_orig_mod.`` prefixes, then timm's ViT filter (resamples position and patch
+    embeddings for another img_size or patch size).
+
+    Raises:
+        RuntimeError: some, but not all, rational coefficients are missing. (timm loads non-strictly when the
+            head is replaced, which would silently keep their init; none at all is a ViT, completed by a hook.)
+    """
     for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
         if isinstance(state_dict.get(key), dict):
             state_dict = state_dict[key]
             break
-    if state_dict and all(k.startswith("module.") for k in state_dict):
-        state_dict = {k[len("module.") :]: v for k, v in state_dict.items()}
+    state_dict = clean_state_dict(state_dict)
+    rational = [k for k in model.state_dict() if k.endswith(RATIONAL_PARAMETERS)]
+    missing = [k for k in rational if k not in state_dict]
+    if missing and len(missing) < len(rational):
+        raise RuntimeError(
+            f"KAT checkpoint is missing {len(missing)} of {len(rational)} rational coefficient tensors: "
+            f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"
+        )
     return vit_checkpoint_filter_fn(state_dict, model, **kwargs)
 
 

@@ -288,7 +288,7 @@ def test_missing_rational_keys_are_an_error(tmp_path, kat_tiny_weights, ckpt):
     del weights["blocks.3.mlp.act2.weight_denominator"]
     del weights["blocks.11.mlp.act1.weight_numerator"]
     path = ckpt.save_released(weights, tmp_path / "incomplete.pth")
-    with pytest.raises(RuntimeError, match="Missing key") as info:
+    with pytest.raises(RuntimeError, match="missing 2 of 48 rational") as info:
         timm.create_model(TINY, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
     assert "blocks.3.mlp.act2.weight_denominator" in str(info.value)
     assert "blocks.11.mlp.act1.weight_numerator" in str(info.value)
@@ -305,12 +305,9 @@ def test_plain_vit_checkpoint_gets_function_preserving_rationals(tmp_path, kat_t
     assert_weights_equal(model, vit_state_dict_to_kat(vit, num_groups=8))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="timm loads non-strictly when num_classes differs from the checkpoint's, so missing rational "
-    "coefficients are silently left at their init; kat.checkpoint_filter_fn does not check for them yet",
-)
 def test_missing_rational_keys_with_new_head_are_an_error(tmp_path, kat_tiny_weights, ckpt):
+    """timm loads non-strictly when num_classes differs from the checkpoint's: the filter must catch missing
+    rational coefficients itself instead of leaving them silently at their init."""
     weights = OrderedDict(kat_tiny_weights["scratch"])
     del weights["blocks.3.mlp.act2.weight_denominator"]
     path = ckpt.save_released(weights, tmp_path / "incomplete.pth")
