@@ -105,6 +105,11 @@ class KAN(nn.Module):
             if linear.bias is not None:
                 nn.init.zeros_(linear.bias)
 
+    def reset_parameters(self) -> None:
+        """The same init as ``init_weights``, for code that re-initialises through ``reset_parameters`` (timm's
+        ``"reset"`` mode, e.g. after ``to_empty``): it runs after the children's own resets and overrides them."""
+        self.init_weights()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(x)
         x = self.drop1(x)

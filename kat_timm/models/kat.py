@@ -123,11 +123,8 @@ class KAT(VisionTransformer):
 
     def init_weights(self, mode: str = "", needs_reset: bool = True) -> None:
         """timm's ViT init (which calls each KAN block's variance-preserving ``init_weights``), then mimetic
-        attention when ``attn_init == "mimetic"``, then timm's ``fix_init`` rescaling when enabled.
-
-        timm's ``"reset"`` mode (what ``weight_init="skip"`` leaves for a later ``init_weights()``, e.g. after
-        ``to_empty``) only calls ``reset_parameters()``, which KAN doesn't have: its blocks are initialised
-        explicitly so that they always get the variance-preserving init.
+        attention when ``attn_init == "mimetic"``, then timm's ``fix_init`` rescaling when enabled. (timm's
+        ``"reset"`` mode calls ``reset_parameters()``, which for a KAN block is the same variance-preserving init.)
         """
         # fix_init rescales attn.proj, which the mimetic init below overwrites: apply it last, once.
         fix_init, self.fix_init = self.fix_init, False
@@ -135,10 +132,6 @@ class KAT(VisionTransformer):
             super().init_weights(mode, needs_reset)
         finally:
             self.fix_init = fix_init
-        if (mode or self.weight_init_mode) == "reset":
-            for module in self.modules():
-                if isinstance(module, KAN):
-                    module.init_weights()
         if self.attn_init == "mimetic":
             # One LAPACK thread: its multi-threaded SVD is slower here even on an idle 2-core machine, and a
             # busy one made building KAT-B take minutes instead of seconds.

@@ -1,0 +1,225 @@
+#!/usr/bin/env python
+"""Run timm's own model test suite (``tests/test_models.py``) on the KAT models.
+
+timm does not ship its tests in the wheel, so this script fetches the source distribution of the *installed* timm
+version from PyPI (``pip download --no-binary :all: --no-deps timm==<version>``; the only network access, PyPI
+only; pip may also fetch timm's build backend from PyPI to read the sdist's metadata), unpacks it into a cache
+directory (reused on later runs, so they work offline) and runs its ``tests/test_models.py`` with pytest, in this
+process, with ``TORCH_BACKEND=kat_timm`` (test_models.py imports that module, which registers the KAT models).
+
+Only the tests parametrised with a KAT model name are run; every other test of the file is deselected.
+
+KAT is a ViT, and timm's suite treats ViT-like models as "non-standard" through the ``NON_STD_FILTERS`` list
+(``vit_*``, ``deit*``, ...: they skip the CNN-only default-cfg / features_only checks and run
+``test_model_default_cfgs_non_std`` instead), and runs the ``forward_intermediates`` tests for the modules named
+in ``FEAT_INTER_FILTERS`` (``vision_transformer``, ...). Those lists are fixed when the file is imported, so by
+default the script runs a copy of the file, ``tests/test_models_kat.py``, that appends ``'kat*'`` to
+``NON_STD_FILTERS`` and ``'kat'`` (the module of the KAT entry points) to ``FEAT_INTER_FILTERS`` - the treatment
+timm gives its own ViTs - and is otherwise unchanged. ``--as-is`` runs the unmodified ``test_models.py`` instead
+(there KAT counts as a standard CNN-like model, so the CNN-only checks are expected to fail).
+
+The tests that load pretrained weights (``test_model_load_pretrained``, ``test_model_features_pretrained``) need
+the Hugging Face Hub and are deselected unless ``--with-pretrained`` is given.
+
+Usage::
+
+    python scripts/run_timm_model_tests.py                          # every kat* model
+    python scripts/run_timm_model_tests.py --models 'kat_tiny*'     # the tiny ones only (cheapest)
+    python scripts/run_timm_model_tests.py --dir /tmp/timm-sdist -- -x -k backward   # extra args go to pytest
+    python scripts/run_timm_model_tests.py --as-is                  # the unmodified file
+
+Arguments the script doesn't know (or everything after ``--``) are passed on to pytest. Exit status: pytest's.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import fnmatch
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from importlib.metadata import version as package_version
+from pathlib import Path
+from typing import Dict, List, Sequence, Set, Tuple
+
+BACKEND_MODULE = "kat_timm"
+PRETRAINED_TESTS = ("test_model_load_pretrained", "test_model_features_pretrained")
+PATCH_ANCHOR = "NUM_NON_STD = len(NON_STD_FILTERS)"
+PATCH_LINES = (
+    "# kat_timm: treat KAT like timm's own ViTs (non-standard model, forward_intermediates support)\n"
+    "NON_STD_FILTERS.append('kat*')\n"
+    "FEAT_INTER_FILTERS.append('kat')\n"
+)
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "kat_timm" / "timm-sdist"
+
+
+def fetch_sdist(timm_version: str, cache_dir: Path) -> Path:
+    """The unpacked sdist of timm ``timm_version`` under ``cache_dir`` (downloaded and unpacked when missing)."""
+    root = cache_dir / f"timm-{timm_version}"
+    if (root / "tests" / "test_models.py").is_file():
+        return root
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    archive = cache_dir / f"timm-{timm_version}.tar.gz"
+    if not archive.is_file():
+        print(f"[run_timm_model_tests] downloading the timm {timm_version} sdist from PyPI into {cache_dir}")
+        command = [
+            sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+            f"timm=={timm_version}", "-d", str(cache_dir),
+        ]
+        result = subprocess.run(command)
+        if result.returncode != 0 or not archive.is_file():
+            raise SystemExit(
+                f"could not download the timm {timm_version} sdist (command: {' '.join(command)}); this needs "
+                f"network access to PyPI, or put timm-{timm_version}.tar.gz into {cache_dir} by hand"
+            )
+    print(f"[run_timm_model_tests] unpacking {archive}")
+    with tarfile.open(archive) as tar:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(cache_dir, filter="data")
+        else:  # Python < 3.10.12 / 3.11.4: check the member paths ourselves
+            for member in tar.getmembers():
+                target = (cache_dir / member.name).resolve()
+                if cache_dir.resolve() not in target.parents or member.issym() or member.islnk():
+                    raise SystemExit(f"refusing to unpack suspicious member {member.name!r} of {archive}")
+            tar.extractall(cache_dir)
+    if not (root / "tests" / "test_models.py").is_file():
+        raise SystemExit(f"{archive} has no tests/test_models.py (expected at {root / 'tests'})")
+    return root
+
+
+def prepare_test_file(root: Path, as_is: bool) -> Path:
+    """tests/test_models.py, or (default) the copy with KAT added to timm's ViT filter lists."""
+    original = root / "tests" / "test_models.py"
+    if as_is:
+        return original
+    text = original.read_text()
+    if text.count(PATCH_ANCHOR) != 1 or "FEAT_INTER_FILTERS = [" not in text:
+        raise SystemExit(
+            f"{original} has no single {PATCH_ANCHOR!r} line / FEAT_INTER_FILTERS list: this timm version's test "
+            "file differs from the one this script knows; run with --as-is"
+        )
+    patched = root / "tests" / "test_models_kat.py"
+    patched_text = text.replace(PATCH_ANCHOR, PATCH_LINES + PATCH_ANCHOR)
+    if not patched.is_file() or patched.read_text() != patched_text:
+        patched.write_text(patched_text)
+    return patched
+
+
+def test_name(nodeid: str) -> str:
+    return nodeid.split("::")[-1].split("[")[0]
+
+
+class KatSelection:
+    """pytest plugin: keeps the tests parametrised with a selected model name and tallies their outcomes."""
+
+    def __init__(self, models: Set[str], with_pretrained: bool):
+        self.models = models
+        self.with_pretrained = with_pretrained
+        self.outcomes: Dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        self.skips: Dict[Tuple[str, str], List[str]] = collections.defaultdict(list)
+        self.failed: List[str] = []
+
+    def _selected(self, item) -> bool:
+        callspec = getattr(item, "callspec", None)
+        name = callspec.params.get("model_name") if callspec is not None else None
+        if not isinstance(name, str) or name.split(".")[0] not in self.models:
+            return False
+        return self.with_pretrained or test_name(item.nodeid) not in PRETRAINED_TESTS
+
+    def pytest_collection_modifyitems(self, config, items):
+        keep, drop = [], []
+        for item in items:
+            (keep if self._selected(item) else drop).append(item)
+        if drop:
+            config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+    def pytest_runtest_logreport(self, report):
+        name = test_name(report.nodeid)
+        if report.when == "call" or (report.when == "setup" and not report.passed):
+            if report.skipped:
+                reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+                self.outcomes[name]["skipped"] += 1
+                self.skips[(name, reason)].append(report.nodeid.split("[")[-1].rstrip("]"))
+            elif report.failed:
+                self.outcomes[name]["failed" if report.when == "call" else "error"] += 1
+                self.failed.append(report.nodeid)
+            else:
+                self.outcomes[name]["passed"] += 1
+        elif report.when == "teardown" and report.failed:
+            self.outcomes[name]["error"] += 1
+            self.failed.append(report.nodeid)
+
+    def summary(self, timm_version: str, test_file: Path, seconds: float) -> str:
+        lines = [f"", f"timm {timm_version} {test_file.name} on {len(self.models)} KAT model(s), {seconds:.0f} s"]
+        totals = collections.Counter()
+        width = max([len(n) for n in self.outcomes] + [10])
+        for name in sorted(self.outcomes):
+            counts = self.outcomes[name]
+            totals.update(counts)
+            lines.append(f"  {name:<{width}}  " + "  ".join(f"{k} {counts[k]}" for k in sorted(counts)))
+        lines.append(f"  {'TOTAL':<{width}}  " + "  ".join(f"{k} {totals[k]}" for k in sorted(totals)))
+        for (name, reason), ids in sorted(self.skips.items()):
+            lines.append(f"  skipped {name} x{len(ids)}: {reason}")
+        for nodeid in self.failed:
+            lines.append(f"  FAILED {nodeid}")
+        return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog="Other arguments are passed on to pytest.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
+    )
+    parser.add_argument("--dir", type=Path, default=default_cache_dir(),
+                        help="cache directory for the timm sdist (default: %(default)s)")
+    parser.add_argument("--models", nargs="+", default=["kat*"], metavar="GLOB",
+                        help="KAT model names or patterns to test (default: kat*)")
+    parser.add_argument("--as-is", action="store_true",
+                        help="run the unmodified test_models.py (KAT is not in timm's ViT filter lists there)")
+    parser.add_argument("--with-pretrained", action="store_true",
+                        help="also run the tests that download pretrained weights from the Hugging Face Hub")
+    args, pytest_args = parser.parse_known_args(argv)
+    pytest_args = [a for a in pytest_args if a != "--"]
+
+    timm_version = package_version("timm")
+    root = fetch_sdist(timm_version, args.dir.expanduser())
+    test_file = prepare_test_file(root, args.as_is)
+
+    # test_models.py imports $TORCH_BACKEND at import time: set it before pytest collects the file.
+    os.environ["TORCH_BACKEND"] = BACKEND_MODULE
+    import pytest
+    import timm
+
+    __import__(BACKEND_MODULE)
+    models = {m for pattern in args.models for m in timm.list_models(pattern) if fnmatch.fnmatch(m, "kat*")}
+    if not models:
+        raise SystemExit(f"no KAT model matches {args.models}; known: {timm.list_models('kat*')}")
+
+    plugin = KatSelection(models, args.with_pretrained)
+    command = [
+        str(test_file),
+        # importlib: pytest must not put the sdist root (which holds an uninstalled copy of timm) on sys.path
+        "--import-mode=importlib",
+        "-p", "no:cacheprovider",
+        "-W", "ignore::pytest.PytestUnknownMarkWarning",  # @pytest.mark.timeout without pytest-timeout
+        "-W", "ignore::pytest.PytestAssertRewriteWarning",  # plugins timm imported before pytest started
+        "-rfEs",
+        *pytest_args,
+    ]
+    print(f"[run_timm_model_tests] TORCH_BACKEND={BACKEND_MODULE} pytest {' '.join(command)}")
+    print(f"[run_timm_model_tests] models: {', '.join(sorted(models))}")
+    start = time.perf_counter()
+    code = pytest.main(command, plugins=[plugin])
+    print(plugin.summary(timm_version, test_file, time.perf_counter() - start))
+    return int(code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
