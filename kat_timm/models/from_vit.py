@@ -30,7 +30,9 @@ def _rational_entries(prefix: str, num_groups: int, dtype=torch.float32) -> Dict
     return entries
 
 
-def vit_state_dict_to_kat(state_dict: Mapping[str, torch.Tensor], num_groups: int = 8, prefix: str = "") -> Dict[str, torch.Tensor]:
+def vit_state_dict_to_kat(
+    state_dict: Mapping[str, torch.Tensor], num_groups: int = 8, prefix: str = ""
+) -> Dict[str, torch.Tensor]:
     """A ViT state dict with the rational coefficients of a function-preserving KAT added (act1 identity, act2
     GELU fit) for every block that has an ``mlp.fc1`` and no rationals yet. Other keys are passed through."""
     out = dict(state_dict)

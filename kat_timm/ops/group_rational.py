@@ -39,7 +39,9 @@ def _from_mgl(t3: torch.Tensor, x: torch.Tensor, cdim: int, moved: bool) -> torc
 
 
 @torch.library.custom_op("kat_timm::group_rational", mutates_args=())
-def _group_rational_op(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, channel_dim: int) -> torch.Tensor:
+def _group_rational_op(
+    x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, channel_dim: int
+) -> torch.Tensor:
     cdim = channel_dim % x.dim()
     moved = channels_moved_last(x, cdim)
     if x.numel() == 0:

@@ -67,7 +67,9 @@ def _group_rational_forward_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     col_mask = cols < K
-    a0, a1, a2, a3, a4, a5, b1, b2, b3, b4 = _load_group_coefficients(num_ptr, den_ptr, cols, col_mask, L, num_row_stride)
+    a0, a1, a2, a3, a4, a5, b1, b2, b3, b4 = _load_group_coefficients(
+        num_ptr, den_ptr, cols, col_mask, L, num_row_stride
+    )
     offsets = rows[:, None].to(tl.int64) * K + cols[None, :]
     mask = (rows < M)[:, None] & col_mask[None, :]
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -98,7 +100,9 @@ def _group_rational_backward_kernel(
     pid_k = tl.program_id(1)
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     col_mask = cols < K
-    a0, a1, a2, a3, a4, a5, b1, b2, b3, b4 = _load_group_coefficients(num_ptr, den_ptr, cols, col_mask, L, num_row_stride)
+    a0, a1, a2, a3, a4, a5, b1, b2, b3, b4 = _load_group_coefficients(
+        num_ptr, den_ptr, cols, col_mask, L, num_row_stride
+    )
     a0, a1, a2, a3, a4, a5 = a0[None, :], a1[None, :], a2[None, :], a3[None, :], a4[None, :], a5[None, :]
     b1, b2, b3, b4 = b1[None, :], b2[None, :], b3[None, :], b4[None, :]
 

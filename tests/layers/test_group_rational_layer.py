@@ -24,7 +24,9 @@ TARGETS = {
     "leaky_relu": lambda x: torch.nn.functional.leaky_relu(x, 0.01),
 }
 # The bounds the table promises on [-3, 3] (relu and leaky_relu can't do much better than ~3e-2: the kink).
-MAX_ERROR = {"identity": 0.0, "swish": 1e-4, "tanh": 1e-4, "sigmoid": 1e-4, "gelu": 5e-3, "relu": 5e-2, "leaky_relu": 5e-2}
+MAX_ERROR = {
+    "identity": 0.0, "swish": 1e-4, "tanh": 1e-4, "sigmoid": 1e-4, "gelu": 5e-3, "relu": 5e-2, "leaky_relu": 5e-2
+}
 
 
 def evaluate(name: str, x: torch.Tensor) -> torch.Tensor:
