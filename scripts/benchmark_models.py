@@ -52,20 +52,20 @@ import argparse
 import contextlib
 import datetime
 import gc
-import importlib.metadata
 import json
 import os
 import platform
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import timm
 import torch
 import torch.nn.functional as F
 
 import kat_timm  # noqa: F401  (registers the kat_* models in timm)
+from kat_timm.benchmark import device_name, load_average, package_version
 from kat_timm.ops import BACKEND_ENV, select_backend
 
 SIZES = ("tiny", "small", "base")
@@ -310,28 +310,10 @@ def run_size(size: str, args, timer: Timer) -> tuple:
 # -------------------------------------------------------------------------------------------------- report
 
 
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
-def package_version(name: str) -> str:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
 
 
-def load_average() -> Optional[float]:
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
 def rational_backend(device: str) -> str:

@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import importlib.metadata
 import json
 import os
 import platform
@@ -57,6 +56,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from kat_timm.benchmark import device_name, package_version
 from kat_timm.ops import BACKEND_ENV, group_rational, group_rational_autograd, select_backend
 
 TOKENS = 197  # 14 x 14 patches + the class token, at 224 px
@@ -259,24 +259,8 @@ def run_case(shape, dtype, providers, device, bench) -> List[dict]:
 # -------------------------------------------------------------------------------------------------- report
 
 
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
-def triton_version() -> str:
-    try:
-        return importlib.metadata.version("triton")
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def header(args, copy_gbps: Optional[float]) -> List[str]:
@@ -292,7 +276,7 @@ def header(args, copy_gbps: Optional[float]) -> List[str]:
         lines.append(f"- timing: time.perf_counter, median of {args.reps} repetitions")
     lines += [
         f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}",
-        f"- torch {torch.__version__}, triton {triton_version()}, python {platform.python_version()}",
+        f"- torch {torch.__version__}, triton {package_version('triton')}, python {platform.python_version()}",
         f"- shapes: ({args.batch}, {TOKENS}, C), {GROUPS} groups; C = "
         + ", ".join(f"{c} ({WIDTHS.get(c, 'custom')})" for c in args.shapes),
         "- fwd: forward under no_grad; bwd: backward alone (dense upstream gradient, grads of x and the "
@@ -392,7 +376,7 @@ def main(argv=None) -> int:
         meta = {"device": device_name(args.device), "device_type": args.device, "threads": torch.get_num_threads(),
                 "load_at_start": args.load_at_start,
                 "date": datetime.datetime.now().isoformat(timespec="minutes"), "torch": torch.__version__,
-                "triton": triton_version(), "batch": args.batch, "reps": args.reps, "quick": args.quick,
+                "triton": package_version("triton"), "batch": args.batch, "reps": args.reps, "quick": args.quick,
                 "backend_env": os.environ.get(BACKEND_ENV, "auto"), "copy_gbps": copy_gbps,
                 "elapsed_s": elapsed}
         with open(args.json, "w", encoding="utf-8") as handle:

@@ -157,7 +157,7 @@ class KatSelection:
             self.failed.append(report.nodeid)
 
     def summary(self, timm_version: str, test_file: Path, seconds: float) -> str:
-        lines = [f"", f"timm {timm_version} {test_file.name} on {len(self.models)} KAT model(s), {seconds:.0f} s"]
+        lines = ["", f"timm {timm_version} {test_file.name} on {len(self.models)} KAT model(s), {seconds:.0f} s"]
         totals = collections.Counter()
         width = max([len(n) for n in self.outcomes] + [10])
         for name in sorted(self.outcomes):

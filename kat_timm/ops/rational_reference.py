@@ -14,7 +14,7 @@ exactly; with sign(0) = 0 its denominator could never move).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 

@@ -4,7 +4,7 @@ import timm
 import torch
 
 import kat_timm
-from kat_timm.layers import GroupRational, rational_init
+from kat_timm.layers import rational_init
 from kat_timm.models import KAT, kat_from_vit
 from tests.helpers import relative_error
 
