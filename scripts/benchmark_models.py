@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 
 import kat_timm  # noqa: F401  (registers the kat_* models in timm)
-from kat_timm.benchmark import device_name, load_average, package_version
+from kat_timm.benchmark import benchmark_parser, check_benchmark_args, device_name, load_average, package_version
 from kat_timm.ops import BACKEND_ENV, select_backend
 
 SIZES = ("tiny", "small", "base")
@@ -86,34 +86,24 @@ def model_name(family: str, size: str) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="See the module docstring (top of this file) for what is measured.")
-    parser.add_argument("--device", choices=("cpu", "cuda"),
-                        default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where to run (default: cuda when available)")
-    parser.add_argument("--batch", type=int, default=None,
-                        help="batch size (default: 8 on CPU, 128 on CUDA; --quick: 2)")
+    parser = benchmark_parser(
+        __doc__,
+        batch_help="batch size (default: 8 on CPU, 128 on CUDA; --quick: 2)",
+        reps_help="timed repetitions per model (interleaved), medians reported (default: 7 on CPU, 10 on CUDA; "
+                  "--quick: 3)",
+        quick_help="smoke run: tiny only, batch 2, one warm-up call, 3 repetitions of one call",
+    )
     parser.add_argument("--sizes", nargs="+", choices=SIZES, default=None,
                         help="model sizes (default: all of tiny small base; --quick: tiny)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
                         help="what to measure (default: infer train)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads on CPU (default: leave PyTorch's setting)")
     parser.add_argument("--img-size", type=int, default=224, help="input resolution in px (default: 224)")
     parser.add_argument("--channels-last", action="store_true",
                         help="channels-last input and models (torch.channels_last)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile both models (the compile time is reported apart)")
-    parser.add_argument("--reps", type=int, default=None,
-                        help="timed repetitions per model (interleaved), medians reported (default: 7 on CPU, "
-                             "10 on CUDA; --quick: 3)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: tiny only, batch 2, one warm-up call, 3 repetitions of one call")
-    parser.add_argument("--json", metavar="PATH", help="also write the raw results to this JSON file")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available")
+    check_benchmark_args(parser, args)
     if args.batch is None:
         args.batch = 2 if args.quick else (128 if args.device == "cuda" else 8)
     if args.sizes is None:
@@ -122,13 +112,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.modes = [m for m in MODES if m in args.modes]
     if args.reps is None:
         args.reps = 3 if args.quick else (10 if args.device == "cuda" else 7)
-    for name in ("batch", "img_size", "reps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.img_size % 16:
-        parser.error("--img-size must be a multiple of the patch size, 16")
-    if args.threads is not None and args.threads < 1:
-        parser.error("--threads must be >= 1")
+    if args.img_size < 1 or args.img_size % 16:
+        parser.error("--img-size must be a positive multiple of the patch size, 16")
     return args
 
 

@@ -56,7 +56,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from kat_timm.benchmark import device_name, package_version
+from kat_timm.benchmark import benchmark_parser, check_benchmark_args, device_name, package_version
 from kat_timm.ops import BACKEND_ENV, group_rational, group_rational_autograd, select_backend
 
 TOKENS = 197  # 14 x 14 patches + the class token, at 224 px
@@ -71,30 +71,20 @@ CUDA_TARGETS = {"fwd": 85.0, "bwd": 80.0}  # ours >= N % of copy bandwidth
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="See the module docstring (top of this file) for what is measured.")
-    parser.add_argument("--device", choices=("cpu", "cuda"),
-                        default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where to run (default: cuda when available)")
-    parser.add_argument("--batch", type=int, default=None,
-                        help="batch size (default: 8 on CPU, 128 on CUDA; --quick: 1 on CPU, 8 on CUDA)")
+    parser = benchmark_parser(
+        __doc__,
+        batch_help="batch size (default: 8 on CPU, 128 on CUDA; --quick: 1 on CPU, 8 on CUDA)",
+        reps_help="CPU: timed repetitions per measurement, median reported (default 7, --quick 3)",
+        quick_help="smoke run: small batch, few repetitions, no torch.compile",
+    )
     parser.add_argument("--shapes", type=int, nargs="+", metavar="C", default=sorted(WIDTHS),
                         help=f"channel widths C of the (batch, {TOKENS}, C) shapes (default: {sorted(WIDTHS)})")
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["float32"],
                         help="dtypes to measure (default: float32)")
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=None,
                         help=f"what to measure (default: all of {', '.join(PROVIDERS)}; --quick drops compiled)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads on CPU (default: leave PyTorch's setting)")
-    parser.add_argument("--reps", type=int, default=None,
-                        help="CPU: timed repetitions per measurement, median reported (default 7, --quick 3)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: small batch, few repetitions, no torch.compile")
-    parser.add_argument("--json", metavar="PATH", help="also write the raw results to this JSON file")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available")
+    check_benchmark_args(parser, args)
     if any(c <= 0 or c % GROUPS for c in args.shapes):
         parser.error(f"--shapes: every width must be a positive multiple of {GROUPS}")
     if args.batch is None:
