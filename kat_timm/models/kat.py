@@ -17,9 +17,10 @@ from typing import Any, Dict, Optional, Set
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import VisionTransformer, build_model_with_cfg, clean_state_dict, generate_default_cfgs, register_model
+from timm.models import VisionTransformer, build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
+from ..hub import unwrap_state_dict
 from ..layers import KAN
 from .from_vit import set_rationals_for_vit_mlp_, vit_state_dict_to_kat
 
@@ -165,18 +166,14 @@ def _complete_vit_state_dict(module, state_dict, prefix, *args) -> None:
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: KAT, **kwargs) -> Dict[str, torch.Tensor]:
     """Adapt a KAT checkpoint to ``model``: unwrap training checkpoints (EMA weights first, as timm does for
-    files), drop ``module.`` / ``_orig_mod.`` prefixes, then timm's ViT filter (resamples position and patch
-    embeddings for another img_size or patch size).
+    files) and drop ``module.`` / ``_orig_mod.`` prefixes (``kat_timm.hub.unwrap_state_dict``), then apply timm's
+    ViT filter (resamples position and patch embeddings for another img_size or patch size).
 
     Raises:
         RuntimeError: some, but not all, rational coefficients are missing. (timm loads non-strictly when the
             head is replaced, which would silently keep their init; none at all is a ViT, completed by a hook.)
     """
-    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
-        if isinstance(state_dict.get(key), dict):
-            state_dict = state_dict[key]
-            break
-    state_dict = clean_state_dict(state_dict)
+    state_dict, _ = unwrap_state_dict(state_dict)  # the same unwrapping as scripts/convert_checkpoint.py
     rational = [k for k in model.state_dict() if k.endswith(RATIONAL_PARAMETERS)]
     missing = [k for k in rational if k not in state_dict]
     if missing and len(missing) < len(rational):
