@@ -1,0 +1,80 @@
+"""The ``kat-timm`` command: one entry point, one module per subcommand.
+
+    kat-timm demo | info | predict | plot | download | export | train | validate  [ARGS...]
+
+Each subcommand lives in ``kat_timm/cli/<name>.py`` and exposes ``main(argv, prog) -> int``; only the module of the
+subcommand that runs is imported, so ``kat-timm info`` does not pay for matplotlib or onnx. ``kat-train`` and
+``kat-validate`` are the ``train`` and ``validate`` subcommands under their own names.
+
+A subcommand reports bad input by raising :class:`CLIError`; ``run_main`` prints it as one line,
+``<prog>: error: <message>``, and exits with its code (2 for usage errors, as argparse does; 1 otherwise).
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Callable, List, Optional
+
+__all__ = ["CLIError", "SUBCOMMANDS", "main", "run_main"]
+
+# name -> one-line summary, in the order ``kat-timm --help`` lists them.
+SUBCOMMANDS = {
+    "demo": "build KAT-T, check the op against the reference, classify the bundled images, time KAT vs ViT",
+    "info": "the op's backend on this machine, versions, the registered models with parameters and top-1",
+    "predict": "top-5 ImageNet labels for images",
+    "plot": "draw every block's learned rational activations (act1, act2) to a PNG",
+    "download": "fetch released weights into the Hugging Face cache for offline machines",
+    "export": "export a KAT to ONNX (plain ops, no custom domain)",
+    "train": "train or fine-tune a timm model on an ImageFolder (same as kat-train)",
+    "validate": "top-1/top-5/loss on an ImageFolder split (same as kat-validate)",
+}
+
+
+class CLIError(Exception):
+    """Bad input a command line can fix: printed as ``<prog>: error: <message>`` with exit code ``code``."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+def run_main(func: Callable[[], int], prog: str) -> int:
+    """Run ``func`` and turn a :class:`CLIError` into a one-line message on stderr and its exit code."""
+    try:
+        return int(func() or 0)
+    except CLIError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return error.code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _usage() -> str:
+    width = max(map(len, SUBCOMMANDS))
+    lines = [f"  {name:<{width}}  {summary}" for name, summary in SUBCOMMANDS.items()]
+    return ("usage: kat-timm COMMAND [ARGS...]\n\nThe Kolmogorov-Arnold Transformer for timm.\n\ncommands:\n"
+            + "\n".join(lines) + "\n\n'kat-timm COMMAND --help' describes a command's arguments.")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``kat-timm``: dispatch ``argv[0]`` to ``kat_timm.cli.<argv[0]>.main``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from kat_timm import __version__
+
+        print(f"kat-timm {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"kat-timm: error: unknown command {name!r}; choose from {', '.join(SUBCOMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"kat_timm.cli.{name}")
+    return module.main(rest, prog=f"kat-timm {name}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""What several subcommands share: the model arguments and building a model from them with clear errors."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from . import CLIError
+
+__all__ = ["add_model_arguments", "create_model", "load_weights"]
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, default_model: str = "kat_tiny") -> None:
+    """--model, --pretrained, --checkpoint, --use-ema, --num-classes (what ``create_model`` takes)."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=default_model,
+                       help=f"a timm model name, with an optional .tag (default: {default_model})")
+    group.add_argument("--pretrained", action="store_true",
+                       help="load the released weights (from the Hugging Face Hub or its local cache)")
+    group.add_argument("--checkpoint", metavar="FILE", type=Path,
+                       help="load weights from this file (.pth/.pth.tar/.bin/.safetensors; a training checkpoint "
+                            "or a bare state dict)")
+    group.add_argument("--use-ema", action="store_true",
+                       help="with --checkpoint: take its EMA weights (an error when it has none)")
+    group.add_argument("--num-classes", type=int, default=None,
+                       help="classifier size (default: the checkpoint's, else the model's)")
+
+
+def _is_registered(name: str) -> bool:
+    import timm
+
+    base = name.split(".", 1)[0]
+    return base in timm.list_models(base)
+
+
+def create_model(name: str, pretrained: bool = False, checkpoint: Optional[Path] = None, use_ema: bool = False,
+                 num_classes: Optional[int] = None, **kwargs: Any) -> torch.nn.Module:
+    """``timm.create_model`` with the KAT models registered, turning the usual failures into ``CLIError``.
+
+    Unknown names, released weights that cannot be fetched (offline, no cache), unreadable checkpoints and
+    checkpoints made for another architecture each get one message saying what was wrong and what to do.
+    ``num_classes`` defaults to the checkpoint's classifier size when a checkpoint is given.
+    """
+    import timm
+
+    import kat_timm  # noqa: F401  (registers the kat_* models)
+
+    if not _is_registered(name):
+        close = timm.list_models(f"*{name.split('.', 1)[0].split('_')[0]}*")[:8]
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise CLIError(f"unknown model {name!r}{hint}; 'kat-timm info' lists the KAT models", code=2)
+    if pretrained and checkpoint is not None:
+        raise CLIError("give --pretrained or --checkpoint, not both", code=2)
+    if use_ema and checkpoint is None:
+        raise CLIError("--use-ema needs --checkpoint", code=2)
+
+    state_dict = None
+    if checkpoint is not None:
+        state_dict = _read_state_dict(checkpoint, use_ema)
+        if num_classes is None and "head.weight" in state_dict:
+            num_classes = int(state_dict["head.weight"].shape[0])
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except Exception as error:
+        if not pretrained:
+            raise
+        raise CLIError(_pretrained_failure(name, error)) from error
+    if state_dict is not None:
+        load_weights(model, state_dict, name, str(checkpoint))
+    return model
+
+
+def _read_state_dict(path: Path, use_ema: bool) -> dict:
+    from kat_timm.hub import CheckpointError, load_checkpoint, unwrap_state_dict
+
+    try:
+        state_dict, _ = unwrap_state_dict(load_checkpoint(path), use_ema=True if use_ema else None)
+    except FileNotFoundError as error:
+        raise CLIError(str(error)) from error
+    except CheckpointError as error:
+        raise CLIError(f"{path}: {error}" if str(path) not in str(error) else str(error)) from error
+    return state_dict
+
+
+def load_weights(model: torch.nn.Module, state_dict: dict, model_name: str, source: str) -> None:
+    """``model.load_state_dict(state_dict)`` (strict); a mismatch names the architecture the weights are for."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as error:
+        from kat_timm.hub import CheckpointError, infer_architecture
+
+        try:
+            hint = f"; the weights look like {infer_architecture(state_dict)}, pass --model accordingly"
+        except CheckpointError as why:
+            hint = f" ({why})"
+        first = str(error).strip().splitlines()
+        detail = "; ".join(line.strip() for line in first[1:4]) or first[0]
+        raise CLIError(f"{source} does not fit {model_name}: {detail}{hint}") from error
+
+
+def _pretrained_failure(name: str, error: Exception) -> str:
+    text = f"{type(error).__name__}: {error}".splitlines()[0]
+    offline = any(word in text for word in ("offline", "LocalEntryNotFound", "connect", "Connection", "resolve"))
+    advice = (" Run 'kat-timm download " + name + "' on a machine with internet access (sharing the Hugging Face "
+              "cache, or copy it), or pass --checkpoint FILE.") if offline else ""
+    return f"could not load the released weights of {name}: {text}.{advice}"
