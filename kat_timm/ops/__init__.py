@@ -3,9 +3,11 @@
 - ``group_rational``: the op (custom ``torch.library`` ops, all backends);
 - ``group_rational_reference``: the float64 reference tests and benchmarks compare against;
 - ``group_rational_autograd``: the same formula with plain differentiable PyTorch ops (TorchScript);
-- ``select_backend`` / ``native_cpu_status`` / ``triton_status``: which implementation runs, and why.
+- ``select_backend`` / ``native_cpu_status`` / ``triton_status``: which implementation runs, and why;
+- ``register_flop_formulas``: the op's FLOP counts for ``torch.utils.flop_counter`` (done at import).
 """
 from .backend import BACKEND_ENV, BACKENDS, requested_backend, select_backend, triton_status
+from .flops import register_flop_formulas  # importing registers them with torch.utils.flop_counter
 from .group_rational import group_rational
 from .rational_cpu import native_cpu_status
 from .rational_reference import group_rational_reference
@@ -18,6 +20,7 @@ __all__ = [
     "group_rational_autograd",
     "group_rational_reference",
     "native_cpu_status",
+    "register_flop_formulas",
     "requested_backend",
     "select_backend",
     "triton_status",
