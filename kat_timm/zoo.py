@@ -1,0 +1,248 @@
+"""The model zoo: every registered KAT model and pretrained tag, its size, cost, accuracy and where its weights are.
+
+Read from timm's registry (``timm.list_models("kat*")``, ``timm.list_pretrained``, the pretrained cfgs), so what is
+listed is what ``timm.create_model`` accepts. Parameters are counted on the meta device and FLOPs measured with
+``torch.utils.flop_counter.FlopCounterMode`` on meta tensors (the rational op counted through its registered
+formula, see ``kat_timm.ops.flops``): nothing is allocated and no weights are downloaded, so the whole zoo is cheap.
+
+Names that are another name under a second spelling (``kat_tiny`` and ``kat_tiny_swish_patch16_224`` load the same
+weights as ``kat_tiny_patch16_224``) are rows with ``alias_of`` set; ``canonical_rows`` drops them for the table.
+
+Used by ``kat-timm info`` and ``scripts/model_zoo.py`` (the README table).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+import timm
+from timm.models import get_pretrained_cfg, split_model_name_tag
+
+from .hub import kat_num_params, released_top1
+
+__all__ = [
+    "FlopCount",
+    "WEIGHT_FILES",
+    "ZooRow",
+    "canonical_rows",
+    "checkpoint_cached",
+    "markdown_table",
+    "model_flops",
+    "zoo_rows",
+]
+
+# The weight files timm's Hub loading looks for, in its order: safetensors first, then the pickled state dict (the
+# released repos hold only pytorch_model.bin).
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+# How each released tag was trained (KAT_NOTES: "from ViT" runs start from AugReg ViT ImageNet-21k checkpoints).
+_TRAINING = {"": "from scratch, IN-1k", "vitft": "from AugReg ViT (IN-21k), IN-1k"}
+
+
+@dataclasses.dataclass(frozen=True)
+class FlopCount:
+    """FLOPs of one forward (or training step), batch 1, as counted by ``FlopCounterMode`` (2 FLOPs per MAC).
+
+    Attributes:
+        total: every counted FLOP (matmuls, convolutions, attention, the rational op).
+        rational: the part spent in the rational op (``kat_timm::group_rational`` and its backward).
+    """
+
+    total: int
+    rational: int
+
+    @property
+    def macs(self) -> float:
+        """total / 2: the "FLOPs" of the KAT and DeiT papers and of timm's tables, which count multiply-adds."""
+        return self.total / 2
+
+
+@dataclasses.dataclass(frozen=True)
+class ZooRow:
+    """One registered model name with one pretrained tag (or without weights).
+
+    Attributes:
+        model: the registered architecture name, e.g. ``kat_tiny_patch16_224``.
+        tag: the pretrained tag (``""`` for the default one), or None when the model has no released weights.
+        params: parameter count (1000 classes).
+        hf_hub_id: the Hugging Face repo of the weights, or None.
+        top1: ImageNet-1k top-1 (%) reported with the weights, or None.
+        alias_of: for a second name of a released model (short names, the explicit ``_swish_`` names), the full
+            ``model.tag`` name it loads the same weights as; None for the canonical names.
+        flops: FLOPs of one 224 px forward, batch 1, when asked for (``zoo_rows(flops=True)``).
+    """
+
+    model: str
+    tag: Optional[str]
+    params: int
+    hf_hub_id: Optional[str] = None
+    top1: Optional[float] = None
+    alias_of: Optional[str] = None
+    flops: Optional[FlopCount] = None
+
+    @property
+    def name(self) -> str:
+        """``model.tag`` as ``timm.create_model`` takes it (just ``model`` for the default tag or no weights)."""
+        return f"{self.model}.{self.tag}" if self.tag else self.model
+
+    @property
+    def has_weights(self) -> bool:
+        return self.tag is not None
+
+    @property
+    def training(self) -> str:
+        """How the weights were trained, or why there are none."""
+        if not self.has_weights:
+            return "no released weights (init variant)"
+        return _TRAINING.get(self.tag, f"tag {self.tag!r}")
+
+    @property
+    def load(self) -> str:
+        """The Python that creates this model (with its weights, when it has some)."""
+        if not self.has_weights:
+            return f'timm.create_model("{self.name}")'
+        return f'timm.create_model("{self.name}", pretrained=True)'
+
+    def as_dict(self) -> dict:
+        """A JSON-ready dict of every field, plus ``name``, ``training`` and ``load``."""
+        out = dataclasses.asdict(self)
+        if self.flops is not None:
+            out["flops"] = {"total": self.flops.total, "rational": self.flops.rational, "macs": self.flops.macs}
+        out.update(name=self.name, training=self.training, load=self.load)
+        return out
+
+
+def _pretrained_tags(model: str) -> List[str]:
+    """Tags of the weights registered for ``model`` ("" = default), in timm's listing order."""
+    # list_pretrained("kat_tiny") lists "kat_tiny" and its tagged names "kat_tiny.vitft"; the check keeps a pattern
+    # character in a name from pulling in other models.
+    split = [split_model_name_tag(name) for name in timm.list_pretrained(model)]
+    return list(dict.fromkeys(tag for name, tag in split if name == model))
+
+
+def _alias_target(model: str, tag: str, hf_hub_id: Optional[str]) -> Optional[str]:
+    """The canonical ``model.tag`` whose weights ``model.tag`` loads, when it is a second name for them.
+
+    The released repos are named after their canonical model and tag (``adamdad/kat_tiny_patch16_224.vitft``), so a
+    name whose repo is named otherwise is an alias of the name the repo carries.
+    """
+    if not hf_hub_id:
+        return None
+    repo_name = hf_hub_id.split("/", 1)[-1]
+    return None if repo_name == (f"{model}.{tag}" if tag else model) else repo_name
+
+
+def model_flops(model_name: str, img_size: int = 224, batch_size: int = 1, backward: bool = False) -> FlopCount:
+    """FLOPs of ``model_name`` on a ``batch_size`` x 3 x ``img_size`` x ``img_size`` input, counted on meta tensors.
+
+    Args:
+        model_name: a registered timm model (KAT or not, e.g. ``vit_tiny_patch16_224`` for comparison).
+        img_size: input resolution.
+        batch_size: images per forward.
+        backward: count a training step (forward + backward of the summed logits) instead of a forward.
+
+    Returns:
+        The total count and the rational op's part (0 for models without it).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    kwargs = {"img_size": img_size} if img_size != 224 else {}
+    model = timm.create_model(model_name, device="meta", **kwargs)
+    x = torch.empty(batch_size, 3, img_size, img_size, device="meta")
+    with torch.set_grad_enabled(backward), FlopCounterMode(display=False) as counter:
+        out = model(x)
+        if backward:
+            out.sum().backward()
+    counts = counter.get_flop_counts()["Global"]
+    rational_ops = (torch.ops.kat_timm.group_rational, torch.ops.kat_timm.group_rational_backward)
+    return FlopCount(total=counter.get_total_flops(), rational=sum(counts.get(op, 0) for op in rational_ops))
+
+
+def checkpoint_cached(hf_hub_id: str) -> bool:
+    """Whether the weights of ``hf_hub_id`` are in the local Hugging Face cache (no network access).
+
+    True when any of ``WEIGHT_FILES`` is cached for the repo's ``main`` revision, which is what an offline
+    ``timm.create_model(..., pretrained=True)`` needs.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(isinstance(try_to_load_from_cache(hf_hub_id, filename), str) for filename in WEIGHT_FILES)
+
+
+def zoo_rows(pattern: str = "kat*", flops: bool = False) -> List[ZooRow]:
+    """One row per registered model and pretrained tag, one tag-less row per model without weights; smallest model
+    first, released weights before init variants, then by name.
+
+    Args:
+        pattern: a ``timm.list_models`` filter.
+        flops: also measure each architecture's forward FLOPs (224 px, batch 1; a fraction of a second each).
+    """
+    measured: Dict[str, Tuple[int, Optional[FlopCount]]] = {}
+
+    def measure(model: str) -> Tuple[int, Optional[FlopCount]]:
+        if model not in measured:
+            measured[model] = (kat_num_params(model), model_flops(model) if flops else None)
+        return measured[model]
+
+    rows: List[ZooRow] = []
+    for model in timm.list_models(pattern):
+        tags = _pretrained_tags(model)
+        if not tags:
+            params, count = measure(model)
+            rows.append(ZooRow(model=model, tag=None, params=params, flops=count))
+        for tag in tags:
+            hf_hub_id = get_pretrained_cfg(f"{model}.{tag}" if tag else model).hf_hub_id
+            alias_of = _alias_target(model, tag, hf_hub_id)
+            # A second name loads the same weights, hence is the same architecture: measure the canonical one once.
+            target = split_model_name_tag(alias_of)[0] if alias_of else model
+            params, count = measure(target if timm.is_model(target) else model)
+            rows.append(ZooRow(model=model, tag=tag, params=params, hf_hub_id=hf_hub_id,
+                               top1=released_top1(model, tag), alias_of=alias_of, flops=count))
+    return sorted(rows, key=lambda r: (r.params, not r.has_weights, r.model, r.tag or ""))
+
+
+def canonical_rows(rows: Iterable[ZooRow]) -> Tuple[List[ZooRow], Dict[str, List[str]]]:
+    """Split ``rows`` into the rows to show and the aliases: ``(rows without alias_of, {canonical: [aliases]})``."""
+    shown, aliases = [], {}
+    for row in rows:
+        if row.alias_of is None:
+            shown.append(row)
+        else:
+            aliases.setdefault(row.alias_of, []).append(row.name)
+    return shown, aliases
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.2f} M"
+
+
+def markdown_table(rows: Iterable[ZooRow]) -> str:
+    """The README's model table: the canonical rows in ``rows``' order, aliases in a note below.
+
+    Rows measured with FLOPs get GMACs and GFLOPs columns (batch 1, 224 x 224).
+    """
+    shown, aliases = canonical_rows(rows)
+    with_flops = all(row.flops is not None for row in shown)
+    header = ["Model", "Tag", "Trained", "Params"]
+    if with_flops:
+        header += ["GMACs", "GFLOPs", "rational op FLOPs"]
+    header += ["Top-1 (IN-1k)", "Hub id", "Load"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for row in shown:
+        cells = [f"`{row.model}`", f"`{row.tag}`" if row.tag else ("(default)" if row.has_weights else "-"),
+                 row.training, _millions(row.params)]
+        if with_flops:
+            cells += [f"{row.flops.macs / 1e9:.2f}", f"{row.flops.total / 1e9:.2f}",
+                      f"{row.flops.rational / 1e6:.1f} M"]
+        cells += [f"{row.top1:.1f}" if row.top1 is not None else "-",
+                  f"[{row.hf_hub_id}](https://huggingface.co/{row.hf_hub_id})" if row.hf_hub_id else "-",
+                  f"`{row.load}`"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if aliases:
+        lines.append("")
+        lines.append("Other names for the same weights (same architecture, same tags):")
+        lines.append("")
+        for target, names in aliases.items():
+            lines.append(f"- `{target}`: " + ", ".join(f"`{name}`" for name in names))
+    return "\n".join(lines)
