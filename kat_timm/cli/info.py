@@ -1,0 +1,228 @@
+"""``kat-timm info``: what runs the rational op on this machine, the versions, and the model zoo.
+
+Quick and offline: parameters are counted on the meta device, the Hugging Face cache is only looked at
+(``try_to_load_from_cache``), nothing is downloaded, and FLOPs are measured (on meta tensors) only with ``--flops``.
+``--json`` prints the same as one JSON object for scripts and bug reports.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import warnings
+from typing import Any, Dict, List, Optional
+
+from . import CLIError, run_main
+
+__all__ = ["backend_report", "collect", "main"]
+
+# Distributions whose versions matter for the op and the models (importlib.metadata: nothing is imported).
+PACKAGES = ("torch", "timm", "triton", "huggingface_hub", "safetensors", "numpy")
+CPU_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def _describe_backend(backend: str, device: str, triton_mode: str) -> str:
+    """One phrase saying what ``backend`` means on ``device``."""
+    if backend == "native":
+        return "C/OpenMP kernel built on this machine"
+    if backend == "triton":
+        return "Triton interpreter (TRITON_INTERPRET=1, slow)" if "interpreted" in triton_mode else "Triton kernels"
+    return "pure PyTorch (float64 inputs always take it)" if device == "cpu" else "pure PyTorch"
+
+
+def backend_report() -> Dict[str, Any]:
+    """Which implementation of the rational op runs here, per device and dtype, and why.
+
+    Never raises for a misconfiguration: a bad ``KAT_RATIONAL_BACKEND`` or a forced backend that cannot run is
+    reported under ``error`` (that is what this report is for).
+    """
+    import torch
+
+    from kat_timm.ops import BACKEND_ENV, native_cpu_status, rational_cpu, requested_backend, select_backend
+    from kat_timm.ops import triton_status
+
+    native_ok, native_reason = native_cpu_status()
+    library = getattr(getattr(rational_cpu, "_library", None), "_name", None) if native_ok else None
+    triton_ok, triton_mode = triton_status()
+    report: Dict[str, Any] = {
+        "env": {BACKEND_ENV: os.environ.get(BACKEND_ENV), "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET")},
+        "requested": None,
+        "native_cpu": {"available": native_ok, "reason": native_reason, "library": library},
+        "triton": {"available": triton_ok, "mode": triton_mode},
+        "devices": {},
+        "error": None,
+    }
+    try:
+        report["requested"] = requested_backend()
+    except ValueError as error:
+        report["error"] = str(error)
+        return report
+
+    devices = {"cpu": [getattr(torch, name) for name in CPU_DTYPES]}
+    if torch.cuda.is_available():
+        devices["cuda"] = [torch.float32, torch.bfloat16, torch.float16]
+    errors: Dict[str, List[str]] = {}  # message -> the "device dtype" pairs that hit it
+    for device, dtypes in devices.items():
+        per_dtype = {}
+        for dtype in dtypes:
+            name = str(dtype).replace("torch.", "")
+            try:
+                with warnings.catch_warnings():  # the "native kernel unavailable" warning: reported above instead
+                    warnings.simplefilter("ignore")
+                    backend = select_backend(torch.empty(0, device=device, dtype=dtype))
+            except RuntimeError as error:
+                errors.setdefault(str(error), []).append(f"{device} {name}")
+                per_dtype[name] = {"backend": None, "description": f"error: {error}"}
+                continue
+            per_dtype[name] = {"backend": backend,
+                               "description": _describe_backend(backend, device, triton_mode)}
+        report["devices"][device] = per_dtype
+    report["error"] = "; ".join(f"{', '.join(where)}: {message}" for message, where in errors.items()) or None
+    return report
+
+
+def _versions() -> Dict[str, Any]:
+    import torch
+
+    import kat_timm
+    from kat_timm.benchmark import device_name, package_version
+
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() \
+        else []
+    return {
+        "kat_timm": kat_timm.__version__,
+        "python": platform.python_version(),
+        **{name: package_version(name) for name in PACKAGES},
+        "cuda": torch.version.cuda,
+        "cpu": device_name("cpu"),
+        "cpu_threads": torch.get_num_threads(),
+        "gpus": gpus,
+    }
+
+
+def _hub_state() -> Dict[str, Any]:
+    from huggingface_hub import constants
+
+    return {"cache": str(constants.HF_HUB_CACHE), "offline": bool(constants.is_offline_mode())}
+
+
+def collect(flops: bool = False) -> Dict[str, Any]:
+    """Everything ``kat-timm info`` reports, as a JSON-ready dict (``versions``, ``backend``, ``hub``, ``models``).
+
+    Args:
+        flops: also measure each model's forward FLOPs (224 px, batch 1).
+
+    Raises:
+        CLIError: no KAT model is registered (a broken install).
+    """
+    from kat_timm.zoo import checkpoint_cached, zoo_rows
+
+    rows = zoo_rows(flops=flops)
+    if not rows:
+        raise CLIError("no kat* model is registered in timm: the kat_timm install is broken (reinstall it)")
+    models = []
+    for row in rows:
+        entry = row.as_dict()
+        entry["cached"] = checkpoint_cached(row.hf_hub_id) if row.hf_hub_id else None
+        models.append(entry)
+    return {"versions": _versions(), "backend": backend_report(), "hub": _hub_state(), "models": models}
+
+
+def _table(header: List[str], rows: List[List[str]]) -> List[str]:
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in [header, *rows]]
+
+
+def _text(info: Dict[str, Any], flops: bool) -> str:
+    versions, backend, hub = info["versions"], info["backend"], info["hub"]
+    lines = [f"kat_timm {versions['kat_timm']} (python {versions['python']})"]
+    lines.append("versions: " + ", ".join(f"{name} {versions[name]}" for name in PACKAGES)
+                 + f", CUDA {versions['cuda'] or 'none (CPU-only torch)'}")
+    gpus = ", ".join(versions["gpus"]) or "none"
+    lines.append(f"devices:  CPU {versions['cpu']} ({versions['cpu_threads']} torch threads); GPU: {gpus}")
+
+    env = backend["env"]
+    requested = backend["requested"] or "invalid"
+    lines.append("")
+    lines.append(f"rational op backend (KAT_RATIONAL_BACKEND={env['KAT_RATIONAL_BACKEND'] or 'unset'} -> {requested}):")
+    for device, per_dtype in backend["devices"].items():
+        # Group dtypes that take the same path, so the usual case is one line.
+        groups: Dict[str, List[str]] = {}
+        for dtype, choice in per_dtype.items():
+            label = f"{choice['backend']}: {choice['description']}" if choice["backend"] else "error (below)"
+            groups.setdefault(label, []).append(dtype)
+        for label, dtypes in groups.items():
+            lines.append(f"  {device:<4} {'/'.join(dtypes):<33} {label}")
+    if "cuda" not in backend["devices"]:
+        lines.append("  cuda not available")
+    native = backend["native_cpu"]
+    lines.append(f"  native CPU kernel: {'built' if native['available'] else 'unavailable'}"
+                 + (f" ({native['library']})" if native["library"] else f" ({native['reason']})"))
+    triton = backend["triton"]
+    triton_line = ("importable, " if triton["available"] else "") + triton["mode"]
+    if triton["mode"] == "compiled" and "cuda" not in backend["devices"]:
+        triton_line += " (runs CUDA tensors; none here)"
+    lines.append(f"  triton: {triton_line}")
+    if backend["error"]:
+        lines.append(f"  ERROR: {backend['error']}")
+
+    lines.append("")
+    lines.append(f"Hugging Face cache: {hub['cache']} (offline mode: {'on' if hub['offline'] else 'off'})")
+    lines.append("")
+    header = ["model", "tag", "params", "top-1", "trained", "hub id", "local cache"]
+    if flops:
+        header[3:3] = ["GMACs", "GFLOPs"]
+    rows, aliases = [], {}
+    for model in info["models"]:
+        if model["alias_of"]:
+            aliases.setdefault(model["alias_of"], []).append(model["name"])
+            continue
+        tag = model["tag"]
+        cached = {True: "cached", False: "not cached", None: "-"}[model["cached"]]
+        row = [model["model"], tag if tag else ("(default)" if tag == "" else "-"), f"{model['params']:,}",
+               f"{model['top1']:.1f}" if model["top1"] is not None else "-", model["training"],
+               model["hf_hub_id"] or "-", cached]
+        if flops:
+            row[3:3] = [f"{model['flops']['macs'] / 1e9:.2f}", f"{model['flops']['total'] / 1e9:.2f}"]
+        rows.append(row)
+    lines += _table(header, rows)
+    if aliases:
+        lines.append("")
+        lines.append("other names for the same weights:")
+        for target, names in aliases.items():
+            lines.append(f"  {target}: {', '.join(names)}")
+    if flops:
+        lines.append("")
+        lines.append("FLOPs: one 224 x 224 image, torch.utils.flop_counter (rational op included). GMACs = FLOPs / 2: "
+                     "multiply-adds, what timm's tables and the DeiT paper call FLOPs.")
+    lines.append("")
+    lines.append('load: timm.create_model("MODEL[.TAG]", pretrained=True) after "import kat_timm"; '
+                 "'kat-timm download' fills the cache for offline machines.")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None, prog: str = "kat-timm info") -> int:
+    """Entry point of ``kat-timm info``."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Show which implementation of the rational op runs on this machine, the versions of the packages "
+                    "that matter, and the registered KAT models with parameters, reported top-1, Hub id and whether "
+                    "their weights are in the local Hugging Face cache. Offline: nothing is downloaded.",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--flops", action="store_true",
+                        help="also count each model's FLOPs for one 224 x 224 image (meta tensors; about a second)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+
+    def run() -> int:
+        info = collect(flops=args.flops)
+        print(json.dumps(info, indent=2) if args.json else _text(info, args.flops))
+        return 0
+
+    return run_main(run, prog)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
