@@ -373,3 +373,47 @@ def test_transfer_recipe(released_hub, kat_tiny_weights, single_thread):
     rationals = [n for n in groups if n.endswith(("weight_numerator", "weight_denominator"))]
     assert len(rationals) == 48 and all(groups[n]["weight_decay"] == 0.0 for n in rationals)
     assert groups["blocks.0.mlp.fc1.weight"]["weight_decay"] == 0.05
+
+
+def test_scratch_recipe_trains_a_kat_through_timms_components(single_thread):
+    """One step of what timm's train.py builds from kat_tiny.yaml (plus --grad-checkpointing): timm's optimizer,
+    scheduler, Mixup/CutMix with smoothing, soft-target loss, autocast and ModelEmaV3 on a (small) KAT."""
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+    from timm.utils import ModelEmaV3
+
+    config = load_config(CONFIGS_DIR / "kat_tiny.yaml")
+    args = argparse.Namespace(momentum=0.9, **config)
+    model = create_model_like_train_py(config, model_kwargs=SMALL)
+    model.set_grad_checkpointing(True)
+    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
+    scheduler, epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args), updates_per_epoch=10)
+    assert epochs == 300
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-5)  # warmup starts at warmup_lr
+    scheduler.step(5)
+    # The peak after 5 warmup epochs (the cosine counts from epoch 0, so it has decayed by ~7e-4 relative).
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3, rel=1e-3)
+    ema = ModelEmaV3(model, decay=config["model_ema_decay"])
+    mixup = Mixup(mixup_alpha=config["mixup"], cutmix_alpha=config["cutmix"], label_smoothing=config["smoothing"],
+                  num_classes=model.num_classes)
+
+    def train_step(step: int) -> None:
+        images, targets = mixup(torch.randn(4, 3, 32, 32), torch.randint(0, 1000, (4,)))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = SoftTargetCrossEntropy()(model(images), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        for name, parameter in model.named_parameters():
+            assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+        optimizer.step()
+        ema.update(model, step=step)  # as train.py: step = optimizer updates so far (the first one copies)
+
+    denominator = model.blocks[0].mlp.act2.weight_denominator
+    before = denominator.detach().clone()
+    train_step(1)
+    assert not torch.equal(denominator, before), "the rational coefficients learn"
+    ema_before = ema.module.blocks[0].mlp.act2.weight_denominator.clone()
+    train_step(2)
+    expected_ema = ema_before * 0.9999 + denominator.detach() * 1e-4
+    assert torch.allclose(ema.module.blocks[0].mlp.act2.weight_denominator, expected_ema, rtol=0, atol=1e-7)
