@@ -36,12 +36,14 @@ def _is_registered(name: str) -> bool:
 
 
 def create_model(name: str, pretrained: bool = False, checkpoint: Optional[Path] = None, use_ema: bool = False,
-                 num_classes: Optional[int] = None, **kwargs: Any) -> torch.nn.Module:
+                 num_classes: Optional[int] = None, prefer_ema: bool = True, **kwargs: Any) -> torch.nn.Module:
     """``timm.create_model`` with the KAT models registered, turning the usual failures into ``CLIError``.
 
     Unknown names, released weights that cannot be fetched (offline, no cache), unreadable checkpoints and
     checkpoints made for another architecture each get one message saying what was wrong and what to do.
-    ``num_classes`` defaults to the checkpoint's classifier size when a checkpoint is given.
+    ``num_classes`` defaults to the checkpoint's classifier size when a checkpoint is given. Without ``use_ema``, a
+    training checkpoint's EMA weights are taken when it has them (as ``timm.models.load_checkpoint`` does), unless
+    ``prefer_ema`` is False (timm's validate.py: the model weights unless ``--use-ema``).
     """
     import timm
 
@@ -58,7 +60,7 @@ def create_model(name: str, pretrained: bool = False, checkpoint: Optional[Path]
 
     state_dict = None
     if checkpoint is not None:
-        state_dict = _read_state_dict(checkpoint, use_ema)
+        state_dict = _read_state_dict(checkpoint, True if use_ema else (None if prefer_ema else False))
         if num_classes is None and "head.weight" in state_dict:
             num_classes = int(state_dict["head.weight"].shape[0])
     if num_classes is not None:
@@ -74,11 +76,11 @@ def create_model(name: str, pretrained: bool = False, checkpoint: Optional[Path]
     return model
 
 
-def _read_state_dict(path: Path, use_ema: bool) -> dict:
+def _read_state_dict(path: Path, use_ema: Optional[bool]) -> dict:
     from kat_timm.hub import CheckpointError, load_checkpoint, unwrap_state_dict
 
     try:
-        state_dict, _ = unwrap_state_dict(load_checkpoint(path), use_ema=True if use_ema else None)
+        state_dict, _ = unwrap_state_dict(load_checkpoint(path), use_ema=use_ema)
     except FileNotFoundError as error:
         raise CLIError(str(error)) from error
     except CheckpointError as error:
