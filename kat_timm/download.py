@@ -1,0 +1,271 @@
+"""Fetch released weights into the Hugging Face cache, so that ``timm.create_model(name, pretrained=True)`` later
+works offline (``HF_HUB_OFFLINE=1``) on any machine that shares, or gets a copy of, that cache.
+
+What is fetched is exactly what timm looks for: a model's registered pretrained config names a Hub repo
+(``hf_hub_id``); timm's ``load_state_dict_from_hf`` tries ``model.safetensors`` first and falls back to
+``pytorch_model.bin`` when the repo has no safetensors file (the released KAT repos hold only the ``.bin``), which
+works offline too, because a missing cache entry reads as "not there" in offline mode. ``config.json`` is fetched as
+well: ``timm.create_model("hf-hub:owner/repo")`` reads it.
+
+Files already in the cache are found with ``huggingface_hub.try_to_load_from_cache`` and never fetched again, so
+checking a complete cache makes no network request at all.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, Union
+
+from huggingface_hub import _CACHED_NO_EXIST, constants, hf_hub_download, try_to_load_from_cache
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+__all__ = [
+    "CachedFile",
+    "DownloadError",
+    "DownloadResult",
+    "download_pretrained",
+    "format_size",
+    "released_models",
+    "resolve_hub_repo",
+]
+
+HF_HUB_PREFIX = "hf-hub:"
+
+PathLike = Union[str, Path]
+
+
+class DownloadError(RuntimeError):
+    """A model's files could not be fetched or found in the cache; the message names the model and the reason."""
+
+    def __init__(self, model: str, reason: str):
+        super().__init__(f"{model}: {reason}")
+        self.model = model
+        self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedFile:
+    """One file of a model in the cache.
+
+    Attributes:
+        filename: its name in the repo (``config.json``, ``pytorch_model.bin``, ...).
+        path: where it is in the cache (inside the snapshot folder).
+        size: bytes.
+        fetched: True when this call downloaded it, False when it was already cached.
+    """
+
+    filename: str
+    path: Path
+    size: int
+    fetched: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class DownloadResult:
+    """The cached files of one model: ``model`` (the name asked for), its Hub ``repo_id``, and ``files``."""
+
+    model: str
+    repo_id: str
+    files: Tuple[CachedFile, ...]
+
+    @property
+    def folder(self) -> Path:
+        """The snapshot folder holding the files."""
+        return self.files[0].path.parent
+
+    @property
+    def fetched_bytes(self) -> int:
+        return sum(f.size for f in self.files if f.fetched)
+
+    @property
+    def cached_bytes(self) -> int:
+        return sum(f.size for f in self.files if not f.fetched)
+
+
+def format_size(num_bytes: int) -> str:
+    """Human-readable size in decimal units, as the Hugging Face tools print them: ``"22.9 MB"``."""
+    size = float(num_bytes)
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")
+
+
+def released_models(pattern: str = "kat*") -> Dict[str, str]:
+    """{model name: Hub repo id} of every released checkpoint, read from timm's registered pretrained configs.
+
+    Several names load the same weights (``kat_tiny``, ``kat_tiny_patch16_224``, ``kat_tiny_swish_patch16_224``):
+    each repo is listed once, under the name that equals the repo's own name when there is one.
+    """
+    import timm
+
+
+    by_repo: Dict[str, str] = {}
+    for name in timm.list_pretrained(pattern):
+        repo_id = (timm.models.get_pretrained_cfg(name).hf_hub_id or "").split("@", 1)[0]
+        if not repo_id:
+            continue
+        if repo_id not in by_repo or name == repo_id.rsplit("/", 1)[-1]:
+            by_repo[repo_id] = name
+    return {name: repo_id for repo_id, name in sorted(by_repo.items())}
+
+
+def _known_names() -> str:
+    return ", ".join(released_models())
+
+
+def resolve_hub_repo(name: str) -> Tuple[str, Optional[str], str]:
+    """Where timm fetches ``name``'s pretrained weights from: (repo id, revision or None, weights filename).
+
+    Args:
+        name: a timm model name with an optional ``.tag`` (``kat_tiny``, ``kat_base.vitft``), or
+            ``hf-hub:owner/repo[@revision]``.
+
+    Raises:
+        ValueError: an unknown model, an unknown tag, or a model without weights on the Hub; the message lists the
+            released KAT checkpoints (or the model's own tags).
+    """
+    import timm
+
+
+    if name.startswith(HF_HUB_PREFIX):
+        repo_id, _, revision = name[len(HF_HUB_PREFIX):].partition("@")
+        if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+            raise ValueError(f"{name!r} is not of the form hf-hub:owner/repo")
+        return repo_id, revision or None, constants.PYTORCH_WEIGHTS_NAME
+    architecture, tag = timm.models.split_model_name_tag(name)
+    if not timm.models.is_model(architecture):
+        raise ValueError(f"unknown model {name!r}; released KAT checkpoints: {_known_names()}")
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except RuntimeError:  # timm: the architecture exists but not this tag
+        tags = ", ".join(n for n in timm.list_pretrained(f"{architecture}*")
+                         if timm.models.split_model_name_tag(n)[0] == architecture)
+        raise ValueError(f"{architecture} has no pretrained tag {tag!r}; its pretrained names: {tags}") from None
+    if cfg is None or not cfg.hf_hub_id:
+        where = f" (timm fetches it from {cfg.url})" if cfg is not None and cfg.url else ""
+        raise ValueError(f"{name} has no weights on the Hugging Face Hub{where}; "
+                         f"released KAT checkpoints: {_known_names()}")
+    repo_id, _, revision = cfg.hf_hub_id.partition("@")
+    return repo_id, revision or None, cfg.hf_hub_filename or constants.PYTORCH_WEIGHTS_NAME
+
+
+def _weight_candidates(filename: str) -> List[str]:
+    """The files timm's ``load_state_dict_from_hf`` tries, in its order: a safetensors alternative, then ``filename``."""
+    if filename == constants.PYTORCH_WEIGHTS_NAME:
+        return [constants.SAFETENSORS_SINGLE_FILE, filename]
+    if filename.endswith(".bin"):
+        return [filename[: -len(".bin")] + ".safetensors", filename]
+    return [filename]
+
+
+def _cached(repo_id: str, filename: str, revision: Optional[str], cache_dir: Optional[PathLike]):
+    """The cached path of a file (str), ``_CACHED_NO_EXIST`` when the cache records that the repo lacks it, or
+    None when it isn't cached."""
+    return try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
+
+
+def _cached_file(filename: str, path: str, fetched: bool) -> CachedFile:
+    return CachedFile(filename=filename, path=Path(path), size=Path(path).stat().st_size, fetched=fetched)
+
+
+def _fetch(repo_id: str, filename: str, revision: Optional[str], cache_dir: Optional[PathLike]) -> CachedFile:
+    cached = _cached(repo_id, filename, revision, cache_dir)
+    if isinstance(cached, str):
+        return _cached_file(filename, cached, fetched=False)
+    path = hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir)
+    return _cached_file(filename, path, fetched=True)
+
+
+def _fetch_weights(repo_id: str, filename: str, revision: Optional[str], cache_dir: Optional[PathLike]) -> CachedFile:
+    candidates = _weight_candidates(filename)
+    # Any one cached candidate is enough: offline, timm skips the candidates that are not cached.
+    for candidate in candidates:
+        cached = _cached(repo_id, candidate, revision, cache_dir)
+        if isinstance(cached, str):
+            return _cached_file(candidate, cached, fetched=False)
+    for candidate in candidates:
+        if _cached(repo_id, candidate, revision, cache_dir) is _CACHED_NO_EXIST:
+            continue
+        try:
+            return _fetch(repo_id, candidate, revision, cache_dir)
+        except LocalEntryNotFoundError:
+            raise  # offline or unreachable: not a missing file
+        except EntryNotFoundError:
+            continue  # the repo has no such file: try the next candidate, as timm does
+    raise EntryNotFoundError(f"the repo holds none of {', '.join(candidates)}")
+
+
+def _cache_root(cache_dir: Optional[PathLike]) -> str:
+    return str(cache_dir) if cache_dir is not None else constants.HF_HUB_CACHE
+
+
+def _is_network_error(error: Exception) -> bool:
+    """A connection or transfer failure (the HTTP client's own exception types, or the builtin ones)."""
+    module = type(error).__module__.split(".", 1)[0]
+    return isinstance(error, (ConnectionError, TimeoutError)) or module.startswith(("httpx", "httpcore", "urllib3"))
+
+
+def _reason(error: Exception, repo_id: str, revision: Optional[str], cache_dir: Optional[PathLike], wanted: str) -> str:
+    """One line saying why fetching ``wanted`` from ``repo_id`` failed and what to do."""
+    detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if isinstance(error, LocalEntryNotFoundError):
+        if constants.is_offline_mode():
+            return (f"{wanted} is not in the cache ({_cache_root(cache_dir)}) and HF_HUB_OFFLINE=1 is set, so it "
+                    "cannot be fetched; run the download on a machine with network access (without HF_HUB_OFFLINE)")
+        return f"could not reach the Hugging Face Hub to fetch {wanted} (no network?): {detail}"
+    if _is_network_error(error):
+        return f"network error while fetching {wanted}: {type(error).__name__}: {detail}"
+    if isinstance(error, GatedRepoError):
+        return f"{repo_id} is gated: accept its terms on huggingface.co and log in (hf auth login)"
+    if isinstance(error, RepositoryNotFoundError):
+        return f"no repository {repo_id} on the Hugging Face Hub (or it is private and you are not logged in)"
+    if isinstance(error, RevisionNotFoundError):
+        return f"{repo_id} has no revision {revision!r}"
+    if isinstance(error, EntryNotFoundError):
+        return f"{repo_id}: {detail}"
+    if isinstance(error, HfHubHTTPError):
+        return f"the Hugging Face Hub answered with an error for {repo_id}: {detail}"
+    return f"could not write to the cache {_cache_root(cache_dir)}: {detail}"
+
+
+def download_pretrained(name: str, cache_dir: Optional[PathLike] = None) -> DownloadResult:
+    """Make sure the cache holds what ``timm.create_model(name, pretrained=True)`` needs: ``config.json`` and the
+    weights file timm will pick. Files already cached are not fetched again (and then no request is made).
+
+    Args:
+        name: a model name with an optional tag (``kat_tiny``, ``kat_base_patch16_224.vitft``) or
+            ``hf-hub:owner/repo``.
+        cache_dir: the Hugging Face cache folder (default: huggingface_hub's, ``HF_HUB_CACHE``). timm reads this
+            folder only when ``HF_HUB_CACHE`` points to it.
+
+    Returns:
+        What is in the cache now, with what this call fetched.
+
+    Raises:
+        DownloadError: unknown model or tag, no network, offline mode with the file missing from the cache, no such
+            repo or file, or an unwritable cache; the message names the model and the reason.
+    """
+    try:
+        repo_id, revision, weights = resolve_hub_repo(name)
+    except ValueError as error:
+        raise DownloadError(name, str(error)) from None
+    files = []
+    wanted = constants.CONFIG_NAME
+    try:
+        files.append(_fetch(repo_id, wanted, revision, cache_dir))
+        wanted = " or ".join(_weight_candidates(weights))
+        files.append(_fetch_weights(repo_id, weights, revision, cache_dir))
+    except Exception as error:
+        if not isinstance(error, (EntryNotFoundError, HfHubHTTPError, OSError)) and not _is_network_error(error):
+            raise
+        raise DownloadError(f"{name} ({repo_id})", _reason(error, repo_id, revision, cache_dir, wanted)) from error
+    return DownloadResult(model=name, repo_id=repo_id, files=tuple(files))

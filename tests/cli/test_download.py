@@ -1,0 +1,212 @@
+"""``kat-timm download`` and ``kat_timm.download``: offline, against a fake Hugging Face cache in tmp_path.
+
+The network path can't run here. It is simulated by replacing ``hf_hub_download`` (the one function that reaches
+the network) with a fake that writes into the fake cache, as the real one does; everything else (cache lookups,
+timm's pretrained loading) is the real code. Every test ends by checking what matters: that timm then loads the
+weights with HF_HUB_OFFLINE=1, or that the failure names the model and the reason.
+"""
+from __future__ import annotations
+
+import httpx2
+import pytest
+import timm
+import torch
+from huggingface_hub import constants
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+import kat_timm.download as download_module
+from kat_timm.cli import download as cli
+from kat_timm.cli import main as kat_timm_main
+from kat_timm.download import DownloadError, download_pretrained, format_size, released_models, resolve_hub_repo
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+TINY_REPO = "adamdad/kat_tiny_patch16_224"
+RELEASED_REPOS = {f"adamdad/kat_{size}_patch16_224{tag}" for size in ("tiny", "small", "base") for tag in ("", ".vitft")}
+
+
+def _no_fetch(*args, **kwargs):
+    raise AssertionError(f"hf_hub_download called although nothing should be fetched: {args} {kwargs}")
+
+
+class FakeHub:
+    """Stands in for ``hf_hub_download``: serves ``repos`` {repo_id: {filename: bytes}} by writing the file into the
+    fake cache (where the real function puts it) and returning its path; files not in a repo raise
+    ``EntryNotFoundError``, as the real function does on a 404. Records every call."""
+
+    def __init__(self, cache, repos):
+        self.cache = cache
+        self.repos = repos
+        self.calls = []
+
+    def __call__(self, repo_id, filename, revision=None, cache_dir=None, **kwargs):
+        self.calls.append((repo_id, filename))
+        assert cache_dir is None, "the default cache was asked for"
+        if filename not in self.repos.get(repo_id, {}):
+            raise EntryNotFoundError(f"404: {filename} not found in {repo_id}")
+        return str(self.cache.add_file(repo_id, filename, self.repos[repo_id][filename]))
+
+
+def _released_files(ckpt, state_dict, tmp_path) -> dict:
+    """config.json and pytorch_model.bin as in the released repo, as bytes."""
+    import json
+
+    weights = ckpt.save_released(state_dict, tmp_path / "served" / "pytorch_model.bin")
+    return {"config.json": json.dumps(ckpt.released_config()).encode(), "pytorch_model.bin": weights.read_bytes()}
+
+
+def _assert_loads_offline(expected):
+    assert constants.is_offline_mode()
+    model = timm.create_model("kat_tiny_patch16_224", pretrained=True)
+    loaded = model.state_dict()
+    assert set(loaded) == set(expected)
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected), "timm loaded other weights than the cached"
+
+
+def test_already_cached_fetches_nothing_and_timm_loads_offline(released_hub, kat_tiny_weights, monkeypatch, capsys):
+    monkeypatch.setattr(download_module, "hf_hub_download", _no_fetch)
+    assert kat_timm_main(["download", "kat_tiny", "kat_tiny_patch16_224.vitft"]) == 0
+    out = capsys.readouterr().out
+    assert "kat_tiny (adamdad/kat_tiny_patch16_224)" in out
+    assert "kat_tiny_patch16_224.vitft (adamdad/kat_tiny_patch16_224.vitft)" in out
+    assert out.count("already cached") == 5 and "fetched 0 B" in out  # 2 files x 2 models + the summary
+    size = (released_hub.snapshot(TINY_REPO) / "pytorch_model.bin").stat().st_size
+    assert format_size(size) in out and "MB" in out
+    assert f"in {released_hub.snapshot(TINY_REPO)}" in out
+    assert f"ready in {released_hub.root}" in out
+    _assert_loads_offline(kat_tiny_weights["scratch"])
+
+
+def test_fetch_gets_what_timm_loads_then_reports_it_cached(offline_hub, ckpt, kat_tiny_weights, tmp_path,
+                                                           monkeypatch, capsys):
+    hub = FakeHub(offline_hub, {TINY_REPO: _released_files(ckpt, kat_tiny_weights["scratch"], tmp_path)})
+    monkeypatch.setattr(download_module, "hf_hub_download", hub)
+
+    assert cli.main(["kat_tiny_patch16_224"]) == 0
+    out = capsys.readouterr().out
+    # timm's order: safetensors first (the release has none), then the .bin.
+    assert hub.calls == [(TINY_REPO, "config.json"), (TINY_REPO, "model.safetensors"), (TINY_REPO, "pytorch_model.bin")]
+    assert out.count("fetched") == 3 and "already cached" in out.splitlines()[-1]  # 2 files + the summary
+    bin_size = len(hub.repos[TINY_REPO]["pytorch_model.bin"])
+    assert f"fetched {format_size(bin_size + len(hub.repos[TINY_REPO]['config.json']))}" in out
+
+    result = download_pretrained("kat_tiny_patch16_224")  # again: all from the cache, no call
+    assert len(hub.calls) == 3
+    assert [(f.filename, f.fetched, f.size) for f in result.files] == [
+        ("config.json", False, len(hub.repos[TINY_REPO]["config.json"])), ("pytorch_model.bin", False, bin_size)]
+    assert result.folder == offline_hub.snapshot(TINY_REPO)
+    _assert_loads_offline(kat_tiny_weights["scratch"])
+
+
+def test_safetensors_is_preferred_when_the_repo_has_it(offline_hub, monkeypatch):
+    hub = FakeHub(offline_hub, {TINY_REPO: {"config.json": b"{}", "model.safetensors": b"st", "pytorch_model.bin": b"pt"}})
+    monkeypatch.setattr(download_module, "hf_hub_download", hub)
+    result = download_pretrained("kat_tiny")
+    assert [f.filename for f in result.files] == ["config.json", "model.safetensors"]
+    assert (TINY_REPO, "pytorch_model.bin") not in hub.calls
+
+
+def test_offline_with_empty_cache_names_the_model_and_says_offline(offline_hub, capsys):
+    assert kat_timm_main(["download", "kat_tiny.vitft"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("kat-timm download: error: kat_tiny.vitft (adamdad/kat_tiny_patch16_224.vitft): ")
+    assert "config.json is not in the cache" in err and "HF_HUB_OFFLINE=1" in err and str(offline_hub.root) in err
+
+
+def test_offline_with_weights_missing_names_the_weight_files(offline_hub, ckpt):
+    offline_hub.add_config(TINY_REPO, ckpt.released_config())
+    with pytest.raises(DownloadError, match=r"kat_tiny \(adamdad/kat_tiny_patch16_224\): model.safetensors or "
+                                            r"pytorch_model.bin is not in the cache .* HF_HUB_OFFLINE=1"):
+        download_pretrained("kat_tiny")
+
+
+def test_one_failure_does_not_stop_the_others(released_hub, capsys):
+    assert cli.main(["kat_small", "kat_tiny"]) == 1
+    captured = capsys.readouterr()
+    assert "kat_small (adamdad/kat_small_patch16_224): config.json is not in the cache" in captured.err
+    assert "kat_tiny (adamdad/kat_tiny_patch16_224)" in captured.out and "1 of 2 model(s) ready" in captured.out
+
+
+@pytest.mark.parametrize("name,message", [
+    ("kat_huge", "unknown model 'kat_huge'; released KAT checkpoints: kat_base_patch16_224, "),
+    ("kat_tiny.in22k", "kat_tiny has no pretrained tag 'in22k'; its pretrained names: kat_tiny, kat_tiny.vitft"),
+    ("kat_base_gelu_patch16_224", "kat_base_gelu_patch16_224 has no weights on the Hugging Face Hub"),
+    ("hf-hub:no-owner", "is not of the form hf-hub:owner/repo"),
+])
+def test_unknown_names_and_tags_are_usage_errors_before_any_fetch(offline_hub, monkeypatch, capsys, name, message):
+    monkeypatch.setattr(download_module, "hf_hub_download", _no_fetch)
+    assert cli.main(["kat_tiny", name]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("error:") == 1
+
+
+def test_all_is_every_released_checkpoint_once(offline_hub, monkeypatch, capsys):
+    models = released_models()
+    assert set(models.values()) == RELEASED_REPOS and len(models) == 6
+    assert all(name == repo.split("/")[1] for name, repo in models.items()), "the repo's own name is listed"
+    for repo in RELEASED_REPOS:
+        offline_hub.add_file(repo, "config.json", b"{}")
+        offline_hub.add_file(repo, "pytorch_model.bin", b"0" * 1500)
+    monkeypatch.setattr(download_module, "hf_hub_download", _no_fetch)
+    assert cli.main(["all", "kat_tiny_patch16_224"]) == 0  # a name also in 'all' is done once
+    out = capsys.readouterr().out
+    assert "6 of 6 model(s) ready" in out and "1.5 kB" in out
+    for name, repo in models.items():
+        assert f"{name} ({repo})" in out
+
+
+def test_cache_dir_is_used_and_the_output_says_to_set_hf_hub_cache(offline_hub, tmp_path, ckpt, monkeypatch, capsys):
+    from tests.conftest import FakeHubCache
+
+    other = FakeHubCache(tmp_path / "shared-cache")
+    other.add_file(TINY_REPO, "config.json", b"{}")
+    other.add_file(TINY_REPO, "pytorch_model.bin", b"weights")
+    real_hf_hub_download = download_module.hf_hub_download
+    monkeypatch.setattr(download_module, "hf_hub_download", _no_fetch)
+    assert cli.main(["kat_tiny", "--cache-dir", str(other.root)]) == 0
+    out = capsys.readouterr().out
+    assert f"in {other.snapshot(TINY_REPO)}" in out and f"HF_HUB_CACHE={other.root}" in out
+    monkeypatch.setattr(download_module, "hf_hub_download", real_hf_hub_download)
+    assert cli.main(["kat_tiny"]) == 1, "the default cache (empty) is not the one given before"
+
+
+def _fail_with(error):
+    def fake(*args, **kwargs):
+        raise error
+
+    return fake
+
+
+@pytest.mark.parametrize("error,reason", [
+    (LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub"),
+     "could not reach the Hugging Face Hub to fetch config.json (no network?)"),
+    (RepositoryNotFoundError("404 Client Error", response=httpx2.Response(404, request=httpx2.Request("GET", "u"))),
+     "no repository adamdad/kat_tiny_patch16_224 on the Hugging Face Hub"),
+    (httpx2.ReadTimeout("timed out"), "network error while fetching config.json: ReadTimeout: timed out"),
+    (PermissionError("[Errno 13] Permission denied: '/cache'"), "could not write to the cache"),
+])
+def test_online_failures_name_the_model_and_the_reason(offline_hub, monkeypatch, error, reason):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # "online" (sockets stay blocked: the fake fails first)
+    monkeypatch.setattr(download_module, "hf_hub_download", _fail_with(error))
+    with pytest.raises(DownloadError) as raised:
+        download_pretrained("kat_tiny")
+    assert str(raised.value).startswith("kat_tiny (adamdad/kat_tiny_patch16_224): ")
+    assert reason in str(raised.value)
+
+
+def test_a_repo_without_weights_is_reported(offline_hub, monkeypatch):
+    monkeypatch.setattr(download_module, "hf_hub_download", FakeHub(offline_hub, {TINY_REPO: {"config.json": b"{}"}}))
+    with pytest.raises(DownloadError, match="the repo holds none of model.safetensors, pytorch_model.bin"):
+        download_pretrained("kat_tiny")
+
+
+def test_resolve_follows_the_registered_pretrained_cfgs():
+    assert resolve_hub_repo("kat_base.vitft") == ("adamdad/kat_base_patch16_224.vitft", None, "pytorch_model.bin")
+    assert resolve_hub_repo("kat_small_swish_patch16_224")[0] == "adamdad/kat_small_patch16_224"
+    assert resolve_hub_repo("hf-hub:someone/kat@abc123") == ("someone/kat", "abc123", "pytorch_model.bin")
+
+
+@pytest.mark.parametrize("size,text", [(0, "0 B"), (999, "999 B"), (1500, "1.5 kB"), (22_912_345, "22.9 MB"),
+                                       (346_000_000, "346.0 MB"), (3_200_000_000, "3.2 GB")])
+def test_format_size(size, text):
+    assert format_size(size) == text
