@@ -1,0 +1,397 @@
+"""``kat-timm predict IMAGE...``: top-k ImageNet labels with probabilities.
+
+Preprocessing comes from the model's pretrained config (timm's ``resolve_data_config`` + ``create_transform``), the
+labels from timm's ImageNet info; all images go through the model in batches. Weights: the released ones by
+default, ``--checkpoint FILE`` for your own, ``--random-weights`` to skip loading (the output then says the
+predictions are meaningless).
+
+This module also holds what ``kat-timm demo`` and ``kat-timm plot`` share with it: reaching the Hugging Face Hub
+without hanging when it is unreachable (:func:`hub_access`), reading images with errors that name the file, and
+turning logits into labelled top-k lists.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import CLIError, run_main
+
+__all__ = [
+    "HUB_PROBE_TIMEOUT_S",
+    "Prediction",
+    "ReleasedWeightsUnavailable",
+    "class_labeller",
+    "create_model_with_weights",
+    "hub_access",
+    "hub_reachable",
+    "main",
+    "predict",
+    "read_images",
+]
+
+# How long to wait for any answer from the Hub before treating it as unreachable. Without the probe, an unreachable
+# huggingface.co costs ~45 s: huggingface_hub retries each file (model.safetensors, then pytorch_model.bin) five
+# times with exponential backoff before it falls back to the local cache.
+HUB_PROBE_TIMEOUT_S = 3.0
+
+RANDOM_WEIGHTS_WARNING = "random weights (--random-weights): the predictions below are meaningless"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Hugging Face Hub access
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> Tuple[bool, str]:
+    """Whether the Hugging Face Hub answers an HTTP request within ``timeout`` seconds, and why not if it doesn't.
+
+    Uses huggingface_hub's own HTTP session (so ``HF_ENDPOINT``, proxies and certificates apply) from a daemon
+    thread, because name resolution is not bound by the HTTP timeout. Any HTTP answer, even an error status, counts
+    as reachable. In offline mode (``HF_HUB_OFFLINE=1``) nothing is sent.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.is_offline_mode():
+        return False, "HF_HUB_OFFLINE is set"
+    outcome: List[Optional[Exception]] = []
+
+    def probe() -> None:
+        try:
+            get_session().head(constants.ENDPOINT, timeout=timeout)
+            outcome.append(None)
+        except Exception as error:  # reported to the caller, whatever it is
+            outcome.append(error)
+
+    thread = threading.Thread(target=probe, name="kat-timm-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    host = constants.ENDPOINT.split("://", 1)[-1]
+    if not outcome:
+        return False, f"{host} did not answer within {timeout:g} s"
+    if outcome[0] is not None:
+        detail = str(outcome[0]).strip().splitlines()
+        return False, f"{host} is unreachable: {detail[0] if detail else type(outcome[0]).__name__}"
+    return True, f"{host} is reachable"
+
+
+@contextlib.contextmanager
+def hub_access(offline: bool = False, timeout: float = HUB_PROBE_TIMEOUT_S) -> Iterator[Optional[str]]:
+    """Context for loading released weights that never waits long on an unreachable Hub.
+
+    Probes the Hub (:func:`hub_reachable`) unless ``offline``; when it is unreachable or ``offline`` is set,
+    huggingface_hub runs in offline mode inside the context, so weights already in the local cache still load and
+    missing ones fail at once instead of after minutes of retries.
+
+    Yields:
+        None when the Hub will be contacted, else the reason it won't be (to explain a failed load).
+    """
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        yield "offline mode (HF_HUB_OFFLINE=1)"
+        return
+    if offline:
+        reason: Optional[str] = "offline mode (--offline)"
+    else:
+        reachable, why = hub_reachable(timeout)
+        reason = None if reachable else why
+    if reason is None:
+        yield None
+        return
+    # huggingface_hub reads this module attribute at every request (constants.is_offline_mode()).
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield reason
+    finally:
+        constants.HF_HUB_OFFLINE = previous
+
+
+class ReleasedWeightsUnavailable(CLIError):
+    """The released weights could not be loaded; ``reason`` says why in a few words (for ``kat-timm demo``)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def create_model_with_weights(
+    name: str,
+    checkpoint: Optional[Path] = None,
+    use_ema: bool = False,
+    random_weights: bool = False,
+    offline: bool = False,
+    **kwargs,
+) -> torch.nn.Module:
+    """The model with the weights a command asked for: ``checkpoint``, random, or else the released ones.
+
+    Skips the (slow, for KAT-B several seconds) random initialisation of a KAT whose weights are loaded next.
+
+    Raises:
+        ReleasedWeightsUnavailable: the released weights could not be fetched or loaded.
+        CLIError: unknown model, unreadable or mismatched checkpoint.
+    """
+    from timm.models import is_model_in_modules, split_model_name_tag
+
+    from .common import create_model
+
+    if random_weights and checkpoint is not None:
+        raise CLIError("give --checkpoint or --random-weights, not both", code=2)
+    if use_ema and checkpoint is None:
+        raise CLIError("--use-ema needs --checkpoint", code=2)
+    # The kat_* models are registered: importing this module imported the kat_timm package.
+    from timm.models import get_pretrained_cfg
+
+    try:
+        get_pretrained_cfg(name)  # None for an unknown architecture (create_model reports it with suggestions)
+    except RuntimeError as error:  # a known architecture with an unknown .tag
+        raise CLIError(f"{error} (the tags of a model: timm.list_pretrained('{name.split('.')[0]}.*'))",
+                       code=2) from None
+    if not random_weights and is_model_in_modules(split_model_name_tag(name)[0], ["kat"]):
+        kwargs.setdefault("weight_init", "skip")  # every tensor is overwritten by the strict load that follows
+    if random_weights or checkpoint is not None:
+        return create_model(name, checkpoint=checkpoint, use_ema=use_ema, **kwargs)
+    with hub_access(offline) as unreachable:
+        try:
+            return create_model(name, pretrained=True, **kwargs)
+        except CLIError as error:
+            cause = error.__cause__
+            if cause is None:  # rejected before any loading (unknown model name): not about the weights
+                raise
+            from huggingface_hub import constants
+            from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+            if not unreachable or not isinstance(cause, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+                first_line = (str(cause).strip().splitlines() or [""])[0]
+                raise ReleasedWeightsUnavailable(str(error), f"{type(cause).__name__}: {first_line}") from cause
+            reason = f"{unreachable}, and they are not in the local Hugging Face cache ({constants.HF_HUB_CACHE})"
+            raise ReleasedWeightsUnavailable(
+                f"could not load the released weights of {name}: {reason}. Run 'kat-timm download {name}' where "
+                "the Hub is reachable (then share or copy the cache), pass --checkpoint FILE, or --random-weights "
+                "to try the command without weights.", reason) from cause
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Images, labels, predictions
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def read_images(paths: Sequence[Path]):
+    """Open every image as RGB, all before any model work, so a bad path fails fast.
+
+    Raises:
+        CLIError: naming the first file that is missing, not a file, or not an image PIL can decode.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for path in paths:
+        path = Path(path)
+        if not path.exists():
+            raise CLIError(f"{path}: no such file")
+        if path.is_dir():
+            raise CLIError(f"{path}: is a directory, not an image")
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except UnidentifiedImageError:
+            raise CLIError(f"{path}: not an image file PIL can read (JPEG, PNG, WebP, BMP, ...)") from None
+        except (OSError, ValueError) as error:
+            raise CLIError(f"{path}: cannot read the image ({error})") from error
+    return images
+
+
+def class_labeller(model: torch.nn.Module, class_map: Optional[Path] = None) -> Callable[[int], str]:
+    """index -> label for the model's classifier.
+
+    ``class_map`` (timm's format: a .txt file with one class name per line, line i naming class i) wins; else
+    ImageNet descriptions when the classifier size is an ImageNet subset's (timm's ``infer_imagenet_subset``, e.g.
+    1000 classes -> imagenet-1k); else the class index itself.
+
+    Raises:
+        CLIError: the class map is unreadable or does not have one name per class.
+    """
+    num_classes = int(getattr(model, "num_classes", 0) or 0)
+    if class_map is not None:
+        names = _read_class_map(class_map)
+        if len(names) != num_classes:
+            raise CLIError(f"{class_map}: {len(names)} class names for a classifier of {num_classes} classes")
+        return lambda index: names[index]
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    subset = infer_imagenet_subset(model)
+    if subset is None:
+        return lambda index: f"class {index}"
+    info = ImageNetInfo(subset)
+    return info.index_to_description
+
+
+def _read_class_map(path: Path) -> List[str]:
+    from timm.data.readers.class_map import load_class_map
+
+    if not Path(path).is_file():
+        raise CLIError(f"{path}: no such class map file")
+    try:
+        name_to_index = load_class_map(str(path))
+    except (AssertionError, ValueError, OSError, UnicodeDecodeError) as error:
+        raise CLIError(f"{path}: cannot read the class map ({error or 'use a .txt file, one class name per line'})")
+    names = sorted(name_to_index, key=name_to_index.__getitem__)
+    if sorted(name_to_index.values()) != list(range(len(names))):
+        raise CLIError(f"{path}: class indices must be 0..N-1 (duplicate names?)")
+    return names
+
+
+@dataclass
+class Prediction:
+    """One of an image's top-k classes."""
+
+    index: int
+    label: str
+    probability: float
+
+
+@torch.inference_mode()
+def predict(
+    model: torch.nn.Module,
+    images: Sequence,
+    labeller: Callable[[int], str],
+    top_k: int = 5,
+    batch_size: int = 16,
+    device: Optional[torch.device] = None,
+) -> List[List[Prediction]]:
+    """Top-k softmax probabilities of each image, preprocessed with the model's pretrained data config.
+
+    Args:
+        model: a timm classifier (put in eval mode here).
+        images: PIL images.
+        labeller: index -> label (:func:`class_labeller`).
+        top_k: how many classes per image (capped at the number of classes).
+        batch_size: images per forward pass.
+        device: where to run (default: the model's device).
+    """
+    from timm.data import create_transform, resolve_data_config
+
+    model.eval()
+    device = device or next(model.parameters()).device
+    transform = create_transform(**resolve_data_config(model=model))
+    k = min(top_k, int(model.num_classes))
+    results: List[List[Prediction]] = []
+    for start in range(0, len(images), batch_size):
+        batch = torch.stack([transform(image) for image in images[start:start + batch_size]]).to(device)
+        probabilities = model(batch).float().softmax(dim=-1)
+        values, indices = probabilities.topk(k, dim=-1)
+        for row_values, row_indices in zip(values.tolist(), indices.tolist()):
+            results.append([Prediction(i, labeller(i), p) for p, i in zip(row_values, row_indices)])
+    return results
+
+
+def format_predictions(names: Sequence[str], predictions: Sequence[Sequence[Prediction]], indent: str = "") -> str:
+    """Human-readable top-k lists, one block per image."""
+    lines = []
+    for name, top in zip(names, predictions):
+        lines.append(f"{indent}{name}")
+        for rank, p in enumerate(top, 1):
+            lines.append(f"{indent}  {rank}. {100 * p.probability:6.2f}%  {p.label}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Top-k ImageNet labels for images, with the released KAT weights (default), a checkpoint, or "
+                    "random weights.")
+    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (JPEG, PNG, ...)")
+    parser.add_argument("--model", default="kat_base",
+                        help="a timm model name with an optional .tag, e.g. kat_tiny.vitft (default: kat_base)")
+    parser.add_argument("--checkpoint", metavar="FILE", type=Path,
+                        help="weights from this file instead of the released ones (.pth/.pth.tar/.bin/.safetensors)")
+    parser.add_argument("--use-ema", action="store_true", help="with --checkpoint: take its EMA weights")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="skip loading weights (for trying the command offline; predictions are meaningless)")
+    parser.add_argument("--offline", action="store_true",
+                        help="don't contact the Hugging Face Hub; use released weights only from the local cache")
+    parser.add_argument("--class-map", metavar="FILE", type=Path,
+                        help="class names, one per line (line i = class i), for a classifier that is not ImageNet's")
+    parser.add_argument("--top-k", type=int, default=5, help="classes per image (default: 5)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    parser.add_argument("--json", action="store_true",
+                        help="print a JSON list, one object per image: image, weights, predictions")
+    return parser
+
+
+def resolve_device(name: Optional[str]) -> torch.device:
+    """``name`` as a torch.device (default: cuda when available); a clear error for a missing or unknown device."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise CLIError(f"--device {name!r}: {error}", code=2) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}: CUDA is not available on this machine", code=2)
+    return device
+
+
+def weights_description(args: argparse.Namespace) -> str:
+    if args.random_weights:
+        return "random"
+    if args.checkpoint is not None:
+        return f"checkpoint {args.checkpoint}" + (" (EMA)" if args.use_ema else "")
+    return "released"
+
+
+def main(argv: Optional[List[str]] = None, prog: str = "kat-timm predict") -> int:
+    """Entry point of ``kat-timm predict``."""
+    parser = build_parser(prog)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+
+    def run() -> int:
+        if args.top_k < 1:
+            raise CLIError("--top-k must be >= 1", code=2)
+        if args.batch_size < 1:
+            raise CLIError("--batch-size must be >= 1", code=2)
+        device = resolve_device(args.device)
+        images = read_images(args.images)
+        model = create_model_with_weights(args.model, checkpoint=args.checkpoint, use_ema=args.use_ema,
+                                          random_weights=args.random_weights, offline=args.offline)
+        labeller = class_labeller(model, args.class_map)
+        model.to(device)
+        predictions = predict(model, images, labeller, top_k=args.top_k, batch_size=args.batch_size, device=device)
+        names = [str(path) for path in args.images]
+        weights = weights_description(args)
+        if args.random_weights:
+            print(f"{prog}: warning: {RANDOM_WEIGHTS_WARNING}", file=sys.stderr)
+        if args.json:
+            records = [
+                {"image": name, "model": args.model, "weights": weights,
+                 "predictions": [{"index": p.index, "label": p.label, "probability": p.probability} for p in top]}
+                for name, top in zip(names, predictions)
+            ]
+            print(json.dumps(records, indent=2))
+        else:
+            print(f"{args.model} ({weights} weights) on {device}")
+            if args.random_weights:
+                print(f"WARNING: {RANDOM_WEIGHTS_WARNING}")
+            print(format_predictions(names, predictions))
+        return 0
+
+    return run_main(run, prog)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

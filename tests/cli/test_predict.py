@@ -1,0 +1,235 @@
+"""``kat-timm predict``: labels and probabilities from the right weights, errors that name the problem, and the Hub
+access that never hangs on an unreachable Hub.
+
+Run in-process through ``main([...])``, offline: released weights come from the fake cache (``released_hub``).
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import timm
+import torch
+from timm.data import ImageNetInfo
+
+from kat_timm.cli import predict
+from kat_timm.cli.demo import sample_images
+
+IMAGES = [str(path) for path in sample_images()]
+
+# Building KATs on a busy 2-core machine is several times faster on one thread.
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _with_head(state_dict, num_classes: int):
+    """A copy of a kat_tiny state dict with a fresh ``num_classes``-way classifier (a fine-tuned checkpoint)."""
+    state_dict = dict(state_dict)
+    state_dict["head.weight"] = 0.05 * torch.randn(num_classes, state_dict["head.weight"].shape[1])
+    state_dict["head.bias"] = 0.1 * torch.randn(num_classes)
+    return state_dict
+
+
+def _run(capsys, *args):
+    code = predict.main([*args, "--device", "cpu"])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _expected_top(state_dict, k: int, num_classes: int = 1000):
+    """Top-k (indices, probabilities) per sample image, computed here with the weights loaded by hand."""
+    model = timm.create_model("kat_tiny", num_classes=num_classes, weight_init="skip")
+    model.load_state_dict(state_dict)
+    images = predict.read_images(sample_images())
+    from timm.data import create_transform, resolve_data_config
+
+    transform = create_transform(**resolve_data_config(model=model))
+    with torch.inference_mode():
+        probabilities = model.eval()(torch.stack([transform(image) for image in images])).softmax(-1)
+    values, indices = probabilities.topk(k, dim=-1)
+    return indices.tolist(), values.tolist()
+
+
+def test_json_gives_the_released_weights_top5_with_imagenet_labels(capsys, released_hub, kat_tiny_weights):
+    code, out, err = _run(capsys, *IMAGES, "--model", "kat_tiny", "--json")
+    assert code == 0, err
+    records = json.loads(out)
+    indices, probabilities = _expected_top(kat_tiny_weights["scratch"], 5)
+    info = ImageNetInfo("imagenet-1k")
+    assert [record["image"] for record in records] == IMAGES
+    for record, want_indices, want_probabilities in zip(records, indices, probabilities):
+        assert record["weights"] == "released" and record["model"] == "kat_tiny"
+        got = record["predictions"]
+        assert [p["index"] for p in got] == want_indices, "not the predictions of the cached released weights"
+        assert [p["probability"] for p in got] == pytest.approx(want_probabilities, rel=1e-4)
+        assert [p["label"] for p in got] == [info.index_to_description(i) for i in want_indices]
+    assert "meaningless" not in out + err
+
+
+def test_text_output_honours_top_k_and_batches(capsys, released_hub, kat_tiny_weights):
+    # Three images in batches of two: the second batch holds one image.
+    code, out, err = _run(capsys, *IMAGES, IMAGES[0], "--model", "kat_tiny", "--top-k", "3", "--batch-size", "2")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("kat_tiny (released weights)")
+    blocks = [lines[i:i + 4] for i in range(1, len(lines), 4)]
+    assert [block[0] for block in blocks] == [*IMAGES, IMAGES[0]]
+    indices, probabilities = _expected_top(kat_tiny_weights["scratch"], 3)
+    info = ImageNetInfo("imagenet-1k")
+    for block, want_indices, want_probabilities in zip(blocks, indices + indices[:1], probabilities):
+        assert [line.split()[0] for line in block[1:]] == ["1.", "2.", "3."]
+        assert block[1].endswith(info.index_to_description(want_indices[0]))
+        assert f"{100 * want_probabilities[0]:6.2f}%" in block[1]
+
+
+def test_random_weights_say_the_predictions_are_meaningless(capsys, offline_hub):
+    code, out, err = _run(capsys, IMAGES[0], "--model", "kat_tiny", "--random-weights", "--top-k", "2")
+    assert code == 0, err
+    assert "meaningless" in out and "meaningless" in err
+    code, out, err = _run(capsys, IMAGES[0], "--model", "kat_tiny", "--random-weights", "--json")
+    assert code == 0, err
+    assert json.loads(out)[0]["weights"] == "random"
+    assert "meaningless" in err
+
+
+def test_checkpoint_with_ten_classes_prints_indices_or_class_map_names(capsys, tmp_path, kat_tiny_weights):
+    state_dict = _with_head(kat_tiny_weights["scratch"], 10)
+    checkpoint = tmp_path / "finetuned.pth"
+    torch.save({"state_dict": state_dict, "epoch": 3}, checkpoint)
+    indices, _ = _expected_top(state_dict, 3, num_classes=10)
+
+    code, out, err = _run(capsys, *IMAGES, "--model", "kat_tiny", "--checkpoint", str(checkpoint), "--top-k", "3",
+                          "--json")
+    assert code == 0, err
+    records = json.loads(out)
+    assert records[0]["weights"] == f"checkpoint {checkpoint}"
+    for record, want in zip(records, indices):
+        assert all(0 < p["probability"] < 1 for p in record["predictions"])
+        assert [p["index"] for p in record["predictions"]] == want
+        assert [p["label"] for p in record["predictions"]] == [f"class {i}" for i in want]
+
+    names = [f"flower_{i}" for i in range(10)]
+    class_map = tmp_path / "classes.txt"
+    class_map.write_text("\n".join(names) + "\n")
+    code, out, err = _run(capsys, *IMAGES, "--model", "kat_tiny", "--checkpoint", str(checkpoint),
+                          "--class-map", str(class_map), "--json")
+    assert code == 0, err
+    for record, want in zip(json.loads(out), indices):
+        assert [p["label"] for p in record["predictions"]][:3] == [names[i] for i in want]
+
+    class_map.write_text("\n".join(names[:9]) + "\n")
+    code, out, err = _run(capsys, IMAGES[0], "--model", "kat_tiny", "--checkpoint", str(checkpoint),
+                          "--class-map", str(class_map))
+    assert code == 1 and "9 class names for a classifier of 10 classes" in err
+
+
+def test_top_k_is_capped_at_the_number_of_classes(capsys, tmp_path, ckpt, kat_tiny_weights):
+    checkpoint = ckpt.save_released(_with_head(kat_tiny_weights["vitft"], 3), tmp_path / "three.bin")
+    code, out, err = _run(capsys, IMAGES[0], "--model", "kat_tiny", "--checkpoint", str(checkpoint), "--json")
+    assert code == 0, err
+    got = json.loads(out)[0]["predictions"]
+    assert sorted(p["index"] for p in got) == [0, 1, 2]
+    assert sum(p["probability"] for p in got) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_unreadable_and_missing_images_are_named(capsys, tmp_path, offline_hub):
+    not_an_image = tmp_path / "notes.jpg"
+    not_an_image.write_text("this is text")
+    code, _, err = _run(capsys, IMAGES[0], str(not_an_image), "--random-weights")
+    assert code == 1 and f"{not_an_image}: not an image file" in err
+    code, _, err = _run(capsys, str(tmp_path / "missing.png"), "--random-weights")
+    assert code == 1 and "missing.png: no such file" in err
+    code, _, err = _run(capsys, str(tmp_path), "--random-weights")
+    assert code == 1 and "is a directory" in err
+
+
+def test_model_and_option_errors(capsys, tmp_path, offline_hub):
+    code, _, err = _run(capsys, IMAGES[0], "--model", "kat_tinyy", "--random-weights")
+    assert code == 2 and "unknown model 'kat_tinyy'" in err
+    code, _, err = _run(capsys, IMAGES[0], "--model", "kat_tiny.nope")
+    assert code == 2 and "Invalid pretrained tag (nope)" in err
+    code, _, err = _run(capsys, IMAGES[0], "--checkpoint", str(tmp_path / "w.pth"), "--random-weights")
+    assert code == 2 and "not both" in err
+    code, _, err = _run(capsys, IMAGES[0], "--random-weights", "--top-k", "0")
+    assert code == 2 and "--top-k" in err
+    code, _, err = _run(capsys, IMAGES[0], "--model", "kat_tiny", "--checkpoint", str(tmp_path / "w.pth"))
+    assert code == 1 and "w.pth" in err
+
+
+def test_missing_released_weights_say_how_to_get_them(capsys, offline_hub):
+    start = time.perf_counter()
+    code, _, err = _run(capsys, IMAGES[0], "--model", "kat_tiny")
+    assert code == 1
+    assert "could not load the released weights of kat_tiny" in err and "offline mode" in err
+    assert "kat-timm download kat_tiny" in err and "--random-weights" in err and "--checkpoint" in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert time.perf_counter() - start < 20
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reaching the Hub
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class _FakeSession:
+    def __init__(self, behaviour):
+        self.behaviour = behaviour
+
+    def head(self, url, timeout):
+        return self.behaviour(url, timeout)
+
+
+@pytest.fixture
+def online_mode(monkeypatch):
+    """huggingface_hub in online mode (the test replaces its HTTP session, so nothing leaves the machine)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+
+def _use_session(monkeypatch, behaviour):
+    import huggingface_hub.utils
+
+    monkeypatch.setattr(huggingface_hub.utils, "get_session", lambda: _FakeSession(behaviour))
+
+
+def test_probe_reports_a_hub_that_hangs_within_its_timeout(monkeypatch, online_mode):
+    _use_session(monkeypatch, lambda url, timeout: time.sleep(5))
+    start = time.perf_counter()
+    reachable, reason = predict.hub_reachable(timeout=0.2)
+    assert not reachable and "did not answer within 0.2 s" in reason
+    assert time.perf_counter() - start < 2
+
+
+def test_probe_reports_connection_errors_and_answers(monkeypatch, online_mode):
+    def refuse(url, timeout):
+        raise ConnectionError("Name or service not known")
+
+    _use_session(monkeypatch, refuse)
+    assert predict.hub_reachable(timeout=1) == (False, "huggingface.co is unreachable: Name or service not known")
+    _use_session(monkeypatch, lambda url, timeout: object())
+    assert predict.hub_reachable(timeout=1) == (True, "huggingface.co is reachable")
+
+
+def test_unreachable_hub_loads_cached_weights_in_offline_mode(monkeypatch, released_hub, online_mode,
+                                                              kat_tiny_weights):
+    from huggingface_hub import constants
+
+    # Sockets stay blocked (released_hub): any request that escaped offline mode would fail the load.
+    monkeypatch.setattr(predict, "hub_reachable", lambda timeout=None: (False, "simulated outage"))
+    with predict.hub_access() as reason:
+        assert reason == "simulated outage" and constants.is_offline_mode()
+    assert not constants.is_offline_mode(), "offline mode must be undone after the context"
+    model = predict.create_model_with_weights("kat_tiny")
+    torch.testing.assert_close(model.state_dict()["head.weight"], kat_tiny_weights["scratch"]["head.weight"])
+    assert not constants.is_offline_mode()
+
+
+def test_unreachable_hub_without_cache_fails_at_once_with_the_reason(monkeypatch, offline_hub, online_mode):
+    monkeypatch.setattr(predict, "hub_reachable", lambda timeout=None: (False, "huggingface.co did not answer"))
+    start = time.perf_counter()
+    with pytest.raises(predict.ReleasedWeightsUnavailable) as caught:
+        predict.create_model_with_weights("kat_tiny")
+    assert time.perf_counter() - start < 20
+    assert caught.value.reason.startswith("huggingface.co did not answer, and they are not in the local")
