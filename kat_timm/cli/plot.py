@@ -1,0 +1,88 @@
+"""``kat-timm plot -o activations.png``: draw every block's learned rational activations (act1, act2).
+
+One panel per rational, one curve per channel group, a dashed reference curve to compare with; the figure comes
+from :func:`kat_timm.plot.plot_rationals`. Weights as for ``kat-timm predict``: the released ones by default,
+``--checkpoint FILE`` for your own, ``--random-weights`` for the initialisation. Needs matplotlib
+(``pip install "kat-timm[plot]"``).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from . import CLIError, run_main
+
+__all__ = ["main"]
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    from ..plot import REFERENCES
+
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Draw every block's rational activations (act1, act2) of a KAT to an image file.")
+    parser.add_argument("-o", "--output", type=Path, default=Path("activations.png"),
+                        help="image file to write; the format follows the extension (default: activations.png)")
+    parser.add_argument("--model", default="kat_tiny",
+                        help="a KAT model name with an optional .tag, e.g. kat_base.vitft (default: kat_tiny)")
+    parser.add_argument("--checkpoint", metavar="FILE", type=Path,
+                        help="weights from this file instead of the released ones")
+    parser.add_argument("--use-ema", action="store_true", help="with --checkpoint: take its EMA weights")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="plot the initialisation (no weights loaded)")
+    parser.add_argument("--offline", action="store_true",
+                        help="don't contact the Hugging Face Hub; use released weights only from the local cache")
+    parser.add_argument("--reference", choices=(*REFERENCES, "none"), default="init",
+                        help="dashed comparison curve: each layer's init function (default), identity, gelu, "
+                             "swish, or none")
+    parser.add_argument("--x-range", type=float, nargs=2, default=(-3.0, 3.0), metavar=("LOW", "HIGH"),
+                        help="x axis range (default: -3 3)")
+    parser.add_argument("--use-layer", action="store_true",
+                        help="evaluate the layers' own kernels instead of the float64 reference formula")
+    parser.add_argument("--dpi", type=int, default=100, help="resolution of raster output (default: 100)")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None, prog: str = "kat-timm plot") -> int:
+    """Entry point of ``kat-timm plot``."""
+    parser = build_parser(prog)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+
+    def run() -> int:
+        from ..plot import INSTALL_HINT, require_matplotlib, find_rationals, plot_rationals
+        from .predict import create_model_with_weights
+
+        try:
+            require_matplotlib()  # before the model: a missing extra is the first thing to hear about
+        except ImportError:
+            raise CLIError(INSTALL_HINT) from None
+        if args.dpi < 1:
+            raise CLIError("--dpi must be >= 1", code=2)
+        if not args.output.parent.is_dir():
+            raise CLIError(f"{args.output}: the folder {args.output.parent} does not exist")
+        model = create_model_with_weights(args.model, checkpoint=args.checkpoint, use_ema=args.use_ema,
+                                          random_weights=args.random_weights, offline=args.offline)
+        if not find_rationals(model):
+            raise CLIError(f"{args.model} has no rational activations to plot (not a KAT model)", code=2)
+        weights = ("random weights" if args.random_weights else
+                   f"checkpoint {args.checkpoint.name}" if args.checkpoint else "released weights")
+        try:
+            figure = plot_rationals(model, reference=None if args.reference == "none" else args.reference,
+                                    x_range=tuple(args.x_range), use_layer=args.use_layer,
+                                    title=f"{args.model} ({weights}): rational activations, one curve per group")
+        except ValueError as error:
+            raise CLIError(str(error), code=2) from None
+        try:
+            figure.savefig(args.output, dpi=args.dpi)
+        except (OSError, ValueError) as error:  # ValueError: an extension matplotlib has no writer for
+            raise CLIError(f"{args.output}: cannot write the figure ({error})") from None
+        print(f"wrote {args.output}: {len(find_rationals(model))} rational activations of {args.model} "
+              f"({weights})")
+        return 0
+
+    return run_main(run, prog)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

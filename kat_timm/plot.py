@@ -1,0 +1,169 @@
+"""Draw the learned rational activations of a KAT: what each block's KAN computes, group by group.
+
+``plot_rationals(model)`` returns a matplotlib Figure with one panel per :class:`~kat_timm.layers.GroupRational`
+(rows: the modules holding them, e.g. ``blocks.0.mlp`` .. ``blocks.11.mlp``; columns: their names, ``act1`` and
+``act2``), one curve per channel group, and a dashed reference curve (the function the layer was initialised
+from, or identity / GELU / swish) to compare against.
+
+matplotlib is an optional dependency (``pip install "kat-timm[plot]"``). The figure is built without pyplot, on
+matplotlib's Agg canvas: no display is needed and nothing is kept in pyplot's global figure list.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .layers import GroupRational
+from .ops import group_rational_reference
+
+__all__ = ["REFERENCE_FUNCTIONS", "find_rationals", "plot_rationals", "rational_curves"]
+
+INSTALL_HINT = 'plotting needs matplotlib: pip install "kat-timm[plot]"'
+
+# The activations a rational is compared with, in float64.
+REFERENCE_FUNCTIONS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "identity": lambda x: x,
+    "gelu": lambda x: torch.nn.functional.gelu(x),
+    "swish": lambda x: x * torch.sigmoid(x),
+}
+REFERENCE_LABELS = {"identity": "identity", "gelu": "GELU", "swish": "swish"}
+REFERENCES = ("init", *REFERENCE_FUNCTIONS)
+
+
+def find_rationals(model: nn.Module) -> List[Tuple[str, GroupRational]]:
+    """Every GroupRational of ``model`` as (qualified name, module), in module order."""
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, GroupRational)]
+
+
+@torch.no_grad()
+def rational_curves(layer: GroupRational, x: torch.Tensor, use_layer: bool = False) -> torch.Tensor:
+    """F_g(x) of every group g of ``layer`` on the 1-D grid ``x``: a float64 tensor of shape (len(x), G).
+
+    The layer is evaluated on an (N, G) input whose column g is ``x``: with one channel per group, column g goes
+    through group g's coefficients.
+
+    Args:
+        layer: the rational activation.
+        x: 1-D grid of inputs.
+        use_layer: run the layer itself (its backend, its dtype, its device) instead of the float64 reference
+            (``kat_timm.ops.group_rational_reference``) on its coefficients.
+    """
+    groups = layer.num_groups
+    grid = x.detach().to(torch.float64).reshape(-1, 1).expand(-1, groups)
+    if use_layer:
+        parameter = layer.weight_numerator
+        inputs = grid.to(device=parameter.device, dtype=parameter.dtype).contiguous()
+        # A (N, G) tensor has its channels on axis 1, which is also -1: right for either channel_dim.
+        return layer(inputs).to(device="cpu", dtype=torch.float64)
+    return group_rational_reference(grid, layer.weight_numerator.cpu(), layer.weight_denominator.cpu())
+
+
+def _reference_name(reference: Optional[str], layer: GroupRational) -> Optional[str]:
+    if reference == "init":
+        return layer.init if layer.init in REFERENCE_FUNCTIONS else None
+    return reference
+
+
+def require_matplotlib():
+    """matplotlib's Figure and Agg canvas classes; an ImportError that says how to install them if missing."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError(f"{INSTALL_HINT} ({error})") from error
+    return Figure, FigureCanvasAgg
+
+
+def plot_rationals(
+    model: nn.Module,
+    reference: Optional[str] = "init",
+    x_range: Tuple[float, float] = (-3.0, 3.0),
+    num_points: int = 241,
+    use_layer: bool = False,
+    title: Optional[str] = None,
+    panel_size: Tuple[float, float] = (3.2, 1.9),
+):
+    """A grid of every rational activation of ``model``: one curve per channel group on ``x_range``.
+
+    Args:
+        model: a KAT (or any module holding :class:`~kat_timm.layers.GroupRational` layers).
+        reference: dashed comparison curve in every panel: ``"init"`` (the function each layer was initialised
+            from: identity for act1, swish for act2 of the released models; none when that is not one of the
+            functions below), ``"identity"``, ``"gelu"``, ``"swish"``, or None for no reference.
+        x_range: (low, high) of the x axis.
+        num_points: grid points per curve.
+        use_layer: evaluate each layer itself (its backend and dtype) instead of the float64 reference formula.
+        title: figure title (default: the model's class name and number of rationals).
+        panel_size: (width, height) of one panel in inches.
+
+    Returns:
+        A ``matplotlib.figure.Figure`` (Agg canvas) with rows = modules holding rationals (``blocks.i.mlp``) and
+        columns = the rational names within them (``act1``, ``act2``). Save it with ``fig.savefig("a.png")``.
+
+    Raises:
+        ImportError: matplotlib is not installed (the message says ``pip install "kat-timm[plot]"``).
+        ValueError: ``model`` has no GroupRational, or ``reference`` / ``x_range`` / ``num_points`` is invalid.
+    """
+    if reference is not None and reference not in REFERENCES:
+        raise ValueError(f"reference must be one of {', '.join(REFERENCES)} or None, got {reference!r}")
+    low, high = (float(v) for v in x_range)
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ValueError(f"x_range must be two finite numbers (low, high) with low < high, got {x_range!r}")
+    if num_points < 2:
+        raise ValueError(f"num_points must be >= 2, got {num_points}")
+    rationals = find_rationals(model)
+    if not rationals:
+        raise ValueError(f"{type(model).__name__} has no GroupRational layers: nothing to plot (is it a KAT?)")
+    Figure, FigureCanvasAgg = require_matplotlib()
+
+    # Rows: the parent modules, in order; columns: the leaf names (act1, act2), in order of first appearance.
+    rows: List[str] = []
+    columns: List[str] = []
+    for name, _ in rationals:
+        parent, _, leaf = name.rpartition(".")
+        if parent not in rows:
+            rows.append(parent)
+        if leaf not in columns:
+            columns.append(leaf)
+
+    x = torch.linspace(low, high, num_points, dtype=torch.float64)
+    figure = Figure(figsize=(panel_size[0] * len(columns), panel_size[1] * len(rows) + 0.8), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(len(rows), len(columns), sharex=True, squeeze=False)
+    for ax in axes.flat:
+        ax.set_visible(False)  # a KAN lacking one of the columns' rationals leaves its panel empty
+    max_groups = max(layer.num_groups for _, layer in rationals)
+    for name, layer in rationals:
+        parent, _, leaf = name.rpartition(".")
+        ax = axes[rows.index(parent), columns.index(leaf)]
+        ax.set_visible(True)
+        curves = rational_curves(layer, x, use_layer=use_layer).numpy()
+        for group in range(curves.shape[1]):
+            ax.plot(x.numpy(), curves[:, group], color=_group_color(group, max_groups), linewidth=1.0,
+                    label=f"group {group}")
+        ref = _reference_name(reference, layer)
+        if ref is not None:
+            ax.plot(x.numpy(), REFERENCE_FUNCTIONS[ref](x).numpy(), color="black", linestyle="--", linewidth=0.9,
+                    label=REFERENCE_LABELS[ref])
+        ax.set_title(f"{parent}.{leaf}" if parent else leaf, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(True, color="0.9", linewidth=0.5)  # grid lines, unlike axhline, are not among the axes' lines
+        ax.set_xlim(low, high)
+    for ax in axes[-1]:
+        ax.set_xlabel("x", fontsize=8)
+    # One legend for the figure: the handles of the first panel that has the most curves.
+    first = max((ax for ax in axes.flat if ax.get_visible()), key=lambda ax: len(ax.get_lines()))
+    handles, labels = first.get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 5), fontsize=7, frameon=False)
+    figure.suptitle(title or f"{type(model).__name__}: {len(rationals)} rational activations, "
+                             f"one curve per channel group", fontsize=10)
+    return figure
+
+
+def _group_color(group: int, groups: int):
+    from matplotlib import colormaps
+
+    return colormaps["viridis"](group / max(1, groups - 1) * 0.9)
