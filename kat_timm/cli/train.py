@@ -10,13 +10,21 @@ anything starts, checkpoints that are never half-written, clear errors, and a pr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
+import math
 import os
+import sys
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from . import CLIError, run_main
 
-__all__ = ["build_parser", "main", "parse_args"]
+__all__ = ["TrainResult", "build_parser", "main", "parse_args", "train"]
 
 DEFAULT_MODEL = "kat_tiny_patch16_224"
 
@@ -408,15 +416,605 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     return _parse_args(list(argv), "kat-train")
 
 
-def main(argv: Optional[List[str]] = None, prog: str = "kat-train") -> int:
-    """Entry point of ``kat-train`` and ``kat-timm train``."""
-    import sys
 
+def _atomic_saver_class():
+    """timm's CheckpointSaver, changed only so that no file ever appears under a ``*.pth.tar`` name half-written.
+
+    timm's saver writes ``tmp.pth.tar`` in place (a kill mid-write leaves a partial ``*.pth.tar``), deletes
+    ``last.pth.tar`` before renaming the new one over it (a kill in between leaves none), and falls back to
+    copying into the final name where hard links fail. Here every write goes to a ``.partial`` name, is flushed to
+    disk, and is renamed into place with ``os.replace``, which is atomic: readers see the old file or the new one.
+    Hard links (the numbered and best checkpoints share ``last``'s data) are made under a ``.partial`` name and
+    renamed too. Numbered files are never written in place, so replacing ``last`` never changes them.
+    """
+    from timm.utils import CheckpointSaver
+
+    class _AtomicCheckpointSaver(CheckpointSaver):
+        def _save(self, save_path, epoch, metric=None):
+            partial = save_path + ".partial"
+            super()._save(partial, epoch, metric)
+            _fsync(partial)
+            os.replace(partial, save_path)
+            _fsync_dir(os.path.dirname(save_path))
+
+        def _replace(self, src, dst):
+            os.replace(src, dst)
+            _fsync_dir(os.path.dirname(dst))
+
+        def _duplicate(self, src, dst):
+            partial = dst + ".partial"
+            if os.path.lexists(partial):
+                os.remove(partial)
+            try:
+                os.link(src, partial)
+            except OSError:  # no hard links here (some network and Windows file systems): copy, then flush
+                import shutil
+
+                shutil.copyfile(src, partial)
+                _fsync(partial)
+            os.replace(partial, dst)
+            _fsync_dir(os.path.dirname(dst))
+
+    _AtomicCheckpointSaver.__name__ = _AtomicCheckpointSaver.__qualname__ = "AtomicCheckpointSaver"
+    _AtomicCheckpointSaver.__doc__ = _atomic_saver_class.__doc__
+    return _AtomicCheckpointSaver
+
+
+def _fsync(path: str) -> None:
+    with open(path, "rb") as file:
+        os.fsync(file.fileno())
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a rename durable (POSIX); a no-op where folders cannot be opened (Windows)."""
+    try:
+        descriptor = os.open(path or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+@dataclass
+class TrainResult:
+    """What a finished ``train`` call leaves behind, for callers in Python (tests, notebooks).
+
+    Attributes:
+        model: the trained model, unwrapped from DDP and torch.compile.
+        model_ema: the EMA copy (``--model-ema``), else None.
+        optimizer: the optimizer, with its state.
+        output_dir: the run folder (None on ranks other than 0).
+        start_epoch: the first epoch this call ran (0-based; after ``--resume``, the one after the checkpoint's).
+        history: one dict per epoch run: epoch, train_loss, lr, and eval_* when there is a validation split.
+        best_metric, best_epoch: the best ``--eval-metric`` and its epoch (None without evaluation).
+    """
+
+    model: Any
+    model_ema: Any
+    optimizer: Any
+    output_dir: Optional[str]
+    start_epoch: int
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    best_metric: Optional[float] = None
+    best_epoch: Optional[int] = None
+
+
+class _Progress:
+    """A tqdm bar with ETA and images/s on a terminal; otherwise a line every ``interval`` steps and at the end."""
+
+    def __init__(self, total: int, description: str, enabled: bool, interval: int):
+        self.total, self.description, self.enabled, self.interval = total, description, enabled, max(1, interval)
+        self.start = time.perf_counter()
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=description, unit="step", dynamic_ncols=True, leave=True)
+
+    def update(self, step: int, images: int, **values: float) -> None:
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.start
+        rate = images / max(elapsed, 1e-9)
+        shown = {name: f"{value:.4g}" for name, value in values.items()}
+        if self.bar is not None:
+            postfix = ", ".join(f"{name}={value}" for name, value in shown.items())
+            self.bar.set_postfix_str(f"{postfix}, {rate:.1f} img/s", refresh=False)
+            self.bar.update(step - self.bar.n)
+        elif step % self.interval == 0 or step == self.total:
+            remaining = elapsed / step * (self.total - step)
+            fields = "  ".join(f"{name} {value}" for name, value in shown.items())
+            print(f"{self.description} [{step:>{len(str(self.total))}}/{self.total}]  {fields}  {rate:.1f} img/s  "
+                  f"ETA {_clock(remaining)}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _setup_logging(primary: bool) -> None:
+    """Messages from timm and kat_timm.data (skipped images) to stderr; other ranks show warnings only."""
+    import logging
+
+    logging.getLogger("kat_timm").setLevel(logging.INFO if primary else logging.WARNING)
+    logging.getLogger("timm").setLevel(logging.INFO if primary else logging.WARNING)
+    logging.getLogger("timm.utils.checkpoint_saver").setLevel(logging.WARNING)  # lists every file it keeps
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+
+
+def _init_device(args: argparse.Namespace):
+    """Resolve --device, join the torchrun process group if there is one (timm's init_distributed_device)."""
+    from timm.utils import init_distributed_device
+
+    from .validate import resolve_device
+
+    args.device = str(resolve_device(args.device))
+    try:
+        device = init_distributed_device(args)
+    except (RuntimeError, ValueError, AssertionError) as error:
+        raise CLIError(f"could not start distributed training on {args.device} "
+                       f"(backend {args.dist_backend or 'default'}): {error}") from error
+    args.device = str(device)
+    return device
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    if not args.data_dir:
+        raise CLIError("give the dataset folder: --data-dir DIR (layout DIR/train/CLASS/*.png and "
+                       "DIR/validation/CLASS/*.png)", code=2)
+    for name in ("batch_size", "epochs", "grad_accum_steps", "checkpoint_hist", "log_interval"):
+        if getattr(args, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}", code=2)
+    if args.workers < 0:
+        raise CLIError(f"--workers must be at least 0, got {args.workers}", code=2)
+    for name in ("resume", "initial_checkpoint", "pretrained_path"):
+        path = getattr(args, name)
+        if path and not os.path.isfile(path):
+            raise CLIError(f"--{name.replace('_', '-')}: no such file: {path}", code=2)
+    if args.pretrained_path and args.initial_checkpoint:
+        raise CLIError("give --pretrained-path or --initial-checkpoint, not both", code=2)
+    if args.pretrained and args.initial_checkpoint:
+        raise CLIError("give --pretrained or --initial-checkpoint, not both", code=2)
+    mixing = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+    if mixing and args.batch_size % 2:
+        raise CLIError(f"mixup/cutmix pair the images of a batch, so --batch-size must be even (got "
+                       f"{args.batch_size})", code=2)
+
+
+def _check_data(args: argparse.Namespace):
+    """The checked training and validation splits; the validation labels follow the training class order."""
+    from kat_timm.data import DataError, ImageFolderSplit, check_class_sets, check_split, load_class_names
+
+    try:
+        class_names = load_class_names(args.class_map) if args.class_map else None
+        train_split = check_split(args.data_dir, args.train_split, class_names)
+        val_split = None
+        if args.val_split:
+            val_split = check_split(args.data_dir, args.val_split)
+            check_class_sets(train_split, val_split)
+            val_split = ImageFolderSplit(val_split.root, train_split.classes)
+    except DataError as error:
+        raise CLIError(str(error)) from error
+    return train_split, val_split
+
+
+def _model_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    kwargs = dict(args.model_kwargs)
+    if args.drop:
+        kwargs.setdefault("drop_rate", args.drop)
+    if args.drop_path is not None:
+        kwargs.setdefault("drop_path_rate", args.drop_path)
+    if args.gp:
+        kwargs.setdefault("global_pool", args.gp)
+    if args.pretrained_path:
+        kwargs["pretrained_cfg_overlay"] = dict(file=os.path.abspath(args.pretrained_path))
+    return kwargs
+
+
+def _create_model(args: argparse.Namespace, num_classes: int):
+    from .validate import create_sized_model
+
+    size = args.input_size[1:] if args.input_size else ([args.img_size] if args.img_size else None)
+    model = create_sized_model(
+        args.model, size, pretrained=args.pretrained or bool(args.pretrained_path),
+        checkpoint=Path(args.initial_checkpoint) if args.initial_checkpoint else None,
+        num_classes=num_classes, **_model_kwargs(args))
+    if getattr(model, "num_classes", num_classes) != num_classes:
+        raise CLIError(f"--initial-checkpoint {args.initial_checkpoint} has a {model.num_classes}-class classifier "
+                       f"but the data has {num_classes} classes; start from --pretrained-path FILE instead (it "
+                       f"re-initialises a classifier of another size)")
+    return model
+
+
+def _resolve_lr(args: argparse.Namespace) -> None:
+    if args.lr is not None:
+        return
+    global_batch = args.batch_size * args.world_size * args.grad_accum_steps
+    ratio = global_batch / args.lr_base_size
+    args.lr = args.lr_base * (ratio ** 0.5 if args.lr_base_scale == "sqrt" else ratio)
+
+
+def _resume(args: argparse.Namespace, model, optimizer, loss_scaler, primary: bool) -> Optional[int]:
+    """timm's resume_checkpoint (weights, optimizer, AMP scaler, epoch) with its failures as clear errors."""
+    from timm.models import resume_checkpoint
+
+    try:
+        return resume_checkpoint(model, args.resume, optimizer=None if args.no_resume_opt else optimizer,
+                                 loss_scaler=None if args.no_resume_opt else loss_scaler, log_info=primary)
+    except (RuntimeError, KeyError, ValueError, EOFError) as error:
+        detail = "; ".join(line.strip() for line in str(error).strip().splitlines()[:3])
+        hint = ""
+        try:
+            from kat_timm.hub import infer_architecture, load_checkpoint, unwrap_state_dict
+
+            state_dict, _ = unwrap_state_dict(load_checkpoint(args.resume))
+            hint = f"; it looks like a checkpoint of {infer_architecture(state_dict)}"
+        except Exception:
+            pass
+        raise CLIError(f"cannot resume from {args.resume} with --model {args.model}: {detail}{hint}") from error
+
+
+def _loss_functions(args: argparse.Namespace, mixing: bool, device):
+    from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if mixing:  # Mixup produces soft targets that already include the label smoothing
+        loss = BinaryCrossEntropy(target_threshold=args.bce_target_thresh) if args.bce_loss \
+            else SoftTargetCrossEntropy()
+    elif args.smoothing:
+        loss = BinaryCrossEntropy(smoothing=args.smoothing, target_threshold=args.bce_target_thresh) \
+            if args.bce_loss else LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    elif args.bce_loss:
+        loss = BinaryCrossEntropy(target_threshold=args.bce_target_thresh)
+    else:
+        import torch
+
+        loss = torch.nn.CrossEntropyLoss()
+    return loss.to(device)
+
+
+def _write_args_yaml(path: str, parsed: Dict[str, Any]) -> None:
+    import yaml
+
+    options = {key: value for key, value in parsed.items() if key not in ("config", "data")}
+    partial = path + ".partial"
+    with open(partial, "w", encoding="utf-8") as file:
+        yaml.safe_dump(options, file, default_flow_style=False, sort_keys=False)
+    os.replace(partial, path)
+
+
+def train(args: argparse.Namespace, prog: str = "kat-train") -> TrainResult:
+    """Run the training that ``args`` (from :func:`parse_args`) describes; bad input raises ``CLIError``.
+
+    Under torchrun every process calls this; rank 0 prints, evaluates into the summary and writes the checkpoints.
+    """
+    import torch
+
+    parsed = dict(vars(args))
+    _check_arguments(args)
+    device = _init_device(args)
+    primary = args.rank == 0
+    _setup_logging(primary)
+    try:
+        return _train(args, parsed, device, primary, prog)
+    finally:
+        if args.distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bool, prog: str) -> TrainResult:
+    import torch
+    from timm import utils
+    from timm.data import Mixup, create_loader, resolve_data_config
+    from timm.layers import convert_sync_batchnorm
+    from timm.optim import create_optimizer_v2, optimizer_kwargs
+    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+
+    from kat_timm.data import ImageFolderDataset
+
+    from .validate import amp_autocast, create_eval_loader
+
+    def say(message: str) -> None:
+        if primary:
+            print(message, flush=True)
+
+    train_split, val_split = _check_data(args)
+    num_classes = args.num_classes or len(train_split.classes)
+    if num_classes < len(train_split.classes):
+        raise CLIError(f"--num-classes {num_classes} is less than the {len(train_split.classes)} class folders "
+                       f"in {train_split.root}", code=2)
+    args.class_names = list(train_split.classes)  # saved in every checkpoint; kat-validate checks them
+    utils.random_seed(args.seed, args.rank)
+
+    model = _create_model(args, num_classes)
+    args.num_classes = num_classes
+    if args.grad_checkpointing:
+        try:
+            model.set_grad_checkpointing(enable=True)
+        except (AssertionError, NotImplementedError, AttributeError) as error:
+            raise CLIError(f"--grad-checkpointing: {args.model} does not support it ({error})", code=2) from error
+    data_config = resolve_data_config(vars(args), model=model, verbose=False)
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.distributed and args.sync_bn:
+        args.dist_bn = ""
+        model = convert_sync_batchnorm(model)
+
+    _resolve_lr(args)
+    try:
+        optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    except (AssertionError, ValueError, TypeError) as error:
+        raise CLIError(f"cannot create optimizer {args.opt!r}: {error}", code=2) from error
+
+    autocast = amp_autocast(args.amp, args.amp_dtype, device)
+    loss_scaler = None
+    if args.amp and device.type == "cuda" and args.amp_dtype == "float16":
+        loss_scaler = utils.NativeScaler(device=device.type)  # bfloat16 needs no loss scaling
+
+    resume_epoch = _resume(args, model, optimizer, loss_scaler, primary) if args.resume else None
+
+    model_ema = None
+    if args.model_ema:
+        # Created after the model is on its device and before DDP wraps it, as timm does.
+        model_ema = utils.ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
+        if args.resume:
+            from timm.models import load_checkpoint
+
+            load_checkpoint(model_ema.module, args.resume, use_ema=True)
+
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None)
+    if args.torchcompile:
+        model = torch.compile(model, backend=args.torchcompile)
+
+    # Data: timm's loader and augmentation over our checked, corruption-tolerant ImageFolder dataset.
+    dataset_train = ImageFolderDataset(train_split)
+    mixing = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+    mixup_fn = None
+    if mixing:
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                         label_smoothing=args.smoothing, num_classes=num_classes)
+    train_interpolation = args.train_interpolation
+    if args.no_aug or not train_interpolation:
+        train_interpolation = data_config["interpolation"]
+    loader_train = create_loader(
+        dataset_train, input_size=data_config["input_size"], batch_size=args.batch_size, is_training=True,
+        use_prefetcher=False, no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
+        scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
+        auto_augment=args.aa, num_aug_repeats=args.aug_repeats if args.distributed else 0,
+        interpolation=train_interpolation, mean=data_config["mean"], std=data_config["std"],
+        num_workers=args.workers, distributed=args.distributed, pin_memory=args.pin_mem, device=device,
+        use_multi_epochs_loader=args.use_multi_epochs_loader, worker_seeding=args.worker_seeding)
+    if len(loader_train) == 0:
+        raise CLIError(f"{train_split.root} has {len(dataset_train)} images: not one full batch of "
+                       f"{args.batch_size} per process ({args.world_size} process(es)); lower --batch-size", code=2)
+    loader_eval = None
+    if val_split is not None:
+        loader_eval = create_eval_loader(
+            ImageFolderDataset(val_split), data_config, args.validation_batch_size or args.batch_size,
+            args.workers, rank=args.rank, world_size=args.world_size, pin_memory=args.pin_mem)
+
+    train_loss_fn = _loss_functions(args, mixing, device)
+
+    updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
+    lr_scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args),
+                                                   updates_per_epoch=updates_per_epoch)
+    start_epoch = args.start_epoch if args.start_epoch is not None else (resume_epoch or 0)
+    if lr_scheduler is not None and start_epoch > 0:
+        if args.sched_on_updates:
+            lr_scheduler.step_update(start_epoch * updates_per_epoch)
+        else:
+            lr_scheduler.step(start_epoch)
+
+    output_dir = saver = None
+    eval_metric = args.eval_metric
+    if primary:
+        name = args.experiment or "-".join([
+            datetime.now().strftime("%Y%m%d-%H%M%S"), utils.safe_model_name(args.model),
+            str(data_config["input_size"][-1])])
+        output_dir = utils.get_outdir(args.output or "./output/train", name)
+        saver = _atomic_saver_class()(
+            model=model, optimizer=optimizer, args=args, model_ema=model_ema, amp_scaler=loss_scaler,
+            checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing=eval_metric == "loss",
+            max_history=args.checkpoint_hist)
+        if args.resume:
+            saver.load_state_dict_from_checkpoint(args.resume)
+        _write_args_yaml(os.path.join(output_dir, "args.yaml"), parsed)
+        utils.trim_summary(os.path.join(output_dir, "summary.csv"), start_epoch)
+
+    unwrapped = utils.unwrap_model(model)
+    params = sum(p.numel() for p in unwrapped.parameters())
+    trainable = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
+    size_note = ""
+    built_size = getattr(getattr(unwrapped, "patch_embed", None), "img_size", None)
+    if (args.img_size or args.input_size) and built_size is not None:
+        size_note = f" (built for img_size {tuple(built_size)})"
+    say(f"{prog}: model {args.model}{size_note}: {params:,} parameters ({trainable:,} trainable), "
+        f"{num_classes} classes")
+    world = f"{args.world_size} processes ({torch.distributed.get_backend()})" if args.distributed else "1 process"
+    say(f"{prog}: device {device} ({_device_name(device)}), world size {world}, "
+        f"AMP {args.amp_dtype if args.amp else 'off'}")
+    say(f"{prog}: data {train_split.root}: {len(dataset_train)} images; "
+        + (f"{val_split.root}: {len(loader_eval.dataset)} images; " if val_split else "no validation split; ")
+        + f"{len(train_split.classes)} classes, input {tuple(data_config['input_size'])}")
+    say(f"{prog}: batch {args.batch_size} per process x {args.world_size} x {args.grad_accum_steps} accumulation "
+        f"= {args.batch_size * args.world_size * args.grad_accum_steps}; {updates_per_epoch} steps per epoch; "
+        f"{args.opt} lr {args.lr:.3g}, {args.sched} schedule, weight decay {args.weight_decay}")
+    say(f"{prog}: epochs {start_epoch}..{num_epochs - 1} (0-based)" + (f", resumed from {args.resume}"
+                                                                       if args.resume else ""))
+    say(f"{prog}: output {os.path.abspath(output_dir) if output_dir else '-'}")
+
+    result = TrainResult(model=unwrapped, model_ema=model_ema.module if model_ema else None, optimizer=optimizer,
+                         output_dir=output_dir, start_epoch=start_epoch)
+    num_updates = start_epoch * updates_per_epoch
+    for epoch in range(start_epoch, num_epochs):
+        if args.distributed and hasattr(loader_train.sampler, "set_epoch"):
+            loader_train.sampler.set_epoch(epoch)
+        if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+            mixup_fn.mixup_enabled = False
+        started = time.perf_counter()
+        train_metrics, num_updates = _train_one_epoch(
+            epoch, model, loader_train, optimizer, train_loss_fn, args, device, autocast=autocast,
+            loss_scaler=loss_scaler, lr_scheduler=lr_scheduler, model_ema=model_ema, mixup_fn=mixup_fn,
+            saver=saver, num_updates=num_updates, num_epochs=num_epochs, primary=primary)
+        if args.distributed and args.dist_bn in ("broadcast", "reduce"):
+            utils.distribute_bn(model, args.world_size, args.dist_bn == "reduce")
+
+        eval_metrics = None
+        if loader_eval is not None:
+            eval_metrics = _evaluate_epoch(model, loader_eval, device, autocast, args.distributed)
+            if model_ema is not None:
+                if args.distributed and args.dist_bn in ("broadcast", "reduce"):
+                    utils.distribute_bn(model_ema, args.world_size, args.dist_bn == "reduce")
+                ema_metrics = _evaluate_epoch(model_ema.module, loader_eval, device, autocast, args.distributed)
+                eval_metrics.update({f"ema_{key}": value for key, value in ema_metrics.items()})
+
+        lrs = [group["lr"] for group in optimizer.param_groups]
+        lr = sum(lrs) / len(lrs)
+        # The EMA weights rank the checkpoints when there is an EMA, as in timm.
+        metric = None
+        if eval_metrics is not None:
+            metric = eval_metrics[f"ema_{eval_metric}" if model_ema is not None else eval_metric]
+        if output_dir is not None:
+            utils.update_summary(epoch, train_metrics, eval_metrics, os.path.join(output_dir, "summary.csv"), lr=lr)
+        if saver is not None:
+            result.best_metric, result.best_epoch = saver.save_checkpoint(epoch, metric=metric)
+        if lr_scheduler is not None:
+            lr_scheduler.step(epoch + 1, metric)
+
+        row = {"epoch": epoch, "train_loss": train_metrics["loss"], "lr": lr}
+        if eval_metrics is not None:
+            row.update({f"eval_{key}": value for key, value in eval_metrics.items()})
+        result.history.append(row)
+        seconds = time.perf_counter() - started
+        shown = ""
+        if eval_metrics is not None:
+            shown = "  | eval " + "  ".join(f"{key} {eval_metrics[key]:.4g}" for key in ("loss", "top1", "top5"))
+            if model_ema is not None:
+                shown += "  | EMA " + "  ".join(f"{key} {eval_metrics['ema_' + key]:.4g}"
+                                                for key in ("loss", "top1", "top5"))
+        say(f"epoch {epoch}: train loss {train_metrics['loss']:.4g}{shown}  | lr {lr:.3g}  {seconds:.1f} s")
+
+    if primary:
+        if result.best_metric is not None:
+            say(f"{prog}: best {eval_metric} {result.best_metric:.4g} at epoch {result.best_epoch}")
+        say(f"{prog}: checkpoints, summary.csv and args.yaml in {os.path.abspath(output_dir)}")
+    return result
+
+
+def _device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{torch.get_num_threads()} threads"
+
+
+def _evaluate_epoch(model, loader, device, autocast, distributed: bool) -> Dict[str, float]:
+    from .validate import evaluate
+
+    metrics = evaluate(model, loader, device, autocast, distributed=distributed)
+    return {"loss": metrics["loss"], "top1": metrics["top1"], "top5": metrics["top5"]}
+
+
+def _train_one_epoch(epoch: int, model, loader, optimizer, loss_fn, args: argparse.Namespace, device, *,
+                     autocast, loss_scaler, lr_scheduler, model_ema, mixup_fn, saver, num_updates: int,
+                     num_epochs: int, primary: bool):
+    """One pass over ``loader``; returns ({"loss": mean training loss over all processes}, updates so far)."""
+    import torch
+    from timm.models import model_parameters
+    from timm.utils import dispatch_clip_grad, unwrap_model
+
+    model.train()
+    steps = len(loader)
+    accum = args.grad_accum_steps
+    progress = _Progress(steps, f"Train: {epoch}/{num_epochs - 1}", primary, args.log_interval)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss x images, images
+    images_seen = 0
+    has_no_sync = hasattr(model, "no_sync")
+    optimizer.zero_grad(set_to_none=True)
+    try:
+        for step, (images, targets) in enumerate(loader):
+            group_start = step - step % accum
+            group_size = min(accum, steps - group_start)  # the last group of an epoch may be shorter
+            need_update = step - group_start == group_size - 1
+            images = images.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            if mixup_fn is not None:
+                images, targets = mixup_fn(images, targets)
+            if args.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+
+            sync = contextlib.nullcontext() if need_update or not has_no_sync else model.no_sync()
+            with sync:
+                with autocast():
+                    output = model(images)
+                    loss = loss_fn(output, targets)
+                scaled = loss / group_size if group_size > 1 else loss
+                if loss_scaler is not None:
+                    loss_scaler(scaled, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                                parameters=model_parameters(model, exclude_head="agc" in args.clip_mode),
+                                need_update=need_update)
+                else:
+                    scaled.backward()
+                    if need_update:
+                        if args.clip_grad is not None:
+                            dispatch_clip_grad(model_parameters(model, exclude_head="agc" in args.clip_mode),
+                                               value=args.clip_grad, mode=args.clip_mode)
+                        optimizer.step()
+
+            loss_value = loss.detach().float().item()
+            if not math.isfinite(loss_value):
+                raise CLIError(f"the training loss became {loss_value} at epoch {epoch}, step {step}; lower --lr, "
+                               f"add --clip-grad 1.0, or use --amp-dtype bfloat16 instead of float16")
+            batch = images.shape[0]
+            sums += torch.tensor([loss_value * batch, batch], dtype=torch.float64, device=device)
+            images_seen += batch * args.world_size
+
+            if need_update:
+                optimizer.zero_grad(set_to_none=True)
+                num_updates += 1
+                if model_ema is not None:
+                    model_ema.update(unwrap_model(model), step=num_updates)
+                if lr_scheduler is not None:
+                    lr_scheduler.step_update(num_updates=num_updates, metric=float(sums[0] / sums[1]))
+                if saver is not None and args.recovery_interval and num_updates % args.recovery_interval == 0:
+                    saver.save_recovery(epoch, batch_idx=step)
+            lr = optimizer.param_groups[0]["lr"]
+            progress.update(step + 1, images_seen, loss=loss_value, lr=lr)
+    finally:
+        progress.close()
+    if hasattr(optimizer, "sync_lookahead"):
+        optimizer.sync_lookahead()
+    if args.distributed:
+        torch.distributed.all_reduce(sums)
+    loss_sum, count = sums.tolist()
+    return OrderedDict(loss=loss_sum / max(count, 1.0)), num_updates
+
+
+def main(argv: Optional[List[str]] = None, prog: str = "kat-train") -> int:
+    """Entry point of ``kat-train`` and ``kat-timm train``: parse, train, and turn bad input into one clear line."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parse_args(argv, prog)
-    return run_main(lambda: _train(args, prog), prog)
+
+    def run() -> int:
+        train(args, prog)
+        return 0
+
+    return run_main(run, prog)
 
 
-def _train(args: argparse.Namespace, prog: str) -> int:
-    raise CLIError("training is not implemented yet")
-
+if __name__ == "__main__":
+    sys.exit(main())

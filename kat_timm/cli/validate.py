@@ -1,0 +1,286 @@
+"""``kat-validate`` (also ``kat-timm validate``): top-1, top-5 and loss of a model on an ImageFolder split.
+
+The images are prepared as the model's pretrained_cfg says (timm's ``resolve_data_config`` and
+``create_transform``: resize, centre crop ``crop_pct``, interpolation, mean and std), each overridable. The result
+is printed as JSON shaped like timm's validate.py (model, top1, top1_err, top5, top5_err, param_count, img_size,
+crop_pct, interpolation) plus loss, images/s and the image count; ``--results-file`` also writes it.
+
+:func:`evaluate` is the one evaluation loop of the project: ``kat-train`` calls it after every epoch.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence
+
+import torch
+
+from . import CLIError, run_main
+from .common import add_model_arguments
+
+__all__ = ["create_eval_loader", "create_sized_model", "evaluate", "main", "resolve_device"]
+
+
+def resolve_device(name: Optional[str]) -> torch.device:
+    """``--device``: cuda when available, else cpu; asking for cuda where there is none is an error."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise CLIError(f"--device {name}: {error}; use cpu or cuda", code=2) from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}: CUDA is not available on this machine; use --device cpu", code=2)
+    return device
+
+
+def create_sized_model(name: str, img_size: Optional[Sequence[int]] = None, **kwargs: Any) -> torch.nn.Module:
+    """``common.create_model``, also passing ``img_size`` to models that take it.
+
+    A ViT or KAT builds its position embedding for one input size, so changing only the data pipeline's size
+    (timm's ``--img-size``) would fail at the first batch. Models whose constructor has no ``img_size``
+    (ResNets and other size-agnostic models) are built without it.
+    """
+    from .common import create_model
+
+    if img_size is None or "img_size" in kwargs:
+        return create_model(name, **kwargs)
+    size = tuple(img_size) if len(img_size) > 1 else int(img_size[0])
+    try:
+        return create_model(name, img_size=size, **kwargs)
+    except (TypeError, CLIError) as error:
+        cause = error if isinstance(error, TypeError) else error.__cause__
+        if not (isinstance(cause, TypeError) and "img_size" in str(cause)):
+            raise
+    return create_model(name, **kwargs)
+
+
+def create_eval_loader(dataset, data_config: Dict[str, Any], batch_size: int, workers: int,
+                       rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """A loader of ``dataset`` with timm's evaluation transform for ``data_config``.
+
+    Under several processes each takes every ``world_size``-th image starting at ``rank``, so together they see
+    every image exactly once (timm's distributed evaluation pads with repeats; exact sums need no padding).
+    """
+    from timm.data import create_transform
+
+    dataset.transform = create_transform(
+        data_config["input_size"], is_training=False, interpolation=data_config["interpolation"],
+        mean=data_config["mean"], std=data_config["std"], crop_pct=data_config["crop_pct"],
+        crop_mode=data_config.get("crop_mode"))
+    indices = list(range(rank, len(dataset), world_size))
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=indices, num_workers=workers, pin_memory=pin_memory,
+        persistent_workers=False)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: torch.utils.data.DataLoader, device: torch.device,
+             autocast: Callable[[], ContextManager] = contextlib.nullcontext, distributed: bool = False,
+             progress: Optional[Callable[[int, int], None]] = None) -> Dict[str, float]:
+    """Cross-entropy loss, top-1 and top-5 accuracy (in %) of ``model`` over every batch of ``loader``.
+
+    Sums are kept in float64 and, when ``distributed``, added across processes, so the result is exact and the
+    same on every rank. With fewer than 5 classes, top-5 counts the top ``num_classes``.
+
+    Args:
+        model: the model (put in eval mode here).
+        loader: yields (images, integer labels).
+        device: where the model is.
+        autocast: a factory of the mixed-precision context (``--amp``), or a null context.
+        distributed: add the sums across the torch.distributed group.
+        progress: called as ``progress(batches_done, total_batches)`` after each batch.
+
+    Returns:
+        ``{"loss", "top1", "top5", "count", "seconds", "images_per_second"}``.
+    """
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, images
+    start = time.perf_counter()
+    for index, (images, targets) in enumerate(loader):
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with autocast():
+            logits = model(images)
+        logits = logits.float()
+        k = min(5, logits.shape[-1])
+        top = logits.topk(k, dim=-1).indices
+        hits = top.eq(targets[:, None])
+        sums += torch.stack([
+            torch.nn.functional.cross_entropy(logits, targets, reduction="sum").double(),
+            hits[:, 0].sum().double(), hits.any(dim=-1).sum().double(),
+            torch.tensor(float(targets.numel()), dtype=torch.float64, device=device)])
+        if progress is not None:
+            progress(index + 1, len(loader))
+    if distributed:
+        torch.distributed.all_reduce(sums)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    model.train(was_training)
+    loss, top1, top5, count = sums.tolist()
+    if count == 0:
+        raise CLIError("the evaluation split yielded no images")
+    return {"loss": loss / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count,
+            "count": int(count), "seconds": seconds, "images_per_second": count / max(seconds, 1e-9)}
+
+
+def build_parser(prog: str = "kat-validate") -> argparse.ArgumentParser:
+    """The argument parser of ``kat-validate``."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__.strip().splitlines()[0],
+        epilog="Data layout: DATA_DIR/SPLIT/CLASS/*.png (or .jpg/.jpeg). Labels follow the class folders' sorted "
+               "names (timm's order), or --class-map, or the class list a kat-train checkpoint carries. An image "
+               "that cannot be decoded is skipped with a warning naming it, and another sample is counted in its "
+               "place.", formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data", nargs="?", metavar="DIR", default=None, help="same as --data-dir")
+    group = parser.add_argument_group("data")
+    group.add_argument("--data-dir", metavar="DIR", default=None, help="dataset root holding the split folder")
+    group.add_argument("--split", default="validation", metavar="NAME",
+                       help="split folder (default: validation; also found as val, valid, eval, evaluation)")
+    group.add_argument("--class-map", default="", metavar="FILE",
+                       help="text file of class folder names in label order (may list classes without a folder)")
+    group.add_argument("--img-size", type=int, default=None, metavar="N",
+                       help="image size (default: the model's); a fixed-size model (ViT, KAT) is built for it")
+    group.add_argument("--input-size", type=int, nargs=3, default=None, metavar=("C", "H", "W"))
+    group.add_argument("--crop-pct", type=float, default=None, metavar="PCT")
+    group.add_argument("--mean", type=float, nargs="+", default=None, metavar="MEAN")
+    group.add_argument("--std", type=float, nargs="+", default=None, metavar="STD")
+    group.add_argument("--interpolation", default="", metavar="NAME")
+    group.add_argument("-b", "--batch-size", type=int, default=256, metavar="N", help="(default: 256)")
+    group.add_argument("-j", "--workers", type=int, default=4, metavar="N",
+                       help="data loading processes (default: 4; 0 loads in the main process)")
+    add_model_arguments(parser, default_model="kat_tiny_patch16_224")
+    group = parser.add_argument_group("run")
+    group.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
+                       help="extra keyword arguments for timm.create_model")
+    group.add_argument("--amp", action="store_true", help="mixed precision (autocast)")
+    group.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"))
+    group.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    group.add_argument("--results-file", default="", metavar="FILE.json", help="also write the JSON result here")
+    return parser
+
+
+def _keyword_arguments(items: List[str]) -> Dict[str, Any]:
+    import ast
+
+    result = {}
+    for item in items:
+        if "=" not in item:
+            raise CLIError(f"--model-kwargs: expected KEY=VALUE, got {item!r}", code=2)
+        key, value = item.split("=", 1)
+        try:
+            result[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            result[key] = value
+    return result
+
+
+def _checkpoint_metadata(path: Path) -> Dict[str, Any]:
+    """The ``args`` a kat-train (or timm train.py) checkpoint carries, as a dict; {} for a bare state dict."""
+    try:
+        from timm.utils.checkpoint_saver import load_checkpoint_metadata
+
+        checkpoint = load_checkpoint_metadata(str(path))
+    except Exception:  # unreadable here: common.create_model reports it properly
+        return {}
+    args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    return vars(args) if isinstance(args, argparse.Namespace) else (args if isinstance(args, dict) else {})
+
+
+def amp_autocast(enabled: bool, dtype_name: str, device: torch.device) -> Callable[[], ContextManager]:
+    """A factory of the autocast context for ``--amp``/``--amp-dtype`` on ``device`` (a null context when off)."""
+    if not enabled:
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if dtype_name == "bfloat16" else torch.float16
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from timm.data import resolve_data_config
+
+    from kat_timm.data import DataError, ImageFolderDataset, check_split, load_class_names
+
+    data_dir = args.data_dir or args.data
+    if not data_dir:
+        raise CLIError("give the dataset folder: --data-dir DIR (layout DIR/validation/CLASS/*.png)", code=2)
+    if args.batch_size < 1 or args.workers < 0:
+        raise CLIError("--batch-size must be at least 1 and --workers at least 0", code=2)
+    device = resolve_device(args.device)
+
+    trained = _checkpoint_metadata(args.checkpoint) if args.checkpoint is not None else {}
+    class_names = None
+    try:
+        if args.class_map:
+            class_names = load_class_names(args.class_map)
+        elif trained.get("class_names"):
+            class_names = list(trained["class_names"])
+        split = check_split(data_dir, args.split, class_names, allow_missing=bool(class_names))
+    except DataError as error:
+        raise CLIError(str(error)) from error
+
+    # A kat-train checkpoint remembers the image size it was trained at; a fixed-size model needs it.
+    img_size = args.img_size or trained.get("img_size")
+    input_size = args.input_size or trained.get("input_size")
+    size = input_size[1:] if input_size else ([img_size] if img_size else None)
+    model = create_sized_model(args.model, size, pretrained=args.pretrained, checkpoint=args.checkpoint,
+                               use_ema=args.use_ema, num_classes=args.num_classes, prefer_ema=False,
+                               **_keyword_arguments(args.model_kwargs))
+    num_classes = getattr(model, "num_classes", None)
+    if num_classes is not None and num_classes != len(split.classes):
+        raise CLIError(f"the model has {num_classes} classes but {split.root} has {len(split.classes)} class "
+                       f"folders; validate a checkpoint trained on these classes (--checkpoint), or give "
+                       f"--class-map with the model's {num_classes} class names in label order")
+    model.to(device)
+
+    data_config = resolve_data_config(
+        {"img_size": img_size, "input_size": input_size, "crop_pct": args.crop_pct, "mean": args.mean,
+         "std": args.std, "interpolation": args.interpolation}, model=model)
+    dataset = ImageFolderDataset(split)
+    loader = create_eval_loader(dataset, data_config, args.batch_size, args.workers,
+                                pin_memory=device.type == "cuda")
+    print(f"validating {args.model} on {split.root}: {len(dataset)} images, {len(split.classes)} classes, "
+          f"input {tuple(data_config['input_size'])}, {device.type}", file=sys.stderr)
+    metrics = evaluate(model, loader, device, amp_autocast(args.amp, args.amp_dtype, device))
+
+    result = {
+        "model": args.model,
+        "top1": round(metrics["top1"], 4), "top1_err": round(100.0 - metrics["top1"], 4),
+        "top5": round(metrics["top5"], 4), "top5_err": round(100.0 - metrics["top5"], 4),
+        "param_count": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+        "img_size": data_config["input_size"][-1],
+        "crop_pct": data_config["crop_pct"],
+        "interpolation": data_config["interpolation"],
+        "loss": round(metrics["loss"], 6),
+        "images_per_second": round(metrics["images_per_second"], 2),
+        "num_images": metrics["count"],
+    }
+    text = json.dumps(result, indent=4)
+    print(text)
+    if args.results_file:
+        _write_atomically(Path(args.results_file), text + "\n")
+    return 0
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
+
+
+def main(argv: Optional[List[str]] = None, prog: str = "kat-validate") -> int:
+    """Entry point of ``kat-validate`` and ``kat-timm validate``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(prog).parse_args(argv)
+    return run_main(lambda: _validate(args), prog)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

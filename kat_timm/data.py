@@ -1,0 +1,262 @@
+"""ImageFolder datasets for ``kat-train`` and ``kat-validate``: checked before use, and tolerant of corrupt images.
+
+The layout is timm's ImageFolder: ``DATA_DIR/SPLIT/CLASS/IMAGE`` with ``.png``, ``.jpg`` or ``.jpeg`` images, one folder
+per class, the same class folders in every split. timm's reader silently drops class folders without images (so
+the labels of every later class shift by one), uses ``DATA_DIR`` itself when a split folder is missing, and numbers
+each split's classes on its own (so a validation split missing one class is scored against the wrong labels).
+:func:`check_split` and :func:`check_class_sets` turn each of those into an error that names the path and the
+expected layout.
+
+:class:`ImageFolderDataset` is timm's ``ImageDataset`` (its ImageFolder reader and the transform that
+``timm.data.create_loader`` installs) with one change: a file that PIL cannot decode is skipped with a warning that
+names it, once per file in each loader process, and the next sample takes its place.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
+
+from PIL import Image
+from timm.data import ImageDataset
+from timm.data.readers import create_reader
+from timm.data.readers.img_extensions import get_img_extensions
+from timm.utils.misc import natural_key
+
+__all__ = ["DataError", "ImageFolderDataset", "ImageFolderSplit", "check_class_sets", "check_split",
+           "find_split_folder", "load_class_names"]
+
+_logger = logging.getLogger(__name__)
+
+# Split names timm's create_dataset also accepts for a split (it tries the exact name first).
+_SPLIT_SYNONYMS = {
+    "train": ("train", "training"),
+    "training": ("train", "training"),
+    "validation": ("val", "valid", "validation", "eval", "evaluation"),
+    "val": ("val", "valid", "validation", "eval", "evaluation"),
+    "valid": ("val", "valid", "validation", "eval", "evaluation"),
+    "eval": ("val", "valid", "validation", "eval", "evaluation"),
+    "evaluation": ("val", "valid", "validation", "eval", "evaluation"),
+}
+
+# What PIL raises for a file it cannot read or decode (UnidentifiedImageError and truncation are OSErrors; some
+# decoders raise SyntaxError or ValueError on malformed headers).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+# After this many unreadable files in a row the data is not worth training on: stop with an error.
+MAX_CONSECUTIVE_FAILURES = 32
+
+
+class DataError(ValueError):
+    """A dataset folder that cannot be used as it is; the message says what is wrong and the expected layout."""
+
+
+@dataclass(frozen=True)
+class ImageFolderSplit:
+    """A checked split folder: where it is and its class names in label order."""
+
+    root: Path
+    classes: Tuple[str, ...]
+
+    @property
+    def class_to_idx(self) -> Dict[str, int]:
+        """Class folder name -> label index."""
+        return {name: index for index, name in enumerate(self.classes)}
+
+
+def _layout(data_dir: Union[str, Path], split: str = "train") -> str:
+    return f"{Path(data_dir) / split / 'CLASS'}/*.png (or .jpg/.jpeg), one folder per class"
+
+
+def _is_image(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in get_img_extensions(as_set=True)
+
+
+def find_split_folder(data_dir: Union[str, Path], split: str) -> Path:
+    """The folder of ``split`` under ``data_dir``, found as timm's create_dataset finds it (``val`` for
+    ``validation`` and so on), or a :class:`DataError` naming what was looked for and what is there."""
+    data_dir = Path(data_dir)
+    if not data_dir.exists():
+        raise DataError(f"data folder not found: {data_dir} (expected {_layout(data_dir, split)})")
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir} is not a folder (expected {_layout(data_dir, split)})")
+    candidates = [split] + [name for name in _SPLIT_SYNONYMS.get(split, ()) if name != split]
+    for name in candidates:
+        if (data_dir / name).is_dir():
+            return data_dir / name
+    present = sorted(entry.name for entry in data_dir.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    found = f"; it holds the folders: {', '.join(present)}" if present else "; it holds no folders"
+    looked = ", ".join(str(data_dir / name) for name in candidates)
+    raise DataError(f"no {split!r} split in {data_dir} (looked for {looked}){found}. "
+                    f"Expected layout: {_layout(data_dir, split)}")
+
+
+def load_class_names(class_map: Union[str, Path]) -> List[str]:
+    """Class names in label order from a timm class-map text file (one folder name per line)."""
+    path = Path(class_map)
+    if not path.is_file():
+        raise DataError(f"class map not found: {path} (expected a text file with one class folder name per line)")
+    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not names:
+        raise DataError(f"class map {path} lists no classes")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise DataError(f"class map {path} lists these classes more than once: {', '.join(repeated)}")
+    return names
+
+
+def check_split(data_dir: Union[str, Path], split: str, class_names: Optional[Sequence[str]] = None,
+                allow_missing: bool = False) -> ImageFolderSplit:
+    """Check one split of an ImageFolder and return its folder and classes.
+
+    Errors (:class:`DataError`): no such data folder or split folder; no class folders; images lying directly in
+    the split folder; class folders without images (all named); images in sub-folders of a class folder (timm
+    would label them by the innermost folder's name); with ``class_names``, class folders missing from it or
+    names without a folder.
+
+    Args:
+        data_dir: the dataset root.
+        split: split folder name (timm's synonyms such as ``val`` for ``validation`` are found too).
+        class_names: the classes in label order (from ``--class-map``); default: the folder names in timm's
+            natural sort order, which is what timm's own scripts use.
+        allow_missing: accept names in ``class_names`` that have no folder (evaluating on a subset of classes).
+    """
+    root = find_split_folder(data_dir, split)
+    class_dirs, loose_images = [], 0
+    for entry in os.scandir(root):
+        if entry.name.startswith("."):
+            continue  # .ipynb_checkpoints and the like
+        if entry.is_dir():
+            class_dirs.append(entry.name)
+        elif _is_image(entry.name):
+            loose_images += 1
+    if loose_images:
+        raise DataError(f"{root} holds {loose_images} image(s) directly; put each image in the folder of its class: "
+                        f"{_layout(data_dir, root.name)}")
+    if not class_dirs:
+        raise DataError(f"{root} has no class folders. Expected layout: {_layout(data_dir, root.name)}")
+
+    empty, nested = [], []
+    for name in class_dirs:
+        direct, deeper = _count_images(root / name)
+        if deeper:
+            nested.append(name)
+        elif not direct:
+            empty.append(name)
+    if empty:
+        empty.sort(key=natural_key)
+        raise DataError(f"{len(empty)} class folder(s) in {root} hold no images (.png, .jpg, .jpeg): "
+                        f"{_name_list(empty)}. Add images or remove the folders.")
+    if nested:
+        nested.sort(key=natural_key)
+        raise DataError(f"class folder(s) in {root} keep images in sub-folders: {_name_list(nested)}. timm labels an "
+                        f"image by its innermost folder, so put each class's images directly in {root}/CLASS/.")
+
+    if class_names is None:
+        return ImageFolderSplit(root, tuple(sorted(class_dirs, key=natural_key)))
+    unlisted = sorted(set(class_dirs) - set(class_names), key=natural_key)
+    missing = [] if allow_missing else [name for name in class_names if name not in set(class_dirs)]
+    if unlisted or missing:
+        parts = []
+        if unlisted:
+            parts.append(f"folders not in the class map: {_name_list(unlisted)}")
+        if missing:
+            parts.append(f"classes of the class map without a folder: {_name_list(missing)}")
+        raise DataError(f"the class map does not match {root}: {'; '.join(parts)}")
+    return ImageFolderSplit(root, tuple(class_names))
+
+
+def check_class_sets(first: ImageFolderSplit, second: ImageFolderSplit) -> None:
+    """A :class:`DataError` unless both splits have the same classes (so a label means the same class in both)."""
+    only_first = sorted(set(first.classes) - set(second.classes), key=natural_key)
+    only_second = sorted(set(second.classes) - set(first.classes), key=natural_key)
+    if only_first or only_second:
+        parts = []
+        if only_first:
+            parts.append(f"only in {first.root}: {_name_list(only_first)}")
+        if only_second:
+            parts.append(f"only in {second.root}: {_name_list(only_second)}")
+        raise DataError("the splits have different class folders (" + "; ".join(parts) + "); every split needs the "
+                        "same classes so that the labels agree")
+
+
+def _count_images(folder: Path) -> Tuple[int, int]:
+    """(images directly in ``folder``, images in its sub-folders)."""
+    direct = deeper = 0
+    for current, subdirs, files in os.walk(folder, followlinks=True):
+        subdirs[:] = [name for name in subdirs if not name.startswith(".")]
+        count = sum(1 for name in files if _is_image(name))
+        if Path(current) == folder:
+            direct += count
+        else:
+            deeper += count
+            if deeper:
+                break
+    return direct, deeper
+
+
+def _name_list(names: Sequence[str], limit: int = 10) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+class ImageFolderDataset(ImageDataset):
+    """timm's ImageDataset over a checked split, skipping images that cannot be decoded.
+
+    When PIL cannot open or decode a file, the file is named in a warning (once per file in each process; loader
+    workers are separate processes) and the next sample is returned instead, so one bad file does not stop a run.
+    More than ``MAX_CONSECUTIVE_FAILURES`` unreadable files in a row raise :class:`DataError`.
+
+    Args:
+        split: the checked split (see :func:`check_split`); its class order fixes the labels.
+        transform: image transform (``timm.data.create_loader`` installs one).
+    """
+
+    def __init__(self, split: ImageFolderSplit, transform=None):
+        reader = create_reader("", root=str(split.root), class_map=split.class_to_idx)
+        super().__init__(str(split.root), reader=reader, transform=transform)
+        self.split = split
+        self._warned: Set[str] = set()
+
+    @property
+    def classes(self) -> Tuple[str, ...]:
+        """Class names in label order."""
+        return self.split.classes
+
+    def __getitem__(self, index: int):
+        failures = 0
+        while True:
+            try:
+                image, target = self._load(index)
+                break
+            except _DECODE_ERRORS as error:
+                self._warn_skipped(index, error)
+                failures += 1
+                if failures >= min(MAX_CONSECUTIVE_FAILURES, len(self)):
+                    raise DataError(f"{failures} images in a row could not be decoded (the last: "
+                                    f"{self.filename(index, absolute=True)}); check the files in "
+                                    f"{self.split.root}") from error
+                index = (index + 1) % len(self)
+        if self.transform is not None:
+            image = self.transform(image)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return image, target
+
+    def _load(self, index: int):
+        file, target = self.reader[index]
+        with file:
+            image = Image.open(file)
+            # convert() decodes every pixel, so a truncated file fails here rather than inside the transform.
+            image = image.convert(self.input_img_mode or "RGB")
+        return image, target
+
+    def _warn_skipped(self, index: int, error: BaseException) -> None:
+        path = self.filename(index, absolute=True)
+        if path in self._warned:
+            return
+        self._warned.add(path)
+        reason = str(error).split(" <_io.", 1)[0] or type(error).__name__
+        _logger.warning("skipping unreadable image %s (%s); another sample takes its place", path, reason)
