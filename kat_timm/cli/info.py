@@ -139,7 +139,7 @@ def _text(info: Dict[str, Any], flops: bool) -> str:
     versions, backend, hub = info["versions"], info["backend"], info["hub"]
     lines = [f"kat_timm {versions['kat_timm']} (python {versions['python']})"]
     lines.append("versions: " + ", ".join(f"{name} {versions[name]}" for name in PACKAGES)
-                 + f", CUDA {versions['cuda'] or 'none (CPU-only torch)'}")
+                 + f", torch CUDA build {versions['cuda'] or 'none (CPU-only torch)'}")
     gpus = ", ".join(versions["gpus"]) or "none"
     lines.append(f"devices:  CPU {versions['cpu']} ({versions['cpu_threads']} torch threads); GPU: {gpus}")
 
