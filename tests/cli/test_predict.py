@@ -233,3 +233,10 @@ def test_unreachable_hub_without_cache_fails_at_once_with_the_reason(monkeypatch
         predict.create_model_with_weights("kat_tiny")
     assert time.perf_counter() - start < 20
     assert caught.value.reason.startswith("huggingface.co did not answer, and they are not in the local")
+
+
+def test_kat_timm_dispatches_to_predict(capsys, tmp_path):
+    from kat_timm.cli import main as kat_timm_main
+
+    assert kat_timm_main(["predict", str(tmp_path / "nothing.jpg"), "--random-weights"]) == 1
+    assert capsys.readouterr().err == f"kat-timm predict: error: {tmp_path / 'nothing.jpg'}: no such file\n"
