@@ -12,6 +12,7 @@ A subcommand reports bad input by raising :class:`CLIError`; ``run_main`` prints
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Callable, List, Optional
 
@@ -48,6 +49,11 @@ def run_main(func: Callable[[], int], prog: str) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (``kat-timm info | head``): not an error of ours. Point stdout at devnull so that
+        # the interpreter's final flush does not raise a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _usage() -> str:
