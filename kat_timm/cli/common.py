@@ -109,4 +109,4 @@ def _pretrained_failure(name: str, error: Exception) -> str:
     offline = any(word in text for word in ("offline", "LocalEntryNotFound", "connect", "Connection", "resolve"))
     advice = (" Run 'kat-timm download " + name + "' on a machine with internet access (sharing the Hugging Face "
               "cache, or copy it), or pass --checkpoint FILE.") if offline else ""
-    return f"could not load the released weights of {name}: {text}.{advice}"
+    return f"could not load the released weights of {name}: {text.rstrip('.')}.{advice}"
