@@ -1,0 +1,113 @@
+"""``kat-timm export MODEL -o model.onnx``: an ONNX file of standard ops that any ONNX runtime runs.
+
+The rational activations become Abs, Mul, Add and Div on a grouped reshape (``kat_timm.export``); there is no
+custom domain. ``--check`` runs the file with onnxruntime on CPU next to the PyTorch model and prints the relative
+error of the logits (exit code 1 above 1e-4). Needs ``pip install "kat-timm[onnx]"``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from . import CLIError, run_main
+
+__all__ = ["main"]
+
+# Largest relative error of the logits (||onnx - torch|| / ||torch||) that --check accepts.
+CHECK_RTOL = 1e-4
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    from kat_timm.export import DEFAULT_OPSET, MIN_OPSET
+
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Export a KAT (or any timm image model) to ONNX. The rational activations are written as plain "
+                    "ONNX ops (Abs, Mul, Add, Div, Reshape), so any ONNX runtime runs the file. Input 'images' "
+                    "(N, 3, H, W) float32, normalised as the model's pretrained config says; output 'logits'.",
+        epilog="example: %(prog)s kat_tiny --pretrained -o kat_tiny.onnx --dynamic-batch --check",
+    )
+    parser.add_argument("model", metavar="MODEL", help="timm model name (kat_tiny, kat_base_patch16_224.vitft, ...)")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--pretrained", action="store_true",
+                         help="the released weights (from the Hugging Face cache; see 'kat-timm download')")
+    weights.add_argument("--checkpoint", metavar="FILE", type=Path,
+                         help="weights from this file (a state dict or a training checkpoint)")
+    parser.add_argument("--use-ema", action="store_true", help="with --checkpoint: its EMA weights")
+    parser.add_argument("-o", "--output", metavar="FILE", type=Path, required=True,
+                        help="the .onnx file to write (its folder must exist)")
+    parser.add_argument("--dynamic-batch", action="store_true",
+                        help="let the batch dimension vary (default: fixed to --batch-size)")
+    parser.add_argument("--batch-size", type=int, default=1, metavar="N",
+                        help="batch size of the graph without --dynamic-batch (default: 1)")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, metavar="N",
+                        help=f"ONNX opset, at least {MIN_OPSET} (default: {DEFAULT_OPSET}, what PyTorch's exporter "
+                             "writes natively; others are converted)")
+    parser.add_argument("--img-size", type=int, metavar="N",
+                        help="input height and width (default: the model's, 224; position embeddings are resampled)")
+    parser.add_argument("--check", action="store_true",
+                        help=f"run the file with onnxruntime (CPU) next to PyTorch on random images and print the "
+                             f"relative error of the logits; fail above {CHECK_RTOL:g}")
+    return parser
+
+
+def _validate(args: argparse.Namespace) -> None:
+    from kat_timm.export import MIN_OPSET, MissingDependencyError, require_packages
+
+    if args.opset < MIN_OPSET:
+        raise CLIError(f"--opset {args.opset} is too old: a KAT needs opset {MIN_OPSET} or newer", code=2)
+    if args.batch_size < 1:
+        raise CLIError("--batch-size must be >= 1", code=2)
+    if args.img_size is not None and args.img_size < 1:
+        raise CLIError("--img-size must be >= 1", code=2)
+    if args.use_ema and args.checkpoint is None:
+        raise CLIError("--use-ema needs --checkpoint", code=2)
+    folder = args.output.parent
+    if not folder.is_dir():
+        raise CLIError(f"output folder {folder} does not exist; create it first (mkdir -p {folder})")
+    try:
+        names = ("onnx", "onnxscript") + (("onnxruntime",) if args.check else ())
+        require_packages(*names, purpose="kat-timm export --check" if args.check else "kat-timm export")
+    except MissingDependencyError as error:
+        raise CLIError(str(error)) from error
+
+
+def _format_shape(shape) -> str:
+    return "[" + ", ".join(str(dim) for dim in shape) + "]"
+
+
+def _run(args: argparse.Namespace) -> int:
+    _validate(args)  # before building the model: the usual mistakes fail in a second
+    from kat_timm.export import INPUT_NAME, OUTPUT_NAME, check_onnx, export_onnx, onnx_io_shapes
+
+    from .common import create_model
+
+    model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, use_ema=args.use_ema)
+    if args.img_size is not None:
+        if not hasattr(model, "set_input_size"):
+            raise CLIError(f"{args.model} can't change its input size (no set_input_size); drop --img-size", code=2)
+        model.set_input_size(img_size=(args.img_size, args.img_size))
+    model = model.eval().float()
+    export_onnx(model, args.output, dynamic_batch=args.dynamic_batch, opset=args.opset, batch_size=args.batch_size)
+    shapes = onnx_io_shapes(args.output)
+    size_mb = args.output.stat().st_size / 1e6
+    print(f"wrote {args.output} ({size_mb:.1f} MB, opset {args.opset}): "
+          f"{INPUT_NAME} {_format_shape(shapes[INPUT_NAME])} -> {OUTPUT_NAME} {_format_shape(shapes[OUTPUT_NAME])}")
+    if args.check:
+        batches = (1, 3) if args.dynamic_batch else (args.batch_size,)
+        errors = check_onnx(args.output, model, batch_sizes=batches)
+        worst = max(errors.values())
+        detail = ", ".join(f"batch {batch}: {error:.2e}" for batch, error in errors.items())
+        print(f"onnxruntime vs PyTorch, relative error of the logits: {detail} (max {worst:.2e})")
+        if not worst <= CHECK_RTOL:  # also catches NaN
+            raise CLIError(f"onnxruntime's logits differ from PyTorch's by {worst:.2e} (relative), more than "
+                           f"{CHECK_RTOL:g}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None, prog: str = "kat-timm export") -> int:
+    """Entry point of ``kat-timm export``."""
+    args = _parser(prog).parse_args(sys.argv[1:] if argv is None else argv)
+    return run_main(lambda: _run(args), prog)

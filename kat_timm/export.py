@@ -1,0 +1,297 @@
+"""Deployment exports of a KAT: ``torch.export`` programs and ONNX files made of standard ONNX ops only.
+
+``torch.export.export`` works on a KAT as it is: the rational activations are the ``kat_timm::group_rational``
+custom op, whose fake implementation lets export trace shapes without running a kernel, so the exported program
+keeps one op node per activation (``export_program``).
+
+ONNX runtimes don't know that op. ``export_onnx`` exports the same program, then replaces each op node with
+``group_rational_plain`` (Abs, Mul, Add, Div, and Reshape for the groups) through
+``ExportedProgram.run_decompositions``, and hands the result to PyTorch's ONNX exporter: the file has no custom
+domain and runs on any ONNX runtime. The layer and op code are not touched: eager models keep the fast kernels.
+
+The ``onnx`` and ``onnxscript`` packages (``pip install "kat-timm[onnx]"``) are needed for ONNX export;
+``onnxruntime`` for ``check_onnx``.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+__all__ = [
+    "DEFAULT_OPSET",
+    "MIN_OPSET",
+    "MissingDependencyError",
+    "check_onnx",
+    "decompose_rationals",
+    "export_onnx",
+    "export_program",
+    "group_rational_plain",
+    "model_input_size",
+    "onnx_io_shapes",
+    "onnx_op_domains",
+    "require_packages",
+    "standard_domains_only",
+]
+
+# The opset PyTorch's ONNX exporter (torchlib) translates to natively; other opsets go through onnx's version
+# converter afterwards.
+DEFAULT_OPSET = 18
+# LayerNormalization, which every ViT block uses, is an ONNX op from opset 17 on.
+MIN_OPSET = 17
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+# Above this many bytes of weights the ONNX file keeps them in a side file (protobuf's 2 GiB limit); every KAT is
+# far below, so its export is a single self-contained file.
+_EXTERNAL_DATA_BYTES = 1 << 30
+_STANDARD_DOMAINS = ("", "ai.onnx")
+
+PathLike = Union[str, Path]
+
+
+class MissingDependencyError(ImportError):
+    """An optional package that ONNX export or its check needs is not installed."""
+
+
+def require_packages(*names: str, purpose: str = "ONNX export") -> None:
+    """Raise :class:`MissingDependencyError` naming every package of ``names`` that can't be imported."""
+    missing = [name for name in names if importlib.util.find_spec(name) is None]
+    if missing:
+        raise MissingDependencyError(
+            f"{purpose} needs {' and '.join(missing)} (not installed); install the extra: pip install \"kat-timm[onnx]\""
+        )
+
+
+def group_rational_plain(
+    x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, channel_dim: int = -1
+) -> torch.Tensor:
+    """The grouped rational function with elementary ops only: what an exported graph computes.
+
+    Same function as ``kat_timm.ops.group_rational`` (float32 math for float16/bfloat16 inputs), written as
+    Horner steps (Mul, Add), Abs and one Div on a ``(..., G, rest)`` reshape of ``x``, so that every exporter
+    and runtime understands it. Meant for inference and export; train with ``group_rational`` (its gradient of
+    |b| at b == 0 is +1, autograd's is 0).
+
+    Args:
+        x: input with C channels on ``channel_dim``, C a multiple of G.
+        numerator: (1, 6) shared row or (G, 6) rows of a0..a5.
+        denominator: (G, 4) rows of b1..b4.
+        channel_dim: the channel axis.
+
+    Returns:
+        F(x) with x's shape and dtype (contiguous).
+    """
+    groups = denominator.shape[0]
+    cdim = channel_dim % x.dim()
+    compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    # Each group's channels, and everything after the channel axis, form one contiguous run of the last axis.
+    xg = x.to(compute).reshape(tuple(x.shape[:cdim]) + (groups, -1))
+    a = numerator.to(compute).expand(groups, 6)
+    b = denominator.to(compute).abs()
+    p = a[:, 5:6]
+    for i in range(4, -1, -1):
+        p = p * xg + a[:, i : i + 1]
+    ax = xg.abs()
+    q = b[:, 3:4]
+    for j in range(2, -1, -1):
+        q = q * ax + b[:, j : j + 1]
+    q = q * ax + 1.0
+    return (p / q).reshape(x.shape).to(x.dtype)
+
+
+def model_input_size(model: torch.nn.Module) -> Tuple[int, int, int]:
+    """(channels, height, width) the model takes: its patch embedding's image size if it has one (that follows
+    ``img_size=`` and ``set_input_size``), else timm's data config of the model."""
+    patch_embed = getattr(model, "patch_embed", None)
+    img_size = getattr(patch_embed, "img_size", None)
+    proj = getattr(patch_embed, "proj", None)
+    if img_size is not None and isinstance(proj, torch.nn.Conv2d):
+        return proj.in_channels, int(img_size[0]), int(img_size[1])
+    from timm.data import resolve_model_data_config
+
+    return tuple(resolve_model_data_config(model)["input_size"])
+
+
+def _example_input(model: torch.nn.Module, batch_size: int) -> torch.Tensor:
+    parameter = next(model.parameters())
+    return torch.randn((batch_size,) + model_input_size(model), dtype=parameter.dtype, device=parameter.device)
+
+
+def export_program(
+    model: torch.nn.Module, example_input: Optional[torch.Tensor] = None, dynamic_batch: bool = False
+) -> torch.export.ExportedProgram:
+    """``torch.export.export`` of ``model`` in eval mode (its mode is restored afterwards).
+
+    The rational activations stay ``kat_timm::group_rational`` nodes: run the program with kat_timm imported.
+
+    Args:
+        model: the model (a KAT or any timm image model).
+        example_input: a batch of images to trace with (default: 2 random images of the model's input size).
+        dynamic_batch: make the batch dimension symbolic, so the program accepts any batch size.
+
+    Returns:
+        The exported program.
+    """
+    if example_input is None:
+        example_input = _example_input(model, batch_size=2)
+    dynamic_shapes = None
+    if dynamic_batch:
+        if example_input.shape[0] < 2:
+            # torch.export specialises a dimension of size 1, so trace with two images.
+            example_input = example_input.expand(2, *example_input.shape[1:]).contiguous()
+        dynamic_shapes = ({0: torch.export.Dim("batch", min=1)},)
+    training = model.training
+    model.eval()
+    try:
+        return torch.export.export(model, (example_input,), dynamic_shapes=dynamic_shapes)
+    finally:
+        model.train(training)
+
+
+def decompose_rationals(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """``program`` with every ``kat_timm::group_rational`` node replaced by ``group_rational_plain``'s ops.
+
+    Only that op is decomposed: the ONNX exporter then applies its own decompositions, which keep the ops ONNX
+    has natively (LayerNormalization, Gemm, ...), and tracing with a one-entry table is about twice as fast.
+    """
+    return program.run_decompositions({torch.ops.kat_timm.group_rational.default: group_rational_plain})
+
+
+def _parameter_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    path: PathLike,
+    dynamic_batch: bool = False,
+    opset: int = DEFAULT_OPSET,
+    batch_size: int = 1,
+    example_input: Optional[torch.Tensor] = None,
+) -> Path:
+    """Export ``model`` (in eval mode) to an ONNX file of standard ops: input ``images``, output ``logits``.
+
+    The file is checked with ``onnx.checker`` (full check, with shape inference) before this returns.
+
+    Args:
+        model: the model to export.
+        path: the ``.onnx`` file to write (its folder must exist; an existing file is overwritten).
+        dynamic_batch: accept any batch size (the input's first dimension is symbolic); else the batch size is
+            fixed in the graph.
+        opset: the ONNX opset (default ``DEFAULT_OPSET``, 18; at least ``MIN_OPSET``, 17).
+        batch_size: the batch size of the graph without ``dynamic_batch`` (with it, only the tracing batch).
+        example_input: images to trace with (default: ``batch_size`` random images of the model's input size).
+
+    Returns:
+        ``path``.
+
+    Raises:
+        MissingDependencyError: onnx or onnxscript is not installed.
+        FileNotFoundError: the output folder does not exist.
+        ValueError: ``opset`` is below ``MIN_OPSET``.
+        RuntimeError: the exporter could not produce the requested opset.
+    """
+    require_packages("onnx", "onnxscript")
+    import onnx
+
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset {opset} is too old: a KAT needs opset {MIN_OPSET} or newer (LayerNormalization)")
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output folder {path.parent} does not exist; create it first (mkdir -p {path.parent})")
+    if example_input is None:
+        example_input = _example_input(model, batch_size)
+    program = decompose_rationals(export_program(model, example_input, dynamic_batch))
+    torch.onnx.export(
+        program,
+        (example_input,),
+        str(path),
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        opset_version=opset,
+        dynamo=True,
+        # The program already has the symbolic batch; this only names it "batch" in the file (else "s77" or so).
+        dynamic_shapes=({0: "batch"},) if dynamic_batch else None,
+        external_data=_parameter_bytes(model) > _EXTERNAL_DATA_BYTES,
+        verbose=False,
+    )
+    written = _default_opset(onnx.load(str(path), load_external_data=False))
+    if written != opset:
+        # The exporter keeps its own opset when the version converter fails, with only a log message.
+        raise RuntimeError(f"the ONNX exporter could not convert the graph to opset {opset} ({path} has opset "
+                           f"{written}); use opset {DEFAULT_OPSET}")
+    onnx.checker.check_model(str(path), full_check=True)
+    return path
+
+
+def _default_opset(model_proto) -> int:
+    return next(entry.version for entry in model_proto.opset_import if entry.domain in _STANDARD_DOMAINS)
+
+
+def onnx_io_shapes(path: PathLike) -> Dict[str, List[Union[int, str]]]:
+    """{input or output name: shape} of an ONNX file; a symbolic dimension is its name (a string)."""
+    require_packages("onnx")
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {
+        value.name: [dim.dim_param or dim.dim_value for dim in value.type.tensor_type.shape.dim]
+        for value in list(graph.input) + list(graph.output)
+    }
+
+
+def onnx_op_domains(path: PathLike) -> Dict[str, set]:
+    """{domain: set of op types} of the nodes of an ONNX file's main graph ("" is the standard ONNX domain)."""
+    require_packages("onnx")
+    import onnx
+
+    domains: Dict[str, set] = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        domains.setdefault(node.domain, set()).add(node.op_type)
+    return domains
+
+
+def check_onnx(
+    path: PathLike, model: torch.nn.Module, batch_sizes: Sequence[int] = (2,), seed: int = 0
+) -> Dict[int, float]:
+    """Run the ONNX file with onnxruntime (CPU) and ``model`` on the same random images; compare the outputs.
+
+    Args:
+        path: an ONNX file written by ``export_onnx`` for ``model``.
+        model: the PyTorch model it was exported from (run in eval mode, on CPU, in float32).
+        batch_sizes: batches to try (sizes other than the exported one need ``dynamic_batch=True``).
+        seed: seed of the random images.
+
+    Returns:
+        {batch size: relative error ||onnx - torch|| / ||torch|| of the whole output tensor}.
+
+    Raises:
+        MissingDependencyError: onnxruntime is not installed.
+    """
+    require_packages("onnxruntime", purpose="checking an ONNX file")
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    parameter = next(model.parameters())
+    generator = torch.Generator().manual_seed(seed)
+    errors = {}
+    training = model.training
+    model.eval()
+    try:
+        for batch_size in batch_sizes:
+            images = torch.randn((batch_size,) + model_input_size(model), generator=generator)
+            with torch.inference_mode():
+                expected = model(images.to(parameter.device, parameter.dtype)).float().cpu()
+            actual = torch.from_numpy(session.run(None, {input_name: images.numpy()})[0])
+            errors[batch_size] = ((actual - expected).norm() / expected.norm().clamp_min(1e-12)).item()
+    finally:
+        model.train(training)
+    return errors
+
+
+def standard_domains_only(domains: Dict[str, set]) -> bool:
+    """True when every op of ``onnx_op_domains`` output is in the standard ONNX domain."""
+    return all(domain in _STANDARD_DOMAINS for domain in domains)

@@ -1,0 +1,163 @@
+"""``kat_timm.export``: the plain-ops rational, torch.export of a KAT, and ONNX files of standard ops only.
+
+The models are kat_tiny at 32 x 32 pixels (4 patches: export time grows with the graph, not the image) with jittered
+random weights, so that every rational differs from its init. The ONNX file is exported once per module.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import pytest
+import timm
+import torch
+
+import kat_timm.export as export_module
+from kat_timm.export import (
+    MissingDependencyError,
+    check_onnx,
+    decompose_rationals,
+    export_onnx,
+    export_program,
+    group_rational_plain,
+    model_input_size,
+    onnx_io_shapes,
+    onnx_op_domains,
+    standard_domains_only,
+)
+from kat_timm.ops import group_rational_reference
+from tests.conftest import random_kat_state_dict
+from tests.helpers import random_coefficients, relative_error
+
+RATIONAL_OP = torch.ops.kat_timm.group_rational.default
+ONNX_RTOL = 1e-4
+HAS_ONNX = all(importlib.util.find_spec(name) for name in ("onnx", "onnxscript"))
+HAS_ORT = importlib.util.find_spec("onnxruntime") is not None
+needs_onnx = pytest.mark.skipif(not HAS_ONNX, reason='onnx/onnxscript not installed (pip install "kat-timm[onnx]")')
+needs_ort = pytest.mark.skipif(not HAS_ORT, reason='onnxruntime not installed (pip install "kat-timm[onnx]")')
+
+
+@pytest.fixture(scope="module")
+def kat_tiny_32():
+    """kat_tiny at img_size 32 with jittered random weights, in eval mode, built on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = timm.create_model("kat_tiny", img_size=32, weight_init="skip")
+        model.load_state_dict(random_kat_state_dict(7, img_size=32))
+        return model.eval()
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def onnx_file(kat_tiny_32, tmp_path_factory):
+    """kat_tiny_32 exported once, with a dynamic batch dimension (traced with batch 2)."""
+    if not HAS_ONNX:
+        pytest.skip('onnx/onnxscript not installed (pip install "kat-timm[onnx]")')
+    path = tmp_path_factory.mktemp("onnx") / "kat_tiny_32.onnx"
+    return export_onnx(kat_tiny_32, path, dynamic_batch=True, batch_size=2)
+
+
+@pytest.mark.parametrize("shape,channel_dim", [((3, 7, 64), -1), ((5, 40), -1), ((2, 40, 5, 3), 1), ((16, 2, 3), 0)])
+@pytest.mark.parametrize("shared_numerator", [True, False])
+def test_plain_formula_matches_the_reference(shape, channel_dim, shared_numerator):
+    x = torch.randn(shape, dtype=torch.float64) * 2
+    numerator, denominator = (t.detach().double() for t in random_coefficients(8, shared_numerator))
+    expected = group_rational_reference(x, numerator, denominator, channel_dim)
+    actual = group_rational_plain(x.float(), numerator.float(), denominator.float(), channel_dim)
+    assert actual.shape == x.shape and actual.dtype == torch.float32
+    assert relative_error(actual, expected) <= 1e-5
+
+
+def test_plain_formula_low_precision_and_channels_last():
+    numerator, denominator = (t.detach() for t in random_coefficients(8, shared_numerator=False))
+    image = torch.randn(2, 32, 5, 7).to(memory_format=torch.channels_last)
+    expected = group_rational_reference(image.double(), numerator.double(), denominator.double(), 1)
+    assert relative_error(group_rational_plain(image, numerator, denominator, 1), expected) <= 1e-5
+    low = group_rational_plain(image.bfloat16(), numerator, denominator, 1)
+    assert low.dtype == torch.bfloat16
+    # float32 math: only the input's and the output's rounding to bfloat16 remain.
+    assert relative_error(low, expected) <= 2e-2
+
+
+def test_torch_export_keeps_the_custom_op_and_matches_eager(kat_tiny_32):
+    program = export_program(kat_tiny_32, dynamic_batch=True)
+    rational_nodes = [node for node in program.graph.nodes if node.target is RATIONAL_OP]
+    assert len(rational_nodes) == 24, "act1 and act2 of 12 blocks, each one kat_timm::group_rational node"
+    exported = program.module()
+    for batch in (2, 3):  # 3: the batch dimension is symbolic
+        images = torch.randn(batch, *model_input_size(kat_tiny_32))
+        with torch.no_grad():
+            torch.testing.assert_close(exported(images), kat_tiny_32(images), rtol=1e-5, atol=1e-6)
+    assert kat_tiny_32.training is False
+
+
+def test_decomposed_program_has_plain_ops_only_and_matches(kat_tiny_32):
+    program = decompose_rationals(export_program(kat_tiny_32))
+    targets = [node.target for node in program.graph.nodes if node.op == "call_function"]
+    assert RATIONAL_OP not in targets
+    assert not any("kat_timm" in str(target) for target in targets)
+    assert targets.count(torch.ops.aten.abs.default) >= 48, "|b| and |x| of 24 rationals"
+    assert torch.ops.aten.div.Tensor in targets
+    images = torch.randn(2, *model_input_size(kat_tiny_32))  # the traced (static) batch size
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(images), kat_tiny_32(images), rtol=1e-5, atol=1e-6)
+
+
+@needs_onnx
+def test_onnx_file_has_standard_ops_only(onnx_file):
+    import onnx
+
+    domains = onnx_op_domains(onnx_file)
+    assert standard_domains_only(domains), f"non-standard domains: {set(domains) - {'', 'ai.onnx'}}"
+    model = onnx.load(str(onnx_file))
+    for node in model.graph.node:
+        assert node.domain in ("", "ai.onnx"), f"{node.op_type} in domain {node.domain!r}"
+    assert not model.functions, "no local functions (they could hide custom ops)"
+    ops = {node.op_type for node in model.graph.node}
+    assert {"Abs", "Div", "Mul", "Add"} <= ops
+    assert [entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")] == [18]
+    onnx.checker.check_model(model, full_check=True)
+    assert onnx_io_shapes(onnx_file) == {"images": ["batch", 3, 32, 32], "logits": ["batch", 1000]}
+
+
+@needs_onnx
+@needs_ort
+def test_onnxruntime_matches_pytorch_for_several_batch_sizes(onnx_file, kat_tiny_32):
+    errors = check_onnx(onnx_file, kat_tiny_32, batch_sizes=(2, 3, 1))
+    assert set(errors) == {1, 2, 3}
+    for batch, error in errors.items():
+        assert error <= ONNX_RTOL, f"batch {batch}: relative error {error:.2e}"
+
+
+@needs_ort
+def test_check_onnx_notices_a_changed_rational(onnx_file, kat_tiny_32):
+    other = copy.deepcopy(kat_tiny_32)
+    with torch.no_grad():
+        other.blocks[-1].mlp.act2.weight_numerator.mul_(1.1)  # one rational of 24, 10% larger
+    assert check_onnx(onnx_file, other)[2] > 10 * ONNX_RTOL
+
+
+def test_missing_output_folder_is_reported_before_exporting(kat_tiny_32, tmp_path, monkeypatch):
+    monkeypatch.setattr(export_module, "export_program", lambda *a, **k: pytest.fail("exported anyway"))
+    with pytest.raises(FileNotFoundError, match=r"output folder .*missing does not exist; create it first"):
+        export_onnx(kat_tiny_32, tmp_path / "missing" / "model.onnx")
+    with pytest.raises(ValueError, match="opset 16 is too old: a KAT needs opset 17 or newer"):
+        export_onnx(kat_tiny_32, tmp_path / "model.onnx", opset=16)
+
+
+def test_missing_onnx_packages_say_how_to_install_them(kat_tiny_32, tmp_path, monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else
+                        real_find_spec(name, *a))
+    with pytest.raises(MissingDependencyError, match=r'ONNX export needs onnxscript .*pip install "kat-timm\[onnx\]"'):
+        export_onnx(kat_tiny_32, tmp_path / "model.onnx")
+
+
+def test_model_input_size_follows_the_model():
+    model = timm.create_model("kat_tiny", img_size=48, weight_init="skip")
+    assert model_input_size(model) == (3, 48, 48)
+    model.set_input_size(img_size=(64, 64))
+    assert model_input_size(model) == (3, 64, 64)
+    assert model_input_size(timm.create_model("resnet18")) == (3, 224, 224)
