@@ -7,7 +7,8 @@ weights with HF_HUB_OFFLINE=1, or that the failure names the model and the reaso
 """
 from __future__ import annotations
 
-import httpx2
+from types import SimpleNamespace
+
 import pytest
 import timm
 import torch
@@ -180,9 +181,12 @@ def _fail_with(error):
 @pytest.mark.parametrize("error,reason", [
     (LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub"),
      "could not reach the Hugging Face Hub to fetch config.json (no network?)"),
-    (RepositoryNotFoundError("404 Client Error", response=httpx2.Response(404, request=httpx2.Request("GET", "u"))),
+    (RepositoryNotFoundError("404 Client Error", response=SimpleNamespace(headers={}, request=None)),
      "no repository adamdad/kat_tiny_patch16_224 on the Hugging Face Hub"),
-    (httpx2.ReadTimeout("timed out"), "network error while fetching config.json: ReadTimeout: timed out"),
+    (TimeoutError("timed out"), "network error while fetching config.json: TimeoutError: timed out"),
+    # The HTTP client's own exceptions (httpx in huggingface_hub 1.x, its fork httpx2 in 2.x).
+    (type("ReadTimeout", (Exception,), {"__module__": "httpx._exceptions"})("read timed out"),
+     "network error while fetching config.json: ReadTimeout: read timed out"),
     (PermissionError("[Errno 13] Permission denied: '/cache'"), "could not write to the cache"),
 ])
 def test_online_failures_name_the_model_and_the_reason(offline_hub, monkeypatch, error, reason):
