@@ -194,6 +194,19 @@ def _checkpoint_metadata(path: Path) -> Dict[str, Any]:
     return vars(args) if isinstance(args, argparse.Namespace) else (args if isinstance(args, dict) else {})
 
 
+def _trained_classes(split, trained: List[str], checkpoint: Path):
+    """The split labelled in the order of the classes a kat-train checkpoint was trained on (a subset may be
+    evaluated); folders the model never saw are an error."""
+    from kat_timm.data import ImageFolderSplit
+
+    unknown = [name for name in split.classes if name not in trained]
+    if unknown:
+        shown = ", ".join(trained[:10]) + (f" and {len(trained) - 10} more" if len(trained) > 10 else "")
+        raise CLIError(f"{split.root} has class folders the checkpoint {checkpoint} was not trained on: "
+                       f"{', '.join(unknown[:10])}; it was trained on {shown}")
+    return ImageFolderSplit(split.root, tuple(trained))
+
+
 def amp_autocast(enabled: bool, dtype_name: str, device: torch.device) -> Callable[[], ContextManager]:
     """A factory of the autocast context for ``--amp``/``--amp-dtype`` on ``device`` (a null context when off)."""
     if not enabled:
@@ -215,13 +228,13 @@ def _validate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
 
     trained = _checkpoint_metadata(args.checkpoint) if args.checkpoint is not None else {}
-    class_names = None
     try:
         if args.class_map:
-            class_names = load_class_names(args.class_map)
-        elif trained.get("class_names"):
-            class_names = list(trained["class_names"])
-        split = check_split(data_dir, args.split, class_names, allow_missing=bool(class_names))
+            split = check_split(data_dir, args.split, load_class_names(args.class_map), allow_missing=True)
+        else:
+            split = check_split(data_dir, args.split)
+            if trained.get("class_names"):
+                split = _trained_classes(split, list(trained["class_names"]), args.checkpoint)
     except DataError as error:
         raise CLIError(str(error)) from error
 

@@ -1,0 +1,316 @@
+"""kat-train on a tiny synthetic ImageFolder (CPU): training, resume, kill -9 safety, torchrun, configs, bad input.
+
+The runs are in-process (``main([...])`` / ``train(parse_args([...]))``) except the two that need processes of their
+own: the SIGKILL test and torchrun. kat_tiny is built at 32 px (4 patches) so an epoch is a fraction of a second.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kat_timm.cli import train as train_module
+from kat_timm.cli.train import parse_args, train
+from tests.test_data import make_image_folder, write_corrupt_image
+
+REPO = Path(__file__).resolve().parents[2]
+
+# One intra-op thread: on a busy 2-core machine OpenMP's barriers make 2 threads far slower (see conftest).
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def run_args(data: Path, out: Path, *extra: str, experiment: str = "run") -> list:
+    """kat-train arguments for kat_tiny at 32 px on ``data`` (a few steps per epoch, no worker processes)."""
+    return ["--data-dir", str(data), "--model", "kat_tiny", "--img-size", "32", "--batch-size", "8",
+            "--workers", "0", "--output", str(out), "--experiment", experiment, "--lr", "1e-3",
+            "--warmup-epochs", "0", "--device", "cpu", "--log-interval", "1", *extra]
+
+
+def load_training_checkpoint(path: Path) -> dict:
+    """Load a training checkpoint as timm's resume does (weights_only, argparse.Namespace allowed)."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def summary_epochs(run_dir: Path) -> list:
+    with open(run_dir / "summary.csv", newline="") as file:
+        return [int(row["epoch"]) for row in csv.DictReader(file)]
+
+
+@pytest.fixture
+def data(tmp_path):
+    return make_image_folder(tmp_path / "data")
+
+
+def test_two_epochs_then_resume_restores_optimizer_ema_schedule_and_epoch(data, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    first = train(parse_args(run_args(data, out, "--epochs", "2", "--mixup", "0.8", "--model-ema",
+                                      "--model-ema-decay", "0.9")))
+    run_dir = out / "run"
+    losses = [row["train_loss"] for row in first.history]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses), losses
+    assert losses[1] < losses[0], f"training loss did not decrease: {losses}"
+    assert all(math.isfinite(row["eval_loss"]) and math.isfinite(row["eval_ema_loss"]) for row in first.history)
+    assert {"last.pth.tar", "checkpoint-0.pth.tar", "checkpoint-1.pth.tar", "model_best.pth.tar", "summary.csv",
+            "args.yaml"} <= {path.name for path in run_dir.iterdir()}
+    saved = load_training_checkpoint(run_dir / "last.pth.tar")
+    assert saved["epoch"] == 1 and "state_dict_ema" in saved
+    assert saved["args"].class_names == ["blue", "green", "red"]
+
+    seen = {}
+    original = train_module._train_one_epoch
+
+    def spy(epoch, model, loader, optimizer, *args, **kwargs):
+        if not seen:  # the state the resumed run starts from
+            # deep copies: training updates these tensors in place
+            seen.update(epoch=epoch, optimizer=copy.deepcopy(optimizer.state_dict()),
+                        model=copy.deepcopy(model.state_dict()),
+                        ema=copy.deepcopy(kwargs["model_ema"].module.state_dict()), lr=optimizer.param_groups[0]["lr"])
+        return original(epoch, model, loader, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_train_one_epoch", spy)
+    resumed = train(parse_args(run_args(data, out, "--epochs", "3", "--mixup", "0.8", "--model-ema",
+                                        "--model-ema-decay", "0.9", "--resume", str(run_dir / "last.pth.tar"))))
+    assert resumed.start_epoch == 2 and seen["epoch"] == 2, "the run after epochs 0 and 1 must continue at epoch 2"
+    assert [row["epoch"] for row in resumed.history] == [2]
+    assert summary_epochs(run_dir) == [0, 1, 2]
+
+    saved_state = saved["optimizer"]["state"]
+    restored_state = seen["optimizer"]["state"]
+    assert saved_state.keys() == restored_state.keys() and saved_state
+    for key, state in saved_state.items():
+        assert int(restored_state[key]["step"]) == int(state["step"]) == 12, f"Adam step of parameter {key}"
+        torch.testing.assert_close(restored_state[key]["exp_avg"], state["exp_avg"], rtol=0, atol=0,
+                                   msg=f"exp_avg of parameter {key} not restored")
+        torch.testing.assert_close(restored_state[key]["exp_avg_sq"], state["exp_avg_sq"], rtol=0, atol=0,
+                                   msg=f"exp_avg_sq of parameter {key} not restored")
+    for name, value in saved["state_dict"].items():
+        torch.testing.assert_close(seen["model"][name], value, rtol=0, atol=0, msg=f"weight {name} not restored")
+    for name, value in saved["state_dict_ema"].items():
+        torch.testing.assert_close(seen["ema"][name], value, rtol=0, atol=0, msg=f"EMA weight {name} not restored")
+    # Cosine over 3 epochs without warmup: epoch 2 runs at lr * (1 + cos(2 pi / 3)) / 2 = lr / 4.
+    assert seen["lr"] == pytest.approx(2.5e-4), "the schedule did not resume at epoch 2"
+
+    final = load_training_checkpoint(run_dir / "last.pth.tar")
+    assert final["epoch"] == 2
+    assert all(int(state["step"]) == 18 for state in final["optimizer"]["state"].values()), \
+        "the optimizer must keep counting from the 12 restored steps (6 per epoch)"
+
+
+def test_sigkill_mid_epoch_leaves_loadable_checkpoints_and_resumes(data, tmp_path):
+    out = tmp_path / "out"
+    run_dir = out / "run"
+    log_path = tmp_path / "train.log"
+    args = run_args(data, out, "--epochs", "60", "--checkpoint-hist", "2")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "kat_timm.cli.train", *args], stdout=log,
+                                   stderr=subprocess.STDOUT, cwd=tmp_path, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        # Wait for the first checkpoint, then for a step of the next epoch, and kill in the middle of it.
+        while "Train: 1/" not in log_path.read_text() or not (run_dir / "last.pth.tar").exists():
+            assert process.poll() is None, f"kat-train ended early:\n{log_path.read_text()}"
+            assert time.monotonic() < deadline, f"no checkpoint after 120 s:\n{log_path.read_text()}"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == -signal.SIGKILL, "kat-train finished before it could be killed"
+
+    checkpoints = sorted(run_dir.glob("*.pth.tar"))
+    assert checkpoints
+    for path in checkpoints:  # nothing under a final name is ever half-written
+        checkpoint = load_training_checkpoint(path)
+        assert {"state_dict", "optimizer", "epoch"} <= checkpoint.keys(), path
+    last_epoch = load_training_checkpoint(run_dir / "last.pth.tar")["epoch"]
+
+    result = train(parse_args(run_args(data, out, "--epochs", str(last_epoch + 2), "--checkpoint-hist", "2",
+                                       "--resume", str(run_dir / "last.pth.tar"))))
+    assert result.start_epoch == last_epoch + 1
+    assert load_training_checkpoint(run_dir / "last.pth.tar")["epoch"] == last_epoch + 1
+    assert summary_epochs(run_dir) == list(range(last_epoch + 2)), "each epoch once in summary.csv"
+    assert not list(run_dir.glob("*.partial")), "no temporary file left after a clean run"
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import hashlib, os, sys
+    from kat_timm.cli.train import parse_args, train
+
+    result = train(parse_args(sys.argv[2:]))
+    digest = hashlib.sha256()
+    for module in (result.model, result.model_ema):
+        for name, value in module.state_dict().items():
+            digest.update(name.encode())
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    with open(os.path.join(sys.argv[1], "rank%s.txt" % os.environ["RANK"]), "w") as file:
+        file.write("%s %r %s" % (digest.hexdigest(), result.history[-1]["train_loss"], result.output_dir))
+""")
+
+
+def test_torchrun_two_cpu_processes_end_with_identical_weights(data, tmp_path):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    completed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+         str(tmp_path), *run_args(data, tmp_path / "out", "--epochs", "1", "--mixup", "0.8", "--model-ema")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert "world size 2 processes (gloo)" in completed.stdout
+    rank0 = (tmp_path / "rank0.txt").read_text().split()
+    rank1 = (tmp_path / "rank1.txt").read_text().split()
+    assert rank0[0] == rank1[0], "the ranks' weights (model and EMA) differ after DDP training"
+    assert rank0[1] == rank1[1], "the epoch's training loss is averaged over both ranks, so it must agree"
+    assert rank1[2] == "None" and Path(rank0[2]).is_dir(), "only rank 0 writes the run folder"
+    assert (Path(rank0[2]) / "last.pth.tar").is_file()
+
+
+def test_config_file_sets_defaults_and_the_command_line_overrides(tmp_path):
+    config = tmp_path / "recipe.yaml"
+    config.write_text("model: kat_small_patch16_224\nlr: 1e-3\nepochs: 300\nmean: [0.5, 0.5, 0.5]\namp: true\n"
+                      "model_ema_decay: 0.9999\nmodel_kwargs: {act_init: swish}\n")
+    args = parse_args(["-c", str(config), "--epochs", "5", "--data-dir", "somewhere"])
+    assert args.model == "kat_small_patch16_224" and args.lr == 1e-3 and isinstance(args.lr, float)
+    assert args.epochs == 5, "an option on the command line overrides the config"
+    assert args.mean == [0.5, 0.5, 0.5] and args.amp is True and args.model_ema_decay == 0.9999
+    assert args.model_kwargs == {"act_init": "swish"} and args.data_dir == "somewhere"
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("batchsize: 8", "unknown key 'batchsize' (did you mean batch_size"),
+    ("no_prefetcher: true", "'no_prefetcher' is a timm train.py option that kat-train does not support"),
+    ("epochs: ten", "epochs: expected an integer, got 'ten'"),
+    ("amp: 'yes'", "amp: expected true or false"),
+    ("amp_dtype: float32", "amp_dtype: expected one of 'float16', 'bfloat16'"),
+])
+def test_bad_config_is_a_usage_error_naming_the_key(tmp_path, capsys, line, expected):
+    config = tmp_path / "bad.yaml"
+    config.write_text(f"model: kat_tiny\n{line}\n")
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["-c", str(config)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"kat-train: error: config {config}: ") and expected in error, error
+
+
+def test_missing_config_file(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["-c", str(tmp_path / "none.yaml")])
+    assert f"config file not found: {tmp_path / 'none.yaml'}" in capsys.readouterr().err
+
+
+def test_args_yaml_of_a_run_is_a_valid_config(data, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert train_module.main(run_args(data, out, "--epochs", "1", "--val-split", "")) == 0
+    args = parse_args(["-c", str(out / "run" / "args.yaml")])
+    assert args.img_size == 32 and args.epochs == 1 and args.model == "kat_tiny"
+    assert "no validation split" in capsys.readouterr().out
+
+
+def test_missing_data_dir(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    assert train_module.main(["--data-dir", str(missing), "--device", "cpu"]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("kat-train: error: data folder not found: ") and str(missing) in error
+    assert "train/CLASS/*.png" in error
+
+
+def test_no_data_dir_given(capsys):
+    assert train_module.main(["--device", "cpu"]) == 2
+    assert "give the dataset folder: --data-dir DIR" in capsys.readouterr().err
+
+
+def test_empty_class_folder(data, tmp_path, capsys):
+    (data / "train" / "yellow").mkdir()
+    assert train_module.main(run_args(data, tmp_path / "out")) == 1
+    assert f"1 class folder(s) in {data / 'train'} hold no images" in capsys.readouterr().err
+
+
+def test_train_and_validation_classes_differ(data, tmp_path, capsys):
+    make_image_folder(data, classes=("cyan",), splits=(("validation", 1),))
+    assert train_module.main(run_args(data, tmp_path / "out")) == 1
+    assert f"only in {data / 'validation'}: cyan" in capsys.readouterr().err
+
+
+def test_unknown_model_name(data, tmp_path, capsys):
+    assert train_module.main(run_args(data, tmp_path / "out", "--model", "kat_gigantic")) == 2
+    assert "kat-train: error: unknown model 'kat_gigantic'" in capsys.readouterr().err
+
+
+def test_resume_from_a_checkpoint_of_another_architecture(data, tmp_path, capsys):
+    from tests.conftest import random_kat_state_dict
+
+    other = tmp_path / "small.pth"
+    torch.save({"state_dict": random_kat_state_dict(5, "kat_small_patch16_224", weight_init="skip"), "epoch": 3},
+               other)
+    assert train_module.main(run_args(data, tmp_path / "out", "--resume", str(other))) == 1
+    error = capsys.readouterr().err
+    assert f"kat-train: error: cannot resume from {other} with --model kat_tiny" in error
+    assert "kat_small_patch16_224" in error, "the message should say what the checkpoint is for"
+
+
+def test_corrupt_training_image_is_skipped_with_a_warning(data, tmp_path, caplog):
+    bad = write_corrupt_image(data / "train" / "red" / "3.png")
+    assert train_module.main(run_args(data, tmp_path / "out", "--epochs", "1", "--val-split", "")) == 0
+    warnings = [record.getMessage() for record in caplog.records if record.name == "kat_timm.data"]
+    assert len(warnings) == 1 and str(bad) in warnings[0], warnings
+
+
+def test_odd_batch_with_mixup_is_refused(data, tmp_path, capsys):
+    assert train_module.main(run_args(data, tmp_path / "out", "--batch-size", "7", "--mixup", "0.8")) == 2
+    assert "--batch-size must be even (got 7)" in capsys.readouterr().err
+
+
+def test_batch_larger_than_the_data(data, tmp_path, capsys):
+    assert train_module.main(run_args(data, tmp_path / "out", "--batch-size", "64")) == 2
+    assert "not one full batch of 64" in capsys.readouterr().err
+
+
+def test_atomic_saver_never_exposes_a_partial_checkpoint(tmp_path, monkeypatch):
+    """Every file under a *.pth.tar name appears by rename, complete; timm's unlink-then-rename is gone."""
+    saver_class = train_module._atomic_saver_class()
+    model = torch.nn.Linear(3, 2)
+    saver = saver_class(model, torch.optim.SGD(model.parameters(), lr=0.1), checkpoint_dir=str(tmp_path),
+                        max_history=2)
+    complete_names = []
+    real_replace = os.replace
+
+    def watch_replace(src, dst):
+        assert not str(src).endswith(".pth.tar") or Path(src).name == "tmp.pth.tar", src
+        assert torch.load(src, weights_only=True)["epoch"] >= 0, f"{src} is incomplete when renamed"
+        complete_names.append(Path(dst).name)
+        real_replace(src, dst)
+
+    unlinked = []
+    monkeypatch.setattr(train_module.os, "replace", watch_replace)
+    monkeypatch.setattr(os, "unlink", lambda path: unlinked.append(path))
+    for epoch, metric in enumerate([1.0, 3.0, 2.0]):
+        saver.save_checkpoint(epoch, metric)
+    assert not unlinked, "last.pth.tar must be replaced, never deleted first"
+    assert {"tmp.pth.tar", "last.pth.tar", "checkpoint-0.pth.tar", "checkpoint-1.pth.tar", "model_best.pth.tar",
+            "checkpoint-2.pth.tar"} <= set(complete_names)
+    kept = sorted(path.name for path in tmp_path.glob("checkpoint-*.pth.tar"))
+    assert kept == ["checkpoint-1.pth.tar", "checkpoint-2.pth.tar"], "the 2 best by metric are kept"
+    assert torch.load(tmp_path / "model_best.pth.tar", weights_only=True)["epoch"] == 1
+
+
+def test_help_mentions_img_size_for_fixed_size_models_and_the_corrupt_image_rule(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "also gets img_size=N" in text
+    assert "skipped with a warning naming it" in text

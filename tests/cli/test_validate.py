@@ -1,0 +1,162 @@
+"""kat-validate on a checkpoint that kat-train wrote (CPU, synthetic colour ImageFolder), and its clear errors."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+
+from kat_timm.cli import validate as validate_module
+from kat_timm.cli.train import parse_args, train
+from tests.test_data import make_image_folder, write_corrupt_image
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+TIMM_KEYS = ["model", "top1", "top1_err", "top5", "top5_err", "param_count", "img_size", "crop_pct", "interpolation"]
+
+# A recipe that learns the three colours in a few dozen steps, given as a YAML config (kat-train -c).
+RECIPE = """\
+model: kat_tiny
+img_size: 32
+batch_size: 8
+workers: 0
+epochs: 5
+lr: 1.0e-3
+warmup_epochs: 0
+no_aug: true
+smoothing: 0.0
+device: cpu
+seed: 7
+model_ema: true
+model_ema_decay: 0.5
+"""
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(data folder, run folder, TrainResult) of kat_tiny trained 5 epochs on red/green/blue images."""
+    root = tmp_path_factory.mktemp("validate")
+    data = make_image_folder(root / "data")
+    (root / "recipe.yaml").write_text(RECIPE)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the single_thread fixture does (module scope cannot use it)
+    try:
+        result = train(parse_args(["-c", str(root / "recipe.yaml"), "--data-dir", str(data), "--output",
+                                   str(root / "out"), "--experiment", "run"]))
+    finally:
+        torch.set_num_threads(threads)
+    return data, root / "out" / "run", result
+
+
+def run_validate(capsys, *argv):
+    code = validate_module.main(["--workers", "0", "--device", "cpu", *map(str, argv)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_checkpoint_accuracy_above_chance_as_timm_shaped_json(trained, tmp_path, capsys):
+    data, run_dir, _ = trained
+    results_file = tmp_path / "results" / "kat_tiny.json"
+    code, out, err = run_validate(capsys, "--data-dir", data, "--model", "kat_tiny",
+                                  "--checkpoint", run_dir / "last.pth.tar", "--results-file", results_file)
+    assert code == 0, err
+    result = json.loads(out)
+    assert list(result)[:len(TIMM_KEYS)] == TIMM_KEYS
+    assert {"loss", "images_per_second", "num_images"} <= result.keys()
+    assert result["num_images"] == 24
+    assert result["top1"] >= 90.0, f"3 colours are trivially separable (chance 33%): {result}"
+    assert result["top1_err"] == pytest.approx(100.0 - result["top1"])
+    assert result["top5"] == 100.0, "with 3 classes every label is in the top 5"
+    assert result["img_size"] == 32, "the training image size is read from the kat-train checkpoint"
+    assert result["param_count"] == pytest.approx(5.49, abs=0.01)
+    assert json.loads(results_file.read_text()) == result
+
+
+def test_training_evaluation_and_kat_validate_agree(trained, capsys):
+    """Both use validate.evaluate: the last epoch's eval metrics are the checkpoint's kat-validate result."""
+    data, run_dir, result = trained
+    last = result.history[-1]
+    for flags, prefix in (([], "eval_"), (["--use-ema"], "eval_ema_")):
+        code, out, err = run_validate(capsys, "--data-dir", data, "--model", "kat_tiny",
+                                      "--checkpoint", run_dir / "last.pth.tar", *flags)
+        assert code == 0, err
+        measured = json.loads(out)
+        assert measured["loss"] == pytest.approx(last[prefix + "loss"], abs=1e-5), flags
+        assert measured["top1"] == pytest.approx(last[prefix + "top1"], abs=1e-3), flags
+
+
+def test_checkpoint_of_another_architecture(trained, capsys):
+    data, run_dir, _ = trained
+    code, _, err = run_validate(capsys, "--data-dir", data, "--model", "kat_small_patch16_224",
+                                "--checkpoint", run_dir / "last.pth.tar")
+    assert code == 1
+    assert "does not fit kat_small_patch16_224" in err and "kat_tiny" in err, err
+
+
+def test_use_ema_on_a_checkpoint_without_ema(trained, tmp_path, capsys):
+    data, run_dir, _ = trained
+    bare = tmp_path / "bare.pth"
+    checkpoint = torch.load(run_dir / "last.pth.tar", map_location="cpu", weights_only=False)
+    torch.save(checkpoint["state_dict"], bare)
+    code, _, err = run_validate(capsys, "--data-dir", data, "--model", "kat_tiny", "--img-size", "32",
+                                "--checkpoint", bare, "--use-ema")
+    assert code == 1 and "EMA weights requested" in err, err
+
+
+def test_folders_the_checkpoint_was_not_trained_on(trained, tmp_path, capsys):
+    data, run_dir, _ = trained
+    other = make_image_folder(tmp_path / "other", classes=("red", "green", "cyan"), splits=(("validation", 1),))
+    code, _, err = run_validate(capsys, "--data-dir", other, "--model", "kat_tiny",
+                                "--checkpoint", run_dir / "last.pth.tar")
+    assert code == 1
+    assert "class folders the checkpoint" in err and "cyan" in err and "trained on blue, green, red" in err, err
+
+
+def test_subset_of_the_trained_classes_keeps_their_labels(trained, tmp_path, capsys):
+    data, run_dir, _ = trained
+    subset = tmp_path / "subset"
+    shutil.copytree(data / "validation" / "red", subset / "validation" / "red")
+    code, out, err = run_validate(capsys, "--data-dir", subset, "--model", "kat_tiny",
+                                  "--checkpoint", run_dir / "last.pth.tar")
+    assert code == 0, err
+    assert json.loads(out)["top1"] >= 75.0, "red must keep label 2 (blue, green, red), not become label 0"
+
+
+def test_corrupt_validation_image_is_skipped_with_a_warning(trained, tmp_path, capsys, caplog):
+    data, run_dir, _ = trained
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    bad = write_corrupt_image(copy / "validation" / "green" / "2.png")
+    with caplog.at_level(logging.WARNING, logger="kat_timm.data"):
+        code, out, err = run_validate(capsys, "--data-dir", copy, "--model", "kat_tiny",
+                                      "--checkpoint", run_dir / "last.pth.tar")
+    assert code == 0, err
+    assert json.loads(out)["num_images"] == 24, "another sample takes the unreadable one's place"
+    assert any(str(bad) in record.getMessage() for record in caplog.records), caplog.text
+
+
+def test_model_classes_differ_from_the_folders(trained, capsys):
+    data, _, _ = trained
+    code, _, err = run_validate(capsys, "--data-dir", data, "--model", "kat_tiny", "--img-size", "32")
+    assert code == 1
+    assert "the model has 1000 classes but" in err and "has 3 class folders" in err, err
+
+
+def test_unknown_model(trained, capsys):
+    data, _, _ = trained
+    code, _, err = run_validate(capsys, "--data-dir", data, "--model", "kat_colossal")
+    assert code == 2 and "unknown model 'kat_colossal'" in err, err
+
+
+def test_missing_split(tmp_path, capsys):
+    make_image_folder(tmp_path, splits=(("train", 1),))
+    code, _, err = run_validate(capsys, "--data-dir", tmp_path, "--model", "kat_tiny")
+    assert code == 1
+    assert f"no 'validation' split in {tmp_path}" in err and "validation/CLASS/*.png" in err, err
+
+
+def test_missing_data_dir_argument(capsys):
+    code, _, err = run_validate(capsys, "--model", "kat_tiny")
+    assert code == 2 and "--data-dir DIR" in err, err
