@@ -281,7 +281,8 @@ def build_parser(prog: str = "kat-train") -> argparse.ArgumentParser:
     """The argument parser of ``kat-train`` (without ``-c/--config``, which ``parse_args`` handles first)."""
     parser = argparse.ArgumentParser(
         prog=prog, usage=f"{prog} [-c FILE.yaml] --data-dir DIR [--model NAME] [OPTIONS]",
-        description=__doc__.strip().splitlines()[0], epilog=_EPILOG,
+        description="Train or fine-tune any timm model, KAT included, on an ImageFolder. Options keep the names of "
+                    "timm's train.py; -c FILE.yaml sets their defaults as it does there.", epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", default="", metavar="FILE.yaml",
                         help="YAML file of option defaults (keys: option names with _ for -, e.g. batch_size: 64); "
@@ -624,16 +625,28 @@ def _model_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
 def _create_model(args: argparse.Namespace, num_classes: int):
     from .validate import create_sized_model
 
+    if args.initial_checkpoint:
+        _check_classifier_size(args.initial_checkpoint, num_classes)
     size = args.input_size[1:] if args.input_size else ([args.img_size] if args.img_size else None)
-    model = create_sized_model(
+    return create_sized_model(
         args.model, size, pretrained=args.pretrained or bool(args.pretrained_path),
         checkpoint=Path(args.initial_checkpoint) if args.initial_checkpoint else None,
         num_classes=num_classes, **_model_kwargs(args))
-    if getattr(model, "num_classes", num_classes) != num_classes:
-        raise CLIError(f"--initial-checkpoint {args.initial_checkpoint} has a {model.num_classes}-class classifier "
-                       f"but the data has {num_classes} classes; start from --pretrained-path FILE instead (it "
-                       f"re-initialises a classifier of another size)")
-    return model
+
+
+def _check_classifier_size(path: str, num_classes: int) -> None:
+    """--initial-checkpoint loads strictly: a classifier of another size gets its own message and the way out."""
+    from kat_timm.hub import CheckpointError, load_checkpoint, unwrap_state_dict
+
+    try:
+        state_dict, _ = unwrap_state_dict(load_checkpoint(path))
+    except (CheckpointError, OSError):
+        return  # common.create_model reports an unreadable file
+    head = state_dict.get("head.weight")
+    if head is not None and head.ndim == 2 and head.shape[0] != num_classes:
+        raise CLIError(f"--initial-checkpoint {path} has a {head.shape[0]}-class classifier but the data has "
+                       f"{num_classes} classes; use --pretrained-path {path} instead: it loads the weights with a "
+                       f"new classifier (and resamples the position embedding for --img-size)", code=2)
 
 
 def _resolve_lr(args: argparse.Namespace) -> None:

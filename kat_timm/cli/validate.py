@@ -134,7 +134,9 @@ def evaluate(model: torch.nn.Module, loader: torch.utils.data.DataLoader, device
 def build_parser(prog: str = "kat-validate") -> argparse.ArgumentParser:
     """The argument parser of ``kat-validate``."""
     parser = argparse.ArgumentParser(
-        prog=prog, description=__doc__.strip().splitlines()[0],
+        prog=prog, description="Top-1, top-5 and loss of a model on an ImageFolder split, preprocessed as the "
+                                "model's pretrained_cfg says; the result is printed as JSON (timm validate.py's "
+                                "fields plus loss and images/s).",
         epilog="Data layout: DATA_DIR/SPLIT/CLASS/*.png (or .jpg/.jpeg). Labels follow the class folders' sorted "
                "names (timm's order), or --class-map, or the class list a kat-train checkpoint carries. An image "
                "that cannot be decoded is skipped with a warning naming it, and another sample is counted in its "

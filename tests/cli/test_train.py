@@ -251,16 +251,50 @@ def test_unknown_model_name(data, tmp_path, capsys):
     assert "kat-train: error: unknown model 'kat_gigantic'" in capsys.readouterr().err
 
 
-def test_resume_from_a_checkpoint_of_another_architecture(data, tmp_path, capsys):
-    from tests.conftest import random_kat_state_dict
-
+def test_resume_from_a_checkpoint_of_another_architecture(data, tmp_path, capsys, ckpt):
     other = tmp_path / "small.pth"
-    torch.save({"state_dict": random_kat_state_dict(5, "kat_small_patch16_224", weight_init="skip"), "epoch": 3},
-               other)
+    torch.save({"state_dict": ckpt.random_kat_state_dict(5, "kat_small_patch16_224", weight_init="skip"),
+                "epoch": 3}, other)
     assert train_module.main(run_args(data, tmp_path / "out", "--resume", str(other))) == 1
     error = capsys.readouterr().err
     assert f"kat-train: error: cannot resume from {other} with --model kat_tiny" in error
     assert "kat_small_patch16_224" in error, "the message should say what the checkpoint is for"
+
+
+@pytest.mark.parametrize("source", ["--pretrained", "--pretrained-path"])
+def test_fine_tune_released_weights_at_another_size_and_class_count(data, tmp_path, monkeypatch, released_hub,
+                                                                    kat_tiny_weights, ckpt, source):
+    """Transfer: the 224-px, 1000-class weights start a 32-px, 3-class run (new head, resampled position embed)."""
+    released = kat_tiny_weights["scratch"]
+    extra = ["--pretrained"]
+    if source == "--pretrained-path":
+        extra = ["--pretrained-path", str(ckpt.save_released(released, tmp_path / "weights" / "kat_tiny.bin"))]
+    seen = {}
+    original = train_module._train_one_epoch
+
+    def spy(epoch, model, *args, **kwargs):
+        seen.setdefault("start", copy.deepcopy(model.state_dict()))
+        return original(epoch, model, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_train_one_epoch", spy)
+    args = run_args(data, tmp_path / "out", "--model", "kat_tiny_patch16_224", "--epochs", "1", "--val-split", "",
+                    *extra)
+    result = train(parse_args(args))
+    start = seen["start"]
+    assert start["head.weight"].shape == (3, 192) and start["pos_embed"].shape == (1, 5, 192)
+    for name in ("blocks.0.attn.qkv.weight", "blocks.11.mlp.fc2.weight", "blocks.5.mlp.act2.weight_denominator"):
+        torch.testing.assert_close(start[name], released[name], rtol=0, atol=0, msg=f"{name} not from {source}")
+    assert math.isfinite(result.history[0]["train_loss"])
+
+
+def test_initial_checkpoint_with_another_class_count_points_to_pretrained_path(data, tmp_path, capsys, ckpt):
+    weights = ckpt.save_released(ckpt.random_kat_state_dict(3, weight_init="skip"), tmp_path / "kat_tiny.bin")
+    code = train_module.main(run_args(data, tmp_path / "out", "--model", "kat_tiny_patch16_224", "--img-size", "224",
+                                      "--initial-checkpoint", str(weights)))
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "has a 1000-class classifier but the data has 3 classes" in error
+    assert f"use --pretrained-path {weights}" in error
 
 
 def test_corrupt_training_image_is_skipped_with_a_warning(data, tmp_path, caplog):
