@@ -623,15 +623,30 @@ def _model_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def _create_model(args: argparse.Namespace, num_classes: int):
+    """The model as timm's train.py builds it, with kat_timm's clear errors and ``img_size`` passed on."""
     from .validate import create_sized_model
 
-    if args.initial_checkpoint:
-        _check_classifier_size(args.initial_checkpoint, num_classes)
     size = args.input_size[1:] if args.input_size else ([args.img_size] if args.img_size else None)
-    return create_sized_model(
-        args.model, size, pretrained=args.pretrained or bool(args.pretrained_path),
-        checkpoint=Path(args.initial_checkpoint) if args.initial_checkpoint else None,
-        num_classes=num_classes, **_model_kwargs(args))
+    pretrained = args.pretrained or bool(args.pretrained_path)
+    checkpoint = args.initial_checkpoint or None
+    if checkpoint and os.path.splitext(checkpoint)[1].lower() in (".npz", ".npy"):
+        # Google's ViT .npz (the .vitft recipes): timm hands it to the model's load_pretrained, which maps the ViT
+        # weights, skips a head of another size and resamples the position embedding.
+        from timm.models import load_checkpoint
+
+        model = create_sized_model(args.model, size, pretrained=pretrained, num_classes=num_classes,
+                                   **_model_kwargs(args))
+        try:
+            load_checkpoint(model, checkpoint)
+        except Exception as error:
+            raise CLIError(f"--initial-checkpoint {checkpoint}: {args.model} cannot read it: "
+                           f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from error
+        return model
+    if checkpoint:
+        _check_classifier_size(checkpoint, num_classes)
+    return create_sized_model(args.model, size, pretrained=pretrained,
+                              checkpoint=Path(checkpoint) if checkpoint else None, num_classes=num_classes,
+                              **_model_kwargs(args))
 
 
 def _check_classifier_size(path: str, num_classes: int) -> None:
@@ -859,6 +874,9 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bo
     world = f"{args.world_size} processes ({torch.distributed.get_backend()})" if args.distributed else "1 process"
     say(f"{prog}: device {device} ({_device_name(device)}), world size {world}, "
         f"AMP {args.amp_dtype if args.amp else 'off'}")
+    if num_classes > len(train_split.classes):
+        say(f"{prog}: note: --num-classes {num_classes} but the data has {len(train_split.classes)} classes; the "
+            f"extra {num_classes - len(train_split.classes)} outputs are never a target")
     say(f"{prog}: data {train_split.root}: {len(dataset_train)} images; "
         + (f"{val_split.root}: {len(loader_eval.dataset)} images; " if val_split else "no validation split; ")
         + f"{len(train_split.classes)} classes, input {tuple(data_config['input_size'])}")

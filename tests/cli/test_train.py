@@ -297,6 +297,29 @@ def test_initial_checkpoint_with_another_class_count_points_to_pretrained_path(d
     assert f"use --pretrained-path {weights}" in error
 
 
+def test_initial_checkpoint_vit_npz(data, tmp_path, monkeypatch):
+    """The .vitft recipes' route: a ViT in Google's .npz layout (here 21 classes, 32 px) starts a KAT run."""
+    import timm
+
+    from tests.models.test_kat import _save_vit_as_npz
+
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=21, img_size=32)
+    _save_vit_as_npz(vit, tmp_path / "vit.npz")
+    seen = {}
+    original = train_module._train_one_epoch
+
+    def spy(epoch, model, *args, **kwargs):
+        seen.setdefault("start", copy.deepcopy(model.state_dict()))
+        return original(epoch, model, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_train_one_epoch", spy)
+    train(parse_args(run_args(data, tmp_path / "out", "--model", "kat_tiny_patch16_224", "--epochs", "1",
+                              "--val-split", "", "--initial-checkpoint", str(tmp_path / "vit.npz"))))
+    for name in ("blocks.5.mlp.fc1.weight", "blocks.0.attn.qkv.bias", "pos_embed"):
+        torch.testing.assert_close(seen["start"][name], vit.state_dict()[name], rtol=0, atol=0, msg=name)
+    assert seen["start"]["head.weight"].shape == (3, 192), "the 21-class head is not loaded into a 3-class one"
+
+
 def test_corrupt_training_image_is_skipped_with_a_warning(data, tmp_path, caplog):
     bad = write_corrupt_image(data / "train" / "red" / "3.png")
     assert train_module.main(run_args(data, tmp_path / "out", "--epochs", "1", "--val-split", "")) == 0
