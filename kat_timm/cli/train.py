@@ -232,7 +232,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--output", default="", metavar="DIR",
                        help="parent folder of the run folders (default: ./output/train)")
     group.add_argument("--experiment", default="", metavar="NAME",
-                       help="run folder name (default: DATE-TIME-MODEL-SIZE)")
+                       help="run folder name (default: DATE-TIME-MODEL-SIZE; with --resume and neither --output nor "
+                            "--experiment: the folder of the resumed checkpoint)")
     group.add_argument("--eval-metric", default="top1", choices=("top1", "top5", "loss"),
                        help="metric that ranks the kept checkpoints (default: top1)")
     group.add_argument("--checkpoint-hist", type=int, default=10, metavar="N",
@@ -849,10 +850,13 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bo
     output_dir = saver = None
     eval_metric = args.eval_metric
     if primary:
-        name = args.experiment or "-".join([
-            datetime.now().strftime("%Y%m%d-%H%M%S"), utils.safe_model_name(args.model),
-            str(data_config["input_size"][-1])])
-        output_dir = utils.get_outdir(args.output or "./output/train", name)
+        if args.resume and not args.output and not args.experiment:
+            output_dir = os.path.dirname(os.path.abspath(args.resume))  # continue the run where it was
+        else:
+            name = args.experiment or "-".join([
+                datetime.now().strftime("%Y%m%d-%H%M%S"), utils.safe_model_name(args.model),
+                str(data_config["input_size"][-1])])
+            output_dir = utils.get_outdir(args.output or "./output/train", name)
         saver = _atomic_saver_class()(
             model=model, optimizer=optimizer, args=args, model_ema=model_ema, amp_scaler=loss_scaler,
             checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing=eval_metric == "loss",

@@ -16,6 +16,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -30,11 +31,13 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def run_args(data: Path, out: Path, *extra: str, experiment: str = "run") -> list:
-    """kat-train arguments for kat_tiny at 32 px on ``data`` (a few steps per epoch, no worker processes)."""
+def run_args(data: Path, out: Optional[Path], *extra: str, experiment: str = "run") -> list:
+    """kat-train arguments for kat_tiny at 32 px on ``data`` (a few steps per epoch, no worker processes); the
+    run folder is ``out/experiment`` (none given when ``out`` is None)."""
+    where = ["--output", str(out), "--experiment", experiment] if out is not None else []
     return ["--data-dir", str(data), "--model", "kat_tiny", "--img-size", "32", "--batch-size", "8",
-            "--workers", "0", "--output", str(out), "--experiment", experiment, "--lr", "1e-3",
-            "--warmup-epochs", "0", "--device", "cpu", "--log-interval", "1", *extra]
+            "--workers", "0", *where, "--lr", "1e-3", "--warmup-epochs", "0", "--device", "cpu",
+            "--log-interval", "1", *extra]
 
 
 def load_training_checkpoint(path: Path) -> dict:
@@ -138,9 +141,10 @@ def test_sigkill_mid_epoch_leaves_loadable_checkpoints_and_resumes(data, tmp_pat
         assert {"state_dict", "optimizer", "epoch"} <= checkpoint.keys(), path
     last_epoch = load_training_checkpoint(run_dir / "last.pth.tar")["epoch"]
 
-    result = train(parse_args(run_args(data, out, "--epochs", str(last_epoch + 2), "--checkpoint-hist", "2",
+    # No --output/--experiment: a resumed run continues in the folder of its checkpoint.
+    result = train(parse_args(run_args(data, None, "--epochs", str(last_epoch + 2), "--checkpoint-hist", "2",
                                        "--resume", str(run_dir / "last.pth.tar"))))
-    assert result.start_epoch == last_epoch + 1
+    assert result.start_epoch == last_epoch + 1 and Path(result.output_dir) == run_dir
     assert load_training_checkpoint(run_dir / "last.pth.tar")["epoch"] == last_epoch + 1
     assert summary_epochs(run_dir) == list(range(last_epoch + 2)), "each epoch once in summary.csv"
     assert not list(run_dir.glob("*.partial")), "no temporary file left after a clean run"
