@@ -14,6 +14,7 @@ import contextlib
 import difflib
 import math
 import os
+import shutil
 import sys
 import time
 from collections import OrderedDict
@@ -22,9 +23,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from timm.utils import CheckpointSaver
+
 from . import CLIError, run_main
 
-__all__ = ["TrainResult", "build_parser", "main", "parse_args", "train"]
+__all__ = ["AtomicCheckpointSaver", "TrainResult", "build_parser", "main", "parse_args", "train"]
 
 DEFAULT_MODEL = "kat_tiny_patch16_224"
 
@@ -418,8 +421,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     return _parse_args(list(argv), "kat-train")
 
 
-
-def _atomic_saver_class():
+class AtomicCheckpointSaver(CheckpointSaver):
     """timm's CheckpointSaver, changed only so that no file ever appears under a ``*.pth.tar`` name half-written.
 
     timm's saver writes ``tmp.pth.tar`` in place (a kill mid-write leaves a partial ``*.pth.tar``), deletes
@@ -429,37 +431,29 @@ def _atomic_saver_class():
     Hard links (the numbered and best checkpoints share ``last``'s data) are made under a ``.partial`` name and
     renamed too. Numbered files are never written in place, so replacing ``last`` never changes them.
     """
-    from timm.utils import CheckpointSaver
 
-    class _AtomicCheckpointSaver(CheckpointSaver):
-        def _save(self, save_path, epoch, metric=None):
-            partial = save_path + ".partial"
-            super()._save(partial, epoch, metric)
+    def _save(self, save_path, epoch, metric=None):
+        partial = save_path + ".partial"
+        super()._save(partial, epoch, metric)
+        _fsync(partial)
+        os.replace(partial, save_path)
+        _fsync_dir(os.path.dirname(save_path))
+
+    def _replace(self, src, dst):
+        os.replace(src, dst)
+        _fsync_dir(os.path.dirname(dst))
+
+    def _duplicate(self, src, dst):
+        partial = dst + ".partial"
+        if os.path.lexists(partial):
+            os.remove(partial)
+        try:
+            os.link(src, partial)
+        except OSError:  # no hard links here (some network and Windows file systems): copy, then flush
+            shutil.copyfile(src, partial)
             _fsync(partial)
-            os.replace(partial, save_path)
-            _fsync_dir(os.path.dirname(save_path))
-
-        def _replace(self, src, dst):
-            os.replace(src, dst)
-            _fsync_dir(os.path.dirname(dst))
-
-        def _duplicate(self, src, dst):
-            partial = dst + ".partial"
-            if os.path.lexists(partial):
-                os.remove(partial)
-            try:
-                os.link(src, partial)
-            except OSError:  # no hard links here (some network and Windows file systems): copy, then flush
-                import shutil
-
-                shutil.copyfile(src, partial)
-                _fsync(partial)
-            os.replace(partial, dst)
-            _fsync_dir(os.path.dirname(dst))
-
-    _AtomicCheckpointSaver.__name__ = _AtomicCheckpointSaver.__qualname__ = "AtomicCheckpointSaver"
-    _AtomicCheckpointSaver.__doc__ = _atomic_saver_class.__doc__
-    return _AtomicCheckpointSaver
+        os.replace(partial, dst)
+        _fsync_dir(os.path.dirname(dst))
 
 
 def _fsync(path: str) -> None:
@@ -857,7 +851,7 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bo
                 datetime.now().strftime("%Y%m%d-%H%M%S"), utils.safe_model_name(args.model),
                 str(data_config["input_size"][-1])])
             output_dir = utils.get_outdir(args.output or "./output/train", name)
-        saver = _atomic_saver_class()(
+        saver = AtomicCheckpointSaver(
             model=model, optimizer=optimizer, args=args, model_ema=model_ema, amp_scaler=loss_scaler,
             checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing=eval_metric == "loss",
             max_history=args.checkpoint_hist)

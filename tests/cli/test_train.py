@@ -343,9 +343,8 @@ def test_batch_larger_than_the_data(data, tmp_path, capsys):
 
 def test_atomic_saver_never_exposes_a_partial_checkpoint(tmp_path, monkeypatch):
     """Every file under a *.pth.tar name appears by rename, complete; timm's unlink-then-rename is gone."""
-    saver_class = train_module._atomic_saver_class()
     model = torch.nn.Linear(3, 2)
-    saver = saver_class(model, torch.optim.SGD(model.parameters(), lr=0.1), checkpoint_dir=str(tmp_path),
+    saver = train_module.AtomicCheckpointSaver(model, torch.optim.SGD(model.parameters(), lr=0.1), checkpoint_dir=str(tmp_path),
                         max_history=2)
     complete_names = []
     real_replace = os.replace
