@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 from pathlib import Path
 from typing import Any, Optional
 
@@ -9,7 +10,7 @@ import torch
 
 from . import CLIError
 
-__all__ = ["add_model_arguments", "create_model", "load_weights"]
+__all__ = ["add_model_arguments", "create_model", "load_weights", "resolve_device"]
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, default_model: str = "kat_tiny") -> None:
@@ -47,7 +48,7 @@ def create_model(name: str, pretrained: bool = False, checkpoint: Optional[Path]
     """
     import timm
 
-    import kat_timm  # noqa: F401  (registers the kat_* models)
+    importlib.import_module("kat_timm")  # registers the kat_* models in timm
 
     if not _is_registered(name):
         close = timm.list_models(f"*{name.split('.', 1)[0].split('_')[0]}*")[:8]
@@ -110,3 +111,16 @@ def _pretrained_failure(name: str, error: Exception) -> str:
     advice = (" Run 'kat-timm download " + name + "' on a machine with internet access (sharing the Hugging Face "
               "cache, or copy it), or pass --checkpoint FILE.") if offline else ""
     return f"could not load the released weights of {name}: {text.rstrip('.')}.{advice}"
+
+
+def resolve_device(name: Optional[str]) -> torch.device:
+    """``--device``: cuda when available, else cpu; asking for cuda where there is none is an error."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise CLIError(f"--device {name}: {error}; use cpu or cuda", code=2) from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}: CUDA is not available on this machine; use --device cpu", code=2)
+    return device

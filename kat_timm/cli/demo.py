@@ -175,8 +175,9 @@ def _run(args: argparse.Namespace) -> int:
     from kat_timm.benchmark import device_name, load_average
     from kat_timm.hub import released_top1
 
+    from .common import resolve_device
     from .predict import (ReleasedWeightsUnavailable, class_labeller, create_model_with_weights,
-                          format_predictions, predict, read_images, resolve_device)
+                          format_predictions, predict, read_images)
 
     for option in ("batch", "reps", "threads"):
         value = getattr(args, option)

@@ -23,6 +23,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from . import CLIError, run_main
+from .common import resolve_device
 
 __all__ = [
     "HUB_PROBE_TIMEOUT_S",
@@ -332,19 +333,6 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true",
                         help="print a JSON list, one object per image: image, weights, predictions")
     return parser
-
-
-def resolve_device(name: Optional[str]) -> torch.device:
-    """``name`` as a torch.device (default: cuda when available); a clear error for a missing or unknown device."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise CLIError(f"--device {name!r}: {error}", code=2) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {name}: CUDA is not available on this machine", code=2)
-    return device
 
 
 def weights_description(args: argparse.Namespace) -> str:

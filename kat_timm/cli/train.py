@@ -552,7 +552,7 @@ def _init_device(args: argparse.Namespace):
     """Resolve --device, join the torchrun process group if there is one (timm's init_distributed_device)."""
     from timm.utils import init_distributed_device
 
-    from .validate import resolve_device
+    from .common import resolve_device
 
     args.device = str(resolve_device(args.device))
     try:

@@ -21,22 +21,9 @@ from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence
 import torch
 
 from . import CLIError, run_main
-from .common import add_model_arguments
+from .common import add_model_arguments, resolve_device
 
-__all__ = ["create_eval_loader", "create_sized_model", "evaluate", "main", "resolve_device"]
-
-
-def resolve_device(name: Optional[str]) -> torch.device:
-    """``--device``: cuda when available, else cpu; asking for cuda where there is none is an error."""
-    if not name:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise CLIError(f"--device {name}: {error}; use cpu or cuda", code=2) from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {name}: CUDA is not available on this machine; use --device cpu", code=2)
-    return device
+__all__ = ["create_eval_loader", "create_sized_model", "evaluate", "main"]
 
 
 def create_sized_model(name: str, img_size: Optional[Sequence[int]] = None, **kwargs: Any) -> torch.nn.Module:
