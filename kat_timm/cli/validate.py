@@ -147,8 +147,8 @@ def build_parser(prog: str = "kat-validate") -> argparse.ArgumentParser:
                        help="data loading processes (default: 4; 0 loads in the main process)")
     add_model_arguments(parser, default_model="kat_tiny_patch16_224")
     group = parser.add_argument_group("run")
-    group.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
-                       help="extra keyword arguments for timm.create_model")
+    group.add_argument("--model-kwargs", nargs="*", default={}, action=KeywordArguments, metavar="KEY=VALUE",
+                       help="extra keyword arguments for timm.create_model (default: a kat-train checkpoint's)")
     group.add_argument("--amp", action="store_true", help="mixed precision (autocast)")
     group.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"))
     group.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -156,19 +156,23 @@ def build_parser(prog: str = "kat-validate") -> argparse.ArgumentParser:
     return parser
 
 
-def _keyword_arguments(items: List[str]) -> Dict[str, Any]:
-    import ast
+class KeywordArguments(argparse.Action):
+    """``KEY=VALUE ...`` into a dict, values read as Python literals where they parse (timm's ParseKwargs
+    convention, with a usage error instead of a traceback for an item without ``=``)."""
 
-    result = {}
-    for item in items:
-        if "=" not in item:
-            raise CLIError(f"--model-kwargs: expected KEY=VALUE, got {item!r}", code=2)
-        key, value = item.split("=", 1)
-        try:
-            result[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            result[key] = value
-    return result
+    def __call__(self, parser, namespace, values, option_string=None):
+        import ast
+
+        result = {}
+        for item in values:
+            if "=" not in item:
+                parser.error(f"argument {option_string}: expected KEY=VALUE, got {item!r}")
+            key, value = item.split("=", 1)
+            try:
+                result[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                result[key] = value
+        setattr(namespace, self.dest, result)
 
 
 def _checkpoint_metadata(path: Path) -> Dict[str, Any]:
@@ -196,6 +200,38 @@ def _trained_classes(split, trained: List[str], checkpoint: Path):
     return ImageFolderSplit(split.root, tuple(trained))
 
 
+# The options of timm's data config that a training checkpoint's args carry (kat-train's and timm train.py's).
+_PREPROCESSING = ("img_size", "input_size", "crop_pct", "mean", "std", "interpolation")
+
+
+def _preprocessing(args: argparse.Namespace, trained: Dict[str, Any]) -> Dict[str, Any]:
+    """The data-config options: each from the command line, else as the checkpoint was trained, else unset (the
+    model's pretrained_cfg). An image size on the command line replaces both of the checkpoint's size options."""
+    given = {name: getattr(args, name) for name in _PREPROCESSING}
+    sized = given["img_size"] is not None or given["input_size"] is not None
+    options = {}
+    for name, value in given.items():
+        if value in (None, "") and not (sized and name in ("img_size", "input_size")):
+            value = trained.get(name)
+        options[name] = None if value == "" else value
+    return options
+
+
+def resolve_checked_data_config(options: Dict[str, Any], model: torch.nn.Module) -> Dict[str, Any]:
+    """timm's ``resolve_data_config(options, model=model)``, with a clear error for a ``--mean``/``--std`` that has
+    neither one value nor one per input channel (timm asserts)."""
+    from timm.data import resolve_data_config
+
+    input_size = options.get("input_size")
+    channels = int(input_size[0]) if input_size else 3  # what resolve_data_config assumes without input_size
+    for name in ("mean", "std"):
+        values = options.get(name)
+        if values is not None and len(values) not in (1, channels):
+            raise CLIError(f"--{name} takes 1 value or one per input channel ({channels}), got {len(values)}: "
+                           f"{' '.join(map(str, values))}", code=2)
+    return resolve_data_config(options, model=model)
+
+
 def amp_autocast(enabled: bool, dtype_name: str, device: torch.device) -> Callable[[], ContextManager]:
     """A factory of the autocast context for ``--amp``/``--amp-dtype`` on ``device`` (a null context when off)."""
     if not enabled:
@@ -205,8 +241,6 @@ def amp_autocast(enabled: bool, dtype_name: str, device: torch.device) -> Callab
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from timm.data import resolve_data_config
-
     from kat_timm.data import DataError, ImageFolderDataset, check_split, load_class_names
 
     data_dir = args.data_dir or args.data
@@ -227,23 +261,30 @@ def _validate(args: argparse.Namespace) -> int:
     except DataError as error:
         raise CLIError(str(error)) from error
 
-    # A kat-train checkpoint remembers the image size it was trained at; a fixed-size model needs it.
-    img_size = args.img_size or trained.get("img_size")
-    input_size = args.input_size or trained.get("input_size")
-    size = input_size[1:] if input_size else ([img_size] if img_size else None)
+    # A training checkpoint (kat-train's or timm train.py's) remembers how its images were prepared; evaluating
+    # with other preprocessing (size, mean/std, crop) or another pooling would load fine and score silently lower.
+    preprocessing = _preprocessing(args, trained)
+    input_size = preprocessing["input_size"]
+    size = input_size[1:] if input_size else ([preprocessing["img_size"]] if preprocessing["img_size"] else None)
+    model_kwargs = dict(trained.get("model_kwargs") or {})
+    if trained.get("gp"):
+        model_kwargs["global_pool"] = trained["gp"]
+    model_kwargs.update(args.model_kwargs)
     model = create_sized_model(args.model, size, pretrained=args.pretrained, checkpoint=args.checkpoint,
-                               use_ema=args.use_ema, num_classes=args.num_classes, prefer_ema=False,
-                               **_keyword_arguments(args.model_kwargs))
+                               use_ema=args.use_ema, num_classes=args.num_classes, prefer_ema=False, **model_kwargs)
     num_classes = getattr(model, "num_classes", None)
-    if num_classes is not None and num_classes != len(split.classes):
+    # Labels from sorted folder names mean something only for a model with exactly that many classes; labels from
+    # the checkpoint's class list or a class map may use the first outputs of a larger classifier
+    # (kat-train --num-classes above the folder count).
+    labelled = bool(args.class_map) or bool(trained.get("class_names"))
+    if num_classes is not None and (num_classes < len(split.classes)
+                                    or (num_classes != len(split.classes) and not labelled)):
         raise CLIError(f"the model has {num_classes} classes but {split.root} has {len(split.classes)} class "
                        f"folders; validate a checkpoint trained on these classes (--checkpoint), or give "
                        f"--class-map with the model's {num_classes} class names in label order")
     model.to(device)
 
-    data_config = resolve_data_config(
-        {"img_size": img_size, "input_size": input_size, "crop_pct": args.crop_pct, "mean": args.mean,
-         "std": args.std, "interpolation": args.interpolation}, model=model)
+    data_config = resolve_checked_data_config(preprocessing, model)
     dataset = ImageFolderDataset(split)
     loader = create_eval_loader(dataset, data_config, args.batch_size, args.workers,
                                 pin_memory=device.type == "cuda")

@@ -160,3 +160,82 @@ def test_missing_split(tmp_path, capsys):
 def test_missing_data_dir_argument(capsys):
     code, _, err = run_validate(capsys, "--model", "kat_tiny")
     assert code == 2 and "--data-dir DIR" in err, err
+
+
+def _with_run_args(checkpoint_path, tmp_path, name, **changes):
+    """A copy of a kat-train checkpoint whose saved run options (``args``) are changed."""
+    import argparse
+
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    checkpoint["args"] = argparse.Namespace(**{**vars(checkpoint["args"]), **changes})
+    path = tmp_path / name
+    torch.save(checkpoint, path)
+    return path
+
+
+def test_preprocessing_of_the_training_run_is_used(trained, tmp_path, capsys):
+    """A run trained with its own --mean/--std/--crop-pct/--interpolation is evaluated with them, not with the
+    model's defaults (which would load fine and score silently lower)."""
+    data, run_dir, _ = trained
+    options = dict(mean=[0.9, 0.1, 0.5], std=[0.05, 0.3, 0.2], crop_pct=0.5, interpolation="nearest")
+    recorded = _with_run_args(run_dir / "last.pth.tar", tmp_path, "recorded.pth.tar", **options)
+    results = {}
+    for name, argv in (("recorded", ["--checkpoint", recorded]),
+                       ("explicit", ["--checkpoint", run_dir / "last.pth.tar", "--mean", "0.9", "0.1", "0.5",
+                                     "--std", "0.05", "0.3", "0.2", "--crop-pct", "0.5", "--interpolation",
+                                     "nearest"]),
+                       ("defaults", ["--checkpoint", run_dir / "last.pth.tar"])):
+        code, out, err = run_validate(capsys, "--data-dir", data, "--model", "kat_tiny", *argv)
+        assert code == 0, err
+        results[name] = json.loads(out)
+    assert results["recorded"]["crop_pct"] == 0.5 and results["recorded"]["interpolation"] == "nearest"
+    for key in ("loss", "top1", "top5"):
+        assert results["recorded"][key] == results["explicit"][key], key
+    assert results["recorded"]["loss"] != results["defaults"]["loss"], "the recorded mean/std made no difference"
+
+
+def test_command_line_preprocessing_overrides_the_training_run(trained, tmp_path, capsys):
+    data, run_dir, _ = trained
+    recorded = _with_run_args(run_dir / "last.pth.tar", tmp_path, "recorded.pth.tar", crop_pct=0.5)
+    code, out, err = run_validate(capsys, "--data-dir", data, "--model", "kat_tiny", "--checkpoint", recorded,
+                                  "--crop-pct", "0.8")
+    assert code == 0, err
+    assert json.loads(out)["crop_pct"] == 0.8
+
+
+def test_checkpoint_with_more_outputs_than_class_folders(data_and_wide_checkpoint, capsys):
+    """kat-train --num-classes 5 on 3 folders: the checkpoint's class list labels the first 3 outputs."""
+    data, checkpoint = data_and_wide_checkpoint
+    code, out, err = run_validate(capsys, "--data-dir", data, "--model", "kat_tiny", "--checkpoint", checkpoint)
+    assert code == 0, err
+    assert json.loads(out)["num_images"] == 24
+
+
+@pytest.fixture
+def data_and_wide_checkpoint(tmp_path):
+    import argparse
+
+    from kat_timm.cli.common import create_model
+
+    data = make_image_folder(tmp_path / "data")
+    model = create_model("kat_tiny", img_size=32, num_classes=5, weight_init="skip")
+    path = tmp_path / "wide.pth.tar"
+    torch.save({"state_dict": model.state_dict(), "epoch": 0, "version": 2,
+                "args": argparse.Namespace(model="kat_tiny", img_size=32, num_classes=5,
+                                           class_names=["blue", "green", "red"])}, path)
+    return data, path
+
+
+def test_mean_of_the_wrong_length(trained, capsys):
+    data, run_dir, _ = trained
+    code, _, err = run_validate(capsys, "--data-dir", data, "--model", "kat_tiny", "--checkpoint",
+                                run_dir / "last.pth.tar", "--mean", "0.5", "0.5")
+    assert code == 2
+    assert "--mean takes 1 value or one per input channel (3), got 2" in err, err
+
+
+def test_model_kwargs_without_equals_sign_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        validate_module.main(["--model-kwargs", "act_init"])
+    assert exit_info.value.code == 2
+    assert "--model-kwargs: expected KEY=VALUE, got 'act_init'" in capsys.readouterr().err
