@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional
 from timm.utils import CheckpointSaver
 
 from . import CLIError, run_main
+from .validate import KeywordArguments
 
 __all__ = ["AtomicCheckpointSaver", "TrainResult", "build_parser", "main", "parse_args", "train"]
 
@@ -106,7 +107,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--drop", type=float, default=0.0, metavar="PCT", help="dropout rate (default: 0)")
     group.add_argument("--drop-path", type=float, default=None, metavar="PCT",
                        help="stochastic depth rate (default: the model's; the KAT recipe uses 0.1 for T/S, 0.4 for B)")
-    group.add_argument("--model-kwargs", nargs="*", default={}, action=_KeywordArguments, metavar="KEY=VALUE",
+    group.add_argument("--model-kwargs", nargs="*", default={}, action=KeywordArguments, metavar="KEY=VALUE",
                        help="extra keyword arguments for timm.create_model, e.g. act_init=swish")
     group.add_argument("--channels-last", action="store_true", help="use the channels_last memory layout")
     group.add_argument("--grad-checkpointing", action="store_true",
@@ -136,7 +137,7 @@ def _add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
                        help="gradient clipping mode (default: norm)")
     group.add_argument("--layer-decay", type=float, default=None, metavar="RATE",
                        help="layer-wise learning-rate decay, e.g. 0.75 for fine-tuning (default: off)")
-    group.add_argument("--opt-kwargs", nargs="*", default={}, action=_KeywordArguments, metavar="KEY=VALUE",
+    group.add_argument("--opt-kwargs", nargs="*", default={}, action=KeywordArguments, metavar="KEY=VALUE",
                        help="extra keyword arguments for the optimizer")
 
 
@@ -247,24 +248,6 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
                        help="also write a recovery checkpoint every N steps (default: 0, off)")
 
 
-class _KeywordArguments(argparse.Action):
-    """``KEY=VALUE ...`` into a dict, values read as Python literals where they parse (timm's convention)."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        import ast
-
-        result = {}
-        for item in values:
-            if "=" not in item:
-                parser.error(f"argument {option_string}: expected KEY=VALUE, got {item!r}")
-            key, value = item.split("=", 1)
-            try:
-                result[key] = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                result[key] = value
-        setattr(namespace, self.dest, result)
-
-
 _EPILOG = """\
 Data layout: DATA_DIR/train/CLASS/*.png (or .jpg/.jpeg) and DATA_DIR/validation/CLASS/*.png, the same class folders
 in both. The folders are checked before training: a missing folder, a split without class folders, class folders
@@ -354,7 +337,7 @@ def _check_value(action: argparse.Action, value: Any) -> Optional[str]:
     if value is None:
         return None
     takes_list = action.nargs in ("+", "*") or isinstance(action.nargs, int)
-    if isinstance(action, _KeywordArguments):
+    if isinstance(action, KeywordArguments):
         return None if isinstance(value, dict) else f"expected a mapping of keyword arguments, got {value!r}"
     items = value if takes_list and isinstance(value, list) else [value]
     if takes_list and not isinstance(value, list) and isinstance(action.nargs, int) and action.nargs > 1:
@@ -667,6 +650,33 @@ def _resolve_lr(args: argparse.Namespace) -> None:
     args.lr = args.lr_base * (ratio ** 0.5 if args.lr_base_scale == "sqrt" else ratio)
 
 
+def _resumed_run_args(path: str) -> Dict[str, Any]:
+    """The options the run of a training checkpoint was started with ({} when it carries none)."""
+    from timm.utils.checkpoint_saver import load_checkpoint_metadata
+
+    try:
+        checkpoint = load_checkpoint_metadata(path)
+    except Exception:  # unreadable or not a training checkpoint: resume_checkpoint reports it
+        return {}
+    saved = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    return vars(saved) if isinstance(saved, argparse.Namespace) else (saved if isinstance(saved, dict) else {})
+
+
+def _check_resumed_classes(args: argparse.Namespace, classes: List[str]) -> None:
+    """A resumed run must see the class folders it was trained on: otherwise every label changes meaning while the
+    weights load without complaint (a folder renamed, added or removed with --num-classes fixed)."""
+    trained = _resumed_run_args(args.resume).get("class_names")
+    if trained and list(trained) != list(classes):
+        only_trained = [name for name in trained if name not in classes]
+        only_data = [name for name in classes if name not in trained]
+        changes = [f"not in the data: {', '.join(only_trained[:10])}" if only_trained else "",
+                   f"new in the data: {', '.join(only_data[:10])}" if only_data else ""]
+        detail = "; ".join(change for change in changes if change) or "the same folders in another label order"
+        raise CLIError(f"--resume {args.resume} was trained on other classes than the folders of --data-dir "
+                       f"({detail}), so its labels would change meaning. Resume with the original class folders, "
+                       f"or start a new run from its weights with --pretrained-path {args.resume}", code=2)
+
+
 def _resume(args: argparse.Namespace, model, optimizer, loss_scaler, primary: bool) -> Optional[int]:
     """timm's resume_checkpoint (weights, optimizer, AMP scaler, epoch) with its failures as clear errors."""
     from timm.models import resume_checkpoint
@@ -677,14 +687,28 @@ def _resume(args: argparse.Namespace, model, optimizer, loss_scaler, primary: bo
     except (RuntimeError, KeyError, ValueError, EOFError) as error:
         detail = "; ".join(line.strip() for line in str(error).strip().splitlines()[:3])
         hint = ""
-        try:
-            from kat_timm.hub import infer_architecture, load_checkpoint, unwrap_state_dict
+        # The usual cause: options that shape the model differ from the run's (its args are in the checkpoint).
+        saved = _resumed_run_args(args.resume)
+        differing = [f"--{name.replace('_', '-')} {_option_text(saved[name])}"
+                     for name in ("model", "img_size", "input_size", "num_classes", "layer_decay", "opt")
+                     if name in saved and saved[name] != getattr(args, name)]
+        if differing:
+            hint = f"; the run was started with {' '.join(differing)}: resume with the same options"
+        else:
+            try:
+                from kat_timm.hub import infer_architecture, load_checkpoint, unwrap_state_dict
 
-            state_dict, _ = unwrap_state_dict(load_checkpoint(args.resume))
-            hint = f"; it looks like a checkpoint of {infer_architecture(state_dict)}"
-        except Exception:
-            pass
+                state_dict, _ = unwrap_state_dict(load_checkpoint(args.resume))
+                hint = f"; it looks like a checkpoint of {infer_architecture(state_dict)}"
+            except Exception:
+                pass
         raise CLIError(f"cannot resume from {args.resume} with --model {args.model}: {detail}{hint}") from error
+
+
+def _option_text(value: Any) -> str:
+    if value is None:
+        return "(not given)"
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def _loss_functions(args: argparse.Namespace, mixing: bool, device):
@@ -737,14 +761,14 @@ def train(args: argparse.Namespace, prog: str = "kat-train") -> TrainResult:
 def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bool, prog: str) -> TrainResult:
     import torch
     from timm import utils
-    from timm.data import Mixup, create_loader, resolve_data_config
+    from timm.data import Mixup, create_loader
     from timm.layers import convert_sync_batchnorm
     from timm.optim import create_optimizer_v2, optimizer_kwargs
     from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
     from kat_timm.data import ImageFolderDataset
 
-    from .validate import amp_autocast, create_eval_loader
+    from .validate import amp_autocast, create_eval_loader, resolve_checked_data_config
 
     def say(message: str) -> None:
         if primary:
@@ -756,6 +780,8 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bo
         raise CLIError(f"--num-classes {num_classes} is less than the {len(train_split.classes)} class folders "
                        f"in {train_split.root}", code=2)
     args.class_names = list(train_split.classes)  # saved in every checkpoint; kat-validate checks them
+    if args.resume:
+        _check_resumed_classes(args, args.class_names)
     utils.random_seed(args.seed, args.rank)
 
     model = _create_model(args, num_classes)
@@ -765,7 +791,7 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bo
             model.set_grad_checkpointing(enable=True)
         except (AssertionError, NotImplementedError, AttributeError) as error:
             raise CLIError(f"--grad-checkpointing: {args.model} does not support it ({error})", code=2) from error
-    data_config = resolve_data_config(vars(args), model=model, verbose=False)
+    data_config = resolve_checked_data_config(vars(args), model)
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -374,3 +374,41 @@ def test_help_mentions_img_size_for_fixed_size_models_and_the_corrupt_image_rule
     text = " ".join(capsys.readouterr().out.split())
     assert "also gets img_size=N" in text
     assert "skipped with a warning naming it" in text
+
+
+def _fake_run_checkpoint(path: Path, img_size: int = 32, num_classes: int = 3, **run_args) -> Path:
+    """A kat-train-like checkpoint of kat_tiny (random weights) whose run options are ``run_args``."""
+    from kat_timm.cli.common import create_model
+
+    model = create_model("kat_tiny", img_size=img_size, num_classes=num_classes, weight_init="skip")
+    torch.save({"state_dict": model.state_dict(), "epoch": 0, "version": 2,
+                "args": argparse.Namespace(model="kat_tiny", img_size=img_size, num_classes=num_classes,
+                                           **run_args)}, path)
+    return path
+
+
+def test_resume_onto_renamed_class_folders_is_refused(data, tmp_path, capsys):
+    """Same class count, other folders: the weights would load and every label would silently change meaning."""
+    checkpoint = _fake_run_checkpoint(tmp_path / "last.pth.tar", class_names=["blue", "crimson", "green"])
+    assert train_module.main(run_args(data, tmp_path / "out", "--resume", str(checkpoint))) == 2
+    error = capsys.readouterr().err
+    assert f"--resume {checkpoint} was trained on other classes" in error, error
+    assert "not in the data: crimson; new in the data: red" in error, error
+
+
+def test_resume_onto_the_same_classes_in_another_order_is_refused(data, tmp_path, capsys):
+    checkpoint = _fake_run_checkpoint(tmp_path / "last.pth.tar", class_names=["red", "green", "blue"])
+    assert train_module.main(run_args(data, tmp_path / "out", "--resume", str(checkpoint))) == 2
+    assert "the same folders in another label order" in capsys.readouterr().err
+
+
+def test_resume_with_another_image_size_names_the_run_option(data, tmp_path, capsys):
+    checkpoint = _fake_run_checkpoint(tmp_path / "last.pth.tar", img_size=48, class_names=["blue", "green", "red"])
+    assert train_module.main(run_args(data, tmp_path / "out", "--resume", str(checkpoint))) == 1
+    error = capsys.readouterr().err
+    assert "size mismatch for pos_embed" in error and "the run was started with --img-size 48" in error, error
+
+
+def test_mean_of_the_wrong_length(data, tmp_path, capsys):
+    assert train_module.main(run_args(data, tmp_path / "out", "--mean", "0.5", "0.5")) == 2
+    assert "kat-train: error: --mean takes 1 value or one per input channel (3), got 2" in capsys.readouterr().err
