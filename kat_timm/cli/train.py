@@ -858,8 +858,10 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bo
     train_loss_fn = _loss_functions(args, mixing, device)
 
     updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
-    lr_scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args),
-                                                   updates_per_epoch=updates_per_epoch)
+    schedule_options = scheduler_kwargs(args)
+    if loader_eval is None:
+        schedule_options["plateau_mode"] = "min"  # without evaluation the schedule follows the training loss
+    lr_scheduler, num_epochs = create_scheduler_v2(optimizer, **schedule_options, updates_per_epoch=updates_per_epoch)
     start_epoch = args.start_epoch if args.start_epoch is not None else (resume_epoch or 0)
     if lr_scheduler is not None and start_epoch > 0:
         if args.sched_on_updates:
@@ -947,7 +949,8 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bo
         if saver is not None:
             result.best_metric, result.best_epoch = saver.save_checkpoint(epoch, metric=metric)
         if lr_scheduler is not None:
-            lr_scheduler.step(epoch + 1, metric)
+            # --sched plateau needs a metric every epoch: without evaluation, the training loss (as timm does)
+            lr_scheduler.step(epoch + 1, metric if metric is not None else train_metrics["loss"])
 
         row = {"epoch": epoch, "train_loss": train_metrics["loss"], "lr": lr}
         if eval_metrics is not None:

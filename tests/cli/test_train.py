@@ -412,3 +412,21 @@ def test_resume_with_another_image_size_names_the_run_option(data, tmp_path, cap
 def test_mean_of_the_wrong_length(data, tmp_path, capsys):
     assert train_module.main(run_args(data, tmp_path / "out", "--mean", "0.5", "0.5")) == 2
     assert "kat-train: error: --mean takes 1 value or one per input channel (3), got 2" in capsys.readouterr().err
+
+
+def test_plateau_schedule_without_validation_follows_the_training_loss(data, tmp_path, monkeypatch):
+    """Without a validation split, --sched plateau must still see a metric each epoch (it never decayed before)."""
+    from timm.scheduler import PlateauLRScheduler
+
+    seen = []
+    original = PlateauLRScheduler.step
+
+    def spy(self, epoch, metric=None):
+        seen.append((epoch, metric, self.lr_scheduler.mode))
+        return original(self, epoch, metric)
+
+    monkeypatch.setattr(PlateauLRScheduler, "step", spy)
+    result = train(parse_args(run_args(data, tmp_path / "out", "--epochs", "2", "--val-split", "", "--sched",
+                                       "plateau")))
+    stepped = [(epoch, metric, mode) for epoch, metric, mode in seen if epoch > 0]
+    assert stepped == [(epoch + 1, row["train_loss"], "min") for epoch, row in enumerate(result.history)]
