@@ -430,3 +430,45 @@ def test_plateau_schedule_without_validation_follows_the_training_loss(data, tmp
                                        "plateau")))
     stepped = [(epoch, metric, mode) for epoch, metric, mode in seen if epoch > 0]
     assert stepped == [(epoch + 1, row["train_loss"], "min") for epoch, row in enumerate(result.history)]
+
+
+def test_gradient_accumulation_short_last_group_steps_with_its_own_mean_gradient(data, tmp_path, monkeypatch):
+    """48 images, batch 8, 4 accumulation steps: 6 batches, so updates over 4 batches and then 2. The second update
+    must move the weights by -lr x the mean gradient over exactly those 16 images (a 1/4 scaling would halve it)."""
+    record = {}
+    original = train_module._train_one_epoch
+
+    def spy(epoch, model, loader, optimizer, loss_fn, *args, **kwargs):
+        record.update(model=model, copy=copy.deepcopy(model), images=[], targets=[], before_step=[])
+        model.register_forward_pre_hook(lambda module, inputs: record["images"].append(inputs[0].detach().clone()))
+
+        def recording_loss(output, targets):
+            record["targets"].append(targets.detach().clone())
+            return loss_fn(output, targets)
+
+        step = optimizer.step
+
+        def recording_step(*step_args, **step_kwargs):
+            record["before_step"].append({name: value.detach().clone() for name, value in model.named_parameters()})
+            return step(*step_args, **step_kwargs)
+
+        monkeypatch.setattr(optimizer, "step", recording_step)
+        return original(epoch, model, loader, optimizer, recording_loss, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_train_one_epoch", spy)
+    lr = 0.05
+    train(parse_args(run_args(data, tmp_path / "out", "--epochs", "1", "--val-split", "", "--no-aug", "--smoothing",
+                              "0", "--drop-path", "0", "--opt", "momentum", "--momentum", "0", "--weight-decay", "0",
+                              "--lr", str(lr), "--grad-accum-steps", "4")))
+    assert len(record["images"]) == 6 and len(record["before_step"]) == 2, "6 batches, 2 optimizer updates"
+
+    reference = record["copy"]
+    reference.load_state_dict(record["before_step"][1], strict=False)
+    reference.train()
+    loss = torch.nn.functional.cross_entropy(reference(torch.cat(record["images"][4:])),
+                                             torch.cat(record["targets"][4:]))
+    loss.backward()
+    final = dict(record["model"].named_parameters())
+    for name in ("head.weight", "blocks.11.mlp.fc2.weight", "blocks.0.mlp.act2.weight_numerator"):
+        expected = record["before_step"][1][name] - lr * dict(reference.named_parameters())[name].grad
+        torch.testing.assert_close(final[name].detach(), expected, rtol=1e-4, atol=1e-6, msg=name)
