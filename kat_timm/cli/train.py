@@ -900,6 +900,9 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bo
     world = f"{args.world_size} processes ({torch.distributed.get_backend()})" if args.distributed else "1 process"
     say(f"{prog}: device {device} ({_device_name(device)}), world size {world}, "
         f"AMP {args.amp_dtype if args.amp else 'off'}")
+    if args.aug_repeats and not args.distributed:
+        say(f"{prog}: note: --aug-repeats {args.aug_repeats:g} applies to distributed training only; it is off in "
+            f"this single-process run")
     if num_classes > len(train_split.classes):
         say(f"{prog}: note: --num-classes {num_classes} but the data has {len(train_split.classes)} classes; the "
             f"extra {num_classes - len(train_split.classes)} outputs are never a target")

@@ -1,7 +1,8 @@
 """``kat-validate`` (also ``kat-timm validate``): top-1, top-5 and loss of a model on an ImageFolder split.
 
 The images are prepared as the model's pretrained_cfg says (timm's ``resolve_data_config`` and
-``create_transform``: resize, centre crop ``crop_pct``, interpolation, mean and std), each overridable. The result
+``create_transform``: resize, centre crop ``crop_pct``, interpolation, mean and std), or, for a training checkpoint
+(kat-train's or timm train.py's), as its run's options said; each is overridable on the command line. The result
 is printed as JSON shaped like timm's validate.py (model, top1, top1_err, top5, top5_err, param_count, img_size,
 crop_pct, interpolation) plus loss, images/s and the image count; ``--results-file`` also writes it.
 
@@ -127,7 +128,8 @@ def build_parser(prog: str = "kat-validate") -> argparse.ArgumentParser:
         epilog="Data layout: DATA_DIR/SPLIT/CLASS/*.png (or .jpg/.jpeg). Labels follow the class folders' sorted "
                "names (timm's order), or --class-map, or the class list a kat-train checkpoint carries. An image "
                "that cannot be decoded is skipped with a warning naming it, and another sample is counted in its "
-               "place.", formatter_class=argparse.RawDescriptionHelpFormatter)
+               "place. A training checkpoint is evaluated with its run's image size, mean/std, crop and "
+               "interpolation unless given here.", formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", nargs="?", metavar="DIR", default=None, help="same as --data-dir")
     group = parser.add_argument_group("data")
     group.add_argument("--data-dir", metavar="DIR", default=None, help="dataset root holding the split folder")

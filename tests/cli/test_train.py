@@ -472,3 +472,9 @@ def test_gradient_accumulation_short_last_group_steps_with_its_own_mean_gradient
     for name in ("head.weight", "blocks.11.mlp.fc2.weight", "blocks.0.mlp.act2.weight_numerator"):
         expected = record["before_step"][1][name] - lr * dict(reference.named_parameters())[name].grad
         torch.testing.assert_close(final[name].detach(), expected, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_repeated_augmentation_in_a_single_process_is_announced_as_off(data, tmp_path, capsys):
+    assert train_module.main(run_args(data, tmp_path / "out", "--epochs", "1", "--val-split", "",
+                                      "--aug-repeats", "3")) == 0
+    assert "--aug-repeats 3 applies to distributed training only" in capsys.readouterr().out
