@@ -230,8 +230,9 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
                        help="torch.distributed backend under torchrun (default: nccl on cuda, gloo on cpu)")
     group.add_argument("--local-rank", "--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     group.add_argument("--amp", action="store_true", help="mixed precision (autocast)")
-    group.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"),
-                       help="autocast dtype (default: float16, with a gradient scaler on cuda)")
+    group.add_argument("--amp-dtype", default=None, choices=("float16", "bfloat16"),
+                       help="autocast dtype (default: float16 with a gradient scaler on cuda; bfloat16 on cpu, "
+                            "where float16 autocast is many times slower)")
     group.add_argument("--seed", type=int, default=42, metavar="S", help="random seed (default: 42)")
     group.add_argument("--output", default="", metavar="DIR",
                        help="parent folder of the run folders (default: ./output/train)")
@@ -768,7 +769,7 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bo
 
     from kat_timm.data import ImageFolderDataset
 
-    from .validate import amp_autocast, create_eval_loader, resolve_checked_data_config
+    from .validate import amp_autocast, create_eval_loader, default_amp_dtype, resolve_checked_data_config
 
     def say(message: str) -> None:
         if primary:
@@ -805,6 +806,7 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bo
     except (AssertionError, ValueError, TypeError) as error:
         raise CLIError(f"cannot create optimizer {args.opt!r}: {error}", code=2) from error
 
+    args.amp_dtype = default_amp_dtype(args.amp_dtype, device)
     autocast = amp_autocast(args.amp, args.amp_dtype, device)
     loss_scaler = None
     if args.amp and device.type == "cuda" and args.amp_dtype == "float16":

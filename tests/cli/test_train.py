@@ -478,3 +478,28 @@ def test_repeated_augmentation_in_a_single_process_is_announced_as_off(data, tmp
     assert train_module.main(run_args(data, tmp_path / "out", "--epochs", "1", "--val-split", "",
                                       "--aug-repeats", "3")) == 0
     assert "--aug-repeats 3 applies to distributed training only" in capsys.readouterr().out
+
+
+
+def test_amp_on_cpu_defaults_to_bfloat16(data, tmp_path, capsys, monkeypatch):
+    # float16 autocast on a CPU is tens of times slower than float32; bfloat16 is the CPU's own low precision.
+    dtypes = []
+    real_autocast = torch.autocast
+
+    def recording_autocast(*args, **kwargs):
+        dtypes.append(kwargs.get("dtype"))
+        return real_autocast(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "autocast", recording_autocast)
+    assert train_module.main(run_args(data, tmp_path / "out", "--epochs", "1", "--val-split", "", "--amp")) == 0
+    assert "AMP bfloat16" in capsys.readouterr().out
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+
+
+def test_amp_dtype_given_explicitly_wins_on_every_device():
+    from kat_timm.cli.validate import default_amp_dtype
+
+    assert default_amp_dtype(None, torch.device("cpu")) == "bfloat16"
+    assert default_amp_dtype(None, torch.device("cuda")) == "float16"
+    assert default_amp_dtype("float16", torch.device("cpu")) == "float16"
+    assert default_amp_dtype("bfloat16", torch.device("cuda")) == "bfloat16"
