@@ -15,15 +15,20 @@ The ``onnx`` and ``onnxscript`` packages (``pip install "kat-timm[onnx]"``) are 
 from __future__ import annotations
 
 import importlib.util
+import logging
+import os
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
+
+from .transforms import model_input_size
 
 __all__ = [
     "DEFAULT_OPSET",
     "MIN_OPSET",
     "MissingDependencyError",
+    "OpsetConversionError",
     "check_onnx",
     "decompose_rationals",
     "export_onnx",
@@ -53,6 +58,10 @@ PathLike = Union[str, Path]
 
 class MissingDependencyError(ImportError):
     """An optional package that ONNX export or its check needs is not installed."""
+
+
+class OpsetConversionError(RuntimeError):
+    """PyTorch's ONNX exporter could not write the graph in the requested opset."""
 
 
 def require_packages(*names: str, purpose: str = "ONNX export") -> None:
@@ -99,19 +108,6 @@ def group_rational_plain(
         q = q * ax + b[:, j : j + 1]
     q = q * ax + 1.0
     return (p / q).reshape(x.shape).to(x.dtype)
-
-
-def model_input_size(model: torch.nn.Module) -> Tuple[int, int, int]:
-    """(channels, height, width) the model takes: its patch embedding's image size if it has one (that follows
-    ``img_size=`` and ``set_input_size``), else timm's data config of the model."""
-    patch_embed = getattr(model, "patch_embed", None)
-    img_size = getattr(patch_embed, "img_size", None)
-    proj = getattr(patch_embed, "proj", None)
-    if img_size is not None and isinstance(proj, torch.nn.Conv2d):
-        return proj.in_channels, int(img_size[0]), int(img_size[1])
-    from timm.data import resolve_model_data_config
-
-    return tuple(resolve_model_data_config(model)["input_size"])
 
 
 def _example_input(model: torch.nn.Module, batch_size: int) -> torch.Tensor:
@@ -177,7 +173,8 @@ def export_onnx(
 
     Args:
         model: the model to export.
-        path: the ``.onnx`` file to write (its folder must exist; an existing file is overwritten).
+        path: the ``.onnx`` file to write (its folder must exist; an existing file is replaced, but only once the
+            new one is complete and checked: a failed export leaves no file behind).
         dynamic_batch: accept any batch size (the input's first dimension is symbolic); else the batch size is
             fixed in the graph.
         opset: the ONNX opset (default ``DEFAULT_OPSET``, 18; at least ``MIN_OPSET``, 17).
@@ -190,39 +187,59 @@ def export_onnx(
     Raises:
         MissingDependencyError: onnx or onnxscript is not installed.
         FileNotFoundError: the output folder does not exist.
-        ValueError: ``opset`` is below ``MIN_OPSET``.
-        RuntimeError: the exporter could not produce the requested opset.
+        ValueError: ``opset`` is below ``MIN_OPSET`` or above what the installed onnx knows.
+        OpsetConversionError: the exporter could not produce the requested opset.
     """
     require_packages("onnx", "onnxscript")
     import onnx
 
     if opset < MIN_OPSET:
         raise ValueError(f"opset {opset} is too old: a KAT needs opset {MIN_OPSET} or newer (LayerNormalization)")
+    if opset > onnx.defs.onnx_opset_version():
+        raise ValueError(f"opset {opset} is newer than the installed onnx {onnx.__version__} knows "
+                         f"({onnx.defs.onnx_opset_version()})")
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"output folder {path.parent} does not exist; create it first (mkdir -p {path.parent})")
     if example_input is None:
         example_input = _example_input(model, batch_size)
     program = decompose_rationals(export_program(model, example_input, dynamic_batch))
-    torch.onnx.export(
-        program,
-        (example_input,),
-        str(path),
-        input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
-        opset_version=opset,
-        dynamo=True,
-        # The program already has the symbolic batch; this only names it "batch" in the file (else "s77" or so).
-        dynamic_shapes=({0: "batch"},) if dynamic_batch else None,
-        external_data=_parameter_bytes(model) > _EXTERNAL_DATA_BYTES,
-        verbose=False,
-    )
-    written = _default_opset(onnx.load(str(path), load_external_data=False))
-    if written != opset:
-        # The exporter keeps its own opset when the version converter fails, with only a log message.
-        raise RuntimeError(f"the ONNX exporter could not convert the graph to opset {opset} ({path} has opset "
-                           f"{written}); use opset {DEFAULT_OPSET}")
-    onnx.checker.check_model(str(path), full_check=True)
+    external_data = _parameter_bytes(model) > _EXTERNAL_DATA_BYTES
+    # Written under a temporary name and renamed once checked, so a failed export leaves no file (and an existing
+    # one untouched). Weights in a side file name it after the .onnx file, which a rename would break: those
+    # exports (above 1 GiB, no KAT) are written in place.
+    partial = path if external_data else path.with_name(f".{path.name}.{os.getpid()}.partial.onnx")
+    # onnxscript logs a failed opset conversion with a traceback; the check below reports it in one line instead.
+    converter_log = logging.getLogger("onnxscript.version_converter")
+    log_level = converter_log.level
+    converter_log.setLevel(logging.ERROR)
+    try:
+        torch.onnx.export(
+            program,
+            (example_input,),
+            str(partial),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            opset_version=opset,
+            dynamo=True,
+            # The program already has the symbolic batch; this only names it "batch" in the file (else "s77" or so).
+            dynamic_shapes=({0: "batch"},) if dynamic_batch else None,
+            external_data=external_data,
+            verbose=False,
+        )
+        converter_log.setLevel(log_level)
+        written = _default_opset(onnx.load(str(partial), load_external_data=False))
+        if written != opset:
+            # The exporter keeps its own opset when the version converter fails, with only a log message.
+            raise OpsetConversionError(f"the ONNX exporter could not convert the graph to opset {opset} (it wrote "
+                                       f"opset {written}); use opset {DEFAULT_OPSET}")
+        onnx.checker.check_model(str(partial), full_check=True)
+        if partial != path:
+            os.replace(partial, path)
+    finally:
+        converter_log.setLevel(log_level)
+        if partial != path:
+            partial.unlink(missing_ok=True)
     return path
 
 

@@ -5,21 +5,38 @@ For the released KAT checkpoints that is the evaluation pipeline they were score
 ImageNet mean and std. ``create_transform(model)`` is shorthand for::
 
     timm.data.create_transform(**timm.data.resolve_model_data_config(model), is_training=False)
+
+with one correction: a model built for another input size (``img_size=64``, ``set_input_size``, a checkpoint
+fine-tuned at 32 px) gets images of that size. timm's data config reads the registered pretrained config, which
+still says 224, and a ViT or KAT with a fixed position embedding rejects any other size.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Union
+from typing import Any, Callable, Tuple, Union
 
 import torch
 
-__all__ = ["create_transform"]
+__all__ = ["create_transform", "model_input_size"]
+
+
+def model_input_size(model: torch.nn.Module) -> Tuple[int, int, int]:
+    """(channels, height, width) the model takes: its patch embedding's image size if it has one (that follows
+    ``img_size=`` and ``set_input_size``), else timm's data config of the model."""
+    patch_embed = getattr(model, "patch_embed", None)
+    img_size = getattr(patch_embed, "img_size", None)
+    proj = getattr(patch_embed, "proj", None)
+    if img_size is not None and isinstance(proj, torch.nn.Conv2d):
+        return proj.in_channels, int(img_size[0]), int(img_size[1])
+    from timm.data import resolve_model_data_config
+
+    return tuple(resolve_model_data_config(model)["input_size"])
 
 
 def create_transform(model: Union[torch.nn.Module, str], is_training: bool = False, **overrides: Any) -> Callable:
     """The preprocessing of ``model``'s pretrained config: PIL image -> normalised float tensor (C, H, W).
 
     Args:
-        model: a timm model (its ``pretrained_cfg`` is read), or a model name with an optional tag (no model is
+        model: a timm model (its ``pretrained_cfg`` is read, and its input size), or a model name with an optional tag (no model is
             built; the registered pretrained config is used).
         is_training: the training augmentation (random resized crop, flip, ...) instead of the evaluation pipeline.
         **overrides: data-config values to change (``input_size``, ``interpolation``, ``mean``, ``std``,
@@ -43,5 +60,6 @@ def create_transform(model: Union[torch.nn.Module, str], is_training: bool = Fal
         config = resolve_data_config(pretrained_cfg=pretrained_cfg.to_dict() if pretrained_cfg else {})
     else:
         config = resolve_model_data_config(model)
+        config["input_size"] = model_input_size(model)
     config.update(overrides)
     return timm_create_transform(**config, is_training=is_training)

@@ -155,6 +155,32 @@ def test_missing_onnx_packages_say_how_to_install_them(kat_tiny_32, tmp_path, mo
         export_onnx(kat_tiny_32, tmp_path / "model.onnx")
 
 
+def test_failed_export_leaves_no_file_and_keeps_an_existing_one(kat_tiny_32, tmp_path, monkeypatch):
+    def half_written(program, args, path, **kwargs):
+        open(path, "wb").write(b"half an onnx file")
+        raise RuntimeError("exporter failed midway")
+
+    monkeypatch.setattr(export_module, "export_program", lambda *a, **k: None)  # only the writing is under test
+    monkeypatch.setattr(export_module, "decompose_rationals", lambda program: program)
+    monkeypatch.setattr(torch.onnx, "export", half_written)
+    output = tmp_path / "model.onnx"
+    output.write_bytes(b"the previous export")
+    with pytest.raises(RuntimeError, match="exporter failed midway"):
+        export_onnx(kat_tiny_32, output)
+    assert output.read_bytes() == b"the previous export"
+    assert [path.name for path in tmp_path.iterdir()] == ["model.onnx"], "a partial file was left behind"
+
+
+@needs_onnx
+def test_opset_newer_than_onnx_knows_is_refused_before_exporting(kat_tiny_32, tmp_path, monkeypatch):
+    import onnx
+
+    monkeypatch.setattr(export_module, "export_program", lambda *a, **k: pytest.fail("an export was started"))
+    newest = onnx.defs.onnx_opset_version()
+    with pytest.raises(ValueError, match=f"opset {newest + 1} is newer than the installed onnx"):
+        export_onnx(kat_tiny_32, tmp_path / "model.onnx", opset=newest + 1)
+
+
 def test_model_input_size_follows_the_model():
     model = timm.create_model("kat_tiny", img_size=48, weight_init="skip")
     assert model_input_size(model) == (3, 48, 48)

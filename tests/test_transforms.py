@@ -80,3 +80,11 @@ def test_overrides_and_training_pipeline(kat_tiny, photo):
     train = create_transform(kat_tiny, is_training=True)
     assert type(train.transforms[0]).__name__ == "RandomResizedCropAndInterpolation"
     assert train(photo).shape == (3, 224, 224)
+
+
+def test_a_model_built_for_another_size_gets_images_of_that_size(photo):
+    model = timm.create_model("kat_tiny", img_size=48, weight_init="skip")
+    assert create_transform(model)(photo).shape == (3, 48, 48)  # timm's data config alone says 224
+    model.set_input_size(img_size=(64, 64))
+    assert create_transform(model)(photo).shape == (3, 64, 64)
+    assert create_transform(model, input_size=(3, 32, 32))(photo).shape == (3, 32, 32), "overrides still win"
