@@ -29,6 +29,7 @@ __all__ = [
     "HUB_PROBE_TIMEOUT_S",
     "Prediction",
     "ReleasedWeightsUnavailable",
+    "checkpoint_training_args",
     "class_labeller",
     "create_model_with_weights",
     "hub_access",
@@ -159,8 +160,10 @@ def create_model_with_weights(
                        code=2) from None
     if not random_weights and is_model_in_modules(split_model_name_tag(name)[0], ["kat"]):
         kwargs.setdefault("weight_init", "skip")  # every tensor is overwritten by the strict load that follows
-    if random_weights or checkpoint is not None:
-        return create_model(name, checkpoint=checkpoint, use_ema=use_ema, **kwargs)
+    if checkpoint is not None:
+        return _create_from_checkpoint(name, checkpoint, use_ema, **kwargs)
+    if random_weights:
+        return create_model(name, **kwargs)
     with hub_access(offline) as unreachable:
         try:
             return create_model(name, pretrained=True, **kwargs)
@@ -179,6 +182,35 @@ def create_model_with_weights(
                 f"could not load the released weights of {name}: {reason}. Run 'kat-timm download {name}' where "
                 "the Hub is reachable (then share or copy the cache), pass --checkpoint FILE, or --random-weights "
                 "to try the command without weights.", reason) from cause
+
+
+def checkpoint_training_args(path: Path) -> dict:
+    """The ``args`` a kat-train (or timm train.py) checkpoint was saved with, as a dict; {} for a bare state dict
+    or a file this cannot read (loading the weights reports that properly)."""
+    try:
+        from timm.utils.checkpoint_saver import load_checkpoint_metadata
+
+        checkpoint = load_checkpoint_metadata(str(path))
+    except Exception:
+        return {}
+    args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    return vars(args) if isinstance(args, argparse.Namespace) else (args if isinstance(args, dict) else {})
+
+
+def _create_from_checkpoint(name: str, checkpoint: Path, use_ema: bool, **kwargs) -> torch.nn.Module:
+    """The model with a checkpoint's weights, built at the image size a kat-train checkpoint was trained at (a ViT
+    or KAT's position embedding fits one size only) and labelled with its class names (``pretrained_cfg``'s
+    ``label_names``, which :func:`class_labeller` reads)."""
+    from .validate import create_sized_model
+
+    trained = checkpoint_training_args(checkpoint)
+    input_size = trained.get("input_size")
+    size = input_size[1:] if input_size else ([trained["img_size"]] if trained.get("img_size") else None)
+    model = create_sized_model(name, size, checkpoint=checkpoint, use_ema=use_ema, **kwargs)
+    class_names = trained.get("class_names")
+    if class_names and len(class_names) <= int(getattr(model, "num_classes", 0) or 0):
+        model.pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or {}, label_names=tuple(class_names))
+    return model
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -203,7 +235,7 @@ def read_images(paths: Sequence[Path]):
             raise CLIError(f"{path}: is a directory, not an image")
         try:
             with Image.open(path) as image:
-                images.append(image.convert("RGB"))
+                images.append(_to_rgb(image))
         except UnidentifiedImageError:
             raise CLIError(f"{path}: not an image file PIL can read (JPEG, PNG, WebP, BMP, ...)") from None
         except (OSError, ValueError) as error:
@@ -211,12 +243,33 @@ def read_images(paths: Sequence[Path]):
     return images
 
 
+def _to_rgb(image):
+    """``image.convert("RGB")``, except that high-bit-depth greyscale is scaled to 8 bits first.
+
+    PIL's conversion clips 16-bit ("I;16", and "I" as some versions open 16-bit PNGs) and float ("F") greyscale to
+    0..255 instead of scaling it, which turns a 16-bit image almost entirely white.
+    """
+    if not (image.mode.startswith("I") or image.mode == "F"):
+        return image.convert("RGB")
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        scale = 255.0 if pixels.max(initial=0.0) <= 1.0 else 1.0  # floats in [0, 1], else taken as 0..255
+    else:  # 16-bit integers; an "I" image whose values fit in 8 bits is left as it is
+        scale = 255.0 / 65535.0 if image.mode.startswith("I;16") or pixels.max(initial=0) > 255 else 1.0
+    grey = np.clip(np.rint(pixels * scale), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, "L").convert("RGB")
+
+
 def class_labeller(model: torch.nn.Module, class_map: Optional[Path] = None) -> Callable[[int], str]:
     """index -> label for the model's classifier.
 
-    ``class_map`` (timm's format: a .txt file with one class name per line, line i naming class i) wins; else
-    ImageNet descriptions when the classifier size is an ImageNet subset's (timm's ``infer_imagenet_subset``, e.g.
-    1000 classes -> imagenet-1k); else the class index itself.
+    ``class_map`` (timm's format: a .txt file with one class name per line, line i naming class i) wins; else the
+    model's own class names (``pretrained_cfg["label_names"]``, with ``label_descriptions`` when there are any: what
+    a kat-train checkpoint or a Hub config gives); else ImageNet descriptions when the classifier size is an
+    ImageNet subset's (timm's ``infer_imagenet_subset``, e.g. 1000 classes -> imagenet-1k); else the class index.
 
     Raises:
         CLIError: the class map is unreadable or does not have one name per class.
@@ -227,6 +280,12 @@ def class_labeller(model: torch.nn.Module, class_map: Optional[Path] = None) -> 
         if len(names) != num_classes:
             raise CLIError(f"{class_map}: {len(names)} class names for a classifier of {num_classes} classes")
         return lambda index: names[index]
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    label_names = cfg.get("label_names")
+    if label_names and len(label_names) <= num_classes:  # a classifier may have outputs no class was trained on
+        descriptions = cfg.get("label_descriptions") or {}
+        return lambda index: (descriptions.get(label_names[index], label_names[index]) if index < len(label_names)
+                              else f"class {index}")
     from timm.data import ImageNetInfo, infer_imagenet_subset
 
     subset = infer_imagenet_subset(model)
@@ -269,7 +328,8 @@ def predict(
     batch_size: int = 16,
     device: Optional[torch.device] = None,
 ) -> List[List[Prediction]]:
-    """Top-k softmax probabilities of each image, preprocessed with the model's pretrained data config.
+    """Top-k softmax probabilities of each image, preprocessed with the model's pretrained data config (at the
+    model's input size).
 
     Args:
         model: a timm classifier (put in eval mode here).
@@ -279,11 +339,11 @@ def predict(
         batch_size: images per forward pass.
         device: where to run (default: the model's device).
     """
-    from timm.data import create_transform, resolve_data_config
+    from kat_timm.transforms import create_transform
 
     model.eval()
     device = device or next(model.parameters()).device
-    transform = create_transform(**resolve_data_config(model=model))
+    transform = create_transform(model)  # the pretrained config's preprocessing, at the model's own input size
     k = min(top_k, int(model.num_classes))
     results: List[List[Prediction]] = []
     for start in range(0, len(images), batch_size):

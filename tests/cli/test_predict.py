@@ -240,3 +240,41 @@ def test_kat_timm_dispatches_to_predict(capsys, tmp_path):
 
     assert kat_timm_main(["predict", str(tmp_path / "nothing.jpg"), "--random-weights"]) == 1
     assert capsys.readouterr().err == f"kat-timm predict: error: {tmp_path / 'nothing.jpg'}: no such file\n"
+
+
+def test_kat_train_checkpoint_at_32_px_is_built_at_its_size_and_labelled_with_its_classes(capsys, tmp_path):
+    import argparse
+
+    from tests.conftest import random_kat_state_dict
+
+    classes = ["blue", "green", "red"]
+    state_dict = random_kat_state_dict(5, img_size=32, num_classes=3)
+    checkpoint = tmp_path / "model_best.pth.tar"
+    # What kat-train saves: timm's CheckpointSaver layout, the run's arguments as a Namespace.
+    torch.save({"epoch": 1, "arch": "kat_tiny", "state_dict": state_dict,
+                "args": argparse.Namespace(img_size=32, input_size=None, class_names=classes)}, checkpoint)
+    code, out, err = _run(capsys, *IMAGES, "--model", "kat_tiny", "--checkpoint", str(checkpoint), "--json")
+    assert code == 0, err
+
+    model = timm.create_model("kat_tiny", img_size=32, num_classes=3, weight_init="skip")
+    model.load_state_dict(state_dict)
+    transform = timm.data.create_transform(**{**timm.data.resolve_data_config(model=model), "input_size": (3, 32, 32)})
+    with torch.inference_mode():
+        logits = model.eval()(torch.stack([transform(image) for image in predict.read_images(sample_images())]))
+    for record, want in zip(json.loads(out), logits.softmax(-1)):
+        got = {p["label"]: p["probability"] for p in record["predictions"]}
+        assert got == pytest.approx({name: p for name, p in zip(classes, want.tolist())}, abs=1e-5)
+
+
+def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    assert Image.open(tmp_path / "ramp16.png").mode.startswith("I")
+    pixels = np.asarray(predict.read_images([tmp_path / "ramp16.png"])[0]).astype(np.int64)
+    assert pixels.shape == (64, 64, 3)
+    np.testing.assert_allclose(pixels[..., 0], np.rint(ramp / 257), atol=1)  # PIL's convert("RGB") gives 255s
+    Image.fromarray(np.full((8, 8), 200, dtype=np.int32)).save(tmp_path / "eight_bit_as_i.tiff")
+    assert np.asarray(predict.read_images([tmp_path / "eight_bit_as_i.tiff"])[0]).max() == 200
