@@ -7,6 +7,7 @@ error of the logits (exit code 1 above 1e-4). Needs ``pip install "kat-timm[onnx
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -32,12 +33,15 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("model", metavar="MODEL", help="timm model name (kat_tiny, kat_base_patch16_224.vitft, ...)")
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--pretrained", action="store_true",
-                         help="the released weights (from the Hugging Face cache; see 'kat-timm download')")
+                         help="the released weights (from the Hugging Face Hub or its cache; see 'kat-timm "
+                              "download'). Without this or --checkpoint the weights are random")
     weights.add_argument("--checkpoint", metavar="FILE", type=Path,
-                         help="weights from this file (a state dict or a training checkpoint)")
+                         help="weights from this file (a state dict or a training checkpoint; a kat-train checkpoint "
+                              "is built at the image size it was trained at)")
     parser.add_argument("--use-ema", action="store_true", help="with --checkpoint: its EMA weights")
     parser.add_argument("-o", "--output", metavar="FILE", type=Path, required=True,
-                        help="the .onnx file to write (its folder must exist)")
+                        help="the .onnx file to write (its folder must exist; an existing file is replaced once the "
+                             "new one is complete)")
     parser.add_argument("--dynamic-batch", action="store_true",
                         help="let the batch dimension vary (default: fixed to --batch-size)")
     parser.add_argument("--batch-size", type=int, default=1, metavar="N",
@@ -46,7 +50,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                         help=f"ONNX opset, at least {MIN_OPSET} (default: {DEFAULT_OPSET}, what PyTorch's exporter "
                              "writes natively; others are converted)")
     parser.add_argument("--img-size", type=int, metavar="N",
-                        help="input height and width (default: the model's, 224; position embeddings are resampled)")
+                        help="input height and width (default: the model's: 224, or a kat-train checkpoint's; "
+                             "position embeddings are resampled)")
     parser.add_argument("--check", action="store_true",
                         help=f"run the file with onnxruntime (CPU) next to PyTorch on random images and print the "
                              f"relative error of the logits; fail above {CHECK_RTOL:g}")
@@ -54,10 +59,14 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 
 
 def _validate(args: argparse.Namespace) -> None:
-    from kat_timm.export import MIN_OPSET, MissingDependencyError, require_packages
+    from kat_timm.export import DEFAULT_OPSET, MIN_OPSET, MissingDependencyError, require_packages
 
     if args.opset < MIN_OPSET:
         raise CLIError(f"--opset {args.opset} is too old: a KAT needs opset {MIN_OPSET} or newer", code=2)
+    newest = _newest_opset()
+    if newest is not None and args.opset > newest:
+        raise CLIError(f"--opset {args.opset} is newer than the installed onnx knows ({newest}); the default is "
+                       f"{DEFAULT_OPSET}", code=2)
     if args.batch_size < 1:
         raise CLIError("--batch-size must be >= 1", code=2)
     if args.img_size is not None and args.img_size < 1:
@@ -67,6 +76,11 @@ def _validate(args: argparse.Namespace) -> None:
     folder = args.output.parent
     if not folder.is_dir():
         raise CLIError(f"output folder {folder} does not exist; create it first (mkdir -p {folder})")
+    if args.output.is_dir():
+        raise CLIError(f"{args.output} is a folder; give the .onnx file to write (-o {args.output / 'model.onnx'})",
+                       code=2)
+    if not os.access(folder, os.W_OK):
+        raise CLIError(f"cannot write to the folder {folder} (permission denied)")
     try:
         names = ("onnx", "onnxscript") + (("onnxruntime",) if args.check else ())
         require_packages(*names, purpose="kat-timm export --check" if args.check else "kat-timm export")
@@ -74,23 +88,44 @@ def _validate(args: argparse.Namespace) -> None:
         raise CLIError(str(error)) from error
 
 
+def _newest_opset() -> Optional[int]:
+    """The newest opset the installed onnx knows (None without onnx: that is reported on its own)."""
+    try:
+        import onnx
+    except ImportError:
+        return None
+    return onnx.defs.onnx_opset_version()
+
+
 def _format_shape(shape) -> str:
     return "[" + ", ".join(str(dim) for dim in shape) + "]"
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, prog: str) -> int:
     _validate(args)  # before building the model: the usual mistakes fail in a second
-    from kat_timm.export import INPUT_NAME, OUTPUT_NAME, check_onnx, export_onnx, onnx_io_shapes
+    from kat_timm.export import INPUT_NAME, OUTPUT_NAME, OpsetConversionError, check_onnx, export_onnx, onnx_io_shapes
 
-    from .common import create_model
+    from .predict import create_model_with_weights
 
-    model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, use_ema=args.use_ema)
+    random_weights = not args.pretrained and args.checkpoint is None
+    # A kat-train checkpoint's model is built at the size it was trained at, then resized by --img-size.
+    model = create_model_with_weights(args.model, checkpoint=args.checkpoint, use_ema=args.use_ema,
+                                      random_weights=random_weights)
+    if random_weights:
+        print(f"{prog}: warning: no --pretrained or --checkpoint: exporting {args.model} with random weights",
+              file=sys.stderr)
     if args.img_size is not None:
         if not hasattr(model, "set_input_size"):
             raise CLIError(f"{args.model} can't change its input size (no set_input_size); drop --img-size", code=2)
         model.set_input_size(img_size=(args.img_size, args.img_size))
     model = model.eval().float()
-    export_onnx(model, args.output, dynamic_batch=args.dynamic_batch, opset=args.opset, batch_size=args.batch_size)
+    try:
+        export_onnx(model, args.output, dynamic_batch=args.dynamic_batch, opset=args.opset,
+                    batch_size=args.batch_size)
+    except OpsetConversionError as error:
+        raise CLIError(str(error)) from error
+    except PermissionError as error:
+        raise CLIError(f"{args.output}: cannot write the file ({error.strerror})") from error
     shapes = onnx_io_shapes(args.output)
     size_mb = args.output.stat().st_size / 1e6
     print(f"wrote {args.output} ({size_mb:.1f} MB, opset {args.opset}): "
@@ -110,4 +145,4 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: Optional[List[str]] = None, prog: str = "kat-timm export") -> int:
     """Entry point of ``kat-timm export``."""
     args = _parser(prog).parse_args(sys.argv[1:] if argv is None else argv)
-    return run_main(lambda: _run(args), prog)
+    return run_main(lambda: _run(args, prog), prog)

@@ -61,10 +61,29 @@ def test_missing_output_folder(tmp_path, capsys, no_export):
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--img-size", "0"], "--img-size must be >= 1"),
     (["--use-ema"], "--use-ema needs --checkpoint"),
+    (["--opset", "99"], "--opset 99 is newer than the installed onnx knows"),
 ])
 def test_usage_errors(tmp_path, capsys, no_export, args, message):
     assert cli.main(["kat_tiny", "-o", str(tmp_path / "kat.onnx"), *args]) == 2
-    assert capsys.readouterr().err.strip() == f"kat-timm export: error: {message}"
+    assert capsys.readouterr().err.strip().startswith(f"kat-timm export: error: {message}")
+
+
+def test_output_that_is_a_folder(tmp_path, capsys, no_export):
+    assert cli.main(["kat_tiny", "-o", str(tmp_path)]) == 2
+    assert f"{tmp_path} is a folder; give the .onnx file to write" in capsys.readouterr().err
+
+
+def test_failed_opset_conversion_is_one_line_and_random_weights_are_announced(tmp_path, capsys, monkeypatch):
+    import kat_timm.export
+
+    def fail(*args, **kwargs):
+        raise kat_timm.export.OpsetConversionError("the ONNX exporter could not convert the graph to opset 23")
+
+    monkeypatch.setattr(kat_timm.export, "export_onnx", fail)
+    assert cli.main(["kat_tiny", "-o", str(tmp_path / "kat.onnx"), "--opset", "23", "--img-size", "32"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["kat-timm export: warning: no --pretrained or --checkpoint: exporting kat_tiny with random weights",
+                   "kat-timm export: error: the ONNX exporter could not convert the graph to opset 23"]
 
 
 def test_unknown_model(tmp_path, capsys, no_export):
