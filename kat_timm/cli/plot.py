@@ -23,7 +23,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, description="Draw every block's rational activations (act1, act2) of a KAT to an image file.")
     parser.add_argument("-o", "--output", type=Path, default=Path("activations.png"),
-                        help="image file to write; the format follows the extension (default: activations.png)")
+                        help="image file to write; the format follows the extension: .png, .pdf, .svg, ... (.png "
+                             "when there is none; default: activations.png)")
     parser.add_argument("--model", default="kat_tiny",
                         help="a KAT model name with an optional .tag, e.g. kat_base.vitft (default: kat_tiny)")
     parser.add_argument("--checkpoint", metavar="FILE", type=Path,
@@ -44,6 +45,13 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
+def _supported_formats() -> set:
+    """The file extensions matplotlib's savefig writes (png, pdf, svg, ...)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return set(FigureCanvasBase.get_supported_filetypes())
+
+
 def main(argv: Optional[List[str]] = None, prog: str = "kat-timm plot") -> int:
     """Entry point of ``kat-timm plot``."""
     parser = build_parser(prog)
@@ -59,6 +67,14 @@ def main(argv: Optional[List[str]] = None, prog: str = "kat-timm plot") -> int:
             raise CLIError(INSTALL_HINT) from None
         if args.dpi < 1:
             raise CLIError("--dpi must be >= 1", code=2)
+        if not args.output.suffix:  # matplotlib would add .png itself, and the message would name another file
+            args.output = args.output.with_name(args.output.name + ".png")
+        formats = _supported_formats()
+        if args.output.suffix[1:].lower() not in formats:
+            raise CLIError(f"{args.output}: matplotlib cannot write {args.output.suffix} files; use one of "
+                           f"{', '.join('.' + f for f in sorted(formats))}", code=2)
+        if args.output.is_dir():
+            raise CLIError(f"{args.output} is a folder; give the image file to write", code=2)
         if not args.output.parent.is_dir():
             raise CLIError(f"{args.output}: the folder {args.output.parent} does not exist")
         model = create_model_with_weights(args.model, checkpoint=args.checkpoint, use_ema=args.use_ema,
