@@ -214,3 +214,42 @@ def test_resolve_follows_the_registered_pretrained_cfgs():
                                        (346_000_000, "346.0 MB"), (3_200_000_000, "3.2 GB")])
 def test_format_size(size, text):
     assert format_size(size) == text
+
+
+def _honouring_offline_mode(fake):
+    """``fake`` in online mode; in offline mode what the real ``hf_hub_download`` does for a file not cached."""
+    def call(*args, **kwargs):
+        if constants.is_offline_mode():
+            raise LocalEntryNotFoundError("offline mode is enabled and the file is not in the cache")
+        return fake(*args, **kwargs)
+
+    return call
+
+
+def test_unreachable_hub_is_probed_once_and_fails_at_once(released_hub, monkeypatch, capsys, ckpt, kat_tiny_weights,
+                                                          tmp_path):
+    from kat_timm.cli import predict
+
+    # Online mode with an unreachable Hub: kat_tiny is cached, kat_small and kat_base are not. Without the probe,
+    # huggingface_hub retries each missing file for about half a minute.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    probes = []
+    monkeypatch.setattr(predict, "hub_reachable", lambda: probes.append(1) or (False, "simulated outage"))
+    monkeypatch.setattr(download_module, "hf_hub_download", _honouring_offline_mode(_no_fetch))
+    assert cli.main(["kat_small", "kat_tiny", "kat_base"]) == 1
+    captured = capsys.readouterr()
+    assert len(probes) == 1
+    assert "kat_tiny (adamdad/kat_tiny_patch16_224)" in captured.out and "1 of 3 model(s) ready" in captured.out
+    for size in ("small", "base"):
+        assert (f"kat_{size} (adamdad/kat_{size}_patch16_224): not (fully) in the cache {released_hub.root}, and "
+                "simulated outage; run the download on a machine that reaches the Hub") in captured.err
+    assert not constants.is_offline_mode(), "offline mode must be undone"
+
+    # A reachable Hub: the missing files are fetched.
+    monkeypatch.setattr(predict, "hub_reachable", lambda: (True, "huggingface.co is reachable"))
+    small_repo = "adamdad/kat_small_patch16_224"
+    hub = FakeHub(released_hub, {small_repo: {"config.json": b"{}", "pytorch_model.bin": b"weights"}})
+    monkeypatch.setattr(download_module, "hf_hub_download", _honouring_offline_mode(hub))
+    assert cli.main(["kat_small"]) == 0
+    assert hub.calls == [(small_repo, "config.json"), (small_repo, "model.safetensors"),
+                         (small_repo, "pytorch_model.bin")]
