@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 from pathlib import Path
 from typing import Any, Optional
@@ -51,7 +52,7 @@ def create_model(name: str, pretrained: bool = False, checkpoint: Optional[Path]
     importlib.import_module("kat_timm")  # registers the kat_* models in timm
 
     if not _is_registered(name):
-        close = timm.list_models(f"*{name.split('.', 1)[0].split('_')[0]}*")[:8]
+        close = difflib.get_close_matches(name.split(".", 1)[0], timm.list_models(), n=5, cutoff=0.6)
         hint = f" (similar: {', '.join(close)})" if close else ""
         raise CLIError(f"unknown model {name!r}{hint}; 'kat-timm info' lists the KAT models", code=2)
     if pretrained and checkpoint is not None:
@@ -90,7 +91,17 @@ def _read_state_dict(path: Path, use_ema: Optional[bool]) -> dict:
 
 
 def load_weights(model: torch.nn.Module, state_dict: dict, model_name: str, source: str) -> None:
-    """``model.load_state_dict(state_dict)`` (strict); a mismatch names the architecture the weights are for."""
+    """``model.load_state_dict(state_dict)`` (strict); a mismatch names the architecture the weights are for.
+
+    Weights holding NaN or infinity are refused: every output of such a model is NaN, which would otherwise be
+    printed as predictions (or exported) without a word.
+    """
+    broken = [key for key, value in state_dict.items()
+              if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()]
+    if broken:
+        more = f" and {len(broken) - 5} more" if len(broken) > 5 else ""
+        raise CLIError(f"{source} holds non-finite values (NaN or infinity) in {', '.join(broken[:5])}{more}: the "
+                       "run that wrote it probably diverged; use an earlier checkpoint")
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as error:

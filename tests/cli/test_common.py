@@ -1,0 +1,43 @@
+"""kat_timm.cli.common: model creation from command-line options, with clear errors."""
+import pytest
+import torch
+
+from kat_timm.cli import CLIError
+from kat_timm.cli.common import create_model, resolve_device
+
+
+def test_unknown_model_names_similar_ones():
+    with pytest.raises(CLIError, match=r"unknown model 'kat_tinny'.*kat_tiny") as error:
+        create_model("kat_tinny")
+    assert error.value.code == 2
+
+
+def test_checkpoint_of_another_architecture_names_it(tmp_path, ckpt):
+    path = ckpt.save_released(ckpt.random_kat_state_dict(7, weight_init="skip"), tmp_path / "tiny.pth")
+    with pytest.raises(CLIError, match=r"does not fit kat_small.*kat_tiny_patch16_224"):
+        create_model("kat_small", checkpoint=path, weight_init="skip")
+
+
+def test_checkpoint_with_nan_weights_is_refused(tmp_path, ckpt):
+    state_dict = ckpt.random_kat_state_dict(7, weight_init="skip")
+    state_dict["cls_token"] = torch.full_like(state_dict["cls_token"], float("nan"))
+    path = ckpt.save_released(state_dict, tmp_path / "diverged.pth")
+    with pytest.raises(CLIError, match=r"non-finite values .* cls_token"):
+        create_model("kat_tiny", checkpoint=path, weight_init="skip")
+
+
+def test_checkpoint_loads_and_takes_its_class_count(tmp_path, ckpt):
+    state_dict = ckpt.random_kat_state_dict(7, weight_init="skip", num_classes=10)
+    path = ckpt.save_released(state_dict, tmp_path / "ten.pth")
+    model = create_model("kat_tiny", checkpoint=path, weight_init="skip")
+    assert model.num_classes == 10
+    assert torch.equal(model.state_dict()["head.weight"], state_dict["head.weight"])
+
+
+def test_cuda_where_there_is_none_is_a_usage_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the error path cannot be reached")
+    with pytest.raises(CLIError, match="CUDA is not available") as error:
+        resolve_device("cuda")
+    assert error.value.code == 2
+    assert resolve_device(None) == torch.device("cpu")
