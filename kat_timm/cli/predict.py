@@ -155,9 +155,13 @@ def create_model_with_weights(
 
     try:
         get_pretrained_cfg(name)  # None for an unknown architecture (create_model reports it with suggestions)
-    except RuntimeError as error:  # a known architecture with an unknown .tag
-        raise CLIError(f"{error} (the tags of a model: timm.list_pretrained('{name.split('.')[0]}.*'))",
-                       code=2) from None
+    except RuntimeError:  # a known architecture with an unknown .tag
+        import timm
+
+        architecture, tag = split_model_name_tag(name)
+        names = [n for n in timm.list_pretrained(f"{architecture}*") if split_model_name_tag(n)[0] == architecture]
+        raise CLIError(f"{architecture} has no pretrained tag {tag!r}; its pretrained names: "
+                       f"{', '.join(names) or 'none'}", code=2) from None
     if not random_weights and is_model_in_modules(split_model_name_tag(name)[0], ["kat"]):
         kwargs.setdefault("weight_init", "skip")  # every tensor is overwritten by the strict load that follows
     if checkpoint is not None:

@@ -147,7 +147,7 @@ def test_model_and_option_errors(capsys, tmp_path, offline_hub):
     code, _, err = _run(capsys, IMAGES[0], "--model", "kat_tinyy", "--random-weights")
     assert code == 2 and "unknown model 'kat_tinyy'" in err
     code, _, err = _run(capsys, IMAGES[0], "--model", "kat_tiny.nope")
-    assert code == 2 and "Invalid pretrained tag (nope)" in err
+    assert code == 2 and "kat_tiny has no pretrained tag 'nope'; its pretrained names: kat_tiny, kat_tiny.vitft" in err
     code, _, err = _run(capsys, IMAGES[0], "--checkpoint", str(tmp_path / "w.pth"), "--random-weights")
     assert code == 2 and "not both" in err
     code, _, err = _run(capsys, IMAGES[0], "--random-weights", "--top-k", "0")
