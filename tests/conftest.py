@@ -18,6 +18,8 @@ from typing import Dict, Optional
 import pytest
 import torch
 
+from tests.helpers import fill_uninitialised_
+
 HF_ORG = "adamdad"
 TINY = "kat_tiny_patch16_224"
 # Seeds of the fake checkpoints: none is 0, the seed every test starts from (``_seeded``), so a freshly
@@ -63,7 +65,7 @@ def random_kat_state_dict(seed: int, name: str = TINY, **kwargs) -> "OrderedDict
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = timm.create_model(name, **kwargs)
+        model = fill_uninitialised_(timm.create_model(name, **kwargs))
         # Jitter every tensor, like training does: the rational coefficients, LayerNorms and zero biases of a fresh
         # init are the same for every seed, and a loaded checkpoint must differ from a fresh model everywhere.
         return OrderedDict(

@@ -53,3 +53,15 @@ def assert_backward_deterministic(x, numerator, denominator, channel_dim=-1, run
     for other in results[1:]:
         for name, first, again in zip(("x", "numerator", "denominator"), results[0], other):
             assert torch.equal(first, again), f"grad {name} differs between identical backward calls"
+
+
+def fill_uninitialised_(model: torch.nn.Module, std: float = 0.02) -> torch.nn.Module:
+    """Give the tensors timm's ViT creates with ``torch.empty`` (cls/reg token, position embedding) small random
+    values. ``weight_init="skip"`` leaves them as whatever bits the allocator returned, NaN included, which is fine
+    before loading a checkpoint but not for a model whose own weights a test saves or runs."""
+    with torch.no_grad():
+        for name in ("cls_token", "reg_token", "pos_embed"):
+            tensor = getattr(model, name, None)
+            if isinstance(tensor, torch.Tensor):
+                tensor.normal_(0.0, std)
+    return model

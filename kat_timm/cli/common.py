@@ -1,17 +1,29 @@
-"""What several subcommands share: the model arguments and building a model from them with clear errors."""
+"""What several subcommands share: the model arguments, building a model from them with clear errors, reaching the
+Hugging Face Hub without hanging when it is unreachable, and the options a training checkpoint was saved with."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import importlib
+import threading
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, List, Optional, Tuple
 
 import torch
 
 from . import CLIError
 
-__all__ = ["add_model_arguments", "create_model", "load_weights", "resolve_device"]
+__all__ = [
+    "HUB_PROBE_TIMEOUT_S",
+    "add_model_arguments",
+    "checkpoint_training_args",
+    "create_model",
+    "hub_access",
+    "hub_reachable",
+    "load_weights",
+    "resolve_device",
+]
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, default_model: str = "kat_tiny") -> None:
@@ -67,12 +79,13 @@ def create_model(name: str, pretrained: bool = False, checkpoint: Optional[Path]
             num_classes = int(state_dict["head.weight"].shape[0])
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    try:
-        model = timm.create_model(name, pretrained=pretrained, **kwargs)
-    except Exception as error:
-        if not pretrained:
-            raise
-        raise CLIError(_pretrained_failure(name, error)) from error
+    with hub_access() if pretrained else contextlib.nullcontext() as unreachable:
+        try:
+            model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        except Exception as error:
+            if not pretrained:
+                raise
+            raise CLIError(_pretrained_failure(name, error, unreachable)) from error
     if state_dict is not None:
         load_weights(model, state_dict, name, str(checkpoint))
     return model
@@ -116,9 +129,11 @@ def load_weights(model: torch.nn.Module, state_dict: dict, model_name: str, sour
         raise CLIError(f"{source} does not fit {model_name}: {detail}{hint}") from error
 
 
-def _pretrained_failure(name: str, error: Exception) -> str:
+def _pretrained_failure(name: str, error: Exception, unreachable: Optional[str] = None) -> str:
     text = f"{type(error).__name__}: {error}".splitlines()[0]
     offline = any(word in text for word in ("offline", "LocalEntryNotFound", "connect", "Connection", "resolve"))
+    if unreachable and offline:
+        text = f"{unreachable}, and they are not in the local Hugging Face cache"
     advice = (" Run 'kat-timm download " + name + "' on a machine with internet access (sharing the Hugging Face "
               "cache, or copy it), or pass --checkpoint FILE.") if offline else ""
     return f"could not load the released weights of {name}: {text.rstrip('.')}.{advice}"
@@ -135,3 +150,98 @@ def resolve_device(name: Optional[str]) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {name}: CUDA is not available on this machine; use --device cpu", code=2)
     return device
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Hugging Face Hub access and training checkpoints
+# ---------------------------------------------------------------------------------------------------------------------
+
+# How long to wait for any answer from the Hub before treating it as unreachable. Without the probe, an unreachable
+# huggingface.co costs ~45 s: huggingface_hub retries each file (model.safetensors, then pytorch_model.bin) five
+# times with exponential backoff before it falls back to the local cache.
+HUB_PROBE_TIMEOUT_S = 3.0
+
+# The reasons yielded by the hub_access contexts now open (innermost last), so that nested ones do not probe again.
+_active_hub_access: List[Optional[str]] = []
+
+
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> Tuple[bool, str]:
+    """Whether the Hugging Face Hub answers an HTTP request within ``timeout`` seconds, and why not if it doesn't.
+
+    Uses huggingface_hub's own HTTP session (so ``HF_ENDPOINT``, proxies and certificates apply) from a daemon
+    thread, because name resolution is not bound by the HTTP timeout. Any HTTP answer, even an error status, counts
+    as reachable. In offline mode (``HF_HUB_OFFLINE=1``) nothing is sent.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.is_offline_mode():
+        return False, "HF_HUB_OFFLINE is set"
+    outcome: List[Optional[Exception]] = []
+
+    def probe() -> None:
+        try:
+            get_session().head(constants.ENDPOINT, timeout=timeout)
+            outcome.append(None)
+        except Exception as error:  # reported to the caller, whatever it is
+            outcome.append(error)
+
+    thread = threading.Thread(target=probe, name="kat-timm-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    host = constants.ENDPOINT.split("://", 1)[-1]
+    if not outcome:
+        return False, f"{host} did not answer within {timeout:g} s"
+    if outcome[0] is not None:
+        detail = str(outcome[0]).strip().splitlines()
+        return False, f"{host} is unreachable: {detail[0] if detail else type(outcome[0]).__name__}"
+    return True, f"{host} is reachable"
+
+
+@contextlib.contextmanager
+def hub_access(offline: bool = False, timeout: float = HUB_PROBE_TIMEOUT_S) -> Iterator[Optional[str]]:
+    """Context for loading released weights that never waits long on an unreachable Hub.
+
+    Probes the Hub (:func:`hub_reachable`) unless ``offline``; when it is unreachable or ``offline`` is set,
+    huggingface_hub runs in offline mode inside the context, so weights already in the local cache still load and
+    missing ones fail at once instead of after minutes of retries.
+
+    Yields:
+        None when the Hub will be contacted, else the reason it won't be (to explain a failed load).
+    """
+    from huggingface_hub import constants
+
+    if _active_hub_access:  # inside another hub_access: it already probed (and set offline mode if needed)
+        yield _active_hub_access[-1]
+        return
+    if constants.is_offline_mode():
+        yield "offline mode (HF_HUB_OFFLINE=1)"
+        return
+    if offline:
+        reason: Optional[str] = "offline mode (--offline)"
+    else:
+        reachable, why = hub_reachable(timeout)
+        reason = None if reachable else why
+    # huggingface_hub reads this module attribute at every request (constants.is_offline_mode()).
+    previous = constants.HF_HUB_OFFLINE
+    if reason is not None:
+        constants.HF_HUB_OFFLINE = True
+    _active_hub_access.append(reason)
+    try:
+        yield reason
+    finally:
+        _active_hub_access.pop()
+        constants.HF_HUB_OFFLINE = previous
+
+
+def checkpoint_training_args(path: Path) -> dict:
+    """The ``args`` a kat-train (or timm train.py) checkpoint was saved with, as a dict; {} for a bare state dict
+    or a file this cannot read (loading the weights reports that properly)."""
+    try:
+        from timm.utils.checkpoint_saver import load_checkpoint_metadata
+
+        checkpoint = load_checkpoint_metadata(str(path))
+    except Exception:
+        return {}
+    args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    return vars(args) if isinstance(args, argparse.Namespace) else (args if isinstance(args, dict) else {})

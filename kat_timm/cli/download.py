@@ -59,18 +59,18 @@ def _download(name: str, cache_dir: Optional[Path], hub: List[Tuple[bool, str]])
 
     from kat_timm.download import DownloadError, download_pretrained
 
-    from . import predict
+    from . import common
 
     if constants.is_offline_mode():  # HF_HUB_OFFLINE=1: the cache only, and the error says so
         return download_pretrained(name, cache_dir=cache_dir)
     try:
-        with predict.hub_access(offline=True):
+        with common.hub_access(offline=True):
             return download_pretrained(name, cache_dir=cache_dir)
     except DownloadError as error:
         if not isinstance(error.__cause__, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
             raise
         if not hub:
-            hub.append(predict.hub_reachable())
+            hub.append(common.hub_reachable())
         reachable, why = hub[0]
         if not reachable:
             cache = cache_dir if cache_dir is not None else constants.HF_HUB_CACHE

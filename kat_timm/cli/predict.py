@@ -5,44 +5,33 @@ labels from timm's ImageNet info; all images go through the model in batches. We
 default, ``--checkpoint FILE`` for your own, ``--random-weights`` to skip loading (the output then says the
 predictions are meaningless).
 
-This module also holds what ``kat-timm demo`` and ``kat-timm plot`` share with it: reaching the Hugging Face Hub
-without hanging when it is unreachable (:func:`hub_access`), reading images with errors that name the file, and
-turning logits into labelled top-k lists.
+This module also holds what ``kat-timm demo`` and ``kat-timm plot`` share with it: the model with the weights asked
+for (:func:`create_model_with_weights`), reading images with errors that name the file, and turning logits into
+labelled top-k lists.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
 from . import CLIError, run_main
-from .common import resolve_device
+from .common import checkpoint_training_args, hub_access, resolve_device
 
 __all__ = [
-    "HUB_PROBE_TIMEOUT_S",
     "Prediction",
     "ReleasedWeightsUnavailable",
-    "checkpoint_training_args",
     "class_labeller",
     "create_model_with_weights",
-    "hub_access",
-    "hub_reachable",
     "main",
     "predict",
     "read_images",
 ]
-
-# How long to wait for any answer from the Hub before treating it as unreachable. Without the probe, an unreachable
-# huggingface.co costs ~45 s: huggingface_hub retries each file (model.safetensors, then pytorch_model.bin) five
-# times with exponential backoff before it falls back to the local cache.
-HUB_PROBE_TIMEOUT_S = 3.0
 
 RANDOM_WEIGHTS_WARNING = "random weights (--random-weights): the predictions below are meaningless"
 
@@ -50,72 +39,6 @@ RANDOM_WEIGHTS_WARNING = "random weights (--random-weights): the predictions bel
 # ---------------------------------------------------------------------------------------------------------------------
 # Hugging Face Hub access
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> Tuple[bool, str]:
-    """Whether the Hugging Face Hub answers an HTTP request within ``timeout`` seconds, and why not if it doesn't.
-
-    Uses huggingface_hub's own HTTP session (so ``HF_ENDPOINT``, proxies and certificates apply) from a daemon
-    thread, because name resolution is not bound by the HTTP timeout. Any HTTP answer, even an error status, counts
-    as reachable. In offline mode (``HF_HUB_OFFLINE=1``) nothing is sent.
-    """
-    from huggingface_hub import constants
-    from huggingface_hub.utils import get_session
-
-    if constants.is_offline_mode():
-        return False, "HF_HUB_OFFLINE is set"
-    outcome: List[Optional[Exception]] = []
-
-    def probe() -> None:
-        try:
-            get_session().head(constants.ENDPOINT, timeout=timeout)
-            outcome.append(None)
-        except Exception as error:  # reported to the caller, whatever it is
-            outcome.append(error)
-
-    thread = threading.Thread(target=probe, name="kat-timm-hub-probe", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    host = constants.ENDPOINT.split("://", 1)[-1]
-    if not outcome:
-        return False, f"{host} did not answer within {timeout:g} s"
-    if outcome[0] is not None:
-        detail = str(outcome[0]).strip().splitlines()
-        return False, f"{host} is unreachable: {detail[0] if detail else type(outcome[0]).__name__}"
-    return True, f"{host} is reachable"
-
-
-@contextlib.contextmanager
-def hub_access(offline: bool = False, timeout: float = HUB_PROBE_TIMEOUT_S) -> Iterator[Optional[str]]:
-    """Context for loading released weights that never waits long on an unreachable Hub.
-
-    Probes the Hub (:func:`hub_reachable`) unless ``offline``; when it is unreachable or ``offline`` is set,
-    huggingface_hub runs in offline mode inside the context, so weights already in the local cache still load and
-    missing ones fail at once instead of after minutes of retries.
-
-    Yields:
-        None when the Hub will be contacted, else the reason it won't be (to explain a failed load).
-    """
-    from huggingface_hub import constants
-
-    if constants.is_offline_mode():
-        yield "offline mode (HF_HUB_OFFLINE=1)"
-        return
-    if offline:
-        reason: Optional[str] = "offline mode (--offline)"
-    else:
-        reachable, why = hub_reachable(timeout)
-        reason = None if reachable else why
-    if reason is None:
-        yield None
-        return
-    # huggingface_hub reads this module attribute at every request (constants.is_offline_mode()).
-    previous = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = True
-    try:
-        yield reason
-    finally:
-        constants.HF_HUB_OFFLINE = previous
 
 
 class ReleasedWeightsUnavailable(CLIError):
@@ -186,19 +109,6 @@ def create_model_with_weights(
                 f"could not load the released weights of {name}: {reason}. Run 'kat-timm download {name}' where "
                 "the Hub is reachable (then share or copy the cache), pass --checkpoint FILE, or --random-weights "
                 "to try the command without weights.", reason) from cause
-
-
-def checkpoint_training_args(path: Path) -> dict:
-    """The ``args`` a kat-train (or timm train.py) checkpoint was saved with, as a dict; {} for a bare state dict
-    or a file this cannot read (loading the weights reports that properly)."""
-    try:
-        from timm.utils.checkpoint_saver import load_checkpoint_metadata
-
-        checkpoint = load_checkpoint_metadata(str(path))
-    except Exception:
-        return {}
-    args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
-    return vars(args) if isinstance(args, argparse.Namespace) else (args if isinstance(args, dict) else {})
 
 
 def _create_from_checkpoint(name: str, checkpoint: Path, use_ema: bool, **kwargs) -> torch.nn.Module:

@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional
 from timm.utils import CheckpointSaver
 
 from . import CLIError, run_main
+from .common import checkpoint_training_args
 from .validate import KeywordArguments
 
 __all__ = ["AtomicCheckpointSaver", "TrainResult", "build_parser", "main", "parse_args", "train"]
@@ -651,22 +652,10 @@ def _resolve_lr(args: argparse.Namespace) -> None:
     args.lr = args.lr_base * (ratio ** 0.5 if args.lr_base_scale == "sqrt" else ratio)
 
 
-def _resumed_run_args(path: str) -> Dict[str, Any]:
-    """The options the run of a training checkpoint was started with ({} when it carries none)."""
-    from timm.utils.checkpoint_saver import load_checkpoint_metadata
-
-    try:
-        checkpoint = load_checkpoint_metadata(path)
-    except Exception:  # unreadable or not a training checkpoint: resume_checkpoint reports it
-        return {}
-    saved = checkpoint.get("args") if isinstance(checkpoint, dict) else None
-    return vars(saved) if isinstance(saved, argparse.Namespace) else (saved if isinstance(saved, dict) else {})
-
-
 def _check_resumed_classes(args: argparse.Namespace, classes: List[str]) -> None:
     """A resumed run must see the class folders it was trained on: otherwise every label changes meaning while the
     weights load without complaint (a folder renamed, added or removed with --num-classes fixed)."""
-    trained = _resumed_run_args(args.resume).get("class_names")
+    trained = checkpoint_training_args(args.resume).get("class_names")
     if trained and list(trained) != list(classes):
         only_trained = [name for name in trained if name not in classes]
         only_data = [name for name in classes if name not in trained]
@@ -689,7 +678,7 @@ def _resume(args: argparse.Namespace, model, optimizer, loss_scaler, primary: bo
         detail = "; ".join(line.strip() for line in str(error).strip().splitlines()[:3])
         hint = ""
         # The usual cause: options that shape the model differ from the run's (its args are in the checkpoint).
-        saved = _resumed_run_args(args.resume)
+        saved = checkpoint_training_args(args.resume)
         differing = [f"--{name.replace('_', '-')} {_option_text(saved[name])}"
                      for name in ("model", "img_size", "input_size", "num_classes", "layer_decay", "opt")
                      if name in saved and saved[name] != getattr(args, name)]

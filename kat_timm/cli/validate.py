@@ -22,7 +22,7 @@ from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence
 import torch
 
 from . import CLIError, run_main
-from .common import add_model_arguments, resolve_device
+from .common import add_model_arguments, checkpoint_training_args, resolve_device
 
 __all__ = ["create_eval_loader", "create_sized_model", "evaluate", "main"]
 
@@ -178,18 +178,6 @@ class KeywordArguments(argparse.Action):
         setattr(namespace, self.dest, result)
 
 
-def _checkpoint_metadata(path: Path) -> Dict[str, Any]:
-    """The ``args`` a kat-train (or timm train.py) checkpoint carries, as a dict; {} for a bare state dict."""
-    try:
-        from timm.utils.checkpoint_saver import load_checkpoint_metadata
-
-        checkpoint = load_checkpoint_metadata(str(path))
-    except Exception:  # unreadable here: common.create_model reports it properly
-        return {}
-    args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
-    return vars(args) if isinstance(args, argparse.Namespace) else (args if isinstance(args, dict) else {})
-
-
 def _trained_classes(split, trained: List[str], checkpoint: Path):
     """The split labelled in the order of the classes a kat-train checkpoint was trained on (a subset may be
     evaluated); folders the model never saw are an error."""
@@ -266,7 +254,7 @@ def _validate(args: argparse.Namespace) -> int:
         raise CLIError("--batch-size must be at least 1 and --workers at least 0", code=2)
     device = resolve_device(args.device)
 
-    trained = _checkpoint_metadata(args.checkpoint) if args.checkpoint is not None else {}
+    trained = checkpoint_training_args(args.checkpoint) if args.checkpoint is not None else {}
     try:
         if args.class_map:
             split = check_split(data_dir, args.split, load_class_names(args.class_map), allow_missing=True)

@@ -41,3 +41,34 @@ def test_cuda_where_there_is_none_is_a_usage_error():
         resolve_device("cuda")
     assert error.value.code == 2
     assert resolve_device(None) == torch.device("cpu")
+
+
+def test_nested_hub_access_probes_once_and_restores_online_mode(monkeypatch):
+    from huggingface_hub import constants
+
+    from kat_timm.cli import common
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    probes = []
+    monkeypatch.setattr(common, "hub_reachable", lambda timeout=None: probes.append(1) or (False, "simulated outage"))
+    with common.hub_access() as outer:
+        with common.hub_access() as inner:
+            assert outer == inner == "simulated outage" and constants.is_offline_mode()
+    assert probes == [1]
+    assert not constants.is_offline_mode()
+
+
+def test_pretrained_with_an_unreachable_hub_fails_at_once_naming_the_reason(monkeypatch, offline_hub):
+    import time
+
+    from huggingface_hub import constants
+
+    from kat_timm.cli import common
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # online mode; sockets stay blocked by offline_hub
+    monkeypatch.setattr(common, "hub_reachable", lambda timeout=None: (False, "huggingface.co did not answer"))
+    start = time.perf_counter()
+    with pytest.raises(CLIError, match=r"huggingface.co did not answer, and they are not in the local .*kat-timm "
+                                       r"download kat_tiny"):
+        create_model("kat_tiny", pretrained=True, weight_init="skip")
+    assert time.perf_counter() - start < 20

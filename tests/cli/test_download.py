@@ -228,13 +228,13 @@ def _honouring_offline_mode(fake):
 
 def test_unreachable_hub_is_probed_once_and_fails_at_once(released_hub, monkeypatch, capsys, ckpt, kat_tiny_weights,
                                                           tmp_path):
-    from kat_timm.cli import predict
+    from kat_timm.cli import common
 
     # Online mode with an unreachable Hub: kat_tiny is cached, kat_small and kat_base are not. Without the probe,
     # huggingface_hub retries each missing file for about half a minute.
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     probes = []
-    monkeypatch.setattr(predict, "hub_reachable", lambda: probes.append(1) or (False, "simulated outage"))
+    monkeypatch.setattr(common, "hub_reachable", lambda: probes.append(1) or (False, "simulated outage"))
     monkeypatch.setattr(download_module, "hf_hub_download", _honouring_offline_mode(_no_fetch))
     assert cli.main(["kat_small", "kat_tiny", "kat_base"]) == 1
     captured = capsys.readouterr()
@@ -246,7 +246,7 @@ def test_unreachable_hub_is_probed_once_and_fails_at_once(released_hub, monkeypa
     assert not constants.is_offline_mode(), "offline mode must be undone"
 
     # A reachable Hub: the missing files are fetched.
-    monkeypatch.setattr(predict, "hub_reachable", lambda: (True, "huggingface.co is reachable"))
+    monkeypatch.setattr(common, "hub_reachable", lambda: (True, "huggingface.co is reachable"))
     small_repo = "adamdad/kat_small_patch16_224"
     hub = FakeHub(released_hub, {small_repo: {"config.json": b"{}", "pytorch_model.bin": b"weights"}})
     monkeypatch.setattr(download_module, "hf_hub_download", _honouring_offline_mode(hub))

@@ -13,7 +13,7 @@ import timm
 import torch
 from timm.data import ImageNetInfo
 
-from kat_timm.cli import predict
+from kat_timm.cli import common, predict
 from kat_timm.cli.demo import sample_images
 
 IMAGES = [str(path) for path in sample_images()]
@@ -197,7 +197,7 @@ def _use_session(monkeypatch, behaviour):
 def test_probe_reports_a_hub_that_hangs_within_its_timeout(monkeypatch, online_mode):
     _use_session(monkeypatch, lambda url, timeout: time.sleep(5))
     start = time.perf_counter()
-    reachable, reason = predict.hub_reachable(timeout=0.2)
+    reachable, reason = common.hub_reachable(timeout=0.2)
     assert not reachable and "did not answer within 0.2 s" in reason
     assert time.perf_counter() - start < 2
 
@@ -207,9 +207,9 @@ def test_probe_reports_connection_errors_and_answers(monkeypatch, online_mode):
         raise ConnectionError("Name or service not known")
 
     _use_session(monkeypatch, refuse)
-    assert predict.hub_reachable(timeout=1) == (False, "huggingface.co is unreachable: Name or service not known")
+    assert common.hub_reachable(timeout=1) == (False, "huggingface.co is unreachable: Name or service not known")
     _use_session(monkeypatch, lambda url, timeout: object())
-    assert predict.hub_reachable(timeout=1) == (True, "huggingface.co is reachable")
+    assert common.hub_reachable(timeout=1) == (True, "huggingface.co is reachable")
 
 
 def test_unreachable_hub_loads_cached_weights_in_offline_mode(monkeypatch, released_hub, online_mode,
@@ -217,8 +217,8 @@ def test_unreachable_hub_loads_cached_weights_in_offline_mode(monkeypatch, relea
     from huggingface_hub import constants
 
     # Sockets stay blocked (released_hub): any request that escaped offline mode would fail the load.
-    monkeypatch.setattr(predict, "hub_reachable", lambda timeout=None: (False, "simulated outage"))
-    with predict.hub_access() as reason:
+    monkeypatch.setattr(common, "hub_reachable", lambda timeout=None: (False, "simulated outage"))
+    with common.hub_access() as reason:
         assert reason == "simulated outage" and constants.is_offline_mode()
     assert not constants.is_offline_mode(), "offline mode must be undone after the context"
     model = predict.create_model_with_weights("kat_tiny")
@@ -227,7 +227,7 @@ def test_unreachable_hub_loads_cached_weights_in_offline_mode(monkeypatch, relea
 
 
 def test_unreachable_hub_without_cache_fails_at_once_with_the_reason(monkeypatch, offline_hub, online_mode):
-    monkeypatch.setattr(predict, "hub_reachable", lambda timeout=None: (False, "huggingface.co did not answer"))
+    monkeypatch.setattr(common, "hub_reachable", lambda timeout=None: (False, "huggingface.co did not answer"))
     start = time.perf_counter()
     with pytest.raises(predict.ReleasedWeightsUnavailable) as caught:
         predict.create_model_with_weights("kat_tiny")

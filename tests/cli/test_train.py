@@ -23,6 +23,7 @@ import torch
 
 from kat_timm.cli import train as train_module
 from kat_timm.cli.train import parse_args, train
+from tests.helpers import fill_uninitialised_
 from tests.test_data import make_image_folder, write_corrupt_image
 
 REPO = Path(__file__).resolve().parents[2]
@@ -380,7 +381,7 @@ def _fake_run_checkpoint(path: Path, img_size: int = 32, num_classes: int = 3, *
     """A kat-train-like checkpoint of kat_tiny (random weights) whose run options are ``run_args``."""
     from kat_timm.cli.common import create_model
 
-    model = create_model("kat_tiny", img_size=img_size, num_classes=num_classes, weight_init="skip")
+    model = fill_uninitialised_(create_model("kat_tiny", img_size=img_size, num_classes=num_classes, weight_init="skip"))
     torch.save({"state_dict": model.state_dict(), "epoch": 0, "version": 2,
                 "args": argparse.Namespace(model="kat_tiny", img_size=img_size, num_classes=num_classes,
                                            **run_args)}, path)

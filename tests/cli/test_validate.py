@@ -10,6 +10,7 @@ import torch
 
 from kat_timm.cli import validate as validate_module
 from kat_timm.cli.train import parse_args, train
+from tests.helpers import fill_uninitialised_
 from tests.test_data import make_image_folder, write_corrupt_image
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -218,7 +219,7 @@ def data_and_wide_checkpoint(tmp_path):
     from kat_timm.cli.common import create_model
 
     data = make_image_folder(tmp_path / "data")
-    model = create_model("kat_tiny", img_size=32, num_classes=5, weight_init="skip")
+    model = fill_uninitialised_(create_model("kat_tiny", img_size=32, num_classes=5, weight_init="skip"))
     path = tmp_path / "wide.pth.tar"
     torch.save({"state_dict": model.state_dict(), "epoch": 0, "version": 2,
                 "args": argparse.Namespace(model="kat_tiny", img_size=32, num_classes=5,
