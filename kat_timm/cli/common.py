@@ -17,6 +17,7 @@ from . import CLIError
 __all__ = [
     "HUB_PROBE_TIMEOUT_S",
     "add_model_arguments",
+    "add_weight_source_arguments",
     "checkpoint_training_args",
     "create_model",
     "hub_access",
@@ -40,6 +41,20 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_model: str = "k
                        help="with --checkpoint: take its EMA weights (an error when it has none)")
     group.add_argument("--num-classes", type=int, default=None,
                        help="classifier size (default: the checkpoint's, else the model's)")
+
+
+def add_weight_source_arguments(parser: argparse.ArgumentParser, default_model: str, random_help: str) -> None:
+    """--model, --checkpoint, --use-ema, --random-weights, --offline: the options of the commands that use the
+    released weights unless told otherwise (predict, plot); ``random_help`` says what --random-weights gives there."""
+    parser.add_argument("--model", default=default_model,
+                        help=f"a timm model name with an optional .tag, e.g. kat_base.vitft (default: {default_model})")
+    parser.add_argument("--checkpoint", metavar="FILE", type=Path,
+                        help="weights from this file instead of the released ones (.pth/.pth.tar/.bin/.safetensors; "
+                             "a kat-train checkpoint also brings its image size and class names)")
+    parser.add_argument("--use-ema", action="store_true", help="with --checkpoint: take its EMA weights")
+    parser.add_argument("--random-weights", action="store_true", help=random_help)
+    parser.add_argument("--offline", action="store_true",
+                        help="don't contact the Hugging Face Hub; use released weights only from the local cache")
 
 
 def _is_registered(name: str) -> bool:

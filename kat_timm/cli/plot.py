@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from . import CLIError, run_main
+from .common import add_weight_source_arguments
 
 __all__ = ["main"]
 
@@ -25,15 +26,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", type=Path, default=Path("activations.png"),
                         help="image file to write; the format follows the extension: .png, .pdf, .svg, ... (.png "
                              "when there is none; default: activations.png)")
-    parser.add_argument("--model", default="kat_tiny",
-                        help="a KAT model name with an optional .tag, e.g. kat_base.vitft (default: kat_tiny)")
-    parser.add_argument("--checkpoint", metavar="FILE", type=Path,
-                        help="weights from this file instead of the released ones")
-    parser.add_argument("--use-ema", action="store_true", help="with --checkpoint: take its EMA weights")
-    parser.add_argument("--random-weights", action="store_true",
-                        help="plot the initialisation (no weights loaded)")
-    parser.add_argument("--offline", action="store_true",
-                        help="don't contact the Hugging Face Hub; use released weights only from the local cache")
+    add_weight_source_arguments(parser, default_model="kat_tiny",
+                                random_help="plot the initialisation (no weights loaded)")
     parser.add_argument("--reference", choices=(*REFERENCES, "none"), default="init",
                         help="dashed comparison curve: each layer's init function (default), identity, gelu, "
                              "swish, or none")

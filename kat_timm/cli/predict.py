@@ -21,7 +21,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from . import CLIError, run_main
-from .common import checkpoint_training_args, hub_access, resolve_device
+from .common import add_weight_source_arguments, checkpoint_training_args, hub_access, resolve_device
 
 __all__ = [
     "Prediction",
@@ -290,15 +290,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         description="Top-k ImageNet labels for images, with the released KAT weights (default), a checkpoint, or "
                     "random weights.")
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (JPEG, PNG, ...)")
-    parser.add_argument("--model", default="kat_base",
-                        help="a timm model name with an optional .tag, e.g. kat_tiny.vitft (default: kat_base)")
-    parser.add_argument("--checkpoint", metavar="FILE", type=Path,
-                        help="weights from this file instead of the released ones (.pth/.pth.tar/.bin/.safetensors)")
-    parser.add_argument("--use-ema", action="store_true", help="with --checkpoint: take its EMA weights")
-    parser.add_argument("--random-weights", action="store_true",
-                        help="skip loading weights (for trying the command offline; predictions are meaningless)")
-    parser.add_argument("--offline", action="store_true",
-                        help="don't contact the Hugging Face Hub; use released weights only from the local cache")
+    add_weight_source_arguments(
+        parser, default_model="kat_base",
+        random_help="skip loading weights (for trying the command offline; predictions are meaningless)")
     parser.add_argument("--class-map", metavar="FILE", type=Path,
                         help="class names, one per line (line i = class i), for a classifier that is not ImageNet's")
     parser.add_argument("--top-k", type=int, default=5, help="classes per image (default: 5)")
