@@ -961,7 +961,8 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bo
 
     if primary:
         if result.best_metric is not None:
-            say(f"{prog}: best {eval_metric} {result.best_metric:.4g} at epoch {result.best_epoch}")
+            ranked_by = " of the EMA weights (they rank the checkpoints)" if model_ema is not None else ""
+            say(f"{prog}: best {eval_metric}{ranked_by} {result.best_metric:.4g} at epoch {result.best_epoch}")
         say(f"{prog}: checkpoints, summary.csv and args.yaml in {os.path.abspath(output_dir)}")
     return result
 
