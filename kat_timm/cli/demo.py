@@ -175,9 +175,8 @@ def _run(args: argparse.Namespace) -> int:
     from kat_timm.benchmark import device_name, load_average
     from kat_timm.hub import released_top1
 
-    from .common import resolve_device
-    from .predict import (ReleasedWeightsUnavailable, class_labeller, create_model_with_weights,
-                          format_predictions, predict, read_images)
+    from .common import ReleasedWeightsUnavailable, create_model_with_weights, resolve_device
+    from .predict import class_labeller, format_predictions, predict, read_images
 
     for option in ("batch", "reps", "threads"):
         value = getattr(args, option)

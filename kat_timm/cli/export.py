@@ -105,7 +105,7 @@ def _run(args: argparse.Namespace, prog: str) -> int:
     _validate(args)  # before building the model: the usual mistakes fail in a second
     from kat_timm.export import INPUT_NAME, OUTPUT_NAME, OpsetConversionError, check_onnx, export_onnx, onnx_io_shapes
 
-    from .predict import create_model_with_weights
+    from .common import create_model_with_weights
 
     random_weights = not args.pretrained and args.checkpoint is None
     # A kat-train checkpoint's model is built at the size it was trained at, then resized by --img-size.

@@ -53,7 +53,7 @@ def main(argv: Optional[List[str]] = None, prog: str = "kat-timm plot") -> int:
 
     def run() -> int:
         from ..plot import INSTALL_HINT, require_matplotlib, find_rationals, plot_rationals
-        from .predict import create_model_with_weights
+        from .common import create_model_with_weights
 
         try:
             require_matplotlib()  # before the model: a missing extra is the first thing to hear about

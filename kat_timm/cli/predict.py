@@ -5,9 +5,8 @@ labels from timm's ImageNet info; all images go through the model in batches. We
 default, ``--checkpoint FILE`` for your own, ``--random-weights`` to skip loading (the output then says the
 predictions are meaningless).
 
-This module also holds what ``kat-timm demo`` and ``kat-timm plot`` share with it: the model with the weights asked
-for (:func:`create_model_with_weights`), reading images with errors that name the file, and turning logits into
-labelled top-k lists.
+This module also holds what ``kat-timm demo`` shares with it: reading images with errors that name the file, and
+turning logits into labelled top-k lists.
 """
 from __future__ import annotations
 
@@ -21,13 +20,11 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from . import CLIError, run_main
-from .common import add_weight_source_arguments, checkpoint_training_args, hub_access, resolve_device
+from .common import add_weight_source_arguments, create_model_with_weights, resolve_device
 
 __all__ = [
     "Prediction",
-    "ReleasedWeightsUnavailable",
     "class_labeller",
-    "create_model_with_weights",
     "main",
     "predict",
     "read_images",
@@ -39,92 +36,6 @@ RANDOM_WEIGHTS_WARNING = "random weights (--random-weights): the predictions bel
 # ---------------------------------------------------------------------------------------------------------------------
 # Hugging Face Hub access
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-class ReleasedWeightsUnavailable(CLIError):
-    """The released weights could not be loaded; ``reason`` says why in a few words (for ``kat-timm demo``)."""
-
-    def __init__(self, message: str, reason: str):
-        super().__init__(message)
-        self.reason = reason
-
-
-def create_model_with_weights(
-    name: str,
-    checkpoint: Optional[Path] = None,
-    use_ema: bool = False,
-    random_weights: bool = False,
-    offline: bool = False,
-    **kwargs,
-) -> torch.nn.Module:
-    """The model with the weights a command asked for: ``checkpoint``, random, or else the released ones.
-
-    Skips the (slow, for KAT-B several seconds) random initialisation of a KAT whose weights are loaded next.
-
-    Raises:
-        ReleasedWeightsUnavailable: the released weights could not be fetched or loaded.
-        CLIError: unknown model, unreadable or mismatched checkpoint.
-    """
-    from timm.models import is_model_in_modules, split_model_name_tag
-
-    from .common import create_model
-
-    if random_weights and checkpoint is not None:
-        raise CLIError("give --checkpoint or --random-weights, not both", code=2)
-    if use_ema and checkpoint is None:
-        raise CLIError("--use-ema needs --checkpoint", code=2)
-    # The kat_* models are registered: importing this module imported the kat_timm package.
-    from timm.models import get_pretrained_cfg
-
-    try:
-        get_pretrained_cfg(name)  # None for an unknown architecture (create_model reports it with suggestions)
-    except RuntimeError:  # a known architecture with an unknown .tag
-        import timm
-
-        architecture, tag = split_model_name_tag(name)
-        names = [n for n in timm.list_pretrained(f"{architecture}*") if split_model_name_tag(n)[0] == architecture]
-        raise CLIError(f"{architecture} has no pretrained tag {tag!r}; its pretrained names: "
-                       f"{', '.join(names) or 'none'}", code=2) from None
-    if not random_weights and is_model_in_modules(split_model_name_tag(name)[0], ["kat"]):
-        kwargs.setdefault("weight_init", "skip")  # every tensor is overwritten by the strict load that follows
-    if checkpoint is not None:
-        return _create_from_checkpoint(name, checkpoint, use_ema, **kwargs)
-    if random_weights:
-        return create_model(name, **kwargs)
-    with hub_access(offline) as unreachable:
-        try:
-            return create_model(name, pretrained=True, **kwargs)
-        except CLIError as error:
-            cause = error.__cause__
-            if cause is None:  # rejected before any loading (unknown model name): not about the weights
-                raise
-            from huggingface_hub import constants
-            from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
-
-            if not unreachable or not isinstance(cause, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
-                first_line = (str(cause).strip().splitlines() or [""])[0]
-                raise ReleasedWeightsUnavailable(str(error), f"{type(cause).__name__}: {first_line}") from cause
-            reason = f"{unreachable}, and they are not in the local Hugging Face cache ({constants.HF_HUB_CACHE})"
-            raise ReleasedWeightsUnavailable(
-                f"could not load the released weights of {name}: {reason}. Run 'kat-timm download {name}' where "
-                "the Hub is reachable (then share or copy the cache), pass --checkpoint FILE, or --random-weights "
-                "to try the command without weights.", reason) from cause
-
-
-def _create_from_checkpoint(name: str, checkpoint: Path, use_ema: bool, **kwargs) -> torch.nn.Module:
-    """The model with a checkpoint's weights, built at the image size a kat-train checkpoint was trained at (a ViT
-    or KAT's position embedding fits one size only) and labelled with its class names (``pretrained_cfg``'s
-    ``label_names``, which :func:`class_labeller` reads)."""
-    from .validate import create_sized_model
-
-    trained = checkpoint_training_args(checkpoint)
-    input_size = trained.get("input_size")
-    size = input_size[1:] if input_size else ([trained["img_size"]] if trained.get("img_size") else None)
-    model = create_sized_model(name, size, checkpoint=checkpoint, use_ema=use_ema, **kwargs)
-    class_names = trained.get("class_names")
-    if class_names and len(class_names) <= int(getattr(model, "num_classes", 0) or 0):
-        model.pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or {}, label_names=tuple(class_names))
-    return model
 
 
 # ---------------------------------------------------------------------------------------------------------------------

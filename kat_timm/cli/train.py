@@ -604,7 +604,7 @@ def _model_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
 
 def _create_model(args: argparse.Namespace, num_classes: int):
     """The model as timm's train.py builds it, with kat_timm's clear errors and ``img_size`` passed on."""
-    from .validate import create_sized_model
+    from .common import create_sized_model
 
     size = args.input_size[1:] if args.input_size else ([args.img_size] if args.img_size else None)
     pretrained = args.pretrained or bool(args.pretrained_path)

@@ -17,35 +17,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence
+from typing import Any, Callable, ContextManager, Dict, List, Optional
 
 import torch
 
 from . import CLIError, run_main
-from .common import add_model_arguments, checkpoint_training_args, resolve_device
+from .common import add_model_arguments, checkpoint_training_args, create_sized_model, resolve_device
 
-__all__ = ["create_eval_loader", "create_sized_model", "evaluate", "main"]
-
-
-def create_sized_model(name: str, img_size: Optional[Sequence[int]] = None, **kwargs: Any) -> torch.nn.Module:
-    """``common.create_model``, also passing ``img_size`` to models that take it.
-
-    A ViT or KAT builds its position embedding for one input size, so changing only the data pipeline's size
-    (timm's ``--img-size``) would fail at the first batch. Models whose constructor has no ``img_size``
-    (ResNets and other size-agnostic models) are built without it.
-    """
-    from .common import create_model
-
-    if img_size is None or "img_size" in kwargs:
-        return create_model(name, **kwargs)
-    size = tuple(img_size) if len(img_size) > 1 else int(img_size[0])
-    try:
-        return create_model(name, img_size=size, **kwargs)
-    except (TypeError, CLIError) as error:
-        cause = error if isinstance(error, TypeError) else error.__cause__
-        if not (isinstance(cause, TypeError) and "img_size" in str(cause)):
-            raise
-    return create_model(name, **kwargs)
+__all__ = ["create_eval_loader", "evaluate", "main"]
 
 
 def create_eval_loader(dataset, data_config: Dict[str, Any], batch_size: int, workers: int,

@@ -8,7 +8,8 @@ from PIL import Image
 
 import kat_timm.ops
 from kat_timm.cli import demo
-from kat_timm.cli.predict import class_labeller, create_model_with_weights, format_predictions, predict, read_images
+from kat_timm.cli.common import create_model_with_weights
+from kat_timm.cli.predict import class_labeller, format_predictions, predict, read_images
 from kat_timm.ops import group_rational_autograd
 
 pytestmark = pytest.mark.usefixtures("single_thread")

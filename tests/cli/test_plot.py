@@ -142,15 +142,15 @@ def test_command_errors(capsys, tmp_path, offline_hub):
 
 def test_output_without_extension_is_a_png_named_so_and_unknown_formats_fail_first(monkeypatch, capsys, tmp_path,
                                                                                    small_kat):
-    from kat_timm.cli import predict
+    from kat_timm.cli import common
 
-    monkeypatch.setattr(predict, "create_model_with_weights", lambda *args, **kwargs: small_kat)
+    monkeypatch.setattr(common, "create_model_with_weights", lambda *args, **kwargs: small_kat)
     assert plot_cli.main(["-o", str(tmp_path / "curves"), "--random-weights", "--dpi", "20"]) == 0
     assert f"wrote {tmp_path / 'curves.png'}: 6 rational activations" in capsys.readouterr().out
     assert [path.name for path in tmp_path.iterdir()] == ["curves.png"]
     assert (tmp_path / "curves.png").read_bytes()[:8] == PNG_SIGNATURE
 
-    monkeypatch.setattr(predict, "create_model_with_weights", lambda *args, **kwargs: pytest.fail("model built"))
+    monkeypatch.setattr(common, "create_model_with_weights", lambda *args, **kwargs: pytest.fail("model built"))
     assert plot_cli.main(["-o", str(tmp_path / "curves.xyz"), "--random-weights"]) == 2
     err = capsys.readouterr().err
     assert "curves.xyz: matplotlib cannot write .xyz files; use one of " in err and ".pdf" in err and ".svg" in err

@@ -221,7 +221,7 @@ def test_unreachable_hub_loads_cached_weights_in_offline_mode(monkeypatch, relea
     with common.hub_access() as reason:
         assert reason == "simulated outage" and constants.is_offline_mode()
     assert not constants.is_offline_mode(), "offline mode must be undone after the context"
-    model = predict.create_model_with_weights("kat_tiny")
+    model = common.create_model_with_weights("kat_tiny")
     torch.testing.assert_close(model.state_dict()["head.weight"], kat_tiny_weights["scratch"]["head.weight"])
     assert not constants.is_offline_mode()
 
@@ -229,8 +229,8 @@ def test_unreachable_hub_loads_cached_weights_in_offline_mode(monkeypatch, relea
 def test_unreachable_hub_without_cache_fails_at_once_with_the_reason(monkeypatch, offline_hub, online_mode):
     monkeypatch.setattr(common, "hub_reachable", lambda timeout=None: (False, "huggingface.co did not answer"))
     start = time.perf_counter()
-    with pytest.raises(predict.ReleasedWeightsUnavailable) as caught:
-        predict.create_model_with_weights("kat_tiny")
+    with pytest.raises(common.ReleasedWeightsUnavailable) as caught:
+        common.create_model_with_weights("kat_tiny")
     assert time.perf_counter() - start < 20
     assert caught.value.reason.startswith("huggingface.co did not answer, and they are not in the local")
 
