@@ -73,6 +73,21 @@ def random_kat_state_dict(seed: int, name: str = TINY, **kwargs) -> "OrderedDict
         )
 
 
+def random_kat_tiny_32(seed: int) -> torch.nn.Module:
+    """kat_tiny built for 32 px images with ``random_kat_state_dict(seed)`` weights, in eval mode, built on one
+    thread (fast; for the inference and export tests, where the values only need to be random and finite)."""
+    import timm
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = timm.create_model("kat_tiny", img_size=32, weight_init="skip")
+        model.load_state_dict(random_kat_state_dict(seed, img_size=32))
+        return model.eval()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def save_released(state_dict: Dict[str, torch.Tensor], path: Path) -> Path:
     """Save like the release: a pickled fp32 OrderedDict state dict, no wrapper."""
     path.parent.mkdir(parents=True, exist_ok=True)

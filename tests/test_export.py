@@ -26,7 +26,7 @@ from kat_timm.export import (
     standard_domains_only,
 )
 from kat_timm.ops import group_rational_reference
-from tests.conftest import random_kat_state_dict
+from tests.conftest import random_kat_tiny_32
 from tests.helpers import random_coefficients, relative_error
 
 RATIONAL_OP = torch.ops.kat_timm.group_rational.default
@@ -39,15 +39,7 @@ needs_ort = pytest.mark.skipif(not HAS_ORT, reason='onnxruntime not installed (p
 
 @pytest.fixture(scope="module")
 def kat_tiny_32():
-    """kat_tiny at img_size 32 with jittered random weights, in eval mode, built on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model = timm.create_model("kat_tiny", img_size=32, weight_init="skip")
-        model.load_state_dict(random_kat_state_dict(7, img_size=32))
-        return model.eval()
-    finally:
-        torch.set_num_threads(threads)
+    return random_kat_tiny_32(7)
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,11 @@ from __future__ import annotations
 import copy
 
 import pytest
-import timm
 import torch
 
 import kat_timm  # noqa: F401  (registers the KAT models)
 
-from tests.conftest import random_kat_state_dict
+from tests.conftest import random_kat_tiny_32
 
 # bfloat16 keeps 8 significant bits; through 12 blocks the logits drift ~2% (measured 1.9-2.3% on CPU).
 BF16_RTOL = 5e-2
@@ -30,14 +29,7 @@ DEVICES = [
 
 @pytest.fixture(scope="module")
 def kat_tiny_cpu():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model = timm.create_model("kat_tiny", img_size=32, weight_init="skip")
-        model.load_state_dict(random_kat_state_dict(21, img_size=32))
-        return model.eval()
-    finally:
-        torch.set_num_threads(threads)
+    return random_kat_tiny_32(21)
 
 
 @pytest.fixture
