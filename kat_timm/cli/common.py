@@ -19,6 +19,7 @@ __all__ = [
     "ReleasedWeightsUnavailable",
     "add_model_arguments",
     "add_weight_source_arguments",
+    "check_model_name",
     "checkpoint_training_args",
     "create_model",
     "create_model_with_weights",
@@ -60,11 +61,24 @@ def add_weight_source_arguments(parser: argparse.ArgumentParser, default_model: 
                         help="don't contact the Hugging Face Hub; use released weights only from the local cache")
 
 
-def _is_registered(name: str) -> bool:
+def check_model_name(name: str) -> None:
+    """Raise ``CLIError`` (code 2) unless ``name`` is a registered model with, if it has a ``.tag``, a known
+    pretrained tag. Unknown names get the closest registered ones; unknown tags the model's pretrained names."""
     import timm
+    from timm.models import get_pretrained_cfg, split_model_name_tag
 
-    base = name.split(".", 1)[0]
-    return base in timm.list_models(base)
+    importlib.import_module("kat_timm")  # registers the kat_* models in timm
+    architecture, tag = split_model_name_tag(name)
+    if architecture not in timm.list_models(architecture):
+        close = difflib.get_close_matches(architecture, timm.list_models(), n=5, cutoff=0.6)
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise CLIError(f"unknown model {name!r}{hint}; 'kat-timm info' lists the KAT models", code=2)
+    try:
+        get_pretrained_cfg(name)
+    except RuntimeError:  # a known architecture with an unknown .tag
+        names = [n for n in timm.list_pretrained(f"{architecture}*") if split_model_name_tag(n)[0] == architecture]
+        raise CLIError(f"{architecture} has no pretrained tag {tag!r}; its pretrained names: "
+                       f"{', '.join(names) or 'none'}", code=2) from None
 
 
 def create_model(name: str, pretrained: bool = False, checkpoint: Optional[Path] = None, use_ema: bool = False,
@@ -81,10 +95,7 @@ def create_model(name: str, pretrained: bool = False, checkpoint: Optional[Path]
 
     importlib.import_module("kat_timm")  # registers the kat_* models in timm
 
-    if not _is_registered(name):
-        close = difflib.get_close_matches(name.split(".", 1)[0], timm.list_models(), n=5, cutoff=0.6)
-        hint = f" (similar: {', '.join(close)})" if close else ""
-        raise CLIError(f"unknown model {name!r}{hint}; 'kat-timm info' lists the KAT models", code=2)
+    check_model_name(name)
     if pretrained and checkpoint is not None:
         raise CLIError("give --pretrained or --checkpoint, not both", code=2)
     if use_ema and checkpoint is None:
@@ -223,18 +234,7 @@ def create_model_with_weights(
         raise CLIError("give --checkpoint or --random-weights, not both", code=2)
     if use_ema and checkpoint is None:
         raise CLIError("--use-ema needs --checkpoint", code=2)
-    # The kat_* models are registered: importing this module imported the kat_timm package.
-    from timm.models import get_pretrained_cfg
-
-    try:
-        get_pretrained_cfg(name)  # None for an unknown architecture (create_model reports it with suggestions)
-    except RuntimeError:  # a known architecture with an unknown .tag
-        import timm
-
-        architecture, tag = split_model_name_tag(name)
-        names = [n for n in timm.list_pretrained(f"{architecture}*") if split_model_name_tag(n)[0] == architecture]
-        raise CLIError(f"{architecture} has no pretrained tag {tag!r}; its pretrained names: "
-                       f"{', '.join(names) or 'none'}", code=2) from None
+    check_model_name(name)
     if not random_weights and is_model_in_modules(split_model_name_tag(name)[0], ["kat"]):
         kwargs.setdefault("weight_init", "skip")  # every tensor is overwritten by the strict load that follows
     if checkpoint is not None:

@@ -72,3 +72,12 @@ def test_pretrained_with_an_unreachable_hub_fails_at_once_naming_the_reason(monk
                                        r"download kat_tiny"):
         create_model("kat_tiny", pretrained=True, weight_init="skip")
     assert time.perf_counter() - start < 20
+
+
+def test_unknown_tag_lists_the_pretrained_names():
+    from kat_timm.cli.common import check_model_name
+
+    check_model_name("kat_tiny.vitft")  # known: no error
+    with pytest.raises(CLIError, match=r"kat_tiny has no pretrained tag 'bogus'.*kat_tiny\.vitft") as error:
+        check_model_name("kat_tiny.bogus")
+    assert error.value.code == 2

@@ -116,3 +116,10 @@ def test_sample_images_are_small_readable_and_licensed():
         assert f"`{path.name}`" in notes, f"{path.name}: origin and licence missing from assets/README.md"
         with Image.open(path) as image:
             assert min(image.size) >= 224 and max(image.size) <= 320, path.name
+
+
+def test_bad_model_name_fails_before_the_op_check(capsys, offline_hub):
+    assert demo.main(["--model", "kat_tiny.bogus", "--skip-benchmark"]) == 2
+    captured = capsys.readouterr()
+    assert "no pretrained tag 'bogus'" in captured.err
+    assert "Rational op" not in captured.out
