@@ -9,7 +9,7 @@ ONNX runtimes don't know that op. ``export_onnx`` exports the same program, then
 ``ExportedProgram.run_decompositions``, and hands the result to PyTorch's ONNX exporter: the file has no custom
 domain and runs on any ONNX runtime. The layer and op code are not touched: eager models keep the fast kernels.
 
-The ``onnx`` and ``onnxscript`` packages (``pip install "kat-timm[onnx]"``) are needed for ONNX export;
+The ``onnx`` and ``onnxscript`` packages (``pip install onnx onnxscript``, or the ``onnx`` extra) are needed for ONNX export;
 ``onnxruntime`` for ``check_onnx``.
 """
 from __future__ import annotations
@@ -69,7 +69,8 @@ def require_packages(*names: str, purpose: str = "ONNX export") -> None:
     missing = [name for name in names if importlib.util.find_spec(name) is None]
     if missing:
         raise MissingDependencyError(
-            f"{purpose} needs {' and '.join(missing)} (not installed); install the extra: pip install \"kat-timm[onnx]\""
+            f"{purpose} needs {' and '.join(missing)} (not installed); pip install onnx onnxscript onnxruntime "
+            "(or, in a kat_timm checkout, pip install -e \".[onnx]\")"
         )
 
 

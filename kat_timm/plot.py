@@ -5,7 +5,7 @@
 ``act2``), one curve per channel group, and a dashed reference curve (the function the layer was initialised
 from, or identity / GELU / swish) to compare against.
 
-matplotlib is an optional dependency (``pip install "kat-timm[plot]"``). The figure is built without pyplot, on
+matplotlib is an optional dependency (``pip install matplotlib``, or the ``plot`` extra). The figure is built without pyplot, on
 matplotlib's Agg canvas: no display is needed and nothing is kept in pyplot's global figure list.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .ops import group_rational_reference
 
 __all__ = ["REFERENCE_FUNCTIONS", "find_rationals", "plot_rationals", "rational_curves"]
 
-INSTALL_HINT = 'plotting needs matplotlib: pip install "kat-timm[plot]"'
+INSTALL_HINT = 'plotting needs matplotlib: pip install matplotlib (or, in a kat_timm checkout, pip install -e ".[plot]")'
 
 # The activations a rational is compared with, in float64.
 REFERENCE_FUNCTIONS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -104,7 +104,7 @@ def plot_rationals(
         columns = the rational names within them (``act1``, ``act2``). Save it with ``fig.savefig("a.png")``.
 
     Raises:
-        ImportError: matplotlib is not installed (the message says ``pip install "kat-timm[plot]"``).
+        ImportError: matplotlib is not installed (the message says how to install it).
         ValueError: ``model`` has no GroupRational, or ``reference`` / ``x_range`` / ``num_points`` is invalid.
     """
     if reference is not None and reference not in REFERENCES:

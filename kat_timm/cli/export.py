@@ -2,7 +2,7 @@
 
 The rational activations become Abs, Mul, Add and Div on a grouped reshape (``kat_timm.export``); there is no
 custom domain. ``--check`` runs the file with onnxruntime on CPU next to the PyTorch model and prints the relative
-error of the logits (exit code 1 above 1e-4). Needs ``pip install "kat-timm[onnx]"``.
+error of the logits (exit code 1 above 1e-4). Needs onnx and onnxscript (and onnxruntime for --check): the ``onnx`` extra.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 One panel per rational, one curve per channel group, a dashed reference curve to compare with; the figure comes
 from :func:`kat_timm.plot.plot_rationals`. Weights as for ``kat-timm predict``: the released ones by default,
 ``--checkpoint FILE`` for your own, ``--random-weights`` for the initialisation. Needs matplotlib
-(``pip install "kat-timm[plot]"``).
+(``pip install matplotlib``, or the ``plot`` extra).
 """
 from __future__ import annotations
 

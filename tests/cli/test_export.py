@@ -24,7 +24,7 @@ def no_export(monkeypatch):
     monkeypatch.setattr(kat_timm.export, "export_program", lambda *a, **k: pytest.fail("an export was started"))
 
 
-@pytest.mark.skipif(not HAS_ONNX, reason='onnx, onnxscript or onnxruntime not installed (pip install "kat-timm[onnx]")')
+@pytest.mark.skipif(not HAS_ONNX, reason='onnx, onnxscript or onnxruntime not installed (pip install onnx onnxscript onnxruntime)')
 def test_export_of_a_checkpoint_with_check(tmp_path, capsys, single_thread):
     from kat_timm.export import check_onnx, onnx_op_domains
 
@@ -111,4 +111,4 @@ def test_missing_packages_say_how_to_install_them(tmp_path, capsys, monkeypatch,
                         real_find_spec(name, *a))
     assert cli.main(["kat_tiny", "-o", str(tmp_path / "kat.onnx")] + (["--check"] if check else [])) == 1
     err = capsys.readouterr().err
-    assert f"needs {missing} (not installed)" in err and 'pip install "kat-timm[onnx]"' in err
+    assert f"needs {missing} (not installed)" in err and 'pip install onnx onnxscript onnxruntime' in err
