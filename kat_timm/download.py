@@ -32,8 +32,10 @@ __all__ = [
     "DownloadResult",
     "download_pretrained",
     "format_size",
+    "pretrained_names",
     "released_models",
     "resolve_hub_repo",
+    "weight_files",
 ]
 
 HF_HUB_PREFIX = "hf-hub:"
@@ -118,6 +120,24 @@ def released_models(pattern: str = "kat*") -> Dict[str, str]:
     return {name: repo_id for repo_id, name in sorted(by_repo.items())}
 
 
+def pretrained_names(architecture: str) -> List[str]:
+    """The pretrained names timm registers for ``architecture`` (``kat_tiny``, ``kat_tiny.vitft``), in its order."""
+    import timm
+
+    # The "*" pattern also matches longer names (kat_tiny_patch16_224); keep those of this architecture only.
+    return [name for name in timm.list_pretrained(f"{architecture}*")
+            if timm.models.split_model_name_tag(name)[0] == architecture]
+
+
+def weight_files(filename: str = constants.PYTORCH_WEIGHTS_NAME) -> List[str]:
+    """The files timm's ``load_state_dict_from_hf`` tries, in its order: a safetensors alternative, then ``filename``."""
+    if filename == constants.PYTORCH_WEIGHTS_NAME:
+        return [constants.SAFETENSORS_SINGLE_FILE, filename]
+    if filename.endswith(".bin"):
+        return [filename[: -len(".bin")] + ".safetensors", filename]
+    return [filename]
+
+
 def _known_names() -> str:
     return ", ".join(released_models())
 
@@ -147,8 +167,7 @@ def resolve_hub_repo(name: str) -> Tuple[str, Optional[str], str]:
     try:
         cfg = timm.models.get_pretrained_cfg(name)
     except RuntimeError:  # timm: the architecture exists but not this tag
-        tags = ", ".join(n for n in timm.list_pretrained(f"{architecture}*")
-                         if timm.models.split_model_name_tag(n)[0] == architecture)
+        tags = ", ".join(pretrained_names(architecture))
         raise ValueError(f"{architecture} has no pretrained tag {tag!r}; its pretrained names: {tags}") from None
     if cfg is None or not cfg.hf_hub_id:
         where = f" (timm fetches it from {cfg.url})" if cfg is not None and cfg.url else ""
@@ -156,15 +175,6 @@ def resolve_hub_repo(name: str) -> Tuple[str, Optional[str], str]:
                          f"released KAT checkpoints: {_known_names()}")
     repo_id, _, revision = cfg.hf_hub_id.partition("@")
     return repo_id, revision or None, cfg.hf_hub_filename or constants.PYTORCH_WEIGHTS_NAME
-
-
-def _weight_candidates(filename: str) -> List[str]:
-    """The files timm's ``load_state_dict_from_hf`` tries, in its order: a safetensors alternative, then ``filename``."""
-    if filename == constants.PYTORCH_WEIGHTS_NAME:
-        return [constants.SAFETENSORS_SINGLE_FILE, filename]
-    if filename.endswith(".bin"):
-        return [filename[: -len(".bin")] + ".safetensors", filename]
-    return [filename]
 
 
 def _cached(repo_id: str, filename: str, revision: Optional[str], cache_dir: Optional[PathLike]):
@@ -186,7 +196,7 @@ def _fetch(repo_id: str, filename: str, revision: Optional[str], cache_dir: Opti
 
 
 def _fetch_weights(repo_id: str, filename: str, revision: Optional[str], cache_dir: Optional[PathLike]) -> CachedFile:
-    candidates = _weight_candidates(filename)
+    candidates = weight_files(filename)
     # Any one cached candidate is enough: offline, timm skips the candidates that are not cached.
     for candidate in candidates:
         cached = _cached(repo_id, candidate, revision, cache_dir)
@@ -262,7 +272,7 @@ def download_pretrained(name: str, cache_dir: Optional[PathLike] = None) -> Down
     wanted = constants.CONFIG_NAME
     try:
         files.append(_fetch(repo_id, wanted, revision, cache_dir))
-        wanted = " or ".join(_weight_candidates(weights))
+        wanted = " or ".join(weight_files(weights))
         files.append(_fetch_weights(repo_id, weights, revision, cache_dir))
     except Exception as error:
         if not isinstance(error, (EntryNotFoundError, HfHubHTTPError, OSError)) and not _is_network_error(error):

@@ -19,6 +19,7 @@ import torch
 import timm
 from timm.models import get_pretrained_cfg, split_model_name_tag
 
+from .download import pretrained_names, weight_files
 from .hub import kat_num_params, released_top1
 
 __all__ = [
@@ -34,7 +35,7 @@ __all__ = [
 
 # The weight files timm's Hub loading looks for, in its order: safetensors first, then the pickled state dict (the
 # released repos hold only pytorch_model.bin).
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+WEIGHT_FILES = tuple(weight_files())
 
 # How each released tag was trained (KAT_NOTES: "from ViT" runs start from AugReg ViT ImageNet-21k checkpoints).
 _TRAINING = {"": "from scratch, IN-1k", "vitft": "from AugReg ViT (IN-21k), IN-1k"}
@@ -115,10 +116,7 @@ class ZooRow:
 
 def _pretrained_tags(model: str) -> List[str]:
     """Tags of the weights registered for ``model`` ("" = default), in timm's listing order."""
-    # list_pretrained("kat_tiny") lists "kat_tiny" and its tagged names "kat_tiny.vitft"; the check keeps a pattern
-    # character in a name from pulling in other models.
-    split = [split_model_name_tag(name) for name in timm.list_pretrained(model)]
-    return list(dict.fromkeys(tag for name, tag in split if name == model))
+    return list(dict.fromkeys(split_model_name_tag(name)[1] for name in pretrained_names(model)))
 
 
 def _alias_target(model: str, tag: str, hf_hub_id: Optional[str]) -> Optional[str]:

@@ -76,9 +76,10 @@ def check_model_name(name: str) -> None:
     try:
         get_pretrained_cfg(name)
     except RuntimeError:  # a known architecture with an unknown .tag
-        names = [n for n in timm.list_pretrained(f"{architecture}*") if split_model_name_tag(n)[0] == architecture]
+        from kat_timm.download import pretrained_names
+
         raise CLIError(f"{architecture} has no pretrained tag {tag!r}; its pretrained names: "
-                       f"{', '.join(names) or 'none'}", code=2) from None
+                       f"{', '.join(pretrained_names(architecture)) or 'none'}", code=2) from None
 
 
 def create_model(name: str, pretrained: bool = False, checkpoint: Optional[Path] = None, use_ema: bool = False,
