@@ -1,4 +1,4 @@
-"""Shared test helpers: random coefficients and comparison against the float64 reference."""
+"""Shared test helpers: random coefficients, comparison against the float64 reference, and test models and files."""
 import torch
 
 from kat_timm.ops import group_rational, group_rational_reference
@@ -65,3 +65,35 @@ def fill_uninitialised_(model: torch.nn.Module, std: float = 0.02) -> torch.nn.M
             if isinstance(tensor, torch.Tensor):
                 tensor.normal_(0.0, std)
     return model
+
+
+def save_vit_as_npz(vit, path):
+    """Write a timm ViT in the layout of Google's (AugReg) .npz checkpoints, which timm's _load_weights reads."""
+    import numpy as np
+
+    d, heads = vit.embed_dim, vit.blocks[0].attn.num_heads
+    n = lambda t: t.detach().numpy()  # noqa: E731
+    w = {
+        "embedding/kernel": n(vit.patch_embed.proj.weight.permute(2, 3, 1, 0)),
+        "embedding/bias": n(vit.patch_embed.proj.bias),
+        "cls": n(vit.cls_token),
+        "Transformer/posembed_input/pos_embedding": n(vit.pos_embed),
+        "Transformer/encoder_norm/scale": n(vit.norm.weight),
+        "Transformer/encoder_norm/bias": n(vit.norm.bias),
+        "head/kernel": n(vit.head.weight.T),
+        "head/bias": n(vit.head.bias),
+    }
+    for i, block in enumerate(vit.blocks):
+        p = f"Transformer/encoderblock_{i}/"
+        mha = p + "MultiHeadDotProductAttention_1/"
+        w[p + "LayerNorm_0/scale"], w[p + "LayerNorm_0/bias"] = n(block.norm1.weight), n(block.norm1.bias)
+        w[p + "LayerNorm_2/scale"], w[p + "LayerNorm_2/bias"] = n(block.norm2.weight), n(block.norm2.bias)
+        qkv = zip(("query", "key", "value"), block.attn.qkv.weight.split(d), block.attn.qkv.bias.split(d))
+        for name, weight, bias in qkv:
+            w[mha + f"{name}/kernel"] = n(weight.T.reshape(d, heads, d // heads))
+            w[mha + f"{name}/bias"] = n(bias.reshape(heads, d // heads))
+        w[mha + "out/kernel"] = n(block.attn.proj.weight.reshape(d, heads, d // heads).permute(1, 2, 0))
+        w[mha + "out/bias"] = n(block.attn.proj.bias)
+        for r, fc in enumerate((block.mlp.fc1, block.mlp.fc2)):
+            w[p + f"MlpBlock_3/Dense_{r}/kernel"], w[p + f"MlpBlock_3/Dense_{r}/bias"] = n(fc.weight.T), n(fc.bias)
+    np.savez(path, **w)

@@ -31,7 +31,7 @@ from timm.optim import create_optimizer_v2, optimizer_kwargs
 from kat_timm.cli.train import parse_args as kat_train_parse_args
 from kat_timm.models import KAT
 from tests.helpers import relative_error
-from tests.models.test_kat import _save_vit_as_npz
+from tests.helpers import save_vit_as_npz
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS_DIR = REPO / "configs"
@@ -309,7 +309,7 @@ def test_vitft_recipe_loads_an_augreg_npz(tmp_path, vit_21k_like):
     """The configs' route: --initial-checkpoint X.npz. The shared weights load (the 21k head does not: its class
     count differs) and the KAT starts as the ViT's function."""
     path = tmp_path / "augreg.npz"
-    _save_vit_as_npz(vit_21k_like, path)
+    save_vit_as_npz(vit_21k_like, path)
     config = load_config(CONFIGS_DIR / "kat_small_vitft.yaml")
     model = create_model_like_train_py(config, model="kat_tiny_patch16_224", initial_checkpoint=str(path),
                                        model_kwargs=SMALL).eval()
@@ -344,7 +344,7 @@ def test_pretrained_path_does_not_read_npz(tmp_path, vit_21k_like):
     """Why the configs use --initial-checkpoint for the AugReg .npz files: --pretrained-path reads a torch or
     safetensors file only."""
     path = tmp_path / "augreg.npz"
-    _save_vit_as_npz(vit_21k_like, path)
+    save_vit_as_npz(vit_21k_like, path)
     with pytest.raises(RuntimeError):
         create_model_like_train_py(dict(model="kat_tiny_patch16_224", model_kwargs=SMALL),
                                    pretrained=True, pretrained_path=str(path))

@@ -23,7 +23,7 @@ import torch
 
 from kat_timm.cli import train as train_module
 from kat_timm.cli.train import parse_args, train
-from tests.helpers import fill_uninitialised_
+from tests.helpers import fill_uninitialised_, save_vit_as_npz
 from tests.test_data import make_image_folder, write_corrupt_image
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,6 +50,19 @@ def load_training_checkpoint(path: Path) -> dict:
 def summary_epochs(run_dir: Path) -> list:
     with open(run_dir / "summary.csv", newline="") as file:
         return [int(row["epoch"]) for row in csv.DictReader(file)]
+
+
+def record_starting_weights(monkeypatch) -> dict:
+    """Make kat-train record the model's state dict as its first epoch starts: ``returned["start"]``."""
+    seen = {}
+    original = train_module._train_one_epoch
+
+    def spy(epoch, model, *args, **kwargs):
+        seen.setdefault("start", copy.deepcopy(model.state_dict()))
+        return original(epoch, model, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_train_one_epoch", spy)
+    return seen
 
 
 @pytest.fixture
@@ -274,14 +287,7 @@ def test_fine_tune_released_weights_at_another_size_and_class_count(data, tmp_pa
     extra = ["--pretrained"]
     if source == "--pretrained-path":
         extra = ["--pretrained-path", str(ckpt.save_released(released, tmp_path / "weights" / "kat_tiny.bin"))]
-    seen = {}
-    original = train_module._train_one_epoch
-
-    def spy(epoch, model, *args, **kwargs):
-        seen.setdefault("start", copy.deepcopy(model.state_dict()))
-        return original(epoch, model, *args, **kwargs)
-
-    monkeypatch.setattr(train_module, "_train_one_epoch", spy)
+    seen = record_starting_weights(monkeypatch)
     args = run_args(data, tmp_path / "out", "--model", "kat_tiny_patch16_224", "--epochs", "1", "--val-split", "",
                     *extra)
     result = train(parse_args(args))
@@ -306,18 +312,9 @@ def test_initial_checkpoint_vit_npz(data, tmp_path, monkeypatch):
     """The .vitft recipes' route: a ViT in Google's .npz layout (here 21 classes, 32 px) starts a KAT run."""
     import timm
 
-    from tests.models.test_kat import _save_vit_as_npz
-
     vit = timm.create_model("vit_tiny_patch16_224", num_classes=21, img_size=32)
-    _save_vit_as_npz(vit, tmp_path / "vit.npz")
-    seen = {}
-    original = train_module._train_one_epoch
-
-    def spy(epoch, model, *args, **kwargs):
-        seen.setdefault("start", copy.deepcopy(model.state_dict()))
-        return original(epoch, model, *args, **kwargs)
-
-    monkeypatch.setattr(train_module, "_train_one_epoch", spy)
+    save_vit_as_npz(vit, tmp_path / "vit.npz")
+    seen = record_starting_weights(monkeypatch)
     train(parse_args(run_args(data, tmp_path / "out", "--model", "kat_tiny_patch16_224", "--epochs", "1",
                               "--val-split", "", "--initial-checkpoint", str(tmp_path / "vit.npz"))))
     for name in ("blocks.5.mlp.fc1.weight", "blocks.0.attn.qkv.bias", "pos_embed"):

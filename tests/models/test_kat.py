@@ -6,7 +6,7 @@ import torch
 import kat_timm
 from kat_timm.layers import rational_init
 from kat_timm.models import KAT, kat_from_vit
-from tests.helpers import relative_error
+from tests.helpers import relative_error, save_vit_as_npz
 
 SIZES = {"tiny": (192, 3, 5_718_328), "small": (384, 6, 22_051_576), "base": (768, 12, 86_568_568)}
 
@@ -186,44 +186,12 @@ def test_kat_from_vit_rejects_non_gelu():
         kat_from_vit("vit_tiny_patch16_224")
 
 
-def _save_vit_as_npz(vit, path):
-    """Write a timm ViT in the layout of Google's (AugReg) .npz checkpoints, which timm's _load_weights reads."""
-    import numpy as np
-
-    d, heads = vit.embed_dim, vit.blocks[0].attn.num_heads
-    n = lambda t: t.detach().numpy()  # noqa: E731
-    w = {
-        "embedding/kernel": n(vit.patch_embed.proj.weight.permute(2, 3, 1, 0)),
-        "embedding/bias": n(vit.patch_embed.proj.bias),
-        "cls": n(vit.cls_token),
-        "Transformer/posembed_input/pos_embedding": n(vit.pos_embed),
-        "Transformer/encoder_norm/scale": n(vit.norm.weight),
-        "Transformer/encoder_norm/bias": n(vit.norm.bias),
-        "head/kernel": n(vit.head.weight.T),
-        "head/bias": n(vit.head.bias),
-    }
-    for i, block in enumerate(vit.blocks):
-        p = f"Transformer/encoderblock_{i}/"
-        mha = p + "MultiHeadDotProductAttention_1/"
-        w[p + "LayerNorm_0/scale"], w[p + "LayerNorm_0/bias"] = n(block.norm1.weight), n(block.norm1.bias)
-        w[p + "LayerNorm_2/scale"], w[p + "LayerNorm_2/bias"] = n(block.norm2.weight), n(block.norm2.bias)
-        qkv = zip(("query", "key", "value"), block.attn.qkv.weight.split(d), block.attn.qkv.bias.split(d))
-        for name, weight, bias in qkv:
-            w[mha + f"{name}/kernel"] = n(weight.T.reshape(d, heads, d // heads))
-            w[mha + f"{name}/bias"] = n(bias.reshape(heads, d // heads))
-        w[mha + "out/kernel"] = n(block.attn.proj.weight.reshape(d, heads, d // heads).permute(1, 2, 0))
-        w[mha + "out/bias"] = n(block.attn.proj.bias)
-        for r, fc in enumerate((block.mlp.fc1, block.mlp.fc2)):
-            w[p + f"MlpBlock_3/Dense_{r}/kernel"], w[p + f"MlpBlock_3/Dense_{r}/bias"] = n(fc.weight.T), n(fc.bias)
-    np.savez(path, **w)
-
-
 def test_vit_npz_into_kat_via_timm_load_checkpoint(tmp_path):
     """timm train.py's --initial-checkpoint vit.npz route: KAT.load_pretrained reads it and sets the
     function-preserving rationals (the model was created swish-initialised)."""
     vit = timm.create_model("vit_tiny_patch16_224").eval()
     path = tmp_path / "vit.npz"
-    _save_vit_as_npz(vit, path)
+    save_vit_as_npz(vit, path)
     kat = timm.create_model("kat_tiny_patch16_224").eval()
     timm.models.load_checkpoint(kat, str(path))
     assert torch.equal(kat.blocks[7].mlp.fc1.weight, vit.blocks[7].mlp.fc1.weight)
