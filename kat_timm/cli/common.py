@@ -94,9 +94,7 @@ def create_model(name: str, pretrained: bool = False, checkpoint: Optional[Path]
     """
     import timm
 
-    importlib.import_module("kat_timm")  # registers the kat_* models in timm
-
-    check_model_name(name)
+    check_model_name(name)  # also imports kat_timm, which registers the kat_* models in timm
     if pretrained and checkpoint is not None:
         raise CLIError("give --pretrained or --checkpoint, not both", code=2)
     if use_ema and checkpoint is None:
