@@ -57,17 +57,6 @@ def _(x, numerator, denominator, channel_dim):
     return empty_output(x, cdim, channels_moved_last(x, cdim))
 
 
-def _coefficient_grads(sums: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor):
-    """(G, 10) sums [S0..S5, T1..T4] -> gradients of numerator and denominator, in their dtypes."""
-    grad_numerator = sums[:, :6]
-    if numerator.shape[0] == 1:
-        grad_numerator = grad_numerator.sum(0, keepdim=True)
-    # d|b|/db with sign(0) = +1, so a zero (identity-initialised) denominator still learns.
-    sign_b = torch.where(denominator < 0, -1.0, 1.0).to(sums.dtype)
-    grad_denominator = -sign_b * sums[:, 6:]
-    return grad_numerator.to(numerator.dtype), grad_denominator.to(denominator.dtype)
-
-
 @torch.library.custom_op("kat_timm::group_rational_backward", mutates_args=())
 def _group_rational_backward_op(
     grad: torch.Tensor, x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, channel_dim: int
@@ -83,8 +72,9 @@ def _group_rational_backward_op(
         )
     x3 = mgl_view(x, cdim, groups, moved)
     grad3 = mgl_view(grad.to(x.dtype), cdim, groups, moved)  # copies only if grad's layout differs from x's
-    grad_x3, sums = _implementation(select_backend(x), "backward")(grad3, x3, numerator, denominator)
-    grad_numerator, grad_denominator = _coefficient_grads(sums, numerator, denominator)
+    grad_x3, grad_numerator, grad_denominator = _implementation(select_backend(x), "backward")(
+        grad3, x3, numerator, denominator
+    )
     return _from_mgl(grad_x3, x, cdim, moved), grad_numerator, grad_denominator
 
 

@@ -25,6 +25,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .rational_torch import coefficient_grads
+
 __all__ = ["native_cpu_status", "native_cpu_supports", "rational_forward_native", "rational_backward_native"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "group_rational_cpu.c"
@@ -149,8 +151,9 @@ def rational_forward_native(x3: torch.Tensor, numerator: torch.Tensor, denominat
 
 def rational_backward_native(
     grad3: torch.Tensor, x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Backward on contiguous CPU (M, G, L) views: grad_x and the (G, 10) float64 coefficient sums."""
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward on contiguous CPU (M, G, L) views: grad_x and the gradients of numerator and denominator, from
+    the (G, 10) coefficient sums the kernel accumulates in float64."""
     library = _load()
     grad_x = torch.empty_like(x3)
     num, stride, den = _coefficients(numerator, denominator)
@@ -162,4 +165,4 @@ def rational_backward_native(
             num.data_ptr(), stride, den.data_ptr(), sums.data_ptr(), torch.get_num_threads(),
         )
     )
-    return grad_x, sums
+    return (grad_x,) + coefficient_grads(sums, numerator, denominator)

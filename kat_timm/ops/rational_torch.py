@@ -16,7 +16,13 @@ from typing import Tuple
 
 import torch
 
-__all__ = ["rational_forward_torch", "rational_backward_torch", "group_rational_autograd", "COEFFICIENT_SUMS"]
+__all__ = [
+    "COEFFICIENT_SUMS",
+    "coefficient_grads",
+    "group_rational_autograd",
+    "rational_backward_torch",
+    "rational_forward_torch",
+]
 
 # Backends return the ten coefficient sums per group, in this order:
 #   S_i = sum g * x^i / Q           (i = 0..5)  -> grad of a_i
@@ -55,6 +61,17 @@ def _prepare(numerator: torch.Tensor, denominator: torch.Tensor, dtype: torch.dt
     return a, b_abs.unsqueeze(1), q_coefficients
 
 
+def coefficient_grads(sums: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor):
+    """(G, 10) sums [S0..S5, T1..T4] -> gradients of numerator and denominator, in their shapes and dtypes."""
+    grad_numerator = sums[:, :6]
+    if numerator.shape[0] == 1:
+        grad_numerator = grad_numerator.sum(0, keepdim=True)
+    # d|b|/db with sign(0) = +1, so a zero (identity-initialised) denominator still learns.
+    sign_b = torch.where(denominator < 0, -1.0, 1.0).to(sums.dtype)
+    grad_denominator = -sign_b * sums[:, 6:]
+    return grad_numerator.to(numerator.dtype), grad_denominator.to(denominator.dtype)
+
+
 def rational_forward_torch(x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
     """Forward on a contiguous (M, G, L) view; returns a new (M, G, L) tensor of x3's dtype."""
     cdt = _compute_dtype(x3.dtype)
@@ -71,12 +88,13 @@ def rational_forward_torch(x3: torch.Tensor, numerator: torch.Tensor, denominato
 
 def rational_backward_torch(
     grad3: torch.Tensor, x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward on contiguous (M, G, L) views.
 
     Returns:
-        ``grad_x`` of shape (M, G, L) in x3's dtype, and the (G, 10) coefficient sums (see ``COEFFICIENT_SUMS``)
-        in float32 (float64 for float64 inputs).
+        ``grad_x`` of shape (M, G, L) in x3's dtype, and the gradients of numerator and denominator (their shapes
+        and dtypes), from the (G, 10) coefficient sums (see ``COEFFICIENT_SUMS``) accumulated in float32 (float64
+        for float64 inputs).
     """
     cdt = _compute_dtype(x3.dtype)
     a, b_abs, q_coefficients = _prepare(numerator, denominator, cdt)
@@ -106,7 +124,7 @@ def rational_backward_torch(
         for j in range(1, 5):
             gf.mul_(ax)
             sums[:, 5 + j] += gf.sum(dim=(0, 2))
-    return grad_x, sums
+    return (grad_x,) + coefficient_grads(sums, numerator, denominator)
 
 
 def _sign_zero_positive(t: torch.Tensor) -> torch.Tensor:

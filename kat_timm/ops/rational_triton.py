@@ -1,52 +1,91 @@
 """Triton kernels of the grouped rational function (CUDA; CPU tensors through ``TRITON_INTERPRET=1``).
 
-Layout: the canonical (M, G, L) array (``layout.py``) seen as an (M, K) matrix, K = G * L; column k belongs to
-group k // L. A program owns a [BLOCK_M, BLOCK_K] tile and loads the coefficients of its BLOCK_K columns once, as
-vectors, so no element gathers coefficients.
+Layout: the canonical (M, G, L) array (``layout.py``) seen as an (M, K) matrix, K = G * L. The work is cut into
+*segments*: a segment is ``BLOCK_L`` consecutive columns inside one group (a group of L columns holds
+``CHUNKS = cdiv(L, BLOCK_L)`` of them). A program owns one segment and a run of rows, so its ten coefficients are
+scalars loaded once, not per-column vectors that would cost ten registers per column a thread touches.
 
 Forward: one pass, reads x and writes y in x's dtype, math in fp32 registers.
 
-Backward: writes dx and the ten coefficient sums per group (S_i = sum g x^i / Q, T_j = sum g P / Q^2 |x|^j). Each
-program walks a fixed run of rows of its column tile, accumulating in fp32 registers, then reduces its tile once:
-- if its tile lies inside one group (L % BLOCK_K == 0), to ten scalars -> partials[program_m, tile_k, 10];
-- otherwise per column -> partials[program_m, k, 10].
-The second stage (``partials.sum(0)`` then a sum within groups) runs in PyTorch. The grid and the reduction
-order depend only on the shape and the device, so gradients are bitwise reproducible; there are no atomics.
+Backward: writes dx and the ten coefficient sums per group (S_i = sum g x^i / Q, T_j = sum g P / Q^2 |x|^j).
+Each program walks a fixed run of rows of its segment. Every loaded 16-byte vector (8 bf16/fp16 or 4 fp32 values,
+all in one group) is summed inside its thread before it is added to the accumulators, so a thread keeps ten fp32
+accumulators per vector it loads per iteration instead of ten per element. The program then reduces them to ten
+scalars -> partials[program_m, segment, 10]. One small finalize kernel sums the partials over programs and
+segments in a fixed order, applies d|b|/db = sign(b) (+1 at 0) and the sum over groups of a shared numerator, and
+writes both coefficient gradients in their dtypes. The grid and every reduction order depend only on the shape, the
+dtype and the device's SM count, so gradients are bitwise reproducible; there are no atomics.
+
+The launch parameters are plain data (``forward_launch`` / ``backward_launch``): the launchers and the static
+resource report (``kernel_report.py``) both read them, so what is reported is what runs. ``GROUP_LEN`` is a
+compile-time constant: the compiler then proves the 16-byte alignment of each group's start and vectorises the
+loads and stores (one kernel is compiled per distinct group length; a KAT model has two).
 
 ``TRITON_INTERPRET`` is read by ``triton.jit`` when this module is imported: set it before importing kat_timm.
 """
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["rational_forward_triton", "rational_backward_triton", "kernels_are_interpreted"]
+from .rational_torch import COEFFICIENT_SUMS
 
-_FORWARD_TILE = 4096
-_BACKWARD_TILE = 1024
+__all__ = [
+    "BACKWARD_PROGRAMS_PER_SM",
+    "Launch",
+    "backward_launch",
+    "backward_programs_per_sm",
+    "forward_launch",
+    "kernels_are_interpreted",
+    "rational_backward_triton",
+    "rational_forward_triton",
+]
+
+_MAX_BLOCK_L = 128  # columns of a segment
+_FORWARD_WARPS = 4
+_FORWARD_VECTORS = 4  # 16-byte vectors of x each forward thread loads (and of y it stores)
+_BACKWARD_WARPS = 4
+_BACKWARD_VECTORS = 2  # 16-byte vectors of x (and as many of the gradient) a backward thread loads per iteration
+# Backward programs resident per SM, by element size: the compiled kernel's real occupancy on sm_90a and sm_80
+# (registers per thread x threads; checked against the compiler by tests/ops/test_kernel_report.py). The grid is
+# sized in whole waves of this many programs per SM.
+BACKWARD_PROGRAMS_PER_SM = {2: 5, 4: 5}
+_FP16_BACKWARD_PROGRAMS_PER_SM = 4  # fp16's conversions take a few more registers than bf16's
+_MAX_WAVES = 4
 
 
 @triton.jit
-def _load_group_coefficients(num_ptr, den_ptr, cols, col_mask, L, num_row_stride):
-    """Coefficients of the groups of `cols` (vectors of BLOCK_K), as fp32; the b's as |b|."""
-    g = cols // L
-    a_base = num_ptr + g * num_row_stride
-    b_base = den_ptr + g * 4
-    a0 = tl.load(a_base + 0, mask=col_mask, other=0.0).to(tl.float32)
-    a1 = tl.load(a_base + 1, mask=col_mask, other=0.0).to(tl.float32)
-    a2 = tl.load(a_base + 2, mask=col_mask, other=0.0).to(tl.float32)
-    a3 = tl.load(a_base + 3, mask=col_mask, other=0.0).to(tl.float32)
-    a4 = tl.load(a_base + 4, mask=col_mask, other=0.0).to(tl.float32)
-    a5 = tl.load(a_base + 5, mask=col_mask, other=0.0).to(tl.float32)
-    b1 = tl.abs(tl.load(b_base + 0, mask=col_mask, other=0.0).to(tl.float32))
-    b2 = tl.abs(tl.load(b_base + 1, mask=col_mask, other=0.0).to(tl.float32))
-    b3 = tl.abs(tl.load(b_base + 2, mask=col_mask, other=0.0).to(tl.float32))
-    b4 = tl.abs(tl.load(b_base + 3, mask=col_mask, other=0.0).to(tl.float32))
+def _segment_coefficients(num_ptr, den_ptr, group, num_row_stride):
+    """The ten coefficients of ``group`` as fp32 scalars; the b's as |b|."""
+    a_base = num_ptr + group * num_row_stride
+    b_base = den_ptr + group * 4
+    a0 = tl.load(a_base + 0).to(tl.float32)
+    a1 = tl.load(a_base + 1).to(tl.float32)
+    a2 = tl.load(a_base + 2).to(tl.float32)
+    a3 = tl.load(a_base + 3).to(tl.float32)
+    a4 = tl.load(a_base + 4).to(tl.float32)
+    a5 = tl.load(a_base + 5).to(tl.float32)
+    b1 = tl.abs(tl.load(b_base + 0).to(tl.float32))
+    b2 = tl.abs(tl.load(b_base + 1).to(tl.float32))
+    b3 = tl.abs(tl.load(b_base + 2).to(tl.float32))
+    b4 = tl.abs(tl.load(b_base + 3).to(tl.float32))
     return a0, a1, a2, a3, a4, a5, b1, b2, b3, b4
+
+
+@triton.jit
+def _segment_tile(pid_segment, K, GROUP_LEN: tl.constexpr, BLOCK_L: tl.constexpr, CHUNKS: tl.constexpr):
+    """Group of a segment, the columns of its tile (offsets in a row of K) and their mask (all true when
+    L % BLOCK_L == 0; the kernels then skip it)."""
+    group = pid_segment // CHUNKS
+    in_group = (pid_segment % CHUNKS) * BLOCK_L + tl.arange(0, BLOCK_L)
+    cols = group * GROUP_LEN + in_group
+    col_mask = in_group < GROUP_LEN
+    return group, cols, col_mask
 
 
 @triton.jit
@@ -57,26 +96,38 @@ def _group_rational_forward_kernel(
     den_ptr,  # (G, 4) contiguous
     M,
     K,
-    L,
     num_row_stride,
+    segments,  # G * CHUNKS
+    GROUP_LEN: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    CHUNKS: tl.constexpr,
+    EVEN_L: tl.constexpr,  # GROUP_LEN % BLOCK_L == 0: no column mask
 ):
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    col_mask = cols < K
-    a0, a1, a2, a3, a4, a5, b1, b2, b3, b4 = _load_group_coefficients(
-        num_ptr, den_ptr, cols, col_mask, L, num_row_stride
-    )
-    offsets = rows[:, None].to(tl.int64) * K + cols[None, :]
-    mask = (rows < M)[:, None] & col_mask[None, :]
-    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    # One flat grid, segment fastest: neighbouring programs read neighbouring columns of the same rows.
+    pid = tl.program_id(0)
+    pid_segment = pid % segments
+    pid_m = pid // segments
+    group, cols, col_mask = _segment_tile(pid_segment, K, GROUP_LEN, BLOCK_L, CHUNKS)
+    a0, a1, a2, a3, a4, a5, b1, b2, b3, b4 = _segment_coefficients(num_ptr, den_ptr, group, num_row_stride)
+    rows = tl.arange(0, BLOCK_M)
+    row0 = pid_m * BLOCK_M
+    offsets = rows[:, None] * K + cols[None, :]
+    base = row0.to(tl.int64) * K
+    mask = (row0 + rows < M)[:, None]
+    if not EVEN_L:
+        mask = mask & col_mask[None, :]
+    x = tl.load(x_ptr + base + offsets, mask=mask, other=0.0).to(tl.float32)
     ax = tl.abs(x)
-    p = a0[None, :] + x * (a1[None, :] + x * (a2[None, :] + x * (a3[None, :] + x * (a4[None, :] + x * a5[None, :]))))
-    q = 1.0 + ax * (b1[None, :] + ax * (b2[None, :] + ax * (b3[None, :] + ax * b4[None, :])))
-    tl.store(y_ptr + offsets, (p / q).to(y_ptr.dtype.element_ty), mask=mask)
+    p = a0 + x * (a1 + x * (a2 + x * (a3 + x * (a4 + x * a5))))
+    q = 1.0 + ax * (b1 + ax * (b2 + ax * (b3 + ax * b4)))
+    tl.store(y_ptr + base + offsets, (p / q).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _thread_sum(t, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, VEC: tl.constexpr):
+    """Sum each run of VEC columns (one 16-byte vector, held by one thread) of a [BLOCK_M, BLOCK_L] tile."""
+    return tl.sum(tl.reshape(t, (BLOCK_M, BLOCK_L // VEC, VEC)), axis=2)
 
 
 @triton.jit
@@ -86,93 +137,128 @@ def _group_rational_backward_kernel(
     dx_ptr,  # (M, K) contiguous, x's dtype
     num_ptr,  # (G, 6) rows, row stride num_row_stride
     den_ptr,  # (G, 4)
-    partial_ptr,  # fp32: (P_M, K // BLOCK_K, 10) if TILE_IN_ONE_GROUP else (P_M, K, 10)
+    partial_ptr,  # fp32 (programs_m, segments, 10)
     M,
     K,
-    L,
     num_row_stride,
+    segments,
     rows_per_program,  # a multiple of BLOCK_M
+    GROUP_LEN: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    TILE_IN_ONE_GROUP: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    CHUNKS: tl.constexpr,
+    EVEN_L: tl.constexpr,
+    VEC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    col_mask = cols < K
-    a0, a1, a2, a3, a4, a5, b1, b2, b3, b4 = _load_group_coefficients(
-        num_ptr, den_ptr, cols, col_mask, L, num_row_stride
-    )
-    a0, a1, a2, a3, a4, a5 = a0[None, :], a1[None, :], a2[None, :], a3[None, :], a4[None, :], a5[None, :]
-    b1, b2, b3, b4 = b1[None, :], b2[None, :], b3[None, :], b4[None, :]
+    pid = tl.program_id(0)
+    pid_segment = pid % segments
+    pid_m = pid // segments
+    group, cols, col_mask = _segment_tile(pid_segment, K, GROUP_LEN, BLOCK_L, CHUNKS)
+    a0, a1, a2, a3, a4, a5, b1, b2, b3, b4 = _segment_coefficients(num_ptr, den_ptr, group, num_row_stride)
 
-    s0 = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    s1 = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    s2 = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    s3 = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    s4 = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    s5 = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    t1 = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    t2 = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    t3 = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    t4 = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    s0 = tl.zeros((BLOCK_M, BLOCK_L // VEC), dtype=tl.float32)
+    s1 = tl.zeros((BLOCK_M, BLOCK_L // VEC), dtype=tl.float32)
+    s2 = tl.zeros((BLOCK_M, BLOCK_L // VEC), dtype=tl.float32)
+    s3 = tl.zeros((BLOCK_M, BLOCK_L // VEC), dtype=tl.float32)
+    s4 = tl.zeros((BLOCK_M, BLOCK_L // VEC), dtype=tl.float32)
+    s5 = tl.zeros((BLOCK_M, BLOCK_L // VEC), dtype=tl.float32)
+    t1 = tl.zeros((BLOCK_M, BLOCK_L // VEC), dtype=tl.float32)
+    t2 = tl.zeros((BLOCK_M, BLOCK_L // VEC), dtype=tl.float32)
+    t3 = tl.zeros((BLOCK_M, BLOCK_L // VEC), dtype=tl.float32)
+    t4 = tl.zeros((BLOCK_M, BLOCK_L // VEC), dtype=tl.float32)
 
+    rows = tl.arange(0, BLOCK_M)
+    offsets = rows[:, None] * K + cols[None, :]
     row_start = pid_m * rows_per_program
-    for step in range(0, rows_per_program, BLOCK_M):
-        rows = row_start + step + tl.arange(0, BLOCK_M)
-        offsets = rows[:, None].to(tl.int64) * K + cols[None, :]
-        mask = (rows < M)[:, None] & col_mask[None, :]
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    # 64-bit base of the program's rows; offsets inside a BLOCK_M-row tile stay 32-bit.
+    start = row_start.to(tl.int64) * K
+    x_rows = x_ptr + start
+    g_rows = grad_ptr + start
+    dx_rows = dx_ptr + start
+    for row0 in range(row_start, row_end, BLOCK_M):
+        mask = (row0 + rows < row_end)[:, None]
+        if not EVEN_L:
+            mask = mask & col_mask[None, :]
         # Masked lanes read x = 0, g = 0, so they add exactly 0 to every sum.
-        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_rows + offsets, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_rows + offsets, mask=mask, other=0.0).to(tl.float32)
         ax = tl.abs(x)
         sx = tl.where(x < 0.0, -1.0, 1.0)
         p = a0 + x * (a1 + x * (a2 + x * (a3 + x * (a4 + x * a5))))
-        dp = a1 + x * (2.0 * a2 + x * (3.0 * a3 + x * (4.0 * a4 + x * 5.0 * a5)))
+        dp = a1 + x * (2.0 * a2 + x * (3.0 * a3 + x * (4.0 * a4 + x * (5.0 * a5))))
         q = 1.0 + ax * (b1 + ax * (b2 + ax * (b3 + ax * b4)))
-        dq = b1 + ax * (2.0 * b2 + ax * (3.0 * b3 + ax * 4.0 * b4))
+        dq = b1 + ax * (2.0 * b2 + ax * (3.0 * b3 + ax * (4.0 * b4)))
         rq = 1.0 / q
         f = p * rq
-        tl.store(dx_ptr + offsets, (g * (dp - f * sx * dq) * rq).to(dx_ptr.dtype.element_ty), mask=mask)
         gq = g * rq
+        tl.store(dx_rows + offsets, (gq * (dp - f * sx * dq)).to(dx_ptr.dtype.element_ty), mask=mask)
+        x_rows += BLOCK_M * K
+        g_rows += BLOCK_M * K
+        dx_rows += BLOCK_M * K
         x2 = x * x
         x4 = x2 * x2
-        s0 += gq
-        s1 += gq * x
-        s2 += gq * x2
-        s3 += gq * x2 * x
-        s4 += gq * x4
-        s5 += gq * x4 * x
         gf = gq * f
-        t1 += gf * ax
-        t2 += gf * x2
-        t3 += gf * x2 * ax
-        t4 += gf * x4
+        s0 += _thread_sum(gq, BLOCK_M, BLOCK_L, VEC)
+        s1 += _thread_sum(gq * x, BLOCK_M, BLOCK_L, VEC)
+        s2 += _thread_sum(gq * x2, BLOCK_M, BLOCK_L, VEC)
+        s3 += _thread_sum(gq * x2 * x, BLOCK_M, BLOCK_L, VEC)
+        s4 += _thread_sum(gq * x4, BLOCK_M, BLOCK_L, VEC)
+        s5 += _thread_sum(gq * x4 * x, BLOCK_M, BLOCK_L, VEC)
+        t1 += _thread_sum(gf * ax, BLOCK_M, BLOCK_L, VEC)
+        t2 += _thread_sum(gf * x2, BLOCK_M, BLOCK_L, VEC)
+        t3 += _thread_sum(gf * x2 * ax, BLOCK_M, BLOCK_L, VEC)
+        t4 += _thread_sum(gf * x4, BLOCK_M, BLOCK_L, VEC)
 
-    if TILE_IN_ONE_GROUP:
-        base = partial_ptr + (pid_m * tl.num_programs(1) + pid_k) * 10
-        tl.store(base + 0, tl.sum(tl.sum(s0, axis=1), axis=0))
-        tl.store(base + 1, tl.sum(tl.sum(s1, axis=1), axis=0))
-        tl.store(base + 2, tl.sum(tl.sum(s2, axis=1), axis=0))
-        tl.store(base + 3, tl.sum(tl.sum(s3, axis=1), axis=0))
-        tl.store(base + 4, tl.sum(tl.sum(s4, axis=1), axis=0))
-        tl.store(base + 5, tl.sum(tl.sum(s5, axis=1), axis=0))
-        tl.store(base + 6, tl.sum(tl.sum(t1, axis=1), axis=0))
-        tl.store(base + 7, tl.sum(tl.sum(t2, axis=1), axis=0))
-        tl.store(base + 8, tl.sum(tl.sum(t3, axis=1), axis=0))
-        tl.store(base + 9, tl.sum(tl.sum(t4, axis=1), axis=0))
-    else:
-        base = partial_ptr + (pid_m.to(tl.int64) * K + cols) * 10
-        tl.store(base + 0, tl.sum(s0, axis=0), mask=col_mask)
-        tl.store(base + 1, tl.sum(s1, axis=0), mask=col_mask)
-        tl.store(base + 2, tl.sum(s2, axis=0), mask=col_mask)
-        tl.store(base + 3, tl.sum(s3, axis=0), mask=col_mask)
-        tl.store(base + 4, tl.sum(s4, axis=0), mask=col_mask)
-        tl.store(base + 5, tl.sum(s5, axis=0), mask=col_mask)
-        tl.store(base + 6, tl.sum(t1, axis=0), mask=col_mask)
-        tl.store(base + 7, tl.sum(t2, axis=0), mask=col_mask)
-        tl.store(base + 8, tl.sum(t3, axis=0), mask=col_mask)
-        tl.store(base + 9, tl.sum(t4, axis=0), mask=col_mask)
+    out = partial_ptr + (pid_m * segments + pid_segment) * 10
+    tl.store(out + 0, tl.sum(tl.sum(s0, axis=1), axis=0))
+    tl.store(out + 1, tl.sum(tl.sum(s1, axis=1), axis=0))
+    tl.store(out + 2, tl.sum(tl.sum(s2, axis=1), axis=0))
+    tl.store(out + 3, tl.sum(tl.sum(s3, axis=1), axis=0))
+    tl.store(out + 4, tl.sum(tl.sum(s4, axis=1), axis=0))
+    tl.store(out + 5, tl.sum(tl.sum(s5, axis=1), axis=0))
+    tl.store(out + 6, tl.sum(tl.sum(t1, axis=1), axis=0))
+    tl.store(out + 7, tl.sum(tl.sum(t2, axis=1), axis=0))
+    tl.store(out + 8, tl.sum(tl.sum(t3, axis=1), axis=0))
+    tl.store(out + 9, tl.sum(tl.sum(t4, axis=1), axis=0))
+
+
+@triton.jit
+def _coefficient_grads_kernel(
+    partial_ptr,  # fp32 (programs_m, G * CHUNKS, 10)
+    den_ptr,  # (G, 4), the denominator (its sign)
+    grad_num_ptr,  # (1, 6) when SHARED_NUMERATOR else (G, 6), the numerator's dtype
+    grad_den_ptr,  # (G, 4), the denominator's dtype
+    programs_m,
+    G,
+    CHUNKS: tl.constexpr,
+    SHARED_NUMERATOR: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    # One program, a fixed order: the sums are reproducible bit for bit.
+    sums = tl.arange(0, 16)
+    sum_mask = sums < 10
+    shared = tl.zeros((16,), dtype=tl.float32)
+    for group in range(0, G):
+        total = tl.zeros((BLOCK_R, 16), dtype=tl.float32)
+        # Rows of the partials that belong to this group: (program p, chunk c) -> p * G * CHUNKS + group * CHUNKS + c.
+        for start in range(0, programs_m * CHUNKS, BLOCK_R):
+            r = start + tl.arange(0, BLOCK_R)
+            program = r // CHUNKS
+            row = program * (G * CHUNKS) + group * CHUNKS + r % CHUNKS
+            mask = (r < programs_m * CHUNKS)[:, None] & sum_mask[None, :]
+            total += tl.load(partial_ptr + row[:, None] * 10 + sums[None, :], mask=mask, other=0.0)
+        group_sums = tl.sum(total, axis=0)  # [16]: S0..S5, T1..T4, padding
+        b = tl.load(den_ptr + group * 4 + (sums - 6), mask=(sums >= 6) & sum_mask, other=0.0).to(tl.float32)
+        sign_b = tl.where(b < 0.0, -1.0, 1.0)
+        tl.store(grad_den_ptr + group * 4 + (sums - 6), (-sign_b * group_sums).to(grad_den_ptr.dtype.element_ty),
+                 mask=(sums >= 6) & sum_mask)
+        if SHARED_NUMERATOR:
+            shared += group_sums
+        else:
+            tl.store(grad_num_ptr + group * 6 + sums, group_sums.to(grad_num_ptr.dtype.element_ty), mask=sums < 6)
+    if SHARED_NUMERATOR:
+        tl.store(grad_num_ptr + sums, shared.to(grad_num_ptr.dtype.element_ty), mask=sums < 6)
 
 
 def kernels_are_interpreted() -> bool:
@@ -180,22 +266,107 @@ def kernels_are_interpreted() -> bool:
     return not isinstance(_group_rational_forward_kernel, triton.runtime.JITFunction)
 
 
-def _block_k(total_cols: int) -> int:
-    """Column tile: the largest power of two (<= 256) dividing K, so tiles are unmasked and, when L allows it,
-    inside one group; for awkward K (odd, prime) a masked power of two."""
-    block = 1
-    while block < 256 and total_cols % (block * 2) == 0:
-        block *= 2
-    if block < 16:
-        block = min(256, triton.next_power_of_2(total_cols))
-    return block
+@dataclass(frozen=True)
+class Launch:
+    """How one kernel is launched for one (M, G, L) shape and dtype: grid, tile and compile-time constants.
+
+    Attributes:
+        grid: the (flat) grid, ``segments * programs_m`` programs.
+        segments: G * chunks, column segments of ``block_l`` columns each, inside one group.
+        programs_m: programs along the rows.
+        rows_per_program: rows each program walks (backward; the forward's programs own ``block_m`` rows).
+        constexprs: the kernel's compile-time arguments (GROUP_LEN, BLOCK_M, BLOCK_L, CHUNKS, EVEN_L[, VEC]).
+        num_warps: warps per program.
+        num_stages: software-pipelining depth passed to the compiler.
+    """
+
+    grid: Tuple[int]
+    segments: int
+    programs_m: int
+    rows_per_program: int
+    constexprs: dict
+    num_warps: int
+    num_stages: int = 1
+
+
+def _segment_shape(length: int, element_size: int) -> Tuple[int, int, int]:
+    """(BLOCK_L, CHUNKS, VEC) for groups of ``length`` columns.
+
+    BLOCK_L is the largest power of two (<= 128) that divides L when that is at least one 16-byte vector wide
+    (segments tile the group exactly, no masked lanes); otherwise one masked power of two covering L (L = 24: 32
+    columns, 8 of them masked). VEC is the elements of a 16-byte vector (capped by BLOCK_L).
+    """
+    vec = 16 // element_size
+    exact = length & -length  # largest power of two dividing L
+    if exact >= vec:
+        block_l = min(_MAX_BLOCK_L, exact)
+    else:
+        block_l = min(_MAX_BLOCK_L, triton.next_power_of_2(length))
+    chunks = triton.cdiv(length, block_l)
+    return block_l, chunks, min(vec, block_l)
+
+
+def _block_m(block_l: int, vec: int, num_warps: int, vectors: int) -> int:
+    """Rows of a tile so that each thread holds ``vectors`` 16-byte vectors of it."""
+    return max(1, (32 * num_warps * vectors * vec) // block_l)
+
+
+def forward_launch(rows: int, groups: int, length: int, element_size: int) -> Launch:
+    """Launch parameters of the forward kernel for an (M, G, L) input of ``element_size``-byte elements."""
+    block_l, chunks, vec = _segment_shape(length, element_size)
+    block_m = _block_m(block_l, vec, _FORWARD_WARPS, _FORWARD_VECTORS)
+    segments = groups * chunks
+    programs_m = triton.cdiv(rows, block_m)
+    return Launch(
+        grid=(segments * programs_m,), segments=segments, programs_m=programs_m, rows_per_program=block_m,
+        constexprs=dict(GROUP_LEN=length, BLOCK_M=block_m, BLOCK_L=block_l, CHUNKS=chunks,
+                        EVEN_L=int(length % block_l == 0)),
+        num_warps=_FORWARD_WARPS,
+    )
+
+
+def backward_programs_per_sm(dtype: torch.dtype) -> int:
+    """Programs of the backward kernel that fit on one SM at once (see ``BACKWARD_PROGRAMS_PER_SM``)."""
+    if dtype == torch.float16:
+        return _FP16_BACKWARD_PROGRAMS_PER_SM
+    return BACKWARD_PROGRAMS_PER_SM[torch.empty((), dtype=dtype).element_size()]
+
+
+def backward_launch(rows: int, groups: int, length: int, dtype: torch.dtype, sm_count: int) -> Launch:
+    """Launch parameters of the backward kernel.
+
+    Each program walks ``rows_per_program`` rows (a multiple of BLOCK_M) of one segment. Among grids of 1 to
+    ``_MAX_WAVES`` whole waves (``sm_count`` SMs x the kernel's resident programs per SM), the one with the least
+    work on the busiest slot wins (waves x rows per program); ties go to the smaller grid (fewer partial sums).
+    """
+    element_size = torch.empty((), dtype=dtype).element_size()
+    block_l, chunks, vec = _segment_shape(length, element_size)
+    block_m = _block_m(block_l, vec, _BACKWARD_WARPS, _BACKWARD_VECTORS)
+    segments = groups * chunks
+    slots = sm_count * backward_programs_per_sm(dtype)
+    row_tiles = triton.cdiv(rows, block_m)
+    best = None
+    for waves in range(1, _MAX_WAVES + 1):
+        programs_m = max(1, min(row_tiles, (waves * slots) // segments))
+        rows_per_program = triton.cdiv(row_tiles, programs_m) * block_m
+        programs_m = triton.cdiv(rows, rows_per_program)
+        cost = (triton.cdiv(programs_m * segments, slots) * rows_per_program, programs_m)
+        if best is None or cost < best[0]:
+            best = (cost, programs_m, rows_per_program)
+    _, programs_m, rows_per_program = best
+    return Launch(
+        grid=(segments * programs_m,), segments=segments, programs_m=programs_m, rows_per_program=rows_per_program,
+        constexprs=dict(GROUP_LEN=length, BLOCK_M=block_m, BLOCK_L=block_l, CHUNKS=chunks,
+                        EVEN_L=int(length % block_l == 0), VEC=vec),
+        num_warps=_BACKWARD_WARPS,
+    )
 
 
 @functools.lru_cache(maxsize=None)
-def _target_programs(device: torch.device) -> int:
+def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: a few programs, so the multi-program paths are exercised
 
 
 def _coefficients(numerator: torch.Tensor, denominator: torch.Tensor):
@@ -204,41 +375,58 @@ def _coefficients(numerator: torch.Tensor, denominator: torch.Tensor):
     return num, (0 if num.shape[0] == 1 else 6), den
 
 
+def _on_device(tensor: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensor's (cuda:1 while cuda:0 is current)."""
+    if tensor.device.type == "cuda" and tensor.device.index != torch.cuda.current_device():
+        return torch.cuda.device(tensor.device)
+    return _NO_CONTEXT
+
+
+class _NoContext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NO_CONTEXT = _NoContext()
+
+
 def rational_forward_triton(x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
     """Forward on a contiguous (M, G, L) view; returns a new tensor of x3's dtype."""
     rows, groups, length = x3.shape
-    cols = groups * length
     out = torch.empty_like(x3)
     num, num_row_stride, den = _coefficients(numerator, denominator)
-    block_k = _block_k(cols)
-    block_m = max(1, _FORWARD_TILE // block_k)
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(cols, block_k))
-    _group_rational_forward_kernel[grid](
-        x3, out, num, den, rows, cols, length, num_row_stride, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=8
-    )
+    launch = forward_launch(rows, groups, length, x3.element_size())
+    with _on_device(x3):
+        _group_rational_forward_kernel[launch.grid](
+            x3, out, num, den, rows, groups * length, num_row_stride, launch.segments,
+            num_warps=launch.num_warps, num_stages=launch.num_stages, **launch.constexprs,
+        )
     return out
 
 
 def rational_backward_triton(
     grad3: torch.Tensor, x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Backward on contiguous (M, G, L) views: grad_x and the (G, 10) fp32 coefficient sums."""
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward on contiguous (M, G, L) views: grad_x and the gradients of numerator and denominator (their
+    shapes and dtypes)."""
     rows, groups, length = x3.shape
-    cols = groups * length
     grad_x = torch.empty_like(x3)
     num, num_row_stride, den = _coefficients(numerator, denominator)
-    block_k = _block_k(cols)
-    block_m = max(1, _BACKWARD_TILE // block_k)
-    col_tiles = triton.cdiv(cols, block_k)
-    programs_m = max(1, min(triton.cdiv(rows, block_m), _target_programs(x3.device) // col_tiles))
-    rows_per_program = triton.cdiv(triton.cdiv(rows, programs_m), block_m) * block_m
-    programs_m = triton.cdiv(rows, rows_per_program)
-    tile_in_one_group = length % block_k == 0
-    partial_cols = col_tiles if tile_in_one_group else cols
-    partials = torch.empty(programs_m, partial_cols, 10, dtype=torch.float32, device=x3.device)
-    _group_rational_backward_kernel[(programs_m, col_tiles)](
-        grad3, x3, grad_x, num, den, partials, rows, cols, length, num_row_stride, rows_per_program,
-        BLOCK_M=block_m, BLOCK_K=block_k, TILE_IN_ONE_GROUP=int(tile_in_one_group), num_warps=4,
-    )
-    sums = partials.sum(0).view(groups, partial_cols // groups, 10).sum(1)
-    return grad_x, sums
+    launch = backward_launch(rows, groups, length, x3.dtype, _sm_count(x3.device))
+    partials = torch.empty(launch.programs_m, launch.segments, COEFFICIENT_SUMS, dtype=torch.float32,
+                           device=x3.device)
+    grad_numerator = torch.empty(numerator.shape, dtype=numerator.dtype, device=x3.device)
+    grad_denominator = torch.empty(denominator.shape, dtype=denominator.dtype, device=x3.device)
+    with _on_device(x3):
+        _group_rational_backward_kernel[launch.grid](
+            grad3, x3, grad_x, num, den, partials, rows, groups * length, num_row_stride, launch.segments,
+            launch.rows_per_program, num_warps=launch.num_warps, num_stages=launch.num_stages, **launch.constexprs,
+        )
+        _coefficient_grads_kernel[(1,)](
+            partials, den, grad_numerator, grad_denominator, launch.programs_m, groups,
+            CHUNKS=launch.constexprs["CHUNKS"], SHARED_NUMERATOR=int(num.shape[0] == 1), BLOCK_R=64, num_warps=4,
+        )
+    return grad_x, grad_numerator, grad_denominator
