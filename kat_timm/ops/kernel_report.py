@@ -28,7 +28,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-__all__ = ["ARCHS", "KernelResources", "kat_shapes", "kernel_resources", "report_rows"]
+__all__ = ["ARCHS", "KernelResources", "compile_for", "kat_shapes", "kernel_resources", "ptxas_info", "report_rows"]
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ def compile_for(fn, args: Sequence, constexprs: dict, num_warps: int, num_stages
     return triton.compile(source, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-def _ptxas_info(ptx: str, arch: str) -> Tuple[int, int, int]:
+def ptxas_info(ptx: str, arch: str) -> Tuple[int, int, int]:
     """(registers, spill bytes, stack frame bytes) from ``ptxas -v``."""
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "kernel.ptx")
@@ -254,7 +254,7 @@ def kernel_resources(direction: str, shape: Tuple[int, int, int], dtype: torch.d
         fn = kernels._group_rational_forward_kernel
         args = [data, data, coefficients, coefficients, rows, groups * length, 0, launch.segments]
     elif direction == "backward":
-        launch = kernels.backward_launch(rows, groups, length, dtype, target.sm_count)
+        launch = kernels.backward_launch(rows, groups, length, dtype, target.sm_count, target.capability // 10)
         fn = kernels._group_rational_backward_kernel
         args = [data, data, data, coefficients, coefficients, coefficients, rows, groups * length, 0,
                 launch.segments, launch.rows_per_program]
@@ -262,7 +262,7 @@ def kernel_resources(direction: str, shape: Tuple[int, int, int], dtype: torch.d
         raise ValueError(f"direction must be 'forward' or 'backward', got {direction!r}")
     compiled = compile_for(fn, args, launch.constexprs, launch.num_warps, launch.num_stages, arch)
     ptx = compiled.asm["ptx"]
-    registers, spills, stack = _ptxas_info(ptx, arch)
+    registers, spills, stack = ptxas_info(ptx, arch)
     shared = int(getattr(compiled.metadata, "shared", 0))
     resident = _programs_per_sm(target, registers, launch.num_warps, shared)
     programs = launch.grid[0]

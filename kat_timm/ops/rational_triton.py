@@ -51,12 +51,13 @@ _FORWARD_WARPS = 4
 _FORWARD_VECTORS = 4  # 16-byte vectors of x each forward thread loads (and of y it stores)
 _BACKWARD_WARPS = 4
 _BACKWARD_VECTORS = 2  # 16-byte vectors of x (and as many of the gradient) a backward thread loads per iteration
-# Backward programs resident per SM, by element size: the compiled kernel's real occupancy on sm_90a and sm_80
-# (registers per thread x threads; checked against the compiler by tests/ops/test_kernel_report.py). The grid is
-# sized in whole waves of this many programs per SM.
-BACKWARD_PROGRAMS_PER_SM = {2: 5, 4: 5}
-_FP16_BACKWARD_PROGRAMS_PER_SM = 4  # fp16's conversions take a few more registers than bf16's
+# Backward programs resident per SM: the compiled kernel's real occupancy (registers per thread x threads), by
+# compute capability major and dtype, checked against the compiler for sm_90a and sm_80 by
+# tests/ops/test_kernel_report.py. The grid is sized in whole waves of this many programs per SM.
+BACKWARD_PROGRAMS_PER_SM = {(9, torch.float16): 4}  # fp16's conversions take a few more registers on sm_90
+_DEFAULT_BACKWARD_PROGRAMS_PER_SM = 5
 _MAX_WAVES = 4
+_UNALIGNED_ELEMENTS = 4
 
 
 @triton.jit
@@ -290,31 +291,33 @@ class Launch:
 
 
 def _segment_shape(length: int, element_size: int) -> Tuple[int, int, int]:
-    """(BLOCK_L, CHUNKS, VEC) for groups of ``length`` columns.
+    """(BLOCK_L, CHUNKS, VEC) for groups of ``length`` columns of ``element_size``-byte elements.
 
-    BLOCK_L is the largest power of two (<= 128) that divides L when that is at least one 16-byte vector wide
-    (segments tile the group exactly, no masked lanes); otherwise one masked power of two covering L (L = 24: 32
-    columns, 8 of them masked). VEC is the elements of a 16-byte vector (capped by BLOCK_L).
+    When every group starts on a 16-byte boundary (L x element size a multiple of 16), BLOCK_L is the largest power
+    of two (<= 128) dividing L, so segments tile the group exactly with no masked lanes, and VEC is the elements of
+    a 16-byte vector. Otherwise no access can be vectorised: VEC = 1 and one masked power of two covers L.
     """
-    vec = 16 // element_size
-    exact = length & -length  # largest power of two dividing L
-    if exact >= vec:
-        block_l = min(_MAX_BLOCK_L, exact)
+    if (length * element_size) % 16 == 0:
+        block_l, vec = min(_MAX_BLOCK_L, length & -length), 16 // element_size
     else:
-        block_l = min(_MAX_BLOCK_L, triton.next_power_of_2(length))
-    chunks = triton.cdiv(length, block_l)
-    return block_l, chunks, min(vec, block_l)
+        block_l, vec = min(_MAX_BLOCK_L, triton.next_power_of_2(length)), 1
+    return block_l, triton.cdiv(length, block_l), vec
 
 
-def _block_m(block_l: int, vec: int, num_warps: int, vectors: int) -> int:
-    """Rows of a tile so that each thread holds ``vectors`` 16-byte vectors of it."""
-    return max(1, (32 * num_warps * vectors * vec) // block_l)
+def _block_m(block_l: int, elements_per_thread: int, num_warps: int) -> int:
+    """Rows of a tile so that each thread holds ``elements_per_thread`` elements of it."""
+    return max(1, (32 * num_warps * elements_per_thread) // block_l)
+
+
+def _elements_per_thread(vec: int, vectors: int) -> int:
+    # Unvectorised (VEC = 1) tiles keep a few elements per thread: each costs registers, not bytes in flight.
+    return vec * vectors if vec > 1 else _UNALIGNED_ELEMENTS
 
 
 def forward_launch(rows: int, groups: int, length: int, element_size: int) -> Launch:
     """Launch parameters of the forward kernel for an (M, G, L) input of ``element_size``-byte elements."""
     block_l, chunks, vec = _segment_shape(length, element_size)
-    block_m = _block_m(block_l, vec, _FORWARD_WARPS, _FORWARD_VECTORS)
+    block_m = _block_m(block_l, _elements_per_thread(vec, _FORWARD_VECTORS), _FORWARD_WARPS)
     segments = groups * chunks
     programs_m = triton.cdiv(rows, block_m)
     return Launch(
@@ -325,14 +328,13 @@ def forward_launch(rows: int, groups: int, length: int, element_size: int) -> La
     )
 
 
-def backward_programs_per_sm(dtype: torch.dtype) -> int:
+def backward_programs_per_sm(dtype: torch.dtype, capability_major: int) -> int:
     """Programs of the backward kernel that fit on one SM at once (see ``BACKWARD_PROGRAMS_PER_SM``)."""
-    if dtype == torch.float16:
-        return _FP16_BACKWARD_PROGRAMS_PER_SM
-    return BACKWARD_PROGRAMS_PER_SM[torch.empty((), dtype=dtype).element_size()]
+    return BACKWARD_PROGRAMS_PER_SM.get((capability_major, dtype), _DEFAULT_BACKWARD_PROGRAMS_PER_SM)
 
 
-def backward_launch(rows: int, groups: int, length: int, dtype: torch.dtype, sm_count: int) -> Launch:
+def backward_launch(rows: int, groups: int, length: int, dtype: torch.dtype, sm_count: int, capability_major: int
+                    ) -> Launch:
     """Launch parameters of the backward kernel.
 
     Each program walks ``rows_per_program`` rows (a multiple of BLOCK_M) of one segment. Among grids of 1 to
@@ -341,9 +343,9 @@ def backward_launch(rows: int, groups: int, length: int, dtype: torch.dtype, sm_
     """
     element_size = torch.empty((), dtype=dtype).element_size()
     block_l, chunks, vec = _segment_shape(length, element_size)
-    block_m = _block_m(block_l, vec, _BACKWARD_WARPS, _BACKWARD_VECTORS)
+    block_m = _block_m(block_l, _elements_per_thread(vec, _BACKWARD_VECTORS), _BACKWARD_WARPS)
     segments = groups * chunks
-    slots = sm_count * backward_programs_per_sm(dtype)
+    slots = sm_count * backward_programs_per_sm(dtype, capability_major)
     row_tiles = triton.cdiv(rows, block_m)
     best = None
     for waves in range(1, _MAX_WAVES + 1):
@@ -363,10 +365,12 @@ def backward_launch(rows: int, groups: int, length: int, dtype: torch.dtype, sm_
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
+def _device_traits(device: torch.device) -> Tuple[int, int]:
+    """(SM count, compute capability major) of a CUDA device."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: a few programs, so the multi-program paths are exercised
+        properties = torch.cuda.get_device_properties(device)
+        return properties.multi_processor_count, properties.major
+    return 4, 0  # the interpreter: a few programs, so the multi-program paths are exercised
 
 
 def _coefficients(numerator: torch.Tensor, denominator: torch.Tensor):
@@ -415,7 +419,7 @@ def rational_backward_triton(
     rows, groups, length = x3.shape
     grad_x = torch.empty_like(x3)
     num, num_row_stride, den = _coefficients(numerator, denominator)
-    launch = backward_launch(rows, groups, length, x3.dtype, _sm_count(x3.device))
+    launch = backward_launch(rows, groups, length, x3.dtype, *_device_traits(x3.device))
     partials = torch.empty(launch.programs_m, launch.segments, COEFFICIENT_SUMS, dtype=torch.float32,
                            device=x3.device)
     grad_numerator = torch.empty(numerator.shape, dtype=numerator.dtype, device=x3.device)

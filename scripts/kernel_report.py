@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""Resource report of the Triton kernels, compiled for a GPU without one (Triton's compiler and bundled ptxas).
+
+Every kernel is compiled exactly as its launcher launches it, for the activation shapes of KAT-T/S/B (batch 128 and
+batch 1 by default; ``--odd`` adds awkward shapes) in bf16, fp16 and fp32, for sm_90a (H100/H200) and sm_80 (A100).
+Per kernel: registers per thread, spill bytes, stack frame, shared memory, programs per SM, occupancy, bytes of
+global loads per thread per iteration (16-byte vector accesses, and narrower ones), bytes in flight per SM, and the
+upper bound on the fraction of HBM bandwidth that implies by Little's law (see kat_timm/ops/kernel_report.py).
+
+Examples::
+
+    python scripts/kernel_report.py                        # everything, markdown on stdout
+    python scripts/kernel_report.py --arch sm_90a --batch 128 --dtype bfloat16
+    python scripts/kernel_report.py --json report.json
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+
+import torch
+
+from kat_timm.ops.kernel_report import ARCHS, TOKENS, kat_shapes, report_rows
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+ODD_SHAPES = [("odd C=40 (L=5)", (37, 8, 5)), ("odd C=168 (L=21)", (1000, 8, 21)),
+              ("image 2x40x5x3 (L=75)", (2, 8, 75)), ("C=96 (L=12)", (640, 8, 12))]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", nargs="+", choices=sorted(ARCHS), default=sorted(ARCHS), help="targets")
+    parser.add_argument("--batch", nargs="+", type=int, default=[128, 1], help="batch sizes (x 197 tokens)")
+    parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=sorted(DTYPES))
+    parser.add_argument("--odd", action="store_true", help="also report odd shapes (masked, unaligned)")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    if any(b < 1 for b in args.batch):
+        parser.error("--batch values must be >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    shapes = []
+    for batch in args.batch:
+        shapes += [(f"{label} batch {batch}", shape) for label, shape in kat_shapes(batch)]
+    if args.odd:
+        shapes += ODD_SHAPES
+    try:
+        rows = report_rows(shapes, [DTYPES[d] for d in args.dtype], args.arch)
+    except RuntimeError as error:  # ptxas missing or failing: one line, not a traceback
+        print(f"kernel_report: {error}", file=sys.stderr)
+        return 1
+    import triton
+
+    print(f"# Triton kernel resources ({datetime.date.today().isoformat()}, triton {triton.__version__}, "
+          f"static compile, no GPU needed)\n")
+    for arch in args.arch:
+        a = ARCHS[arch]
+        print(f"{arch} ({a.device}: {a.sm_count} SMs, {a.hbm_bytes_per_s / 1e12:.1f} TB/s, latency "
+              f"{a.latency_s * 1e6:.1f} us assumed): {a.needed_in_flight / 1024:.1f} KB in flight per SM keep HBM busy.")
+    print(f"\nRows are (M, G, L) with M = batch x {TOKENS} tokens. Loads and stores are bytes per thread per "
+          "iteration (16-byte vector / narrower).\n")
+    print("| arch | shape | (M, G, L) | dtype | kernel | regs | spill B | stack B | smem B | warps | programs/SM | "
+          "occupancy | load B (vec/narrow) | store B (vec/narrow) | in flight/SM | HBM bound |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['arch']} | {r['label']} | {r['shape']} | {r['dtype']} | {r['kernel']} | {r['registers']} | "
+              f"{r['spill_bytes']} | {r['stack_bytes']} | {r['shared_bytes']} | {r['num_warps']} | "
+              f"{r['programs_per_sm']} | {r['occupancy']:.2f} | {r['vector_load_bytes']}/{r['scalar_load_bytes']} | "
+              f"{r['vector_store_bytes']}/{r['scalar_store_bytes']} | {r['in_flight_per_sm'] / 1024:.1f} KB | "
+              f"{r['bandwidth_bound'] * 100:.0f}% |")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump({"date": datetime.date.today().isoformat(), "triton": triton.__version__, "rows": rows},
+                      handle, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
