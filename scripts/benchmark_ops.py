@@ -39,6 +39,14 @@ Examples::
     python scripts/benchmark_ops.py --device cpu --threads 2 --shapes 3072
     python scripts/benchmark_ops.py --dtype float32 bfloat16 --providers gelu ours --json results.json
     python scripts/benchmark_ops.py --quick                  # a smoke run of a few seconds
+    python scripts/benchmark_ops.py --overhead --device cpu --threads 2   # host time per call, tiny tensor
+
+``--overhead`` measures something else: the host time of one call on a tiny (2, 64) tensor, where the kernel's own
+time is negligible, forward (no grad) and forward+backward (``torch.autograd.grad`` of x and, for the rational,
+the coefficients), for GELU and for ``group_rational`` on each backend (CPU: native, torch; CUDA: triton, torch).
+The providers are interleaved round by round and each figure is the median over rounds of the mean of a batch of
+calls (on CUDA the batch ends with a synchronize, so it is the launch path that is timed). Target, CPU native
+backend: <= 1.5x GELU's host time, forward and forward+backward (reported, never asserted).
 """
 from __future__ import annotations
 
@@ -81,6 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"channel widths C of the (batch, {TOKENS}, C) shapes (default: {sorted(WIDTHS)})")
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["float32"],
                         help="dtypes to measure (default: float32)")
+    parser.add_argument("--overhead", action="store_true",
+                        help="measure the host time per call on a tiny tensor instead (see the docstring)")
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=None,
                         help=f"what to measure (default: all of {', '.join(PROVIDERS)}; --quick drops compiled)")
     args = parser.parse_args(argv)
@@ -336,6 +346,82 @@ def target_lines(rows: List[dict], cuda: bool, copy_gbps: Optional[float]) -> Li
     return [f"- CPU targets, {ours['label']} {shape} float32: " + "; ".join(parts)]
 
 
+# ------------------------------------------------------------------------------------------------ overhead
+
+OVERHEAD_SHAPE = (2, 64)
+OVERHEAD_TARGET = 1.5  # CPU native: <= N x GELU's host time
+
+
+def overhead_rows(device: str, rounds: int, calls: int) -> List[dict]:
+    """Host microseconds per call of GELU and of group_rational per backend, forward and forward+backward."""
+    x = torch.randn(OVERHEAD_SHAPE, device=device)
+    xg = x.clone().requires_grad_()
+    numerator = (torch.randn(1, 6, device=device) * 0.5).requires_grad_()
+    denominator = (torch.randn(GROUPS, 4, device=device) * 0.5).requires_grad_()
+    g = torch.randn_like(x)
+    backends = ("triton", "torch") if device == "cuda" else ("native", "torch")
+
+    def fwd():
+        with torch.no_grad():
+            group_rational(x, numerator, denominator)
+
+    def fwd_bwd():
+        y = group_rational(xg, numerator, denominator)
+        torch.autograd.grad(y, (xg, numerator, denominator), g)
+
+    def gelu_fwd():
+        with torch.no_grad():
+            F.gelu(x)
+
+    def gelu_fwd_bwd():
+        torch.autograd.grad(F.gelu(xg), (xg,), g)
+
+    # (backend set around the timed batch, not per call, so the environment lookup isn't counted twice)
+    providers = {"gelu": (None, gelu_fwd, gelu_fwd_bwd)}
+    providers.update({f"ours ({b})": (b, fwd, fwd_bwd) for b in backends})
+    samples = {(name, mode): [] for name in providers for mode in ("fwd", "fwd+bwd")}
+    for backend, f, fb in providers.values():  # warm up: builds, imports, first-call caches
+        with backend_env(backend):
+            for _ in range(3):
+                f(), fb()
+    for _ in range(rounds):
+        for name, (backend, f, fb) in providers.items():
+            with backend_env(backend):
+                for mode, fn in (("fwd", f), ("fwd+bwd", fb)):
+                    synchronize(device)
+                    start = time.perf_counter()
+                    for _ in range(calls):
+                        fn()
+                    synchronize(device)
+                    samples[(name, mode)].append((time.perf_counter() - start) / calls * 1e6)
+    return [{"provider": name, "us": {mode: statistics.median(samples[(name, mode)]) for mode in ("fwd", "fwd+bwd")}}
+            for name in providers]
+
+
+def overhead_lines(rows: List[dict], device: str) -> List[str]:
+    gelu = rows[0]["us"]
+    where = device_name(device) + ("" if device == "cuda" else f", {torch.get_num_threads()} threads")
+    lines = ["## group_rational host overhead", "", f"- device: {where}",
+             f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}",
+             f"- torch {torch.__version__}, triton {package_version('triton')}, python {platform.python_version()}", "",
+             f"Host time per call, shape {OVERHEAD_SHAPE} float32 ({device}), median over interleaved rounds:", "",
+             "| provider | fwd us | fwd+bwd us | fwd / GELU | fwd+bwd / GELU |", "|---|---|---|---|---|"]
+    for r in rows:
+        us = r["us"]
+        lines.append(f"| {r['provider']} | {us['fwd']:.1f} | {us['fwd+bwd']:.1f} | {us['fwd'] / gelu['fwd']:.2f}x | "
+                     f"{us['fwd+bwd'] / gelu['fwd+bwd']:.2f}x |")
+    lines.append("")
+    for r in rows:
+        if device == "cpu" and r["provider"] == "ours (native)":
+            verdicts = []
+            for mode in ("fwd", "fwd+bwd"):
+                ratio = r["us"][mode] / gelu[mode]
+                verdicts.append(f"{mode} {ratio:.2f}x GELU (target <= {OVERHEAD_TARGET}x): "
+                                f"{'PASS' if ratio <= OVERHEAD_TARGET else 'FAIL'}")
+            lines.append("- CPU host-overhead target, native backend: " + "; ".join(verdicts))
+    return lines
+
+
 # ---------------------------------------------------------------------------------------------------- main
 
 
@@ -344,6 +430,16 @@ def main(argv=None) -> int:
     if args.device == "cpu" and args.threads is not None:
         torch.set_num_threads(args.threads)
     args.load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    if args.overhead:
+        rounds, calls = (3, 50) if args.quick else (max(args.reps, 7), 300)
+        rows = overhead_rows(args.device, rounds, calls)
+        print("\n".join(overhead_lines(rows, args.device)))
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as handle:
+                json.dump({"meta": {"device": device_name(args.device), "date": datetime.datetime.now().isoformat(
+                    timespec="minutes"), "torch": torch.__version__, "threads": torch.get_num_threads()},
+                    "overhead": rows}, handle, indent=2)
+        return 0
     bench = make_timer(args.device, args.quick, args.reps)
     copy_gbps = copy_bandwidth_gbps(bench) if args.device == "cuda" else None
 

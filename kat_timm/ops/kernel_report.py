@@ -116,17 +116,34 @@ def _ptxas() -> str:
     return _PTXAS
 
 
+_TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+
+
+def _jit_specialisation(value):
+    """(type, hint) the JIT gives an argument: its own specialiser where Triton exposes it (3.4 and later), else
+    the same rules (pointers and ints divisible by 16 get "D", ints equal to 1 become constants)."""
+    try:
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.compiler import BaseBackend
+    except ImportError:
+        native_specialize_impl = None
+    if native_specialize_impl is not None:
+        return native_specialize_impl(BaseBackend, value, False, True, True)
+    if isinstance(value, torch.Tensor):
+        return "*" + _TRITON_DTYPES[value.dtype], "D" if value.data_ptr() % 16 == 0 else ""
+    if value == 1:
+        return "constexpr", 1
+    return ("i32" if -2**31 <= value < 2**31 else "i64"), "D" if value % 16 == 0 else ""
+
+
 def _specialise(fn, args: Sequence, constexprs: dict):
     """Signature, constants and attributes the JIT would derive from these arguments (its own specialiser)."""
-    from triton._C.libtriton import native_specialize_impl
-    from triton.backends.compiler import BaseBackend
-
     runtime_names = [name for name in fn.arg_names if name not in constexprs]
     if len(runtime_names) != len(args):
         raise ValueError(f"{fn.__name__} takes {len(runtime_names)} runtime arguments, got {len(args)}")
     signature, constants, attrs = {}, dict(constexprs), {}
     for name, value in zip(runtime_names, args):
-        kind, spec = native_specialize_impl(BaseBackend, value, False, True, True)
+        kind, spec = _jit_specialisation(value)
         if kind == "constexpr":  # ints equal to 1
             constants[name] = spec
             continue

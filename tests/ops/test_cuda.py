@@ -98,3 +98,29 @@ def test_finite_large_inputs_fp16():
         denominator = torch.tensor([b], device="cuda").repeat(8, 1)
         x = torch.linspace(-1e4, 1e4, 8 * 1001, device="cuda").half().view(1001, 8)
         assert torch.isfinite(group_rational(x, numerator, denominator)).all(), init
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (launch on the tensor's device)")
+def test_second_device_while_first_is_current():
+    numerator, denominator = (t.detach().to("cuda:1") for t in random_coefficients(8))
+    with torch.cuda.device(0):
+        check_against_reference(torch.randn(64, 384, device="cuda:1"), numerator, denominator)
+
+
+def test_cuda_graphs_reduce_overhead_match_eager():
+    torch._dynamo.reset()
+    numerator, denominator = (t.detach().cuda().requires_grad_() for t in random_coefficients(8))
+
+    def step(x):
+        y = group_rational(x, numerator, denominator)
+        return y, torch.autograd.grad(y, (x, numerator, denominator), torch.ones_like(y) * 0.5)
+
+    compiled = torch.compile(step, mode="reduce-overhead")
+    x = torch.randn(128, 197, 384, device="cuda", requires_grad=True)
+    eager_y, eager_grads = step(x)
+    for _ in range(3):  # record, then replay the graph
+        y, grads = compiled(x)
+    torch.cuda.synchronize()
+    assert torch.equal(y, eager_y), "CUDA graph replay changed the forward"
+    for name, got, want in zip(("x", "numerator", "denominator"), grads, eager_grads):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), f"CUDA graph replay changed grad {name}"

@@ -267,3 +267,17 @@ def test_torch_compile_inductor(use_backend):
     expected = group_rational_reference(x * 2, numerator, denominator)
     assert relative_error(y, expected) < 1e-5
     assert x.grad is not None and numerator.grad is not None and denominator.grad is not None
+
+
+def test_torch_compile_reduce_overhead_runs_on_cpu(use_backend):
+    """mode="reduce-overhead" (CUDA graphs on a GPU, tests/ops/test_cuda.py) compiles and runs the op on a CPU."""
+    use_backend("auto")
+    torch._dynamo.reset()
+    numerator, denominator = random_coefficients(8)
+    compiled = torch.compile(lambda x, n, d: group_rational(x, n, d), mode="reduce-overhead", fullgraph=True)
+    x = torch.randn(6, 64, requires_grad=True)
+    for _ in range(2):
+        y = compiled(x, numerator, denominator)
+    y.backward(torch.ones_like(y))
+    assert relative_error(y, group_rational_reference(x, numerator, denominator)) < 1e-5
+    assert numerator.grad is not None and denominator.grad is not None
