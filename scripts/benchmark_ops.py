@@ -44,8 +44,9 @@ Examples::
 ``--overhead`` measures something else: the host time of one call on a tiny (2, 64) tensor, where the kernel's own
 time is negligible, forward (no grad) and forward+backward (``torch.autograd.grad`` of x and, for the rational,
 the coefficients), for GELU and for ``group_rational`` on each backend (CPU: native, torch; CUDA: triton, torch).
-The providers are interleaved round by round and each figure is the median over rounds of the mean of a batch of
-calls (on CUDA the batch ends with a synchronize, so it is the launch path that is timed). Target, CPU native
+The providers are interleaved round by round and each figure is the minimum over rounds of the mean of a batch of
+calls (the floor of the host cost: on a shared machine other processes only ever add to it; on CUDA the batch ends
+with a synchronize, so it is the launch path that is timed). Target, CPU native
 backend: <= 1.5x GELU's host time, forward and forward+backward (reported, never asserted).
 """
 from __future__ import annotations
@@ -394,17 +395,17 @@ def overhead_rows(device: str, rounds: int, calls: int) -> List[dict]:
                         fn()
                     synchronize(device)
                     samples[(name, mode)].append((time.perf_counter() - start) / calls * 1e6)
-    return [{"provider": name, "us": {mode: statistics.median(samples[(name, mode)]) for mode in ("fwd", "fwd+bwd")}}
+    return [{"provider": name, "us": {mode: min(samples[(name, mode)]) for mode in ("fwd", "fwd+bwd")}}
             for name in providers]
 
 
-def overhead_lines(rows: List[dict], device: str) -> List[str]:
+def overhead_lines(rows: List[dict], device: str, rounds: int) -> List[str]:
     gelu = rows[0]["us"]
     where = device_name(device) + ("" if device == "cuda" else f", {torch.get_num_threads()} threads")
     lines = ["## group_rational host overhead", "", f"- device: {where}",
              f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}",
              f"- torch {torch.__version__}, triton {package_version('triton')}, python {platform.python_version()}", "",
-             f"Host time per call, shape {OVERHEAD_SHAPE} float32 ({device}), median over interleaved rounds:", "",
+             f"Host time per call, shape {OVERHEAD_SHAPE} float32 ({device}), minimum over {rounds} interleaved rounds:", "",
              "| provider | fwd us | fwd+bwd us | fwd / GELU | fwd+bwd / GELU |", "|---|---|---|---|---|"]
     for r in rows:
         us = r["us"]
@@ -433,7 +434,7 @@ def main(argv=None) -> int:
     if args.overhead:
         rounds, calls = (3, 50) if args.quick else (max(args.reps, 7), 300)
         rows = overhead_rows(args.device, rounds, calls)
-        print("\n".join(overhead_lines(rows, args.device)))
+        print("\n".join(overhead_lines(rows, args.device, rounds)))
         if args.json:
             with open(args.json, "w", encoding="utf-8") as handle:
                 json.dump({"meta": {"device": device_name(args.device), "date": datetime.datetime.now().isoformat(

@@ -31,7 +31,10 @@ _warned_native = False
 
 def requested_backend() -> str:
     """The backend named by ``KAT_RATIONAL_BACKEND`` (``auto`` when unset), validated."""
-    value = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    raw = os.environ.get(BACKEND_ENV)
+    if raw is None:  # the usual case, first: this runs at every call of the op
+        return "auto"
+    value = raw.strip().lower() or "auto"
     if value not in BACKENDS:
         raise ValueError(f"{BACKEND_ENV}={value!r} is not one of {', '.join(BACKENDS)}")
     return value
@@ -67,6 +70,8 @@ def select_backend(x: torch.Tensor) -> str:
     """
     global _warned_native
     requested = requested_backend()
+    if requested == "auto" and x.device.type == "cpu" and native_cpu_supports(x.dtype):
+        return "native"  # the common CPU case, decided first
     if requested == "torch" or x.dtype == torch.float64:
         return "torch"
     if requested == "triton":

@@ -6,12 +6,17 @@ Two custom ops, ``kat_timm::group_rational`` and ``kat_timm::group_rational_back
 implementation, tied together with ``torch.library.register_autograd``. So ``torch.compile(fullgraph=True)``
 traces through them, meta tensors work, and ``torch.library.opcheck`` passes. The implementations pick a backend
 through ``backend.select_backend`` and work on the canonical (M, G, L) view of ``layout.py``.
+
+In plain eager mode (no compile, tracing, dispatch mode, subclass or functorch transform: ``_plain_eager``) the
+same forward and backward run through a ``torch.autograd.Function`` instead, or directly when no gradient is
+needed: the custom op's Python dispatch alone costs several times a GELU call, which a KAT pays 24 times a step.
 """
 from __future__ import annotations
 
 from typing import Tuple
 
 import torch
+import torch.utils._python_dispatch
 
 from .backend import select_backend
 from .layout import channels_moved_last, empty_output, mgl_view
@@ -19,29 +24,33 @@ from .layout import channels_moved_last, empty_output, mgl_view
 __all__ = ["group_rational"]
 
 
+_IMPLEMENTATIONS = {}
+
+
 def _implementation(backend: str, direction: str):
     """The (M, G, L) function of ``backend`` for ``direction`` ("forward" or "backward"); the native and Triton
     modules are imported on first use (building the C kernel, importing triton)."""
-    if backend == "native":
-        from . import rational_cpu as module
-    elif backend == "triton":
-        from . import rational_triton as module
-    else:
-        from . import rational_torch as module
-    return getattr(module, f"rational_{direction}_{backend}")
+    function = _IMPLEMENTATIONS.get((backend, direction))
+    if function is None:
+        if backend == "native":
+            from . import rational_cpu as module
+        elif backend == "triton":
+            from . import rational_triton as module
+        else:
+            from . import rational_torch as module
+        function = _IMPLEMENTATIONS[(backend, direction)] = getattr(module, f"rational_{direction}_{backend}")
+    return function
 
 
 def _from_mgl(t3: torch.Tensor, x: torch.Tensor, cdim: int, moved: bool) -> torch.Tensor:
     """Give a contiguous (M, G, L) result x's shape, in the layout ``empty_output`` describes."""
     if moved:
         return t3.view(x.movedim(cdim, -1).shape).movedim(-1, cdim)
-    return t3.view(x.shape)
+    return t3.view_as(x)
 
 
-@torch.library.custom_op("kat_timm::group_rational", mutates_args=())
-def _group_rational_op(
-    x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, channel_dim: int
-) -> torch.Tensor:
+def _forward(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """F(x) through the selected backend: what the custom op and the eager path both run."""
     cdim = channel_dim % x.dim()
     moved = channels_moved_last(x, cdim)
     if x.numel() == 0:
@@ -49,6 +58,28 @@ def _group_rational_op(
     x3 = mgl_view(x, cdim, denominator.shape[0], moved)
     y3 = _implementation(select_backend(x), "forward")(x3, numerator, denominator)
     return _from_mgl(y3, x, cdim, moved)
+
+
+def _backward(grad, x, numerator, denominator, channel_dim: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_numerator, grad_denominator) through the selected backend."""
+    cdim = channel_dim % x.dim()
+    moved = channels_moved_last(x, cdim)
+    if x.numel() == 0:
+        return empty_output(x, cdim, moved), torch.zeros_like(numerator), torch.zeros_like(denominator)
+    groups = denominator.shape[0]
+    x3 = mgl_view(x, cdim, groups, moved)
+    grad3 = mgl_view(grad.to(x.dtype), cdim, groups, moved)  # copies only if grad's layout differs from x's
+    grad_x3, grad_numerator, grad_denominator = _implementation(select_backend(x), "backward")(
+        grad3, x3, numerator, denominator
+    )
+    return _from_mgl(grad_x3, x, cdim, moved), grad_numerator, grad_denominator
+
+
+@torch.library.custom_op("kat_timm::group_rational", mutates_args=())
+def _group_rational_op(
+    x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, channel_dim: int
+) -> torch.Tensor:
+    return _forward(x, numerator, denominator, channel_dim)
 
 
 @_group_rational_op.register_fake
@@ -61,21 +92,7 @@ def _(x, numerator, denominator, channel_dim):
 def _group_rational_backward_op(
     grad: torch.Tensor, x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, channel_dim: int
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    cdim = channel_dim % x.dim()
-    moved = channels_moved_last(x, cdim)
-    groups = denominator.shape[0]
-    if x.numel() == 0:
-        return (
-            empty_output(x, cdim, moved),
-            torch.zeros_like(numerator),
-            torch.zeros_like(denominator),
-        )
-    x3 = mgl_view(x, cdim, groups, moved)
-    grad3 = mgl_view(grad.to(x.dtype), cdim, groups, moved)  # copies only if grad's layout differs from x's
-    grad_x3, grad_numerator, grad_denominator = _implementation(select_backend(x), "backward")(
-        grad3, x3, numerator, denominator
-    )
-    return _from_mgl(grad_x3, x, cdim, moved), grad_numerator, grad_denominator
+    return _backward(grad, x, numerator, denominator, channel_dim)
 
 
 @_group_rational_backward_op.register_fake
@@ -94,7 +111,7 @@ def _setup_context(ctx, inputs, output):
     ctx.channel_dim = channel_dim
 
 
-def _backward(ctx, grad):
+def _op_backward(ctx, grad):
     x, numerator, denominator = ctx.saved_tensors
     grad_x, grad_numerator, grad_denominator = _group_rational_backward_op(
         grad, x, numerator, denominator, ctx.channel_dim
@@ -102,10 +119,61 @@ def _backward(ctx, grad):
     return grad_x, grad_numerator, grad_denominator, None
 
 
-_group_rational_op.register_autograd(_backward, setup_context=_setup_context)
+_group_rational_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+class _EagerGroupRational(torch.autograd.Function):
+    """The same forward and backward as the custom ops, without the torch.library dispatch, which costs several
+    times GELU's whole call on small tensors. Used only where nothing needs to see an operator (see
+    ``_plain_eager``)."""
+
+    @staticmethod
+    def forward(ctx, x, numerator, denominator, channel_dim):
+        ctx.save_for_backward(x, numerator, denominator)
+        ctx.channel_dim = channel_dim
+        return _forward(x, numerator, denominator, channel_dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, numerator, denominator = ctx.saved_tensors
+        return _backward(grad, x, numerator, denominator, ctx.channel_dim) + (None,)
+
+
+_forward_ad = torch.autograd.forward_ad
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_in_dispatch_mode = torch.utils._python_dispatch.is_in_torch_dispatch_mode  # user and infra modes alike
+
+
+def _plain_eager(x: torch.Tensor) -> bool:
+    """True when the call can bypass the custom op: a plain tensor in plain eager mode. Anything that must see
+    the op as an operator takes the custom op: torch.compile / torch.export (dynamo), jit tracing (ONNX), fake and
+    meta tensors, tensor subclasses, dispatch and function modes (FlopCounterMode, FakeTensorMode, a device
+    context), functorch transforms (vmap, grad, jvp) and forward-mode AD."""
+    return (
+        type(x) is torch.Tensor
+        and not _in_dispatch_mode()
+        and not torch._C._is_torch_function_mode_enabled()
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and not _functorch_wrapped(x)
+        and _forward_ad._current_level < 0
+        and x.device.type != "meta"
+    )
 
 
 def _validate(x, numerator, denominator, channel_dim) -> None:
+    # The common case is checked with a few cheap tests first (this runs at every call); the full checks below
+    # only run to name what is wrong.
+    try:
+        if (x.dtype.is_floating_point and numerator.dtype.is_floating_point and denominator.dtype.is_floating_point
+                and type(channel_dim) is int and -x.dim() <= channel_dim < x.dim()
+                and denominator.dim() == 2 and denominator.shape[1] == 4 and numerator.dim() == 2
+                and numerator.shape[1] == 6 and numerator.shape[0] in (1, denominator.shape[0])
+                and denominator.shape[0] >= 1 and x.shape[channel_dim] % denominator.shape[0] == 0
+                and x.device == numerator.device == denominator.device):
+            return
+    except (AttributeError, TypeError):
+        pass
     for name, tensor in (("x", x), ("numerator", numerator), ("denominator", denominator)):
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"group_rational: {name} must be a torch.Tensor, got {type(tensor).__name__}")
@@ -116,7 +184,7 @@ def _validate(x, numerator, denominator, channel_dim) -> None:
             )
     if x.dim() == 0:
         raise ValueError("group_rational: x must have at least one dimension (the channel axis), got a scalar")
-    if not isinstance(channel_dim, int) or not -x.dim() <= channel_dim < x.dim():
+    if not isinstance(channel_dim, int) or isinstance(channel_dim, bool) or not -x.dim() <= channel_dim < x.dim():
         raise ValueError(f"group_rational: channel_dim={channel_dim!r} is out of range for x of shape {tuple(x.shape)}")
     if denominator.dim() != 2 or denominator.shape[1] != 4 or denominator.shape[0] < 1:
         raise ValueError(
@@ -140,6 +208,7 @@ def _validate(x, numerator, denominator, channel_dim) -> None:
             f"group_rational: x, numerator and denominator must be on one device, got {x.device}, "
             f"{numerator.device}, {denominator.device}"
         )
+    raise AssertionError("group_rational: unreachable: the fast check and the full checks disagree")  # pragma: no cover
 
 
 def group_rational(
@@ -169,4 +238,8 @@ def group_rational(
         ValueError: wrong coefficient shapes, C not a multiple of G, a bad channel_dim, mixed devices.
     """
     _validate(x, numerator, denominator, channel_dim)
+    if _plain_eager(x):
+        if torch.is_grad_enabled() and (x.requires_grad or numerator.requires_grad or denominator.requires_grad):
+            return _EagerGroupRational.apply(x, numerator, denominator, channel_dim)
+        return _forward(x, numerator, denominator, channel_dim)
     return _group_rational_op(x, numerator, denominator, channel_dim)

@@ -29,8 +29,10 @@ def as_layout(t: torch.Tensor, cdim: int, moved: bool) -> torch.Tensor:
 
 def mgl_view(t: torch.Tensor, cdim: int, groups: int, moved: bool) -> torch.Tensor:
     """The (M, G, L) view of ``as_layout(t, ...)`` (a view, never a copy, of an already laid out tensor)."""
-    laid = as_layout(t, cdim, moved)
     channels = t.shape[cdim]
+    if cdim == t.dim() - 1 and t.is_contiguous():  # the common token layout, checked first: this is per call
+        return t.view(-1, groups, channels // groups)
+    laid = as_layout(t, cdim, moved)
     if moved:
         rows = math.prod(laid.shape[:-1])
         return laid.view(rows, groups, channels // groups)

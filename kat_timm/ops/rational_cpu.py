@@ -25,8 +25,6 @@ from typing import Optional, Tuple
 
 import torch
 
-from .rational_torch import coefficient_grads
-
 __all__ = ["native_cpu_status", "native_cpu_supports", "rational_forward_native", "rational_backward_native"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "group_rational_cpu.c"
@@ -106,6 +104,9 @@ def _load() -> Optional[ctypes.CDLL]:
         library.kat_rational_backward.argtypes = [
             ctypes.c_int, ptr, ptr, ptr, i64, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int,
         ]
+        library.kat_rational_backward_grads.argtypes = [
+            ctypes.c_int, ptr, ptr, ptr, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ctypes.c_int,
+        ]
         _library = library
         return _library
 
@@ -118,15 +119,30 @@ def native_cpu_status() -> Tuple[bool, str]:
 
 def native_cpu_supports(dtype: torch.dtype) -> bool:
     """True when the native kernel is available and handles tensors of ``dtype``."""
-    library = _load()
-    return library is not None and dtype in _DTYPE_CODES and bool(library.kat_rational_supports(_DTYPE_CODES[dtype]))
+    supported = _supported.get(dtype)
+    if supported is None:  # asked once per dtype: the answer can't change once the library is loaded
+        library = _load()
+        supported = library is not None and dtype in _DTYPE_CODES and bool(
+            library.kat_rational_supports(_DTYPE_CODES[dtype]))
+        _supported[dtype] = supported
+    return supported
 
 
-def _coefficients(numerator: torch.Tensor, denominator: torch.Tensor):
-    num = numerator.detach().to(torch.float32).contiguous()
-    den = denominator.detach().to(torch.float32).contiguous()
-    num_row_stride = 0 if num.shape[0] == 1 else 6
-    return num, num_row_stride, den
+_supported = {}
+
+
+def _as_f32(t: torch.Tensor) -> torch.Tensor:
+    # Parameters are float32 and contiguous already: no copy, no detach (the kernel only reads the pointer).
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.detach().to(torch.float32).contiguous()
+
+
+# Below this many elements one thread does the whole call, as PyTorch's own elementwise ops do (at::parallel_for's
+# grain): an OpenMP team for a few microseconds of work costs more than it saves, far more on a busy machine.
+_PARALLEL_GRAIN = 32768
+
+
+def _threads(numel: int) -> int:
+    return torch.get_num_threads() if numel > _PARALLEL_GRAIN else 1
 
 
 def _check(code: int) -> None:
@@ -136,33 +152,35 @@ def _check(code: int) -> None:
 
 def rational_forward_native(x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
     """Forward on a contiguous CPU (M, G, L) view; returns a new tensor of x3's dtype."""
-    library = _load()
+    library = _library or _load()
     out = torch.empty_like(x3)
-    num, stride, den = _coefficients(numerator, denominator)
+    num, den = _as_f32(numerator), _as_f32(denominator)
     rows, groups, length = x3.shape
-    _check(
-        library.kat_rational_forward(
-            _DTYPE_CODES[x3.dtype], x3.data_ptr(), out.data_ptr(), x3.numel(), groups, length,
-            num.data_ptr(), stride, den.data_ptr(), torch.get_num_threads(),
-        )
+    code = library.kat_rational_forward(
+        _DTYPE_CODES[x3.dtype], x3.data_ptr(), out.data_ptr(), x3.numel(), groups, length,
+        num.data_ptr(), 0 if num.shape[0] == 1 else 6, den.data_ptr(), _threads(x3.numel()),
     )
+    if code:
+        _check(code)
     return out
 
 
 def rational_backward_native(
     grad3: torch.Tensor, x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward on contiguous CPU (M, G, L) views: grad_x and the gradients of numerator and denominator, from
-    the (G, 10) coefficient sums the kernel accumulates in float64."""
-    library = _load()
+    """Backward on contiguous CPU (M, G, L) views: grad_x and the gradients of numerator and denominator (their
+    shapes and dtypes), from coefficient sums the kernel accumulates in float64."""
+    library = _library or _load()
     grad_x = torch.empty_like(x3)
-    num, stride, den = _coefficients(numerator, denominator)
+    num, den = _as_f32(numerator), _as_f32(denominator)
     rows, groups, length = x3.shape
-    sums = torch.empty(groups, 10, dtype=torch.float64)
-    _check(
-        library.kat_rational_backward(
-            _DTYPE_CODES[x3.dtype], grad3.data_ptr(), x3.data_ptr(), grad_x.data_ptr(), x3.numel(), groups, length,
-            num.data_ptr(), stride, den.data_ptr(), sums.data_ptr(), torch.get_num_threads(),
-        )
+    grad_numerator = torch.empty(num.shape, dtype=torch.float32)
+    grad_denominator = torch.empty(den.shape, dtype=torch.float32)
+    code = library.kat_rational_backward_grads(
+        _DTYPE_CODES[x3.dtype], grad3.data_ptr(), x3.data_ptr(), grad_x.data_ptr(), x3.numel(), groups, length,
+        num.data_ptr(), 0 if num.shape[0] == 1 else 6, den.data_ptr(), grad_numerator.data_ptr(),
+        grad_denominator.data_ptr(), _threads(x3.numel()),
     )
-    return (grad_x,) + coefficient_grads(sums, numerator, denominator)
+    if code:
+        _check(code)
+    return grad_x, grad_numerator.to(numerator.dtype), grad_denominator.to(denominator.dtype)

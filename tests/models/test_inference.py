@@ -113,7 +113,8 @@ def test_inference_mode_records_no_autograd_graph(model_and_images):
 
     # With autograd on (what inference_mode avoids): the rational's backward is recorded and x saved for it.
     logits, records = forward_counting_saved_tensors()
-    assert logits.grad_fn is not None and "group_rational" in type(records[0][1].grad_fn).__name__
+    rational_backward = type(records[0][1].grad_fn).__name__.lower().replace("_", "")  # custom op or eager Function
+    assert logits.grad_fn is not None and "grouprational" in rational_backward, rational_backward
     assert saved, "autograd saved tensors for the backward"
 
     saved.clear()

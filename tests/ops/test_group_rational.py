@@ -281,3 +281,43 @@ def test_torch_compile_reduce_overhead_runs_on_cpu(use_backend):
     y.backward(torch.ones_like(y))
     assert relative_error(y, group_rational_reference(x, numerator, denominator)) < 1e-5
     assert numerator.grad is not None and denominator.grad is not None
+
+
+def test_eager_path_equals_the_custom_op(cpu_backend):
+    """Plain eager calls skip torch.library's dispatch (host overhead); they must compute exactly what the op does."""
+    x = torch.randn(5, 7, 64, requires_grad=True)
+    numerator, denominator = random_coefficients(8)
+    grad = torch.randn(5, 7, 64)
+    y = group_rational(x, numerator, denominator)
+    eager = torch.autograd.grad(y, (x, numerator, denominator), grad)
+    y_op = torch.ops.kat_timm.group_rational(x, numerator, denominator, -1)
+    op = torch.autograd.grad(y_op, (x, numerator, denominator), grad)
+    assert "GroupRational" in type(y.grad_fn).__name__, "the eager path was not taken"
+    assert torch.equal(y, y_op), "forward differs between the eager path and the custom op"
+    for name, a, b in zip(("x", "numerator", "denominator"), eager, op):
+        assert torch.equal(a, b), f"grad {name} differs between the eager path and the custom op"
+    with torch.no_grad():
+        assert torch.equal(group_rational(x, numerator, denominator), y_op)
+
+
+def test_eager_path_only_where_nothing_must_see_the_op():
+    import sys
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    op_module = sys.modules["kat_timm.ops.group_rational"]  # the package exports a function of the same name
+    x = torch.randn(2, 16)
+    assert op_module._plain_eager(x)
+    with FlopCounterMode(display=False):
+        assert not op_module._plain_eager(x), "FlopCounterMode must see the custom op"
+    with torch.device("meta"):
+        assert not op_module._plain_eager(x), "a device context (function mode) must see the custom op"
+    with FakeTensorMode() as mode:
+        assert not op_module._plain_eager(mode.from_tensor(x))
+    assert not op_module._plain_eager(torch.nn.Parameter(x)), "a tensor subclass goes through the custom op"
+    with torch.autograd.forward_ad.dual_level():
+        assert not op_module._plain_eager(x), "forward-mode AD goes through the custom op"
+    seen = []
+    torch.func.vmap(lambda row: seen.append(op_module._plain_eager(row)) or row)(x)
+    assert seen == [False], "functorch transforms go through the custom op"

@@ -354,3 +354,41 @@ int kat_rational_backward(int dtype, const void *grad, const void *x, void *dx, 
     free(partials);
     return KAT_OK;
 }
+
+/*
+ * Coefficient gradients from the (G, 10) sums [S0..S5, T1..T4]: grad_num (1, 6) summed over the groups when the
+ * numerator is one shared row (shared != 0), else (G, 6); grad_den (G, 4) = -sign(b) * T with sign(0) = +1 (an
+ * identity-initialised, all-zero denominator must still learn). float32 out, summed in float64 in group order.
+ */
+void kat_rational_coefficient_grads(const double *sums, int64_t groups, const float *den, int shared,
+                                    float *grad_num, float *grad_den) {
+    double shared_sums[6] = {0, 0, 0, 0, 0, 0};
+    for (int64_t g = 0; g < groups; ++g) {
+        for (int i = 0; i < 6; ++i) {
+            if (shared) shared_sums[i] += sums[g * 10 + i];
+            else grad_num[g * 6 + i] = (float)sums[g * 10 + i];
+        }
+        for (int j = 0; j < 4; ++j) {
+            const double t = sums[g * 10 + 6 + j];
+            grad_den[g * 4 + j] = (float)(den[g * 4 + j] < 0.0f ? t : -t);
+        }
+    }
+    if (shared)
+        for (int i = 0; i < 6; ++i) grad_num[i] = (float)shared_sums[i];
+}
+
+/*
+ * kat_rational_backward followed by kat_rational_coefficient_grads: one call from Python instead of two, and no
+ * (G, 10) tensor for the sums.
+ */
+int kat_rational_backward_grads(int dtype, const void *grad, const void *x, void *dx, int64_t total, int64_t groups,
+                                int64_t seg_len, const float *num, int64_t num_row_stride, const float *den,
+                                float *grad_num, float *grad_den, int nthreads) {
+    double *sums = (double *)malloc(sizeof(double) * (size_t)(groups * 10));
+    if (!sums) return KAT_NO_MEMORY;
+    int status = kat_rational_backward(dtype, grad, x, dx, total, groups, seg_len, num, num_row_stride, den, sums,
+                                       nthreads);
+    if (status == KAT_OK) kat_rational_coefficient_grads(sums, groups, den, num_row_stride == 0, grad_num, grad_den);
+    free(sums);
+    return status;
+}
