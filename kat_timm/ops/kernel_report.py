@@ -256,10 +256,10 @@ def _programs_per_sm(arch: Arch, registers: int, num_warps: int, shared: int) ->
     return max(0, min(by_registers, by_threads, arch.blocks_per_sm, by_shared))
 
 
-def kernel_resources(direction: str, shape: Tuple[int, int, int], dtype: torch.dtype, arch: str = "sm_90a"
-                     ) -> KernelResources:
+def kernel_resources(direction: str, shape: Tuple[int, int, int], dtype: torch.dtype, arch: str = "sm_90a",
+                     bias: bool = False) -> KernelResources:
     """Compile the ``direction`` ("forward" or "backward") kernel for an (M, G, L) input of ``dtype`` as the
-    launcher would on ``arch``, and derive its resources."""
+    launcher would on ``arch`` (with the input-bias variant when ``bias``), and derive its resources."""
     from . import rational_triton as kernels
 
     rows, groups, length = shape
@@ -269,15 +269,16 @@ def kernel_resources(direction: str, shape: Tuple[int, int, int], dtype: torch.d
     if direction == "forward":
         launch = kernels.forward_launch(rows, groups, length, data.element_size())
         fn = kernels._group_rational_forward_kernel
-        args = [data, data, coefficients, coefficients, rows, groups * length, 0, launch.segments]
+        args = [data, data, coefficients, coefficients, coefficients, rows, groups * length, 0, launch.segments]
     elif direction == "backward":
         launch = kernels.backward_launch(rows, groups, length, dtype, target.sm_count, target.capability // 10)
         fn = kernels._group_rational_backward_kernel
-        args = [data, data, data, coefficients, coefficients, coefficients, rows, groups * length, 0,
-                launch.segments, launch.rows_per_program]
+        args = [data, data, data, coefficients, coefficients, coefficients, coefficients, coefficients, rows,
+                groups * length, 0, launch.segments, launch.rows_per_program]
     else:
         raise ValueError(f"direction must be 'forward' or 'backward', got {direction!r}")
-    compiled = compile_for(fn, args, launch.constexprs, launch.num_warps, launch.num_stages, arch)
+    constexprs = dict(launch.constexprs, HAS_BIAS=int(bias))
+    compiled = compile_for(fn, args, constexprs, launch.num_warps, launch.num_stages, arch)
     ptx = compiled.asm["ptx"]
     registers, spills, stack = ptxas_info(ptx, arch)
     shared = int(getattr(compiled.metadata, "shared", 0))
@@ -288,7 +289,7 @@ def kernel_resources(direction: str, shape: Tuple[int, int, int], dtype: torch.d
     in_flight = resident_now * 32 * launch.num_warps * (loads_v + loads_s)
     return KernelResources(
         kernel=direction, arch=arch, dtype=str(dtype).replace("torch.", ""), shape=shape,
-        num_warps=launch.num_warps, constexprs=dict(launch.constexprs), grid=programs, registers=registers,
+        num_warps=launch.num_warps, constexprs=constexprs, grid=programs, registers=registers,
         spill_bytes=spills, stack_bytes=stack, shared_bytes=shared, programs_per_sm=resident,
         occupancy=resident * launch.num_warps * 32 / target.threads_per_sm,
         vector_load_bytes=loads_v, scalar_load_bytes=loads_s, vector_store_bytes=stores_v,

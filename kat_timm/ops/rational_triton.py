@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -95,6 +95,7 @@ def _group_rational_forward_kernel(
     y_ptr,  # (M, K) contiguous, x's dtype
     num_ptr,  # (G, 6) rows, row stride num_row_stride (0: one shared row)
     den_ptr,  # (G, 4) contiguous
+    bias_ptr,  # (K,) float32 input bias per column when HAS_BIAS (else any pointer, never read)
     M,
     K,
     num_row_stride,
@@ -104,6 +105,7 @@ def _group_rational_forward_kernel(
     BLOCK_L: tl.constexpr,
     CHUNKS: tl.constexpr,
     EVEN_L: tl.constexpr,  # GROUP_LEN % BLOCK_L == 0: no column mask
+    HAS_BIAS: tl.constexpr,
 ):
     # One flat grid, segment fastest: neighbouring programs read neighbouring columns of the same rows.
     pid = tl.program_id(0)
@@ -119,6 +121,8 @@ def _group_rational_forward_kernel(
     if not EVEN_L:
         mask = mask & col_mask[None, :]
     x = tl.load(x_ptr + base + offsets, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        x += tl.load(bias_ptr + cols, mask=col_mask, other=0.0)[None, :]
     ax = tl.abs(x)
     p = a0 + x * (a1 + x * (a2 + x * (a3 + x * (a4 + x * a5))))
     q = 1.0 + ax * (b1 + ax * (b2 + ax * (b3 + ax * b4)))
@@ -139,6 +143,8 @@ def _group_rational_backward_kernel(
     num_ptr,  # (G, 6) rows, row stride num_row_stride
     den_ptr,  # (G, 4)
     partial_ptr,  # fp32 (programs_m, segments, 10)
+    bias_ptr,  # (K,) float32 input bias per column when HAS_BIAS
+    bias_partial_ptr,  # fp32 (programs_m, K) per-column sums of dx when HAS_BIAS
     M,
     K,
     num_row_stride,
@@ -150,6 +156,7 @@ def _group_rational_backward_kernel(
     CHUNKS: tl.constexpr,
     EVEN_L: tl.constexpr,
     VEC: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_segment = pid % segments
@@ -167,6 +174,10 @@ def _group_rational_backward_kernel(
     t2 = tl.zeros((BLOCK_M, BLOCK_L // VEC), dtype=tl.float32)
     t3 = tl.zeros((BLOCK_M, BLOCK_L // VEC), dtype=tl.float32)
     t4 = tl.zeros((BLOCK_M, BLOCK_L // VEC), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0)[None, :]
+        # Per column, so per element of the tile (a handful of registers more; only in the bias variant).
+        db = tl.zeros((BLOCK_M, BLOCK_L), dtype=tl.float32)
 
     rows = tl.arange(0, BLOCK_M)
     offsets = rows[:, None] * K + cols[None, :]
@@ -184,6 +195,8 @@ def _group_rational_backward_kernel(
         # Masked lanes read x = 0, g = 0, so they add exactly 0 to every sum.
         x = tl.load(x_rows + offsets, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(g_rows + offsets, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            x = tl.where(mask, x + bias, 0.0)  # masked lanes stay x = 0, g = 0: they add nothing
         ax = tl.abs(x)
         sx = tl.where(x < 0.0, -1.0, 1.0)
         p = a0 + x * (a1 + x * (a2 + x * (a3 + x * (a4 + x * a5))))
@@ -193,7 +206,10 @@ def _group_rational_backward_kernel(
         rq = 1.0 / q
         f = p * rq
         gq = g * rq
-        tl.store(dx_rows + offsets, (gq * (dp - f * sx * dq)).to(dx_ptr.dtype.element_ty), mask=mask)
+        dx = gq * (dp - f * sx * dq)
+        tl.store(dx_rows + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if HAS_BIAS:
+            db += dx
         x_rows += BLOCK_M * K
         g_rows += BLOCK_M * K
         dx_rows += BLOCK_M * K
@@ -211,6 +227,8 @@ def _group_rational_backward_kernel(
         t3 += _thread_sum(gf * x2 * ax, BLOCK_M, BLOCK_L, VEC)
         t4 += _thread_sum(gf * x4, BLOCK_M, BLOCK_L, VEC)
 
+    if HAS_BIAS:
+        tl.store(bias_partial_ptr + pid_m.to(tl.int64) * K + cols, tl.sum(db, axis=0), mask=col_mask)
     out = partial_ptr + (pid_m * segments + pid_segment) * 10
     tl.store(out + 0, tl.sum(tl.sum(s0, axis=1), axis=0))
     tl.store(out + 1, tl.sum(tl.sum(s1, axis=1), axis=0))
@@ -397,40 +415,68 @@ class _NoContext:
 _NO_CONTEXT = _NoContext()
 
 
-def rational_forward_triton(x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
-    """Forward on a contiguous (M, G, L) view; returns a new tensor of x3's dtype."""
+def _bias_columns(bias, x3):
+    """The (G, L) float32 per-column bias the dispatcher hands over, checked; (pointer, flag) for the kernels."""
+    if bias is None:
+        return x3, 0  # any valid pointer: HAS_BIAS = 0 compiles the loads away
+    if bias.dtype != torch.float32 or not bias.is_contiguous() or tuple(bias.shape) != tuple(x3.shape[1:]):
+        raise ValueError(f"triton group_rational: bias must be a contiguous float32 {tuple(x3.shape[1:])} tensor, "
+                         f"got {bias.dtype} {tuple(bias.shape)}")
+    return bias, 1
+
+
+def rational_forward_triton(
+    x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Forward on a contiguous (M, G, L) view: F(x3 + bias) (bias: None or float32 (G, L), one value per column);
+    returns a new tensor of x3's dtype."""
     rows, groups, length = x3.shape
     out = torch.empty_like(x3)
     num, num_row_stride, den = _coefficients(numerator, denominator)
+    bias_arg, has_bias = _bias_columns(bias, x3)
     launch = forward_launch(rows, groups, length, x3.element_size())
     with _on_device(x3):
         _group_rational_forward_kernel[launch.grid](
-            x3, out, num, den, rows, groups * length, num_row_stride, launch.segments,
-            num_warps=launch.num_warps, num_stages=launch.num_stages, **launch.constexprs,
+            x3, out, num, den, bias_arg, rows, groups * length, num_row_stride, launch.segments,
+            num_warps=launch.num_warps, num_stages=launch.num_stages, HAS_BIAS=has_bias, **launch.constexprs,
         )
     return out
 
 
 def rational_backward_triton(
-    grad3: torch.Tensor, x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward on contiguous (M, G, L) views: grad_x and the gradients of numerator and denominator (their
-    shapes and dtypes)."""
+    grad3: torch.Tensor,
+    x3: torch.Tensor,
+    numerator: torch.Tensor,
+    denominator: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Backward on contiguous (M, G, L) views of F(x3 + bias).
+
+    Returns:
+        grad_x (x3's dtype), the gradients of numerator and denominator (their shapes and dtypes) and, with a bias,
+        the (G, L) float32 per-column sums of grad_x (before its cast to x3's dtype); None without one.
+    """
     rows, groups, length = x3.shape
+    cols = groups * length
     grad_x = torch.empty_like(x3)
     num, num_row_stride, den = _coefficients(numerator, denominator)
+    bias_arg, has_bias = _bias_columns(bias, x3)
     launch = backward_launch(rows, groups, length, x3.dtype, *_device_traits(x3.device))
     partials = torch.empty(launch.programs_m, launch.segments, COEFFICIENT_SUMS, dtype=torch.float32,
                            device=x3.device)
+    bias_partials = torch.empty(launch.programs_m, cols, dtype=torch.float32, device=x3.device) if has_bias \
+        else partials
     grad_numerator = torch.empty(numerator.shape, dtype=numerator.dtype, device=x3.device)
     grad_denominator = torch.empty(denominator.shape, dtype=denominator.dtype, device=x3.device)
     with _on_device(x3):
         _group_rational_backward_kernel[launch.grid](
-            grad3, x3, grad_x, num, den, partials, rows, groups * length, num_row_stride, launch.segments,
-            launch.rows_per_program, num_warps=launch.num_warps, num_stages=launch.num_stages, **launch.constexprs,
+            grad3, x3, grad_x, num, den, partials, bias_arg, bias_partials, rows, cols, num_row_stride,
+            launch.segments, launch.rows_per_program, num_warps=launch.num_warps, num_stages=launch.num_stages,
+            HAS_BIAS=has_bias, **launch.constexprs,
         )
         _coefficient_grads_kernel[(1,)](
             partials, den, grad_numerator, grad_denominator, launch.programs_m, groups,
             CHUNKS=launch.constexprs["CHUNKS"], SHARED_NUMERATOR=int(num.shape[0] == 1), BLOCK_R=64, num_warps=4,
         )
-    return grad_x, grad_numerator, grad_denominator
+    bias_sums = bias_partials.sum(0).view(groups, length) if has_bias else None
+    return grad_x, grad_numerator, grad_denominator, bias_sums
