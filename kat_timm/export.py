@@ -75,7 +75,11 @@ def require_packages(*names: str, purpose: str = "ONNX export") -> None:
 
 
 def group_rational_plain(
-    x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, channel_dim: int = -1
+    x: torch.Tensor,
+    numerator: torch.Tensor,
+    denominator: torch.Tensor,
+    channel_dim: int = -1,
+    bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The grouped rational function with elementary ops only: what an exported graph computes.
 
@@ -89,6 +93,7 @@ def group_rational_plain(
         numerator: (1, 6) shared row or (G, 6) rows of a0..a5.
         denominator: (G, 4) rows of b1..b4.
         channel_dim: the channel axis.
+        bias: optional (C,) input bias (F is taken at x + bias): one Add before the Horner steps.
 
     Returns:
         F(x) with x's shape and dtype (contiguous).
@@ -96,8 +101,12 @@ def group_rational_plain(
     groups = denominator.shape[0]
     cdim = channel_dim % x.dim()
     compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    xc = x.to(compute)
+    if bias is not None:
+        # (C,) -> (C, 1, ..., 1): one value per channel, broadcast over the axes after the channel axis.
+        xc = xc + bias.to(compute).reshape((x.shape[cdim],) + (1,) * (x.dim() - 1 - cdim))
     # Each group's channels, and everything after the channel axis, form one contiguous run of the last axis.
-    xg = x.to(compute).reshape(tuple(x.shape[:cdim]) + (groups, -1))
+    xg = xc.reshape(tuple(x.shape[:cdim]) + (groups, -1))
     a = numerator.to(compute).expand(groups, 6)
     b = denominator.to(compute).abs()
     p = a[:, 5:6]

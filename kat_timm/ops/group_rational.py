@@ -6,10 +6,17 @@ Two custom ops, ``kat_timm::group_rational`` and ``kat_timm::group_rational_back
 implementation, tied together with ``torch.library.register_autograd``. So ``torch.compile(fullgraph=True)``
 traces through them, meta tensors work, and ``torch.library.opcheck`` passes. The implementations pick a backend
 through ``backend.select_backend`` and work on the canonical (M, G, L) view of ``layout.py``.
+
+An optional per-channel input bias (a preceding Linear's bias) is added inside the same pass: F(x + bias). The
+backends see it as one float32 value per column of the (M, K = G * L) matrix, i.e. a (G, L) tensor: for channels
+last that is the bias itself, for an image layout the bias repeated over the pixels after the channel axis. They
+return the per-column sums of grad_x with it, which are folded back here into the (C,) bias gradient; so the bias
+gradient costs no pass of its own.
 """
 from __future__ import annotations
 
-from typing import Tuple
+import math
+from typing import Optional, Tuple
 
 import torch
 
@@ -38,21 +45,59 @@ def _from_mgl(t3: torch.Tensor, x: torch.Tensor, cdim: int, moved: bool) -> torc
     return t3.view(x.shape)
 
 
+def _bias_columns(bias: torch.Tensor, x: torch.Tensor, cdim: int, moved: bool, groups: int) -> torch.Tensor:
+    """The (C,) bias as the (G, L) per-column values of x's (M, G, L) view, contiguous, in the kernels' math dtype
+    (float32; float64 for float64 inputs, which take the PyTorch path)."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    channels = x.shape[cdim]
+    columns = bias.detach().to(dtype)
+    after = 1 if moved else math.prod(x.shape[cdim + 1 :])
+    if after != 1:  # image layout: each channel's value repeated over the pixels that follow it
+        columns = columns.view(channels, 1).expand(channels, after)
+    return columns.reshape(groups, -1).contiguous()
+
+
+def _bias_gradient(bias_sums: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, cdim: int, moved: bool):
+    """(G, L) per-column sums of grad_x -> the (C,) bias gradient in the bias's dtype."""
+    channels = x.shape[cdim]
+    return bias_sums.reshape(channels, -1).sum(1).to(bias.dtype)
+
+
+def _run_backward(backend: str, grad3, x3, numerator, denominator, bias3):
+    implementation = _implementation(backend, "backward")
+    if bias3 is None:
+        # Without a bias the call has the three-argument form, which every backend module accepts.
+        result = implementation(grad3, x3, numerator, denominator)
+    else:
+        result = implementation(grad3, x3, numerator, denominator, bias=bias3)
+    # (grad_x, sums, bias_sums); a backend module that predates the bias returns (grad_x, sums).
+    return tuple(result) if len(result) == 3 else (result[0], result[1], None)
+
+
 @torch.library.custom_op("kat_timm::group_rational", mutates_args=())
 def _group_rational_op(
-    x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, channel_dim: int
+    x: torch.Tensor,
+    numerator: torch.Tensor,
+    denominator: torch.Tensor,
+    channel_dim: int,
+    bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     cdim = channel_dim % x.dim()
     moved = channels_moved_last(x, cdim)
     if x.numel() == 0:
         return empty_output(x, cdim, moved)
-    x3 = mgl_view(x, cdim, denominator.shape[0], moved)
-    y3 = _implementation(select_backend(x), "forward")(x3, numerator, denominator)
+    groups = denominator.shape[0]
+    x3 = mgl_view(x, cdim, groups, moved)
+    implementation = _implementation(select_backend(x), "forward")
+    if bias is None:
+        y3 = implementation(x3, numerator, denominator)
+    else:
+        y3 = implementation(x3, numerator, denominator, bias=_bias_columns(bias, x, cdim, moved, groups))
     return _from_mgl(y3, x, cdim, moved)
 
 
 @_group_rational_op.register_fake
-def _(x, numerator, denominator, channel_dim):
+def _(x, numerator, denominator, channel_dim, bias=None):
     cdim = channel_dim % x.dim()
     return empty_output(x, cdim, channels_moved_last(x, cdim))
 
@@ -68,10 +113,21 @@ def _coefficient_grads(sums: torch.Tensor, numerator: torch.Tensor, denominator:
     return grad_numerator.to(numerator.dtype), grad_denominator.to(denominator.dtype)
 
 
+def _no_bias_gradient(x: torch.Tensor) -> torch.Tensor:
+    """The placeholder the backward op returns for the bias gradient when there is no bias (an op can't return
+    None): an empty tensor."""
+    return x.new_empty((0,))
+
+
 @torch.library.custom_op("kat_timm::group_rational_backward", mutates_args=())
 def _group_rational_backward_op(
-    grad: torch.Tensor, x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, channel_dim: int
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    numerator: torch.Tensor,
+    denominator: torch.Tensor,
+    channel_dim: int,
+    bias: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     cdim = channel_dim % x.dim()
     moved = channels_moved_last(x, cdim)
     groups = denominator.shape[0]
@@ -80,43 +136,51 @@ def _group_rational_backward_op(
             empty_output(x, cdim, moved),
             torch.zeros_like(numerator),
             torch.zeros_like(denominator),
+            _no_bias_gradient(x) if bias is None else torch.zeros_like(bias),
         )
     x3 = mgl_view(x, cdim, groups, moved)
     grad3 = mgl_view(grad.to(x.dtype), cdim, groups, moved)  # copies only if grad's layout differs from x's
-    grad_x3, sums = _implementation(select_backend(x), "backward")(grad3, x3, numerator, denominator)
+    bias3 = None if bias is None else _bias_columns(bias, x, cdim, moved, groups)
+    grad_x3, sums, bias_sums = _run_backward(select_backend(x), grad3, x3, numerator, denominator, bias3)
     grad_numerator, grad_denominator = _coefficient_grads(sums, numerator, denominator)
-    return _from_mgl(grad_x3, x, cdim, moved), grad_numerator, grad_denominator
+    if bias is None:
+        grad_bias = _no_bias_gradient(x)
+    else:
+        grad_bias = _bias_gradient(bias_sums, bias, x, cdim, moved)
+    return _from_mgl(grad_x3, x, cdim, moved), grad_numerator, grad_denominator, grad_bias
 
 
 @_group_rational_backward_op.register_fake
-def _(grad, x, numerator, denominator, channel_dim):
+def _(grad, x, numerator, denominator, channel_dim, bias=None):
     cdim = channel_dim % x.dim()
     return (
         empty_output(x, cdim, channels_moved_last(x, cdim)),
         torch.empty_like(numerator),
         torch.empty_like(denominator),
+        _no_bias_gradient(x) if bias is None else torch.empty_like(bias),
     )
 
 
 def _setup_context(ctx, inputs, output):
-    x, numerator, denominator, channel_dim = inputs
-    ctx.save_for_backward(x, numerator, denominator)
+    x, numerator, denominator, channel_dim, bias = inputs
+    ctx.save_for_backward(x, numerator, denominator, bias)
     ctx.channel_dim = channel_dim
 
 
 def _backward(ctx, grad):
-    x, numerator, denominator = ctx.saved_tensors
-    grad_x, grad_numerator, grad_denominator = _group_rational_backward_op(
-        grad, x, numerator, denominator, ctx.channel_dim
+    x, numerator, denominator, bias = ctx.saved_tensors
+    grad_x, grad_numerator, grad_denominator, grad_bias = _group_rational_backward_op(
+        grad, x, numerator, denominator, ctx.channel_dim, bias
     )
-    return grad_x, grad_numerator, grad_denominator, None
+    return grad_x, grad_numerator, grad_denominator, None, None if bias is None else grad_bias
 
 
 _group_rational_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _validate(x, numerator, denominator, channel_dim) -> None:
-    for name, tensor in (("x", x), ("numerator", numerator), ("denominator", denominator)):
+def _validate(x, numerator, denominator, channel_dim, bias) -> None:
+    named = [("x", x), ("numerator", numerator), ("denominator", denominator)]
+    for name, tensor in named + ([("bias", bias)] if bias is not None else []):
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"group_rational: {name} must be a torch.Tensor, got {type(tensor).__name__}")
         if not tensor.dtype.is_floating_point:
@@ -150,10 +214,22 @@ def _validate(x, numerator, denominator, channel_dim) -> None:
             f"group_rational: x, numerator and denominator must be on one device, got {x.device}, "
             f"{numerator.device}, {denominator.device}"
         )
+    if bias is not None:
+        if tuple(bias.shape) != (channels,):
+            raise ValueError(
+                f"group_rational: bias must have shape ({channels},) (one value per channel of dim {channel_dim} of x "
+                f"of shape {tuple(x.shape)}), got {tuple(bias.shape)}"
+            )
+        if bias.device != x.device:
+            raise ValueError(f"group_rational: bias must be on x's device {x.device}, got {bias.device}")
 
 
 def group_rational(
-    x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, channel_dim: int = -1
+    x: torch.Tensor,
+    numerator: torch.Tensor,
+    denominator: torch.Tensor,
+    channel_dim: int = -1,
+    bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Apply the grouped rational function (the GR-KAN activation).
 
@@ -162,7 +238,11 @@ def group_rational(
 
         F(x) = (a0 + a1 x + ... + a5 x^5) / (1 + |b1||x| + |b2||x|^2 + |b3||x|^3 + |b4||x|^4)
 
-    Differentiable in all three tensors (d|b|/db = +1 at b == 0). Any shape and strides; the result is a new
+    With ``bias`` the function is applied to x + bias (one value per channel), added in the same pass: a Linear
+    without its bias followed by this op computes what the Linear with its bias followed by the op computes, one
+    pass over the activations fewer, and the bias gradient comes from the backward pass too.
+
+    Differentiable in every tensor (d|b|/db = +1 at b == 0). Any shape and strides; the result is a new
     tensor of x's dtype (math in float32 for float32/float16/bfloat16, float64 for float64). Deterministic.
 
     Args:
@@ -170,13 +250,16 @@ def group_rational(
         numerator: (1, 6) shared row or (G, 6) rows of a0..a5.
         denominator: (G, 4) rows of b1..b4.
         channel_dim: the channel axis: -1 for token layouts ``[..., C]``, 1 for images ``[B, C, H, W]``.
+        bias: optional (C,) input bias, floating point, on x's device; its gradient is returned in its dtype.
 
     Returns:
-        F(x), shaped like ``x``.
+        F(x) (or F(x + bias)), shaped like ``x``.
 
     Raises:
         TypeError: a non-floating-point (integer, bool, complex) input.
-        ValueError: wrong coefficient shapes, C not a multiple of G, a bad channel_dim, mixed devices.
+        ValueError: wrong coefficient or bias shapes, C not a multiple of G, a bad channel_dim, mixed devices.
     """
-    _validate(x, numerator, denominator, channel_dim)
-    return _group_rational_op(x, numerator, denominator, channel_dim)
+    _validate(x, numerator, denominator, channel_dim, bias)
+    if bias is None:
+        return _group_rational_op(x, numerator, denominator, channel_dim)
+    return _group_rational_op(x, numerator, denominator, channel_dim, bias)

@@ -100,9 +100,11 @@ def _load() -> Optional[ctypes.CDLL]:
             return None
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         library.kat_rational_supports.argtypes = [ctypes.c_int]
-        library.kat_rational_forward.argtypes = [ctypes.c_int, ptr, ptr, i64, i64, i64, ptr, i64, ptr, ctypes.c_int]
+        library.kat_rational_forward.argtypes = [
+            ctypes.c_int, ptr, ptr, i64, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int,
+        ]
         library.kat_rational_backward.argtypes = [
-            ctypes.c_int, ptr, ptr, ptr, i64, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int,
+            ctypes.c_int, ptr, ptr, ptr, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ctypes.c_int,
         ]
         _library = library
         return _library
@@ -132,8 +134,21 @@ def _check(code: int) -> None:
         raise RuntimeError(f"native group_rational kernel failed with code {code} (1: dtype, 2: out of memory)")
 
 
-def rational_forward_native(x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
-    """Forward on a contiguous CPU (M, G, L) view; returns a new tensor of x3's dtype."""
+def _bias_pointer(bias: Optional[torch.Tensor], x3: torch.Tensor) -> Optional[int]:
+    """Address of the (G, L) float32 bias the dispatcher hands over, or None (a NULL pointer) without one."""
+    if bias is None:
+        return None
+    if bias.dtype != torch.float32 or not bias.is_contiguous() or tuple(bias.shape) != tuple(x3.shape[1:]):
+        raise ValueError(f"native group_rational: bias must be a contiguous float32 {tuple(x3.shape[1:])} tensor, "
+                         f"got {bias.dtype} {tuple(bias.shape)}")
+    return bias.data_ptr()
+
+
+def rational_forward_native(
+    x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Forward on a contiguous CPU (M, G, L) view: F(x3 + bias) (bias: None or float32 (G, L), one value per
+    column); returns a new tensor of x3's dtype."""
     library = _load()
     out = torch.empty_like(x3)
     num, stride, den = _coefficients(numerator, denominator)
@@ -141,25 +156,37 @@ def rational_forward_native(x3: torch.Tensor, numerator: torch.Tensor, denominat
     _check(
         library.kat_rational_forward(
             _DTYPE_CODES[x3.dtype], x3.data_ptr(), out.data_ptr(), x3.numel(), groups, length,
-            num.data_ptr(), stride, den.data_ptr(), torch.get_num_threads(),
+            num.data_ptr(), stride, den.data_ptr(), _bias_pointer(bias, x3), torch.get_num_threads(),
         )
     )
     return out
 
 
 def rational_backward_native(
-    grad3: torch.Tensor, x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Backward on contiguous CPU (M, G, L) views: grad_x and the (G, 10) float64 coefficient sums."""
+    grad3: torch.Tensor,
+    x3: torch.Tensor,
+    numerator: torch.Tensor,
+    denominator: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Backward on contiguous CPU (M, G, L) views of F(x3 + bias).
+
+    Returns:
+        grad_x (x3's dtype), the (G, 10) float64 coefficient sums, and, with a bias, the (G, L) float32
+        per-column sums of grad_x (taken before the cast to x3's dtype); None without one.
+    """
     library = _load()
     grad_x = torch.empty_like(x3)
     num, stride, den = _coefficients(numerator, denominator)
     rows, groups, length = x3.shape
     sums = torch.empty(groups, 10, dtype=torch.float64)
+    bias_pointer = _bias_pointer(bias, x3)
+    bias_sums = None if bias is None else torch.empty(groups, length, dtype=torch.float32)
     _check(
         library.kat_rational_backward(
             _DTYPE_CODES[x3.dtype], grad3.data_ptr(), x3.data_ptr(), grad_x.data_ptr(), x3.numel(), groups, length,
-            num.data_ptr(), stride, den.data_ptr(), sums.data_ptr(), torch.get_num_threads(),
+            num.data_ptr(), stride, den.data_ptr(), bias_pointer, sums.data_ptr(),
+            None if bias_sums is None else bias_sums.data_ptr(), torch.get_num_threads(),
         )
     )
-    return grad_x, sums
+    return grad_x, sums, bias_sums

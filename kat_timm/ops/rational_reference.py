@@ -38,19 +38,22 @@ def group_rational_reference(
     denominator: torch.Tensor,
     channel_dim: int = -1,
     grad_output: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
 ):
-    """Evaluate the grouped rational function in float64.
+    """Evaluate the grouped rational function in float64, at ``x`` or, with a per-channel ``bias``, at x + bias.
 
     Args:
         x: input of any shape; its ``channel_dim`` axis has C channels, cut into G contiguous groups.
         numerator: (1, 6) shared or (G, 6) per-group coefficients a0..a5.
         denominator: (G, 4) coefficients b1..b4 (used through their absolute values).
         channel_dim: the channel axis of ``x``.
-        grad_output: if given, the upstream gradient (shape of ``x``); the three gradients are returned too.
+        grad_output: if given, the upstream gradient (shape of ``x``); the gradients are returned too.
+        bias: optional (C,) input bias, one value per channel: F is evaluated at x + bias.
 
     Returns:
         ``y`` (float64, shape of ``x``), or ``(y, grad_x, grad_numerator, grad_denominator)`` when
-        ``grad_output`` is given; the coefficient gradients have the shapes of ``numerator`` and ``denominator``.
+        ``grad_output`` is given, followed by ``grad_bias`` (shape (C,), the per-channel sum of grad_x) when
+        ``bias`` is given too; the coefficient gradients have the shapes of ``numerator`` and ``denominator``.
     """
     x64 = x.detach().to(torch.float64)
     a = numerator.detach().to(torch.float64)
@@ -61,6 +64,8 @@ def group_rational_reference(
 
     # Move channels last so coefficient tables broadcast as (..., C).
     xl = x64.movedim(cdim, -1)
+    if bias is not None:
+        xl = xl + bias.detach().to(torch.float64)
     a_c = _per_channel(a, channels, groups)  # (C, 6)
     b_c = _per_channel(b, channels, groups)  # (C, 4)
     ax = xl.abs()
@@ -75,7 +80,8 @@ def group_rational_reference(
     g = grad_output.detach().to(torch.float64).movedim(cdim, -1)
     dp = sum(i * a_c[:, i] * x_pow[i - 1] for i in range(1, 6))
     dq = sign_zero_positive(xl) * sum(j * b_c[:, j - 1].abs() * ax_pow[j - 1] for j in range(1, 5))
-    grad_x = (g * (dp / q - p * dq / q**2)).movedim(-1, cdim)
+    grad_x_last = g * (dp / q - p * dq / q**2)
+    grad_x = grad_x_last.movedim(-1, cdim)
 
     # Per-channel sums, then per-group sums (then over groups for a shared numerator row).
     reduce_dims = tuple(range(xl.dim() - 1))
@@ -87,4 +93,6 @@ def group_rational_reference(
     d_b = d_b.view(groups, channels // groups, 4).sum(1)
     if a.shape[0] == 1:
         d_a = d_a.sum(0, keepdim=True)
+    if bias is not None:
+        return y, grad_x, d_a, d_b, grad_x_last.sum(reduce_dims)
     return y, grad_x, d_a, d_b

@@ -12,7 +12,7 @@ Two flavours:
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -55,14 +55,20 @@ def _prepare(numerator: torch.Tensor, denominator: torch.Tensor, dtype: torch.dt
     return a, b_abs.unsqueeze(1), q_coefficients
 
 
-def rational_forward_torch(x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
-    """Forward on a contiguous (M, G, L) view; returns a new (M, G, L) tensor of x3's dtype."""
+def rational_forward_torch(
+    x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Forward on a contiguous (M, G, L) view: F(x3 + bias), bias None or (G, L) (one value per column);
+    returns a new (M, G, L) tensor of x3's dtype."""
     cdt = _compute_dtype(x3.dtype)
     a, _, q_coefficients = _prepare(numerator, denominator, cdt)
+    shift = None if bias is None else bias.to(cdt)
     out = torch.empty_like(x3)
     rows, groups, length = x3.shape
     for start, stop in _row_chunks(rows, groups * length):
         xc = x3[start:stop].to(cdt)
+        if shift is not None:
+            xc = xc + shift  # not in place: for cdt == x3.dtype, xc is a view of x3
         p = _horner(xc, a)
         q = _horner(xc.abs(), q_coefficients)
         out[start:stop] = p.div_(q)
@@ -70,24 +76,33 @@ def rational_forward_torch(x3: torch.Tensor, numerator: torch.Tensor, denominato
 
 
 def rational_backward_torch(
-    grad3: torch.Tensor, x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Backward on contiguous (M, G, L) views.
+    grad3: torch.Tensor,
+    x3: torch.Tensor,
+    numerator: torch.Tensor,
+    denominator: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Backward on contiguous (M, G, L) views of F(x3 + bias).
 
     Returns:
-        ``grad_x`` of shape (M, G, L) in x3's dtype, and the (G, 10) coefficient sums (see ``COEFFICIENT_SUMS``)
-        in float32 (float64 for float64 inputs).
+        ``grad_x`` of shape (M, G, L) in x3's dtype, the (G, 10) coefficient sums (see ``COEFFICIENT_SUMS``) and,
+        with a bias, its (G, L) per-column sums of grad_x (None without one), in float32 (float64 for float64
+        inputs).
     """
     cdt = _compute_dtype(x3.dtype)
     a, b_abs, q_coefficients = _prepare(numerator, denominator, cdt)
+    shift = None if bias is None else bias.to(cdt)
     powers = torch.arange(1, 6, dtype=cdt, device=x3.device)
     da = a[..., 1:] * powers  # P' coefficients, (G, 1, 5)
     dq = b_abs * powers[:4]  # Q' coefficients in |x|, (G, 1, 4)
     grad_x = torch.empty_like(x3)
     rows, groups, length = x3.shape
     sums = torch.zeros(groups, 10, dtype=cdt, device=x3.device)
+    bias_sums = None if bias is None else torch.zeros(groups, length, dtype=cdt, device=x3.device)
     for start, stop in _row_chunks(rows, groups * length):
         xc = x3[start:stop].to(cdt)
+        if shift is not None:
+            xc = xc + shift
         gc = grad3[start:stop].to(cdt)
         ax = xc.abs()
         p = _horner(xc, a)
@@ -97,7 +112,10 @@ def rational_backward_torch(
         # dQ/dx = sign(x) * Q'(|x|) with sign(0) = +1.
         dq_dx = _horner(ax, dq)
         dq_dx = torch.where(xc < 0, -dq_dx, dq_dx)
-        grad_x[start:stop] = (_horner(xc, da) - f * dq_dx) * gq
+        dx = (_horner(xc, da) - f * dq_dx) * gq
+        grad_x[start:stop] = dx
+        if bias_sums is not None:
+            bias_sums += dx.sum(0)
         x_pow = torch.ones_like(xc)
         for i in range(6):
             sums[:, i] += (gq * x_pow).sum(dim=(0, 2))
@@ -106,7 +124,7 @@ def rational_backward_torch(
         for j in range(1, 5):
             gf.mul_(ax)
             sums[:, 5 + j] += gf.sum(dim=(0, 2))
-    return grad_x, sums
+    return grad_x, sums, bias_sums
 
 
 def _sign_zero_positive(t: torch.Tensor) -> torch.Tensor:
@@ -114,7 +132,11 @@ def _sign_zero_positive(t: torch.Tensor) -> torch.Tensor:
 
 
 def group_rational_autograd(
-    x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, channel_dim: int = -1
+    x: torch.Tensor,
+    numerator: torch.Tensor,
+    denominator: torch.Tensor,
+    channel_dim: int = -1,
+    bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The grouped rational function with plain differentiable PyTorch ops (TorchScript-compatible).
 
@@ -123,6 +145,7 @@ def group_rational_autograd(
         numerator: (1, 6) or (G, 6).
         denominator: (G, 4).
         channel_dim: the channel axis.
+        bias: optional (C,) per-channel input bias: the result is F(x + bias).
 
     Returns:
         F(x) in x's dtype (computed in x's dtype: this path makes no precision promises for fp16/bf16).
@@ -130,6 +153,8 @@ def group_rational_autograd(
     groups = denominator.shape[0]
     cdim = channel_dim % x.dim()
     xl = x.movedim(cdim, -1)
+    if bias is not None:
+        xl = xl + bias.to(x.dtype)
     channels = xl.shape[-1]
     lead = xl.shape[:-1]
     xg = xl.reshape(lead + (groups, channels // groups))
