@@ -62,3 +62,12 @@ def test_triton_low_precision_io(dtype):
     assert y.dtype == dtype
     expected = group_rational(x.float(), numerator.detach(), denominator.detach())
     assert torch.allclose(y.float(), expected, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("shape,channel_dim,groups", SHAPES)
+def test_triton_bias_matches_reference(shape, channel_dim, groups):
+    """group_rational(..., bias=): F(x + bias) and the bias gradient from the Triton kernels (the dispatcher hands
+    them a (G, L) float32 per-column bias and folds their (G, L) bias sums back to the (C,) gradient)."""
+    x = torch.randn(shape) * 2
+    numerator, denominator = random_coefficients(groups, shared_numerator=False)
+    check_against_reference(x, numerator, denominator, channel_dim, bias=torch.randn(shape[channel_dim]))
