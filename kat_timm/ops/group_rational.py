@@ -20,8 +20,11 @@ from typing import Optional, Tuple
 
 import torch
 
+from torch.autograd import forward_ad
+
 from .backend import select_backend
 from .layout import channels_moved_last, empty_output, mgl_view
+from .rational_torch import group_rational_autograd
 
 __all__ = ["group_rational"]
 
@@ -167,8 +170,33 @@ def _setup_context(ctx, inputs, output):
     ctx.channel_dim = channel_dim
 
 
+def _differentiable(x, numerator, denominator, channel_dim: int, bias):
+    """The op written with differentiable PyTorch ops (float32 math for float16/bfloat16, as the kernels)."""
+    compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    y = group_rational_autograd(
+        x.to(compute), numerator.to(compute), denominator.to(compute), channel_dim,
+        None if bias is None else bias.to(compute),
+    )
+    return y.to(x.dtype)
+
+
+def _differentiable_backward(grad, x, numerator, denominator, channel_dim: int, bias):
+    """The gradients as a graph of differentiable ops, for a backward with ``create_graph=True`` (double backward,
+    Hessians): the backward op's output would have no gradient of its own."""
+    tensors = [x, numerator, denominator] + ([] if bias is None else [bias])
+    # Inputs without history become fresh leaves: their gradients are still wanted, only not differentiated further.
+    leaves = [t if t.requires_grad else t.detach().requires_grad_() for t in tensors]
+    with torch.enable_grad():
+        y = _differentiable(leaves[0], leaves[1], leaves[2], channel_dim, None if bias is None else leaves[3])
+        grads = torch.autograd.grad(y, leaves, grad, create_graph=True, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, tensors)]
+    return grads[0], grads[1], grads[2], None, None if bias is None else grads[3]
+
+
 def _backward(ctx, grad):
     x, numerator, denominator, bias = ctx.saved_tensors
+    if torch.is_grad_enabled():  # the autograd engine enables grad mode in a backward only for create_graph=True
+        return _differentiable_backward(grad, x, numerator, denominator, ctx.channel_dim, bias)
     grad_x, grad_numerator, grad_denominator, grad_bias = _group_rational_backward_op(
         grad, x, numerator, denominator, ctx.channel_dim, bias
     )
@@ -176,6 +204,14 @@ def _backward(ctx, grad):
 
 
 _group_rational_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _under_transform() -> bool:
+    """True inside a ``torch.func`` transform or a forward-AD dual level, where the custom op has no rule (see the
+    module docstring). torch.compile / torch.export trace the op itself (dynamo handles what they need)."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._functorch.peek_interpreter_stack() is not None or forward_ad._current_level >= 0
 
 
 def _validate(x, numerator, denominator, channel_dim, bias) -> None:
@@ -260,6 +296,8 @@ def group_rational(
         ValueError: wrong coefficient or bias shapes, C not a multiple of G, a bad channel_dim, mixed devices.
     """
     _validate(x, numerator, denominator, channel_dim, bias)
+    if _under_transform():
+        return _differentiable(x, numerator, denominator, channel_dim, bias)
     if bias is None:
         return _group_rational_op(x, numerator, denominator, channel_dim)
     return _group_rational_op(x, numerator, denominator, channel_dim, bias)

@@ -418,3 +418,88 @@ def test_bias_bad_inputs():
         group_rational(x, numerator, denominator, bias=[0.0] * 40)
     with pytest.raises(ValueError, match="bias must be on x's device cpu, got meta"):
         group_rational(x, numerator, denominator, bias=torch.empty(40, device="meta"))
+
+
+# ------------------------------------------------------------------- forward-mode AD, torch.func, double backward
+
+
+def _float64_case(channel_dim=-1, with_bias=False):
+    shape = (3, 5, 16) if channel_dim == -1 else (2, 8, 3, 3)
+    x = torch.randn(shape, dtype=torch.float64) * 2
+    numerator, denominator = (t.detach() for t in random_coefficients(8, shared_numerator=False, dtype=torch.float64))
+    bias = torch.randn(x.shape[channel_dim], dtype=torch.float64) if with_bias else None
+    return x, numerator, denominator, bias
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("channel_dim", [-1, 1])
+def test_jvp_matches_reference_and_finite_differences(use_backend, channel_dim, with_bias):
+    """torch.func.jvp and torch.autograd.forward_ad give the true tangent (they gave zeros / None)."""
+    use_backend("auto")
+    x, numerator, denominator, bias = _float64_case(channel_dim, with_bias)
+    tangent = torch.randn_like(x)
+    f = lambda t: group_rational(t, numerator, denominator, channel_dim, bias=bias)  # noqa: E731
+    y, jvp = torch.func.jvp(f, (x,), (tangent,))
+    ref = group_rational_reference(x, numerator, denominator, channel_dim, torch.ones_like(x), bias=bias)
+    assert relative_error(y, ref[0]) <= 1e-12
+    assert relative_error(jvp, ref[1] * tangent) <= 1e-12, "jvp = dF/dx * tangent"
+    eps = 1e-6
+    finite = (group_rational_reference(x + eps * tangent, numerator, denominator, channel_dim, bias=bias)
+              - group_rational_reference(x - eps * tangent, numerator, denominator, channel_dim, bias=bias)) / (2 * eps)
+    assert relative_error(jvp, finite) <= 1e-6, "jvp vs central differences"
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, tangent)
+        out = torch.autograd.forward_ad.unpack_dual(f(dual))
+    assert out.tangent is not None, "forward AD must give a tangent"
+    assert relative_error(out.tangent, jvp) <= 1e-12
+
+
+def test_jvp_in_float32_and_through_the_coefficients(use_backend):
+    use_backend("auto")
+    x = torch.randn(4, 7, 64)
+    numerator, denominator = (t.detach() for t in random_coefficients(8))
+    dn, dd = torch.randn_like(numerator), torch.randn_like(denominator)
+    _, jvp = torch.func.jvp(lambda a, b: group_rational(x, a, b), (numerator, denominator), (dn, dd))
+    # The reference's coefficient gradients, contracted with the tangents, per element: use finite differences.
+    eps = 1e-6
+    x64, n64, d64 = x.double(), numerator.double(), denominator.double()
+    finite = (group_rational_reference(x64, n64 + eps * dn, d64 + eps * dd)
+              - group_rational_reference(x64, n64 - eps * dn, d64 - eps * dd)) / (2 * eps)
+    assert jvp.dtype == torch.float32 and relative_error(jvp, finite) <= 1e-5
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_func_grad_jacrev_hessian(use_backend, with_bias):
+    use_backend("auto")
+    x, numerator, denominator, bias = _float64_case(with_bias=with_bias)
+    loss = lambda t: group_rational(t, numerator, denominator, bias=bias).sum()  # noqa: E731
+    ref = group_rational_reference(x, numerator, denominator, -1, torch.ones_like(x), bias=bias)
+    assert relative_error(torch.func.grad(loss)(x), ref[1]) <= 1e-12, "torch.func.grad"
+    row = x[0, 0]
+    jac = torch.func.jacrev(lambda t: group_rational(t, numerator, denominator, bias=bias))(row)
+    assert relative_error(jac, torch.diag(ref[1][0, 0])) <= 1e-12, "jacrev of an elementwise function is diagonal"
+    hessian = torch.func.hessian(loss)(x)
+    eps = 1e-5
+    step = torch.zeros_like(x)
+    step[1, 2, 3] = eps
+    grad_at = lambda t: group_rational_reference(t, numerator, denominator, -1, torch.ones_like(t), bias=bias)[1]  # noqa: E731
+    finite = (grad_at(x + step) - grad_at(x - step)) / (2 * eps)
+    assert relative_error(hessian[1, 2, 3], finite) <= 1e-6, "hessian column vs differences of the gradient"
+    batched = torch.func.vmap(lambda t: group_rational(t, numerator, denominator, bias=bias))(x)
+    assert relative_error(batched, ref[0]) <= 1e-12, "vmap"
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_double_backward(use_backend, with_bias):
+    use_backend("auto")
+    x, numerator, denominator, bias = _float64_case(with_bias=with_bias)
+    inputs = [x, numerator, denominator] + ([bias] if with_bias else [])
+    inputs = [t.clone().requires_grad_() for t in inputs]
+    op = lambda *a: group_rational(a[0], a[1], a[2], -1, bias=a[3] if with_bias else None)  # noqa: E731
+    assert torch.autograd.gradgradcheck(op, inputs)
+    # create_graph=True on the float32 fast path too: the gradient has a gradient.
+    x32 = torch.randn(4, 64, requires_grad=True)
+    n32, d32 = random_coefficients(8)
+    (gx,) = torch.autograd.grad(group_rational(x32, n32, d32).square().sum(), x32, create_graph=True)
+    (ggx,) = torch.autograd.grad(gx.sum(), x32)
+    assert torch.isfinite(ggx).all() and ggx.abs().sum() > 0
