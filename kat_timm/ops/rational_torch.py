@@ -1,5 +1,12 @@
 """Pure-PyTorch grouped rational function: the fallback that runs everywhere.
 
+Large inputs: for |x| > 1 the function is evaluated in the reciprocal form F(x) = x * P~(u) / Q~(|u|), u = 1 / x,
+with P~, Q~ the reversed polynomials (P(x) = x^5 P~(u), Q(|x|) = |x|^4 Q~(|u|)), and the gradients likewise, so
+no power of a large x is ever formed: F is finite wherever its true value is (the plain form overflowed from
+|x| ~ 5e7 in float32). Where Q~ underflows (a denominator whose top coefficients are zero, e.g. b == 0) the plain
+form is exact and is used. The explicit backend takes the reciprocal path only for chunks holding an |x| above
+``LARGE_INPUT``, below which the plain form has no overflow to fear.
+
 Two flavours:
 - ``rational_forward_torch`` / ``rational_backward_torch``: explicit forward and backward on the canonical
   (M, G, L) view (see ``layout.py``), in-place Horner in chunks of rows so the temporaries stay small. Used by
@@ -25,6 +32,10 @@ COEFFICIENT_SUMS = 10
 
 # Rows per chunk are chosen so a chunk holds about this many elements (a few MB of fp32 temporaries).
 _CHUNK_ELEMENTS = 1 << 18
+
+# Below this |x| the plain form can't overflow in float32 (x^5 <= 1e15, coefficients up to ~1e20): chunks whose
+# inputs all stay below it skip the reciprocal form. The native kernel uses the same bound.
+LARGE_INPUT = 1e3
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -55,13 +66,66 @@ def _prepare(numerator: torch.Tensor, denominator: torch.Tensor, dtype: torch.dt
     return a, b_abs.unsqueeze(1), q_coefficients
 
 
+def _reciprocal_form(xc: torch.Tensor, a: torch.Tensor, b_abs: torch.Tensor):
+    """Where the reciprocal form applies (|x| > 1 and Q~ normal), and the inputs each form may safely see.
+
+    Returns (use_reciprocal, x_plain, x_recip, u, |u|, Q~): x_plain is 0 where the reciprocal form applies, x_recip
+    is 2 where it does not, so neither branch of a ``torch.where`` overflows or divides by zero.
+    """
+    large = xc.abs() > 1
+    x_recip = torch.where(large, xc, torch.full_like(xc, 2.0))
+    u = 1.0 / x_recip
+    au = u.abs()
+    q_rev = torch.cat([b_abs.flip(-1), torch.ones_like(b_abs[..., :1])], dim=-1)  # |b4|, |b3|, |b2|, |b1|, 1
+    q_recip = _horner(au, q_rev)
+    use = large & (q_recip >= torch.finfo(xc.dtype).tiny)
+    x_plain = torch.where(use, torch.zeros_like(xc), xc)
+    x_recip = torch.where(use, xc, torch.full_like(xc, 2.0))
+    u = 1.0 / x_recip
+    au = u.abs()
+    return use, x_plain, x_recip, u, au, _horner(au, q_rev)
+
+
+def _forward_safe(xc: torch.Tensor, a: torch.Tensor, b_abs: torch.Tensor, q_coefficients: torch.Tensor):
+    """F on a chunk that holds large inputs (see the module docstring)."""
+    use, x_plain, x_recip, u, _, q_recip = _reciprocal_form(xc, a, b_abs)
+    plain = _horner(x_plain, a).div_(_horner(x_plain.abs(), q_coefficients))
+    recip = x_recip * _horner(u, a.flip(-1)) / q_recip
+    return torch.where(use, recip, plain)
+
+
+def _backward_safe(gc, xc, a, b_abs, q_coefficients, da, dq):
+    """(dx, [g x^i / Q for i = 0..5], [g F |x|^j / Q for j = 1..4]) on a chunk that holds large inputs."""
+    use, x_plain, x_recip, u, au, q_recip = _reciprocal_form(xc, a, b_abs)
+    sign = torch.where(xc < 0, -torch.ones_like(xc), torch.ones_like(xc))
+    # Plain form where the reciprocal one does not apply.
+    ax = x_plain.abs()
+    q = _horner(ax, q_coefficients)
+    f_plain = _horner(x_plain, a) / q
+    dx_plain = (_horner(x_plain, da) - f_plain * sign * _horner(ax, dq)) / q
+    # Reciprocal form: P'(x) / Q = P'~(u) / Q~, Q'(|x|) / Q = |u| Q'~(|u|) / Q~, x^i / Q = u^(4 - i) / Q~ (i <= 4),
+    # x^5 / Q = x / Q~, |x|^j / Q = |u|^(4 - j) / Q~, with P'~, Q'~ the reversed derivative polynomials.
+    f_recip = x_recip * _horner(u, a.flip(-1)) / q_recip
+    dx_recip = (_horner(u, da.flip(-1)) - f_recip * sign * au * _horner(au, dq.flip(-1))) / q_recip
+    f = torch.where(use, f_recip, f_plain)
+    dx = gc * torch.where(use, dx_recip, dx_plain)
+    gq_plain, gq_recip = gc / q, gc / q_recip
+    x_terms, abs_terms = [], []
+    for i in range(6):
+        recip = gq_recip * (x_recip if i == 5 else u ** (4 - i))
+        x_terms.append(torch.where(use, recip, gq_plain * x_plain ** i))
+    for j in range(1, 5):
+        abs_terms.append(f * torch.where(use, gq_recip * au ** (4 - j), gq_plain * ax ** j))
+    return dx, x_terms, abs_terms
+
+
 def rational_forward_torch(
     x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, bias: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
     """Forward on a contiguous (M, G, L) view: F(x3 + bias), bias None or (G, L) (one value per column);
     returns a new (M, G, L) tensor of x3's dtype."""
     cdt = _compute_dtype(x3.dtype)
-    a, _, q_coefficients = _prepare(numerator, denominator, cdt)
+    a, b_abs, q_coefficients = _prepare(numerator, denominator, cdt)
     shift = None if bias is None else bias.to(cdt)
     out = torch.empty_like(x3)
     rows, groups, length = x3.shape
@@ -69,6 +133,9 @@ def rational_forward_torch(
         xc = x3[start:stop].to(cdt)
         if shift is not None:
             xc = xc + shift  # not in place: for cdt == x3.dtype, xc is a view of x3
+        if bool((xc.abs() > LARGE_INPUT).any()):
+            out[start:stop] = _forward_safe(xc, a, b_abs, q_coefficients)
+            continue
         p = _horner(xc, a)
         q = _horner(xc.abs(), q_coefficients)
         out[start:stop] = p.div_(q)
@@ -104,6 +171,16 @@ def rational_backward_torch(
         if shift is not None:
             xc = xc + shift
         gc = grad3[start:stop].to(cdt)
+        if bool((xc.abs() > LARGE_INPUT).any()):
+            dx, x_terms, abs_terms = _backward_safe(gc, xc, a, b_abs, q_coefficients, da, dq)
+            grad_x[start:stop] = dx
+            if bias_sums is not None:
+                bias_sums += dx.sum(0)
+            for i in range(6):
+                sums[:, i] += x_terms[i].sum(dim=(0, 2))
+            for j in range(4):
+                sums[:, 6 + j] += abs_terms[j].sum(dim=(0, 2))
+            continue
         ax = xc.abs()
         p = _horner(xc, a)
         q = _horner(ax, q_coefficients)
