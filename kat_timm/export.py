@@ -22,6 +22,8 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
+from .ops.rational_torch import LARGE_INPUT
+
 from .transforms import model_input_size
 
 __all__ = [
@@ -109,6 +111,18 @@ def group_rational_plain(
     xg = xc.reshape(tuple(x.shape[:cdim]) + (groups, -1))
     a = numerator.to(compute).expand(groups, 6)
     b = denominator.to(compute).abs()
+    # Large |x|: the reciprocal form x * P~(1/x) / Q~(1/|x|) (kat_timm.ops.rational_torch), so that a large input
+    # gives the finite value it should instead of inf or NaN; Where and Reciprocal are standard ONNX ops too.
+    large = xg.abs() > LARGE_INPUT
+    u = 1.0 / torch.where(large, xg, torch.full_like(xg, 2.0))
+    au = u.abs()
+    q_recip = au + b[:, 0:1]
+    for j in range(1, 4):
+        q_recip = q_recip * au + b[:, j : j + 1]
+    use = large & torch.isfinite(1.0 / q_recip)  # Q~ underflows only when the top b's are 0: the plain form is exact
+    p_recip = a[:, 0:1]
+    for i in range(1, 6):
+        p_recip = p_recip * u + a[:, i : i + 1]
     p = a[:, 5:6]
     for i in range(4, -1, -1):
         p = p * xg + a[:, i : i + 1]
@@ -117,7 +131,7 @@ def group_rational_plain(
     for j in range(2, -1, -1):
         q = q * ax + b[:, j : j + 1]
     q = q * ax + 1.0
-    return (p / q).reshape(x.shape).to(x.dtype)
+    return torch.where(use, xg * p_recip / q_recip, p / q).reshape(x.shape).to(x.dtype)
 
 
 def _example_input(model: torch.nn.Module, batch_size: int) -> torch.Tensor:

@@ -1,11 +1,12 @@
 """Pure-PyTorch grouped rational function: the fallback that runs everywhere.
 
-Large inputs: for |x| > 1 the function is evaluated in the reciprocal form F(x) = x * P~(u) / Q~(|u|), u = 1 / x,
+Large inputs: for |x| > ``LARGE_INPUT`` the function is evaluated in the reciprocal form F(x) = x * P~(u) / Q~(|u|), u = 1 / x,
 with P~, Q~ the reversed polynomials (P(x) = x^5 P~(u), Q(|x|) = |x|^4 Q~(|u|)), and the gradients likewise, so
 no power of a large x is ever formed: F is finite wherever its true value is (the plain form overflowed from
 |x| ~ 5e7 in float32). Where Q~ underflows (a denominator whose top coefficients are zero, e.g. b == 0) the plain
-form is exact and is used. The explicit backend takes the reciprocal path only for chunks holding an |x| above
-``LARGE_INPUT``, below which the plain form has no overflow to fear.
+form is exact and is used. Below ``LARGE_INPUT`` the plain form has no overflow to fear (and is exact for the
+identity init); the choice is made per element, so a value never depends on its neighbours. The explicit backend
+skips the reciprocal form for chunks without a large input.
 
 Two flavours:
 - ``rational_forward_torch`` / ``rational_backward_torch``: explicit forward and backward on the canonical
@@ -33,8 +34,8 @@ COEFFICIENT_SUMS = 10
 # Rows per chunk are chosen so a chunk holds about this many elements (a few MB of fp32 temporaries).
 _CHUNK_ELEMENTS = 1 << 18
 
-# Below this |x| the plain form can't overflow in float32 (x^5 <= 1e15, coefficients up to ~1e20): chunks whose
-# inputs all stay below it skip the reciprocal form. The native kernel uses the same bound.
+# Above this |x| the reciprocal form is used, below it the plain one, which can't overflow there in float32
+# (x^5 <= 1e15, coefficients up to ~1e20). The native kernel and the ONNX decomposition use the same bound.
 LARGE_INPUT = 1e3
 
 
@@ -67,12 +68,12 @@ def _prepare(numerator: torch.Tensor, denominator: torch.Tensor, dtype: torch.dt
 
 
 def _reciprocal_form(xc: torch.Tensor, a: torch.Tensor, b_abs: torch.Tensor):
-    """Where the reciprocal form applies (|x| > 1 and Q~ normal), and the inputs each form may safely see.
+    """Where the reciprocal form applies (|x| > LARGE_INPUT and Q~ normal), and the inputs each form may safely see.
 
     Returns (use_reciprocal, x_plain, x_recip, u, |u|, Q~): x_plain is 0 where the reciprocal form applies, x_recip
     is 2 where it does not, so neither branch of a ``torch.where`` overflows or divides by zero.
     """
-    large = xc.abs() > 1
+    large = xc.abs() > LARGE_INPUT
     x_recip = torch.where(large, xc, torch.full_like(xc, 2.0))
     u = 1.0 / x_recip
     au = u.abs()
@@ -208,6 +209,14 @@ def _sign_zero_positive(t: torch.Tensor) -> torch.Tensor:
     return torch.where(t < 0, -torch.ones_like(t), torch.ones_like(t)).detach()
 
 
+def _reversed_denominator(au: torch.Tensor, b_abs: torch.Tensor) -> torch.Tensor:
+    """Q~(|u|) = |b4| + |b3||u| + |b2||u|^2 + |b1||u|^3 + |u|^4, with Q(|x|) = |x|^4 Q~(1 / |x|); b_abs (..., 4)."""
+    q = au + b_abs[..., 0]
+    for j in range(1, 4):
+        q = q * au + b_abs[..., j]
+    return q
+
+
 def group_rational_autograd(
     x: torch.Tensor,
     numerator: torch.Tensor,
@@ -238,13 +247,27 @@ def group_rational_autograd(
     a = numerator.to(x.dtype).expand(groups, 6).unsqueeze(-2)  # (G, 1, 6)
     b = denominator.to(x.dtype)
     b_abs = (b * _sign_zero_positive(b)).unsqueeze(-2)  # (G, 1, 4)
-    ax = xg * _sign_zero_positive(xg)
+    # Reciprocal form for |x| > 1 (see the module docstring). The choice of form is made on detached values;
+    # each branch sees safe inputs where the other is chosen (0, resp. 2), so neither produces inf or NaN that
+    # torch.where's gradient would turn into NaN.
+    with torch.no_grad():
+        large = xg.abs() > 1e3  # LARGE_INPUT (TorchScript reads no module-level floats)
+        u_probe = 1.0 / torch.where(large, xg, torch.full_like(xg, 2.0))
+        use = large & torch.isfinite(1.0 / _reversed_denominator(u_probe.abs(), b_abs))
+    x_plain = torch.where(use, torch.zeros_like(xg), xg)
+    x_recip = torch.where(use, xg, torch.full_like(xg, 2.0))
+    ax = x_plain * _sign_zero_positive(x_plain)
     p = a[..., 5]
     for i in range(4, -1, -1):
-        p = p * xg + a[..., i]
+        p = p * x_plain + a[..., i]
     q = b_abs[..., 3]
     for j in range(2, -1, -1):
         q = q * ax + b_abs[..., j]
     q = q * ax + 1.0
-    y = (p / q).reshape(xl.shape)
+    u = 1.0 / x_recip
+    p_recip = a[..., 0]
+    for i in range(1, 6):
+        p_recip = p_recip * u + a[..., i]
+    q_recip = _reversed_denominator(u * _sign_zero_positive(u), b_abs)
+    y = torch.where(use, x_recip * p_recip / q_recip, p / q).reshape(xl.shape)
     return y.movedim(-1, cdim)
