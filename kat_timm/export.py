@@ -22,6 +22,8 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
+from .ops.rational_torch import LARGE_INPUT
+
 from .transforms import model_input_size
 
 __all__ = [
@@ -75,7 +77,11 @@ def require_packages(*names: str, purpose: str = "ONNX export") -> None:
 
 
 def group_rational_plain(
-    x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, channel_dim: int = -1
+    x: torch.Tensor,
+    numerator: torch.Tensor,
+    denominator: torch.Tensor,
+    channel_dim: int = -1,
+    bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The grouped rational function with elementary ops only: what an exported graph computes.
 
@@ -89,6 +95,7 @@ def group_rational_plain(
         numerator: (1, 6) shared row or (G, 6) rows of a0..a5.
         denominator: (G, 4) rows of b1..b4.
         channel_dim: the channel axis.
+        bias: optional (C,) input bias (F is taken at x + bias): one Add before the Horner steps.
 
     Returns:
         F(x) with x's shape and dtype (contiguous).
@@ -96,10 +103,26 @@ def group_rational_plain(
     groups = denominator.shape[0]
     cdim = channel_dim % x.dim()
     compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    xc = x.to(compute)
+    if bias is not None:
+        # (C,) -> (C, 1, ..., 1): one value per channel, broadcast over the axes after the channel axis.
+        xc = xc + bias.to(compute).reshape((x.shape[cdim],) + (1,) * (x.dim() - 1 - cdim))
     # Each group's channels, and everything after the channel axis, form one contiguous run of the last axis.
-    xg = x.to(compute).reshape(tuple(x.shape[:cdim]) + (groups, -1))
+    xg = xc.reshape(tuple(x.shape[:cdim]) + (groups, -1))
     a = numerator.to(compute).expand(groups, 6)
     b = denominator.to(compute).abs()
+    # Large |x|: the reciprocal form x * P~(1/x) / Q~(1/|x|) (kat_timm.ops.rational_torch), so that a large input
+    # gives the finite value it should instead of inf or NaN; Where and Reciprocal are standard ONNX ops too.
+    large = xg.abs() > LARGE_INPUT
+    u = 1.0 / torch.where(large, xg, torch.full_like(xg, 2.0))
+    au = u.abs()
+    q_recip = au + b[:, 0:1]
+    for j in range(1, 4):
+        q_recip = q_recip * au + b[:, j : j + 1]
+    use = large & torch.isfinite(1.0 / q_recip)  # Q~ underflows only when the top b's are 0: the plain form is exact
+    p_recip = a[:, 0:1]
+    for i in range(1, 6):
+        p_recip = p_recip * u + a[:, i : i + 1]
     p = a[:, 5:6]
     for i in range(4, -1, -1):
         p = p * xg + a[:, i : i + 1]
@@ -108,7 +131,7 @@ def group_rational_plain(
     for j in range(2, -1, -1):
         q = q * ax + b[:, j : j + 1]
     q = q * ax + 1.0
-    return (p / q).reshape(x.shape).to(x.dtype)
+    return torch.where(use, xg * p_recip / q_recip, p / q).reshape(x.shape).to(x.dtype)
 
 
 def _example_input(model: torch.nn.Module, batch_size: int) -> torch.Tensor:

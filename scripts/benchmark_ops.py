@@ -8,6 +8,8 @@ width d) and {768, 1536, 3072} (act2 input, width 4d), and every requested dtype
   - ``gelu``: ``torch.nn.functional.gelu`` (exact erf form), the activation KAT replaces;
   - ``ours``: ``group_rational`` with the backend ``KAT_RATIONAL_BACKEND`` selects (auto: Triton on CUDA, the
     native C kernel on CPU); the row names the backend that actually ran (``select_backend``);
+  - ``bias``: the same with a (C,) input bias, ``group_rational(x, ..., bias=b)`` = F(x + b) in the same pass, as
+    KAN's act2 runs with fc1's bias (its gradient is taken too);
   - ``fallback``: ``group_rational`` forced onto its pure-PyTorch path (``KAT_RATIONAL_BACKEND=torch``);
   - ``formula``: ``group_rational_autograd``, the same formula written with plain differentiable PyTorch ops;
   - ``compiled``: ``torch.compile`` (default inductor backend, ``dynamic=False``, donated buffers off) of that
@@ -30,8 +32,8 @@ width d) and {768, 1536, 3072} (act2 input, width 4d), and every requested dtype
 
 The result is a markdown table on stdout (``--json PATH`` also writes the raw numbers), followed by the targets:
 on CPU, for the (8, 197, 3072) float32 shape, ours forward <= 3x GELU forward and ours forward+backward <= 4x GELU
-forward+backward; on CUDA, ours forward >= 85% and backward >= 80% of the copy bandwidth. They are reported as
-PASS/FAIL, never asserted.
+forward+backward, and with a bias forward and forward+backward <= 1.05x ours without one; on CUDA, ours forward
+>= 85% and backward >= 80% of the copy bandwidth. They are reported as PASS/FAIL, never asserted.
 
 Examples::
 
@@ -72,10 +74,11 @@ TOKENS = 197  # 14 x 14 patches + the class token, at 224 px
 GROUPS = 8
 WIDTHS = {192: "T d", 384: "S d", 768: "T 4d, B d", 1536: "S 4d", 3072: "B 4d"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PROVIDERS = ("gelu", "ours", "fallback", "formula", "compiled")
+PROVIDERS = ("gelu", "ours", "bias", "fallback", "formula", "compiled")
 MODES = ("fwd", "bwd", "fwd+bwd")
 BYTES_MOVED = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}  # x numel * element size, per mode (see the docstring)
 CPU_TARGET_SHAPE, CPU_TARGETS = (8, TOKENS, 3072), {"fwd": 3.0, "fwd+bwd": 4.0}  # ours <= N x GELU
+BIAS_TARGETS = {"fwd": 1.05, "fwd+bwd": 1.05}  # ours with a bias <= N x ours without, same shape
 CUDA_TARGETS = {"fwd": 85.0, "bwd": 80.0}  # ours >= N % of copy bandwidth
 
 
@@ -183,7 +186,7 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def build_provider(name: str, x, numerator, denominator, g) -> dict:
+def build_provider(name: str, x, numerator, denominator, g, bias) -> dict:
     """The callable y = fn(x) of one provider, its gradient inputs, its label, and (compiled) its compile time."""
     rational = (numerator, denominator)
     if name == "gelu":
@@ -191,6 +194,9 @@ def build_provider(name: str, x, numerator, denominator, g) -> dict:
     if name in ("ours", "fallback"):
         return {"label": f"ours ({select_backend(x)})", "params": rational,
                 "fn": lambda t: group_rational(t, numerator, denominator)}
+    if name == "bias":
+        return {"label": f"ours+bias ({select_backend(x)})", "params": rational + (bias,),
+                "fn": lambda t: group_rational(t, numerator, denominator, bias=bias)}
     if name == "formula":
         return {"label": "formula (eager)", "params": rational,
                 "fn": lambda t: group_rational_autograd(t, numerator, denominator)}
@@ -234,13 +240,14 @@ def run_case(shape, dtype, providers, device, bench) -> List[dict]:
     x = torch.randn(shape, generator=generator).to(device=device, dtype=dtype).requires_grad_()
     numerator = (0.3 * torch.randn(1, 6, generator=generator)).to(device).requires_grad_()
     denominator = (0.3 * torch.randn(GROUPS, 4, generator=generator)).to(device).requires_grad_()
+    bias = (0.1 * torch.randn(shape[-1], generator=generator)).to(device).requires_grad_()
     g = torch.randn_like(x)
     rows = []
     for name in providers:
         row = {"shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "provider": name}
         try:
             with backend_env("torch" if name == "fallback" else None):
-                provider = build_provider(name, x, numerator, denominator, g)
+                provider = build_provider(name, x, numerator, denominator, g, bias)
                 row["label"] = provider["label"]
                 row["ms"] = measure(provider, x, g, bench)
             if "compile_s" in provider:
@@ -344,7 +351,14 @@ def target_lines(rows: List[dict], cuda: bool, copy_gbps: Optional[float]) -> Li
         ratio = ours["ms"][mode] / gelu["ms"][mode]
         parts.append(f"{mode} {ratio:.2f}x GELU (target <= {target:g}x): {verdict(ratio <= target)}")
     shape = "x".join(map(str, CPU_TARGET_SHAPE))
-    return [f"- CPU targets, {ours['label']} {shape} float32: " + "; ".join(parts)]
+    lines = [f"- CPU targets, {ours['label']} {shape} float32: " + "; ".join(parts)]
+    if "bias" in pick:
+        parts = []
+        for mode, target in BIAS_TARGETS.items():
+            ratio = pick["bias"]["ms"][mode] / ours["ms"][mode]
+            parts.append(f"{mode} {ratio:.3f}x without (target <= {target:g}x): {verdict(ratio <= target)}")
+        lines.append(f"- CPU targets, {pick['bias']['label']} {shape} float32, vs no bias: " + "; ".join(parts))
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------ overhead

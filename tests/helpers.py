@@ -16,15 +16,21 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
 
 
-def check_against_reference(x, numerator, denominator, channel_dim=-1, rtol=1e-5, op=group_rational):
-    """Run forward and backward of ``op`` and assert value and all three gradients against the reference."""
+def check_against_reference(x, numerator, denominator, channel_dim=-1, rtol=1e-5, op=group_rational, bias=None):
+    """Run forward and backward of ``op`` and assert value and all gradients (three, or four with a ``bias``, which
+    is passed as ``op(..., bias=bias)``) against the reference."""
     x = x.detach().requires_grad_()
     numerator = numerator.detach().requires_grad_()
     denominator = denominator.detach().requires_grad_()
-    y = op(x, numerator, denominator, channel_dim)
+    if bias is None:
+        y = op(x, numerator, denominator, channel_dim)
+    else:
+        bias = bias.detach().requires_grad_()
+        y = op(x, numerator, denominator, channel_dim, bias=bias)
     grad = torch.randn_like(y)
     y.backward(grad)
-    ref_y, ref_dx, ref_dnum, ref_dden = group_rational_reference(x, numerator, denominator, channel_dim, grad)
+    ref = group_rational_reference(x, numerator, denominator, channel_dim, grad, bias=bias)
+    ref_y, ref_dx, ref_dnum, ref_dden = ref[:4]
     assert y.shape == x.shape and y.dtype == x.dtype, "output must have x's shape and dtype"
     assert relative_error(y, ref_y) <= rtol, f"value: rel err {relative_error(y, ref_y):.3e}"
     assert relative_error(x.grad, ref_dx) <= rtol, f"grad x: rel err {relative_error(x.grad, ref_dx):.3e}"
@@ -35,6 +41,9 @@ def check_against_reference(x, numerator, denominator, channel_dim=-1, rtol=1e-5
     assert relative_error(denominator.grad, ref_dden) <= rtol, (
         f"grad denominator: rel err {relative_error(denominator.grad, ref_dden):.3e}"
     )
+    if bias is not None:
+        assert bias.grad is not None and bias.grad.shape == bias.shape and bias.grad.dtype == bias.dtype, "grad bias"
+        assert relative_error(bias.grad, ref[4]) <= rtol, f"grad bias: rel err {relative_error(bias.grad, ref[4]):.3e}"
     return y
 
 

@@ -62,6 +62,16 @@ def test_plain_formula_matches_the_reference(shape, channel_dim, shared_numerato
     assert relative_error(actual, expected) <= 1e-5
 
 
+@pytest.mark.parametrize("shape,channel_dim", [((3, 7, 64), -1), ((2, 40, 5, 3), 1), ((16, 2, 3), 0)])
+def test_plain_formula_with_bias_matches_the_reference(shape, channel_dim):
+    x = torch.randn(shape, dtype=torch.float64) * 2
+    bias = torch.randn(shape[channel_dim], dtype=torch.float64)
+    numerator, denominator = (t.detach().double() for t in random_coefficients(8, shared_numerator=False))
+    expected = group_rational_reference(x, numerator, denominator, channel_dim, bias=bias)
+    actual = group_rational_plain(x.float(), numerator.float(), denominator.float(), channel_dim, bias.float())
+    assert relative_error(actual, expected) <= 1e-5
+
+
 def test_plain_formula_low_precision_and_channels_last():
     numerator, denominator = (t.detach() for t in random_coefficients(8, shared_numerator=False))
     image = torch.randn(2, 32, 5, 7).to(memory_format=torch.channels_last)
@@ -77,6 +87,8 @@ def test_torch_export_keeps_the_custom_op_and_matches_eager(kat_tiny_32):
     program = export_program(kat_tiny_32, dynamic_batch=True)
     rational_nodes = [node for node in program.graph.nodes if node.target is RATIONAL_OP]
     assert len(rational_nodes) == 24, "act1 and act2 of 12 blocks, each one kat_timm::group_rational node"
+    # Exported on the CPU, where fc1's bias is act2's input bias (kat_timm.ops.fuses_linear_bias).
+    assert sum(len(node.args) == 5 and node.args[4] is not None for node in rational_nodes) == 12
     exported = program.module()
     for batch in (2, 3):  # 3: the batch dimension is symbolic
         images = torch.randn(batch, *model_input_size(kat_tiny_32))

@@ -21,9 +21,9 @@ def test_benchmark_quick_cpu(tmp_path):
     for width in (192, 768):
         rows = [line for line in lines if line.startswith(f"| 1x197x{width} | float32 |")]
         labels = [row.split("|")[3].strip() for row in rows]
-        assert labels[0] == "gelu" and labels[1].startswith("ours (") and labels[2] == "ours (torch)", labels
-        assert labels[3] == "formula (eager)" and len(labels) == 4, labels
+        assert labels[0] == "gelu" and labels[1].startswith("ours (") and labels[2].startswith("ours+bias ("), labels
+        assert labels[3] == "ours (torch)" and labels[4] == "formula (eager)" and len(labels) == 5, labels
         assert not any("failed" in row for row in rows), rows
     assert "CPU targets" in result.stdout
     data = json.loads(out_json.read_text())
-    assert len(data["results"]) == 8 and all("ms" in r for r in data["results"])
+    assert len(data["results"]) == 10 and all("ms" in r for r in data["results"])

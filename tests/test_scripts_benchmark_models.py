@@ -30,6 +30,8 @@ def test_benchmark_models_quick_cpu(tmp_path):
         assert vit_ips > 0 and kat_ips > 0 and time_ratio > 0 and throughput_ratio > 0, line
     assert "- construction (timm.create_model on CPU, fresh init): vit_tiny_patch16_224" in result.stdout
     assert "- CPU target, tiny inference: KAT/ViT time" in result.stdout
+    assert "- CPU target, tiny training step: KAT/ViT time" in result.stdout
+    assert "- CPU target, small inference: not evaluated (needs --sizes small --modes infer)" in result.stdout
 
     data = json.loads(out_json.read_text())
     assert data["meta"]["quick"] and data["meta"]["batch"] == 2 and data["meta"]["threads"] == 1

@@ -1,6 +1,8 @@
 """``GroupRational``: the learnable grouped rational activation of a GR-KAN layer."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -46,10 +48,11 @@ class GroupRational(nn.Module):
         self.weight_numerator.copy_(torch.tensor([numerator], dtype=torch.float64))
         self.weight_denominator.copy_(torch.tensor([denominator], dtype=torch.float64).expand(self.num_groups, 4))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """F(x), or F(x + bias) with an optional (C,) input bias (a preceding Linear's, added in the same pass)."""
         if torch.jit.is_scripting():
-            return group_rational_autograd(x, self.weight_numerator, self.weight_denominator, self.channel_dim)
-        return group_rational(x, self.weight_numerator, self.weight_denominator, self.channel_dim)
+            return group_rational_autograd(x, self.weight_numerator, self.weight_denominator, self.channel_dim, bias)
+        return group_rational(x, self.weight_numerator, self.weight_denominator, self.channel_dim, bias)
 
     def extra_repr(self) -> str:
         return f"num_groups={self.num_groups}, init={self.init!r}, channel_dim={self.channel_dim}"

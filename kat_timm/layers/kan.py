@@ -7,8 +7,10 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ..ops.backend import fuses_linear_bias
 from ..ops.rational_reference import group_rational_reference
 from .group_rational import GroupRational
 from .rational_inits import rational_init
@@ -41,6 +43,11 @@ class KAN(nn.Module):
     works as is; ``act_layer`` is accepted and ignored (the activations are the rationals). Submodule names give
     the state-dict keys of the released checkpoints: ``fc1``, ``fc2``, ``act{1,2}.weight_numerator``,
     ``act{1,2}.weight_denominator``.
+
+    Where ``kat_timm.ops.fuses_linear_bias`` says it pays (the native CPU kernel), fc1 runs as a bias-free matmul
+    and act2 adds ``fc1.bias`` inside its own pass (and returns its gradient from its backward pass): the same
+    function, one pass over the hidden activations fewer each way. The parameters stay where they are, so the
+    state dict is the released one either way. TorchScript and fx tracing take the plain path.
 
     ``init_weights`` applies the paper's variance-preserving initialisation (section S3), which the released code
     intended but overwrote: fc1 with variance 1 / fan_in (act1 is the identity), fc2 with variance gain / fan_in,
@@ -113,8 +120,15 @@ class KAN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(x)
         x = self.drop1(x)
-        x = self.fc1(x)
-        x = self.act2(x)
+        x = self._fc1_act2(x)
         x = self.drop2(x)
         x = self.norm(x)
         return self.fc2(x)
+
+    def _fc1_act2(self, x: torch.Tensor) -> torch.Tensor:
+        """act2(fc1(x)), with fc1's bias added inside act2's pass where that pays."""
+        if not torch.jit.is_scripting():
+            # fx symbolic tracing hands a Proxy, whose device can't be asked: it records the plain path.
+            if self.fc1.bias is not None and not isinstance(x, torch.fx.Proxy) and fuses_linear_bias(x):
+                return self.act2(F.linear(x, self.fc1.weight), self.fc1.bias)
+        return self.act2(self.fc1(x))

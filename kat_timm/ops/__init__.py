@@ -4,9 +4,10 @@
 - ``group_rational_reference``: the float64 reference tests and benchmarks compare against;
 - ``group_rational_autograd``: the same formula with plain differentiable PyTorch ops (TorchScript);
 - ``select_backend`` / ``native_cpu_status`` / ``triton_status``: which implementation runs, and why;
+- ``fuses_linear_bias``: whether a Linear before the op hands its bias to the op (``group_rational(..., bias=)``);
 - ``register_flop_formulas``: the op's FLOP counts for ``torch.utils.flop_counter`` (done at import).
 """
-from .backend import BACKEND_ENV, BACKENDS, requested_backend, select_backend, triton_status
+from .backend import BACKEND_ENV, BACKENDS, fuses_linear_bias, requested_backend, select_backend, triton_status
 from .flops import register_flop_formulas  # importing registers them with torch.utils.flop_counter
 from .group_rational import group_rational
 from .rational_cpu import native_cpu_status
@@ -16,6 +17,7 @@ from .rational_torch import group_rational_autograd
 __all__ = [
     "BACKEND_ENV",
     "BACKENDS",
+    "fuses_linear_bias",
     "group_rational",
     "group_rational_autograd",
     "group_rational_reference",

@@ -8,6 +8,10 @@
   before kat_timm is imported). Fails with a message otherwise.
 - ``native``: the native CPU kernel; fails with the build error when it isn't available.
 float64 inputs always take the PyTorch path (the kernels compute in float32).
+
+``fuses_linear_bias`` is the one place that decides whether a Linear followed by the rational (KAN's fc1 -> act2)
+runs as a bias-free matmul plus the op with the Linear's bias as its input bias (``group_rational(..., bias=)``),
+or as the Linear with its bias plus the plain op. Both compute the same function.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import torch
 
 from .rational_cpu import native_cpu_status, native_cpu_supports
 
-__all__ = ["BACKEND_ENV", "BACKENDS", "requested_backend", "select_backend", "triton_status"]
+__all__ = ["BACKEND_ENV", "BACKENDS", "fuses_linear_bias", "requested_backend", "select_backend", "triton_status"]
 
 BACKEND_ENV = "KAT_RATIONAL_BACKEND"
 BACKENDS = ("auto", "torch", "triton", "native")
@@ -105,3 +109,29 @@ def select_backend(x: torch.Tensor) -> str:
             _warned_native = True
             warnings.warn(f"kat_timm: native CPU kernel unavailable, using the slower PyTorch path ({reason})")
     return "torch"
+
+
+@torch.compiler.assume_constant_result
+def _fuses_linear_bias(device_type: str, dtype: torch.dtype) -> bool:
+    # A constant for torch.compile / torch.export (the decision is made once, when the graph is traced): the
+    # native kernel's availability is a ctypes call, which dynamo could not trace.
+    if device_type == "cuda":
+        # On a GPU cuBLAS adds a Linear's bias in its epilogue at no cost; the Triton kernels take the bias only
+        # once they implement it, and whether the saved backward reduction pays there is still to be measured.
+        return False
+    # On a CPU the bias costs a pass of its own over the hidden activations (and its gradient another): fold it
+    # into the native kernel's single pass. The PyTorch path gains nothing from it and keeps the Linear's bias.
+    return device_type == "cpu" and select_backend(torch.empty(0, dtype=dtype)) == "native"
+
+
+def fuses_linear_bias(x: torch.Tensor) -> bool:
+    """Whether a Linear followed by ``group_rational`` on ``x``'s device and dtype should pass the Linear's bias to
+    the op (a bias-free matmul, then F(x + bias) in one pass) instead of adding it in the Linear.
+
+    True where the rational runs on the native CPU kernel; False on CUDA (cuBLAS adds the bias for free) and on the
+    PyTorch path. Under ``torch.compile`` / ``torch.export`` the answer is fixed when the graph is traced.
+
+    Args:
+        x: the Linear's input (only its device and dtype matter).
+    """
+    return _fuses_linear_bias(x.device.type, x.dtype)

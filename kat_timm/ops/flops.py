@@ -69,12 +69,15 @@ def group_rational_backward_flops(x_shape: Sequence[int]) -> int:
 
 
 # FlopCounterMode calls formulas with the op's arguments, tensors replaced by their shapes, and out_shape=.
-def _forward_formula(x_shape, numerator_shape, denominator_shape, channel_dim, *, out_shape=None, **kwargs) -> int:
+# The optional input bias (a Linear's bias added inside the op) is not counted: FlopCounterMode does not count a
+# Linear's bias add or its gradient's reduction either, so a model counts the same whether the bias is fused or not.
+def _forward_formula(x_shape, numerator_shape, denominator_shape, channel_dim, bias_shape=None, *, out_shape=None,
+                     **kwargs) -> int:
     return group_rational_flops(x_shape)
 
 
-def _backward_formula(grad_shape, x_shape, numerator_shape, denominator_shape, channel_dim, *, out_shape=None,
-                      **kwargs) -> int:
+def _backward_formula(grad_shape, x_shape, numerator_shape, denominator_shape, channel_dim, bias_shape=None, *,
+                      out_shape=None, **kwargs) -> int:
     return group_rational_backward_flops(x_shape)
 
 

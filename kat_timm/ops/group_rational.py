@@ -7,22 +7,32 @@ implementation, tied together with ``torch.library.register_autograd``. So ``tor
 traces through them, meta tensors work, and ``torch.library.opcheck`` passes. The implementations pick a backend
 through ``backend.select_backend`` and work on the canonical (M, G, L) view of ``layout.py``.
 
+An optional per-channel input bias (a preceding Linear's bias) is added inside the same pass: F(x + bias). The
+backends see it as one float32 value per column of the (M, K = G * L) matrix, i.e. a (G, L) tensor: for channels
+last that is the bias itself, for an image layout the bias repeated over the pixels after the channel axis. They
+return the per-column sums of grad_x with it, which are folded back here into the (C,) bias gradient; so the bias
+gradient costs no pass of its own.
+
 In plain eager mode (no compile, tracing, dispatch mode, subclass or functorch transform: ``_plain_eager``) the
 same forward and backward run through a ``torch.autograd.Function`` instead, or directly when no gradient is
 needed: the custom op's Python dispatch alone costs several times a GELU call, which a KAT pays 24 times a step.
+Inside ``torch.func`` transforms and forward-mode AD, for which the custom op has no rule, and for a backward with
+``create_graph=True``, the op runs as differentiable PyTorch ops (``group_rational_autograd``) instead.
 """
 from __future__ import annotations
 
-from typing import Tuple
+import math
+from typing import Optional, Tuple
 
 import torch
 import torch.utils._python_dispatch
+from torch.autograd import forward_ad
 
 from .backend import select_backend
 from .layout import channels_moved_last, empty_output, mgl_view
+from .rational_torch import group_rational_autograd
 
 __all__ = ["group_rational"]
-
 
 _IMPLEMENTATIONS = {}
 
@@ -49,74 +59,150 @@ def _from_mgl(t3: torch.Tensor, x: torch.Tensor, cdim: int, moved: bool) -> torc
     return t3.view_as(x)
 
 
-def _forward(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    """F(x) through the selected backend: what the custom op and the eager path both run."""
+def _bias_columns(bias: torch.Tensor, x: torch.Tensor, cdim: int, moved: bool, groups: int) -> torch.Tensor:
+    """The (C,) bias as the (G, L) per-column values of x's (M, G, L) view, contiguous, in the kernels' math dtype
+    (float32; float64 for float64 inputs, which take the PyTorch path)."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    channels = x.shape[cdim]
+    columns = bias.detach().to(dtype)
+    after = 1 if moved else math.prod(x.shape[cdim + 1 :])
+    if after != 1:  # image layout: each channel's value repeated over the pixels that follow it
+        columns = columns.view(channels, 1).expand(channels, after)
+    return columns.reshape(groups, -1).contiguous()
+
+
+def _bias_gradient(bias_sums: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, cdim: int, moved: bool):
+    """(G, L) per-column sums of grad_x -> the (C,) bias gradient in the bias's dtype."""
+    channels = x.shape[cdim]
+    return bias_sums.reshape(channels, -1).sum(1).to(bias.dtype)
+
+
+def _no_bias_gradient(x: torch.Tensor) -> torch.Tensor:
+    """The placeholder the backward op returns for the bias gradient when there is no bias (an op can't return
+    None): an empty tensor."""
+    return x.new_empty((0,))
+
+
+def _forward(x, numerator, denominator, channel_dim: int, bias) -> torch.Tensor:
+    """F(x + bias) through the selected backend: what the custom op and the eager path both run."""
     cdim = channel_dim % x.dim()
     moved = channels_moved_last(x, cdim)
     if x.numel() == 0:
         return empty_output(x, cdim, moved)
-    x3 = mgl_view(x, cdim, denominator.shape[0], moved)
-    y3 = _implementation(select_backend(x), "forward")(x3, numerator, denominator)
+    groups = denominator.shape[0]
+    x3 = mgl_view(x, cdim, groups, moved)
+    implementation = _implementation(select_backend(x), "forward")
+    if bias is None:
+        y3 = implementation(x3, numerator, denominator)
+    else:
+        y3 = implementation(x3, numerator, denominator, bias=_bias_columns(bias, x, cdim, moved, groups))
     return _from_mgl(y3, x, cdim, moved)
 
 
-def _backward(grad, x, numerator, denominator, channel_dim: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_x, grad_numerator, grad_denominator) through the selected backend."""
+def _backward(grad, x, numerator, denominator, channel_dim: int, bias):
+    """(grad_x, grad_numerator, grad_denominator, grad_bias) through the selected backend; grad_bias is
+    ``_no_bias_gradient`` without a bias."""
     cdim = channel_dim % x.dim()
     moved = channels_moved_last(x, cdim)
     if x.numel() == 0:
-        return empty_output(x, cdim, moved), torch.zeros_like(numerator), torch.zeros_like(denominator)
+        return (
+            empty_output(x, cdim, moved),
+            torch.zeros_like(numerator),
+            torch.zeros_like(denominator),
+            _no_bias_gradient(x) if bias is None else torch.zeros_like(bias),
+        )
     groups = denominator.shape[0]
     x3 = mgl_view(x, cdim, groups, moved)
     grad3 = mgl_view(grad.to(x.dtype), cdim, groups, moved)  # copies only if grad's layout differs from x's
-    grad_x3, grad_numerator, grad_denominator = _implementation(select_backend(x), "backward")(
-        grad3, x3, numerator, denominator
-    )
-    return _from_mgl(grad_x3, x, cdim, moved), grad_numerator, grad_denominator
+    implementation = _implementation(select_backend(x), "backward")
+    if bias is None:
+        grad_x3, grad_numerator, grad_denominator, _ = implementation(grad3, x3, numerator, denominator)
+        grad_bias = _no_bias_gradient(x)
+    else:
+        grad_x3, grad_numerator, grad_denominator, bias_sums = implementation(
+            grad3, x3, numerator, denominator, bias=_bias_columns(bias, x, cdim, moved, groups)
+        )
+        grad_bias = _bias_gradient(bias_sums, bias, x, cdim, moved)
+    return _from_mgl(grad_x3, x, cdim, moved), grad_numerator, grad_denominator, grad_bias
 
 
 @torch.library.custom_op("kat_timm::group_rational", mutates_args=())
 def _group_rational_op(
-    x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, channel_dim: int
+    x: torch.Tensor,
+    numerator: torch.Tensor,
+    denominator: torch.Tensor,
+    channel_dim: int,
+    bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    return _forward(x, numerator, denominator, channel_dim)
+    return _forward(x, numerator, denominator, channel_dim, bias)
 
 
 @_group_rational_op.register_fake
-def _(x, numerator, denominator, channel_dim):
+def _(x, numerator, denominator, channel_dim, bias=None):
     cdim = channel_dim % x.dim()
     return empty_output(x, cdim, channels_moved_last(x, cdim))
 
 
 @torch.library.custom_op("kat_timm::group_rational_backward", mutates_args=())
 def _group_rational_backward_op(
-    grad: torch.Tensor, x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, channel_dim: int
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(grad, x, numerator, denominator, channel_dim)
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    numerator: torch.Tensor,
+    denominator: torch.Tensor,
+    channel_dim: int,
+    bias: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(grad, x, numerator, denominator, channel_dim, bias)
 
 
 @_group_rational_backward_op.register_fake
-def _(grad, x, numerator, denominator, channel_dim):
+def _(grad, x, numerator, denominator, channel_dim, bias=None):
     cdim = channel_dim % x.dim()
     return (
         empty_output(x, cdim, channels_moved_last(x, cdim)),
         torch.empty_like(numerator),
         torch.empty_like(denominator),
+        _no_bias_gradient(x) if bias is None else torch.empty_like(bias),
     )
 
 
 def _setup_context(ctx, inputs, output):
-    x, numerator, denominator, channel_dim = inputs
-    ctx.save_for_backward(x, numerator, denominator)
+    x, numerator, denominator, channel_dim, bias = inputs
+    ctx.save_for_backward(x, numerator, denominator, bias)
     ctx.channel_dim = channel_dim
 
 
-def _op_backward(ctx, grad):
-    x, numerator, denominator = ctx.saved_tensors
-    grad_x, grad_numerator, grad_denominator = _group_rational_backward_op(
-        grad, x, numerator, denominator, ctx.channel_dim
+def _differentiable(x, numerator, denominator, channel_dim: int, bias):
+    """The op written with differentiable PyTorch ops (float32 math for float16/bfloat16, as the kernels)."""
+    compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    y = group_rational_autograd(
+        x.to(compute), numerator.to(compute), denominator.to(compute), channel_dim,
+        None if bias is None else bias.to(compute),
     )
-    return grad_x, grad_numerator, grad_denominator, None
+    return y.to(x.dtype)
+
+
+def _differentiable_backward(grad, x, numerator, denominator, channel_dim: int, bias):
+    """The gradients as a graph of differentiable ops, for a backward with ``create_graph=True`` (double backward,
+    Hessians): the backward op's output would have no gradient of its own."""
+    tensors = [x, numerator, denominator] + ([] if bias is None else [bias])
+    # Inputs without history become fresh leaves: their gradients are still wanted, only not differentiated further.
+    leaves = [t if t.requires_grad else t.detach().requires_grad_() for t in tensors]
+    with torch.enable_grad():
+        y = _differentiable(leaves[0], leaves[1], leaves[2], channel_dim, None if bias is None else leaves[3])
+        grads = torch.autograd.grad(y, leaves, grad, create_graph=True, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, tensors)]
+    return grads[0], grads[1], grads[2], None, None if bias is None else grads[3]
+
+
+def _op_backward(ctx, grad):
+    x, numerator, denominator, bias = ctx.saved_tensors
+    if torch.is_grad_enabled():  # the autograd engine enables grad mode in a backward only for create_graph=True
+        return _differentiable_backward(grad, x, numerator, denominator, ctx.channel_dim, bias)
+    grad_x, grad_numerator, grad_denominator, grad_bias = _group_rational_backward_op(
+        grad, x, numerator, denominator, ctx.channel_dim, bias
+    )
+    return grad_x, grad_numerator, grad_denominator, None, None if bias is None else grad_bias
 
 
 _group_rational_op.register_autograd(_op_backward, setup_context=_setup_context)
@@ -128,18 +214,22 @@ class _EagerGroupRational(torch.autograd.Function):
     ``_plain_eager``)."""
 
     @staticmethod
-    def forward(ctx, x, numerator, denominator, channel_dim):
-        ctx.save_for_backward(x, numerator, denominator)
+    def forward(ctx, x, numerator, denominator, channel_dim, bias):
+        ctx.save_for_backward(x, numerator, denominator, bias)
         ctx.channel_dim = channel_dim
-        return _forward(x, numerator, denominator, channel_dim)
+        return _forward(x, numerator, denominator, channel_dim, bias)
 
     @staticmethod
     def backward(ctx, grad):
-        x, numerator, denominator = ctx.saved_tensors
-        return _backward(grad, x, numerator, denominator, ctx.channel_dim) + (None,)
+        x, numerator, denominator, bias = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable
+            return _differentiable_backward(grad, x, numerator, denominator, ctx.channel_dim, bias)
+        grad_x, grad_numerator, grad_denominator, grad_bias = _backward(
+            grad, x, numerator, denominator, ctx.channel_dim, bias
+        )
+        return grad_x, grad_numerator, grad_denominator, None, None if bias is None else grad_bias
 
 
-_forward_ad = torch.autograd.forward_ad
 _functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _in_dispatch_mode = torch.utils._python_dispatch.is_in_torch_dispatch_mode  # user and infra modes alike
 
@@ -156,12 +246,20 @@ def _plain_eager(x: torch.Tensor) -> bool:
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
         and not _functorch_wrapped(x)
-        and _forward_ad._current_level < 0
+        and forward_ad._current_level < 0
         and x.device.type != "meta"
     )
 
 
-def _validate(x, numerator, denominator, channel_dim) -> None:
+def _under_transform() -> bool:
+    """True inside a ``torch.func`` transform or a forward-AD dual level, where the custom op has no rule (see the
+    module docstring). torch.compile / torch.export trace the op itself (dynamo handles what they need)."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._functorch.peek_interpreter_stack() is not None or forward_ad._current_level >= 0
+
+
+def _validate(x, numerator, denominator, channel_dim, bias) -> None:
     # The common case is checked with a few cheap tests first (this runs at every call); the full checks below
     # only run to name what is wrong.
     try:
@@ -170,11 +268,14 @@ def _validate(x, numerator, denominator, channel_dim) -> None:
                 and denominator.dim() == 2 and denominator.shape[1] == 4 and numerator.dim() == 2
                 and numerator.shape[1] == 6 and numerator.shape[0] in (1, denominator.shape[0])
                 and denominator.shape[0] >= 1 and x.shape[channel_dim] % denominator.shape[0] == 0
-                and x.device == numerator.device == denominator.device):
+                and x.device == numerator.device == denominator.device
+                and (bias is None or (bias.dtype.is_floating_point and bias.dim() == 1
+                                      and bias.shape[0] == x.shape[channel_dim] and bias.device == x.device))):
             return
     except (AttributeError, TypeError):
         pass
-    for name, tensor in (("x", x), ("numerator", numerator), ("denominator", denominator)):
+    named = [("x", x), ("numerator", numerator), ("denominator", denominator)]
+    for name, tensor in named + ([("bias", bias)] if bias is not None else []):
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"group_rational: {name} must be a torch.Tensor, got {type(tensor).__name__}")
         if not tensor.dtype.is_floating_point:
@@ -208,11 +309,22 @@ def _validate(x, numerator, denominator, channel_dim) -> None:
             f"group_rational: x, numerator and denominator must be on one device, got {x.device}, "
             f"{numerator.device}, {denominator.device}"
         )
-    raise AssertionError("group_rational: unreachable: the fast check and the full checks disagree")  # pragma: no cover
+    if bias is not None:
+        if tuple(bias.shape) != (channels,):
+            raise ValueError(
+                f"group_rational: bias must have shape ({channels},) (one value per channel of dim {channel_dim} of x "
+                f"of shape {tuple(x.shape)}), got {tuple(bias.shape)}"
+            )
+        if bias.device != x.device:
+            raise ValueError(f"group_rational: bias must be on x's device {x.device}, got {bias.device}")
 
 
 def group_rational(
-    x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, channel_dim: int = -1
+    x: torch.Tensor,
+    numerator: torch.Tensor,
+    denominator: torch.Tensor,
+    channel_dim: int = -1,
+    bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Apply the grouped rational function (the GR-KAN activation).
 
@@ -221,7 +333,11 @@ def group_rational(
 
         F(x) = (a0 + a1 x + ... + a5 x^5) / (1 + |b1||x| + |b2||x|^2 + |b3||x|^3 + |b4||x|^4)
 
-    Differentiable in all three tensors (d|b|/db = +1 at b == 0). Any shape and strides; the result is a new
+    With ``bias`` the function is applied to x + bias (one value per channel), added in the same pass: a Linear
+    without its bias followed by this op computes what the Linear with its bias followed by the op computes, one
+    pass over the activations fewer, and the bias gradient comes from the backward pass too.
+
+    Differentiable in every tensor (d|b|/db = +1 at b == 0). Any shape and strides; the result is a new
     tensor of x's dtype (math in float32 for float32/float16/bfloat16, float64 for float64). Deterministic.
 
     Args:
@@ -229,17 +345,25 @@ def group_rational(
         numerator: (1, 6) shared row or (G, 6) rows of a0..a5.
         denominator: (G, 4) rows of b1..b4.
         channel_dim: the channel axis: -1 for token layouts ``[..., C]``, 1 for images ``[B, C, H, W]``.
+        bias: optional (C,) input bias, floating point, on x's device; its gradient is returned in its dtype.
 
     Returns:
-        F(x), shaped like ``x``.
+        F(x) (or F(x + bias)), shaped like ``x``.
 
     Raises:
         TypeError: a non-floating-point (integer, bool, complex) input.
-        ValueError: wrong coefficient shapes, C not a multiple of G, a bad channel_dim, mixed devices.
+        ValueError: wrong coefficient or bias shapes, C not a multiple of G, a bad channel_dim, mixed devices.
     """
-    _validate(x, numerator, denominator, channel_dim)
+    _validate(x, numerator, denominator, channel_dim, bias)
     if _plain_eager(x):
-        if torch.is_grad_enabled() and (x.requires_grad or numerator.requires_grad or denominator.requires_grad):
-            return _EagerGroupRational.apply(x, numerator, denominator, channel_dim)
-        return _forward(x, numerator, denominator, channel_dim)
-    return _group_rational_op(x, numerator, denominator, channel_dim)
+        if torch.is_grad_enabled() and (
+            x.requires_grad or numerator.requires_grad or denominator.requires_grad
+            or (bias is not None and bias.requires_grad)
+        ):
+            return _EagerGroupRational.apply(x, numerator, denominator, channel_dim, bias)
+        return _forward(x, numerator, denominator, channel_dim, bias)
+    if _under_transform():
+        return _differentiable(x, numerator, denominator, channel_dim, bias)
+    if bias is None:
+        return _group_rational_op(x, numerator, denominator, channel_dim)
+    return _group_rational_op(x, numerator, denominator, channel_dim, bias)

@@ -100,12 +100,11 @@ def _load() -> Optional[ctypes.CDLL]:
             return None
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         library.kat_rational_supports.argtypes = [ctypes.c_int]
-        library.kat_rational_forward.argtypes = [ctypes.c_int, ptr, ptr, i64, i64, i64, ptr, i64, ptr, ctypes.c_int]
-        library.kat_rational_backward.argtypes = [
-            ctypes.c_int, ptr, ptr, ptr, i64, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int,
+        library.kat_rational_forward.argtypes = [
+            ctypes.c_int, ptr, ptr, i64, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int,
         ]
         library.kat_rational_backward_grads.argtypes = [
-            ctypes.c_int, ptr, ptr, ptr, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ctypes.c_int,
+            ctypes.c_int, ptr, ptr, ptr, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ctypes.c_int,
         ]
         _library = library
         return _library
@@ -150,15 +149,28 @@ def _check(code: int) -> None:
         raise RuntimeError(f"native group_rational kernel failed with code {code} (1: dtype, 2: out of memory)")
 
 
-def rational_forward_native(x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
-    """Forward on a contiguous CPU (M, G, L) view; returns a new tensor of x3's dtype."""
+def _bias_pointer(bias: Optional[torch.Tensor], x3: torch.Tensor) -> Optional[int]:
+    """Address of the (G, L) float32 bias the dispatcher hands over, or None (a NULL pointer) without one."""
+    if bias is None:
+        return None
+    if bias.dtype != torch.float32 or not bias.is_contiguous() or tuple(bias.shape) != tuple(x3.shape[1:]):
+        raise ValueError(f"native group_rational: bias must be a contiguous float32 {tuple(x3.shape[1:])} tensor, "
+                         f"got {bias.dtype} {tuple(bias.shape)}")
+    return bias.data_ptr()
+
+
+def rational_forward_native(
+    x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Forward on a contiguous CPU (M, G, L) view: F(x3 + bias) (bias: None or float32 (G, L), one value per
+    column); returns a new tensor of x3's dtype."""
     library = _library or _load()
     out = torch.empty_like(x3)
     num, den = _as_f32(numerator), _as_f32(denominator)
     rows, groups, length = x3.shape
     code = library.kat_rational_forward(
         _DTYPE_CODES[x3.dtype], x3.data_ptr(), out.data_ptr(), x3.numel(), groups, length,
-        num.data_ptr(), 0 if num.shape[0] == 1 else 6, den.data_ptr(), _threads(x3.numel()),
+        num.data_ptr(), 0 if num.shape[0] == 1 else 6, den.data_ptr(), _bias_pointer(bias, x3), _threads(x3.numel()),
     )
     if code:
         _check(code)
@@ -166,21 +178,32 @@ def rational_forward_native(x3: torch.Tensor, numerator: torch.Tensor, denominat
 
 
 def rational_backward_native(
-    grad3: torch.Tensor, x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward on contiguous CPU (M, G, L) views: grad_x and the gradients of numerator and denominator (their
-    shapes and dtypes), from coefficient sums the kernel accumulates in float64."""
+    grad3: torch.Tensor,
+    x3: torch.Tensor,
+    numerator: torch.Tensor,
+    denominator: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Backward on contiguous CPU (M, G, L) views of F(x3 + bias).
+
+    Returns:
+        grad_x (x3's dtype), the gradients of numerator and denominator (their shapes and dtypes, from coefficient
+        sums the kernel accumulates in float64) and, with a bias, the (G, L) float32 per-column sums of grad_x
+        (taken before the cast to x3's dtype); None without one.
+    """
     library = _library or _load()
     grad_x = torch.empty_like(x3)
     num, den = _as_f32(numerator), _as_f32(denominator)
     rows, groups, length = x3.shape
     grad_numerator = torch.empty(num.shape, dtype=torch.float32)
     grad_denominator = torch.empty(den.shape, dtype=torch.float32)
+    bias_pointer = _bias_pointer(bias, x3)
+    bias_sums = None if bias is None else torch.empty(groups, length, dtype=torch.float32)
     code = library.kat_rational_backward_grads(
         _DTYPE_CODES[x3.dtype], grad3.data_ptr(), x3.data_ptr(), grad_x.data_ptr(), x3.numel(), groups, length,
-        num.data_ptr(), 0 if num.shape[0] == 1 else 6, den.data_ptr(), grad_numerator.data_ptr(),
-        grad_denominator.data_ptr(), _threads(x3.numel()),
+        num.data_ptr(), 0 if num.shape[0] == 1 else 6, den.data_ptr(), bias_pointer, grad_numerator.data_ptr(),
+        grad_denominator.data_ptr(), None if bias_sums is None else bias_sums.data_ptr(), _threads(x3.numel()),
     )
     if code:
         _check(code)
-    return grad_x, grad_numerator.to(numerator.dtype), grad_denominator.to(denominator.dtype)
+    return grad_x, grad_numerator.to(numerator.dtype), grad_denominator.to(denominator.dtype), bias_sums

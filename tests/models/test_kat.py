@@ -199,3 +199,59 @@ def test_vit_npz_into_kat_via_timm_load_checkpoint(tmp_path):
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert relative_error(kat(x), vit(x)) <= 1e-2
+
+
+# ------------------------------------------------------------------------------ fc1's bias fused into act2
+
+
+def _jitter_biases_(model: torch.nn.Module) -> torch.nn.Module:
+    """Nonzero Linear biases (the init zeroes fc1's and fc2's, which would hide a lost or doubled bias)."""
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.2)
+    return model
+
+
+def test_kan_hands_fc1_bias_to_act2_on_the_native_kernel(use_backend, monkeypatch):
+    """On the native CPU kernel fc1 runs without its bias and act2 receives fc1.bias; the parameters stay put."""
+    use_backend("auto")
+    kan = _jitter_biases_(kat_timm.layers.KAN(64, 128))
+    seen = []
+    kan.act2.register_forward_pre_hook(lambda module, args: seen.append(args))
+    x = torch.randn(2, 5, 64)
+    assert kat_timm.ops.fuses_linear_bias(x) and not kat_timm.ops.fuses_linear_bias(x.double())
+    fused = kan(x)
+    assert len(seen[-1]) == 2 and seen[-1][1] is kan.fc1.bias, "act2 must get fc1.bias as its input bias"
+    assert [n for n, _ in kan.named_parameters()] == [
+        "act1.weight_numerator", "act1.weight_denominator", "fc1.weight", "fc1.bias",
+        "act2.weight_numerator", "act2.weight_denominator", "fc2.weight", "fc2.bias",
+    ]
+    monkeypatch.setattr(kat_timm.layers.kan, "fuses_linear_bias", lambda t: False)
+    plain = kan(x)
+    assert len(seen[-1]) == 1, "the plain path calls act2 on fc1's output alone"
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_fused_kat_computes_the_unfused_function(use_backend, monkeypatch, mode):
+    """Same weights, fused vs unfused fc1 bias: logits within 1e-5 relative, every gradient within 1e-4."""
+    use_backend("auto")
+    torch.manual_seed(3)
+    model = _jitter_biases_(timm.create_model("kat_tiny_patch16_224", img_size=32, num_classes=10, drop_path_rate=0.0))
+    getattr(model, mode)()
+    x = torch.randn(2, 3, 32, 32)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        logits = model(x)
+        logits.square().sum().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    fused_logits, fused_grads = run()
+    monkeypatch.setattr(kat_timm.layers.kan, "fuses_linear_bias", lambda t: False)
+    plain_logits, plain_grads = run()
+    assert relative_error(fused_logits, plain_logits) <= 1e-5
+    for name, grad in plain_grads.items():
+        assert relative_error(fused_grads[name], grad) <= 1e-4, f"grad of {name}"

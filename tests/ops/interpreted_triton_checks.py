@@ -84,3 +84,12 @@ def test_triton_low_precision_io_against_reference(dtype, shape):
     assert relative_error(x.grad, ref_dx) <= LOW_PRECISION_GRAD_RTOL[dtype], f"grad x {dtype}"
     assert relative_error(numerator.grad, ref_dnum) <= 1e-4, f"grad numerator {dtype}"
     assert relative_error(denominator.grad, ref_dden) <= 1e-4, f"grad denominator {dtype}"
+
+
+@pytest.mark.parametrize("shape,channel_dim,groups", SHAPES)
+def test_triton_bias_matches_reference(shape, channel_dim, groups):
+    """group_rational(..., bias=): F(x + bias) and the bias gradient from the Triton kernels (the dispatcher hands
+    them a (G, L) float32 per-column bias and folds their (G, L) bias sums back to the (C,) gradient)."""
+    x = torch.randn(shape) * 2
+    numerator, denominator = random_coefficients(groups, shared_numerator=False)
+    check_against_reference(x, numerator, denominator, channel_dim, bias=torch.randn(shape[channel_dim]))

@@ -321,3 +321,239 @@ def test_eager_path_only_where_nothing_must_see_the_op():
     seen = []
     torch.func.vmap(lambda row: seen.append(op_module._plain_eager(row)) or row)(x)
     assert seen == [False], "functorch transforms go through the custom op"
+
+
+# ------------------------------------------------------------------------------------------- input bias
+
+
+def channel_bias(x, channel_dim, dtype=torch.float32):
+    return torch.randn(x.shape[channel_dim], dtype=dtype)
+
+
+@pytest.mark.parametrize("shape,channel_dim,groups", SHAPES)
+def test_bias_matches_reference(cpu_backend, shape, channel_dim, groups):
+    """F(x + bias) and the bias gradient (per-channel sum of grad_x), in the token and image layouts."""
+    x = torch.randn(shape) * 2
+    numerator, denominator = random_coefficients(groups, shared_numerator=False)
+    check_against_reference(x, numerator, denominator, channel_dim, bias=channel_bias(x, channel_dim))
+
+
+@pytest.mark.parametrize("shape", [(16, 197, 96), (5, 3, 768), (2, 3, 40000)])
+def test_bias_row_and_tile_paths(cpu_backend, shape):
+    """Short groups (per-column accumulators), long groups (row tiles) and rows wider than a chunk."""
+    x = torch.randn(shape)
+    check_against_reference(x, *random_coefficients(8), bias=channel_bias(x, -1), rtol=2e-5)
+
+
+def test_bias_equals_shifted_input(cpu_backend):
+    """group_rational(x, bias=b) is group_rational(x + b), value and x gradient; and b's gradient is the sum of x's."""
+    x = torch.randn(7, 5, 64, requires_grad=True)
+    bias = torch.randn(64, requires_grad=True)
+    numerator, denominator = random_coefficients(8)
+    grad = torch.randn(7, 5, 64)
+    fused = group_rational(x, numerator, denominator, bias=bias)
+    dx, dbias = torch.autograd.grad(fused, (x, bias), grad)
+    x_shifted = (x + bias).detach().requires_grad_()
+    plain = group_rational(x_shifted, numerator, denominator)
+    (dx_plain,) = torch.autograd.grad(plain, (x_shifted,), grad)
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dx, dx_plain, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dbias, dx_plain.sum((0, 1)), rtol=1e-5, atol=1e-5)
+
+
+def test_bias_channels_last_image(cpu_backend):
+    image = torch.randn(2, 32, 5, 7).to(memory_format=torch.channels_last)
+    y = check_against_reference(image, *random_coefficients(8), channel_dim=1, bias=channel_bias(image, 1))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+def test_bias_low_precision(cpu_backend, dtype, rtol):
+    """Low-precision x and bias: math in fp32, the bias gradient summed from fp32 dx, returned in the bias dtype."""
+    x = (torch.randn(6, 9, 256) * 2).to(dtype).requires_grad_()
+    bias = torch.randn(256).to(dtype).requires_grad_()
+    numerator, denominator = random_coefficients(8)
+    y = group_rational(x, numerator, denominator, bias=bias)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    ref_y, ref_dx, _, _, ref_dbias = group_rational_reference(x, numerator, denominator, -1, grad, bias=bias)
+    assert y.dtype == dtype and bias.grad.dtype == dtype
+    assert relative_error(y, ref_y) <= 2 * rtol, "value"
+    assert relative_error(x.grad, ref_dx) <= 4 * rtol, "grad x"
+    assert relative_error(bias.grad, ref_dbias) <= rtol, "grad bias"
+
+
+def test_bias_float64_gradcheck(use_backend):
+    use_backend("auto")
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    numerator, denominator = random_coefficients(8, shared_numerator=False, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda *a: group_rational(a[0], a[1], a[2], -1, bias=a[3]),
+                                    (x, numerator, denominator, bias))
+    image = torch.randn(2, 8, 3, 3, dtype=torch.float64, requires_grad=True)
+    image_bias = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    num1, den1 = random_coefficients(4, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda *a: group_rational(a[0], a[1], a[2], 1, bias=a[3]),
+                                    (image, num1, den1, image_bias))
+
+
+def test_bias_deterministic_and_thread_independent(use_backend):
+    use_backend("native")
+    numerator, denominator = random_coefficients(8)
+    threads = torch.get_num_threads()
+    for shape in ((32, 197, 96), (8, 50, 3072)):
+        x = torch.randn(shape, requires_grad=True)
+        bias = torch.randn(shape[-1], requires_grad=True)
+        grad = torch.randn(shape)
+        grads = []
+        try:
+            for n in (1, 2, 2):
+                torch.set_num_threads(n)
+                grads.append(torch.autograd.grad(group_rational(x, numerator, denominator, bias=bias),
+                                                 (x, numerator, denominator, bias), grad))
+        finally:
+            torch.set_num_threads(threads)
+        for other in grads[1:]:
+            for name, first, again in zip(("x", "numerator", "denominator", "bias"), grads[0], other):
+                assert torch.equal(first, again), f"grad {name} differs between calls / thread counts ({shape})"
+
+
+def test_bias_zero_size_and_meta(cpu_backend):
+    x = torch.randn(0, 16, requires_grad=True)
+    bias = torch.randn(16, requires_grad=True)
+    numerator, denominator = random_coefficients(8)
+    group_rational(x, numerator, denominator, bias=bias).sum().backward()
+    assert torch.equal(bias.grad, torch.zeros(16))
+    meta = torch.empty(2, 197, 384, device="meta", requires_grad=True)
+    meta_bias = torch.empty(384, device="meta", requires_grad=True)
+    y = group_rational(meta, numerator.detach().to("meta"), denominator.detach().to("meta"), bias=meta_bias)
+    y.sum().backward()
+    assert y.shape == meta.shape and meta_bias.grad.shape == (384,)
+
+
+@pytest.mark.parametrize("channel_dim,shape", [(-1, (3, 7, 64)), (1, (2, 16, 5, 5))])
+def test_bias_opcheck(cpu_backend, channel_dim, shape):
+    x = torch.randn(shape, requires_grad=True)
+    bias = torch.randn(shape[channel_dim], requires_grad=True)
+    numerator, denominator = random_coefficients(8)
+    torch.library.opcheck(torch.ops.kat_timm.group_rational.default, (x, numerator, denominator, channel_dim, bias))
+    torch.library.opcheck(
+        torch.ops.kat_timm.group_rational_backward.default,
+        (torch.randn(shape), x.detach(), numerator.detach(), denominator.detach(), channel_dim, bias.detach()),
+    )
+
+
+def test_bias_torch_compile_fullgraph(use_backend):
+    use_backend("auto")
+    torch._dynamo.reset()
+    numerator, denominator = random_coefficients(8)
+    bias = torch.randn(64, requires_grad=True)
+    compiled = torch.compile(lambda x: group_rational(x, numerator, denominator, bias=bias).square().sum(),
+                             fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    compiled(x).backward()
+    expected = torch.autograd.grad(group_rational(x, numerator, denominator, bias=bias).square().sum(), (x, bias))
+    torch.testing.assert_close(x.grad, expected[0])
+    torch.testing.assert_close(bias.grad, expected[1])
+
+
+def test_bias_bad_inputs():
+    numerator, denominator = random_coefficients(8)
+    x = torch.randn(2, 40)
+    with pytest.raises(ValueError, match=r"bias must have shape \(40,\).*got \(8,\)"):
+        group_rational(x, numerator, denominator, bias=torch.randn(8))
+    with pytest.raises(ValueError, match=r"bias must have shape \(40,\).*got \(1, 40\)"):
+        group_rational(x, numerator, denominator, bias=torch.randn(1, 40))
+    with pytest.raises(ValueError, match=r"bias must have shape \(5,\)"):
+        group_rational(torch.randn(2, 5, 3), numerator[:, :], torch.randn(5, 4), channel_dim=1, bias=torch.randn(3))
+    with pytest.raises(TypeError, match="bias must be a floating-point tensor"):
+        group_rational(x, numerator, denominator, bias=torch.arange(40))
+    with pytest.raises(TypeError, match="bias must be a torch.Tensor"):
+        group_rational(x, numerator, denominator, bias=[0.0] * 40)
+    with pytest.raises(ValueError, match="bias must be on x's device cpu, got meta"):
+        group_rational(x, numerator, denominator, bias=torch.empty(40, device="meta"))
+
+
+# ------------------------------------------------------------------- forward-mode AD, torch.func, double backward
+
+
+def _float64_case(channel_dim=-1, with_bias=False):
+    shape = (3, 5, 16) if channel_dim == -1 else (2, 8, 3, 3)
+    x = torch.randn(shape, dtype=torch.float64) * 2
+    numerator, denominator = (t.detach() for t in random_coefficients(8, shared_numerator=False, dtype=torch.float64))
+    bias = torch.randn(x.shape[channel_dim], dtype=torch.float64) if with_bias else None
+    return x, numerator, denominator, bias
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("channel_dim", [-1, 1])
+def test_jvp_matches_reference_and_finite_differences(use_backend, channel_dim, with_bias):
+    """torch.func.jvp and torch.autograd.forward_ad give the true tangent (they gave zeros / None)."""
+    use_backend("auto")
+    x, numerator, denominator, bias = _float64_case(channel_dim, with_bias)
+    tangent = torch.randn_like(x)
+    f = lambda t: group_rational(t, numerator, denominator, channel_dim, bias=bias)  # noqa: E731
+    y, jvp = torch.func.jvp(f, (x,), (tangent,))
+    ref = group_rational_reference(x, numerator, denominator, channel_dim, torch.ones_like(x), bias=bias)
+    assert relative_error(y, ref[0]) <= 1e-12
+    assert relative_error(jvp, ref[1] * tangent) <= 1e-12, "jvp = dF/dx * tangent"
+    eps = 1e-6
+    finite = (group_rational_reference(x + eps * tangent, numerator, denominator, channel_dim, bias=bias)
+              - group_rational_reference(x - eps * tangent, numerator, denominator, channel_dim, bias=bias)) / (2 * eps)
+    assert relative_error(jvp, finite) <= 1e-6, "jvp vs central differences"
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, tangent)
+        out = torch.autograd.forward_ad.unpack_dual(f(dual))
+    assert out.tangent is not None, "forward AD must give a tangent"
+    assert relative_error(out.tangent, jvp) <= 1e-12
+
+
+def test_jvp_in_float32_and_through_the_coefficients(use_backend):
+    use_backend("auto")
+    x = torch.randn(4, 7, 64)
+    numerator, denominator = (t.detach() for t in random_coefficients(8))
+    dn, dd = torch.randn_like(numerator), torch.randn_like(denominator)
+    _, jvp = torch.func.jvp(lambda a, b: group_rational(x, a, b), (numerator, denominator), (dn, dd))
+    # The reference's coefficient gradients, contracted with the tangents, per element: use finite differences.
+    eps = 1e-6
+    x64, n64, d64 = x.double(), numerator.double(), denominator.double()
+    finite = (group_rational_reference(x64, n64 + eps * dn, d64 + eps * dd)
+              - group_rational_reference(x64, n64 - eps * dn, d64 - eps * dd)) / (2 * eps)
+    assert jvp.dtype == torch.float32 and relative_error(jvp, finite) <= 1e-5
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_func_grad_jacrev_hessian(use_backend, with_bias):
+    use_backend("auto")
+    x, numerator, denominator, bias = _float64_case(with_bias=with_bias)
+    loss = lambda t: group_rational(t, numerator, denominator, bias=bias).sum()  # noqa: E731
+    ref = group_rational_reference(x, numerator, denominator, -1, torch.ones_like(x), bias=bias)
+    assert relative_error(torch.func.grad(loss)(x), ref[1]) <= 1e-12, "torch.func.grad"
+    row = x[0, 0]
+    jac = torch.func.jacrev(lambda t: group_rational(t, numerator, denominator, bias=bias))(row)
+    assert relative_error(jac, torch.diag(ref[1][0, 0])) <= 1e-12, "jacrev of an elementwise function is diagonal"
+    hessian = torch.func.hessian(loss)(x)
+    eps = 1e-5
+    step = torch.zeros_like(x)
+    step[1, 2, 3] = eps
+    grad_at = lambda t: group_rational_reference(t, numerator, denominator, -1, torch.ones_like(t), bias=bias)[1]  # noqa: E731
+    finite = (grad_at(x + step) - grad_at(x - step)) / (2 * eps)
+    assert relative_error(hessian[1, 2, 3], finite) <= 1e-6, "hessian column vs differences of the gradient"
+    batched = torch.func.vmap(lambda t: group_rational(t, numerator, denominator, bias=bias))(x)
+    assert relative_error(batched, ref[0]) <= 1e-12, "vmap"
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_double_backward(use_backend, with_bias):
+    use_backend("auto")
+    x, numerator, denominator, bias = _float64_case(with_bias=with_bias)
+    inputs = [x, numerator, denominator] + ([bias] if with_bias else [])
+    inputs = [t.clone().requires_grad_() for t in inputs]
+    op = lambda *a: group_rational(a[0], a[1], a[2], -1, bias=a[3] if with_bias else None)  # noqa: E731
+    assert torch.autograd.gradgradcheck(op, inputs)
+    # create_graph=True on the float32 fast path too: the gradient has a gradient.
+    x32 = torch.randn(4, 64, requires_grad=True)
+    n32, d32 = random_coefficients(8)
+    (gx,) = torch.autograd.grad(group_rational(x32, n32, d32).square().sum(), x32, create_graph=True)
+    (ggx,) = torch.autograd.grad(gx.sum(), x32)
+    assert torch.isfinite(ggx).all() and ggx.abs().sum() > 0

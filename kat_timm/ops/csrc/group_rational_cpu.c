@@ -110,44 +110,65 @@ static void load_coeffs(kat_coeffs *c, int64_t groups, const float *num, int64_t
     const float gf = gq * f;                                                                                      \
     const float x2 = (xv) * (xv), x4 = x2 * x2;
 
-/* One piece [begin, end) inside a segment: forward. */
+/* One piece [begin, end) inside a segment: forward; XV is the input of F at i (x, or x plus the column's bias). */
+#define KAT_FORWARD_PIECE_BODY(SUFFIX, XV)                                                                        \
+    const float a0 = c->a[0], a1 = c->a[1], a2 = c->a[2], a3 = c->a[3], a4 = c->a[4], a5 = c->a[5];               \
+    const float b1 = c->b[0], b2 = c->b[1], b3 = c->b[2], b4 = c->b[3];                                           \
+    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) {                                                        \
+        const float xv = XV;                                                                                      \
+        KAT_P_Q(xv)                                                                                               \
+        store_##SUFFIX(y, i, p / q);                                                                              \
+    }
+
 #define KAT_DEFINE_FORWARD_PIECE(SUFFIX, T)                                                                       \
     KAT_CLONES static void forward_piece_##SUFFIX(const T *restrict x, T *restrict y, int64_t n,                 \
                                                   const kat_coeffs *c) {                                          \
-        const float a0 = c->a[0], a1 = c->a[1], a2 = c->a[2], a3 = c->a[3], a4 = c->a[4], a5 = c->a[5];           \
-        const float b1 = c->b[0], b2 = c->b[1], b3 = c->b[2], b4 = c->b[3];                                       \
-        _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) {                                                    \
-            const float xv = load_##SUFFIX(x, i);                                                                 \
-            KAT_P_Q(xv)                                                                                           \
-            store_##SUFFIX(y, i, p / q);                                                                          \
-        }                                                                                                         \
+        KAT_FORWARD_PIECE_BODY(SUFFIX, load_##SUFFIX(x, i))                                                       \
+    }                                                                                                             \
+    /* bias: the piece's columns' input biases (float32), added before F. */                                      \
+    KAT_CLONES static void forward_piece_bias_##SUFFIX(const T *restrict x, T *restrict y, int64_t n,            \
+                                                       const kat_coeffs *c, const float *restrict bias) {         \
+        KAT_FORWARD_PIECE_BODY(SUFFIX, load_##SUFFIX(x, i) + bias[i])                                             \
     }
 
-/* One piece inside a segment: backward. Adds this piece's ten sums to acc (float64). */
+/*
+ * One piece inside a segment: backward. Adds this piece's ten sums to acc (float64). The bias variant reads x plus
+ * the columns' biases and adds each dx (float32, before the cast to the storage type) to its column's bias_acc.
+ */
+#define KAT_BACKWARD_PIECE_BODY(SUFFIX, XV, BIAS_STEP)                                                            \
+    const float a0 = c->a[0], a1 = c->a[1], a2 = c->a[2], a3 = c->a[3], a4 = c->a[4], a5 = c->a[5];               \
+    const float b1 = c->b[0], b2 = c->b[1], b3 = c->b[2], b4 = c->b[3];                                           \
+    float s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, t1 = 0, t2 = 0, t3 = 0, t4 = 0;                         \
+    _Pragma("omp simd reduction(+ : s0, s1, s2, s3, s4, s5, t1, t2, t3, t4)") for (int64_t i = 0; i < n; ++i) {   \
+        const float xv = XV;                                                                                      \
+        const float gv = load_##SUFFIX(grad, i);                                                                  \
+        KAT_BACKWARD_TERMS(xv, gv)                                                                                \
+        store_##SUFFIX(dx, i, dxv);                                                                               \
+        BIAS_STEP;                                                                                                \
+        s0 += gq;                                                                                                 \
+        s1 += gq * xv;                                                                                            \
+        s2 += gq * x2;                                                                                            \
+        s3 += gq * x2 * xv;                                                                                       \
+        s4 += gq * x4;                                                                                            \
+        s5 += gq * x4 * xv;                                                                                       \
+        t1 += gf * ax;                                                                                            \
+        t2 += gf * x2;                                                                                            \
+        t3 += gf * x2 * ax;                                                                                       \
+        t4 += gf * x4;                                                                                            \
+    }                                                                                                             \
+    acc[0] += s0; acc[1] += s1; acc[2] += s2; acc[3] += s3; acc[4] += s4; acc[5] += s5;                           \
+    acc[6] += t1; acc[7] += t2; acc[8] += t3; acc[9] += t4;
+
 #define KAT_DEFINE_BACKWARD_PIECE(SUFFIX, T)                                                                      \
     KAT_CLONES static void backward_piece_##SUFFIX(const T *restrict grad, const T *restrict x, T *restrict dx,  \
                                                    int64_t n, const kat_coeffs *c, double *acc) {                 \
-        const float a0 = c->a[0], a1 = c->a[1], a2 = c->a[2], a3 = c->a[3], a4 = c->a[4], a5 = c->a[5];           \
-        const float b1 = c->b[0], b2 = c->b[1], b3 = c->b[2], b4 = c->b[3];                                       \
-        float s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, t1 = 0, t2 = 0, t3 = 0, t4 = 0;                     \
-        _Pragma("omp simd reduction(+ : s0, s1, s2, s3, s4, s5, t1, t2, t3, t4)") for (int64_t i = 0; i < n; ++i) { \
-            const float xv = load_##SUFFIX(x, i);                                                                 \
-            const float gv = load_##SUFFIX(grad, i);                                                              \
-            KAT_BACKWARD_TERMS(xv, gv)                                                                            \
-            store_##SUFFIX(dx, i, dxv);                                                                           \
-            s0 += gq;                                                                                             \
-            s1 += gq * xv;                                                                                        \
-            s2 += gq * x2;                                                                                        \
-            s3 += gq * x2 * xv;                                                                                   \
-            s4 += gq * x4;                                                                                        \
-            s5 += gq * x4 * xv;                                                                                   \
-            t1 += gf * ax;                                                                                        \
-            t2 += gf * x2;                                                                                        \
-            t3 += gf * x2 * ax;                                                                                   \
-            t4 += gf * x4;                                                                                        \
-        }                                                                                                         \
-        acc[0] += s0; acc[1] += s1; acc[2] += s2; acc[3] += s3; acc[4] += s4; acc[5] += s5;                       \
-        acc[6] += t1; acc[7] += t2; acc[8] += t3; acc[9] += t4;                                                   \
+        KAT_BACKWARD_PIECE_BODY(SUFFIX, load_##SUFFIX(x, i), (void)0)                                             \
+    }                                                                                                             \
+    KAT_CLONES static void backward_piece_bias_##SUFFIX(const T *restrict grad, const T *restrict x,             \
+                                                        T *restrict dx, int64_t n, const kat_coeffs *c,           \
+                                                        double *acc, const float *restrict bias,                  \
+                                                        float *restrict bias_acc) {                               \
+        KAT_BACKWARD_PIECE_BODY(SUFFIX, load_##SUFFIX(x, i) + bias[i], bias_acc[i] += dxv)                        \
     }
 
 /*
@@ -155,29 +176,45 @@ static void load_coeffs(kat_coeffs *c, int64_t groups, const float *num, int64_t
  * (cc[i * K + k]) and per-column float accumulators (acc[i * KAT_COL_BLOCK + k]) instead of per-piece reductions,
  * whose fixed cost dominates when a piece is only a few dozen elements long.
  */
+#define KAT_BACKWARD_ROW_BODY(SUFFIX, XV, BIAS_STEP)                                                             \
+    _Pragma("omp simd") for (int64_t k = 0; k < n; ++k) {                                                        \
+        const float a0 = cc[k], a1 = cc[K + k], a2 = cc[2 * K + k], a3 = cc[3 * K + k], a4 = cc[4 * K + k];       \
+        const float a5 = cc[5 * K + k], b1 = cc[6 * K + k], b2 = cc[7 * K + k], b3 = cc[8 * K + k];               \
+        const float b4 = cc[9 * K + k];                                                                           \
+        const float xv = XV;                                                                                      \
+        const float gv = load_##SUFFIX(grad, k);                                                                  \
+        KAT_BACKWARD_TERMS(xv, gv)                                                                                \
+        store_##SUFFIX(dx, k, dxv);                                                                               \
+        BIAS_STEP;                                                                                                \
+        acc[k] += gq;                                                                                             \
+        acc[1 * KAT_COL_BLOCK + k] += gq * xv;                                                                    \
+        acc[2 * KAT_COL_BLOCK + k] += gq * x2;                                                                    \
+        acc[3 * KAT_COL_BLOCK + k] += gq * x2 * xv;                                                               \
+        acc[4 * KAT_COL_BLOCK + k] += gq * x4;                                                                    \
+        acc[5 * KAT_COL_BLOCK + k] += gq * x4 * xv;                                                               \
+        acc[6 * KAT_COL_BLOCK + k] += gf * ax;                                                                    \
+        acc[7 * KAT_COL_BLOCK + k] += gf * x2;                                                                    \
+        acc[8 * KAT_COL_BLOCK + k] += gf * x2 * ax;                                                               \
+        acc[9 * KAT_COL_BLOCK + k] += gf * x4;                                                                    \
+    }
+
+/*
+ * Backward of n columns of one row (row stride K = G * L) for short groups (small L): per-column coefficients
+ * (cc[i * K + k]) and per-column float accumulators (acc[i * KAT_COL_BLOCK + k]) instead of per-piece reductions,
+ * whose fixed cost dominates when a piece is only a few dozen elements long. The bias variant adds the columns'
+ * biases to x and accumulates dx per column in an eleventh row of acc.
+ */
 #define KAT_DEFINE_BACKWARD_ROW(SUFFIX, T)                                                                        \
     KAT_CLONES static void backward_row_##SUFFIX(const T *restrict grad, const T *restrict x, T *restrict dx,    \
                                                  int64_t n, int64_t K, const float *restrict cc,                 \
                                                  float *restrict acc) {                                          \
-        _Pragma("omp simd") for (int64_t k = 0; k < n; ++k) {                                                    \
-            const float a0 = cc[k], a1 = cc[K + k], a2 = cc[2 * K + k], a3 = cc[3 * K + k], a4 = cc[4 * K + k];   \
-            const float a5 = cc[5 * K + k], b1 = cc[6 * K + k], b2 = cc[7 * K + k], b3 = cc[8 * K + k];           \
-            const float b4 = cc[9 * K + k];                                                                       \
-            const float xv = load_##SUFFIX(x, k);                                                                 \
-            const float gv = load_##SUFFIX(grad, k);                                                              \
-            KAT_BACKWARD_TERMS(xv, gv)                                                                            \
-            store_##SUFFIX(dx, k, dxv);                                                                           \
-            acc[k] += gq;                                                                                         \
-            acc[1 * KAT_COL_BLOCK + k] += gq * xv;                                                                \
-            acc[2 * KAT_COL_BLOCK + k] += gq * x2;                                                                \
-            acc[3 * KAT_COL_BLOCK + k] += gq * x2 * xv;                                                           \
-            acc[4 * KAT_COL_BLOCK + k] += gq * x4;                                                                \
-            acc[5 * KAT_COL_BLOCK + k] += gq * x4 * xv;                                                           \
-            acc[6 * KAT_COL_BLOCK + k] += gf * ax;                                                                \
-            acc[7 * KAT_COL_BLOCK + k] += gf * x2;                                                                \
-            acc[8 * KAT_COL_BLOCK + k] += gf * x2 * ax;                                                           \
-            acc[9 * KAT_COL_BLOCK + k] += gf * x4;                                                                \
-        }                                                                                                         \
+        KAT_BACKWARD_ROW_BODY(SUFFIX, load_##SUFFIX(x, k), (void)0)                                               \
+    }                                                                                                             \
+    KAT_CLONES static void backward_row_bias_##SUFFIX(const T *restrict grad, const T *restrict x,               \
+                                                      T *restrict dx, int64_t n, int64_t K,                       \
+                                                      const float *restrict cc, float *restrict acc,              \
+                                                      const float *restrict bias) {                               \
+        KAT_BACKWARD_ROW_BODY(SUFFIX, load_##SUFFIX(x, k) + bias[k], acc[10 * KAT_COL_BLOCK + k] += dxv)          \
     }
 
 #define KAT_DEFINE_DRIVERS(SUFFIX, T)                                                                             \
@@ -187,7 +224,7 @@ static void load_coeffs(kat_coeffs *c, int64_t groups, const float *num, int64_t
     /* Chunks of whole rows; the per-column sums of a chunk are folded into its group partials at its end. */    \
     static int backward_rows_##SUFFIX(const T *grad, const T *x, T *dx, int64_t rows, int64_t groups,            \
                                       int64_t seg_len, const kat_coeffs *c, double *partials, int64_t rows_per_chunk, \
-                                      int nthreads) {                                                             \
+                                      const float *bias, float *bias_partials, int nthreads) {                    \
         const int64_t K = groups * seg_len;                                                                       \
         const int64_t chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;                                      \
         float *cc = (float *)malloc(sizeof(float) * (size_t)(10 * K));                                            \
@@ -199,7 +236,7 @@ static void load_coeffs(kat_coeffs *c, int64_t groups, const float *num, int64_t
         }                                                                                                         \
         int status = KAT_OK;                                                                                      \
         _Pragma("omp parallel num_threads(nthreads)") {                                                           \
-            float *acc = (float *)malloc(sizeof(float) * 10 * KAT_COL_BLOCK);                                     \
+            float *acc = (float *)malloc(sizeof(float) * 11 * KAT_COL_BLOCK);                                     \
             if (!acc) {                                                                                           \
                 _Pragma("omp atomic write") status = KAT_NO_MEMORY;                                               \
             }                                                                                                     \
@@ -211,10 +248,17 @@ static void load_coeffs(kat_coeffs *c, int64_t groups, const float *num, int64_t
                 /* Column blocks keep the block's accumulators and coefficients in L1. */                        \
                 for (int64_t k0 = 0; k0 < K; k0 += KAT_COL_BLOCK) {                                               \
                     const int64_t n = K - k0 < KAT_COL_BLOCK ? K - k0 : KAT_COL_BLOCK;                            \
-                    memset(acc, 0, sizeof(float) * 10 * KAT_COL_BLOCK);                                           \
-                    for (int64_t r = r0; r < r1; ++r)                                                             \
-                        backward_row_##SUFFIX(grad + r * K + k0, x + r * K + k0, dx + r * K + k0, n, K, cc + k0,  \
-                                              acc);                                                               \
+                    memset(acc, 0, sizeof(float) * 11 * KAT_COL_BLOCK);                                           \
+                    if (bias) {                                                                                   \
+                        for (int64_t r = r0; r < r1; ++r)                                                         \
+                            backward_row_bias_##SUFFIX(grad + r * K + k0, x + r * K + k0, dx + r * K + k0, n, K,  \
+                                                       cc + k0, acc, bias + k0);                                  \
+                        memcpy(bias_partials + chunk * K + k0, acc + 10 * KAT_COL_BLOCK, sizeof(float) * n);      \
+                    } else {                                                                                      \
+                        for (int64_t r = r0; r < r1; ++r)                                                         \
+                            backward_row_##SUFFIX(grad + r * K + k0, x + r * K + k0, dx + r * K + k0, n, K,       \
+                                                  cc + k0, acc);                                                  \
+                    }                                                                                             \
                     /* Fold columns into their groups, walking the group boundaries (no division per column). */ \
                     for (int64_t k = 0, g = k0 / seg_len; k < n; ++g) {                                           \
                         const int64_t stop = (g + 1) * seg_len - k0 < n ? (g + 1) * seg_len - k0 : n;             \
@@ -232,8 +276,30 @@ static void load_coeffs(kat_coeffs *c, int64_t groups, const float *num, int64_t
         free(cc);                                                                                                 \
         return status;                                                                                            \
     }                                                                                                             \
+    /*                                                                                                            \
+     * Backward with a bias and long groups: tiles of whole rows, at most KAT_MAX_ROW_TILES of them, so the       \
+     * per-tile, per-column bias sums (bias_partials[tile * K + k]) stay small whatever the shape.                \
+     */                                                                                                           \
+    static void backward_tiles_##SUFFIX(const T *grad, const T *x, T *dx, int64_t rows, int64_t groups,          \
+                                        int64_t seg_len, const kat_coeffs *c, double *partials,                   \
+                                        int64_t rows_per_tile, const float *bias, float *bias_partials,           \
+                                        int nthreads) {                                                           \
+        const int64_t K = groups * seg_len;                                                                       \
+        const int64_t tiles = (rows + rows_per_tile - 1) / rows_per_tile;                                         \
+        _Pragma("omp parallel for schedule(static) num_threads(nthreads)") for (int64_t t = 0; t < tiles; ++t) {  \
+            const int64_t r1 = (t + 1) * rows_per_tile < rows ? (t + 1) * rows_per_tile : rows;                   \
+            for (int64_t r = t * rows_per_tile; r < r1; ++r)                                                      \
+                for (int64_t g = 0; g < groups; ++g) {                                                            \
+                    const int64_t off = r * K + g * seg_len;                                                      \
+                    backward_piece_bias_##SUFFIX(grad + off, x + off, dx + off, seg_len, &c[g],                   \
+                                                 partials + (t * groups + g) * 10, bias + g * seg_len,            \
+                                                 bias_partials + t * K + g * seg_len);                            \
+                }                                                                                                 \
+        }                                                                                                         \
+    }                                                                                                             \
     static void forward_##SUFFIX(const T *x, T *y, int64_t total, int64_t groups, int64_t seg_len,               \
-                                 const kat_coeffs *c, int nthreads) {                                             \
+                                 const kat_coeffs *c, const float *bias, int nthreads) {                          \
+        const int64_t K = groups * seg_len;                                                                       \
         const int64_t chunks = (total + KAT_CHUNK - 1) / KAT_CHUNK;                                               \
         _Pragma("omp parallel for schedule(static) num_threads(nthreads)") for (int64_t k = 0; k < chunks; ++k) { \
             int64_t i = k * KAT_CHUNK;                                                                            \
@@ -242,7 +308,10 @@ static void load_coeffs(kat_coeffs *c, int64_t groups, const float *num, int64_t
                 const int64_t seg = i / seg_len;                                                                  \
                 const int64_t seg_end = (seg + 1) * seg_len;                                                      \
                 const int64_t end = seg_end < stop ? seg_end : stop;                                              \
-                forward_piece_##SUFFIX(x + i, y + i, end - i, &c[seg % groups]);                                  \
+                if (bias)                                                                                         \
+                    forward_piece_bias_##SUFFIX(x + i, y + i, end - i, &c[seg % groups], bias + i % K);           \
+                else                                                                                              \
+                    forward_piece_##SUFFIX(x + i, y + i, end - i, &c[seg % groups]);                              \
                 i = end;                                                                                          \
             }                                                                                                     \
         }                                                                                                         \
@@ -279,57 +348,90 @@ int kat_rational_supports(int dtype) {
 /*
  * x, y: (M, G, L) contiguous, total = M * G * L elements of the storage type `dtype`.
  * num: float32, row g at num + g * num_row_stride (stride 0 for one shared row); den: float32 (G, 4).
+ * bias: NULL, or float32 (G * L): one value per column of the (M, K = G * L) matrix, added to x before F.
  */
 int kat_rational_forward(int dtype, const void *x, void *y, int64_t total, int64_t groups, int64_t seg_len,
-                         const float *num, int64_t num_row_stride, const float *den, int nthreads) {
+                         const float *num, int64_t num_row_stride, const float *den, const float *bias,
+                         int nthreads) {
     if (!kat_rational_supports(dtype)) return KAT_BAD_DTYPE;
     kat_coeffs *c = (kat_coeffs *)malloc(sizeof(kat_coeffs) * (size_t)groups);
     if (!c) return KAT_NO_MEMORY;
     load_coeffs(c, groups, num, num_row_stride, den);
-    if (dtype == KAT_F32) forward_f32((const float *)x, (float *)y, total, groups, seg_len, c, nthreads);
-    else if (dtype == KAT_BF16) forward_bf16((const uint16_t *)x, (uint16_t *)y, total, groups, seg_len, c, nthreads);
+    if (dtype == KAT_F32) forward_f32((const float *)x, (float *)y, total, groups, seg_len, c, bias, nthreads);
+    else if (dtype == KAT_BF16)
+        forward_bf16((const uint16_t *)x, (uint16_t *)y, total, groups, seg_len, c, bias, nthreads);
 #if KAT_HAVE_F16
-    else forward_f16((const _Float16 *)x, (_Float16 *)y, total, groups, seg_len, c, nthreads);
+    else forward_f16((const _Float16 *)x, (_Float16 *)y, total, groups, seg_len, c, bias, nthreads);
 #endif
     free(c);
     return KAT_OK;
 }
 
+/* Bias tiles of the long-group path: enough for any thread count, few enough to keep the partials small. */
+#ifndef KAT_MAX_ROW_TILES
+#define KAT_MAX_ROW_TILES 256
+#endif
+
 /*
  * grad, x, dx: (M, G, L) contiguous of the storage type. sums: float64 (G, 10), overwritten with
- * [S0..S5, T1..T4] per group.
+ * [S0..S5, T1..T4] per group. bias: as in kat_rational_forward; with a bias, bias_sums (float32, G * L) is
+ * overwritten with the per-column sums of dx (float32 dx, before the cast to the storage type).
  */
 int kat_rational_backward(int dtype, const void *grad, const void *x, void *dx, int64_t total, int64_t groups,
-                          int64_t seg_len, const float *num, int64_t num_row_stride, const float *den, double *sums,
-                          int nthreads) {
+                          int64_t seg_len, const float *num, int64_t num_row_stride, const float *den,
+                          const float *bias, double *sums, float *bias_sums, int nthreads) {
     if (!kat_rational_supports(dtype)) return KAT_BAD_DTYPE;
-    /* Short groups with not-too-wide rows: whole-row chunks with per-column accumulators (see backward_row). */
     const int64_t row_len = groups * seg_len;
+    const int64_t rows = total / row_len;
+    /* Short groups with not-too-wide rows: whole-row chunks with per-column accumulators (see backward_row). */
     const int row_mode = seg_len < KAT_ROW_MODE_MAX_L && row_len <= KAT_ROW_MODE_MAX_K;
-    const int64_t rows_per_chunk = row_mode ? (KAT_CHUNK + row_len - 1) / row_len : 0;
-    const int64_t chunks = row_mode ? (total / row_len + rows_per_chunk - 1) / rows_per_chunk
-                                    : (total + KAT_CHUNK - 1) / KAT_CHUNK;
+    const int tile_mode = !row_mode && bias != NULL;
+    int64_t rows_per_chunk = 0, chunks;
+    if (row_mode) {
+        rows_per_chunk = (KAT_CHUNK + row_len - 1) / row_len;
+        chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
+    } else if (tile_mode) {
+        rows_per_chunk = (KAT_CHUNK + row_len - 1) / row_len;
+        const int64_t at_most = (rows + KAT_MAX_ROW_TILES - 1) / KAT_MAX_ROW_TILES;
+        if (rows_per_chunk < at_most) rows_per_chunk = at_most;
+        chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
+    } else {
+        chunks = (total + KAT_CHUNK - 1) / KAT_CHUNK;
+    }
     kat_coeffs *c = (kat_coeffs *)malloc(sizeof(kat_coeffs) * (size_t)groups);
     double *partials = (double *)calloc((size_t)(chunks * groups * 10), sizeof(double));
-    if (!c || !partials) {
+    float *bias_partials = bias ? (float *)calloc((size_t)(chunks * row_len), sizeof(float)) : NULL;
+    if (!c || !partials || (bias && !bias_partials)) {
         free(c);
         free(partials);
+        free(bias_partials);
         return KAT_NO_MEMORY;
     }
     load_coeffs(c, groups, num, num_row_stride, den);
     int status = KAT_OK;
     if (row_mode) {
-        const int64_t rows = total / row_len;
         if (dtype == KAT_F32)
             status = backward_rows_f32((const float *)grad, (const float *)x, (float *)dx, rows, groups, seg_len, c,
-                                       partials, rows_per_chunk, nthreads);
+                                       partials, rows_per_chunk, bias, bias_partials, nthreads);
         else if (dtype == KAT_BF16)
             status = backward_rows_bf16((const uint16_t *)grad, (const uint16_t *)x, (uint16_t *)dx, rows, groups,
-                                        seg_len, c, partials, rows_per_chunk, nthreads);
+                                        seg_len, c, partials, rows_per_chunk, bias, bias_partials, nthreads);
 #if KAT_HAVE_F16
         else
             status = backward_rows_f16((const _Float16 *)grad, (const _Float16 *)x, (_Float16 *)dx, rows, groups,
-                                       seg_len, c, partials, rows_per_chunk, nthreads);
+                                       seg_len, c, partials, rows_per_chunk, bias, bias_partials, nthreads);
+#endif
+    } else if (tile_mode) {
+        if (dtype == KAT_F32)
+            backward_tiles_f32((const float *)grad, (const float *)x, (float *)dx, rows, groups, seg_len, c, partials,
+                               rows_per_chunk, bias, bias_partials, nthreads);
+        else if (dtype == KAT_BF16)
+            backward_tiles_bf16((const uint16_t *)grad, (const uint16_t *)x, (uint16_t *)dx, rows, groups, seg_len,
+                                c, partials, rows_per_chunk, bias, bias_partials, nthreads);
+#if KAT_HAVE_F16
+        else
+            backward_tiles_f16((const _Float16 *)grad, (const _Float16 *)x, (_Float16 *)dx, rows, groups, seg_len,
+                               c, partials, rows_per_chunk, bias, bias_partials, nthreads);
 #endif
     } else if (dtype == KAT_F32)
         backward_f32((const float *)grad, (const float *)x, (float *)dx, total, groups, seg_len, c, partials, nthreads);
@@ -341,18 +443,28 @@ int kat_rational_backward(int dtype, const void *grad, const void *x, void *dx, 
         backward_f16((const _Float16 *)grad, (const _Float16 *)x, (_Float16 *)dx, total, groups, seg_len, c, partials,
                      nthreads);
 #endif
-    if (status != KAT_OK) {
-        free(c);
-        free(partials);
-        return status;
+    if (status == KAT_OK) {
+        /* Fixed-order second stage: chunk 0, 1, 2, ... whatever thread computed them. */
+        memset(sums, 0, sizeof(double) * (size_t)(groups * 10));
+        for (int64_t k = 0; k < chunks; ++k)
+            for (int64_t j = 0; j < groups * 10; ++j) sums[j] += partials[k * groups * 10 + j];
+        if (bias) {
+            /* Per column, chunks in order (the split over threads is by column, so the order never changes). */
+            const int64_t blocks = (row_len + KAT_COL_BLOCK - 1) / KAT_COL_BLOCK;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+            for (int64_t blk = 0; blk < blocks; ++blk) {
+                const int64_t k0 = blk * KAT_COL_BLOCK;
+                const int64_t k1 = k0 + KAT_COL_BLOCK < row_len ? k0 + KAT_COL_BLOCK : row_len;
+                for (int64_t k = k0; k < k1; ++k) bias_sums[k] = 0.0f;
+                for (int64_t t = 0; t < chunks; ++t)
+                    for (int64_t k = k0; k < k1; ++k) bias_sums[k] += bias_partials[t * row_len + k];
+            }
+        }
     }
-    /* Fixed-order second stage: chunk 0, 1, 2, ... whatever thread computed them. */
-    memset(sums, 0, sizeof(double) * (size_t)(groups * 10));
-    for (int64_t k = 0; k < chunks; ++k)
-        for (int64_t j = 0; j < groups * 10; ++j) sums[j] += partials[k * groups * 10 + j];
     free(c);
     free(partials);
-    return KAT_OK;
+    free(bias_partials);
+    return status;
 }
 
 /*
@@ -383,11 +495,11 @@ void kat_rational_coefficient_grads(const double *sums, int64_t groups, const fl
  */
 int kat_rational_backward_grads(int dtype, const void *grad, const void *x, void *dx, int64_t total, int64_t groups,
                                 int64_t seg_len, const float *num, int64_t num_row_stride, const float *den,
-                                float *grad_num, float *grad_den, int nthreads) {
+                                const float *bias, float *grad_num, float *grad_den, float *bias_sums, int nthreads) {
     double *sums = (double *)malloc(sizeof(double) * (size_t)(groups * 10));
     if (!sums) return KAT_NO_MEMORY;
-    int status = kat_rational_backward(dtype, grad, x, dx, total, groups, seg_len, num, num_row_stride, den, sums,
-                                       nthreads);
+    int status = kat_rational_backward(dtype, grad, x, dx, total, groups, seg_len, num, num_row_stride, den, bias,
+                                       sums, bias_sums, nthreads);
     if (status == KAT_OK) kat_rational_coefficient_grads(sums, groups, den, num_row_stride == 0, grad_num, grad_den);
     free(sums);
     return status;
