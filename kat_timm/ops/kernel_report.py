@@ -220,15 +220,17 @@ def _loop_body(ptx: str) -> str:
     return best
 
 
-def _traffic(ptx: str, data_loads_outside: int) -> Tuple[int, int, int, int]:
+def _traffic(ptx: str, data_loads_outside: int, data_stores_outside: int) -> Tuple[int, int, int, int]:
     """(vector load, scalar load, vector store, scalar store) bytes per thread per iteration.
 
     With a loop, the loop body is counted; without one, the whole kernel minus its first ``data_loads_outside``
-    scalar loads (the coefficients, loaded once per program)."""
+    scalar loads (the coefficients, loaded once per program) and its last ``data_stores_outside`` scalar stores
+    (per-program bookkeeping such as a flag)."""
     body = _loop_body(ptx)
     text = body if body else ptx
     loads_vector = loads_scalar = stores_vector = stores_scalar = 0
     skipped = 0 if body else data_loads_outside
+    narrow_stores = []
     for match in _ACCESS.finditer(text):
         kind, nbytes = match.group(1), _access_bytes(match.group(2))
         wide = nbytes >= 16
@@ -240,12 +242,13 @@ def _traffic(ptx: str, data_loads_outside: int) -> Tuple[int, int, int, int]:
                 loads_vector += nbytes
             else:
                 loads_scalar += nbytes
+        elif wide:
+            stores_vector += nbytes
         else:
-            if wide:
-                stores_vector += nbytes
-            else:
-                stores_scalar += nbytes
-    return loads_vector, loads_scalar, stores_vector, stores_scalar
+            narrow_stores.append(nbytes)
+    if not body and data_stores_outside:
+        narrow_stores = narrow_stores[:-data_stores_outside]
+    return loads_vector, loads_scalar, stores_vector, sum(narrow_stores)
 
 
 def _programs_per_sm(arch: Arch, registers: int, num_warps: int, shared: int) -> int:
@@ -257,27 +260,31 @@ def _programs_per_sm(arch: Arch, registers: int, num_warps: int, shared: int) ->
 
 
 def kernel_resources(direction: str, shape: Tuple[int, int, int], dtype: torch.dtype, arch: str = "sm_90a",
-                     bias: bool = False) -> KernelResources:
+                     bias: bool = False, safe: bool = False) -> KernelResources:
     """Compile the ``direction`` ("forward" or "backward") kernel for an (M, G, L) input of ``dtype`` as the
-    launcher would on ``arch`` (with the input-bias variant when ``bias``), and derive its resources."""
+    launcher would on ``arch``, and derive its resources. ``bias``: the input-bias variant; ``safe``: the second
+    pass that recomputes, in the reciprocal form, the tiles the first flagged for an |x| above LARGE_INPUT (its
+    programs exit at once unless flagged, so the first pass is what bounds the bandwidth)."""
     from . import rational_triton as kernels
 
     rows, groups, length = shape
     data = torch.empty(16, dtype=dtype)  # stands for x / y / grad / dx: only dtype and alignment matter
     coefficients = torch.empty(16, dtype=torch.float32)
+    flags = torch.empty(16, dtype=torch.int32)
     target = ARCHS[arch]
     if direction == "forward":
         launch = kernels.forward_launch(rows, groups, length, data.element_size())
         fn = kernels._group_rational_forward_kernel
-        args = [data, data, coefficients, coefficients, coefficients, rows, groups * length, 0, launch.segments]
+        args = [data, data, coefficients, coefficients, coefficients, flags, rows, groups * length, 0,
+                launch.segments]
     elif direction == "backward":
-        launch = kernels.backward_launch(rows, groups, length, dtype, target.sm_count, target.capability // 10)
+        launch = kernels.backward_launch(rows, groups, length, dtype, target.sm_count)
         fn = kernels._group_rational_backward_kernel
-        args = [data, data, data, coefficients, coefficients, coefficients, coefficients, coefficients, rows,
+        args = [data, data, data, coefficients, coefficients, coefficients, coefficients, coefficients, flags, rows,
                 groups * length, 0, launch.segments, launch.rows_per_program]
     else:
         raise ValueError(f"direction must be 'forward' or 'backward', got {direction!r}")
-    constexprs = dict(launch.constexprs, HAS_BIAS=int(bias))
+    constexprs = dict(launch.constexprs, HAS_BIAS=int(bias), SAFE=int(safe))
     compiled = compile_for(fn, args, constexprs, launch.num_warps, launch.num_stages, arch)
     ptx = compiled.asm["ptx"]
     registers, spills, stack = ptxas_info(ptx, arch)
@@ -285,7 +292,8 @@ def kernel_resources(direction: str, shape: Tuple[int, int, int], dtype: torch.d
     resident = _programs_per_sm(target, registers, launch.num_warps, shared)
     programs = launch.grid[0]
     resident_now = min(resident, math.ceil(programs / target.sm_count))  # a small grid fills fewer slots
-    loads_v, loads_s, stores_v, stores_s = _traffic(ptx, data_loads_outside=10)
+    # Outside the data: the ten coefficient loads; the forward's per-program flag store.
+    loads_v, loads_s, stores_v, stores_s = _traffic(ptx, data_loads_outside=10, data_stores_outside=1)
     in_flight = resident_now * 32 * launch.num_warps * (loads_v + loads_s)
     return KernelResources(
         kernel=direction, arch=arch, dtype=str(dtype).replace("torch.", ""), shape=shape,

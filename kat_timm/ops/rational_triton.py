@@ -52,10 +52,9 @@ _FORWARD_VECTORS = 4  # 16-byte vectors of x each forward thread loads (and of y
 _BACKWARD_WARPS = 4
 _BACKWARD_VECTORS = 2  # 16-byte vectors of x (and as many of the gradient) a backward thread loads per iteration
 # Backward programs resident per SM: the compiled kernel's real occupancy (registers per thread x threads), by
-# compute capability major and dtype, checked against the compiler for sm_90a and sm_80 by
-# tests/ops/test_kernel_report.py. The grid is sized in whole waves of this many programs per SM.
-BACKWARD_PROGRAMS_PER_SM = {(9, torch.float16): 4}  # fp16's conversions take a few more registers on sm_90
-_DEFAULT_BACKWARD_PROGRAMS_PER_SM = 5
+# dtype, the same on sm_90a and sm_80, checked against the compiler by tests/ops/test_kernel_report.py. The grid is
+# sized in whole waves of this many programs per SM.
+BACKWARD_PROGRAMS_PER_SM = {torch.float32: 5, torch.bfloat16: 4, torch.float16: 4}
 _MAX_WAVES = 4
 _UNALIGNED_ELEMENTS = 4
 
@@ -89,26 +88,108 @@ def _segment_tile(pid_segment, K, GROUP_LEN: tl.constexpr, BLOCK_L: tl.constexpr
     return group, cols, col_mask
 
 
+# Above this |x| an element is evaluated in the reciprocal form (the same bound as every other backend:
+# kat_timm/ops/rational_torch.py LARGE_INPUT); below it the plain form can't overflow in fp32.
+LARGE_INPUT = tl.constexpr(1e3)
+_FLT_MIN = tl.constexpr(1.1754943508222875e-38)
+
+
 @triton.jit
-def _group_rational_forward_kernel(
-    x_ptr,  # (M, K) contiguous, x's dtype
-    y_ptr,  # (M, K) contiguous, x's dtype
-    num_ptr,  # (G, 6) rows, row stride num_row_stride (0: one shared row)
-    den_ptr,  # (G, 4) contiguous
-    bias_ptr,  # (K,) float32 input bias per column when HAS_BIAS (else any pointer, never read)
-    M,
-    K,
-    num_row_stride,
-    segments,  # G * CHUNKS
-    GROUP_LEN: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_L: tl.constexpr,
-    CHUNKS: tl.constexpr,
-    EVEN_L: tl.constexpr,  # GROUP_LEN % BLOCK_L == 0: no column mask
-    HAS_BIAS: tl.constexpr,
+def _plain_value(x, a0, a1, a2, a3, a4, a5, b1, b2, b3, b4):
+    ax = tl.abs(x)
+    p = a0 + x * (a1 + x * (a2 + x * (a3 + x * (a4 + x * a5))))
+    q = 1.0 + ax * (b1 + ax * (b2 + ax * (b3 + ax * b4)))
+    return p / q
+
+
+@triton.jit
+def _reciprocal_split(x, a0, a1, a2, a3, a4, a5, b1, b2, b3, b4):
+    """The reciprocal form's pieces, with P(x) = x^5 P~(u), Q(|x|) = |x|^4 Q~(|u|), u = 1 / x: where it applies
+    (|x| > LARGE_INPUT and Q~ a normal float; elsewhere the plain form is exact), its x (2 where unused), u, |u|,
+    Q~, P~, and the plain form's x (0 where unused), so neither form ever overflows or divides by zero."""
+    big = tl.abs(x) > LARGE_INPUT
+    xr = tl.where(big, x, 2.0)
+    u = 1.0 / xr
+    au = tl.abs(u)
+    qt = b4 + au * (b3 + au * (b2 + au * (b1 + au)))
+    use = big & (qt >= _FLT_MIN)
+    xp = tl.where(use, 0.0, x)
+    pt = a5 + u * (a4 + u * (a3 + u * (a2 + u * (a1 + u * a0))))
+    return use, xr, u, au, qt, pt, xp
+
+
+@triton.jit
+def _safe_value(x, a0, a1, a2, a3, a4, a5, b1, b2, b3, b4):
+    """F(x) for any finite x: F = x P~ / Q~ where the reciprocal form applies, P / Q elsewhere."""
+    use, xr, u, au, qt, pt, xp = _reciprocal_split(x, a0, a1, a2, a3, a4, a5, b1, b2, b3, b4)
+    return tl.where(use, xr * (pt / qt), _plain_value(xp, a0, a1, a2, a3, a4, a5, b1, b2, b3, b4))
+
+
+@triton.jit
+def _plain_terms(x, g, a0, a1, a2, a3, a4, a5, b1, b2, b3, b4):
+    """g dF/dx and the ten coefficient terms g x^i / Q (i = 0..5), g F |x|^j / Q (j = 1..4); sign(0) = +1."""
+    ax = tl.abs(x)
+    sx = tl.where(x < 0.0, -1.0, 1.0)
+    p = a0 + x * (a1 + x * (a2 + x * (a3 + x * (a4 + x * a5))))
+    dp = a1 + x * (2.0 * a2 + x * (3.0 * a3 + x * (4.0 * a4 + x * (5.0 * a5))))
+    q = 1.0 + ax * (b1 + ax * (b2 + ax * (b3 + ax * b4)))
+    dq = b1 + ax * (2.0 * b2 + ax * (3.0 * b3 + ax * (4.0 * b4)))
+    rq = 1.0 / q
+    f = p * rq
+    gq = g * rq
+    dx = gq * (dp - f * sx * dq)
+    x2 = x * x
+    x4 = x2 * x2
+    gf = gq * f
+    return dx, gq, gq * x, gq * x2, gq * x2 * x, gq * x4, gq * x4 * x, gf * ax, gf * x2, gf * x2 * ax, gf * x4
+
+
+@triton.jit
+def _safe_terms(x, g, a0, a1, a2, a3, a4, a5, b1, b2, b3, b4):
+    """``_plain_terms`` for any finite x. In the reciprocal form, with h = F / x = P~ / Q~ (so F, which may
+    overflow on its own, is never needed): dF/dx = (P'~ - h Q'~) / Q~, x^i / Q = u^(4-i) / Q~ (i <= 4),
+    x^5 / Q = x / Q~, F |x|^j / Q = h sign(x) |u|^(3-j) / Q~ (j <= 3), F x^4 / Q = h x / Q~."""
+    use, xr, u, au, qt, pt, xp = _reciprocal_split(x, a0, a1, a2, a3, a4, a5, b1, b2, b3, b4)
+    ax = tl.abs(xp)
+    sx = tl.where(x < 0.0, -1.0, 1.0)
+    p = a0 + xp * (a1 + xp * (a2 + xp * (a3 + xp * (a4 + xp * a5))))
+    dp = a1 + xp * (2.0 * a2 + xp * (3.0 * a3 + xp * (4.0 * a4 + xp * (5.0 * a5))))
+    q = 1.0 + ax * (b1 + ax * (b2 + ax * (b3 + ax * b4)))
+    dq = b1 + ax * (2.0 * b2 + ax * (3.0 * b3 + ax * (4.0 * b4)))
+    dpt = 5.0 * a5 + u * (4.0 * a4 + u * (3.0 * a3 + u * (2.0 * a2 + u * a1)))
+    dqt = 4.0 * b4 + au * (3.0 * b3 + au * (2.0 * b2 + au * b1))
+    rq = tl.where(use, 1.0 / qt, 1.0 / q)
+    h = pt * rq
+    f = tl.where(use, xr * h, p * rq)
+    dx = g * tl.where(use, dpt - h * dqt, dp - f * sx * dq) * rq
+    gq = g * rq
+    gf = gq * f
+    gh = gq * h
+    x2 = xp * xp
+    x4 = x2 * x2
+    u2 = u * u
+    au2 = au * au
+    return (
+        dx,
+        tl.where(use, gq * u2 * u2, gq),
+        tl.where(use, gq * u2 * u, gq * xp),
+        tl.where(use, gq * u2, gq * x2),
+        tl.where(use, gq * u, gq * x2 * xp),
+        tl.where(use, gq, gq * x4),
+        tl.where(use, gq * xr, gq * x4 * xp),
+        tl.where(use, gh * sx * au2, gf * ax),
+        tl.where(use, gh * sx * au, gf * x2),
+        tl.where(use, gh * sx, gf * x2 * ax),
+        tl.where(use, gh * xr, gf * x4),
+    )
+
+
+@triton.jit
+def _forward_program(
+    pid, x_ptr, y_ptr, num_ptr, den_ptr, bias_ptr, flag_ptr, M, K, num_row_stride, segments,
+    GROUP_LEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, CHUNKS: tl.constexpr,
+    EVEN_L: tl.constexpr, HAS_BIAS: tl.constexpr, SAFE: tl.constexpr,
 ):
-    # One flat grid, segment fastest: neighbouring programs read neighbouring columns of the same rows.
-    pid = tl.program_id(0)
     pid_segment = pid % segments
     pid_m = pid // segments
     group, cols, col_mask = _segment_tile(pid_segment, K, GROUP_LEN, BLOCK_L, CHUNKS)
@@ -123,10 +204,46 @@ def _group_rational_forward_kernel(
     x = tl.load(x_ptr + base + offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         x += tl.load(bias_ptr + cols, mask=col_mask, other=0.0)[None, :]
-    ax = tl.abs(x)
-    p = a0 + x * (a1 + x * (a2 + x * (a3 + x * (a4 + x * a5))))
-    q = 1.0 + ax * (b1 + ax * (b2 + ax * (b3 + ax * b4)))
-    tl.store(y_ptr + base + offsets, (p / q).to(y_ptr.dtype.element_ty), mask=mask)
+    if SAFE:
+        y = _safe_value(x, a0, a1, a2, a3, a4, a5, b1, b2, b3, b4)
+    else:
+        y = _plain_value(x, a0, a1, a2, a3, a4, a5, b1, b2, b3, b4)
+    tl.store(y_ptr + base + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+    if not SAFE:
+        # Masked lanes hold x = 0 (plus a bias of 0 where the columns are masked); NaN compares false.
+        large = tl.max(tl.max(tl.where(mask, tl.abs(x), 0.0), axis=1), axis=0) > LARGE_INPUT
+        tl.store(flag_ptr + pid, large.to(tl.int32))
+
+
+@triton.jit
+def _group_rational_forward_kernel(
+    x_ptr,  # (M, K) contiguous, x's dtype
+    y_ptr,  # (M, K) contiguous, x's dtype
+    num_ptr,  # (G, 6) rows, row stride num_row_stride (0: one shared row)
+    den_ptr,  # (G, 4) contiguous
+    bias_ptr,  # (K,) float32 input bias per column when HAS_BIAS (else any pointer, never read)
+    flag_ptr,  # int32 (programs,): written by the plain pass (1: the tile holds an |x| > LARGE_INPUT), read by SAFE
+    M,
+    K,
+    num_row_stride,
+    segments,  # G * CHUNKS
+    GROUP_LEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    CHUNKS: tl.constexpr,
+    EVEN_L: tl.constexpr,  # GROUP_LEN % BLOCK_L == 0: no column mask
+    HAS_BIAS: tl.constexpr,
+    SAFE: tl.constexpr,  # 0: the plain form, flags tiles with large inputs; 1: recompute the flagged tiles
+):
+    # One flat grid, segment fastest: neighbouring programs read neighbouring columns of the same rows.
+    pid = tl.program_id(0)
+    if SAFE:
+        if tl.load(flag_ptr + pid) != 0:
+            _forward_program(pid, x_ptr, y_ptr, num_ptr, den_ptr, bias_ptr, flag_ptr, M, K, num_row_stride, segments,
+                             GROUP_LEN, BLOCK_M, BLOCK_L, CHUNKS, EVEN_L, HAS_BIAS, True)
+    else:
+        _forward_program(pid, x_ptr, y_ptr, num_ptr, den_ptr, bias_ptr, flag_ptr, M, K, num_row_stride, segments,
+                         GROUP_LEN, BLOCK_M, BLOCK_L, CHUNKS, EVEN_L, HAS_BIAS, False)
 
 
 @triton.jit
@@ -136,29 +253,18 @@ def _thread_sum(t, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, VEC: tl.constex
 
 
 @triton.jit
-def _group_rational_backward_kernel(
-    grad_ptr,  # (M, K) contiguous, x's dtype
-    x_ptr,  # (M, K) contiguous
-    dx_ptr,  # (M, K) contiguous, x's dtype
-    num_ptr,  # (G, 6) rows, row stride num_row_stride
-    den_ptr,  # (G, 4)
-    partial_ptr,  # fp32 (programs_m, segments, 10)
-    bias_ptr,  # (K,) float32 input bias per column when HAS_BIAS
-    bias_partial_ptr,  # fp32 (programs_m, K) per-column sums of dx when HAS_BIAS
-    M,
-    K,
-    num_row_stride,
-    segments,
-    rows_per_program,  # a multiple of BLOCK_M
-    GROUP_LEN: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_L: tl.constexpr,
-    CHUNKS: tl.constexpr,
-    EVEN_L: tl.constexpr,
-    VEC: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
+def _thread_max(t, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, VEC: tl.constexpr):
+    """``_thread_sum`` with max: in registers, no exchange between threads."""
+    return tl.max(tl.reshape(t, (BLOCK_M, BLOCK_L // VEC, VEC)), axis=2)
+
+
+@triton.jit
+def _backward_program(
+    pid, grad_ptr, x_ptr, dx_ptr, num_ptr, den_ptr, partial_ptr, bias_ptr, bias_partial_ptr, flag_ptr,
+    M, K, num_row_stride, segments, rows_per_program,
+    GROUP_LEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, CHUNKS: tl.constexpr,
+    EVEN_L: tl.constexpr, VEC: tl.constexpr, HAS_BIAS: tl.constexpr, SAFE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     pid_segment = pid % segments
     pid_m = pid // segments
     group, cols, col_mask = _segment_tile(pid_segment, K, GROUP_LEN, BLOCK_L, CHUNKS)
@@ -174,6 +280,7 @@ def _group_rational_backward_kernel(
     t2 = tl.zeros((BLOCK_M, BLOCK_L // VEC), dtype=tl.float32)
     t3 = tl.zeros((BLOCK_M, BLOCK_L // VEC), dtype=tl.float32)
     t4 = tl.zeros((BLOCK_M, BLOCK_L // VEC), dtype=tl.float32)
+    largest = tl.zeros((BLOCK_M, BLOCK_L // VEC), dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0)[None, :]
         # Per column, so per element of the tile (a handful of registers more; only in the bias variant).
@@ -197,35 +304,27 @@ def _group_rational_backward_kernel(
         g = tl.load(g_rows + offsets, mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
             x = tl.where(mask, x + bias, 0.0)  # masked lanes stay x = 0, g = 0: they add nothing
-        ax = tl.abs(x)
-        sx = tl.where(x < 0.0, -1.0, 1.0)
-        p = a0 + x * (a1 + x * (a2 + x * (a3 + x * (a4 + x * a5))))
-        dp = a1 + x * (2.0 * a2 + x * (3.0 * a3 + x * (4.0 * a4 + x * (5.0 * a5))))
-        q = 1.0 + ax * (b1 + ax * (b2 + ax * (b3 + ax * b4)))
-        dq = b1 + ax * (2.0 * b2 + ax * (3.0 * b3 + ax * (4.0 * b4)))
-        rq = 1.0 / q
-        f = p * rq
-        gq = g * rq
-        dx = gq * (dp - f * sx * dq)
+        if SAFE:
+            dx, e0, e1, e2, e3, e4, e5, e6, e7, e8, e9 = _safe_terms(x, g, a0, a1, a2, a3, a4, a5, b1, b2, b3, b4)
+        else:
+            dx, e0, e1, e2, e3, e4, e5, e6, e7, e8, e9 = _plain_terms(x, g, a0, a1, a2, a3, a4, a5, b1, b2, b3, b4)
+            largest = tl.maximum(largest, _thread_max(tl.abs(x), BLOCK_M, BLOCK_L, VEC))
         tl.store(dx_rows + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if HAS_BIAS:
             db += dx
         x_rows += BLOCK_M * K
         g_rows += BLOCK_M * K
         dx_rows += BLOCK_M * K
-        x2 = x * x
-        x4 = x2 * x2
-        gf = gq * f
-        s0 += _thread_sum(gq, BLOCK_M, BLOCK_L, VEC)
-        s1 += _thread_sum(gq * x, BLOCK_M, BLOCK_L, VEC)
-        s2 += _thread_sum(gq * x2, BLOCK_M, BLOCK_L, VEC)
-        s3 += _thread_sum(gq * x2 * x, BLOCK_M, BLOCK_L, VEC)
-        s4 += _thread_sum(gq * x4, BLOCK_M, BLOCK_L, VEC)
-        s5 += _thread_sum(gq * x4 * x, BLOCK_M, BLOCK_L, VEC)
-        t1 += _thread_sum(gf * ax, BLOCK_M, BLOCK_L, VEC)
-        t2 += _thread_sum(gf * x2, BLOCK_M, BLOCK_L, VEC)
-        t3 += _thread_sum(gf * x2 * ax, BLOCK_M, BLOCK_L, VEC)
-        t4 += _thread_sum(gf * x4, BLOCK_M, BLOCK_L, VEC)
+        s0 += _thread_sum(e0, BLOCK_M, BLOCK_L, VEC)
+        s1 += _thread_sum(e1, BLOCK_M, BLOCK_L, VEC)
+        s2 += _thread_sum(e2, BLOCK_M, BLOCK_L, VEC)
+        s3 += _thread_sum(e3, BLOCK_M, BLOCK_L, VEC)
+        s4 += _thread_sum(e4, BLOCK_M, BLOCK_L, VEC)
+        s5 += _thread_sum(e5, BLOCK_M, BLOCK_L, VEC)
+        t1 += _thread_sum(e6, BLOCK_M, BLOCK_L, VEC)
+        t2 += _thread_sum(e7, BLOCK_M, BLOCK_L, VEC)
+        t3 += _thread_sum(e8, BLOCK_M, BLOCK_L, VEC)
+        t4 += _thread_sum(e9, BLOCK_M, BLOCK_L, VEC)
 
     if HAS_BIAS:
         tl.store(bias_partial_ptr + pid_m.to(tl.int64) * K + cols, tl.sum(db, axis=0), mask=col_mask)
@@ -240,6 +339,45 @@ def _group_rational_backward_kernel(
     tl.store(out + 7, tl.sum(tl.sum(t2, axis=1), axis=0))
     tl.store(out + 8, tl.sum(tl.sum(t3, axis=1), axis=0))
     tl.store(out + 9, tl.sum(tl.sum(t4, axis=1), axis=0))
+    if not SAFE:
+        tl.store(flag_ptr + pid, (tl.max(tl.max(largest, axis=1), axis=0) > LARGE_INPUT).to(tl.int32))
+
+
+@triton.jit
+def _group_rational_backward_kernel(
+    grad_ptr,  # (M, K) contiguous, x's dtype
+    x_ptr,  # (M, K) contiguous
+    dx_ptr,  # (M, K) contiguous, x's dtype
+    num_ptr,  # (G, 6) rows, row stride num_row_stride
+    den_ptr,  # (G, 4)
+    partial_ptr,  # fp32 (programs_m, segments, 10)
+    bias_ptr,  # (K,) float32 input bias per column when HAS_BIAS
+    bias_partial_ptr,  # fp32 (programs_m, K) per-column sums of dx when HAS_BIAS
+    flag_ptr,  # int32 (programs,): written by the plain pass (1: an |x| > LARGE_INPUT was seen), read by SAFE
+    M,
+    K,
+    num_row_stride,
+    segments,
+    rows_per_program,  # a multiple of BLOCK_M
+    GROUP_LEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    CHUNKS: tl.constexpr,
+    EVEN_L: tl.constexpr,
+    VEC: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SAFE: tl.constexpr,  # 0: the plain form, flags programs with large inputs; 1: redo the flagged programs
+):
+    pid = tl.program_id(0)
+    if SAFE:
+        if tl.load(flag_ptr + pid) != 0:
+            _backward_program(pid, grad_ptr, x_ptr, dx_ptr, num_ptr, den_ptr, partial_ptr, bias_ptr, bias_partial_ptr,
+                              flag_ptr, M, K, num_row_stride, segments, rows_per_program, GROUP_LEN, BLOCK_M, BLOCK_L,
+                              CHUNKS, EVEN_L, VEC, HAS_BIAS, True)
+    else:
+        _backward_program(pid, grad_ptr, x_ptr, dx_ptr, num_ptr, den_ptr, partial_ptr, bias_ptr, bias_partial_ptr,
+                          flag_ptr, M, K, num_row_stride, segments, rows_per_program, GROUP_LEN, BLOCK_M, BLOCK_L,
+                          CHUNKS, EVEN_L, VEC, HAS_BIAS, False)
 
 
 @triton.jit
@@ -346,13 +484,12 @@ def forward_launch(rows: int, groups: int, length: int, element_size: int) -> La
     )
 
 
-def backward_programs_per_sm(dtype: torch.dtype, capability_major: int) -> int:
+def backward_programs_per_sm(dtype: torch.dtype) -> int:
     """Programs of the backward kernel that fit on one SM at once (see ``BACKWARD_PROGRAMS_PER_SM``)."""
-    return BACKWARD_PROGRAMS_PER_SM.get((capability_major, dtype), _DEFAULT_BACKWARD_PROGRAMS_PER_SM)
+    return BACKWARD_PROGRAMS_PER_SM.get(dtype, 4)
 
 
-def backward_launch(rows: int, groups: int, length: int, dtype: torch.dtype, sm_count: int, capability_major: int
-                    ) -> Launch:
+def backward_launch(rows: int, groups: int, length: int, dtype: torch.dtype, sm_count: int) -> Launch:
     """Launch parameters of the backward kernel.
 
     Each program walks ``rows_per_program`` rows (a multiple of BLOCK_M) of one segment. Among grids of 1 to
@@ -363,7 +500,7 @@ def backward_launch(rows: int, groups: int, length: int, dtype: torch.dtype, sm_
     block_l, chunks, vec = _segment_shape(length, element_size)
     block_m = _block_m(block_l, _elements_per_thread(vec, _BACKWARD_VECTORS), _BACKWARD_WARPS)
     segments = groups * chunks
-    slots = sm_count * backward_programs_per_sm(dtype, capability_major)
+    slots = sm_count * backward_programs_per_sm(dtype)
     row_tiles = triton.cdiv(rows, block_m)
     best = None
     for waves in range(1, _MAX_WAVES + 1):
@@ -383,12 +520,10 @@ def backward_launch(rows: int, groups: int, length: int, dtype: torch.dtype, sm_
 
 
 @functools.lru_cache(maxsize=None)
-def _device_traits(device: torch.device) -> Tuple[int, int]:
-    """(SM count, compute capability major) of a CUDA device."""
+def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
-        properties = torch.cuda.get_device_properties(device)
-        return properties.multi_processor_count, properties.major
-    return 4, 0  # the interpreter: a few programs, so the multi-program paths are exercised
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: a few programs, so the multi-program paths are exercised
 
 
 def _coefficients(numerator: torch.Tensor, denominator: torch.Tensor):
@@ -435,11 +570,16 @@ def rational_forward_triton(
     num, num_row_stride, den = _coefficients(numerator, denominator)
     bias_arg, has_bias = _bias_columns(bias, x3)
     launch = forward_launch(rows, groups, length, x3.element_size())
+    flags = torch.empty(launch.grid[0], dtype=torch.int32, device=x3.device)
+    args = (x3, out, num, den, bias_arg, flags, rows, groups * length, num_row_stride, launch.segments)
     with _on_device(x3):
-        _group_rational_forward_kernel[launch.grid](
-            x3, out, num, den, bias_arg, rows, groups * length, num_row_stride, launch.segments,
-            num_warps=launch.num_warps, num_stages=launch.num_stages, HAS_BIAS=has_bias, **launch.constexprs,
-        )
+        # The plain pass, then the reciprocal form for the tiles it flagged (a pass of programs that mostly exit at
+        # once: no host sync, so CUDA graphs can capture both).
+        for safe in (0, 1):
+            _group_rational_forward_kernel[launch.grid](
+                *args, num_warps=launch.num_warps, num_stages=launch.num_stages, HAS_BIAS=has_bias, SAFE=safe,
+                **launch.constexprs,
+            )
     return out
 
 
@@ -461,19 +601,22 @@ def rational_backward_triton(
     grad_x = torch.empty_like(x3)
     num, num_row_stride, den = _coefficients(numerator, denominator)
     bias_arg, has_bias = _bias_columns(bias, x3)
-    launch = backward_launch(rows, groups, length, x3.dtype, *_device_traits(x3.device))
+    launch = backward_launch(rows, groups, length, x3.dtype, _sm_count(x3.device))
     partials = torch.empty(launch.programs_m, launch.segments, COEFFICIENT_SUMS, dtype=torch.float32,
                            device=x3.device)
     bias_partials = torch.empty(launch.programs_m, cols, dtype=torch.float32, device=x3.device) if has_bias \
         else partials
     grad_numerator = torch.empty(numerator.shape, dtype=numerator.dtype, device=x3.device)
     grad_denominator = torch.empty(denominator.shape, dtype=denominator.dtype, device=x3.device)
+    flags = torch.empty(launch.grid[0], dtype=torch.int32, device=x3.device)
+    args = (grad3, x3, grad_x, num, den, partials, bias_arg, bias_partials, flags, rows, cols, num_row_stride,
+            launch.segments, launch.rows_per_program)
     with _on_device(x3):
-        _group_rational_backward_kernel[launch.grid](
-            grad3, x3, grad_x, num, den, partials, bias_arg, bias_partials, rows, cols, num_row_stride,
-            launch.segments, launch.rows_per_program, num_warps=launch.num_warps, num_stages=launch.num_stages,
-            HAS_BIAS=has_bias, **launch.constexprs,
-        )
+        for safe in (0, 1):  # as in the forward: programs that saw an |x| > LARGE_INPUT redo their rows
+            _group_rational_backward_kernel[launch.grid](
+                *args, num_warps=launch.num_warps, num_stages=launch.num_stages, HAS_BIAS=has_bias, SAFE=safe,
+                **launch.constexprs,
+            )
         _coefficient_grads_kernel[(1,)](
             partials, den, grad_numerator, grad_denominator, launch.programs_m, groups,
             CHUNKS=launch.constexprs["CHUNKS"], SHARED_NUMERATOR=int(num.shape[0] == 1), BLOCK_R=64, num_warps=4,

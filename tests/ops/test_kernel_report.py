@@ -37,7 +37,7 @@ def test_kat_shapes_reach_bandwidth_on_sm90(label, shape, dtype, direction):
 def test_backward_grid_uses_real_occupancy(arch, dtype):
     for label, shape in KAT_SHAPES:
         r = kernel_resources("backward", shape, dtype, arch)
-        assumed = rational_triton.backward_programs_per_sm(dtype, ARCHS[arch].capability // 10)
+        assumed = rational_triton.backward_programs_per_sm(dtype)
         assert r.programs_per_sm == assumed, (
             f"{label} {dtype} {arch}: the compiled backward fits {r.programs_per_sm} programs per SM "
             f"({r.registers} registers), the grid is sized for {assumed}: "
@@ -56,11 +56,20 @@ def test_odd_shapes_do_not_spill(shape, dtype, direction):
 
 def test_backward_grid_fills_whole_waves():
     # KAT-B act2 at batch 128: enough rows for several waves; the grid must not leave a ragged last wave.
-    launch = rational_triton.backward_launch(128 * 197, 8, 384, torch.bfloat16, 132, 9)
-    slots = 132 * rational_triton.backward_programs_per_sm(torch.bfloat16, 9)
+    launch = rational_triton.backward_launch(128 * 197, 8, 384, torch.bfloat16, 132)
+    slots = 132 * rational_triton.backward_programs_per_sm(torch.bfloat16)
     waves = -(-launch.grid[0] // slots)
     assert launch.grid[0] / (waves * slots) >= 0.9, f"{launch.grid[0]} programs on {slots} slots: ragged last wave"
     assert launch.programs_m * launch.rows_per_program >= 128 * 197
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("safe,bias", [(True, False), (False, True), (True, True)], ids=["safe", "bias", "safe+bias"])
+def test_other_variants_do_not_spill(direction, dtype, safe, bias):
+    # The large-|x| pass and the input-bias variants, at KAT-B act2 (C = 3072).
+    r = kernel_resources(direction, (128 * 197, 8, 384), dtype, "sm_90a", bias=bias, safe=safe)
+    assert r.spill_bytes == 0 and r.stack_bytes == 0, f"{direction} {dtype} safe={safe} bias={bias}: {r}"
 
 
 def test_finalize_kernel_compiles_without_spills():
