@@ -753,6 +753,7 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bo
     from timm import utils
     from timm.data import Mixup, create_loader
     from timm.layers import convert_sync_batchnorm
+    from timm.models import safe_model_name
     from timm.optim import create_optimizer_v2, optimizer_kwargs
     from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
@@ -867,7 +868,7 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bo
             output_dir = os.path.dirname(os.path.abspath(args.resume))  # continue the run where it was
         else:
             name = args.experiment or "-".join([
-                datetime.now().strftime("%Y%m%d-%H%M%S"), utils.safe_model_name(args.model),
+                datetime.now().strftime("%Y%m%d-%H%M%S"), safe_model_name(args.model),
                 str(data_config["input_size"][-1])])
             output_dir = utils.get_outdir(args.output or "./output/train", name)
         saver = AtomicCheckpointSaver(
