@@ -26,12 +26,21 @@ from typing import Any, Dict, List, Optional
 from timm.utils import CheckpointSaver
 
 from . import CLIError, run_main
-from .common import checkpoint_training_args
+from .common import check_preprocessing, checkpoint_training_args
 from .validate import KeywordArguments
 
 __all__ = ["AtomicCheckpointSaver", "TrainResult", "build_parser", "main", "parse_args", "train"]
 
 DEFAULT_MODEL = "kat_tiny_patch16_224"
+
+# The schedules timm's create_scheduler_v2 builds.
+SCHEDULERS = ("cosine", "tanh", "step", "multistep", "plateau", "poly", "constant", "rsqrt")
+
+# Options that are probabilities or rates: (name, lowest, highest, whether highest itself is allowed).
+_FRACTIONS = (("smoothing", 0.0, 1.0, False), ("drop", 0.0, 1.0, False), ("drop_path", 0.0, 1.0, False),
+              ("reprob", 0.0, 1.0, True), ("hflip", 0.0, 1.0, True), ("vflip", 0.0, 1.0, True),
+              ("mixup_prob", 0.0, 1.0, True), ("mixup_switch_prob", 0.0, 1.0, True),
+              ("model_ema_decay", 0.0, 1.0, True))
 
 # Options of timm's train.py that kat-train does not offer; a config naming one gets an error that says so.
 TIMM_ONLY_OPTIONS = frozenset({
@@ -144,8 +153,8 @@ def _add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("learning-rate schedule")
-    group.add_argument("--sched", default="cosine", metavar="NAME",
-                       help="timm scheduler: cosine, tanh, step, multistep, plateau, poly (default: cosine)")
+    group.add_argument("--sched", default="cosine", choices=SCHEDULERS, metavar="NAME",
+                       help=f"timm scheduler: {', '.join(SCHEDULERS)} (default: cosine)")
     group.add_argument("--sched-on-updates", action="store_true",
                        help="step the schedule every optimizer update instead of every epoch")
     group.add_argument("--lr", type=float, default=None, metavar="LR",
@@ -556,8 +565,35 @@ def _check_arguments(args: argparse.Namespace) -> None:
     for name in ("batch_size", "epochs", "grad_accum_steps", "checkpoint_hist", "log_interval"):
         if getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}", code=2)
-    if args.workers < 0:
-        raise CLIError(f"--workers must be at least 0, got {args.workers}", code=2)
+    for name in ("workers", "warmup_epochs", "cooldown_epochs", "recovery_interval", "mixup_off_epoch"):
+        if getattr(args, name) < 0:
+            raise CLIError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(args, name)}", code=2)
+    if args.num_classes is not None and args.num_classes < 1:
+        raise CLIError(f"--num-classes must be at least 1, got {args.num_classes} (leave it out to use the number "
+                       f"of class folders)", code=2)
+    if args.start_epoch is not None and args.start_epoch < 0:
+        raise CLIError(f"--start-epoch must be at least 0 (epochs are numbered from 0), got {args.start_epoch}",
+                       code=2)
+    for name, low, high, high_allowed in _FRACTIONS:
+        value = getattr(args, name)
+        if value is not None and not (low <= value < high or (high_allowed and value == high)):
+            upper = f"{high:g}" if high_allowed else f"below {high:g}"
+            raise CLIError(f"--{name.replace('_', '-')} {value:g}: must be from {low:g} to {upper}", code=2)
+    for name in ("mixup", "cutmix", "color_jitter", "weight_decay", "lr", "lr_base", "warmup_lr", "min_lr"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise CLIError(f"--{name.replace('_', '-')} {value:g}: must be a number at least 0", code=2)
+    if args.clip_grad is not None and not args.clip_grad > 0:
+        raise CLIError(f"--clip-grad {args.clip_grad:g}: must be positive", code=2)
+    check_preprocessing(vars(args), training=True)
+    if args.aa:
+        _check_augmentation_policy(args.aa)
+    if args.resume and not args.no_resume_opt:
+        saved_opt = checkpoint_training_args(args.resume).get("opt")
+        if saved_opt and str(saved_opt).lower() != args.opt.lower():
+            raise CLIError(f"--resume {args.resume} was trained with --opt {saved_opt}, not {args.opt}: its optimizer "
+                           f"state does not fit. Resume with --opt {saved_opt}, or add --no-resume-opt to keep only "
+                           f"the weights and epoch", code=2)
     for name in ("resume", "initial_checkpoint", "pretrained_path"):
         path = getattr(args, name)
         if path and not os.path.isfile(path):
@@ -570,6 +606,19 @@ def _check_arguments(args: argparse.Namespace) -> None:
     if mixing and args.batch_size % 2:
         raise CLIError(f"mixup/cutmix pair the images of a batch, so --batch-size must be even (got "
                        f"{args.batch_size})", code=2)
+
+
+def _check_augmentation_policy(policy: str) -> None:
+    """--aa: build timm's training transform with it once (a few milliseconds) so that a bad policy string is a
+    usage error now rather than an assertion inside timm after the model and data are ready."""
+    from timm.data import create_transform
+
+    try:
+        create_transform(32, is_training=True, auto_augment=policy)
+    except (AssertionError, ValueError, KeyError, IndexError) as error:
+        detail = str(error).strip() or "not a policy timm knows"
+        raise CLIError(f"--aa {policy}: {detail}; use e.g. rand-m9-mstd0.5 (RandAugment), augmix-m5-w3, or "
+                       f"original / v0 (AutoAugment)", code=2) from None
 
 
 def _check_data(args: argparse.Namespace):

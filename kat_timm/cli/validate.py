@@ -22,7 +22,8 @@ from typing import Any, Callable, ContextManager, Dict, List, Optional
 import torch
 
 from . import CLIError, run_main
-from .common import add_model_arguments, checkpoint_training_args, create_sized_model, resolve_device
+from .common import (add_model_arguments, check_preprocessing, checkpoint_training_args, create_sized_model,
+                     resolve_device)
 
 __all__ = ["create_eval_loader", "evaluate", "main"]
 
@@ -231,6 +232,13 @@ def _validate(args: argparse.Namespace) -> int:
         raise CLIError("give the dataset folder: --data-dir DIR (layout DIR/validation/CLASS/*.png)", code=2)
     if args.batch_size < 1 or args.workers < 0:
         raise CLIError("--batch-size must be at least 1 and --workers at least 0", code=2)
+    if args.num_classes is not None and args.num_classes < 1:
+        raise CLIError(f"--num-classes must be at least 1, got {args.num_classes} (leave it out to use the "
+                       f"checkpoint's or the model's)", code=2)
+    check_preprocessing(vars(args))
+    results_file = Path(args.results_file) if args.results_file else None
+    if results_file is not None:
+        _check_writable(results_file)
     device = resolve_device(args.device)
 
     trained = checkpoint_training_args(args.checkpoint) if args.checkpoint is not None else {}
@@ -289,16 +297,38 @@ def _validate(args: argparse.Namespace) -> int:
     }
     text = json.dumps(result, indent=4)
     print(text)
-    if args.results_file:
-        _write_atomically(Path(args.results_file), text + "\n")
+    if results_file is not None:
+        try:
+            write_atomically(results_file, text + "\n")
+        except OSError as error:
+            raise CLIError(f"--results-file {results_file}: cannot write it ({error.strerror or error})") from None
     return 0
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def _check_writable(path: Path) -> None:
+    """--results-file: refuse a folder or an unwritable place before the evaluation runs, not after it."""
+    if path.is_dir():
+        raise CLIError(f"--results-file {path} is a folder; give the JSON file to write, e.g. "
+                       f"{path / 'results.json'}", code=2)
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:  # the folders to be created, up to one that exists
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise CLIError(f"--results-file {path}: cannot write there ({folder} is "
+                       f"{'not a folder' if not folder.is_dir() else 'not writable'})", code=2)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through ``PATH.partial`` and a rename, so ``path`` is never half-written; the
+    partial file is removed when the write fails (a full disk, say)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
+    try:
+        partial.write_text(text, encoding="utf-8")
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def main(argv: Optional[List[str]] = None, prog: str = "kat-validate") -> int:
