@@ -7,6 +7,7 @@ import contextlib
 import difflib
 import importlib
 import math
+import os
 import threading
 from pathlib import Path
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
@@ -24,6 +25,7 @@ __all__ = [
     "check_image_size",
     "check_model_name",
     "check_preprocessing",
+    "check_writable_folder",
     "checkpoint_training_args",
     "create_model",
     "create_model_with_weights",
@@ -152,6 +154,17 @@ def check_preprocessing(options: dict, training: bool = False) -> None:
         if value and value not in allowed:
             raise CLIError(f"--{name.replace('_', '-')} {value}: unknown interpolation; use one of "
                            f"{', '.join(allowed)}", code=2)
+
+
+def check_writable_folder(folder, option: str) -> None:
+    """Raise ``CLIError`` (code 2) unless files can be written in ``folder`` (created later if missing): the first
+    existing folder on its path must be a writable folder. ``option`` names what asked for it in the message."""
+    existing = Path(folder).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise CLIError(f"{option}: cannot write there ({existing} is "
+                       f"{'not a folder' if not existing.is_dir() else 'not writable'})", code=2)
 
 
 def check_backend_setting() -> None:

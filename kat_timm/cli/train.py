@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import glob
 import math
 import os
 import shutil
@@ -26,7 +27,7 @@ from typing import Any, Dict, List, Optional
 from timm.utils import CheckpointSaver
 
 from . import CLIError, run_main
-from .common import check_preprocessing, checkpoint_training_args
+from .common import check_preprocessing, check_writable_folder, checkpoint_training_args
 from .validate import KeywordArguments
 
 __all__ = ["AtomicCheckpointSaver", "TrainResult", "build_parser", "main", "parse_args", "train"]
@@ -266,9 +267,9 @@ without images and class sets that differ between the splits are errors. An imag
 skipped with a warning naming it (once per file and loader process) and another sample takes its place.
 
 Output (OUTPUT/EXPERIMENT/): args.yaml (reusable with -c), summary.csv (one row per epoch), last.pth.tar,
-checkpoint-EPOCH.pth.tar (the --checkpoint-hist best by --eval-metric), model_best.pth.tar. Checkpoints are written
-to a temporary file and renamed, so a crash or kill never leaves a partial one. Epochs are numbered from 0, as in
-timm.
+checkpoint-EPOCH.pth.tar (the --checkpoint-hist best by --eval-metric), model_best.pth.tar. Every file is written
+to a temporary file and renamed, so a crash, kill or full disk never leaves a partial one. Epochs are numbered from
+0, as in timm.
 
 Several GPUs or machines: torchrun --nproc_per_node=N -m kat_timm.cli.train ... (or the kat-train script under
 torchrun); --batch-size is per process.
@@ -416,7 +417,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
 
 
 class AtomicCheckpointSaver(CheckpointSaver):
-    """timm's CheckpointSaver, changed only so that no file ever appears under a ``*.pth.tar`` name half-written.
+    """timm's CheckpointSaver, changed so that no file ever appears under a ``*.pth.tar`` name half-written.
 
     timm's saver writes ``tmp.pth.tar`` in place (a kill mid-write leaves a partial ``*.pth.tar``), deletes
     ``last.pth.tar`` before renaming the new one over it (a kill in between leaves none), and falls back to
@@ -424,30 +425,136 @@ class AtomicCheckpointSaver(CheckpointSaver):
     disk, and is renamed into place with ``os.replace``, which is atomic: readers see the old file or the new one.
     Hard links (the numbered and best checkpoints share ``last``'s data) are made under a ``.partial`` name and
     renamed too. Numbered files are never written in place, so replacing ``last`` never changes them.
+
+    A write that fails (a full disk) removes its ``.partial`` file and raises ``OSError`` with the errno the system
+    gave and the file's name (torch.save itself reports only "iostream error"). On resume, :meth:`restore_history`
+    repairs the numbered and best files a kill between two of its writes left out of step.
     """
 
+    _relink_only = False  # see restore_history: save_checkpoint's bookkeeping without writing last.pth.tar again
+
     def _save(self, save_path, epoch, metric=None):
+        if self._relink_only:
+            return
         partial = save_path + ".partial"
-        super()._save(partial, epoch, metric)
-        _fsync(partial)
-        os.replace(partial, save_path)
+        try:
+            with open(partial, "wb") as raw:
+                file = _ErrnoKeepingFile(raw)
+                try:
+                    super()._save(file, epoch, metric)  # timm's _save hands the file to torch.save
+                except Exception as error:
+                    cause = file.error or (error if isinstance(error, OSError) else None)
+                    if cause is None:
+                        raise
+                    raise OSError(cause.errno, cause.strerror, save_path) from error
+                raw.flush()
+                os.fsync(raw.fileno())
+            os.replace(partial, save_path)
+        except BaseException:
+            _remove(partial)
+            raise
         _fsync_dir(os.path.dirname(save_path))
 
     def _replace(self, src, dst):
+        if self._relink_only:
+            return
         os.replace(src, dst)
         _fsync_dir(os.path.dirname(dst))
 
     def _duplicate(self, src, dst):
         partial = dst + ".partial"
-        if os.path.lexists(partial):
-            os.remove(partial)
+        _remove(partial)
         try:
-            os.link(src, partial)
-        except OSError:  # no hard links here (some network and Windows file systems): copy, then flush
-            shutil.copyfile(src, partial)
-            _fsync(partial)
-        os.replace(partial, dst)
+            try:
+                os.link(src, partial)
+            except OSError:  # no hard links here (some network and Windows file systems): copy, then flush
+                shutil.copyfile(src, partial)
+                _fsync(partial)
+            os.replace(partial, dst)
+        except BaseException:
+            _remove(partial)
+            raise
         _fsync_dir(os.path.dirname(dst))
+
+    def save_recovery(self, epoch, batch_idx=0):
+        """timm's save_recovery, which keeps the current and the previous recovery file of this process; here
+        those of earlier, killed processes are removed too, so they don't pile up across kills."""
+        super().save_recovery(epoch, batch_idx)
+        keep = {os.path.abspath(path) for path in (self.curr_recovery_file, self.prev_recovery_file) if path}
+        pattern = os.path.join(self.recovery_dir, self.recovery_prefix + "-*" + self.extension)
+        for path in glob.glob(pattern):
+            if os.path.abspath(path) not in keep:
+                _remove(path)
+
+    def restore_history(self, checkpoint_path: str) -> None:
+        """timm's ``load_state_dict_from_checkpoint``, then repair what a kill between two writes of
+        ``save_checkpoint`` left behind, so the resumed run keeps ranking as if it had not been killed.
+
+        - Killed after ``last`` was replaced but before ``checkpoint-N`` was linked: epoch N exists only as
+          ``last``, which the next epoch replaces. Link it now if it earns a place, as the save would have.
+        - Killed after ``checkpoint-N`` but before ``model_best``: the history counts epoch N as the best while
+          ``model_best`` holds a worse one. Link the best epoch's file to ``model_best``.
+        """
+        from timm.utils.checkpoint_saver import load_checkpoint_metadata
+
+        self.load_state_dict_from_checkpoint(checkpoint_path)
+        last = os.path.join(self.checkpoint_dir, "last" + self.extension)
+        if os.path.exists(last) and os.path.samefile(checkpoint_path, last):
+            checkpoint = load_checkpoint_metadata(last)
+            epoch, metric = (checkpoint.get("saver") or {}).get("pending", (None, None))
+            if epoch is not None and epoch == checkpoint.get("epoch") and \
+                    not os.path.exists(self._checkpoint_path(epoch)):
+                self._relink_only = True
+                try:
+                    self.save_checkpoint(epoch, metric)  # timm's retention and best-file logic on the existing last
+                finally:
+                    self._relink_only = False
+        if self.best_epoch is None:
+            return
+        numbered = self._checkpoint_path(self.best_epoch)
+        best = os.path.join(self.checkpoint_dir, "model_best" + self.extension)
+        if os.path.exists(numbered) and _checkpoint_epoch(best) != self.best_epoch:
+            self._duplicate(numbered, best)
+
+
+class _ErrnoKeepingFile:
+    """The file torch.save writes a checkpoint through: writes everything it is given (a short write is retried,
+    so the next one reports the error) and remembers the ``OSError`` that torch turns into a bare RuntimeError."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        try:
+            while done < len(view):
+                done += self.file.write(view[done:])
+        except OSError as error:
+            self.error = error
+            raise
+        return done
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _checkpoint_epoch(path: str) -> Optional[int]:
+    """The epoch a training checkpoint holds (its tensors memory-mapped, not read); None if there is none."""
+    from timm.utils.checkpoint_saver import load_checkpoint_metadata
+
+    if not os.path.exists(path):
+        return None
+    try:
+        checkpoint = load_checkpoint_metadata(path)
+    except Exception:  # unreadable: whatever it is, it is not the best epoch's checkpoint
+        return None
+    return checkpoint.get("epoch") if isinstance(checkpoint, dict) else None
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
 
 
 def _fsync(path: str) -> None:
@@ -467,6 +574,56 @@ def _fsync_dir(path: str) -> None:
         pass
     finally:
         os.close(descriptor)
+
+
+def _edit_atomically(path: str, edit, start_from_current: bool = True) -> None:
+    """Change the file ``path`` all at once: ``edit(partial)`` works on ``PATH.partial`` (a copy of the file when
+    ``start_from_current``), which is flushed and renamed over ``path``. A kill leaves the old file or the new
+    one, never a truncated one (timm's trim_summary rewrites summary.csv in place); a failure removes the partial.
+    """
+    partial = path + ".partial"
+    try:
+        if start_from_current and os.path.exists(path):
+            shutil.copyfile(path, partial)
+        else:
+            _remove(partial)
+        edit(partial)
+        if os.path.exists(partial):
+            _fsync(partial)
+            os.replace(partial, path)
+    except OSError as error:
+        _remove(partial)
+        raise OSError(error.errno, error.strerror, path) from error  # the file, whatever call failed
+    except BaseException:
+        _remove(partial)
+        raise
+    _fsync_dir(os.path.dirname(path))
+
+
+@contextlib.contextmanager
+def _run_folder_writes(folder: str):
+    """Writes into the run folder: a failure (disk full, quota, permissions) becomes one CLIError line."""
+    try:
+        yield
+    except OSError as error:
+        raise CLIError(_write_failure(error, folder)) from None
+
+
+def _write_failure(error: OSError, folder: str) -> str:
+    """The one line for a write into the run folder that failed, naming the file and what the system said."""
+    import errno
+
+    where = error.filename or folder
+    if error.errno == errno.ENOSPC:
+        what = f"no space left on device at {where}"
+    elif error.errno == errno.EDQUOT:
+        what = f"disk quota exceeded at {where}"
+    elif error.errno == errno.EFBIG:
+        what = f"file size limit reached writing {where} (see ulimit -f)"
+    else:
+        what = f"cannot write {where}: {error.strerror or error}"
+    return (f"{what}. Nothing was half-written: the files from before (last.pth.tar, summary.csv) are intact; free "
+            f"space and continue with --resume {os.path.join(folder, 'last.pth.tar')} if it exists")
 
 
 @dataclass
@@ -598,6 +755,13 @@ def _check_arguments(args: argparse.Namespace) -> None:
         path = getattr(args, name)
         if path and not os.path.isfile(path):
             raise CLIError(f"--{name.replace('_', '-')}: no such file: {path}", code=2)
+    if args.resume and _checkpoint_epoch(args.resume) is None:
+        raise CLIError(f"--resume {args.resume} is not a training checkpoint (no epoch, optimizer or run options: a "
+                       f"bare state dict or another file); start a new run from its weights with --initial-checkpoint "
+                       f"{args.resume}, or --pretrained-path {args.resume} for another class count or image size",
+                       code=2)
+    if args.output:
+        check_writable_folder(args.output, "--output")
     if args.pretrained_path and args.initial_checkpoint:
         raise CLIError("give --pretrained-path or --initial-checkpoint, not both", code=2)
     if args.pretrained and args.initial_checkpoint:
@@ -772,10 +936,12 @@ def _write_args_yaml(path: str, parsed: Dict[str, Any]) -> None:
     import yaml
 
     options = {key: value for key, value in parsed.items() if key not in ("config", "data")}
-    partial = path + ".partial"
-    with open(partial, "w", encoding="utf-8") as file:
-        yaml.safe_dump(options, file, default_flow_style=False, sort_keys=False)
-    os.replace(partial, path)
+
+    def write(partial: str) -> None:
+        with open(partial, "w", encoding="utf-8") as file:
+            yaml.safe_dump(options, file, default_flow_style=False, sort_keys=False)
+
+    _edit_atomically(path, write, start_from_current=False)
 
 
 def train(args: argparse.Namespace, prog: str = "kat-train") -> TrainResult:
@@ -924,10 +1090,14 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bo
             model=model, optimizer=optimizer, args=args, model_ema=model_ema, amp_scaler=loss_scaler,
             checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing=eval_metric == "loss",
             max_history=args.checkpoint_hist)
-        if args.resume:
-            saver.load_state_dict_from_checkpoint(args.resume)
-        _write_args_yaml(os.path.join(output_dir, "args.yaml"), parsed)
-        utils.trim_summary(os.path.join(output_dir, "summary.csv"), start_epoch)
+        with _run_folder_writes(output_dir):
+            for stale in glob.glob(os.path.join(output_dir, "*.partial")):  # left by a killed run, never complete
+                _remove(stale)
+            if args.resume:
+                saver.restore_history(args.resume)
+            _write_args_yaml(os.path.join(output_dir, "args.yaml"), parsed)
+            _edit_atomically(os.path.join(output_dir, "summary.csv"),
+                             lambda partial: utils.trim_summary(partial, start_epoch))
 
     unwrapped = utils.unwrap_model(model)
     params = sum(p.numel() for p in unwrapped.parameters())
@@ -989,9 +1159,10 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bo
         if eval_metrics is not None:
             metric = eval_metrics[f"ema_{eval_metric}" if model_ema is not None else eval_metric]
         if output_dir is not None:
-            utils.update_summary(epoch, train_metrics, eval_metrics, os.path.join(output_dir, "summary.csv"), lr=lr)
-        if saver is not None:
-            result.best_metric, result.best_epoch = saver.save_checkpoint(epoch, metric=metric)
+            with _run_folder_writes(output_dir):
+                _edit_atomically(os.path.join(output_dir, "summary.csv"), lambda partial: utils.update_summary(
+                    epoch, train_metrics, eval_metrics, partial, lr=lr))
+                result.best_metric, result.best_epoch = saver.save_checkpoint(epoch, metric=metric)
         if lr_scheduler is not None:
             # --sched plateau needs a metric every epoch: without evaluation, the training loss (as timm does)
             lr_scheduler.step(epoch + 1, metric if metric is not None else train_metrics["loss"])
@@ -1094,7 +1265,8 @@ def _train_one_epoch(epoch: int, model, loader, optimizer, loss_fn, args: argpar
                 if lr_scheduler is not None:
                     lr_scheduler.step_update(num_updates=num_updates, metric=float(sums[0] / sums[1]))
                 if saver is not None and args.recovery_interval and num_updates % args.recovery_interval == 0:
-                    saver.save_recovery(epoch, batch_idx=step)
+                    with _run_folder_writes(saver.recovery_dir):
+                        saver.save_recovery(epoch, batch_idx=step)
             lr = optimizer.param_groups[0]["lr"]
             progress.update(step + 1, images_seen, loss=loss_value, lr=lr)
     finally:

@@ -22,8 +22,8 @@ from typing import Any, Callable, ContextManager, Dict, List, Optional
 import torch
 
 from . import CLIError, run_main
-from .common import (add_model_arguments, check_preprocessing, checkpoint_training_args, create_sized_model,
-                     resolve_device)
+from .common import (add_model_arguments, check_preprocessing, check_writable_folder, checkpoint_training_args,
+                     create_sized_model, resolve_device)
 
 __all__ = ["create_eval_loader", "evaluate", "main"]
 
@@ -310,12 +310,7 @@ def _check_writable(path: Path) -> None:
     if path.is_dir():
         raise CLIError(f"--results-file {path} is a folder; give the JSON file to write, e.g. "
                        f"{path / 'results.json'}", code=2)
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:  # the folders to be created, up to one that exists
-        folder = folder.parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise CLIError(f"--results-file {path}: cannot write there ({folder} is "
-                       f"{'not a folder' if not folder.is_dir() else 'not writable'})", code=2)
+    check_writable_folder(path.parent, f"--results-file {path}")
 
 
 def write_atomically(path: Path, text: str) -> None:
