@@ -264,7 +264,8 @@ _EPILOG = """\
 Data layout: DATA_DIR/train/CLASS/*.png (or .jpg/.jpeg) and DATA_DIR/validation/CLASS/*.png, the same class folders
 in both. The folders are checked before training: a missing folder, a split without class folders, class folders
 without images and class sets that differ between the splits are errors. An image file that cannot be decoded is
-skipped with a warning naming it (once per file and loader process) and another sample takes its place.
+skipped with a warning naming it (once per file and loader process) and another sample takes its place; in the
+evaluation it is left out. A class folder in which no image decodes is an error.
 
 Output (OUTPUT/EXPERIMENT/): args.yaml (reusable with -c), summary.csv (one row per epoch), last.pth.tar,
 checkpoint-EPOCH.pth.tar (the --checkpoint-hist best by --eval-metric), model_best.pth.tar. Every file is written
@@ -787,7 +788,8 @@ def _check_augmentation_policy(policy: str) -> None:
 
 def _check_data(args: argparse.Namespace):
     """The checked training and validation splits; the validation labels follow the training class order."""
-    from kat_timm.data import DataError, ImageFolderSplit, check_class_sets, check_split, load_class_names
+    from kat_timm.data import (DataError, ImageFolderSplit, check_class_sets, check_readable_classes, check_split,
+                               load_class_names)
 
     try:
         class_names = load_class_names(args.class_map) if args.class_map else None
@@ -797,6 +799,9 @@ def _check_data(args: argparse.Namespace):
             val_split = check_split(args.data_dir, args.val_split)
             check_class_sets(train_split, val_split)
             val_split = ImageFolderSplit(val_split.root, train_split.classes)
+        for split in (train_split, val_split):
+            if split is not None:
+                check_readable_classes(split)
     except DataError as error:
         raise CLIError(str(error)) from error
     return train_split, val_split
@@ -956,8 +961,13 @@ def train(args: argparse.Namespace, prog: str = "kat-train") -> TrainResult:
     device = _init_device(args)
     primary = args.rank == 0
     _setup_logging(primary)
+    from kat_timm.data import DataError
+
     try:
         return _train(args, parsed, device, primary, prog)
+    except DataError as error:
+        # Raised in a loader worker, it arrives with the worker's traceback in its message: keep the last line.
+        raise CLIError(str(error).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
     finally:
         if args.distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

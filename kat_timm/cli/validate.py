@@ -33,10 +33,16 @@ def create_eval_loader(dataset, data_config: Dict[str, Any], batch_size: int, wo
     """A loader of ``dataset`` with timm's evaluation transform for ``data_config``.
 
     Under several processes each takes every ``world_size``-th image starting at ``rank``, so together they see
-    every image exactly once (timm's distributed evaluation pads with repeats; exact sums need no padding).
+    every image exactly once (timm's distributed evaluation pads with repeats; exact sums need no padding). Images
+    that cannot be decoded are left out of the batches (a batch of only such images is None, which
+    :func:`evaluate` skips), so they are neither scored nor counted.
     """
     from timm.data import create_transform
 
+    from kat_timm.data import collate_readable
+
+    if hasattr(dataset, "skip_unreadable"):  # an unreadable image is left out, not replaced by (and counted as) another
+        dataset.skip_unreadable = True
     dataset.transform = create_transform(
         data_config["input_size"], is_training=False, interpolation=data_config["interpolation"],
         mean=data_config["mean"], std=data_config["std"], crop_pct=data_config["crop_pct"],
@@ -44,7 +50,7 @@ def create_eval_loader(dataset, data_config: Dict[str, Any], batch_size: int, wo
     indices = list(range(rank, len(dataset), world_size))
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=indices, num_workers=workers, pin_memory=pin_memory,
-        persistent_workers=False)
+        persistent_workers=False, collate_fn=collate_readable)
 
 
 @torch.no_grad()
@@ -71,7 +77,12 @@ def evaluate(model: torch.nn.Module, loader: torch.utils.data.DataLoader, device
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, images
     start = time.perf_counter()
-    for index, (images, targets) in enumerate(loader):
+    for index, batch in enumerate(loader):
+        if batch is None:  # every image of this batch was unreadable (see create_eval_loader)
+            if progress is not None:
+                progress(index + 1, len(loader))
+            continue
+        images, targets = batch
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         with autocast():
@@ -107,8 +118,8 @@ def build_parser(prog: str = "kat-validate") -> argparse.ArgumentParser:
                                 "fields plus loss and images/s).",
         epilog="Data layout: DATA_DIR/SPLIT/CLASS/*.png (or .jpg/.jpeg). Labels follow the class folders' sorted "
                "names (timm's order), or --class-map, or the class list a kat-train checkpoint carries. An image "
-               "that cannot be decoded is skipped with a warning naming it, and another sample is counted in its "
-               "place. A training checkpoint is evaluated with its run's image size, mean/std, crop and "
+               "that cannot be decoded is left out with a warning naming it and counted in unreadable_images; a "
+               "class folder in which no image decodes is an error. A training checkpoint is evaluated with its run's image size, mean/std, crop and "
                "interpolation unless given here.", formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", nargs="?", metavar="DIR", default=None, help="same as --data-dir")
     group = parser.add_argument_group("data")
@@ -225,7 +236,7 @@ def amp_autocast(enabled: bool, dtype_name: Optional[str], device: torch.device)
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from kat_timm.data import DataError, ImageFolderDataset, check_split, load_class_names
+    from kat_timm.data import DataError, ImageFolderDataset, check_readable_classes, check_split, load_class_names
 
     data_dir = args.data_dir or args.data
     if not data_dir:
@@ -249,6 +260,7 @@ def _validate(args: argparse.Namespace) -> int:
             split = check_split(data_dir, args.split)
             if trained.get("class_names"):
                 split = _trained_classes(split, list(trained["class_names"]), args.checkpoint)
+        check_readable_classes(split)
     except DataError as error:
         raise CLIError(str(error)) from error
 
@@ -294,7 +306,11 @@ def _validate(args: argparse.Namespace) -> int:
         "loss": round(metrics["loss"], 6),
         "images_per_second": round(metrics["images_per_second"], 2),
         "num_images": metrics["count"],
+        "unreadable_images": len(dataset) - metrics["count"],
     }
+    if result["unreadable_images"]:
+        print(f"{len(dataset) - metrics['count']} of {len(dataset)} images could not be decoded and were left out "
+              f"(named in the warnings above)", file=sys.stderr)
     text = json.dumps(result, indent=4)
     print(text)
     if results_file is not None:
