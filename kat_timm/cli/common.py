@@ -215,7 +215,8 @@ def create_model(name: str, pretrained: bool = False, checkpoint: Optional[Path]
         except Exception as error:
             if not pretrained:
                 raise
-            raise CLIError(_pretrained_failure(name, error, unreachable)) from error
+            own_file = (kwargs.get("pretrained_cfg_overlay") or {}).get("file")
+            raise CLIError(_pretrained_failure(name, error, unreachable, own_file)) from error
     if state_dict is not None:
         load_weights(model, state_dict, name, str(checkpoint))
     return model
@@ -259,8 +260,16 @@ def load_weights(model: torch.nn.Module, state_dict: dict, model_name: str, sour
         raise CLIError(f"{source} does not fit {model_name}: {detail}{hint}") from error
 
 
-def _pretrained_failure(name: str, error: Exception, unreachable: Optional[str] = None) -> str:
-    text = f"{type(error).__name__}: {error}".splitlines()[0]
+def _pretrained_failure(name: str, error: Exception, unreachable: Optional[str] = None,
+                        own_file: Optional[str] = None) -> str:
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if isinstance(error, RuntimeError) and len(lines) > 1 and "loading state_dict" in lines[0]:
+        # torch's first line only says "Error(s) in loading state_dict for KAT:"; the keys are on the next ones
+        text = "; ".join(line.rstrip(".") for line in lines[1:4])
+    else:
+        text = f"{type(error).__name__}: {lines[0] if lines else ''}"
+    if own_file:  # --pretrained-path: the user's file, not the released weights
+        return f"could not load {own_file} into {name}: {text.rstrip('.')}"
     offline = any(word in text for word in ("offline", "LocalEntryNotFound", "connect", "Connection", "resolve"))
     if unreachable and offline:
         text = f"{unreachable}, and they are not in the local Hugging Face cache"

@@ -8,6 +8,7 @@ from :func:`kat_timm.plot.plot_rationals`. Weights as for ``kat-timm predict``: 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -41,6 +42,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--use-layer", action="store_true",
                         help="evaluate the layers' own kernels instead of the float64 reference formula")
     parser.add_argument("--dpi", type=int, default=100, help="resolution of raster output (default: 100)")
+    # argparse (before Python 3.13) reads "-1e3" as an option, so "--x-range -1e3 1e3" failed; this is the pattern
+    # 3.13 itself uses: a dash followed by a digit or a decimal point is a negative number.
+    parser._negative_number_matcher = re.compile(r"^-\.?\d")
     return parser
 
 

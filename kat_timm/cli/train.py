@@ -842,9 +842,34 @@ def _create_model(args: argparse.Namespace, num_classes: int):
         return model
     if checkpoint:
         _check_classifier_size(checkpoint, num_classes)
-    return create_sized_model(args.model, size, pretrained=pretrained,
-                              checkpoint=Path(checkpoint) if checkpoint else None, num_classes=num_classes,
-                              **_model_kwargs(args))
+    model = create_sized_model(args.model, size, pretrained=pretrained,
+                               checkpoint=Path(checkpoint) if checkpoint else None, num_classes=num_classes,
+                               **_model_kwargs(args))
+    if args.pretrained_path:
+        _check_pretrained_path_covers(args.pretrained_path, model, args.model)
+    return model
+
+
+def _check_pretrained_path_covers(path: str, model, model_name: str) -> None:
+    """--pretrained-path: timm loads the file non-strictly when it replaces the classifier, so a file holding few or
+    none of the model's weights would start the run from random weights without a word. Every weight but the
+    classifier (and the rational coefficients, which a KAT fills in for a ViT's weights) must come from the file."""
+    from kat_timm.hub import CheckpointError, load_checkpoint, unwrap_state_dict
+
+    try:
+        keys = set(unwrap_state_dict(load_checkpoint(path))[0])
+    except (CheckpointError, OSError):
+        return  # timm read it, so this is not expected; its own load reported anything worse
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier") or "head"
+    classifiers = classifier if isinstance(classifier, (list, tuple)) else [classifier]
+    missing = [key for key in model.state_dict() if key not in keys
+               and not any(key.startswith(name + ".") for name in classifiers)
+               and not key.endswith(("weight_numerator", "weight_denominator"))]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CLIError(f"--pretrained-path {path} lacks {len(missing)} of {model_name}'s weights "
+                       f"({', '.join(missing[:5])}{more}), so the run would start from random ones; give a "
+                       f"checkpoint of {model_name} (or of the ViT it is built like)", code=2)
 
 
 def _check_classifier_size(path: str, num_classes: int) -> None:

@@ -188,3 +188,40 @@ def test_demo_with_an_unknown_backend_setting(monkeypatch, capsys):
     monkeypatch.setenv("KAT_RATIONAL_BACKEND", "garbage")
     assert demo_cli.main(["--skip-benchmark", "--offline"]) == 2
     _one_line_error(capsys, "kat-timm demo", "KAT_RATIONAL_BACKEND='garbage' is not one of auto, torch, triton, native")
+
+
+def test_plot_takes_negative_numbers_in_exponent_form(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    output = tmp_path / "act.png"
+    assert plot_cli.main(["--random-weights", "--model", "kat_tiny", "-o", str(output), "--x-range", "-1e3",
+                          "1e3"]) == 0
+    assert output.read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_cached_weight_file_that_does_not_fit_names_the_keys(offline_hub, ckpt, kat_tiny_weights, capsys):
+    broken = dict(kat_tiny_weights["scratch"])
+    broken["blocks.0.attn.qkv.weight"] = broken["blocks.0.attn.qkv.weight"][:100]
+    offline_hub.add_released(f"{ckpt.HF_ORG}/{ckpt.TINY}", broken)
+    image = str(common.Path(predict_cli.__file__).parents[1] / "assets" / "crossword.png")
+    assert predict_cli.main([image, "--model", "kat_tiny"]) == 1
+    line = _one_line_error(capsys, "kat-timm predict", "could not load the released weights of kat_tiny: ")
+    assert "size mismatch for blocks.0.attn.qkv.weight" in line, line
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("resized", "could not load {path} into kat_tiny: size mismatch for blocks.0.attn.qkv.weight"),
+    ("unrelated", "--pretrained-path {path} lacks 150 of kat_tiny's weights (cls_token, pos_embed"),
+])
+def test_kat_train_pretrained_path_that_does_not_fit(data, tmp_path, capsys, kat_tiny_weights, damage, message):
+    weights = dict(kat_tiny_weights["scratch"])
+    if damage == "resized":
+        weights["blocks.0.attn.qkv.weight"] = weights["blocks.0.attn.qkv.weight"][:100]
+    else:
+        weights = {"encoder.weight": torch.zeros(3)}
+    path = tmp_path / "mine.pth"
+    torch.save(weights, path)
+    code = train_module.main(_train_args(data, tmp_path, "--pretrained-path", str(path)))
+    assert code in (1, 2)
+    line = _one_line_error(capsys, "kat-train", message.format(path=path))
+    assert "released weights" not in line
+    assert not (tmp_path / "out" / "run" / "last.pth.tar").exists()
