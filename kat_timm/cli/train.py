@@ -1120,7 +1120,8 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bo
             name = args.experiment or "-".join([
                 datetime.now().strftime("%Y%m%d-%H%M%S"), safe_model_name(args.model),
                 str(data_config["input_size"][-1])])
-            output_dir = utils.get_outdir(args.output or "./output/train", name)
+            with _run_folder_writes(args.output or "./output/train"):
+                output_dir = utils.get_outdir(args.output or "./output/train", name)
         saver = AtomicCheckpointSaver(
             model=model, optimizer=optimizer, args=args, model_ema=model_ema, amp_scaler=loss_scaler,
             checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing=eval_metric == "loss",
