@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional
 from timm.utils import CheckpointSaver
 
 from . import CLIError, run_main
-from .common import check_preprocessing, check_writable_folder, checkpoint_training_args
+from .common import check_backend_setting, check_preprocessing, check_writable_folder, checkpoint_training_args
 from .validate import KeywordArguments
 
 __all__ = ["AtomicCheckpointSaver", "TrainResult", "build_parser", "main", "parse_args", "train"]
@@ -744,6 +744,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
     if args.clip_grad is not None and not args.clip_grad > 0:
         raise CLIError(f"--clip-grad {args.clip_grad:g}: must be positive", code=2)
     check_preprocessing(vars(args), training=True)
+    check_backend_setting()
     if args.aa:
         _check_augmentation_policy(args.aa)
     if args.resume and not args.no_resume_opt:

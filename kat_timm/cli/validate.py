@@ -22,8 +22,8 @@ from typing import Any, Callable, ContextManager, Dict, List, Optional
 import torch
 
 from . import CLIError, run_main
-from .common import (add_model_arguments, check_preprocessing, check_writable_folder, checkpoint_training_args,
-                     create_sized_model, resolve_device)
+from .common import (add_model_arguments, check_backend_setting, check_preprocessing, check_writable_folder,
+                     checkpoint_training_args, create_sized_model, resolve_device)
 
 __all__ = ["create_eval_loader", "evaluate", "main"]
 
@@ -119,8 +119,9 @@ def build_parser(prog: str = "kat-validate") -> argparse.ArgumentParser:
         epilog="Data layout: DATA_DIR/SPLIT/CLASS/*.png (or .jpg/.jpeg). Labels follow the class folders' sorted "
                "names (timm's order), or --class-map, or the class list a kat-train checkpoint carries. An image "
                "that cannot be decoded is left out with a warning naming it and counted in unreadable_images; a "
-               "class folder in which no image decodes is an error. A training checkpoint is evaluated with its run's image size, mean/std, crop and "
-               "interpolation unless given here.", formatter_class=argparse.RawDescriptionHelpFormatter)
+               "class folder in which no image decodes is an error. A training checkpoint is evaluated with its "
+               "run's image size, mean/std, crop and interpolation unless given here.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", nargs="?", metavar="DIR", default=None, help="same as --data-dir")
     group = parser.add_argument_group("data")
     group.add_argument("--data-dir", metavar="DIR", default=None, help="dataset root holding the split folder")
@@ -247,6 +248,7 @@ def _validate(args: argparse.Namespace) -> int:
         raise CLIError(f"--num-classes must be at least 1, got {args.num_classes} (leave it out to use the "
                        f"checkpoint's or the model's)", code=2)
     check_preprocessing(vars(args))
+    check_backend_setting()
     results_file = Path(args.results_file) if args.results_file else None
     if results_file is not None:
         _check_writable(results_file)

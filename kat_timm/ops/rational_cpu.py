@@ -5,8 +5,9 @@ this file is plain C with OpenMP and builds in about a second with the system C 
 under ``$KAT_TIMM_CACHE_DIR`` (default ``$XDG_CACHE_HOME/kat_timm`` or ``~/.cache/kat_timm``), keyed by a hash of
 the source, the compiler's version and the flags, and written through a temporary file and a rename so that
 concurrent processes never load a half-written library. A SHA-256 written beside it is checked before every load:
-a damaged file (truncated by a full disk or a copy) is rebuilt with a warning instead of crashing the process. Machines without a C compiler (or where the build fails)
-use the pure-PyTorch path instead; ``native_cpu_status()`` says why.
+a damaged file (truncated by a full disk or a copy) is rebuilt with a warning instead of crashing the process.
+Machines without a C compiler (or where the build fails) use the pure-PyTorch path instead; ``native_cpu_status()``
+says why.
 
 The library is linked with ``-fopenmp`` but not against a particular libgomp: PyTorch has already loaded its
 own ``libgomp.so.1`` when this runs, so both share one OpenMP runtime and one thread pool.
