@@ -25,8 +25,8 @@ from timm.data.readers import create_reader
 from timm.data.readers.img_extensions import get_img_extensions
 from timm.utils.misc import natural_key
 
-__all__ = ["DataError", "ImageFolderDataset", "ImageFolderSplit", "check_class_sets", "check_split",
-           "find_split_folder", "load_class_names"]
+__all__ = ["DataError", "ImageFolderDataset", "ImageFolderSplit", "check_class_sets", "check_readable_classes",
+           "check_split", "collate_readable", "find_split_folder", "load_class_names"]
 
 _logger = logging.getLogger(__name__)
 
@@ -182,6 +182,45 @@ def check_class_sets(first: ImageFolderSplit, second: ImageFolderSplit) -> None:
                         "same classes so that the labels agree")
 
 
+def check_readable_classes(split: ImageFolderSplit) -> None:
+    """A :class:`DataError` naming the class folders of ``split`` in which no image decodes.
+
+    Each class folder's images are decoded in order until one works, so a sound data set costs one image per
+    class. Without this check a class of unreadable files would train (or score) silently on other classes'
+    images, since an unreadable training image is replaced by the next one.
+    """
+    unreadable = []
+    for name in split.classes:
+        folder = split.root / name
+        if not folder.is_dir():
+            continue  # a class-map entry without a folder (allowed when evaluating a subset)
+        images = sorted((entry.name for entry in os.scandir(folder) if entry.is_file() and _is_image(entry.name)),
+                        key=natural_key)
+        if images and not any(_decodes(folder / image) for image in images):
+            unreadable.append(f"{name} ({len(images)} file(s))")
+    if unreadable:
+        raise DataError(f"no image could be decoded in {len(unreadable)} class folder(s) of {split.root}: "
+                        f"{_name_list(unreadable)}. Replace the files, or remove the folders.")
+
+
+def _decodes(path: Path) -> bool:
+    try:
+        with Image.open(path) as image:
+            image.load()  # every pixel: a truncated file fails here, not at open
+    except _DECODE_ERRORS:
+        return False
+    return True
+
+
+def collate_readable(batch):
+    """``default_collate`` over the samples that are not None (images an evaluation dataset could not decode);
+    None when none is left. Use with ``ImageFolderDataset(..., skip_unreadable=True)``."""
+    from torch.utils.data import default_collate
+
+    kept = [sample for sample in batch if sample is not None]
+    return default_collate(kept) if kept else None
+
+
 def _count_images(folder: Path) -> Tuple[int, int]:
     """(images directly in ``folder``, images in its sub-folders)."""
     direct = deeper = 0
@@ -206,18 +245,22 @@ class ImageFolderDataset(ImageDataset):
     """timm's ImageDataset over a checked split, skipping images that cannot be decoded.
 
     When PIL cannot open or decode a file, the file is named in a warning (once per file in each process; loader
-    workers are separate processes) and the next sample is returned instead, so one bad file does not stop a run.
-    More than ``MAX_CONSECUTIVE_FAILURES`` unreadable files in a row raise :class:`DataError`.
+    workers are separate processes). For training the next sample is returned instead, so one bad file does not
+    stop a run; more than ``MAX_CONSECUTIVE_FAILURES`` unreadable files in a row raise :class:`DataError`. For
+    evaluation (``skip_unreadable``) the sample is None, so that :func:`collate_readable` leaves it out: an
+    unreadable file is neither scored nor replaced by a neighbour that would be counted twice.
 
     Args:
         split: the checked split (see :func:`check_split`); its class order fixes the labels.
         transform: image transform (``timm.data.create_loader`` installs one).
+        skip_unreadable: return None for an unreadable file instead of the next sample.
     """
 
-    def __init__(self, split: ImageFolderSplit, transform=None):
+    def __init__(self, split: ImageFolderSplit, transform=None, skip_unreadable: bool = False):
         reader = create_reader("", root=str(split.root), class_map=split.class_to_idx)
         super().__init__(str(split.root), reader=reader, transform=transform)
         self.split = split
+        self.skip_unreadable = skip_unreadable
         self._warned: Set[str] = set()
 
     @property
@@ -233,6 +276,8 @@ class ImageFolderDataset(ImageDataset):
                 break
             except _DECODE_ERRORS as error:
                 self._warn_skipped(index, error)
+                if self.skip_unreadable:
+                    return None
                 failures += 1
                 if failures >= min(MAX_CONSECUTIVE_FAILURES, len(self)):
                     raise DataError(f"{failures} images in a row could not be decoded (the last: "
@@ -259,4 +304,5 @@ class ImageFolderDataset(ImageDataset):
             return
         self._warned.add(path)
         reason = str(error).split(" <_io.", 1)[0] or type(error).__name__
-        _logger.warning("skipping unreadable image %s (%s); another sample takes its place", path, reason)
+        instead = "it is left out" if self.skip_unreadable else "another sample takes its place"
+        _logger.warning("skipping unreadable image %s (%s); %s", path, reason, instead)

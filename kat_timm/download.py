@@ -30,6 +30,7 @@ __all__ = [
     "CachedFile",
     "DownloadError",
     "DownloadResult",
+    "cached_file_intact",
     "download_pretrained",
     "format_size",
     "pretrained_names",
@@ -187,26 +188,52 @@ def _cached_file(filename: str, path: str, fetched: bool) -> CachedFile:
     return CachedFile(filename=filename, path=Path(path), size=Path(path).stat().st_size, fetched=fetched)
 
 
-def _fetch(repo_id: str, filename: str, revision: Optional[str], cache_dir: Optional[PathLike]) -> CachedFile:
+def cached_file_intact(path: PathLike) -> bool:
+    """Whether a file of the Hugging Face cache still holds what was downloaded.
+
+    The cache keeps each file as ``blobs/<id>``, the id being the SHA-256 of the content for LFS files (weights)
+    and the git blob hash for the others (config.json): a truncated or altered copy no longer matches its name. A
+    file outside that layout (no blob to compare with) counts as intact.
+    """
+    from huggingface_hub.utils.sha import git_hash, sha_fileobj
+
+    blob = Path(path).resolve()
+    name = blob.name
+    if blob.parent.name != "blobs" or len(name) not in (40, 64) or any(c not in "0123456789abcdef" for c in name):
+        return True
+    if len(name) == 64:
+        with open(blob, "rb") as file:
+            return sha_fileobj(file).hex() == name
+    return git_hash(blob.read_bytes()) == name
+
+
+def _fetch(repo_id: str, filename: str, revision: Optional[str], cache_dir: Optional[PathLike],
+           force: bool = False) -> CachedFile:
     cached = _cached(repo_id, filename, revision, cache_dir)
-    if isinstance(cached, str):
+    damaged = isinstance(cached, str) and not cached_file_intact(cached)
+    if isinstance(cached, str) and not (force or damaged):
         return _cached_file(filename, cached, fetched=False)
-    path = hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir)
+    if damaged and constants.is_offline_mode():
+        raise LocalEntryNotFoundError(f"the cached {filename} ({cached}) is damaged: its content does not match its "
+                                      "checksum (a download or a copy was cut short)")
+    path = hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
+                           force_download=force or damaged)
     return _cached_file(filename, path, fetched=True)
 
 
-def _fetch_weights(repo_id: str, filename: str, revision: Optional[str], cache_dir: Optional[PathLike]) -> CachedFile:
+def _fetch_weights(repo_id: str, filename: str, revision: Optional[str], cache_dir: Optional[PathLike],
+                   force: bool = False) -> CachedFile:
     candidates = weight_files(filename)
     # Any one cached candidate is enough: offline, timm skips the candidates that are not cached.
     for candidate in candidates:
         cached = _cached(repo_id, candidate, revision, cache_dir)
         if isinstance(cached, str):
-            return _cached_file(candidate, cached, fetched=False)
+            return _fetch(repo_id, candidate, revision, cache_dir, force)  # again if damaged or forced
     for candidate in candidates:
         if _cached(repo_id, candidate, revision, cache_dir) is _CACHED_NO_EXIST:
             continue
         try:
-            return _fetch(repo_id, candidate, revision, cache_dir)
+            return _fetch(repo_id, candidate, revision, cache_dir, force)
         except LocalEntryNotFoundError:
             raise  # offline or unreachable: not a missing file
         except EntryNotFoundError:
@@ -228,6 +255,9 @@ def _reason(error: Exception, repo_id: str, revision: Optional[str], cache_dir: 
     """One line saying why fetching ``wanted`` from ``repo_id`` failed and what to do."""
     detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
     if isinstance(error, LocalEntryNotFoundError):
+        if detail.startswith("the cached "):
+            return (f"{detail}; it can't be fetched again without the Hub (offline): run 'kat-timm download --force' "
+                    "where the Hub is reachable")
         if constants.is_offline_mode():
             return (f"{wanted} is not in the cache ({_cache_root(cache_dir)}) and HF_HUB_OFFLINE=1 is set, so it "
                     "cannot be fetched; run the download on a machine with network access (without HF_HUB_OFFLINE)")
@@ -247,15 +277,17 @@ def _reason(error: Exception, repo_id: str, revision: Optional[str], cache_dir: 
     return f"could not write to the cache {_cache_root(cache_dir)}: {detail}"
 
 
-def download_pretrained(name: str, cache_dir: Optional[PathLike] = None) -> DownloadResult:
+def download_pretrained(name: str, cache_dir: Optional[PathLike] = None, force: bool = False) -> DownloadResult:
     """Make sure the cache holds what ``timm.create_model(name, pretrained=True)`` needs: ``config.json`` and the
-    weights file timm will pick. Files already cached are not fetched again (and then no request is made).
+    weights file timm will pick. Files already cached are not fetched again (and then no request is made), unless
+    their content no longer matches the cache's checksum (:func:`cached_file_intact`) or ``force`` is set.
 
     Args:
         name: a model name with an optional tag (``kat_tiny``, ``kat_base_patch16_224.vitft``) or
             ``hf-hub:owner/repo``.
         cache_dir: the Hugging Face cache folder (default: huggingface_hub's, ``HF_HUB_CACHE``). timm reads this
             folder only when ``HF_HUB_CACHE`` points to it.
+        force: fetch every file again, cached or not.
 
     Returns:
         What is in the cache now, with what this call fetched.
@@ -271,9 +303,9 @@ def download_pretrained(name: str, cache_dir: Optional[PathLike] = None) -> Down
     files = []
     wanted = constants.CONFIG_NAME
     try:
-        files.append(_fetch(repo_id, wanted, revision, cache_dir))
+        files.append(_fetch(repo_id, wanted, revision, cache_dir, force))
         wanted = " or ".join(weight_files(weights))
-        files.append(_fetch_weights(repo_id, weights, revision, cache_dir))
+        files.append(_fetch_weights(repo_id, weights, revision, cache_dir, force))
     except Exception as error:
         if not isinstance(error, (EntryNotFoundError, HfHubHTTPError, OSError)) and not _is_network_error(error):
             raise

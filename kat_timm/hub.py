@@ -468,6 +468,13 @@ def convert_checkpoint(
         raise CheckpointError("the output directory must not be the checkpoint's own directory")
     state_dict, source_key = unwrap_state_dict(load_checkpoint(checkpoint_path), use_ema=use_ema)
     check_kat_state_dict(state_dict)
+    broken = [key for key, value in state_dict.items()
+              if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()]
+    if broken:
+        more = f" and {len(broken) - 5} more" if len(broken) > 5 else ""
+        raise CheckpointError(f"{checkpoint_path} holds non-finite values (NaN or infinity) in "
+                              f"{', '.join(broken[:5])}{more}: the run that wrote it probably diverged; convert an "
+                              f"earlier checkpoint")
 
     if model_name is None:
         model_name = infer_architecture(state_dict)
@@ -505,6 +512,9 @@ def convert_checkpoint(
         expected = model.state_dict()
         bad = [k for k, v in expected.items() if k not in reloaded or not torch.equal(reloaded[k], v)]
         if bad or set(reloaded) != set(expected):
-            raise CheckpointError(f"verification failed: {output_dir} does not reload the weights exactly ({bad[:5]})")
+            for name in OUTPUT_FILES:  # a folder that does not reload is not left for upload
+                (output_dir / name).unlink(missing_ok=True)
+            raise CheckpointError(f"verification failed: {output_dir} does not reload the weights exactly ({bad[:5]}); "
+                                  "the files written were removed")
     files = sorted(p.name for p in output_dir.iterdir() if p.name in OUTPUT_FILES)
     return ConversionResult(output_dir, arch, tag, num_params, num_classes, source_key, files)

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kat_timm.data import (DataError, ImageFolderDataset, ImageFolderSplit, check_class_sets, check_split,
-                           find_split_folder, load_class_names)
+from kat_timm.data import (DataError, ImageFolderDataset, ImageFolderSplit, check_class_sets, check_readable_classes,
+                           check_split, collate_readable, find_split_folder, load_class_names)
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
 
@@ -170,3 +170,29 @@ def test_a_split_of_only_corrupt_images_is_an_error(tmp_path):
     dataset = ImageFolderDataset(check_split(tmp_path, "train"))
     with pytest.raises(DataError, match="could not be decoded"):
         dataset[0]
+
+
+def test_a_class_without_one_readable_image_is_named(tmp_path):
+    make_image_folder(tmp_path, splits=(("train", 3),))
+    for path in (tmp_path / "train" / "green").iterdir():
+        write_corrupt_image(path)
+    write_corrupt_image(tmp_path / "train" / "red" / "0.png")  # one bad file among good ones is fine
+    with pytest.raises(DataError) as error:
+        check_readable_classes(check_split(tmp_path, "train"))
+    assert str(error.value) == (f"no image could be decoded in 1 class folder(s) of {tmp_path / 'train'}: green "
+                                f"(3 file(s)). Replace the files, or remove the folders.")
+
+
+def test_evaluation_leaves_an_unreadable_image_out_instead_of_repeating_a_neighbour(tmp_path):
+    from torch.utils.data import DataLoader
+
+    make_image_folder(tmp_path, splits=(("validation", 3),))
+    bad = write_corrupt_image(tmp_path / "validation" / "green" / "1.png")
+    dataset = ImageFolderDataset(check_split(tmp_path, "validation"), transform=np.asarray, skip_unreadable=True)
+    index = next(i for i in range(len(dataset)) if dataset.filename(i, absolute=True) == str(bad))
+    assert dataset[index] is None
+    batches = [batch for batch in DataLoader(dataset, batch_size=4, collate_fn=collate_readable)]
+    labels = [label for images, label in (batch for batch in batches if batch is not None) for label in label.tolist()]
+    assert len(labels) == len(dataset) - 1 == 8
+    assert sorted(labels) == [0, 0, 0, 1, 1, 2, 2, 2], "green (label 1) has one image fewer, no one counts twice"
+    assert collate_readable([None, None]) is None

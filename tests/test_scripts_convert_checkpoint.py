@@ -252,6 +252,17 @@ def test_error_unknown_and_ambiguous_architecture(tmp_path, capsys, weights):
     assert "Invalid pretrained tag (in22k)" in err
 
 
+def test_error_non_finite_weights_write_nothing(tmp_path, capsys, weights):
+    diverged = OrderedDict(weights["model"])
+    diverged["blocks.3.mlp.fc1.weight"] = diverged["blocks.3.mlp.fc1.weight"].clone()
+    diverged["blocks.3.mlp.fc1.weight"][0, 0] = float("nan")
+    path = _save_released(diverged, tmp_path / "diverged.bin")
+    err = _error([path, "-o", tmp_path / "out"], capsys)
+    assert "holds non-finite values (NaN or infinity) in blocks.3.mlp.fc1.weight" in err, err
+    assert "verification failed" not in err
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
 def test_error_size_mismatch(tmp_path, capsys):
     small = _random_state_dict(3, "kat_small_patch16_224", weight_init="skip")
     path = _save_released(small, tmp_path / "small.bin")

@@ -6,6 +6,8 @@ import argparse
 import contextlib
 import difflib
 import importlib
+import math
+import os
 import threading
 from pathlib import Path
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
@@ -19,7 +21,11 @@ __all__ = [
     "ReleasedWeightsUnavailable",
     "add_model_arguments",
     "add_weight_source_arguments",
+    "check_backend_setting",
+    "check_image_size",
     "check_model_name",
+    "check_preprocessing",
+    "check_writable_folder",
     "checkpoint_training_args",
     "create_model",
     "create_model_with_weights",
@@ -82,6 +88,95 @@ def check_model_name(name: str) -> None:
                        f"{', '.join(pretrained_names(architecture)) or 'none'}", code=2) from None
 
 
+# Largest --img-size any command accepts: a 4096 x 4096 image is 200 MB in float32 and a ViT-style model sees 65,536
+# patches of 16 px; far larger values only end in an allocation failure deep inside torch.
+MAX_IMAGE_SIZE = 4096
+
+# Interpolation names timm's transforms take (timm.data.transforms.str_to_interp_mode); "random" only for training.
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+
+
+def check_image_size(img_size: Optional[int] = None, input_size: Optional[Sequence[int]] = None) -> None:
+    """Raise ``CLIError`` (code 2) for an ``--img-size`` or ``--input-size`` that no model can take.
+
+    The size must be 1 to ``MAX_IMAGE_SIZE`` pixels; ``--input-size`` must have 3 channels, because every command
+    loads images as RGB. Whether a model's patches fit is checked once it is built (``check_model_input_size``).
+    """
+    if img_size is not None and not 1 <= img_size <= MAX_IMAGE_SIZE:
+        raise CLIError(f"--img-size {img_size}: the image size must be 1 to {MAX_IMAGE_SIZE} pixels", code=2)
+    if input_size is not None:
+        channels, *sides = input_size
+        if channels != 3:
+            raise CLIError(f"--input-size {' '.join(map(str, input_size))}: images are loaded as RGB, so the first "
+                           f"value (channels) must be 3", code=2)
+        if not all(1 <= side <= MAX_IMAGE_SIZE for side in sides):
+            raise CLIError(f"--input-size {' '.join(map(str, input_size))}: height and width must be 1 to "
+                           f"{MAX_IMAGE_SIZE} pixels", code=2)
+
+
+def check_model_input_size(model: torch.nn.Module, size: Sequence[int], option: str) -> None:
+    """Raise ``CLIError`` (code 2) when a patch-based model's patches are larger than the image (no patch at all)."""
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch is None:
+        return
+    patch = tuple(patch) if isinstance(patch, (tuple, list)) else (int(patch), int(patch))
+    sides = tuple(size) if len(size) > 1 else (int(size[0]), int(size[0]))
+    if any(side < edge for side, edge in zip(sides, patch)):
+        raise CLIError(f"{option} {' x '.join(map(str, sides))} is smaller than the model's {patch[0]}-pixel "
+                       f"patches; use at least {max(patch)}", code=2)
+
+
+def check_preprocessing(options: dict, training: bool = False) -> None:
+    """Raise ``CLIError`` (code 2) for preprocessing options that timm would reject with a traceback, or worse, use.
+
+    Args:
+        options: ``img_size``, ``input_size``, ``crop_pct``, ``mean``, ``std``, ``interpolation`` (and, when
+            ``training``, ``train_interpolation``); None or "" means the model's default.
+        training: also check kat-train's training-only options.
+    """
+    check_image_size(options.get("img_size"), options.get("input_size"))
+    crop_pct = options.get("crop_pct")
+    if crop_pct is not None and not 0.01 <= crop_pct <= 1.0:  # also catches NaN
+        raise CLIError(f"--crop-pct {crop_pct:g}: the centre crop is a fraction of the resized image, 0.01 to 1 "
+                       f"(1: no crop; the KAT models use 0.875)", code=2)
+    for name in ("mean", "std"):
+        values = options.get(name) or ()
+        if not all(math.isfinite(value) for value in values):
+            raise CLIError(f"--{name} {' '.join(map(str, values))}: values must be finite numbers", code=2)
+    if any(value <= 0 for value in options.get("std") or ()):
+        raise CLIError(f"--std {' '.join(map(str, options['std']))}: every value must be positive (images are "
+                       f"divided by it)", code=2)
+    names = [("interpolation", INTERPOLATIONS)]
+    if training:
+        names.append(("train_interpolation", INTERPOLATIONS + ("random",)))
+    for name, allowed in names:
+        value = options.get(name)
+        if value and value not in allowed:
+            raise CLIError(f"--{name.replace('_', '-')} {value}: unknown interpolation; use one of "
+                           f"{', '.join(allowed)}", code=2)
+
+
+def check_writable_folder(folder, option: str) -> None:
+    """Raise ``CLIError`` (code 2) unless files can be written in ``folder`` (created later if missing): the first
+    existing folder on its path must be a writable folder. ``option`` names what asked for it in the message."""
+    existing = Path(folder).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise CLIError(f"{option}: cannot write there ({existing} is "
+                       f"{'not a folder' if not existing.is_dir() else 'not writable'})", code=2)
+
+
+def check_backend_setting() -> None:
+    """Raise ``CLIError`` (code 2) when ``KAT_RATIONAL_BACKEND`` names no backend, before any work is done."""
+    from kat_timm.ops import requested_backend
+
+    try:
+        requested_backend()
+    except ValueError as error:
+        raise CLIError(f"{error}; unset it or set one of those", code=2) from None
+
+
 def create_model(name: str, pretrained: bool = False, checkpoint: Optional[Path] = None, use_ema: bool = False,
                  num_classes: Optional[int] = None, prefer_ema: bool = True, **kwargs: Any) -> torch.nn.Module:
     """``timm.create_model`` with the KAT models registered, turning the usual failures into ``CLIError``.
@@ -95,6 +190,7 @@ def create_model(name: str, pretrained: bool = False, checkpoint: Optional[Path]
     import timm
 
     check_model_name(name)  # also imports kat_timm, which registers the kat_* models in timm
+    check_backend_setting()
     if pretrained and checkpoint is not None:
         raise CLIError("give --pretrained or --checkpoint, not both", code=2)
     if use_ema and checkpoint is None:
@@ -110,10 +206,17 @@ def create_model(name: str, pretrained: bool = False, checkpoint: Optional[Path]
     with hub_access() if pretrained else contextlib.nullcontext() as unreachable:
         try:
             model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        except TypeError as error:
+            if "unexpected keyword argument" not in str(error):
+                raise
+            taken = ", ".join(sorted(key for key in kwargs if f"'{key}'" in str(error))) or str(error)
+            raise CLIError(f"{name} does not take the keyword argument {taken} (from --model-kwargs or an "
+                           f"option); remove it", code=2) from error
         except Exception as error:
             if not pretrained:
                 raise
-            raise CLIError(_pretrained_failure(name, error, unreachable)) from error
+            own_file = (kwargs.get("pretrained_cfg_overlay") or {}).get("file")
+            raise CLIError(_pretrained_failure(name, error, unreachable, own_file)) from error
     if state_dict is not None:
         load_weights(model, state_dict, name, str(checkpoint))
     return model
@@ -157,8 +260,16 @@ def load_weights(model: torch.nn.Module, state_dict: dict, model_name: str, sour
         raise CLIError(f"{source} does not fit {model_name}: {detail}{hint}") from error
 
 
-def _pretrained_failure(name: str, error: Exception, unreachable: Optional[str] = None) -> str:
-    text = f"{type(error).__name__}: {error}".splitlines()[0]
+def _pretrained_failure(name: str, error: Exception, unreachable: Optional[str] = None,
+                        own_file: Optional[str] = None) -> str:
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if isinstance(error, RuntimeError) and len(lines) > 1 and "loading state_dict" in lines[0]:
+        # torch's first line only says "Error(s) in loading state_dict for KAT:"; the keys are on the next ones
+        text = "; ".join(line.rstrip(".") for line in lines[1:4])
+    else:
+        text = f"{type(error).__name__}: {lines[0] if lines else ''}"
+    if own_file:  # --pretrained-path: the user's file, not the released weights
+        return f"could not load {own_file} into {name}: {text.rstrip('.')}"
     offline = any(word in text for word in ("offline", "LocalEntryNotFound", "connect", "Connection", "resolve"))
     if unreachable and offline:
         text = f"{unreachable}, and they are not in the local Hugging Face cache"
@@ -175,6 +286,8 @@ def resolve_device(name: Optional[str]) -> torch.device:
         device = torch.device(name)
     except RuntimeError as error:
         raise CLIError(f"--device {name}: {error}; use cpu or cuda", code=2) from error
+    if device.type not in ("cpu", "cuda"):
+        raise CLIError(f"--device {name}: not a device kat_timm runs on; use cpu or cuda", code=2)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {name}: CUDA is not available on this machine; use --device cpu", code=2)
     return device
@@ -195,12 +308,14 @@ def create_sized_model(name: str, img_size: Optional[Sequence[int]] = None, **kw
         return create_model(name, **kwargs)
     size = tuple(img_size) if len(img_size) > 1 else int(img_size[0])
     try:
-        return create_model(name, img_size=size, **kwargs)
+        model = create_model(name, img_size=size, **kwargs)
     except (TypeError, CLIError) as error:
         cause = error if isinstance(error, TypeError) else error.__cause__
         if not (isinstance(cause, TypeError) and "img_size" in str(cause)):
             raise
-    return create_model(name, **kwargs)
+        return create_model(name, **kwargs)
+    check_model_input_size(model, img_size, "the image size")
+    return model
 
 
 class ReleasedWeightsUnavailable(CLIError):

@@ -175,7 +175,8 @@ def _run(args: argparse.Namespace) -> int:
     from kat_timm.benchmark import device_name, load_average
     from kat_timm.hub import released_top1
 
-    from .common import ReleasedWeightsUnavailable, check_model_name, create_model_with_weights, resolve_device
+    from .common import (ReleasedWeightsUnavailable, check_backend_setting, check_model_name,
+                         create_model_with_weights, resolve_device)
     from .predict import class_labeller, format_predictions, predict, read_images
 
     for option in ("batch", "reps", "threads"):
@@ -183,6 +184,7 @@ def _run(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise CLIError(f"--{option} must be >= 1", code=2)
     check_model_name(args.model)  # before the op check: a typo should not cost its time first
+    check_backend_setting()
     device = resolve_device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

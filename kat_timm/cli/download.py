@@ -35,6 +35,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                         help="Hugging Face hub cache folder to fill instead of the default (HF_HUB_CACHE, else "
                              "~/.cache/huggingface/hub). timm only reads it when HF_HUB_CACHE=DIR is set, so run "
                              "your program with HF_HUB_CACHE=DIR (and HF_HUB_OFFLINE=1 offline)")
+    parser.add_argument("--force", action="store_true",
+                        help="fetch every file again, even when cached (a cached file whose content does not match "
+                             "its checksum is fetched again anyway)")
     return parser
 
 
@@ -50,7 +53,7 @@ def _expand(names: List[str]) -> List[str]:
     return expanded
 
 
-def _download(name: str, cache_dir: Optional[Path], hub: List[Tuple[bool, str]]):
+def _download(name: str, cache_dir: Optional[Path], hub: List[Tuple[bool, str]], force: bool = False):
     """``download_pretrained``, first from the cache alone; the Hub is contacted only for files not cached, and only
     once a quick probe found it reachable: huggingface_hub would otherwise retry each file for about half a minute
     before reporting an unreachable Hub."""
@@ -62,21 +65,25 @@ def _download(name: str, cache_dir: Optional[Path], hub: List[Tuple[bool, str]])
     from . import common
 
     if constants.is_offline_mode():  # HF_HUB_OFFLINE=1: the cache only, and the error says so
-        return download_pretrained(name, cache_dir=cache_dir)
-    try:
-        with common.hub_access(offline=True):
-            return download_pretrained(name, cache_dir=cache_dir)
-    except DownloadError as error:
-        if not isinstance(error.__cause__, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
-            raise
-        if not hub:
-            hub.append(common.hub_reachable())
-        reachable, why = hub[0]
-        if not reachable:
-            cache = cache_dir if cache_dir is not None else constants.HF_HUB_CACHE
-            raise DownloadError(error.model, f"not (fully) in the cache {cache}, and {why}; run the download on a "
-                                             "machine that reaches the Hub") from error.__cause__
-    return download_pretrained(name, cache_dir=cache_dir)
+        return download_pretrained(name, cache_dir=cache_dir, force=force)
+    model, cause = name, None
+    if not force:
+        try:
+            with common.hub_access(offline=True):
+                return download_pretrained(name, cache_dir=cache_dir)
+        except DownloadError as error:
+            if not isinstance(error.__cause__, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+                raise
+            model, cause = error.model, error.__cause__
+    if not hub:
+        hub.append(common.hub_reachable())
+    reachable, why = hub[0]
+    if not reachable:
+        cache = cache_dir if cache_dir is not None else constants.HF_HUB_CACHE
+        what = "--force fetches every file again" if force else f"not (fully) in the cache {cache}"
+        raise DownloadError(model, f"{what}, and {why}; run the download on a machine that reaches the Hub") \
+            from cause
+    return download_pretrained(name, cache_dir=cache_dir, force=force)
 
 
 def _run(args: argparse.Namespace, prog: str) -> int:
@@ -104,7 +111,7 @@ def _run(args: argparse.Namespace, prog: str) -> int:
     hub: List[Tuple[bool, str]] = []  # the probe's answer, asked once, when the first file is not in the cache
     for name in names:
         try:
-            result = _download(name, args.cache_dir, hub)
+            result = _download(name, args.cache_dir, hub, args.force)
         except DownloadError as error:
             print(f"{prog}: error: {error}", file=sys.stderr)
             failures += 1

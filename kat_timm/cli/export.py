@@ -61,6 +61,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 def _validate(args: argparse.Namespace) -> None:
     from kat_timm.export import DEFAULT_OPSET, MIN_OPSET, MissingDependencyError, require_packages
 
+    from .common import check_image_size
+
     if args.opset < MIN_OPSET:
         raise CLIError(f"--opset {args.opset} is too old: a KAT needs opset {MIN_OPSET} or newer", code=2)
     newest = _newest_opset()
@@ -69,8 +71,7 @@ def _validate(args: argparse.Namespace) -> None:
                        f"{DEFAULT_OPSET}", code=2)
     if args.batch_size < 1:
         raise CLIError("--batch-size must be >= 1", code=2)
-    if args.img_size is not None and args.img_size < 1:
-        raise CLIError("--img-size must be >= 1", code=2)
+    check_image_size(args.img_size)
     if args.use_ema and args.checkpoint is None:
         raise CLIError("--use-ema needs --checkpoint", code=2)
     folder = args.output.parent
@@ -105,7 +106,7 @@ def _run(args: argparse.Namespace, prog: str) -> int:
     _validate(args)  # before building the model: the usual mistakes fail in a second
     from kat_timm.export import INPUT_NAME, OUTPUT_NAME, OpsetConversionError, check_onnx, export_onnx, onnx_io_shapes
 
-    from .common import create_model_with_weights
+    from .common import check_model_input_size, create_model_with_weights
 
     random_weights = not args.pretrained and args.checkpoint is None
     # A kat-train checkpoint's model is built at the size it was trained at, then resized by --img-size.
@@ -117,6 +118,7 @@ def _run(args: argparse.Namespace, prog: str) -> int:
     if args.img_size is not None:
         if not hasattr(model, "set_input_size"):
             raise CLIError(f"{args.model} can't change its input size (no set_input_size); drop --img-size", code=2)
+        check_model_input_size(model, [args.img_size], "--img-size")
         model.set_input_size(img_size=(args.img_size, args.img_size))
     model = model.eval().float()
     try:

@@ -8,6 +8,7 @@ from :func:`kat_timm.plot.plot_rationals`. Weights as for ``kat-timm predict``: 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -16,6 +17,11 @@ from . import CLIError, run_main
 from .common import add_weight_source_arguments
 
 __all__ = ["main"]
+
+# matplotlib's Agg renderer refuses images of 2**16 pixels a side; far below that, the pixel buffer (4 bytes a pixel)
+# is what runs out: 1e8 pixels are 400 MB.
+MAX_SIDE_PIXELS = 2 ** 16
+MAX_PIXELS = 1e8
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -36,6 +42,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--use-layer", action="store_true",
                         help="evaluate the layers' own kernels instead of the float64 reference formula")
     parser.add_argument("--dpi", type=int, default=100, help="resolution of raster output (default: 100)")
+    # argparse (before Python 3.13) reads "-1e3" as an option, so "--x-range -1e3 1e3" failed; this is the pattern
+    # 3.13 itself uses: a dash followed by a digit or a decimal point is a negative number.
+    parser._negative_number_matcher = re.compile(r"^-\.?\d")
     return parser
 
 
@@ -61,6 +70,9 @@ def main(argv: Optional[List[str]] = None, prog: str = "kat-timm plot") -> int:
             raise CLIError(INSTALL_HINT) from None
         if args.dpi < 1:
             raise CLIError("--dpi must be >= 1", code=2)
+        if args.output.is_dir():
+            raise CLIError(f"{args.output} is a folder; give the image file to write, e.g. "
+                           f"{args.output / 'activations.png'}", code=2)
         if not args.output.suffix:  # matplotlib would add .png itself, and the message would name another file
             args.output = args.output.with_name(args.output.name + ".png")
         formats = _supported_formats()
@@ -83,6 +95,12 @@ def main(argv: Optional[List[str]] = None, prog: str = "kat-timm plot") -> int:
                                     title=f"{args.model} ({weights}): rational activations, one curve per group")
         except ValueError as error:
             raise CLIError(str(error), code=2) from None
+        width, height = (float(side) * args.dpi for side in figure.get_size_inches())
+        if max(width, height) >= MAX_SIDE_PIXELS or width * height > MAX_PIXELS:
+            most = int(min(MAX_SIDE_PIXELS / max(width, height), (MAX_PIXELS / (width * height)) ** 0.5) * args.dpi)
+            raise CLIError(f"--dpi {args.dpi} makes a {width:.0f} x {height:.0f}-pixel figure, more than matplotlib "
+                           f"can draw ({MAX_SIDE_PIXELS - 1} pixels a side, {MAX_PIXELS:.0e} in all); use --dpi "
+                           f"{most} or less", code=2)
         try:
             figure.savefig(args.output, dpi=args.dpi)
         except (OSError, ValueError) as error:  # ValueError: an extension matplotlib has no writer for

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import glob
 import math
 import os
 import shutil
@@ -26,12 +27,21 @@ from typing import Any, Dict, List, Optional
 from timm.utils import CheckpointSaver
 
 from . import CLIError, run_main
-from .common import checkpoint_training_args
+from .common import check_backend_setting, check_preprocessing, check_writable_folder, checkpoint_training_args
 from .validate import KeywordArguments
 
 __all__ = ["AtomicCheckpointSaver", "TrainResult", "build_parser", "main", "parse_args", "train"]
 
 DEFAULT_MODEL = "kat_tiny_patch16_224"
+
+# The schedules timm's create_scheduler_v2 builds.
+SCHEDULERS = ("cosine", "tanh", "step", "multistep", "plateau", "poly", "constant", "rsqrt")
+
+# Options that are probabilities or rates: (name, lowest, highest, whether highest itself is allowed).
+_FRACTIONS = (("smoothing", 0.0, 1.0, False), ("drop", 0.0, 1.0, False), ("drop_path", 0.0, 1.0, False),
+              ("reprob", 0.0, 1.0, True), ("hflip", 0.0, 1.0, True), ("vflip", 0.0, 1.0, True),
+              ("mixup_prob", 0.0, 1.0, True), ("mixup_switch_prob", 0.0, 1.0, True),
+              ("model_ema_decay", 0.0, 1.0, True))
 
 # Options of timm's train.py that kat-train does not offer; a config naming one gets an error that says so.
 TIMM_ONLY_OPTIONS = frozenset({
@@ -144,8 +154,8 @@ def _add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("learning-rate schedule")
-    group.add_argument("--sched", default="cosine", metavar="NAME",
-                       help="timm scheduler: cosine, tanh, step, multistep, plateau, poly (default: cosine)")
+    group.add_argument("--sched", default="cosine", choices=SCHEDULERS, metavar="NAME",
+                       help=f"timm scheduler: {', '.join(SCHEDULERS)} (default: cosine)")
     group.add_argument("--sched-on-updates", action="store_true",
                        help="step the schedule every optimizer update instead of every epoch")
     group.add_argument("--lr", type=float, default=None, metavar="LR",
@@ -254,12 +264,13 @@ _EPILOG = """\
 Data layout: DATA_DIR/train/CLASS/*.png (or .jpg/.jpeg) and DATA_DIR/validation/CLASS/*.png, the same class folders
 in both. The folders are checked before training: a missing folder, a split without class folders, class folders
 without images and class sets that differ between the splits are errors. An image file that cannot be decoded is
-skipped with a warning naming it (once per file and loader process) and another sample takes its place.
+skipped with a warning naming it (once per file and loader process) and another sample takes its place; in the
+evaluation it is left out. A class folder in which no image decodes is an error.
 
 Output (OUTPUT/EXPERIMENT/): args.yaml (reusable with -c), summary.csv (one row per epoch), last.pth.tar,
-checkpoint-EPOCH.pth.tar (the --checkpoint-hist best by --eval-metric), model_best.pth.tar. Checkpoints are written
-to a temporary file and renamed, so a crash or kill never leaves a partial one. Epochs are numbered from 0, as in
-timm.
+checkpoint-EPOCH.pth.tar (the --checkpoint-hist best by --eval-metric), model_best.pth.tar. Every file is written
+to a temporary file and renamed, so a crash, kill or full disk never leaves a partial one. Epochs are numbered from
+0, as in timm.
 
 Several GPUs or machines: torchrun --nproc_per_node=N -m kat_timm.cli.train ... (or the kat-train script under
 torchrun); --batch-size is per process.
@@ -407,7 +418,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
 
 
 class AtomicCheckpointSaver(CheckpointSaver):
-    """timm's CheckpointSaver, changed only so that no file ever appears under a ``*.pth.tar`` name half-written.
+    """timm's CheckpointSaver, changed so that no file ever appears under a ``*.pth.tar`` name half-written.
 
     timm's saver writes ``tmp.pth.tar`` in place (a kill mid-write leaves a partial ``*.pth.tar``), deletes
     ``last.pth.tar`` before renaming the new one over it (a kill in between leaves none), and falls back to
@@ -415,30 +426,136 @@ class AtomicCheckpointSaver(CheckpointSaver):
     disk, and is renamed into place with ``os.replace``, which is atomic: readers see the old file or the new one.
     Hard links (the numbered and best checkpoints share ``last``'s data) are made under a ``.partial`` name and
     renamed too. Numbered files are never written in place, so replacing ``last`` never changes them.
+
+    A write that fails (a full disk) removes its ``.partial`` file and raises ``OSError`` with the errno the system
+    gave and the file's name (torch.save itself reports only "iostream error"). On resume, :meth:`restore_history`
+    repairs the numbered and best files a kill between two of its writes left out of step.
     """
 
+    _relink_only = False  # see restore_history: save_checkpoint's bookkeeping without writing last.pth.tar again
+
     def _save(self, save_path, epoch, metric=None):
+        if self._relink_only:
+            return
         partial = save_path + ".partial"
-        super()._save(partial, epoch, metric)
-        _fsync(partial)
-        os.replace(partial, save_path)
+        try:
+            with open(partial, "wb") as raw:
+                file = _ErrnoKeepingFile(raw)
+                try:
+                    super()._save(file, epoch, metric)  # timm's _save hands the file to torch.save
+                except Exception as error:
+                    cause = file.error or (error if isinstance(error, OSError) else None)
+                    if cause is None:
+                        raise
+                    raise OSError(cause.errno, cause.strerror, save_path) from error
+                raw.flush()
+                os.fsync(raw.fileno())
+            os.replace(partial, save_path)
+        except BaseException:
+            _remove(partial)
+            raise
         _fsync_dir(os.path.dirname(save_path))
 
     def _replace(self, src, dst):
+        if self._relink_only:
+            return
         os.replace(src, dst)
         _fsync_dir(os.path.dirname(dst))
 
     def _duplicate(self, src, dst):
         partial = dst + ".partial"
-        if os.path.lexists(partial):
-            os.remove(partial)
+        _remove(partial)
         try:
-            os.link(src, partial)
-        except OSError:  # no hard links here (some network and Windows file systems): copy, then flush
-            shutil.copyfile(src, partial)
-            _fsync(partial)
-        os.replace(partial, dst)
+            try:
+                os.link(src, partial)
+            except OSError:  # no hard links here (some network and Windows file systems): copy, then flush
+                shutil.copyfile(src, partial)
+                _fsync(partial)
+            os.replace(partial, dst)
+        except BaseException:
+            _remove(partial)
+            raise
         _fsync_dir(os.path.dirname(dst))
+
+    def save_recovery(self, epoch, batch_idx=0):
+        """timm's save_recovery, which keeps the current and the previous recovery file of this process; here
+        those of earlier, killed processes are removed too, so they don't pile up across kills."""
+        super().save_recovery(epoch, batch_idx)
+        keep = {os.path.abspath(path) for path in (self.curr_recovery_file, self.prev_recovery_file) if path}
+        pattern = os.path.join(self.recovery_dir, self.recovery_prefix + "-*" + self.extension)
+        for path in glob.glob(pattern):
+            if os.path.abspath(path) not in keep:
+                _remove(path)
+
+    def restore_history(self, checkpoint_path: str) -> None:
+        """timm's ``load_state_dict_from_checkpoint``, then repair what a kill between two writes of
+        ``save_checkpoint`` left behind, so the resumed run keeps ranking as if it had not been killed.
+
+        - Killed after ``last`` was replaced but before ``checkpoint-N`` was linked: epoch N exists only as
+          ``last``, which the next epoch replaces. Link it now if it earns a place, as the save would have.
+        - Killed after ``checkpoint-N`` but before ``model_best``: the history counts epoch N as the best while
+          ``model_best`` holds a worse one. Link the best epoch's file to ``model_best``.
+        """
+        from timm.utils.checkpoint_saver import load_checkpoint_metadata
+
+        self.load_state_dict_from_checkpoint(checkpoint_path)
+        last = os.path.join(self.checkpoint_dir, "last" + self.extension)
+        if os.path.exists(last) and os.path.samefile(checkpoint_path, last):
+            checkpoint = load_checkpoint_metadata(last)
+            epoch, metric = (checkpoint.get("saver") or {}).get("pending", (None, None))
+            if epoch is not None and epoch == checkpoint.get("epoch") and \
+                    not os.path.exists(self._checkpoint_path(epoch)):
+                self._relink_only = True
+                try:
+                    self.save_checkpoint(epoch, metric)  # timm's retention and best-file logic on the existing last
+                finally:
+                    self._relink_only = False
+        if self.best_epoch is None:
+            return
+        numbered = self._checkpoint_path(self.best_epoch)
+        best = os.path.join(self.checkpoint_dir, "model_best" + self.extension)
+        if os.path.exists(numbered) and _checkpoint_epoch(best) != self.best_epoch:
+            self._duplicate(numbered, best)
+
+
+class _ErrnoKeepingFile:
+    """The file torch.save writes a checkpoint through: writes everything it is given (a short write is retried,
+    so the next one reports the error) and remembers the ``OSError`` that torch turns into a bare RuntimeError."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        try:
+            while done < len(view):
+                done += self.file.write(view[done:])
+        except OSError as error:
+            self.error = error
+            raise
+        return done
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _checkpoint_epoch(path: str) -> Optional[int]:
+    """The epoch a training checkpoint holds (its tensors memory-mapped, not read); None if there is none."""
+    from timm.utils.checkpoint_saver import load_checkpoint_metadata
+
+    if not os.path.exists(path):
+        return None
+    try:
+        checkpoint = load_checkpoint_metadata(path)
+    except Exception:  # unreadable: whatever it is, it is not the best epoch's checkpoint
+        return None
+    return checkpoint.get("epoch") if isinstance(checkpoint, dict) else None
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
 
 
 def _fsync(path: str) -> None:
@@ -458,6 +575,56 @@ def _fsync_dir(path: str) -> None:
         pass
     finally:
         os.close(descriptor)
+
+
+def _edit_atomically(path: str, edit, start_from_current: bool = True) -> None:
+    """Change the file ``path`` all at once: ``edit(partial)`` works on ``PATH.partial`` (a copy of the file when
+    ``start_from_current``), which is flushed and renamed over ``path``. A kill leaves the old file or the new
+    one, never a truncated one (timm's trim_summary rewrites summary.csv in place); a failure removes the partial.
+    """
+    partial = path + ".partial"
+    try:
+        if start_from_current and os.path.exists(path):
+            shutil.copyfile(path, partial)
+        else:
+            _remove(partial)
+        edit(partial)
+        if os.path.exists(partial):
+            _fsync(partial)
+            os.replace(partial, path)
+    except OSError as error:
+        _remove(partial)
+        raise OSError(error.errno, error.strerror, path) from error  # the file, whatever call failed
+    except BaseException:
+        _remove(partial)
+        raise
+    _fsync_dir(os.path.dirname(path))
+
+
+@contextlib.contextmanager
+def _run_folder_writes(folder: str):
+    """Writes into the run folder: a failure (disk full, quota, permissions) becomes one CLIError line."""
+    try:
+        yield
+    except OSError as error:
+        raise CLIError(_write_failure(error, folder)) from None
+
+
+def _write_failure(error: OSError, folder: str) -> str:
+    """The one line for a write into the run folder that failed, naming the file and what the system said."""
+    import errno
+
+    where = error.filename or folder
+    if error.errno == errno.ENOSPC:
+        what = f"no space left on device at {where}"
+    elif error.errno == errno.EDQUOT:
+        what = f"disk quota exceeded at {where}"
+    elif error.errno == errno.EFBIG:
+        what = f"file size limit reached writing {where} (see ulimit -f)"
+    else:
+        what = f"cannot write {where}: {error.strerror or error}"
+    return (f"{what}. Nothing was half-written: the files from before (last.pth.tar, summary.csv) are intact; free "
+            f"space and continue with --resume {os.path.join(folder, 'last.pth.tar')} if it exists")
 
 
 @dataclass
@@ -556,12 +723,47 @@ def _check_arguments(args: argparse.Namespace) -> None:
     for name in ("batch_size", "epochs", "grad_accum_steps", "checkpoint_hist", "log_interval"):
         if getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}", code=2)
-    if args.workers < 0:
-        raise CLIError(f"--workers must be at least 0, got {args.workers}", code=2)
+    for name in ("workers", "warmup_epochs", "cooldown_epochs", "recovery_interval", "mixup_off_epoch"):
+        if getattr(args, name) < 0:
+            raise CLIError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(args, name)}", code=2)
+    if args.num_classes is not None and args.num_classes < 1:
+        raise CLIError(f"--num-classes must be at least 1, got {args.num_classes} (leave it out to use the number "
+                       f"of class folders)", code=2)
+    if args.start_epoch is not None and args.start_epoch < 0:
+        raise CLIError(f"--start-epoch must be at least 0 (epochs are numbered from 0), got {args.start_epoch}",
+                       code=2)
+    for name, low, high, high_allowed in _FRACTIONS:
+        value = getattr(args, name)
+        if value is not None and not (low <= value < high or (high_allowed and value == high)):
+            upper = f"{high:g}" if high_allowed else f"below {high:g}"
+            raise CLIError(f"--{name.replace('_', '-')} {value:g}: must be from {low:g} to {upper}", code=2)
+    for name in ("mixup", "cutmix", "color_jitter", "weight_decay", "lr", "lr_base", "warmup_lr", "min_lr"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise CLIError(f"--{name.replace('_', '-')} {value:g}: must be a number at least 0", code=2)
+    if args.clip_grad is not None and not args.clip_grad > 0:
+        raise CLIError(f"--clip-grad {args.clip_grad:g}: must be positive", code=2)
+    check_preprocessing(vars(args), training=True)
+    check_backend_setting()
+    if args.aa:
+        _check_augmentation_policy(args.aa)
+    if args.resume and not args.no_resume_opt:
+        saved_opt = checkpoint_training_args(args.resume).get("opt")
+        if saved_opt and str(saved_opt).lower() != args.opt.lower():
+            raise CLIError(f"--resume {args.resume} was trained with --opt {saved_opt}, not {args.opt}: its optimizer "
+                           f"state does not fit. Resume with --opt {saved_opt}, or add --no-resume-opt to keep only "
+                           f"the weights and epoch", code=2)
     for name in ("resume", "initial_checkpoint", "pretrained_path"):
         path = getattr(args, name)
         if path and not os.path.isfile(path):
             raise CLIError(f"--{name.replace('_', '-')}: no such file: {path}", code=2)
+    if args.resume and _checkpoint_epoch(args.resume) is None:
+        raise CLIError(f"--resume {args.resume} is not a training checkpoint (no epoch, optimizer or run options: a "
+                       f"bare state dict or another file); start a new run from its weights with --initial-checkpoint "
+                       f"{args.resume}, or --pretrained-path {args.resume} for another class count or image size",
+                       code=2)
+    if args.output:
+        check_writable_folder(args.output, "--output")
     if args.pretrained_path and args.initial_checkpoint:
         raise CLIError("give --pretrained-path or --initial-checkpoint, not both", code=2)
     if args.pretrained and args.initial_checkpoint:
@@ -572,9 +774,23 @@ def _check_arguments(args: argparse.Namespace) -> None:
                        f"{args.batch_size})", code=2)
 
 
+def _check_augmentation_policy(policy: str) -> None:
+    """--aa: build timm's training transform with it once (a few milliseconds) so that a bad policy string is a
+    usage error now rather than an assertion inside timm after the model and data are ready."""
+    from timm.data import create_transform
+
+    try:
+        create_transform(32, is_training=True, auto_augment=policy)
+    except (AssertionError, ValueError, KeyError, IndexError) as error:
+        detail = str(error).strip() or "not a policy timm knows"
+        raise CLIError(f"--aa {policy}: {detail}; use e.g. rand-m9-mstd0.5 (RandAugment), augmix-m5-w3, or "
+                       f"original / v0 (AutoAugment)", code=2) from None
+
+
 def _check_data(args: argparse.Namespace):
     """The checked training and validation splits; the validation labels follow the training class order."""
-    from kat_timm.data import DataError, ImageFolderSplit, check_class_sets, check_split, load_class_names
+    from kat_timm.data import (DataError, ImageFolderSplit, check_class_sets, check_readable_classes, check_split,
+                               load_class_names)
 
     try:
         class_names = load_class_names(args.class_map) if args.class_map else None
@@ -584,6 +800,9 @@ def _check_data(args: argparse.Namespace):
             val_split = check_split(args.data_dir, args.val_split)
             check_class_sets(train_split, val_split)
             val_split = ImageFolderSplit(val_split.root, train_split.classes)
+        for split in (train_split, val_split):
+            if split is not None:
+                check_readable_classes(split)
     except DataError as error:
         raise CLIError(str(error)) from error
     return train_split, val_split
@@ -624,9 +843,34 @@ def _create_model(args: argparse.Namespace, num_classes: int):
         return model
     if checkpoint:
         _check_classifier_size(checkpoint, num_classes)
-    return create_sized_model(args.model, size, pretrained=pretrained,
-                              checkpoint=Path(checkpoint) if checkpoint else None, num_classes=num_classes,
-                              **_model_kwargs(args))
+    model = create_sized_model(args.model, size, pretrained=pretrained,
+                               checkpoint=Path(checkpoint) if checkpoint else None, num_classes=num_classes,
+                               **_model_kwargs(args))
+    if args.pretrained_path:
+        _check_pretrained_path_covers(args.pretrained_path, model, args.model)
+    return model
+
+
+def _check_pretrained_path_covers(path: str, model, model_name: str) -> None:
+    """--pretrained-path: timm loads the file non-strictly when it replaces the classifier, so a file holding few or
+    none of the model's weights would start the run from random weights without a word. Every weight but the
+    classifier (and the rational coefficients, which a KAT fills in for a ViT's weights) must come from the file."""
+    from kat_timm.hub import CheckpointError, load_checkpoint, unwrap_state_dict
+
+    try:
+        keys = set(unwrap_state_dict(load_checkpoint(path))[0])
+    except (CheckpointError, OSError):
+        return  # timm read it, so this is not expected; its own load reported anything worse
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier") or "head"
+    classifiers = classifier if isinstance(classifier, (list, tuple)) else [classifier]
+    missing = [key for key in model.state_dict() if key not in keys
+               and not any(key.startswith(name + ".") for name in classifiers)
+               and not key.endswith(("weight_numerator", "weight_denominator"))]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CLIError(f"--pretrained-path {path} lacks {len(missing)} of {model_name}'s weights "
+                       f"({', '.join(missing[:5])}{more}), so the run would start from random ones; give a "
+                       f"checkpoint of {model_name} (or of the ViT it is built like)", code=2)
 
 
 def _check_classifier_size(path: str, num_classes: int) -> None:
@@ -723,10 +967,12 @@ def _write_args_yaml(path: str, parsed: Dict[str, Any]) -> None:
     import yaml
 
     options = {key: value for key, value in parsed.items() if key not in ("config", "data")}
-    partial = path + ".partial"
-    with open(partial, "w", encoding="utf-8") as file:
-        yaml.safe_dump(options, file, default_flow_style=False, sort_keys=False)
-    os.replace(partial, path)
+
+    def write(partial: str) -> None:
+        with open(partial, "w", encoding="utf-8") as file:
+            yaml.safe_dump(options, file, default_flow_style=False, sort_keys=False)
+
+    _edit_atomically(path, write, start_from_current=False)
 
 
 def train(args: argparse.Namespace, prog: str = "kat-train") -> TrainResult:
@@ -741,8 +987,13 @@ def train(args: argparse.Namespace, prog: str = "kat-train") -> TrainResult:
     device = _init_device(args)
     primary = args.rank == 0
     _setup_logging(primary)
+    from kat_timm.data import DataError
+
     try:
         return _train(args, parsed, device, primary, prog)
+    except DataError as error:
+        # Raised in a loader worker, it arrives with the worker's traceback in its message: keep the last line.
+        raise CLIError(str(error).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
     finally:
         if args.distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -753,6 +1004,7 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bo
     from timm import utils
     from timm.data import Mixup, create_loader
     from timm.layers import convert_sync_batchnorm
+    from timm.models import safe_model_name
     from timm.optim import create_optimizer_v2, optimizer_kwargs
     from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
@@ -867,17 +1119,22 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bo
             output_dir = os.path.dirname(os.path.abspath(args.resume))  # continue the run where it was
         else:
             name = args.experiment or "-".join([
-                datetime.now().strftime("%Y%m%d-%H%M%S"), utils.safe_model_name(args.model),
+                datetime.now().strftime("%Y%m%d-%H%M%S"), safe_model_name(args.model),
                 str(data_config["input_size"][-1])])
-            output_dir = utils.get_outdir(args.output or "./output/train", name)
+            with _run_folder_writes(args.output or "./output/train"):
+                output_dir = utils.get_outdir(args.output or "./output/train", name)
         saver = AtomicCheckpointSaver(
             model=model, optimizer=optimizer, args=args, model_ema=model_ema, amp_scaler=loss_scaler,
             checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing=eval_metric == "loss",
             max_history=args.checkpoint_hist)
-        if args.resume:
-            saver.load_state_dict_from_checkpoint(args.resume)
-        _write_args_yaml(os.path.join(output_dir, "args.yaml"), parsed)
-        utils.trim_summary(os.path.join(output_dir, "summary.csv"), start_epoch)
+        with _run_folder_writes(output_dir):
+            for stale in glob.glob(os.path.join(output_dir, "*.partial")):  # left by a killed run, never complete
+                _remove(stale)
+            if args.resume:
+                saver.restore_history(args.resume)
+            _write_args_yaml(os.path.join(output_dir, "args.yaml"), parsed)
+            _edit_atomically(os.path.join(output_dir, "summary.csv"),
+                             lambda partial: utils.trim_summary(partial, start_epoch))
 
     unwrapped = utils.unwrap_model(model)
     params = sum(p.numel() for p in unwrapped.parameters())
@@ -939,9 +1196,10 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bo
         if eval_metrics is not None:
             metric = eval_metrics[f"ema_{eval_metric}" if model_ema is not None else eval_metric]
         if output_dir is not None:
-            utils.update_summary(epoch, train_metrics, eval_metrics, os.path.join(output_dir, "summary.csv"), lr=lr)
-        if saver is not None:
-            result.best_metric, result.best_epoch = saver.save_checkpoint(epoch, metric=metric)
+            with _run_folder_writes(output_dir):
+                _edit_atomically(os.path.join(output_dir, "summary.csv"), lambda partial: utils.update_summary(
+                    epoch, train_metrics, eval_metrics, partial, lr=lr))
+                result.best_metric, result.best_epoch = saver.save_checkpoint(epoch, metric=metric)
         if lr_scheduler is not None:
             # --sched plateau needs a metric every epoch: without evaluation, the training loss (as timm does)
             lr_scheduler.step(epoch + 1, metric if metric is not None else train_metrics["loss"])
@@ -1044,7 +1302,8 @@ def _train_one_epoch(epoch: int, model, loader, optimizer, loss_fn, args: argpar
                 if lr_scheduler is not None:
                     lr_scheduler.step_update(num_updates=num_updates, metric=float(sums[0] / sums[1]))
                 if saver is not None and args.recovery_interval and num_updates % args.recovery_interval == 0:
-                    saver.save_recovery(epoch, batch_idx=step)
+                    with _run_folder_writes(saver.recovery_dir):
+                        saver.save_recovery(epoch, batch_idx=step)
             lr = optimizer.param_groups[0]["lr"]
             progress.update(step + 1, images_seen, loss=loss_value, lr=lr)
     finally:

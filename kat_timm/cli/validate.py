@@ -22,7 +22,8 @@ from typing import Any, Callable, ContextManager, Dict, List, Optional
 import torch
 
 from . import CLIError, run_main
-from .common import add_model_arguments, checkpoint_training_args, create_sized_model, resolve_device
+from .common import (add_model_arguments, check_backend_setting, check_preprocessing, check_writable_folder,
+                     checkpoint_training_args, create_sized_model, resolve_device)
 
 __all__ = ["create_eval_loader", "evaluate", "main"]
 
@@ -32,10 +33,16 @@ def create_eval_loader(dataset, data_config: Dict[str, Any], batch_size: int, wo
     """A loader of ``dataset`` with timm's evaluation transform for ``data_config``.
 
     Under several processes each takes every ``world_size``-th image starting at ``rank``, so together they see
-    every image exactly once (timm's distributed evaluation pads with repeats; exact sums need no padding).
+    every image exactly once (timm's distributed evaluation pads with repeats; exact sums need no padding). Images
+    that cannot be decoded are left out of the batches (a batch of only such images is None, which
+    :func:`evaluate` skips), so they are neither scored nor counted.
     """
     from timm.data import create_transform
 
+    from kat_timm.data import collate_readable
+
+    if hasattr(dataset, "skip_unreadable"):  # an unreadable image is left out, not replaced by (and counted as) another
+        dataset.skip_unreadable = True
     dataset.transform = create_transform(
         data_config["input_size"], is_training=False, interpolation=data_config["interpolation"],
         mean=data_config["mean"], std=data_config["std"], crop_pct=data_config["crop_pct"],
@@ -43,7 +50,7 @@ def create_eval_loader(dataset, data_config: Dict[str, Any], batch_size: int, wo
     indices = list(range(rank, len(dataset), world_size))
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=indices, num_workers=workers, pin_memory=pin_memory,
-        persistent_workers=False)
+        persistent_workers=False, collate_fn=collate_readable)
 
 
 @torch.no_grad()
@@ -70,7 +77,12 @@ def evaluate(model: torch.nn.Module, loader: torch.utils.data.DataLoader, device
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, images
     start = time.perf_counter()
-    for index, (images, targets) in enumerate(loader):
+    for index, batch in enumerate(loader):
+        if batch is None:  # every image of this batch was unreadable (see create_eval_loader)
+            if progress is not None:
+                progress(index + 1, len(loader))
+            continue
+        images, targets = batch
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         with autocast():
@@ -106,9 +118,10 @@ def build_parser(prog: str = "kat-validate") -> argparse.ArgumentParser:
                                 "fields plus loss and images/s).",
         epilog="Data layout: DATA_DIR/SPLIT/CLASS/*.png (or .jpg/.jpeg). Labels follow the class folders' sorted "
                "names (timm's order), or --class-map, or the class list a kat-train checkpoint carries. An image "
-               "that cannot be decoded is skipped with a warning naming it, and another sample is counted in its "
-               "place. A training checkpoint is evaluated with its run's image size, mean/std, crop and "
-               "interpolation unless given here.", formatter_class=argparse.RawDescriptionHelpFormatter)
+               "that cannot be decoded is left out with a warning naming it and counted in unreadable_images; a "
+               "class folder in which no image decodes is an error. A training checkpoint is evaluated with its "
+               "run's image size, mean/std, crop and interpolation unless given here.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", nargs="?", metavar="DIR", default=None, help="same as --data-dir")
     group = parser.add_argument_group("data")
     group.add_argument("--data-dir", metavar="DIR", default=None, help="dataset root holding the split folder")
@@ -224,13 +237,21 @@ def amp_autocast(enabled: bool, dtype_name: Optional[str], device: torch.device)
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from kat_timm.data import DataError, ImageFolderDataset, check_split, load_class_names
+    from kat_timm.data import DataError, ImageFolderDataset, check_readable_classes, check_split, load_class_names
 
     data_dir = args.data_dir or args.data
     if not data_dir:
         raise CLIError("give the dataset folder: --data-dir DIR (layout DIR/validation/CLASS/*.png)", code=2)
     if args.batch_size < 1 or args.workers < 0:
         raise CLIError("--batch-size must be at least 1 and --workers at least 0", code=2)
+    if args.num_classes is not None and args.num_classes < 1:
+        raise CLIError(f"--num-classes must be at least 1, got {args.num_classes} (leave it out to use the "
+                       f"checkpoint's or the model's)", code=2)
+    check_preprocessing(vars(args))
+    check_backend_setting()
+    results_file = Path(args.results_file) if args.results_file else None
+    if results_file is not None:
+        _check_writable(results_file)
     device = resolve_device(args.device)
 
     trained = checkpoint_training_args(args.checkpoint) if args.checkpoint is not None else {}
@@ -241,6 +262,7 @@ def _validate(args: argparse.Namespace) -> int:
             split = check_split(data_dir, args.split)
             if trained.get("class_names"):
                 split = _trained_classes(split, list(trained["class_names"]), args.checkpoint)
+        check_readable_classes(split)
     except DataError as error:
         raise CLIError(str(error)) from error
 
@@ -286,19 +308,40 @@ def _validate(args: argparse.Namespace) -> int:
         "loss": round(metrics["loss"], 6),
         "images_per_second": round(metrics["images_per_second"], 2),
         "num_images": metrics["count"],
+        "unreadable_images": len(dataset) - metrics["count"],
     }
+    if result["unreadable_images"]:
+        print(f"{len(dataset) - metrics['count']} of {len(dataset)} images could not be decoded and were left out "
+              f"(named in the warnings above)", file=sys.stderr)
     text = json.dumps(result, indent=4)
     print(text)
-    if args.results_file:
-        _write_atomically(Path(args.results_file), text + "\n")
+    if results_file is not None:
+        try:
+            write_atomically(results_file, text + "\n")
+        except OSError as error:
+            raise CLIError(f"--results-file {results_file}: cannot write it ({error.strerror or error})") from None
     return 0
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def _check_writable(path: Path) -> None:
+    """--results-file: refuse a folder or an unwritable place before the evaluation runs, not after it."""
+    if path.is_dir():
+        raise CLIError(f"--results-file {path} is a folder; give the JSON file to write, e.g. "
+                       f"{path / 'results.json'}", code=2)
+    check_writable_folder(path.parent, f"--results-file {path}")
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through ``PATH.partial`` and a rename, so ``path`` is never half-written; the
+    partial file is removed when the write fails (a full disk, say)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
+    try:
+        partial.write_text(text, encoding="utf-8")
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def main(argv: Optional[List[str]] = None, prog: str = "kat-validate") -> int:

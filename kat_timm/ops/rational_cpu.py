@@ -4,8 +4,10 @@ Why not a PyTorch C++ extension: compiling against the PyTorch headers takes abo
 this file is plain C with OpenMP and builds in about a second with the system C compiler. The library is cached
 under ``$KAT_TIMM_CACHE_DIR`` (default ``$XDG_CACHE_HOME/kat_timm`` or ``~/.cache/kat_timm``), keyed by a hash of
 the source, the compiler's version and the flags, and written through a temporary file and a rename so that
-concurrent processes never load a half-written library. Machines without a C compiler (or where the build fails)
-use the pure-PyTorch path instead; ``native_cpu_status()`` says why.
+concurrent processes never load a half-written library. A SHA-256 written beside it is checked before every load:
+a damaged file (truncated by a full disk or a copy) is rebuilt with a warning instead of crashing the process.
+Machines without a C compiler (or where the build fails) use the pure-PyTorch path instead; ``native_cpu_status()``
+says why.
 
 The library is linked with ``-fopenmp`` but not against a particular libgomp: PyTorch has already loaded its
 own ``libgomp.so.1`` when this runs, so both share one OpenMP runtime and one thread pool.
@@ -16,6 +18,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -43,36 +46,120 @@ def _cache_dir() -> Path:
     return Path(base) / "kat_timm"
 
 
-def _compiler_identity(compiler: str) -> str:
+def _compiler_identity(compiler: list) -> str:
     try:
-        out = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30)
+        out = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=30)
         return out.stdout
     except (OSError, subprocess.SubprocessError) as error:
         return f"unknown ({error})"
 
 
-def _build(compiler: str, flags: list) -> Path:
+# A build left by a process that was killed mid-way (its temporary file) is removed once it is this old, even when
+# the process that made it can't be checked (another machine sharing the cache folder). A build takes seconds.
+_STALE_BUILD_S = 3600.0
+_SYMBOLS = ("kat_rational_supports", "kat_rational_forward", "kat_rational_backward_grads")
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _checksum_path(target: Path) -> Path:
+    return target.with_name(target.name + ".sha256")
+
+
+def _verified(target: Path) -> bool:
+    """Whether ``target`` is the complete library that was built: its SHA-256 matches the one written beside it.
+
+    Loading a truncated library maps pages past its end and kills the process with SIGBUS at the first call, so a
+    cached file is never loaded unchecked.
+    """
+    checksum = _checksum_path(target)
+    try:
+        return target.is_file() and checksum.read_text().strip() == _digest(target)
+    except OSError:
+        return False
+
+
+def _remove_stale_builds(folder: Path) -> None:
+    """Remove the temporary files of builds whose process is gone (killed mid-build) or that are very old."""
+    import time
+
+    for path in list(folder.glob("group_rational_cpu-*-build-*")) + list(folder.glob("tmp*.so")):
+        try:
+            pid = int(path.name.split("-build-", 1)[1].split("-", 1)[0]) if "-build-" in path.name else None
+            dead = pid is not None and pid != os.getpid() and not _running(pid)
+            if dead or time.time() - path.stat().st_mtime > _STALE_BUILD_S:
+                path.unlink()
+        except (OSError, ValueError, IndexError):
+            continue  # removed meanwhile, or not one of ours
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but belongs to someone else
+        return True
+    return True
+
+
+def _build(compiler: list, flags: list) -> Path:
+    """The cached library for this source, compiler and flags, built (and its checksum written) unless a verified
+    one is there already. A cached file that fails verification is rebuilt, with a warning."""
+    import warnings
+
     source = _SOURCE.read_bytes()
     key = hashlib.sha256(
         source + _compiler_identity(compiler).encode() + " ".join(flags).encode() + platform.machine().encode()
     ).hexdigest()[:16]
     target = _cache_dir() / f"group_rational_cpu-{key}.so"
-    if target.exists():
+    if _verified(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    _remove_stale_builds(target.parent)
+    if target.exists() and _checksum_path(target).exists():  # without one: built by an older kat_timm, redo it
+        warnings.warn(f"the cached native CPU kernel {target} is damaged (incomplete, or it does not match its "
+                      f"checksum); rebuilding it", RuntimeWarning, stacklevel=2)
+    fd, tmp = tempfile.mkstemp(prefix=f"group_rational_cpu-{key}-build-{os.getpid()}-", suffix=".so",
+                               dir=target.parent)
     os.close(fd)
+    checksum_tmp = tmp + ".sha256"
     try:
         result = subprocess.run(
-            [compiler, *flags, "-o", tmp, str(_SOURCE)], capture_output=True, text=True, timeout=300
+            [*compiler, *flags, "-o", tmp, str(_SOURCE)], capture_output=True, text=True, timeout=300
         )
         if result.returncode != 0:
-            raise RuntimeError(f"`{compiler} {' '.join(flags)}` failed:\n{result.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"`{' '.join(compiler)} {' '.join(flags)}` failed:\n{result.stderr.strip()[-2000:]}")
+        Path(checksum_tmp).write_text(_digest(Path(tmp)) + "\n")
+        # The checksum first: a process that finds the library finds its checksum too.
+        os.replace(checksum_tmp, _checksum_path(target))
         os.replace(tmp, target)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for path in (tmp, checksum_tmp):
+            if os.path.exists(path):
+                os.unlink(path)
     return target
+
+
+def _open_library(compiler: list, flags: list) -> ctypes.CDLL:
+    """Build or find the verified library and load it; a library without the kernel's functions (another file
+    under its name) is rebuilt once, then refused."""
+    path = _build(compiler, flags)
+    for attempt in range(2):
+        library = ctypes.CDLL(str(path))
+        missing = [name for name in _SYMBOLS if not hasattr(library, name)]
+        if not missing:
+            return library
+        if attempt == 0:
+            import warnings
+
+            warnings.warn(f"the cached native CPU kernel {path} lacks {', '.join(missing)}; rebuilding it",
+                          RuntimeWarning, stacklevel=2)
+            _checksum_path(path).unlink(missing_ok=True)
+            path = _build(compiler, flags)
+    raise RuntimeError(f"{path} does not define {', '.join(missing)}")
 
 
 def _load() -> Optional[ctypes.CDLL]:
@@ -83,15 +170,16 @@ def _load() -> Optional[ctypes.CDLL]:
     with _lock:
         if _library is not None or _failure is not None:
             return _library
-        compiler = os.environ.get("CC", "cc")
-        if shutil.which(compiler) is None:
-            _failure = f"no C compiler found (looked for `{compiler}`; set CC or install gcc)"
+        # $CC may be a command line ("ccache gcc", "gcc -m64"), as make and setuptools take it.
+        compiler = shlex.split(os.environ.get("CC", "cc")) or ["cc"]
+        if shutil.which(compiler[0]) is None:
+            _failure = f"no C compiler found (looked for `{compiler[0]}`; set CC or install gcc)"
             return None
         errors = []
         # The second attempt drops the per-ISA clones, for compilers that do not know target_clones.
         for flags in (_BASE_FLAGS, _BASE_FLAGS + ["-DKAT_NO_CLONES"]):
             try:
-                library = ctypes.CDLL(str(_build(compiler, flags)))
+                library = _open_library(compiler, flags)
                 break
             except (OSError, RuntimeError, subprocess.SubprocessError) as error:
                 errors.append(str(error))

@@ -7,6 +7,7 @@ weights with HF_HUB_OFFLINE=1, or that the failure names the model and the reaso
 """
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -253,3 +254,50 @@ def test_unreachable_hub_is_probed_once_and_fails_at_once(released_hub, monkeypa
     assert cli.main(["kat_small"]) == 0
     assert hub.calls == [(small_repo, "config.json"), (small_repo, "model.safetensors"),
                          (small_repo, "pytorch_model.bin")]
+
+
+def _as_blob(cache, repo_id: str, filename: str) -> Path:
+    """Move a cached file to huggingface_hub's real layout: ``blobs/<sha256>`` with a snapshot symlink to it."""
+    import hashlib
+    import os
+
+    link = cache.snapshot(repo_id) / filename
+    content = link.read_bytes()
+    blob = cache.repo_dir(repo_id) / "blobs" / hashlib.sha256(content).hexdigest()
+    blob.parent.mkdir(exist_ok=True)
+    blob.write_bytes(content)
+    link.unlink()
+    os.symlink(os.path.relpath(blob, link.parent), link)
+    return blob
+
+
+def test_a_damaged_cached_weight_file_is_not_called_cached(released_hub, monkeypatch, capsys):
+    blob = _as_blob(released_hub, TINY_REPO, "pytorch_model.bin")
+    assert cli.main(["kat_tiny"]) == 0 and "already cached" in capsys.readouterr().out  # intact: nothing to do
+    blob.write_bytes(blob.read_bytes()[:1000])  # a download or a copy cut short
+    monkeypatch.setattr(download_module, "hf_hub_download", _no_fetch)
+    assert cli.main(["kat_tiny"]) == 1
+    captured = capsys.readouterr()
+    assert "already cached" not in captured.out
+    assert f"the cached pytorch_model.bin ({released_hub.snapshot(TINY_REPO) / 'pytorch_model.bin'}) is damaged" \
+        in captured.err and "kat-timm download --force" in captured.err, captured.err
+
+
+def test_a_damaged_file_is_fetched_again_and_force_fetches_everything(released_hub, ckpt, kat_tiny_weights, tmp_path,
+                                                                     monkeypatch, capsys):
+    from kat_timm.cli import common
+
+    blob = _as_blob(released_hub, TINY_REPO, "pytorch_model.bin")
+    good = blob.read_bytes()
+    blob.write_bytes(good[:1000])
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(common, "hub_reachable", lambda: (True, "huggingface.co is reachable"))
+    hub = FakeHub(released_hub, {TINY_REPO: {"config.json": (released_hub.snapshot(TINY_REPO) / "config.json")
+                                             .read_bytes(), "pytorch_model.bin": good}})
+    monkeypatch.setattr(download_module, "hf_hub_download", hub)
+    assert cli.main(["kat_tiny"]) == 0
+    assert hub.calls == [(TINY_REPO, "pytorch_model.bin")], "only the damaged file is fetched again"
+    assert blob.read_bytes() == good
+    assert cli.main(["kat_tiny", "--force"]) == 0
+    assert hub.calls[1:] == [(TINY_REPO, "config.json"), (TINY_REPO, "pytorch_model.bin")]
+    assert "already cached" not in capsys.readouterr().out.splitlines()[-2]

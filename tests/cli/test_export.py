@@ -59,7 +59,7 @@ def test_missing_output_folder(tmp_path, capsys, no_export):
 @pytest.mark.parametrize("args,message", [
     (["--opset", "16"], "--opset 16 is too old: a KAT needs opset 17 or newer"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
-    (["--img-size", "0"], "--img-size must be >= 1"),
+    (["--img-size", "0"], "--img-size 0: the image size must be 1 to 4096 pixels"),
     (["--use-ema"], "--use-ema needs --checkpoint"),
     (["--opset", "99"], "--opset 99 is newer than the installed onnx knows"),
 ])

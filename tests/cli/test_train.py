@@ -329,6 +329,25 @@ def test_corrupt_training_image_is_skipped_with_a_warning(data, tmp_path, caplog
     assert len(warnings) == 1 and str(bad) in warnings[0], warnings
 
 
+def test_a_class_whose_every_image_is_unreadable_stops_the_run_before_it_starts(data, tmp_path, capsys):
+    for path in (data / "train" / "green").iterdir():
+        write_corrupt_image(path)
+    assert train_module.main(run_args(data, tmp_path / "out", "--epochs", "1")) == 1
+    error = capsys.readouterr().err.strip()
+    assert error == (f"kat-train: error: no image could be decoded in 1 class folder(s) of {data / 'train'}: green "
+                     f"(16 file(s)). Replace the files, or remove the folders."), error
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_long_run_of_unreadable_images_is_one_line_not_a_traceback(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", splits=(("train", 40), ("validation", 2)))
+    for number in range(1, 40):  # red keeps one readable image, so the pre-check passes
+        write_corrupt_image(data / "train" / "red" / f"{number}.png")
+    assert train_module.main(run_args(data, tmp_path / "out", "--epochs", "1")) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("kat-train: error: 32 images in a row could not be decoded"), error
+
+
 def test_odd_batch_with_mixup_is_refused(data, tmp_path, capsys):
     assert train_module.main(run_args(data, tmp_path / "out", "--batch-size", "7", "--mixup", "0.8")) == 2
     assert "--batch-size must be even (got 7)" in capsys.readouterr().err

@@ -134,8 +134,24 @@ def test_corrupt_validation_image_is_skipped_with_a_warning(trained, tmp_path, c
         code, out, err = run_validate(capsys, "--data-dir", copy, "--model", "kat_tiny",
                                       "--checkpoint", run_dir / "last.pth.tar")
     assert code == 0, err
-    assert json.loads(out)["num_images"] == 24, "another sample takes the unreadable one's place"
+    result = json.loads(out)
+    assert (result["num_images"], result["unreadable_images"]) == (23, 1), \
+        "the unreadable image is left out and counted, not replaced by a neighbour that is scored twice"
+    assert "1 of 24 images could not be decoded and were left out" in err
     assert any(str(bad) in record.getMessage() for record in caplog.records), caplog.text
+
+
+def test_a_class_without_one_readable_image_is_an_error(trained, tmp_path, capsys):
+    data, run_dir, _ = trained
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    for path in (copy / "validation" / "green").iterdir():
+        write_corrupt_image(path)
+    code, _, err = run_validate(capsys, "--data-dir", copy, "--model", "kat_tiny",
+                                "--checkpoint", run_dir / "last.pth.tar")
+    assert code == 1 and "Traceback" not in err
+    assert err.strip() == (f"kat-validate: error: no image could be decoded in 1 class folder(s) of "
+                           f"{copy / 'validation'}: green (8 file(s)). Replace the files, or remove the folders.")
 
 
 def test_model_classes_differ_from_the_folders(trained, capsys):
