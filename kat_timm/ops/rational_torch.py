@@ -123,9 +123,8 @@ def _backward_safe(gc, xc, a, b_abs, q_coefficients, da, dq):
     dx_plain = (_horner(x_plain, da) - f_plain * sign * _horner(ax, dq)) / q
     # Reciprocal form: P'(x) / Q = P'~(u) / Q~, Q'(|x|) / Q = |u| Q'~(|u|) / Q~, x^i / Q = u^(4 - i) / Q~ (i <= 4),
     # x^5 / Q = x / Q~, |x|^j / Q = |u|^(4 - j) / Q~, with P'~, Q'~ the reversed derivative polynomials.
-    f_recip = x_recip * _horner(u, a.flip(-1)) / q_recip
-    dx_recip = (_horner(u, da.flip(-1)) - f_recip * sign * au * _horner(au, dq.flip(-1))) / q_recip
-    f = torch.where(use, f_recip, f_plain)
+    h = _horner(u, a.flip(-1)) / q_recip  # F / x: F sign(x) |u| = h, and no F (which may overflow) is formed
+    dx_recip = (_horner(u, da.flip(-1)) - h * _horner(au, dq.flip(-1))) / q_recip
     dx = gc * torch.where(use, dx_recip, dx_plain)
     gq_plain, gq_recip = gc / q, gc / q_recip
     x_terms, abs_terms = [], []
@@ -133,7 +132,9 @@ def _backward_safe(gc, xc, a, b_abs, q_coefficients, da, dq):
         recip = gq_recip * (x_recip if i == 5 else u ** (4 - i))
         x_terms.append(torch.where(use, recip, gq_plain * x_plain ** i))
     for j in range(1, 5):
-        abs_terms.append(f * torch.where(use, gq_recip * au ** (4 - j), gq_plain * ax ** j))
+        # g F |x|^j / Q = g h sign(x) |u|^(3 - j) / Q~ (j <= 3), g h x / Q~ (j = 4)
+        recip = gq_recip * h * (x_recip if j == 4 else sign * au ** (3 - j))
+        abs_terms.append(torch.where(use, recip, gq_plain * f_plain * ax ** j))
     return dx, x_terms, abs_terms
 
 

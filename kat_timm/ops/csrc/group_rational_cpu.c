@@ -20,6 +20,7 @@
  *
  * Built and loaded with ctypes by kat_timm/ops/rational_cpu.py; plain C, no PyTorch headers.
  */
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -89,44 +90,124 @@ static void load_coeffs(kat_coeffs *c, int64_t groups, const float *num, int64_t
 
 /*
  * The per-element math shared by every loop below; a0..a5 and b1..b4 (= |b_j|) must be in scope.
- * KAT_P_Q defines ax = |x|, p = P(x), q = Q(|x|) (Horner). KAT_BACKWARD_TERMS also defines dxv = g dF/dx,
- * gq = g / Q, gf = g P / Q^2 and the powers x2 = x^2, x4 = x^4: the ten coefficient terms are
- * gq * x^i (i = 0..5) and gf * |x|^j (j = 1..4). sign(0) = +1 in dQ/dx.
+ * KAT_VALUE(xv) defines yv = F(x). KAT_BACKWARD_TERMS(xv, gv) defines dxv = g dF/dx and the ten coefficient terms
+ * e0..e9 = g x^i / Q (i = 0..5), g F |x|^j / Q (j = 1..4). sign(0) = +1 in dQ/dx.
+ *
+ * Plain form (KAT_VALUE, KAT_BACKWARD_TERMS): Horner in x and |x|. Safe form (the _SAFE macros) for pieces that
+ * hold an |x| above KAT_LARGE: there, per element, the reciprocal form in u = 1 / x, with the reversed polynomials
+ * P(x) = x^5 P~(u), Q(|x|) = |x|^4 Q~(|u|):
+ *     F = x P~ / Q~,  dF/dx = (P'~ - (P~ / Q~) Q'~) / Q~,
+ *     x^i / Q = u^(4-i) / Q~ (i <= 4),  x^5 / Q = x / Q~,  |x|^j / Q = |u|^(4-j) / Q~,
+ * so no power of a large x is formed and F is finite wherever its true value is. Where Q~ is not a normal float
+ * (the top b's are 0, e.g. the identity init) the plain form is exact and is kept. The same split as
+ * kat_timm/ops/rational_torch.py (LARGE_INPUT), so every backend picks the same form for an element.
  */
+#define KAT_LARGE 1e3f
+
 #define KAT_P_Q(xv)                                                                                               \
     const float ax = fabsf(xv);                                                                                   \
     const float p = a0 + (xv) * (a1 + (xv) * (a2 + (xv) * (a3 + (xv) * (a4 + (xv) * a5))));                       \
     const float q = 1.0f + ax * (b1 + ax * (b2 + ax * (b3 + ax * b4)));
 
+#define KAT_VALUE(xv)                                                                                             \
+    KAT_P_Q(xv)                                                                                                   \
+    const float yv = p / q;
+
 #define KAT_BACKWARD_TERMS(xv, gv)                                                                                \
     KAT_P_Q(xv)                                                                                                   \
     const float sx = (xv) < 0.0f ? -1.0f : 1.0f;                                                                  \
-    const float dp = a1 + (xv) * (2.0f * a2 + (xv) * (3.0f * a3 + (xv) * (4.0f * a4 + (xv) * 5.0f * a5)));       \
-    const float dq = b1 + ax * (2.0f * b2 + ax * (3.0f * b3 + ax * 4.0f * b4));                                   \
+    const float dp = a1 + (xv) * (2.0f * a2 + (xv) * (3.0f * a3 + (xv) * (4.0f * a4 + (xv) * (5.0f * a5))));      \
+    const float dq = b1 + ax * (2.0f * b2 + ax * (3.0f * b3 + ax * (4.0f * b4)));                                 \
     const float rq = 1.0f / q;                                                                                    \
     const float f = p * rq;                                                                                       \
     const float dxv = (gv) * (dp - f * sx * dq) * rq;                                                             \
     const float gq = (gv) * rq;                                                                                   \
     const float gf = gq * f;                                                                                      \
-    const float x2 = (xv) * (xv), x4 = x2 * x2;
+    const float x2 = (xv) * (xv), x4 = x2 * x2;                                                                   \
+    const float e0 = gq, e1 = gq * (xv), e2 = gq * x2, e3 = gq * x2 * (xv), e4 = gq * x4, e5 = gq * x4 * (xv);    \
+    const float e6 = gf * ax, e7 = gf * x2, e8 = gf * x2 * ax, e9 = gf * x4;
 
-/* One piece [begin, end) inside a segment: forward; XV is the input of F at i (x, or x plus the column's bias). */
+/* Which form, and safe inputs for each: xr (the reciprocal form's x, 2 where unused), xp (the plain form's, 0 where
+ * unused), u = 1 / xr, au = |u|, qt = Q~(au), use = 1 where the reciprocal form applies. */
+#define KAT_SPLIT(xv)                                                                                             \
+    const int big = fabsf(xv) > KAT_LARGE;                                                                        \
+    const float xr = big ? (xv) : 2.0f;                                                                           \
+    const float u = 1.0f / xr, au = fabsf(u);                                                                     \
+    const float qt = b4 + au * (b3 + au * (b2 + au * (b1 + au)));                                                 \
+    const int use = big && qt >= FLT_MIN;                                                                         \
+    const float xp = use ? 0.0f : (xv);                                                                           \
+    const float pt = a5 + u * (a4 + u * (a3 + u * (a2 + u * (a1 + u * a0))));
+
+#define KAT_VALUE_SAFE(xv)                                                                                        \
+    KAT_SPLIT(xv)                                                                                                 \
+    KAT_P_Q(xp)                                                                                                   \
+    const float yv = use ? xr * (pt / qt) : p / q;
+
+#define KAT_BACKWARD_TERMS_SAFE(xv, gv)                                                                           \
+    KAT_SPLIT(xv)                                                                                                 \
+    KAT_P_Q(xp)                                                                                                   \
+    const float sx = (xv) < 0.0f ? -1.0f : 1.0f;                                                                  \
+    const float dp = a1 + xp * (2.0f * a2 + xp * (3.0f * a3 + xp * (4.0f * a4 + xp * (5.0f * a5))));              \
+    const float dq = b1 + ax * (2.0f * b2 + ax * (3.0f * b3 + ax * (4.0f * b4)));                                 \
+    const float dpt = 5.0f * a5 + u * (4.0f * a4 + u * (3.0f * a3 + u * (2.0f * a2 + u * a1)));                   \
+    const float dqt = 4.0f * b4 + au * (3.0f * b3 + au * (2.0f * b2 + au * b1));                                  \
+    const float rq = use ? 1.0f / qt : 1.0f / q;                                                                  \
+    /* h = F / x in the reciprocal form: F sign(x) |u| = h, so no F (which may overflow on its own) is needed. */ \
+    const float h = pt * rq;                                                                                      \
+    const float f = use ? xr * h : p * rq;                                                                        \
+    const float dxv = (gv) * (use ? (dpt - h * dqt) : (dp - f * sx * dq)) * rq;                                   \
+    const float gq = (gv) * rq;                                                                                   \
+    const float gf = gq * f, gh = gq * h;                                                                         \
+    const float x2 = xp * xp, x4 = x2 * x2, u2 = u * u, au2 = au * au;                                            \
+    const float e0 = use ? gq * u2 * u2 : gq, e1 = use ? gq * u2 * u : gq * xp;                                   \
+    const float e2 = use ? gq * u2 : gq * x2, e3 = use ? gq * u : gq * x2 * xp;                                   \
+    const float e4 = use ? gq : gq * x4, e5 = use ? gq * xr : gq * x4 * xp;                                       \
+    /* g F |x|^j / Q = g h sign(x) |u|^(3-j) / Q~ (j <= 3), g h x / Q~ (j = 4). */                                \
+    const float e6 = use ? gh * sx * au2 : gf * ax, e7 = use ? gh * sx * au : gf * x2;                            \
+    const float e8 = use ? gh * sx : gf * x2 * ax, e9 = use ? gh * xr : gf * x4;
+
+/* max |XV| over a piece (NaN ignored): whether it needs the safe form. A compare-select, not fmaxf, which gcc
+ * does not vectorise. */
+#define KAT_DEFINE_MAX_ABS(SUFFIX, T)                                                                             \
+    KAT_CLONES static float max_abs_##SUFFIX(const T *restrict x, int64_t n, const float *restrict bias) {        \
+        float m = 0.0f;                                                                                           \
+        if (bias) {                                                                                               \
+            _Pragma("omp simd reduction(max : m)") for (int64_t i = 0; i < n; ++i)                                \
+                m = fabsf(load_##SUFFIX(x, i) + bias[i]) > m ? fabsf(load_##SUFFIX(x, i) + bias[i]) : m;          \
+        } else {                                                                                                  \
+            _Pragma("omp simd reduction(max : m)") for (int64_t i = 0; i < n; ++i)                                \
+                m = fabsf(load_##SUFFIX(x, i)) > m ? fabsf(load_##SUFFIX(x, i)) : m;                              \
+        }                                                                                                         \
+        return m;                                                                                                 \
+    }
+
+/* One piece [begin, end) inside a segment: forward; XV is the input of F at i (x, or x plus the column's bias).
+ * The plain pass also finds max |x|; a piece with a large input is computed again in the safe form. */
 #define KAT_FORWARD_PIECE_BODY(SUFFIX, XV)                                                                        \
     const float a0 = c->a[0], a1 = c->a[1], a2 = c->a[2], a3 = c->a[3], a4 = c->a[4], a5 = c->a[5];               \
     const float b1 = c->b[0], b2 = c->b[1], b3 = c->b[2], b4 = c->b[3];                                           \
-    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) {                                                        \
+    float m = 0.0f;                                                                                               \
+    _Pragma("omp simd reduction(max : m)") for (int64_t i = 0; i < n; ++i) {                                      \
         const float xv = XV;                                                                                      \
-        KAT_P_Q(xv)                                                                                               \
-        store_##SUFFIX(y, i, p / q);                                                                              \
+        KAT_VALUE(xv)                                                                                             \
+        m = ax > m ? ax : m;                                                                                      \
+        store_##SUFFIX(y, i, yv);                                                                                 \
+    }                                                                                                             \
+    if (m > KAT_LARGE) {                                                                                          \
+        _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) {                                                     \
+            const float xv = XV;                                                                                  \
+            KAT_VALUE_SAFE(xv)                                                                                    \
+            store_##SUFFIX(y, i, yv);                                                                             \
+        }                                                                                                         \
     }
 
 #define KAT_DEFINE_FORWARD_PIECE(SUFFIX, T)                                                                       \
-    KAT_CLONES static void forward_piece_##SUFFIX(const T *restrict x, T *restrict y, int64_t n,                 \
+    KAT_CLONES static void forward_piece_##SUFFIX(const T *restrict x, T *restrict y, int64_t n,                  \
                                                   const kat_coeffs *c) {                                          \
         KAT_FORWARD_PIECE_BODY(SUFFIX, load_##SUFFIX(x, i))                                                       \
     }                                                                                                             \
     /* bias: the piece's columns' input biases (float32), added before F. */                                      \
-    KAT_CLONES static void forward_piece_bias_##SUFFIX(const T *restrict x, T *restrict y, int64_t n,            \
+    KAT_CLONES static void forward_piece_bias_##SUFFIX(const T *restrict x, T *restrict y, int64_t n,             \
                                                        const kat_coeffs *c, const float *restrict bias) {         \
         KAT_FORWARD_PIECE_BODY(SUFFIX, load_##SUFFIX(x, i) + bias[i])                                             \
     }
@@ -134,68 +215,71 @@ static void load_coeffs(kat_coeffs *c, int64_t groups, const float *num, int64_t
 /*
  * One piece inside a segment: backward. Adds this piece's ten sums to acc (float64). The bias variant reads x plus
  * the columns' biases and adds each dx (float32, before the cast to the storage type) to its column's bias_acc.
+ * TERMS is KAT_BACKWARD_TERMS or, for a piece holding a large input, KAT_BACKWARD_TERMS_SAFE.
  */
-#define KAT_BACKWARD_PIECE_BODY(SUFFIX, XV, BIAS_STEP)                                                            \
+#define KAT_BACKWARD_PIECE_LOOP(SUFFIX, XV, BIAS_STEP, TERMS)                                                     \
+    {                                                                                                             \
+        float s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, t1 = 0, t2 = 0, t3 = 0, t4 = 0;                     \
+        _Pragma("omp simd reduction(+ : s0, s1, s2, s3, s4, s5, t1, t2, t3, t4)") for (int64_t i = 0; i < n; ++i) { \
+            const float xv = XV;                                                                                  \
+            const float gv = load_##SUFFIX(grad, i);                                                              \
+            TERMS(xv, gv)                                                                                         \
+            store_##SUFFIX(dx, i, dxv);                                                                           \
+            BIAS_STEP;                                                                                            \
+            s0 += e0; s1 += e1; s2 += e2; s3 += e3; s4 += e4; s5 += e5;                                           \
+            t1 += e6; t2 += e7; t3 += e8; t4 += e9;                                                               \
+        }                                                                                                         \
+        acc[0] += s0; acc[1] += s1; acc[2] += s2; acc[3] += s3; acc[4] += s4; acc[5] += s5;                       \
+        acc[6] += t1; acc[7] += t2; acc[8] += t3; acc[9] += t4;                                                   \
+    }
+
+#define KAT_BACKWARD_PIECE_BODY(SUFFIX, XV, BIAS_STEP, BIAS)                                                      \
     const float a0 = c->a[0], a1 = c->a[1], a2 = c->a[2], a3 = c->a[3], a4 = c->a[4], a5 = c->a[5];               \
     const float b1 = c->b[0], b2 = c->b[1], b3 = c->b[2], b4 = c->b[3];                                           \
-    float s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, t1 = 0, t2 = 0, t3 = 0, t4 = 0;                         \
-    _Pragma("omp simd reduction(+ : s0, s1, s2, s3, s4, s5, t1, t2, t3, t4)") for (int64_t i = 0; i < n; ++i) {   \
-        const float xv = XV;                                                                                      \
-        const float gv = load_##SUFFIX(grad, i);                                                                  \
-        KAT_BACKWARD_TERMS(xv, gv)                                                                                \
-        store_##SUFFIX(dx, i, dxv);                                                                               \
-        BIAS_STEP;                                                                                                \
-        s0 += gq;                                                                                                 \
-        s1 += gq * xv;                                                                                            \
-        s2 += gq * x2;                                                                                            \
-        s3 += gq * x2 * xv;                                                                                       \
-        s4 += gq * x4;                                                                                            \
-        s5 += gq * x4 * xv;                                                                                       \
-        t1 += gf * ax;                                                                                            \
-        t2 += gf * x2;                                                                                            \
-        t3 += gf * x2 * ax;                                                                                       \
-        t4 += gf * x4;                                                                                            \
-    }                                                                                                             \
-    acc[0] += s0; acc[1] += s1; acc[2] += s2; acc[3] += s3; acc[4] += s4; acc[5] += s5;                           \
-    acc[6] += t1; acc[7] += t2; acc[8] += t3; acc[9] += t4;
+    if (max_abs_##SUFFIX(x, n, BIAS) > KAT_LARGE)                                                                 \
+        KAT_BACKWARD_PIECE_LOOP(SUFFIX, XV, BIAS_STEP, KAT_BACKWARD_TERMS_SAFE)                                   \
+    else                                                                                                          \
+        KAT_BACKWARD_PIECE_LOOP(SUFFIX, XV, BIAS_STEP, KAT_BACKWARD_TERMS)
 
 #define KAT_DEFINE_BACKWARD_PIECE(SUFFIX, T)                                                                      \
-    KAT_CLONES static void backward_piece_##SUFFIX(const T *restrict grad, const T *restrict x, T *restrict dx,  \
+    KAT_CLONES static void backward_piece_##SUFFIX(const T *restrict grad, const T *restrict x, T *restrict dx,   \
                                                    int64_t n, const kat_coeffs *c, double *acc) {                 \
-        KAT_BACKWARD_PIECE_BODY(SUFFIX, load_##SUFFIX(x, i), (void)0)                                             \
+        KAT_BACKWARD_PIECE_BODY(SUFFIX, load_##SUFFIX(x, i), (void)0, NULL)                                       \
     }                                                                                                             \
-    KAT_CLONES static void backward_piece_bias_##SUFFIX(const T *restrict grad, const T *restrict x,             \
+    KAT_CLONES static void backward_piece_bias_##SUFFIX(const T *restrict grad, const T *restrict x,              \
                                                         T *restrict dx, int64_t n, const kat_coeffs *c,           \
                                                         double *acc, const float *restrict bias,                  \
                                                         float *restrict bias_acc) {                               \
-        KAT_BACKWARD_PIECE_BODY(SUFFIX, load_##SUFFIX(x, i) + bias[i], bias_acc[i] += dxv)                        \
+        KAT_BACKWARD_PIECE_BODY(SUFFIX, load_##SUFFIX(x, i) + bias[i], bias_acc[i] += dxv, bias)                  \
     }
 
-/*
- * Backward of n columns of one row (row stride K = G * L) for short groups (small L): per-column coefficients
- * (cc[i * K + k]) and per-column float accumulators (acc[i * KAT_COL_BLOCK + k]) instead of per-piece reductions,
- * whose fixed cost dominates when a piece is only a few dozen elements long.
- */
-#define KAT_BACKWARD_ROW_BODY(SUFFIX, XV, BIAS_STEP)                                                             \
-    _Pragma("omp simd") for (int64_t k = 0; k < n; ++k) {                                                        \
+#define KAT_BACKWARD_ROW_LOOP(SUFFIX, XV, BIAS_STEP, TERMS)                                                       \
+    _Pragma("omp simd") for (int64_t k = 0; k < n; ++k) {                                                         \
         const float a0 = cc[k], a1 = cc[K + k], a2 = cc[2 * K + k], a3 = cc[3 * K + k], a4 = cc[4 * K + k];       \
         const float a5 = cc[5 * K + k], b1 = cc[6 * K + k], b2 = cc[7 * K + k], b3 = cc[8 * K + k];               \
         const float b4 = cc[9 * K + k];                                                                           \
         const float xv = XV;                                                                                      \
         const float gv = load_##SUFFIX(grad, k);                                                                  \
-        KAT_BACKWARD_TERMS(xv, gv)                                                                                \
+        TERMS(xv, gv)                                                                                             \
         store_##SUFFIX(dx, k, dxv);                                                                               \
         BIAS_STEP;                                                                                                \
-        acc[k] += gq;                                                                                             \
-        acc[1 * KAT_COL_BLOCK + k] += gq * xv;                                                                    \
-        acc[2 * KAT_COL_BLOCK + k] += gq * x2;                                                                    \
-        acc[3 * KAT_COL_BLOCK + k] += gq * x2 * xv;                                                               \
-        acc[4 * KAT_COL_BLOCK + k] += gq * x4;                                                                    \
-        acc[5 * KAT_COL_BLOCK + k] += gq * x4 * xv;                                                               \
-        acc[6 * KAT_COL_BLOCK + k] += gf * ax;                                                                    \
-        acc[7 * KAT_COL_BLOCK + k] += gf * x2;                                                                    \
-        acc[8 * KAT_COL_BLOCK + k] += gf * x2 * ax;                                                               \
-        acc[9 * KAT_COL_BLOCK + k] += gf * x4;                                                                    \
+        acc[k] += e0;                                                                                             \
+        acc[1 * KAT_COL_BLOCK + k] += e1;                                                                         \
+        acc[2 * KAT_COL_BLOCK + k] += e2;                                                                         \
+        acc[3 * KAT_COL_BLOCK + k] += e3;                                                                         \
+        acc[4 * KAT_COL_BLOCK + k] += e4;                                                                         \
+        acc[5 * KAT_COL_BLOCK + k] += e5;                                                                         \
+        acc[6 * KAT_COL_BLOCK + k] += e6;                                                                         \
+        acc[7 * KAT_COL_BLOCK + k] += e7;                                                                         \
+        acc[8 * KAT_COL_BLOCK + k] += e8;                                                                         \
+        acc[9 * KAT_COL_BLOCK + k] += e9;                                                                         \
+    }
+
+#define KAT_BACKWARD_ROW_BODY(SUFFIX, XV, BIAS_STEP, BIAS)                                                        \
+    if (max_abs_##SUFFIX(x, n, BIAS) > KAT_LARGE) {                                                               \
+        KAT_BACKWARD_ROW_LOOP(SUFFIX, XV, BIAS_STEP, KAT_BACKWARD_TERMS_SAFE)                                     \
+    } else {                                                                                                      \
+        KAT_BACKWARD_ROW_LOOP(SUFFIX, XV, BIAS_STEP, KAT_BACKWARD_TERMS)                                          \
     }
 
 /*
@@ -205,24 +289,25 @@ static void load_coeffs(kat_coeffs *c, int64_t groups, const float *num, int64_t
  * biases to x and accumulates dx per column in an eleventh row of acc.
  */
 #define KAT_DEFINE_BACKWARD_ROW(SUFFIX, T)                                                                        \
-    KAT_CLONES static void backward_row_##SUFFIX(const T *restrict grad, const T *restrict x, T *restrict dx,    \
-                                                 int64_t n, int64_t K, const float *restrict cc,                 \
-                                                 float *restrict acc) {                                          \
-        KAT_BACKWARD_ROW_BODY(SUFFIX, load_##SUFFIX(x, k), (void)0)                                               \
+    KAT_CLONES static void backward_row_##SUFFIX(const T *restrict grad, const T *restrict x, T *restrict dx,     \
+                                                 int64_t n, int64_t K, const float *restrict cc,                  \
+                                                 float *restrict acc) {                                           \
+        KAT_BACKWARD_ROW_BODY(SUFFIX, load_##SUFFIX(x, k), (void)0, NULL)                                         \
     }                                                                                                             \
-    KAT_CLONES static void backward_row_bias_##SUFFIX(const T *restrict grad, const T *restrict x,               \
+    KAT_CLONES static void backward_row_bias_##SUFFIX(const T *restrict grad, const T *restrict x,                \
                                                       T *restrict dx, int64_t n, int64_t K,                       \
                                                       const float *restrict cc, float *restrict acc,              \
                                                       const float *restrict bias) {                               \
-        KAT_BACKWARD_ROW_BODY(SUFFIX, load_##SUFFIX(x, k) + bias[k], acc[10 * KAT_COL_BLOCK + k] += dxv)          \
+        KAT_BACKWARD_ROW_BODY(SUFFIX, load_##SUFFIX(x, k) + bias[k], acc[10 * KAT_COL_BLOCK + k] += dxv, bias)    \
     }
 
 #define KAT_DEFINE_DRIVERS(SUFFIX, T)                                                                             \
+    KAT_DEFINE_MAX_ABS(SUFFIX, T)                                                                                 \
     KAT_DEFINE_FORWARD_PIECE(SUFFIX, T)                                                                           \
     KAT_DEFINE_BACKWARD_PIECE(SUFFIX, T)                                                                          \
     KAT_DEFINE_BACKWARD_ROW(SUFFIX, T)                                                                            \
-    /* Chunks of whole rows; the per-column sums of a chunk are folded into its group partials at its end. */    \
-    static int backward_rows_##SUFFIX(const T *grad, const T *x, T *dx, int64_t rows, int64_t groups,            \
+    /* Chunks of whole rows; the per-column sums of a chunk are folded into its group partials at its end. */     \
+    static int backward_rows_##SUFFIX(const T *grad, const T *x, T *dx, int64_t rows, int64_t groups,             \
                                       int64_t seg_len, const kat_coeffs *c, double *partials, int64_t rows_per_chunk, \
                                       const float *bias, float *bias_partials, int nthreads) {                    \
         const int64_t K = groups * seg_len;                                                                       \
@@ -245,7 +330,7 @@ static void load_coeffs(kat_coeffs *c, int64_t groups, const float *num, int64_t
                 const int64_t r0 = chunk * rows_per_chunk;                                                        \
                 const int64_t r1 = r0 + rows_per_chunk < rows ? r0 + rows_per_chunk : rows;                       \
                 double *part = partials + chunk * groups * 10;                                                    \
-                /* Column blocks keep the block's accumulators and coefficients in L1. */                        \
+                /* Column blocks keep the block's accumulators and coefficients in L1. */                         \
                 for (int64_t k0 = 0; k0 < K; k0 += KAT_COL_BLOCK) {                                               \
                     const int64_t n = K - k0 < KAT_COL_BLOCK ? K - k0 : KAT_COL_BLOCK;                            \
                     memset(acc, 0, sizeof(float) * 11 * KAT_COL_BLOCK);                                           \
@@ -259,7 +344,7 @@ static void load_coeffs(kat_coeffs *c, int64_t groups, const float *num, int64_t
                             backward_row_##SUFFIX(grad + r * K + k0, x + r * K + k0, dx + r * K + k0, n, K,       \
                                                   cc + k0, acc);                                                  \
                     }                                                                                             \
-                    /* Fold columns into their groups, walking the group boundaries (no division per column). */ \
+                    /* Fold columns into their groups, walking the group boundaries (no division per column). */  \
                     for (int64_t k = 0, g = k0 / seg_len; k < n; ++g) {                                           \
                         const int64_t stop = (g + 1) * seg_len - k0 < n ? (g + 1) * seg_len - k0 : n;             \
                         for (int i = 0; i < 10; ++i) {                                                            \
@@ -280,7 +365,7 @@ static void load_coeffs(kat_coeffs *c, int64_t groups, const float *num, int64_t
      * Backward with a bias and long groups: tiles of whole rows, at most KAT_MAX_ROW_TILES of them, so the       \
      * per-tile, per-column bias sums (bias_partials[tile * K + k]) stay small whatever the shape.                \
      */                                                                                                           \
-    static void backward_tiles_##SUFFIX(const T *grad, const T *x, T *dx, int64_t rows, int64_t groups,          \
+    static void backward_tiles_##SUFFIX(const T *grad, const T *x, T *dx, int64_t rows, int64_t groups,           \
                                         int64_t seg_len, const kat_coeffs *c, double *partials,                   \
                                         int64_t rows_per_tile, const float *bias, float *bias_partials,           \
                                         int nthreads) {                                                           \
@@ -297,7 +382,7 @@ static void load_coeffs(kat_coeffs *c, int64_t groups, const float *num, int64_t
                 }                                                                                                 \
         }                                                                                                         \
     }                                                                                                             \
-    static void forward_##SUFFIX(const T *x, T *y, int64_t total, int64_t groups, int64_t seg_len,               \
+    static void forward_##SUFFIX(const T *x, T *y, int64_t total, int64_t groups, int64_t seg_len,                \
                                  const kat_coeffs *c, const float *bias, int nthreads) {                          \
         const int64_t K = groups * seg_len;                                                                       \
         const int64_t chunks = (total + KAT_CHUNK - 1) / KAT_CHUNK;                                               \
@@ -316,7 +401,7 @@ static void load_coeffs(kat_coeffs *c, int64_t groups, const float *num, int64_t
             }                                                                                                     \
         }                                                                                                         \
     }                                                                                                             \
-    static void backward_##SUFFIX(const T *grad, const T *x, T *dx, int64_t total, int64_t groups,               \
+    static void backward_##SUFFIX(const T *grad, const T *x, T *dx, int64_t total, int64_t groups,                \
                                   int64_t seg_len, const kat_coeffs *c, double *partials, int nthreads) {         \
         const int64_t chunks = (total + KAT_CHUNK - 1) / KAT_CHUNK;                                               \
         _Pragma("omp parallel for schedule(static) num_threads(nthreads)") for (int64_t k = 0; k < chunks; ++k) { \
