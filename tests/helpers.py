@@ -64,6 +64,28 @@ def assert_backward_deterministic(x, numerator, denominator, channel_dim=-1, run
             assert torch.equal(first, again), f"grad {name} differs between identical backward calls"
 
 
+def magnitudes(dtype):
+    """Inputs of every magnitude the dtype holds: +-10^k, both sides of the form switch (1e3), a few randoms."""
+    top = {torch.float16: 4, torch.bfloat16: 38, torch.float32: 38, torch.float64: 300}[dtype]
+    powers = torch.tensor([10.0**k for k in range(-6, top + 1)] + [999.0, 1000.0, 1001.0], dtype=torch.float64)
+    values = torch.cat([powers, -powers, torch.randn(16, dtype=torch.float64) * 3])
+    return values.to(dtype)
+
+
+def assert_matches_rounded_reference(actual, reference, rtol, what):
+    """Where the exact value rounds to a finite number of actual's dtype it must be finite and close; where it
+    overflows the dtype it must be the infinity of its sign (overflow is the right answer, NaN never is)."""
+    rounded = reference.to(actual.dtype)
+    finite = torch.isfinite(rounded)
+    assert not torch.isnan(actual).any(), f"{what}: NaN for a finite input"
+    assert torch.isfinite(actual[finite]).all(), f"{what}: inf where the exact value is finite"
+    assert torch.equal(actual[~finite], rounded[~finite]), f"{what}: overflow to the wrong infinity"
+    # Element-wise relative error, with subnormal outputs (below the dtype's smallest normal) held to absolute error.
+    floor = torch.finfo(actual.dtype).smallest_normal
+    err = ((actual[finite].double() - reference[finite]).abs() / reference[finite].abs().clamp_min(floor)).max()
+    assert err <= rtol, f"{what}: relative error {err:.2e} element-wise"
+
+
 def fill_uninitialised_(model: torch.nn.Module, std: float = 0.02) -> torch.nn.Module:
     """Give the tensors timm's ViT creates with ``torch.empty`` (cls/reg token, position embedding) small random
     values. ``weight_init="skip"`` leaves them as whatever bits the allocator returned, NaN included, which is fine

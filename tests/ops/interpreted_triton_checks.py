@@ -10,9 +10,12 @@ import pytest
 import torch
 
 from kat_timm.ops import group_rational, group_rational_reference, select_backend, triton_status
+from kat_timm.layers import rational_init
 from tests.helpers import (
     assert_backward_deterministic,
+    assert_matches_rounded_reference,
     check_against_reference,
+    magnitudes,
     random_coefficients,
     relative_error,
 )
@@ -93,3 +96,35 @@ def test_triton_bias_matches_reference(shape, channel_dim, groups):
     x = torch.randn(shape) * 2
     numerator, denominator = random_coefficients(groups, shared_numerator=False)
     check_against_reference(x, numerator, denominator, channel_dim, bias=torch.randn(shape[channel_dim]))
+
+
+def test_triton_large_inputs_issue_example():
+    """a5 = 1, b4 = 1, so F(x) ~ x: the plain form gave [1e7, inf, nan]; tiles holding |x| > 1e3 are redone in the
+    reciprocal form."""
+    y = group_rational(torch.tensor([1e7, 1e8, 1e10]), torch.tensor([[0.0, 0, 0, 0, 0, 1]]), torch.tensor([[0.0, 0, 0, 1]]))
+    torch.testing.assert_close(y, torch.tensor([1e7, 1e8, 1e10]), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.bfloat16, 2.0 ** -7), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("coefficients", ["swish", "random"])
+def test_triton_large_inputs_match_reference(dtype, rtol, coefficients):
+    """F, dF/dx and the coefficient gradients for inputs up to the dtype's largest, small ones in the same tiles."""
+    if coefficients == "random":
+        numerator, denominator = (t.detach() for t in random_coefficients(8, shared_numerator=False))
+        denominator = denominator.abs() + 0.1
+    else:
+        numerator, denominator = (torch.tensor([c]) for c in rational_init(coefficients))
+        denominator = denominator.repeat(8, 1)
+    values = magnitudes(dtype)
+    x = values.view(-1, 1, 1).expand(-1, 8, 24).contiguous().view(-1, 192).requires_grad_()  # L = 24, as KAT-T
+    y = group_rational(x, numerator, denominator)
+    grad = torch.ones_like(y)
+    y.backward(grad)
+    ref_y, ref_dx, _, _ = group_rational_reference(x, numerator, denominator, -1, grad)
+    assert_matches_rounded_reference(y, ref_y, rtol, "value")
+    scale = ref_dx.abs().amax(1, keepdim=True).clamp_min(1e-30)
+    assert not torch.isnan(x.grad).any(), "grad x: NaN for a finite input"
+    assert ((x.grad.double() - ref_dx).abs() / scale).max() <= 4 * rtol, "grad x"
+    # Coefficient gradients where their sums fit float32 (magnitudes up to 1e6), large and small in one tile.
+    x32 = (torch.logspace(-3, 6, 384) * torch.where(torch.rand(384) < 0.5, -1.0, 1.0)).view(2, 192)
+    check_against_reference(x32, numerator, denominator, rtol=1e-5)

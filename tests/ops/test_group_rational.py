@@ -4,7 +4,14 @@ import torch
 
 from kat_timm.ops import group_rational, group_rational_reference, native_cpu_status, select_backend
 from kat_timm.layers import rational_init
-from tests.helpers import assert_backward_deterministic, check_against_reference, random_coefficients, relative_error
+from tests.helpers import (
+    assert_backward_deterministic,
+    assert_matches_rounded_reference,
+    check_against_reference,
+    magnitudes,
+    random_coefficients,
+    relative_error,
+)
 
 CPU_BACKENDS = ["torch", "native"]
 
@@ -562,28 +569,6 @@ def test_double_backward(use_backend, with_bias):
 # ----------------------------------------------------------------------------------------- large finite inputs
 
 
-def _magnitudes(dtype):
-    """Inputs of every magnitude the dtype holds: +-10^k, both sides of the form switch (1e3), a few randoms."""
-    top = {torch.float16: 4, torch.bfloat16: 38, torch.float32: 38, torch.float64: 300}[dtype]
-    powers = torch.tensor([10.0**k for k in range(-6, top + 1)] + [999.0, 1000.0, 1001.0], dtype=torch.float64)
-    values = torch.cat([powers, -powers, torch.randn(16, dtype=torch.float64) * 3])
-    return values.to(dtype)
-
-
-def _assert_matches_rounded_reference(actual, reference, rtol, what):
-    """Where the exact value rounds to a finite number of actual's dtype it must be finite and close; where it
-    overflows the dtype it must be the infinity of its sign (overflow is the right answer, NaN never is)."""
-    rounded = reference.to(actual.dtype)
-    finite = torch.isfinite(rounded)
-    assert not torch.isnan(actual).any(), f"{what}: NaN for a finite input"
-    assert torch.isfinite(actual[finite]).all(), f"{what}: inf where the exact value is finite"
-    assert torch.equal(actual[~finite], rounded[~finite]), f"{what}: overflow to the wrong infinity"
-    # Element-wise relative error, with subnormal outputs (below the dtype's smallest normal) held to absolute error.
-    floor = torch.finfo(actual.dtype).smallest_normal
-    err = ((actual[finite].double() - reference[finite]).abs() / reference[finite].abs().clamp_min(floor)).max()
-    assert err <= rtol, f"{what}: relative error {err:.2e} element-wise"
-
-
 def test_large_inputs_issue_example(cpu_backend):
     """The issue's example: a5 = 1, b4 = 1, so F(x) ~ x; it gave [1e7, inf, nan]."""
     y = group_rational(torch.tensor([1e7, 1e8, 1e10]), torch.tensor([[0.0, 0, 0, 0, 0, 1]]), torch.tensor([[0.0, 0, 0, 1]]))
@@ -601,13 +586,13 @@ def test_large_inputs_match_reference(cpu_backend, dtype, rtol, coefficients, le
     else:
         numerator, denominator = (torch.tensor([c]) for c in rational_init(coefficients))
         denominator = denominator.repeat(8, 1)
-    values = _magnitudes(dtype)
+    values = magnitudes(dtype)
     x = values.view(-1, 1, 1).expand(-1, 8, length).contiguous().view(-1, 8 * length).requires_grad_()
     y = group_rational(x, numerator, denominator)
     grad = torch.ones_like(y)
     y.backward(grad)
     ref_y, ref_dx, _, _ = group_rational_reference(x, numerator, denominator, -1, grad)
-    _assert_matches_rounded_reference(y, ref_y, rtol, "value")
+    assert_matches_rounded_reference(y, ref_y, rtol, "value")
     # dF/dx cancels near the rational's extrema: compare it on the scale of its own largest value per row.
     if coefficients != "identity":
         scale = ref_dx.abs().amax(1, keepdim=True).clamp_min(1e-30)
@@ -615,7 +600,7 @@ def test_large_inputs_match_reference(cpu_backend, dtype, rtol, coefficients, le
         assert ((x.grad.double() - ref_dx).abs() / scale).max() <= 4 * rtol, "grad x"
     else:
         assert torch.equal(y, x.detach()) or dtype != torch.float32, "the identity stays exact at every magnitude"
-        _assert_matches_rounded_reference(x.grad, ref_dx, rtol, "grad x")
+        assert_matches_rounded_reference(x.grad, ref_dx, rtol, "grad x")
 
 
 def test_large_inputs_float64_and_coefficient_gradients(use_backend):
@@ -623,12 +608,12 @@ def test_large_inputs_float64_and_coefficient_gradients(use_backend):
     use_backend("auto")
     numerator = torch.tensor([[0.1, 0.5, -0.2, 0.05, 0.01, 0.02]], dtype=torch.float64, requires_grad=True)
     denominator = torch.tensor([[0.3, -0.1, 0.05, 0.4]], dtype=torch.float64).repeat(8, 1).requires_grad_()
-    x = _magnitudes(torch.float64).view(-1, 1).expand(-1, 8).contiguous().requires_grad_()
+    x = magnitudes(torch.float64).view(-1, 1).expand(-1, 8).contiguous().requires_grad_()
     y = group_rational(x, numerator, denominator)
     y.backward(torch.ones_like(y))
     ref_y, ref_dx, _, _ = group_rational_reference(x, numerator, denominator, -1, torch.ones_like(y))
-    _assert_matches_rounded_reference(y, ref_y, 1e-12, "value")
-    _assert_matches_rounded_reference(x.grad, ref_dx, 1e-9, "grad x")
+    assert_matches_rounded_reference(y, ref_y, 1e-12, "value")
+    assert_matches_rounded_reference(x.grad, ref_dx, 1e-9, "grad x")
     # Coefficient gradients: magnitudes up to 1e6 in float32 (sums of x / Q~ stay well inside float32's range).
     x32 = (torch.logspace(-3, 6, 400) * torch.where(torch.rand(400) < 0.5, -1.0, 1.0)).view(50, 8)
     check_against_reference(x32, numerator.detach().float(), denominator.detach().float(), rtol=1e-5)
@@ -643,11 +628,11 @@ def test_large_inputs_differentiable_formula_and_onnx_decomposition():
 
     numerator, denominator = (torch.tensor([c]) for c in rational_init("swish"))
     denominator = denominator.repeat(8, 1)
-    x = _magnitudes(torch.float32).view(-1, 1).expand(-1, 8).contiguous()
+    x = magnitudes(torch.float32).view(-1, 1).expand(-1, 8).contiguous()
     ref = group_rational_reference(x, numerator, denominator)
-    _assert_matches_rounded_reference(group_rational_plain(x, numerator, denominator), ref, 1e-5, "onnx decomposition")
+    assert_matches_rounded_reference(group_rational_plain(x, numerator, denominator), ref, 1e-5, "onnx decomposition")
     scripted = torch.jit.script(group_rational_autograd)
-    _assert_matches_rounded_reference(scripted(x, numerator, denominator, -1, None), ref, 1e-5, "differentiable formula")
+    assert_matches_rounded_reference(scripted(x, numerator, denominator, -1, None), ref, 1e-5, "differentiable formula")
     xg = x[x[:, 0].abs() <= 1e30].clone().requires_grad_()
     scripted(xg, numerator, denominator, -1, None).sum().backward()
     assert torch.isfinite(xg.grad).all(), "the differentiable formula's gradient is finite (no NaN from torch.where)"
