@@ -23,6 +23,7 @@ import torch
 import kat_timm  # noqa: F401  (registers the KAT models in timm)
 import timm
 from kat_timm import hub
+from tests.helpers import fill_uninitialised_
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "convert_checkpoint.py"
 TINY = "kat_tiny_patch16_224"
@@ -64,7 +65,8 @@ def _offline_single_thread(monkeypatch, tmp_path):
 def _random_state_dict(seed: int, name: str = TINY, **kwargs):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = timm.create_model(name, **kwargs)
+        # weight_init="skip" leaves torch.empty tensors (they can hold NaN, which the conversion rightly refuses)
+        model = fill_uninitialised_(timm.create_model(name, **kwargs))
         return OrderedDict((k, v.detach() + 0.01 * torch.randn_like(v)) for k, v in model.state_dict().items())
 
 

@@ -16,6 +16,15 @@ segments in a fixed order, applies d|b|/db = sign(b) (+1 at 0) and the sum over 
 writes both coefficient gradients in their dtypes. The grid and every reduction order depend only on the shape, the
 dtype and the device's SM count, so gradients are bitwise reproducible; there are no atomics.
 
+Input bias (``HAS_BIAS``, a constexpr: the plain variant compiles it away): F(x + bias) with one float32 bias per
+column, and the backward's per-column sums of dx (the bias gradient) from the same pass.
+
+Large inputs: above |x| = ``LARGE_INPUT`` (1e3, as every backend) an element is evaluated in the reciprocal form
+F = x P~(1/x) / Q~(1/|x|) (and its gradients likewise), so nothing overflows where the true value is finite. Both
+directions run as two launches of one grid: the plain form, which also flags each program whose tiles held such an
+input, then a pass that recomputes only the flagged programs in the safe form (the others exit at once). The plain
+pass keeps its small register footprint, the rare safe one pays for both forms, and nothing waits on the host.
+
 The launch parameters are plain data (``forward_launch`` / ``backward_launch``): the launchers and the static
 resource report (``kernel_report.py``) both read them, so what is reported is what runs. ``GROUP_LEN`` is a
 compile-time constant: the compiler then proves the 16-byte alignment of each group's start and vectorises the
