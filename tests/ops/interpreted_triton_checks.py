@@ -71,3 +71,11 @@ def test_triton_bias_matches_reference(shape, channel_dim, groups):
     x = torch.randn(shape) * 2
     numerator, denominator = random_coefficients(groups, shared_numerator=False)
     check_against_reference(x, numerator, denominator, channel_dim, bias=torch.randn(shape[channel_dim]))
+
+
+def test_triton_large_inputs_stay_finite():
+    """Inputs up to float32's largest: the reciprocal form above 1e3 (as the native kernel and the PyTorch path)."""
+    x = torch.tensor([1e7, 1e8, 1e10, -1e30, 3e38, 2e3, -5e4, 0.5]).view(-1, 1).expand(-1, 8).contiguous()
+    numerator = torch.tensor([[0.0, 0.5, 0.25, 0.05, 0.006, 0.0003]])
+    denominator = torch.tensor([[0.0, 0.1, 0.0, 0.0005]]).repeat(8, 1)
+    check_against_reference(x, numerator, denominator, rtol=1e-5)
