@@ -19,7 +19,6 @@ import math
 from typing import Optional, Tuple
 
 import torch
-
 from torch.autograd import forward_ad
 
 from .backend import select_backend
@@ -60,10 +59,10 @@ def _bias_columns(bias: torch.Tensor, x: torch.Tensor, cdim: int, moved: bool, g
     return columns.reshape(groups, -1).contiguous()
 
 
-def _bias_gradient(bias_sums: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, cdim: int, moved: bool):
-    """(G, L) per-column sums of grad_x -> the (C,) bias gradient in the bias's dtype."""
-    channels = x.shape[cdim]
-    return bias_sums.reshape(channels, -1).sum(1).to(bias.dtype)
+def _bias_gradient(bias_sums: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """(G, L) per-column sums of grad_x -> the (C,) bias gradient in the bias's dtype (an image layout's columns are
+    each channel's pixels in a row, so the channel's sum is the sum of its run)."""
+    return bias_sums.reshape(bias.shape[0], -1).sum(1).to(bias.dtype)
 
 
 def _run_backward(backend: str, grad3, x3, numerator, denominator, bias3):
@@ -149,7 +148,7 @@ def _group_rational_backward_op(
     if bias is None:
         grad_bias = _no_bias_gradient(x)
     else:
-        grad_bias = _bias_gradient(bias_sums, bias, x, cdim, moved)
+        grad_bias = _bias_gradient(bias_sums, bias)
     return _from_mgl(grad_x3, x, cdim, moved), grad_numerator, grad_denominator, grad_bias
 
 
