@@ -71,10 +71,10 @@ def _bias_columns(bias: torch.Tensor, x: torch.Tensor, cdim: int, moved: bool, g
     return columns.reshape(groups, -1).contiguous()
 
 
-def _bias_gradient(bias_sums: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, cdim: int, moved: bool):
-    """(G, L) per-column sums of grad_x -> the (C,) bias gradient in the bias's dtype."""
-    channels = x.shape[cdim]
-    return bias_sums.reshape(channels, -1).sum(1).to(bias.dtype)
+def _bias_gradient(bias_sums: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """(G, L) per-column sums of grad_x -> the (C,) bias gradient in the bias's dtype (an image layout's columns are
+    each channel's pixels in a row, so the channel's sum is the sum of its run)."""
+    return bias_sums.reshape(bias.shape[0], -1).sum(1).to(bias.dtype)
 
 
 def _no_bias_gradient(x: torch.Tensor) -> torch.Tensor:
@@ -122,7 +122,7 @@ def _backward(grad, x, numerator, denominator, channel_dim: int, bias):
         grad_x3, grad_numerator, grad_denominator, bias_sums = implementation(
             grad3, x3, numerator, denominator, bias=_bias_columns(bias, x, cdim, moved, groups)
         )
-        grad_bias = _bias_gradient(bias_sums, bias, x, cdim, moved)
+        grad_bias = _bias_gradient(bias_sums, bias)
     return _from_mgl(grad_x3, x, cdim, moved), grad_numerator, grad_denominator, grad_bias
 
 

@@ -534,9 +534,11 @@ int kat_rational_backward(int dtype, const void *grad, const void *x, void *dx, 
         for (int64_t k = 0; k < chunks; ++k)
             for (int64_t j = 0; j < groups * 10; ++j) sums[j] += partials[k * groups * 10 + j];
         if (bias) {
-            /* Per column, chunks in order (the split over threads is by column, so the order never changes). */
+            /* Per column, chunks in order (the split over threads is by column, so the order never changes). Small
+             * folds (KAT's act2 at batch 8: 3e4 to 5e5 adds) stay on this thread: a parallel region's barrier
+             * would cost more than they do. */
             const int64_t blocks = (row_len + KAT_COL_BLOCK - 1) / KAT_COL_BLOCK;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (chunks * row_len > (1 << 20))
             for (int64_t blk = 0; blk < blocks; ++blk) {
                 const int64_t k0 = blk * KAT_COL_BLOCK;
                 const int64_t k1 = k0 + KAT_COL_BLOCK < row_len ? k0 + KAT_COL_BLOCK : row_len;
