@@ -24,8 +24,8 @@ from typing import Any, Dict, List, Optional
 
 from .data import DataError
 
-__all__ = ["DatasetSpec", "READER_PREFIXES", "STREAM_PREFIXES", "dataset_class_names", "dataset_prefix",
-           "is_folder_dataset", "open_dataset"]
+__all__ = ["DatasetSpec", "READER_PREFIXES", "STREAM_PREFIXES", "check_distributed_evaluation",
+           "dataset_class_names", "dataset_prefix", "is_folder_dataset", "open_dataset"]
 
 # The --dataset prefixes timm's create_dataset reads with a reader of its own (anything else is a folder or tar).
 READER_PREFIXES = ("torch", "hfds", "hfids", "tfds", "wds")
@@ -261,17 +261,58 @@ def _wds_counted(spec: DatasetSpec, split: str) -> bool:
 
 def _count_wds_samples(shards: List[str]) -> Optional[int]:
     """Samples (distinct keys) in local shards, read from the tar headers; None for remote shards."""
+    counts = _shard_lengths(shards)
+    return None if counts is None else sum(counts)
+
+
+def _shard_lengths(shards: List[str]) -> Optional[List[int]]:
     if any("://" in path for path in shards):
         return None
-    total = 0
+    counts = []
     for path in shards:
         try:
             with tarfile.open(path) as tar:
-                total += len({os.path.join(os.path.dirname(m.name), os.path.basename(m.name).partition(".")[0])
-                              for m in tar if m.isfile()})
+                counts.append(len({os.path.join(os.path.dirname(m.name), os.path.basename(m.name).partition(".")[0])
+                                   for m in tar if m.isfile()}))
         except (OSError, tarfile.TarError) as error:
             raise DataError(f"{path}: not a readable tar shard ({error})") from None
-    return total
+    return counts
+
+
+def check_distributed_evaluation(spec: DatasetSpec, split: str, world_size: int, workers: int,
+                                 num_samples: Optional[int], split_option: str = "--val-split") -> None:
+    """Refuse a WebDataset evaluation split that torchrun would score only in part.
+
+    Under several processes timm's reader gives loader worker ``g`` of ``G = world_size x max(workers, 1)`` the
+    shards ``g, g + G, ...`` and caps it at ``ceil(N / G)`` samples; a worker whose shards hold more is cut short
+    without a word, and the accuracy is then over part of the split. The shard lengths come from the tar headers.
+
+    Args:
+        spec: the run's dataset options (a ``wds/`` dataset; anything else is not checked).
+        split: the evaluation split.
+        world_size: processes of the run.
+        workers: loader workers per process.
+        num_samples: ``--val-num-samples`` (None: the split's own count).
+        split_option: the option that gave ``split``, named in the error.
+
+    Raises:
+        DataError: some samples would not be evaluated; the message says how to fix it.
+    """
+    if dataset_prefix(spec.name) != "wds" or world_size <= 1:
+        return
+    lengths = _shard_lengths(_wds_shards(spec, split, split_option))
+    if lengths is None:
+        return
+    total = num_samples or sum(lengths)
+    readers = world_size * max(workers, 1)
+    cap = -(-total // readers)
+    largest = max(sum(lengths[g::readers]) for g in range(readers))
+    if largest > cap:
+        scored = sum(min(sum(lengths[g::readers]), cap) for g in range(readers))
+        raise DataError(f"{split_option} {split}: {len(lengths)} shards over {readers} loaders ({world_size} "
+                        f"processes x {max(workers, 1)} workers) would score only {scored} of {sum(lengths)} samples "
+                        f"(timm caps each loader at {cap}); give at least {readers} shards of equal length, fewer "
+                        f"--workers, or --val-split \"\" and kat-validate the checkpoints afterwards")
 
 
 def _check_wds_sample(shard: str, spec: DatasetSpec) -> None:

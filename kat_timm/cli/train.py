@@ -1,4 +1,5 @@
-"""``kat-train`` (also ``kat-timm train``): train or fine-tune any timm model, KAT included, on an ImageFolder.
+"""``kat-train`` (also ``kat-timm train``): train or fine-tune any timm model, KAT included, on an ImageFolder or
+any dataset timm's readers take (``--dataset hfds/...``, ``wds/...``, ``torch/...``; see :mod:`kat_timm.readers`).
 
 For people without a timm checkout: the options keep the names of timm's ``train.py`` (``--batch-size``, ``--opt``,
 ``--mixup``, ``--model-ema`` ...) and ``-c/--config FILE.yaml`` works as it does there (the YAML keys are option
@@ -285,6 +286,11 @@ without images and class sets that differ between the splits are errors. An imag
 skipped with a warning naming it (once per file and loader process) and another sample takes its place; in the
 evaluation it is left out. A class folder in which no image decodes is an error.
 
+Other data (timm's readers, timm's option names): --dataset hfds/NAME|FOLDER (Hugging Face datasets),
+--dataset wds/NAME --data-dir SHARDS --train-split 'train-{0000..0127}.tar' --train-num-samples N --num-classes C
+(WebDataset), --dataset torch/NAME [--dataset-download]. A missing dataset, split, shard, key or sample count is
+an error before training starts.
+
 Output (OUTPUT/EXPERIMENT/): args.yaml (reusable with -c), summary.csv (one row per epoch), last.pth.tar,
 checkpoint-EPOCH.pth.tar (the --checkpoint-hist best by --eval-metric), model_best.pth.tar. Every file is written
 to a temporary file and renamed, so a crash, kill or full disk never leaves a partial one. Epochs are numbered from
@@ -298,8 +304,9 @@ torchrun); --batch-size is per process.
 def build_parser(prog: str = "kat-train") -> argparse.ArgumentParser:
     """The argument parser of ``kat-train`` (without ``-c/--config``, which ``parse_args`` handles first)."""
     parser = argparse.ArgumentParser(
-        prog=prog, usage=f"{prog} [-c FILE.yaml] --data-dir DIR [--model NAME] [OPTIONS]",
-        description="Train or fine-tune any timm model, KAT included, on an ImageFolder. Options keep the names of "
+        prog=prog, usage=f"{prog} [-c FILE.yaml] --data-dir DIR [--dataset NAME] [--model NAME] [OPTIONS]",
+        description="Train or fine-tune any timm model, KAT included, on an ImageFolder or another dataset timm "
+                    "reads (--dataset). Options keep the names of "
                     "timm's train.py; -c FILE.yaml sets their defaults as it does there.", epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", default="", metavar="FILE.yaml",
@@ -853,7 +860,7 @@ def _check_data(args: argparse.Namespace) -> _Data:
 def _open_reader_datasets(args: argparse.Namespace) -> _Data:
     """--dataset hfds/..., wds/..., torch/...: timm's readers, checked by kat_timm.readers."""
     from kat_timm.data import DataError
-    from kat_timm.readers import DatasetSpec, dataset_class_names, open_dataset
+    from kat_timm.readers import DatasetSpec, check_distributed_evaluation, dataset_class_names, open_dataset
 
     spec = DatasetSpec(name=args.dataset, root=args.data_dir, download=args.dataset_download,
                        input_img_mode=args.input_img_mode or "RGB", input_key=args.input_key,
@@ -865,6 +872,7 @@ def _open_reader_datasets(args: argparse.Namespace) -> _Data:
         if args.val_split:
             val = open_dataset(spec, args.val_split, is_training=False, num_samples=args.val_num_samples,
                                split_option="--val-split", samples_option="--val-num-samples")
+            check_distributed_evaluation(spec, args.val_split, args.world_size, args.workers, args.val_num_samples)
     except DataError as error:
         raise CLIError(str(error), code=2) from error
     classes = dataset_class_names(train)

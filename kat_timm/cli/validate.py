@@ -1,4 +1,5 @@
-"""``kat-validate`` (also ``kat-timm validate``): top-1, top-5 and loss of a model on an ImageFolder split.
+"""``kat-validate`` (also ``kat-timm validate``): top-1, top-5 and loss of a model on an ImageFolder split, or on a
+split of any dataset timm's readers take (``--dataset hfds/...``, ``wds/...``; see :mod:`kat_timm.readers`).
 
 The images are prepared as the model's pretrained_cfg says (timm's ``resolve_data_config`` and
 ``create_transform``: resize, centre crop ``crop_pct``, interpolation, mean and std), or, for a training checkpoint

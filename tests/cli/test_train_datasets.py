@@ -287,3 +287,17 @@ def _kill_after_first_checkpoint(args: list, tmp_path: Path, run_dir: Path) -> i
     assert process.returncode == -signal.SIGKILL, "kat-train finished before it could be killed"
     with torch.serialization.safe_globals([argparse.Namespace]):
         return torch.load(run_dir / "last.pth.tar", map_location="cpu", weights_only=True)["epoch"]
+
+
+def test_distributed_evaluation_that_timm_would_cut_short_is_refused(tmp_path):
+    """2 validation shards of 2 samples: 2 processes x 2 workers are 4 loaders capped at 1 sample each, so half the
+    split would go unscored; with 2 loaders (no workers) every sample is read."""
+    from kat_timm.data import DataError
+    from kat_timm.readers import DatasetSpec, check_distributed_evaluation
+
+    make_wds_shards(tmp_path, "val", labels_per_shard=[0, 1], per_shard=2)
+    spec = DatasetSpec("wds/toy", root=str(tmp_path))
+    with pytest.raises(DataError, match=r"would score only 2 of 4 samples \(timm caps each loader at 1\)"):
+        check_distributed_evaluation(spec, "val-{0000..0001}.tar", world_size=2, workers=2, num_samples=None)
+    check_distributed_evaluation(spec, "val-{0000..0001}.tar", world_size=2, workers=0, num_samples=None)
+    check_distributed_evaluation(spec, "val-{0000..0001}.tar", world_size=1, workers=8, num_samples=None)
