@@ -140,10 +140,23 @@ def test_released_format_and_uploaded_folder_from_the_hub_cache(offline_hub, kat
     released = AutoModelForImageClassification.from_pretrained(f"adamdad/{TINY}")
     assert released.config.id2label[1].startswith("goldfish"), "ImageNet-1k label names of a 1000-class repo"
 
+    from PIL import Image
+    from transformers import AutoImageProcessor, pipeline
 
-def test_fine_tuning_through_the_wrapper_trains_the_rationals(converted, single_thread):
+    image = Image.open(IMAGE).convert("RGB")
+    reference = timm.create_model(f"hf-hub:adamdad/{TINY}", pretrained=True).eval()
+    transform = timm.data.create_transform(**timm.data.resolve_model_data_config(reference), is_training=False)
+    pixels = AutoImageProcessor.from_pretrained(f"adamdad/{TINY}")(image, return_tensors="pt")["pixel_values"]
+    assert torch.allclose(pixels, transform(image).unsqueeze(0), atol=1e-6)
+    with torch.no_grad():
+        best = int(reference(pixels).argmax())
+    top = pipeline("image-classification", model=f"adamdad/{TINY}")(image, top_k=1)[0]
+    assert top["label"] == released.config.id2label[best], (top, best)
+
+
+def test_fine_tuning_through_the_wrapper_trains_the_rationals(converted, tmp_path, single_thread):
     """A new 3-class head (another size than the folder's) and a few AdamW steps: every rational coefficient
-    gets a gradient and moves."""
+    gets a gradient and moves; the fine-tuned model saved by transformers loads back in timm and transformers."""
     from transformers import AutoModelForImageClassification
 
     model = AutoModelForImageClassification.from_pretrained(converted, num_labels=3, ignore_mismatched_sizes=True)
@@ -166,6 +179,16 @@ def test_fine_tuning_through_the_wrapper_trains_the_rationals(converted, single_
     moved = [n for n, p in model.named_parameters() if n in before and not torch.equal(p.detach(), before[n])]
     assert sorted(moved) == sorted(before), f"rationals that did not change: {sorted(set(before) - set(moved))}"
     assert all(torch.isfinite(torch.tensor(losses))), losses
+
+    model.eval().save_pretrained(tmp_path / "fine_tuned")
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = model(pixel_values=images).logits
+        in_timm = timm.create_model(f"local-dir:{tmp_path / 'fine_tuned'}", pretrained=True).eval()(images)
+        again = AutoModelForImageClassification.from_pretrained(tmp_path / "fine_tuned").eval()
+        reloaded = again(pixel_values=images).logits
+    assert in_timm.shape == (2, 3) and _relative(in_timm, expected) <= 1e-5, "transformers' folder in timm"
+    assert _relative(reloaded, expected) <= 1e-5, "transformers' folder in transformers"
 
 
 def test_without_import_kat_timm_transformers_asks_for_a_timm_upgrade(converted):
