@@ -301,3 +301,22 @@ def test_distributed_evaluation_that_timm_would_cut_short_is_refused(tmp_path):
         check_distributed_evaluation(spec, "val-{0000..0001}.tar", world_size=2, workers=2, num_samples=None)
     check_distributed_evaluation(spec, "val-{0000..0001}.tar", world_size=2, workers=0, num_samples=None)
     check_distributed_evaluation(spec, "val-{0000..0001}.tar", world_size=1, workers=8, num_samples=None)
+
+
+def test_hfds_torchrun_two_processes(hf_folder, tmp_path):
+    """gloo, 2 processes on a save_to_disk folder: timm's distributed sampler gives each half of the 32 images, and
+    the averaged loss and the evaluation over all 16 validation images agree on both ranks."""
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    completed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+         str(tmp_path), "--dataset", f"hfds/{hf_folder}", *common(tmp_path / "out", "--epochs", "1",
+                                                                   "--batch-size", "4")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert "world size 2 processes (gloo)" in completed.stdout
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [len(rank["labels"]) for rank in ranks] == [16, 16]
+    assert ranks[0]["loss"] == ranks[1]["loss"] and ranks[0]["top1"] == ranks[1]["top1"], ranks
+    assert (tmp_path / "out" / "run" / "last.pth.tar").is_file()
