@@ -320,3 +320,20 @@ def test_hfds_torchrun_two_processes(hf_folder, tmp_path):
     assert [len(rank["labels"]) for rank in ranks] == [16, 16]
     assert ranks[0]["loss"] == ranks[1]["loss"] and ranks[0]["top1"] == ranks[1]["top1"], ranks
     assert (tmp_path / "out" / "run" / "last.pth.tar").is_file()
+
+
+def test_wds_splits_named_in_info_json(shards, tmp_path, capsys):
+    """An _info.json listing each split's shards and lengths (timm's format): the default split names work and the
+    sample counts need no option."""
+    info = {"name": "toy", "splits": {
+        name: {"name": name, "num_samples": 4 * per, "filenames": [f"{name}-{i:04d}.tar" for i in range(4)],
+               "shard_lengths": [per] * 4} for name, per in (("train", 8), ("validation", 2))}}
+    (shards / "_info.json").write_text(json.dumps(info))
+    argv = ["--dataset", "wds/toy", "--data-dir", str(shards), "--num-classes", "4",
+            *common(tmp_path / "out", "--epochs", "1")]
+    result = train(parse_args(argv))
+    assert len(result.history) == 1
+    assert "wds/toy train: 32 images; wds/toy validation: 8 images" in capsys.readouterr().out
+    argv[argv.index("--num-classes"):argv.index("--num-classes")] = ["--train-split", "training"]
+    err = one_line_error(capsys, argv)
+    assert "--train-split training: not a WebDataset split" in err and "lists train, validation" in err, err
