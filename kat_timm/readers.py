@@ -24,13 +24,11 @@ from typing import Any, Dict, List, Optional
 
 from .data import DataError
 
-__all__ = ["DatasetSpec", "READER_PREFIXES", "STREAM_PREFIXES", "check_distributed_evaluation",
+__all__ = ["DatasetSpec", "READER_PREFIXES", "check_distributed_evaluation",
            "dataset_class_names", "dataset_prefix", "is_folder_dataset", "open_dataset"]
 
 # The --dataset prefixes timm's create_dataset reads with a reader of its own (anything else is a folder or tar).
 READER_PREFIXES = ("torch", "hfds", "hfids", "tfds", "wds")
-# The readers that stream (IterableDataset): no random access, each process and worker reads its own shards.
-STREAM_PREFIXES = ("hfids", "tfds", "wds")
 # Image keys timm's WebDataset reader tries by default, in order.
 WDS_IMAGE_KEYS = "jpg;png;webp"
 
@@ -159,7 +157,8 @@ def _check_hfds(spec: DatasetSpec, split: str, split_option: str) -> None:
         # Memory-mapped and cached: timm's reader opens the same files again at no real cost.
         columns = list(datasets.load_dataset(_hfds_path(spec), split=split, cache_dir=spec.root).column_names)
     except ImportError:
-        raise DataError(f"--dataset {spec.name} needs Hugging Face datasets: pip install datasets") from None
+        raise DataError(f"--dataset {spec.name} needs Hugging Face datasets: pip install datasets (or "
+                        f"kat-timm[data])") from None
     except Exception as error:
         raise DataError(_explain(spec, split, split_option, error)) from None
     input_key = spec.input_key or "image"
@@ -229,6 +228,10 @@ def _wds_info(root: str) -> dict:
 
 def _check_wds(spec: DatasetSpec, split: str, is_training: bool, num_samples: Optional[int], split_option: str,
                samples_option: str) -> List[str]:
+    try:
+        import webdataset  # noqa: F401  (timm's reader needs it; without it timm fails later, less clearly)
+    except ImportError:
+        raise DataError(f"--dataset {spec.name} needs webdataset: pip install webdataset (or kat-timm[data])") from None
     if not spec.root:
         raise DataError(f"--dataset {spec.name}: give the folder of the shards with --data-dir DIR")
     if not os.path.isdir(spec.root):
