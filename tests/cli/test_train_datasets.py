@@ -142,12 +142,15 @@ def test_hfds_missing_dataset_is_one_line(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_wds_shards_train_and_validate(shards, tmp_path, capsys):
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_wds_shards_train_and_validate(shards, tmp_path, capsys, workers):
+    """In one process, with or without loader workers (2 workers split the 4 shards between them)."""
     out = tmp_path / "out"
-    result = train(parse_args(wds_args(shards, out, "--epochs", "1")))
+    result = train(parse_args(wds_args(shards, out, "--epochs", "1", "--workers", workers)))
     assert len(result.history) == 1
     printed = capsys.readouterr().out
     assert f"wds/toy {TRAIN_SHARDS}: 32 images; wds/toy {VAL_SHARDS}: 8 images" in printed, printed
+    assert "4 steps per epoch" in printed, printed
     report = validate_json(capsys, ["--dataset", "wds/toy", "--data-dir", str(shards), "--split", VAL_SHARDS,
                                     "--model", "kat_tiny", "--checkpoint", str(out / "run" / "last.pth.tar"),
                                     "--workers", "0", "--device", "cpu"])
