@@ -29,6 +29,7 @@ from timm.utils import CheckpointSaver
 
 from . import CLIError, run_main
 from .common import check_backend_setting, check_preprocessing, check_writable_folder, checkpoint_training_args
+from .validate import folder_dataset_hint
 from .validate import KeywordArguments
 
 __all__ = ["AtomicCheckpointSaver", "TrainResult", "build_parser", "main", "parse_args", "train"]
@@ -747,9 +748,6 @@ def _check_arguments(args: argparse.Namespace) -> None:
     if not args.data_dir and (is_folder_dataset(args.dataset) or dataset_prefix(args.dataset) == "wds"):
         raise CLIError("give the dataset folder: --data-dir DIR (layout DIR/train/CLASS/*.png and "
                        "DIR/validation/CLASS/*.png; for --dataset wds/NAME the folder of the shards)", code=2)
-    if args.dataset and "/" not in args.dataset:
-        raise CLIError(f"--dataset {args.dataset}: give a reader prefix, e.g. hfds/{args.dataset}, "
-                       f"wds/{args.dataset} or torch/{args.dataset}; leave --dataset out for an ImageFolder", code=2)
     for name in ("train_num_samples", "val_num_samples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}", code=2)
@@ -852,7 +850,7 @@ def _check_data(args: argparse.Namespace) -> _Data:
             if split is not None:
                 check_readable_classes(split)
     except DataError as error:
-        raise CLIError(str(error)) from error
+        raise CLIError(str(error) + folder_dataset_hint(args.dataset)) from error
     return _Data(ImageFolderDataset(train_split), ImageFolderDataset(val_split) if val_split else None,
                  list(train_split.classes), str(train_split.root), str(val_split.root) if val_split else "")
 

@@ -287,9 +287,6 @@ def _validate(args: argparse.Namespace) -> int:
 
     data_dir = args.data_dir or args.data
     folder = is_folder_dataset(args.dataset)
-    if args.dataset and "/" not in args.dataset:
-        raise CLIError(f"--dataset {args.dataset}: give a reader prefix, e.g. hfds/{args.dataset}, "
-                       f"wds/{args.dataset} or torch/{args.dataset}; leave --dataset out for an ImageFolder", code=2)
     if not data_dir and (folder or dataset_prefix(args.dataset) == "wds"):
         raise CLIError("give the dataset folder: --data-dir DIR (layout DIR/validation/CLASS/*.png; for --dataset "
                        "wds/NAME the folder of the shards)", code=2)
@@ -360,8 +357,17 @@ def _open_folder_dataset(args: argparse.Namespace, data_dir: str, trained: Dict[
                 split = _trained_classes(split, list(trained["class_names"]), args.checkpoint)
         check_readable_classes(split)
     except DataError as error:
-        raise CLIError(str(error)) from error
+        raise CLIError(str(error) + folder_dataset_hint(args.dataset)) from error
     return ImageFolderDataset(split), list(split.classes), str(split.root)
+
+
+def folder_dataset_hint(dataset: str) -> str:
+    """For an ImageFolder error when ``--dataset NAME`` was given without a reader prefix (timm then reads an
+    ImageFolder too): a note that says so and names the prefixes, else ""."""
+    if not dataset:
+        return ""
+    return (f" (--dataset {dataset} has no reader prefix, so it is read as an ImageFolder, as in timm; "
+            f"hfds/{dataset}, wds/{dataset} or torch/{dataset} pick another reader)")
 
 
 def _report(args: argparse.Namespace, model, data_config: Dict[str, Any], metrics: Dict[str, float],

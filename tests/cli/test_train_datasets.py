@@ -195,9 +195,16 @@ def test_wds_sample_without_a_label_is_one_line(tmp_path, capsys):
     assert "has no .cls label" in err and "--target-key FIELD" in err, err
 
 
-def test_dataset_without_a_reader_prefix(tmp_path, capsys):
-    err = one_line_error(capsys, ["--dataset", "imagenet", "--data-dir", str(tmp_path), *common(tmp_path / "o")])
-    assert "--dataset imagenet: give a reader prefix, e.g. hfds/imagenet" in err, err
+def test_dataset_without_a_reader_prefix_is_an_image_folder_as_in_timm(tmp_path, capsys):
+    from tests.test_data import make_image_folder
+
+    argv = ["--dataset", "imagenet", "--data-dir", str(tmp_path / "folder"), *common(tmp_path / "o")]
+    assert train_module.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no reader prefix, so it is read as an ImageFolder" in err, err
+    assert "hfds/imagenet, wds/imagenet or torch/imagenet" in err, err
+    make_image_folder(tmp_path / "folder", splits=(("train", 8), ("validation", 2)))
+    assert len(train(parse_args(argv + ["--epochs", "1"])).history) == 1
 
 
 def test_wds_resume_after_sigkill(shards, tmp_path):
