@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional
 
 from .data import DataError
 
-__all__ = ["DatasetSpec", "READER_PREFIXES", "check_distributed_evaluation",
+__all__ = ["DatasetSpec", "READER_PREFIXES", "check_distributed_evaluation", "check_training_shards",
            "dataset_class_names", "dataset_prefix", "is_folder_dataset", "open_dataset"]
 
 # The --dataset prefixes timm's create_dataset reads with a reader of its own (anything else is a folder or tar).
@@ -282,6 +282,38 @@ def _shard_lengths(shards: List[str]) -> Optional[List[int]]:
     return counts
 
 
+def _processes(world_size: int) -> str:
+    return f"{world_size} process" + ("es" if world_size != 1 else "")
+
+
+def check_training_shards(spec: DatasetSpec, split: str, world_size: int, workers: int,
+                          split_option: str = "--train-split") -> None:
+    """Refuse a WebDataset training split with fewer shards than loaders.
+
+    timm's reader hands whole shards to the ``world_size x max(workers, 1)`` loaders and caps each at its share of
+    the samples, so a loader without a shard reads nothing while the others stop at their cap: every epoch would
+    silently see only part of the data.
+
+    Args:
+        spec: the run's dataset options (a ``wds/`` dataset; anything else is not checked).
+        split: the training split.
+        world_size: processes of the run.
+        workers: loader workers per process.
+        split_option: the option that gave ``split``, named in the error.
+
+    Raises:
+        DataError: there are fewer shards than loaders.
+    """
+    if dataset_prefix(spec.name) != "wds":
+        return
+    shards = len(_wds_shards(spec, split, split_option))
+    readers = world_size * max(workers, 1)
+    if shards < readers:
+        raise DataError(f"{split_option} {split}: {shards} shards for {readers} loaders ({_processes(world_size)} x "
+                        f"{max(workers, 1)} workers): a loader without a shard reads nothing and each epoch would "
+                        f"see only part of the data; cut the data into at least {readers} shards or lower --workers")
+
+
 def check_distributed_evaluation(spec: DatasetSpec, split: str, world_size: int, workers: int,
                                  num_samples: Optional[int], split_option: str = "--val-split") -> None:
     """Refuse a WebDataset evaluation split that torchrun would score only in part.
@@ -312,8 +344,8 @@ def check_distributed_evaluation(spec: DatasetSpec, split: str, world_size: int,
     largest = max(sum(lengths[g::readers]) for g in range(readers))
     if largest > cap:
         scored = sum(min(sum(lengths[g::readers]), cap) for g in range(readers))
-        raise DataError(f"{split_option} {split}: {len(lengths)} shards over {readers} loaders ({world_size} "
-                        f"processes x {max(workers, 1)} workers) would score only {scored} of {sum(lengths)} samples "
+        raise DataError(f"{split_option} {split}: {len(lengths)} shards over {readers} loaders "
+                        f"({_processes(world_size)} x {max(workers, 1)} workers) would score only {scored} of {sum(lengths)} samples "
                         f"(timm caps each loader at {cap}); give at least {readers} shards of equal length, fewer "
                         f"--workers, or --val-split \"\" and kat-validate the checkpoints afterwards")
 

@@ -858,7 +858,8 @@ def _check_data(args: argparse.Namespace) -> _Data:
 def _open_reader_datasets(args: argparse.Namespace) -> _Data:
     """--dataset hfds/..., wds/..., torch/...: timm's readers, checked by kat_timm.readers."""
     from kat_timm.data import DataError
-    from kat_timm.readers import DatasetSpec, check_distributed_evaluation, dataset_class_names, open_dataset
+    from kat_timm.readers import (DatasetSpec, check_distributed_evaluation, check_training_shards,
+                                  dataset_class_names, open_dataset)
 
     spec = DatasetSpec(name=args.dataset, root=args.data_dir, download=args.dataset_download,
                        input_img_mode=args.input_img_mode or "RGB", input_key=args.input_key,
@@ -866,6 +867,7 @@ def _open_reader_datasets(args: argparse.Namespace) -> _Data:
                        batch_size=args.batch_size)
     try:
         train = open_dataset(spec, args.train_split, is_training=True, num_samples=args.train_num_samples)
+        check_training_shards(spec, args.train_split, args.world_size, args.workers)
         val = None
         if args.val_split:
             val = open_dataset(spec, args.val_split, is_training=False, num_samples=args.val_num_samples,

@@ -173,6 +173,7 @@ def test_wds_labels_from_the_json_sidecar(shards, tmp_path, capsys):
     (("--input-key", "jpg"), "--input-key jpg: sample train_0000_0000 of"),
     (("--num-classes", None), "--dataset wds/toy: the data does not name its classes"),
     (("--data-dir", "MISSING"), "(the WebDataset shards of --dataset wds/toy)"),
+    (("--workers", "8"), "4 shards for 8 loaders (1 process x 8 workers)"),
 ])
 def test_wds_bad_arguments_are_one_line(shards, tmp_path, capsys, change, expected):
     argv = wds_args(shards, tmp_path / "out")
