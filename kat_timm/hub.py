@@ -5,7 +5,8 @@ The released KAT weights (``adamdad/kat_{tiny,small,base}_patch16_224[.vitft]``)
 DeiT-style scripts wrap the state dict (``state_dict`` / ``model``, optionally with ``state_dict_ema`` /
 ``model_ema``) and may carry a DDP ``module.`` or ``torch.compile`` ``_orig_mod.`` key prefix. This module turns any
 of those into a Hub-ready folder written by timm's own ``save_for_hf`` (``config.json`` + ``model.safetensors``
-[+ ``pytorch_model.bin``]) plus a ``README.md`` model card; ``scripts/convert_checkpoint.py`` is its CLI.
+[+ ``pytorch_model.bin``]) plus a ``README.md`` model card; ``scripts/convert_checkpoint.py`` is its CLI. The
+``config.json`` is made loadable by transformers' timm wrapper too (``hub_config``).
 
 Loading never runs arbitrary pickled code: ``.safetensors`` files are read with safetensors, everything else with
 ``torch.load(weights_only=True)`` (tensors, containers and primitive types; ``argparse.Namespace`` is allowed too, as
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import json
 import pickle
 import re
 from collections.abc import Mapping
@@ -30,10 +32,13 @@ __all__ = [
     "ConversionResult",
     "check_kat_state_dict",
     "convert_checkpoint",
+    "fix_hub_folder",
+    "hub_config",
     "infer_architecture",
     "kat_num_params",
     "load_checkpoint",
     "model_card",
+    "save_hub_folder",
     "unwrap_state_dict",
 ]
 
@@ -47,6 +52,9 @@ MODEL_KEYS = ("state_dict", "model")
 KEY_PREFIXES = ("module.", "_orig_mod.")
 # Files written into a converted folder (removed first when overwriting with force=True).
 OUTPUT_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", "README.md")
+# Arguments transformers' TimmWrapper passes to timm.create_model itself (num_classes from the config's root
+# ``num_classes``): the same key in ``model_args`` makes it fail with "got multiple values for keyword argument".
+WRAPPER_OWN_ARGS = ("num_classes", "pretrained")
 
 _RATIONAL_KEY = re.compile(r"^blocks\.(\d+)\.mlp\.act[12]\.weight_(numerator|denominator)$")
 _SIZE_OF_NAME = re.compile(r"^kat_(tiny|small|base)(?:_|$)")
@@ -333,6 +341,16 @@ def model_card(
         "top5 = logits.softmax(-1).topk(5)\n"
         "```\n"
     )
+    hf_repo = repo_id or "OWNER/REPO"
+    usage_transformers = (
+        "```python\n"
+        "import kat_timm  # first: transformers builds the model through timm, which must know KAT\n"
+        "from transformers import pipeline\n"
+        "\n"
+        f'classifier = pipeline("image-classification", model="{hf_repo}")\n'
+        'print(classifier("image.jpg"))\n'
+        "```\n"
+    )
     citation = (
         "```bibtex\n"
         "@article{yang2024kat,\n"
@@ -378,6 +396,12 @@ def model_card(
             "Needs `pip install kat-timm` (it provides the model code; timm alone does not know KAT):",
             "",
             usage,
+            "With Hugging Face transformers (`pip install kat-timm[hf]`), through its timm wrapper:",
+            "",
+            usage_transformers,
+            "Without `import kat_timm`, transformers reports that the architecture is not supported by the installed "
+            "timm: upgrading timm does not help, importing kat_timm does.",
+            "",
             "## Citation",
             "",
             citation,
@@ -388,6 +412,85 @@ def model_card(
 # ---------------------------------------------------------------------------------------------------------------------
 # Conversion
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+def hub_config(config: Mapping[str, Any]) -> Dict[str, Any]:
+    """A timm ``config.json`` dict that loads in timm and in transformers' ``TimmWrapper`` alike.
+
+    timm's ``save_for_hf`` records the head width twice: at the root (``num_classes``, which timm and transformers
+    both read) and inside ``model_args``. ``TimmWrapper`` passes ``num_classes`` to ``timm.create_model`` itself
+    and then spreads ``model_args``, so the second copy makes every such folder fail there ("got multiple values
+    for keyword argument 'num_classes'"). This returns a copy without the wrapper's own arguments in
+    ``model_args`` (the root ``num_classes`` is kept, or filled from ``model_args`` when it was missing). timm builds
+    the same model from it: its factory takes ``num_classes`` from the root when ``model_args`` lacks it.
+
+    Args:
+        config: the parsed ``config.json`` (timm format: ``architecture``, ``pretrained_cfg``, optional
+            ``model_args``).
+
+    Returns:
+        The fixed copy; ``config`` itself is not modified.
+    """
+    fixed = dict(config)
+    model_args = dict(fixed.get("model_args") or {})
+    if "num_classes" in model_args:
+        fixed.setdefault("num_classes", model_args["num_classes"])
+    for key in WRAPPER_OWN_ARGS:
+        model_args.pop(key, None)
+    if model_args:
+        fixed["model_args"] = model_args
+    else:
+        fixed.pop("model_args", None)
+    return fixed
+
+
+def save_hub_folder(
+    model: torch.nn.Module, output_dir: PathLike, safe_serialization: Union[bool, str] = "both"
+) -> None:
+    """Write ``model`` as a Hub folder (``config.json`` + weights) that timm and transformers both load.
+
+    timm's ``save_for_hf`` writes the folder; its ``config.json`` is then rewritten through ``hub_config``. The
+    folder loads with ``timm.create_model("local-dir:DIR", pretrained=True)``, ``hf-hub:OWNER/REPO`` once
+    uploaded, and ``transformers.AutoModelForImageClassification.from_pretrained(DIR)`` (``import kat_timm``
+    first, in both libraries).
+
+    Args:
+        model: a timm model built by ``timm.create_model`` (it carries the pretrained cfg and model args).
+        output_dir: folder to write into (created when absent).
+        safe_serialization: ``"both"`` (model.safetensors + pytorch_model.bin) or True (model.safetensors only).
+    """
+    from timm.models import save_for_hf
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_for_hf(model, str(output_dir), safe_serialization=safe_serialization)
+    fix_hub_folder(output_dir)
+
+
+def fix_hub_folder(folder: PathLike) -> bool:
+    """Rewrite ``folder/config.json`` through ``hub_config`` (a folder written by timm's ``save_for_hf`` then loads
+    in transformers too); the file is replaced atomically.
+
+    Args:
+        folder: a timm Hub folder (holding ``config.json``).
+
+    Returns:
+        Whether the file changed (False: it already loaded in transformers).
+
+    Raises:
+        FileNotFoundError: ``folder`` has no ``config.json``.
+    """
+    config_path = Path(folder) / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no config.json in {folder}: not a timm Hub folder")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    fixed = hub_config(config)
+    if fixed == config:
+        return False
+    partial = config_path.with_name(config_path.name + ".partial")
+    partial.write_text(json.dumps(fixed, indent=2) + "\n", encoding="utf-8")
+    partial.replace(config_path)
+    return True
 
 
 @dataclasses.dataclass
@@ -456,7 +559,7 @@ def convert_checkpoint(
     of another width gives a model with that many classes (0 when the checkpoint has no head).
     """
     import timm
-    from timm.models import get_pretrained_cfg, save_for_hf, split_model_name_tag
+    from timm.models import get_pretrained_cfg, split_model_name_tag
 
     if safe_serialization not in ("both", True):
         raise CheckpointError(f"safe_serialization must be 'both' or True, not {safe_serialization!r}")
@@ -500,7 +603,7 @@ def convert_checkpoint(
     model.eval()
 
     _prepare_output_dir(output_dir, force)
-    save_for_hf(model, str(output_dir), safe_serialization=safe_serialization)
+    save_hub_folder(model, output_dir, safe_serialization=safe_serialization)
     num_params = sum(p.numel() for p in model.parameters())
     what = f"`{source_key}` of " if source_key else ""
     source = f"{what}`{checkpoint_path.name}` (sha256 `{_sha256(checkpoint_path)[:16]}...`)"

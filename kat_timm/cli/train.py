@@ -1,4 +1,5 @@
-"""``kat-train`` (also ``kat-timm train``): train or fine-tune any timm model, KAT included, on an ImageFolder.
+"""``kat-train`` (also ``kat-timm train``): train or fine-tune any timm model, KAT included, on an ImageFolder or
+any dataset timm's readers take (``--dataset hfds/...``, ``wds/...``, ``torch/...``; see :mod:`kat_timm.readers`).
 
 For people without a timm checkout: the options keep the names of timm's ``train.py`` (``--batch-size``, ``--opt``,
 ``--mixup``, ``--model-ema`` ...) and ``-c/--config FILE.yaml`` works as it does there (the YAML keys are option
@@ -28,6 +29,7 @@ from timm.utils import CheckpointSaver
 
 from . import CLIError, run_main
 from .common import check_backend_setting, check_preprocessing, check_writable_folder, checkpoint_training_args
+from .validate import folder_dataset_hint
 from .validate import KeywordArguments
 
 __all__ = ["AtomicCheckpointSaver", "TrainResult", "build_parser", "main", "parse_args", "train"]
@@ -45,7 +47,7 @@ _FRACTIONS = (("smoothing", 0.0, 1.0, False), ("drop", 0.0, 1.0, False), ("drop_
 
 # Options of timm's train.py that kat-train does not offer; a config naming one gets an error that says so.
 TIMM_ONLY_OPTIONS = frozenset({
-    "dataset", "dataset_download", "epoch_repeats", "in_chans", "drop_connect", "drop_block", "bn_momentum",
+    "epoch_repeats", "in_chans", "drop_connect", "drop_block", "bn_momentum",
     "bn_eps", "split_bn", "aug_splits", "jsd_loss", "resplit", "torchscript", "fuser", "fast_norm", "amp_impl",
     "apex_amp", "native_amp", "no_ddp_bb", "synchronize_step", "no_prefetcher", "prefetcher", "save_images",
     "tta", "log_wandb", "model_ema_force_cpu", "head_init_scale", "head_init_bias", "dist_url",
@@ -57,14 +59,32 @@ TIMM_ONLY_OPTIONS = frozenset({
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", nargs="?", metavar="DIR", default=None,
                         help="the dataset folder (timm's older positional form of --data-dir)")
-    group = parser.add_argument_group("data (an ImageFolder: DATA_DIR/SPLIT/CLASS/IMAGE.png|jpg|jpeg)")
+    group = parser.add_argument_group("data (an ImageFolder DATA_DIR/SPLIT/CLASS/IMAGE.png|jpg|jpeg, or --dataset)")
     group.add_argument("--data-dir", metavar="DIR", default=None,
-                       help="dataset root holding the --train-split and --val-split folders")
+                       help="dataset root holding the --train-split and --val-split folders (wds/: the shard "
+                            "folder; hfds/, torch/: the cache or download folder)")
+    group.add_argument("--dataset", metavar="NAME", default="",
+                       help="timm's dataset reader: '' (default: an ImageFolder), hfds/NAME or hfds/FOLDER "
+                            "(Hugging Face datasets), wds/NAME (WebDataset shards in --data-dir), torch/NAME "
+                            "(torchvision), hfids/NAME, tfds/NAME")
+    group.add_argument("--dataset-download", action="store_true",
+                       help="download the dataset if absent (torch/, hfids/, tfds/)")
     group.add_argument("--train-split", metavar="NAME", default="train",
-                       help="training split folder (default: train; 'training' is also found)")
+                       help="training split: a folder (default: train; 'training' is also found), a split name, or "
+                            "for wds/ a shard pattern such as 'train-{0000..0127}.tar'")
     group.add_argument("--val-split", metavar="NAME", default="validation",
                        help="validation split folder (default: validation; also found as val, valid, eval, "
-                            "evaluation). An empty string skips evaluation.")
+                            "evaluation) or name or shard pattern. An empty string skips evaluation.")
+    group.add_argument("--train-num-samples", type=int, default=None, metavar="N",
+                       help="samples in the training split, for streamed readers (wds/ without _info.json)")
+    group.add_argument("--val-num-samples", type=int, default=None, metavar="N",
+                       help="samples in the validation split, for streamed readers")
+    group.add_argument("--input-img-mode", default=None, metavar="MODE",
+                       help="PIL image mode the images are converted to (default: RGB)")
+    group.add_argument("--input-key", default=None, metavar="KEY",
+                       help="image column (hfds/, default image) or sample member (wds/, default jpg;png;webp)")
+    group.add_argument("--target-key", default=None, metavar="KEY",
+                       help="label column (hfds/, default label) or .json field (wds/, default: the .cls member)")
     group.add_argument("--class-map", metavar="FILE", default="",
                        help="text file of class folder names, one per line, in label order (default: the sorted "
                             "folder names)")
@@ -267,6 +287,11 @@ without images and class sets that differ between the splits are errors. An imag
 skipped with a warning naming it (once per file and loader process) and another sample takes its place; in the
 evaluation it is left out. A class folder in which no image decodes is an error.
 
+Other data (timm's readers, timm's option names): --dataset hfds/NAME|FOLDER (Hugging Face datasets),
+--dataset wds/NAME --data-dir SHARDS --train-split 'train-{0000..0127}.tar' --train-num-samples N --num-classes C
+(WebDataset), --dataset torch/NAME [--dataset-download]. A missing dataset, split, shard, key or sample count is
+an error before training starts.
+
 Output (OUTPUT/EXPERIMENT/): args.yaml (reusable with -c), summary.csv (one row per epoch), last.pth.tar,
 checkpoint-EPOCH.pth.tar (the --checkpoint-hist best by --eval-metric), model_best.pth.tar. Every file is written
 to a temporary file and renamed, so a crash, kill or full disk never leaves a partial one. Epochs are numbered from
@@ -280,8 +305,9 @@ torchrun); --batch-size is per process.
 def build_parser(prog: str = "kat-train") -> argparse.ArgumentParser:
     """The argument parser of ``kat-train`` (without ``-c/--config``, which ``parse_args`` handles first)."""
     parser = argparse.ArgumentParser(
-        prog=prog, usage=f"{prog} [-c FILE.yaml] --data-dir DIR [--model NAME] [OPTIONS]",
-        description="Train or fine-tune any timm model, KAT included, on an ImageFolder. Options keep the names of "
+        prog=prog, usage=f"{prog} [-c FILE.yaml] --data-dir DIR [--dataset NAME] [--model NAME] [OPTIONS]",
+        description="Train or fine-tune any timm model, KAT included, on an ImageFolder or another dataset timm "
+                    "reads (--dataset). Options keep the names of "
                     "timm's train.py; -c FILE.yaml sets their defaults as it does there.", epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", default="", metavar="FILE.yaml",
@@ -717,9 +743,14 @@ def _init_device(args: argparse.Namespace):
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
-    if not args.data_dir:
+    from kat_timm.readers import dataset_prefix, is_folder_dataset
+
+    if not args.data_dir and (is_folder_dataset(args.dataset) or dataset_prefix(args.dataset) == "wds"):
         raise CLIError("give the dataset folder: --data-dir DIR (layout DIR/train/CLASS/*.png and "
-                       "DIR/validation/CLASS/*.png)", code=2)
+                       "DIR/validation/CLASS/*.png; for --dataset wds/NAME the folder of the shards)", code=2)
+    for name in ("train_num_samples", "val_num_samples"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}", code=2)
     for name in ("batch_size", "epochs", "grad_accum_steps", "checkpoint_hist", "log_interval"):
         if getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}", code=2)
@@ -787,11 +818,26 @@ def _check_augmentation_policy(policy: str) -> None:
                        f"original / v0 (AutoAugment)", code=2) from None
 
 
-def _check_data(args: argparse.Namespace):
-    """The checked training and validation splits; the validation labels follow the training class order."""
-    from kat_timm.data import (DataError, ImageFolderSplit, check_class_sets, check_readable_classes, check_split,
-                               load_class_names)
+@dataclass
+class _Data:
+    """The checked datasets of a run: ``classes`` in label order (None when the reader knows no names), and how
+    each split is named in messages."""
 
+    train: Any
+    val: Any
+    classes: Optional[List[str]]
+    train_name: str
+    val_name: str
+
+
+def _check_data(args: argparse.Namespace) -> _Data:
+    """The checked training and validation datasets; the validation labels follow the training class order."""
+    from kat_timm.data import (DataError, ImageFolderDataset, ImageFolderSplit, check_class_sets,
+                               check_readable_classes, check_split, load_class_names)
+    from kat_timm.readers import is_folder_dataset
+
+    if not is_folder_dataset(args.dataset):
+        return _open_reader_datasets(args)
     try:
         class_names = load_class_names(args.class_map) if args.class_map else None
         train_split = check_split(args.data_dir, args.train_split, class_names)
@@ -804,8 +850,42 @@ def _check_data(args: argparse.Namespace):
             if split is not None:
                 check_readable_classes(split)
     except DataError as error:
-        raise CLIError(str(error)) from error
-    return train_split, val_split
+        raise CLIError(str(error) + folder_dataset_hint(args.dataset)) from error
+    return _Data(ImageFolderDataset(train_split), ImageFolderDataset(val_split) if val_split else None,
+                 list(train_split.classes), str(train_split.root), str(val_split.root) if val_split else "")
+
+
+def _open_reader_datasets(args: argparse.Namespace) -> _Data:
+    """--dataset hfds/..., wds/..., torch/...: timm's readers, checked by kat_timm.readers."""
+    from kat_timm.data import DataError
+    from kat_timm.readers import (DatasetSpec, check_distributed_evaluation, check_training_shards,
+                                  dataset_class_names, open_dataset)
+
+    spec = DatasetSpec(name=args.dataset, root=args.data_dir, download=args.dataset_download,
+                       input_img_mode=args.input_img_mode or "RGB", input_key=args.input_key,
+                       target_key=args.target_key, class_map=args.class_map, seed=args.seed,
+                       batch_size=args.batch_size)
+    try:
+        train = open_dataset(spec, args.train_split, is_training=True, num_samples=args.train_num_samples)
+        check_training_shards(spec, args.train_split, args.world_size, args.workers)
+        val = None
+        if args.val_split:
+            val = open_dataset(spec, args.val_split, is_training=False, num_samples=args.val_num_samples,
+                               split_option="--val-split", samples_option="--val-num-samples")
+            check_distributed_evaluation(spec, args.val_split, args.world_size, args.workers, args.val_num_samples)
+    except DataError as error:
+        raise CLIError(str(error), code=2) from error
+    classes = dataset_class_names(train)
+    if val is not None and classes is not None:
+        val_classes = dataset_class_names(val)
+        if val_classes is not None and val_classes != classes:
+            raise CLIError(f"--dataset {args.dataset}: the splits {args.train_split} and {args.val_split} name "
+                           f"other classes ({len(classes)} and {len(val_classes)}), so their labels differ", code=2)
+    if classes is None and args.num_classes is None:
+        raise CLIError(f"--dataset {args.dataset}: the data does not name its classes, so their number is unknown; "
+                       f"give --num-classes N (or --class-map FILE with the class names in label order)", code=2)
+    name = f"{args.dataset} {args.train_split}"
+    return _Data(train, val, classes, name, f"{args.dataset} {args.val_split}" if val is not None else "")
 
 
 def _model_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
@@ -1008,21 +1088,20 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bo
     from timm.optim import create_optimizer_v2, optimizer_kwargs
     from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
-    from kat_timm.data import ImageFolderDataset
-
     from .validate import amp_autocast, create_eval_loader, default_amp_dtype, resolve_checked_data_config
 
     def say(message: str) -> None:
         if primary:
             print(message, flush=True)
 
-    train_split, val_split = _check_data(args)
-    num_classes = args.num_classes or len(train_split.classes)
-    if num_classes < len(train_split.classes):
-        raise CLIError(f"--num-classes {num_classes} is less than the {len(train_split.classes)} class folders "
-                       f"in {train_split.root}", code=2)
-    args.class_names = list(train_split.classes)  # saved in every checkpoint; kat-validate checks them
-    if args.resume:
+    data = _check_data(args)
+    known_classes = len(data.classes) if data.classes is not None else None
+    num_classes = args.num_classes or known_classes
+    if known_classes is not None and num_classes < known_classes:
+        raise CLIError(f"--num-classes {num_classes} is less than the {known_classes} classes of {data.train_name}",
+                       code=2)
+    args.class_names = data.classes  # saved in every checkpoint; kat-validate checks them
+    if args.resume and data.classes is not None:
         _check_resumed_classes(args, args.class_names)
     utils.random_seed(args.seed, args.rank)
 
@@ -1070,8 +1149,8 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bo
     if args.torchcompile:
         model = torch.compile(model, backend=args.torchcompile)
 
-    # Data: timm's loader and augmentation over our checked, corruption-tolerant ImageFolder dataset.
-    dataset_train = ImageFolderDataset(train_split)
+    # Data: timm's loader and augmentation over our checked (for folders: corruption-tolerant) datasets.
+    dataset_train = data.train
     mixing = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
     mixup_fn = None
     if mixing:
@@ -1090,12 +1169,12 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bo
         num_workers=args.workers, distributed=args.distributed, pin_memory=args.pin_mem, device=device,
         use_multi_epochs_loader=args.use_multi_epochs_loader, worker_seeding=args.worker_seeding)
     if len(loader_train) == 0:
-        raise CLIError(f"{train_split.root} has {len(dataset_train)} images: not one full batch of "
+        raise CLIError(f"{data.train_name} has {len(dataset_train)} images: not one full batch of "
                        f"{args.batch_size} per process ({args.world_size} process(es)); lower --batch-size", code=2)
     loader_eval = None
-    if val_split is not None:
+    if data.val is not None:
         loader_eval = create_eval_loader(
-            ImageFolderDataset(val_split), data_config, args.validation_batch_size or args.batch_size,
+            data.val, data_config, args.validation_batch_size or args.batch_size,
             args.workers, rank=args.rank, world_size=args.world_size, pin_memory=args.pin_mem)
 
     train_loss_fn = _loss_functions(args, mixing, device)
@@ -1151,12 +1230,14 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bo
     if args.aug_repeats and not args.distributed:
         say(f"{prog}: note: --aug-repeats {args.aug_repeats:g} applies to distributed training only; it is off in "
             f"this single-process run")
-    if num_classes > len(train_split.classes):
-        say(f"{prog}: note: --num-classes {num_classes} but the data has {len(train_split.classes)} classes; the "
-            f"extra {num_classes - len(train_split.classes)} outputs are never a target")
-    say(f"{prog}: data {train_split.root}: {len(dataset_train)} images; "
-        + (f"{val_split.root}: {len(loader_eval.dataset)} images; " if val_split else "no validation split; ")
-        + f"{len(train_split.classes)} classes, input {tuple(data_config['input_size'])}")
+    if known_classes is not None and num_classes > known_classes:
+        say(f"{prog}: note: --num-classes {num_classes} but the data has {known_classes} classes; the "
+            f"extra {num_classes - known_classes} outputs are never a target")
+    say(f"{prog}: data {data.train_name}: {len(dataset_train)} images; "
+        + (f"{data.val_name}: {len(loader_eval.dataset)} images; " if loader_eval is not None
+           else "no validation split; ")
+        + f"{num_classes if known_classes is None else known_classes} classes, "
+          f"input {tuple(data_config['input_size'])}")
     say(f"{prog}: batch {args.batch_size} per process x {args.world_size} x {args.grad_accum_steps} accumulation "
         f"= {args.batch_size * args.world_size * args.grad_accum_steps}; {updates_per_epoch} steps per epoch; "
         f"{args.opt} lr {args.lr:.3g}, {args.sched} schedule, weight decay {args.weight_decay}")
@@ -1170,6 +1251,8 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bo
     for epoch in range(start_epoch, num_epochs):
         if args.distributed and hasattr(loader_train.sampler, "set_epoch"):
             loader_train.sampler.set_epoch(epoch)
+        if hasattr(dataset_train, "set_epoch"):  # streamed readers shuffle their shards by epoch, on every rank
+            dataset_train.set_epoch(epoch)
         if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
             mixup_fn.mixup_enabled = False
         started = time.perf_counter()

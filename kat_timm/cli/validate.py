@@ -1,4 +1,5 @@
-"""``kat-validate`` (also ``kat-timm validate``): top-1, top-5 and loss of a model on an ImageFolder split.
+"""``kat-validate`` (also ``kat-timm validate``): top-1, top-5 and loss of a model on an ImageFolder split, or on a
+split of any dataset timm's readers take (``--dataset hfds/...``, ``wds/...``; see :mod:`kat_timm.readers`).
 
 The images are prepared as the model's pretrained_cfg says (timm's ``resolve_data_config`` and
 ``create_transform``: resize, centre crop ``crop_pct``, interpolation, mean and std), or, for a training checkpoint
@@ -33,7 +34,8 @@ def create_eval_loader(dataset, data_config: Dict[str, Any], batch_size: int, wo
     """A loader of ``dataset`` with timm's evaluation transform for ``data_config``.
 
     Under several processes each takes every ``world_size``-th image starting at ``rank``, so together they see
-    every image exactly once (timm's distributed evaluation pads with repeats; exact sums need no padding). Images
+    every image exactly once (timm's distributed evaluation pads with repeats; exact sums need no padding); a
+    streamed dataset (WebDataset) gives each process its own shards instead. Images
     that cannot be decoded are left out of the batches (a batch of only such images is None, which
     :func:`evaluate` skips), so they are neither scored nor counted.
     """
@@ -47,6 +49,12 @@ def create_eval_loader(dataset, data_config: Dict[str, Any], batch_size: int, wo
         data_config["input_size"], is_training=False, interpolation=data_config["interpolation"],
         mean=data_config["mean"], std=data_config["std"], crop_pct=data_config["crop_pct"],
         crop_mode=data_config.get("crop_mode"))
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        # A streamed reader (wds/, hfids/) splits its shards between processes and loader workers itself.
+        if hasattr(dataset, "set_loader_cfg"):
+            dataset.set_loader_cfg(num_workers=workers)
+        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                           pin_memory=pin_memory, persistent_workers=False, collate_fn=collate_readable)
     indices = list(range(rank, len(dataset), world_size))
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=indices, num_workers=workers, pin_memory=pin_memory,
@@ -124,9 +132,25 @@ def build_parser(prog: str = "kat-validate") -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", nargs="?", metavar="DIR", default=None, help="same as --data-dir")
     group = parser.add_argument_group("data")
-    group.add_argument("--data-dir", metavar="DIR", default=None, help="dataset root holding the split folder")
+    group.add_argument("--data-dir", metavar="DIR", default=None,
+                       help="dataset root holding the split folder (wds/: the shard folder; hfds/, torch/: the "
+                            "cache or download folder)")
+    group.add_argument("--dataset", metavar="NAME", default="",
+                       help="timm's dataset reader: '' (default: an ImageFolder), hfds/NAME or hfds/FOLDER, "
+                            "wds/NAME (WebDataset shards in --data-dir), torch/NAME, hfids/NAME, tfds/NAME")
+    group.add_argument("--dataset-download", action="store_true",
+                       help="download the dataset if absent (torch/, hfids/, tfds/)")
     group.add_argument("--split", default="validation", metavar="NAME",
-                       help="split folder (default: validation; also found as val, valid, eval, evaluation)")
+                       help="split folder (default: validation; also found as val, valid, eval, evaluation), split "
+                            "name, or for wds/ a shard pattern such as 'validation-{0000..0063}.tar'")
+    group.add_argument("--num-samples", type=int, default=None, metavar="N",
+                       help="samples in the split, for streamed readers (default: from _info.json, or counted)")
+    group.add_argument("--input-img-mode", default=None, metavar="MODE",
+                       help="PIL image mode the images are converted to (default: RGB)")
+    group.add_argument("--input-key", default=None, metavar="KEY",
+                       help="image column (hfds/, default image) or sample member (wds/, default jpg;png;webp)")
+    group.add_argument("--target-key", default=None, metavar="KEY",
+                       help="label column (hfds/, default label) or .json field (wds/, default: the .cls member)")
     group.add_argument("--class-map", default="", metavar="FILE",
                        help="text file of class folder names in label order (may list classes without a folder)")
     group.add_argument("--img-size", type=int, default=None, metavar="N",
@@ -236,12 +260,38 @@ def amp_autocast(enabled: bool, dtype_name: Optional[str], device: torch.device)
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def _open_reader_dataset(args: argparse.Namespace, data_dir: Optional[str], trained: Dict[str, Any]):
+    """--dataset hfds/..., wds/..., torch/...: (dataset, class names or None, its name in messages)."""
+    from kat_timm.data import DataError
+    from kat_timm.readers import DatasetSpec, dataset_class_names, open_dataset
+
+    spec = DatasetSpec(name=args.dataset, root=data_dir, download=args.dataset_download,
+                       input_img_mode=args.input_img_mode or "RGB", input_key=args.input_key,
+                       target_key=args.target_key, class_map=args.class_map, batch_size=args.batch_size)
+    try:
+        dataset = open_dataset(spec, args.split, is_training=False, num_samples=args.num_samples,
+                               split_option="--split", samples_option="--num-samples")
+    except DataError as error:
+        raise CLIError(str(error), code=2) from error
+    classes = dataset_class_names(dataset)
+    trained_classes = trained.get("class_names")
+    if classes is not None and trained_classes and list(trained_classes) != classes:
+        raise CLIError(f"{args.dataset} {args.split} names other classes than the checkpoint {args.checkpoint} was "
+                       f"trained on ({len(classes)} vs {len(trained_classes)}, or another order), so the labels "
+                       f"would not match")
+    return dataset, classes, f"{args.dataset} {args.split}"
+
+
 def _validate(args: argparse.Namespace) -> int:
-    from kat_timm.data import DataError, ImageFolderDataset, check_readable_classes, check_split, load_class_names
+    from kat_timm.readers import dataset_prefix, is_folder_dataset
 
     data_dir = args.data_dir or args.data
-    if not data_dir:
-        raise CLIError("give the dataset folder: --data-dir DIR (layout DIR/validation/CLASS/*.png)", code=2)
+    folder = is_folder_dataset(args.dataset)
+    if not data_dir and (folder or dataset_prefix(args.dataset) == "wds"):
+        raise CLIError("give the dataset folder: --data-dir DIR (layout DIR/validation/CLASS/*.png; for --dataset "
+                       "wds/NAME the folder of the shards)", code=2)
+    if args.num_samples is not None and args.num_samples < 1:
+        raise CLIError(f"--num-samples must be at least 1, got {args.num_samples}", code=2)
     if args.batch_size < 1 or args.workers < 0:
         raise CLIError("--batch-size must be at least 1 and --workers at least 0", code=2)
     if args.num_classes is not None and args.num_classes < 1:
@@ -255,16 +305,10 @@ def _validate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
 
     trained = checkpoint_training_args(args.checkpoint) if args.checkpoint is not None else {}
-    try:
-        if args.class_map:
-            split = check_split(data_dir, args.split, load_class_names(args.class_map), allow_missing=True)
-        else:
-            split = check_split(data_dir, args.split)
-            if trained.get("class_names"):
-                split = _trained_classes(split, list(trained["class_names"]), args.checkpoint)
-        check_readable_classes(split)
-    except DataError as error:
-        raise CLIError(str(error)) from error
+    if not folder:
+        dataset, classes, data_name = _open_reader_dataset(args, data_dir, trained)
+    else:
+        dataset, classes, data_name = _open_folder_dataset(args, data_dir, trained)
 
     # A training checkpoint (kat-train's or timm train.py's) remembers how its images were prepared; evaluating
     # with other preprocessing (size, mean/std, crop) or another pooling would load fine and score silently lower.
@@ -280,23 +324,55 @@ def _validate(args: argparse.Namespace) -> int:
     num_classes = getattr(model, "num_classes", None)
     # Labels from sorted folder names mean something only for a model with exactly that many classes; labels from
     # the checkpoint's class list or a class map may use the first outputs of a larger classifier
-    # (kat-train --num-classes above the folder count).
-    labelled = bool(args.class_map) or bool(trained.get("class_names"))
-    if num_classes is not None and (num_classes < len(split.classes)
-                                    or (num_classes != len(split.classes) and not labelled)):
-        raise CLIError(f"the model has {num_classes} classes but {split.root} has {len(split.classes)} class "
-                       f"folders; validate a checkpoint trained on these classes (--checkpoint), or give "
-                       f"--class-map with the model's {num_classes} class names in label order")
+    # (kat-train --num-classes above the folder count). A reader's own class names are its labels.
+    labelled = bool(args.class_map) or bool(trained.get("class_names")) or not folder
+    if classes is not None and num_classes is not None and (
+            num_classes < len(classes) or (num_classes != len(classes) and not labelled)):
+        what = "class folders" if folder else "classes"
+        raise CLIError(f"the model has {num_classes} classes but {data_name} has {len(classes)} {what}; validate a "
+                       f"checkpoint trained on these classes (--checkpoint), or give --class-map with the model's "
+                       f"{num_classes} class names in label order")
     model.to(device)
 
     data_config = resolve_checked_data_config(preprocessing, model)
-    dataset = ImageFolderDataset(split)
     loader = create_eval_loader(dataset, data_config, args.batch_size, args.workers,
                                 pin_memory=device.type == "cuda")
-    print(f"validating {args.model} on {split.root}: {len(dataset)} images, {len(split.classes)} classes, "
+    class_count = f"{len(classes)} classes" if classes is not None else "classes unnamed"
+    print(f"validating {args.model} on {data_name}: {len(dataset)} images, {class_count}, "
           f"input {tuple(data_config['input_size'])}, {device.type}", file=sys.stderr)
     metrics = evaluate(model, loader, device, amp_autocast(args.amp, args.amp_dtype, device))
+    return _report(args, model, data_config, metrics, len(dataset), results_file)
 
+
+def _open_folder_dataset(args: argparse.Namespace, data_dir: str, trained: Dict[str, Any]):
+    """An ImageFolder split, checked (kat_timm.data): (dataset, class names, its folder in messages)."""
+    from kat_timm.data import DataError, ImageFolderDataset, check_readable_classes, check_split, load_class_names
+
+    try:
+        if args.class_map:
+            split = check_split(data_dir, args.split, load_class_names(args.class_map), allow_missing=True)
+        else:
+            split = check_split(data_dir, args.split)
+            if trained.get("class_names"):
+                split = _trained_classes(split, list(trained["class_names"]), args.checkpoint)
+        check_readable_classes(split)
+    except DataError as error:
+        raise CLIError(str(error) + folder_dataset_hint(args.dataset)) from error
+    return ImageFolderDataset(split), list(split.classes), str(split.root)
+
+
+def folder_dataset_hint(dataset: str) -> str:
+    """For an ImageFolder error when ``--dataset NAME`` was given without a reader prefix (timm then reads an
+    ImageFolder too): a note that says so and names the prefixes, else ""."""
+    if not dataset:
+        return ""
+    return (f" (--dataset {dataset} has no reader prefix, so it is read as an ImageFolder, as in timm; "
+            f"hfds/{dataset}, wds/{dataset} or torch/{dataset} pick another reader)")
+
+
+def _report(args: argparse.Namespace, model, data_config: Dict[str, Any], metrics: Dict[str, float],
+            dataset_size: int, results_file: Optional[Path]) -> int:
+    """Print (and with --results-file write) the JSON result."""
     result = {
         "model": args.model,
         "top1": round(metrics["top1"], 4), "top1_err": round(100.0 - metrics["top1"], 4),
@@ -308,10 +384,10 @@ def _validate(args: argparse.Namespace) -> int:
         "loss": round(metrics["loss"], 6),
         "images_per_second": round(metrics["images_per_second"], 2),
         "num_images": metrics["count"],
-        "unreadable_images": len(dataset) - metrics["count"],
+        "unreadable_images": max(dataset_size - metrics["count"], 0),
     }
     if result["unreadable_images"]:
-        print(f"{len(dataset) - metrics['count']} of {len(dataset)} images could not be decoded and were left out "
+        print(f"{result['unreadable_images']} of {dataset_size} images could not be decoded and were left out "
               f"(named in the warnings above)", file=sys.stderr)
     text = json.dumps(result, indent=4)
     print(text)

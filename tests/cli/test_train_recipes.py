@@ -1,4 +1,5 @@
-"""Every training command that README.md and configs/README.md show, run as written on a tiny generated ImageFolder.
+"""Every training command that README.md and configs/README.md show, run as written on a tiny generated ImageFolder
+(or, for the ``--dataset`` recipes, a tiny save_to_disk folder or WebDataset shards).
 
 The commands are listed here verbatim and a test checks that the list and the READMEs' code blocks agree, so a recipe
 added to (or changed in) a README cannot go untested. Each command runs in-process from a scratch folder holding a
@@ -44,7 +45,20 @@ COMMANDS = {
         "output/train/*-kat_tiny_patch16_224-32",
     "torchrun --nproc_per_node 8 -m kat_timm.cli.train -c configs/kat_small_vitft.yaml --data-dir /data/imagenet":
         "output/train/*-kat_small_patch16_224-32",
+    "kat-train --dataset hfds/DATA_SAVED_TO_DISK --model kat_tiny --pretrained --epochs 10":
+        "output/train/*-kat_tiny-32",
+    "kat-train --dataset wds/imagenet --data-dir /data/imagenet-wds --num-classes 1000 --train-split "
+    "'imagenet-train-{000000..001023}.tar' --train-num-samples 1281167 --val-split 'imagenet-val-{000000..000063}.tar' "
+    "-c configs/kat_tiny.yaml": "output/train/*-kat_tiny_patch16_224-32",
+    "torchrun --nnodes 4 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST0:29400 --rdzv-id kat_t -m "
+    "kat_timm.cli.train -c configs/kat_tiny.yaml --batch-size 32 --dataset wds/imagenet --data-dir "
+    "/data/imagenet-wds --num-classes 1000 --train-split 'imagenet-train-{000000..001023}.tar' --train-num-samples "
+    "1281167 --val-split 'imagenet-val-{000000..000063}.tar' --workers 8 --output /shared/output":
+        "output/*-kat_tiny_patch16_224-32",
 }
+
+# The data of the --dataset recipes, written small in tmp_path: what each README word stands for.
+WDS_TRAIN, WDS_VAL = "train-{0000..0003}.tar", "validation-{0000..0003}.tar"
 
 FAST = ["--epochs", "1", "--img-size", "32", "--batch-size", "8", "--workers", "0", "--device", "cpu",
         "--log-interval", "1"]
@@ -79,8 +93,28 @@ def _argv(command: str, data: Path) -> list:
     command = command.replace("<same options>", FINE_TUNE.split(" ", 1)[1])
     words = shlex.split(command)
     words = words[words.index("kat_timm.cli.train") + 1:] if words[0] == "torchrun" else words[1:]
-    replace = {"DATA": str(data), "/data/imagenet": str(data), "/data/my10classes": str(data), "N": "3"}
+    replace = {"DATA": str(data), "/data/imagenet": str(data), "/data/my10classes": str(data), "N": "3",
+               "hfds/DATA_SAVED_TO_DISK": f"hfds/{data.parent / 'hf'}", "/data/imagenet-wds": str(data.parent / "wds"),
+               "imagenet-train-{000000..001023}.tar": WDS_TRAIN, "imagenet-val-{000000..000063}.tar": WDS_VAL,
+               "1281167": "32", "/shared/output": "output"}
     return [replace.get(word, word) for word in words] + FAST
+
+
+def _make_reader_data(command: str, root: Path, monkeypatch) -> None:
+    """The data a --dataset recipe reads: a save_to_disk folder (hfds/) or 4 + 4 tar shards (wds/), in ``root``."""
+    from tests.cli.dataset_makers import make_hf_dataset, make_wds_shards
+
+    if "hfds/" in command:
+        import datasets
+        import datasets.config
+
+        monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+        monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+        monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", root / "hf_datasets_cache")
+        make_hf_dataset(root / "hf")
+    if "wds/" in command:
+        make_wds_shards(root / "wds", "train", labels_per_shard=range(4), per_shard=8)
+        make_wds_shards(root / "wds", "validation", labels_per_shard=range(4), per_shard=2, seed=1)
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
@@ -88,6 +122,7 @@ def test_readme_training_command_runs_as_written(command, tmp_path, monkeypatch,
     import timm
 
     data = make_image_folder(tmp_path / "data")
+    _make_reader_data(command, tmp_path, monkeypatch)
     work = tmp_path / "work"
     shutil.copytree(REPO / "configs", work / "configs")
     monkeypatch.chdir(work)

@@ -1,0 +1,398 @@
+"""Datasets that are not an ImageFolder, for ``kat-train`` and ``kat-validate``: timm's readers, checked first.
+
+timm's ``create_dataset`` reads ``torch/NAME`` (torchvision datasets), ``hfds/NAME`` (Hugging Face datasets: a
+Hub name, a data folder, or a folder written by ``DatasetDict.save_to_disk``), ``hfids/NAME`` (the same, streamed),
+``tfds/NAME`` and ``wds/NAME`` (WebDataset tar shards under ``root``, the split a brace pattern such as
+``train-{0000..0127}.tar`` or a split named in ``root/_info.json``). This module passes the options through with
+timm's meaning (``--dataset``, ``--train-split``, ``--input-key`` ...) and turns what timm reports as a traceback, a
+bare ``KeyError`` or, for WebDataset, a silently empty epoch, into a :class:`~kat_timm.data.DataError` whose one
+line names the option, the dataset and what exists instead.
+
+What is checked before any training starts: the dataset exists, the split exists, the image and label keys are
+columns (``hfds``) or members of the first sample of the first shard (``wds``), every shard file of the split is
+there, and a streamed training split has a sample count. Folder datasets (``--dataset ""``, timm's default) keep
+the ImageFolder checks of :mod:`kat_timm.data`.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+from .data import DataError
+
+__all__ = ["DatasetSpec", "READER_PREFIXES", "check_distributed_evaluation", "check_training_shards",
+           "dataset_class_names", "dataset_prefix", "is_folder_dataset", "open_dataset"]
+
+# The --dataset prefixes timm's create_dataset reads with a reader of its own (anything else is a folder or tar).
+READER_PREFIXES = ("torch", "hfds", "hfids", "tfds", "wds")
+# Image keys timm's WebDataset reader tries by default, in order.
+WDS_IMAGE_KEYS = "jpg;png;webp"
+
+
+def dataset_prefix(name: Optional[str]) -> str:
+    """The reader prefix of a ``--dataset`` value, lower case (``"hfds"`` for ``"HFDS/foo"``), ``""`` for none."""
+    prefix, sep, _ = (name or "").partition("/")
+    return prefix.lower() if sep and prefix.lower() in READER_PREFIXES else ""
+
+
+def is_folder_dataset(name: Optional[str]) -> bool:
+    """Whether ``--dataset name`` is read from an ImageFolder (timm's default reader), checked by kat_timm.data."""
+    return dataset_prefix(name) == ""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """The dataset options shared by the splits of one run (timm train.py's names).
+
+    Args:
+        name: ``--dataset`` (``hfds/NAME``, ``wds/NAME``, ``torch/NAME`` ...).
+        root: ``--data-dir``: the shard folder for ``wds``, the cache or download folder for the others.
+        download: ``--dataset-download`` (torchvision, hfids, tfds).
+        input_img_mode: ``--input-img-mode`` (PIL mode, e.g. ``RGB`` or ``L``).
+        input_key: ``--input-key``: the image column / sample member (None: the reader's default).
+        target_key: ``--target-key``: the label column / json field (None: the reader's default).
+        class_map: ``--class-map``: a file of class names in label order ("" for none).
+        seed: the shuffle seed of streamed readers (``--seed``).
+        batch_size: per-process batch size (streamed readers round each worker's samples to it in training).
+    """
+
+    name: str
+    root: Optional[str] = None
+    download: bool = False
+    input_img_mode: str = "RGB"
+    input_key: Optional[str] = None
+    target_key: Optional[str] = None
+    class_map: str = ""
+    seed: int = 42
+    batch_size: int = 1
+
+
+def open_dataset(spec: DatasetSpec, split: str, is_training: bool, num_samples: Optional[int] = None,
+                 split_option: str = "--train-split", samples_option: str = "--train-num-samples"):
+    """timm's ``create_dataset`` for a non-folder ``--dataset``, after checks that make every mistake one line.
+
+    Args:
+        spec: the run's dataset options.
+        split: the split to read (``--train-split`` / ``--val-split`` / ``--split``).
+        is_training: shuffle streamed readers and round their samples per worker to whole batches (timm's meaning).
+        num_samples: ``--train-num-samples`` / ``--val-num-samples`` (streamed readers; None: from the split info).
+        split_option: the option that gave ``split``, named in errors.
+        samples_option: the option that gives ``num_samples``, named in errors.
+
+    Returns:
+        timm's ``ImageDataset`` (random access: torch, hfds) or ``IterableImageDataset`` (hfids, tfds, wds).
+
+    Raises:
+        DataError: the dataset, the split, a key or the shards are missing, or a streamed training split has no
+            sample count.
+    """
+    from timm.data import create_dataset
+
+    prefix = dataset_prefix(spec.name)
+    if prefix not in READER_PREFIXES:
+        raise DataError(f"--dataset {spec.name!r} is read as an ImageFolder, not by open_dataset")
+    if prefix == "wds":
+        shards = _check_wds(spec, split, is_training, num_samples, split_option, samples_option)
+        if not is_training and num_samples is None and not _wds_counted(spec, split):
+            # An evaluation split of unknown size would report 0 samples (and make the loader warn); its headers
+            # give the count without decoding anything.
+            num_samples = _count_wds_samples(shards)
+    elif prefix == "hfds":
+        _check_hfds(spec, split, split_option)
+    kwargs: Dict[str, Any] = dict(input_key=spec.input_key, target_key=spec.target_key)
+    try:
+        return create_dataset(
+            spec.name, root=spec.root, split=split, is_training=is_training, class_map=spec.class_map or None,
+            download=spec.download, batch_size=spec.batch_size, num_samples=num_samples, seed=spec.seed,
+            input_img_mode=spec.input_img_mode, **{k: v for k, v in kwargs.items() if v is not None})
+    except DataError:
+        raise
+    except Exception as error:  # each reader fails its own way: FileNotFoundError, ValueError, KeyError, assert
+        raise DataError(_explain(spec, split, split_option, error)) from None
+
+
+def dataset_class_names(dataset) -> Optional[List[str]]:
+    """The class names of a dataset from ``open_dataset`` in label order, or None when the reader knows none
+    (WebDataset ``.cls`` labels, a label column without class names)."""
+    reader = getattr(dataset, "reader", None)
+    class_to_idx = getattr(reader, "class_to_idx", None) or getattr(dataset, "class_to_idx", None)
+    if class_to_idx:
+        ordered = sorted(class_to_idx.items(), key=lambda item: item[1])
+        if [index for _, index in ordered] == list(range(len(ordered))):
+            return [str(name) for name, _ in ordered]
+    classes = getattr(dataset, "classes", None)  # torchvision datasets
+    return [str(name) for name in classes] if classes else None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Hugging Face datasets
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _hfds_path(spec: DatasetSpec) -> str:
+    return spec.name.split("/", 1)[1]
+
+
+def _check_hfds_source(spec: DatasetSpec) -> None:
+    path = _hfds_path(spec)
+    if not path:
+        raise DataError("--dataset hfds/: give the dataset after the prefix: hfds/OWNER/NAME (a Hub dataset) or "
+                        "hfds/FOLDER (a data folder, or one written by save_to_disk)")
+    looks_local = path.startswith((".", "/", "~"))  # a Hub name is OWNER/NAME or NAME
+    if looks_local and not os.path.isdir(os.path.expanduser(path)):
+        raise DataError(f"--dataset {spec.name}: no such folder: {path}")
+
+
+def _check_hfds(spec: DatasetSpec, split: str, split_option: str) -> None:
+    """The dataset and split open, and the image and label keys are columns of it. (timm's reader casts a missing
+    image column without a word and fails on the first sample; a missing label column is a bare KeyError.)"""
+    _check_hfds_source(spec)
+    try:
+        import datasets
+
+        # Memory-mapped and cached: timm's reader opens the same files again at no real cost.
+        columns = list(datasets.load_dataset(_hfds_path(spec), split=split, cache_dir=spec.root).column_names)
+    except ImportError:
+        raise DataError(f"--dataset {spec.name} needs Hugging Face datasets: pip install datasets (or "
+                        f"kat-timm[data])") from None
+    except Exception as error:
+        raise DataError(_explain(spec, split, split_option, error)) from None
+    input_key = spec.input_key or "image"
+    if input_key not in columns:
+        raise DataError(f"--input-key {input_key}: {spec.name} split {split} has no such column (columns: "
+                        f"{', '.join(columns)})")
+    for key in (spec.target_key or "label").split(","):
+        if key.strip() not in columns:
+            raise DataError(f"--target-key {key.strip()}: {spec.name} split {split} has no such column (columns: "
+                            f"{', '.join(columns)})")
+
+
+def _explain(spec: DatasetSpec, split: str, split_option: str, error: BaseException) -> str:
+    """One line for what timm's create_dataset raised."""
+    prefix = dataset_prefix(spec.name)
+    text = " ".join(str(error).split()) or type(error).__name__
+    if prefix == "hfds":
+        if "Unknown split" in text or "split" in text.lower() and isinstance(error, ValueError):
+            return f"{split_option} {split}: {spec.name} has no such split ({text})"
+        if isinstance(error, (FileNotFoundError, ConnectionError)) or "offline" in text.lower():
+            return (f"--dataset {spec.name}: not found ({text}); give a Hub dataset name (online, or cached with "
+                    f"HF_DATASETS_OFFLINE=1), a data folder, or a folder written by save_to_disk")
+    if prefix == "torch":
+        if isinstance(error, AssertionError) and "Unknown torchvision dataset" in text:
+            return f"--dataset {spec.name}: {text}; e.g. torch/cifar10, torch/cifar100, torch/mnist, torch/imagenet"
+        if "download" in text.lower() or isinstance(error, (FileNotFoundError, RuntimeError)):
+            return (f"--dataset {spec.name} in --data-dir {spec.root}: {text} (add --dataset-download to fetch it "
+                    f"there)")
+    return f"--dataset {spec.name} {split_option} {split}: {type(error).__name__}: {text}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# WebDataset
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _wds_shards(spec: DatasetSpec, split: str, split_option: str) -> List[str]:
+    """The shard files of a wds split (a brace pattern, optionally ``|N`` samples, or a split of _info.json)."""
+    from webdataset.shardlists import expand_urls
+
+    pattern = split.split("|")[0]
+    if "tar" in pattern or ".." in pattern:
+        names = expand_urls(pattern)
+    else:
+        info = _wds_info(spec.root)
+        splits = info.get("splits") or {}
+        if split not in splits:
+            where = f"{spec.root}/_info.json lists {', '.join(sorted(splits))}" if splits else \
+                f"{spec.root} has no _info.json naming splits"
+            raise DataError(f"{split_option} {split}: not a WebDataset split ({where}); give the shards as a brace "
+                            f"pattern, e.g. {split_option} 'train-{{0000..0127}}.tar'")
+        names = list(splits[split].get("filenames") or [])
+    return [os.path.join(spec.root, name) for name in names]
+
+
+def _wds_info(root: str) -> dict:
+    for name in ("_info.json", "info.json"):
+        path = os.path.join(root, name)
+        if os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as file:
+                    return json.load(file)
+            except (OSError, ValueError) as error:
+                raise DataError(f"{path}: not readable JSON ({error})") from None
+    return {}
+
+
+def _check_wds(spec: DatasetSpec, split: str, is_training: bool, num_samples: Optional[int], split_option: str,
+               samples_option: str) -> List[str]:
+    try:
+        import webdataset  # noqa: F401  (timm's reader needs it; without it timm fails later, less clearly)
+    except ImportError:
+        raise DataError(f"--dataset {spec.name} needs webdataset: pip install webdataset (or kat-timm[data])") from None
+    if not spec.root:
+        raise DataError(f"--dataset {spec.name}: give the folder of the shards with --data-dir DIR")
+    if not os.path.isdir(spec.root):
+        raise DataError(f"--data-dir {spec.root}: no such folder (the WebDataset shards of --dataset {spec.name})")
+    shards = _wds_shards(spec, split, split_option)
+    if not shards:
+        raise DataError(f"{split_option} {split}: names no shard files")
+    missing = [path for path in shards if "://" not in path and not os.path.isfile(path)]
+    if missing:
+        present = sorted(os.path.basename(p) for p in glob.glob(os.path.join(spec.root, "*.tar")))[:5]
+        raise DataError(f"{split_option} {split}: {len(missing)} of {len(shards)} shard files are missing, e.g. "
+                        f"{missing[0]} ({spec.root} holds {', '.join(present) or 'no .tar files'})")
+    if is_training and not num_samples and not _wds_counted(spec, split):
+        raise DataError(f"{split_option} {split}: the number of samples is unknown (no _info.json with shard "
+                        f"lengths); give {samples_option} N, or append it to the pattern: '{split}|N'")
+    first = shards[0]
+    if "://" not in first:
+        _check_wds_sample(first, spec)
+    return shards
+
+
+def _wds_counted(spec: DatasetSpec, split: str) -> bool:
+    """Whether timm's reader knows the sample count of ``split`` ('PATTERN|N', or a split of _info.json)."""
+    if "|" in split:
+        return True
+    if "tar" in split or ".." in split:
+        return False  # a pattern's count comes from _info.json only when its shards are listed there: not assumed
+    return bool(_wds_info(spec.root))
+
+
+def _count_wds_samples(shards: List[str]) -> Optional[int]:
+    """Samples (distinct keys) in local shards, read from the tar headers; None for remote shards."""
+    counts = _shard_lengths(shards)
+    return None if counts is None else sum(counts)
+
+
+def _shard_lengths(shards: List[str]) -> Optional[List[int]]:
+    if any("://" in path for path in shards):
+        return None
+    counts = []
+    for path in shards:
+        try:
+            with tarfile.open(path) as tar:
+                counts.append(len({os.path.join(os.path.dirname(m.name), os.path.basename(m.name).partition(".")[0])
+                                   for m in tar if m.isfile()}))
+        except (OSError, tarfile.TarError) as error:
+            raise DataError(f"{path}: not a readable tar shard ({error})") from None
+    return counts
+
+
+def _processes(world_size: int) -> str:
+    return f"{world_size} process" + ("es" if world_size != 1 else "")
+
+
+def check_training_shards(spec: DatasetSpec, split: str, world_size: int, workers: int,
+                          split_option: str = "--train-split") -> None:
+    """Refuse a WebDataset training split with fewer shards than loaders.
+
+    timm's reader hands whole shards to the ``world_size x max(workers, 1)`` loaders and caps each at its share of
+    the samples, so a loader without a shard reads nothing while the others stop at their cap: every epoch would
+    silently see only part of the data.
+
+    Args:
+        spec: the run's dataset options (a ``wds/`` dataset; anything else is not checked).
+        split: the training split.
+        world_size: processes of the run.
+        workers: loader workers per process.
+        split_option: the option that gave ``split``, named in the error.
+
+    Raises:
+        DataError: there are fewer shards than loaders.
+    """
+    if dataset_prefix(spec.name) != "wds":
+        return
+    shards = len(_wds_shards(spec, split, split_option))
+    readers = world_size * max(workers, 1)
+    if shards < readers:
+        raise DataError(f"{split_option} {split}: {shards} shards for {readers} loaders ({_processes(world_size)} x "
+                        f"{max(workers, 1)} workers): a loader without a shard reads nothing and each epoch would "
+                        f"see only part of the data; cut the data into at least {readers} shards or lower --workers")
+
+
+def check_distributed_evaluation(spec: DatasetSpec, split: str, world_size: int, workers: int,
+                                 num_samples: Optional[int], split_option: str = "--val-split") -> None:
+    """Refuse a WebDataset evaluation split that torchrun would score only in part.
+
+    Under several processes timm's reader gives loader worker ``g`` of ``G = world_size x max(workers, 1)`` the
+    shards ``g, g + G, ...`` and caps it at ``ceil(N / G)`` samples; a worker whose shards hold more is cut short
+    without a word, and the accuracy is then over part of the split. The shard lengths come from the tar headers.
+
+    Args:
+        spec: the run's dataset options (a ``wds/`` dataset; anything else is not checked).
+        split: the evaluation split.
+        world_size: processes of the run.
+        workers: loader workers per process.
+        num_samples: ``--val-num-samples`` (None: the split's own count).
+        split_option: the option that gave ``split``, named in the error.
+
+    Raises:
+        DataError: some samples would not be evaluated; the message says how to fix it.
+    """
+    if dataset_prefix(spec.name) != "wds" or world_size <= 1:
+        return
+    lengths = _shard_lengths(_wds_shards(spec, split, split_option))
+    if lengths is None:
+        return
+    total = num_samples or sum(lengths)
+    readers = world_size * max(workers, 1)
+    cap = -(-total // readers)
+    largest = max(sum(lengths[g::readers]) for g in range(readers))
+    if largest > cap:
+        scored = sum(min(sum(lengths[g::readers]), cap) for g in range(readers))
+        raise DataError(f"{split_option} {split}: {len(lengths)} shards over {readers} loaders "
+                        f"({_processes(world_size)} x {max(workers, 1)} workers) would score only {scored} of {sum(lengths)} samples "
+                        f"(timm caps each loader at {cap}); give at least {readers} shards of equal length, fewer "
+                        f"--workers, or --val-split \"\" and kat-validate the checkpoints afterwards")
+
+
+def _check_wds_sample(shard: str, spec: DatasetSpec) -> None:
+    """The first sample of ``shard`` has an image under the input key and a label where the target key says."""
+    members: Dict[str, List[str]] = {}
+    first_key = None
+    try:
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, extension = os.path.basename(member.name).partition(".")
+                key = os.path.join(os.path.dirname(member.name), key)
+                if first_key is None:
+                    first_key = key
+                if key != first_key:
+                    break
+                members.setdefault(key, []).append(extension)
+                if _json_wanted(spec) and extension == "json":
+                    sidecar = json.load(tar.extractfile(member))
+                    members["__json__"] = list(sidecar) if isinstance(sidecar, dict) else []
+    except (OSError, tarfile.TarError, ValueError) as error:
+        raise DataError(f"{shard}: not a readable tar shard ({error})") from None
+    if first_key is None:
+        raise DataError(f"{shard}: the shard holds no samples")
+    extensions = members[first_key]
+    input_keys = (spec.input_key or WDS_IMAGE_KEYS).split(";")
+    if not any(key in extensions for key in input_keys):
+        raise DataError(f"--input-key {spec.input_key or WDS_IMAGE_KEYS}: sample {first_key} of {shard} has no such "
+                        f"member (it has {', '.join('.' + e for e in extensions)})")
+    if _json_wanted(spec):
+        if "json" not in extensions:
+            raise DataError(f"--target-key {spec.target_key}: sample {first_key} of {shard} has no .json sidecar "
+                            f"(it has {', '.join('.' + e for e in extensions)})")
+        fields = members.get("__json__", [])
+        for key in spec.target_key.split(","):
+            if key.strip() not in fields:
+                raise DataError(f"--target-key {key.strip()}: not a field of the .json of sample {first_key} in "
+                                f"{shard} (fields: {', '.join(fields) or 'none'})")
+    elif "cls" not in extensions:
+        raise DataError(f"sample {first_key} of {shard} has no .cls label (it has "
+                        f"{', '.join('.' + e for e in extensions)}); give --target-key FIELD to read the label from "
+                        f"its .json")
+
+
+def _json_wanted(spec: DatasetSpec) -> bool:
+    """Whether the WebDataset labels come from the .json sidecar (a --target-key) rather than the .cls member."""
+    return bool(spec.target_key)
