@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import torch
 
-__all__ = ["channels_moved_last", "mgl_view", "empty_output", "as_layout"]
+__all__ = ["channels_moved_last", "mgl_view", "empty_output", "as_layout", "check_column_bias"]
 
 
 def channels_moved_last(x: torch.Tensor, cdim: int) -> bool:
@@ -47,3 +47,12 @@ def empty_output(x: torch.Tensor, cdim: int, moved: bool, dtype: torch.dtype = N
         return torch.empty(x.movedim(cdim, -1).shape, dtype=dtype, device=x.device).movedim(-1, cdim)
     return torch.empty(x.shape, dtype=dtype, device=x.device)
 
+
+
+def check_column_bias(bias: torch.Tensor, x3: torch.Tensor, backend: str) -> torch.Tensor:
+    """The per-column bias a kernel backend gets from the dispatcher: contiguous float32 (G, L) for an (M, G, L)
+    input. Anything else is a dispatcher bug, named here rather than read as garbage by a kernel."""
+    if bias.dtype != torch.float32 or not bias.is_contiguous() or tuple(bias.shape) != tuple(x3.shape[1:]):
+        raise ValueError(f"{backend} group_rational: bias must be a contiguous float32 {tuple(x3.shape[1:])} tensor, "
+                         f"got {bias.dtype} {tuple(bias.shape)}")
+    return bias

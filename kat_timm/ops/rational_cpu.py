@@ -28,6 +28,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .layout import check_column_bias
+
 __all__ = ["native_cpu_status", "native_cpu_supports", "rational_forward_native", "rational_backward_native"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "group_rational_cpu.c"
@@ -241,10 +243,7 @@ def _bias_pointer(bias: Optional[torch.Tensor], x3: torch.Tensor) -> Optional[in
     """Address of the (G, L) float32 bias the dispatcher hands over, or None (a NULL pointer) without one."""
     if bias is None:
         return None
-    if bias.dtype != torch.float32 or not bias.is_contiguous() or tuple(bias.shape) != tuple(x3.shape[1:]):
-        raise ValueError(f"native group_rational: bias must be a contiguous float32 {tuple(x3.shape[1:])} tensor, "
-                         f"got {bias.dtype} {tuple(bias.shape)}")
-    return bias.data_ptr()
+    return check_column_bias(bias, x3, "native").data_ptr()
 
 
 def rational_forward_native(

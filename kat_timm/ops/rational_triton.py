@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .layout import check_column_bias
 from .rational_torch import COEFFICIENT_SUMS
 
 __all__ = [
@@ -563,10 +564,7 @@ def _bias_columns(bias, x3):
     """The (G, L) float32 per-column bias the dispatcher hands over, checked; (pointer, flag) for the kernels."""
     if bias is None:
         return x3, 0  # any valid pointer: HAS_BIAS = 0 compiles the loads away
-    if bias.dtype != torch.float32 or not bias.is_contiguous() or tuple(bias.shape) != tuple(x3.shape[1:]):
-        raise ValueError(f"triton group_rational: bias must be a contiguous float32 {tuple(x3.shape[1:])} tensor, "
-                         f"got {bias.dtype} {tuple(bias.shape)}")
-    return bias, 1
+    return check_column_bias(bias, x3, "triton"), 1
 
 
 def rational_forward_triton(
