@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 
 import torch
@@ -40,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if any(b < 1 for b in args.batch):
         parser.error("--batch values must be >= 1")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        parser.error(f"--json {args.json}: the folder {os.path.dirname(os.path.abspath(args.json))} does not exist")
     return args
 
 
@@ -75,9 +78,13 @@ def main(argv=None) -> int:
               f"{r['vector_store_bytes']}/{r['scalar_store_bytes']} | {r['in_flight_per_sm'] / 1024:.1f} KB | "
               f"{r['bandwidth_bound'] * 100:.0f}% |")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump({"date": datetime.date.today().isoformat(), "triton": triton.__version__, "rows": rows},
-                      handle, indent=1, default=str)
+        try:
+            with open(args.json, "w", encoding="utf-8") as handle:
+                json.dump({"date": datetime.date.today().isoformat(), "triton": triton.__version__, "rows": rows},
+                          handle, indent=1, default=str)
+        except OSError as error:
+            print(f"kernel_report: can't write {args.json}: {error.strerror}", file=sys.stderr)
+            return 1
     return 0
 
 
