@@ -53,6 +53,23 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_model: str = "k
                        help="classifier size (default: the checkpoint's, else the model's)")
 
 
+def add_dataset_reader_arguments(group) -> None:
+    """timm's reader options that kat-train and kat-validate share, with timm's names and meaning: the reader
+    (--dataset), its download switch and the image mode and keys of a sample."""
+    group.add_argument("--dataset", metavar="NAME", default="",
+                       help="timm's dataset reader: '' (default: an ImageFolder), hfds/NAME or hfds/FOLDER "
+                            "(Hugging Face datasets), wds/NAME (WebDataset shards in --data-dir), torch/NAME "
+                            "(torchvision), hfids/NAME, tfds/NAME")
+    group.add_argument("--dataset-download", action="store_true",
+                       help="download the dataset if absent (torch/, hfids/, tfds/)")
+    group.add_argument("--input-img-mode", default=None, metavar="MODE",
+                       help="PIL image mode the images are converted to (default: RGB)")
+    group.add_argument("--input-key", default=None, metavar="KEY",
+                       help="image column (hfds/, default image) or sample member (wds/, default jpg;png;webp)")
+    group.add_argument("--target-key", default=None, metavar="KEY",
+                       help="label column (hfds/, default label) or .json field (wds/, default: the .cls member)")
+
+
 def add_weight_source_arguments(parser: argparse.ArgumentParser, default_model: str, random_help: str) -> None:
     """--model, --checkpoint, --use-ema, --random-weights, --offline: the options of the commands that use the
     released weights unless told otherwise (predict, plot); ``random_help`` says what --random-weights gives there."""

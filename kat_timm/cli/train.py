@@ -28,7 +28,8 @@ from typing import Any, Dict, List, Optional
 from timm.utils import CheckpointSaver
 
 from . import CLIError, run_main
-from .common import check_backend_setting, check_preprocessing, check_writable_folder, checkpoint_training_args
+from .common import (add_dataset_reader_arguments, check_backend_setting, check_preprocessing, check_writable_folder,
+                     checkpoint_training_args)
 from .validate import folder_dataset_hint
 from .validate import KeywordArguments
 
@@ -63,12 +64,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--data-dir", metavar="DIR", default=None,
                        help="dataset root holding the --train-split and --val-split folders (wds/: the shard "
                             "folder; hfds/, torch/: the cache or download folder)")
-    group.add_argument("--dataset", metavar="NAME", default="",
-                       help="timm's dataset reader: '' (default: an ImageFolder), hfds/NAME or hfds/FOLDER "
-                            "(Hugging Face datasets), wds/NAME (WebDataset shards in --data-dir), torch/NAME "
-                            "(torchvision), hfids/NAME, tfds/NAME")
-    group.add_argument("--dataset-download", action="store_true",
-                       help="download the dataset if absent (torch/, hfids/, tfds/)")
+    add_dataset_reader_arguments(group)
     group.add_argument("--train-split", metavar="NAME", default="train",
                        help="training split: a folder (default: train; 'training' is also found), a split name, or "
                             "for wds/ a shard pattern such as 'train-{0000..0127}.tar'")
@@ -79,12 +75,6 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
                        help="samples in the training split, for streamed readers (wds/ without _info.json)")
     group.add_argument("--val-num-samples", type=int, default=None, metavar="N",
                        help="samples in the validation split, for streamed readers")
-    group.add_argument("--input-img-mode", default=None, metavar="MODE",
-                       help="PIL image mode the images are converted to (default: RGB)")
-    group.add_argument("--input-key", default=None, metavar="KEY",
-                       help="image column (hfds/, default image) or sample member (wds/, default jpg;png;webp)")
-    group.add_argument("--target-key", default=None, metavar="KEY",
-                       help="label column (hfds/, default label) or .json field (wds/, default: the .cls member)")
     group.add_argument("--class-map", metavar="FILE", default="",
                        help="text file of class folder names, one per line, in label order (default: the sorted "
                             "folder names)")

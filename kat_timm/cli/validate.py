@@ -23,8 +23,8 @@ from typing import Any, Callable, ContextManager, Dict, List, Optional
 import torch
 
 from . import CLIError, run_main
-from .common import (add_model_arguments, check_backend_setting, check_preprocessing, check_writable_folder,
-                     checkpoint_training_args, create_sized_model, resolve_device)
+from .common import (add_dataset_reader_arguments, add_model_arguments, check_backend_setting, check_preprocessing,
+                     check_writable_folder, checkpoint_training_args, create_sized_model, resolve_device)
 
 __all__ = ["create_eval_loader", "evaluate", "main"]
 
@@ -135,22 +135,12 @@ def build_parser(prog: str = "kat-validate") -> argparse.ArgumentParser:
     group.add_argument("--data-dir", metavar="DIR", default=None,
                        help="dataset root holding the split folder (wds/: the shard folder; hfds/, torch/: the "
                             "cache or download folder)")
-    group.add_argument("--dataset", metavar="NAME", default="",
-                       help="timm's dataset reader: '' (default: an ImageFolder), hfds/NAME or hfds/FOLDER, "
-                            "wds/NAME (WebDataset shards in --data-dir), torch/NAME, hfids/NAME, tfds/NAME")
-    group.add_argument("--dataset-download", action="store_true",
-                       help="download the dataset if absent (torch/, hfids/, tfds/)")
+    add_dataset_reader_arguments(group)
     group.add_argument("--split", default="validation", metavar="NAME",
                        help="split folder (default: validation; also found as val, valid, eval, evaluation), split "
                             "name, or for wds/ a shard pattern such as 'validation-{0000..0063}.tar'")
     group.add_argument("--num-samples", type=int, default=None, metavar="N",
                        help="samples in the split, for streamed readers (default: from _info.json, or counted)")
-    group.add_argument("--input-img-mode", default=None, metavar="MODE",
-                       help="PIL image mode the images are converted to (default: RGB)")
-    group.add_argument("--input-key", default=None, metavar="KEY",
-                       help="image column (hfds/, default image) or sample member (wds/, default jpg;png;webp)")
-    group.add_argument("--target-key", default=None, metavar="KEY",
-                       help="label column (hfds/, default label) or .json field (wds/, default: the .cls member)")
     group.add_argument("--class-map", default="", metavar="FILE",
                        help="text file of class folder names in label order (may list classes without a folder)")
     group.add_argument("--img-size", type=int, default=None, metavar="N",
