@@ -128,3 +128,32 @@ def save_vit_as_npz(vit, path):
         for r, fc in enumerate((block.mlp.fc1, block.mlp.fc2)):
             w[p + f"MlpBlock_3/Dense_{r}/kernel"], w[p + f"MlpBlock_3/Dense_{r}/bias"] = n(fc.weight.T), n(fc.bias)
     np.savez(path, **w)
+
+
+def sigkill_training_after_first_checkpoint(args, cwd, run_dir, log_path, timeout_s: float) -> None:
+    """Run ``python -m kat_timm.cli.train *args`` in a process of its own (log in ``log_path``), wait for its first
+    checkpoint in ``run_dir`` and a step of the next epoch, and SIGKILL it in the middle of that epoch."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(repo))
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "kat_timm.cli.train", *map(str, args)], stdout=log,
+                                   stderr=subprocess.STDOUT, cwd=cwd, env=env)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while "Train: 1/" not in log_path.read_text() or not (run_dir / "last.pth.tar").exists():
+            assert process.poll() is None, f"kat-train ended early:\n{log_path.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no checkpoint after {timeout_s} s:\n{log_path.read_text()[-3000:]}"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == -signal.SIGKILL, "kat-train finished before it could be killed"

@@ -228,7 +228,7 @@ def _traffic(ptx: str, data_loads_outside: int, data_stores_outside: int) -> Tup
     (per-program bookkeeping such as a flag)."""
     body = _loop_body(ptx)
     text = body if body else ptx
-    loads_vector = loads_scalar = stores_vector = stores_scalar = 0
+    loads_vector = loads_scalar = stores_vector = 0
     skipped = 0 if body else data_loads_outside
     narrow_stores = []
     for match in _ACCESS.finditer(text):

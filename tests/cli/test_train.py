@@ -10,11 +10,9 @@ import copy
 import csv
 import math
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -23,7 +21,7 @@ import torch
 
 from kat_timm.cli import train as train_module
 from kat_timm.cli.train import parse_args, train
-from tests.helpers import fill_uninitialised_, save_vit_as_npz
+from tests.helpers import fill_uninitialised_, save_vit_as_npz, sigkill_training_after_first_checkpoint
 from tests.test_data import make_image_folder, write_corrupt_image
 
 REPO = Path(__file__).resolve().parents[2]
@@ -128,25 +126,8 @@ def test_two_epochs_then_resume_restores_optimizer_ema_schedule_and_epoch(data, 
 def test_sigkill_mid_epoch_leaves_loadable_checkpoints_and_resumes(data, tmp_path):
     out = tmp_path / "out"
     run_dir = out / "run"
-    log_path = tmp_path / "train.log"
     args = run_args(data, out, "--epochs", "60", "--checkpoint-hist", "2")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    with open(log_path, "w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "kat_timm.cli.train", *args], stdout=log,
-                                   stderr=subprocess.STDOUT, cwd=tmp_path, env=env)
-    try:
-        deadline = time.monotonic() + 120
-        # Wait for the first checkpoint, then for a step of the next epoch, and kill in the middle of it.
-        while "Train: 1/" not in log_path.read_text() or not (run_dir / "last.pth.tar").exists():
-            assert process.poll() is None, f"kat-train ended early:\n{log_path.read_text()}"
-            assert time.monotonic() < deadline, f"no checkpoint after 120 s:\n{log_path.read_text()}"
-            time.sleep(0.02)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == -signal.SIGKILL, "kat-train finished before it could be killed"
+    sigkill_training_after_first_checkpoint(args, tmp_path, run_dir, tmp_path / "train.log", timeout_s=120)
 
     checkpoints = sorted(run_dir.glob("*.pth.tar"))
     assert checkpoints

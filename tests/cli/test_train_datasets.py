@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,7 @@ from kat_timm.cli import train as train_module
 from kat_timm.cli import validate as validate_module
 from kat_timm.cli.train import parse_args, train
 from tests.cli.dataset_makers import CLASSES, make_hf_dataset, make_wds_shards
+from tests.helpers import sigkill_training_after_first_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_SHARDS = "train-{0000..0003}.tar"
@@ -279,23 +278,7 @@ def _kill_after_first_checkpoint(args: list, tmp_path: Path, run_dir: Path) -> i
 
     import torch
 
-    log_path = tmp_path / "train.log"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
-    with open(log_path, "w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "kat_timm.cli.train", *args], stdout=log,
-                                   stderr=subprocess.STDOUT, cwd=tmp_path, env=env)
-    try:
-        deadline = time.monotonic() + 180
-        while "Train: 1/" not in log_path.read_text() or not (run_dir / "last.pth.tar").exists():
-            assert process.poll() is None, f"kat-train ended early:\n{log_path.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"no checkpoint after 180 s:\n{log_path.read_text()[-3000:]}"
-            time.sleep(0.02)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == -signal.SIGKILL, "kat-train finished before it could be killed"
+    sigkill_training_after_first_checkpoint(args, tmp_path, run_dir, tmp_path / "train.log", timeout_s=180)
     with torch.serialization.safe_globals([argparse.Namespace]):
         return torch.load(run_dir / "last.pth.tar", map_location="cpu", weights_only=True)["epoch"]
 
