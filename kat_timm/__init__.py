@@ -8,7 +8,7 @@ rational function P(x)/Q(x), shared within groups of channels, before and after 
 from .layers import KAN, GroupRational
 from .models import KAT, kat_from_vit
 from .ops import group_rational
-from .plot import plot_rationals  # matplotlib is imported only when a figure is drawn
+from .tools.plot import plot_rationals  # matplotlib is imported only when a figure is drawn
 from .transforms import create_transform
 
 __version__ = "0.1.0"

@@ -15,7 +15,7 @@ Examples::
     python scripts/convert_checkpoint.py pytorch_model.bin --model kat_tiny_patch16_224 -o out/kat_tiny
     python scripts/convert_checkpoint.py checkpoint-299.pth.tar --tag vitft --no-ema -o out/kat_small_vitft
 
-The logic lives in ``kat_timm.hub`` (``convert_checkpoint``); this file is only its command line.
+The logic lives in ``kat_timm.tools.hub`` (``convert_checkpoint``); this file is only its command line.
 """
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ import argparse
 import sys
 from typing import List, Optional
 
-from kat_timm.hub import CheckpointError, convert_checkpoint
+from kat_timm.checkpoint import CheckpointError
+
+from kat_timm.tools.hub import convert_checkpoint
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

@@ -11,7 +11,7 @@ Examples::
     python scripts/model_zoo.py --json       # one JSON list, every registered name and tag
     python scripts/model_zoo.py --no-flops   # skip the FLOP count (parameters only)
 
-The logic lives in ``kat_timm.zoo``; this file is only its command line.
+The logic lives in ``kat_timm.tools.zoo``; this file is only its command line.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import sys
 from typing import List, Optional
 
 from kat_timm.ops.flops import RATIONAL_FORWARD_FLOPS_PER_ELEMENT
-from kat_timm.zoo import markdown_table, model_flops, zoo_rows
+from kat_timm.tools.zoo import markdown_table, model_flops, zoo_rows
 
 # The ViT of each KAT size: KAT has the same linear layers, so the difference in FLOPs is the rational op.
 VIT_BASELINES = ("vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224")

@@ -18,7 +18,7 @@ import transformers  # noqa: F401  (in .[dev] and .[hf]; a missing one fails her
 
 import kat_timm  # noqa: F401  (registers the KAT models in timm; transformers builds them through timm)
 import timm
-from kat_timm import hub
+from kat_timm.tools import hub
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "kat_tiny_patch16_224"

@@ -99,7 +99,7 @@ def check_model_name(name: str) -> None:
     try:
         get_pretrained_cfg(name)
     except RuntimeError:  # a known architecture with an unknown .tag
-        from kat_timm.download import pretrained_names
+        from kat_timm.tools.download import pretrained_names
 
         raise CLIError(f"{architecture} has no pretrained tag {tag!r}; its pretrained names: "
                        f"{', '.join(pretrained_names(architecture)) or 'none'}", code=2) from None
@@ -240,7 +240,7 @@ def create_model(name: str, pretrained: bool = False, checkpoint: Optional[Path]
 
 
 def _read_state_dict(path: Path, use_ema: Optional[bool]) -> dict:
-    from kat_timm.hub import CheckpointError, load_checkpoint, unwrap_state_dict
+    from kat_timm.checkpoint import CheckpointError, load_checkpoint, unwrap_state_dict
 
     try:
         state_dict, _ = unwrap_state_dict(load_checkpoint(path), use_ema=use_ema)
@@ -266,7 +266,7 @@ def load_weights(model: torch.nn.Module, state_dict: dict, model_name: str, sour
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as error:
-        from kat_timm.hub import CheckpointError, infer_architecture
+        from kat_timm.checkpoint import CheckpointError, infer_architecture
 
         try:
             hint = f"; the weights look like {infer_architecture(state_dict)}, pass --model accordingly"

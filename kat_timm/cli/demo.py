@@ -173,7 +173,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from kat_timm import __version__
     from kat_timm.benchmark import device_name, load_average
-    from kat_timm.hub import released_top1
+    from kat_timm.tools.hub import released_top1
 
     from .common import (ReleasedWeightsUnavailable, check_backend_setting, check_model_name,
                          create_model_with_weights, resolve_device)

@@ -43,7 +43,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 
 def _expand(names: List[str]) -> List[str]:
     """``all`` -> every released checkpoint; duplicates dropped, order kept."""
-    from kat_timm.download import released_models
+    from kat_timm.tools.download import released_models
 
     expanded: List[str] = []
     for name in names:
@@ -60,7 +60,7 @@ def _download(name: str, cache_dir: Optional[Path], hub: List[Tuple[bool, str]],
     from huggingface_hub import constants
     from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
-    from kat_timm.download import DownloadError, download_pretrained
+    from kat_timm.tools.download import DownloadError, download_pretrained
 
     from . import common
 
@@ -89,7 +89,7 @@ def _download(name: str, cache_dir: Optional[Path], hub: List[Tuple[bool, str]],
 def _run(args: argparse.Namespace, prog: str) -> int:
     from huggingface_hub import constants
 
-    from kat_timm.download import DownloadError, format_size, resolve_hub_repo
+    from kat_timm.tools.download import DownloadError, format_size, resolve_hub_repo
 
     names = _expand(args.models)
     unknown = 0

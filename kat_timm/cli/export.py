@@ -1,6 +1,6 @@
 """``kat-timm export MODEL -o model.onnx``: an ONNX file of standard ops that any ONNX runtime runs.
 
-The rational activations become Abs, Mul, Add and Div on a grouped reshape (``kat_timm.export``); there is no
+The rational activations become Abs, Mul, Add and Div on a grouped reshape (``kat_timm.tools.export``); there is no
 custom domain. ``--check`` runs the file with onnxruntime on CPU next to the PyTorch model and prints the relative
 error of the logits (exit code 1 above 1e-4). Needs onnx and onnxscript (and onnxruntime for --check): the ``onnx`` extra.
 """
@@ -21,7 +21,7 @@ CHECK_RTOL = 1e-4
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
-    from kat_timm.export import DEFAULT_OPSET, MIN_OPSET
+    from kat_timm.tools.export import DEFAULT_OPSET, MIN_OPSET
 
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -59,7 +59,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 
 
 def _validate(args: argparse.Namespace) -> None:
-    from kat_timm.export import DEFAULT_OPSET, MIN_OPSET, MissingDependencyError, require_packages
+    from kat_timm.tools.export import DEFAULT_OPSET, MIN_OPSET, MissingDependencyError, require_packages
 
     from .common import check_image_size
 
@@ -104,7 +104,7 @@ def _format_shape(shape) -> str:
 
 def _run(args: argparse.Namespace, prog: str) -> int:
     _validate(args)  # before building the model: the usual mistakes fail in a second
-    from kat_timm.export import INPUT_NAME, OUTPUT_NAME, OpsetConversionError, check_onnx, export_onnx, onnx_io_shapes
+    from kat_timm.tools.export import INPUT_NAME, OUTPUT_NAME, OpsetConversionError, check_onnx, export_onnx, onnx_io_shapes
 
     from .common import check_model_input_size, create_model_with_weights
 

@@ -117,7 +117,7 @@ def collect(flops: bool = False) -> Dict[str, Any]:
     Raises:
         CLIError: no KAT model is registered (a broken install).
     """
-    from kat_timm.zoo import checkpoint_cached, zoo_rows
+    from kat_timm.tools.zoo import checkpoint_cached, zoo_rows
 
     rows = zoo_rows(flops=flops)
     if not rows:

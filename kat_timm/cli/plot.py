@@ -1,7 +1,7 @@
 """``kat-timm plot -o activations.png``: draw every block's learned rational activations (act1, act2).
 
 One panel per rational, one curve per channel group, a dashed reference curve to compare with; the figure comes
-from :func:`kat_timm.plot.plot_rationals`. Weights as for ``kat-timm predict``: the released ones by default,
+from :func:`kat_timm.tools.plot.plot_rationals`. Weights as for ``kat-timm predict``: the released ones by default,
 ``--checkpoint FILE`` for your own, ``--random-weights`` for the initialisation. Needs matplotlib
 (``pip install matplotlib``, or the ``plot`` extra).
 """
@@ -25,7 +25,7 @@ MAX_PIXELS = 1e8
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    from ..plot import REFERENCES
+    from ..tools.plot import REFERENCES
 
     parser = argparse.ArgumentParser(
         prog=prog, description="Draw every block's rational activations (act1, act2) of a KAT to an image file.")
@@ -61,7 +61,7 @@ def main(argv: Optional[List[str]] = None, prog: str = "kat-timm plot") -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
     def run() -> int:
-        from ..plot import INSTALL_HINT, require_matplotlib, find_rationals, plot_rationals
+        from ..tools.plot import INSTALL_HINT, require_matplotlib, find_rationals, plot_rationals
         from .common import create_model_with_weights
 
         try:

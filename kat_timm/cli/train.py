@@ -1,5 +1,5 @@
 """``kat-train`` (also ``kat-timm train``): train or fine-tune any timm model, KAT included, on an ImageFolder or
-any dataset timm's readers take (``--dataset hfds/...``, ``wds/...``, ``torch/...``; see :mod:`kat_timm.readers`).
+any dataset timm's readers take (``--dataset hfds/...``, ``wds/...``, ``torch/...``; see :mod:`kat_timm.training.readers`).
 
 For people without a timm checkout: the options keep the names of timm's ``train.py`` (``--batch-size``, ``--opt``,
 ``--mixup``, ``--model-ema`` ...) and ``-c/--config FILE.yaml`` works as it does there (the YAML keys are option
@@ -706,7 +706,7 @@ def _clock(seconds: float) -> str:
 
 
 def _setup_logging(primary: bool) -> None:
-    """Messages from timm and kat_timm.data (skipped images) to stderr; other ranks show warnings only."""
+    """Messages from timm and kat_timm.training.data (skipped images) to stderr; other ranks show warnings only."""
     import logging
 
     logging.getLogger("kat_timm").setLevel(logging.INFO if primary else logging.WARNING)
@@ -733,7 +733,7 @@ def _init_device(args: argparse.Namespace):
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
-    from kat_timm.readers import dataset_prefix, is_folder_dataset
+    from kat_timm.training.readers import dataset_prefix, is_folder_dataset
 
     if not args.data_dir and (is_folder_dataset(args.dataset) or dataset_prefix(args.dataset) == "wds"):
         raise CLIError("give the dataset folder: --data-dir DIR (layout DIR/train/CLASS/*.png and "
@@ -822,9 +822,9 @@ class _Data:
 
 def _check_data(args: argparse.Namespace) -> _Data:
     """The checked training and validation datasets; the validation labels follow the training class order."""
-    from kat_timm.data import (DataError, ImageFolderDataset, ImageFolderSplit, check_class_sets,
+    from kat_timm.training.data import (DataError, ImageFolderDataset, ImageFolderSplit, check_class_sets,
                                check_readable_classes, check_split, load_class_names)
-    from kat_timm.readers import is_folder_dataset
+    from kat_timm.training.readers import is_folder_dataset
 
     if not is_folder_dataset(args.dataset):
         return _open_reader_datasets(args)
@@ -846,9 +846,9 @@ def _check_data(args: argparse.Namespace) -> _Data:
 
 
 def _open_reader_datasets(args: argparse.Namespace) -> _Data:
-    """--dataset hfds/..., wds/..., torch/...: timm's readers, checked by kat_timm.readers."""
-    from kat_timm.data import DataError
-    from kat_timm.readers import (DatasetSpec, check_distributed_evaluation, check_training_shards,
+    """--dataset hfds/..., wds/..., torch/...: timm's readers, checked by kat_timm.training.readers."""
+    from kat_timm.training.data import DataError
+    from kat_timm.training.readers import (DatasetSpec, check_distributed_evaluation, check_training_shards,
                                   dataset_class_names, open_dataset)
 
     spec = DatasetSpec(name=args.dataset, root=args.data_dir, download=args.dataset_download,
@@ -925,7 +925,7 @@ def _check_pretrained_path_covers(path: str, model, model_name: str) -> None:
     """--pretrained-path: timm loads the file non-strictly when it replaces the classifier, so a file holding few or
     none of the model's weights would start the run from random weights without a word. Every weight but the
     classifier (and the rational coefficients, which a KAT fills in for a ViT's weights) must come from the file."""
-    from kat_timm.hub import CheckpointError, load_checkpoint, unwrap_state_dict
+    from kat_timm.checkpoint import CheckpointError, load_checkpoint, unwrap_state_dict
 
     try:
         keys = set(unwrap_state_dict(load_checkpoint(path))[0])
@@ -945,7 +945,7 @@ def _check_pretrained_path_covers(path: str, model, model_name: str) -> None:
 
 def _check_classifier_size(path: str, num_classes: int) -> None:
     """--initial-checkpoint loads strictly: a classifier of another size gets its own message and the way out."""
-    from kat_timm.hub import CheckpointError, load_checkpoint, unwrap_state_dict
+    from kat_timm.checkpoint import CheckpointError, load_checkpoint, unwrap_state_dict
 
     try:
         state_dict, _ = unwrap_state_dict(load_checkpoint(path))
@@ -1000,7 +1000,7 @@ def _resume(args: argparse.Namespace, model, optimizer, loss_scaler, primary: bo
             hint = f"; the run was started with {' '.join(differing)}: resume with the same options"
         else:
             try:
-                from kat_timm.hub import infer_architecture, load_checkpoint, unwrap_state_dict
+                from kat_timm.checkpoint import infer_architecture, load_checkpoint, unwrap_state_dict
 
                 state_dict, _ = unwrap_state_dict(load_checkpoint(args.resume))
                 hint = f"; it looks like a checkpoint of {infer_architecture(state_dict)}"
@@ -1057,7 +1057,7 @@ def train(args: argparse.Namespace, prog: str = "kat-train") -> TrainResult:
     device = _init_device(args)
     primary = args.rank == 0
     _setup_logging(primary)
-    from kat_timm.data import DataError
+    from kat_timm.training.data import DataError
 
     try:
         return _train(args, parsed, device, primary, prog)

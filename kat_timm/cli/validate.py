@@ -1,5 +1,5 @@
 """``kat-validate`` (also ``kat-timm validate``): top-1, top-5 and loss of a model on an ImageFolder split, or on a
-split of any dataset timm's readers take (``--dataset hfds/...``, ``wds/...``; see :mod:`kat_timm.readers`).
+split of any dataset timm's readers take (``--dataset hfds/...``, ``wds/...``; see :mod:`kat_timm.training.readers`).
 
 The images are prepared as the model's pretrained_cfg says (timm's ``resolve_data_config`` and
 ``create_transform``: resize, centre crop ``crop_pct``, interpolation, mean and std), or, for a training checkpoint
@@ -41,7 +41,7 @@ def create_eval_loader(dataset, data_config: Dict[str, Any], batch_size: int, wo
     """
     from timm.data import create_transform
 
-    from kat_timm.data import collate_readable
+    from kat_timm.training.data import collate_readable
 
     if hasattr(dataset, "skip_unreadable"):  # an unreadable image is left out, not replaced by (and counted as) another
         dataset.skip_unreadable = True
@@ -187,7 +187,7 @@ class KeywordArguments(argparse.Action):
 def _trained_classes(split, trained: List[str], checkpoint: Path):
     """The split labelled in the order of the classes a kat-train checkpoint was trained on (a subset may be
     evaluated); folders the model never saw are an error."""
-    from kat_timm.data import ImageFolderSplit
+    from kat_timm.training.data import ImageFolderSplit
 
     unknown = [name for name in split.classes if name not in trained]
     if unknown:
@@ -252,8 +252,8 @@ def amp_autocast(enabled: bool, dtype_name: Optional[str], device: torch.device)
 
 def _open_reader_dataset(args: argparse.Namespace, data_dir: Optional[str], trained: Dict[str, Any]):
     """--dataset hfds/..., wds/..., torch/...: (dataset, class names or None, its name in messages)."""
-    from kat_timm.data import DataError
-    from kat_timm.readers import DatasetSpec, dataset_class_names, open_dataset
+    from kat_timm.training.data import DataError
+    from kat_timm.training.readers import DatasetSpec, dataset_class_names, open_dataset
 
     spec = DatasetSpec(name=args.dataset, root=data_dir, download=args.dataset_download,
                        input_img_mode=args.input_img_mode or "RGB", input_key=args.input_key,
@@ -273,7 +273,7 @@ def _open_reader_dataset(args: argparse.Namespace, data_dir: Optional[str], trai
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from kat_timm.readers import dataset_prefix, is_folder_dataset
+    from kat_timm.training.readers import dataset_prefix, is_folder_dataset
 
     data_dir = args.data_dir or args.data
     folder = is_folder_dataset(args.dataset)
@@ -335,8 +335,8 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _open_folder_dataset(args: argparse.Namespace, data_dir: str, trained: Dict[str, Any]):
-    """An ImageFolder split, checked (kat_timm.data): (dataset, class names, its folder in messages)."""
-    from kat_timm.data import DataError, ImageFolderDataset, check_readable_classes, check_split, load_class_names
+    """An ImageFolder split, checked (kat_timm.training.data): (dataset, class names, its folder in messages)."""
+    from kat_timm.training.data import DataError, ImageFolderDataset, check_readable_classes, check_split, load_class_names
 
     try:
         if args.class_map:

@@ -20,7 +20,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import VisionTransformer, build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
-from ..hub import unwrap_state_dict
+from ..checkpoint import unwrap_state_dict
 from ..layers import KAN
 from .from_vit import set_rationals_for_vit_mlp_, vit_state_dict_to_kat
 
@@ -166,7 +166,7 @@ def _complete_vit_state_dict(module, state_dict, prefix, *args) -> None:
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: KAT, **kwargs) -> Dict[str, torch.Tensor]:
     """Adapt a KAT checkpoint to ``model``: unwrap training checkpoints (EMA weights first, as timm does for
-    files) and drop ``module.`` / ``_orig_mod.`` prefixes (``kat_timm.hub.unwrap_state_dict``), then apply timm's
+    files) and drop ``module.`` / ``_orig_mod.`` prefixes (``kat_timm.checkpoint.unwrap_state_dict``), then apply timm's
     ViT filter (resamples position and patch embeddings for another img_size or patch size).
 
     Raises:

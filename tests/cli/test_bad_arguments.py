@@ -19,7 +19,7 @@ from kat_timm.cli import predict as predict_cli
 from kat_timm.cli import train as train_module
 from kat_timm.cli import validate as validate_module
 from tests.helpers import fill_uninitialised_
-from tests.test_data import make_image_folder
+from tests.training.test_data import make_image_folder
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

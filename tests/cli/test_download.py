@@ -1,4 +1,4 @@
-"""``kat-timm download`` and ``kat_timm.download``: offline, against a fake Hugging Face cache in tmp_path.
+"""``kat-timm download`` and ``kat_timm.tools.download``: offline, against a fake Hugging Face cache in tmp_path.
 
 The network path can't run here. It is simulated by replacing ``hf_hub_download`` (the one function that reaches
 the network) with a fake that writes into the fake cache, as the real one does; everything else (cache lookups,
@@ -16,10 +16,10 @@ import torch
 from huggingface_hub import constants
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-import kat_timm.download as download_module
+import kat_timm.tools.download as download_module
 from kat_timm.cli import download as cli
 from kat_timm.cli import main as kat_timm_main
-from kat_timm.download import DownloadError, download_pretrained, format_size, released_models, resolve_hub_repo
+from kat_timm.tools.download import DownloadError, download_pretrained, format_size, released_models, resolve_hub_repo
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

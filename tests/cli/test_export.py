@@ -19,14 +19,14 @@ HAS_ONNX = all(importlib.util.find_spec(name) for name in ("onnx", "onnxscript",
 @pytest.fixture
 def no_export(monkeypatch):
     """Fail the test if an export starts: usage errors must be caught first."""
-    import kat_timm.export
+    import kat_timm.tools.export
 
-    monkeypatch.setattr(kat_timm.export, "export_program", lambda *a, **k: pytest.fail("an export was started"))
+    monkeypatch.setattr(kat_timm.tools.export, "export_program", lambda *a, **k: pytest.fail("an export was started"))
 
 
 @pytest.mark.skipif(not HAS_ONNX, reason='onnx, onnxscript or onnxruntime not installed (pip install onnx onnxscript onnxruntime)')
 def test_export_of_a_checkpoint_with_check(tmp_path, capsys, single_thread):
-    from kat_timm.export import check_onnx, onnx_op_domains
+    from kat_timm.tools.export import check_onnx, onnx_op_domains
 
     checkpoint = tmp_path / "kat_tiny.pth"
     state_dict = random_kat_state_dict(11)  # 224 px, as trained; the export resamples it to 32 px
@@ -74,12 +74,12 @@ def test_output_that_is_a_folder(tmp_path, capsys, no_export):
 
 
 def test_failed_opset_conversion_is_one_line_and_random_weights_are_announced(tmp_path, capsys, monkeypatch):
-    import kat_timm.export
+    import kat_timm.tools.export
 
     def fail(*args, **kwargs):
-        raise kat_timm.export.OpsetConversionError("the ONNX exporter could not convert the graph to opset 23")
+        raise kat_timm.tools.export.OpsetConversionError("the ONNX exporter could not convert the graph to opset 23")
 
-    monkeypatch.setattr(kat_timm.export, "export_onnx", fail)
+    monkeypatch.setattr(kat_timm.tools.export, "export_onnx", fail)
     assert cli.main(["kat_tiny", "-o", str(tmp_path / "kat.onnx"), "--opset", "23", "--img-size", "32"]) == 1
     err = capsys.readouterr().err.splitlines()
     assert err == ["kat-timm export: warning: no --pretrained or --checkpoint: exporting kat_tiny with random weights",

@@ -10,11 +10,11 @@ import timm
 import torch
 from PIL import Image
 
-import kat_timm.plot
+import kat_timm.tools.plot
 from kat_timm.cli import plot as plot_cli
 from kat_timm.layers import KAN, GroupRational
 from kat_timm.ops import group_rational_reference
-from kat_timm.plot import plot_rationals, rational_curves
+from kat_timm.tools.plot import plot_rationals, rational_curves
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -98,7 +98,7 @@ def test_missing_matplotlib_says_how_to_install_it(monkeypatch, capsys, small_ka
     for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
         monkeypatch.setitem(sys.modules, name, None)  # import of a None entry raises ImportError
     # The module itself imports without matplotlib (so kat_timm can export plot_rationals eagerly).
-    importlib.reload(kat_timm.plot)
+    importlib.reload(kat_timm.tools.plot)
     with pytest.raises(ImportError, match=r'needs matplotlib: pip install matplotlib'):
         plot_rationals(small_kat)
     assert plot_cli.main(["--random-weights", "-o", str(tmp_path / "a.png")]) == 1
@@ -114,7 +114,7 @@ def test_command_writes_a_png_of_the_released_weights(monkeypatch, capsys, tmp_p
         figures.append((model, plot_rationals(model, **kwargs)))
         return figures[-1][1]
 
-    monkeypatch.setattr(kat_timm.plot, "plot_rationals", keep)
+    monkeypatch.setattr(kat_timm.tools.plot, "plot_rationals", keep)
     output = tmp_path / "activations.png"
     assert plot_cli.main(["--model", "kat_tiny", "-o", str(output), "--dpi", "40"]) == 0, capsys.readouterr().err
     assert f"wrote {output}: 24 rational activations of kat_tiny (released weights)" in capsys.readouterr().out

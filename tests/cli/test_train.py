@@ -22,7 +22,7 @@ import torch
 from kat_timm.cli import train as train_module
 from kat_timm.cli.train import parse_args, train
 from tests.helpers import fill_uninitialised_, save_vit_as_npz, sigkill_training_after_first_checkpoint
-from tests.test_data import make_image_folder, write_corrupt_image
+from tests.training.test_data import make_image_folder, write_corrupt_image
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -306,7 +306,7 @@ def test_initial_checkpoint_vit_npz(data, tmp_path, monkeypatch):
 def test_corrupt_training_image_is_skipped_with_a_warning(data, tmp_path, caplog):
     bad = write_corrupt_image(data / "train" / "red" / "3.png")
     assert train_module.main(run_args(data, tmp_path / "out", "--epochs", "1", "--val-split", "")) == 0
-    warnings = [record.getMessage() for record in caplog.records if record.name == "kat_timm.data"]
+    warnings = [record.getMessage() for record in caplog.records if record.name == "kat_timm.training.data"]
     assert len(warnings) == 1 and str(bad) in warnings[0], warnings
 
 

@@ -196,7 +196,7 @@ def test_wds_sample_without_a_label_is_one_line(tmp_path, capsys):
 
 
 def test_dataset_without_a_reader_prefix_is_an_image_folder_as_in_timm(tmp_path, capsys):
-    from tests.test_data import make_image_folder
+    from tests.training.test_data import make_image_folder
 
     argv = ["--dataset", "imagenet", "--data-dir", str(tmp_path / "folder"), *common(tmp_path / "o")]
     assert train_module.main(argv) == 1
@@ -286,8 +286,8 @@ def _kill_after_first_checkpoint(args: list, tmp_path: Path, run_dir: Path) -> i
 def test_distributed_evaluation_that_timm_would_cut_short_is_refused(tmp_path):
     """2 validation shards of 2 samples: 2 processes x 2 workers are 4 loaders capped at 1 sample each, so half the
     split would go unscored; with 2 loaders (no workers) every sample is read."""
-    from kat_timm.data import DataError
-    from kat_timm.readers import DatasetSpec, check_distributed_evaluation
+    from kat_timm.training.data import DataError
+    from kat_timm.training.readers import DatasetSpec, check_distributed_evaluation
 
     make_wds_shards(tmp_path, "val", labels_per_shard=[0, 1], per_shard=2)
     spec = DatasetSpec("wds/toy", root=str(tmp_path))

@@ -27,7 +27,7 @@ import torch
 
 from kat_timm.cli import train as train_module
 from tests.cli.test_train import load_training_checkpoint, run_args, summary_epochs
-from tests.test_data import make_image_folder
+from tests.training.test_data import make_image_folder
 
 REPO = Path(__file__).resolve().parents[2]
 TOP1 = {0: 10.0, 1: 20.0, 2: 5.0}  # epoch 1 is the best

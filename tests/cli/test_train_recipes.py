@@ -20,7 +20,7 @@ import pytest
 from kat_timm.cli import train as train_module
 from tests.cli.test_train import load_training_checkpoint, summary_epochs
 from tests.helpers import save_vit_as_npz
-from tests.test_data import make_image_folder
+from tests.training.test_data import make_image_folder
 
 REPO = Path(__file__).resolve().parents[2]
 READMES = (REPO / "README.md", REPO / "configs" / "README.md")

@@ -11,7 +11,7 @@ import torch
 from kat_timm.cli import validate as validate_module
 from kat_timm.cli.train import parse_args, train
 from tests.helpers import fill_uninitialised_
-from tests.test_data import make_image_folder, write_corrupt_image
+from tests.training.test_data import make_image_folder, write_corrupt_image
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -130,7 +130,7 @@ def test_corrupt_validation_image_is_skipped_with_a_warning(trained, tmp_path, c
     copy = tmp_path / "data"
     shutil.copytree(data, copy)
     bad = write_corrupt_image(copy / "validation" / "green" / "2.png")
-    with caplog.at_level(logging.WARNING, logger="kat_timm.data"):
+    with caplog.at_level(logging.WARNING, logger="kat_timm.training.data"):
         code, out, err = run_validate(capsys, "--data-dir", copy, "--model", "kat_tiny",
                                       "--checkpoint", run_dir / "last.pth.tar")
     assert code == 0, err

@@ -623,7 +623,7 @@ def test_large_inputs_differentiable_formula_and_onnx_decomposition():
     """The TorchScript / forward-AD formula and the ONNX decomposition take the same reciprocal form. (Reverse mode
     through the differentiable formula is checked up to 1e30: beyond ~1e37 autograd's chain rule multiplies an
     overflowing x * dh/du by an underflowing du/dx; the op's own backward has no such limit.)"""
-    from kat_timm.export import group_rational_plain
+    from kat_timm.tools.export import group_rational_plain
     from kat_timm.ops import group_rational_autograd
 
     numerator, denominator = (torch.tensor([c]) for c in rational_init("swish"))

@@ -1,4 +1,4 @@
-"""kat_timm.zoo and scripts/model_zoo.py: the registered models and tags, parameters, FLOPs, top-1, Hub ids, aliases,
+"""kat_timm.tools.zoo and scripts/model_zoo.py: the registered models and tags, parameters, FLOPs, top-1, Hub ids, aliases,
 and the local-cache check (offline: a fake Hugging Face cache in tmp_path)."""
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import timm
 
-from kat_timm import zoo
+from kat_timm.tools import zoo
 from kat_timm.ops.flops import RATIONAL_FORWARD_FLOPS_PER_ELEMENT
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "model_zoo.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "model_zoo.py"
 # Exact parameter counts of the released models (KAT_NOTES.md).
 PARAMS = {"tiny": 5_718_328, "small": 22_051_576, "base": 86_568_568}
 TOP1 = {"tiny": (74.6, 75.7), "small": (81.2, 82.0), "base": (82.3, 82.8)}

@@ -1,4 +1,4 @@
-"""``kat_timm.export``: the plain-ops rational, torch.export of a KAT, and ONNX files of standard ops only.
+"""``kat_timm.tools.export``: the plain-ops rational, torch.export of a KAT, and ONNX files of standard ops only.
 
 The models are kat_tiny at 32 x 32 pixels (4 patches: export time grows with the graph, not the image) with jittered
 random weights, so that every rational differs from its init. The ONNX file is exported once per module.
@@ -12,8 +12,8 @@ import pytest
 import timm
 import torch
 
-import kat_timm.export as export_module
-from kat_timm.export import (
+import kat_timm.tools.export as export_module
+from kat_timm.tools.export import (
     MissingDependencyError,
     check_onnx,
     decompose_rationals,

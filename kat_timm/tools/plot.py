@@ -16,8 +16,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .layers import GroupRational
-from .ops import group_rational_reference
+from ..layers import GroupRational
+from ..ops import group_rational_reference
 
 __all__ = ["REFERENCE_FUNCTIONS", "find_rationals", "plot_rationals", "rational_curves"]
 

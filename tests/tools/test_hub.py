@@ -1,4 +1,4 @@
-"""scripts/convert_checkpoint.py and kat_timm.hub: a released-format KAT checkpoint -> Hub-ready folder -> timm.
+"""scripts/convert_checkpoint.py and kat_timm.tools.hub: a released-format KAT checkpoint -> Hub-ready folder -> timm.
 
 The checkpoints are random kat_tiny models (every tensor jittered, so nothing equals a fresh init), saved like the
 release: a pickled fp32 OrderedDict in a .bin. The converted folder must load with
@@ -22,10 +22,11 @@ import torch
 
 import kat_timm  # noqa: F401  (registers the KAT models in timm)
 import timm
-from kat_timm import hub
+from kat_timm import checkpoint as ckpt
+from kat_timm.tools import hub
 from tests.helpers import fill_uninitialised_
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "convert_checkpoint.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "convert_checkpoint.py"
 TINY = "kat_tiny_patch16_224"
 RATIONAL = ("weight_numerator", "weight_denominator")
 
@@ -310,7 +311,7 @@ def test_error_booby_trapped_pickle_never_runs(tmp_path, capsys, weights):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# kat_timm.hub helpers
+# kat_timm.tools.hub helpers
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -323,12 +324,12 @@ def _shape_only(embed_dim: int, depth: int = 12, tokens: int = 197):
 
 @pytest.mark.parametrize("size, dim", [("tiny", 192), ("small", 384), ("base", 768)])
 def test_infer_architecture(size, dim):
-    assert hub.infer_architecture(_shape_only(dim)) == f"kat_{size}_patch16_224"
+    assert ckpt.infer_architecture(_shape_only(dim)) == f"kat_{size}_patch16_224"
 
 
 def test_infer_architecture_rejects_other_grids():
-    with pytest.raises(hub.CheckpointError, match="pos_embed of 145 tokens"):
-        hub.infer_architecture(_shape_only(192, tokens=145))
+    with pytest.raises(ckpt.CheckpointError, match="pos_embed of 145 tokens"):
+        ckpt.infer_architecture(_shape_only(192, tokens=145))
 
 
 def test_param_counts_of_the_card():

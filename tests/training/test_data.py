@@ -1,4 +1,4 @@
-"""kat_timm.data: ImageFolder checks with clear errors, and corrupt images skipped with one warning per file.
+"""kat_timm.training.data: ImageFolder checks with clear errors, and corrupt images skipped with one warning per file.
 
 ``make_image_folder`` builds the synthetic data set the train/validate tests use too: one colour per class (red,
 green, blue plus noise), trivially separable.
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kat_timm.data import (DataError, ImageFolderDataset, ImageFolderSplit, check_class_sets, check_readable_classes,
+from kat_timm.training.data import (DataError, ImageFolderDataset, ImageFolderSplit, check_class_sets, check_readable_classes,
                            check_split, collate_readable, find_split_folder, load_class_names)
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
@@ -152,13 +152,13 @@ def test_corrupt_image_is_skipped_with_one_warning_naming_it(tmp_path, caplog, d
         bad.write_bytes(bad.read_bytes()[:200])  # header intact, pixel data cut off
     dataset = ImageFolderDataset(check_split(tmp_path, "train"))
     index = next(i for i in range(len(dataset)) if dataset.filename(i, absolute=True) == str(bad))
-    with caplog.at_level(logging.WARNING, logger="kat_timm.data"):
+    with caplog.at_level(logging.WARNING, logger="kat_timm.training.data"):
         image, label = dataset[index]
         dataset[index]  # a second visit (a second epoch) warns no more
     substitute = dataset.filename((index + 1) % len(dataset), absolute=True)
     assert label == dataset.reader.samples[(index + 1) % len(dataset)][1], f"expected the sample of {substitute}"
     assert image.size == (32, 32)
-    warnings = [record.getMessage() for record in caplog.records if record.name == "kat_timm.data"]
+    warnings = [record.getMessage() for record in caplog.records if record.name == "kat_timm.training.data"]
     assert len(warnings) == 1, warnings
     assert str(bad) in warnings[0] and "skipping unreadable image" in warnings[0]
 

@@ -5,13 +5,13 @@ Hub name, a data folder, or a folder written by ``DatasetDict.save_to_disk``), `
 ``tfds/NAME`` and ``wds/NAME`` (WebDataset tar shards under ``root``, the split a brace pattern such as
 ``train-{0000..0127}.tar`` or a split named in ``root/_info.json``). This module passes the options through with
 timm's meaning (``--dataset``, ``--train-split``, ``--input-key`` ...) and turns what timm reports as a traceback, a
-bare ``KeyError`` or, for WebDataset, a silently empty epoch, into a :class:`~kat_timm.data.DataError` whose one
+bare ``KeyError`` or, for WebDataset, a silently empty epoch, into a :class:`~kat_timm.training.data.DataError` whose one
 line names the option, the dataset and what exists instead.
 
 What is checked before any training starts: the dataset exists, the split exists, the image and label keys are
 columns (``hfds``) or members of the first sample of the first shard (``wds``), every shard file of the split is
 there, and a streamed training split has a sample count. Folder datasets (``--dataset ""``, timm's default) keep
-the ImageFolder checks of :mod:`kat_timm.data`.
+the ImageFolder checks of :mod:`kat_timm.training.data`.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def dataset_prefix(name: Optional[str]) -> str:
 
 
 def is_folder_dataset(name: Optional[str]) -> bool:
-    """Whether ``--dataset name`` is read from an ImageFolder (timm's default reader), checked by kat_timm.data."""
+    """Whether ``--dataset name`` is read from an ImageFolder (timm's default reader), checked by kat_timm.training.data."""
     return dataset_prefix(name) == ""
 
 

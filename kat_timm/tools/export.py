@@ -22,9 +22,9 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
-from .ops.rational_torch import LARGE_INPUT
+from ..ops.rational_torch import LARGE_INPUT
 
-from .transforms import model_input_size
+from ..transforms import model_input_size
 
 __all__ = [
     "DEFAULT_OPSET",
