@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops.group_rational import group_rational
+from ..ops.group_rational import group_rational, group_rational_
 from ..ops.rational_torch import group_rational_autograd
 from .rational_inits import rational_init
 
@@ -53,6 +53,11 @@ class GroupRational(nn.Module):
         if torch.jit.is_scripting():
             return group_rational_autograd(x, self.weight_numerator, self.weight_denominator, self.channel_dim, bias)
         return group_rational(x, self.weight_numerator, self.weight_denominator, self.channel_dim, bias)
+
+    def forward_(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """F(x) (or F(x + bias)) written over ``x``, for inference (``kat_timm.ops.group_rational_``): the caller
+        must own x and not need it afterwards."""
+        return group_rational_(x, self.weight_numerator, self.weight_denominator, self.channel_dim, bias)
 
     def extra_repr(self) -> str:
         return f"num_groups={self.num_groups}, init={self.init!r}, channel_dim={self.channel_dim}"

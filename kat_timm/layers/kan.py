@@ -47,7 +47,8 @@ class KAN(nn.Module):
     Where ``kat_timm.ops.fuses_linear_bias`` says it pays (the native CPU kernel), fc1 runs as a bias-free matmul
     and act2 adds ``fc1.bias`` inside its own pass (and returns its gradient from its backward pass): the same
     function, one pass over the hidden activations fewer each way. The parameters stay where they are, so the
-    state dict is the released one either way. TorchScript and fx tracing take the plain path.
+    state dict is the released one either way. In eager inference act2 then writes over fc1's output instead of
+    allocating its own. TorchScript and fx tracing take the plain path.
 
     ``init_weights`` applies the paper's variance-preserving initialisation (section S3), which the released code
     intended but overwrote: fc1 with variance 1 / fan_in (act1 is the identity), fc2 with variance gain / fan_in,
@@ -126,9 +127,29 @@ class KAN(nn.Module):
         return self.fc2(x)
 
     def _fc1_act2(self, x: torch.Tensor) -> torch.Tensor:
-        """act2(fc1(x)), with fc1's bias added inside act2's pass where that pays."""
+        """act2(fc1(x)), with fc1's bias added inside act2's pass where that pays, and in inference written over
+        fc1's output (which nothing else reads) instead of into a new tensor."""
         if not torch.jit.is_scripting():
             # fx symbolic tracing hands a Proxy, whose device can't be asked: it records the plain path.
-            if self.fc1.bias is not None and not isinstance(x, torch.fx.Proxy) and fuses_linear_bias(x):
-                return self.act2(F.linear(x, self.fc1.weight), self.fc1.bias)
+            if not isinstance(x, torch.fx.Proxy) and fuses_linear_bias(x):
+                hidden = F.linear(x, self.fc1.weight)
+                if self._in_place_ok(hidden):
+                    return self.act2.forward_(hidden, self.fc1.bias)
+                return self.act2(hidden, self.fc1.bias)
         return self.act2(self.fc1(x))
+
+    def _in_place_ok(self, hidden: torch.Tensor) -> bool:
+        """Whether act2 may overwrite ``hidden``: eager inference (no autograd graph to keep its input for, and no
+        tracer that would record a copy instead) with no hook on act2 (the in-place call bypasses ``__call__``, and
+        a hook may keep its input)."""
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or type(hidden) is not torch.Tensor:
+            return False
+        act2 = self.act2
+        if (act2._forward_hooks or act2._forward_pre_hooks or nn.modules.module._global_forward_hooks
+                or nn.modules.module._global_forward_pre_hooks):
+            return False
+        if not torch.is_grad_enabled():
+            return True
+        bias = self.fc1.bias
+        return not (hidden.requires_grad or self.act2.weight_numerator.requires_grad
+                    or self.act2.weight_denominator.requires_grad or (bias is not None and bias.requires_grad))

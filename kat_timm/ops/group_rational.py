@@ -32,7 +32,7 @@ from .backend import select_backend
 from .layout import channels_moved_last, empty_output, mgl_view
 from .rational_torch import group_rational_autograd
 
-__all__ = ["group_rational"]
+__all__ = ["group_rational", "group_rational_"]
 
 _IMPLEMENTATIONS = {}
 
@@ -124,6 +124,19 @@ def _backward(grad, x, numerator, denominator, channel_dim: int, bias):
         )
         grad_bias = _bias_gradient(bias_sums, bias)
     return _from_mgl(grad_x3, x, cdim, moved), grad_numerator, grad_denominator, grad_bias
+
+
+def _forward_in_place(x, numerator, denominator, channel_dim: int, bias) -> torch.Tensor:
+    """x = F(x + bias), in x's memory when the native kernel can write it there (a contiguous token layout), else
+    computed into a new tensor and copied back."""
+    cdim = channel_dim % x.dim()
+    if x.numel() and cdim == x.dim() - 1 and x.is_contiguous() and select_backend(x) == "native":
+        groups = denominator.shape[0]
+        x3 = x.view(-1, groups, x.shape[-1] // groups)
+        columns = None if bias is None else _bias_columns(bias, x, cdim, False, groups)
+        _implementation("native", "forward")(x3, numerator, denominator, bias=columns, in_place=True)
+        return x
+    return x.copy_(_forward(x, numerator, denominator, channel_dim, bias))
 
 
 @torch.library.custom_op("kat_timm::group_rational", mutates_args=())
@@ -367,3 +380,43 @@ def group_rational(
     if bias is None:
         return _group_rational_op(x, numerator, denominator, channel_dim)
     return _group_rational_op(x, numerator, denominator, channel_dim, bias)
+
+
+def group_rational_(
+    x: torch.Tensor,
+    numerator: torch.Tensor,
+    denominator: torch.Tensor,
+    channel_dim: int = -1,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """In-place ``group_rational``: overwrites ``x`` with F(x + bias) and returns it. For inference only.
+
+    Where the native CPU kernel runs on a contiguous ``[..., C]`` tensor it writes the result over its input in
+    the same pass, so no output tensor is allocated (on a CPU, the fresh pages of a large output cost about as
+    much as the pass itself). Elsewhere (other backends, layouts, compile/export tracing) the result is computed
+    out of place and copied into ``x``: the same values, never faster than ``group_rational``.
+
+    Args:
+        x: input, overwritten; as for ``group_rational``.
+        numerator, denominator, channel_dim, bias: as for ``group_rational``.
+
+    Returns:
+        ``x``.
+
+    Raises:
+        RuntimeError: autograd would need the result's inputs: grad mode is on and x, the coefficients or the bias
+            require grad (use ``group_rational``).
+        TypeError, ValueError: as ``group_rational``.
+    """
+    _validate(x, numerator, denominator, channel_dim, bias)
+    if torch.is_grad_enabled() and (
+        x.requires_grad or numerator.requires_grad or denominator.requires_grad
+        or (bias is not None and bias.requires_grad)
+    ):
+        raise RuntimeError(
+            "group_rational_: the in-place op is for inference, but autograd needs its inputs here (grad mode is on "
+            "and a tensor requires grad); use group_rational, or run under torch.no_grad() / torch.inference_mode()"
+        )
+    if _plain_eager(x):
+        return _forward_in_place(x, numerator, denominator, channel_dim, bias)
+    return x.copy_(group_rational(x, numerator, denominator, channel_dim, bias))

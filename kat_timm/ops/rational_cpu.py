@@ -247,12 +247,16 @@ def _bias_pointer(bias: Optional[torch.Tensor], x3: torch.Tensor) -> Optional[in
 
 
 def rational_forward_native(
-    x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, bias: Optional[torch.Tensor] = None
+    x3: torch.Tensor,
+    numerator: torch.Tensor,
+    denominator: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    in_place: bool = False,
 ) -> torch.Tensor:
     """Forward on a contiguous CPU (M, G, L) view: F(x3 + bias) (bias: None or float32 (G, L), one value per
-    column); returns a new tensor of x3's dtype."""
+    column); returns a new tensor of x3's dtype, or x3 itself, overwritten, with ``in_place``."""
     library = _library or _load()
-    out = torch.empty_like(x3)
+    out = x3 if in_place else torch.empty_like(x3)
     num, den = _as_f32(numerator), _as_f32(denominator)
     rows, groups, length = x3.shape
     code = library.kat_rational_forward(

@@ -255,3 +255,36 @@ def test_fused_kat_computes_the_unfused_function(use_backend, monkeypatch, mode)
     assert relative_error(fused_logits, plain_logits) <= 1e-5
     for name, grad in plain_grads.items():
         assert relative_error(fused_grads[name], grad) <= 1e-4, f"grad of {name}"
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode", "frozen"])
+def test_inference_writes_act2_over_fc1_output(use_backend, monkeypatch, context):
+    """Without autograd, act2 runs in place on fc1's output (nothing else reads it): the same logits bit for bit
+    as the out-of-place path, and a model that is then trained still gets its gradients."""
+    use_backend("auto")
+    torch.manual_seed(4)
+    model = _jitter_biases_(timm.create_model("kat_tiny_patch16_224", img_size=32, num_classes=10)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    expected = model(x).detach()  # grad mode, parameters require grad: out of place
+    spy = []
+    original = kat_timm.layers.GroupRational.forward_
+    monkeypatch.setattr(kat_timm.layers.GroupRational, "forward_", lambda self, *a: spy.append(1) or original(self, *a))
+    if context == "frozen":
+        model.requires_grad_(False)
+        logits = model(x)
+        model.requires_grad_(True)
+    else:
+        with getattr(torch, context)():
+            logits = model(x)
+    assert len(spy) == len(model.blocks), "every block's act2 runs in place"
+    assert torch.equal(logits, expected)
+    spy.clear()
+    model.train()
+    model(x).sum().backward()
+    assert not spy and model.blocks[0].mlp.act2.weight_numerator.grad is not None
+    # A hook on act2 sees its real input and output: that call goes through the module, out of place.
+    seen = []
+    model.eval().blocks[0].mlp.act2.register_forward_hook(lambda module, args, out: seen.append((args[0], out)))
+    with torch.no_grad():
+        model(x)
+    assert len(spy) == len(model.blocks) - 1 and not torch.equal(seen[0][0], seen[0][1])

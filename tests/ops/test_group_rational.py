@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kat_timm.ops import group_rational, group_rational_reference, native_cpu_status, select_backend
+from kat_timm.ops import group_rational, group_rational_, group_rational_reference, native_cpu_status, select_backend
 from kat_timm.layers import rational_init
 from tests.helpers import (
     assert_backward_deterministic,
@@ -639,3 +639,60 @@ def test_large_inputs_differentiable_formula_and_onnx_decomposition():
     _, tangent = torch.func.jvp(lambda t: group_rational(t, numerator, denominator), (x,), (torch.ones_like(x),))
     _, ref_dx, _, _ = group_rational_reference(x, numerator, denominator, -1, torch.ones_like(x))
     assert ((tangent.double() - ref_dx).abs() / ref_dx.abs().amax(1, keepdim=True)).max() <= 1e-5, "jvp"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# group_rational_: in place, for inference
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,groups", [((3, 7, 64), 8), ((2, 5, 3000), 1), ((16, 197, 768), 8), ((1, 40), 8)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_in_place_equals_out_of_place(cpu_backend, dtype, shape, groups, with_bias):
+    torch.manual_seed(0)
+    numerator, denominator = (t.detach() for t in random_coefficients(groups))
+    x = (torch.randn(shape) * 3).to(dtype)
+    x.view(-1)[::997] = 3e19  # large inputs: the kernel redoes their blocks in the safe form, from the input
+    bias = torch.randn(shape[-1]) if with_bias else None
+    expected = group_rational(x, numerator, denominator, bias=bias)
+    overwritten = x.clone()
+    result = group_rational_(overwritten, numerator, denominator, bias=bias)
+    assert result is overwritten
+    assert torch.equal(overwritten, expected), "the in-place op must give the out-of-place op's values bit for bit"
+
+
+@pytest.mark.parametrize("channel_dim,shape", [(1, (2, 16, 5, 5)), (-1, (4, 6, 32))])
+def test_in_place_other_layouts(cpu_backend, channel_dim, shape):
+    # Image layouts and non-contiguous inputs are computed out of place and copied back: still x, still exact.
+    numerator, denominator = (t.detach() for t in random_coefficients(8))
+    base = torch.randn(shape)
+    x = base if channel_dim == 1 else base.transpose(0, 1)  # a non-contiguous token tensor
+    expected = group_rational(x, numerator, denominator, channel_dim)
+    result = group_rational_(x, numerator, denominator, channel_dim)
+    assert result is x and torch.equal(x, expected)
+
+
+def test_in_place_refuses_autograd():
+    numerator, denominator = random_coefficients(8)  # require grad
+    x = torch.randn(4, 64)
+    with pytest.raises(RuntimeError, match="for inference.*torch.no_grad"):
+        group_rational_(x, numerator, denominator)
+    with torch.no_grad():
+        group_rational_(x, numerator, denominator)
+    with pytest.raises(ValueError, match="multiple of G"):
+        group_rational_(torch.randn(4, 60), numerator.detach(), denominator.detach())
+
+
+def test_in_place_under_compile(use_backend):
+    use_backend("native")
+    numerator, denominator = (t.detach() for t in random_coefficients(8))
+    x = torch.randn(4, 7, 64)
+    expected = group_rational(x, numerator, denominator)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def apply(t):
+        return group_rational_(t, numerator, denominator)
+
+    apply(x)
+    assert torch.equal(x, expected)

@@ -212,6 +212,24 @@ static void load_coeffs(kat_coeffs *c, int64_t groups, const float *num, int64_t
         KAT_FORWARD_PIECE_BODY(SUFFIX, load_##SUFFIX(x, i) + bias[i])                                             \
     }
 
+/* In place (y == x): the pieces read x again for the safe form, so each block of the piece goes through a buffer
+ * that stays in L1, and only then over x. */
+#ifndef KAT_IN_PLACE_BLOCK
+#define KAT_IN_PLACE_BLOCK 256
+#endif
+#define KAT_DEFINE_FORWARD_IN_PLACE(SUFFIX, T)                                                                    \
+    static void forward_piece_in_place_##SUFFIX(T *y, int64_t n, const kat_coeffs *c, const float *bias) {        \
+        T block[KAT_IN_PLACE_BLOCK];                                                                              \
+        for (int64_t j = 0; j < n; j += KAT_IN_PLACE_BLOCK) {                                                     \
+            const int64_t m = n - j < KAT_IN_PLACE_BLOCK ? n - j : KAT_IN_PLACE_BLOCK;                            \
+            if (bias)                                                                                             \
+                forward_piece_bias_##SUFFIX(y + j, block, m, c, bias + j);                                        \
+            else                                                                                                  \
+                forward_piece_##SUFFIX(y + j, block, m, c);                                                       \
+            memcpy(y + j, block, (size_t)m * sizeof(T));                                                          \
+        }                                                                                                         \
+    }
+
 /*
  * One piece inside a segment: backward. Adds this piece's ten sums to acc (float64). The bias variant reads x plus
  * the columns' biases and adds each dx (float32, before the cast to the storage type) to its column's bias_acc.
@@ -304,6 +322,7 @@ static void load_coeffs(kat_coeffs *c, int64_t groups, const float *num, int64_t
 #define KAT_DEFINE_DRIVERS(SUFFIX, T)                                                                             \
     KAT_DEFINE_MAX_ABS(SUFFIX, T)                                                                                 \
     KAT_DEFINE_FORWARD_PIECE(SUFFIX, T)                                                                           \
+    KAT_DEFINE_FORWARD_IN_PLACE(SUFFIX, T)                                                                        \
     KAT_DEFINE_BACKWARD_PIECE(SUFFIX, T)                                                                          \
     KAT_DEFINE_BACKWARD_ROW(SUFFIX, T)                                                                            \
     /* Chunks of whole rows; the per-column sums of a chunk are folded into its group partials at its end. */     \
@@ -393,7 +412,9 @@ static void load_coeffs(kat_coeffs *c, int64_t groups, const float *num, int64_t
                 const int64_t seg = i / seg_len;                                                                  \
                 const int64_t seg_end = (seg + 1) * seg_len;                                                      \
                 const int64_t end = seg_end < stop ? seg_end : stop;                                              \
-                if (bias)                                                                                         \
+                if (x == y)                                                                                       \
+                    forward_piece_in_place_##SUFFIX(y + i, end - i, &c[seg % groups], bias ? bias + i % K : NULL); \
+                else if (bias)                                                                                    \
                     forward_piece_bias_##SUFFIX(x + i, y + i, end - i, &c[seg % groups], bias + i % K);           \
                 else                                                                                              \
                     forward_piece_##SUFFIX(x + i, y + i, end - i, &c[seg % groups]);                              \
@@ -431,7 +452,8 @@ int kat_rational_supports(int dtype) {
 }
 
 /*
- * x, y: (M, G, L) contiguous, total = M * G * L elements of the storage type `dtype`.
+ * x, y: (M, G, L) contiguous, total = M * G * L elements of the storage type `dtype`; y == x computes in place
+ * (any other overlap is not allowed).
  * num: float32, row g at num + g * num_row_stride (stride 0 for one shared row); den: float32 (G, 4).
  * bias: NULL, or float32 (G * L): one value per column of the (M, K = G * L) matrix, added to x before F.
  */
