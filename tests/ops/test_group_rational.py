@@ -696,3 +696,31 @@ def test_in_place_under_compile(use_backend):
 
     apply(x)
     assert torch.equal(x, expected)
+
+
+# Row tiles of the native backward: groups of 32..1024 channels go four rows per reduction (backward_quad), the rows
+# left over one by one; shorter groups take row mode, longer ones (no bias) flat pieces.
+TILE_SHAPES = [((13, 8 * 48), 8), ((10, 197, 768), 8), ((3, 2, 8 * 96), 8), ((7, 5, 4 * 1024), 4), ((5, 8 * 1500), 8)]
+
+
+@pytest.mark.parametrize("shape,groups", TILE_SHAPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_backward_row_tiles(use_backend, shape, groups, with_bias):
+    use_backend("native")
+    torch.manual_seed(1)
+    numerator, denominator = random_coefficients(groups, shared_numerator=False)
+    x = torch.randn(shape) * 2
+    x.view(-1, shape[-1])[5 % x.view(-1, shape[-1]).shape[0], 3] = 5e4  # a large input: its four rows go safe
+    bias = channel_bias(x, -1) if with_bias else None
+    check_against_reference(x, numerator, denominator, bias=bias, rtol=2e-5)
+    results, threads = [], torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            leaves = [t.detach().requires_grad_() for t in (x, numerator, denominator)]
+            b = None if bias is None else bias.detach().requires_grad_()
+            group_rational(*leaves, bias=b).backward(torch.ones(shape))
+            results.append([t.grad for t in leaves] + ([] if b is None else [b.grad]))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(one, two) for one, two in zip(*results)), "gradients must not depend on the thread count"

@@ -41,9 +41,12 @@ enum { KAT_OK = 0, KAT_BAD_DTYPE = 1, KAT_NO_MEMORY = 2 };
 #endif
 /* Backward switches to whole-row chunks when groups are shorter than this and rows no wider than that. */
 #ifndef KAT_ROW_MODE_MAX_L
-#define KAT_ROW_MODE_MAX_L 64
+#define KAT_ROW_MODE_MAX_L 32
 #endif
 #define KAT_ROW_MODE_MAX_K 4096
+#ifndef KAT_TILE_MODE_MAX_L
+#define KAT_TILE_MODE_MAX_L 1024
+#endif
 #ifndef KAT_COL_BLOCK
 #define KAT_COL_BLOCK 128
 #endif
@@ -271,6 +274,63 @@ static void load_coeffs(kat_coeffs *c, int64_t groups, const float *num, int64_t
         KAT_BACKWARD_PIECE_BODY(SUFFIX, load_##SUFFIX(x, i) + bias[i], bias_acc[i] += dxv, bias)                  \
     }
 
+/*
+ * Backward with a bias over the same segment of KAT_QUAD_ROWS consecutive rows (row stride K) at once: the ten
+ * vector sums are reduced once per KAT_QUAD_ROWS * n elements instead of once per n. Short segments (KAT-T's 96
+ * hidden channels per group) otherwise spend as long in those horizontal reductions as in the math. The rows'
+ * dx of a column are added together before they reach that column's bias sum.
+ */
+#define KAT_QUAD_ROWS 4
+#define KAT_QUAD_ROW(SUFFIX, R, TERMS)                                                                            \
+    {                                                                                                             \
+        const float xv = load_##SUFFIX(x, (R) * K + i) + bv;                                                      \
+        const float gv = load_##SUFFIX(grad, (R) * K + i);                                                        \
+        TERMS(xv, gv)                                                                                             \
+        store_##SUFFIX(dx, (R) * K + i, dxv);                                                                     \
+        column += dxv;                                                                                            \
+        s0 += e0; s1 += e1; s2 += e2; s3 += e3; s4 += e4; s5 += e5;                                               \
+        t1 += e6; t2 += e7; t3 += e8; t4 += e9;                                                                   \
+    }
+#define KAT_BACKWARD_QUAD_LOOP(SUFFIX, TERMS, BV, BIAS_STEP)                                                      \
+    {                                                                                                             \
+        float s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, t1 = 0, t2 = 0, t3 = 0, t4 = 0;                     \
+        _Pragma("omp simd reduction(+ : s0, s1, s2, s3, s4, s5, t1, t2, t3, t4)") for (int64_t i = 0; i < n; ++i) { \
+            const float bv = BV;                                                                                  \
+            float column = 0.0f;                                                                                  \
+            KAT_QUAD_ROW(SUFFIX, 0, TERMS)                                                                        \
+            KAT_QUAD_ROW(SUFFIX, 1, TERMS)                                                                        \
+            KAT_QUAD_ROW(SUFFIX, 2, TERMS)                                                                        \
+            KAT_QUAD_ROW(SUFFIX, 3, TERMS)                                                                        \
+            BIAS_STEP;                                                                                            \
+        }                                                                                                         \
+        acc[0] += s0; acc[1] += s1; acc[2] += s2; acc[3] += s3; acc[4] += s4; acc[5] += s5;                       \
+        acc[6] += t1; acc[7] += t2; acc[8] += t3; acc[9] += t4;                                                   \
+    }
+#define KAT_BACKWARD_QUAD_BODY(SUFFIX, BV, BIAS_STEP, BIAS)                                                       \
+    const float a0 = c->a[0], a1 = c->a[1], a2 = c->a[2], a3 = c->a[3], a4 = c->a[4], a5 = c->a[5];               \
+    const float b1 = c->b[0], b2 = c->b[1], b3 = c->b[2], b4 = c->b[3];                                           \
+    float m = 0.0f;                                                                                               \
+    for (int r = 0; r < KAT_QUAD_ROWS; ++r) {                                                                     \
+        const float mr = max_abs_##SUFFIX(x + r * K, n, BIAS);                                                    \
+        m = mr > m ? mr : m;                                                                                      \
+    }                                                                                                             \
+    if (m > KAT_LARGE)                                                                                            \
+        KAT_BACKWARD_QUAD_LOOP(SUFFIX, KAT_BACKWARD_TERMS_SAFE, BV, BIAS_STEP)                                    \
+    else                                                                                                          \
+        KAT_BACKWARD_QUAD_LOOP(SUFFIX, KAT_BACKWARD_TERMS, BV, BIAS_STEP)
+
+#define KAT_DEFINE_BACKWARD_QUAD(SUFFIX, T)                                                                       \
+    KAT_CLONES static void backward_quad_##SUFFIX(const T *restrict grad, const T *restrict x, T *restrict dx,    \
+                                                  int64_t n, int64_t K, const kat_coeffs *c, double *acc) {       \
+        KAT_BACKWARD_QUAD_BODY(SUFFIX, 0.0f, (void)column, NULL)                                                  \
+    }                                                                                                             \
+    KAT_CLONES static void backward_quad_bias_##SUFFIX(const T *restrict grad, const T *restrict x,               \
+                                                       T *restrict dx, int64_t n, int64_t K, const kat_coeffs *c, \
+                                                       double *acc, const float *restrict bias,                   \
+                                                       float *restrict bias_acc) {                                \
+        KAT_BACKWARD_QUAD_BODY(SUFFIX, bias[i], bias_acc[i] += column, bias)                                      \
+    }
+
 #define KAT_BACKWARD_ROW_LOOP(SUFFIX, XV, BIAS_STEP, TERMS)                                                       \
     _Pragma("omp simd") for (int64_t k = 0; k < n; ++k) {                                                         \
         const float a0 = cc[k], a1 = cc[K + k], a2 = cc[2 * K + k], a3 = cc[3 * K + k], a4 = cc[4 * K + k];       \
@@ -324,6 +384,7 @@ static void load_coeffs(kat_coeffs *c, int64_t groups, const float *num, int64_t
     KAT_DEFINE_FORWARD_PIECE(SUFFIX, T)                                                                           \
     KAT_DEFINE_FORWARD_IN_PLACE(SUFFIX, T)                                                                        \
     KAT_DEFINE_BACKWARD_PIECE(SUFFIX, T)                                                                          \
+    KAT_DEFINE_BACKWARD_QUAD(SUFFIX, T)                                                                           \
     KAT_DEFINE_BACKWARD_ROW(SUFFIX, T)                                                                            \
     /* Chunks of whole rows; the per-column sums of a chunk are folded into its group partials at its end. */     \
     static int backward_rows_##SUFFIX(const T *grad, const T *x, T *dx, int64_t rows, int64_t groups,             \
@@ -381,8 +442,9 @@ static void load_coeffs(kat_coeffs *c, int64_t groups, const float *num, int64_t
         return status;                                                                                            \
     }                                                                                                             \
     /*                                                                                                            \
-     * Backward with a bias and long groups: tiles of whole rows, at most KAT_MAX_ROW_TILES of them, so the       \
-     * per-tile, per-column bias sums (bias_partials[tile * K + k]) stay small whatever the shape.                \
+     * Backward of groups too long for row mode: tiles of whole rows, at most KAT_MAX_ROW_TILES of them, so the   \
+     * per-tile, per-column bias sums (bias_partials[tile * K + k]) stay small whatever the shape. Rows go four at \
+     * a time through backward_quad, the rest one by one.                                                         \
      */                                                                                                           \
     static void backward_tiles_##SUFFIX(const T *grad, const T *x, T *dx, int64_t rows, int64_t groups,           \
                                         int64_t seg_len, const kat_coeffs *c, double *partials,                   \
@@ -392,13 +454,24 @@ static void load_coeffs(kat_coeffs *c, int64_t groups, const float *num, int64_t
         const int64_t tiles = (rows + rows_per_tile - 1) / rows_per_tile;                                         \
         _Pragma("omp parallel for schedule(static) num_threads(nthreads)") for (int64_t t = 0; t < tiles; ++t) {  \
             const int64_t r1 = (t + 1) * rows_per_tile < rows ? (t + 1) * rows_per_tile : rows;                   \
-            for (int64_t r = t * rows_per_tile; r < r1; ++r)                                                      \
+            int64_t r = t * rows_per_tile;                                                                        \
+            for (; r < r1; r += (r + KAT_QUAD_ROWS <= r1 ? KAT_QUAD_ROWS : 1)) {                                  \
+                const int quad = r + KAT_QUAD_ROWS <= r1;                                                         \
                 for (int64_t g = 0; g < groups; ++g) {                                                            \
                     const int64_t off = r * K + g * seg_len;                                                      \
-                    backward_piece_bias_##SUFFIX(grad + off, x + off, dx + off, seg_len, &c[g],                   \
-                                                 partials + (t * groups + g) * 10, bias + g * seg_len,            \
-                                                 bias_partials + t * K + g * seg_len);                            \
+                    double *part = partials + (t * groups + g) * 10;                                              \
+                    if (bias && quad)                                                                             \
+                        backward_quad_bias_##SUFFIX(grad + off, x + off, dx + off, seg_len, K, &c[g], part,       \
+                                                    bias + g * seg_len, bias_partials + t * K + g * seg_len);     \
+                    else if (bias)                                                                                \
+                        backward_piece_bias_##SUFFIX(grad + off, x + off, dx + off, seg_len, &c[g], part,         \
+                                                     bias + g * seg_len, bias_partials + t * K + g * seg_len);    \
+                    else if (quad)                                                                                \
+                        backward_quad_##SUFFIX(grad + off, x + off, dx + off, seg_len, K, &c[g], part);           \
+                    else                                                                                          \
+                        backward_piece_##SUFFIX(grad + off, x + off, dx + off, seg_len, &c[g], part);             \
                 }                                                                                                 \
+            }                                                                                                     \
         }                                                                                                         \
     }                                                                                                             \
     static void forward_##SUFFIX(const T *x, T *y, int64_t total, int64_t groups, int64_t seg_len,                \
@@ -492,7 +565,8 @@ int kat_rational_backward(int dtype, const void *grad, const void *x, void *dx, 
     const int64_t rows = total / row_len;
     /* Short groups with not-too-wide rows: whole-row chunks with per-column accumulators (see backward_row). */
     const int row_mode = seg_len < KAT_ROW_MODE_MAX_L && row_len <= KAT_ROW_MODE_MAX_K;
-    const int tile_mode = !row_mode && bias != NULL;
+    /* Groups of up to KAT_TILE_MODE_MAX_L (and any group with a bias): tiles of rows, four rows per reduction. */
+    const int tile_mode = !row_mode && (bias != NULL || seg_len <= KAT_TILE_MODE_MAX_L);
     int64_t rows_per_chunk = 0, chunks;
     if (row_mode) {
         rows_per_chunk = (KAT_CHUNK + row_len - 1) / row_len;
