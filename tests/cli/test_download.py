@@ -7,6 +7,8 @@ weights with HF_HUB_OFFLINE=1, or that the failure names the model and the reaso
 """
 from __future__ import annotations
 
+import socket
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -192,7 +194,8 @@ def _fail_with(error):
 ])
 def test_online_failures_name_the_model_and_the_reason(offline_hub, monkeypatch, error, reason):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # "online" (sockets stay blocked: the fake fails first)
-    monkeypatch.setattr(download_module, "hf_hub_download", _fail_with(error))
+    monkeypatch.setattr(download_module, "_hub_answers", _fail_with(error))  # the HEAD request before the download
+    monkeypatch.setattr(download_module, "hf_hub_download", _no_fetch)
     with pytest.raises(DownloadError) as raised:
         download_pretrained("kat_tiny")
     assert str(raised.value).startswith("kat_tiny (adamdad/kat_tiny_patch16_224): ")
@@ -217,40 +220,49 @@ def test_format_size(size, text):
     assert format_size(size) == text
 
 
-def _honouring_offline_mode(fake):
-    """``fake`` in online mode; in offline mode what the real ``hf_hub_download`` does for a file not cached."""
-    def call(*args, **kwargs):
-        if constants.is_offline_mode():
-            raise LocalEntryNotFoundError("offline mode is enabled and the file is not in the cache")
-        return fake(*args, **kwargs)
-
-    return call
+_REAL_SOCKET = (socket.socket.connect, socket.create_connection, socket.getaddrinfo)
 
 
-def test_unreachable_hub_is_probed_once_and_fails_at_once(released_hub, monkeypatch, capsys, ckpt, kat_tiny_weights,
-                                                          tmp_path):
-    from kat_timm.cli import common
+def _allow_loopback_only(monkeypatch):
+    """Undo the offline fixture's socket block for 127.0.0.1 alone: a refused local port is a real unreachable Hub."""
+    connect, create_connection, getaddrinfo = _REAL_SOCKET
 
-    # Online mode with an unreachable Hub: kat_tiny is cached, kat_small and kat_base are not. Without the probe,
-    # huggingface_hub retries each missing file for about half a minute.
+    def loopback(host):
+        assert host in ("127.0.0.1", "localhost"), f"network access attempted in an offline test: {host}"
+
+    monkeypatch.setattr(socket.socket, "connect", lambda sock, address: loopback(address[0]) or connect(sock, address))
+    monkeypatch.setattr(socket, "create_connection",
+                        lambda address, *a, **k: loopback(address[0]) or create_connection(address, *a, **k))
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: loopback(host) or getaddrinfo(host, *a, **k))
+
+
+def test_unreachable_hub_fails_at_once_and_cached_models_still_count(released_hub, monkeypatch, capsys, ckpt,
+                                                                     kat_tiny_weights, tmp_path):
+    # Online mode, the Hub at a port nothing listens on: kat_tiny is cached, kat_small and kat_base are not.
+    # huggingface_hub's hf_hub_download alone retries a refused connection for about 20 s per file.
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    probes = []
-    monkeypatch.setattr(common, "hub_reachable", lambda: probes.append(1) or (False, "simulated outage"))
-    monkeypatch.setattr(download_module, "hf_hub_download", _honouring_offline_mode(_no_fetch))
+    # What HF_ENDPOINT=http://127.0.0.1:9 sets when huggingface_hub is imported.
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", "http://127.0.0.1:9/{repo_id}/resolve/{revision}/{filename}")
+    _allow_loopback_only(monkeypatch)
+    start = time.monotonic()
+    with pytest.raises(DownloadError, match=r"network error while fetching config.json: .*\(Hub: http://127.0.0.1:9\)"):
+        download_pretrained("kat_small")
+    assert time.monotonic() - start < 5, f"an unreachable Hub took {time.monotonic() - start:.1f} s to report"
     assert cli.main(["kat_small", "kat_tiny", "kat_base"]) == 1
     captured = capsys.readouterr()
-    assert len(probes) == 1
+    assert time.monotonic() - start < 10
     assert "kat_tiny (adamdad/kat_tiny_patch16_224)" in captured.out and "1 of 3 model(s) ready" in captured.out
     for size in ("small", "base"):
-        assert (f"kat_{size} (adamdad/kat_{size}_patch16_224): not (fully) in the cache {released_hub.root}, and "
-                "simulated outage; run the download on a machine that reaches the Hub") in captured.err
-    assert not constants.is_offline_mode(), "offline mode must be undone"
+        assert (f"kat_{size} (adamdad/kat_{size}_patch16_224): network error while fetching config.json: ") \
+            in captured.err and "run the download on a machine that reaches the Hub" in captured.err
+    assert not constants.is_offline_mode(), "offline mode is never switched on behind the user's back"
 
     # A reachable Hub: the missing files are fetched.
-    monkeypatch.setattr(common, "hub_reachable", lambda: (True, "huggingface.co is reachable"))
     small_repo = "adamdad/kat_small_patch16_224"
+    monkeypatch.setattr(download_module, "_hub_answers", lambda *args: None)
     hub = FakeHub(released_hub, {small_repo: {"config.json": b"{}", "pytorch_model.bin": b"weights"}})
-    monkeypatch.setattr(download_module, "hf_hub_download", _honouring_offline_mode(hub))
+    monkeypatch.setattr(download_module, "hf_hub_download", hub)
     assert cli.main(["kat_small"]) == 0
     assert hub.calls == [(small_repo, "config.json"), (small_repo, "model.safetensors"),
                          (small_repo, "pytorch_model.bin")]
@@ -285,13 +297,11 @@ def test_a_damaged_cached_weight_file_is_not_called_cached(released_hub, monkeyp
 
 def test_a_damaged_file_is_fetched_again_and_force_fetches_everything(released_hub, ckpt, kat_tiny_weights, tmp_path,
                                                                      monkeypatch, capsys):
-    from kat_timm.cli import common
-
     blob = _as_blob(released_hub, TINY_REPO, "pytorch_model.bin")
     good = blob.read_bytes()
     blob.write_bytes(good[:1000])
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(common, "hub_reachable", lambda: (True, "huggingface.co is reachable"))
+    monkeypatch.setattr(download_module, "_hub_answers", lambda *args: None)
     hub = FakeHub(released_hub, {TINY_REPO: {"config.json": (released_hub.snapshot(TINY_REPO) / "config.json")
                                              .read_bytes(), "pytorch_model.bin": good}})
     monkeypatch.setattr(download_module, "hf_hub_download", hub)
