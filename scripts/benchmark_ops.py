@@ -161,13 +161,11 @@ def backend_env(value: Optional[str]):
 def fresh_compile_cache():
     """An empty, temporary inductor (and Triton) cache, so that the compile time reported is a first compile's.
 
-    ``torch._inductor.utils.fresh_cache`` is private; where it is missing the on-disk caches stay in use.
+    Private API: ``fresh_inductor_cache`` from torch 2.1 on (kept as an alias of the newer ``fresh_cache``).
     """
-    try:
-        from torch._inductor.utils import fresh_cache
-    except ImportError:
-        return contextlib.nullcontext()
-    return fresh_cache()
+    from torch._inductor.utils import fresh_inductor_cache
+
+    return fresh_inductor_cache()
 
 
 def synchronize(device: str) -> None:
