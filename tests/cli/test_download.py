@@ -1,70 +1,31 @@
-"""``kat-timm download`` and ``kat_timm.tools.download``: offline, against a fake Hugging Face cache in tmp_path.
-
-The network path can't run here. It is simulated by replacing ``hf_hub_download`` (the one function that reaches
-the network) with a fake that writes into the fake cache, as the real one does; everything else (cache lookups,
-timm's pretrained loading) is the real code. Every test ends by checking what matters: that timm then loads the
-weights with HF_HUB_OFFLINE=1, or that the failure names the model and the reason.
+"""``kat-timm download``: offline, against a fake Hugging Face cache in tmp_path (the fakes of
+``tests/tools/test_download.py``); every test ends by checking that timm then loads the weights with
+HF_HUB_OFFLINE=1, or that the failure names the model and the reason.
 """
 from __future__ import annotations
 
-import socket
 import time
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-import timm
-import torch
 from huggingface_hub import constants
-from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
 import kat_timm.tools.download as download_module
 from kat_timm.cli import download as cli
 from kat_timm.cli import main as kat_timm_main
-from kat_timm.tools.download import DownloadError, download_pretrained, format_size, released_models, resolve_hub_repo
+from kat_timm.tools.download import DownloadError, download_pretrained, format_size, released_models
+
+from tests.tools.test_download import (
+    RELEASED_REPOS,
+    TINY_REPO,
+    FakeHub,
+    _allow_loopback_only,
+    _as_blob,
+    _assert_loads_offline,
+    _no_fetch,
+    _released_files,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-TINY_REPO = "adamdad/kat_tiny_patch16_224"
-RELEASED_REPOS = {f"adamdad/kat_{size}_patch16_224{tag}" for size in ("tiny", "small", "base") for tag in ("", ".vitft")}
-
-
-def _no_fetch(*args, **kwargs):
-    raise AssertionError(f"hf_hub_download called although nothing should be fetched: {args} {kwargs}")
-
-
-class FakeHub:
-    """Stands in for ``hf_hub_download``: serves ``repos`` {repo_id: {filename: bytes}} by writing the file into the
-    fake cache (where the real function puts it) and returning its path; files not in a repo raise
-    ``EntryNotFoundError``, as the real function does on a 404. Records every call."""
-
-    def __init__(self, cache, repos):
-        self.cache = cache
-        self.repos = repos
-        self.calls = []
-
-    def __call__(self, repo_id, filename, revision=None, cache_dir=None, **kwargs):
-        self.calls.append((repo_id, filename))
-        assert cache_dir is None, "the default cache was asked for"
-        if filename not in self.repos.get(repo_id, {}):
-            raise EntryNotFoundError(f"404: {filename} not found in {repo_id}")
-        return str(self.cache.add_file(repo_id, filename, self.repos[repo_id][filename]))
-
-
-def _released_files(ckpt, state_dict, tmp_path) -> dict:
-    """config.json and pytorch_model.bin as in the released repo, as bytes."""
-    import json
-
-    weights = ckpt.save_released(state_dict, tmp_path / "served" / "pytorch_model.bin")
-    return {"config.json": json.dumps(ckpt.released_config()).encode(), "pytorch_model.bin": weights.read_bytes()}
-
-
-def _assert_loads_offline(expected):
-    assert constants.is_offline_mode()
-    model = timm.create_model("kat_tiny_patch16_224", pretrained=True)
-    loaded = model.state_dict()
-    assert set(loaded) == set(expected)
-    assert all(torch.equal(loaded[k], expected[k]) for k in expected), "timm loaded other weights than the cached"
 
 
 def test_already_cached_fetches_nothing_and_timm_loads_offline(released_hub, kat_tiny_weights, monkeypatch, capsys):
@@ -102,26 +63,11 @@ def test_fetch_gets_what_timm_loads_then_reports_it_cached(offline_hub, ckpt, ka
     _assert_loads_offline(kat_tiny_weights["scratch"])
 
 
-def test_safetensors_is_preferred_when_the_repo_has_it(offline_hub, monkeypatch):
-    hub = FakeHub(offline_hub, {TINY_REPO: {"config.json": b"{}", "model.safetensors": b"st", "pytorch_model.bin": b"pt"}})
-    monkeypatch.setattr(download_module, "hf_hub_download", hub)
-    result = download_pretrained("kat_tiny")
-    assert [f.filename for f in result.files] == ["config.json", "model.safetensors"]
-    assert (TINY_REPO, "pytorch_model.bin") not in hub.calls
-
-
 def test_offline_with_empty_cache_names_the_model_and_says_offline(offline_hub, capsys):
     assert kat_timm_main(["download", "kat_tiny.vitft"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("kat-timm download: error: kat_tiny.vitft (adamdad/kat_tiny_patch16_224.vitft): ")
     assert "config.json is not in the cache" in err and "HF_HUB_OFFLINE=1" in err and str(offline_hub.root) in err
-
-
-def test_offline_with_weights_missing_names_the_weight_files(offline_hub, ckpt):
-    offline_hub.add_config(TINY_REPO, ckpt.released_config())
-    with pytest.raises(DownloadError, match=r"kat_tiny \(adamdad/kat_tiny_patch16_224\): model.safetensors or "
-                                            r"pytorch_model.bin is not in the cache .* HF_HUB_OFFLINE=1"):
-        download_pretrained("kat_tiny")
 
 
 def test_one_failure_does_not_stop_the_others(released_hub, capsys):
@@ -174,68 +120,6 @@ def test_cache_dir_is_used_and_the_output_says_to_set_hf_hub_cache(offline_hub, 
     assert cli.main(["kat_tiny"]) == 1, "the default cache (empty) is not the one given before"
 
 
-def _fail_with(error):
-    def fake(*args, **kwargs):
-        raise error
-
-    return fake
-
-
-@pytest.mark.parametrize("error,reason", [
-    (LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub"),
-     "could not reach the Hugging Face Hub to fetch config.json (no network?)"),
-    (RepositoryNotFoundError("404 Client Error", response=SimpleNamespace(headers={}, request=None)),
-     "no repository adamdad/kat_tiny_patch16_224 on the Hugging Face Hub"),
-    (TimeoutError("timed out"), "network error while fetching config.json: TimeoutError: timed out"),
-    # The HTTP client's own exceptions (httpx in huggingface_hub 1.x, its fork httpx2 in 2.x).
-    (type("ReadTimeout", (Exception,), {"__module__": "httpx._exceptions"})("read timed out"),
-     "network error while fetching config.json: ReadTimeout: read timed out"),
-    (PermissionError("[Errno 13] Permission denied: '/cache'"), "could not write to the cache"),
-])
-def test_online_failures_name_the_model_and_the_reason(offline_hub, monkeypatch, error, reason):
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # "online" (sockets stay blocked: the fake fails first)
-    monkeypatch.setattr(download_module, "_hub_answers", _fail_with(error))  # the HEAD request before the download
-    monkeypatch.setattr(download_module, "hf_hub_download", _no_fetch)
-    with pytest.raises(DownloadError) as raised:
-        download_pretrained("kat_tiny")
-    assert str(raised.value).startswith("kat_tiny (adamdad/kat_tiny_patch16_224): ")
-    assert reason in str(raised.value)
-
-
-def test_a_repo_without_weights_is_reported(offline_hub, monkeypatch):
-    monkeypatch.setattr(download_module, "hf_hub_download", FakeHub(offline_hub, {TINY_REPO: {"config.json": b"{}"}}))
-    with pytest.raises(DownloadError, match="the repo holds none of model.safetensors, pytorch_model.bin"):
-        download_pretrained("kat_tiny")
-
-
-def test_resolve_follows_the_registered_pretrained_cfgs():
-    assert resolve_hub_repo("kat_base.vitft") == ("adamdad/kat_base_patch16_224.vitft", None, "pytorch_model.bin")
-    assert resolve_hub_repo("kat_small_swish_patch16_224")[0] == "adamdad/kat_small_patch16_224"
-    assert resolve_hub_repo("hf-hub:someone/kat@abc123") == ("someone/kat", "abc123", "pytorch_model.bin")
-
-
-@pytest.mark.parametrize("size,text", [(0, "0 B"), (999, "999 B"), (1500, "1.5 kB"), (22_912_345, "22.9 MB"),
-                                       (346_000_000, "346.0 MB"), (3_200_000_000, "3.2 GB")])
-def test_format_size(size, text):
-    assert format_size(size) == text
-
-
-_REAL_SOCKET = (socket.socket.connect, socket.create_connection, socket.getaddrinfo)
-
-
-def _allow_loopback_only(monkeypatch):
-    """Undo the offline fixture's socket block for 127.0.0.1 alone: a refused local port is a real unreachable Hub."""
-    connect, create_connection, getaddrinfo = _REAL_SOCKET
-
-    def loopback(host):
-        assert host in ("127.0.0.1", "localhost"), f"network access attempted in an offline test: {host}"
-
-    monkeypatch.setattr(socket.socket, "connect", lambda sock, address: loopback(address[0]) or connect(sock, address))
-    monkeypatch.setattr(socket, "create_connection",
-                        lambda address, *a, **k: loopback(address[0]) or create_connection(address, *a, **k))
-    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: loopback(host) or getaddrinfo(host, *a, **k))
-
-
 def test_unreachable_hub_fails_at_once_and_cached_models_still_count(released_hub, monkeypatch, capsys, ckpt,
                                                                      kat_tiny_weights, tmp_path):
     # Online mode, the Hub at a port nothing listens on: kat_tiny is cached, kat_small and kat_base are not.
@@ -268,21 +152,6 @@ def test_unreachable_hub_fails_at_once_and_cached_models_still_count(released_hu
                          (small_repo, "pytorch_model.bin")]
 
 
-def _as_blob(cache, repo_id: str, filename: str) -> Path:
-    """Move a cached file to huggingface_hub's real layout: ``blobs/<sha256>`` with a snapshot symlink to it."""
-    import hashlib
-    import os
-
-    link = cache.snapshot(repo_id) / filename
-    content = link.read_bytes()
-    blob = cache.repo_dir(repo_id) / "blobs" / hashlib.sha256(content).hexdigest()
-    blob.parent.mkdir(exist_ok=True)
-    blob.write_bytes(content)
-    link.unlink()
-    os.symlink(os.path.relpath(blob, link.parent), link)
-    return blob
-
-
 def test_a_damaged_cached_weight_file_is_not_called_cached(released_hub, monkeypatch, capsys):
     blob = _as_blob(released_hub, TINY_REPO, "pytorch_model.bin")
     assert cli.main(["kat_tiny"]) == 0 and "already cached" in capsys.readouterr().out  # intact: nothing to do
@@ -311,3 +180,4 @@ def test_a_damaged_file_is_fetched_again_and_force_fetches_everything(released_h
     assert cli.main(["kat_tiny", "--force"]) == 0
     assert hub.calls[1:] == [(TINY_REPO, "config.json"), (TINY_REPO, "pytorch_model.bin")]
     assert "already cached" not in capsys.readouterr().out.splitlines()[-2]
+
