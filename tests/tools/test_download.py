@@ -156,5 +156,3 @@ def test_resolve_follows_the_registered_pretrained_cfgs():
                                        (346_000_000, "346.0 MB"), (3_200_000_000, "3.2 GB")])
 def test_format_size(size, text):
     assert format_size(size) == text
-
-
