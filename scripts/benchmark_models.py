@@ -295,12 +295,6 @@ def run_size(size: str, args, timer: Timer) -> tuple:
 # -------------------------------------------------------------------------------------------------- report
 
 
-
-
-
-
-
-
 def rational_backend(device: str) -> str:
     """The backend kat_timm's rationals take for this run's activations (fp32 on CPU, bf16 under autocast on CUDA)."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
