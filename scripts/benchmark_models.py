@@ -51,11 +51,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import gc
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -66,7 +63,9 @@ import torch
 import torch.nn.functional as F
 
 import kat_timm  # noqa: F401  (registers the kat_* models in timm)
-from kat_timm.benchmark import benchmark_parser, check_benchmark_args, device_name, load_average, package_version
+from _benchmark_common import benchmark_parser, load_text, parse_benchmark_args, run_meta, version_lines, write_json
+
+from kat_timm.benchmark import device_name, load_average
 from kat_timm.ops import BACKEND_ENV, select_backend
 
 SIZES = ("tiny", "small", "base")
@@ -104,8 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="channels-last input and models (torch.channels_last)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile both models (the compile time is reported apart)")
-    args = parser.parse_args(argv)
-    check_benchmark_args(parser, args)
+    args = parse_benchmark_args(parser, argv)
     if args.batch is None:
         args.batch = 2 if args.quick else (128 if args.device == "cuda" else 8)
     if args.sizes is None:
@@ -297,12 +295,6 @@ def run_size(size: str, args, timer: Timer) -> tuple:
 # -------------------------------------------------------------------------------------------------- report
 
 
-
-
-
-
-
-
 def rational_backend(device: str) -> str:
     """The backend kat_timm's rationals take for this run's activations (fp32 on CPU, bf16 under autocast on CUDA)."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -323,15 +315,12 @@ def header(args) -> List[str]:
         lines.append(f"- timing: CUDA events + synchronize, {args.reps} interleaved repetitions (ViT, KAT, ...), "
                      "medians")
     else:
-        load = lambda v: "unknown" if v is None else f"{v:.2f}"  # noqa: E731
         lines.append(f"- device: CPU, {device_name('cpu')}, {threads_text(torch.get_num_threads())}")
-        lines.append(f"- load average (1 min): {load(args.load_at_start)} at start, {load(args.load_at_end)} at end, "
+        lines.append(f"- load average (1 min): {load_text(args.load_at_start)} at start, "
+                     f"{load_text(args.load_at_end)} at end, "
                      f"on {os.cpu_count()} CPUs (other busy processes slow multi-threaded runs down a lot)")
         lines.append(f"- timing: time.perf_counter, {args.reps} interleaved repetitions (ViT, KAT, ...), medians")
-    lines += [
-        f"- date: {args.date}",
-        f"- torch {torch.__version__}, timm {timm.__version__}, kat_timm {kat_timm.__version__}, "
-        f"triton {package_version('triton')}, python {platform.python_version()}",
+    lines += version_lines(args, f"timm {timm.__version__}, kat_timm {kat_timm.__version__}, ") + [
         f"- batch {args.batch}, {args.img_size} px, {precision(args.device)}"
         + (", channels-last" if args.channels_last else "") + (", torch.compile" if args.compile else ", eager")
         + f"; KAT rationals: {os.environ.get(BACKEND_ENV, 'auto')} -> {rational_backend(args.device)} backend",
@@ -446,12 +435,8 @@ def target_lines(args, rows: List[dict], construction: List[dict]) -> List[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.threads is not None and args.device == "cpu":
-        torch.set_num_threads(args.threads)
     if args.compile:
         set_compile_cache_limit()
-    args.load_at_start = load_average()
-    args.date = datetime.datetime.now().isoformat(timespec="minutes")
     timer = Timer(args.device, args.quick, args.compile)
 
     started = time.perf_counter()
@@ -468,19 +453,12 @@ def main(argv=None) -> int:
     lines.append(f"- measured in {elapsed:.0f} s")
     print("\n".join(lines))
 
-    if args.json:
-        meta = {"device": device_name(args.device), "device_type": args.device, "threads": torch.get_num_threads(),
-                "load_at_start": args.load_at_start, "load_at_end": args.load_at_end, "date": args.date,
-                "torch": torch.__version__, "timm": timm.__version__, "kat_timm": kat_timm.__version__,
-                "triton": package_version("triton"), "python": platform.python_version(),
-                "batch": args.batch, "img_size": args.img_size, "precision": precision(args.device),
-                "channels_last": args.channels_last, "compile": args.compile, "reps": args.reps,
-                "quick": args.quick, "sizes": args.sizes, "modes": args.modes,
-                "backend_env": os.environ.get(BACKEND_ENV, "auto"), "rational_backend": rational_backend(args.device),
-                "elapsed_s": elapsed}
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump({"meta": meta, "construction": construction, "results": rows,
-                       "targets": target_lines(args, rows, construction)}, handle, indent=2)
+    meta = run_meta(args, load_at_end=args.load_at_end, timm=timm.__version__, kat_timm=kat_timm.__version__,
+                    img_size=args.img_size, precision=precision(args.device), channels_last=args.channels_last,
+                    compile=args.compile, sizes=args.sizes, modes=args.modes,
+                    rational_backend=rational_backend(args.device), elapsed_s=elapsed)
+    write_json(args.json, meta=meta, construction=construction, results=rows,
+               targets=target_lines(args, rows, construction))
     return 0
 
 

@@ -55,19 +55,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import json
 import os
-import platform
 import statistics
 import sys
 import time
+from unittest import mock
 from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 
-from kat_timm.benchmark import benchmark_parser, check_benchmark_args, device_name, package_version
+from _benchmark_common import benchmark_parser, load_text, parse_benchmark_args, run_meta, version_lines, write_json
+
+from kat_timm.benchmark import device_name
 from kat_timm.ops import BACKEND_ENV, group_rational, group_rational_autograd, select_backend
 
 TOKENS = 197  # 14 x 14 patches + the class token, at 224 px
@@ -97,8 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="measure the host time per call on a tiny tensor instead (see the docstring)")
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=None,
                         help=f"what to measure (default: all of {', '.join(PROVIDERS)}; --quick drops compiled)")
-    args = parser.parse_args(argv)
-    check_benchmark_args(parser, args)
+    args = parse_benchmark_args(parser, argv)
     if any(c <= 0 or c % GROUPS for c in args.shapes):
         parser.error(f"--shapes: every width must be a positive multiple of {GROUPS}")
     if args.batch is None:
@@ -154,31 +153,19 @@ def copy_bandwidth_gbps(bench) -> float:
 # ------------------------------------------------------------------------------------------------ providers
 
 
-@contextlib.contextmanager
 def backend_env(value: Optional[str]):
     """Set ``KAT_RATIONAL_BACKEND`` for the duration of the block (None: leave it as it is)."""
-    old = os.environ.get(BACKEND_ENV)
-    if value is not None:
-        os.environ[BACKEND_ENV] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(BACKEND_ENV, None)
-        else:
-            os.environ[BACKEND_ENV] = old
+    return mock.patch.dict(os.environ, {BACKEND_ENV: value}) if value is not None else contextlib.nullcontext()
 
 
 def fresh_compile_cache():
     """An empty, temporary inductor (and Triton) cache, so that the compile time reported is a first compile's.
 
-    ``torch._inductor.utils.fresh_cache`` is private; where it is missing the on-disk caches stay in use.
+    Private API: ``fresh_inductor_cache`` from torch 2.1 on (kept as an alias of the newer ``fresh_cache``).
     """
-    try:
-        from torch._inductor.utils import fresh_cache
-    except ImportError:
-        return contextlib.nullcontext()
-    return fresh_cache()
+    from torch._inductor.utils import fresh_inductor_cache
+
+    return fresh_inductor_cache()
 
 
 def synchronize(device: str) -> None:
@@ -267,10 +254,6 @@ def run_case(shape, dtype, providers, device, bench) -> List[dict]:
 # -------------------------------------------------------------------------------------------------- report
 
 
-
-
-
-
 def header(args, copy_gbps: Optional[float]) -> List[str]:
     lines = ["## group_rational benchmark", ""]
     if args.device == "cuda":
@@ -278,13 +261,10 @@ def header(args, copy_gbps: Optional[float]) -> List[str]:
         lines.append("- timing: triton.testing.do_bench, median")
     else:
         lines.append(f"- device: CPU, {device_name('cpu')}, {torch.get_num_threads()} threads")
-        load = "unknown" if args.load_at_start is None else f"{args.load_at_start:.2f}"
-        lines.append(f"- load average (1 min) at start: {load} on {os.cpu_count()} CPUs (other busy processes "
-                     "slow multi-threaded runs down a lot)")
+        lines.append(f"- load average (1 min) at start: {load_text(args.load_at_start)} on {os.cpu_count()} CPUs "
+                     "(other busy processes slow multi-threaded runs down a lot)")
         lines.append(f"- timing: time.perf_counter, median of {args.reps} repetitions")
-    lines += [
-        f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}",
-        f"- torch {torch.__version__}, triton {package_version('triton')}, python {platform.python_version()}",
+    lines += version_lines(args) + [
         f"- shapes: ({args.batch}, {TOKENS}, C), {GROUPS} groups; C = "
         + ", ".join(f"{c} ({WIDTHS.get(c, 'custom')})" for c in args.shapes),
         "- fwd: forward under no_grad; bwd: backward alone (dense upstream gradient, grads of x and the "
@@ -413,12 +393,10 @@ def overhead_rows(device: str, rounds: int, calls: int) -> List[dict]:
             for name in providers]
 
 
-def overhead_lines(rows: List[dict], device: str, rounds: int) -> List[str]:
-    gelu = rows[0]["us"]
+def overhead_lines(rows: List[dict], args, rounds: int) -> List[str]:
+    gelu, device = rows[0]["us"], args.device
     where = device_name(device) + ("" if device == "cuda" else f", {torch.get_num_threads()} threads")
-    lines = ["## group_rational host overhead", "", f"- device: {where}",
-             f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}",
-             f"- torch {torch.__version__}, triton {package_version('triton')}, python {platform.python_version()}", "",
+    lines = ["## group_rational host overhead", "", f"- device: {where}", *version_lines(args), "",
              f"Host time per call, shape {OVERHEAD_SHAPE} float32 ({device}), minimum over {rounds} interleaved rounds:", "",
              "| provider | fwd us | fwd+bwd us | fwd / GELU | fwd+bwd / GELU |", "|---|---|---|---|---|"]
     for r in rows:
@@ -442,18 +420,11 @@ def overhead_lines(rows: List[dict], device: str, rounds: int) -> List[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.device == "cpu" and args.threads is not None:
-        torch.set_num_threads(args.threads)
-    args.load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     if args.overhead:
         rounds, calls = (3, 50) if args.quick else (max(args.reps, 7), 300)
         rows = overhead_rows(args.device, rounds, calls)
-        print("\n".join(overhead_lines(rows, args.device, rounds)))
-        if args.json:
-            with open(args.json, "w", encoding="utf-8") as handle:
-                json.dump({"meta": {"device": device_name(args.device), "date": datetime.datetime.now().isoformat(
-                    timespec="minutes"), "torch": torch.__version__, "threads": torch.get_num_threads()},
-                    "overhead": rows}, handle, indent=2)
+        print("\n".join(overhead_lines(rows, args, rounds)))
+        write_json(args.json, meta=run_meta(args), overhead=rows)
         return 0
     bench = make_timer(args.device, args.quick, args.reps)
     copy_gbps = copy_bandwidth_gbps(bench) if args.device == "cuda" else None
@@ -473,15 +444,7 @@ def main(argv=None) -> int:
     lines.append(f"- measured in {elapsed:.0f} s")
     print("\n".join(lines))
 
-    if args.json:
-        meta = {"device": device_name(args.device), "device_type": args.device, "threads": torch.get_num_threads(),
-                "load_at_start": args.load_at_start,
-                "date": datetime.datetime.now().isoformat(timespec="minutes"), "torch": torch.__version__,
-                "triton": package_version("triton"), "batch": args.batch, "reps": args.reps, "quick": args.quick,
-                "backend_env": os.environ.get(BACKEND_ENV, "auto"), "copy_gbps": copy_gbps,
-                "elapsed_s": elapsed}
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump({"meta": meta, "results": rows}, handle, indent=2)
+    write_json(args.json, meta=run_meta(args, copy_gbps=copy_gbps, elapsed_s=elapsed), results=rows)
     return 0
 
 

@@ -207,6 +207,12 @@ class Problem:
         return num, den
 
     # -- fitting stages ------------------------------------------------------------------------------------------------
+    def solve(self, fun, jac, theta, max_nfev):
+        """Bounded nonlinear least squares (trust-region reflective) of the residual ``fun``, denominators >= 0."""
+        res = least_squares(fun, theta, jac=jac, bounds=(self.lower, self.upper), method="trf",
+                            xtol=LSQ_TOL, ftol=LSQ_TOL, gtol=LSQ_TOL, max_nfev=max_nfev)
+        return self.clip(res.x)
+
     def sanathanan_koerner(self, sqrt_w, iterations=20):
         """Linearised weighted least squares, reweighted by 1 / Q_prev, denominators bounded to >= 0."""
         q_prev = np.ones_like(self.x)
@@ -225,18 +231,8 @@ class Problem:
         return theta
 
     def weighted_least_squares(self, sqrt_w, theta, max_nfev=500):
-        res = least_squares(
-            lambda th: sqrt_w * self.error(th),
-            theta,
-            jac=lambda th: self.jacobian(th) * sqrt_w[:, None],
-            bounds=(self.lower, self.upper),
-            method="trf",
-            xtol=LSQ_TOL,
-            ftol=LSQ_TOL,
-            gtol=LSQ_TOL,
-            max_nfev=max_nfev,
-        )
-        return self.clip(res.x)
+        return self.solve(lambda th: sqrt_w * self.error(th), lambda th: self.jacobian(th) * sqrt_w[:, None],
+                          theta, max_nfev)
 
     def lp_continuation(self, theta, powers=(4, 8, 16, 32), max_nfev=100):
         """Minimise sum |e|^p for growing p (each stage warm-started), as least squares on e |e|^((p-2)/2)."""
@@ -254,11 +250,7 @@ class Problem:
                 r = self.error(th) / e0
                 return ((1.0 + k) * np.abs(r) ** k / e0)[:, None] * self.jacobian(th)
 
-            res = least_squares(
-                fun, theta, jac=jac, bounds=(self.lower, self.upper), method="trf",
-                xtol=LSQ_TOL, ftol=LSQ_TOL, gtol=LSQ_TOL, max_nfev=max_nfev,
-            )
-            theta = self.clip(res.x)
+            theta = self.solve(fun, jac, theta, max_nfev)
         return theta
 
     def lawson(self, theta, iterations=100, inner_nfev=20):
@@ -296,11 +288,7 @@ class Problem:
                 active = np.where(np.abs(r) > target, np.sign(r) * sqrt_mu, 0.0)
                 return np.concatenate([jm * sqrt_w[:, None], jm * active[:, None]], axis=0)
 
-            res = least_squares(
-                fun, theta, jac=jac, bounds=(self.lower, self.upper), method="trf",
-                xtol=LSQ_TOL, ftol=LSQ_TOL, gtol=LSQ_TOL, max_nfev=max_nfev,
-            )
-            theta = self.clip(res.x)
+            theta = self.solve(fun, jac, theta, max_nfev)
         return theta
 
 

@@ -11,6 +11,7 @@ A subcommand reports bad input by raising :class:`CLIError`; ``run_main`` prints
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import sys
@@ -76,7 +77,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:
-        print(f"kat-timm: error: unknown command {name!r}; choose from {', '.join(SUBCOMMANDS)}", file=sys.stderr)
+        close = difflib.get_close_matches(name, SUBCOMMANDS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        print(f"kat-timm: error: unknown command {name!r}; {hint}choose from {', '.join(SUBCOMMANDS)}",
+              file=sys.stderr)
         return 2
     module = importlib.import_module(f"kat_timm.cli.{name}")
     return module.main(rest, prog=f"kat-timm {name}")

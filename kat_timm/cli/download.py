@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 from . import CLIError, run_main
 
@@ -53,43 +53,10 @@ def _expand(names: List[str]) -> List[str]:
     return expanded
 
 
-def _download(name: str, cache_dir: Optional[Path], hub: List[Tuple[bool, str]], force: bool = False):
-    """``download_pretrained``, first from the cache alone; the Hub is contacted only for files not cached, and only
-    once a quick probe found it reachable: huggingface_hub would otherwise retry each file for about half a minute
-    before reporting an unreachable Hub."""
-    from huggingface_hub import constants
-    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
-
-    from kat_timm.tools.download import DownloadError, download_pretrained
-
-    from . import common
-
-    if constants.is_offline_mode():  # HF_HUB_OFFLINE=1: the cache only, and the error says so
-        return download_pretrained(name, cache_dir=cache_dir, force=force)
-    model, cause = name, None
-    if not force:
-        try:
-            with common.hub_access(offline=True):
-                return download_pretrained(name, cache_dir=cache_dir)
-        except DownloadError as error:
-            if not isinstance(error.__cause__, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
-                raise
-            model, cause = error.model, error.__cause__
-    if not hub:
-        hub.append(common.hub_reachable())
-    reachable, why = hub[0]
-    if not reachable:
-        cache = cache_dir if cache_dir is not None else constants.HF_HUB_CACHE
-        what = "--force fetches every file again" if force else f"not (fully) in the cache {cache}"
-        raise DownloadError(model, f"{what}, and {why}; run the download on a machine that reaches the Hub") \
-            from cause
-    return download_pretrained(name, cache_dir=cache_dir, force=force)
-
-
 def _run(args: argparse.Namespace, prog: str) -> int:
     from huggingface_hub import constants
 
-    from kat_timm.tools.download import DownloadError, format_size, resolve_hub_repo
+    from kat_timm.tools.download import DownloadError, download_pretrained, format_size, resolve_hub_repo
 
     names = _expand(args.models)
     unknown = 0
@@ -108,10 +75,9 @@ def _run(args: argparse.Namespace, prog: str) -> int:
     cache = args.cache_dir if args.cache_dir is not None else constants.HF_HUB_CACHE
 
     fetched = cached = failures = 0
-    hub: List[Tuple[bool, str]] = []  # the probe's answer, asked once, when the first file is not in the cache
     for name in names:
         try:
-            result = _download(name, args.cache_dir, hub, args.force)
+            result = download_pretrained(name, cache_dir=args.cache_dir, force=args.force)
         except DownloadError as error:
             print(f"{prog}: error: {error}", file=sys.stderr)
             failures += 1

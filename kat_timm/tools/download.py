@@ -16,7 +16,14 @@ import dataclasses
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
-from huggingface_hub import _CACHED_NO_EXIST, constants, hf_hub_download, try_to_load_from_cache
+from huggingface_hub import (
+    _CACHED_NO_EXIST,
+    constants,
+    get_hf_file_metadata,
+    hf_hub_download,
+    hf_hub_url,
+    try_to_load_from_cache,
+)
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
@@ -207,6 +214,14 @@ def cached_file_intact(path: PathLike) -> bool:
     return git_hash(blob.read_bytes()) == name
 
 
+def _hub_answers(repo_id: str, filename: str, revision: Optional[str]) -> None:
+    """One HEAD request for the file, without retries, within huggingface_hub's ``HF_HUB_ETAG_TIMEOUT``: an
+    unreachable Hub (or a missing repo or file) fails here at once, where ``hf_hub_download`` would first retry a
+    connection error with growing waits for about 20 s."""
+    get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision),
+                         timeout=constants.HF_HUB_ETAG_TIMEOUT)
+
+
 def _fetch(repo_id: str, filename: str, revision: Optional[str], cache_dir: Optional[PathLike],
            force: bool = False) -> CachedFile:
     cached = _cached(repo_id, filename, revision, cache_dir)
@@ -216,6 +231,8 @@ def _fetch(repo_id: str, filename: str, revision: Optional[str], cache_dir: Opti
     if damaged and constants.is_offline_mode():
         raise LocalEntryNotFoundError(f"the cached {filename} ({cached}) is damaged: its content does not match its "
                                       "checksum (a download or a copy was cut short)")
+    if not constants.is_offline_mode():
+        _hub_answers(repo_id, filename, revision)
     path = hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
                            force_download=force or damaged)
     return _cached_file(filename, path, fetched=True)
@@ -263,7 +280,8 @@ def _reason(error: Exception, repo_id: str, revision: Optional[str], cache_dir: 
                     "cannot be fetched; run the download on a machine with network access (without HF_HUB_OFFLINE)")
         return f"could not reach the Hugging Face Hub to fetch {wanted} (no network?): {detail}"
     if _is_network_error(error):
-        return f"network error while fetching {wanted}: {type(error).__name__}: {detail}"
+        return (f"network error while fetching {wanted}: {type(error).__name__}: {detail} (Hub: {constants.ENDPOINT}); "
+                "run the download on a machine that reaches the Hub")
     if isinstance(error, GatedRepoError):
         return f"{repo_id} is gated: accept its terms on huggingface.co and log in (hf auth login)"
     if isinstance(error, RepositoryNotFoundError):

@@ -62,6 +62,31 @@ def released_top1(model_name: str, tag: str = "") -> Optional[float]:
     return RELEASED_TOP1[size][1 if tag == "vitft" else 0]
 
 
+def _comparison_table(model_name: str, tag: str) -> str:
+    """The six released checkpoints with their reported top-1; this checkpoint's row in bold."""
+    from ..models import RELEASED_TOP1
+
+    rows = ["| Model | Tag | Params | ImageNet-1k top-1 (%) |", "|---|---|---|---|"]
+    for size, results in RELEASED_TOP1.items():
+        name = f"kat_{size}_patch16_224"
+        params = kat_num_params(name) / 1e6
+        for row_tag, top1 in zip(("", "vitft"), results):
+            cells = [f"`{name}.{row_tag}`" if row_tag else f"`{name}`", "ViT init" if row_tag else "from scratch",
+                     f"{params:.1f}M", f"{top1:.1f}"]
+            if size == _size_of(model_name) and row_tag == tag and "gelu" not in model_name:
+                cells = [f"**{c}**" for c in cells]
+            rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+_CITATION = """@article{yang2024kat,
+  title={Kolmogorov-Arnold Transformer},
+  author={Yang, Xingyi and Wang, Xinchao},
+  journal={arXiv preprint arXiv:2409.10594},
+  year={2024}
+}"""
+
+
 def model_card(
     model_name: str,
     tag: str = "",
@@ -69,11 +94,13 @@ def model_card(
     repo_id: Optional[str] = None,
     source: Optional[str] = None,
 ) -> str:
-    """README.md (Hub model card) for a converted KAT checkpoint.
+    """README.md (Hub model card) for a converted KAT checkpoint, written by timm's own card generator
+    (``timm.models._hub.generate_readme``, what ``push_to_hf_hub`` uses).
 
-    YAML front matter (timm library, image-classification, licence mit, ImageNet-1k), a description, the table of
-    the six released checkpoints (model, tag, parameters, reported ImageNet-1k top-1; this checkpoint's row marked),
-    a usage snippet (``import kat_timm`` before ``timm.create_model``) and the citation.
+    YAML front matter (timm library, image-classification, licence mit, ImageNet-1k), a description, the model
+    details, a usage snippet (``import kat_timm`` before ``timm.create_model``, and through transformers), the table
+    of the six released checkpoints (model, tag, parameters, reported ImageNet-1k top-1; this checkpoint's row in
+    bold) and the citation.
 
     Args:
         model_name: registered architecture, e.g. ``"kat_tiny_patch16_224"``.
@@ -82,7 +109,7 @@ def model_card(
         repo_id: Hub repository the folder is meant for (used in the usage snippet).
         source: a line on where the weights came from (file name, checksum, EMA or not).
     """
-    from ..models import RELEASED_TOP1
+    from timm.models._hub import generate_readme
 
     size = _size_of(model_name)
     full_name = f"{model_name}.{tag}" if tag else model_name
@@ -93,113 +120,59 @@ def model_card(
     top1 = released_top1(model_name, tag)
     # Without a repo id, a released name loads through its registered pretrained cfg; anything else needs a repo.
     hub_name = f"hf-hub:{repo_id}" if repo_id else (full_name if top1 is not None else "hf-hub:OWNER/REPO")
+    details = {
+        "Model Type": f"image classification / feature backbone ({title}, {origin})",
+        "Architecture": f"`{model_name}`" + (f", pretrained tag `{tag}`" if tag else ""),
+        "Params": f"{num_params / 1e6:.2f}M ({num_params:,})" if num_params else None,
+        "Image size": "224 x 224 (bicubic resize, crop_pct 0.875, ImageNet mean/std)",
+        "Reported ImageNet-1k top-1": f"{top1:.1f}%" if top1 is not None else None,
+        "Dataset": "ImageNet-1k",
+        "Papers": "[Kolmogorov-Arnold Transformer](https://arxiv.org/abs/2409.10594)",
+        "Original": _GITHUB,
+        "Weights converted from": source,
+    }
+    usage = f"""Needs `pip install kat-timm` (it provides the model code; timm alone does not know KAT):
 
-    rows = []
-    for row_size, (scratch, vitft) in RELEASED_TOP1.items():
-        params = kat_num_params(f"kat_{row_size}_patch16_224") / 1e6
-        for row_tag, row_top1 in (("", scratch), ("vitft", vitft)):
-            name = f"kat_{row_size}_patch16_224"
-            this = row_size == size and row_tag == tag and "gelu" not in model_name
-            label = f"`{name}.{row_tag}`" if row_tag else f"`{name}`"
-            how = "ViT init" if row_tag else "from scratch"
-            cells = [label, how, f"{params:.1f}M", f"{row_top1:.1f}"]
-            if this:
-                cells = [f"**{c}**" for c in cells]
-            rows.append("| " + " | ".join(cells) + " |")
-    table = "\n".join(
-        ["| Model | Tag | Params | ImageNet-1k top-1 (%) |", "|---|---|---|---|", *rows]
-    )
-    details = [
-        f"- **Model type:** image classification / feature backbone ({title}, {origin})",
-        f"- **Architecture:** `{model_name}`" + (f", pretrained tag `{tag}`" if tag else ""),
-        f"- **Params:** {num_params / 1e6:.2f}M ({num_params:,})" if num_params else None,
-        "- **Image size:** 224 x 224 (bicubic resize, crop_pct 0.875, ImageNet mean/std)",
-        f"- **Reported ImageNet-1k top-1:** {top1:.1f}%" if top1 is not None else None,
-        "- **Paper:** [Kolmogorov-Arnold Transformer](https://arxiv.org/abs/2409.10594)",
-        f"- **Original code:** {_GITHUB}",
-        f"- **Weights converted from:** {source}" if source else None,
-    ]
-    usage = (
-        "```python\n"
-        "import timm\n"
-        "import torch\n"
-        "import kat_timm  # registers the KAT models (and their rational-activation kernels) in timm\n"
-        "\n"
-        f'model = timm.create_model("{hub_name}", pretrained=True).eval()\n'
-        "data_config = timm.data.resolve_model_data_config(model)\n"
-        "transform = timm.data.create_transform(**data_config, is_training=False)\n"
-        "\n"
-        "with torch.no_grad():\n"
-        "    logits = model(transform(img).unsqueeze(0))  # img: a PIL image\n"
-        "top5 = logits.softmax(-1).topk(5)\n"
-        "```\n"
-    )
-    hf_repo = repo_id or "OWNER/REPO"
-    usage_transformers = (
-        "```python\n"
-        "import kat_timm  # first: transformers builds the model through timm, which must know KAT\n"
-        "from transformers import pipeline\n"
-        "\n"
-        f'classifier = pipeline("image-classification", model="{hf_repo}")\n'
-        'print(classifier("image.jpg"))\n'
-        "```\n"
-    )
-    citation = (
-        "```bibtex\n"
-        "@article{yang2024kat,\n"
-        "  title={Kolmogorov-Arnold Transformer},\n"
-        "  author={Yang, Xingyi and Wang, Xinchao},\n"
-        "  journal={arXiv preprint arXiv:2409.10594},\n"
-        "  year={2024}\n"
-        "}\n"
-        "```\n"
-    )
-    return "\n".join(
-        [
-            "---",
-            "tags:",
-            "- image-classification",
-            "- timm",
-            "- kat",
-            "- kolmogorov-arnold",
-            "library_name: timm",
-            "pipeline_tag: image-classification",
-            "license: mit",
-            "datasets:",
-            "- imagenet-1k",
-            "---",
-            f"# Model card for {full_name}",
-            "",
-            f"{title}, a Kolmogorov-Arnold Transformer (KAT) {origin} on ImageNet-1k. KAT is a Vision Transformer "
-            "whose MLPs are group-rational KANs: learnable rational functions P(x)/Q(x), shared within groups of "
-            "channels, around the first linear layer.",
-            "",
-            "## Model Details",
-            *[line for line in details if line],
-            "",
-            "## Results",
-            "",
-            "ImageNet-1k top-1 accuracy as reported by the authors with the released checkpoints (not re-measured "
-            "by the conversion).",
-            "",
-            table,
-            "",
-            "## Usage",
-            "",
-            "Needs `pip install kat-timm` (it provides the model code; timm alone does not know KAT):",
-            "",
-            usage,
-            "With Hugging Face transformers (`pip install kat-timm[hf]`), through its timm wrapper:",
-            "",
-            usage_transformers,
-            "Without `import kat_timm`, transformers reports that the architecture is not supported by the installed "
-            "timm: upgrading timm does not help, importing kat_timm does.",
-            "",
-            "## Citation",
-            "",
-            citation,
-        ]
-    )
+```python
+import timm
+import torch
+import kat_timm  # registers the KAT models (and their rational-activation kernels) in timm
+
+model = timm.create_model("{hub_name}", pretrained=True).eval()
+data_config = timm.data.resolve_model_data_config(model)
+transform = timm.data.create_transform(**data_config, is_training=False)
+
+with torch.no_grad():
+    logits = model(transform(img).unsqueeze(0))  # img: a PIL image
+top5 = logits.softmax(-1).topk(5)
+```
+
+With Hugging Face transformers (`pip install kat-timm[hf]`), through its timm wrapper:
+
+```python
+import kat_timm  # first: transformers builds the model through timm, which must know KAT
+from transformers import pipeline
+
+classifier = pipeline("image-classification", model="{repo_id or 'OWNER/REPO'}")
+print(classifier("image.jpg"))
+```
+
+Without `import kat_timm`, transformers reports that the architecture is not supported by the installed timm:
+upgrading timm does not help, importing kat_timm does.
+"""
+    card = {
+        "tags": ["image-classification", "timm", "kat", "kolmogorov-arnold"],
+        "license": "mit",
+        "description": f"{title}, a Kolmogorov-Arnold Transformer (KAT) {origin} on ImageNet-1k. KAT is a Vision "
+                       "Transformer whose MLPs are group-rational KANs: learnable rational functions P(x)/Q(x), shared "
+                       "within groups of channels, around the first linear layer.",
+        "details": {key: value for key, value in details.items() if value},
+        "usage": usage,
+        "comparison": "ImageNet-1k top-1 accuracy as reported by the authors with the released checkpoints (not "
+                      "re-measured by the conversion).\n\n" + _comparison_table(model_name, tag) + "\n",
+        "citation": _CITATION,
+    }
+    return generate_readme(card, full_name)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

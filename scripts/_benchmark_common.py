@@ -1,0 +1,80 @@
+"""What scripts/benchmark_ops.py and scripts/benchmark_models.py share: their common options, the run's metadata
+(machine, date, versions) that heads the printed table and the JSON, and the JSON file itself.
+
+Imported by those scripts (``python scripts/benchmark_*.py`` puts this folder on ``sys.path``); not part of the
+package.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+from typing import List, Optional
+
+import torch
+
+from kat_timm.benchmark import device_name, load_average, package_version
+from kat_timm.ops import BACKEND_ENV
+
+
+def benchmark_parser(doc: str, batch_help: str, reps_help: str, quick_help: str) -> argparse.ArgumentParser:
+    """An argument parser with the options every benchmark script has: --device, --batch, --threads, --reps,
+    --quick, --json. ``doc`` is the script's module docstring (its first paragraph becomes the description)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="See the module docstring (top of the script) for what is measured.")
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where to run (default: cuda when available)")
+    parser.add_argument("--batch", type=int, default=None, help=batch_help)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads on CPU (default: leave PyTorch's setting)")
+    parser.add_argument("--reps", type=int, default=None, help=reps_help)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--json", metavar="PATH", help="also write the raw results to this JSON file")
+    return parser
+
+
+def parse_benchmark_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse, reject what no benchmark can run (CUDA where there is none, non-positive thread, repetition or batch
+    counts), apply --threads, and record the load average and the date at the start of the run."""
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available")
+    for name in ("threads", "reps", "batch"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be >= 1")
+    if args.device == "cpu" and args.threads is not None:
+        torch.set_num_threads(args.threads)
+    args.load_at_start = load_average()
+    args.date = datetime.datetime.now().isoformat(timespec="minutes")
+    return args
+
+
+def load_text(value: Optional[float]) -> str:
+    return "unknown" if value is None else f"{value:.2f}"
+
+
+def run_meta(args: argparse.Namespace, **extra) -> dict:
+    """The JSON ``meta`` of a run: where, when, with what; ``extra`` adds the script's own fields."""
+    return {"device": device_name(args.device), "device_type": args.device, "threads": torch.get_num_threads(),
+            "load_at_start": args.load_at_start, "date": args.date, "torch": torch.__version__,
+            "triton": package_version("triton"), "python": platform.python_version(), "batch": args.batch,
+            "reps": args.reps, "quick": args.quick, "backend_env": os.environ.get(BACKEND_ENV, "auto"), **extra}
+
+
+def version_lines(args: argparse.Namespace, versions: str = "") -> List[str]:
+    """The date and versions lines of a printed header; ``versions`` names more packages (``"timm 1.0, "``)."""
+    return [f"- date: {args.date}",
+            f"- torch {torch.__version__}, {versions}triton {package_version('triton')}, "
+            f"python {platform.python_version()}"]
+
+
+def write_json(path: Optional[str], **payload) -> None:
+    """``payload`` as indented JSON at ``path`` (nothing when no --json was given)."""
+    if path:
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, indent=2)
