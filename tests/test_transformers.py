@@ -7,7 +7,6 @@ cache (``offline_hub``) holding a repo in the released format and an upload of t
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import transformers  # noqa: F401  (in .[dev] and .[hf]; a missing one fails her
 import kat_timm  # noqa: F401  (registers the KAT models in timm; transformers builds them through timm)
 import timm
 from kat_timm.tools import hub
+from tests.helpers import one_thread_env, torch_threads
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "kat_tiny_patch16_224"
@@ -35,16 +35,12 @@ def converted(tmp_path_factory) -> Path:
     """scripts/convert_checkpoint.py's output for a fine-tuned kat_tiny with a 10-class head."""
     from tests.conftest import random_kat_state_dict, save_released
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         root = tmp_path_factory.mktemp("converted")
         state_dict = random_kat_state_dict(3001, weight_init="skip", num_classes=10)
         checkpoint = save_released(state_dict, root / "fine_tuned.bin")
         hub.convert_checkpoint(checkpoint, root / "out")
         return root / "out"
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -197,7 +193,7 @@ def test_without_import_kat_timm_transformers_asks_for_a_timm_upgrade(converted)
         "from transformers import AutoModelForImageClassification\n"
         f"AutoModelForImageClassification.from_pretrained({str(converted)!r})\n"
     )
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env = one_thread_env(HF_HUB_OFFLINE="1")
     env.pop("PYTHONPATH", None)  # nothing that could import kat_timm on the way
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode != 0
