@@ -18,7 +18,7 @@ from typing import Dict, Optional
 import pytest
 import torch
 
-from tests.helpers import fill_uninitialised_, torch_threads
+from tests.helpers import fill_uninitialised_, torch_threads, trained_like
 
 HF_ORG = "adamdad"
 TINY = "kat_tiny_patch16_224"
@@ -169,6 +169,16 @@ def single_thread():
     """
     with torch_threads(1):
         yield
+
+
+@pytest.fixture
+def small_kat() -> torch.nn.Module:
+    """A 3-block kat_tiny at 32 px whose rationals are jittered (``trained_like``), for the plot tests."""
+    import timm
+
+    import kat_timm  # noqa: F401  (registers the models)
+
+    return trained_like(timm.create_model("kat_tiny", depth=3, img_size=32))
 
 
 @pytest.fixture

@@ -109,6 +109,15 @@ def assert_matches_rounded_reference(actual, reference, rtol, what):
     assert err <= rtol, f"{what}: relative error {err:.2e} element-wise"
 
 
+def trained_like(model: torch.nn.Module) -> torch.nn.Module:
+    """Jitter every rational's coefficients so that its groups differ, as after training."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "weight_numerator" in name or "weight_denominator" in name:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    return model
+
+
 def fill_uninitialised_(model: torch.nn.Module, std: float = 0.02) -> torch.nn.Module:
     """Give the tensors timm's ViT creates with ``torch.empty`` (cls/reg token, position embedding) small random
     values. ``weight_init="skip"`` leaves them as whatever bits the allocator returned, NaN included, which is fine

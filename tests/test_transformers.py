@@ -55,14 +55,6 @@ def test_converted_config_has_the_head_width_once(converted):
     assert config["pretrained_cfg"]["num_classes"] == 10
 
 
-def test_hub_config_keeps_what_it_does_not_own():
-    written = {"architecture": TINY, "model_args": {"num_classes": 7, "img_size": [32, 32]}, "pretrained_cfg": {}}
-    fixed = hub.hub_config(written)
-    assert fixed["num_classes"] == 7 and fixed["model_args"] == {"img_size": [32, 32]}
-    assert written["model_args"]["num_classes"] == 7, "the input must not be modified"
-    assert "model_args" not in hub.hub_config({"architecture": TINY, "model_args": {"num_classes": 3}})
-
-
 def test_fix_hub_folder_repairs_a_save_for_hf_folder(tmp_path, single_thread):
     """A folder written by timm's save_for_hf alone (what convert_checkpoint wrote before) is repaired in place and
     then loads in transformers with the same logits as timm."""

@@ -348,3 +348,11 @@ def test_model_card_lists_all_released_results():
     gelu = hub.model_card("kat_tiny_gelu_patch16_224")
     assert "Reported ImageNet-1k top-1" not in gelu and "**`" not in gelu
     assert 'timm.create_model("hf-hub:OWNER/REPO", pretrained=True)' in gelu  # no registered weights to name
+
+
+def test_hub_config_keeps_what_it_does_not_own():
+    written = {"architecture": TINY, "model_args": {"num_classes": 7, "img_size": [32, 32]}, "pretrained_cfg": {}}
+    fixed = hub.hub_config(written)
+    assert fixed["num_classes"] == 7 and fixed["model_args"] == {"img_size": [32, 32]}
+    assert written["model_args"]["num_classes"] == 7, "the input must not be modified"
+    assert "model_args" not in hub.hub_config({"architecture": TINY, "model_args": {"num_classes": 3}})
