@@ -1,11 +1,8 @@
-"""kat_timm.cli.common: model creation from command-line options, with clear errors, and the Hub access that never
-hangs on an unreachable Hub."""
-import time
-
+"""kat_timm.cli.common: model creation from command-line options, with clear errors."""
 import pytest
 import torch
 
-from kat_timm.cli import CLIError, common
+from kat_timm.cli import CLIError
 from kat_timm.cli.common import create_model, resolve_device
 
 
@@ -84,73 +81,3 @@ def test_unknown_tag_lists_the_pretrained_names():
     with pytest.raises(CLIError, match=r"kat_tiny has no pretrained tag 'bogus'.*kat_tiny\.vitft") as error:
         check_model_name("kat_tiny.bogus")
     assert error.value.code == 2
-
-
-class _FakeSession:
-    def __init__(self, behaviour):
-        self.behaviour = behaviour
-
-    def head(self, url, timeout):
-        return self.behaviour(url, timeout)
-
-
-
-@pytest.fixture
-def online_mode(monkeypatch):
-    """huggingface_hub in online mode (the test replaces its HTTP session, so nothing leaves the machine)."""
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-
-
-
-def _use_session(monkeypatch, behaviour):
-    import huggingface_hub.utils
-
-    monkeypatch.setattr(huggingface_hub.utils, "get_session", lambda: _FakeSession(behaviour))
-
-
-
-def test_probe_reports_a_hub_that_hangs_within_its_timeout(monkeypatch, online_mode):
-    _use_session(monkeypatch, lambda url, timeout: time.sleep(5))
-    start = time.perf_counter()
-    reachable, reason = common.hub_reachable(timeout=0.2)
-    assert not reachable and "did not answer within 0.2 s" in reason
-    assert time.perf_counter() - start < 2
-
-
-
-def test_probe_reports_connection_errors_and_answers(monkeypatch, online_mode):
-    def refuse(url, timeout):
-        raise ConnectionError("Name or service not known")
-
-    _use_session(monkeypatch, refuse)
-    assert common.hub_reachable(timeout=1) == (False, "huggingface.co is unreachable: Name or service not known")
-    _use_session(monkeypatch, lambda url, timeout: object())
-    assert common.hub_reachable(timeout=1) == (True, "huggingface.co is reachable")
-
-
-
-def test_unreachable_hub_loads_cached_weights_in_offline_mode(monkeypatch, released_hub, online_mode,
-                                                              kat_tiny_weights, single_thread):
-    from huggingface_hub import constants
-
-    # Sockets stay blocked (released_hub): any request that escaped offline mode would fail the load.
-    monkeypatch.setattr(common, "hub_reachable", lambda timeout=None: (False, "simulated outage"))
-    with common.hub_access() as reason:
-        assert reason == "simulated outage" and constants.is_offline_mode()
-    assert not constants.is_offline_mode(), "offline mode must be undone after the context"
-    model = common.create_model_with_weights("kat_tiny")
-    torch.testing.assert_close(model.state_dict()["head.weight"], kat_tiny_weights["scratch"]["head.weight"])
-    assert not constants.is_offline_mode()
-
-
-
-def test_unreachable_hub_without_cache_fails_at_once_with_the_reason(monkeypatch, offline_hub, online_mode):
-    monkeypatch.setattr(common, "hub_reachable", lambda timeout=None: (False, "huggingface.co did not answer"))
-    start = time.perf_counter()
-    with pytest.raises(common.ReleasedWeightsUnavailable) as caught:
-        common.create_model_with_weights("kat_tiny")
-    assert time.perf_counter() - start < 20
-    assert caught.value.reason.startswith("huggingface.co did not answer, and they are not in the local")

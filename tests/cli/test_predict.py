@@ -1,5 +1,5 @@
-"""``kat-timm predict``: labels and probabilities from the right weights, and errors that name the problem (the Hub
-access that never hangs on an unreachable Hub is cli.common's, tested in tests/cli/test_common.py).
+"""``kat-timm predict``: labels and probabilities from the right weights, errors that name the problem, and the Hub
+access that never hangs on an unreachable Hub.
 
 Run in-process through ``main([...])``, offline: released weights come from the fake cache (``released_hub``).
 """
@@ -13,7 +13,7 @@ import timm
 import torch
 from timm.data import ImageNetInfo
 
-from kat_timm.cli import predict
+from kat_timm.cli import common, predict
 from kat_timm.cli.demo import sample_images
 
 IMAGES = [str(path) for path in sample_images()]
@@ -169,6 +169,70 @@ def test_missing_released_weights_say_how_to_get_them(capsys, offline_hub):
 # ---------------------------------------------------------------------------------------------------------------------
 # Reaching the Hub
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+class _FakeSession:
+    def __init__(self, behaviour):
+        self.behaviour = behaviour
+
+    def head(self, url, timeout):
+        return self.behaviour(url, timeout)
+
+
+@pytest.fixture
+def online_mode(monkeypatch):
+    """huggingface_hub in online mode (the test replaces its HTTP session, so nothing leaves the machine)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+
+def _use_session(monkeypatch, behaviour):
+    import huggingface_hub.utils
+
+    monkeypatch.setattr(huggingface_hub.utils, "get_session", lambda: _FakeSession(behaviour))
+
+
+def test_probe_reports_a_hub_that_hangs_within_its_timeout(monkeypatch, online_mode):
+    _use_session(monkeypatch, lambda url, timeout: time.sleep(5))
+    start = time.perf_counter()
+    reachable, reason = common.hub_reachable(timeout=0.2)
+    assert not reachable and "did not answer within 0.2 s" in reason
+    assert time.perf_counter() - start < 2
+
+
+def test_probe_reports_connection_errors_and_answers(monkeypatch, online_mode):
+    def refuse(url, timeout):
+        raise ConnectionError("Name or service not known")
+
+    _use_session(monkeypatch, refuse)
+    assert common.hub_reachable(timeout=1) == (False, "huggingface.co is unreachable: Name or service not known")
+    _use_session(monkeypatch, lambda url, timeout: object())
+    assert common.hub_reachable(timeout=1) == (True, "huggingface.co is reachable")
+
+
+def test_unreachable_hub_loads_cached_weights_in_offline_mode(monkeypatch, released_hub, online_mode,
+                                                              kat_tiny_weights):
+    from huggingface_hub import constants
+
+    # Sockets stay blocked (released_hub): any request that escaped offline mode would fail the load.
+    monkeypatch.setattr(common, "hub_reachable", lambda timeout=None: (False, "simulated outage"))
+    with common.hub_access() as reason:
+        assert reason == "simulated outage" and constants.is_offline_mode()
+    assert not constants.is_offline_mode(), "offline mode must be undone after the context"
+    model = common.create_model_with_weights("kat_tiny")
+    torch.testing.assert_close(model.state_dict()["head.weight"], kat_tiny_weights["scratch"]["head.weight"])
+    assert not constants.is_offline_mode()
+
+
+def test_unreachable_hub_without_cache_fails_at_once_with_the_reason(monkeypatch, offline_hub, online_mode):
+    monkeypatch.setattr(common, "hub_reachable", lambda timeout=None: (False, "huggingface.co did not answer"))
+    start = time.perf_counter()
+    with pytest.raises(common.ReleasedWeightsUnavailable) as caught:
+        common.create_model_with_weights("kat_tiny")
+    assert time.perf_counter() - start < 20
+    assert caught.value.reason.startswith("huggingface.co did not answer, and they are not in the local")
 
 
 def test_kat_timm_dispatches_to_predict(capsys, tmp_path):
