@@ -18,7 +18,7 @@ from typing import Dict, Optional
 import pytest
 import torch
 
-from tests.helpers import fill_uninitialised_
+from tests.helpers import fill_uninitialised_, torch_threads, trained_like
 
 HF_ORG = "adamdad"
 TINY = "kat_tiny_patch16_224"
@@ -78,14 +78,10 @@ def random_kat_tiny_32(seed: int) -> torch.nn.Module:
     thread (fast; for the inference and export tests, where the values only need to be random and finite)."""
     import timm
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         model = timm.create_model("kat_tiny", img_size=32, weight_init="skip")
         model.load_state_dict(random_kat_state_dict(seed, img_size=32))
         return model.eval()
-    finally:
-        torch.set_num_threads(threads)
 
 
 def save_released(state_dict: Dict[str, torch.Tensor], path: Path) -> Path:
@@ -165,15 +161,24 @@ def _no_network(*args, **kwargs):
 
 @pytest.fixture
 def single_thread():
-    """Run the test on one intra-op thread (restored afterwards).
+    """Run the test on one intra-op thread (the previous count restored afterwards): the one way tests set threads.
 
     Building a KAT runs a few hundred small linear-algebra calls; on a busy 2-core machine OpenMP's barriers make
-    them up to 5x slower with 2 threads than with 1.
+    them several times slower with 2 threads than with 1. Fixtures of module or session scope use the same
+    ``tests.helpers.torch_threads`` this runs on, and child processes get ``tests.helpers.one_thread_env()``.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture
+def small_kat() -> torch.nn.Module:
+    """A 3-block kat_tiny at 32 px whose rationals are jittered (``trained_like``), for the plot tests."""
+    import timm
+
+    import kat_timm  # noqa: F401  (registers the models)
+
+    return trained_like(timm.create_model("kat_tiny", depth=3, img_size=32))
 
 
 @pytest.fixture
@@ -208,12 +213,8 @@ def kat_tiny_weights() -> Dict[str, "OrderedDict[str, torch.Tensor]"]:
 
     Session-scoped (built once): tests must not modify the tensors (loading copies them).
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         return {kind: random_kat_state_dict(seed) for kind, seed in SEEDS.items()}
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -1,7 +1,30 @@
 """Shared test helpers: random coefficients, comparison against the float64 reference, and test models and files."""
+import contextlib
+import os
+
 import torch
 
 from kat_timm.ops import group_rational, group_rational_reference
+
+
+@contextlib.contextmanager
+def torch_threads(n: int = 1):
+    """torch's intra-op thread count set to ``n`` inside the block and restored afterwards, even on an error.
+
+    What the ``single_thread`` fixture (tests/conftest.py) runs a test under; fixtures of module or session scope,
+    which can't request a test's fixture, and tests that compare thread counts use it directly.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def one_thread_env(**overrides: str) -> dict:
+    """The environment for a child process that runs on one OpenMP thread, as the tests themselves do."""
+    return dict(os.environ, OMP_NUM_THREADS="1", **overrides)
 
 
 def random_coefficients(groups: int, shared_numerator: bool = True, dtype=torch.float32, scale: float = 0.5):
@@ -86,6 +109,15 @@ def assert_matches_rounded_reference(actual, reference, rtol, what):
     assert err <= rtol, f"{what}: relative error {err:.2e} element-wise"
 
 
+def trained_like(model: torch.nn.Module) -> torch.nn.Module:
+    """Jitter every rational's coefficients so that its groups differ, as after training."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "weight_numerator" in name or "weight_denominator" in name:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    return model
+
+
 def fill_uninitialised_(model: torch.nn.Module, std: float = 0.02) -> torch.nn.Module:
     """Give the tensors timm's ViT creates with ``torch.empty`` (cls/reg token, position embedding) small random
     values. ``weight_init="skip"`` leaves them as whatever bits the allocator returned, NaN included, which is fine
@@ -133,7 +165,6 @@ def save_vit_as_npz(vit, path):
 def sigkill_training_after_first_checkpoint(args, cwd, run_dir, log_path, timeout_s: float) -> None:
     """Run ``python -m kat_timm.cli.train *args`` in a process of its own (log in ``log_path``), wait for its first
     checkpoint in ``run_dir`` and a step of the next epoch, and SIGKILL it in the middle of that epoch."""
-    import os
     import signal
     import subprocess
     import sys
@@ -141,7 +172,7 @@ def sigkill_training_after_first_checkpoint(args, cwd, run_dir, log_path, timeou
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(repo))
+    env = one_thread_env(PYTHONUNBUFFERED="1", PYTHONPATH=str(repo))
     with open(log_path, "w") as log:
         process = subprocess.Popen([sys.executable, "-m", "kat_timm.cli.train", *map(str, args)], stdout=log,
                                    stderr=subprocess.STDOUT, cwd=cwd, env=env)

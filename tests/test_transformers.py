@@ -7,7 +7,6 @@ cache (``offline_hub``) holding a repo in the released format and an upload of t
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import transformers  # noqa: F401  (in .[dev] and .[hf]; a missing one fails her
 import kat_timm  # noqa: F401  (registers the KAT models in timm; transformers builds them through timm)
 import timm
 from kat_timm.tools import hub
+from tests.helpers import one_thread_env, torch_threads
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "kat_tiny_patch16_224"
@@ -35,16 +35,12 @@ def converted(tmp_path_factory) -> Path:
     """scripts/convert_checkpoint.py's output for a fine-tuned kat_tiny with a 10-class head."""
     from tests.conftest import random_kat_state_dict, save_released
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         root = tmp_path_factory.mktemp("converted")
         state_dict = random_kat_state_dict(3001, weight_init="skip", num_classes=10)
         checkpoint = save_released(state_dict, root / "fine_tuned.bin")
         hub.convert_checkpoint(checkpoint, root / "out")
         return root / "out"
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -57,14 +53,6 @@ def test_converted_config_has_the_head_width_once(converted):
     assert config["architecture"] == TINY and config["num_classes"] == 10
     assert "num_classes" not in config.get("model_args", {}), "TimmWrapper passes num_classes itself"
     assert config["pretrained_cfg"]["num_classes"] == 10
-
-
-def test_hub_config_keeps_what_it_does_not_own():
-    written = {"architecture": TINY, "model_args": {"num_classes": 7, "img_size": [32, 32]}, "pretrained_cfg": {}}
-    fixed = hub.hub_config(written)
-    assert fixed["num_classes"] == 7 and fixed["model_args"] == {"img_size": [32, 32]}
-    assert written["model_args"]["num_classes"] == 7, "the input must not be modified"
-    assert "model_args" not in hub.hub_config({"architecture": TINY, "model_args": {"num_classes": 3}})
 
 
 def test_fix_hub_folder_repairs_a_save_for_hf_folder(tmp_path, single_thread):
@@ -197,7 +185,7 @@ def test_without_import_kat_timm_transformers_asks_for_a_timm_upgrade(converted)
         "from transformers import AutoModelForImageClassification\n"
         f"AutoModelForImageClassification.from_pretrained({str(converted)!r})\n"
     )
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env = one_thread_env(HF_HUB_OFFLINE="1")
     env.pop("PYTHONPATH", None)  # nothing that could import kat_timm on the way
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode != 0

@@ -21,7 +21,7 @@ import torch
 
 from kat_timm.cli import train as train_module
 from kat_timm.cli.train import parse_args, train
-from tests.helpers import fill_uninitialised_, save_vit_as_npz, sigkill_training_after_first_checkpoint
+from tests.helpers import fill_uninitialised_, one_thread_env, save_vit_as_npz, sigkill_training_after_first_checkpoint
 from tests.training.test_data import make_image_folder, write_corrupt_image
 
 REPO = Path(__file__).resolve().parents[2]
@@ -163,7 +163,7 @@ DDP_SCRIPT = textwrap.dedent("""
 def test_torchrun_two_cpu_processes_end_with_identical_weights(data, tmp_path):
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = one_thread_env(PYTHONPATH=str(REPO))
     completed = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
          str(tmp_path), *run_args(data, tmp_path / "out", "--epochs", "1", "--mixup", "0.8", "--model-ema")],

@@ -7,7 +7,6 @@ unless a test needs more.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -19,7 +18,7 @@ from kat_timm.cli import train as train_module
 from kat_timm.cli import validate as validate_module
 from kat_timm.cli.train import parse_args, train
 from tests.cli.dataset_makers import CLASSES, make_hf_dataset, make_wds_shards
-from tests.helpers import sigkill_training_after_first_checkpoint
+from tests.helpers import one_thread_env, sigkill_training_after_first_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_SHARDS = "train-{0000..0003}.tar"
@@ -251,7 +250,7 @@ def test_wds_torchrun_two_processes_read_their_own_shards(shards, tmp_path):
     sets are disjoint and cover all 4; evaluation covers every validation sample once, so both ranks agree."""
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = one_thread_env(PYTHONPATH=str(REPO))
     completed = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
          str(tmp_path), *wds_args(shards, tmp_path / "out", "--epochs", "1", "--batch-size", "4")],
@@ -302,7 +301,7 @@ def test_hfds_torchrun_two_processes(hf_folder, tmp_path):
     the averaged loss and the evaluation over all 16 validation images agree on both ranks."""
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = one_thread_env(PYTHONPATH=str(REPO))
     completed = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
          str(tmp_path), "--dataset", f"hfds/{hf_folder}", *common(tmp_path / "out", "--epochs", "1",

@@ -27,6 +27,7 @@ import torch
 
 from kat_timm.cli import train as train_module
 from tests.cli.test_train import load_training_checkpoint, run_args, summary_epochs
+from tests.helpers import one_thread_env, torch_threads
 from tests.training.test_data import make_image_folder
 
 REPO = Path(__file__).resolve().parents[2]
@@ -93,14 +94,9 @@ def base_run(tmp_path_factory):
     """(data, run folder) of one finished epoch (epoch 0), made once; tests work on copies of the folder."""
     root = tmp_path_factory.mktemp("faults")
     data = make_image_folder(root / "data", splits=(("train", 8), ("validation", 2)))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.MonkeyPatch.context() as monkeypatch:
-            fixed_metrics(monkeypatch)
-            assert train_module.main(run_args(data, root / "out", "--epochs", "1")) == 0
-    finally:
-        torch.set_num_threads(threads)
+    with torch_threads(1), pytest.MonkeyPatch.context() as monkeypatch:  # module scope: not single_thread
+        fixed_metrics(monkeypatch)
+        assert train_module.main(run_args(data, root / "out", "--epochs", "1")) == 0
     return data, root / "out" / "run"
 
 
@@ -120,7 +116,7 @@ def resume_args(data: Path, folder: Path, epochs: int) -> list:
 
 def run_child(argv: list, fault: str, folder: Path, n: int = 0) -> subprocess.CompletedProcess:
     spec = {"argv": argv, "fault": fault, "folder": str(folder.resolve()), "n": n, "top1": TOP1}
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = one_thread_env(PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], capture_output=True, text=True,
                           timeout=300, cwd=folder.parent, env=env)
 

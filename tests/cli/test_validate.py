@@ -10,7 +10,7 @@ import torch
 
 from kat_timm.cli import validate as validate_module
 from kat_timm.cli.train import parse_args, train
-from tests.helpers import fill_uninitialised_
+from tests.helpers import fill_uninitialised_, torch_threads
 from tests.training.test_data import make_image_folder, write_corrupt_image
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -41,13 +41,9 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("validate")
     data = make_image_folder(root / "data")
     (root / "recipe.yaml").write_text(RECIPE)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the single_thread fixture does (module scope cannot use it)
-    try:
+    with torch_threads(1):  # as the single_thread fixture does (module scope cannot use it)
         result = train(parse_args(["-c", str(root / "recipe.yaml"), "--data-dir", str(data), "--output",
                                    str(root / "out"), "--experiment", "run"]))
-    finally:
-        torch.set_num_threads(threads)
     return data, root / "out" / "run", result
 
 

@@ -4,7 +4,7 @@ import timm
 import torch
 
 import kat_timm
-from kat_timm.layers import rational_init
+from kat_timm.layers import KAN, rational_init
 from kat_timm.models import KAT, kat_from_vit
 from tests.helpers import relative_error, save_vit_as_npz
 
@@ -57,20 +57,33 @@ def test_gelu_variant_has_no_weights_to_load():
         timm.create_model("kat_tiny_gelu_patch16_224", pretrained=True)
 
 
+def _assert_output_std_preserved(kan, x, what: str) -> None:
+    with torch.no_grad():
+        ratio = (kan(x).std() / x.std()).item()
+    assert 0.7 <= ratio <= 1.4, f"{what}: output/input std {ratio:.3f}"
+
+
 @pytest.mark.parametrize("size", sorted(SIZES))
 def test_kan_blocks_preserve_variance_at_init(size):
-    """Paper S3: every KAN block maps N(0, 1) tokens to outputs of about unit std."""
-    model = timm.create_model(f"kat_{size}_patch16_224", attn_init="timm")  # attention init is irrelevant here
+    """Paper S3: a KAN block of every size maps N(0, 1) tokens to outputs of about unit std (12 draws, one per block
+    of the model; the block is built on its own: the model's init reaching it is checked on KAT-T below)."""
     embed_dim = SIZES[size][0]
+    kan = KAN(embed_dim, 4 * embed_dim)
     x = torch.randn(512, embed_dim)
-    with torch.no_grad():
-        for depth, block in enumerate(model.blocks):
-            ratio = (block.mlp(x).std() / x.std()).item()
-            assert 0.7 <= ratio <= 1.4, f"block {depth}: output/input std {ratio:.3f}"
+    for depth in range(12):
+        kan.init_weights()
+        _assert_output_std_preserved(kan, x, f"{size}, draw {depth}")
 
 
-def test_kan_init_is_the_papers_not_trunc_normal():
-    block = timm.create_model("kat_small_patch16_224").blocks[5].mlp
+def test_kat_blocks_preserve_variance_at_init():
+    """The same through the model: KAT's init (timm's trunc_normal on every Linear first) ends in each KAN's own."""
+    model = timm.create_model("kat_tiny_patch16_224", attn_init="timm")  # attention init is irrelevant here
+    x = torch.randn(512, SIZES["tiny"][0])
+    for depth, block in enumerate(model.blocks):
+        _assert_output_std_preserved(block.mlp, x, f"block {depth}")
+
+
+def _assert_papers_init(block) -> None:
     fan_in = block.fc2.in_features
     gain = 1 / kat_timm.layers.rational_second_moment("swish")
     assert abs(gain - 2.8178) < 1e-2, "close to swish's own 1 / E[swish(z)^2] (the fit differs beyond |z| = 3)"
@@ -79,6 +92,14 @@ def test_kan_init_is_the_papers_not_trunc_normal():
     assert block.fc1.bias.abs().max() == 0
     numerator, _ = rational_init("identity")
     assert block.act1.weight_numerator.tolist() == [numerator]
+
+
+def test_kan_init_is_the_papers_not_trunc_normal():
+    block = KAN(384, 4 * 384)  # a KAT-S block
+    block.init_weights()
+    _assert_papers_init(block)
+    # In a model, after timm's trunc_normal(0.02) pass over every Linear (the authors' init ended there).
+    _assert_papers_init(timm.create_model("kat_tiny_patch16_224", attn_init="timm").blocks[5].mlp)
 
 
 @pytest.mark.parametrize("init", ["swish", "gelu", "identity", "tanh"])

@@ -20,7 +20,6 @@ What timm does, as exercised here (timm 1.0.31, huggingface_hub 2.4):
 from __future__ import annotations
 
 import argparse
-import os
 import pickle
 import subprocess
 import sys
@@ -32,6 +31,8 @@ import torch
 import kat_timm  # noqa: F401  (registers the KAT models in timm)
 import timm
 from huggingface_hub.errors import LocalEntryNotFoundError
+
+from tests.helpers import one_thread_env
 
 pytestmark = pytest.mark.usefixtures("single_thread", "offline_hub")
 
@@ -103,7 +104,7 @@ def test_env_vars_set_before_import(released_hub, kat_tiny_weights, tmp_path):
         "model = timm.create_model('kat_tiny.vitft', pretrained=True)\n"
         "torch.save(model.state_dict(), sys.argv[1])\n"
     )
-    env = dict(os.environ, OMP_NUM_THREADS="1")  # HF_HUB_OFFLINE / HF_HUB_CACHE come from the fixture
+    env = one_thread_env()  # HF_HUB_OFFLINE / HF_HUB_CACHE come from the fixture
     assert env["HF_HUB_OFFLINE"] == "1" and env["HF_HUB_CACHE"] == str(released_hub.root)
     result = subprocess.run([sys.executable, "-c", code, str(out)], env=env, capture_output=True, text=True,
                             timeout=120)

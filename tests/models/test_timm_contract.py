@@ -23,6 +23,7 @@ from timm.optim import param_groups_weight_decay
 import kat_timm  # noqa: F401  (registers the models)
 from kat_timm.layers import GroupRational
 from kat_timm.models import KAT
+from tests.helpers import torch_threads
 
 NAME = "kat_tiny_patch16_224"
 EMBED_DIM, DEPTH, PATCH = 192, 12, 16
@@ -42,10 +43,8 @@ def tiny(**kwargs) -> KAT:
 def one_thread():
     """One intra-op thread for this module: building a KAT runs many small linear-algebra calls (the mimetic init),
     which OpenMP's barriers make several times slower with 2 threads on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

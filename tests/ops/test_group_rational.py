@@ -11,6 +11,7 @@ from tests.helpers import (
     magnitudes,
     random_coefficients,
     relative_error,
+    torch_threads,
 )
 
 CPU_BACKENDS = ["torch", "native"]
@@ -134,18 +135,14 @@ def test_native_independent_of_thread_count(use_backend):
     x = torch.randn(32, 197, 96)
     numerator, denominator = random_coefficients(8)
     grad = torch.randn_like(x)
-    threads = torch.get_num_threads()
     grads = []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
+    for n in (1, 2):
+        with torch_threads(n):
             for t in (numerator, denominator):
                 t.grad = None
             x.requires_grad_()
             group_rational(x, numerator, denominator).backward(grad)
             grads.append((numerator.grad.clone(), denominator.grad.clone()))
-    finally:
-        torch.set_num_threads(threads)
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
@@ -407,19 +404,15 @@ def test_bias_float64_gradcheck(use_backend):
 def test_bias_deterministic_and_thread_independent(use_backend):
     use_backend("native")
     numerator, denominator = random_coefficients(8)
-    threads = torch.get_num_threads()
     for shape in ((32, 197, 96), (8, 50, 3072)):
         x = torch.randn(shape, requires_grad=True)
         bias = torch.randn(shape[-1], requires_grad=True)
         grad = torch.randn(shape)
         grads = []
-        try:
-            for n in (1, 2, 2):
-                torch.set_num_threads(n)
+        for n in (1, 2, 2):
+            with torch_threads(n):
                 grads.append(torch.autograd.grad(group_rational(x, numerator, denominator, bias=bias),
                                                  (x, numerator, denominator, bias), grad))
-        finally:
-            torch.set_num_threads(threads)
         for other in grads[1:]:
             for name, first, again in zip(("x", "numerator", "denominator", "bias"), grads[0], other):
                 assert torch.equal(first, again), f"grad {name} differs between calls / thread counts ({shape})"

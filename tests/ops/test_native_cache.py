@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import one_thread_env
+
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None and not os.environ.get("CC"),
@@ -39,8 +41,8 @@ USE = textwrap.dedent("""
 
 
 def use_native(cache: Path, **env) -> subprocess.CompletedProcess:
-    full_env = dict(os.environ, KAT_TIMM_CACHE_DIR=str(cache), KAT_RATIONAL_BACKEND="native", OMP_NUM_THREADS="1",
-                    PYTHONPATH=str(REPO), **env)
+    full_env = one_thread_env(KAT_TIMM_CACHE_DIR=str(cache), KAT_RATIONAL_BACKEND="native", PYTHONPATH=str(REPO),
+                              **env)
     return subprocess.run([sys.executable, "-c", USE], capture_output=True, text=True, timeout=300, env=full_env)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import kat_timm  # noqa: F401  (registers the KAT models in timm)
 import timm
 from kat_timm import checkpoint as ckpt
 from kat_timm.tools import hub
-from tests.helpers import fill_uninitialised_
+from tests.helpers import fill_uninitialised_, one_thread_env, torch_threads
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "convert_checkpoint.py"
 TINY = "kat_tiny_patch16_224"
@@ -46,7 +45,7 @@ def _no_network(*args, **kwargs):
 
 
 @pytest.fixture(autouse=True)
-def _offline_single_thread(monkeypatch, tmp_path):
+def _offline_single_thread(monkeypatch, tmp_path, single_thread):
     """Offline huggingface_hub, no sockets, one intra-op thread (model builds are much faster on a busy 2-core
     machine); all undone after each test."""
     from huggingface_hub import constants
@@ -57,10 +56,6 @@ def _offline_single_thread(monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
     monkeypatch.setattr(socket.socket, "connect", _no_network)
     monkeypatch.setattr(socket, "create_connection", _no_network)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _random_state_dict(seed: int, name: str = TINY, **kwargs):
@@ -73,12 +68,8 @@ def _random_state_dict(seed: int, name: str = TINY, **kwargs):
 
 @pytest.fixture(scope="module")
 def weights():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         return {"model": _random_state_dict(2001), "ema": _random_state_dict(2002)}
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _save_released(state_dict, path: Path) -> Path:
@@ -107,7 +98,7 @@ def _convert(argv, capsys=None):
 def test_cli_converts_a_released_bin_and_timm_loads_it(tmp_path, weights):
     source = _save_released(weights["model"], tmp_path / "pytorch_model.bin")
     out = tmp_path / "kat_tiny_hub"
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hf_cache"))
+    env = one_thread_env(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hf_cache"))
     result = subprocess.run(
         [sys.executable, str(SCRIPT), str(source), "--model", TINY, "-o", str(out)],
         capture_output=True, text=True, timeout=120, env=env,
@@ -357,3 +348,11 @@ def test_model_card_lists_all_released_results():
     gelu = hub.model_card("kat_tiny_gelu_patch16_224")
     assert "Reported ImageNet-1k top-1" not in gelu and "**`" not in gelu
     assert 'timm.create_model("hf-hub:OWNER/REPO", pretrained=True)' in gelu  # no registered weights to name
+
+
+def test_hub_config_keeps_what_it_does_not_own():
+    written = {"architecture": TINY, "model_args": {"num_classes": 7, "img_size": [32, 32]}, "pretrained_cfg": {}}
+    fixed = hub.hub_config(written)
+    assert fixed["num_classes"] == 7 and fixed["model_args"] == {"img_size": [32, 32]}
+    assert written["model_args"]["num_classes"] == 7, "the input must not be modified"
+    assert "model_args" not in hub.hub_config({"architecture": TINY, "model_args": {"num_classes": 3}})
