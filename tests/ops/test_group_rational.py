@@ -706,14 +706,11 @@ def test_backward_row_tiles(use_backend, shape, groups, with_bias):
     x.view(-1, shape[-1])[5 % x.view(-1, shape[-1]).shape[0], 3] = 5e4  # a large input: its four rows go safe
     bias = channel_bias(x, -1) if with_bias else None
     check_against_reference(x, numerator, denominator, bias=bias, rtol=2e-5)
-    results, threads = [], torch.get_num_threads()
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
+    results = []
+    for n in (1, 2):
+        with torch_threads(n):
             leaves = [t.detach().requires_grad_() for t in (x, numerator, denominator)]
             b = None if bias is None else bias.detach().requires_grad_()
             group_rational(*leaves, bias=b).backward(torch.ones(shape))
             results.append([t.grad for t in leaves] + ([] if b is None else [b.grad]))
-    finally:
-        torch.set_num_threads(threads)
     assert all(torch.equal(one, two) for one, two in zip(*results)), "gradients must not depend on the thread count"
