@@ -237,8 +237,8 @@ def create_model(
                                   "pass the model name")
         model_name = recorded
     elif recorded is not None and _base_name(model_name) != _base_name(recorded):
-        raise CheckpointError(f"{checkpoint.path} holds a {recorded}, not a {model_name}: give the matching model "
-                              "name, or none to build the checkpoint's own")
+        raise CheckpointError(f"{checkpoint.path} does not fit {model_name}: it holds a {recorded}; give the "
+                              "matching model name, or none to build the checkpoint's own")
     _check_finite(checkpoint)
     kwargs = {**checkpoint.model_kwargs, **model_kwargs}
     if is_model_in_modules(split_model_name_tag(model_name)[0], ["kat"]):
