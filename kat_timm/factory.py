@@ -130,6 +130,8 @@ def read_checkpoint(path: PathLike, use_ema: Optional[bool] = None) -> LoadedChe
     Raises:
         CheckpointError: missing, unreadable or unsafe file, no weights in it, or EMA weights asked for and absent.
     """
+    from timm.models import is_model, split_model_name_tag
+
     path = Path(path)
     try:
         raw = load_checkpoint(path)
@@ -140,7 +142,9 @@ def read_checkpoint(path: PathLike, use_ema: Optional[bool] = None) -> LoadedChe
     except CheckpointError as error:
         raise CheckpointError(f"{path}: {error}") from None
     args = _as_dict(raw.get("args")) if isinstance(raw, Mapping) and source else {}
-    architecture = args.get("model") or (raw.get("arch") if source and isinstance(raw.get("arch"), str) else None)
+    arch = raw.get("arch") if source else None  # timm's saver: args.model, or the class name without args
+    architecture = args.get("model") or (arch if isinstance(arch, str) and is_model(split_model_name_tag(arch)[0])
+                                         else None)
     model_kwargs: Dict[str, Any] = {}
     recorded = args.get("model_kwargs")
     if isinstance(recorded, Mapping):

@@ -83,6 +83,8 @@ def test_bare_state_dict_architecture_inferred(tmp_path, tiny_32, count_reads):
     assert count_reads == [path]
     assert type(model).__name__ == "KAT" and model.embed_dim == 192 and model.patch_embed.img_size == (32, 32)
     _assert_same_weights(model, tiny_32)
+    torch.save({"arch": "kat", "state_dict": tiny_32}, tmp_path / "no_args.pth")  # timm's saver without args
+    assert read_checkpoint(tmp_path / "no_args.pth").architecture == TINY
 
 
 def test_safetensors_read_once(tmp_path, tiny_32, count_reads):

@@ -79,8 +79,6 @@ def main(argv: Optional[List[str]] = None, prog: str = "kat-timm plot") -> int:
         if args.output.suffix[1:].lower() not in formats:
             raise CLIError(f"{args.output}: matplotlib cannot write {args.output.suffix} files; use one of "
                            f"{', '.join('.' + f for f in sorted(formats))}", code=2)
-        if args.output.is_dir():
-            raise CLIError(f"{args.output} is a folder; give the image file to write", code=2)
         if not args.output.parent.is_dir():
             raise CLIError(f"{args.output}: the folder {args.output.parent} does not exist")
         model = create_model_from_options(args)

@@ -322,8 +322,13 @@ def test_checkpoint_without_model_builds_the_architecture_it_records(capsys, tmp
     torch.save({"epoch": 2, "arch": "kat_tiny_patch16_224", "state_dict": kat_tiny_weights["vitft"],
                 "args": argparse.Namespace(model="kat_tiny_patch16_224", img_size=None, num_classes=1000)},
                checkpoint)
-    code, out, err = _run(capsys, IMAGES[0], "--checkpoint", str(checkpoint), "--json")
+    reads = []
+    real_load = torch.load
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "load", lambda *a, **k: reads.append(a[0]) or real_load(*a, **k))
+        code, out, err = _run(capsys, IMAGES[0], "--checkpoint", str(checkpoint), "--json")
     assert code == 0, err
+    assert reads == [checkpoint], "predict must read the checkpoint once"
     record = json.loads(out)[0]
     assert record["model"] == "kat_tiny_patch16_224"
     indices, _ = _expected_top(kat_tiny_weights["vitft"], 5)
