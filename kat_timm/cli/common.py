@@ -208,8 +208,7 @@ class ReleasedWeightsUnavailable(CLIError):
 
 def create_model(name: Optional[str] = None, pretrained: bool = False, checkpoint: Optional[Path] = None,
                  use_ema: bool = False, num_classes: Optional[int] = None, prefer_ema: bool = True,
-                 offline: bool = False, alternatives: Sequence[str] = WEIGHT_ALTERNATIVES,
-                 **kwargs: Any) -> torch.nn.Module:
+                 offline: bool = False, alternatives: Sequence[str] = (), **kwargs: Any) -> torch.nn.Module:
     """:func:`kat_timm.factory.create_model` with the usual failures turned into one-line ``CLIError``.
 
     Args:
@@ -220,7 +219,8 @@ def create_model(name: Optional[str] = None, pretrained: bool = False, checkpoin
             unless ``prefer_ema`` is False (timm's validate.py: the model weights unless ``--use-ema``).
         num_classes: classifier size (default: the checkpoint's, else the model's).
         offline: released weights only from the local cache.
-        alternatives: options of the calling command that the missing-weights error offers instead.
+        alternatives: options of the calling command that the missing-weights error offers instead (none by
+            default: an option another command has would mislead).
         **kwargs: more ``timm.create_model`` arguments.
     """
     from timm.models import is_model_in_modules, split_model_name_tag
@@ -361,8 +361,7 @@ def hub_access(offline: bool = True) -> Iterator[str]:
         constants.HF_HUB_OFFLINE = previous
 
 
-def released_weights_file(name: str, offline: bool = False,
-                          alternatives: Sequence[str] = WEIGHT_ALTERNATIVES) -> str:
+def released_weights_file(name: str, offline: bool = False, alternatives: Sequence[str] = ()) -> str:
     """The local path of ``name``'s released weights: downloaded (or found up to date) by huggingface_hub when the
     Hub answers, else from its local cache (``try_to_load_from_cache``).
 

@@ -204,7 +204,7 @@ def _run(args: argparse.Namespace) -> int:
     # 2. The model.
     print(f"2. Model {args.model}")
     try:
-        model = create_model(args.model, pretrained=True, offline=args.offline, alternatives=())
+        model = create_model(args.model, pretrained=True, offline=args.offline)
         cfg = model.pretrained_cfg
         top1 = released_top1(args.model.split(".", 1)[0], cfg.get("tag") or "")
         top1_text = f", ImageNet-1k top-1 {top1}% as released" if top1 is not None else ""

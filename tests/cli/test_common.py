@@ -92,3 +92,18 @@ def test_missing_weights_hints_name_options_the_command_has(command, argv, offli
     assert "--checkpoint" in suggested
     for option in suggested:
         assert option in parser._option_string_actions, f"{command} suggests {option}, which it lacks"
+
+
+def test_missing_weights_hint_of_the_training_route_names_no_foreign_option(offline_hub):
+    """kat-train builds through create_sized_model: its error offered --checkpoint, which kat-train lacks (argparse
+    took it for --checkpoint-hist). Without alternatives given, only 'kat-timm download' is suggested."""
+    import re
+
+    from kat_timm.cli.common import create_sized_model
+
+    with pytest.raises(CLIError) as caught:
+        create_sized_model("kat_tiny", [32], pretrained=True)
+    message = str(caught.value)
+    assert "kat-timm download kat_tiny" in message and "\n" not in message
+    suggested = re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", message)
+    assert suggested == [], f"suggests {suggested}"
