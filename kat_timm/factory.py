@@ -55,26 +55,32 @@ class LoadedCheckpoint:
         return tuple(names) if names else None
 
 
-def _kat_layout(state_dict: Mapping) -> Tuple[Optional[str], Dict[str, Any]]:
-    """(size, kwargs) of a KAT state dict: the ``SIZES`` entry its embed dim and depth match (None: none does), and
-    the image size its position embedding was built for. Raises ``CheckpointError`` for a non-KAT."""
+def _kat_shapes(state_dict: Mapping) -> Tuple[int, Tuple[int, int], int]:
+    """(embed dim, patch size, depth) of a KAT state dict; ``CheckpointError`` for anything else."""
     check_kat_state_dict(state_dict)
     proj = state_dict.get("patch_embed.proj.weight")
     if proj is None or proj.ndim != 4:
         raise CheckpointError("cannot infer the architecture: no 4-d patch_embed.proj.weight; pass the model name")
-    embed_dim, patch = int(proj.shape[0]), int(proj.shape[-1])
     depth = 1 + max(int(k.split(".")[1]) for k in state_dict if re.match(r"blocks\.\d+\.", k))
-    size = next((s for s, cfg in SIZES.items() if (cfg["embed_dim"], cfg["depth"]) == (embed_dim, depth)), None)
+    return int(proj.shape[0]), (int(proj.shape[-2]), int(proj.shape[-1])), depth
+
+
+def _kat_layout(state_dict: Mapping) -> Tuple[Optional[str], Dict[str, Any]]:
+    """(size, kwargs) of a KAT state dict: the ``SIZES`` entry its shapes match (None: none does), the image size
+    its position embedding was built for and its classifier size."""
+    embed_dim, patch, depth = _kat_shapes(state_dict)
+    matches = [s for s, cfg in SIZES.items() if (cfg["embed_dim"], cfg["depth"]) == (embed_dim, depth)]
     kwargs: Dict[str, Any] = {}
     pos = state_dict.get("pos_embed")
-    prefix = int("cls_token" in state_dict) + (int(state_dict["reg_token"].shape[1]) if "reg_token" in state_dict else 0)
-    if pos is not None and proj.shape[-2] == patch:
-        grid = round((pos.shape[-2] - prefix) ** 0.5)
-        if grid * grid == pos.shape[-2] - prefix and grid * patch != 224:
-            kwargs["img_size"] = grid * patch
+    if pos is not None and patch[0] == patch[1]:
+        reg = state_dict.get("reg_token")
+        tokens = pos.shape[-2] - int("cls_token" in state_dict) - (int(reg.shape[1]) if reg is not None else 0)
+        grid = round(tokens ** 0.5)
+        if grid * grid == tokens and grid * patch[0] != 224:
+            kwargs["img_size"] = grid * patch[0]
     if "head.weight" in state_dict:
         kwargs["num_classes"] = int(state_dict["head.weight"].shape[0])
-    return (size if patch == 16 else None), kwargs
+    return (matches[0] if matches and patch == (16, 16) else None), kwargs
 
 
 def infer_architecture(state_dict: Mapping) -> str:
@@ -86,12 +92,7 @@ def infer_architecture(state_dict: Mapping) -> str:
     checkpoint is not a KAT or matches no released 224-pixel layout; pass the model name explicitly in that case
     (:func:`read_checkpoint` also reports the image size, so a KAT trained at another size needs no name).
     """
-    check_kat_state_dict(state_dict)
-    proj = state_dict.get("patch_embed.proj.weight")
-    if proj is None or proj.ndim != 4:
-        raise CheckpointError("cannot infer the architecture: no 4-d patch_embed.proj.weight; pass the model name")
-    embed_dim, patch = int(proj.shape[0]), (int(proj.shape[-2]), int(proj.shape[-1]))
-    depth = 1 + max(int(k.split(".")[1]) for k in state_dict if re.match(r"blocks\.\d+\.", k))
+    embed_dim, patch, depth = _kat_shapes(state_dict)
     size = next((s for s, cfg in SIZES.items() if cfg["embed_dim"] == embed_dim), None)
     if size is None:
         known = ", ".join(f"{cfg['embed_dim']} (kat_{s})" for s, cfg in SIZES.items())

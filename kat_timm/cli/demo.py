@@ -175,7 +175,8 @@ def _run(args: argparse.Namespace) -> int:
     from kat_timm.benchmark import device_name, load_average
     from kat_timm.tools.hub import released_top1
 
-    from .common import ReleasedWeightsUnavailable, check_backend_setting, check_model_name, create_model, resolve_device
+    from .common import (ReleasedWeightsUnavailable, check_backend_setting, check_model_name, create_model,
+                         resolve_device)
     from .predict import class_labeller, format_predictions, predict, read_images
 
     for option in ("batch", "reps", "threads"):
