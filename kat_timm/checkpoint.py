@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
+from timm.models import clean_state_dict
 
 __all__ = ["CheckpointError", "check_kat_state_dict", "load_checkpoint", "unwrap_state_dict"]
 
@@ -28,8 +29,6 @@ PathLike = Union[str, Path]
 # looks for them: EMA weights first, then the raw model weights.
 EMA_KEYS = ("state_dict_ema", "model_ema")
 MODEL_KEYS = ("state_dict", "model")
-# Wrapper prefixes of saved keys: DistributedDataParallel and torch.compile (either order, as timm strips them).
-KEY_PREFIXES = ("module.", "_orig_mod.")
 
 _RATIONAL_KEY = re.compile(r"^blocks\.(\d+)\.mlp\.act[12]\.weight_(numerator|denominator)$")
 
@@ -88,16 +87,6 @@ def _unsafe_globals(path: Path, error: Exception) -> List[str]:
     return list(names) or re.findall(r"GLOBAL (\S+)", str(error))
 
 
-def _strip_prefixes(key: str) -> str:
-    while True:
-        for prefix in KEY_PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
-                break
-        else:
-            return key
-
-
 def unwrap_state_dict(checkpoint: Any, use_ema: Optional[bool] = None) -> Tuple[Dict[str, torch.Tensor], str]:
     """The model state dict inside ``checkpoint`` and where it was found.
 
@@ -141,12 +130,11 @@ def unwrap_state_dict(checkpoint: Any, use_ema: Optional[bool] = None) -> Tuple[
     if non_tensors or not state_dict:
         where = f"checkpoint[{source!r}]" if source else "the checkpoint"
         raise CheckpointError(f"{where} is not a state dict of tensors (non-tensor entries: {non_tensors[:5]})")
-    cleaned: Dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        new_key = _strip_prefixes(key)
-        if new_key in cleaned:
-            raise CheckpointError(f"two keys map to {new_key!r} once the module./_orig_mod. prefixes are removed")
-        cleaned[new_key] = value
+    cleaned = clean_state_dict(state_dict)  # timm's: DDP module. and torch.compile _orig_mod., in either order
+    if len(cleaned) < len(state_dict):
+        names = [next(iter(clean_state_dict({key: None}))) for key in state_dict]
+        twice = next(name for name in names if names.count(name) > 1)
+        raise CheckpointError(f"two keys map to {twice!r} once the module./_orig_mod. prefixes are removed")
     return cleaned, source
 
 

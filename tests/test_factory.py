@@ -166,3 +166,13 @@ def test_infer_architecture(size, dim):
 def test_infer_architecture_rejects_other_grids():
     with pytest.raises(CheckpointError, match="pos_embed of 145 tokens"):
         infer_architecture(_shape_only(192, tokens=145))
+
+
+def test_wrapper_prefixes_are_removed_in_either_order_and_a_clash_is_named(tmp_path, tiny_32):
+    from kat_timm.checkpoint import unwrap_state_dict
+
+    head = tiny_32["head.weight"]
+    cleaned, _ = unwrap_state_dict({"_orig_mod.module.head.weight": head, "module._orig_mod.cls_token": head})
+    assert list(cleaned) == ["head.weight", "cls_token"]
+    with pytest.raises(CheckpointError, match="two keys map to 'head.weight'"):
+        unwrap_state_dict({"module.head.weight": head, "head.weight": head})
