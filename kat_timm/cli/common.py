@@ -408,12 +408,12 @@ def released_weights_file(name: str, offline: bool = False, alternatives: Sequen
 
 def checkpoint_training_args(path: Path) -> dict:
     """The ``args`` a kat-train (or timm train.py) checkpoint was saved with, as a dict; {} for a bare state dict
-    or a file this cannot read (loading the weights reports that properly)."""
-    try:
-        from timm.utils.checkpoint_saver import load_checkpoint_metadata
+    or a file that cannot be read (loading the weights reports that properly). Prefer
+    :func:`kat_timm.factory.read_checkpoint`, which reads the file once for everything."""
+    from kat_timm.checkpoint import CheckpointError
+    from kat_timm.factory import read_checkpoint
 
-        checkpoint = load_checkpoint_metadata(str(path))
-    except Exception:
+    try:
+        return read_checkpoint(path).args
+    except CheckpointError:
         return {}
-    args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
-    return vars(args) if isinstance(args, argparse.Namespace) else (args if isinstance(args, dict) else {})
