@@ -1,4 +1,4 @@
-"""Reading KAT checkpoints safely: weights-only loading, unwrapping training checkpoints, architecture inference.
+"""Reading KAT checkpoints safely: weights-only loading, unwrapping training checkpoints, checking they are KATs.
 
 The released KAT weights (``adamdad/kat_{tiny,small,base}_patch16_224[.vitft]``) are plain pickled state dicts
 (``pytorch_model.bin``) next to a timm ``config.json``. Training checkpoints written by timm's ``train.py`` or
@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
+from timm.models import clean_state_dict
 
-__all__ = ["CheckpointError", "check_kat_state_dict", "infer_architecture", "load_checkpoint", "unwrap_state_dict"]
+__all__ = ["CheckpointError", "check_kat_state_dict", "load_checkpoint", "unwrap_state_dict"]
 
 PathLike = Union[str, Path]
 
@@ -28,8 +29,6 @@ PathLike = Union[str, Path]
 # looks for them: EMA weights first, then the raw model weights.
 EMA_KEYS = ("state_dict_ema", "model_ema")
 MODEL_KEYS = ("state_dict", "model")
-# Wrapper prefixes of saved keys: DistributedDataParallel and torch.compile (either order, as timm strips them).
-KEY_PREFIXES = ("module.", "_orig_mod.")
 
 _RATIONAL_KEY = re.compile(r"^blocks\.(\d+)\.mlp\.act[12]\.weight_(numerator|denominator)$")
 
@@ -88,16 +87,6 @@ def _unsafe_globals(path: Path, error: Exception) -> List[str]:
     return list(names) or re.findall(r"GLOBAL (\S+)", str(error))
 
 
-def _strip_prefixes(key: str) -> str:
-    while True:
-        for prefix in KEY_PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
-                break
-        else:
-            return key
-
-
 def unwrap_state_dict(checkpoint: Any, use_ema: Optional[bool] = None) -> Tuple[Dict[str, torch.Tensor], str]:
     """The model state dict inside ``checkpoint`` and where it was found.
 
@@ -141,18 +130,12 @@ def unwrap_state_dict(checkpoint: Any, use_ema: Optional[bool] = None) -> Tuple[
     if non_tensors or not state_dict:
         where = f"checkpoint[{source!r}]" if source else "the checkpoint"
         raise CheckpointError(f"{where} is not a state dict of tensors (non-tensor entries: {non_tensors[:5]})")
-    cleaned: Dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        new_key = _strip_prefixes(key)
-        if new_key in cleaned:
-            raise CheckpointError(f"two keys map to {new_key!r} once the module./_orig_mod. prefixes are removed")
-        cleaned[new_key] = value
+    cleaned = clean_state_dict(state_dict)  # timm's: DDP module. and torch.compile _orig_mod., in either order
+    if len(cleaned) < len(state_dict):
+        names = [next(iter(clean_state_dict({key: None}))) for key in state_dict]
+        twice = next(name for name in names if names.count(name) > 1)
+        raise CheckpointError(f"two keys map to {twice!r} once the module./_orig_mod. prefixes are removed")
     return cleaned, source
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Architecture
-# ---------------------------------------------------------------------------------------------------------------------
 
 
 def check_kat_state_dict(state_dict: Mapping) -> int:
@@ -174,42 +157,3 @@ def check_kat_state_dict(state_dict: Mapping) -> int:
             f"(blocks.N.mlp.act1/act2.weight_numerator/weight_denominator) among its {len(state_dict)} keys.{hint}"
         )
     return len(blocks)
-
-
-def infer_architecture(state_dict: Mapping) -> str:
-    """The registered KAT architecture whose shapes match ``state_dict`` (e.g. ``"kat_tiny_patch16_224"``).
-
-    Reads embed dim (192 / 384 / 768 for KAT-T / S / B), depth, patch size and position-embedding length from the
-    tensors. The swish- and GELU-initialised variants share every shape (only the initial rational coefficients
-    differ), so the released name ``kat_{size}_patch16_224`` is returned. Raises ``CheckpointError`` when the
-    checkpoint is not a KAT or matches no released layout; pass the model name explicitly in that case.
-    """
-    from .models.kat import SIZES
-
-    check_kat_state_dict(state_dict)
-    proj = state_dict.get("patch_embed.proj.weight")
-    if proj is None or proj.ndim != 4:
-        raise CheckpointError("cannot infer the architecture: no 4-d patch_embed.proj.weight; pass the model name")
-    embed_dim, patch = int(proj.shape[0]), (int(proj.shape[-2]), int(proj.shape[-1]))
-    depth = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.") and k.split(".")[1].isdigit())
-    candidates = [size for size, cfg in SIZES.items() if cfg["embed_dim"] == embed_dim]
-    if not candidates:
-        known = ", ".join(f"{cfg['embed_dim']} (kat_{s})" for s, cfg in SIZES.items())
-        raise CheckpointError(
-            f"unknown architecture: embed dim {embed_dim} matches no KAT size (known: {known}); pass the model name"
-        )
-    size = candidates[0]
-    problems = []
-    if depth != SIZES[size]["depth"]:
-        problems.append(f"depth {depth} != {SIZES[size]['depth']}")
-    if patch != (16, 16):
-        problems.append(f"patch size {patch[0]}x{patch[1]} != 16x16")
-    pos = state_dict.get("pos_embed")
-    if pos is not None and pos.shape[-2] != 1 + (224 // 16) ** 2:
-        problems.append(f"pos_embed of {pos.shape[-2]} tokens != 197 (a 224x224 input)")
-    if problems:
-        raise CheckpointError(
-            f"ambiguous architecture: embed dim {embed_dim} suggests kat_{size}_patch16_224, but "
-            f"{'; '.join(problems)}; pass the model name (and its arguments) explicitly"
-        )
-    return f"kat_{size}_patch16_224"

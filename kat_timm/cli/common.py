@@ -1,5 +1,6 @@
-"""What several subcommands share: the model arguments, building a model from them with clear errors, reaching the
-Hugging Face Hub without hanging when it is unreachable, and the options a training checkpoint was saved with."""
+"""What several subcommands share: the model and weight options, building a model from them (through
+:mod:`kat_timm.factory`) with one-line errors, the released weights from the Hugging Face Hub or its cache without
+waiting through retries when it is unreachable, and the options a training checkpoint was saved with."""
 from __future__ import annotations
 
 import argparse
@@ -8,16 +9,14 @@ import difflib
 import importlib
 import math
 import os
-import threading
 from pathlib import Path
-from typing import Any, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Iterator, Optional, Sequence, Tuple
 
 import torch
 
 from . import CLIError
 
 __all__ = [
-    "HUB_PROBE_TIMEOUT_S",
     "ReleasedWeightsUnavailable",
     "add_model_arguments",
     "add_weight_source_arguments",
@@ -28,11 +27,10 @@ __all__ = [
     "check_writable_folder",
     "checkpoint_training_args",
     "create_model",
-    "create_model_with_weights",
+    "create_model_from_options",
     "create_sized_model",
-    "hub_access",
-    "hub_reachable",
-    "load_weights",
+    "hub_unreachable",
+    "released_weights_file",
     "resolve_device",
 ]
 
@@ -73,11 +71,13 @@ def add_dataset_reader_arguments(group) -> None:
 def add_weight_source_arguments(parser: argparse.ArgumentParser, default_model: str, random_help: str) -> None:
     """--model, --checkpoint, --use-ema, --random-weights, --offline: the options of the commands that use the
     released weights unless told otherwise (predict, plot); ``random_help`` says what --random-weights gives there."""
-    parser.add_argument("--model", default=default_model,
-                        help=f"a timm model name with an optional .tag, e.g. kat_base.vitft (default: {default_model})")
+    parser.add_argument("--model", default=None,
+                        help=f"a timm model name with an optional .tag, e.g. kat_base.vitft (default: the "
+                             f"checkpoint's architecture, else {default_model})")
+    parser.set_defaults(default_model=default_model)
     parser.add_argument("--checkpoint", metavar="FILE", type=Path,
                         help="weights from this file instead of the released ones (.pth/.pth.tar/.bin/.safetensors; "
-                             "a kat-train checkpoint also brings its image size and class names)")
+                             "it also brings its architecture, image size, class count and kat-train's class names)")
     parser.add_argument("--use-ema", action="store_true", help="with --checkpoint: take its EMA weights")
     parser.add_argument("--random-weights", action="store_true", help=random_help)
     parser.add_argument("--offline", action="store_true",
@@ -194,105 +194,75 @@ def check_backend_setting() -> None:
         raise CLIError(f"{error}; unset it or set one of those", code=2) from None
 
 
-def create_model(name: str, pretrained: bool = False, checkpoint: Optional[Path] = None, use_ema: bool = False,
-                 num_classes: Optional[int] = None, prefer_ema: bool = True, **kwargs: Any) -> torch.nn.Module:
-    """``timm.create_model`` with the KAT models registered, turning the usual failures into ``CLIError``.
+# What the released-weights error offers instead, per command, as options of that command's parser.
+WEIGHT_ALTERNATIVES = ("--checkpoint FILE", "--random-weights")
 
-    Unknown names, released weights that cannot be fetched (offline, no cache), unreadable checkpoints and
-    checkpoints made for another architecture each get one message saying what was wrong and what to do.
-    ``num_classes`` defaults to the checkpoint's classifier size when a checkpoint is given. Without ``use_ema``, a
-    training checkpoint's EMA weights are taken when it has them (as ``timm.models.load_checkpoint`` does), unless
-    ``prefer_ema`` is False (timm's validate.py: the model weights unless ``--use-ema``).
+
+class ReleasedWeightsUnavailable(CLIError):
+    """The released weights could not be loaded; ``reason`` says why in a few words (for ``kat-timm demo``)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def create_model(name: Optional[str] = None, pretrained: bool = False, checkpoint: Optional[Path] = None,
+                 use_ema: bool = False, num_classes: Optional[int] = None, prefer_ema: bool = True,
+                 offline: bool = False, alternatives: Sequence[str] = (), **kwargs: Any) -> torch.nn.Module:
+    """:func:`kat_timm.factory.create_model` with the usual failures turned into one-line ``CLIError``.
+
+    Args:
+        name: a timm model name; None: the checkpoint's architecture.
+        pretrained: the released weights (:func:`released_weights_file`: the Hub, else its local cache).
+        checkpoint: a weights file, read once; its architecture, image size and class count are used unless given.
+        use_ema: the checkpoint's EMA weights (an error without them). Otherwise its EMA weights when it has them,
+            unless ``prefer_ema`` is False (timm's validate.py: the model weights unless ``--use-ema``).
+        num_classes: classifier size (default: the checkpoint's, else the model's).
+        offline: released weights only from the local cache.
+        alternatives: options of the calling command that the missing-weights error offers instead (none by
+            default: an option another command has would mislead).
+        **kwargs: more ``timm.create_model`` arguments.
     """
-    import timm
+    from timm.models import is_model_in_modules, split_model_name_tag
 
-    check_model_name(name)  # also imports kat_timm, which registers the kat_* models in timm
+    from kat_timm.checkpoint import CheckpointError
+    from kat_timm.factory import create_model as factory_create_model
+
+    if name is not None:
+        check_model_name(name)  # also imports kat_timm, which registers the kat_* models in timm
     check_backend_setting()
     if pretrained and checkpoint is not None:
         raise CLIError("give --pretrained or --checkpoint, not both", code=2)
     if use_ema and checkpoint is None:
         raise CLIError("--use-ema needs --checkpoint", code=2)
-
-    state_dict = None
-    if checkpoint is not None:
-        state_dict = _read_state_dict(checkpoint, True if use_ema else (None if prefer_ema else False))
-        if num_classes is None and "head.weight" in state_dict:
-            num_classes = int(state_dict["head.weight"].shape[0])
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    with hub_access() if pretrained else contextlib.nullcontext() as unreachable:
-        try:
-            model = timm.create_model(name, pretrained=pretrained, **kwargs)
-        except TypeError as error:
-            if "unexpected keyword argument" not in str(error):
-                raise
-            taken = ", ".join(sorted(key for key in kwargs if f"'{key}'" in str(error))) or str(error)
-            raise CLIError(f"{name} does not take the keyword argument {taken} (from --model-kwargs or an "
-                           f"option); remove it", code=2) from error
-        except Exception as error:
-            if not pretrained:
-                raise
-            own_file = (kwargs.get("pretrained_cfg_overlay") or {}).get("file")
-            raise CLIError(_pretrained_failure(name, error, unreachable, own_file)) from error
-    if state_dict is not None:
-        load_weights(model, state_dict, name, str(checkpoint))
-    return model
-
-
-def _read_state_dict(path: Path, use_ema: Optional[bool]) -> dict:
-    from kat_timm.checkpoint import CheckpointError, load_checkpoint, unwrap_state_dict
-
+    own_file = (kwargs.get("pretrained_cfg_overlay") or {}).get("file")
+    if pretrained and not own_file:
+        kwargs["pretrained_cfg_overlay"] = dict(file=released_weights_file(name, offline, alternatives))
+        if num_classes is None and is_model_in_modules(split_model_name_tag(name)[0], ["kat"]):
+            kwargs.setdefault("weight_init", "skip")  # every tensor is overwritten by the strict load that follows
     try:
-        state_dict, _ = unwrap_state_dict(load_checkpoint(path), use_ema=use_ema)
-    except FileNotFoundError as error:
-        raise CLIError(str(error)) from error
+        return factory_create_model(name, checkpoint=checkpoint, pretrained=pretrained,
+                                    use_ema=True if use_ema else (None if prefer_ema else False), **kwargs)
     except CheckpointError as error:
-        raise CLIError(f"{path}: {error}" if str(path) not in str(error) else str(error)) from error
-    return state_dict
-
-
-def load_weights(model: torch.nn.Module, state_dict: dict, model_name: str, source: str) -> None:
-    """``model.load_state_dict(state_dict)`` (strict); a mismatch names the architecture the weights are for.
-
-    Weights holding NaN or infinity are refused: every output of such a model is NaN, which would otherwise be
-    printed as predictions (or exported) without a word.
-    """
-    broken = [key for key, value in state_dict.items()
-              if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()]
-    if broken:
-        more = f" and {len(broken) - 5} more" if len(broken) > 5 else ""
-        raise CLIError(f"{source} holds non-finite values (NaN or infinity) in {', '.join(broken[:5])}{more}: the "
-                       "run that wrote it probably diverged; use an earlier checkpoint")
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as error:
-        from kat_timm.checkpoint import CheckpointError, infer_architecture
-
-        try:
-            hint = f"; the weights look like {infer_architecture(state_dict)}, pass --model accordingly"
-        except CheckpointError as why:
-            hint = f" ({why})"
-        first = str(error).strip().splitlines()
-        detail = "; ".join(line.strip() for line in first[1:4]) or first[0]
-        raise CLIError(f"{source} does not fit {model_name}: {detail}{hint}") from error
-
-
-def _pretrained_failure(name: str, error: Exception, unreachable: Optional[str] = None,
-                        own_file: Optional[str] = None) -> str:
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    if isinstance(error, RuntimeError) and len(lines) > 1 and "loading state_dict" in lines[0]:
+        raise CLIError(str(error)) from None
+    except TypeError as error:
+        if "unexpected keyword argument" not in str(error):
+            raise
+        taken = ", ".join(sorted(key for key in kwargs if f"'{key}'" in str(error))) or str(error)
+        raise CLIError(f"{name} does not take the keyword argument {taken} (from --model-kwargs or an "
+                       f"option); remove it", code=2) from None
+    except (RuntimeError, OSError, ValueError) as error:
+        if not pretrained:
+            raise
+        lines = [line.strip().rstrip(".") for line in str(error).strip().splitlines() if line.strip()]
         # torch's first line only says "Error(s) in loading state_dict for KAT:"; the keys are on the next ones
-        text = "; ".join(line.rstrip(".") for line in lines[1:4])
-    else:
-        text = f"{type(error).__name__}: {lines[0] if lines else ''}"
-    if own_file:  # --pretrained-path: the user's file, not the released weights
-        return f"could not load {own_file} into {name}: {text.rstrip('.')}"
-    offline = any(word in text for word in ("offline", "LocalEntryNotFound", "connect", "Connection", "resolve"))
-    if unreachable and offline:
-        text = f"{unreachable}, and they are not in the local Hugging Face cache"
-    advice = (" Run 'kat-timm download " + name + "' on a machine with internet access (sharing the Hugging Face "
-              "cache, or copy it), or pass --checkpoint FILE.") if offline else ""
-    return f"could not load the released weights of {name}: {text.rstrip('.')}.{advice}"
+        text = "; ".join(lines[1:4]) if len(lines) > 1 and "loading state_dict" in lines[0] else (
+            f"{type(error).__name__}: {lines[0] if lines else ''}")
+        if own_file:  # --pretrained-path: the user's file, not the released weights
+            raise CLIError(f"could not load {own_file} into {name}: {text}") from None
+        raise ReleasedWeightsUnavailable(f"could not load the released weights of {name}: {text}", text) from None
 
 
 def resolve_device(name: Optional[str]) -> torch.device:
@@ -310,192 +280,140 @@ def resolve_device(name: Optional[str]) -> torch.device:
     return device
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The model with the weights a command asked for
-# ---------------------------------------------------------------------------------------------------------------------
-
-def create_sized_model(name: str, img_size: Optional[Sequence[int]] = None, **kwargs: Any) -> torch.nn.Module:
-    """``common.create_model``, also passing ``img_size`` to models that take it.
-
-    A ViT or KAT builds its position embedding for one input size, so changing only the data pipeline's size
-    (timm's ``--img-size``) would fail at the first batch. Models whose constructor has no ``img_size``
-    (ResNets and other size-agnostic models) are built without it.
-    """
-    if img_size is None or "img_size" in kwargs:
+def create_sized_model(name: str, size: Optional[Sequence[int]] = None, **kwargs: Any) -> torch.nn.Module:
+    """:func:`create_model`, also passing a training run's image size (``size``: ``[N]`` or ``[H, W]``) as
+    ``img_size`` to models that take it (a ViT's position embedding fits one size); an ``img_size`` in ``kwargs``
+    (``--model-kwargs img_size=N``) wins, and models without the argument are built without it."""
+    if size is None or "img_size" in kwargs:
         return create_model(name, **kwargs)
-    size = tuple(img_size) if len(img_size) > 1 else int(img_size[0])
+    img_size = tuple(size) if len(size) > 1 else int(size[0])
     try:
-        model = create_model(name, img_size=size, **kwargs)
-    except (TypeError, CLIError) as error:
-        cause = error if isinstance(error, TypeError) else error.__cause__
-        if not (isinstance(cause, TypeError) and "img_size" in str(cause)):
+        model = create_model(name, img_size=img_size, **kwargs)
+    except CLIError as error:
+        if "keyword argument img_size" not in str(error):
             raise
         return create_model(name, **kwargs)
-    check_model_input_size(model, img_size, "the image size")
+    check_model_input_size(model, size, "the image size")
     return model
 
 
-class ReleasedWeightsUnavailable(CLIError):
-    """The released weights could not be loaded; ``reason`` says why in a few words (for ``kat-timm demo``)."""
-
-    def __init__(self, message: str, reason: str):
-        super().__init__(message)
-        self.reason = reason
-
-
-def create_model_with_weights(
-    name: str,
-    checkpoint: Optional[Path] = None,
-    use_ema: bool = False,
-    random_weights: bool = False,
-    offline: bool = False,
-    **kwargs,
-) -> torch.nn.Module:
-    """The model with the weights a command asked for: ``checkpoint``, random, or else the released ones.
-
-    Skips the (slow, for KAT-B several seconds) random initialisation of a KAT whose weights are loaded next.
-
-    Raises:
-        ReleasedWeightsUnavailable: the released weights could not be fetched or loaded.
-        CLIError: unknown model, unreadable or mismatched checkpoint.
-    """
-    from timm.models import is_model_in_modules, split_model_name_tag
-
-    if random_weights and checkpoint is not None:
+def create_model_from_options(args: argparse.Namespace, alternatives: Sequence[str] = WEIGHT_ALTERNATIVES,
+                              **kwargs: Any) -> torch.nn.Module:
+    """The model with the weights :func:`add_weight_source_arguments`' options ask for: ``--checkpoint``, random
+    (``--random-weights``), else the released ones. Without ``--model``, a checkpoint's own architecture is built
+    (else the command's default model); ``args.model`` is then set to the name built."""
+    random_weights = getattr(args, "random_weights", False)
+    if random_weights and args.checkpoint is not None:
         raise CLIError("give --checkpoint or --random-weights, not both", code=2)
-    if use_ema and checkpoint is None:
-        raise CLIError("--use-ema needs --checkpoint", code=2)
-    check_model_name(name)
-    if not random_weights and is_model_in_modules(split_model_name_tag(name)[0], ["kat"]):
-        kwargs.setdefault("weight_init", "skip")  # every tensor is overwritten by the strict load that follows
-    if checkpoint is not None:
-        return _create_from_checkpoint(name, checkpoint, use_ema, **kwargs)
-    if random_weights:
-        return create_model(name, **kwargs)
-    with hub_access(offline) as unreachable:
-        try:
-            return create_model(name, pretrained=True, **kwargs)
-        except CLIError as error:
-            cause = error.__cause__
-            if cause is None:  # rejected before any loading (unknown model name): not about the weights
-                raise
-            from huggingface_hub import constants
-            from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
-
-            if not unreachable or not isinstance(cause, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
-                first_line = (str(cause).strip().splitlines() or [""])[0]
-                raise ReleasedWeightsUnavailable(str(error), f"{type(cause).__name__}: {first_line}") from cause
-            reason = f"{unreachable}, and they are not in the local Hugging Face cache ({constants.HF_HUB_CACHE})"
-            raise ReleasedWeightsUnavailable(
-                f"could not load the released weights of {name}: {reason}. Run 'kat-timm download {name}' where "
-                "the Hub is reachable (then share or copy the cache), pass --checkpoint FILE, or --random-weights "
-                "to try the command without weights.", reason) from cause
-
-
-def _create_from_checkpoint(name: str, checkpoint: Path, use_ema: bool, **kwargs) -> torch.nn.Module:
-    """The model with a checkpoint's weights, built at the image size a kat-train checkpoint was trained at (a ViT
-    or KAT's position embedding fits one size only) and labelled with its class names (``pretrained_cfg``'s
-    ``label_names``, which :func:`class_labeller` reads)."""
-    trained = checkpoint_training_args(checkpoint)
-    input_size = trained.get("input_size")
-    size = input_size[1:] if input_size else ([trained["img_size"]] if trained.get("img_size") else None)
-    model = create_sized_model(name, size, checkpoint=checkpoint, use_ema=use_ema, **kwargs)
-    class_names = trained.get("class_names")
-    if class_names and len(class_names) <= int(getattr(model, "num_classes", 0) or 0):
-        model.pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or {}, label_names=tuple(class_names))
+    name = args.model or (None if args.checkpoint is not None else args.default_model)
+    model = create_model(name, pretrained=not random_weights and args.checkpoint is None,
+                         checkpoint=args.checkpoint, use_ema=args.use_ema, offline=getattr(args, "offline", False),
+                         alternatives=alternatives, **kwargs)
+    args.model = name or (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
     return model
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Hugging Face Hub access and training checkpoints
+# The Hugging Face Hub: its own timeouts and offline mode, its cache when it can't be reached
 # ---------------------------------------------------------------------------------------------------------------------
 
-# How long to wait for any answer from the Hub before treating it as unreachable. Without the probe, an unreachable
-# huggingface.co costs ~45 s: huggingface_hub retries each file (model.safetensors, then pytorch_model.bin) five
-# times with exponential backoff before it falls back to the local cache.
-HUB_PROBE_TIMEOUT_S = 3.0
 
-# The reasons yielded by the hub_access contexts now open (innermost last), so that nested ones do not probe again.
-_active_hub_access: List[Optional[str]] = []
+def hub_unreachable(url: Optional[str] = None) -> Optional[str]:
+    """None when the Hub answers one HTTP request (any status), else why not, in a few words.
 
-
-def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> Tuple[bool, str]:
-    """Whether the Hugging Face Hub answers an HTTP request within ``timeout`` seconds, and why not if it doesn't.
-
-    Uses huggingface_hub's own HTTP session (so ``HF_ENDPOINT``, proxies and certificates apply) from a daemon
-    thread, because name resolution is not bound by the HTTP timeout. Any HTTP answer, even an error status, counts
-    as reachable. In offline mode (``HF_HUB_OFFLINE=1``) nothing is sent.
+    One HEAD request through huggingface_hub's session (``HF_ENDPOINT``, proxies, certificates and token apply),
+    bounded by its ``HF_HUB_ETAG_TIMEOUT``, and without the retries its downloads make: those cost tens of seconds
+    before they fall back to the cache. Nothing is sent in offline mode (``HF_HUB_OFFLINE=1``).
     """
     from huggingface_hub import constants
-    from huggingface_hub.utils import get_session
+    from huggingface_hub.utils import build_hf_headers, get_session
 
     if constants.is_offline_mode():
-        return False, "HF_HUB_OFFLINE is set"
-    outcome: List[Optional[Exception]] = []
-
-    def probe() -> None:
-        try:
-            get_session().head(constants.ENDPOINT, timeout=timeout)
-            outcome.append(None)
-        except Exception as error:  # reported to the caller, whatever it is
-            outcome.append(error)
-
-    thread = threading.Thread(target=probe, name="kat-timm-hub-probe", daemon=True)
-    thread.start()
-    thread.join(timeout)
+        return "offline mode (HF_HUB_OFFLINE=1)"
     host = constants.ENDPOINT.split("://", 1)[-1]
-    if not outcome:
-        return False, f"{host} did not answer within {timeout:g} s"
-    if outcome[0] is not None:
-        detail = str(outcome[0]).strip().splitlines()
-        return False, f"{host} is unreachable: {detail[0] if detail else type(outcome[0]).__name__}"
-    return True, f"{host} is reachable"
+    try:
+        get_session().head(url or constants.ENDPOINT, headers=build_hf_headers(), timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except Exception as error:  # whatever the HTTP library raises, the Hub did not answer
+        if "timeout" in type(error).__name__.lower() or "timed out" in str(error):
+            return f"{host} did not answer within {constants.HF_HUB_ETAG_TIMEOUT:g} s (HF_HUB_ETAG_TIMEOUT)"
+        detail = str(error).strip().splitlines()
+        return f"{host} is unreachable: {detail[0] if detail else type(error).__name__}"
+    return None
+
+
+def hub_reachable() -> Tuple[bool, str]:
+    """(reachable, why): :func:`hub_unreachable` as a pair, for ``kat-timm download``."""
+    from huggingface_hub import constants
+
+    reason = hub_unreachable()
+    return reason is None, reason or f"{constants.ENDPOINT.split('://', 1)[-1]} is reachable"
 
 
 @contextlib.contextmanager
-def hub_access(offline: bool = False, timeout: float = HUB_PROBE_TIMEOUT_S) -> Iterator[Optional[str]]:
-    """Context for loading released weights that never waits long on an unreachable Hub.
-
-    Probes the Hub (:func:`hub_reachable`) unless ``offline``; when it is unreachable or ``offline`` is set,
-    huggingface_hub runs in offline mode inside the context, so weights already in the local cache still load and
-    missing ones fail at once instead of after minutes of retries.
-
-    Yields:
-        None when the Hub will be contacted, else the reason it won't be (to explain a failed load).
-    """
+def hub_access(offline: bool = True) -> Iterator[str]:
+    """huggingface_hub's offline mode inside the context (``kat-timm download``'s look at its cache)."""
     from huggingface_hub import constants
 
-    if _active_hub_access:  # inside another hub_access: it already probed (and set offline mode if needed)
-        yield _active_hub_access[-1]
-        return
-    if constants.is_offline_mode():
-        yield "offline mode (HF_HUB_OFFLINE=1)"
-        return
-    if offline:
-        reason: Optional[str] = "offline mode (--offline)"
-    else:
-        reachable, why = hub_reachable(timeout)
-        reason = None if reachable else why
-    # huggingface_hub reads this module attribute at every request (constants.is_offline_mode()).
-    previous = constants.HF_HUB_OFFLINE
-    if reason is not None:
-        constants.HF_HUB_OFFLINE = True
-    _active_hub_access.append(reason)
+    previous, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
     try:
-        yield reason
+        yield "offline mode"
     finally:
-        _active_hub_access.pop()
         constants.HF_HUB_OFFLINE = previous
+
+
+def released_weights_file(name: str, offline: bool = False, alternatives: Sequence[str] = ()) -> str:
+    """The local path of ``name``'s released weights: downloaded (or found up to date) by huggingface_hub when the
+    Hub answers, else from its local cache (``try_to_load_from_cache``).
+
+    Args:
+        name: a model name whose pretrained config has an ``hf_hub_id``.
+        offline: use the cache only (``--offline``; ``HF_HUB_OFFLINE=1`` does the same).
+        alternatives: the calling command's options that the error offers instead.
+
+    Raises:
+        ReleasedWeightsUnavailable: not in the cache and the Hub unreachable, or the Hub refused the download.
+    """
+    from huggingface_hub import constants, hf_hub_download, hf_hub_url, try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    if cfg is None or not cfg.hf_hub_id:
+        raise CLIError(f"{name} has no released weights on the Hugging Face Hub; drop the pretrained option")
+    repo_id, _, revision = cfg.hf_hub_id.partition("@")
+    # timm's own order: the safetensors file first, the pickled one when the repo has none.
+    files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", constants.PYTORCH_WEIGHTS_NAME]
+    reason = "offline mode (--offline)" if offline else hub_unreachable(hf_hub_url(repo_id, files[0],
+                                                                                   revision=revision or None))
+    if reason is None:
+        for filename in files:
+            try:
+                return hf_hub_download(repo_id, filename, revision=revision or None)
+            except Exception as error:  # a file the repo lacks: try the next; anything else is reported
+                if type(error).__name__ in ("EntryNotFoundError", "RemoteEntryNotFoundError"):
+                    continue
+                first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                raise ReleasedWeightsUnavailable(f"could not load the released weights of {name}: "
+                                                 f"{type(error).__name__}: {first}", first) from None
+        reason = f"{repo_id} has none of {', '.join(files)}"
+    for filename in files:
+        path = try_to_load_from_cache(repo_id, filename, revision=revision or None)
+        if isinstance(path, str):
+            return path
+    reason = f"{reason}, and they are not in the local Hugging Face cache ({constants.HF_HUB_CACHE})"
+    instead = f", or pass {' or '.join(alternatives)}" if alternatives else ""
+    raise ReleasedWeightsUnavailable(f"could not load the released weights of {name}: {reason}. Run 'kat-timm "
+                                     f"download {name}' where the Hub is reachable (then share or copy the "
+                                     f"cache){instead}.", reason)
 
 
 def checkpoint_training_args(path: Path) -> dict:
     """The ``args`` a kat-train (or timm train.py) checkpoint was saved with, as a dict; {} for a bare state dict
-    or a file this cannot read (loading the weights reports that properly)."""
-    try:
-        from timm.utils.checkpoint_saver import load_checkpoint_metadata
+    or a file that cannot be read (loading the weights reports that properly). Prefer
+    :func:`kat_timm.factory.read_checkpoint`, which reads the file once for everything."""
+    from kat_timm.checkpoint import CheckpointError
+    from kat_timm.factory import read_checkpoint
 
-        checkpoint = load_checkpoint_metadata(str(path))
-    except Exception:
+    try:
+        return read_checkpoint(path).args
+    except CheckpointError:
         return {}
-    args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
-    return vars(args) if isinstance(args, argparse.Namespace) else (args if isinstance(args, dict) else {})

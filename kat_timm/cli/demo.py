@@ -175,8 +175,8 @@ def _run(args: argparse.Namespace) -> int:
     from kat_timm.benchmark import device_name, load_average
     from kat_timm.tools.hub import released_top1
 
-    from .common import (ReleasedWeightsUnavailable, check_backend_setting, check_model_name,
-                         create_model_with_weights, resolve_device)
+    from .common import (ReleasedWeightsUnavailable, check_backend_setting, check_model_name, create_model,
+                         resolve_device)
     from .predict import class_labeller, format_predictions, predict, read_images
 
     for option in ("batch", "reps", "threads"):
@@ -205,7 +205,7 @@ def _run(args: argparse.Namespace) -> int:
     # 2. The model.
     print(f"2. Model {args.model}")
     try:
-        model = create_model_with_weights(args.model, offline=args.offline)
+        model = create_model(args.model, pretrained=True, offline=args.offline)
         cfg = model.pretrained_cfg
         top1 = released_top1(args.model.split(".", 1)[0], cfg.get("tag") or "")
         top1_text = f", ImageNet-1k top-1 {top1}% as released" if top1 is not None else ""
@@ -214,7 +214,7 @@ def _run(args: argparse.Namespace) -> int:
     except ReleasedWeightsUnavailable as error:
         print(f"   Could not fetch the released weights ({error.reason}); continuing with random weights: "
               "predictions below are meaningless.")
-        model = create_model_with_weights(args.model, random_weights=True)
+        model = create_model(args.model)
         random_weights = True
     model.to(device).eval()
     parameters = sum(p.numel() for p in model.parameters())

@@ -30,15 +30,19 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                     "(N, 3, H, W) float32, normalised as the model's pretrained config says; output 'logits'.",
         epilog="example: %(prog)s kat_tiny --pretrained -o kat_tiny.onnx --dynamic-batch --check",
     )
-    parser.add_argument("model", metavar="MODEL", help="timm model name (kat_tiny, kat_base_patch16_224.vitft, ...)")
+    parser.add_argument("model", metavar="MODEL", nargs="?", default=None,
+                        help="timm model name (kat_tiny, kat_base_patch16_224.vitft, ...; default: the --checkpoint's "
+                             "architecture)")
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--pretrained", action="store_true",
                          help="the released weights (from the Hugging Face Hub or its cache; see 'kat-timm "
                               "download'). Without this or --checkpoint the weights are random")
     weights.add_argument("--checkpoint", metavar="FILE", type=Path,
-                         help="weights from this file (a state dict or a training checkpoint; a kat-train checkpoint "
-                              "is built at the image size it was trained at)")
+                         help="weights from this file (a state dict or a training checkpoint, built with the "
+                              "architecture, image size and class count it records)")
     parser.add_argument("--use-ema", action="store_true", help="with --checkpoint: its EMA weights")
+    parser.add_argument("--offline", action="store_true",
+                        help="with --pretrained: don't contact the Hugging Face Hub, use its local cache only")
     parser.add_argument("-o", "--output", metavar="FILE", type=Path, required=True,
                         help="the .onnx file to write (its folder must exist; an existing file is replaced once the "
                              "new one is complete)")
@@ -106,12 +110,15 @@ def _run(args: argparse.Namespace, prog: str) -> int:
     _validate(args)  # before building the model: the usual mistakes fail in a second
     from kat_timm.tools.export import INPUT_NAME, OUTPUT_NAME, OpsetConversionError, check_onnx, export_onnx, onnx_io_shapes
 
-    from .common import check_model_input_size, create_model_with_weights
+    from .common import check_model_input_size, create_model
 
     random_weights = not args.pretrained and args.checkpoint is None
-    # A kat-train checkpoint's model is built at the size it was trained at, then resized by --img-size.
-    model = create_model_with_weights(args.model, checkpoint=args.checkpoint, use_ema=args.use_ema,
-                                      random_weights=random_weights)
+    if args.model is None and args.checkpoint is None:
+        raise CLIError("give the MODEL to export, or --checkpoint FILE to export the model it holds", code=2)
+    # A checkpoint's model is built at the size it was trained at, then resized by --img-size.
+    model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, use_ema=args.use_ema,
+                         offline=args.offline, alternatives=("--checkpoint FILE",))
+    args.model = args.model or model.pretrained_cfg.get("architecture")
     if random_weights:
         print(f"{prog}: warning: no --pretrained or --checkpoint: exporting {args.model} with random weights",
               file=sys.stderr)

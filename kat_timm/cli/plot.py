@@ -62,7 +62,7 @@ def main(argv: Optional[List[str]] = None, prog: str = "kat-timm plot") -> int:
 
     def run() -> int:
         from ..tools.plot import INSTALL_HINT, require_matplotlib, find_rationals, plot_rationals
-        from .common import create_model_with_weights
+        from .common import create_model_from_options
 
         try:
             require_matplotlib()  # before the model: a missing extra is the first thing to hear about
@@ -79,12 +79,9 @@ def main(argv: Optional[List[str]] = None, prog: str = "kat-timm plot") -> int:
         if args.output.suffix[1:].lower() not in formats:
             raise CLIError(f"{args.output}: matplotlib cannot write {args.output.suffix} files; use one of "
                            f"{', '.join('.' + f for f in sorted(formats))}", code=2)
-        if args.output.is_dir():
-            raise CLIError(f"{args.output} is a folder; give the image file to write", code=2)
         if not args.output.parent.is_dir():
             raise CLIError(f"{args.output}: the folder {args.output.parent} does not exist")
-        model = create_model_with_weights(args.model, checkpoint=args.checkpoint, use_ema=args.use_ema,
-                                          random_weights=args.random_weights, offline=args.offline)
+        model = create_model_from_options(args)
         if not find_rationals(model):
             raise CLIError(f"{args.model} has no rational activations to plot (not a KAT model)", code=2)
         weights = ("random weights" if args.random_weights else

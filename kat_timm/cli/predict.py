@@ -20,7 +20,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from . import CLIError, run_main
-from .common import add_weight_source_arguments, create_model_with_weights, resolve_device
+from .common import add_weight_source_arguments, create_model_from_options, resolve_device
 
 __all__ = [
     "Prediction",
@@ -32,39 +32,39 @@ __all__ = [
 
 RANDOM_WEIGHTS_WARNING = "random weights (--random-weights): the predictions below are meaningless"
 
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Hugging Face Hub access
-# ---------------------------------------------------------------------------------------------------------------------
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Images, labels, predictions
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def read_images(paths: Sequence[Path]):
+def read_images(paths: Sequence[Path], problems: Optional[List[str]] = None):
     """Open every image as RGB, all before any model work, so a bad path fails fast.
 
-    Raises:
-        CLIError: naming the first file that is missing, not a file, or not an image PIL can decode.
+    Args:
+        paths: image files.
+        problems: when given, each file that is missing, not a file, or not an image PIL can decode is skipped and
+            named here; otherwise they are all named in one ``CLIError``.
     """
     from PIL import Image, UnidentifiedImageError
 
-    images = []
-    for path in paths:
-        path = Path(path)
+    images, found = [], []
+    for path in map(Path, paths):
         if not path.exists():
-            raise CLIError(f"{path}: no such file")
-        if path.is_dir():
-            raise CLIError(f"{path}: is a directory, not an image")
-        try:
-            with Image.open(path) as image:
-                images.append(_to_rgb(image))
-        except UnidentifiedImageError:
-            raise CLIError(f"{path}: not an image file PIL can read (JPEG, PNG, WebP, BMP, ...)") from None
-        except (OSError, ValueError) as error:
-            raise CLIError(f"{path}: cannot read the image ({error})") from error
+            found.append(f"{path}: no such file")
+        elif path.is_dir():
+            found.append(f"{path}: is a directory, not an image")
+        else:
+            try:
+                with Image.open(path) as image:
+                    images.append(_to_rgb(image))
+            except UnidentifiedImageError:
+                found.append(f"{path}: not an image file PIL can read (JPEG, PNG, WebP, BMP, ...)")
+            except (OSError, ValueError) as error:
+                found.append(f"{path}: cannot read the image ({error})")
+    if problems is None and found:
+        raise CLIError("; ".join(found))
+    if problems is not None:
+        problems.extend(found)
     return images
 
 
@@ -233,13 +233,15 @@ def main(argv: Optional[List[str]] = None, prog: str = "kat-timm predict") -> in
         if args.batch_size < 1:
             raise CLIError("--batch-size must be >= 1", code=2)
         device = resolve_device(args.device)
-        images = read_images(args.images)
-        model = create_model_with_weights(args.model, checkpoint=args.checkpoint, use_ema=args.use_ema,
-                                          random_weights=args.random_weights, offline=args.offline)
+        problems: List[str] = []
+        images = read_images(args.images, problems)
+        if not images:
+            raise CLIError("; ".join(problems))
+        model = create_model_from_options(args)
         labeller = class_labeller(model, args.class_map)
         model.to(device)
         predictions = predict(model, images, labeller, top_k=args.top_k, batch_size=args.batch_size, device=device)
-        names = [str(path) for path in args.images]
+        names = [str(path) for path in args.images if not any(p.startswith(f"{path}: ") for p in problems)]
         weights = weights_description(args)
         if args.random_weights:
             print(f"{prog}: warning: {RANDOM_WEIGHTS_WARNING}", file=sys.stderr)
@@ -255,7 +257,9 @@ def main(argv: Optional[List[str]] = None, prog: str = "kat-timm predict") -> in
             if args.random_weights:
                 print(f"WARNING: {RANDOM_WEIGHTS_WARNING}")
             print(format_predictions(names, predictions))
-        return 0
+        for problem in problems:  # the readable images were classified; the others are named, and the exit code is 1
+            print(f"{prog}: error: {problem}", file=sys.stderr)
+        return 1 if problems else 0
 
     return run_main(run, prog)
 

@@ -154,9 +154,19 @@ def plot_rationals(
         ax.set_xlim(low, high)
     for ax in axes[-1]:
         ax.set_xlabel("x", fontsize=8)
-    # One legend for the figure: the handles of the first panel that has the most curves.
-    first = max((ax for ax in axes.flat if ax.get_visible()), key=lambda ax: len(ax.get_lines()))
-    handles, labels = first.get_legend_handles_labels()
+    # One legend for the figure: every group once, and each dashed reference named with the panels it is on (act1
+    # panels may show identity while act2 panels show swish: one panel's legend would name only one of them).
+    entries: Dict[str, object] = {}
+    panels: Dict[str, List[str]] = {}
+    for ax in axes.flat:
+        if ax.get_visible():
+            leaf = ax.get_title().rpartition(".")[2]
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                entries.setdefault(label, handle)
+                if label in REFERENCE_LABELS.values() and leaf not in panels.setdefault(label, []):
+                    panels[label].append(leaf)
+    labels = [f"{label} ({', '.join(panels[label])})" if label in panels else label for label in entries]
+    handles = list(entries.values())
     figure.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 5), fontsize=7, frameon=False)
     figure.suptitle(title or f"{type(model).__name__}: {len(rationals)} rational activations, "
                              f"one curve per channel group", fontsize=10)

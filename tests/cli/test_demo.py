@@ -8,7 +8,7 @@ from PIL import Image
 
 import kat_timm.ops
 from kat_timm.cli import demo
-from kat_timm.cli.common import create_model_with_weights
+from kat_timm.cli.common import create_model
 from kat_timm.cli.predict import class_labeller, format_predictions, predict, read_images
 from kat_timm.ops import group_rational_autograd
 
@@ -33,7 +33,7 @@ def test_released_weights_give_their_predictions(capsys, released_hub):
     assert "5,718,328 parameters" in out
     assert "Could not fetch" not in out and "meaningless" not in out
     # The predictions printed are those of the cached weights, formatted as kat-timm predict does.
-    model = create_model_with_weights("kat_tiny")
+    model = create_model("kat_tiny", pretrained=True)
     paths = demo.sample_images()
     expected = format_predictions([p.name for p in paths], predict(model, read_images(paths), class_labeller(model)),
                                   indent="   ")

@@ -112,3 +112,30 @@ def test_missing_packages_say_how_to_install_them(tmp_path, capsys, monkeypatch,
     assert cli.main(["kat_tiny", "-o", str(tmp_path / "kat.onnx")] + (["--check"] if check else [])) == 1
     err = capsys.readouterr().err
     assert f"needs {missing} (not installed)" in err and 'pip install onnx onnxscript onnxruntime' in err
+
+
+def test_checkpoint_trained_at_32_px_exports_at_its_size_without_a_model_name(tmp_path, capsys, monkeypatch,
+                                                                             single_thread):
+    """Issue 11, item 1: a run at img_size=32 records it; export builds that model (no --img-size, no MODEL)."""
+    import kat_timm.tools.export
+
+    built = []
+
+    def export_onnx(model, output, **kwargs):  # stands in for the ONNX export only; the model is the real one
+        built.append(model)
+        raise PermissionError(13, "stopped by the test")
+
+    monkeypatch.setattr(kat_timm.tools.export, "export_onnx", export_onnx)
+    checkpoint = tmp_path / "last.pth.tar"
+    state_dict = random_kat_state_dict(11, img_size=32, num_classes=4, weight_init="skip")
+    torch.save({"state_dict": state_dict, "args": {"model": "kat_tiny", "model_kwargs": {"img_size": 32}}}, checkpoint)
+    assert cli.main(["--checkpoint", str(checkpoint), "-o", str(tmp_path / "kat.onnx")]) == 1
+    assert "stopped by the test" in capsys.readouterr().err
+    (model,) = built
+    assert model.patch_embed.img_size == (32, 32) and model.num_classes == 4
+    assert torch.equal(model.state_dict()["pos_embed"], state_dict["pos_embed"])
+
+
+def test_no_model_and_no_checkpoint_is_a_usage_error(tmp_path, capsys, no_export):
+    assert cli.main(["-o", str(tmp_path / "kat.onnx")]) == 2
+    assert "give the MODEL to export, or --checkpoint FILE" in capsys.readouterr().err

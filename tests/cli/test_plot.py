@@ -70,13 +70,32 @@ def test_output_without_extension_is_a_png_named_so_and_unknown_formats_fail_fir
                                                                                    small_kat):
     from kat_timm.cli import common
 
-    monkeypatch.setattr(common, "create_model_with_weights", lambda *args, **kwargs: small_kat)
+    monkeypatch.setattr(common, "create_model_from_options", lambda *args, **kwargs: small_kat)
     assert plot_cli.main(["-o", str(tmp_path / "curves"), "--random-weights", "--dpi", "20"]) == 0
     assert f"wrote {tmp_path / 'curves.png'}: 6 rational activations" in capsys.readouterr().out
     assert [path.name for path in tmp_path.iterdir()] == ["curves.png"]
     assert (tmp_path / "curves.png").read_bytes()[:8] == PNG_SIGNATURE
 
-    monkeypatch.setattr(common, "create_model_with_weights", lambda *args, **kwargs: pytest.fail("model built"))
+    monkeypatch.setattr(common, "create_model_from_options", lambda *args, **kwargs: pytest.fail("model built"))
     assert plot_cli.main(["-o", str(tmp_path / "curves.xyz"), "--random-weights"]) == 2
     err = capsys.readouterr().err
     assert "curves.xyz: matplotlib cannot write .xyz files; use one of " in err and ".pdf" in err and ".svg" in err
+
+
+def test_legend_names_each_reference_with_its_panels(small_kat):
+    """act1 panels show identity and act2 panels swish: the legend names both (it said only "identity")."""
+    figure = plot_rationals(small_kat)
+    labels = [text.get_text() for text in figure.legends[0].get_texts()]
+    assert labels == [f"group {g}" for g in range(GROUPS)] + ["identity (act1)", "swish (act2)"]
+    figure = plot_rationals(small_kat, reference="gelu")
+    assert [text.get_text() for text in figure.legends[0].get_texts()][-1] == "GELU (act1, act2)"
+
+
+def test_checkpoint_trained_at_32_px_plots_without_options(capsys, tmp_path, small_kat):
+    """Issue 11, item 1: a bare state dict of a 32 px, 3-block KAT is built from its shapes and plotted."""
+    checkpoint = tmp_path / "run.pth.tar"
+    torch.save({"state_dict": small_kat.state_dict(), "args": {"model": "kat_tiny", "model_kwargs": {"depth": 3}}},
+               checkpoint)
+    assert plot_cli.main(["--checkpoint", str(checkpoint), "-o", str(tmp_path / "a.png"), "--dpi", "20"]) == 0
+    assert "6 rational activations of kat_tiny (checkpoint run.pth.tar)" in capsys.readouterr().out
+    assert (tmp_path / "a.png").read_bytes()[:8] == PNG_SIGNATURE

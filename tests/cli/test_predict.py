@@ -174,8 +174,10 @@ def test_missing_released_weights_say_how_to_get_them(capsys, offline_hub):
 class _FakeSession:
     def __init__(self, behaviour):
         self.behaviour = behaviour
+        self.calls = []
 
-    def head(self, url, timeout):
+    def head(self, url, headers=None, timeout=None):
+        self.calls.append((url, timeout))
         return self.behaviour(url, timeout)
 
 
@@ -188,51 +190,83 @@ def online_mode(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
 
 
-def _use_session(monkeypatch, behaviour):
+def _use_session(monkeypatch, behaviour) -> _FakeSession:
     import huggingface_hub.utils
 
-    monkeypatch.setattr(huggingface_hub.utils, "get_session", lambda: _FakeSession(behaviour))
+    session = _FakeSession(behaviour)
+    monkeypatch.setattr(huggingface_hub.utils, "get_session", lambda: session)
+    return session
 
 
-def test_probe_reports_a_hub_that_hangs_within_its_timeout(monkeypatch, online_mode):
-    _use_session(monkeypatch, lambda url, timeout: time.sleep(5))
-    start = time.perf_counter()
-    reachable, reason = common.hub_reachable(timeout=0.2)
-    assert not reachable and "did not answer within 0.2 s" in reason
-    assert time.perf_counter() - start < 2
+def _refuse(url, timeout):
+    raise ConnectionError("Name or service not known")
+
+
+def test_probe_is_one_request_bounded_by_huggingface_hubs_etag_timeout(monkeypatch, online_mode):
+    from huggingface_hub import constants
+
+    class ReadTimeout(Exception):
+        pass
+
+    def hang(url, timeout):
+        raise ReadTimeout("timed out")
+
+    monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 0.5)
+    session = _use_session(monkeypatch, hang)
+    assert common.hub_unreachable() == "huggingface.co did not answer within 0.5 s (HF_HUB_ETAG_TIMEOUT)"
+    assert session.calls == [(constants.ENDPOINT, 0.5)], "one request, with huggingface_hub's own timeout"
 
 
 def test_probe_reports_connection_errors_and_answers(monkeypatch, online_mode):
-    def refuse(url, timeout):
-        raise ConnectionError("Name or service not known")
-
-    _use_session(monkeypatch, refuse)
-    assert common.hub_reachable(timeout=1) == (False, "huggingface.co is unreachable: Name or service not known")
+    _use_session(monkeypatch, _refuse)
+    assert common.hub_unreachable() == "huggingface.co is unreachable: Name or service not known"
+    assert common.hub_reachable() == (False, "huggingface.co is unreachable: Name or service not known")
     _use_session(monkeypatch, lambda url, timeout: object())
-    assert common.hub_reachable(timeout=1) == (True, "huggingface.co is reachable")
+    assert common.hub_unreachable() is None and common.hub_reachable() == (True, "huggingface.co is reachable")
 
 
-def test_unreachable_hub_loads_cached_weights_in_offline_mode(monkeypatch, released_hub, online_mode,
-                                                              kat_tiny_weights):
+def test_unreachable_hub_loads_cached_weights_without_switching_offline_mode(monkeypatch, released_hub, online_mode,
+                                                                            kat_tiny_weights):
     from huggingface_hub import constants
 
-    # Sockets stay blocked (released_hub): any request that escaped offline mode would fail the load.
-    monkeypatch.setattr(common, "hub_reachable", lambda timeout=None: (False, "simulated outage"))
-    with common.hub_access() as reason:
-        assert reason == "simulated outage" and constants.is_offline_mode()
-    assert not constants.is_offline_mode(), "offline mode must be undone after the context"
-    model = common.create_model_with_weights("kat_tiny")
+    # Sockets stay blocked (released_hub): a download attempt would fail the load, after its retries.
+    session = _use_session(monkeypatch, _refuse)
+    start = time.perf_counter()
+    model = common.create_model("kat_tiny", pretrained=True)
+    assert time.perf_counter() - start < 10
     torch.testing.assert_close(model.state_dict()["head.weight"], kat_tiny_weights["scratch"]["head.weight"])
-    assert not constants.is_offline_mode()
+    assert len(session.calls) == 1 and "adamdad/kat_tiny_patch16_224" in session.calls[0][0]
+    assert constants.HF_HUB_OFFLINE is False, "the process-wide offline flag must be left alone"
+
+
+def test_reachable_hub_downloads_through_huggingface_hub(monkeypatch, released_hub, online_mode, kat_tiny_weights):
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    _use_session(monkeypatch, lambda url, timeout: object())
+    asked = []
+
+    def download(repo_id, filename, revision=None):  # what hf_hub_download does for a repo without safetensors
+        asked.append(filename)
+        if filename == "model.safetensors":
+            raise EntryNotFoundError("404: no model.safetensors")
+        return huggingface_hub.try_to_load_from_cache(repo_id, filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    model = common.create_model("kat_tiny", pretrained=True)
+    assert asked == ["model.safetensors", "pytorch_model.bin"]
+    torch.testing.assert_close(model.state_dict()["head.weight"], kat_tiny_weights["scratch"]["head.weight"])
 
 
 def test_unreachable_hub_without_cache_fails_at_once_with_the_reason(monkeypatch, offline_hub, online_mode):
-    monkeypatch.setattr(common, "hub_reachable", lambda timeout=None: (False, "huggingface.co did not answer"))
+    _use_session(monkeypatch, _refuse)
     start = time.perf_counter()
     with pytest.raises(common.ReleasedWeightsUnavailable) as caught:
-        common.create_model_with_weights("kat_tiny")
-    assert time.perf_counter() - start < 20
-    assert caught.value.reason.startswith("huggingface.co did not answer, and they are not in the local")
+        common.create_model("kat_tiny", pretrained=True)
+    assert time.perf_counter() - start < 10
+    assert caught.value.reason.startswith("huggingface.co is unreachable: Name or service not known, and they are "
+                                          "not in the local")
+    assert "\n" not in str(caught.value)
 
 
 def test_kat_timm_dispatches_to_predict(capsys, tmp_path):
@@ -278,3 +312,39 @@ def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
     np.testing.assert_allclose(pixels[..., 0], np.rint(ramp / 257), atol=1)  # PIL's convert("RGB") gives 255s
     Image.fromarray(np.full((8, 8), 200, dtype=np.int32)).save(tmp_path / "eight_bit_as_i.tiff")
     assert np.asarray(predict.read_images([tmp_path / "eight_bit_as_i.tiff"])[0]).max() == 200
+
+
+def test_checkpoint_without_model_builds_the_architecture_it_records(capsys, tmp_path, kat_tiny_weights):
+    """Issue 11, item 5: without --model, a kat_tiny_patch16_224 run's checkpoint built kat_base and failed."""
+    import argparse
+
+    checkpoint = tmp_path / "model_best.pth.tar"
+    torch.save({"epoch": 2, "arch": "kat_tiny_patch16_224", "state_dict": kat_tiny_weights["vitft"],
+                "args": argparse.Namespace(model="kat_tiny_patch16_224", img_size=None, num_classes=1000)},
+               checkpoint)
+    reads = []
+    real_load = torch.load
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "load", lambda *a, **k: reads.append(a[0]) or real_load(*a, **k))
+        code, out, err = _run(capsys, IMAGES[0], "--checkpoint", str(checkpoint), "--json")
+    assert code == 0, err
+    assert reads == [checkpoint], "predict must read the checkpoint once"
+    record = json.loads(out)[0]
+    assert record["model"] == "kat_tiny_patch16_224"
+    indices, _ = _expected_top(kat_tiny_weights["vitft"], 5)
+    assert [p["index"] for p in record["predictions"]] == indices[0]
+    code, _, err = _run(capsys, IMAGES[0], "--checkpoint", str(checkpoint), "--model", "kat_small")
+    assert code == 1 and "does not fit kat_small: it holds a kat_tiny_patch16_224" in err
+
+
+def test_every_bad_image_is_named_and_the_good_ones_are_classified(capsys, tmp_path, offline_hub):
+    text = tmp_path / "notes.jpg"
+    text.write_text("this is text")
+    missing = tmp_path / "missing.png"
+    code, out, err = _run(capsys, str(text), IMAGES[0], str(missing), IMAGES[1], "--model", "kat_tiny",
+                          "--random-weights", "--json")
+    assert code == 1
+    assert [record["image"] for record in json.loads(out)] == [IMAGES[0], IMAGES[1]]
+    assert f"{text}: not an image file" in err and f"{missing}: no such file" in err
+    code, _, err = _run(capsys, str(text), str(missing), "--random-weights")
+    assert code == 1 and f"{text}: not an image file" in err and f"{missing}: no such file" in err
