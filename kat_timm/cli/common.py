@@ -4,13 +4,12 @@ waiting through retries when it is unreachable, and the options a training check
 from __future__ import annotations
 
 import argparse
-import contextlib
 import difflib
 import importlib
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -339,26 +338,6 @@ def hub_unreachable(url: Optional[str] = None) -> Optional[str]:
         detail = str(error).strip().splitlines()
         return f"{host} is unreachable: {detail[0] if detail else type(error).__name__}"
     return None
-
-
-def hub_reachable() -> Tuple[bool, str]:
-    """(reachable, why): :func:`hub_unreachable` as a pair, for ``kat-timm download``."""
-    from huggingface_hub import constants
-
-    reason = hub_unreachable()
-    return reason is None, reason or f"{constants.ENDPOINT.split('://', 1)[-1]} is reachable"
-
-
-@contextlib.contextmanager
-def hub_access(offline: bool = True) -> Iterator[str]:
-    """huggingface_hub's offline mode inside the context (``kat-timm download``'s look at its cache)."""
-    from huggingface_hub import constants
-
-    previous, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
-    try:
-        yield "offline mode"
-    finally:
-        constants.HF_HUB_OFFLINE = previous
 
 
 def released_weights_file(name: str, offline: bool = False, alternatives: Sequence[str] = ()) -> str:
