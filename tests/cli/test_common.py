@@ -1,8 +1,11 @@
-"""kat_timm.cli.common: model creation from command-line options, with clear errors."""
+"""kat_timm.cli.common: model creation from command-line options, with clear errors, and the Hub access that
+never hangs on an unreachable Hub."""
+import time
+
 import pytest
 import torch
 
-from kat_timm.cli import CLIError
+from kat_timm.cli import CLIError, common
 from kat_timm.cli.common import create_model, resolve_device
 
 
@@ -107,3 +110,105 @@ def test_missing_weights_hint_of_the_training_route_names_no_foreign_option(offl
     assert "kat-timm download kat_tiny" in message and "\n" not in message
     suggested = re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", message)
     assert suggested == [], f"suggests {suggested}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The Hub: one bounded request, then the cache
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class _FakeSession:
+    def __init__(self, behaviour):
+        self.behaviour = behaviour
+        self.calls = []
+
+    def head(self, url, headers=None, timeout=None):
+        self.calls.append((url, timeout))
+        return self.behaviour(url, timeout)
+
+
+@pytest.fixture
+def online_mode(monkeypatch):
+    """huggingface_hub in online mode (the test replaces its HTTP session, so nothing leaves the machine)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+
+def _use_session(monkeypatch, behaviour) -> _FakeSession:
+    import huggingface_hub.utils
+
+    session = _FakeSession(behaviour)
+    monkeypatch.setattr(huggingface_hub.utils, "get_session", lambda: session)
+    return session
+
+
+def _refuse(url, timeout):
+    raise ConnectionError("Name or service not known")
+
+
+def test_probe_is_one_request_bounded_by_huggingface_hubs_etag_timeout(monkeypatch, online_mode):
+    from huggingface_hub import constants
+
+    class ReadTimeout(Exception):
+        pass
+
+    def hang(url, timeout):
+        raise ReadTimeout("timed out")
+
+    monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 0.5)
+    session = _use_session(monkeypatch, hang)
+    assert common.hub_unreachable() == "huggingface.co did not answer within 0.5 s (HF_HUB_ETAG_TIMEOUT)"
+    assert session.calls == [(constants.ENDPOINT, 0.5)], "one request, with huggingface_hub's own timeout"
+
+
+def test_probe_reports_connection_errors_and_answers(monkeypatch, online_mode):
+    _use_session(monkeypatch, _refuse)
+    assert common.hub_unreachable() == "huggingface.co is unreachable: Name or service not known"
+    _use_session(monkeypatch, lambda url, timeout: object())
+    assert common.hub_unreachable() is None
+
+
+def test_unreachable_hub_loads_cached_weights_without_switching_offline_mode(monkeypatch, released_hub, online_mode,
+                                                                            kat_tiny_weights):
+    from huggingface_hub import constants
+
+    # Sockets stay blocked (released_hub): a download attempt would fail the load, after its retries.
+    session = _use_session(monkeypatch, _refuse)
+    start = time.perf_counter()
+    model = common.create_model("kat_tiny", pretrained=True)
+    assert time.perf_counter() - start < 10
+    torch.testing.assert_close(model.state_dict()["head.weight"], kat_tiny_weights["scratch"]["head.weight"])
+    assert len(session.calls) == 1 and "adamdad/kat_tiny_patch16_224" in session.calls[0][0]
+    assert constants.HF_HUB_OFFLINE is False, "the process-wide offline flag must be left alone"
+
+
+def test_reachable_hub_downloads_through_huggingface_hub(monkeypatch, released_hub, online_mode, kat_tiny_weights):
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    _use_session(monkeypatch, lambda url, timeout: object())
+    asked = []
+
+    def download(repo_id, filename, revision=None):  # what hf_hub_download does for a repo without safetensors
+        asked.append(filename)
+        if filename == "model.safetensors":
+            raise EntryNotFoundError("404: no model.safetensors")
+        return huggingface_hub.try_to_load_from_cache(repo_id, filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    model = common.create_model("kat_tiny", pretrained=True)
+    assert asked == ["model.safetensors", "pytorch_model.bin"]
+    torch.testing.assert_close(model.state_dict()["head.weight"], kat_tiny_weights["scratch"]["head.weight"])
+
+
+def test_unreachable_hub_without_cache_fails_at_once_with_the_reason(monkeypatch, offline_hub, online_mode):
+    _use_session(monkeypatch, _refuse)
+    start = time.perf_counter()
+    with pytest.raises(common.ReleasedWeightsUnavailable) as caught:
+        common.create_model("kat_tiny", pretrained=True)
+    assert time.perf_counter() - start < 10
+    assert caught.value.reason.startswith("huggingface.co is unreachable: Name or service not known, and they are "
+                                          "not in the local")
+    assert "\n" not in str(caught.value)

@@ -1,5 +1,5 @@
-"""``kat-timm predict``: labels and probabilities from the right weights, errors that name the problem, and the Hub
-access that never hangs on an unreachable Hub.
+"""``kat-timm predict``: labels and probabilities from the right weights, errors that name the problem (the Hub
+access it shares with every command is tested in test_common.py).
 
 Run in-process through ``main([...])``, offline: released weights come from the fake cache (``released_hub``).
 """
@@ -13,7 +13,7 @@ import timm
 import torch
 from timm.data import ImageNetInfo
 
-from kat_timm.cli import common, predict
+from kat_timm.cli import predict
 from kat_timm.cli.demo import sample_images
 
 IMAGES = [str(path) for path in sample_images()]
@@ -169,104 +169,6 @@ def test_missing_released_weights_say_how_to_get_them(capsys, offline_hub):
 # ---------------------------------------------------------------------------------------------------------------------
 # Reaching the Hub
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-class _FakeSession:
-    def __init__(self, behaviour):
-        self.behaviour = behaviour
-        self.calls = []
-
-    def head(self, url, headers=None, timeout=None):
-        self.calls.append((url, timeout))
-        return self.behaviour(url, timeout)
-
-
-@pytest.fixture
-def online_mode(monkeypatch):
-    """huggingface_hub in online mode (the test replaces its HTTP session, so nothing leaves the machine)."""
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-
-
-def _use_session(monkeypatch, behaviour) -> _FakeSession:
-    import huggingface_hub.utils
-
-    session = _FakeSession(behaviour)
-    monkeypatch.setattr(huggingface_hub.utils, "get_session", lambda: session)
-    return session
-
-
-def _refuse(url, timeout):
-    raise ConnectionError("Name or service not known")
-
-
-def test_probe_is_one_request_bounded_by_huggingface_hubs_etag_timeout(monkeypatch, online_mode):
-    from huggingface_hub import constants
-
-    class ReadTimeout(Exception):
-        pass
-
-    def hang(url, timeout):
-        raise ReadTimeout("timed out")
-
-    monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 0.5)
-    session = _use_session(monkeypatch, hang)
-    assert common.hub_unreachable() == "huggingface.co did not answer within 0.5 s (HF_HUB_ETAG_TIMEOUT)"
-    assert session.calls == [(constants.ENDPOINT, 0.5)], "one request, with huggingface_hub's own timeout"
-
-
-def test_probe_reports_connection_errors_and_answers(monkeypatch, online_mode):
-    _use_session(monkeypatch, _refuse)
-    assert common.hub_unreachable() == "huggingface.co is unreachable: Name or service not known"
-    assert common.hub_reachable() == (False, "huggingface.co is unreachable: Name or service not known")
-    _use_session(monkeypatch, lambda url, timeout: object())
-    assert common.hub_unreachable() is None and common.hub_reachable() == (True, "huggingface.co is reachable")
-
-
-def test_unreachable_hub_loads_cached_weights_without_switching_offline_mode(monkeypatch, released_hub, online_mode,
-                                                                            kat_tiny_weights):
-    from huggingface_hub import constants
-
-    # Sockets stay blocked (released_hub): a download attempt would fail the load, after its retries.
-    session = _use_session(monkeypatch, _refuse)
-    start = time.perf_counter()
-    model = common.create_model("kat_tiny", pretrained=True)
-    assert time.perf_counter() - start < 10
-    torch.testing.assert_close(model.state_dict()["head.weight"], kat_tiny_weights["scratch"]["head.weight"])
-    assert len(session.calls) == 1 and "adamdad/kat_tiny_patch16_224" in session.calls[0][0]
-    assert constants.HF_HUB_OFFLINE is False, "the process-wide offline flag must be left alone"
-
-
-def test_reachable_hub_downloads_through_huggingface_hub(monkeypatch, released_hub, online_mode, kat_tiny_weights):
-    import huggingface_hub
-    from huggingface_hub.errors import EntryNotFoundError
-
-    _use_session(monkeypatch, lambda url, timeout: object())
-    asked = []
-
-    def download(repo_id, filename, revision=None):  # what hf_hub_download does for a repo without safetensors
-        asked.append(filename)
-        if filename == "model.safetensors":
-            raise EntryNotFoundError("404: no model.safetensors")
-        return huggingface_hub.try_to_load_from_cache(repo_id, filename)
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
-    model = common.create_model("kat_tiny", pretrained=True)
-    assert asked == ["model.safetensors", "pytorch_model.bin"]
-    torch.testing.assert_close(model.state_dict()["head.weight"], kat_tiny_weights["scratch"]["head.weight"])
-
-
-def test_unreachable_hub_without_cache_fails_at_once_with_the_reason(monkeypatch, offline_hub, online_mode):
-    _use_session(monkeypatch, _refuse)
-    start = time.perf_counter()
-    with pytest.raises(common.ReleasedWeightsUnavailable) as caught:
-        common.create_model("kat_tiny", pretrained=True)
-    assert time.perf_counter() - start < 10
-    assert caught.value.reason.startswith("huggingface.co is unreachable: Name or service not known, and they are "
-                                          "not in the local")
-    assert "\n" not in str(caught.value)
 
 
 def test_kat_timm_dispatches_to_predict(capsys, tmp_path):
