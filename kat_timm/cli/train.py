@@ -13,10 +13,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
-import glob
 import math
 import os
-import shutil
 import sys
 import time
 from collections import OrderedDict
@@ -25,15 +23,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from timm.utils import CheckpointSaver
-
 from . import CLIError, run_main
 from .common import (add_dataset_reader_arguments, check_backend_setting, check_preprocessing, check_writable_folder,
                      checkpoint_training_args)
-from .validate import folder_dataset_hint
-from .validate import KeywordArguments
+from kat_timm.training.evaluation import amp_autocast, create_eval_loader, default_amp_dtype, default_workers, evaluate
+from kat_timm.training.saver import AtomicCheckpointSaver, checkpoint_epoch, edit_atomically, remove_partials
+from .validate import KeywordArguments, folder_dataset_hint, resolve_checked_data_config
 
-__all__ = ["AtomicCheckpointSaver", "TrainResult", "build_parser", "main", "parse_args", "train"]
+__all__ = ["TrainResult", "base_lr", "build_parser", "main", "parse_args", "train"]
 
 DEFAULT_MODEL = "kat_tiny_patch16_224"
 
@@ -95,8 +92,9 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
                        help="batch size per process (default: 128)")
     group.add_argument("-vb", "--validation-batch-size", type=int, default=None, metavar="N",
                        help="evaluation batch size (default: --batch-size)")
-    group.add_argument("-j", "--workers", type=int, default=4, metavar="N",
-                       help="data loading processes per training process (default: 4; 0 loads in the main process)")
+    group.add_argument("-j", "--workers", type=int, default=None, metavar="N",
+                       help="data loading processes per training process (default: 4, or the usable CPU count if "
+                            "lower; 0 loads in the main process)")
     group.add_argument("--pin-mem", action="store_true", help="pin CPU memory in the data loader")
     group.add_argument("--use-multi-epochs-loader", action="store_true",
                        help="keep the loader's worker processes across epochs")
@@ -108,7 +106,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME",
                        help=f"any timm model name, kat_* included, optionally with a .tag (default: {DEFAULT_MODEL})")
-    group.add_argument("--pretrained", action="store_true",
+    group.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False,
                        help="start from the released weights (Hugging Face Hub or its local cache); a classifier of "
                             "another size is re-initialised")
     group.add_argument("--pretrained-path", default=None, metavar="FILE",
@@ -237,7 +235,7 @@ def _add_augmentation_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("EMA")
-    group.add_argument("--model-ema", action="store_true",
+    group.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=False,
                        help="keep an exponential moving average of the weights (evaluated, saved, and the one the "
                             "best checkpoint is ranked by)")
     group.add_argument("--model-ema-decay", type=float, default=0.9998, metavar="D",
@@ -250,7 +248,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dist-backend", default=None, metavar="NAME",
                        help="torch.distributed backend under torchrun (default: nccl on cuda, gloo on cpu)")
     group.add_argument("--local-rank", "--local_rank", type=int, default=0, help=argparse.SUPPRESS)
-    group.add_argument("--amp", action="store_true", help="mixed precision (autocast)")
+    group.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="mixed precision (autocast)")
     group.add_argument("--amp-dtype", default=None, choices=("float16", "bfloat16"),
                        help="autocast dtype (default: float16 with a gradient scaler on cuda; bfloat16 on cpu, "
                             "where float16 autocast is many times slower)")
@@ -318,7 +316,8 @@ def _config_error(parser: argparse.ArgumentParser, message: str) -> None:
 
 
 def _config_defaults(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
-    """Read a YAML config into ``{dest: value}``, checking every key and the type of every value."""
+    """Read a YAML config into ``{dest: value}`` for ``parser.set_defaults``, every value through its option's own
+    type and choices (argparse converts only string defaults, so a YAML number or list would otherwise pass as is)."""
     import yaml
 
     if not os.path.isfile(path):
@@ -328,87 +327,71 @@ def _config_defaults(path: str, parser: argparse.ArgumentParser) -> Dict[str, An
             config = yaml.safe_load(file)
     except (OSError, yaml.YAMLError) as error:
         _config_error(parser, f"config {path}: not readable YAML: {str(error).splitlines()[0]}")
-    if config is None:
-        return {}
-    if not isinstance(config, dict):
+    if not isinstance(config, (dict, type(None))):
         _config_error(parser, f"config {path}: expected a mapping of option names to values, got {type(config).__name__}")
-
     actions = {action.dest: action for action in parser._actions if action.dest not in ("help", "config")}
-    for key, value in config.items():
+    defaults = {}
+    for key, value in (config or {}).items():
         if not isinstance(key, str) or key not in actions:
             _config_error(parser, f"config {path}: {_unknown_key_message(key, actions)}")
-        problem = _check_value(actions[key], value)
-        if problem:
-            _config_error(parser, f"config {path}: {key}: {problem}")
-    return config
+        try:
+            defaults[key] = _config_value(actions[key], value)
+        except ValueError as error:
+            _config_error(parser, f"config {path}: {key}: {error}")
+    return defaults
 
 
 def _unknown_key_message(key: Any, actions: Dict[str, argparse.Action]) -> str:
     if key in TIMM_ONLY_OPTIONS:
         return (f"key {key!r} is a timm train.py option that kat-train does not support; remove it, or run timm's "
                 f"own train.py with --device-modules kat_timm")
-    hint = ""
-    if isinstance(key, str):
-        close = difflib.get_close_matches(key.replace("-", "_"), list(actions), n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    close = difflib.get_close_matches(str(key).replace("-", "_"), list(actions), n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
     return (f"unknown key {key!r}{hint}; keys are kat-train option names with '_' for '-' "
             f"(e.g. batch_size for --batch-size), see kat-train --help")
 
 
-def _check_value(action: argparse.Action, value: Any) -> Optional[str]:
-    """Why ``value`` cannot stand for ``action``'s option, or None when it can.
-
-    argparse converts string defaults with the option's type but leaves other defaults alone, so a YAML value of
-    the wrong kind would otherwise pass silently.
-    """
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-        return None if isinstance(value, bool) else f"expected true or false, got {value!r}"
+def _config_value(action: argparse.Action, value: Any) -> Any:
+    """``value`` as the command line would have given it to ``action``; ValueError says what was expected."""
+    if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):  # a switch
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return value
     if value is None:
         return None
-    takes_list = action.nargs in ("+", "*") or isinstance(action.nargs, int)
     if isinstance(action, KeywordArguments):
-        return None if isinstance(value, dict) else f"expected a mapping of keyword arguments, got {value!r}"
-    items = value if takes_list and isinstance(value, list) else [value]
-    if takes_list and not isinstance(value, list) and isinstance(action.nargs, int) and action.nargs > 1:
-        return f"expected a list of {action.nargs} values, got {value!r}"
-    for item in items:
-        if action.type is int and not (isinstance(item, int) and not isinstance(item, bool)):
-            if not (isinstance(item, str) and _parses(int, item)):
-                return f"expected an integer, got {item!r}"
-        elif action.type is float and (isinstance(item, bool) or not isinstance(item, (int, float))):
-            if not (isinstance(item, str) and _parses(float, item)):
-                return f"expected a number, got {item!r}"
-        if action.choices is not None and item not in action.choices:
-            return f"expected one of {', '.join(map(repr, action.choices))}, got {item!r}"
-    return None
-
-
-def _parses(kind: type, text: str) -> bool:
-    try:
-        kind(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _coerce(action: argparse.Action, value: Any) -> Any:
-    """A checked YAML value in the type the option's own parser would produce (e.g. "1e-3" -> 0.001)."""
-    if value is None or action.type not in (int, float):
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a mapping of keyword arguments, got {value!r}")
         return value
-    if isinstance(value, list):
-        return [action.type(item) for item in value]
-    return action.type(value)
+    takes_list = action.nargs in ("+", "*") or isinstance(action.nargs, int)
+    if isinstance(action.nargs, int) and not (isinstance(value, list) and len(value) == action.nargs):
+        raise ValueError(f"expected a list of {action.nargs} values, got {value!r}")
+    items = []
+    for item in value if takes_list and isinstance(value, list) else [value]:
+        if action.type is not None:
+            # Through the option's type as text, as argparse would convert it: 1.5 is no integer, true no number.
+            expected = f"expected {_TYPE_NAMES.get(action.type, 'a value')}, got {item!r}"
+            if isinstance(item, bool) or not isinstance(item, (int, float, str)):
+                raise ValueError(expected)
+            try:
+                item = action.type(str(item))
+            except (TypeError, ValueError):
+                raise ValueError(expected) from None
+        if action.choices is not None and item not in action.choices:
+            raise ValueError(f"expected one of {', '.join(map(repr, action.choices))}, got {item!r}")
+        items.append(item)
+    return items if takes_list else items[0]
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number"}
 
 
 def _parse_args(argv: List[str], prog: str) -> argparse.Namespace:
+    """As timm's train.py: ``-c`` first, the config as the parser's defaults, then the whole command line."""
     parser = build_parser(prog)
-    config_parser = argparse.ArgumentParser(prog=prog, add_help=False)
-    config_parser.add_argument("-c", "--config", default="")
-    known, _ = config_parser.parse_known_args(argv)
+    known, _ = parser.parse_known_args(argv)
     if known.config:
-        actions = {action.dest: action for action in parser._actions}
-        defaults = _config_defaults(known.config, parser)
-        parser.set_defaults(**{key: _coerce(actions[key], value) for key, value in defaults.items()})
+        parser.set_defaults(**_config_defaults(known.config, parser))
     args = parser.parse_args(argv)
     if args.data and args.data_dir and args.data != args.data_dir:
         parser.error(f"the dataset is given twice, as DIR ({args.data}) and --data-dir ({args.data_dir})")
@@ -431,190 +414,6 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
         The parsed options; ``data_dir`` is filled from the positional DIR when only that was given.
     """
     return _parse_args(list(argv), "kat-train")
-
-
-class AtomicCheckpointSaver(CheckpointSaver):
-    """timm's CheckpointSaver, changed so that no file ever appears under a ``*.pth.tar`` name half-written.
-
-    timm's saver writes ``tmp.pth.tar`` in place (a kill mid-write leaves a partial ``*.pth.tar``), deletes
-    ``last.pth.tar`` before renaming the new one over it (a kill in between leaves none), and falls back to
-    copying into the final name where hard links fail. Here every write goes to a ``.partial`` name, is flushed to
-    disk, and is renamed into place with ``os.replace``, which is atomic: readers see the old file or the new one.
-    Hard links (the numbered and best checkpoints share ``last``'s data) are made under a ``.partial`` name and
-    renamed too. Numbered files are never written in place, so replacing ``last`` never changes them.
-
-    A write that fails (a full disk) removes its ``.partial`` file and raises ``OSError`` with the errno the system
-    gave and the file's name (torch.save itself reports only "iostream error"). On resume, :meth:`restore_history`
-    repairs the numbered and best files a kill between two of its writes left out of step.
-    """
-
-    _relink_only = False  # see restore_history: save_checkpoint's bookkeeping without writing last.pth.tar again
-
-    def _save(self, save_path, epoch, metric=None):
-        if self._relink_only:
-            return
-        partial = save_path + ".partial"
-        try:
-            with open(partial, "wb") as raw:
-                file = _ErrnoKeepingFile(raw)
-                try:
-                    super()._save(file, epoch, metric)  # timm's _save hands the file to torch.save
-                except Exception as error:
-                    cause = file.error or (error if isinstance(error, OSError) else None)
-                    if cause is None:
-                        raise
-                    raise OSError(cause.errno, cause.strerror, save_path) from error
-                raw.flush()
-                os.fsync(raw.fileno())
-            os.replace(partial, save_path)
-        except BaseException:
-            _remove(partial)
-            raise
-        _fsync_dir(os.path.dirname(save_path))
-
-    def _replace(self, src, dst):
-        if self._relink_only:
-            return
-        os.replace(src, dst)
-        _fsync_dir(os.path.dirname(dst))
-
-    def _duplicate(self, src, dst):
-        partial = dst + ".partial"
-        _remove(partial)
-        try:
-            try:
-                os.link(src, partial)
-            except OSError:  # no hard links here (some network and Windows file systems): copy, then flush
-                shutil.copyfile(src, partial)
-                _fsync(partial)
-            os.replace(partial, dst)
-        except BaseException:
-            _remove(partial)
-            raise
-        _fsync_dir(os.path.dirname(dst))
-
-    def save_recovery(self, epoch, batch_idx=0):
-        """timm's save_recovery, which keeps the current and the previous recovery file of this process; here
-        those of earlier, killed processes are removed too, so they don't pile up across kills."""
-        super().save_recovery(epoch, batch_idx)
-        keep = {os.path.abspath(path) for path in (self.curr_recovery_file, self.prev_recovery_file) if path}
-        pattern = os.path.join(self.recovery_dir, self.recovery_prefix + "-*" + self.extension)
-        for path in glob.glob(pattern):
-            if os.path.abspath(path) not in keep:
-                _remove(path)
-
-    def restore_history(self, checkpoint_path: str) -> None:
-        """timm's ``load_state_dict_from_checkpoint``, then repair what a kill between two writes of
-        ``save_checkpoint`` left behind, so the resumed run keeps ranking as if it had not been killed.
-
-        - Killed after ``last`` was replaced but before ``checkpoint-N`` was linked: epoch N exists only as
-          ``last``, which the next epoch replaces. Link it now if it earns a place, as the save would have.
-        - Killed after ``checkpoint-N`` but before ``model_best``: the history counts epoch N as the best while
-          ``model_best`` holds a worse one. Link the best epoch's file to ``model_best``.
-        """
-        from timm.utils.checkpoint_saver import load_checkpoint_metadata
-
-        self.load_state_dict_from_checkpoint(checkpoint_path)
-        last = os.path.join(self.checkpoint_dir, "last" + self.extension)
-        if os.path.exists(last) and os.path.samefile(checkpoint_path, last):
-            checkpoint = load_checkpoint_metadata(last)
-            epoch, metric = (checkpoint.get("saver") or {}).get("pending", (None, None))
-            if epoch is not None and epoch == checkpoint.get("epoch") and \
-                    not os.path.exists(self._checkpoint_path(epoch)):
-                self._relink_only = True
-                try:
-                    self.save_checkpoint(epoch, metric)  # timm's retention and best-file logic on the existing last
-                finally:
-                    self._relink_only = False
-        if self.best_epoch is None:
-            return
-        numbered = self._checkpoint_path(self.best_epoch)
-        best = os.path.join(self.checkpoint_dir, "model_best" + self.extension)
-        if os.path.exists(numbered) and _checkpoint_epoch(best) != self.best_epoch:
-            self._duplicate(numbered, best)
-
-
-class _ErrnoKeepingFile:
-    """The file torch.save writes a checkpoint through: writes everything it is given (a short write is retried,
-    so the next one reports the error) and remembers the ``OSError`` that torch turns into a bare RuntimeError."""
-
-    def __init__(self, file):
-        self.file, self.error = file, None
-
-    def write(self, data) -> int:
-        view = memoryview(data).cast("B")
-        done = 0
-        try:
-            while done < len(view):
-                done += self.file.write(view[done:])
-        except OSError as error:
-            self.error = error
-            raise
-        return done
-
-    def flush(self) -> None:
-        self.file.flush()
-
-
-def _checkpoint_epoch(path: str) -> Optional[int]:
-    """The epoch a training checkpoint holds (its tensors memory-mapped, not read); None if there is none."""
-    from timm.utils.checkpoint_saver import load_checkpoint_metadata
-
-    if not os.path.exists(path):
-        return None
-    try:
-        checkpoint = load_checkpoint_metadata(path)
-    except Exception:  # unreadable: whatever it is, it is not the best epoch's checkpoint
-        return None
-    return checkpoint.get("epoch") if isinstance(checkpoint, dict) else None
-
-
-def _remove(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
-
-
-def _fsync(path: str) -> None:
-    with open(path, "rb") as file:
-        os.fsync(file.fileno())
-
-
-def _fsync_dir(path: str) -> None:
-    """Make a rename durable (POSIX); a no-op where folders cannot be opened (Windows)."""
-    try:
-        descriptor = os.open(path or ".", os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-
-
-def _edit_atomically(path: str, edit, start_from_current: bool = True) -> None:
-    """Change the file ``path`` all at once: ``edit(partial)`` works on ``PATH.partial`` (a copy of the file when
-    ``start_from_current``), which is flushed and renamed over ``path``. A kill leaves the old file or the new
-    one, never a truncated one (timm's trim_summary rewrites summary.csv in place); a failure removes the partial.
-    """
-    partial = path + ".partial"
-    try:
-        if start_from_current and os.path.exists(path):
-            shutil.copyfile(path, partial)
-        else:
-            _remove(partial)
-        edit(partial)
-        if os.path.exists(partial):
-            _fsync(partial)
-            os.replace(partial, path)
-    except OSError as error:
-        _remove(partial)
-        raise OSError(error.errno, error.strerror, path) from error  # the file, whatever call failed
-    except BaseException:
-        _remove(partial)
-        raise
-    _fsync_dir(os.path.dirname(path))
 
 
 @contextlib.contextmanager
@@ -744,6 +543,8 @@ def _check_arguments(args: argparse.Namespace) -> None:
     for name in ("batch_size", "epochs", "grad_accum_steps", "checkpoint_hist", "log_interval"):
         if getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}", code=2)
+    if args.workers is None:
+        args.workers = default_workers()
     for name in ("workers", "warmup_epochs", "cooldown_epochs", "recovery_interval", "mixup_off_epoch"):
         if getattr(args, name) < 0:
             raise CLIError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(args, name)}", code=2)
@@ -769,16 +570,24 @@ def _check_arguments(args: argparse.Namespace) -> None:
     if args.aa:
         _check_augmentation_policy(args.aa)
     if args.resume and not args.no_resume_opt:
-        saved_opt = checkpoint_training_args(args.resume).get("opt")
+        saved = checkpoint_training_args(args.resume)
+        saved_opt = saved.get("opt")
         if saved_opt and str(saved_opt).lower() != args.opt.lower():
             raise CLIError(f"--resume {args.resume} was trained with --opt {saved_opt}, not {args.opt}: its optimizer "
                            f"state does not fit. Resume with --opt {saved_opt}, or add --no-resume-opt to keep only "
                            f"the weights and epoch", code=2)
+        # The layer decay sets the parameter groups and their lr scales; the restored optimizer state would keep the
+        # old scales while args.yaml and the new checkpoints recorded the new value.
+        if "layer_decay" in saved and saved["layer_decay"] != args.layer_decay:
+            raise CLIError(f"--resume {args.resume} was trained with --layer-decay {_option_text(saved['layer_decay'])}"
+                           f", not {_option_text(args.layer_decay)}: the optimizer's parameter groups differ. Resume "
+                           f"with --layer-decay {_option_text(saved['layer_decay'])}, or add --no-resume-opt to keep "
+                           f"only the weights and epoch", code=2)
     for name in ("resume", "initial_checkpoint", "pretrained_path"):
         path = getattr(args, name)
         if path and not os.path.isfile(path):
             raise CLIError(f"--{name.replace('_', '-')}: no such file: {path}", code=2)
-    if args.resume and _checkpoint_epoch(args.resume) is None:
+    if args.resume and checkpoint_epoch(args.resume) is None:
         raise CLIError(f"--resume {args.resume} is not a training checkpoint (no epoch, optimizer or run options: a "
                        f"bare state dict or another file); start a new run from its weights with --initial-checkpoint "
                        f"{args.resume}, or --pretrained-path {args.resume} for another class count or image size",
@@ -921,6 +730,13 @@ def _create_model(args: argparse.Namespace, num_classes: int):
     return model
 
 
+def _in_train_options(message: str) -> str:
+    """A model-building error worded for the commands that take ``--checkpoint``, with their advice in kat-train's
+    options (argparse would read ``--checkpoint`` as an abbreviation of ``--checkpoint-hist``)."""
+    return (message.replace("pass --checkpoint FILE", "pass --pretrained-path FILE (your own copy of the weights)")
+            .replace("--random-weights", "no --pretrained (random weights)"))
+
+
 def _check_pretrained_path_covers(path: str, model, model_name: str) -> None:
     """--pretrained-path: timm loads the file non-strictly when it replaces the classifier, so a file holding few or
     none of the model's weights would start the run from random weights without a word. Every weight but the
@@ -1036,13 +852,14 @@ def _loss_functions(args: argparse.Namespace, mixing: bool, device):
 def _write_args_yaml(path: str, parsed: Dict[str, Any]) -> None:
     import yaml
 
-    options = {key: value for key, value in parsed.items() if key not in ("config", "data")}
+    # Not --resume: args.yaml is a config for new runs, and one naming a checkpoint would resume that run again.
+    options = {key: value for key, value in parsed.items() if key not in ("config", "data", "resume")}
 
     def write(partial: str) -> None:
         with open(partial, "w", encoding="utf-8") as file:
             yaml.safe_dump(options, file, default_flow_style=False, sort_keys=False)
 
-    _edit_atomically(path, write, start_from_current=False)
+    edit_atomically(path, write, start_from_current=False)
 
 
 def train(args: argparse.Namespace, prog: str = "kat-train") -> TrainResult:
@@ -1078,8 +895,6 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bo
     from timm.optim import create_optimizer_v2, optimizer_kwargs
     from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
-    from .validate import amp_autocast, create_eval_loader, default_amp_dtype, resolve_checked_data_config
-
     def say(message: str) -> None:
         if primary:
             print(message, flush=True)
@@ -1095,7 +910,10 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bo
         _check_resumed_classes(args, args.class_names)
     utils.random_seed(args.seed, args.rank)
 
-    model = _create_model(args, num_classes)
+    try:
+        model = _create_model(args, num_classes)
+    except CLIError as error:
+        raise CLIError(_in_train_options(str(error)), code=error.code) from error.__cause__
     args.num_classes = num_classes
     if args.grad_checkpointing:
         try:
@@ -1175,6 +993,11 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bo
         schedule_options["plateau_mode"] = "min"  # without evaluation the schedule follows the training loss
     lr_scheduler, num_epochs = create_scheduler_v2(optimizer, **schedule_options, updates_per_epoch=updates_per_epoch)
     start_epoch = args.start_epoch if args.start_epoch is not None else (resume_epoch or 0)
+    if start_epoch >= num_epochs:
+        where = (f"--start-epoch {start_epoch} is" if args.start_epoch is not None
+                 else f"the run {args.resume} finished at epoch {start_epoch - 1}, which is")
+        raise CLIError(f"nothing to train: {where} past the last epoch of --epochs {args.epochs} (epochs 0..."
+                       f"{num_epochs - 1}); raise --epochs to train on", code=2)
     if lr_scheduler is not None and start_epoch > 0:
         if args.sched_on_updates:
             lr_scheduler.step_update(start_epoch * updates_per_epoch)
@@ -1197,12 +1020,11 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bo
             checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing=eval_metric == "loss",
             max_history=args.checkpoint_hist)
         with _run_folder_writes(output_dir):
-            for stale in glob.glob(os.path.join(output_dir, "*.partial")):  # left by a killed run, never complete
-                _remove(stale)
+            remove_partials(output_dir)
             if args.resume:
                 saver.restore_history(args.resume)
             _write_args_yaml(os.path.join(output_dir, "args.yaml"), parsed)
-            _edit_atomically(os.path.join(output_dir, "summary.csv"),
+            edit_atomically(os.path.join(output_dir, "summary.csv"),
                              lambda partial: utils.trim_summary(partial, start_epoch))
 
     unwrapped = utils.unwrap_model(model)
@@ -1229,7 +1051,7 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bo
         + f"{num_classes if known_classes is None else known_classes} classes, "
           f"input {tuple(data_config['input_size'])}")
     say(f"{prog}: batch {args.batch_size} per process x {args.world_size} x {args.grad_accum_steps} accumulation "
-        f"= {args.batch_size * args.world_size * args.grad_accum_steps}; {updates_per_epoch} steps per epoch; "
+        f"= {args.batch_size * args.world_size * args.grad_accum_steps}; {updates_per_epoch} step{'s' if updates_per_epoch != 1 else ''} per epoch; "
         f"{args.opt} lr {args.lr:.3g}, {args.sched} schedule, weight decay {args.weight_decay}")
     say(f"{prog}: epochs {start_epoch}..{num_epochs - 1} (0-based)" + (f", resumed from {args.resume}"
                                                                        if args.resume else ""))
@@ -1262,15 +1084,14 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bo
                 ema_metrics = _evaluate_epoch(model_ema.module, loader_eval, device, autocast, args.distributed)
                 eval_metrics.update({f"ema_{key}": value for key, value in ema_metrics.items()})
 
-        lrs = [group["lr"] for group in optimizer.param_groups]
-        lr = sum(lrs) / len(lrs)
+        lr = base_lr(optimizer)
         # The EMA weights rank the checkpoints when there is an EMA, as in timm.
         metric = None
         if eval_metrics is not None:
             metric = eval_metrics[f"ema_{eval_metric}" if model_ema is not None else eval_metric]
         if output_dir is not None:
             with _run_folder_writes(output_dir):
-                _edit_atomically(os.path.join(output_dir, "summary.csv"), lambda partial: utils.update_summary(
+                edit_atomically(os.path.join(output_dir, "summary.csv"), lambda partial: utils.update_summary(
                     epoch, train_metrics, eval_metrics, partial, lr=lr))
                 result.best_metric, result.best_epoch = saver.save_checkpoint(epoch, metric=metric)
         if lr_scheduler is not None:
@@ -1298,6 +1119,13 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bo
     return result
 
 
+def base_lr(optimizer) -> float:
+    """The learning rate the schedule sets, shown by the progress line, the epoch line and summary.csv alike: the
+    largest group's, i.e. that of the groups ``--layer-decay`` leaves unscaled (the head). timm's train.py logs the
+    mean over the groups, which under layer decay no group runs at."""
+    return max(group["lr"] for group in optimizer.param_groups)
+
+
 def _device_name(device) -> str:
     import torch
 
@@ -1307,8 +1135,6 @@ def _device_name(device) -> str:
 
 
 def _evaluate_epoch(model, loader, device, autocast, distributed: bool) -> Dict[str, float]:
-    from .validate import evaluate
-
     metrics = evaluate(model, loader, device, autocast, distributed=distributed)
     return {"loss": metrics["loss"], "top1": metrics["top1"], "top5": metrics["top5"]}
 
@@ -1377,8 +1203,7 @@ def _train_one_epoch(epoch: int, model, loader, optimizer, loss_fn, args: argpar
                 if saver is not None and args.recovery_interval and num_updates % args.recovery_interval == 0:
                     with _run_folder_writes(saver.recovery_dir):
                         saver.save_recovery(epoch, batch_idx=step)
-            lr = optimizer.param_groups[0]["lr"]
-            progress.update(step + 1, images_seen, loss=loss_value, lr=lr)
+            progress.update(step + 1, images_seen, loss=loss_value, lr=base_lr(optimizer))
     finally:
         progress.close()
     if hasattr(optimizer, "sync_lookahead"):

@@ -7,115 +7,27 @@ The images are prepared as the model's pretrained_cfg says (timm's ``resolve_dat
 is printed as JSON shaped like timm's validate.py (model, top1, top1_err, top5, top5_err, param_count, img_size,
 crop_pct, interpolation) plus loss, images/s and the image count; ``--results-file`` also writes it.
 
-:func:`evaluate` is the one evaluation loop of the project: ``kat-train`` calls it after every epoch.
+:func:`kat_timm.training.evaluation.evaluate` is the loop, the same one ``kat-train`` runs after every epoch.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
+
+from kat_timm.training.data import DataError
+from kat_timm.training.evaluation import amp_autocast, create_eval_loader, default_workers, evaluate
+from kat_timm.training.saver import write_atomically
 
 from . import CLIError, run_main
 from .common import (add_dataset_reader_arguments, add_model_arguments, check_backend_setting, check_preprocessing,
                      check_writable_folder, checkpoint_training_args, create_sized_model, resolve_device)
 
-__all__ = ["create_eval_loader", "evaluate", "main"]
-
-
-def create_eval_loader(dataset, data_config: Dict[str, Any], batch_size: int, workers: int,
-                       rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """A loader of ``dataset`` with timm's evaluation transform for ``data_config``.
-
-    Under several processes each takes every ``world_size``-th image starting at ``rank``, so together they see
-    every image exactly once (timm's distributed evaluation pads with repeats; exact sums need no padding); a
-    streamed dataset (WebDataset) gives each process its own shards instead. Images
-    that cannot be decoded are left out of the batches (a batch of only such images is None, which
-    :func:`evaluate` skips), so they are neither scored nor counted.
-    """
-    from timm.data import create_transform
-
-    from kat_timm.training.data import collate_readable
-
-    if hasattr(dataset, "skip_unreadable"):  # an unreadable image is left out, not replaced by (and counted as) another
-        dataset.skip_unreadable = True
-    dataset.transform = create_transform(
-        data_config["input_size"], is_training=False, interpolation=data_config["interpolation"],
-        mean=data_config["mean"], std=data_config["std"], crop_pct=data_config["crop_pct"],
-        crop_mode=data_config.get("crop_mode"))
-    if isinstance(dataset, torch.utils.data.IterableDataset):
-        # A streamed reader (wds/, hfids/) splits its shards between processes and loader workers itself.
-        if hasattr(dataset, "set_loader_cfg"):
-            dataset.set_loader_cfg(num_workers=workers)
-        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                           pin_memory=pin_memory, persistent_workers=False, collate_fn=collate_readable)
-    indices = list(range(rank, len(dataset), world_size))
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=indices, num_workers=workers, pin_memory=pin_memory,
-        persistent_workers=False, collate_fn=collate_readable)
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: torch.utils.data.DataLoader, device: torch.device,
-             autocast: Callable[[], ContextManager] = contextlib.nullcontext, distributed: bool = False,
-             progress: Optional[Callable[[int, int], None]] = None) -> Dict[str, float]:
-    """Cross-entropy loss, top-1 and top-5 accuracy (in %) of ``model`` over every batch of ``loader``.
-
-    Sums are kept in float64 and, when ``distributed``, added across processes, so the result is exact and the
-    same on every rank. With fewer than 5 classes, top-5 counts the top ``num_classes``.
-
-    Args:
-        model: the model (put in eval mode here).
-        loader: yields (images, integer labels).
-        device: where the model is.
-        autocast: a factory of the mixed-precision context (``--amp``), or a null context.
-        distributed: add the sums across the torch.distributed group.
-        progress: called as ``progress(batches_done, total_batches)`` after each batch.
-
-    Returns:
-        ``{"loss", "top1", "top5", "count", "seconds", "images_per_second"}``.
-    """
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, images
-    start = time.perf_counter()
-    for index, batch in enumerate(loader):
-        if batch is None:  # every image of this batch was unreadable (see create_eval_loader)
-            if progress is not None:
-                progress(index + 1, len(loader))
-            continue
-        images, targets = batch
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        with autocast():
-            logits = model(images)
-        logits = logits.float()
-        k = min(5, logits.shape[-1])
-        top = logits.topk(k, dim=-1).indices
-        hits = top.eq(targets[:, None])
-        sums += torch.stack([
-            torch.nn.functional.cross_entropy(logits, targets, reduction="sum").double(),
-            hits[:, 0].sum().double(), hits.any(dim=-1).sum().double(),
-            torch.tensor(float(targets.numel()), dtype=torch.float64, device=device)])
-        if progress is not None:
-            progress(index + 1, len(loader))
-    if distributed:
-        torch.distributed.all_reduce(sums)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    model.train(was_training)
-    loss, top1, top5, count = sums.tolist()
-    if count == 0:
-        raise CLIError("the evaluation split yielded no images")
-    return {"loss": loss / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count,
-            "count": int(count), "seconds": seconds, "images_per_second": count / max(seconds, 1e-9)}
+__all__ = ["build_parser", "main", "resolve_checked_data_config"]
 
 
 def build_parser(prog: str = "kat-validate") -> argparse.ArgumentParser:
@@ -151,8 +63,9 @@ def build_parser(prog: str = "kat-validate") -> argparse.ArgumentParser:
     group.add_argument("--std", type=float, nargs="+", default=None, metavar="STD")
     group.add_argument("--interpolation", default="", metavar="NAME")
     group.add_argument("-b", "--batch-size", type=int, default=256, metavar="N", help="(default: 256)")
-    group.add_argument("-j", "--workers", type=int, default=4, metavar="N",
-                       help="data loading processes (default: 4; 0 loads in the main process)")
+    group.add_argument("-j", "--workers", type=int, default=None, metavar="N",
+                       help="data loading processes (default: 4, or the usable CPU count if lower; 0 loads in the "
+                            "main process)")
     add_model_arguments(parser, default_model="kat_tiny_patch16_224")
     group = parser.add_argument_group("run")
     group.add_argument("--model-kwargs", nargs="*", default={}, action=KeywordArguments, metavar="KEY=VALUE",
@@ -229,30 +142,8 @@ def resolve_checked_data_config(options: Dict[str, Any], model: torch.nn.Module)
     return resolve_data_config(options, model=model)
 
 
-def default_amp_dtype(dtype_name: Optional[str], device: torch.device) -> str:
-    """``--amp-dtype`` when given, else float16 on CUDA and bfloat16 on the CPU.
-
-    timm defaults to float16 everywhere, but CPU autocast in float16 runs many times slower than float32 (one KAT-T
-    epoch at 32 px: 0.6 s float32, 2.3 s bfloat16, 18-26 s float16 on a 2-core VM), while bfloat16 is the CPU's
-    native low precision.
-    """
-    if dtype_name:
-        return dtype_name
-    return "float16" if device.type == "cuda" else "bfloat16"
-
-
-def amp_autocast(enabled: bool, dtype_name: Optional[str], device: torch.device) -> Callable[[], ContextManager]:
-    """A factory of the autocast context for ``--amp``/``--amp-dtype`` on ``device`` (a null context when off)."""
-    dtype_name = default_amp_dtype(dtype_name, device)
-    if not enabled:
-        return contextlib.nullcontext
-    dtype = torch.bfloat16 if dtype_name == "bfloat16" else torch.float16
-    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def _open_reader_dataset(args: argparse.Namespace, data_dir: Optional[str], trained: Dict[str, Any]):
     """--dataset hfds/..., wds/..., torch/...: (dataset, class names or None, its name in messages)."""
-    from kat_timm.training.data import DataError
     from kat_timm.training.readers import DatasetSpec, dataset_class_names, open_dataset
 
     spec = DatasetSpec(name=args.dataset, root=data_dir, download=args.dataset_download,
@@ -282,6 +173,8 @@ def _validate(args: argparse.Namespace) -> int:
                        "wds/NAME the folder of the shards)", code=2)
     if args.num_samples is not None and args.num_samples < 1:
         raise CLIError(f"--num-samples must be at least 1, got {args.num_samples}", code=2)
+    if args.workers is None:
+        args.workers = default_workers()
     if args.batch_size < 1 or args.workers < 0:
         raise CLIError("--batch-size must be at least 1 and --workers at least 0", code=2)
     if args.num_classes is not None and args.num_classes < 1:
@@ -330,13 +223,16 @@ def _validate(args: argparse.Namespace) -> int:
     class_count = f"{len(classes)} classes" if classes is not None else "classes unnamed"
     print(f"validating {args.model} on {data_name}: {len(dataset)} images, {class_count}, "
           f"input {tuple(data_config['input_size'])}, {device.type}", file=sys.stderr)
-    metrics = evaluate(model, loader, device, amp_autocast(args.amp, args.amp_dtype, device))
+    try:
+        metrics = evaluate(model, loader, device, amp_autocast(args.amp, args.amp_dtype, device))
+    except DataError as error:  # from a loader worker it carries the worker's traceback: keep the last line
+        raise CLIError(str(error).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
     return _report(args, model, data_config, metrics, len(dataset), results_file)
 
 
 def _open_folder_dataset(args: argparse.Namespace, data_dir: str, trained: Dict[str, Any]):
     """An ImageFolder split, checked (kat_timm.training.data): (dataset, class names, its folder in messages)."""
-    from kat_timm.training.data import DataError, ImageFolderDataset, check_readable_classes, check_split, load_class_names
+    from kat_timm.training.data import ImageFolderDataset, check_readable_classes, check_split, load_class_names
 
     try:
         if args.class_map:
@@ -395,19 +291,6 @@ def _check_writable(path: Path) -> None:
         raise CLIError(f"--results-file {path} is a folder; give the JSON file to write, e.g. "
                        f"{path / 'results.json'}", code=2)
     check_writable_folder(path.parent, f"--results-file {path}")
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through ``PATH.partial`` and a rename, so ``path`` is never half-written; the
-    partial file is removed when the write fails (a full disk, say)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    try:
-        partial.write_text(text, encoding="utf-8")
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
 
 
 def main(argv: Optional[List[str]] = None, prog: str = "kat-validate") -> int:

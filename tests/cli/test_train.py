@@ -10,9 +10,11 @@ import copy
 import csv
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -21,6 +23,8 @@ import torch
 
 from kat_timm.cli import train as train_module
 from kat_timm.cli.train import parse_args, train
+from kat_timm.training import saver as saver_module
+from kat_timm.training.saver import AtomicCheckpointSaver
 from tests.helpers import fill_uninitialised_, save_vit_as_npz, sigkill_training_after_first_checkpoint
 from tests.training.test_data import make_image_folder, write_corrupt_image
 
@@ -342,8 +346,8 @@ def test_batch_larger_than_the_data(data, tmp_path, capsys):
 def test_atomic_saver_never_exposes_a_partial_checkpoint(tmp_path, monkeypatch):
     """Every file under a *.pth.tar name appears by rename, complete; timm's unlink-then-rename is gone."""
     model = torch.nn.Linear(3, 2)
-    saver = train_module.AtomicCheckpointSaver(model, torch.optim.SGD(model.parameters(), lr=0.1), checkpoint_dir=str(tmp_path),
-                        max_history=2)
+    saver = AtomicCheckpointSaver(model, torch.optim.SGD(model.parameters(), lr=0.1), checkpoint_dir=str(tmp_path),
+                                  max_history=2)
     complete_names = []
     real_replace = os.replace
 
@@ -354,7 +358,7 @@ def test_atomic_saver_never_exposes_a_partial_checkpoint(tmp_path, monkeypatch):
         real_replace(src, dst)
 
     unlinked = []
-    monkeypatch.setattr(train_module.os, "replace", watch_replace)
+    monkeypatch.setattr(saver_module.os, "replace", watch_replace)
     monkeypatch.setattr(os, "unlink", lambda path: unlinked.append(path))
     for epoch, metric in enumerate([1.0, 3.0, 2.0]):
         saver.save_checkpoint(epoch, metric)
@@ -495,9 +499,92 @@ def test_amp_on_cpu_defaults_to_bfloat16(data, tmp_path, capsys, monkeypatch):
 
 
 def test_amp_dtype_given_explicitly_wins_on_every_device():
-    from kat_timm.cli.validate import default_amp_dtype
+    from kat_timm.training.evaluation import default_amp_dtype
 
     assert default_amp_dtype(None, torch.device("cpu")) == "bfloat16"
     assert default_amp_dtype(None, torch.device("cuda")) == "float16"
     assert default_amp_dtype("float16", torch.device("cpu")) == "float16"
     assert default_amp_dtype("bfloat16", torch.device("cuda")) == "bfloat16"
+
+
+def test_resume_with_another_layer_decay_is_refused_naming_both_values(data, tmp_path, capsys):
+    """Issue 11, item 2: the restored optimizer would keep 0.75's lr scales while the run records 0.65."""
+    checkpoint = _fake_run_checkpoint(tmp_path / "last.pth.tar", opt="adamw", layer_decay=0.75,
+                                      class_names=["blue", "green", "red"])
+    assert train_module.main(run_args(data, tmp_path / "out", "--resume", str(checkpoint), "--layer-decay",
+                                      "0.65")) == 2
+    error = capsys.readouterr().err
+    assert f"--resume {checkpoint} was trained with --layer-decay 0.75, not 0.65" in error, error
+    assert "Resume with --layer-decay 0.75, or add --no-resume-opt" in error and error.count("\n") == 1, error
+
+
+def test_args_yaml_of_a_resumed_run_does_not_resume_it_again_and_a_finished_run_says_so(data, tmp_path, capsys):
+    """Issue 11, item 3: a resumed run's args.yaml used to hold resume:, so -c args.yaml --experiment new resumed the
+    old run again and trained nothing (exit 0); re-running a finished run also exited 0 without a word."""
+    out = tmp_path / "out"
+    assert train_module.main(run_args(data, out, "--epochs", "1", "--val-split", "")) == 0
+    last = out / "run" / "last.pth.tar"
+    assert train_module.main(run_args(data, None, "--epochs", "2", "--val-split", "", "--resume", str(last))) == 0
+    capsys.readouterr()
+    args = parse_args(["-c", str(out / "run" / "args.yaml"), "--experiment", "new"])
+    assert args.resume == "" and args.epochs == 2, "args.yaml must be a config for a new run"
+
+    assert train_module.main(run_args(data, None, "--epochs", "2", "--val-split", "", "--resume", str(last))) == 2
+    error = capsys.readouterr().err
+    assert (f"nothing to train: the run {last} finished at epoch 1, which is past the last epoch of --epochs 2 "
+            f"(epochs 0...1); raise --epochs to train on") in error, error
+
+
+def test_offline_pretrained_error_suggests_only_options_kat_train_has(data, tmp_path, capsys, offline_hub):
+    """Issue 11, item 4: the advice said --checkpoint FILE, which argparse reads as --checkpoint-hist."""
+    assert train_module.main(run_args(data, tmp_path / "out", "--pretrained")) == 1
+    error = capsys.readouterr().err
+    suggested = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", error))
+    assert suggested, error
+    known = train_module.build_parser()._option_string_actions
+    assert all(option in known for option in suggested), (sorted(suggested - set(known)), error)
+
+
+def test_config_pretrained_true_is_switched_off_on_the_command_line(tmp_path):
+    config = tmp_path / "recipe.yaml"
+    config.write_text("pretrained: true\nmodel_ema: true\nepochs: 3\n")
+    assert parse_args(["-c", str(config)]).pretrained is True
+    args = parse_args(["-c", str(config), "--no-pretrained", "--no-model-ema"])
+    assert args.pretrained is False and args.model_ema is False and args.epochs == 3
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("epochs: 1.5", "epochs: expected an integer, got 1.5"),
+    ("lr: true", "lr: expected a number, got True"),
+    ("input_size: [3, 32]", "input_size: expected a list of 3 values, got [3, 32]"),
+])
+def test_config_values_go_through_the_options_own_types(tmp_path, capsys, line, expected):
+    config = tmp_path / "bad.yaml"
+    config.write_text(line + "\n")
+    with pytest.raises(SystemExit):
+        parse_args(["-c", str(config)])
+    assert expected in capsys.readouterr().err
+
+
+def test_default_workers_stay_within_the_cpus_without_pytorchs_warning(data, tmp_path, monkeypatch):
+    """Issue 11, item 7: the default --workers 4 made PyTorch warn on a 2-core machine, several times per run."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    argv = [item for item in run_args(data, tmp_path / "out", "--epochs", "1") if item != "--workers"]
+    argv.remove("0")
+    assert parse_args(argv).workers is None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert train_module.main(argv) == 0
+    worker_warnings = [str(item.message) for item in caught if "worker" in str(item.message)]
+    assert not worker_warnings, worker_warnings
+
+
+def test_progress_and_epoch_lines_show_the_same_unscaled_lr_with_layer_decay(data, tmp_path, capsys):
+    """Issue 11, item 7: the progress bar showed the most-decayed group's lr, the epoch line the mean (12x apart)."""
+    assert train_module.main(run_args(data, tmp_path / "out", "--epochs", "1", "--val-split", "", "--batch-size",
+                                      "48", "--layer-decay", "0.5")) == 0
+    out = capsys.readouterr().out
+    assert "; 1 step per epoch;" in out, out
+    progress = re.findall(r"\[1/1\].* lr (\S+)", out)
+    epoch = re.findall(r"epoch 0: .*\| lr (\S+)", out)
+    assert progress and epoch and float(progress[0]) == float(epoch[0]) == 1e-3, out

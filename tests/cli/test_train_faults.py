@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from kat_timm.cli import train as train_module
+from kat_timm.training import saver as saver_module
 from tests.cli.test_train import load_training_checkpoint, run_args, summary_epochs
 from tests.training.test_data import make_image_folder
 
@@ -215,13 +216,13 @@ def test_no_space_left_names_the_file(run, monkeypatch, capsys):
     import errno
     data, folder = run
     fixed_metrics(monkeypatch)
-    real_write = train_module._ErrnoKeepingFile.write
+    real_write = saver_module._ErrnoKeepingFile.write
 
     def full(self, data):
         real_write(self, bytes(data)[:10])
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(train_module._ErrnoKeepingFile, "write", full)
+    monkeypatch.setattr(saver_module._ErrnoKeepingFile, "write", full)
     assert train_module.main(resume_args(data, folder, 2)) == 1
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"no space left on device at {folder / 'tmp.pth.tar'}" in error, error
