@@ -1,4 +1,4 @@
-"""Reading KAT checkpoints safely: weights-only loading, unwrapping training checkpoints, architecture inference.
+"""Reading KAT checkpoints safely: weights-only loading, unwrapping training checkpoints, checking they are KATs.
 
 The released KAT weights (``adamdad/kat_{tiny,small,base}_patch16_224[.vitft]``) are plain pickled state dicts
 (``pytorch_model.bin``) next to a timm ``config.json``. Training checkpoints written by timm's ``train.py`` or
@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
-__all__ = ["CheckpointError", "check_kat_state_dict", "infer_architecture", "load_checkpoint", "unwrap_state_dict"]
+__all__ = ["CheckpointError", "check_kat_state_dict", "load_checkpoint", "unwrap_state_dict"]
 
 PathLike = Union[str, Path]
 
@@ -150,11 +150,6 @@ def unwrap_state_dict(checkpoint: Any, use_ema: Optional[bool] = None) -> Tuple[
     return cleaned, source
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Architecture
-# ---------------------------------------------------------------------------------------------------------------------
-
-
 def check_kat_state_dict(state_dict: Mapping) -> int:
     """Raise ``CheckpointError`` unless ``state_dict`` looks like a KAT (a timm ViT with rational activations).
 
@@ -174,42 +169,3 @@ def check_kat_state_dict(state_dict: Mapping) -> int:
             f"(blocks.N.mlp.act1/act2.weight_numerator/weight_denominator) among its {len(state_dict)} keys.{hint}"
         )
     return len(blocks)
-
-
-def infer_architecture(state_dict: Mapping) -> str:
-    """The registered KAT architecture whose shapes match ``state_dict`` (e.g. ``"kat_tiny_patch16_224"``).
-
-    Reads embed dim (192 / 384 / 768 for KAT-T / S / B), depth, patch size and position-embedding length from the
-    tensors. The swish- and GELU-initialised variants share every shape (only the initial rational coefficients
-    differ), so the released name ``kat_{size}_patch16_224`` is returned. Raises ``CheckpointError`` when the
-    checkpoint is not a KAT or matches no released layout; pass the model name explicitly in that case.
-    """
-    from .models.kat import SIZES
-
-    check_kat_state_dict(state_dict)
-    proj = state_dict.get("patch_embed.proj.weight")
-    if proj is None or proj.ndim != 4:
-        raise CheckpointError("cannot infer the architecture: no 4-d patch_embed.proj.weight; pass the model name")
-    embed_dim, patch = int(proj.shape[0]), (int(proj.shape[-2]), int(proj.shape[-1]))
-    depth = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.") and k.split(".")[1].isdigit())
-    candidates = [size for size, cfg in SIZES.items() if cfg["embed_dim"] == embed_dim]
-    if not candidates:
-        known = ", ".join(f"{cfg['embed_dim']} (kat_{s})" for s, cfg in SIZES.items())
-        raise CheckpointError(
-            f"unknown architecture: embed dim {embed_dim} matches no KAT size (known: {known}); pass the model name"
-        )
-    size = candidates[0]
-    problems = []
-    if depth != SIZES[size]["depth"]:
-        problems.append(f"depth {depth} != {SIZES[size]['depth']}")
-    if patch != (16, 16):
-        problems.append(f"patch size {patch[0]}x{patch[1]} != 16x16")
-    pos = state_dict.get("pos_embed")
-    if pos is not None and pos.shape[-2] != 1 + (224 // 16) ** 2:
-        problems.append(f"pos_embed of {pos.shape[-2]} tokens != 197 (a 224x224 input)")
-    if problems:
-        raise CheckpointError(
-            f"ambiguous architecture: embed dim {embed_dim} suggests kat_{size}_patch16_224, but "
-            f"{'; '.join(problems)}; pass the model name (and its arguments) explicitly"
-        )
-    return f"kat_{size}_patch16_224"

@@ -816,7 +816,8 @@ def _resume(args: argparse.Namespace, model, optimizer, loss_scaler, primary: bo
             hint = f"; the run was started with {' '.join(differing)}: resume with the same options"
         else:
             try:
-                from kat_timm.checkpoint import infer_architecture, load_checkpoint, unwrap_state_dict
+                from kat_timm.checkpoint import load_checkpoint, unwrap_state_dict
+                from kat_timm.factory import infer_architecture
 
                 state_dict, _ = unwrap_state_dict(load_checkpoint(args.resume))
                 hint = f"; it looks like a checkpoint of {infer_architecture(state_dict)}"

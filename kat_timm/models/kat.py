@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from functools import partial
-from typing import Any, Dict, Optional, Set
+from typing import Any, Dict, Mapping, Optional, Set
 
 import torch
+from torch import nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import VisionTransformer, build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
 from ..checkpoint import unwrap_state_dict
-from ..layers import KAN
-from .from_vit import set_rationals_for_vit_mlp_, vit_state_dict_to_kat
+from ..layers import KAN, GroupRational, rational_init
 
 _logger = logging.getLogger(__name__)
 
@@ -33,6 +34,43 @@ RATIONAL_PARAMETERS = ("weight_numerator", "weight_denominator")
 
 # ImageNet-1k top-1 (%) reported with the released checkpoints: (from scratch, from ViT ".vitft").
 RELEASED_TOP1 = {"tiny": (74.6, 75.7), "small": (81.2, 82.0), "base": (82.3, 82.8)}
+
+# A ViT MLP computes fc2(GELU(fc1(x))): the KAN equivalent has act1 = identity, act2 = GELU.
+VIT_ACT1_INIT, VIT_ACT2_INIT = "identity", "gelu"
+
+
+def _rational_entries(prefix: str, num_groups: int, dtype=torch.float32) -> Dict[str, torch.Tensor]:
+    entries = {}
+    for act, init in (("act1", VIT_ACT1_INIT), ("act2", VIT_ACT2_INIT)):
+        numerator, denominator = rational_init(init)
+        entries[f"{prefix}{act}.weight_numerator"] = torch.tensor([numerator], dtype=dtype)
+        entries[f"{prefix}{act}.weight_denominator"] = torch.tensor([denominator], dtype=dtype).repeat(num_groups, 1)
+    return entries
+
+
+def vit_state_dict_to_kat(
+    state_dict: Mapping[str, torch.Tensor], num_groups: int = 8, prefix: str = ""
+) -> Dict[str, torch.Tensor]:
+    """A ViT state dict with the rational coefficients of a function-preserving KAT added (act1 identity, act2
+    GELU fit) for every block that has an ``mlp.fc1`` and no rationals yet. Other keys are passed through."""
+    out = dict(state_dict)
+    pattern = re.compile(re.escape(prefix) + r"(blocks\.\d+\.mlp\.)fc1\.weight$")
+    for key in state_dict:
+        match = pattern.match(key)
+        if match and f"{prefix}{match.group(1)}act1.weight_numerator" not in out:
+            out.update(_rational_entries(prefix + match.group(1), num_groups, state_dict[key].dtype))
+    return out
+
+
+@torch.no_grad()
+def set_rationals_for_vit_mlp_(model: nn.Module) -> None:
+    """Set every KAN block of ``model`` to act1 = identity, act2 = GELU fit (after loading ViT weights into it)."""
+    for name, module in model.named_modules():
+        if isinstance(module, GroupRational) and name.endswith(("mlp.act1", "mlp.act2")):
+            init = VIT_ACT1_INIT if name.endswith("act1") else VIT_ACT2_INIT
+            numerator, denominator = rational_init(init)
+            module.weight_numerator.copy_(torch.tensor([numerator]))
+            module.weight_denominator.copy_(torch.tensor([denominator]).expand_as(module.weight_denominator))
 
 
 @torch.no_grad()

@@ -18,7 +18,8 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 import timm
 
-from ..checkpoint import CheckpointError, check_kat_state_dict, infer_architecture, load_checkpoint, unwrap_state_dict
+from ..checkpoint import CheckpointError, check_kat_state_dict, load_checkpoint, unwrap_state_dict
+from ..factory import infer_architecture
 
 __all__ = ["ConversionResult", "convert_checkpoint", "fix_hub_folder", "hub_config", "kat_num_params", "model_card",
            "released_top1", "save_hub_folder"]

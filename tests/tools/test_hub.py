@@ -315,23 +315,6 @@ def test_error_booby_trapped_pickle_never_runs(tmp_path, capsys, weights):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _shape_only(embed_dim: int, depth: int = 12, tokens: int = 197):
-    sd = {"patch_embed.proj.weight": torch.empty(embed_dim, 3, 16, 16), "pos_embed": torch.empty(1, tokens, embed_dim)}
-    for i in range(depth):
-        sd[f"blocks.{i}.mlp.act1.weight_numerator"] = torch.empty(1, 6)
-    return sd
-
-
-@pytest.mark.parametrize("size, dim", [("tiny", 192), ("small", 384), ("base", 768)])
-def test_infer_architecture(size, dim):
-    assert ckpt.infer_architecture(_shape_only(dim)) == f"kat_{size}_patch16_224"
-
-
-def test_infer_architecture_rejects_other_grids():
-    with pytest.raises(ckpt.CheckpointError, match="pos_embed of 145 tokens"):
-        ckpt.infer_architecture(_shape_only(192, tokens=145))
-
-
 def test_param_counts_of_the_card():
     assert hub.kat_num_params("kat_tiny_patch16_224") == 5_718_328
     assert hub.kat_num_params("kat_tiny_patch16_224", num_classes=0) == 5_718_328 - (192 * 1000 + 1000)
