@@ -25,9 +25,11 @@ from kat_timm.training.saver import write_atomically
 
 from . import CLIError, run_main
 from .common import (add_dataset_reader_arguments, add_model_arguments, check_backend_setting, check_preprocessing,
-                     check_writable_folder, checkpoint_training_args, create_sized_model, resolve_device)
+                     check_writable_folder, create_sized_model, resolve_device)
 
 __all__ = ["build_parser", "main", "resolve_checked_data_config"]
+
+DEFAULT_MODEL = "kat_tiny_patch16_224"
 
 
 def build_parser(prog: str = "kat-validate") -> argparse.ArgumentParser:
@@ -66,7 +68,8 @@ def build_parser(prog: str = "kat-validate") -> argparse.ArgumentParser:
     group.add_argument("-j", "--workers", type=int, default=None, metavar="N",
                        help="data loading processes (default: 4, or the usable CPU count if lower; 0 loads in the "
                             "main process)")
-    add_model_arguments(parser, default_model="kat_tiny_patch16_224")
+    add_model_arguments(parser, default_model=DEFAULT_MODEL)
+    parser.set_defaults(model=None)  # not given: the checkpoint's own architecture, else DEFAULT_MODEL
     group = parser.add_argument_group("run")
     group.add_argument("--model-kwargs", nargs="*", default={}, action=KeywordArguments, metavar="KEY=VALUE",
                        help="extra keyword arguments for timm.create_model (default: a kat-train checkpoint's)")
@@ -95,6 +98,53 @@ class KeywordArguments(argparse.Action):
             except (ValueError, SyntaxError):
                 result[key] = value
         setattr(namespace, self.dest, result)
+
+
+def _read_checkpoint(args: argparse.Namespace):
+    """--checkpoint, read once: its model weights unless --use-ema (timm validate.py's choice), its run's options."""
+    from kat_timm.checkpoint import CheckpointError
+    from kat_timm.factory import read_checkpoint
+
+    if args.pretrained:
+        raise CLIError("give --pretrained or --checkpoint, not both", code=2)
+    try:
+        return read_checkpoint(args.checkpoint, use_ema=bool(args.use_ema))
+    except CheckpointError as error:
+        raise CLIError(str(error)) from None
+
+
+def _create_model(args: argparse.Namespace, loaded, size: Optional[List[int]], model_kwargs: Dict[str, Any]):
+    """The model to evaluate: the checkpoint's (its architecture, size and classes unless given here), or by name."""
+    if loaded is None:
+        return create_sized_model(args.model, size, pretrained=args.pretrained, use_ema=args.use_ema,
+                                  num_classes=args.num_classes, **model_kwargs)
+    from kat_timm.checkpoint import CheckpointError
+    from kat_timm.factory import create_model
+
+    from .common import check_model_input_size, check_model_name
+
+    check_model_name(args.model)
+    if args.num_classes is not None:
+        model_kwargs["num_classes"] = args.num_classes
+    if size is not None:  # a fixed-size model (ViT, KAT) is built for the evaluated size; the command line wins
+        built = tuple(size) if len(size) > 1 else int(size[0])
+        if args.img_size is not None or args.input_size is not None:
+            model_kwargs["img_size"] = built
+        else:
+            model_kwargs.setdefault("img_size", built)
+    try:
+        try:
+            model = create_model(args.model, loaded, **model_kwargs)
+        except TypeError as error:  # a size-agnostic model (ResNet) has no img_size
+            if "img_size" not in str(error) or "img_size" in args.model_kwargs:
+                raise CLIError(f"{args.model} does not take the keyword arguments given: {error}", code=2) from None
+            model_kwargs.pop("img_size")
+            model = create_model(args.model, loaded, **model_kwargs)
+    except CheckpointError as error:
+        raise CLIError(str(error)) from None
+    if size is not None:
+        check_model_input_size(model, size, "the image size")
+    return model
 
 
 def _trained_classes(split, trained: List[str], checkpoint: Path):
@@ -187,7 +237,9 @@ def _validate(args: argparse.Namespace) -> int:
         _check_writable(results_file)
     device = resolve_device(args.device)
 
-    trained = checkpoint_training_args(args.checkpoint) if args.checkpoint is not None else {}
+    loaded = _read_checkpoint(args) if args.checkpoint is not None else None
+    trained = loaded.args if loaded is not None else {}
+    args.model = args.model or (loaded.architecture if loaded is not None else None) or DEFAULT_MODEL
     if not folder:
         dataset, classes, data_name = _open_reader_dataset(args, data_dir, trained)
     else:
@@ -202,8 +254,7 @@ def _validate(args: argparse.Namespace) -> int:
     if trained.get("gp"):
         model_kwargs["global_pool"] = trained["gp"]
     model_kwargs.update(args.model_kwargs)
-    model = create_sized_model(args.model, size, pretrained=args.pretrained, checkpoint=args.checkpoint,
-                               use_ema=args.use_ema, num_classes=args.num_classes, prefer_ema=False, **model_kwargs)
+    model = _create_model(args, loaded, size, model_kwargs)
     num_classes = getattr(model, "num_classes", None)
     # Labels from sorted folder names mean something only for a model with exactly that many classes; labels from
     # the checkpoint's class list or a class map may use the first outputs of a larger classifier
@@ -217,6 +268,9 @@ def _validate(args: argparse.Namespace) -> int:
                        f"{num_classes} class names in label order")
     model.to(device)
 
+    built_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if preprocessing["img_size"] is None and preprocessing["input_size"] is None and built_size is not None:
+        preprocessing["input_size"] = (3, *built_size)  # e.g. a run given only --model-kwargs img_size=32
     data_config = resolve_checked_data_config(preprocessing, model)
     loader = create_eval_loader(dataset, data_config, args.batch_size, args.workers,
                                 pin_memory=device.type == "cuda")
