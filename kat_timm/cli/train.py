@@ -20,14 +20,12 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from . import CLIError, run_main
-from .common import (add_dataset_reader_arguments, check_backend_setting, check_preprocessing, check_writable_folder,
-                     checkpoint_training_args)
+from .common import add_dataset_reader_arguments, check_backend_setting, check_preprocessing, check_writable_folder
 from kat_timm.training.evaluation import amp_autocast, create_eval_loader, default_amp_dtype, default_workers, evaluate
-from kat_timm.training.saver import AtomicCheckpointSaver, checkpoint_epoch, edit_atomically, remove_partials
+from kat_timm.training.saver import AtomicCheckpointSaver, edit_atomically, remove_partials
 from .validate import KeywordArguments, folder_dataset_hint, resolve_checked_data_config
 
 __all__ = ["TrainResult", "base_lr", "build_parser", "main", "parse_args", "train"]
@@ -531,7 +529,8 @@ def _init_device(args: argparse.Namespace):
     return device
 
 
-def _check_arguments(args: argparse.Namespace) -> None:
+def _check_arguments(args: argparse.Namespace):
+    """Refuse bad options before anything is built; returns the --resume checkpoint, read (the only read of it)."""
     from kat_timm.training.readers import dataset_prefix, is_folder_dataset
 
     if not args.data_dir and (is_folder_dataset(args.dataset) or dataset_prefix(args.dataset) == "wds"):
@@ -569,29 +568,11 @@ def _check_arguments(args: argparse.Namespace) -> None:
     check_backend_setting()
     if args.aa:
         _check_augmentation_policy(args.aa)
-    if args.resume and not args.no_resume_opt:
-        saved = checkpoint_training_args(args.resume)
-        saved_opt = saved.get("opt")
-        if saved_opt and str(saved_opt).lower() != args.opt.lower():
-            raise CLIError(f"--resume {args.resume} was trained with --opt {saved_opt}, not {args.opt}: its optimizer "
-                           f"state does not fit. Resume with --opt {saved_opt}, or add --no-resume-opt to keep only "
-                           f"the weights and epoch", code=2)
-        # The layer decay sets the parameter groups and their lr scales; the restored optimizer state would keep the
-        # old scales while args.yaml and the new checkpoints recorded the new value.
-        if "layer_decay" in saved and saved["layer_decay"] != args.layer_decay:
-            raise CLIError(f"--resume {args.resume} was trained with --layer-decay {_option_text(saved['layer_decay'])}"
-                           f", not {_option_text(args.layer_decay)}: the optimizer's parameter groups differ. Resume "
-                           f"with --layer-decay {_option_text(saved['layer_decay'])}, or add --no-resume-opt to keep "
-                           f"only the weights and epoch", code=2)
     for name in ("resume", "initial_checkpoint", "pretrained_path"):
         path = getattr(args, name)
         if path and not os.path.isfile(path):
             raise CLIError(f"--{name.replace('_', '-')}: no such file: {path}", code=2)
-    if args.resume and checkpoint_epoch(args.resume) is None:
-        raise CLIError(f"--resume {args.resume} is not a training checkpoint (no epoch, optimizer or run options: a "
-                       f"bare state dict or another file); start a new run from its weights with --initial-checkpoint "
-                       f"{args.resume}, or --pretrained-path {args.resume} for another class count or image size",
-                       code=2)
+    resumed = _read_resume(args) if args.resume else None
     if args.output:
         check_writable_folder(args.output, "--output")
     if args.pretrained_path and args.initial_checkpoint:
@@ -602,6 +583,39 @@ def _check_arguments(args: argparse.Namespace) -> None:
     if mixing and args.batch_size % 2:
         raise CLIError(f"mixup/cutmix pair the images of a batch, so --batch-size must be even (got "
                        f"{args.batch_size})", code=2)
+    return resumed
+
+
+def _read_resume(args: argparse.Namespace):
+    """--resume: the training checkpoint, read once for everything a resume restores, and checked against the run's
+    optimizer options (its state fits only the optimizer and parameter groups it was saved from)."""
+    from kat_timm.checkpoint import CheckpointError
+    from kat_timm.factory import read_checkpoint
+
+    try:
+        loaded = read_checkpoint(args.resume, use_ema=False)
+    except CheckpointError as error:
+        raise CLIError(str(error), code=2) from None
+    if not isinstance(loaded.raw, dict) or loaded.raw.get("epoch") is None:
+        raise CLIError(f"--resume {args.resume} is not a training checkpoint (no epoch, optimizer or run options: a "
+                       f"bare state dict or another file); start a new run from its weights with --initial-checkpoint "
+                       f"{args.resume}, or --pretrained-path {args.resume} for another class count or image size",
+                       code=2)
+    saved = loaded.args
+    if args.no_resume_opt:
+        return loaded
+    if saved.get("opt") and str(saved["opt"]).lower() != args.opt.lower():
+        raise CLIError(f"--resume {args.resume} was trained with --opt {saved['opt']}, not {args.opt}: its optimizer "
+                       f"state does not fit. Resume with --opt {saved['opt']}, or add --no-resume-opt to keep only "
+                       f"the weights and epoch", code=2)
+    # The layer decay sets the parameter groups and their lr scales; the restored optimizer state would keep the old
+    # scales while args.yaml and the new checkpoints recorded the new value.
+    if "layer_decay" in saved and saved["layer_decay"] != args.layer_decay:
+        raise CLIError(f"--resume {args.resume} was trained with --layer-decay {_option_text(saved['layer_decay'])}, "
+                       f"not {_option_text(args.layer_decay)}: the optimizer's parameter groups differ. Resume with "
+                       f"--layer-decay {_option_text(saved['layer_decay'])}, or add --no-resume-opt to keep only the "
+                       f"weights and epoch", code=2)
+    return loaded
 
 
 def _check_augmentation_policy(policy: str) -> None:
@@ -695,24 +709,27 @@ def _model_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
         kwargs.setdefault("drop_path_rate", args.drop_path)
     if args.gp:
         kwargs.setdefault("global_pool", args.gp)
-    if args.pretrained_path:
-        kwargs["pretrained_cfg_overlay"] = dict(file=os.path.abspath(args.pretrained_path))
     return kwargs
 
 
 def _create_model(args: argparse.Namespace, num_classes: int):
-    """The model as timm's train.py builds it, with kat_timm's clear errors and ``img_size`` passed on."""
+    """The model as timm's train.py builds it, with kat_timm's clear errors and ``img_size`` passed on. Every weight
+    file is read once: --initial-checkpoint through kat_timm.factory, --pretrained-path handed to timm as a state
+    dict (timm then adapts the classifier and position embedding as for the released weights)."""
+    from kat_timm.checkpoint import CheckpointError
+    from kat_timm.factory import read_checkpoint
+
     from .common import create_sized_model
+    from .validate import create_from_checkpoint
 
     size = args.input_size[1:] if args.input_size else ([args.img_size] if args.img_size else None)
-    pretrained = args.pretrained or bool(args.pretrained_path)
     checkpoint = args.initial_checkpoint or None
     if checkpoint and os.path.splitext(checkpoint)[1].lower() in (".npz", ".npy"):
         # Google's ViT .npz (the .vitft recipes): timm hands it to the model's load_pretrained, which maps the ViT
         # weights, skips a head of another size and resamples the position embedding.
         from timm.models import load_checkpoint
 
-        model = create_sized_model(args.model, size, pretrained=pretrained, num_classes=num_classes,
+        model = create_sized_model(args.model, size, pretrained=args.pretrained, num_classes=num_classes,
                                    **_model_kwargs(args))
         try:
             load_checkpoint(model, checkpoint)
@@ -720,13 +737,25 @@ def _create_model(args: argparse.Namespace, num_classes: int):
             raise CLIError(f"--initial-checkpoint {checkpoint}: {args.model} cannot read it: "
                            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from error
         return model
+    try:
+        loaded = read_checkpoint(checkpoint or args.pretrained_path) if checkpoint or args.pretrained_path else None
+    except CheckpointError as error:
+        raise CLIError(str(error)) from None
     if checkpoint:
-        _check_classifier_size(checkpoint, num_classes)
-    model = create_sized_model(args.model, size, pretrained=pretrained,
-                               checkpoint=Path(checkpoint) if checkpoint else None, num_classes=num_classes,
-                               **_model_kwargs(args))
-    if args.pretrained_path:
-        _check_pretrained_path_covers(args.pretrained_path, model, args.model)
+        head = loaded.state_dict.get("head.weight")
+        if head is not None and head.ndim == 2 and head.shape[0] != num_classes:
+            raise CLIError(f"--initial-checkpoint {checkpoint} has a {head.shape[0]}-class classifier but the data has "
+                           f"{num_classes} classes; use --pretrained-path {checkpoint} instead: it loads the weights "
+                           f"with a new classifier (and resamples the position embedding for --img-size)", code=2)
+        return create_from_checkpoint(args.model, loaded, size, dict(_model_kwargs(args), num_classes=num_classes),
+                                      size_given=size is not None)
+    kwargs = _model_kwargs(args)
+    if loaded is not None:
+        kwargs["pretrained_cfg_overlay"] = dict(file=os.path.abspath(args.pretrained_path), state_dict=loaded.state_dict)
+    model = create_sized_model(args.model, size, pretrained=args.pretrained or loaded is not None,
+                               num_classes=num_classes, **kwargs)
+    if loaded is not None:
+        _check_pretrained_path_covers(args.pretrained_path, loaded.state_dict, model, args.model)
     return model
 
 
@@ -737,19 +766,13 @@ def _in_train_options(message: str) -> str:
             .replace("--random-weights", "no --pretrained (random weights)"))
 
 
-def _check_pretrained_path_covers(path: str, model, model_name: str) -> None:
+def _check_pretrained_path_covers(path: str, state_dict, model, model_name: str) -> None:
     """--pretrained-path: timm loads the file non-strictly when it replaces the classifier, so a file holding few or
     none of the model's weights would start the run from random weights without a word. Every weight but the
     classifier (and the rational coefficients, which a KAT fills in for a ViT's weights) must come from the file."""
-    from kat_timm.checkpoint import CheckpointError, load_checkpoint, unwrap_state_dict
-
-    try:
-        keys = set(unwrap_state_dict(load_checkpoint(path))[0])
-    except (CheckpointError, OSError):
-        return  # timm read it, so this is not expected; its own load reported anything worse
     classifier = getattr(model, "pretrained_cfg", {}).get("classifier") or "head"
     classifiers = classifier if isinstance(classifier, (list, tuple)) else [classifier]
-    missing = [key for key in model.state_dict() if key not in keys
+    missing = [key for key in model.state_dict() if key not in state_dict
                and not any(key.startswith(name + ".") for name in classifiers)
                and not key.endswith(("weight_numerator", "weight_denominator"))]
     if missing:
@@ -757,21 +780,6 @@ def _check_pretrained_path_covers(path: str, model, model_name: str) -> None:
         raise CLIError(f"--pretrained-path {path} lacks {len(missing)} of {model_name}'s weights "
                        f"({', '.join(missing[:5])}{more}), so the run would start from random ones; give a "
                        f"checkpoint of {model_name} (or of the ViT it is built like)", code=2)
-
-
-def _check_classifier_size(path: str, num_classes: int) -> None:
-    """--initial-checkpoint loads strictly: a classifier of another size gets its own message and the way out."""
-    from kat_timm.checkpoint import CheckpointError, load_checkpoint, unwrap_state_dict
-
-    try:
-        state_dict, _ = unwrap_state_dict(load_checkpoint(path))
-    except (CheckpointError, OSError):
-        return  # common.create_model reports an unreadable file
-    head = state_dict.get("head.weight")
-    if head is not None and head.ndim == 2 and head.shape[0] != num_classes:
-        raise CLIError(f"--initial-checkpoint {path} has a {head.shape[0]}-class classifier but the data has "
-                       f"{num_classes} classes; use --pretrained-path {path} instead: it loads the weights with a "
-                       f"new classifier (and resamples the position embedding for --img-size)", code=2)
 
 
 def _resolve_lr(args: argparse.Namespace) -> None:
@@ -782,10 +790,10 @@ def _resolve_lr(args: argparse.Namespace) -> None:
     args.lr = args.lr_base * (ratio ** 0.5 if args.lr_base_scale == "sqrt" else ratio)
 
 
-def _check_resumed_classes(args: argparse.Namespace, classes: List[str]) -> None:
+def _check_resumed_classes(args: argparse.Namespace, classes: List[str], resumed) -> None:
     """A resumed run must see the class folders it was trained on: otherwise every label changes meaning while the
     weights load without complaint (a folder renamed, added or removed with --num-classes fixed)."""
-    trained = checkpoint_training_args(args.resume).get("class_names")
+    trained = resumed.args.get("class_names")
     if trained and list(trained) != list(classes):
         only_trained = [name for name in trained if name not in classes]
         only_data = [name for name in classes if name not in trained]
@@ -797,33 +805,29 @@ def _check_resumed_classes(args: argparse.Namespace, classes: List[str]) -> None
                        f"or start a new run from its weights with --pretrained-path {args.resume}", code=2)
 
 
-def _resume(args: argparse.Namespace, model, optimizer, loss_scaler, primary: bool) -> Optional[int]:
-    """timm's resume_checkpoint (weights, optimizer, AMP scaler, epoch) with its failures as clear errors."""
-    from timm.models import resume_checkpoint
-
+def _resume(args: argparse.Namespace, resumed, model, optimizer, loss_scaler) -> int:
+    """What timm's resume_checkpoint restores (weights, optimizer, AMP scaler; the epoch to start at), from the
+    checkpoint already read, with its failures as clear errors. Returns the first epoch to run."""
+    raw = resumed.raw
     try:
-        return resume_checkpoint(model, args.resume, optimizer=None if args.no_resume_opt else optimizer,
-                                 loss_scaler=None if args.no_resume_opt else loss_scaler, log_info=primary)
-    except (RuntimeError, KeyError, ValueError, EOFError) as error:
+        model.load_state_dict(resumed.state_dict)
+        if not args.no_resume_opt:
+            if "optimizer" in raw:
+                optimizer.load_state_dict(raw["optimizer"])
+            if loss_scaler is not None and loss_scaler.state_dict_key in raw:
+                loss_scaler.load_state_dict(raw[loss_scaler.state_dict_key])
+    except (RuntimeError, KeyError, ValueError) as error:
         detail = "; ".join(line.strip() for line in str(error).strip().splitlines()[:3])
-        hint = ""
         # The usual cause: options that shape the model differ from the run's (its args are in the checkpoint).
-        saved = checkpoint_training_args(args.resume)
+        saved = resumed.args
         differing = [f"--{name.replace('_', '-')} {_option_text(saved[name])}"
                      for name in ("model", "img_size", "input_size", "num_classes", "layer_decay", "opt")
                      if name in saved and saved[name] != getattr(args, name)]
-        if differing:
-            hint = f"; the run was started with {' '.join(differing)}: resume with the same options"
-        else:
-            try:
-                from kat_timm.checkpoint import load_checkpoint, unwrap_state_dict
-                from kat_timm.factory import infer_architecture
-
-                state_dict, _ = unwrap_state_dict(load_checkpoint(args.resume))
-                hint = f"; it looks like a checkpoint of {infer_architecture(state_dict)}"
-            except Exception:
-                pass
+        hint = (f"; the run was started with {' '.join(differing)}: resume with the same options" if differing
+                else f"; it looks like a checkpoint of {resumed.architecture}" if resumed.architecture else "")
         raise CLIError(f"cannot resume from {args.resume} with --model {args.model}: {detail}{hint}") from error
+    # Checkpoints of version 2 and later record the epoch they finished (timm's resume_checkpoint adds one too).
+    return raw["epoch"] + 1 if raw.get("version", 1) > 1 else raw["epoch"]
 
 
 def _option_text(value: Any) -> str:
@@ -871,14 +875,14 @@ def train(args: argparse.Namespace, prog: str = "kat-train") -> TrainResult:
     import torch
 
     parsed = dict(vars(args))
-    _check_arguments(args)
+    resumed = _check_arguments(args)
     device = _init_device(args)
     primary = args.rank == 0
     _setup_logging(primary)
     from kat_timm.training.data import DataError
 
     try:
-        return _train(args, parsed, device, primary, prog)
+        return _train(args, parsed, resumed, device, primary, prog)
     except DataError as error:
         # Raised in a loader worker, it arrives with the worker's traceback in its message: keep the last line.
         raise CLIError(str(error).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
@@ -887,7 +891,7 @@ def train(args: argparse.Namespace, prog: str = "kat-train") -> TrainResult:
             torch.distributed.destroy_process_group()
 
 
-def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bool, prog: str) -> TrainResult:
+def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, primary: bool, prog: str) -> TrainResult:
     import torch
     from timm import utils
     from timm.data import Mixup, create_loader
@@ -907,8 +911,8 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bo
         raise CLIError(f"--num-classes {num_classes} is less than the {known_classes} classes of {data.train_name}",
                        code=2)
     args.class_names = data.classes  # saved in every checkpoint; kat-validate checks them
-    if args.resume and data.classes is not None:
-        _check_resumed_classes(args, args.class_names)
+    if resumed is not None and data.classes is not None:
+        _check_resumed_classes(args, args.class_names, resumed)
     utils.random_seed(args.seed, args.rank)
 
     try:
@@ -941,16 +945,16 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bo
     if args.amp and device.type == "cuda" and args.amp_dtype == "float16":
         loss_scaler = utils.NativeScaler(device=device.type)  # bfloat16 needs no loss scaling
 
-    resume_epoch = _resume(args, model, optimizer, loss_scaler, primary) if args.resume else None
+    resume_epoch = _resume(args, resumed, model, optimizer, loss_scaler) if resumed is not None else None
 
     model_ema = None
     if args.model_ema:
         # Created after the model is on its device and before DDP wraps it, as timm does.
         model_ema = utils.ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
-        if args.resume:
-            from timm.models import load_checkpoint
+        if resumed is not None:  # the EMA weights, or the model's in a checkpoint without (as timm's loader does)
+            from kat_timm.checkpoint import unwrap_state_dict
 
-            load_checkpoint(model_ema.module, args.resume, use_ema=True)
+            model_ema.module.load_state_dict(unwrap_state_dict(resumed.raw)[0])
 
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -1023,7 +1027,7 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bo
         with _run_folder_writes(output_dir):
             remove_partials(output_dir)
             if args.resume:
-                saver.restore_history(args.resume)
+                saver.restore_history(args.resume, resumed.raw)
             _write_args_yaml(os.path.join(output_dir, "args.yaml"), parsed)
             edit_atomically(os.path.join(output_dir, "summary.csv"),
                              lambda partial: utils.trim_summary(partial, start_epoch))

@@ -118,31 +118,50 @@ def _create_model(args: argparse.Namespace, loaded, size: Optional[List[int]], m
     if loaded is None:
         return create_sized_model(args.model, size, pretrained=args.pretrained, use_ema=args.use_ema,
                                   num_classes=args.num_classes, **model_kwargs)
+    if args.num_classes is not None:
+        model_kwargs["num_classes"] = args.num_classes
+    return create_from_checkpoint(args.model, loaded, size, model_kwargs,
+                                  size_given=args.img_size is not None or args.input_size is not None)
+
+
+def create_from_checkpoint(name: str, loaded, size: Optional[List[int]], model_kwargs: Dict[str, Any],
+                           size_given: bool) -> torch.nn.Module:
+    """``kat_timm.factory.create_model(name, loaded, **model_kwargs)`` built for ``size`` where the model takes an
+    ``img_size`` (a ViT or KAT's position embedding fits one size; the checkpoint's own unless ``size_given``), with
+    its errors as ``CLIError``.
+
+    Args:
+        name: the timm model name.
+        loaded: the checkpoint, from ``kat_timm.factory.read_checkpoint``.
+        size: the image size, (H, W) or (N,); None: the checkpoint's.
+        model_kwargs: more keyword arguments for the model.
+        size_given: the size came from the command line, so it replaces the one the checkpoint records.
+    """
     from kat_timm.checkpoint import CheckpointError
     from kat_timm.factory import create_model
 
     from .common import check_model_input_size, check_model_name
 
-    check_model_name(args.model)
-    if args.num_classes is not None:
-        model_kwargs["num_classes"] = args.num_classes
-    if size is not None:  # a fixed-size model (ViT, KAT) is built for the evaluated size; the command line wins
+    check_model_name(name)
+    if size is not None:
         built = tuple(size) if len(size) > 1 else int(size[0])
-        if args.img_size is not None or args.input_size is not None:
+        if size_given:
             model_kwargs["img_size"] = built
         else:
             model_kwargs.setdefault("img_size", built)
     try:
         try:
-            model = create_model(args.model, loaded, **model_kwargs)
-        except TypeError as error:  # a size-agnostic model (ResNet) has no img_size
-            if "img_size" not in str(error) or "img_size" in args.model_kwargs:
-                raise CLIError(f"{args.model} does not take the keyword arguments given: {error}", code=2) from None
-            model_kwargs.pop("img_size")
-            model = create_model(args.model, loaded, **model_kwargs)
+            model = create_model(name, loaded, **model_kwargs)
+        except TypeError as error:
+            if "img_size" not in str(error) or "img_size" not in model_kwargs:
+                taken = ", ".join(sorted(key for key in model_kwargs if f"'{key}'" in str(error))) or str(error)
+                raise CLIError(f"{name} does not take the keyword argument {taken} (from --model-kwargs or an "
+                               f"option); remove it", code=2) from None
+            model_kwargs.pop("img_size")  # a size-agnostic model (ResNet)
+            model = create_model(name, loaded, **model_kwargs)
     except CheckpointError as error:
         raise CLIError(str(error)) from None
-    if size is not None:
+    if size is not None and model_kwargs.get("img_size") == built:
         check_model_input_size(model, size, "the image size")
     return model
 

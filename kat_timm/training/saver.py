@@ -88,21 +88,20 @@ class AtomicCheckpointSaver(CheckpointSaver):
             if os.path.abspath(path) not in keep:
                 _remove(path)
 
-    def restore_history(self, checkpoint_path: str) -> None:
-        """timm's ``load_state_dict_from_checkpoint``, then repair what a kill between two writes of
-        ``save_checkpoint`` left behind, so the resumed run keeps ranking as if it had not been killed.
+    def restore_history(self, checkpoint_path: str, checkpoint: dict) -> None:
+        """timm's ``load_state_dict_from_checkpoint`` from the already read ``checkpoint`` (the file at
+        ``checkpoint_path``), then repair what a kill between two writes of ``save_checkpoint`` left behind, so the
+        resumed run keeps ranking as if it had not been killed.
 
         - Killed after ``last`` was replaced but before ``checkpoint-N`` was linked: epoch N exists only as
           ``last``, which the next epoch replaces. Link it now if it earns a place, as the save would have.
         - Killed after ``checkpoint-N`` but before ``model_best``: the history counts epoch N as the best while
           ``model_best`` holds a worse one. Link the best epoch's file to ``model_best``.
         """
-        from timm.utils.checkpoint_saver import load_checkpoint_metadata
-
-        self.load_state_dict_from_checkpoint(checkpoint_path)
+        if checkpoint.get("saver") is not None:
+            self.load_state_dict(checkpoint["saver"])
         last = os.path.join(self.checkpoint_dir, "last" + self.extension)
         if os.path.exists(last) and os.path.samefile(checkpoint_path, last):
-            checkpoint = load_checkpoint_metadata(last)
             epoch, metric = (checkpoint.get("saver") or {}).get("pending", (None, None))
             if epoch is not None and epoch == checkpoint.get("epoch") and \
                     not os.path.exists(self._checkpoint_path(epoch)):

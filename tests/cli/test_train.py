@@ -588,3 +588,23 @@ def test_progress_and_epoch_lines_show_the_same_unscaled_lr_with_layer_decay(dat
     progress = re.findall(r"\[1/1\].* lr (\S+)", out)
     epoch = re.findall(r"epoch 0: .*\| lr (\S+)", out)
     assert progress and epoch and float(progress[0]) == float(epoch[0]) == 1e-3, out
+
+
+def test_a_resumed_run_reads_its_checkpoint_once(data, tmp_path, monkeypatch):
+    """Weights, optimizer, EMA, epoch, saver history and the checks all come from one read of last.pth.tar (it was
+    read four times)."""
+    out = tmp_path / "out"
+    assert train_module.main(run_args(data, out, "--epochs", "1", "--model-ema")) == 0
+    last = (out / "run" / "last.pth.tar").resolve()
+    reads = []
+    real_load = torch.load
+
+    def counting_load(file, *args, **kwargs):
+        if Path(os.fspath(file)).resolve() == last:
+            reads.append(kwargs.get("mmap"))
+        return real_load(file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    result = train(parse_args(run_args(data, None, "--epochs", "2", "--model-ema", "--resume", str(last))))
+    assert result.start_epoch == 1 and [row["epoch"] for row in result.history] == [1]
+    assert len(reads) == 1, f"last.pth.tar was read {len(reads)} times"
