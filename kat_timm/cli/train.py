@@ -17,18 +17,20 @@ import math
 import os
 import sys
 import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Dict, List, Optional
 
+from kat_timm.training import loop
+from kat_timm.training.evaluation import amp_autocast, create_eval_loader, default_amp_dtype, default_workers, evaluate
+from kat_timm.training.loop import TrainingError, TrainResult, base_lr, create_loss
+from kat_timm.training.saver import AtomicCheckpointSaver, edit_atomically, remove_partials
+
 from . import CLIError, run_main
 from .common import add_dataset_reader_arguments, check_backend_setting, check_preprocessing, check_writable_folder
-from kat_timm.training.evaluation import amp_autocast, create_eval_loader, default_amp_dtype, default_workers, evaluate
-from kat_timm.training.saver import AtomicCheckpointSaver, edit_atomically, remove_partials
 from .validate import KeywordArguments, folder_dataset_hint, resolve_checked_data_config
 
-__all__ = ["TrainResult", "base_lr", "build_parser", "main", "parse_args", "train"]
+__all__ = ["build_parser", "main", "parse_args", "train"]
 
 DEFAULT_MODEL = "kat_tiny_patch16_224"
 
@@ -440,68 +442,6 @@ def _write_failure(error: OSError, folder: str) -> str:
             f"space and continue with --resume {os.path.join(folder, 'last.pth.tar')} if it exists")
 
 
-@dataclass
-class TrainResult:
-    """What a finished ``train`` call leaves behind, for callers in Python (tests, notebooks).
-
-    Attributes:
-        model: the trained model, unwrapped from DDP and torch.compile.
-        model_ema: the EMA copy (``--model-ema``), else None.
-        optimizer: the optimizer, with its state.
-        output_dir: the run folder (None on ranks other than 0).
-        start_epoch: the first epoch this call ran (0-based; after ``--resume``, the one after the checkpoint's).
-        history: one dict per epoch run: epoch, train_loss, lr, and eval_* when there is a validation split.
-        best_metric, best_epoch: the best ``--eval-metric`` and its epoch (None without evaluation).
-    """
-
-    model: Any
-    model_ema: Any
-    optimizer: Any
-    output_dir: Optional[str]
-    start_epoch: int
-    history: List[Dict[str, Any]] = field(default_factory=list)
-    best_metric: Optional[float] = None
-    best_epoch: Optional[int] = None
-
-
-class _Progress:
-    """A tqdm bar with ETA and images/s on a terminal; otherwise a line every ``interval`` steps and at the end."""
-
-    def __init__(self, total: int, description: str, enabled: bool, interval: int):
-        self.total, self.description, self.enabled, self.interval = total, description, enabled, max(1, interval)
-        self.start = time.perf_counter()
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=description, unit="step", dynamic_ncols=True, leave=True)
-
-    def update(self, step: int, images: int, **values: float) -> None:
-        if not self.enabled:
-            return
-        elapsed = time.perf_counter() - self.start
-        rate = images / max(elapsed, 1e-9)
-        shown = {name: f"{value:.4g}" for name, value in values.items()}
-        if self.bar is not None:
-            postfix = ", ".join(f"{name}={value}" for name, value in shown.items())
-            self.bar.set_postfix_str(f"{postfix}, {rate:.1f} img/s", refresh=False)
-            self.bar.update(step - self.bar.n)
-        elif step % self.interval == 0 or step == self.total:
-            remaining = elapsed / step * (self.total - step)
-            fields = "  ".join(f"{name} {value}" for name, value in shown.items())
-            print(f"{self.description} [{step:>{len(str(self.total))}}/{self.total}]  {fields}  {rate:.1f} img/s  "
-                  f"ETA {_clock(remaining)}", flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
 def _setup_logging(primary: bool) -> None:
     """Messages from timm and kat_timm.training.data (skipped images) to stderr; other ranks show warnings only."""
     import logging
@@ -836,24 +776,6 @@ def _option_text(value: Any) -> str:
     return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
-def _loss_functions(args: argparse.Namespace, mixing: bool, device):
-    from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-
-    if mixing:  # Mixup produces soft targets that already include the label smoothing
-        loss = BinaryCrossEntropy(target_threshold=args.bce_target_thresh) if args.bce_loss \
-            else SoftTargetCrossEntropy()
-    elif args.smoothing:
-        loss = BinaryCrossEntropy(smoothing=args.smoothing, target_threshold=args.bce_target_thresh) \
-            if args.bce_loss else LabelSmoothingCrossEntropy(smoothing=args.smoothing)
-    elif args.bce_loss:
-        loss = BinaryCrossEntropy(target_threshold=args.bce_target_thresh)
-    else:
-        import torch
-
-        loss = torch.nn.CrossEntropyLoss()
-    return loss.to(device)
-
-
 def _write_args_yaml(path: str, parsed: Dict[str, Any]) -> None:
     import yaml
 
@@ -886,6 +808,8 @@ def train(args: argparse.Namespace, prog: str = "kat-train") -> TrainResult:
     except DataError as error:
         # Raised in a loader worker, it arrives with the worker's traceback in its message: keep the last line.
         raise CLIError(str(error).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
+    except TrainingError as error:
+        raise CLIError(str(error)) from None
     finally:
         if args.distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -990,7 +914,7 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, pr
             data.val, data_config, args.validation_batch_size or args.batch_size,
             args.workers, rank=args.rank, world_size=args.world_size, pin_memory=args.pin_mem)
 
-    train_loss_fn = _loss_functions(args, mixing, device)
+    train_loss_fn = create_loss(args, mixing, device)
 
     updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
     schedule_options = scheduler_kwargs(args)
@@ -1073,10 +997,11 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, pr
         if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
             mixup_fn.mixup_enabled = False
         started = time.perf_counter()
-        train_metrics, num_updates = _train_one_epoch(
+        train_metrics, num_updates = loop.train_one_epoch(
             epoch, model, loader_train, optimizer, train_loss_fn, args, device, autocast=autocast,
             loss_scaler=loss_scaler, lr_scheduler=lr_scheduler, model_ema=model_ema, mixup_fn=mixup_fn,
-            saver=saver, num_updates=num_updates, num_epochs=num_epochs, primary=primary)
+            saver=saver, num_updates=num_updates, num_epochs=num_epochs, primary=primary,
+            folder_writes=lambda: _run_folder_writes(output_dir))
         if args.distributed and args.dist_bn in ("broadcast", "reduce"):
             utils.distribute_bn(model, args.world_size, args.dist_bn == "reduce")
 
@@ -1124,13 +1049,6 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, pr
     return result
 
 
-def base_lr(optimizer) -> float:
-    """The learning rate the schedule sets, shown by the progress line, the epoch line and summary.csv alike: the
-    largest group's, i.e. that of the groups ``--layer-decay`` leaves unscaled (the head). timm's train.py logs the
-    mean over the groups, which under layer decay no group runs at."""
-    return max(group["lr"] for group in optimizer.param_groups)
-
-
 def _device_name(device) -> str:
     import torch
 
@@ -1140,83 +1058,9 @@ def _device_name(device) -> str:
 
 
 def _evaluate_epoch(model, loader, device, autocast, distributed: bool) -> Dict[str, float]:
+    """The scores summary.csv and the epoch line show (evaluate also returns counts and timings)."""
     metrics = evaluate(model, loader, device, autocast, distributed=distributed)
     return {"loss": metrics["loss"], "top1": metrics["top1"], "top5": metrics["top5"]}
-
-
-def _train_one_epoch(epoch: int, model, loader, optimizer, loss_fn, args: argparse.Namespace, device, *,
-                     autocast, loss_scaler, lr_scheduler, model_ema, mixup_fn, saver, num_updates: int,
-                     num_epochs: int, primary: bool):
-    """One pass over ``loader``; returns ({"loss": mean training loss over all processes}, updates so far)."""
-    import torch
-    from timm.models import model_parameters
-    from timm.utils import dispatch_clip_grad, unwrap_model
-
-    model.train()
-    steps = len(loader)
-    accum = args.grad_accum_steps
-    progress = _Progress(steps, f"Train: {epoch}/{num_epochs - 1}", primary, args.log_interval)
-    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss x images, images
-    images_seen = 0
-    has_no_sync = hasattr(model, "no_sync")
-    optimizer.zero_grad(set_to_none=True)
-    try:
-        for step, (images, targets) in enumerate(loader):
-            group_start = step - step % accum
-            group_size = min(accum, steps - group_start)  # the last group of an epoch may be shorter
-            need_update = step - group_start == group_size - 1
-            images = images.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
-            if mixup_fn is not None:
-                images, targets = mixup_fn(images, targets)
-            if args.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-
-            sync = contextlib.nullcontext() if need_update or not has_no_sync else model.no_sync()
-            with sync:
-                with autocast():
-                    output = model(images)
-                    loss = loss_fn(output, targets)
-                scaled = loss / group_size if group_size > 1 else loss
-                if loss_scaler is not None:
-                    loss_scaler(scaled, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
-                                parameters=model_parameters(model, exclude_head="agc" in args.clip_mode),
-                                need_update=need_update)
-                else:
-                    scaled.backward()
-                    if need_update:
-                        if args.clip_grad is not None:
-                            dispatch_clip_grad(model_parameters(model, exclude_head="agc" in args.clip_mode),
-                                               value=args.clip_grad, mode=args.clip_mode)
-                        optimizer.step()
-
-            loss_value = loss.detach().float().item()
-            if not math.isfinite(loss_value):
-                raise CLIError(f"the training loss became {loss_value} at epoch {epoch}, step {step}; lower --lr, "
-                               f"add --clip-grad 1.0, or use --amp-dtype bfloat16 instead of float16")
-            batch = images.shape[0]
-            sums += torch.tensor([loss_value * batch, batch], dtype=torch.float64, device=device)
-            images_seen += batch * args.world_size
-
-            if need_update:
-                optimizer.zero_grad(set_to_none=True)
-                num_updates += 1
-                if model_ema is not None:
-                    model_ema.update(unwrap_model(model), step=num_updates)
-                if lr_scheduler is not None:
-                    lr_scheduler.step_update(num_updates=num_updates, metric=float(sums[0] / sums[1]))
-                if saver is not None and args.recovery_interval and num_updates % args.recovery_interval == 0:
-                    with _run_folder_writes(saver.recovery_dir):
-                        saver.save_recovery(epoch, batch_idx=step)
-            progress.update(step + 1, images_seen, loss=loss_value, lr=base_lr(optimizer))
-    finally:
-        progress.close()
-    if hasattr(optimizer, "sync_lookahead"):
-        optimizer.sync_lookahead()
-    if args.distributed:
-        torch.distributed.all_reduce(sums)
-    loss_sum, count = sums.tolist()
-    return OrderedDict(loss=loss_sum / max(count, 1.0)), num_updates
 
 
 def main(argv: Optional[List[str]] = None, prog: str = "kat-train") -> int:

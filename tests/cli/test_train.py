@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from kat_timm.cli import train as train_module
+from kat_timm.training import loop as loop_module
 from kat_timm.cli.train import parse_args, train
 from kat_timm.training import saver as saver_module
 from kat_timm.training.saver import AtomicCheckpointSaver
@@ -57,13 +58,13 @@ def summary_epochs(run_dir: Path) -> list:
 def record_starting_weights(monkeypatch) -> dict:
     """Make kat-train record the model's state dict as its first epoch starts: ``returned["start"]``."""
     seen = {}
-    original = train_module._train_one_epoch
+    original = loop_module.train_one_epoch
 
     def spy(epoch, model, *args, **kwargs):
         seen.setdefault("start", copy.deepcopy(model.state_dict()))
         return original(epoch, model, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "_train_one_epoch", spy)
+    monkeypatch.setattr(loop_module, "train_one_epoch", spy)
     return seen
 
 
@@ -88,7 +89,7 @@ def test_two_epochs_then_resume_restores_optimizer_ema_schedule_and_epoch(data, 
     assert saved["args"].class_names == ["blue", "green", "red"]
 
     seen = {}
-    original = train_module._train_one_epoch
+    original = loop_module.train_one_epoch
 
     def spy(epoch, model, loader, optimizer, *args, **kwargs):
         if not seen:  # the state the resumed run starts from
@@ -98,7 +99,7 @@ def test_two_epochs_then_resume_restores_optimizer_ema_schedule_and_epoch(data, 
                         ema=copy.deepcopy(kwargs["model_ema"].module.state_dict()), lr=optimizer.param_groups[0]["lr"])
         return original(epoch, model, loader, optimizer, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "_train_one_epoch", spy)
+    monkeypatch.setattr(loop_module, "train_one_epoch", spy)
     resumed = train(parse_args(run_args(data, out, "--epochs", "3", "--mixup", "0.8", "--model-ema",
                                         "--model-ema-decay", "0.9", "--resume", str(run_dir / "last.pth.tar"))))
     assert resumed.start_epoch == 2 and seen["epoch"] == 2, "the run after epochs 0 and 1 must continue at epoch 2"
@@ -438,7 +439,7 @@ def test_gradient_accumulation_short_last_group_steps_with_its_own_mean_gradient
     """48 images, batch 8, 4 accumulation steps: 6 batches, so updates over 4 batches and then 2. The second update
     must move the weights by -lr x the mean gradient over exactly those 16 images (a 1/4 scaling would halve it)."""
     record = {}
-    original = train_module._train_one_epoch
+    original = loop_module.train_one_epoch
 
     def spy(epoch, model, loader, optimizer, loss_fn, *args, **kwargs):
         record.update(model=model, copy=copy.deepcopy(model), images=[], targets=[], before_step=[])
@@ -457,7 +458,7 @@ def test_gradient_accumulation_short_last_group_steps_with_its_own_mean_gradient
         monkeypatch.setattr(optimizer, "step", recording_step)
         return original(epoch, model, loader, optimizer, recording_loss, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "_train_one_epoch", spy)
+    monkeypatch.setattr(loop_module, "train_one_epoch", spy)
     lr = 0.05
     train(parse_args(run_args(data, tmp_path / "out", "--epochs", "1", "--val-split", "", "--no-aug", "--smoothing",
                               "0", "--drop-path", "0", "--opt", "momentum", "--momentum", "0", "--weight-decay", "0",

@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from kat_timm.cli import train as train_module
+from kat_timm.training import loop as loop_module
 from kat_timm.training import saver as saver_module
 from tests.cli.test_train import load_training_checkpoint, run_args, summary_epochs
 from tests.training.test_data import make_image_folder
@@ -42,15 +43,16 @@ CHILD = textwrap.dedent("""
     spec = json.loads(sys.argv[1])
     top1 = {int(epoch): value for epoch, value in spec["top1"].items()}
     from kat_timm.cli import train as t
+    from kat_timm.training import loop
 
     current = {}
-    real_epoch, real_replace = t._train_one_epoch, os.replace
+    real_epoch, real_replace = loop.train_one_epoch, os.replace
 
     def one_epoch(epoch, *args, **kwargs):
         current["epoch"] = epoch
         return real_epoch(epoch, *args, **kwargs)
 
-    t._train_one_epoch = one_epoch
+    loop.train_one_epoch = one_epoch
     t._evaluate_epoch = lambda *args: {"loss": 1.0, "top1": top1[current["epoch"]], "top5": 100.0}
     fault = spec["fault"]
     if fault == "kill_at_replace":  # before the Nth rename into the run folder
@@ -78,13 +80,13 @@ CHILD = textwrap.dedent("""
 def fixed_metrics(monkeypatch) -> None:
     """Replace the evaluation by TOP1[epoch] (in this process; the child does the same)."""
     current = {}
-    real_epoch = train_module._train_one_epoch
+    real_epoch = loop_module.train_one_epoch
 
     def one_epoch(epoch, *args, **kwargs):
         current["epoch"] = epoch
         return real_epoch(epoch, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "_train_one_epoch", one_epoch)
+    monkeypatch.setattr(loop_module, "train_one_epoch", one_epoch)
     monkeypatch.setattr(train_module, "_evaluate_epoch",
                         lambda *args: {"loss": 1.0, "top1": TOP1[current["epoch"]], "top5": 100.0})
 
