@@ -391,7 +391,13 @@ def _parse_args(argv: List[str], prog: str) -> argparse.Namespace:
     parser = build_parser(prog)
     known, _ = parser.parse_known_args(argv)
     if known.config:
-        parser.set_defaults(**_config_defaults(known.config, parser))
+        defaults = _config_defaults(known.config, parser)
+        if defaults.get("resume") and known.experiment:
+            # An args.yaml of a resumed run (written before args.yaml left resume out) would resume that run again.
+            print(f"{prog}: note: ignoring resume: {defaults.pop('resume')} of config {known.config} for the new "
+                  f"--experiment {known.experiment}; give --resume FILE on the command line to continue a run",
+                  file=sys.stderr)
+        parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
     if args.data and args.data_dir and args.data != args.data_dir:
         parser.error(f"the dataset is given twice, as DIR ({args.data}) and --data-dir ({args.data_dir})")

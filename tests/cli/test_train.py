@@ -536,6 +536,16 @@ def test_args_yaml_of_a_resumed_run_does_not_resume_it_again_and_a_finished_run_
             f"(epochs 0...1); raise --epochs to train on") in error, error
 
 
+def test_a_configs_resume_is_ignored_for_a_new_experiment_with_a_note(tmp_path, capsys):
+    """Issue 11, item 3, for args.yaml files written before resume was left out of them."""
+    config = tmp_path / "args.yaml"
+    config.write_text("resume: old/last.pth.tar\nepochs: 3\n")
+    assert parse_args(["-c", str(config)]).resume == "old/last.pth.tar"
+    assert parse_args(["-c", str(config), "--experiment", "new"]).resume == ""
+    assert "ignoring resume: old/last.pth.tar of config" in capsys.readouterr().err
+    assert parse_args(["-c", str(config), "--experiment", "new", "--resume", "x.pth.tar"]).resume == "x.pth.tar"
+
+
 def test_offline_pretrained_error_suggests_only_options_kat_train_has(data, tmp_path, capsys, offline_hub):
     """Issue 11, item 4: the advice said --checkpoint FILE, which argparse reads as --checkpoint-hist."""
     assert train_module.main(run_args(data, tmp_path / "out", "--pretrained")) == 1
