@@ -658,6 +658,10 @@ def _model_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     return kwargs
 
 
+def _is_npz(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() in (".npz", ".npy")
+
+
 def _create_model(args: argparse.Namespace, num_classes: int):
     """The model as timm's train.py builds it, with kat_timm's clear errors and ``img_size`` passed on. Every weight
     file is read once: --initial-checkpoint through kat_timm.factory, --pretrained-path handed to timm as a state
@@ -670,7 +674,7 @@ def _create_model(args: argparse.Namespace, num_classes: int):
 
     size = args.input_size[1:] if args.input_size else ([args.img_size] if args.img_size else None)
     checkpoint = args.initial_checkpoint or None
-    if checkpoint and os.path.splitext(checkpoint)[1].lower() in (".npz", ".npy"):
+    if checkpoint and _is_npz(checkpoint):
         # Google's ViT .npz (the .vitft recipes): timm hands it to the model's load_pretrained, which maps the ViT
         # weights, skips a head of another size and resamples the position embedding.
         from timm.models import load_checkpoint
@@ -683,8 +687,10 @@ def _create_model(args: argparse.Namespace, num_classes: int):
             raise CLIError(f"--initial-checkpoint {checkpoint}: {args.model} cannot read it: "
                            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from error
         return model
+    # A --pretrained-path .npz is Google's ViT format, which only timm's loader reads: it is handed over as a file.
+    own = checkpoint or (args.pretrained_path if args.pretrained_path and not _is_npz(args.pretrained_path) else None)
     try:
-        loaded = read_checkpoint(checkpoint or args.pretrained_path) if checkpoint or args.pretrained_path else None
+        loaded = read_checkpoint(own) if own else None
     except CheckpointError as error:
         raise CLIError(str(error)) from None
     if checkpoint:
@@ -696,9 +702,11 @@ def _create_model(args: argparse.Namespace, num_classes: int):
         return create_from_checkpoint(args.model, loaded, size, dict(_model_kwargs(args), num_classes=num_classes),
                                       size_given=size is not None)
     kwargs = _model_kwargs(args)
-    if loaded is not None:
-        kwargs["pretrained_cfg_overlay"] = dict(file=os.path.abspath(args.pretrained_path), state_dict=loaded.state_dict)
-    model = create_sized_model(args.model, size, pretrained=args.pretrained or loaded is not None,
+    if args.pretrained_path:
+        kwargs["pretrained_cfg_overlay"] = dict(file=os.path.abspath(args.pretrained_path))
+        if loaded is not None:
+            kwargs["pretrained_cfg_overlay"]["state_dict"] = loaded.state_dict  # timm prefers it to reading the file
+    model = create_sized_model(args.model, size, pretrained=args.pretrained or bool(args.pretrained_path),
                                num_classes=num_classes, **kwargs)
     if loaded is not None:
         _check_pretrained_path_covers(args.pretrained_path, loaded.state_dict, model, args.model)

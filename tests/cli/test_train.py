@@ -619,3 +619,20 @@ def test_a_resumed_run_reads_its_checkpoint_once(data, tmp_path, monkeypatch):
     result = train(parse_args(run_args(data, None, "--epochs", "2", "--model-ema", "--resume", str(last))))
     assert result.start_epoch == 1 and [row["epoch"] for row in result.history] == [1]
     assert len(reads) == 1, f"last.pth.tar was read {len(reads)} times"
+
+
+def test_pretrained_path_is_read_once(data, tmp_path, monkeypatch, kat_tiny_weights, ckpt):
+    """timm gets the state dict kat-train read (for its coverage check) instead of reading the file again."""
+    weights = ckpt.save_released(kat_tiny_weights["scratch"], tmp_path / "weights" / "kat_tiny.bin").resolve()
+    reads = []
+    real_load = torch.load
+
+    def counting_load(file, *args, **kwargs):
+        if Path(os.fspath(file)).resolve() == weights:
+            reads.append(file)
+        return real_load(file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    result = train(parse_args(run_args(data, tmp_path / "out", "--model", "kat_tiny_patch16_224", "--epochs", "1",
+                                       "--val-split", "", "--pretrained-path", str(weights))))
+    assert math.isfinite(result.history[0]["train_loss"]) and len(reads) == 1, f"read {len(reads)} times"
