@@ -937,10 +937,10 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, pr
     lr_scheduler, num_epochs = create_scheduler_v2(optimizer, **schedule_options, updates_per_epoch=updates_per_epoch)
     start_epoch = args.start_epoch if args.start_epoch is not None else (resume_epoch or 0)
     if start_epoch >= num_epochs:
-        where = (f"--start-epoch {start_epoch} is" if args.start_epoch is not None
-                 else f"the run {args.resume} finished at epoch {start_epoch - 1}, which is")
-        raise CLIError(f"nothing to train: {where} past the last epoch of --epochs {args.epochs} (epochs 0..."
-                       f"{num_epochs - 1}); raise --epochs to train on", code=2)
+        where = (f"--start-epoch {start_epoch}" if args.start_epoch is not None
+                 else f"the run {args.resume} finished at epoch {start_epoch - 1}")
+        raise CLIError(f"nothing to train: {where}, and --epochs {args.epochs} ends at epoch {num_epochs - 1} "
+                       f"(epochs count from 0); raise --epochs to train on", code=2)
     if lr_scheduler is not None and start_epoch > 0:
         if args.sched_on_updates:
             lr_scheduler.step_update(start_epoch * updates_per_epoch)

@@ -532,8 +532,8 @@ def test_args_yaml_of_a_resumed_run_does_not_resume_it_again_and_a_finished_run_
 
     assert train_module.main(run_args(data, None, "--epochs", "2", "--val-split", "", "--resume", str(last))) == 2
     error = capsys.readouterr().err
-    assert (f"nothing to train: the run {last} finished at epoch 1, which is past the last epoch of --epochs 2 "
-            f"(epochs 0...1); raise --epochs to train on") in error, error
+    assert (f"nothing to train: the run {last} finished at epoch 1, and --epochs 2 ends at epoch 1 (epochs count "
+            f"from 0); raise --epochs to train on") in error, error
 
 
 def test_a_configs_resume_is_ignored_for_a_new_experiment_with_a_note(tmp_path, capsys):
