@@ -13,27 +13,24 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
-import glob
 import math
 import os
-import shutil
 import sys
 import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from timm.utils import CheckpointSaver
+from kat_timm.training import loop
+from kat_timm.training.evaluation import amp_autocast, create_eval_loader, default_amp_dtype, default_workers, evaluate
+from kat_timm.training.loop import TrainingError, TrainResult, base_lr, create_loss
+from kat_timm.training.saver import AtomicCheckpointSaver, edit_atomically, remove_partials
 
 from . import CLIError, run_main
-from .common import (add_dataset_reader_arguments, check_backend_setting, check_preprocessing, check_writable_folder,
-                     checkpoint_training_args)
-from .validate import folder_dataset_hint
-from .validate import KeywordArguments
+from .common import add_dataset_reader_arguments, check_backend_setting, check_preprocessing, check_writable_folder
+from .validate import KeywordArguments, folder_dataset_hint, resolve_checked_data_config
 
-__all__ = ["AtomicCheckpointSaver", "TrainResult", "build_parser", "main", "parse_args", "train"]
+__all__ = ["build_parser", "main", "parse_args", "train"]
 
 DEFAULT_MODEL = "kat_tiny_patch16_224"
 
@@ -95,8 +92,9 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
                        help="batch size per process (default: 128)")
     group.add_argument("-vb", "--validation-batch-size", type=int, default=None, metavar="N",
                        help="evaluation batch size (default: --batch-size)")
-    group.add_argument("-j", "--workers", type=int, default=4, metavar="N",
-                       help="data loading processes per training process (default: 4; 0 loads in the main process)")
+    group.add_argument("-j", "--workers", type=int, default=None, metavar="N",
+                       help="data loading processes per training process (default: 4, or the usable CPU count if "
+                            "lower; 0 loads in the main process)")
     group.add_argument("--pin-mem", action="store_true", help="pin CPU memory in the data loader")
     group.add_argument("--use-multi-epochs-loader", action="store_true",
                        help="keep the loader's worker processes across epochs")
@@ -108,7 +106,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME",
                        help=f"any timm model name, kat_* included, optionally with a .tag (default: {DEFAULT_MODEL})")
-    group.add_argument("--pretrained", action="store_true",
+    group.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False,
                        help="start from the released weights (Hugging Face Hub or its local cache); a classifier of "
                             "another size is re-initialised")
     group.add_argument("--pretrained-path", default=None, metavar="FILE",
@@ -237,7 +235,7 @@ def _add_augmentation_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("EMA")
-    group.add_argument("--model-ema", action="store_true",
+    group.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=False,
                        help="keep an exponential moving average of the weights (evaluated, saved, and the one the "
                             "best checkpoint is ranked by)")
     group.add_argument("--model-ema-decay", type=float, default=0.9998, metavar="D",
@@ -250,7 +248,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dist-backend", default=None, metavar="NAME",
                        help="torch.distributed backend under torchrun (default: nccl on cuda, gloo on cpu)")
     group.add_argument("--local-rank", "--local_rank", type=int, default=0, help=argparse.SUPPRESS)
-    group.add_argument("--amp", action="store_true", help="mixed precision (autocast)")
+    group.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="mixed precision (autocast)")
     group.add_argument("--amp-dtype", default=None, choices=("float16", "bfloat16"),
                        help="autocast dtype (default: float16 with a gradient scaler on cuda; bfloat16 on cpu, "
                             "where float16 autocast is many times slower)")
@@ -318,7 +316,8 @@ def _config_error(parser: argparse.ArgumentParser, message: str) -> None:
 
 
 def _config_defaults(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
-    """Read a YAML config into ``{dest: value}``, checking every key and the type of every value."""
+    """Read a YAML config into ``{dest: value}`` for ``parser.set_defaults``, every value through its option's own
+    type and choices (argparse converts only string defaults, so a YAML number or list would otherwise pass as is)."""
     import yaml
 
     if not os.path.isfile(path):
@@ -328,87 +327,77 @@ def _config_defaults(path: str, parser: argparse.ArgumentParser) -> Dict[str, An
             config = yaml.safe_load(file)
     except (OSError, yaml.YAMLError) as error:
         _config_error(parser, f"config {path}: not readable YAML: {str(error).splitlines()[0]}")
-    if config is None:
-        return {}
-    if not isinstance(config, dict):
+    if not isinstance(config, (dict, type(None))):
         _config_error(parser, f"config {path}: expected a mapping of option names to values, got {type(config).__name__}")
-
     actions = {action.dest: action for action in parser._actions if action.dest not in ("help", "config")}
-    for key, value in config.items():
+    defaults = {}
+    for key, value in (config or {}).items():
         if not isinstance(key, str) or key not in actions:
             _config_error(parser, f"config {path}: {_unknown_key_message(key, actions)}")
-        problem = _check_value(actions[key], value)
-        if problem:
-            _config_error(parser, f"config {path}: {key}: {problem}")
-    return config
+        try:
+            defaults[key] = _config_value(actions[key], value)
+        except ValueError as error:
+            _config_error(parser, f"config {path}: {key}: {error}")
+    return defaults
 
 
 def _unknown_key_message(key: Any, actions: Dict[str, argparse.Action]) -> str:
     if key in TIMM_ONLY_OPTIONS:
         return (f"key {key!r} is a timm train.py option that kat-train does not support; remove it, or run timm's "
                 f"own train.py with --device-modules kat_timm")
-    hint = ""
-    if isinstance(key, str):
-        close = difflib.get_close_matches(key.replace("-", "_"), list(actions), n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    close = difflib.get_close_matches(str(key).replace("-", "_"), list(actions), n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
     return (f"unknown key {key!r}{hint}; keys are kat-train option names with '_' for '-' "
             f"(e.g. batch_size for --batch-size), see kat-train --help")
 
 
-def _check_value(action: argparse.Action, value: Any) -> Optional[str]:
-    """Why ``value`` cannot stand for ``action``'s option, or None when it can.
-
-    argparse converts string defaults with the option's type but leaves other defaults alone, so a YAML value of
-    the wrong kind would otherwise pass silently.
-    """
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-        return None if isinstance(value, bool) else f"expected true or false, got {value!r}"
+def _config_value(action: argparse.Action, value: Any) -> Any:
+    """``value`` as the command line would have given it to ``action``; ValueError says what was expected."""
+    if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):  # a switch
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return value
     if value is None:
         return None
-    takes_list = action.nargs in ("+", "*") or isinstance(action.nargs, int)
     if isinstance(action, KeywordArguments):
-        return None if isinstance(value, dict) else f"expected a mapping of keyword arguments, got {value!r}"
-    items = value if takes_list and isinstance(value, list) else [value]
-    if takes_list and not isinstance(value, list) and isinstance(action.nargs, int) and action.nargs > 1:
-        return f"expected a list of {action.nargs} values, got {value!r}"
-    for item in items:
-        if action.type is int and not (isinstance(item, int) and not isinstance(item, bool)):
-            if not (isinstance(item, str) and _parses(int, item)):
-                return f"expected an integer, got {item!r}"
-        elif action.type is float and (isinstance(item, bool) or not isinstance(item, (int, float))):
-            if not (isinstance(item, str) and _parses(float, item)):
-                return f"expected a number, got {item!r}"
-        if action.choices is not None and item not in action.choices:
-            return f"expected one of {', '.join(map(repr, action.choices))}, got {item!r}"
-    return None
-
-
-def _parses(kind: type, text: str) -> bool:
-    try:
-        kind(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _coerce(action: argparse.Action, value: Any) -> Any:
-    """A checked YAML value in the type the option's own parser would produce (e.g. "1e-3" -> 0.001)."""
-    if value is None or action.type not in (int, float):
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a mapping of keyword arguments, got {value!r}")
         return value
-    if isinstance(value, list):
-        return [action.type(item) for item in value]
-    return action.type(value)
+    takes_list = action.nargs in ("+", "*") or isinstance(action.nargs, int)
+    if isinstance(action.nargs, int) and not (isinstance(value, list) and len(value) == action.nargs):
+        raise ValueError(f"expected a list of {action.nargs} values, got {value!r}")
+    items = []
+    for item in value if takes_list and isinstance(value, list) else [value]:
+        if action.type is not None:
+            # Through the option's type as text, as argparse would convert it: 1.5 is no integer, true no number.
+            expected = f"expected {_TYPE_NAMES.get(action.type, 'a value')}, got {item!r}"
+            if isinstance(item, bool) or not isinstance(item, (int, float, str)):
+                raise ValueError(expected)
+            try:
+                item = action.type(str(item))
+            except (TypeError, ValueError):
+                raise ValueError(expected) from None
+        if action.choices is not None and item not in action.choices:
+            raise ValueError(f"expected one of {', '.join(map(repr, action.choices))}, got {item!r}")
+        items.append(item)
+    return items if takes_list else items[0]
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number"}
 
 
 def _parse_args(argv: List[str], prog: str) -> argparse.Namespace:
+    """As timm's train.py: ``-c`` first, the config as the parser's defaults, then the whole command line."""
     parser = build_parser(prog)
-    config_parser = argparse.ArgumentParser(prog=prog, add_help=False)
-    config_parser.add_argument("-c", "--config", default="")
-    known, _ = config_parser.parse_known_args(argv)
+    known, _ = parser.parse_known_args(argv)
     if known.config:
-        actions = {action.dest: action for action in parser._actions}
         defaults = _config_defaults(known.config, parser)
-        parser.set_defaults(**{key: _coerce(actions[key], value) for key, value in defaults.items()})
+        if defaults.get("resume") and known.experiment:
+            # An args.yaml of a resumed run (written before args.yaml left resume out) would resume that run again.
+            print(f"{prog}: note: ignoring resume: {defaults.pop('resume')} of config {known.config} for the new "
+                  f"--experiment {known.experiment}; give --resume FILE on the command line to continue a run",
+                  file=sys.stderr)
+        parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
     if args.data and args.data_dir and args.data != args.data_dir:
         parser.error(f"the dataset is given twice, as DIR ({args.data}) and --data-dir ({args.data_dir})")
@@ -431,190 +420,6 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
         The parsed options; ``data_dir`` is filled from the positional DIR when only that was given.
     """
     return _parse_args(list(argv), "kat-train")
-
-
-class AtomicCheckpointSaver(CheckpointSaver):
-    """timm's CheckpointSaver, changed so that no file ever appears under a ``*.pth.tar`` name half-written.
-
-    timm's saver writes ``tmp.pth.tar`` in place (a kill mid-write leaves a partial ``*.pth.tar``), deletes
-    ``last.pth.tar`` before renaming the new one over it (a kill in between leaves none), and falls back to
-    copying into the final name where hard links fail. Here every write goes to a ``.partial`` name, is flushed to
-    disk, and is renamed into place with ``os.replace``, which is atomic: readers see the old file or the new one.
-    Hard links (the numbered and best checkpoints share ``last``'s data) are made under a ``.partial`` name and
-    renamed too. Numbered files are never written in place, so replacing ``last`` never changes them.
-
-    A write that fails (a full disk) removes its ``.partial`` file and raises ``OSError`` with the errno the system
-    gave and the file's name (torch.save itself reports only "iostream error"). On resume, :meth:`restore_history`
-    repairs the numbered and best files a kill between two of its writes left out of step.
-    """
-
-    _relink_only = False  # see restore_history: save_checkpoint's bookkeeping without writing last.pth.tar again
-
-    def _save(self, save_path, epoch, metric=None):
-        if self._relink_only:
-            return
-        partial = save_path + ".partial"
-        try:
-            with open(partial, "wb") as raw:
-                file = _ErrnoKeepingFile(raw)
-                try:
-                    super()._save(file, epoch, metric)  # timm's _save hands the file to torch.save
-                except Exception as error:
-                    cause = file.error or (error if isinstance(error, OSError) else None)
-                    if cause is None:
-                        raise
-                    raise OSError(cause.errno, cause.strerror, save_path) from error
-                raw.flush()
-                os.fsync(raw.fileno())
-            os.replace(partial, save_path)
-        except BaseException:
-            _remove(partial)
-            raise
-        _fsync_dir(os.path.dirname(save_path))
-
-    def _replace(self, src, dst):
-        if self._relink_only:
-            return
-        os.replace(src, dst)
-        _fsync_dir(os.path.dirname(dst))
-
-    def _duplicate(self, src, dst):
-        partial = dst + ".partial"
-        _remove(partial)
-        try:
-            try:
-                os.link(src, partial)
-            except OSError:  # no hard links here (some network and Windows file systems): copy, then flush
-                shutil.copyfile(src, partial)
-                _fsync(partial)
-            os.replace(partial, dst)
-        except BaseException:
-            _remove(partial)
-            raise
-        _fsync_dir(os.path.dirname(dst))
-
-    def save_recovery(self, epoch, batch_idx=0):
-        """timm's save_recovery, which keeps the current and the previous recovery file of this process; here
-        those of earlier, killed processes are removed too, so they don't pile up across kills."""
-        super().save_recovery(epoch, batch_idx)
-        keep = {os.path.abspath(path) for path in (self.curr_recovery_file, self.prev_recovery_file) if path}
-        pattern = os.path.join(self.recovery_dir, self.recovery_prefix + "-*" + self.extension)
-        for path in glob.glob(pattern):
-            if os.path.abspath(path) not in keep:
-                _remove(path)
-
-    def restore_history(self, checkpoint_path: str) -> None:
-        """timm's ``load_state_dict_from_checkpoint``, then repair what a kill between two writes of
-        ``save_checkpoint`` left behind, so the resumed run keeps ranking as if it had not been killed.
-
-        - Killed after ``last`` was replaced but before ``checkpoint-N`` was linked: epoch N exists only as
-          ``last``, which the next epoch replaces. Link it now if it earns a place, as the save would have.
-        - Killed after ``checkpoint-N`` but before ``model_best``: the history counts epoch N as the best while
-          ``model_best`` holds a worse one. Link the best epoch's file to ``model_best``.
-        """
-        from timm.utils.checkpoint_saver import load_checkpoint_metadata
-
-        self.load_state_dict_from_checkpoint(checkpoint_path)
-        last = os.path.join(self.checkpoint_dir, "last" + self.extension)
-        if os.path.exists(last) and os.path.samefile(checkpoint_path, last):
-            checkpoint = load_checkpoint_metadata(last)
-            epoch, metric = (checkpoint.get("saver") or {}).get("pending", (None, None))
-            if epoch is not None and epoch == checkpoint.get("epoch") and \
-                    not os.path.exists(self._checkpoint_path(epoch)):
-                self._relink_only = True
-                try:
-                    self.save_checkpoint(epoch, metric)  # timm's retention and best-file logic on the existing last
-                finally:
-                    self._relink_only = False
-        if self.best_epoch is None:
-            return
-        numbered = self._checkpoint_path(self.best_epoch)
-        best = os.path.join(self.checkpoint_dir, "model_best" + self.extension)
-        if os.path.exists(numbered) and _checkpoint_epoch(best) != self.best_epoch:
-            self._duplicate(numbered, best)
-
-
-class _ErrnoKeepingFile:
-    """The file torch.save writes a checkpoint through: writes everything it is given (a short write is retried,
-    so the next one reports the error) and remembers the ``OSError`` that torch turns into a bare RuntimeError."""
-
-    def __init__(self, file):
-        self.file, self.error = file, None
-
-    def write(self, data) -> int:
-        view = memoryview(data).cast("B")
-        done = 0
-        try:
-            while done < len(view):
-                done += self.file.write(view[done:])
-        except OSError as error:
-            self.error = error
-            raise
-        return done
-
-    def flush(self) -> None:
-        self.file.flush()
-
-
-def _checkpoint_epoch(path: str) -> Optional[int]:
-    """The epoch a training checkpoint holds (its tensors memory-mapped, not read); None if there is none."""
-    from timm.utils.checkpoint_saver import load_checkpoint_metadata
-
-    if not os.path.exists(path):
-        return None
-    try:
-        checkpoint = load_checkpoint_metadata(path)
-    except Exception:  # unreadable: whatever it is, it is not the best epoch's checkpoint
-        return None
-    return checkpoint.get("epoch") if isinstance(checkpoint, dict) else None
-
-
-def _remove(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
-
-
-def _fsync(path: str) -> None:
-    with open(path, "rb") as file:
-        os.fsync(file.fileno())
-
-
-def _fsync_dir(path: str) -> None:
-    """Make a rename durable (POSIX); a no-op where folders cannot be opened (Windows)."""
-    try:
-        descriptor = os.open(path or ".", os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-
-
-def _edit_atomically(path: str, edit, start_from_current: bool = True) -> None:
-    """Change the file ``path`` all at once: ``edit(partial)`` works on ``PATH.partial`` (a copy of the file when
-    ``start_from_current``), which is flushed and renamed over ``path``. A kill leaves the old file or the new
-    one, never a truncated one (timm's trim_summary rewrites summary.csv in place); a failure removes the partial.
-    """
-    partial = path + ".partial"
-    try:
-        if start_from_current and os.path.exists(path):
-            shutil.copyfile(path, partial)
-        else:
-            _remove(partial)
-        edit(partial)
-        if os.path.exists(partial):
-            _fsync(partial)
-            os.replace(partial, path)
-    except OSError as error:
-        _remove(partial)
-        raise OSError(error.errno, error.strerror, path) from error  # the file, whatever call failed
-    except BaseException:
-        _remove(partial)
-        raise
-    _fsync_dir(os.path.dirname(path))
 
 
 @contextlib.contextmanager
@@ -641,68 +446,6 @@ def _write_failure(error: OSError, folder: str) -> str:
         what = f"cannot write {where}: {error.strerror or error}"
     return (f"{what}. Nothing was half-written: the files from before (last.pth.tar, summary.csv) are intact; free "
             f"space and continue with --resume {os.path.join(folder, 'last.pth.tar')} if it exists")
-
-
-@dataclass
-class TrainResult:
-    """What a finished ``train`` call leaves behind, for callers in Python (tests, notebooks).
-
-    Attributes:
-        model: the trained model, unwrapped from DDP and torch.compile.
-        model_ema: the EMA copy (``--model-ema``), else None.
-        optimizer: the optimizer, with its state.
-        output_dir: the run folder (None on ranks other than 0).
-        start_epoch: the first epoch this call ran (0-based; after ``--resume``, the one after the checkpoint's).
-        history: one dict per epoch run: epoch, train_loss, lr, and eval_* when there is a validation split.
-        best_metric, best_epoch: the best ``--eval-metric`` and its epoch (None without evaluation).
-    """
-
-    model: Any
-    model_ema: Any
-    optimizer: Any
-    output_dir: Optional[str]
-    start_epoch: int
-    history: List[Dict[str, Any]] = field(default_factory=list)
-    best_metric: Optional[float] = None
-    best_epoch: Optional[int] = None
-
-
-class _Progress:
-    """A tqdm bar with ETA and images/s on a terminal; otherwise a line every ``interval`` steps and at the end."""
-
-    def __init__(self, total: int, description: str, enabled: bool, interval: int):
-        self.total, self.description, self.enabled, self.interval = total, description, enabled, max(1, interval)
-        self.start = time.perf_counter()
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=description, unit="step", dynamic_ncols=True, leave=True)
-
-    def update(self, step: int, images: int, **values: float) -> None:
-        if not self.enabled:
-            return
-        elapsed = time.perf_counter() - self.start
-        rate = images / max(elapsed, 1e-9)
-        shown = {name: f"{value:.4g}" for name, value in values.items()}
-        if self.bar is not None:
-            postfix = ", ".join(f"{name}={value}" for name, value in shown.items())
-            self.bar.set_postfix_str(f"{postfix}, {rate:.1f} img/s", refresh=False)
-            self.bar.update(step - self.bar.n)
-        elif step % self.interval == 0 or step == self.total:
-            remaining = elapsed / step * (self.total - step)
-            fields = "  ".join(f"{name} {value}" for name, value in shown.items())
-            print(f"{self.description} [{step:>{len(str(self.total))}}/{self.total}]  {fields}  {rate:.1f} img/s  "
-                  f"ETA {_clock(remaining)}", flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def _setup_logging(primary: bool) -> None:
@@ -732,7 +475,8 @@ def _init_device(args: argparse.Namespace):
     return device
 
 
-def _check_arguments(args: argparse.Namespace) -> None:
+def _check_arguments(args: argparse.Namespace):
+    """Refuse bad options before anything is built; returns the --resume checkpoint, read (the only read of it)."""
     from kat_timm.training.readers import dataset_prefix, is_folder_dataset
 
     if not args.data_dir and (is_folder_dataset(args.dataset) or dataset_prefix(args.dataset) == "wds"):
@@ -744,6 +488,8 @@ def _check_arguments(args: argparse.Namespace) -> None:
     for name in ("batch_size", "epochs", "grad_accum_steps", "checkpoint_hist", "log_interval"):
         if getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}", code=2)
+    if args.workers is None:
+        args.workers = default_workers()
     for name in ("workers", "warmup_epochs", "cooldown_epochs", "recovery_interval", "mixup_off_epoch"):
         if getattr(args, name) < 0:
             raise CLIError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(args, name)}", code=2)
@@ -768,21 +514,11 @@ def _check_arguments(args: argparse.Namespace) -> None:
     check_backend_setting()
     if args.aa:
         _check_augmentation_policy(args.aa)
-    if args.resume and not args.no_resume_opt:
-        saved_opt = checkpoint_training_args(args.resume).get("opt")
-        if saved_opt and str(saved_opt).lower() != args.opt.lower():
-            raise CLIError(f"--resume {args.resume} was trained with --opt {saved_opt}, not {args.opt}: its optimizer "
-                           f"state does not fit. Resume with --opt {saved_opt}, or add --no-resume-opt to keep only "
-                           f"the weights and epoch", code=2)
     for name in ("resume", "initial_checkpoint", "pretrained_path"):
         path = getattr(args, name)
         if path and not os.path.isfile(path):
             raise CLIError(f"--{name.replace('_', '-')}: no such file: {path}", code=2)
-    if args.resume and _checkpoint_epoch(args.resume) is None:
-        raise CLIError(f"--resume {args.resume} is not a training checkpoint (no epoch, optimizer or run options: a "
-                       f"bare state dict or another file); start a new run from its weights with --initial-checkpoint "
-                       f"{args.resume}, or --pretrained-path {args.resume} for another class count or image size",
-                       code=2)
+    resumed = _read_resume(args) if args.resume else None
     if args.output:
         check_writable_folder(args.output, "--output")
     if args.pretrained_path and args.initial_checkpoint:
@@ -793,6 +529,39 @@ def _check_arguments(args: argparse.Namespace) -> None:
     if mixing and args.batch_size % 2:
         raise CLIError(f"mixup/cutmix pair the images of a batch, so --batch-size must be even (got "
                        f"{args.batch_size})", code=2)
+    return resumed
+
+
+def _read_resume(args: argparse.Namespace):
+    """--resume: the training checkpoint, read once for everything a resume restores, and checked against the run's
+    optimizer options (its state fits only the optimizer and parameter groups it was saved from)."""
+    from kat_timm.checkpoint import CheckpointError
+    from kat_timm.factory import read_checkpoint
+
+    try:
+        loaded = read_checkpoint(args.resume, use_ema=False)
+    except CheckpointError as error:
+        raise CLIError(str(error), code=2) from None
+    if not isinstance(loaded.raw, dict) or loaded.raw.get("epoch") is None:
+        raise CLIError(f"--resume {args.resume} is not a training checkpoint (no epoch, optimizer or run options: a "
+                       f"bare state dict or another file); start a new run from its weights with --initial-checkpoint "
+                       f"{args.resume}, or --pretrained-path {args.resume} for another class count or image size",
+                       code=2)
+    saved = loaded.args
+    if args.no_resume_opt:
+        return loaded
+    if saved.get("opt") and str(saved["opt"]).lower() != args.opt.lower():
+        raise CLIError(f"--resume {args.resume} was trained with --opt {saved['opt']}, not {args.opt}: its optimizer "
+                       f"state does not fit. Resume with --opt {saved['opt']}, or add --no-resume-opt to keep only "
+                       f"the weights and epoch", code=2)
+    # The layer decay sets the parameter groups and their lr scales; the restored optimizer state would keep the old
+    # scales while args.yaml and the new checkpoints recorded the new value.
+    if "layer_decay" in saved and saved["layer_decay"] != args.layer_decay:
+        raise CLIError(f"--resume {args.resume} was trained with --layer-decay {_option_text(saved['layer_decay'])}, "
+                       f"not {_option_text(args.layer_decay)}: the optimizer's parameter groups differ. Resume with "
+                       f"--layer-decay {_option_text(saved['layer_decay'])}, or add --no-resume-opt to keep only the "
+                       f"weights and epoch", code=2)
+    return loaded
 
 
 def _check_augmentation_policy(policy: str) -> None:
@@ -886,24 +655,31 @@ def _model_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
         kwargs.setdefault("drop_path_rate", args.drop_path)
     if args.gp:
         kwargs.setdefault("global_pool", args.gp)
-    if args.pretrained_path:
-        kwargs["pretrained_cfg_overlay"] = dict(file=os.path.abspath(args.pretrained_path))
     return kwargs
 
 
+def _is_npz(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() in (".npz", ".npy")
+
+
 def _create_model(args: argparse.Namespace, num_classes: int):
-    """The model as timm's train.py builds it, with kat_timm's clear errors and ``img_size`` passed on."""
+    """The model as timm's train.py builds it, with kat_timm's clear errors and ``img_size`` passed on. Every weight
+    file is read once: --initial-checkpoint through kat_timm.factory, --pretrained-path handed to timm as a state
+    dict (timm then adapts the classifier and position embedding as for the released weights)."""
+    from kat_timm.checkpoint import CheckpointError
+    from kat_timm.factory import read_checkpoint
+
     from .common import create_sized_model
+    from .validate import create_from_checkpoint
 
     size = args.input_size[1:] if args.input_size else ([args.img_size] if args.img_size else None)
-    pretrained = args.pretrained or bool(args.pretrained_path)
     checkpoint = args.initial_checkpoint or None
-    if checkpoint and os.path.splitext(checkpoint)[1].lower() in (".npz", ".npy"):
+    if checkpoint and _is_npz(checkpoint):
         # Google's ViT .npz (the .vitft recipes): timm hands it to the model's load_pretrained, which maps the ViT
         # weights, skips a head of another size and resamples the position embedding.
         from timm.models import load_checkpoint
 
-        model = create_sized_model(args.model, size, pretrained=pretrained, num_classes=num_classes,
+        model = create_sized_model(args.model, size, pretrained=args.pretrained, num_classes=num_classes,
                                    **_model_kwargs(args))
         try:
             load_checkpoint(model, checkpoint)
@@ -911,29 +687,46 @@ def _create_model(args: argparse.Namespace, num_classes: int):
             raise CLIError(f"--initial-checkpoint {checkpoint}: {args.model} cannot read it: "
                            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from error
         return model
+    # A --pretrained-path .npz is Google's ViT format, which only timm's loader reads: it is handed over as a file.
+    own = checkpoint or (args.pretrained_path if args.pretrained_path and not _is_npz(args.pretrained_path) else None)
+    try:
+        loaded = read_checkpoint(own) if own else None
+    except CheckpointError as error:
+        raise CLIError(str(error)) from None
     if checkpoint:
-        _check_classifier_size(checkpoint, num_classes)
-    model = create_sized_model(args.model, size, pretrained=pretrained,
-                               checkpoint=Path(checkpoint) if checkpoint else None, num_classes=num_classes,
-                               **_model_kwargs(args))
+        head = loaded.state_dict.get("head.weight")
+        if head is not None and head.ndim == 2 and head.shape[0] != num_classes:
+            raise CLIError(f"--initial-checkpoint {checkpoint} has a {head.shape[0]}-class classifier but the data has "
+                           f"{num_classes} classes; use --pretrained-path {checkpoint} instead: it loads the weights "
+                           f"with a new classifier (and resamples the position embedding for --img-size)", code=2)
+        return create_from_checkpoint(args.model, loaded, size, dict(_model_kwargs(args), num_classes=num_classes),
+                                      size_given=size is not None)
+    kwargs = _model_kwargs(args)
     if args.pretrained_path:
-        _check_pretrained_path_covers(args.pretrained_path, model, args.model)
+        kwargs["pretrained_cfg_overlay"] = dict(file=os.path.abspath(args.pretrained_path))
+        if loaded is not None:
+            kwargs["pretrained_cfg_overlay"]["state_dict"] = loaded.state_dict  # timm prefers it to reading the file
+    model = create_sized_model(args.model, size, pretrained=args.pretrained or bool(args.pretrained_path),
+                               num_classes=num_classes, **kwargs)
+    if loaded is not None:
+        _check_pretrained_path_covers(args.pretrained_path, loaded.state_dict, model, args.model)
     return model
 
 
-def _check_pretrained_path_covers(path: str, model, model_name: str) -> None:
+def _in_train_options(message: str) -> str:
+    """A model-building error worded for the commands that take ``--checkpoint``, with their advice in kat-train's
+    options (argparse would read ``--checkpoint`` as an abbreviation of ``--checkpoint-hist``)."""
+    return (message.replace("pass --checkpoint FILE", "pass --pretrained-path FILE (your own copy of the weights)")
+            .replace("--random-weights", "no --pretrained (random weights)"))
+
+
+def _check_pretrained_path_covers(path: str, state_dict, model, model_name: str) -> None:
     """--pretrained-path: timm loads the file non-strictly when it replaces the classifier, so a file holding few or
     none of the model's weights would start the run from random weights without a word. Every weight but the
     classifier (and the rational coefficients, which a KAT fills in for a ViT's weights) must come from the file."""
-    from kat_timm.checkpoint import CheckpointError, load_checkpoint, unwrap_state_dict
-
-    try:
-        keys = set(unwrap_state_dict(load_checkpoint(path))[0])
-    except (CheckpointError, OSError):
-        return  # timm read it, so this is not expected; its own load reported anything worse
     classifier = getattr(model, "pretrained_cfg", {}).get("classifier") or "head"
     classifiers = classifier if isinstance(classifier, (list, tuple)) else [classifier]
-    missing = [key for key in model.state_dict() if key not in keys
+    missing = [key for key in model.state_dict() if key not in state_dict
                and not any(key.startswith(name + ".") for name in classifiers)
                and not key.endswith(("weight_numerator", "weight_denominator"))]
     if missing:
@@ -941,21 +734,6 @@ def _check_pretrained_path_covers(path: str, model, model_name: str) -> None:
         raise CLIError(f"--pretrained-path {path} lacks {len(missing)} of {model_name}'s weights "
                        f"({', '.join(missing[:5])}{more}), so the run would start from random ones; give a "
                        f"checkpoint of {model_name} (or of the ViT it is built like)", code=2)
-
-
-def _check_classifier_size(path: str, num_classes: int) -> None:
-    """--initial-checkpoint loads strictly: a classifier of another size gets its own message and the way out."""
-    from kat_timm.checkpoint import CheckpointError, load_checkpoint, unwrap_state_dict
-
-    try:
-        state_dict, _ = unwrap_state_dict(load_checkpoint(path))
-    except (CheckpointError, OSError):
-        return  # common.create_model reports an unreadable file
-    head = state_dict.get("head.weight")
-    if head is not None and head.ndim == 2 and head.shape[0] != num_classes:
-        raise CLIError(f"--initial-checkpoint {path} has a {head.shape[0]}-class classifier but the data has "
-                       f"{num_classes} classes; use --pretrained-path {path} instead: it loads the weights with a "
-                       f"new classifier (and resamples the position embedding for --img-size)", code=2)
 
 
 def _resolve_lr(args: argparse.Namespace) -> None:
@@ -966,10 +744,10 @@ def _resolve_lr(args: argparse.Namespace) -> None:
     args.lr = args.lr_base * (ratio ** 0.5 if args.lr_base_scale == "sqrt" else ratio)
 
 
-def _check_resumed_classes(args: argparse.Namespace, classes: List[str]) -> None:
+def _check_resumed_classes(args: argparse.Namespace, classes: List[str], resumed) -> None:
     """A resumed run must see the class folders it was trained on: otherwise every label changes meaning while the
     weights load without complaint (a folder renamed, added or removed with --num-classes fixed)."""
-    trained = checkpoint_training_args(args.resume).get("class_names")
+    trained = resumed.args.get("class_names")
     if trained and list(trained) != list(classes):
         only_trained = [name for name in trained if name not in classes]
         only_data = [name for name in classes if name not in trained]
@@ -981,33 +759,29 @@ def _check_resumed_classes(args: argparse.Namespace, classes: List[str]) -> None
                        f"or start a new run from its weights with --pretrained-path {args.resume}", code=2)
 
 
-def _resume(args: argparse.Namespace, model, optimizer, loss_scaler, primary: bool) -> Optional[int]:
-    """timm's resume_checkpoint (weights, optimizer, AMP scaler, epoch) with its failures as clear errors."""
-    from timm.models import resume_checkpoint
-
+def _resume(args: argparse.Namespace, resumed, model, optimizer, loss_scaler) -> int:
+    """What timm's resume_checkpoint restores (weights, optimizer, AMP scaler; the epoch to start at), from the
+    checkpoint already read, with its failures as clear errors. Returns the first epoch to run."""
+    raw = resumed.raw
     try:
-        return resume_checkpoint(model, args.resume, optimizer=None if args.no_resume_opt else optimizer,
-                                 loss_scaler=None if args.no_resume_opt else loss_scaler, log_info=primary)
-    except (RuntimeError, KeyError, ValueError, EOFError) as error:
+        model.load_state_dict(resumed.state_dict)
+        if not args.no_resume_opt:
+            if "optimizer" in raw:
+                optimizer.load_state_dict(raw["optimizer"])
+            if loss_scaler is not None and loss_scaler.state_dict_key in raw:
+                loss_scaler.load_state_dict(raw[loss_scaler.state_dict_key])
+    except (RuntimeError, KeyError, ValueError) as error:
         detail = "; ".join(line.strip() for line in str(error).strip().splitlines()[:3])
-        hint = ""
         # The usual cause: options that shape the model differ from the run's (its args are in the checkpoint).
-        saved = checkpoint_training_args(args.resume)
+        saved = resumed.args
         differing = [f"--{name.replace('_', '-')} {_option_text(saved[name])}"
                      for name in ("model", "img_size", "input_size", "num_classes", "layer_decay", "opt")
                      if name in saved and saved[name] != getattr(args, name)]
-        if differing:
-            hint = f"; the run was started with {' '.join(differing)}: resume with the same options"
-        else:
-            try:
-                from kat_timm.checkpoint import load_checkpoint, unwrap_state_dict
-                from kat_timm.factory import infer_architecture
-
-                state_dict, _ = unwrap_state_dict(load_checkpoint(args.resume))
-                hint = f"; it looks like a checkpoint of {infer_architecture(state_dict)}"
-            except Exception:
-                pass
+        hint = (f"; the run was started with {' '.join(differing)}: resume with the same options" if differing
+                else f"; it looks like a checkpoint of {resumed.architecture}" if resumed.architecture else "")
         raise CLIError(f"cannot resume from {args.resume} with --model {args.model}: {detail}{hint}") from error
+    # Checkpoints of version 2 and later record the epoch they finished (timm's resume_checkpoint adds one too).
+    return raw["epoch"] + 1 if raw.get("version", 1) > 1 else raw["epoch"]
 
 
 def _option_text(value: Any) -> str:
@@ -1016,34 +790,17 @@ def _option_text(value: Any) -> str:
     return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
-def _loss_functions(args: argparse.Namespace, mixing: bool, device):
-    from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-
-    if mixing:  # Mixup produces soft targets that already include the label smoothing
-        loss = BinaryCrossEntropy(target_threshold=args.bce_target_thresh) if args.bce_loss \
-            else SoftTargetCrossEntropy()
-    elif args.smoothing:
-        loss = BinaryCrossEntropy(smoothing=args.smoothing, target_threshold=args.bce_target_thresh) \
-            if args.bce_loss else LabelSmoothingCrossEntropy(smoothing=args.smoothing)
-    elif args.bce_loss:
-        loss = BinaryCrossEntropy(target_threshold=args.bce_target_thresh)
-    else:
-        import torch
-
-        loss = torch.nn.CrossEntropyLoss()
-    return loss.to(device)
-
-
 def _write_args_yaml(path: str, parsed: Dict[str, Any]) -> None:
     import yaml
 
-    options = {key: value for key, value in parsed.items() if key not in ("config", "data")}
+    # Not --resume: args.yaml is a config for new runs, and one naming a checkpoint would resume that run again.
+    options = {key: value for key, value in parsed.items() if key not in ("config", "data", "resume")}
 
     def write(partial: str) -> None:
         with open(partial, "w", encoding="utf-8") as file:
             yaml.safe_dump(options, file, default_flow_style=False, sort_keys=False)
 
-    _edit_atomically(path, write, start_from_current=False)
+    edit_atomically(path, write, start_from_current=False)
 
 
 def train(args: argparse.Namespace, prog: str = "kat-train") -> TrainResult:
@@ -1054,23 +811,25 @@ def train(args: argparse.Namespace, prog: str = "kat-train") -> TrainResult:
     import torch
 
     parsed = dict(vars(args))
-    _check_arguments(args)
+    resumed = _check_arguments(args)
     device = _init_device(args)
     primary = args.rank == 0
     _setup_logging(primary)
     from kat_timm.training.data import DataError
 
     try:
-        return _train(args, parsed, device, primary, prog)
+        return _train(args, parsed, resumed, device, primary, prog)
     except DataError as error:
         # Raised in a loader worker, it arrives with the worker's traceback in its message: keep the last line.
         raise CLIError(str(error).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
+    except TrainingError as error:
+        raise CLIError(str(error)) from None
     finally:
         if args.distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
-def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bool, prog: str) -> TrainResult:
+def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, primary: bool, prog: str) -> TrainResult:
     import torch
     from timm import utils
     from timm.data import Mixup, create_loader
@@ -1078,8 +837,6 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bo
     from timm.models import safe_model_name
     from timm.optim import create_optimizer_v2, optimizer_kwargs
     from timm.scheduler import create_scheduler_v2, scheduler_kwargs
-
-    from .validate import amp_autocast, create_eval_loader, default_amp_dtype, resolve_checked_data_config
 
     def say(message: str) -> None:
         if primary:
@@ -1092,11 +849,14 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bo
         raise CLIError(f"--num-classes {num_classes} is less than the {known_classes} classes of {data.train_name}",
                        code=2)
     args.class_names = data.classes  # saved in every checkpoint; kat-validate checks them
-    if args.resume and data.classes is not None:
-        _check_resumed_classes(args, args.class_names)
+    if resumed is not None and data.classes is not None:
+        _check_resumed_classes(args, args.class_names, resumed)
     utils.random_seed(args.seed, args.rank)
 
-    model = _create_model(args, num_classes)
+    try:
+        model = _create_model(args, num_classes)
+    except CLIError as error:
+        raise CLIError(_in_train_options(str(error)), code=error.code) from error.__cause__
     args.num_classes = num_classes
     if args.grad_checkpointing:
         try:
@@ -1123,16 +883,16 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bo
     if args.amp and device.type == "cuda" and args.amp_dtype == "float16":
         loss_scaler = utils.NativeScaler(device=device.type)  # bfloat16 needs no loss scaling
 
-    resume_epoch = _resume(args, model, optimizer, loss_scaler, primary) if args.resume else None
+    resume_epoch = _resume(args, resumed, model, optimizer, loss_scaler) if resumed is not None else None
 
     model_ema = None
     if args.model_ema:
         # Created after the model is on its device and before DDP wraps it, as timm does.
         model_ema = utils.ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
-        if args.resume:
-            from timm.models import load_checkpoint
+        if resumed is not None:  # the EMA weights, or the model's in a checkpoint without (as timm's loader does)
+            from kat_timm.checkpoint import unwrap_state_dict
 
-            load_checkpoint(model_ema.module, args.resume, use_ema=True)
+            model_ema.module.load_state_dict(unwrap_state_dict(resumed.raw)[0])
 
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -1168,7 +928,7 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bo
             data.val, data_config, args.validation_batch_size or args.batch_size,
             args.workers, rank=args.rank, world_size=args.world_size, pin_memory=args.pin_mem)
 
-    train_loss_fn = _loss_functions(args, mixing, device)
+    train_loss_fn = create_loss(args, mixing, device)
 
     updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
     schedule_options = scheduler_kwargs(args)
@@ -1176,6 +936,11 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bo
         schedule_options["plateau_mode"] = "min"  # without evaluation the schedule follows the training loss
     lr_scheduler, num_epochs = create_scheduler_v2(optimizer, **schedule_options, updates_per_epoch=updates_per_epoch)
     start_epoch = args.start_epoch if args.start_epoch is not None else (resume_epoch or 0)
+    if start_epoch >= num_epochs:
+        where = (f"--start-epoch {start_epoch}" if args.start_epoch is not None
+                 else f"the run {args.resume} finished at epoch {start_epoch - 1}")
+        raise CLIError(f"nothing to train: {where}, and --epochs {args.epochs} ends at epoch {num_epochs - 1} "
+                       f"(epochs count from 0); raise --epochs to train on", code=2)
     if lr_scheduler is not None and start_epoch > 0:
         if args.sched_on_updates:
             lr_scheduler.step_update(start_epoch * updates_per_epoch)
@@ -1198,12 +963,11 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bo
             checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing=eval_metric == "loss",
             max_history=args.checkpoint_hist)
         with _run_folder_writes(output_dir):
-            for stale in glob.glob(os.path.join(output_dir, "*.partial")):  # left by a killed run, never complete
-                _remove(stale)
+            remove_partials(output_dir)
             if args.resume:
-                saver.restore_history(args.resume)
+                saver.restore_history(args.resume, resumed.raw)
             _write_args_yaml(os.path.join(output_dir, "args.yaml"), parsed)
-            _edit_atomically(os.path.join(output_dir, "summary.csv"),
+            edit_atomically(os.path.join(output_dir, "summary.csv"),
                              lambda partial: utils.trim_summary(partial, start_epoch))
 
     unwrapped = utils.unwrap_model(model)
@@ -1230,7 +994,7 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bo
         + f"{num_classes if known_classes is None else known_classes} classes, "
           f"input {tuple(data_config['input_size'])}")
     say(f"{prog}: batch {args.batch_size} per process x {args.world_size} x {args.grad_accum_steps} accumulation "
-        f"= {args.batch_size * args.world_size * args.grad_accum_steps}; {updates_per_epoch} steps per epoch; "
+        f"= {args.batch_size * args.world_size * args.grad_accum_steps}; {updates_per_epoch} step{'s' if updates_per_epoch != 1 else ''} per epoch; "
         f"{args.opt} lr {args.lr:.3g}, {args.sched} schedule, weight decay {args.weight_decay}")
     say(f"{prog}: epochs {start_epoch}..{num_epochs - 1} (0-based)" + (f", resumed from {args.resume}"
                                                                        if args.resume else ""))
@@ -1247,10 +1011,11 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bo
         if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
             mixup_fn.mixup_enabled = False
         started = time.perf_counter()
-        train_metrics, num_updates = _train_one_epoch(
+        train_metrics, num_updates = loop.train_one_epoch(
             epoch, model, loader_train, optimizer, train_loss_fn, args, device, autocast=autocast,
             loss_scaler=loss_scaler, lr_scheduler=lr_scheduler, model_ema=model_ema, mixup_fn=mixup_fn,
-            saver=saver, num_updates=num_updates, num_epochs=num_epochs, primary=primary)
+            saver=saver, num_updates=num_updates, num_epochs=num_epochs, primary=primary,
+            folder_writes=lambda: _run_folder_writes(output_dir))
         if args.distributed and args.dist_bn in ("broadcast", "reduce"):
             utils.distribute_bn(model, args.world_size, args.dist_bn == "reduce")
 
@@ -1263,15 +1028,14 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], device, primary: bo
                 ema_metrics = _evaluate_epoch(model_ema.module, loader_eval, device, autocast, args.distributed)
                 eval_metrics.update({f"ema_{key}": value for key, value in ema_metrics.items()})
 
-        lrs = [group["lr"] for group in optimizer.param_groups]
-        lr = sum(lrs) / len(lrs)
+        lr = base_lr(optimizer)
         # The EMA weights rank the checkpoints when there is an EMA, as in timm.
         metric = None
         if eval_metrics is not None:
             metric = eval_metrics[f"ema_{eval_metric}" if model_ema is not None else eval_metric]
         if output_dir is not None:
             with _run_folder_writes(output_dir):
-                _edit_atomically(os.path.join(output_dir, "summary.csv"), lambda partial: utils.update_summary(
+                edit_atomically(os.path.join(output_dir, "summary.csv"), lambda partial: utils.update_summary(
                     epoch, train_metrics, eval_metrics, partial, lr=lr))
                 result.best_metric, result.best_epoch = saver.save_checkpoint(epoch, metric=metric)
         if lr_scheduler is not None:
@@ -1308,86 +1072,9 @@ def _device_name(device) -> str:
 
 
 def _evaluate_epoch(model, loader, device, autocast, distributed: bool) -> Dict[str, float]:
-    from .validate import evaluate
-
+    """The scores summary.csv and the epoch line show (evaluate also returns counts and timings)."""
     metrics = evaluate(model, loader, device, autocast, distributed=distributed)
     return {"loss": metrics["loss"], "top1": metrics["top1"], "top5": metrics["top5"]}
-
-
-def _train_one_epoch(epoch: int, model, loader, optimizer, loss_fn, args: argparse.Namespace, device, *,
-                     autocast, loss_scaler, lr_scheduler, model_ema, mixup_fn, saver, num_updates: int,
-                     num_epochs: int, primary: bool):
-    """One pass over ``loader``; returns ({"loss": mean training loss over all processes}, updates so far)."""
-    import torch
-    from timm.models import model_parameters
-    from timm.utils import dispatch_clip_grad, unwrap_model
-
-    model.train()
-    steps = len(loader)
-    accum = args.grad_accum_steps
-    progress = _Progress(steps, f"Train: {epoch}/{num_epochs - 1}", primary, args.log_interval)
-    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss x images, images
-    images_seen = 0
-    has_no_sync = hasattr(model, "no_sync")
-    optimizer.zero_grad(set_to_none=True)
-    try:
-        for step, (images, targets) in enumerate(loader):
-            group_start = step - step % accum
-            group_size = min(accum, steps - group_start)  # the last group of an epoch may be shorter
-            need_update = step - group_start == group_size - 1
-            images = images.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
-            if mixup_fn is not None:
-                images, targets = mixup_fn(images, targets)
-            if args.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-
-            sync = contextlib.nullcontext() if need_update or not has_no_sync else model.no_sync()
-            with sync:
-                with autocast():
-                    output = model(images)
-                    loss = loss_fn(output, targets)
-                scaled = loss / group_size if group_size > 1 else loss
-                if loss_scaler is not None:
-                    loss_scaler(scaled, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
-                                parameters=model_parameters(model, exclude_head="agc" in args.clip_mode),
-                                need_update=need_update)
-                else:
-                    scaled.backward()
-                    if need_update:
-                        if args.clip_grad is not None:
-                            dispatch_clip_grad(model_parameters(model, exclude_head="agc" in args.clip_mode),
-                                               value=args.clip_grad, mode=args.clip_mode)
-                        optimizer.step()
-
-            loss_value = loss.detach().float().item()
-            if not math.isfinite(loss_value):
-                raise CLIError(f"the training loss became {loss_value} at epoch {epoch}, step {step}; lower --lr, "
-                               f"add --clip-grad 1.0, or use --amp-dtype bfloat16 instead of float16")
-            batch = images.shape[0]
-            sums += torch.tensor([loss_value * batch, batch], dtype=torch.float64, device=device)
-            images_seen += batch * args.world_size
-
-            if need_update:
-                optimizer.zero_grad(set_to_none=True)
-                num_updates += 1
-                if model_ema is not None:
-                    model_ema.update(unwrap_model(model), step=num_updates)
-                if lr_scheduler is not None:
-                    lr_scheduler.step_update(num_updates=num_updates, metric=float(sums[0] / sums[1]))
-                if saver is not None and args.recovery_interval and num_updates % args.recovery_interval == 0:
-                    with _run_folder_writes(saver.recovery_dir):
-                        saver.save_recovery(epoch, batch_idx=step)
-            lr = optimizer.param_groups[0]["lr"]
-            progress.update(step + 1, images_seen, loss=loss_value, lr=lr)
-    finally:
-        progress.close()
-    if hasattr(optimizer, "sync_lookahead"):
-        optimizer.sync_lookahead()
-    if args.distributed:
-        torch.distributed.all_reduce(sums)
-    loss_sum, count = sums.tolist()
-    return OrderedDict(loss=loss_sum / max(count, 1.0)), num_updates
 
 
 def main(argv: Optional[List[str]] = None, prog: str = "kat-train") -> int:

@@ -7,115 +7,29 @@ The images are prepared as the model's pretrained_cfg says (timm's ``resolve_dat
 is printed as JSON shaped like timm's validate.py (model, top1, top1_err, top5, top5_err, param_count, img_size,
 crop_pct, interpolation) plus loss, images/s and the image count; ``--results-file`` also writes it.
 
-:func:`evaluate` is the one evaluation loop of the project: ``kat-train`` calls it after every epoch.
+:func:`kat_timm.training.evaluation.evaluate` is the loop, the same one ``kat-train`` runs after every epoch.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
+from kat_timm.training.data import DataError
+from kat_timm.training.evaluation import amp_autocast, create_eval_loader, default_workers, evaluate
+from kat_timm.training.saver import write_atomically
+
 from . import CLIError, run_main
 from .common import (add_dataset_reader_arguments, add_model_arguments, check_backend_setting, check_preprocessing,
-                     check_writable_folder, checkpoint_training_args, create_sized_model, resolve_device)
+                     check_writable_folder, create_sized_model, resolve_device)
 
-__all__ = ["create_eval_loader", "evaluate", "main"]
+__all__ = ["build_parser", "main", "resolve_checked_data_config"]
 
-
-def create_eval_loader(dataset, data_config: Dict[str, Any], batch_size: int, workers: int,
-                       rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """A loader of ``dataset`` with timm's evaluation transform for ``data_config``.
-
-    Under several processes each takes every ``world_size``-th image starting at ``rank``, so together they see
-    every image exactly once (timm's distributed evaluation pads with repeats; exact sums need no padding); a
-    streamed dataset (WebDataset) gives each process its own shards instead. Images
-    that cannot be decoded are left out of the batches (a batch of only such images is None, which
-    :func:`evaluate` skips), so they are neither scored nor counted.
-    """
-    from timm.data import create_transform
-
-    from kat_timm.training.data import collate_readable
-
-    if hasattr(dataset, "skip_unreadable"):  # an unreadable image is left out, not replaced by (and counted as) another
-        dataset.skip_unreadable = True
-    dataset.transform = create_transform(
-        data_config["input_size"], is_training=False, interpolation=data_config["interpolation"],
-        mean=data_config["mean"], std=data_config["std"], crop_pct=data_config["crop_pct"],
-        crop_mode=data_config.get("crop_mode"))
-    if isinstance(dataset, torch.utils.data.IterableDataset):
-        # A streamed reader (wds/, hfids/) splits its shards between processes and loader workers itself.
-        if hasattr(dataset, "set_loader_cfg"):
-            dataset.set_loader_cfg(num_workers=workers)
-        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                           pin_memory=pin_memory, persistent_workers=False, collate_fn=collate_readable)
-    indices = list(range(rank, len(dataset), world_size))
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=indices, num_workers=workers, pin_memory=pin_memory,
-        persistent_workers=False, collate_fn=collate_readable)
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: torch.utils.data.DataLoader, device: torch.device,
-             autocast: Callable[[], ContextManager] = contextlib.nullcontext, distributed: bool = False,
-             progress: Optional[Callable[[int, int], None]] = None) -> Dict[str, float]:
-    """Cross-entropy loss, top-1 and top-5 accuracy (in %) of ``model`` over every batch of ``loader``.
-
-    Sums are kept in float64 and, when ``distributed``, added across processes, so the result is exact and the
-    same on every rank. With fewer than 5 classes, top-5 counts the top ``num_classes``.
-
-    Args:
-        model: the model (put in eval mode here).
-        loader: yields (images, integer labels).
-        device: where the model is.
-        autocast: a factory of the mixed-precision context (``--amp``), or a null context.
-        distributed: add the sums across the torch.distributed group.
-        progress: called as ``progress(batches_done, total_batches)`` after each batch.
-
-    Returns:
-        ``{"loss", "top1", "top5", "count", "seconds", "images_per_second"}``.
-    """
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, images
-    start = time.perf_counter()
-    for index, batch in enumerate(loader):
-        if batch is None:  # every image of this batch was unreadable (see create_eval_loader)
-            if progress is not None:
-                progress(index + 1, len(loader))
-            continue
-        images, targets = batch
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        with autocast():
-            logits = model(images)
-        logits = logits.float()
-        k = min(5, logits.shape[-1])
-        top = logits.topk(k, dim=-1).indices
-        hits = top.eq(targets[:, None])
-        sums += torch.stack([
-            torch.nn.functional.cross_entropy(logits, targets, reduction="sum").double(),
-            hits[:, 0].sum().double(), hits.any(dim=-1).sum().double(),
-            torch.tensor(float(targets.numel()), dtype=torch.float64, device=device)])
-        if progress is not None:
-            progress(index + 1, len(loader))
-    if distributed:
-        torch.distributed.all_reduce(sums)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    model.train(was_training)
-    loss, top1, top5, count = sums.tolist()
-    if count == 0:
-        raise CLIError("the evaluation split yielded no images")
-    return {"loss": loss / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count,
-            "count": int(count), "seconds": seconds, "images_per_second": count / max(seconds, 1e-9)}
+DEFAULT_MODEL = "kat_tiny_patch16_224"
 
 
 def build_parser(prog: str = "kat-validate") -> argparse.ArgumentParser:
@@ -151,9 +65,13 @@ def build_parser(prog: str = "kat-validate") -> argparse.ArgumentParser:
     group.add_argument("--std", type=float, nargs="+", default=None, metavar="STD")
     group.add_argument("--interpolation", default="", metavar="NAME")
     group.add_argument("-b", "--batch-size", type=int, default=256, metavar="N", help="(default: 256)")
-    group.add_argument("-j", "--workers", type=int, default=4, metavar="N",
-                       help="data loading processes (default: 4; 0 loads in the main process)")
-    add_model_arguments(parser, default_model="kat_tiny_patch16_224")
+    group.add_argument("-j", "--workers", type=int, default=None, metavar="N",
+                       help="data loading processes (default: 4, or the usable CPU count if lower; 0 loads in the "
+                            "main process)")
+    add_model_arguments(parser, default_model=DEFAULT_MODEL)
+    parser.set_defaults(model=None)  # not given: the checkpoint's own architecture, else DEFAULT_MODEL
+    next(action for action in parser._actions if action.dest == "model").help = (
+        f"a timm model name, with an optional .tag (default: the --checkpoint's architecture, else {DEFAULT_MODEL})")
     group = parser.add_argument_group("run")
     group.add_argument("--model-kwargs", nargs="*", default={}, action=KeywordArguments, metavar="KEY=VALUE",
                        help="extra keyword arguments for timm.create_model (default: a kat-train checkpoint's)")
@@ -182,6 +100,72 @@ class KeywordArguments(argparse.Action):
             except (ValueError, SyntaxError):
                 result[key] = value
         setattr(namespace, self.dest, result)
+
+
+def _read_checkpoint(args: argparse.Namespace):
+    """--checkpoint, read once: its model weights unless --use-ema (timm validate.py's choice), its run's options."""
+    from kat_timm.checkpoint import CheckpointError
+    from kat_timm.factory import read_checkpoint
+
+    if args.pretrained:
+        raise CLIError("give --pretrained or --checkpoint, not both", code=2)
+    try:
+        return read_checkpoint(args.checkpoint, use_ema=bool(args.use_ema))
+    except CheckpointError as error:
+        raise CLIError(str(error)) from None
+
+
+def _create_model(args: argparse.Namespace, loaded, size: Optional[List[int]], model_kwargs: Dict[str, Any]):
+    """The model to evaluate: the checkpoint's (its architecture, size and classes unless given here), or by name."""
+    if loaded is None:
+        return create_sized_model(args.model, size, pretrained=args.pretrained, use_ema=args.use_ema,
+                                  num_classes=args.num_classes, **model_kwargs)
+    if args.num_classes is not None:
+        model_kwargs["num_classes"] = args.num_classes
+    return create_from_checkpoint(args.model, loaded, size, model_kwargs,
+                                  size_given=args.img_size is not None or args.input_size is not None)
+
+
+def create_from_checkpoint(name: str, loaded, size: Optional[List[int]], model_kwargs: Dict[str, Any],
+                           size_given: bool) -> torch.nn.Module:
+    """``kat_timm.factory.create_model(name, loaded, **model_kwargs)`` built for ``size`` where the model takes an
+    ``img_size`` (a ViT or KAT's position embedding fits one size; the checkpoint's own unless ``size_given``), with
+    its errors as ``CLIError``.
+
+    Args:
+        name: the timm model name.
+        loaded: the checkpoint, from ``kat_timm.factory.read_checkpoint``.
+        size: the image size, (H, W) or (N,); None: the checkpoint's.
+        model_kwargs: more keyword arguments for the model.
+        size_given: the size came from the command line, so it replaces the one the checkpoint records.
+    """
+    from kat_timm.checkpoint import CheckpointError
+    from kat_timm.factory import create_model
+
+    from .common import check_model_input_size, check_model_name
+
+    check_model_name(name)
+    if size is not None:
+        built = tuple(size) if len(size) > 1 else int(size[0])
+        if size_given:
+            model_kwargs["img_size"] = built
+        else:
+            model_kwargs.setdefault("img_size", built)
+    try:
+        try:
+            model = create_model(name, loaded, **model_kwargs)
+        except TypeError as error:
+            if "img_size" not in str(error) or "img_size" not in model_kwargs:
+                taken = ", ".join(sorted(key for key in model_kwargs if f"'{key}'" in str(error))) or str(error)
+                raise CLIError(f"{name} does not take the keyword argument {taken} (from --model-kwargs or an "
+                               f"option); remove it", code=2) from None
+            model_kwargs.pop("img_size")  # a size-agnostic model (ResNet)
+            model = create_model(name, loaded, **model_kwargs)
+    except CheckpointError as error:
+        raise CLIError(str(error)) from None
+    if size is not None and model_kwargs.get("img_size") == built:
+        check_model_input_size(model, size, "the image size")
+    return model
 
 
 def _trained_classes(split, trained: List[str], checkpoint: Path):
@@ -229,30 +213,8 @@ def resolve_checked_data_config(options: Dict[str, Any], model: torch.nn.Module)
     return resolve_data_config(options, model=model)
 
 
-def default_amp_dtype(dtype_name: Optional[str], device: torch.device) -> str:
-    """``--amp-dtype`` when given, else float16 on CUDA and bfloat16 on the CPU.
-
-    timm defaults to float16 everywhere, but CPU autocast in float16 runs many times slower than float32 (one KAT-T
-    epoch at 32 px: 0.6 s float32, 2.3 s bfloat16, 18-26 s float16 on a 2-core VM), while bfloat16 is the CPU's
-    native low precision.
-    """
-    if dtype_name:
-        return dtype_name
-    return "float16" if device.type == "cuda" else "bfloat16"
-
-
-def amp_autocast(enabled: bool, dtype_name: Optional[str], device: torch.device) -> Callable[[], ContextManager]:
-    """A factory of the autocast context for ``--amp``/``--amp-dtype`` on ``device`` (a null context when off)."""
-    dtype_name = default_amp_dtype(dtype_name, device)
-    if not enabled:
-        return contextlib.nullcontext
-    dtype = torch.bfloat16 if dtype_name == "bfloat16" else torch.float16
-    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def _open_reader_dataset(args: argparse.Namespace, data_dir: Optional[str], trained: Dict[str, Any]):
     """--dataset hfds/..., wds/..., torch/...: (dataset, class names or None, its name in messages)."""
-    from kat_timm.training.data import DataError
     from kat_timm.training.readers import DatasetSpec, dataset_class_names, open_dataset
 
     spec = DatasetSpec(name=args.dataset, root=data_dir, download=args.dataset_download,
@@ -282,6 +244,8 @@ def _validate(args: argparse.Namespace) -> int:
                        "wds/NAME the folder of the shards)", code=2)
     if args.num_samples is not None and args.num_samples < 1:
         raise CLIError(f"--num-samples must be at least 1, got {args.num_samples}", code=2)
+    if args.workers is None:
+        args.workers = default_workers()
     if args.batch_size < 1 or args.workers < 0:
         raise CLIError("--batch-size must be at least 1 and --workers at least 0", code=2)
     if args.num_classes is not None and args.num_classes < 1:
@@ -294,7 +258,9 @@ def _validate(args: argparse.Namespace) -> int:
         _check_writable(results_file)
     device = resolve_device(args.device)
 
-    trained = checkpoint_training_args(args.checkpoint) if args.checkpoint is not None else {}
+    loaded = _read_checkpoint(args) if args.checkpoint is not None else None
+    trained = loaded.args if loaded is not None else {}
+    args.model = args.model or (loaded.architecture if loaded is not None else None) or DEFAULT_MODEL
     if not folder:
         dataset, classes, data_name = _open_reader_dataset(args, data_dir, trained)
     else:
@@ -309,8 +275,7 @@ def _validate(args: argparse.Namespace) -> int:
     if trained.get("gp"):
         model_kwargs["global_pool"] = trained["gp"]
     model_kwargs.update(args.model_kwargs)
-    model = create_sized_model(args.model, size, pretrained=args.pretrained, checkpoint=args.checkpoint,
-                               use_ema=args.use_ema, num_classes=args.num_classes, prefer_ema=False, **model_kwargs)
+    model = _create_model(args, loaded, size, model_kwargs)
     num_classes = getattr(model, "num_classes", None)
     # Labels from sorted folder names mean something only for a model with exactly that many classes; labels from
     # the checkpoint's class list or a class map may use the first outputs of a larger classifier
@@ -324,19 +289,25 @@ def _validate(args: argparse.Namespace) -> int:
                        f"{num_classes} class names in label order")
     model.to(device)
 
+    built_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if preprocessing["img_size"] is None and preprocessing["input_size"] is None and built_size is not None:
+        preprocessing["input_size"] = (3, *built_size)  # e.g. a run given only --model-kwargs img_size=32
     data_config = resolve_checked_data_config(preprocessing, model)
     loader = create_eval_loader(dataset, data_config, args.batch_size, args.workers,
                                 pin_memory=device.type == "cuda")
     class_count = f"{len(classes)} classes" if classes is not None else "classes unnamed"
     print(f"validating {args.model} on {data_name}: {len(dataset)} images, {class_count}, "
           f"input {tuple(data_config['input_size'])}, {device.type}", file=sys.stderr)
-    metrics = evaluate(model, loader, device, amp_autocast(args.amp, args.amp_dtype, device))
+    try:
+        metrics = evaluate(model, loader, device, amp_autocast(args.amp, args.amp_dtype, device))
+    except DataError as error:  # from a loader worker it carries the worker's traceback: keep the last line
+        raise CLIError(str(error).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
     return _report(args, model, data_config, metrics, len(dataset), results_file)
 
 
 def _open_folder_dataset(args: argparse.Namespace, data_dir: str, trained: Dict[str, Any]):
     """An ImageFolder split, checked (kat_timm.training.data): (dataset, class names, its folder in messages)."""
-    from kat_timm.training.data import DataError, ImageFolderDataset, check_readable_classes, check_split, load_class_names
+    from kat_timm.training.data import ImageFolderDataset, check_readable_classes, check_split, load_class_names
 
     try:
         if args.class_map:
@@ -395,19 +366,6 @@ def _check_writable(path: Path) -> None:
         raise CLIError(f"--results-file {path} is a folder; give the JSON file to write, e.g. "
                        f"{path / 'results.json'}", code=2)
     check_writable_folder(path.parent, f"--results-file {path}")
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through ``PATH.partial`` and a rename, so ``path`` is never half-written; the
-    partial file is removed when the write fails (a full disk, say)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    try:
-        partial.write_text(text, encoding="utf-8")
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
 
 
 def main(argv: Optional[List[str]] = None, prog: str = "kat-validate") -> int:

@@ -10,9 +10,11 @@ import copy
 import csv
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -20,6 +22,7 @@ import pytest
 import torch
 
 from kat_timm.cli import train as train_module
+from kat_timm.training import loop as loop_module
 from kat_timm.cli.train import parse_args, train
 from tests.helpers import fill_uninitialised_, one_thread_env, save_vit_as_npz, sigkill_training_after_first_checkpoint
 from tests.training.test_data import make_image_folder, write_corrupt_image
@@ -53,13 +56,13 @@ def summary_epochs(run_dir: Path) -> list:
 def record_starting_weights(monkeypatch) -> dict:
     """Make kat-train record the model's state dict as its first epoch starts: ``returned["start"]``."""
     seen = {}
-    original = train_module._train_one_epoch
+    original = loop_module.train_one_epoch
 
     def spy(epoch, model, *args, **kwargs):
         seen.setdefault("start", copy.deepcopy(model.state_dict()))
         return original(epoch, model, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "_train_one_epoch", spy)
+    monkeypatch.setattr(loop_module, "train_one_epoch", spy)
     return seen
 
 
@@ -84,7 +87,7 @@ def test_two_epochs_then_resume_restores_optimizer_ema_schedule_and_epoch(data, 
     assert saved["args"].class_names == ["blue", "green", "red"]
 
     seen = {}
-    original = train_module._train_one_epoch
+    original = loop_module.train_one_epoch
 
     def spy(epoch, model, loader, optimizer, *args, **kwargs):
         if not seen:  # the state the resumed run starts from
@@ -94,7 +97,7 @@ def test_two_epochs_then_resume_restores_optimizer_ema_schedule_and_epoch(data, 
                         ema=copy.deepcopy(kwargs["model_ema"].module.state_dict()), lr=optimizer.param_groups[0]["lr"])
         return original(epoch, model, loader, optimizer, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "_train_one_epoch", spy)
+    monkeypatch.setattr(loop_module, "train_one_epoch", spy)
     resumed = train(parse_args(run_args(data, out, "--epochs", "3", "--mixup", "0.8", "--model-ema",
                                         "--model-ema-decay", "0.9", "--resume", str(run_dir / "last.pth.tar"))))
     assert resumed.start_epoch == 2 and seen["epoch"] == 2, "the run after epochs 0 and 1 must continue at epoch 2"
@@ -339,33 +342,6 @@ def test_batch_larger_than_the_data(data, tmp_path, capsys):
     assert "not one full batch of 64" in capsys.readouterr().err
 
 
-def test_atomic_saver_never_exposes_a_partial_checkpoint(tmp_path, monkeypatch):
-    """Every file under a *.pth.tar name appears by rename, complete; timm's unlink-then-rename is gone."""
-    model = torch.nn.Linear(3, 2)
-    saver = train_module.AtomicCheckpointSaver(model, torch.optim.SGD(model.parameters(), lr=0.1), checkpoint_dir=str(tmp_path),
-                        max_history=2)
-    complete_names = []
-    real_replace = os.replace
-
-    def watch_replace(src, dst):
-        assert not str(src).endswith(".pth.tar") or Path(src).name == "tmp.pth.tar", src
-        assert torch.load(src, weights_only=True)["epoch"] >= 0, f"{src} is incomplete when renamed"
-        complete_names.append(Path(dst).name)
-        real_replace(src, dst)
-
-    unlinked = []
-    monkeypatch.setattr(train_module.os, "replace", watch_replace)
-    monkeypatch.setattr(os, "unlink", lambda path: unlinked.append(path))
-    for epoch, metric in enumerate([1.0, 3.0, 2.0]):
-        saver.save_checkpoint(epoch, metric)
-    assert not unlinked, "last.pth.tar must be replaced, never deleted first"
-    assert {"tmp.pth.tar", "last.pth.tar", "checkpoint-0.pth.tar", "checkpoint-1.pth.tar", "model_best.pth.tar",
-            "checkpoint-2.pth.tar"} <= set(complete_names)
-    kept = sorted(path.name for path in tmp_path.glob("checkpoint-*.pth.tar"))
-    assert kept == ["checkpoint-1.pth.tar", "checkpoint-2.pth.tar"], "the 2 best by metric are kept"
-    assert torch.load(tmp_path / "model_best.pth.tar", weights_only=True)["epoch"] == 1
-
-
 def test_help_mentions_img_size_for_fixed_size_models_and_the_corrupt_image_rule(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--help"])
@@ -434,7 +410,7 @@ def test_gradient_accumulation_short_last_group_steps_with_its_own_mean_gradient
     """48 images, batch 8, 4 accumulation steps: 6 batches, so updates over 4 batches and then 2. The second update
     must move the weights by -lr x the mean gradient over exactly those 16 images (a 1/4 scaling would halve it)."""
     record = {}
-    original = train_module._train_one_epoch
+    original = loop_module.train_one_epoch
 
     def spy(epoch, model, loader, optimizer, loss_fn, *args, **kwargs):
         record.update(model=model, copy=copy.deepcopy(model), images=[], targets=[], before_step=[])
@@ -453,7 +429,7 @@ def test_gradient_accumulation_short_last_group_steps_with_its_own_mean_gradient
         monkeypatch.setattr(optimizer, "step", recording_step)
         return original(epoch, model, loader, optimizer, recording_loss, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "_train_one_epoch", spy)
+    monkeypatch.setattr(loop_module, "train_one_epoch", spy)
     lr = 0.05
     train(parse_args(run_args(data, tmp_path / "out", "--epochs", "1", "--val-split", "", "--no-aug", "--smoothing",
                               "0", "--drop-path", "0", "--opt", "momentum", "--momentum", "0", "--weight-decay", "0",
@@ -494,10 +470,131 @@ def test_amp_on_cpu_defaults_to_bfloat16(data, tmp_path, capsys, monkeypatch):
     assert dtypes and set(dtypes) == {torch.bfloat16}
 
 
-def test_amp_dtype_given_explicitly_wins_on_every_device():
-    from kat_timm.cli.validate import default_amp_dtype
+def test_resume_with_another_layer_decay_is_refused_naming_both_values(data, tmp_path, capsys):
+    """Issue 11, item 2: the restored optimizer would keep 0.75's lr scales while the run records 0.65."""
+    checkpoint = _fake_run_checkpoint(tmp_path / "last.pth.tar", opt="adamw", layer_decay=0.75,
+                                      class_names=["blue", "green", "red"])
+    assert train_module.main(run_args(data, tmp_path / "out", "--resume", str(checkpoint), "--layer-decay",
+                                      "0.65")) == 2
+    error = capsys.readouterr().err
+    assert f"--resume {checkpoint} was trained with --layer-decay 0.75, not 0.65" in error, error
+    assert "Resume with --layer-decay 0.75, or add --no-resume-opt" in error and error.count("\n") == 1, error
 
-    assert default_amp_dtype(None, torch.device("cpu")) == "bfloat16"
-    assert default_amp_dtype(None, torch.device("cuda")) == "float16"
-    assert default_amp_dtype("float16", torch.device("cpu")) == "float16"
-    assert default_amp_dtype("bfloat16", torch.device("cuda")) == "bfloat16"
+
+def test_args_yaml_of_a_resumed_run_does_not_resume_it_again_and_a_finished_run_says_so(data, tmp_path, capsys):
+    """Issue 11, item 3: a resumed run's args.yaml used to hold resume:, so -c args.yaml --experiment new resumed the
+    old run again and trained nothing (exit 0); re-running a finished run also exited 0 without a word."""
+    out = tmp_path / "out"
+    assert train_module.main(run_args(data, out, "--epochs", "1", "--val-split", "")) == 0
+    last = out / "run" / "last.pth.tar"
+    assert train_module.main(run_args(data, None, "--epochs", "2", "--val-split", "", "--resume", str(last))) == 0
+    capsys.readouterr()
+    args = parse_args(["-c", str(out / "run" / "args.yaml"), "--experiment", "new"])
+    assert args.resume == "" and args.epochs == 2, "args.yaml must be a config for a new run"
+
+    assert train_module.main(run_args(data, None, "--epochs", "2", "--val-split", "", "--resume", str(last))) == 2
+    error = capsys.readouterr().err
+    assert (f"nothing to train: the run {last} finished at epoch 1, and --epochs 2 ends at epoch 1 (epochs count "
+            f"from 0); raise --epochs to train on") in error, error
+
+
+def test_a_configs_resume_is_ignored_for_a_new_experiment_with_a_note(tmp_path, capsys):
+    """Issue 11, item 3, for args.yaml files written before resume was left out of them."""
+    config = tmp_path / "args.yaml"
+    config.write_text("resume: old/last.pth.tar\nepochs: 3\n")
+    assert parse_args(["-c", str(config)]).resume == "old/last.pth.tar"
+    assert parse_args(["-c", str(config), "--experiment", "new"]).resume == ""
+    assert "ignoring resume: old/last.pth.tar of config" in capsys.readouterr().err
+    assert parse_args(["-c", str(config), "--experiment", "new", "--resume", "x.pth.tar"]).resume == "x.pth.tar"
+
+
+def test_offline_pretrained_error_suggests_only_options_kat_train_has(data, tmp_path, capsys, offline_hub):
+    """Issue 11, item 4: the advice said --checkpoint FILE, which argparse reads as --checkpoint-hist."""
+    assert train_module.main(run_args(data, tmp_path / "out", "--pretrained")) == 1
+    error = capsys.readouterr().err
+    suggested = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", error))
+    assert suggested, error
+    known = train_module.build_parser()._option_string_actions
+    assert all(option in known for option in suggested), (sorted(suggested - set(known)), error)
+
+
+def test_config_pretrained_true_is_switched_off_on_the_command_line(tmp_path):
+    config = tmp_path / "recipe.yaml"
+    config.write_text("pretrained: true\nmodel_ema: true\nepochs: 3\n")
+    assert parse_args(["-c", str(config)]).pretrained is True
+    args = parse_args(["-c", str(config), "--no-pretrained", "--no-model-ema"])
+    assert args.pretrained is False and args.model_ema is False and args.epochs == 3
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("epochs: 1.5", "epochs: expected an integer, got 1.5"),
+    ("lr: true", "lr: expected a number, got True"),
+    ("input_size: [3, 32]", "input_size: expected a list of 3 values, got [3, 32]"),
+])
+def test_config_values_go_through_the_options_own_types(tmp_path, capsys, line, expected):
+    config = tmp_path / "bad.yaml"
+    config.write_text(line + "\n")
+    with pytest.raises(SystemExit):
+        parse_args(["-c", str(config)])
+    assert expected in capsys.readouterr().err
+
+
+def test_default_workers_stay_within_the_cpus_without_pytorchs_warning(data, tmp_path, monkeypatch):
+    """Issue 11, item 7: the default --workers 4 made PyTorch warn on a 2-core machine, several times per run."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    argv = [item for item in run_args(data, tmp_path / "out", "--epochs", "1") if item != "--workers"]
+    argv.remove("0")
+    assert parse_args(argv).workers is None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert train_module.main(argv) == 0
+    worker_warnings = [str(item.message) for item in caught if "worker" in str(item.message)]
+    assert not worker_warnings, worker_warnings
+
+
+def test_progress_and_epoch_lines_show_the_same_unscaled_lr_with_layer_decay(data, tmp_path, capsys):
+    """Issue 11, item 7: the progress bar showed the most-decayed group's lr, the epoch line the mean (12x apart)."""
+    assert train_module.main(run_args(data, tmp_path / "out", "--epochs", "1", "--val-split", "", "--batch-size",
+                                      "48", "--layer-decay", "0.5")) == 0
+    out = capsys.readouterr().out
+    assert "; 1 step per epoch;" in out, out
+    progress = re.findall(r"\[1/1\].* lr (\S+)", out)
+    epoch = re.findall(r"epoch 0: .*\| lr (\S+)", out)
+    assert progress and epoch and float(progress[0]) == float(epoch[0]) == 1e-3, out
+
+
+def test_a_resumed_run_reads_its_checkpoint_once(data, tmp_path, monkeypatch):
+    """Weights, optimizer, EMA, epoch, saver history and the checks all come from one read of last.pth.tar (it was
+    read four times)."""
+    out = tmp_path / "out"
+    assert train_module.main(run_args(data, out, "--epochs", "1", "--model-ema")) == 0
+    last = (out / "run" / "last.pth.tar").resolve()
+    reads = []
+    real_load = torch.load
+
+    def counting_load(file, *args, **kwargs):
+        if Path(os.fspath(file)).resolve() == last:
+            reads.append(kwargs.get("mmap"))
+        return real_load(file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    result = train(parse_args(run_args(data, None, "--epochs", "2", "--model-ema", "--resume", str(last))))
+    assert result.start_epoch == 1 and [row["epoch"] for row in result.history] == [1]
+    assert len(reads) == 1, f"last.pth.tar was read {len(reads)} times"
+
+
+def test_pretrained_path_is_read_once(data, tmp_path, monkeypatch, kat_tiny_weights, ckpt):
+    """timm gets the state dict kat-train read (for its coverage check) instead of reading the file again."""
+    weights = ckpt.save_released(kat_tiny_weights["scratch"], tmp_path / "weights" / "kat_tiny.bin").resolve()
+    reads = []
+    real_load = torch.load
+
+    def counting_load(file, *args, **kwargs):
+        if Path(os.fspath(file)).resolve() == weights:
+            reads.append(file)
+        return real_load(file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    result = train(parse_args(run_args(data, tmp_path / "out", "--model", "kat_tiny_patch16_224", "--epochs", "1",
+                                       "--val-split", "", "--pretrained-path", str(weights))))
+    assert math.isfinite(result.history[0]["train_loss"]) and len(reads) == 1, f"read {len(reads)} times"

@@ -219,9 +219,10 @@ def test_wds_resume_after_sigkill(shards, tmp_path):
 DDP_SCRIPT = textwrap.dedent("""
     import json, os, sys
     from kat_timm.cli import train as train_module
+    from kat_timm.training import loop as loop_module
 
     seen = []
-    original = train_module._train_one_epoch
+    original = loop_module.train_one_epoch
 
     class Recording:
         # the loader, recording the labels this process trains on
@@ -237,7 +238,7 @@ DDP_SCRIPT = textwrap.dedent("""
     def spy(epoch, model, loader, *args, **kwargs):
         return original(epoch, model, Recording(loader), *args, **kwargs)
 
-    train_module._train_one_epoch = spy
+    loop_module.train_one_epoch = spy
     result = train_module.train(train_module.parse_args(sys.argv[2:]))
     with open(os.path.join(sys.argv[1], "rank%s.json" % os.environ["RANK"]), "w") as file:
         json.dump({"labels": seen, "loss": result.history[-1]["train_loss"],

@@ -26,6 +26,8 @@ import pytest
 import torch
 
 from kat_timm.cli import train as train_module
+from kat_timm.training import loop as loop_module
+from kat_timm.training import saver as saver_module
 from tests.cli.test_train import load_training_checkpoint, run_args, summary_epochs
 from tests.helpers import one_thread_env, torch_threads
 from tests.training.test_data import make_image_folder
@@ -42,15 +44,16 @@ CHILD = textwrap.dedent("""
     spec = json.loads(sys.argv[1])
     top1 = {int(epoch): value for epoch, value in spec["top1"].items()}
     from kat_timm.cli import train as t
+    from kat_timm.training import loop
 
     current = {}
-    real_epoch, real_replace = t._train_one_epoch, os.replace
+    real_epoch, real_replace = loop.train_one_epoch, os.replace
 
     def one_epoch(epoch, *args, **kwargs):
         current["epoch"] = epoch
         return real_epoch(epoch, *args, **kwargs)
 
-    t._train_one_epoch = one_epoch
+    loop.train_one_epoch = one_epoch
     t._evaluate_epoch = lambda *args: {"loss": 1.0, "top1": top1[current["epoch"]], "top5": 100.0}
     fault = spec["fault"]
     if fault == "kill_at_replace":  # before the Nth rename into the run folder
@@ -78,13 +81,13 @@ CHILD = textwrap.dedent("""
 def fixed_metrics(monkeypatch) -> None:
     """Replace the evaluation by TOP1[epoch] (in this process; the child does the same)."""
     current = {}
-    real_epoch = train_module._train_one_epoch
+    real_epoch = loop_module.train_one_epoch
 
     def one_epoch(epoch, *args, **kwargs):
         current["epoch"] = epoch
         return real_epoch(epoch, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "_train_one_epoch", one_epoch)
+    monkeypatch.setattr(loop_module, "train_one_epoch", one_epoch)
     monkeypatch.setattr(train_module, "_evaluate_epoch",
                         lambda *args: {"loss": 1.0, "top1": TOP1[current["epoch"]], "top5": 100.0})
 
@@ -211,13 +214,13 @@ def test_no_space_left_names_the_file(run, monkeypatch, capsys):
     import errno
     data, folder = run
     fixed_metrics(monkeypatch)
-    real_write = train_module._ErrnoKeepingFile.write
+    real_write = saver_module._ErrnoKeepingFile.write
 
     def full(self, data):
         real_write(self, bytes(data)[:10])
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(train_module._ErrnoKeepingFile, "write", full)
+    monkeypatch.setattr(saver_module._ErrnoKeepingFile, "write", full)
     assert train_module.main(resume_args(data, folder, 2)) == 1
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"no space left on device at {folder / 'tmp.pth.tar'}" in error, error

@@ -89,7 +89,7 @@ def test_checkpoint_of_another_architecture(trained, capsys):
     code, _, err = run_validate(capsys, "--data-dir", data, "--model", "kat_small_patch16_224",
                                 "--checkpoint", run_dir / "last.pth.tar")
     assert code == 1
-    assert "does not fit kat_small_patch16_224" in err and "kat_tiny" in err, err
+    assert "holds a kat_tiny, not a kat_small_patch16_224: give the matching model name" in err, err
 
 
 def test_use_ema_on_a_checkpoint_without_ema(trained, tmp_path, capsys):
@@ -252,3 +252,23 @@ def test_model_kwargs_without_equals_sign_is_a_usage_error(capsys):
         validate_module.main(["--model-kwargs", "act_init"])
     assert exit_info.value.code == 2
     assert "--model-kwargs: expected KEY=VALUE, got 'act_init'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recorded", [{"img_size": 32, "model_kwargs": {"img_size": 32}},
+                                      {"img_size": None, "model_kwargs": {"img_size": 32}}],
+                         ids=["timm-train-img-size-and-model-kwargs", "model-kwargs-only"])
+def test_checkpoint_trained_at_another_size_through_model_kwargs(trained, tmp_path, capsys, recorded):
+    """Issue 11, item 1: a run recording img_size=32 in its model_kwargs (timm's train.py needs both --img-size and
+    --model-kwargs img_size=N) crashed with "got multiple values for argument 'img_size'"."""
+    data, run, _ = trained
+    checkpoint = _with_run_args(run / "model_best.pth.tar", tmp_path, "sized.pth.tar", **recorded)
+    code, out, err = run_validate(capsys, "--data-dir", data, "--checkpoint", checkpoint)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["img_size"] == 32 and result["model"] == "kat_tiny" and result["top1"] > 50, result
+
+
+def test_model_defaults_to_the_checkpoints_architecture(trained, tmp_path, capsys):
+    data, run, _ = trained
+    code, out, err = run_validate(capsys, "--data-dir", data, "--checkpoint", run / "last.pth.tar")
+    assert code == 0 and json.loads(out)["model"] == "kat_tiny", err

@@ -1,0 +1,220 @@
+"""Checkpoints and run files that are never half-written: timm's CheckpointSaver with atomic writes, and the
+rename-into-place helpers kat-train and kat-validate write their other files with.
+
+A write goes to ``NAME.partial``, is flushed to disk and renamed over ``NAME`` with ``os.replace`` (atomic on POSIX
+and Windows), and the folder is flushed so the rename survives a power cut: readers see the old file or the new one.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from timm.utils import CheckpointSaver
+
+__all__ = ["AtomicCheckpointSaver", "checkpoint_epoch", "edit_atomically", "remove_partials", "write_atomically"]
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """timm's CheckpointSaver, changed so that no file ever appears under a ``*.pth.tar`` name half-written.
+
+    timm's saver writes ``tmp.pth.tar`` in place (a kill mid-write leaves a partial ``*.pth.tar``), deletes
+    ``last.pth.tar`` before renaming the new one over it (a kill in between leaves none), and falls back to
+    copying into the final name where hard links fail. Here every write goes to a ``.partial`` name, is flushed to
+    disk, and is renamed into place with ``os.replace``, which is atomic: readers see the old file or the new one.
+    Hard links (the numbered and best checkpoints share ``last``'s data) are made under a ``.partial`` name and
+    renamed too. Numbered files are never written in place, so replacing ``last`` never changes them.
+
+    A write that fails (a full disk) removes its ``.partial`` file and raises ``OSError`` with the errno the system
+    gave and the file's name (torch.save itself reports only "iostream error"). On resume, :meth:`restore_history`
+    repairs the numbered and best files a kill between two of its writes left out of step.
+    """
+
+    _relink_only = False  # see restore_history: save_checkpoint's bookkeeping without writing last.pth.tar again
+
+    def _save(self, save_path, epoch, metric=None):
+        if self._relink_only:
+            return
+        partial = save_path + ".partial"
+        try:
+            with open(partial, "wb") as raw:
+                file = _ErrnoKeepingFile(raw)
+                try:
+                    super()._save(file, epoch, metric)  # timm's _save hands the file to torch.save
+                except Exception as error:
+                    cause = file.error or (error if isinstance(error, OSError) else None)
+                    if cause is None:
+                        raise
+                    raise OSError(cause.errno, cause.strerror, save_path) from error
+                raw.flush()
+                os.fsync(raw.fileno())
+            os.replace(partial, save_path)
+        except BaseException:
+            _remove(partial)
+            raise
+        _fsync_dir(os.path.dirname(save_path))
+
+    def _replace(self, src, dst):
+        if self._relink_only:
+            return
+        os.replace(src, dst)
+        _fsync_dir(os.path.dirname(dst))
+
+    def _duplicate(self, src, dst):
+        partial = dst + ".partial"
+        _remove(partial)
+        try:
+            try:
+                os.link(src, partial)
+            except OSError:  # no hard links here (some network and Windows file systems): copy, then flush
+                shutil.copyfile(src, partial)
+                _fsync(partial)
+            os.replace(partial, dst)
+        except BaseException:
+            _remove(partial)
+            raise
+        _fsync_dir(os.path.dirname(dst))
+
+    def save_recovery(self, epoch, batch_idx=0):
+        """timm's save_recovery, which keeps the current and the previous recovery file of this process; here
+        those of earlier, killed processes are removed too, so they don't pile up across kills."""
+        super().save_recovery(epoch, batch_idx)
+        keep = {os.path.abspath(path) for path in (self.curr_recovery_file, self.prev_recovery_file) if path}
+        pattern = os.path.join(self.recovery_dir, self.recovery_prefix + "-*" + self.extension)
+        for path in glob.glob(pattern):
+            if os.path.abspath(path) not in keep:
+                _remove(path)
+
+    def restore_history(self, checkpoint_path: str, checkpoint: dict) -> None:
+        """timm's ``load_state_dict_from_checkpoint`` from the already read ``checkpoint`` (the file at
+        ``checkpoint_path``), then repair what a kill between two writes of ``save_checkpoint`` left behind, so the
+        resumed run keeps ranking as if it had not been killed.
+
+        - Killed after ``last`` was replaced but before ``checkpoint-N`` was linked: epoch N exists only as
+          ``last``, which the next epoch replaces. Link it now if it earns a place, as the save would have.
+        - Killed after ``checkpoint-N`` but before ``model_best``: the history counts epoch N as the best while
+          ``model_best`` holds a worse one. Link the best epoch's file to ``model_best``.
+        """
+        if checkpoint.get("saver") is not None:
+            self.load_state_dict(checkpoint["saver"])
+        last = os.path.join(self.checkpoint_dir, "last" + self.extension)
+        if os.path.exists(last) and os.path.samefile(checkpoint_path, last):
+            epoch, metric = (checkpoint.get("saver") or {}).get("pending", (None, None))
+            if epoch is not None and epoch == checkpoint.get("epoch") and \
+                    not os.path.exists(self._checkpoint_path(epoch)):
+                self._relink_only = True
+                try:
+                    self.save_checkpoint(epoch, metric)  # timm's retention and best-file logic on the existing last
+                finally:
+                    self._relink_only = False
+        if self.best_epoch is None:
+            return
+        numbered = self._checkpoint_path(self.best_epoch)
+        best = os.path.join(self.checkpoint_dir, "model_best" + self.extension)
+        if os.path.exists(numbered) and checkpoint_epoch(best) != self.best_epoch:
+            self._duplicate(numbered, best)
+
+
+class _ErrnoKeepingFile:
+    """The file torch.save writes a checkpoint through: writes everything it is given (a short write is retried,
+    so the next one reports the error) and remembers the ``OSError`` that torch turns into a bare RuntimeError."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        try:
+            while done < len(view):
+                done += self.file.write(view[done:])
+        except OSError as error:
+            self.error = error
+            raise
+        return done
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def checkpoint_epoch(path: str) -> Optional[int]:
+    """The epoch a training checkpoint holds (its tensors memory-mapped, not read); None if there is none."""
+    from timm.utils.checkpoint_saver import load_checkpoint_metadata
+
+    if not os.path.exists(path):
+        return None
+    try:
+        checkpoint = load_checkpoint_metadata(path)
+    except Exception:  # unreadable: whatever it is, it is not the best epoch's checkpoint
+        return None
+    return checkpoint.get("epoch") if isinstance(checkpoint, dict) else None
+
+
+def remove_partials(folder: str) -> None:
+    """Remove the ``*.partial`` files a killed run left in ``folder``: none of them was ever complete."""
+    for stale in glob.glob(os.path.join(folder, "*.partial")):
+        _remove(stale)
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
+def _fsync(path: str) -> None:
+    with open(path, "rb") as file:
+        os.fsync(file.fileno())
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a rename durable (POSIX); a no-op where folders cannot be opened (Windows)."""
+    try:
+        descriptor = os.open(path or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def edit_atomically(path: str, edit, start_from_current: bool = True) -> None:
+    """Change the file ``path`` all at once: ``edit(partial)`` works on ``PATH.partial`` (a copy of the file when
+    ``start_from_current``), which is flushed and renamed over ``path``. A kill leaves the old file or the new
+    one, never a truncated one (timm's trim_summary rewrites summary.csv in place); a failure removes the partial.
+    """
+    partial = path + ".partial"
+    try:
+        if start_from_current and os.path.exists(path):
+            shutil.copyfile(path, partial)
+        else:
+            _remove(partial)
+        edit(partial)
+        if os.path.exists(partial):
+            _fsync(partial)
+            os.replace(partial, path)
+    except OSError as error:
+        _remove(partial)
+        raise OSError(error.errno, error.strerror, path) from error  # the file, whatever call failed
+    except BaseException:
+        _remove(partial)
+        raise
+    _fsync_dir(os.path.dirname(path))
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through ``PATH.partial`` and a rename, so ``path`` is never half-written; the
+    partial file is removed when the write fails (a full disk, say)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        partial.write_text(text, encoding="utf-8")
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
