@@ -21,7 +21,6 @@ import torch
 
 import kat_timm  # noqa: F401  (registers the KAT models in timm)
 import timm
-from kat_timm import checkpoint as ckpt
 from kat_timm.tools import hub
 from tests.helpers import fill_uninitialised_, one_thread_env, torch_threads
 
