@@ -89,7 +89,7 @@ def test_checkpoint_of_another_architecture(trained, capsys):
     code, _, err = run_validate(capsys, "--data-dir", data, "--model", "kat_small_patch16_224",
                                 "--checkpoint", run_dir / "last.pth.tar")
     assert code == 1
-    assert "holds a kat_tiny, not a kat_small_patch16_224: give the matching model name" in err, err
+    assert "does not fit kat_small_patch16_224: it holds a kat_tiny; give the matching model name" in err, err
 
 
 def test_use_ema_on_a_checkpoint_without_ema(trained, tmp_path, capsys):
