@@ -1,9 +1,4 @@
-"""What scripts/benchmark_ops.py and scripts/benchmark_models.py share: their common options, the run's metadata
-(machine, date, versions) that heads the printed table and the JSON, and the JSON file itself.
-
-Imported by those scripts (``python scripts/benchmark_*.py`` puts this folder on ``sys.path``); not part of the
-package.
-"""
+"""What the benchmark scripts share: their common options, the run's metadata and the JSON file (not package code)."""
 from __future__ import annotations
 
 import argparse

@@ -1,49 +1,14 @@
 #!/usr/bin/env python
 """Benchmark KAT-T/S/B against timm's ViT-T/S/B: images/s for inference and for a training step, and construction time.
 
-What is measured, for every requested size (tiny, small, base) and mode, on ``kat_{size}_patch16_224`` (this
-package, registered in timm by ``import kat_timm``) and ``vit_{size}_patch16_224`` (timm), in one run, with the same
-batch, input and precision:
-
-* modes:
-  - ``infer``: a forward of a batch, model in eval mode, under ``torch.inference_mode()``;
-  - ``train``: one training step, model in train mode: ``zero_grad(set_to_none=True)``, forward, cross-entropy
-    against random labels, backward, ``torch.optim.AdamW`` step (lr 1e-5, weight decay 0.05, PyTorch's default
-    implementation for the device; the same for both models).
-* precision: bf16 autocast (``torch.autocast("cuda", torch.bfloat16)``, fp32 weights) on CUDA; plain fp32 on CPU.
-  Inputs are ``torch.randn`` images of ``--img-size`` px (channels-last with ``--channels-last``, which also
-  converts the models), labels uniform over the 1000 classes.
-* timing, interleaved: after a warm-up of both models, every repetition times the ViT and then the KAT (ViT, KAT,
-  ViT, KAT, ...), so that a burst of machine noise hits both alike. Each sample loops enough calls to last at
-  least ``min_rep_s`` (calibrated in the warm-up). The table gives the median time per call of each model
-  (as images/s) and the median over repetitions of the per-repetition KAT/ViT time ratio, with its min-max range.
-  On CPU the clock is ``time.perf_counter``; on CUDA, CUDA events around the loop, followed by a synchronize
-  (so host-side overhead, e.g. Python dispatch of the custom op, counts when the GPU would otherwise wait for it).
-* ``--compile``: both models go through ``torch.compile`` (default inductor backend); the first call of each
-  mode (the compile) is timed on its own and reported on a separate line, not in the table. Dynamo's caches are
-  reset before every size.
-* construction: ``timm.create_model(name, img_size=...)`` on CPU with fresh (random) init, timed once per model
-  with ``time.perf_counter`` (then moved to the device, untimed). The first model of the run also pays one-time
-  costs (lazy imports, KAT's cached rational moments), so ``--sizes base`` alone is the cleanest reading of
-  KAT-B's construction.
-
-The result is a markdown table on stdout (``--json PATH`` also writes the raw numbers, every sample included),
-with a header giving device, threads, load, date and versions, followed by the targets, reported as PASS/FAIL and
-never asserted:
-
-* CPU (2 threads, batch 8, 224 px, fp32, eager): KAT/ViT time <= 0.95 for inference (tiny, small, base) and
-  <= 1.00 for a training step (tiny, small); the authors' code measured 1.30 and 2.02 for inference on a 2-core
-  machine;
-* construction of kat_base_patch16_224 on CPU < 5 s;
-* CUDA (H200, batch 128, bf16 autocast): KAT throughput >= 0.90x ViT's for training, >= 0.95x for inference.
-
-A target line measured under other conditions than its own (e.g. another batch or thread count) says so.
+ViT and KAT of one size are built with the same batch, input and precision (bf16 autocast on CUDA, fp32 on CPU) and
+timed interleaved (ViT, KAT, ViT, ...) so machine noise hits both alike; each sample lasts at least ``min_rep_s``.
+The markdown table gives medians and the per-repetition KAT/ViT time ratio; the targets (README, "Benchmarks") are
+printed as PASS/FAIL, never asserted. ``--compile`` times the first (compiling) call apart.
 
 Examples::
 
-    python scripts/benchmark_models.py                                   # everything, on CUDA when available
     python scripts/benchmark_models.py --device cpu --threads 2          # the CPU targets' configuration
-    python scripts/benchmark_models.py --device cpu --threads 2 --sizes tiny small --modes infer --reps 15
     python scripts/benchmark_models.py --device cuda --compile --json results.json
     python scripts/benchmark_models.py --quick                           # a smoke run of a few seconds
 """

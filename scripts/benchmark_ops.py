@@ -1,55 +1,19 @@
 #!/usr/bin/env python
 """Benchmark ``kat_timm.ops.group_rational`` against GELU and against the plain PyTorch formula.
 
-What is measured, for every activation shape of KAT-T/S/B, (batch, 197, C) with C in {192, 384, 768} (act1 input,
-width d) and {768, 1536, 3072} (act2 input, width 4d), and every requested dtype:
-
-* providers:
-  - ``gelu``: ``torch.nn.functional.gelu`` (exact erf form), the activation KAT replaces;
-  - ``ours``: ``group_rational`` with the backend ``KAT_RATIONAL_BACKEND`` selects (auto: Triton on CUDA, the
-    native C kernel on CPU); the row names the backend that actually ran (``select_backend``);
-  - ``bias``: the same with a (C,) input bias, ``group_rational(x, ..., bias=b)`` = F(x + b) in the same pass, as
-    KAN's act2 runs with fc1's bias (its gradient is taken too);
-  - ``fallback``: ``group_rational`` forced onto its pure-PyTorch path (``KAT_RATIONAL_BACKEND=torch``);
-  - ``formula``: ``group_rational_autograd``, the same formula written with plain differentiable PyTorch ops;
-  - ``compiled``: ``torch.compile`` (default inductor backend, ``dynamic=False``, donated buffers off) of that
-    formula. Each shape and dtype is compiled from scratch, with an empty inductor cache; the compile time is
-    excluded from the timings and reported on its own line.
-* modes (gradients are taken for x and, for the rational providers, for the numerator and denominator too, as in
-  training):
-  - ``fwd``: the forward under ``torch.no_grad()`` (inference forward: nothing is saved for backward);
-  - ``bwd``: the backward alone, ``torch.autograd.grad(y, inputs, g, retain_graph=True)`` on a graph built once,
-    with a DENSE upstream gradient ``g = torch.randn_like(y)`` (``y.sum().backward()`` would hand the kernels a
-    stride-0 gradient, which is not what they get in a network);
-  - ``fwd+bwd``: a forward with grad enabled followed by that backward.
-* timing: on CUDA ``triton.testing.do_bench`` (median, L2 flushed between runs); on CPU ``time.perf_counter`` over
-  a few warm-up calls, then the median of several repetitions (each repetition loops enough calls to last
-  at least 50 ms).
-* effective bandwidth, counting only the unavoidable traffic of an elementwise op: forward reads x and writes y
-  (2 * numel * bytes), backward reads x and the gradient and writes dx (3 * numel * bytes), forward+backward
-  5 * numel * bytes. On CUDA it is also given as a percentage of the device's copy bandwidth (a large
-  ``Tensor.copy_``, 2 * bytes / time).
-
-The result is a markdown table on stdout (``--json PATH`` also writes the raw numbers), followed by the targets:
-on CPU, for the (8, 197, 3072) float32 shape, ours forward <= 3x GELU forward and ours forward+backward <= 4x GELU
-forward+backward, and with a bias forward and forward+backward <= 1.05x ours without one; on CUDA, ours forward
->= 85% and backward >= 80% of the copy bandwidth. They are reported as PASS/FAIL, never asserted.
+Providers (``--providers``): gelu, ours (the auto-selected backend), bias (ours with a (C,) input bias), fallback
+(forced pure PyTorch), formula (plain differentiable ops) and compiled (that formula through ``torch.compile``,
+compile time reported apart); modes fwd (no grad), bwd (a DENSE upstream gradient: ``y.sum().backward()`` would hand
+the kernels a stride-0 one) and fwd+bwd, on the KAT-T/S/B activation shapes. Bandwidth counts only an elementwise
+op's unavoidable traffic (5 passes over the tensor for fwd+bwd). ``--overhead`` times the host cost of one call on
+a (2, 64) tensor instead. Targets (README, "Benchmarks") are printed as PASS/FAIL, never asserted.
 
 Examples::
 
-    python scripts/benchmark_ops.py                          # all shapes, float32, every provider
     python scripts/benchmark_ops.py --device cpu --threads 2 --shapes 3072
     python scripts/benchmark_ops.py --dtype float32 bfloat16 --providers gelu ours --json results.json
     python scripts/benchmark_ops.py --quick                  # a smoke run of a few seconds
     python scripts/benchmark_ops.py --overhead --device cpu --threads 2   # host time per call, tiny tensor
-
-``--overhead`` measures something else: the host time of one call on a tiny (2, 64) tensor, where the kernel's own
-time is negligible, forward (no grad) and forward+backward (``torch.autograd.grad`` of x and, for the rational,
-the coefficients), for GELU and for ``group_rational`` on each backend (CPU: native, torch; CUDA: triton, torch).
-The providers are interleaved round by round and each figure is the minimum over rounds of the mean of a batch of
-calls (the floor of the host cost: on a shared machine other processes only ever add to it; on CUDA the batch ends
-with a synchronize, so it is the launch path that is timed). Target, CPU native
-backend: <= 1.5x GELU's host time, forward and forward+backward (reported, never asserted).
 """
 from __future__ import annotations
 

@@ -1,21 +1,12 @@
 #!/usr/bin/env python
-"""Convert a KAT checkpoint into a Hugging Face Hub-ready folder for timm.
+"""Convert a KAT checkpoint (released weights or a training checkpoint) into a Hugging Face Hub-ready folder for timm.
 
-Input: a released ``pytorch_model.bin`` / ``.pth`` (a pickled state dict), a ``.safetensors`` file, or a KAT training
-checkpoint (weights under ``state_dict`` / ``model``, EMA weights under ``state_dict_ema`` / ``model_ema``, keys
-possibly prefixed with DDP's ``module.``). It is read safely (``torch.load(weights_only=True)`` or safetensors).
-
-Output (``-o OUTDIR``): ``config.json`` + ``model.safetensors`` (+ ``pytorch_model.bin`` with
-``--safe-serialization both``) written by ``timm.models.save_for_hf``, and a ``README.md`` model card. The folder
-loads with ``timm.create_model("local-dir:OUTDIR", pretrained=True)`` (after ``import kat_timm``) and, once uploaded,
-with ``timm.create_model("hf-hub:OWNER/NAME", pretrained=True)``.
+The logic, and what is read and written, is ``kat_timm.tools.hub.convert_checkpoint``; see README, "Deployment".
 
 Examples::
 
     python scripts/convert_checkpoint.py pytorch_model.bin --model kat_tiny_patch16_224 -o out/kat_tiny
     python scripts/convert_checkpoint.py checkpoint-299.pth.tar --tag vitft --no-ema -o out/kat_small_vitft
-
-The logic lives in ``kat_timm.tools.hub`` (``convert_checkpoint``); this file is only its command line.
 """
 from __future__ import annotations
 

@@ -1,42 +1,14 @@
 #!/usr/bin/env python
 """Fit group-rational initialisations for standard activations and write ``rational_inits.json``.
 
-The function being fitted is the rational used by the KAT group-rational layers,
-
-    F(x) = (a0 + a1 x + a2 x^2 + a3 x^3 + a4 x^4 + a5 x^5) / (1 + |b1||x| + |b2||x|^2 + |b3||x|^3 + |b4||x|^4)
-
-whose denominator is >= 1 (no poles). For every entry ``a0`` is pinned to ``target(0)`` so that ``F(0) == target(0)``
-exactly, and the denominators are written as nonnegative values ``c_j = |b_j|``.
-
-Method (all float64, fully deterministic: no random numbers anywhere):
-
-1. The variable is scaled to ``t = x / s`` with ``s = max(|lo|, |hi|)`` for conditioning; coefficients are mapped back
-   at the end (``a_i = alpha_i / s^i``, ``c_j = gamma_j / s^j``).
-2. Linearised least squares (Sanathanan-Koerner iteration): minimise ``|| w (P - f Q) / Q_prev ||`` over the
-   numerator and the nonnegative denominator coefficients (bounded linear least squares, BVLS).
-3. Nonlinear weighted least squares on the true error ``w (P/Q - f)`` (scipy ``least_squares``, trust-region
-   reflective, analytic Jacobian, bounds ``c_j >= 0``).
-4. Refinement, depending on the entry's mode:
-
-   * ``minimax`` (uniform weight): two candidates are computed from the least-squares fit, an L^p continuation
-     (p = 4, 8, 16, 32) and a Lawson iteration (iteratively reweighted least squares whose weights are multiplied by
-     the current |error|); the candidate (least squares included) with the smallest max error on the fit grid wins.
-   * ``weighted`` (Gaussian around 0 plus a uniform part): weighted least squares, with weight
-     ``w(x) = (1 - u) * g(x) / mean(g) + u``, ``g(x) = exp(-x^2 / (2 sigma^2))``; if a max-error cap is set, a
-     quadratic penalty on ``|error| > 0.95 * cap`` (with a growing penalty factor) keeps the max error under the cap.
-     This is the mode for GELU, which is used to convert trained networks whose pre-activations cluster near 0.
-
-The reported errors are measured on a denser grid (100001 points) than the fit grid.
-
-Examples::
-
-    python scripts/fit_rational.py                      # refit every entry of the table, write the table
-    python scripts/fit_rational.py gelu swish           # refit only these entries (the others are kept as they are)
-    python scripts/fit_rational.py --name mish --expr "x * torch.tanh(torch.nn.functional.softplus(x))"
-    python scripts/fit_rational.py --dry-run --range -4 4 swish
-
-Expressions are Python expressions in ``x`` (a float64 torch tensor); ``torch``, ``math`` and ``F``
-(``torch.nn.functional``) are available in their namespace.
+Fits F(x) = (a0 + ... + a5 x^5) / (1 + |b1||x| + ... + |b4||x|^4), the layer's formula (no poles), with ``a0`` pinned
+to ``target(0)`` and the denominators stored as ``c_j = |b_j| >= 0``. All float64 and deterministic, in ``t = x / s``
+(``s = max(|lo|, |hi|)``) for conditioning: Sanathanan-Koerner linearised least squares (BVLS), then nonlinear
+least squares on the true error; then per mode ``minimax`` (best of least squares, an L^p continuation and a Lawson
+iteration, by max error) or ``weighted`` (a Gaussian weight around 0 plus a uniform part, with an optional max-error
+cap held by a penalty; for GELU, whose converted pre-activations cluster near 0). Errors are measured on a denser
+grid than the fit grid. Usage: README, "The layer"; expressions are Python in ``x`` (a float64 tensor) with
+``torch``, ``math`` and ``F`` available.
 """
 from __future__ import annotations
 

@@ -1,34 +1,18 @@
 #!/usr/bin/env python
 """Run timm's own model test suite (``tests/test_models.py``) on the KAT models.
 
-timm does not ship its tests in the wheel, so this script fetches the source distribution of the *installed* timm
-version from PyPI (``pip download --no-binary :all: --no-deps timm==<version>``; the only network access, PyPI
-only; pip may also fetch timm's build backend from PyPI to read the sdist's metadata), unpacks it into a cache
-directory (reused on later runs, so they work offline) and runs its ``tests/test_models.py`` with pytest, in this
-process, with ``TORCH_BACKEND=kat_timm`` (test_models.py imports that module, which registers the KAT models).
-
-Only the tests parametrised with a KAT model name are run; every other test of the file is deselected.
-
-KAT is a ViT, and timm's suite treats ViT-like models as "non-standard" through the ``NON_STD_FILTERS`` list
-(``vit_*``, ``deit*``, ...: they skip the CNN-only default-cfg / features_only checks and run
-``test_model_default_cfgs_non_std`` instead), and runs the ``forward_intermediates`` tests for the modules named
-in ``FEAT_INTER_FILTERS`` (``vision_transformer``, ...). Those lists are fixed when the file is imported, so by
-default the script runs a copy of the file, ``tests/test_models_kat.py``, that appends ``'kat*'`` to
-``NON_STD_FILTERS`` and ``'kat'`` (the module of the KAT entry points) to ``FEAT_INTER_FILTERS`` - the treatment
-timm gives its own ViTs - and is otherwise unchanged. ``--as-is`` runs the unmodified ``test_models.py`` instead
-(there KAT counts as a standard CNN-like model, so the CNN-only checks are expected to fail).
-
-The tests that load pretrained weights (``test_model_load_pretrained``, ``test_model_features_pretrained``) need
-the Hugging Face Hub and are deselected unless ``--with-pretrained`` is given.
+timm's wheel lacks its tests, so the sdist of the installed version is fetched from PyPI once (``pip download``;
+the only network access) into a cache directory and its test_models.py runs here with ``TORCH_BACKEND=kat_timm``,
+only the tests parametrised with a KAT model selected. By default a copy adds ``'kat*'`` to ``NON_STD_FILTERS`` and
+``'kat'`` to ``FEAT_INTER_FILTERS``, the treatment timm gives its own ViTs; ``--as-is`` runs the file unmodified
+(the CNN-only checks then fail). Pretrained-weight tests need the Hub: ``--with-pretrained``.
 
 Usage::
 
-    python scripts/run_timm_model_tests.py                          # every kat* model
     python scripts/run_timm_model_tests.py --models 'kat_tiny*'     # the tiny ones only (cheapest)
     python scripts/run_timm_model_tests.py --dir /tmp/timm-sdist -- -x -k backward   # extra args go to pytest
-    python scripts/run_timm_model_tests.py --as-is                  # the unmodified file
 
-Arguments the script doesn't know (or everything after ``--``) are passed on to pytest. Exit status: pytest's.
+Exit status: pytest's.
 """
 from __future__ import annotations
 
