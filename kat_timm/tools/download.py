@@ -1,14 +1,9 @@
 """Fetch released weights into the Hugging Face cache, so that ``timm.create_model(name, pretrained=True)`` later
-works offline (``HF_HUB_OFFLINE=1``) on any machine that shares, or gets a copy of, that cache.
+works offline (README, "Offline machines").
 
-What is fetched is exactly what timm looks for: a model's registered pretrained config names a Hub repo
-(``hf_hub_id``); timm's ``load_state_dict_from_hf`` tries ``model.safetensors`` first and falls back to
-``pytorch_model.bin`` when the repo has no safetensors file (the released KAT repos hold only the ``.bin``), which
-works offline too, because a missing cache entry reads as "not there" in offline mode. ``config.json`` is fetched as
-well: ``timm.create_model("hf-hub:owner/repo")`` reads it.
-
-Files already in the cache are found with ``huggingface_hub.try_to_load_from_cache`` and never fetched again, so
-checking a complete cache makes no network request at all.
+What is fetched is what timm looks for: ``config.json`` and the first weights file of :func:`weight_files` that the
+repo has (timm falls back from safetensors to ``pytorch_model.bin``). Cached files are found with
+``try_to_load_from_cache`` and never fetched again, so checking a complete cache makes no request at all.
 """
 from __future__ import annotations
 
@@ -16,35 +11,15 @@ import dataclasses
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
-from huggingface_hub import (
-    _CACHED_NO_EXIST,
-    constants,
-    get_hf_file_metadata,
-    hf_hub_download,
-    hf_hub_url,
-    try_to_load_from_cache,
-)
-from huggingface_hub.errors import (
-    EntryNotFoundError,
-    GatedRepoError,
-    HfHubHTTPError,
-    LocalEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
+import timm
+from huggingface_hub import (_CACHED_NO_EXIST, constants, get_hf_file_metadata, hf_hub_download, hf_hub_url,
+                             try_to_load_from_cache)
+from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                    RepositoryNotFoundError, RevisionNotFoundError)
+from huggingface_hub.utils.sha import git_hash, sha_fileobj
 
-__all__ = [
-    "CachedFile",
-    "DownloadError",
-    "DownloadResult",
-    "cached_file_intact",
-    "download_pretrained",
-    "format_size",
-    "pretrained_names",
-    "released_models",
-    "resolve_hub_repo",
-    "weight_files",
-]
+__all__ = ["CachedFile", "DownloadError", "DownloadResult", "cached_file_intact", "download_pretrained",
+           "format_size", "pretrained_names", "released_models", "resolve_hub_repo", "weight_files"]
 
 HF_HUB_PREFIX = "hf-hub:"
 
@@ -115,9 +90,6 @@ def released_models(pattern: str = "kat*") -> Dict[str, str]:
     Several names load the same weights (``kat_tiny``, ``kat_tiny_patch16_224``, ``kat_tiny_swish_patch16_224``):
     each repo is listed once, under the name that equals the repo's own name when there is one.
     """
-    import timm
-
-
     by_repo: Dict[str, str] = {}
     for name in timm.list_pretrained(pattern):
         repo_id = (timm.models.get_pretrained_cfg(name).hf_hub_id or "").split("@", 1)[0]
@@ -130,8 +102,6 @@ def released_models(pattern: str = "kat*") -> Dict[str, str]:
 
 def pretrained_names(architecture: str) -> List[str]:
     """The pretrained names timm registers for ``architecture`` (``kat_tiny``, ``kat_tiny.vitft``), in its order."""
-    import timm
-
     # The "*" pattern also matches longer names (kat_tiny_patch16_224); keep those of this architecture only.
     return [name for name in timm.list_pretrained(f"{architecture}*")
             if timm.models.split_model_name_tag(name)[0] == architecture]
@@ -161,9 +131,6 @@ def resolve_hub_repo(name: str) -> Tuple[str, Optional[str], str]:
         ValueError: an unknown model, an unknown tag, or a model without weights on the Hub; the message lists the
             released KAT checkpoints (or the model's own tags).
     """
-    import timm
-
-
     if name.startswith(HF_HUB_PREFIX):
         repo_id, _, revision = name[len(HF_HUB_PREFIX):].partition("@")
         if repo_id.count("/") != 1 or not all(repo_id.split("/")):
@@ -185,12 +152,6 @@ def resolve_hub_repo(name: str) -> Tuple[str, Optional[str], str]:
     return repo_id, revision or None, cfg.hf_hub_filename or constants.PYTORCH_WEIGHTS_NAME
 
 
-def _cached(repo_id: str, filename: str, revision: Optional[str], cache_dir: Optional[PathLike]):
-    """The cached path of a file (str), ``_CACHED_NO_EXIST`` when the cache records that the repo lacks it, or
-    None when it isn't cached."""
-    return try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
-
-
 def _cached_file(filename: str, path: str, fetched: bool) -> CachedFile:
     return CachedFile(filename=filename, path=Path(path), size=Path(path).stat().st_size, fetched=fetched)
 
@@ -202,8 +163,6 @@ def cached_file_intact(path: PathLike) -> bool:
     and the git blob hash for the others (config.json): a truncated or altered copy no longer matches its name. A
     file outside that layout (no blob to compare with) counts as intact.
     """
-    from huggingface_hub.utils.sha import git_hash, sha_fileobj
-
     blob = Path(path).resolve()
     name = blob.name
     if blob.parent.name != "blobs" or len(name) not in (40, 64) or any(c not in "0123456789abcdef" for c in name):
@@ -224,7 +183,7 @@ def _hub_answers(repo_id: str, filename: str, revision: Optional[str]) -> None:
 
 def _fetch(repo_id: str, filename: str, revision: Optional[str], cache_dir: Optional[PathLike],
            force: bool = False) -> CachedFile:
-    cached = _cached(repo_id, filename, revision, cache_dir)
+    cached = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
     damaged = isinstance(cached, str) and not cached_file_intact(cached)
     if isinstance(cached, str) and not (force or damaged):
         return _cached_file(filename, cached, fetched=False)
@@ -243,11 +202,11 @@ def _fetch_weights(repo_id: str, filename: str, revision: Optional[str], cache_d
     candidates = weight_files(filename)
     # Any one cached candidate is enough: offline, timm skips the candidates that are not cached.
     for candidate in candidates:
-        cached = _cached(repo_id, candidate, revision, cache_dir)
+        cached = try_to_load_from_cache(repo_id, candidate, cache_dir=cache_dir, revision=revision)
         if isinstance(cached, str):
             return _fetch(repo_id, candidate, revision, cache_dir, force)  # again if damaged or forced
     for candidate in candidates:
-        if _cached(repo_id, candidate, revision, cache_dir) is _CACHED_NO_EXIST:
+        if try_to_load_from_cache(repo_id, candidate, cache_dir=cache_dir, revision=revision) is _CACHED_NO_EXIST:
             continue
         try:
             return _fetch(repo_id, candidate, revision, cache_dir, force)

@@ -1,16 +1,8 @@
 """Deployment exports of a KAT: ``torch.export`` programs and ONNX files made of standard ONNX ops only.
 
-``torch.export.export`` works on a KAT as it is: the rational activations are the ``kat_timm::group_rational``
-custom op, whose fake implementation lets export trace shapes without running a kernel, so the exported program
-keeps one op node per activation (``export_program``).
-
-ONNX runtimes don't know that op. ``export_onnx`` exports the same program, then replaces each op node with
-``group_rational_plain`` (Abs, Mul, Add, Div, and Reshape for the groups) through
-``ExportedProgram.run_decompositions``, and hands the result to PyTorch's ONNX exporter: the file has no custom
-domain and runs on any ONNX runtime. The layer and op code are not touched: eager models keep the fast kernels.
-
-The ``onnx`` and ``onnxscript`` packages (``pip install onnx onnxscript``, or the ``onnx`` extra) are needed for ONNX export;
-``onnxruntime`` for ``check_onnx``.
+``export_program`` keeps one ``kat_timm::group_rational`` node per activation (its fake implementation traces the
+shapes); ``export_onnx`` decomposes those nodes into ``group_rational_plain``'s elementary ops first, so the file
+has no custom domain. README, "ONNX", says what to install.
 """
 from __future__ import annotations
 
@@ -23,25 +15,11 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 
 from ..ops.rational_torch import LARGE_INPUT
-
 from ..transforms import model_input_size
 
-__all__ = [
-    "DEFAULT_OPSET",
-    "MIN_OPSET",
-    "MissingDependencyError",
-    "OpsetConversionError",
-    "check_onnx",
-    "decompose_rationals",
-    "export_onnx",
-    "export_program",
-    "group_rational_plain",
-    "model_input_size",
-    "onnx_io_shapes",
-    "onnx_op_domains",
-    "require_packages",
-    "standard_domains_only",
-]
+__all__ = ["DEFAULT_OPSET", "MIN_OPSET", "MissingDependencyError", "OpsetConversionError", "check_onnx",
+           "decompose_rationals", "export_onnx", "export_program", "group_rational_plain", "model_input_size",
+           "onnx_io_shapes", "onnx_op_domains", "require_packages", "standard_domains_only"]
 
 # The opset PyTorch's ONNX exporter (torchlib) translates to natively; other opsets go through onnx's version
 # converter afterwards.
@@ -70,19 +48,12 @@ def require_packages(*names: str, purpose: str = "ONNX export") -> None:
     """Raise :class:`MissingDependencyError` naming every package of ``names`` that can't be imported."""
     missing = [name for name in names if importlib.util.find_spec(name) is None]
     if missing:
-        raise MissingDependencyError(
-            f"{purpose} needs {' and '.join(missing)} (not installed); pip install onnx onnxscript onnxruntime "
-            "(or, in a kat_timm checkout, pip install -e \".[onnx]\")"
-        )
+        raise MissingDependencyError(f"{purpose} needs {' and '.join(missing)} (not installed); pip install onnx "
+                                     'onnxscript onnxruntime (or, in a kat_timm checkout, pip install -e ".[onnx]")')
 
 
-def group_rational_plain(
-    x: torch.Tensor,
-    numerator: torch.Tensor,
-    denominator: torch.Tensor,
-    channel_dim: int = -1,
-    bias: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+def group_rational_plain(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, channel_dim: int = -1,
+                         bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The grouped rational function with elementary ops only: what an exported graph computes.
 
     Same function as ``kat_timm.ops.group_rational`` (float32 math for float16/bfloat16 inputs), written as
@@ -139,9 +110,8 @@ def _example_input(model: torch.nn.Module, batch_size: int) -> torch.Tensor:
     return torch.randn((batch_size,) + model_input_size(model), dtype=parameter.dtype, device=parameter.device)
 
 
-def export_program(
-    model: torch.nn.Module, example_input: Optional[torch.Tensor] = None, dynamic_batch: bool = False
-) -> torch.export.ExportedProgram:
+def export_program(model: torch.nn.Module, example_input: Optional[torch.Tensor] = None,
+                   dynamic_batch: bool = False) -> torch.export.ExportedProgram:
     """``torch.export.export`` of ``model`` in eval mode (its mode is restored afterwards).
 
     The rational activations stay ``kat_timm::group_rational`` nodes: run the program with kat_timm imported.
@@ -183,14 +153,8 @@ def _parameter_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
-def export_onnx(
-    model: torch.nn.Module,
-    path: PathLike,
-    dynamic_batch: bool = False,
-    opset: int = DEFAULT_OPSET,
-    batch_size: int = 1,
-    example_input: Optional[torch.Tensor] = None,
-) -> Path:
+def export_onnx(model: torch.nn.Module, path: PathLike, dynamic_batch: bool = False, opset: int = DEFAULT_OPSET,
+                batch_size: int = 1, example_input: Optional[torch.Tensor] = None) -> Path:
     """Export ``model`` (in eval mode) to an ONNX file of standard ops: input ``images``, output ``logits``.
 
     The file is checked with ``onnx.checker`` (full check, with shape inference) before this returns.
@@ -238,19 +202,11 @@ def export_onnx(
     log_level = converter_log.level
     converter_log.setLevel(logging.ERROR)
     try:
-        torch.onnx.export(
-            program,
-            (example_input,),
-            str(partial),
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            opset_version=opset,
-            dynamo=True,
-            # The program already has the symbolic batch; this only names it "batch" in the file (else "s77" or so).
-            dynamic_shapes=({0: "batch"},) if dynamic_batch else None,
-            external_data=external_data,
-            verbose=False,
-        )
+        # The program already has the symbolic batch; dynamic_shapes only names it "batch" in the file (not "s77").
+        torch.onnx.export(program, (example_input,), str(partial), input_names=[INPUT_NAME],
+                          output_names=[OUTPUT_NAME], opset_version=opset, dynamo=True,
+                          dynamic_shapes=({0: "batch"},) if dynamic_batch else None, external_data=external_data,
+                          verbose=False)
         converter_log.setLevel(log_level)
         written = _default_opset(onnx.load(str(partial), load_external_data=False))
         if written != opset:
@@ -277,10 +233,8 @@ def onnx_io_shapes(path: PathLike) -> Dict[str, List[Union[int, str]]]:
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
-    return {
-        value.name: [dim.dim_param or dim.dim_value for dim in value.type.tensor_type.shape.dim]
-        for value in list(graph.input) + list(graph.output)
-    }
+    return {value.name: [dim.dim_param or dim.dim_value for dim in value.type.tensor_type.shape.dim]
+            for value in list(graph.input) + list(graph.output)}
 
 
 def onnx_op_domains(path: PathLike) -> Dict[str, set]:
@@ -294,9 +248,8 @@ def onnx_op_domains(path: PathLike) -> Dict[str, set]:
     return domains
 
 
-def check_onnx(
-    path: PathLike, model: torch.nn.Module, batch_sizes: Sequence[int] = (2,), seed: int = 0
-) -> Dict[int, float]:
+def check_onnx(path: PathLike, model: torch.nn.Module, batch_sizes: Sequence[int] = (2,),
+               seed: int = 0) -> Dict[int, float]:
     """Run the ONNX file with onnxruntime (CPU) and ``model`` on the same random images; compare the outputs.
 
     Args:
