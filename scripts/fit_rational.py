@@ -18,7 +18,6 @@ import math
 import os
 import sys
 import time
-from collections import OrderedDict
 
 # The matrices are small (N x 9): BLAS threads only cost time, and badly so on a busy machine. Set before numpy loads;
 # an explicit setting in the environment wins.
@@ -39,28 +38,17 @@ DEN_DEGREE = 4  # b1..b4
 
 # Built-in entries. ``mode`` is "exact" (no fitting), "minimax" or "weighted"; the weighted entries carry their
 # Gaussian width, their uniform weight fraction and their max-error cap.
-BUILTINS = OrderedDict(
-    [
-        ("identity", dict(expression="x", mode="exact")),
-        ("swish", dict(expression="x * torch.sigmoid(x)", mode="minimax")),
-        ("tanh", dict(expression="torch.tanh(x)", mode="minimax")),
-        ("sigmoid", dict(expression="torch.sigmoid(x)", mode="minimax")),
-        (
-            "gelu",
-            dict(
-                expression="x * 0.5 * (1 + torch.erf(x / math.sqrt(2)))",
-                mode="weighted",
-                gaussian_sigma=0.5,
-                uniform_weight=0.05,
-                max_error_cap=2.5e-3,
-                # Without it the fit lands on b4 = 0 and grows like 0.09 x^2: F(1e4) ~ 9e6 overflows float16.
-                min_b4=1e-3,
-            ),
-        ),
-        ("relu", dict(expression="torch.relu(x)", mode="minimax")),
-        ("leaky_relu", dict(expression="F.leaky_relu(x, negative_slope=0.01)", mode="minimax")),
-    ]
-)
+BUILTINS = {
+    "identity": dict(expression="x", mode="exact"),
+    "swish": dict(expression="x * torch.sigmoid(x)", mode="minimax"),
+    "tanh": dict(expression="torch.tanh(x)", mode="minimax"),
+    "sigmoid": dict(expression="torch.sigmoid(x)", mode="minimax"),
+    # min_b4: without it the fit lands on b4 = 0 and grows like 0.09 x^2: F(1e4) ~ 9e6 overflows float16.
+    "gelu": dict(expression="x * 0.5 * (1 + torch.erf(x / math.sqrt(2)))", mode="weighted", gaussian_sigma=0.5,
+                 uniform_weight=0.05, max_error_cap=2.5e-3, min_b4=1e-3),
+    "relu": dict(expression="torch.relu(x)", mode="minimax"),
+    "leaky_relu": dict(expression="F.leaky_relu(x, negative_slope=0.01)", mode="minimax"),
+}
 DEFAULT_UNIFORM_WEIGHT = 0.05
 
 LSQ_TOL = 1e-13
@@ -71,9 +59,6 @@ class FitError(Exception):
     """A user-facing error (bad name, bad expression, bad range...)."""
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Target evaluation
-# ----------------------------------------------------------------------------------------------------------------------
 def evaluate_expression(expression: str, x: np.ndarray) -> np.ndarray:
     """Evaluate ``expression`` (a Python expression in ``x``) on the float64 points ``x``."""
     xt = torch.as_tensor(np.asarray(x, dtype=np.float64))
@@ -89,19 +74,14 @@ def evaluate_expression(expression: str, x: np.ndarray) -> np.ndarray:
         value = np.asarray(value, dtype=np.float64)
         value = np.broadcast_to(value, xt.shape).copy()
     except Exception as exc:
-        raise FitError(
-            f"expression {expression!r} must give a number or a tensor of the shape of x, got {type(value).__name__}"
-            f" ({exc})"
-        ) from exc
+        raise FitError(f"expression {expression!r} must give a number or a tensor of the shape of x, got "
+                       f"{type(value).__name__} ({exc})") from exc
     if not np.all(np.isfinite(value)):
         bad = np.asarray(x)[~np.isfinite(value)]
         raise FitError(f"expression {expression!r} is not finite at x = {float(bad[0])!r} (and {bad.size - 1} other points)")
     return value
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The rational function (float64, inline; standalone on purpose)
-# ----------------------------------------------------------------------------------------------------------------------
 def rational(x: np.ndarray, numerator, denominator) -> np.ndarray:
     """F(x) in float64 with the layer's formula (denominator through absolute values)."""
     x = np.asarray(x, dtype=np.float64)
@@ -272,9 +252,6 @@ def gaussian_weight(x, sigma, uniform):
     return (1.0 - uniform) * g / mean + uniform
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# One entry
-# ----------------------------------------------------------------------------------------------------------------------
 def fit_entry(name, spec, lo, hi, points):
     """Fit one entry; returns (json_record, stats)."""
     expression = spec["expression"]
@@ -298,27 +275,21 @@ def fit_entry(name, spec, lo, hi, points):
             errors = [prob.max_error(th) for th in candidates]
             theta = candidates[int(np.argmin(errors))]
             which = ["least squares", "L^p continuation", "Lawson iteration"][int(np.argmin(errors))]
-            note = (
-                "uniform weight on the fit range: Sanathanan-Koerner linearised LSQ, nonlinear LSQ, then minimax "
-                f"refinement (best of LSQ / L^p p<=32 / Lawson: {which}); a0 pinned to target(0)"
-            )
+            note = ("uniform weight on the fit range: Sanathanan-Koerner linearised LSQ, nonlinear LSQ, then minimax "
+                    f"refinement (best of LSQ / L^p p<=32 / Lawson: {which}); a0 pinned to target(0)")
         elif mode == "weighted":
             sigma, uniform, cap = spec["gaussian_sigma"], spec["uniform_weight"], spec.get("max_error_cap")
             w = gaussian_weight(x, sigma, uniform)
             sqrt_w = np.sqrt(w)
             theta = prob.weighted_least_squares(sqrt_w, prob.sanathanan_koerner(sqrt_w))
-            note = (
-                f"weighted LSQ, weight (1-u)*N(0, sigma)/mean + u with sigma={sigma:g}, u={uniform:g} "
-                "(Sanathanan-Koerner start, nonlinear LSQ)"
-            )
+            note = (f"weighted LSQ, weight (1-u)*N(0, sigma)/mean + u with sigma={sigma:g}, u={uniform:g} "
+                    "(Sanathanan-Koerner start, nonlinear LSQ)")
             if cap is not None:
                 theta = prob.capped_weighted_least_squares(w, theta, cap)
                 note += f", max error on the fit range held under {cap:g} by a penalty"
                 if prob.max_error(theta) > cap:
-                    print(
-                        f"warning: {name}: max error {prob.max_error(theta):.3e} exceeds the cap {cap:g}",
-                        file=sys.stderr,
-                    )
+                    print(f"warning: {name}: max error {prob.max_error(theta):.3e} exceeds the cap {cap:g}",
+                          file=sys.stderr)
             if spec.get("min_b4"):
                 note += f", |b4| >= {spec['min_b4']:g} so the tails grow linearly"
             note += "; a0 pinned to target(0)"
@@ -327,16 +298,8 @@ def fit_entry(name, spec, lo, hi, points):
         numerator, denominator = prob.coefficients(prob.snap_negligible(theta))
 
     stats = measure(expression, numerator, denominator, lo, hi)
-    record = OrderedDict(
-        [
-            ("expression", expression),
-            ("numerator", numerator),
-            ("denominator", denominator),
-            ("fit_range", [float(lo), float(hi)]),
-            ("max_abs_error", stats["max_abs_error"]),
-            ("note", note),
-        ]
-    )
+    record = dict(expression=expression, numerator=numerator, denominator=denominator, fit_range=[float(lo), float(hi)],
+                  max_abs_error=stats["max_abs_error"], note=note)
     return record, stats
 
 
@@ -352,47 +315,28 @@ def measure(expression, numerator, denominator, lo, hi):
     }
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# CLI
-# ----------------------------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0] + " See the module docstring for the method.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=(
-            "built-in entries: " + ", ".join(BUILTINS) + "\n"
-            "examples:\n"
-            "  python scripts/fit_rational.py\n"
-            "  python scripts/fit_rational.py gelu swish\n"
-            '  python scripts/fit_rational.py --name mish --expr "x * torch.tanh(torch.nn.functional.softplus(x))"\n'
-        ),
-    )
+        epilog="built-in entries: " + ", ".join(BUILTINS) + "\nexamples:\n  python scripts/fit_rational.py\n"
+               '  python scripts/fit_rational.py gelu swish\n  python scripts/fit_rational.py --name mish --expr '
+               '"x * torch.tanh(torch.nn.functional.softplus(x))"\n')
     parser.add_argument("names", nargs="*", help="entries to refit (default: every entry of the table)")
     parser.add_argument("--name", help="name of an entry to add or refit from --expr")
-    parser.add_argument(
-        "--expr",
-        help="Python expression in x (a float64 torch tensor; torch, math and F = torch.nn.functional available)",
-    )
+    parser.add_argument("--expr", help="Python expression in x (a float64 torch tensor; torch, math and "
+                        "F = torch.nn.functional available)")
     parser.add_argument("--range", nargs=2, type=float, metavar=("LO", "HI"), default=list(DEFAULT_RANGE),
                         help="fit range (default: -3 3)")
     parser.add_argument("--output", default=None, help=f"JSON table to update (default: {DEFAULT_OUTPUT})")
     parser.add_argument("--dry-run", action="store_true", help="print the results, do not write the table")
-    parser.add_argument(
-        "--gaussian-sigma", type=float, default=None,
-        help="fit with a Gaussian weight of this width around 0 plus a uniform part (weighted least squares), for "
+    parser.add_argument("--gaussian-sigma", type=float, help="fit with a Gaussian weight of this width around 0 plus a uniform part (weighted least squares), for "
              "every entry refitted in this run; 0 means uniform-weight minimax. Default: per entry (gelu: 0.5, "
-             "the others: uniform minimax)",
-    )
-    parser.add_argument(
-        "--uniform-weight", type=float, default=None,
-        help=f"uniform fraction u of the weight (1-u)*gauss/mean(gauss) + u (default: per entry, "
-             f"{DEFAULT_UNIFORM_WEIGHT})",
-    )
-    parser.add_argument(
-        "--max-error-cap", type=float, default=None,
-        help="for weighted fits: keep the max error on the range under this value (0: no cap; default: per entry, "
-             "gelu: 2.5e-3, the others: none)",
-    )
+             "the others: uniform minimax)")
+    parser.add_argument("--uniform-weight", type=float, help=f"uniform fraction u of the weight "
+                        f"(1-u)*gauss/mean(gauss) + u (default: per entry, {DEFAULT_UNIFORM_WEIGHT})")
+    parser.add_argument("--max-error-cap", type=float, help="for weighted fits: keep the max error on the range under this value (0: no cap; default: per entry, "
+             "gelu: 2.5e-3, the others: none)")
     parser.add_argument("--points", type=int, default=DEFAULT_POINTS,
                         help=f"points of the fit grid (default: {DEFAULT_POINTS})")
     return parser.parse_args(argv)
@@ -400,10 +344,10 @@ def parse_args(argv=None):
 
 def load_table(path):
     if not os.path.exists(path):
-        return OrderedDict()
+        return {}
     try:
         with open(path) as fh:
-            table = json.load(fh, object_pairs_hook=OrderedDict)
+            table = json.load(fh)
     except (OSError, ValueError) as exc:
         raise FitError(f"cannot read the table {path}: {exc}") from exc
     if not isinstance(table, dict):
@@ -461,39 +405,29 @@ def main(argv=None):
         if not names:
             names = list(BUILTINS) + [n for n in table if n not in BUILTINS]
 
-        specs = OrderedDict()
-        for name in names:
-            specs[name] = build_spec(name, args.expr if name == args.name else None, table, args)
+        specs = {name: build_spec(name, args.expr if name == args.name else None, table, args) for name in names}
         if args.expr is not None:  # fail early and clearly on a broken expression
             evaluate_expression(args.expr, np.linspace(lo, hi, 11))
 
-        results = OrderedDict()
+        results = {}
         print(f"{'name':<14} {'max|err| range':>15} {'max|err| |x|<1':>15} {'F(0)':>12}  {'time':>6}")
         start = time.perf_counter()
         for name, spec in specs.items():
             t0 = time.perf_counter()
             record, stats = fit_entry(name, spec, lo, hi, args.points)
             results[name] = record
-            print(
-                f"{name:<14} {stats['max_abs_error']:>15.3e} {stats['max_abs_error_near_zero']:>15.3e} "
-                f"{stats['f0']:>12.5g}  {time.perf_counter() - t0:>5.1f}s"
-            )
+            print(f"{name:<14} {stats['max_abs_error']:>15.3e} {stats['max_abs_error_near_zero']:>15.3e} "
+                  f"{stats['f0']:>12.5g}  {time.perf_counter() - t0:>5.1f}s")
         print(f"total {time.perf_counter() - start:.1f}s")
     except FitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
     # Built-ins first in their order, then the other entries in the order they already had / were added.
-    new_table = OrderedDict()
-    for name in list(BUILTINS) + list(table) + list(results):
-        if name in new_table:
-            continue
-        if name in results:
-            new_table[name] = results[name]
-        elif name in table:
-            new_table[name] = table[name]
+    new_table = {name: results[name] if name in results else table[name]
+                 for name in dict.fromkeys(list(BUILTINS) + list(table) + list(results)) if name in results or name in table}
     if args.dry_run:
-        print(json.dumps(OrderedDict((n, new_table[n]) for n in results), indent=2))
+        print(json.dumps({n: new_table[n] for n in results}, indent=2))
         print("(dry run: nothing written)")
         return 0
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
