@@ -53,6 +53,26 @@ def load_text(value: Optional[float]) -> str:
     return "unknown" if value is None else f"{value:.2f}"
 
 
+def verdict(passed: bool) -> str:
+    return "PASS" if passed else "FAIL"
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def error_text(error: Exception) -> str:
+    """``Type: first line of the message``: what a failed case records (one failure shouldn't lose the whole run)."""
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+def markdown_table(columns: List[str], rows: List[List[str]]) -> List[str]:
+    """The lines of a markdown table; a short row (a failure) is padded with empty cells to the header's width."""
+    cells = ["| " + " | ".join(row + [""] * (len(columns) - len(row))) + " |" for row in [columns, *rows]]
+    return cells[:1] + ["|" + "---|" * len(columns)] + cells[1:]
+
+
 def run_meta(args: argparse.Namespace, **extra) -> dict:
     """The JSON ``meta`` of a run: where, when, with what; ``extra`` adds the script's own fields."""
     return {"device": device_name(args.device), "device_type": args.device, "threads": torch.get_num_threads(),

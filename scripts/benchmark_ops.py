@@ -18,7 +18,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import sys
@@ -29,7 +28,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from _benchmark_common import benchmark_parser, load_text, parse_benchmark_args, run_meta, version_lines, write_json
+from _benchmark_common import (benchmark_parser, error_text, load_text, markdown_table, parse_benchmark_args, run_meta,
+                               synchronize, verdict, version_lines, write_json)
 
 from kat_timm.benchmark import device_name
 from kat_timm.ops import BACKEND_ENV, group_rational, group_rational_autograd, select_backend
@@ -48,11 +48,9 @@ CUDA_TARGETS = {"fwd": 85.0, "bwd": 80.0}  # ours >= N % of copy bandwidth
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = benchmark_parser(
-        __doc__,
-        batch_help="batch size (default: 8 on CPU, 128 on CUDA; --quick: 1 on CPU, 8 on CUDA)",
+        __doc__, batch_help="batch size (default: 8 on CPU, 128 on CUDA; --quick: 1 on CPU, 8 on CUDA)",
         reps_help="CPU: timed repetitions per measurement, median reported (default 7, --quick 3)",
-        quick_help="smoke run: small batch, few repetitions, no torch.compile",
-    )
+        quick_help="smoke run: small batch, few repetitions, no torch.compile")
     parser.add_argument("--shapes", type=int, nargs="+", metavar="C", default=sorted(WIDTHS),
                         help=f"channel widths C of the (batch, {TOKENS}, C) shapes (default: {sorted(WIDTHS)})")
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["float32"],
@@ -64,16 +62,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parse_benchmark_args(parser, argv)
     if any(c <= 0 or c % GROUPS for c in args.shapes):
         parser.error(f"--shapes: every width must be a positive multiple of {GROUPS}")
-    if args.batch is None:
-        args.batch = (8 if args.device == "cuda" else 1) if args.quick else (128 if args.device == "cuda" else 8)
-    if args.providers is None:
-        args.providers = [p for p in PROVIDERS if not (args.quick and p == "compiled")]
-    if args.reps is None:
-        args.reps = 3 if args.quick else 7
+    cuda = args.device == "cuda"
+    args.batch = args.batch or ((8 if cuda else 1) if args.quick else (128 if cuda else 8))
+    args.providers = args.providers or [p for p in PROVIDERS if not (args.quick and p == "compiled")]
+    args.reps = args.reps or (3 if args.quick else 7)
     return args
-
-
-# --------------------------------------------------------------------------------------------------- timing
 
 
 def make_timer(device: str, quick: bool, reps: int) -> Callable[[Callable[[], object]], float]:
@@ -114,27 +107,9 @@ def copy_bandwidth_gbps(bench) -> float:
     return gbps
 
 
-# ------------------------------------------------------------------------------------------------ providers
-
-
 def backend_env(value: Optional[str]):
     """Set ``KAT_RATIONAL_BACKEND`` for the duration of the block (None: leave it as it is)."""
-    return mock.patch.dict(os.environ, {BACKEND_ENV: value}) if value is not None else contextlib.nullcontext()
-
-
-def fresh_compile_cache():
-    """An empty, temporary inductor (and Triton) cache, so that the compile time reported is a first compile's.
-
-    Private API: ``fresh_inductor_cache`` from torch 2.1 on (kept as an alias of the newer ``fresh_cache``).
-    """
-    from torch._inductor.utils import fresh_inductor_cache
-
-    return fresh_inductor_cache()
-
-
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+    return mock.patch.dict(os.environ, {} if value is None else {BACKEND_ENV: value})
 
 
 def build_provider(name: str, x, numerator, denominator, g, bias) -> dict:
@@ -158,7 +133,9 @@ def build_provider(name: str, x, numerator, denominator, g, bias) -> dict:
     torch._functorch.config.donated_buffer = False
     torch._dynamo.reset()
     compiled = torch.compile(group_rational_autograd, dynamic=False)
-    with fresh_compile_cache():
+    from torch._inductor.utils import fresh_inductor_cache  # private; torch 2.1+, an alias of the newer fresh_cache
+
+    with fresh_inductor_cache():  # an empty inductor (and Triton) cache: the compile time reported is a first one
         start = time.perf_counter()
         with torch.no_grad():
             compiled(x, numerator, denominator)
@@ -207,15 +184,12 @@ def run_case(shape, dtype, providers, device, bench) -> List[dict]:
             row["gbps"] = {m: BYTES_MOVED[m] * bytes_per_pass / row["ms"][m] / 1e6 for m in MODES}
         except Exception as error:  # report and go on: one broken provider shouldn't lose the whole run
             row.setdefault("label", name)
-            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            row["error"] = error_text(error)
             print(f"warning: {name} failed on {shape} {dtype}: {row['error']}", file=sys.stderr)
         rows.append(row)
         if device == "cuda":
             torch.cuda.empty_cache()
     return rows
-
-
-# -------------------------------------------------------------------------------------------------- report
 
 
 def header(args, copy_gbps: Optional[float]) -> List[str]:
@@ -244,12 +218,12 @@ def table(rows: List[dict], cuda: bool, copy_gbps: Optional[float]) -> List[str]
                "fwd+bwd GB/s"]
     if cuda:
         columns += ["fwd % copy", "bwd % copy"]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     gelu = {(tuple(r["shape"]), r["dtype"]): r["ms"] for r in rows if r["provider"] == "gelu" and "ms" in r}
+    lines = []
     for row in rows:
         cells = ["x".join(map(str, row["shape"])), row["dtype"], row["label"]]
         if "error" in row:
-            cells += [f"failed: {row['error'][:60]}"] + [""] * (len(columns) - 4)
+            cells.append(f"failed: {row['error'][:60]}")
         else:
             ms, ref = row["ms"], gelu.get((tuple(row["shape"]), row["dtype"]))
             cells += [f"{ms[m]:.3f}" for m in MODES]
@@ -257,8 +231,8 @@ def table(rows: List[dict], cuda: bool, copy_gbps: Optional[float]) -> List[str]
             cells.append(f"{row['gbps']['fwd+bwd']:.1f}")
             if cuda:
                 cells += [f"{100 * row['gbps'][m] / copy_gbps:.0f}%" for m in ("fwd", "bwd")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        lines.append(cells)
+    return markdown_table(columns, lines)
 
 
 def compile_lines(rows: List[dict]) -> List[str]:
@@ -275,7 +249,6 @@ def compile_lines(rows: List[dict]) -> List[str]:
 def target_lines(rows: List[dict], cuda: bool, copy_gbps: Optional[float]) -> List[str]:
     """The issue's targets as PASS/FAIL lines (reported, never asserted)."""
     ok = [r for r in rows if "ms" in r]
-    verdict = lambda passed: "PASS" if passed else "FAIL"  # noqa: E731
     lines = []
     if cuda:
         for r in (r for r in ok if r["provider"] == "ours"):
@@ -304,8 +277,6 @@ def target_lines(rows: List[dict], cuda: bool, copy_gbps: Optional[float]) -> Li
         lines.append(f"- CPU targets, {pick['bias']['label']} {shape} float32, vs no bias: " + "; ".join(parts))
     return lines
 
-
-# ------------------------------------------------------------------------------------------------ overhead
 
 OVERHEAD_SHAPE = (2, 64)
 OVERHEAD_TARGET = 1.5  # CPU native: <= N x GELU's host time
@@ -361,25 +332,19 @@ def overhead_lines(rows: List[dict], args, rounds: int) -> List[str]:
     gelu, device = rows[0]["us"], args.device
     where = device_name(device) + ("" if device == "cuda" else f", {torch.get_num_threads()} threads")
     lines = ["## group_rational host overhead", "", f"- device: {where}", *version_lines(args), "",
-             f"Host time per call, shape {OVERHEAD_SHAPE} float32 ({device}), minimum over {rounds} interleaved rounds:", "",
-             "| provider | fwd us | fwd+bwd us | fwd / GELU | fwd+bwd / GELU |", "|---|---|---|---|---|"]
-    for r in rows:
-        us = r["us"]
-        lines.append(f"| {r['provider']} | {us['fwd']:.1f} | {us['fwd+bwd']:.1f} | {us['fwd'] / gelu['fwd']:.2f}x | "
-                     f"{us['fwd+bwd'] / gelu['fwd+bwd']:.2f}x |")
-    lines.append("")
+             f"Host time per call, shape {OVERHEAD_SHAPE} float32 ({device}), minimum over {rounds} interleaved rounds:", ""]
+    lines += markdown_table(["provider", "fwd us", "fwd+bwd us", "fwd / GELU", "fwd+bwd / GELU"], [
+        [r["provider"], f"{r['us']['fwd']:.1f}", f"{r['us']['fwd+bwd']:.1f}", f"{r['us']['fwd'] / gelu['fwd']:.2f}x",
+         f"{r['us']['fwd+bwd'] / gelu['fwd+bwd']:.2f}x"] for r in rows]) + [""]
     for r in rows:
         if device == "cpu" and r["provider"] == "ours (native)":
             verdicts = []
             for mode in ("fwd", "fwd+bwd"):
                 ratio = r["us"][mode] / gelu[mode]
                 verdicts.append(f"{mode} {ratio:.2f}x GELU (target <= {OVERHEAD_TARGET}x): "
-                                f"{'PASS' if ratio <= OVERHEAD_TARGET else 'FAIL'}")
+                                f"{verdict(ratio <= OVERHEAD_TARGET)}")
             lines.append("- CPU host-overhead target, native backend: " + "; ".join(verdicts))
     return lines
-
-
-# ---------------------------------------------------------------------------------------------------- main
 
 
 def main(argv=None) -> int:
