@@ -23,7 +23,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         description="Convert a KAT checkpoint into a Hub-ready timm folder (config.json, weights, README.md).")
     parser.add_argument("checkpoint", help="released .bin/.pth, a .safetensors file or a KAT training checkpoint")
     parser.add_argument("--model", help="registered KAT name, e.g. kat_tiny_patch16_224 (optionally .vitft); default: "
-                        "inferred from the checkpoint's shapes (embed dim 192/384/768 -> kat_tiny/small/base_patch16_224)")
+                        "inferred from the checkpoint's shapes (embed dim 192/384/768 -> "
+                        "kat_tiny/small/base_patch16_224)")
     parser.add_argument("--tag", help="pretrained tag: '' (trained from scratch, default) or vitft")
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction,
                         help="--ema: take the EMA weights (error if there are none); --no-ema: the raw model weights; "

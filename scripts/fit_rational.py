@@ -71,8 +71,7 @@ def evaluate_expression(expression: str, x: np.ndarray) -> np.ndarray:
     try:
         if isinstance(value, torch.Tensor):
             value = value.detach().to(torch.float64).cpu().numpy()
-        value = np.asarray(value, dtype=np.float64)
-        value = np.broadcast_to(value, xt.shape).copy()
+        value = np.broadcast_to(np.asarray(value, dtype=np.float64), xt.shape).copy()
     except Exception as exc:
         raise FitError(f"expression {expression!r} must give a number or a tensor of the shape of x, got "
                        f"{type(value).__name__} ({exc})") from exc
@@ -95,24 +94,17 @@ class Problem:
     """Fitting data on a grid, in the scaled variable t = x / s. Unknowns theta = (alpha_1..alpha_5, gamma_1..gamma_4)."""
 
     def __init__(self, x: np.ndarray, f: np.ndarray, a0: float, scale: float, min_b4: float = 0.0):
-        self.x = x
-        self.min_b4 = min_b4
-        self.f = f
-        self.a0 = a0
-        self.scale = scale
+        self.x, self.f, self.a0, self.scale, self.min_b4 = x, f, a0, scale, min_b4
         t = x / scale
         self.num_basis = np.stack([t**i for i in range(1, NUM_DEGREE + 1)], axis=1)  # (N, 5)
         self.den_basis = np.stack([np.abs(t) ** j for j in range(1, DEN_DEGREE + 1)], axis=1)  # (N, 4)
-        n_par = NUM_DEGREE + DEN_DEGREE
         self.lower = np.r_[np.full(NUM_DEGREE, -np.inf), np.zeros(DEN_DEGREE)]
         # |b4| > 0 makes F grow linearly (slope a5/|b4|) beyond the fit range instead of like x^(5-k).
         self.lower[-1] = min_b4 * scale**DEN_DEGREE
-        self.upper = np.full(n_par, np.inf)
+        self.upper = np.full(NUM_DEGREE + DEN_DEGREE, np.inf)
 
     def pq(self, theta):
-        p = self.a0 + self.num_basis @ theta[:NUM_DEGREE]
-        q = 1.0 + self.den_basis @ theta[NUM_DEGREE:]
-        return p, q
+        return self.a0 + self.num_basis @ theta[:NUM_DEGREE], 1.0 + self.den_basis @ theta[NUM_DEGREE:]
 
     def error(self, theta):
         p, q = self.pq(theta)
@@ -173,8 +165,7 @@ class Problem:
             row = sqrt_w / q_prev
             a = np.concatenate([self.num_basis, -self.f[:, None] * self.den_basis], axis=1) * row[:, None]
             rhs = (self.f - self.a0) * row
-            new = lsq_linear(a, rhs, bounds=(self.lower, self.upper), method="bvls").x
-            new = self.clip(new)
+            new = self.clip(lsq_linear(a, rhs, bounds=(self.lower, self.upper), method="bvls").x)
             converged = np.max(np.abs(new - theta)) <= 1e-12 * max(1.0, np.max(np.abs(new)))
             theta = new
             _, q_prev = self.pq(theta)
@@ -298,9 +289,8 @@ def fit_entry(name, spec, lo, hi, points):
         numerator, denominator = prob.coefficients(prob.snap_negligible(theta))
 
     stats = measure(expression, numerator, denominator, lo, hi)
-    record = dict(expression=expression, numerator=numerator, denominator=denominator, fit_range=[float(lo), float(hi)],
-                  max_abs_error=stats["max_abs_error"], note=note)
-    return record, stats
+    return dict(expression=expression, numerator=numerator, denominator=denominator, fit_range=[float(lo), float(hi)],
+                max_abs_error=stats["max_abs_error"], note=note), stats
 
 
 def measure(expression, numerator, denominator, lo, hi):
@@ -330,13 +320,13 @@ def parse_args(argv=None):
                         help="fit range (default: -3 3)")
     parser.add_argument("--output", default=None, help=f"JSON table to update (default: {DEFAULT_OUTPUT})")
     parser.add_argument("--dry-run", action="store_true", help="print the results, do not write the table")
-    parser.add_argument("--gaussian-sigma", type=float, help="fit with a Gaussian weight of this width around 0 plus a uniform part (weighted least squares), for "
-             "every entry refitted in this run; 0 means uniform-weight minimax. Default: per entry (gelu: 0.5, "
-             "the others: uniform minimax)")
+    parser.add_argument("--gaussian-sigma", type=float, help="fit with a Gaussian weight of this width around 0 plus "
+                        "a uniform part (weighted least squares), for every entry refitted in this run; 0 means "
+                        "uniform-weight minimax. Default: per entry (gelu: 0.5, the others: uniform minimax)")
     parser.add_argument("--uniform-weight", type=float, help=f"uniform fraction u of the weight "
                         f"(1-u)*gauss/mean(gauss) + u (default: per entry, {DEFAULT_UNIFORM_WEIGHT})")
-    parser.add_argument("--max-error-cap", type=float, help="for weighted fits: keep the max error on the range under this value (0: no cap; default: per entry, "
-             "gelu: 2.5e-3, the others: none)")
+    parser.add_argument("--max-error-cap", type=float, help="for weighted fits: keep the max error on the range under "
+                        "this value (0: no cap; default: per entry, gelu: 2.5e-3, the others: none)")
     parser.add_argument("--points", type=int, default=DEFAULT_POINTS,
                         help=f"points of the fit grid (default: {DEFAULT_POINTS})")
     return parser.parse_args(argv)

@@ -130,7 +130,8 @@ def _text(info: Dict[str, Any], flops: bool) -> str:
 
     env = backend["env"]
     requested = backend["requested"] or "invalid"
-    lines.append(f"\nrational op backend (KAT_RATIONAL_BACKEND={env['KAT_RATIONAL_BACKEND'] or 'unset'} -> {requested}):")
+    lines += ["", f"rational op backend (KAT_RATIONAL_BACKEND={env['KAT_RATIONAL_BACKEND'] or 'unset'} "
+                  f"-> {requested}):"]
     for device, per_dtype in backend["devices"].items():
         # Group dtypes that take the same path, so the usual case is one line.
         groups: Dict[str, List[str]] = {}

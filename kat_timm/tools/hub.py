@@ -188,7 +188,8 @@ def hub_config(config: Mapping[str, Any]) -> Dict[str, Any]:
     return fixed
 
 
-def save_hub_folder(model: torch.nn.Module, output_dir: PathLike, safe_serialization: Union[bool, str] = "both") -> None:
+def save_hub_folder(model: torch.nn.Module, output_dir: PathLike,
+                    safe_serialization: Union[bool, str] = "both") -> None:
     """Write ``model`` as a Hub folder that timm and transformers both load: timm's ``save_for_hf``, then
     ``fix_hub_folder``.
 
