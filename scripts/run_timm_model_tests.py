@@ -52,16 +52,11 @@ def fetch_sdist(timm_version: str, cache_dir: Path) -> Path:
     archive = cache_dir / f"timm-{timm_version}.tar.gz"
     if not archive.is_file():
         print(f"[run_timm_model_tests] downloading the timm {timm_version} sdist from PyPI into {cache_dir}")
-        command = [
-            sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
-            f"timm=={timm_version}", "-d", str(cache_dir),
-        ]
-        result = subprocess.run(command)
-        if result.returncode != 0 or not archive.is_file():
-            raise SystemExit(
-                f"could not download the timm {timm_version} sdist (command: {' '.join(command)}); this needs "
-                f"network access to PyPI, or put timm-{timm_version}.tar.gz into {cache_dir} by hand"
-            )
+        command = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+                   f"timm=={timm_version}", "-d", str(cache_dir)]
+        if subprocess.run(command).returncode != 0 or not archive.is_file():
+            raise SystemExit(f"could not download the timm {timm_version} sdist (command: {' '.join(command)}); this "
+                             f"needs network access to PyPI, or put timm-{timm_version}.tar.gz into {cache_dir} by hand")
     print(f"[run_timm_model_tests] unpacking {archive}")
     with tarfile.open(archive) as tar:
         if hasattr(tarfile, "data_filter"):
@@ -84,10 +79,8 @@ def prepare_test_file(root: Path, as_is: bool) -> Path:
         return original
     text = original.read_text()
     if text.count(PATCH_ANCHOR) != 1 or "FEAT_INTER_FILTERS = [" not in text:
-        raise SystemExit(
-            f"{original} has no single {PATCH_ANCHOR!r} line / FEAT_INTER_FILTERS list: this timm version's test "
-            "file differs from the one this script knows; run with --as-is"
-        )
+        raise SystemExit(f"{original} has no single {PATCH_ANCHOR!r} line / FEAT_INTER_FILTERS list: this timm "
+                         "version's test file differs from the one this script knows; run with --as-is")
     patched = root / "tests" / "test_models_kat.py"
     patched_text = text.replace(PATCH_ANCHOR, PATCH_LINES + PATCH_ANCHOR)
     if not patched.is_file() or patched.read_text() != patched_text:
@@ -103,8 +96,7 @@ class KatSelection:
     """pytest plugin: keeps the tests parametrised with a selected model name and tallies their outcomes."""
 
     def __init__(self, models: Set[str], with_pretrained: bool):
-        self.models = models
-        self.with_pretrained = with_pretrained
+        self.models, self.with_pretrained = models, with_pretrained
         self.outcomes: Dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self.skips: Dict[Tuple[str, str], List[str]] = collections.defaultdict(list)
         self.failed: List[str] = []
@@ -157,10 +149,9 @@ class KatSelection:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog="Other arguments are passed on to pytest.",
-        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
-    )
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                     epilog="Other arguments are passed on to pytest.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", type=Path, default=default_cache_dir(),
                         help="cache directory for the timm sdist (default: %(default)s)")
     parser.add_argument("--models", nargs="+", default=["kat*"], metavar="GLOB",
@@ -187,16 +178,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"no KAT model matches {args.models}; known: {timm.list_models('kat*')}")
 
     plugin = KatSelection(models, args.with_pretrained)
-    command = [
-        str(test_file),
-        # importlib: pytest must not put the sdist root (which holds an uninstalled copy of timm) on sys.path
-        "--import-mode=importlib",
-        "-p", "no:cacheprovider",
-        "-W", "ignore::pytest.PytestUnknownMarkWarning",  # @pytest.mark.timeout without pytest-timeout
-        "-W", "ignore::pytest.PytestAssertRewriteWarning",  # plugins timm imported before pytest started
-        "-rfEs",
-        *pytest_args,
-    ]
+    # importlib: pytest must not put the sdist root (which holds an uninstalled copy of timm) on sys.path; the
+    # warnings: @pytest.mark.timeout without pytest-timeout, and plugins timm imported before pytest started.
+    command = [str(test_file), "--import-mode=importlib", "-p", "no:cacheprovider", "-W",
+               "ignore::pytest.PytestUnknownMarkWarning", "-W", "ignore::pytest.PytestAssertRewriteWarning", "-rfEs",
+               *pytest_args]
     print(f"[run_timm_model_tests] TORCH_BACKEND={BACKEND_MODULE} pytest {' '.join(command)}")
     print(f"[run_timm_model_tests] models: {', '.join(sorted(models))}")
     start = time.perf_counter()
