@@ -6,6 +6,8 @@ has no custom domain. README, "ONNX", says what to install.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
 import importlib.util
 import logging
 import os
@@ -44,12 +46,24 @@ class OpsetConversionError(RuntimeError):
     """PyTorch's ONNX exporter could not write the graph in the requested opset."""
 
 
-def require_packages(*names: str, purpose: str = "ONNX export") -> None:
-    """Raise :class:`MissingDependencyError` naming every package of ``names`` that can't be imported."""
+def require_packages(*names: str, purpose: str = "ONNX export"):
+    """Raise :class:`MissingDependencyError` naming every package of ``names`` that can't be imported; else import
+    and return the first."""
     missing = [name for name in names if importlib.util.find_spec(name) is None]
     if missing:
         raise MissingDependencyError(f"{purpose} needs {' and '.join(missing)} (not installed); pip install onnx "
                                      'onnxscript onnxruntime (or, in a kat_timm checkout, pip install -e ".[onnx]")')
+    return importlib.import_module(names[0])
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(training)
 
 
 def group_rational_plain(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, channel_dim: int = -1,
@@ -132,12 +146,8 @@ def export_program(model: torch.nn.Module, example_input: Optional[torch.Tensor]
             # torch.export specialises a dimension of size 1, so trace with two images.
             example_input = example_input.expand(2, *example_input.shape[1:]).contiguous()
         dynamic_shapes = ({0: torch.export.Dim("batch", min=1)},)
-    training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         return torch.export.export(model, (example_input,), dynamic_shapes=dynamic_shapes)
-    finally:
-        model.train(training)
 
 
 def decompose_rationals(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
@@ -147,10 +157,6 @@ def decompose_rationals(program: torch.export.ExportedProgram) -> torch.export.E
     has natively (LayerNormalization, Gemm, ...), and tracing with a one-entry table is about twice as fast.
     """
     return program.run_decompositions({torch.ops.kat_timm.group_rational.default: group_rational_plain})
-
-
-def _parameter_bytes(model: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
 def export_onnx(model: torch.nn.Module, path: PathLike, dynamic_batch: bool = False, opset: int = DEFAULT_OPSET,
@@ -178,9 +184,7 @@ def export_onnx(model: torch.nn.Module, path: PathLike, dynamic_batch: bool = Fa
         ValueError: ``opset`` is below ``MIN_OPSET`` or above what the installed onnx knows.
         OpsetConversionError: the exporter could not produce the requested opset.
     """
-    require_packages("onnx", "onnxscript")
-    import onnx
-
+    onnx = require_packages("onnx", "onnxscript")
     if opset < MIN_OPSET:
         raise ValueError(f"opset {opset} is too old: a KAT needs opset {MIN_OPSET} or newer (LayerNormalization)")
     if opset > onnx.defs.onnx_opset_version():
@@ -192,7 +196,8 @@ def export_onnx(model: torch.nn.Module, path: PathLike, dynamic_batch: bool = Fa
     if example_input is None:
         example_input = _example_input(model, batch_size)
     program = decompose_rationals(export_program(model, example_input, dynamic_batch))
-    external_data = _parameter_bytes(model) > _EXTERNAL_DATA_BYTES
+    weight_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    external_data = weight_bytes > _EXTERNAL_DATA_BYTES
     # Written under a temporary name and renamed once checked, so a failed export leaves no file (and an existing
     # one untouched). Weights in a side file name it after the .onnx file, which a rename would break: those
     # exports (above 1 GiB, no KAT) are written in place.
@@ -229,21 +234,15 @@ def _default_opset(model_proto) -> int:
 
 def onnx_io_shapes(path: PathLike) -> Dict[str, List[Union[int, str]]]:
     """{input or output name: shape} of an ONNX file; a symbolic dimension is its name (a string)."""
-    require_packages("onnx")
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
+    graph = require_packages("onnx").load(str(path), load_external_data=False).graph
     return {value.name: [dim.dim_param or dim.dim_value for dim in value.type.tensor_type.shape.dim]
             for value in list(graph.input) + list(graph.output)}
 
 
 def onnx_op_domains(path: PathLike) -> Dict[str, set]:
     """{domain: set of op types} of the nodes of an ONNX file's main graph ("" is the standard ONNX domain)."""
-    require_packages("onnx")
-    import onnx
-
     domains: Dict[str, set] = {}
-    for node in onnx.load(str(path), load_external_data=False).graph.node:
+    for node in require_packages("onnx").load(str(path), load_external_data=False).graph.node:
         domains.setdefault(node.domain, set()).add(node.op_type)
     return domains
 
@@ -264,25 +263,19 @@ def check_onnx(path: PathLike, model: torch.nn.Module, batch_sizes: Sequence[int
     Raises:
         MissingDependencyError: onnxruntime is not installed.
     """
-    require_packages("onnxruntime", purpose="checking an ONNX file")
-    import onnxruntime
-
+    onnxruntime = require_packages("onnxruntime", purpose="checking an ONNX file")
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
     parameter = next(model.parameters())
     generator = torch.Generator().manual_seed(seed)
     errors = {}
-    training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         for batch_size in batch_sizes:
             images = torch.randn((batch_size,) + model_input_size(model), generator=generator)
             with torch.inference_mode():
                 expected = model(images.to(parameter.device, parameter.dtype)).float().cpu()
             actual = torch.from_numpy(session.run(None, {input_name: images.numpy()})[0])
             errors[batch_size] = ((actual - expected).norm() / expected.norm().clamp_min(1e-12)).item()
-    finally:
-        model.train(training)
     return errors
 
 
