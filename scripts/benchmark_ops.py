@@ -249,32 +249,25 @@ def compile_lines(rows: List[dict]) -> List[str]:
 def target_lines(rows: List[dict], cuda: bool, copy_gbps: Optional[float]) -> List[str]:
     """The issue's targets as PASS/FAIL lines (reported, never asserted)."""
     ok = [r for r in rows if "ms" in r]
-    lines = []
     if cuda:
-        for r in (r for r in ok if r["provider"] == "ours"):
-            parts = []
-            for mode, target in CUDA_TARGETS.items():
-                pct = 100 * r["gbps"][mode] / copy_gbps
-                parts.append(f"{mode} {pct:.0f}% of copy bandwidth (target >= {target:.0f}%): {verdict(pct >= target)}")
-            lines.append(f"- CUDA target, {r['label']} {'x'.join(map(str, r['shape']))} {r['dtype']}: "
-                         + "; ".join(parts))
-        return lines
+        return [f"- CUDA target, {r['label']} {'x'.join(map(str, r['shape']))} {r['dtype']}: " + "; ".join(
+            f"{mode} {100 * r['gbps'][mode] / copy_gbps:.0f}% of copy bandwidth (target >= {target:.0f}%): "
+            f"{verdict(100 * r['gbps'][mode] / copy_gbps >= target)}" for mode, target in CUDA_TARGETS.items())
+            for r in ok if r["provider"] == "ours"]
     pick = {r["provider"]: r for r in ok if tuple(r["shape"]) == CPU_TARGET_SHAPE and r["dtype"] == "float32"}
     if "ours" not in pick or "gelu" not in pick:
         return [f"- CPU targets: not evaluated (they need ours and gelu on {CPU_TARGET_SHAPE} float32)"]
-    ours, gelu = pick["ours"], pick["gelu"]
-    parts = []
-    for mode, target in CPU_TARGETS.items():
-        ratio = ours["ms"][mode] / gelu["ms"][mode]
-        parts.append(f"{mode} {ratio:.2f}x GELU (target <= {target:g}x): {verdict(ratio <= target)}")
+
+    def ratios(row: dict, base: dict, targets: Dict[str, float], digits: int, versus: str) -> str:
+        return "; ".join(f"{mode} {row['ms'][mode] / base['ms'][mode]:.{digits}f}x {versus} (target <= {target:g}x): "
+                         f"{verdict(row['ms'][mode] / base['ms'][mode] <= target)}" for mode, target in targets.items())
+
     shape = "x".join(map(str, CPU_TARGET_SHAPE))
-    lines = [f"- CPU targets, {ours['label']} {shape} float32: " + "; ".join(parts)]
+    lines = [f"- CPU targets, {pick['ours']['label']} {shape} float32: "
+             + ratios(pick["ours"], pick["gelu"], CPU_TARGETS, 2, "GELU")]
     if "bias" in pick:
-        parts = []
-        for mode, target in BIAS_TARGETS.items():
-            ratio = pick["bias"]["ms"][mode] / ours["ms"][mode]
-            parts.append(f"{mode} {ratio:.3f}x without (target <= {target:g}x): {verdict(ratio <= target)}")
-        lines.append(f"- CPU targets, {pick['bias']['label']} {shape} float32, vs no bias: " + "; ".join(parts))
+        lines.append(f"- CPU targets, {pick['bias']['label']} {shape} float32, vs no bias: "
+                     + ratios(pick["bias"], pick["ours"], BIAS_TARGETS, 3, "without"))
     return lines
 
 

@@ -31,20 +31,13 @@ class DownloadError(RuntimeError):
 
     def __init__(self, model: str, reason: str):
         super().__init__(f"{model}: {reason}")
-        self.model = model
-        self.reason = reason
+        self.model, self.reason = model, reason
 
 
 @dataclasses.dataclass(frozen=True)
 class CachedFile:
-    """One file of a model in the cache.
-
-    Attributes:
-        filename: its name in the repo (``config.json``, ``pytorch_model.bin``, ...).
-        path: where it is in the cache (inside the snapshot folder).
-        size: bytes.
-        fetched: True when this call downloaded it, False when it was already cached.
-    """
+    """One file of a model in the cache: its name in the repo, its path in the snapshot folder, its size in bytes,
+    and whether this call downloaded it (False: it was already cached)."""
 
     filename: str
     path: Path
@@ -85,11 +78,8 @@ def format_size(num_bytes: int) -> str:
 
 
 def released_models(pattern: str = "kat*") -> Dict[str, str]:
-    """{model name: Hub repo id} of every released checkpoint, read from timm's registered pretrained configs.
-
-    Several names load the same weights (``kat_tiny``, ``kat_tiny_patch16_224``, ``kat_tiny_swish_patch16_224``):
-    each repo is listed once, under the name that equals the repo's own name when there is one.
-    """
+    """{model name: Hub repo id} of every released checkpoint, from timm's registered pretrained configs; a repo that
+    several names load is listed once, under the name that equals the repo's own name when there is one."""
     by_repo: Dict[str, str] = {}
     for name in timm.list_pretrained(pattern):
         repo_id = (timm.models.get_pretrained_cfg(name).hf_hub_id or "").split("@", 1)[0]
@@ -157,12 +147,8 @@ def _cached_file(filename: str, path: str, fetched: bool) -> CachedFile:
 
 
 def cached_file_intact(path: PathLike) -> bool:
-    """Whether a file of the Hugging Face cache still holds what was downloaded.
-
-    The cache keeps each file as ``blobs/<id>``, the id being the SHA-256 of the content for LFS files (weights)
-    and the git blob hash for the others (config.json): a truncated or altered copy no longer matches its name. A
-    file outside that layout (no blob to compare with) counts as intact.
-    """
+    """Whether a file of the Hugging Face cache still holds what was downloaded: its ``blobs/<id>`` name is the
+    SHA-256 (LFS files) or git blob hash (others) of the content. A file outside that layout counts as intact."""
     blob = Path(path).resolve()
     name = blob.name
     if blob.parent.name != "blobs" or len(name) not in (40, 64) or any(c not in "0123456789abcdef" for c in name):
@@ -256,8 +242,8 @@ def _reason(error: Exception, repo_id: str, revision: Optional[str], cache_dir: 
 
 def download_pretrained(name: str, cache_dir: Optional[PathLike] = None, force: bool = False) -> DownloadResult:
     """Make sure the cache holds what ``timm.create_model(name, pretrained=True)`` needs: ``config.json`` and the
-    weights file timm will pick. Files already cached are not fetched again (and then no request is made), unless
-    their content no longer matches the cache's checksum (:func:`cached_file_intact`) or ``force`` is set.
+    weights file timm will pick. Cached files are not fetched again (no request at all) unless damaged
+    (:func:`cached_file_intact`) or ``force`` is set.
 
     Args:
         name: a model name with an optional tag (``kat_tiny``, ``kat_base_patch16_224.vitft``) or

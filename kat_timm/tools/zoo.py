@@ -29,12 +29,8 @@ _TRAINING = {"": "from scratch, IN-1k", "vitft": "from AugReg ViT (IN-21k), IN-1
 
 @dataclasses.dataclass(frozen=True)
 class FlopCount:
-    """FLOPs of one forward (or training step), batch 1, as counted by ``FlopCounterMode`` (2 FLOPs per MAC).
-
-    Attributes:
-        total: every counted FLOP (matmuls, convolutions, attention, the rational op).
-        rational: the part spent in the rational op (``kat_timm::group_rational`` and its backward).
-    """
+    """FLOPs of one forward (or training step) as ``FlopCounterMode`` counts them (2 per MAC): ``total``, and the
+    ``rational`` part spent in ``kat_timm::group_rational`` and its backward."""
 
     total: int
     rational: int
@@ -138,8 +134,8 @@ def checkpoint_cached(hf_hub_id: str) -> bool:
 
 
 def zoo_rows(pattern: str = "kat*", flops: bool = False) -> List[ZooRow]:
-    """One row per registered model and pretrained tag, one tag-less row per model without weights; smallest model
-    first, released weights before init variants, then by name.
+    """One row per registered model and pretrained tag (or without weights); smallest first, released before init
+    variants, then by name.
 
     Args:
         pattern: a ``timm.list_models`` filter.
