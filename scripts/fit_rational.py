@@ -301,7 +301,6 @@ def measure(expression, numerator, denominator, lo, hi):
         "max_abs_error": float(err.max()),
         "max_abs_error_near_zero": float(err[near].max()) if near.any() else float("nan"),
         "f0": float(rational(np.zeros(1), numerator, denominator)[0]),
-        "target0": float(evaluate_expression(expression, np.zeros(1))[0]),
     }
 
 
