@@ -42,12 +42,7 @@ def _expand(names: List[str]) -> List[str]:
     """``all`` -> every released checkpoint; duplicates dropped, order kept."""
     from kat_timm.tools.download import released_models
 
-    expanded: List[str] = []
-    for name in names:
-        for item in (released_models() if name == ALL else [name]):
-            if item not in expanded:
-                expanded.append(item)
-    return expanded
+    return list(dict.fromkeys(item for name in names for item in (released_models() if name == ALL else [name])))
 
 
 def _run(args: argparse.Namespace, prog: str) -> int:

@@ -37,11 +37,6 @@ def kat_num_params(model_name: str, **kwargs) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Model card
-# ---------------------------------------------------------------------------------------------------------------------
-
-
 def _size_of(model_name: str) -> Optional[str]:
     match = _SIZE_OF_NAME.match(model_name)
     return match.group(1) if match else None
@@ -154,11 +149,6 @@ upgrading timm does not help, importing kat_timm does.
         "citation": _CITATION,
     }
     return generate_readme(card, full_name)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Conversion
-# ---------------------------------------------------------------------------------------------------------------------
 
 
 def hub_config(config: Mapping[str, Any]) -> Dict[str, Any]:
