@@ -388,11 +388,8 @@ def main(argv=None):
         output = args.output or os.path.join(REPO_ROOT, DEFAULT_OUTPUT)
         table = load_table(output)
 
-        names = list(dict.fromkeys(args.names))
-        if args.name and args.name not in names:
-            names.append(args.name)
-        if not names:
-            names = list(BUILTINS) + [n for n in table if n not in BUILTINS]
+        names = list(dict.fromkeys(args.names + ([args.name] if args.name else [])))
+        names = names or list(dict.fromkeys([*BUILTINS, *table]))
 
         specs = {name: build_spec(name, args.expr if name == args.name else None, table, args) for name in names}
         if args.expr is not None:  # fail early and clearly on a broken expression
@@ -413,8 +410,8 @@ def main(argv=None):
         return 2
 
     # Built-ins first in their order, then the other entries in the order they already had / were added.
-    new_table = {name: results[name] if name in results else table[name]
-                 for name in dict.fromkeys(list(BUILTINS) + list(table) + list(results)) if name in results or name in table}
+    merged = {**table, **results}
+    new_table = {name: merged[name] for name in dict.fromkeys([*BUILTINS, *table, *results]) if name in merged}
     if args.dry_run:
         print(json.dumps({n: new_table[n] for n in results}, indent=2))
         print("(dry run: nothing written)")
