@@ -91,12 +91,6 @@ def _versions() -> Dict[str, Any]:
             "cpu": device_name("cpu"), "cpu_threads": torch.get_num_threads(), "gpus": gpus}
 
 
-def _hub_state() -> Dict[str, Any]:
-    from huggingface_hub import constants
-
-    return {"cache": str(constants.HF_HUB_CACHE), "offline": bool(constants.is_offline_mode())}
-
-
 def collect(flops: bool = False) -> Dict[str, Any]:
     """Everything ``kat-timm info`` reports, as a JSON-ready dict (``versions``, ``backend``, ``hub``, ``models``).
 
@@ -106,13 +100,16 @@ def collect(flops: bool = False) -> Dict[str, Any]:
     Raises:
         CLIError: no KAT model is registered (a broken install).
     """
+    from huggingface_hub import constants
+
     from kat_timm.tools.zoo import checkpoint_cached, zoo_rows
 
     rows = zoo_rows(flops=flops)
     if not rows:
         raise CLIError("no kat* model is registered in timm: the kat_timm install is broken (reinstall it)")
     models = [{**row.as_dict(), "cached": checkpoint_cached(row.hf_hub_id) if row.hf_hub_id else None} for row in rows]
-    return {"versions": _versions(), "backend": backend_report(), "hub": _hub_state(), "models": models}
+    hub = {"cache": str(constants.HF_HUB_CACHE), "offline": bool(constants.is_offline_mode())}
+    return {"versions": _versions(), "backend": backend_report(), "hub": hub, "models": models}
 
 
 def _table(header: List[str], rows: List[List[str]]) -> List[str]:
