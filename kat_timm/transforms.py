@@ -1,14 +1,8 @@
 """Image preprocessing of a model, as its pretrained config says (timm's data config and transform factory).
 
-For the released KAT checkpoints that is the evaluation pipeline they were scored with: resize the shorter side to
-256 (224 / crop_pct 0.875) with bicubic interpolation, centre-crop 224, convert to a tensor, normalise with the
-ImageNet mean and std. ``create_transform(model)`` is shorthand for::
-
-    timm.data.create_transform(**timm.data.resolve_model_data_config(model), is_training=False)
-
+``create_transform(model)`` is ``timm.data.create_transform(**resolve_model_data_config(model), is_training=False)``
 with one correction: a model built for another input size (``img_size=64``, ``set_input_size``, a checkpoint
-fine-tuned at 32 px) gets images of that size. timm's data config reads the registered pretrained config, which
-still says 224, and a ViT or KAT with a fixed position embedding rejects any other size.
+fine-tuned at 32 px) gets images of that size, where timm's data config still says the registered 224.
 """
 from __future__ import annotations
 
@@ -36,8 +30,8 @@ def create_transform(model: Union[torch.nn.Module, str], is_training: bool = Fal
     """The preprocessing of ``model``'s pretrained config: PIL image -> normalised float tensor (C, H, W).
 
     Args:
-        model: a timm model (its ``pretrained_cfg`` is read, and its input size), or a model name with an optional tag (no model is
-            built; the registered pretrained config is used).
+        model: a timm model (its ``pretrained_cfg`` and input size are read), or a model name with an optional tag
+            (no model is built; the registered pretrained config is used).
         is_training: the training augmentation (random resized crop, flip, ...) instead of the evaluation pipeline.
         **overrides: data-config values to change (``input_size``, ``interpolation``, ``mean``, ``std``,
             ``crop_pct``, ``crop_mode``) and any other keyword of ``timm.data.create_transform``.

@@ -1,9 +1,4 @@
-"""What scripts/benchmark_ops.py and scripts/benchmark_models.py share: their common options, the run's metadata
-(machine, date, versions) that heads the printed table and the JSON, and the JSON file itself.
-
-Imported by those scripts (``python scripts/benchmark_*.py`` puts this folder on ``sys.path``); not part of the
-package.
-"""
+"""What the benchmark scripts share: their common options, the run's metadata and the JSON file (not package code)."""
 from __future__ import annotations
 
 import argparse
@@ -56,6 +51,26 @@ def parse_benchmark_args(parser: argparse.ArgumentParser, argv=None) -> argparse
 
 def load_text(value: Optional[float]) -> str:
     return "unknown" if value is None else f"{value:.2f}"
+
+
+def verdict(passed: bool) -> str:
+    return "PASS" if passed else "FAIL"
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def error_text(error: Exception) -> str:
+    """``Type: first line of the message``: what a failed case records (one failure shouldn't lose the whole run)."""
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+def markdown_table(columns: List[str], rows: List[List[str]]) -> List[str]:
+    """The lines of a markdown table; a short row (a failure) is padded with empty cells to the header's width."""
+    cells = ["| " + " | ".join(row + [""] * (len(columns) - len(row))) + " |" for row in [columns, *rows]]
+    return cells[:1] + ["|" + "---|" * len(columns)] + cells[1:]
 
 
 def run_meta(args: argparse.Namespace, **extra) -> dict:

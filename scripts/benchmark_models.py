@@ -1,49 +1,14 @@
 #!/usr/bin/env python
 """Benchmark KAT-T/S/B against timm's ViT-T/S/B: images/s for inference and for a training step, and construction time.
 
-What is measured, for every requested size (tiny, small, base) and mode, on ``kat_{size}_patch16_224`` (this
-package, registered in timm by ``import kat_timm``) and ``vit_{size}_patch16_224`` (timm), in one run, with the same
-batch, input and precision:
-
-* modes:
-  - ``infer``: a forward of a batch, model in eval mode, under ``torch.inference_mode()``;
-  - ``train``: one training step, model in train mode: ``zero_grad(set_to_none=True)``, forward, cross-entropy
-    against random labels, backward, ``torch.optim.AdamW`` step (lr 1e-5, weight decay 0.05, PyTorch's default
-    implementation for the device; the same for both models).
-* precision: bf16 autocast (``torch.autocast("cuda", torch.bfloat16)``, fp32 weights) on CUDA; plain fp32 on CPU.
-  Inputs are ``torch.randn`` images of ``--img-size`` px (channels-last with ``--channels-last``, which also
-  converts the models), labels uniform over the 1000 classes.
-* timing, interleaved: after a warm-up of both models, every repetition times the ViT and then the KAT (ViT, KAT,
-  ViT, KAT, ...), so that a burst of machine noise hits both alike. Each sample loops enough calls to last at
-  least ``min_rep_s`` (calibrated in the warm-up). The table gives the median time per call of each model
-  (as images/s) and the median over repetitions of the per-repetition KAT/ViT time ratio, with its min-max range.
-  On CPU the clock is ``time.perf_counter``; on CUDA, CUDA events around the loop, followed by a synchronize
-  (so host-side overhead, e.g. Python dispatch of the custom op, counts when the GPU would otherwise wait for it).
-* ``--compile``: both models go through ``torch.compile`` (default inductor backend); the first call of each
-  mode (the compile) is timed on its own and reported on a separate line, not in the table. Dynamo's caches are
-  reset before every size.
-* construction: ``timm.create_model(name, img_size=...)`` on CPU with fresh (random) init, timed once per model
-  with ``time.perf_counter`` (then moved to the device, untimed). The first model of the run also pays one-time
-  costs (lazy imports, KAT's cached rational moments), so ``--sizes base`` alone is the cleanest reading of
-  KAT-B's construction.
-
-The result is a markdown table on stdout (``--json PATH`` also writes the raw numbers, every sample included),
-with a header giving device, threads, load, date and versions, followed by the targets, reported as PASS/FAIL and
-never asserted:
-
-* CPU (2 threads, batch 8, 224 px, fp32, eager): KAT/ViT time <= 0.95 for inference (tiny, small, base) and
-  <= 1.00 for a training step (tiny, small); the authors' code measured 1.30 and 2.02 for inference on a 2-core
-  machine;
-* construction of kat_base_patch16_224 on CPU < 5 s;
-* CUDA (H200, batch 128, bf16 autocast): KAT throughput >= 0.90x ViT's for training, >= 0.95x for inference.
-
-A target line measured under other conditions than its own (e.g. another batch or thread count) says so.
+ViT and KAT of one size are built with the same batch, input and precision (bf16 autocast on CUDA, fp32 on CPU) and
+timed interleaved (ViT, KAT, ViT, ...) so machine noise hits both alike; each sample lasts at least ``min_rep_s``.
+The markdown table gives medians and the per-repetition KAT/ViT time ratio; the targets (README, "Benchmarks") are
+printed as PASS/FAIL, never asserted. ``--compile`` times the first (compiling) call apart.
 
 Examples::
 
-    python scripts/benchmark_models.py                                   # everything, on CUDA when available
     python scripts/benchmark_models.py --device cpu --threads 2          # the CPU targets' configuration
-    python scripts/benchmark_models.py --device cpu --threads 2 --sizes tiny small --modes infer --reps 15
     python scripts/benchmark_models.py --device cuda --compile --json results.json
     python scripts/benchmark_models.py --quick                           # a smoke run of a few seconds
 """
@@ -63,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 import kat_timm  # noqa: F401  (registers the kat_* models in timm)
-from _benchmark_common import benchmark_parser, load_text, parse_benchmark_args, run_meta, version_lines, write_json
+from _benchmark_common import (benchmark_parser, error_text, load_text, markdown_table, parse_benchmark_args, run_meta,
+                               synchronize, verdict, version_lines, write_json)
 
 from kat_timm.benchmark import device_name, load_average
 from kat_timm.ops import BACKEND_ENV, select_backend
@@ -82,20 +48,14 @@ CUDA_TARGETS = {"train": 0.90, "infer": 0.95}  # KAT throughput >= N x ViT's
 CUDA_TARGET_CONDITIONS = {"device": "H200", "batch": 128, "img_size": 224}
 
 
-def model_name(family: str, size: str) -> str:
-    return f"{family}_{size}_patch16_224"
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = benchmark_parser(
-        __doc__,
-        batch_help="batch size (default: 8 on CPU, 128 on CUDA; --quick: 2)",
+        __doc__, batch_help="batch size (default: 8 on CPU, 128 on CUDA; --quick: 2)",
         reps_help="timed repetitions per model (interleaved), medians reported (default: 7 on CPU, 10 on CUDA; "
                   "--quick: 3)",
-        quick_help="smoke run: tiny only, batch 2, one warm-up call, 3 repetitions of one call",
-    )
-    parser.add_argument("--sizes", nargs="+", choices=SIZES, default=None,
-                        help="model sizes (default: all of tiny small base; --quick: tiny)")
+        quick_help="smoke run: tiny only, batch 2, one warm-up call, 3 repetitions of one call")
+    parser.add_argument("--sizes", nargs="+", choices=SIZES, help="model sizes (default: all of tiny small base; "
+                        "--quick: tiny)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
                         help="what to measure (default: infer train)")
     parser.add_argument("--img-size", type=int, default=224, help="input resolution in px (default: 224)")
@@ -104,20 +64,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile both models (the compile time is reported apart)")
     args = parse_benchmark_args(parser, argv)
-    if args.batch is None:
-        args.batch = 2 if args.quick else (128 if args.device == "cuda" else 8)
-    if args.sizes is None:
-        args.sizes = ["tiny"] if args.quick else list(SIZES)
-    args.sizes = [s for s in SIZES if s in args.sizes]  # canonical order, no duplicates
+    cuda = args.device == "cuda"
+    args.batch = args.batch or (2 if args.quick else (128 if cuda else 8))
+    args.sizes = [s for s in SIZES if s in (args.sizes or (["tiny"] if args.quick else SIZES))]  # canonical order
     args.modes = [m for m in MODES if m in args.modes]
-    if args.reps is None:
-        args.reps = 3 if args.quick else (10 if args.device == "cuda" else 7)
+    args.reps = args.reps or (3 if args.quick else (10 if cuda else 7))
     if args.img_size < 1 or args.img_size % 16:
         parser.error("--img-size must be a positive multiple of the patch size, 16")
     return args
-
-
-# --------------------------------------------------------------------------------------------------- timing
 
 
 class Timer:
@@ -125,49 +79,38 @@ class Timer:
     (seconds per call over that many calls). CPU: ``time.perf_counter``; CUDA: events + synchronize."""
 
     def __init__(self, device: str, quick: bool, compiled: bool):
-        self.cuda = device == "cuda"
-        if self.cuda:
-            self.warmup, self.min_rep_s = (2, 0.02) if quick else (5, 0.2)
-        else:
-            self.warmup, self.min_rep_s = (1, 0.0) if quick else (2, 0.25)
-        if compiled:  # the first call compiles; a couple more settle autotuning and caches
-            self.warmup += 2
-
-    def _sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
+        self.device, self.cuda = device, device == "cuda"
+        self.warmup, self.min_rep_s = {(True, True): (2, 0.02), (True, False): (5, 0.2), (False, True): (1, 0.0),
+                                       (False, False): (2, 0.25)}[(self.cuda, quick)]
+        self.warmup += 2 if compiled else 0  # the first call compiles; a couple more settle autotuning and caches
 
     def first_call_s(self, fn: Callable[[], object]) -> float:
         """Seconds of one call, synchronized (used for the compile time, the first call of a compiled model)."""
-        self._sync()
+        synchronize(self.device)
         start = time.perf_counter()
         fn()
-        self._sync()
+        synchronize(self.device)
         return time.perf_counter() - start
 
     def calibrate(self, fn: Callable[[], object]) -> int:
         for _ in range(self.warmup):
             fn()
-        seconds = self.sample(fn, 1)
-        return max(1, int(self.min_rep_s / max(seconds, 1e-9) + 0.999))
+        return max(1, int(self.min_rep_s / max(self.sample(fn, 1), 1e-9) + 0.999))
 
     def sample(self, fn: Callable[[], object], calls: int) -> float:
         if self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize()
             start.record()
-            for _ in range(calls):
-                fn()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end) / 1e3 / calls
-        start = time.perf_counter()
+        else:
+            start = time.perf_counter()
         for _ in range(calls):
             fn()
-        return (time.perf_counter() - start) / calls
-
-
-# ------------------------------------------------------------------------------------------------- models
+        if not self.cuda:
+            return (time.perf_counter() - start) / calls
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3 / calls
 
 
 def set_compile_cache_limit(limit: int = 64) -> None:
@@ -178,17 +121,8 @@ def set_compile_cache_limit(limit: int = 64) -> None:
             setattr(torch._dynamo.config, option, max(limit, getattr(torch._dynamo.config, option)))
 
 
-def construct(name: str, img_size: int) -> tuple:
-    """(model on CPU, seconds): ``timm.create_model`` with a fresh random init."""
-    start = time.perf_counter()
-    model = timm.create_model(name, pretrained=False, img_size=img_size, num_classes=NUM_CLASSES)
-    return model, time.perf_counter() - start
-
-
 def autocast(device: str):
-    if device == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()  # fp32 on CPU
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()  # fp32 CPU
 
 
 class Runner:
@@ -198,13 +132,10 @@ class Runner:
                  compiled: bool):
         self.model, self.mode, self.images, self.labels, self.device = model, mode, images, labels, device
         self.callable = torch.compile(model) if compiled else model
-        if mode == "train":
-            model.train()
-            # foreach / fused left to PyTorch's default for the device: the same for ViT and KAT.
-            self.optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
-        else:
-            model.eval()
-            self.optimizer = None
+        model.train(mode == "train")
+        # foreach / fused left to PyTorch's default for the device: the same for ViT and KAT.
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY) \
+            if mode == "train" else None
 
     def step(self) -> None:
         if self.mode == "infer":
@@ -217,10 +148,6 @@ class Runner:
         loss.backward()
         self.optimizer.step()
 
-    def close(self) -> None:
-        self.optimizer = None
-        self.callable = None
-
 
 def measure_pair(models: Dict[str, torch.nn.Module], mode: str, args, timer: Timer) -> dict:
     """Interleaved timing of ViT and KAT in one mode; returns the row of the table (milliseconds)."""
@@ -231,17 +158,13 @@ def measure_pair(models: Dict[str, torch.nn.Module], mode: str, args, timer: Tim
     labels = torch.randint(0, NUM_CLASSES, (args.batch,), generator=generator).to(args.device)
     runners = {f: Runner(models[f], mode, images, labels, args.device, args.compile) for f in FAMILIES}
     row: dict = {"mode": mode}
-    try:
-        if args.compile:
-            row["compile_s"] = {f: timer.first_call_s(runners[f].step) for f in FAMILIES}
-        calls = {f: timer.calibrate(runners[f].step) for f in FAMILIES}
-        samples: Dict[str, List[float]] = {f: [] for f in FAMILIES}
-        for _ in range(args.reps):
-            for family in FAMILIES:  # ViT, KAT, ViT, KAT, ...
-                samples[family].append(timer.sample(runners[family].step, calls[family]))
-    finally:
-        for runner in runners.values():
-            runner.close()
+    if args.compile:
+        row["compile_s"] = {f: timer.first_call_s(runners[f].step) for f in FAMILIES}
+    calls = {f: timer.calibrate(runners[f].step) for f in FAMILIES}
+    samples: Dict[str, List[float]] = {f: [] for f in FAMILIES}
+    for _ in range(args.reps):
+        for family in FAMILIES:  # ViT, KAT, ViT, KAT, ...
+            samples[family].append(timer.sample(runners[family].step, calls[family]))
     ratios = [k / v for v, k in zip(samples["vit"], samples["kat"])]
     row.update({
         "calls_per_sample": calls,
@@ -257,18 +180,18 @@ def measure_pair(models: Dict[str, torch.nn.Module], mode: str, args, timer: Tim
 
 
 def run_size(size: str, args, timer: Timer) -> tuple:
-    """Construct ViT and KAT of one size (timed), then measure every mode. Returns (construction rows, rows)."""
+    """Construct ViT and KAT of one size (timed, on CPU, fresh init), then measure every mode.
+    Returns (construction rows, rows)."""
     construction, models = [], {}
     for family in FAMILIES:
-        name = model_name(family, size)
+        name = f"{family}_{size}_patch16_224"
         print(f"constructing {name} ...", file=sys.stderr, flush=True)
-        model, seconds = construct(name, args.img_size)
-        construction.append({"size": size, "family": family, "model": name, "seconds": seconds,
+        start = time.perf_counter()
+        model = timm.create_model(name, pretrained=False, img_size=args.img_size, num_classes=NUM_CLASSES)
+        construction.append({"size": size, "family": family, "model": name, "seconds": time.perf_counter() - start,
                              "params_m": sum(p.numel() for p in model.parameters()) / 1e6})
         model = model.to(args.device)
-        if args.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        models[family] = model
+        models[family] = model.to(memory_format=torch.channels_last) if args.channels_last else model
     if args.compile:
         torch._dynamo.reset()
     rows = []
@@ -278,9 +201,7 @@ def run_size(size: str, args, timer: Timer) -> tuple:
         try:
             row.update(measure_pair(models, mode, args, timer))
         except Exception as error:  # report and go on: one failing case shouldn't lose the whole run
-            row.setdefault("mode", mode)
-            message = str(error).splitlines()[0] if str(error) else ""
-            row["error"] = f"{type(error).__name__}: {message}"
+            row.update(mode=mode, error=error_text(error))
             print(f"warning: {size} {mode} failed: {row['error']}", file=sys.stderr)
         rows.append(row)
         if args.device == "cuda":
@@ -290,9 +211,6 @@ def run_size(size: str, args, timer: Timer) -> tuple:
     if args.device == "cuda":
         torch.cuda.empty_cache()
     return construction, rows
-
-
-# -------------------------------------------------------------------------------------------------- report
 
 
 def rational_backend(device: str) -> str:
@@ -308,6 +226,10 @@ def precision(device: str) -> str:
     return "bf16 autocast (fp32 weights)" if device == "cuda" else "fp32"
 
 
+def threads_text(count: int) -> str:
+    return f"{count} thread" + ("" if count == 1 else "s")
+
+
 def header(args) -> List[str]:
     lines = ["## KAT vs ViT model benchmark", ""]
     if args.device == "cuda":
@@ -320,7 +242,7 @@ def header(args) -> List[str]:
                      f"{load_text(args.load_at_end)} at end, "
                      f"on {os.cpu_count()} CPUs (other busy processes slow multi-threaded runs down a lot)")
         lines.append(f"- timing: time.perf_counter, {args.reps} interleaved repetitions (ViT, KAT, ...), medians")
-    lines += version_lines(args, f"timm {timm.__version__}, kat_timm {kat_timm.__version__}, ") + [
+    return lines + version_lines(args, f"timm {timm.__version__}, kat_timm {kat_timm.__version__}, ") + [
         f"- batch {args.batch}, {args.img_size} px, {precision(args.device)}"
         + (", channels-last" if args.channels_last else "") + (", torch.compile" if args.compile else ", eager")
         + f"; KAT rationals: {os.environ.get(BACKEND_ENV, 'auto')} -> {rational_backend(args.device)} backend",
@@ -328,49 +250,35 @@ def header(args) -> List[str]:
         "step, train mode; ratio: median over repetitions of KAT time / ViT time (range: min-max)",
         "",
     ]
-    return lines
 
 
 def table(rows: List[dict]) -> List[str]:
-    columns = ["size", "mode", "ViT img/s", "KAT img/s", "KAT/ViT time", "KAT/ViT throughput", "time ratio range",
-               "ViT ms", "KAT ms"]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    cells = []
     for row in rows:
-        cells = [row["size"], row["mode"]]
         if "error" in row:
-            cells += [f"failed: {row['error'][:80]}"] + [""] * (len(columns) - 3)
-        else:
-            lo, hi = row["time_ratio_range"]
-            cells += [f"{row['images_per_s']['vit']:.1f}", f"{row['images_per_s']['kat']:.1f}",
-                      f"{row['time_ratio']:.3f}", f"{row['throughput_ratio']:.3f}", f"{lo:.2f}-{hi:.2f}",
-                      f"{row['median_ms']['vit']:.1f}", f"{row['median_ms']['kat']:.1f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+            cells.append([row["size"], row["mode"], f"failed: {row['error'][:80]}"])
+            continue
+        lo, hi = row["time_ratio_range"]
+        ips, ms = row["images_per_s"], row["median_ms"]
+        cells.append([row["size"], row["mode"], f"{ips['vit']:.1f}", f"{ips['kat']:.1f}", f"{row['time_ratio']:.3f}",
+                      f"{row['throughput_ratio']:.3f}", f"{lo:.2f}-{hi:.2f}", f"{ms['vit']:.1f}", f"{ms['kat']:.1f}"])
+    return markdown_table(["size", "mode", "ViT img/s", "KAT img/s", "KAT/ViT time", "KAT/ViT throughput",
+                           "time ratio range", "ViT ms", "KAT ms"], cells)
 
 
-def construction_lines(construction: List[dict]) -> List[str]:
-    if not construction:
-        return []
-    parts = [f"{c['model']} {c['seconds']:.2f} s ({c['params_m']:.1f} M params)" for c in construction]
-    return ["- construction (timm.create_model on CPU, fresh init): " + "; ".join(parts)]
+def report_lines(construction: List[dict], rows: List[dict]) -> List[str]:
+    """The construction line and, under --compile, the compile time of every case."""
+    lines = ["- construction (timm.create_model on CPU, fresh init): " + "; ".join(
+        f"{c['model']} {c['seconds']:.2f} s ({c['params_m']:.1f} M params)" for c in construction)] \
+        if construction else []
+    return lines + [f"- torch.compile, first call of {row['size']} {row['mode']}: ViT {row['compile_s']['vit']:.1f} s, "
+                    f"KAT {row['compile_s']['kat']:.1f} s; not in the timings" for row in rows if "compile_s" in row]
 
 
-def compile_lines(rows: List[dict]) -> List[str]:
-    lines = []
-    for row in rows:
-        if "compile_s" in row:
-            c = row["compile_s"]
-            lines.append(f"- torch.compile, first call of {row['size']} {row['mode']}: ViT {c['vit']:.1f} s, "
-                         f"KAT {c['kat']:.1f} s; not in the timings")
-    return lines
-
-
-def threads_text(count: int) -> str:
-    return f"{count} thread" + ("" if count == 1 else "s")
-
-
-def verdict(passed: bool) -> str:
-    return "PASS" if passed else "FAIL"
+def differs_note(args, conditions: List[tuple], target: str) -> str:
+    """`` [measured with ...; the target is for ...]`` when this run's conditions are not the target's."""
+    differs = [text for same, text in conditions if not same]
+    return f" [measured with {', '.join(differs)}; the target is for {target}]" if differs else ""
 
 
 def target_lines(args, rows: List[dict], construction: List[dict]) -> List[str]:
@@ -378,47 +286,33 @@ def target_lines(args, rows: List[dict], construction: List[dict]) -> List[str]:
     ok = {(r["size"], r["mode"]): r for r in rows if "error" not in r}
     lines = []
     if args.device == "cpu":
-        t = CPU_TARGET
-        differs = []
-        if torch.get_num_threads() != t["threads"]:
-            differs.append(threads_text(torch.get_num_threads()))
-        if args.batch != t["batch"]:
-            differs.append(f"batch {args.batch}")
-        if args.img_size != t["img_size"]:
-            differs.append(f"{args.img_size} px")
-        if args.channels_last or args.compile:
-            differs.append("channels-last" if args.channels_last else "torch.compile")
-        note = (f" [measured with {', '.join(differs)}; the target is for {t['threads']} threads, batch "
-                f"{t['batch']}, {t['img_size']} px, eager]") if differs else ""
+        t, threads = CPU_TARGET, torch.get_num_threads()
+        note = differs_note(args, [(threads == t["threads"], threads_text(threads)),
+                                   (args.batch == t["batch"], f"batch {args.batch}"),
+                                   (args.img_size == t["img_size"], f"{args.img_size} px"),
+                                   (not (args.channels_last or args.compile),
+                                    "channels-last" if args.channels_last else "torch.compile")],
+                            f"{t['threads']} threads, batch {t['batch']}, {t['img_size']} px, eager")
         for mode, sizes, limit in t["limits"]:
             what = "inference" if mode == "infer" else "training step"
             for size in sizes:
                 row = ok.get((size, mode))
-                if row is None:
-                    lines.append(f"- CPU target, {size} {what}: not evaluated (needs --sizes {size} --modes {mode})")
-                    continue
-                ratio = row["time_ratio"]
-                lines.append(f"- CPU target, {size} {what}: KAT/ViT time {ratio:.3f} (target <= {limit:.2f}): "
-                             f"{verdict(ratio <= limit)}{note}")
+                lines.append(f"- CPU target, {size} {what}: not evaluated (needs --sizes {size} --modes {mode})"
+                             if row is None else
+                             f"- CPU target, {size} {what}: KAT/ViT time {row['time_ratio']:.3f} (target <= "
+                             f"{limit:.2f}): {verdict(row['time_ratio'] <= limit)}{note}")
     else:
-        c = CUDA_TARGET_CONDITIONS
-        differs = []
-        if c["device"] not in device_name("cuda"):
-            differs.append(device_name("cuda"))
-        if args.batch != c["batch"]:
-            differs.append(f"batch {args.batch}")
-        if args.img_size != c["img_size"]:
-            differs.append(f"{args.img_size} px")
-        note = (f" [measured with {', '.join(differs)}; the target is for an {c['device']}, batch {c['batch']}, "
-                f"{c['img_size']} px, bf16 autocast]") if differs else ""
+        c, gpu = CUDA_TARGET_CONDITIONS, device_name("cuda")
+        note = differs_note(args, [(c["device"] in gpu, gpu), (args.batch == c["batch"], f"batch {args.batch}"),
+                                   (args.img_size == c["img_size"], f"{args.img_size} px")],
+                            f"an {c['device']}, batch {c['batch']}, {c['img_size']} px, bf16 autocast")
         for size in args.sizes:
             for mode, target in CUDA_TARGETS.items():
-                row = ok.get((size, mode))
-                if row is None:
-                    continue
-                ratio = row["throughput_ratio"]
-                lines.append(f"- CUDA target, {size} {'training' if mode == 'train' else 'inference'}: KAT throughput "
-                             f"{ratio:.3f}x ViT's (target >= {target:.2f}x): {verdict(ratio >= target)}{note}")
+                if (size, mode) in ok:
+                    ratio = ok[(size, mode)]["throughput_ratio"]
+                    lines.append(f"- CUDA target, {size} {'training' if mode == 'train' else 'inference'}: KAT "
+                                 f"throughput {ratio:.3f}x ViT's (target >= {target:.2f}x): "
+                                 f"{verdict(ratio >= target)}{note}")
     built = {c["model"]: c for c in construction}
     name, limit = CONSTRUCTION_TARGET["model"], CONSTRUCTION_TARGET["max_s"]
     if name in built:
@@ -430,15 +324,11 @@ def target_lines(args, rows: List[dict], construction: List[dict]) -> List[str]:
     return lines
 
 
-# ---------------------------------------------------------------------------------------------------- main
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.compile:
         set_compile_cache_limit()
     timer = Timer(args.device, args.quick, args.compile)
-
     started = time.perf_counter()
     construction, rows = [], []
     for size in args.sizes:
@@ -447,18 +337,14 @@ def main(argv=None) -> int:
         rows += measured
     elapsed = time.perf_counter() - started
     args.load_at_end = load_average()
-
-    lines = header(args) + table(rows) + [""]
-    lines += construction_lines(construction) + compile_lines(rows) + target_lines(args, rows, construction)
-    lines.append(f"- measured in {elapsed:.0f} s")
-    print("\n".join(lines))
-
+    targets = target_lines(args, rows, construction)
+    print("\n".join(header(args) + table(rows) + [""] + report_lines(construction, rows) + targets
+                    + [f"- measured in {elapsed:.0f} s"]))
     meta = run_meta(args, load_at_end=args.load_at_end, timm=timm.__version__, kat_timm=kat_timm.__version__,
                     img_size=args.img_size, precision=precision(args.device), channels_last=args.channels_last,
                     compile=args.compile, sizes=args.sizes, modes=args.modes,
                     rational_backend=rational_backend(args.device), elapsed_s=elapsed)
-    write_json(args.json, meta=meta, construction=construction, results=rows,
-               targets=target_lines(args, rows, construction))
+    write_json(args.json, meta=meta, construction=construction, results=rows, targets=targets)
     return 0
 
 

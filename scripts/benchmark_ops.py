@@ -1,60 +1,23 @@
 #!/usr/bin/env python
 """Benchmark ``kat_timm.ops.group_rational`` against GELU and against the plain PyTorch formula.
 
-What is measured, for every activation shape of KAT-T/S/B, (batch, 197, C) with C in {192, 384, 768} (act1 input,
-width d) and {768, 1536, 3072} (act2 input, width 4d), and every requested dtype:
-
-* providers:
-  - ``gelu``: ``torch.nn.functional.gelu`` (exact erf form), the activation KAT replaces;
-  - ``ours``: ``group_rational`` with the backend ``KAT_RATIONAL_BACKEND`` selects (auto: Triton on CUDA, the
-    native C kernel on CPU); the row names the backend that actually ran (``select_backend``);
-  - ``bias``: the same with a (C,) input bias, ``group_rational(x, ..., bias=b)`` = F(x + b) in the same pass, as
-    KAN's act2 runs with fc1's bias (its gradient is taken too);
-  - ``fallback``: ``group_rational`` forced onto its pure-PyTorch path (``KAT_RATIONAL_BACKEND=torch``);
-  - ``formula``: ``group_rational_autograd``, the same formula written with plain differentiable PyTorch ops;
-  - ``compiled``: ``torch.compile`` (default inductor backend, ``dynamic=False``, donated buffers off) of that
-    formula. Each shape and dtype is compiled from scratch, with an empty inductor cache; the compile time is
-    excluded from the timings and reported on its own line.
-* modes (gradients are taken for x and, for the rational providers, for the numerator and denominator too, as in
-  training):
-  - ``fwd``: the forward under ``torch.no_grad()`` (inference forward: nothing is saved for backward);
-  - ``bwd``: the backward alone, ``torch.autograd.grad(y, inputs, g, retain_graph=True)`` on a graph built once,
-    with a DENSE upstream gradient ``g = torch.randn_like(y)`` (``y.sum().backward()`` would hand the kernels a
-    stride-0 gradient, which is not what they get in a network);
-  - ``fwd+bwd``: a forward with grad enabled followed by that backward.
-* timing: on CUDA ``triton.testing.do_bench`` (median, L2 flushed between runs); on CPU ``time.perf_counter`` over
-  a few warm-up calls, then the median of several repetitions (each repetition loops enough calls to last
-  at least 50 ms).
-* effective bandwidth, counting only the unavoidable traffic of an elementwise op: forward reads x and writes y
-  (2 * numel * bytes), backward reads x and the gradient and writes dx (3 * numel * bytes), forward+backward
-  5 * numel * bytes. On CUDA it is also given as a percentage of the device's copy bandwidth (a large
-  ``Tensor.copy_``, 2 * bytes / time).
-
-The result is a markdown table on stdout (``--json PATH`` also writes the raw numbers), followed by the targets:
-on CPU, for the (8, 197, 3072) float32 shape, ours forward <= 3x GELU forward and ours forward+backward <= 4x GELU
-forward+backward, and with a bias forward and forward+backward <= 1.05x ours without one; on CUDA, ours forward
->= 85% and backward >= 80% of the copy bandwidth. They are reported as PASS/FAIL, never asserted.
+Providers (``--providers``): gelu, ours (the auto-selected backend), bias (ours with a (C,) input bias), fallback
+(forced pure PyTorch), formula (plain differentiable ops) and compiled (that formula through ``torch.compile``,
+compile time reported apart); modes fwd (no grad), bwd (a DENSE upstream gradient: ``y.sum().backward()`` would hand
+the kernels a stride-0 one) and fwd+bwd, on the KAT-T/S/B activation shapes. Bandwidth counts only an elementwise
+op's unavoidable traffic (5 passes over the tensor for fwd+bwd). ``--overhead`` times the host cost of one call on
+a (2, 64) tensor instead. Targets (README, "Benchmarks") are printed as PASS/FAIL, never asserted.
 
 Examples::
 
-    python scripts/benchmark_ops.py                          # all shapes, float32, every provider
     python scripts/benchmark_ops.py --device cpu --threads 2 --shapes 3072
     python scripts/benchmark_ops.py --dtype float32 bfloat16 --providers gelu ours --json results.json
     python scripts/benchmark_ops.py --quick                  # a smoke run of a few seconds
     python scripts/benchmark_ops.py --overhead --device cpu --threads 2   # host time per call, tiny tensor
-
-``--overhead`` measures something else: the host time of one call on a tiny (2, 64) tensor, where the kernel's own
-time is negligible, forward (no grad) and forward+backward (``torch.autograd.grad`` of x and, for the rational,
-the coefficients), for GELU and for ``group_rational`` on each backend (CPU: native, torch; CUDA: triton, torch).
-The providers are interleaved round by round and each figure is the minimum over rounds of the mean of a batch of
-calls (the floor of the host cost: on a shared machine other processes only ever add to it; on CUDA the batch ends
-with a synchronize, so it is the launch path that is timed). Target, CPU native
-backend: <= 1.5x GELU's host time, forward and forward+backward (reported, never asserted).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import sys
@@ -65,7 +28,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from _benchmark_common import benchmark_parser, load_text, parse_benchmark_args, run_meta, version_lines, write_json
+from _benchmark_common import (benchmark_parser, error_text, load_text, markdown_table, parse_benchmark_args, run_meta,
+                               synchronize, verdict, version_lines, write_json)
 
 from kat_timm.benchmark import device_name
 from kat_timm.ops import BACKEND_ENV, group_rational, group_rational_autograd, select_backend
@@ -84,11 +48,9 @@ CUDA_TARGETS = {"fwd": 85.0, "bwd": 80.0}  # ours >= N % of copy bandwidth
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = benchmark_parser(
-        __doc__,
-        batch_help="batch size (default: 8 on CPU, 128 on CUDA; --quick: 1 on CPU, 8 on CUDA)",
+        __doc__, batch_help="batch size (default: 8 on CPU, 128 on CUDA; --quick: 1 on CPU, 8 on CUDA)",
         reps_help="CPU: timed repetitions per measurement, median reported (default 7, --quick 3)",
-        quick_help="smoke run: small batch, few repetitions, no torch.compile",
-    )
+        quick_help="smoke run: small batch, few repetitions, no torch.compile")
     parser.add_argument("--shapes", type=int, nargs="+", metavar="C", default=sorted(WIDTHS),
                         help=f"channel widths C of the (batch, {TOKENS}, C) shapes (default: {sorted(WIDTHS)})")
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["float32"],
@@ -100,16 +62,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parse_benchmark_args(parser, argv)
     if any(c <= 0 or c % GROUPS for c in args.shapes):
         parser.error(f"--shapes: every width must be a positive multiple of {GROUPS}")
-    if args.batch is None:
-        args.batch = (8 if args.device == "cuda" else 1) if args.quick else (128 if args.device == "cuda" else 8)
-    if args.providers is None:
-        args.providers = [p for p in PROVIDERS if not (args.quick and p == "compiled")]
-    if args.reps is None:
-        args.reps = 3 if args.quick else 7
+    cuda = args.device == "cuda"
+    args.batch = args.batch or ((8 if cuda else 1) if args.quick else (128 if cuda else 8))
+    args.providers = args.providers or [p for p in PROVIDERS if not (args.quick and p == "compiled")]
+    args.reps = args.reps or (3 if args.quick else 7)
     return args
-
-
-# --------------------------------------------------------------------------------------------------- timing
 
 
 def make_timer(device: str, quick: bool, reps: int) -> Callable[[Callable[[], object]], float]:
@@ -150,27 +107,9 @@ def copy_bandwidth_gbps(bench) -> float:
     return gbps
 
 
-# ------------------------------------------------------------------------------------------------ providers
-
-
 def backend_env(value: Optional[str]):
     """Set ``KAT_RATIONAL_BACKEND`` for the duration of the block (None: leave it as it is)."""
-    return mock.patch.dict(os.environ, {BACKEND_ENV: value}) if value is not None else contextlib.nullcontext()
-
-
-def fresh_compile_cache():
-    """An empty, temporary inductor (and Triton) cache, so that the compile time reported is a first compile's.
-
-    Private API: ``fresh_inductor_cache`` from torch 2.1 on (kept as an alias of the newer ``fresh_cache``).
-    """
-    from torch._inductor.utils import fresh_inductor_cache
-
-    return fresh_inductor_cache()
-
-
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+    return mock.patch.dict(os.environ, {} if value is None else {BACKEND_ENV: value})
 
 
 def build_provider(name: str, x, numerator, denominator, g, bias) -> dict:
@@ -194,7 +133,9 @@ def build_provider(name: str, x, numerator, denominator, g, bias) -> dict:
     torch._functorch.config.donated_buffer = False
     torch._dynamo.reset()
     compiled = torch.compile(group_rational_autograd, dynamic=False)
-    with fresh_compile_cache():
+    from torch._inductor.utils import fresh_inductor_cache  # private; torch 2.1+, an alias of the newer fresh_cache
+
+    with fresh_inductor_cache():  # an empty inductor (and Triton) cache: the compile time reported is a first one
         start = time.perf_counter()
         with torch.no_grad():
             compiled(x, numerator, denominator)
@@ -243,15 +184,12 @@ def run_case(shape, dtype, providers, device, bench) -> List[dict]:
             row["gbps"] = {m: BYTES_MOVED[m] * bytes_per_pass / row["ms"][m] / 1e6 for m in MODES}
         except Exception as error:  # report and go on: one broken provider shouldn't lose the whole run
             row.setdefault("label", name)
-            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            row["error"] = error_text(error)
             print(f"warning: {name} failed on {shape} {dtype}: {row['error']}", file=sys.stderr)
         rows.append(row)
         if device == "cuda":
             torch.cuda.empty_cache()
     return rows
-
-
-# -------------------------------------------------------------------------------------------------- report
 
 
 def header(args, copy_gbps: Optional[float]) -> List[str]:
@@ -280,12 +218,12 @@ def table(rows: List[dict], cuda: bool, copy_gbps: Optional[float]) -> List[str]
                "fwd+bwd GB/s"]
     if cuda:
         columns += ["fwd % copy", "bwd % copy"]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     gelu = {(tuple(r["shape"]), r["dtype"]): r["ms"] for r in rows if r["provider"] == "gelu" and "ms" in r}
+    lines = []
     for row in rows:
         cells = ["x".join(map(str, row["shape"])), row["dtype"], row["label"]]
         if "error" in row:
-            cells += [f"failed: {row['error'][:60]}"] + [""] * (len(columns) - 4)
+            cells.append(f"failed: {row['error'][:60]}")
         else:
             ms, ref = row["ms"], gelu.get((tuple(row["shape"]), row["dtype"]))
             cells += [f"{ms[m]:.3f}" for m in MODES]
@@ -293,8 +231,8 @@ def table(rows: List[dict], cuda: bool, copy_gbps: Optional[float]) -> List[str]
             cells.append(f"{row['gbps']['fwd+bwd']:.1f}")
             if cuda:
                 cells += [f"{100 * row['gbps'][m] / copy_gbps:.0f}%" for m in ("fwd", "bwd")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        lines.append(cells)
+    return markdown_table(columns, lines)
 
 
 def compile_lines(rows: List[dict]) -> List[str]:
@@ -311,37 +249,27 @@ def compile_lines(rows: List[dict]) -> List[str]:
 def target_lines(rows: List[dict], cuda: bool, copy_gbps: Optional[float]) -> List[str]:
     """The issue's targets as PASS/FAIL lines (reported, never asserted)."""
     ok = [r for r in rows if "ms" in r]
-    verdict = lambda passed: "PASS" if passed else "FAIL"  # noqa: E731
-    lines = []
     if cuda:
-        for r in (r for r in ok if r["provider"] == "ours"):
-            parts = []
-            for mode, target in CUDA_TARGETS.items():
-                pct = 100 * r["gbps"][mode] / copy_gbps
-                parts.append(f"{mode} {pct:.0f}% of copy bandwidth (target >= {target:.0f}%): {verdict(pct >= target)}")
-            lines.append(f"- CUDA target, {r['label']} {'x'.join(map(str, r['shape']))} {r['dtype']}: "
-                         + "; ".join(parts))
-        return lines
+        return [f"- CUDA target, {r['label']} {'x'.join(map(str, r['shape']))} {r['dtype']}: " + "; ".join(
+            f"{mode} {100 * r['gbps'][mode] / copy_gbps:.0f}% of copy bandwidth (target >= {target:.0f}%): "
+            f"{verdict(100 * r['gbps'][mode] / copy_gbps >= target)}" for mode, target in CUDA_TARGETS.items())
+            for r in ok if r["provider"] == "ours"]
     pick = {r["provider"]: r for r in ok if tuple(r["shape"]) == CPU_TARGET_SHAPE and r["dtype"] == "float32"}
     if "ours" not in pick or "gelu" not in pick:
         return [f"- CPU targets: not evaluated (they need ours and gelu on {CPU_TARGET_SHAPE} float32)"]
-    ours, gelu = pick["ours"], pick["gelu"]
-    parts = []
-    for mode, target in CPU_TARGETS.items():
-        ratio = ours["ms"][mode] / gelu["ms"][mode]
-        parts.append(f"{mode} {ratio:.2f}x GELU (target <= {target:g}x): {verdict(ratio <= target)}")
+
+    def ratios(row: dict, base: dict, targets: Dict[str, float], digits: int, versus: str) -> str:
+        return "; ".join(f"{mode} {row['ms'][mode] / base['ms'][mode]:.{digits}f}x {versus} (target <= {target:g}x): "
+                         f"{verdict(row['ms'][mode] / base['ms'][mode] <= target)}" for mode, target in targets.items())
+
     shape = "x".join(map(str, CPU_TARGET_SHAPE))
-    lines = [f"- CPU targets, {ours['label']} {shape} float32: " + "; ".join(parts)]
+    lines = [f"- CPU targets, {pick['ours']['label']} {shape} float32: "
+             + ratios(pick["ours"], pick["gelu"], CPU_TARGETS, 2, "GELU")]
     if "bias" in pick:
-        parts = []
-        for mode, target in BIAS_TARGETS.items():
-            ratio = pick["bias"]["ms"][mode] / ours["ms"][mode]
-            parts.append(f"{mode} {ratio:.3f}x without (target <= {target:g}x): {verdict(ratio <= target)}")
-        lines.append(f"- CPU targets, {pick['bias']['label']} {shape} float32, vs no bias: " + "; ".join(parts))
+        lines.append(f"- CPU targets, {pick['bias']['label']} {shape} float32, vs no bias: "
+                     + ratios(pick["bias"], pick["ours"], BIAS_TARGETS, 3, "without"))
     return lines
 
-
-# ------------------------------------------------------------------------------------------------ overhead
 
 OVERHEAD_SHAPE = (2, 64)
 OVERHEAD_TARGET = 1.5  # CPU native: <= N x GELU's host time
@@ -397,25 +325,19 @@ def overhead_lines(rows: List[dict], args, rounds: int) -> List[str]:
     gelu, device = rows[0]["us"], args.device
     where = device_name(device) + ("" if device == "cuda" else f", {torch.get_num_threads()} threads")
     lines = ["## group_rational host overhead", "", f"- device: {where}", *version_lines(args), "",
-             f"Host time per call, shape {OVERHEAD_SHAPE} float32 ({device}), minimum over {rounds} interleaved rounds:", "",
-             "| provider | fwd us | fwd+bwd us | fwd / GELU | fwd+bwd / GELU |", "|---|---|---|---|---|"]
-    for r in rows:
-        us = r["us"]
-        lines.append(f"| {r['provider']} | {us['fwd']:.1f} | {us['fwd+bwd']:.1f} | {us['fwd'] / gelu['fwd']:.2f}x | "
-                     f"{us['fwd+bwd'] / gelu['fwd+bwd']:.2f}x |")
-    lines.append("")
+             f"Host time per call, shape {OVERHEAD_SHAPE} float32 ({device}), minimum over {rounds} interleaved rounds:", ""]
+    lines += markdown_table(["provider", "fwd us", "fwd+bwd us", "fwd / GELU", "fwd+bwd / GELU"], [
+        [r["provider"], f"{r['us']['fwd']:.1f}", f"{r['us']['fwd+bwd']:.1f}", f"{r['us']['fwd'] / gelu['fwd']:.2f}x",
+         f"{r['us']['fwd+bwd'] / gelu['fwd+bwd']:.2f}x"] for r in rows]) + [""]
     for r in rows:
         if device == "cpu" and r["provider"] == "ours (native)":
             verdicts = []
             for mode in ("fwd", "fwd+bwd"):
                 ratio = r["us"][mode] / gelu[mode]
                 verdicts.append(f"{mode} {ratio:.2f}x GELU (target <= {OVERHEAD_TARGET}x): "
-                                f"{'PASS' if ratio <= OVERHEAD_TARGET else 'FAIL'}")
+                                f"{verdict(ratio <= OVERHEAD_TARGET)}")
             lines.append("- CPU host-overhead target, native backend: " + "; ".join(verdicts))
     return lines
-
-
-# ---------------------------------------------------------------------------------------------------- main
 
 
 def main(argv=None) -> int:

@@ -1,21 +1,12 @@
 #!/usr/bin/env python
-"""Convert a KAT checkpoint into a Hugging Face Hub-ready folder for timm.
+"""Convert a KAT checkpoint (released weights or a training checkpoint) into a Hugging Face Hub-ready folder for timm.
 
-Input: a released ``pytorch_model.bin`` / ``.pth`` (a pickled state dict), a ``.safetensors`` file, or a KAT training
-checkpoint (weights under ``state_dict`` / ``model``, EMA weights under ``state_dict_ema`` / ``model_ema``, keys
-possibly prefixed with DDP's ``module.``). It is read safely (``torch.load(weights_only=True)`` or safetensors).
-
-Output (``-o OUTDIR``): ``config.json`` + ``model.safetensors`` (+ ``pytorch_model.bin`` with
-``--safe-serialization both``) written by ``timm.models.save_for_hf``, and a ``README.md`` model card. The folder
-loads with ``timm.create_model("local-dir:OUTDIR", pretrained=True)`` (after ``import kat_timm``) and, once uploaded,
-with ``timm.create_model("hf-hub:OWNER/NAME", pretrained=True)``.
+The logic, and what is read and written, is ``kat_timm.tools.hub.convert_checkpoint``; see README, "Deployment".
 
 Examples::
 
     python scripts/convert_checkpoint.py pytorch_model.bin --model kat_tiny_patch16_224 -o out/kat_tiny
     python scripts/convert_checkpoint.py checkpoint-299.pth.tar --tag vitft --no-ema -o out/kat_small_vitft
-
-The logic lives in ``kat_timm.tools.hub`` (``convert_checkpoint``); this file is only its command line.
 """
 from __future__ import annotations
 
@@ -24,37 +15,24 @@ import sys
 from typing import List, Optional
 
 from kat_timm.checkpoint import CheckpointError
-
 from kat_timm.tools.hub import convert_checkpoint
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Convert a KAT checkpoint into a Hub-ready timm folder (config.json, weights, README.md).",
-    )
+        description="Convert a KAT checkpoint into a Hub-ready timm folder (config.json, weights, README.md).")
     parser.add_argument("checkpoint", help="released .bin/.pth, a .safetensors file or a KAT training checkpoint")
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="registered KAT name, e.g. kat_tiny_patch16_224 (optionally .vitft); default: inferred from the "
-        "checkpoint's shapes (embed dim 192/384/768 -> kat_tiny/small/base_patch16_224)",
-    )
-    parser.add_argument("--tag", default=None, help="pretrained tag: '' (trained from scratch, default) or vitft")
-    parser.add_argument(
-        "--ema",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="--ema: take the EMA weights (error if there are none); --no-ema: the raw model weights; "
-        "default: the EMA weights when the checkpoint has them, as timm does",
-    )
+    parser.add_argument("--model", help="registered KAT name, e.g. kat_tiny_patch16_224 (optionally .vitft); default: "
+                        "inferred from the checkpoint's shapes (embed dim 192/384/768 -> "
+                        "kat_tiny/small/base_patch16_224)")
+    parser.add_argument("--tag", help="pretrained tag: '' (trained from scratch, default) or vitft")
+    parser.add_argument("--ema", action=argparse.BooleanOptionalAction,
+                        help="--ema: take the EMA weights (error if there are none); --no-ema: the raw model weights; "
+                        "default: the EMA weights when the checkpoint has them, as timm does")
     parser.add_argument("-o", "--output-dir", required=True, help="folder to write (must be empty or absent)")
-    parser.add_argument(
-        "--safe-serialization",
-        choices=("both", "true"),
-        default="both",
-        help="both: model.safetensors and pytorch_model.bin (default); true: model.safetensors only",
-    )
-    parser.add_argument("--repo-id", default=None, help="Hub repo id for the card's usage snippet")
+    parser.add_argument("--safe-serialization", choices=("both", "true"), default="both",
+                        help="both: model.safetensors and pytorch_model.bin (default); true: model.safetensors only")
+    parser.add_argument("--repo-id", help="Hub repo id for the card's usage snippet")
     parser.add_argument("--force", action="store_true", help="overwrite the files of a non-empty output folder")
     parser.add_argument("--no-verify", action="store_true", help="skip reloading the folder to check the weights")
     return parser.parse_args(argv)
@@ -63,17 +41,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     try:
-        result = convert_checkpoint(
-            args.checkpoint,
-            args.output_dir,
-            model_name=args.model,
-            tag=args.tag,
-            use_ema=args.ema,
-            safe_serialization="both" if args.safe_serialization == "both" else True,
-            force=args.force,
-            repo_id=args.repo_id,
-            verify=not args.no_verify,
-        )
+        result = convert_checkpoint(args.checkpoint, args.output_dir, model_name=args.model, tag=args.tag,
+                                    use_ema=args.ema, safe_serialization=args.safe_serialization == "true" or "both",
+                                    force=args.force, repo_id=args.repo_id, verify=not args.no_verify)
     except (CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

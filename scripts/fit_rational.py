@@ -1,42 +1,14 @@
 #!/usr/bin/env python
 """Fit group-rational initialisations for standard activations and write ``rational_inits.json``.
 
-The function being fitted is the rational used by the KAT group-rational layers,
-
-    F(x) = (a0 + a1 x + a2 x^2 + a3 x^3 + a4 x^4 + a5 x^5) / (1 + |b1||x| + |b2||x|^2 + |b3||x|^3 + |b4||x|^4)
-
-whose denominator is >= 1 (no poles). For every entry ``a0`` is pinned to ``target(0)`` so that ``F(0) == target(0)``
-exactly, and the denominators are written as nonnegative values ``c_j = |b_j|``.
-
-Method (all float64, fully deterministic: no random numbers anywhere):
-
-1. The variable is scaled to ``t = x / s`` with ``s = max(|lo|, |hi|)`` for conditioning; coefficients are mapped back
-   at the end (``a_i = alpha_i / s^i``, ``c_j = gamma_j / s^j``).
-2. Linearised least squares (Sanathanan-Koerner iteration): minimise ``|| w (P - f Q) / Q_prev ||`` over the
-   numerator and the nonnegative denominator coefficients (bounded linear least squares, BVLS).
-3. Nonlinear weighted least squares on the true error ``w (P/Q - f)`` (scipy ``least_squares``, trust-region
-   reflective, analytic Jacobian, bounds ``c_j >= 0``).
-4. Refinement, depending on the entry's mode:
-
-   * ``minimax`` (uniform weight): two candidates are computed from the least-squares fit, an L^p continuation
-     (p = 4, 8, 16, 32) and a Lawson iteration (iteratively reweighted least squares whose weights are multiplied by
-     the current |error|); the candidate (least squares included) with the smallest max error on the fit grid wins.
-   * ``weighted`` (Gaussian around 0 plus a uniform part): weighted least squares, with weight
-     ``w(x) = (1 - u) * g(x) / mean(g) + u``, ``g(x) = exp(-x^2 / (2 sigma^2))``; if a max-error cap is set, a
-     quadratic penalty on ``|error| > 0.95 * cap`` (with a growing penalty factor) keeps the max error under the cap.
-     This is the mode for GELU, which is used to convert trained networks whose pre-activations cluster near 0.
-
-The reported errors are measured on a denser grid (100001 points) than the fit grid.
-
-Examples::
-
-    python scripts/fit_rational.py                      # refit every entry of the table, write the table
-    python scripts/fit_rational.py gelu swish           # refit only these entries (the others are kept as they are)
-    python scripts/fit_rational.py --name mish --expr "x * torch.tanh(torch.nn.functional.softplus(x))"
-    python scripts/fit_rational.py --dry-run --range -4 4 swish
-
-Expressions are Python expressions in ``x`` (a float64 torch tensor); ``torch``, ``math`` and ``F``
-(``torch.nn.functional``) are available in their namespace.
+Fits F(x) = (a0 + ... + a5 x^5) / (1 + |b1||x| + ... + |b4||x|^4), the layer's formula (no poles), with ``a0`` pinned
+to ``target(0)`` and the denominators stored as ``c_j = |b_j| >= 0``. All float64 and deterministic, in ``t = x / s``
+(``s = max(|lo|, |hi|)``) for conditioning: Sanathanan-Koerner linearised least squares (BVLS), then nonlinear
+least squares on the true error; then per mode ``minimax`` (best of least squares, an L^p continuation and a Lawson
+iteration, by max error) or ``weighted`` (a Gaussian weight around 0 plus a uniform part, with an optional max-error
+cap held by a penalty; for GELU, whose converted pre-activations cluster near 0). Errors are measured on a denser
+grid than the fit grid. Usage: README, "The layer"; expressions are Python in ``x`` (a float64 tensor) with
+``torch``, ``math`` and ``F`` available.
 """
 from __future__ import annotations
 
@@ -46,7 +18,6 @@ import math
 import os
 import sys
 import time
-from collections import OrderedDict
 
 # The matrices are small (N x 9): BLAS threads only cost time, and badly so on a busy machine. Set before numpy loads;
 # an explicit setting in the environment wins.
@@ -67,28 +38,17 @@ DEN_DEGREE = 4  # b1..b4
 
 # Built-in entries. ``mode`` is "exact" (no fitting), "minimax" or "weighted"; the weighted entries carry their
 # Gaussian width, their uniform weight fraction and their max-error cap.
-BUILTINS = OrderedDict(
-    [
-        ("identity", dict(expression="x", mode="exact")),
-        ("swish", dict(expression="x * torch.sigmoid(x)", mode="minimax")),
-        ("tanh", dict(expression="torch.tanh(x)", mode="minimax")),
-        ("sigmoid", dict(expression="torch.sigmoid(x)", mode="minimax")),
-        (
-            "gelu",
-            dict(
-                expression="x * 0.5 * (1 + torch.erf(x / math.sqrt(2)))",
-                mode="weighted",
-                gaussian_sigma=0.5,
-                uniform_weight=0.05,
-                max_error_cap=2.5e-3,
-                # Without it the fit lands on b4 = 0 and grows like 0.09 x^2: F(1e4) ~ 9e6 overflows float16.
-                min_b4=1e-3,
-            ),
-        ),
-        ("relu", dict(expression="torch.relu(x)", mode="minimax")),
-        ("leaky_relu", dict(expression="F.leaky_relu(x, negative_slope=0.01)", mode="minimax")),
-    ]
-)
+BUILTINS = {
+    "identity": dict(expression="x", mode="exact"),
+    "swish": dict(expression="x * torch.sigmoid(x)", mode="minimax"),
+    "tanh": dict(expression="torch.tanh(x)", mode="minimax"),
+    "sigmoid": dict(expression="torch.sigmoid(x)", mode="minimax"),
+    # min_b4: without it the fit lands on b4 = 0 and grows like 0.09 x^2: F(1e4) ~ 9e6 overflows float16.
+    "gelu": dict(expression="x * 0.5 * (1 + torch.erf(x / math.sqrt(2)))", mode="weighted", gaussian_sigma=0.5,
+                 uniform_weight=0.05, max_error_cap=2.5e-3, min_b4=1e-3),
+    "relu": dict(expression="torch.relu(x)", mode="minimax"),
+    "leaky_relu": dict(expression="F.leaky_relu(x, negative_slope=0.01)", mode="minimax"),
+}
 DEFAULT_UNIFORM_WEIGHT = 0.05
 
 LSQ_TOL = 1e-13
@@ -99,9 +59,6 @@ class FitError(Exception):
     """A user-facing error (bad name, bad expression, bad range...)."""
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Target evaluation
-# ----------------------------------------------------------------------------------------------------------------------
 def evaluate_expression(expression: str, x: np.ndarray) -> np.ndarray:
     """Evaluate ``expression`` (a Python expression in ``x``) on the float64 points ``x``."""
     xt = torch.as_tensor(np.asarray(x, dtype=np.float64))
@@ -114,22 +71,16 @@ def evaluate_expression(expression: str, x: np.ndarray) -> np.ndarray:
     try:
         if isinstance(value, torch.Tensor):
             value = value.detach().to(torch.float64).cpu().numpy()
-        value = np.asarray(value, dtype=np.float64)
-        value = np.broadcast_to(value, xt.shape).copy()
+        value = np.broadcast_to(np.asarray(value, dtype=np.float64), xt.shape).copy()
     except Exception as exc:
-        raise FitError(
-            f"expression {expression!r} must give a number or a tensor of the shape of x, got {type(value).__name__}"
-            f" ({exc})"
-        ) from exc
+        raise FitError(f"expression {expression!r} must give a number or a tensor of the shape of x, got "
+                       f"{type(value).__name__} ({exc})") from exc
     if not np.all(np.isfinite(value)):
         bad = np.asarray(x)[~np.isfinite(value)]
         raise FitError(f"expression {expression!r} is not finite at x = {float(bad[0])!r} (and {bad.size - 1} other points)")
     return value
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The rational function (float64, inline; standalone on purpose)
-# ----------------------------------------------------------------------------------------------------------------------
 def rational(x: np.ndarray, numerator, denominator) -> np.ndarray:
     """F(x) in float64 with the layer's formula (denominator through absolute values)."""
     x = np.asarray(x, dtype=np.float64)
@@ -143,24 +94,17 @@ class Problem:
     """Fitting data on a grid, in the scaled variable t = x / s. Unknowns theta = (alpha_1..alpha_5, gamma_1..gamma_4)."""
 
     def __init__(self, x: np.ndarray, f: np.ndarray, a0: float, scale: float, min_b4: float = 0.0):
-        self.x = x
-        self.min_b4 = min_b4
-        self.f = f
-        self.a0 = a0
-        self.scale = scale
+        self.x, self.f, self.a0, self.scale, self.min_b4 = x, f, a0, scale, min_b4
         t = x / scale
         self.num_basis = np.stack([t**i for i in range(1, NUM_DEGREE + 1)], axis=1)  # (N, 5)
         self.den_basis = np.stack([np.abs(t) ** j for j in range(1, DEN_DEGREE + 1)], axis=1)  # (N, 4)
-        n_par = NUM_DEGREE + DEN_DEGREE
         self.lower = np.r_[np.full(NUM_DEGREE, -np.inf), np.zeros(DEN_DEGREE)]
         # |b4| > 0 makes F grow linearly (slope a5/|b4|) beyond the fit range instead of like x^(5-k).
         self.lower[-1] = min_b4 * scale**DEN_DEGREE
-        self.upper = np.full(n_par, np.inf)
+        self.upper = np.full(NUM_DEGREE + DEN_DEGREE, np.inf)
 
     def pq(self, theta):
-        p = self.a0 + self.num_basis @ theta[:NUM_DEGREE]
-        q = 1.0 + self.den_basis @ theta[NUM_DEGREE:]
-        return p, q
+        return self.a0 + self.num_basis @ theta[:NUM_DEGREE], 1.0 + self.den_basis @ theta[NUM_DEGREE:]
 
     def error(self, theta):
         p, q = self.pq(theta)
@@ -221,8 +165,7 @@ class Problem:
             row = sqrt_w / q_prev
             a = np.concatenate([self.num_basis, -self.f[:, None] * self.den_basis], axis=1) * row[:, None]
             rhs = (self.f - self.a0) * row
-            new = lsq_linear(a, rhs, bounds=(self.lower, self.upper), method="bvls").x
-            new = self.clip(new)
+            new = self.clip(lsq_linear(a, rhs, bounds=(self.lower, self.upper), method="bvls").x)
             converged = np.max(np.abs(new - theta)) <= 1e-12 * max(1.0, np.max(np.abs(new)))
             theta = new
             _, q_prev = self.pq(theta)
@@ -300,9 +243,6 @@ def gaussian_weight(x, sigma, uniform):
     return (1.0 - uniform) * g / mean + uniform
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# One entry
-# ----------------------------------------------------------------------------------------------------------------------
 def fit_entry(name, spec, lo, hi, points):
     """Fit one entry; returns (json_record, stats)."""
     expression = spec["expression"]
@@ -326,27 +266,21 @@ def fit_entry(name, spec, lo, hi, points):
             errors = [prob.max_error(th) for th in candidates]
             theta = candidates[int(np.argmin(errors))]
             which = ["least squares", "L^p continuation", "Lawson iteration"][int(np.argmin(errors))]
-            note = (
-                "uniform weight on the fit range: Sanathanan-Koerner linearised LSQ, nonlinear LSQ, then minimax "
-                f"refinement (best of LSQ / L^p p<=32 / Lawson: {which}); a0 pinned to target(0)"
-            )
+            note = ("uniform weight on the fit range: Sanathanan-Koerner linearised LSQ, nonlinear LSQ, then minimax "
+                    f"refinement (best of LSQ / L^p p<=32 / Lawson: {which}); a0 pinned to target(0)")
         elif mode == "weighted":
             sigma, uniform, cap = spec["gaussian_sigma"], spec["uniform_weight"], spec.get("max_error_cap")
             w = gaussian_weight(x, sigma, uniform)
             sqrt_w = np.sqrt(w)
             theta = prob.weighted_least_squares(sqrt_w, prob.sanathanan_koerner(sqrt_w))
-            note = (
-                f"weighted LSQ, weight (1-u)*N(0, sigma)/mean + u with sigma={sigma:g}, u={uniform:g} "
-                "(Sanathanan-Koerner start, nonlinear LSQ)"
-            )
+            note = (f"weighted LSQ, weight (1-u)*N(0, sigma)/mean + u with sigma={sigma:g}, u={uniform:g} "
+                    "(Sanathanan-Koerner start, nonlinear LSQ)")
             if cap is not None:
                 theta = prob.capped_weighted_least_squares(w, theta, cap)
                 note += f", max error on the fit range held under {cap:g} by a penalty"
                 if prob.max_error(theta) > cap:
-                    print(
-                        f"warning: {name}: max error {prob.max_error(theta):.3e} exceeds the cap {cap:g}",
-                        file=sys.stderr,
-                    )
+                    print(f"warning: {name}: max error {prob.max_error(theta):.3e} exceeds the cap {cap:g}",
+                          file=sys.stderr)
             if spec.get("min_b4"):
                 note += f", |b4| >= {spec['min_b4']:g} so the tails grow linearly"
             note += "; a0 pinned to target(0)"
@@ -355,17 +289,8 @@ def fit_entry(name, spec, lo, hi, points):
         numerator, denominator = prob.coefficients(prob.snap_negligible(theta))
 
     stats = measure(expression, numerator, denominator, lo, hi)
-    record = OrderedDict(
-        [
-            ("expression", expression),
-            ("numerator", numerator),
-            ("denominator", denominator),
-            ("fit_range", [float(lo), float(hi)]),
-            ("max_abs_error", stats["max_abs_error"]),
-            ("note", note),
-        ]
-    )
-    return record, stats
+    return dict(expression=expression, numerator=numerator, denominator=denominator, fit_range=[float(lo), float(hi)],
+                max_abs_error=stats["max_abs_error"], note=note), stats
 
 
 def measure(expression, numerator, denominator, lo, hi):
@@ -376,51 +301,31 @@ def measure(expression, numerator, denominator, lo, hi):
         "max_abs_error": float(err.max()),
         "max_abs_error_near_zero": float(err[near].max()) if near.any() else float("nan"),
         "f0": float(rational(np.zeros(1), numerator, denominator)[0]),
-        "target0": float(evaluate_expression(expression, np.zeros(1))[0]),
     }
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# CLI
-# ----------------------------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0] + " See the module docstring for the method.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=(
-            "built-in entries: " + ", ".join(BUILTINS) + "\n"
-            "examples:\n"
-            "  python scripts/fit_rational.py\n"
-            "  python scripts/fit_rational.py gelu swish\n"
-            '  python scripts/fit_rational.py --name mish --expr "x * torch.tanh(torch.nn.functional.softplus(x))"\n'
-        ),
-    )
+        epilog="built-in entries: " + ", ".join(BUILTINS) + "\nexamples:\n  python scripts/fit_rational.py\n"
+               '  python scripts/fit_rational.py gelu swish\n  python scripts/fit_rational.py --name mish --expr '
+               '"x * torch.tanh(torch.nn.functional.softplus(x))"\n')
     parser.add_argument("names", nargs="*", help="entries to refit (default: every entry of the table)")
     parser.add_argument("--name", help="name of an entry to add or refit from --expr")
-    parser.add_argument(
-        "--expr",
-        help="Python expression in x (a float64 torch tensor; torch, math and F = torch.nn.functional available)",
-    )
+    parser.add_argument("--expr", help="Python expression in x (a float64 torch tensor; torch, math and "
+                        "F = torch.nn.functional available)")
     parser.add_argument("--range", nargs=2, type=float, metavar=("LO", "HI"), default=list(DEFAULT_RANGE),
                         help="fit range (default: -3 3)")
     parser.add_argument("--output", default=None, help=f"JSON table to update (default: {DEFAULT_OUTPUT})")
     parser.add_argument("--dry-run", action="store_true", help="print the results, do not write the table")
-    parser.add_argument(
-        "--gaussian-sigma", type=float, default=None,
-        help="fit with a Gaussian weight of this width around 0 plus a uniform part (weighted least squares), for "
-             "every entry refitted in this run; 0 means uniform-weight minimax. Default: per entry (gelu: 0.5, "
-             "the others: uniform minimax)",
-    )
-    parser.add_argument(
-        "--uniform-weight", type=float, default=None,
-        help=f"uniform fraction u of the weight (1-u)*gauss/mean(gauss) + u (default: per entry, "
-             f"{DEFAULT_UNIFORM_WEIGHT})",
-    )
-    parser.add_argument(
-        "--max-error-cap", type=float, default=None,
-        help="for weighted fits: keep the max error on the range under this value (0: no cap; default: per entry, "
-             "gelu: 2.5e-3, the others: none)",
-    )
+    parser.add_argument("--gaussian-sigma", type=float, help="fit with a Gaussian weight of this width around 0 plus "
+                        "a uniform part (weighted least squares), for every entry refitted in this run; 0 means "
+                        "uniform-weight minimax. Default: per entry (gelu: 0.5, the others: uniform minimax)")
+    parser.add_argument("--uniform-weight", type=float, help=f"uniform fraction u of the weight "
+                        f"(1-u)*gauss/mean(gauss) + u (default: per entry, {DEFAULT_UNIFORM_WEIGHT})")
+    parser.add_argument("--max-error-cap", type=float, help="for weighted fits: keep the max error on the range under "
+                        "this value (0: no cap; default: per entry, gelu: 2.5e-3, the others: none)")
     parser.add_argument("--points", type=int, default=DEFAULT_POINTS,
                         help=f"points of the fit grid (default: {DEFAULT_POINTS})")
     return parser.parse_args(argv)
@@ -428,10 +333,10 @@ def parse_args(argv=None):
 
 def load_table(path):
     if not os.path.exists(path):
-        return OrderedDict()
+        return {}
     try:
         with open(path) as fh:
-            table = json.load(fh, object_pairs_hook=OrderedDict)
+            table = json.load(fh)
     except (OSError, ValueError) as exc:
         raise FitError(f"cannot read the table {path}: {exc}") from exc
     if not isinstance(table, dict):
@@ -483,45 +388,32 @@ def main(argv=None):
         output = args.output or os.path.join(REPO_ROOT, DEFAULT_OUTPUT)
         table = load_table(output)
 
-        names = list(dict.fromkeys(args.names))
-        if args.name and args.name not in names:
-            names.append(args.name)
-        if not names:
-            names = list(BUILTINS) + [n for n in table if n not in BUILTINS]
+        names = list(dict.fromkeys(args.names + ([args.name] if args.name else [])))
+        names = names or list(dict.fromkeys([*BUILTINS, *table]))
 
-        specs = OrderedDict()
-        for name in names:
-            specs[name] = build_spec(name, args.expr if name == args.name else None, table, args)
+        specs = {name: build_spec(name, args.expr if name == args.name else None, table, args) for name in names}
         if args.expr is not None:  # fail early and clearly on a broken expression
             evaluate_expression(args.expr, np.linspace(lo, hi, 11))
 
-        results = OrderedDict()
+        results = {}
         print(f"{'name':<14} {'max|err| range':>15} {'max|err| |x|<1':>15} {'F(0)':>12}  {'time':>6}")
         start = time.perf_counter()
         for name, spec in specs.items():
             t0 = time.perf_counter()
             record, stats = fit_entry(name, spec, lo, hi, args.points)
             results[name] = record
-            print(
-                f"{name:<14} {stats['max_abs_error']:>15.3e} {stats['max_abs_error_near_zero']:>15.3e} "
-                f"{stats['f0']:>12.5g}  {time.perf_counter() - t0:>5.1f}s"
-            )
+            print(f"{name:<14} {stats['max_abs_error']:>15.3e} {stats['max_abs_error_near_zero']:>15.3e} "
+                  f"{stats['f0']:>12.5g}  {time.perf_counter() - t0:>5.1f}s")
         print(f"total {time.perf_counter() - start:.1f}s")
     except FitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
     # Built-ins first in their order, then the other entries in the order they already had / were added.
-    new_table = OrderedDict()
-    for name in list(BUILTINS) + list(table) + list(results):
-        if name in new_table:
-            continue
-        if name in results:
-            new_table[name] = results[name]
-        elif name in table:
-            new_table[name] = table[name]
+    merged = {**table, **results}
+    new_table = {name: merged[name] for name in dict.fromkeys([*BUILTINS, *table, *results]) if name in merged}
     if args.dry_run:
-        print(json.dumps(OrderedDict((n, new_table[n]) for n in results), indent=2))
+        print(json.dumps({n: new_table[n] for n in results}, indent=2))
         print("(dry run: nothing written)")
         return 0
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)

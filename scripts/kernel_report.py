@@ -1,15 +1,8 @@
 #!/usr/bin/env python
-"""Resource report of the Triton kernels, compiled for a GPU without one (Triton's compiler and bundled ptxas).
-
-Every kernel is compiled exactly as its launcher launches it, for the activation shapes of KAT-T/S/B (batch 128 and
-batch 1 by default; ``--odd`` adds awkward shapes) in bf16, fp16 and fp32, for sm_90a (H100/H200) and sm_80 (A100).
-Per kernel: registers per thread, spill bytes, stack frame, shared memory, programs per SM, occupancy, bytes of
-global loads per thread per iteration (16-byte vector accesses, and narrower ones), bytes in flight per SM, and the
-upper bound on the fraction of HBM bandwidth that implies by Little's law (see kat_timm/ops/kernel_report.py).
+"""Resource report of the Triton kernels, compiled for a GPU without one; see README, "Benchmarks".
 
 Examples::
 
-    python scripts/kernel_report.py                        # everything, markdown on stdout
     python scripts/kernel_report.py --arch sm_90a --batch 128 --dtype bfloat16
     python scripts/kernel_report.py --json report.json
 """

@@ -1,17 +1,10 @@
 #!/usr/bin/env python
-"""Print the README's model zoo table (Markdown) or the same rows as JSON.
-
-Every registered KAT model and pretrained tag with its parameters, GMACs and GFLOPs (one 224 x 224 image, measured
-on meta tensors with ``torch.utils.flop_counter``, the rational op counted), the top-1 reported with the released
-weights, the Hub repo and the line that loads it. Second names of the same weights are listed under the table.
+"""Print the README's model zoo table (Markdown) or the same rows as JSON; the logic is ``kat_timm.tools.zoo``.
 
 Examples::
 
-    python scripts/model_zoo.py              # Markdown, as pasted into the README
     python scripts/model_zoo.py --json       # one JSON list, every registered name and tag
     python scripts/model_zoo.py --no-flops   # skip the FLOP count (parameters only)
-
-The logic lives in ``kat_timm.tools.zoo``; this file is only its command line.
 """
 from __future__ import annotations
 

@@ -1,34 +1,18 @@
 #!/usr/bin/env python
 """Run timm's own model test suite (``tests/test_models.py``) on the KAT models.
 
-timm does not ship its tests in the wheel, so this script fetches the source distribution of the *installed* timm
-version from PyPI (``pip download --no-binary :all: --no-deps timm==<version>``; the only network access, PyPI
-only; pip may also fetch timm's build backend from PyPI to read the sdist's metadata), unpacks it into a cache
-directory (reused on later runs, so they work offline) and runs its ``tests/test_models.py`` with pytest, in this
-process, with ``TORCH_BACKEND=kat_timm`` (test_models.py imports that module, which registers the KAT models).
-
-Only the tests parametrised with a KAT model name are run; every other test of the file is deselected.
-
-KAT is a ViT, and timm's suite treats ViT-like models as "non-standard" through the ``NON_STD_FILTERS`` list
-(``vit_*``, ``deit*``, ...: they skip the CNN-only default-cfg / features_only checks and run
-``test_model_default_cfgs_non_std`` instead), and runs the ``forward_intermediates`` tests for the modules named
-in ``FEAT_INTER_FILTERS`` (``vision_transformer``, ...). Those lists are fixed when the file is imported, so by
-default the script runs a copy of the file, ``tests/test_models_kat.py``, that appends ``'kat*'`` to
-``NON_STD_FILTERS`` and ``'kat'`` (the module of the KAT entry points) to ``FEAT_INTER_FILTERS`` - the treatment
-timm gives its own ViTs - and is otherwise unchanged. ``--as-is`` runs the unmodified ``test_models.py`` instead
-(there KAT counts as a standard CNN-like model, so the CNN-only checks are expected to fail).
-
-The tests that load pretrained weights (``test_model_load_pretrained``, ``test_model_features_pretrained``) need
-the Hugging Face Hub and are deselected unless ``--with-pretrained`` is given.
+timm's wheel lacks its tests, so the sdist of the installed version is fetched from PyPI once (``pip download``;
+the only network access) into a cache directory and its test_models.py runs here with ``TORCH_BACKEND=kat_timm``,
+only the tests parametrised with a KAT model selected. By default a copy adds ``'kat*'`` to ``NON_STD_FILTERS`` and
+``'kat'`` to ``FEAT_INTER_FILTERS``, the treatment timm gives its own ViTs; ``--as-is`` runs the file unmodified
+(the CNN-only checks then fail). Pretrained-weight tests need the Hub: ``--with-pretrained``.
 
 Usage::
 
-    python scripts/run_timm_model_tests.py                          # every kat* model
     python scripts/run_timm_model_tests.py --models 'kat_tiny*'     # the tiny ones only (cheapest)
     python scripts/run_timm_model_tests.py --dir /tmp/timm-sdist -- -x -k backward   # extra args go to pytest
-    python scripts/run_timm_model_tests.py --as-is                  # the unmodified file
 
-Arguments the script doesn't know (or everything after ``--``) are passed on to pytest. Exit status: pytest's.
+Exit status: pytest's.
 """
 from __future__ import annotations
 
@@ -68,16 +52,11 @@ def fetch_sdist(timm_version: str, cache_dir: Path) -> Path:
     archive = cache_dir / f"timm-{timm_version}.tar.gz"
     if not archive.is_file():
         print(f"[run_timm_model_tests] downloading the timm {timm_version} sdist from PyPI into {cache_dir}")
-        command = [
-            sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
-            f"timm=={timm_version}", "-d", str(cache_dir),
-        ]
-        result = subprocess.run(command)
-        if result.returncode != 0 or not archive.is_file():
-            raise SystemExit(
-                f"could not download the timm {timm_version} sdist (command: {' '.join(command)}); this needs "
-                f"network access to PyPI, or put timm-{timm_version}.tar.gz into {cache_dir} by hand"
-            )
+        command = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+                   f"timm=={timm_version}", "-d", str(cache_dir)]
+        if subprocess.run(command).returncode != 0 or not archive.is_file():
+            raise SystemExit(f"could not download the timm {timm_version} sdist (command: {' '.join(command)}); this "
+                             f"needs network access to PyPI, or put timm-{timm_version}.tar.gz into {cache_dir} by hand")
     print(f"[run_timm_model_tests] unpacking {archive}")
     with tarfile.open(archive) as tar:
         if hasattr(tarfile, "data_filter"):
@@ -100,10 +79,8 @@ def prepare_test_file(root: Path, as_is: bool) -> Path:
         return original
     text = original.read_text()
     if text.count(PATCH_ANCHOR) != 1 or "FEAT_INTER_FILTERS = [" not in text:
-        raise SystemExit(
-            f"{original} has no single {PATCH_ANCHOR!r} line / FEAT_INTER_FILTERS list: this timm version's test "
-            "file differs from the one this script knows; run with --as-is"
-        )
+        raise SystemExit(f"{original} has no single {PATCH_ANCHOR!r} line / FEAT_INTER_FILTERS list: this timm "
+                         "version's test file differs from the one this script knows; run with --as-is")
     patched = root / "tests" / "test_models_kat.py"
     patched_text = text.replace(PATCH_ANCHOR, PATCH_LINES + PATCH_ANCHOR)
     if not patched.is_file() or patched.read_text() != patched_text:
@@ -119,8 +96,7 @@ class KatSelection:
     """pytest plugin: keeps the tests parametrised with a selected model name and tallies their outcomes."""
 
     def __init__(self, models: Set[str], with_pretrained: bool):
-        self.models = models
-        self.with_pretrained = with_pretrained
+        self.models, self.with_pretrained = models, with_pretrained
         self.outcomes: Dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self.skips: Dict[Tuple[str, str], List[str]] = collections.defaultdict(list)
         self.failed: List[str] = []
@@ -173,10 +149,9 @@ class KatSelection:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog="Other arguments are passed on to pytest.",
-        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
-    )
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                     epilog="Other arguments are passed on to pytest.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", type=Path, default=default_cache_dir(),
                         help="cache directory for the timm sdist (default: %(default)s)")
     parser.add_argument("--models", nargs="+", default=["kat*"], metavar="GLOB",
@@ -203,16 +178,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"no KAT model matches {args.models}; known: {timm.list_models('kat*')}")
 
     plugin = KatSelection(models, args.with_pretrained)
-    command = [
-        str(test_file),
-        # importlib: pytest must not put the sdist root (which holds an uninstalled copy of timm) on sys.path
-        "--import-mode=importlib",
-        "-p", "no:cacheprovider",
-        "-W", "ignore::pytest.PytestUnknownMarkWarning",  # @pytest.mark.timeout without pytest-timeout
-        "-W", "ignore::pytest.PytestAssertRewriteWarning",  # plugins timm imported before pytest started
-        "-rfEs",
-        *pytest_args,
-    ]
+    # importlib: pytest must not put the sdist root (which holds an uninstalled copy of timm) on sys.path; the
+    # warnings: @pytest.mark.timeout without pytest-timeout, and plugins timm imported before pytest started.
+    command = [str(test_file), "--import-mode=importlib", "-p", "no:cacheprovider", "-W",
+               "ignore::pytest.PytestUnknownMarkWarning", "-W", "ignore::pytest.PytestAssertRewriteWarning", "-rfEs",
+               *pytest_args]
     print(f"[run_timm_model_tests] TORCH_BACKEND={BACKEND_MODULE} pytest {' '.join(command)}")
     print(f"[run_timm_model_tests] models: {', '.join(sorted(models))}")
     start = time.perf_counter()

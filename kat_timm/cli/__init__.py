@@ -1,13 +1,6 @@
-"""The ``kat-timm`` command: one entry point, one module per subcommand.
-
-    kat-timm demo | info | predict | plot | download | export | train | validate  [ARGS...]
-
-Each subcommand lives in ``kat_timm/cli/<name>.py`` and exposes ``main(argv, prog) -> int``; only the module of the
-subcommand that runs is imported, so ``kat-timm info`` does not pay for matplotlib or onnx. ``kat-train`` and
-``kat-validate`` are the ``train`` and ``validate`` subcommands under their own names.
-
-A subcommand reports bad input by raising :class:`CLIError`; ``run_main`` prints it as one line,
-``<prog>: error: <message>``, and exits with its code (2 for usage errors, as argparse does; 1 otherwise).
+"""The ``kat-timm`` command: one entry point, one module per subcommand (``kat_timm/cli/<name>.py`` with
+``main(argv, prog) -> int``), imported only when it runs. Bad input is a :class:`CLIError`, which ``run_main``
+prints as ``<prog>: error: <message>`` with its exit code (2 for usage errors, as argparse does; 1 otherwise).
 """
 from __future__ import annotations
 

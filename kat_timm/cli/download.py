@@ -1,9 +1,6 @@
-"""``kat-timm download MODEL[.TAG]... [--cache-dir DIR]``: put released weights into the Hugging Face cache.
-
-Afterwards ``timm.create_model(MODEL, pretrained=True)`` works with ``HF_HUB_OFFLINE=1`` on any machine that shares
-that cache (or gets a copy of it). ``all`` stands for every released KAT checkpoint. Files already in the cache
-are not fetched again. Each model's failure is reported on its own line naming the model and the reason; the
-others are still fetched, and the exit code is 1 when any failed.
+"""``kat-timm download MODEL[.TAG]... [--cache-dir DIR]``: put released weights into the Hugging Face cache (README,
+"Offline machines"). Each model's failure is one line naming the model and the reason; the others are still
+fetched, and the exit code is 1 when any failed.
 """
 from __future__ import annotations
 
@@ -45,12 +42,7 @@ def _expand(names: List[str]) -> List[str]:
     """``all`` -> every released checkpoint; duplicates dropped, order kept."""
     from kat_timm.tools.download import released_models
 
-    expanded: List[str] = []
-    for name in names:
-        for item in (released_models() if name == ALL else [name]):
-            if item not in expanded:
-                expanded.append(item)
-    return expanded
+    return list(dict.fromkeys(item for name in names for item in (released_models() if name == ALL else [name])))
 
 
 def _run(args: argparse.Namespace, prog: str) -> int:

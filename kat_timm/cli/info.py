@@ -48,12 +48,8 @@ def backend_report() -> Dict[str, Any]:
     triton_ok, triton_mode = triton_status()
     report: Dict[str, Any] = {
         "env": {BACKEND_ENV: os.environ.get(BACKEND_ENV), "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET")},
-        "requested": None,
-        "native_cpu": {"available": native_ok, "reason": native_reason, "library": library},
-        "triton": {"available": triton_ok, "mode": triton_mode},
-        "devices": {},
-        "error": None,
-    }
+        "requested": None, "native_cpu": {"available": native_ok, "reason": native_reason, "library": library},
+        "triton": {"available": triton_ok, "mode": triton_mode}, "devices": {}, "error": None}
     try:
         report["requested"] = requested_backend()
     except ValueError as error:
@@ -76,8 +72,7 @@ def backend_report() -> Dict[str, Any]:
                 errors.setdefault(str(error), []).append(f"{device} {name}")
                 per_dtype[name] = {"backend": None, "description": f"error: {error}"}
                 continue
-            per_dtype[name] = {"backend": backend,
-                               "description": _describe_backend(backend, device, triton_mode)}
+            per_dtype[name] = {"backend": backend, "description": _describe_backend(backend, device, triton_mode)}
         report["devices"][device] = per_dtype
     report["error"] = "; ".join(f"{', '.join(where)}: {message}" for message, where in errors.items()) or None
     return report
@@ -91,21 +86,9 @@ def _versions() -> Dict[str, Any]:
 
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() \
         else []
-    return {
-        "kat_timm": kat_timm.__version__,
-        "python": platform.python_version(),
-        **{name: package_version(name) for name in PACKAGES},
-        "cuda": torch.version.cuda,
-        "cpu": device_name("cpu"),
-        "cpu_threads": torch.get_num_threads(),
-        "gpus": gpus,
-    }
-
-
-def _hub_state() -> Dict[str, Any]:
-    from huggingface_hub import constants
-
-    return {"cache": str(constants.HF_HUB_CACHE), "offline": bool(constants.is_offline_mode())}
+    return {"kat_timm": kat_timm.__version__, "python": platform.python_version(),
+            **{name: package_version(name) for name in PACKAGES}, "cuda": torch.version.cuda,
+            "cpu": device_name("cpu"), "cpu_threads": torch.get_num_threads(), "gpus": gpus}
 
 
 def collect(flops: bool = False) -> Dict[str, Any]:
@@ -117,17 +100,16 @@ def collect(flops: bool = False) -> Dict[str, Any]:
     Raises:
         CLIError: no KAT model is registered (a broken install).
     """
+    from huggingface_hub import constants
+
     from kat_timm.tools.zoo import checkpoint_cached, zoo_rows
 
     rows = zoo_rows(flops=flops)
     if not rows:
         raise CLIError("no kat* model is registered in timm: the kat_timm install is broken (reinstall it)")
-    models = []
-    for row in rows:
-        entry = row.as_dict()
-        entry["cached"] = checkpoint_cached(row.hf_hub_id) if row.hf_hub_id else None
-        models.append(entry)
-    return {"versions": _versions(), "backend": backend_report(), "hub": _hub_state(), "models": models}
+    models = [{**row.as_dict(), "cached": checkpoint_cached(row.hf_hub_id) if row.hf_hub_id else None} for row in rows]
+    hub = {"cache": str(constants.HF_HUB_CACHE), "offline": bool(constants.is_offline_mode())}
+    return {"versions": _versions(), "backend": backend_report(), "hub": hub, "models": models}
 
 
 def _table(header: List[str], rows: List[List[str]]) -> List[str]:
@@ -145,8 +127,8 @@ def _text(info: Dict[str, Any], flops: bool) -> str:
 
     env = backend["env"]
     requested = backend["requested"] or "invalid"
-    lines.append("")
-    lines.append(f"rational op backend (KAT_RATIONAL_BACKEND={env['KAT_RATIONAL_BACKEND'] or 'unset'} -> {requested}):")
+    lines += ["", f"rational op backend (KAT_RATIONAL_BACKEND={env['KAT_RATIONAL_BACKEND'] or 'unset'} "
+                  f"-> {requested}):"]
     for device, per_dtype in backend["devices"].items():
         # Group dtypes that take the same path, so the usual case is one line.
         groups: Dict[str, List[str]] = {}
@@ -168,9 +150,7 @@ def _text(info: Dict[str, Any], flops: bool) -> str:
     if backend["error"]:
         lines.append(f"  ERROR: {backend['error']}")
 
-    lines.append("")
-    lines.append(f"Hugging Face cache: {hub['cache']} (offline mode: {'on' if hub['offline'] else 'off'})")
-    lines.append("")
+    lines += ["", f"Hugging Face cache: {hub['cache']} (offline mode: {'on' if hub['offline'] else 'off'})", ""]
     header = ["model", "tag", "params", "top-1", "trained", "hub id", "local cache"]
     if flops:
         header[3:3] = ["GMACs", "GFLOPs"]
@@ -189,17 +169,14 @@ def _text(info: Dict[str, Any], flops: bool) -> str:
         rows.append(row)
     lines += _table(header, rows)
     if aliases:
-        lines.append("")
-        lines.append("other names for the same weights:")
+        lines += ["", "other names for the same weights:"]
         for target, names in aliases.items():
             lines.append(f"  {target}: {', '.join(names)}")
     if flops:
-        lines.append("")
-        lines.append("FLOPs: one 224 x 224 image, torch.utils.flop_counter (rational op included). GMACs = FLOPs / 2: "
-                     "multiply-adds, what timm's tables and the DeiT paper call FLOPs.")
-    lines.append("")
-    lines.append('load: timm.create_model("MODEL[.TAG]", pretrained=True) after "import kat_timm"; '
-                 "'kat-timm download' fills the cache for offline machines.")
+        lines += ["", "FLOPs: one 224 x 224 image, torch.utils.flop_counter (rational op included). GMACs = FLOPs / 2: "
+                     "multiply-adds, what timm's tables and the DeiT paper call FLOPs."]
+    lines += ["", 'load: timm.create_model("MODEL[.TAG]", pretrained=True) after "import kat_timm"; '
+              "'kat-timm download' fills the cache for offline machines."]
     return "\n".join(lines)
 
 

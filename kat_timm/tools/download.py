@@ -1,14 +1,9 @@
 """Fetch released weights into the Hugging Face cache, so that ``timm.create_model(name, pretrained=True)`` later
-works offline (``HF_HUB_OFFLINE=1``) on any machine that shares, or gets a copy of, that cache.
+works offline (README, "Offline machines").
 
-What is fetched is exactly what timm looks for: a model's registered pretrained config names a Hub repo
-(``hf_hub_id``); timm's ``load_state_dict_from_hf`` tries ``model.safetensors`` first and falls back to
-``pytorch_model.bin`` when the repo has no safetensors file (the released KAT repos hold only the ``.bin``), which
-works offline too, because a missing cache entry reads as "not there" in offline mode. ``config.json`` is fetched as
-well: ``timm.create_model("hf-hub:owner/repo")`` reads it.
-
-Files already in the cache are found with ``huggingface_hub.try_to_load_from_cache`` and never fetched again, so
-checking a complete cache makes no network request at all.
+What is fetched is what timm looks for: ``config.json`` and the first weights file of :func:`weight_files` that the
+repo has (timm falls back from safetensors to ``pytorch_model.bin``). Cached files are found with
+``try_to_load_from_cache`` and never fetched again, so checking a complete cache makes no request at all.
 """
 from __future__ import annotations
 
@@ -16,35 +11,15 @@ import dataclasses
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
-from huggingface_hub import (
-    _CACHED_NO_EXIST,
-    constants,
-    get_hf_file_metadata,
-    hf_hub_download,
-    hf_hub_url,
-    try_to_load_from_cache,
-)
-from huggingface_hub.errors import (
-    EntryNotFoundError,
-    GatedRepoError,
-    HfHubHTTPError,
-    LocalEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
+import timm
+from huggingface_hub import (_CACHED_NO_EXIST, constants, get_hf_file_metadata, hf_hub_download, hf_hub_url,
+                             try_to_load_from_cache)
+from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                    RepositoryNotFoundError, RevisionNotFoundError)
+from huggingface_hub.utils.sha import git_hash, sha_fileobj
 
-__all__ = [
-    "CachedFile",
-    "DownloadError",
-    "DownloadResult",
-    "cached_file_intact",
-    "download_pretrained",
-    "format_size",
-    "pretrained_names",
-    "released_models",
-    "resolve_hub_repo",
-    "weight_files",
-]
+__all__ = ["CachedFile", "DownloadError", "DownloadResult", "cached_file_intact", "download_pretrained",
+           "format_size", "pretrained_names", "released_models", "resolve_hub_repo", "weight_files"]
 
 HF_HUB_PREFIX = "hf-hub:"
 
@@ -56,20 +31,13 @@ class DownloadError(RuntimeError):
 
     def __init__(self, model: str, reason: str):
         super().__init__(f"{model}: {reason}")
-        self.model = model
-        self.reason = reason
+        self.model, self.reason = model, reason
 
 
 @dataclasses.dataclass(frozen=True)
 class CachedFile:
-    """One file of a model in the cache.
-
-    Attributes:
-        filename: its name in the repo (``config.json``, ``pytorch_model.bin``, ...).
-        path: where it is in the cache (inside the snapshot folder).
-        size: bytes.
-        fetched: True when this call downloaded it, False when it was already cached.
-    """
+    """One file of a model in the cache: its name in the repo, its path in the snapshot folder, its size in bytes,
+    and whether this call downloaded it (False: it was already cached)."""
 
     filename: str
     path: Path
@@ -110,14 +78,8 @@ def format_size(num_bytes: int) -> str:
 
 
 def released_models(pattern: str = "kat*") -> Dict[str, str]:
-    """{model name: Hub repo id} of every released checkpoint, read from timm's registered pretrained configs.
-
-    Several names load the same weights (``kat_tiny``, ``kat_tiny_patch16_224``, ``kat_tiny_swish_patch16_224``):
-    each repo is listed once, under the name that equals the repo's own name when there is one.
-    """
-    import timm
-
-
+    """{model name: Hub repo id} of every released checkpoint, from timm's registered pretrained configs; a repo that
+    several names load is listed once, under the name that equals the repo's own name when there is one."""
     by_repo: Dict[str, str] = {}
     for name in timm.list_pretrained(pattern):
         repo_id = (timm.models.get_pretrained_cfg(name).hf_hub_id or "").split("@", 1)[0]
@@ -130,8 +92,6 @@ def released_models(pattern: str = "kat*") -> Dict[str, str]:
 
 def pretrained_names(architecture: str) -> List[str]:
     """The pretrained names timm registers for ``architecture`` (``kat_tiny``, ``kat_tiny.vitft``), in its order."""
-    import timm
-
     # The "*" pattern also matches longer names (kat_tiny_patch16_224); keep those of this architecture only.
     return [name for name in timm.list_pretrained(f"{architecture}*")
             if timm.models.split_model_name_tag(name)[0] == architecture]
@@ -161,9 +121,6 @@ def resolve_hub_repo(name: str) -> Tuple[str, Optional[str], str]:
         ValueError: an unknown model, an unknown tag, or a model without weights on the Hub; the message lists the
             released KAT checkpoints (or the model's own tags).
     """
-    import timm
-
-
     if name.startswith(HF_HUB_PREFIX):
         repo_id, _, revision = name[len(HF_HUB_PREFIX):].partition("@")
         if repo_id.count("/") != 1 or not all(repo_id.split("/")):
@@ -185,25 +142,13 @@ def resolve_hub_repo(name: str) -> Tuple[str, Optional[str], str]:
     return repo_id, revision or None, cfg.hf_hub_filename or constants.PYTORCH_WEIGHTS_NAME
 
 
-def _cached(repo_id: str, filename: str, revision: Optional[str], cache_dir: Optional[PathLike]):
-    """The cached path of a file (str), ``_CACHED_NO_EXIST`` when the cache records that the repo lacks it, or
-    None when it isn't cached."""
-    return try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
-
-
 def _cached_file(filename: str, path: str, fetched: bool) -> CachedFile:
     return CachedFile(filename=filename, path=Path(path), size=Path(path).stat().st_size, fetched=fetched)
 
 
 def cached_file_intact(path: PathLike) -> bool:
-    """Whether a file of the Hugging Face cache still holds what was downloaded.
-
-    The cache keeps each file as ``blobs/<id>``, the id being the SHA-256 of the content for LFS files (weights)
-    and the git blob hash for the others (config.json): a truncated or altered copy no longer matches its name. A
-    file outside that layout (no blob to compare with) counts as intact.
-    """
-    from huggingface_hub.utils.sha import git_hash, sha_fileobj
-
+    """Whether a file of the Hugging Face cache still holds what was downloaded: its ``blobs/<id>`` name is the
+    SHA-256 (LFS files) or git blob hash (others) of the content. A file outside that layout counts as intact."""
     blob = Path(path).resolve()
     name = blob.name
     if blob.parent.name != "blobs" or len(name) not in (40, 64) or any(c not in "0123456789abcdef" for c in name):
@@ -224,7 +169,7 @@ def _hub_answers(repo_id: str, filename: str, revision: Optional[str]) -> None:
 
 def _fetch(repo_id: str, filename: str, revision: Optional[str], cache_dir: Optional[PathLike],
            force: bool = False) -> CachedFile:
-    cached = _cached(repo_id, filename, revision, cache_dir)
+    cached = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
     damaged = isinstance(cached, str) and not cached_file_intact(cached)
     if isinstance(cached, str) and not (force or damaged):
         return _cached_file(filename, cached, fetched=False)
@@ -243,11 +188,11 @@ def _fetch_weights(repo_id: str, filename: str, revision: Optional[str], cache_d
     candidates = weight_files(filename)
     # Any one cached candidate is enough: offline, timm skips the candidates that are not cached.
     for candidate in candidates:
-        cached = _cached(repo_id, candidate, revision, cache_dir)
+        cached = try_to_load_from_cache(repo_id, candidate, cache_dir=cache_dir, revision=revision)
         if isinstance(cached, str):
             return _fetch(repo_id, candidate, revision, cache_dir, force)  # again if damaged or forced
     for candidate in candidates:
-        if _cached(repo_id, candidate, revision, cache_dir) is _CACHED_NO_EXIST:
+        if try_to_load_from_cache(repo_id, candidate, cache_dir=cache_dir, revision=revision) is _CACHED_NO_EXIST:
             continue
         try:
             return _fetch(repo_id, candidate, revision, cache_dir, force)
@@ -297,8 +242,8 @@ def _reason(error: Exception, repo_id: str, revision: Optional[str], cache_dir: 
 
 def download_pretrained(name: str, cache_dir: Optional[PathLike] = None, force: bool = False) -> DownloadResult:
     """Make sure the cache holds what ``timm.create_model(name, pretrained=True)`` needs: ``config.json`` and the
-    weights file timm will pick. Files already cached are not fetched again (and then no request is made), unless
-    their content no longer matches the cache's checksum (:func:`cached_file_intact`) or ``force`` is set.
+    weights file timm will pick. Cached files are not fetched again (no request at all) unless damaged
+    (:func:`cached_file_intact`) or ``force`` is set.
 
     Args:
         name: a model name with an optional tag (``kat_tiny``, ``kat_base_patch16_224.vitft``) or

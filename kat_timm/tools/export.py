@@ -1,19 +1,13 @@
 """Deployment exports of a KAT: ``torch.export`` programs and ONNX files made of standard ONNX ops only.
 
-``torch.export.export`` works on a KAT as it is: the rational activations are the ``kat_timm::group_rational``
-custom op, whose fake implementation lets export trace shapes without running a kernel, so the exported program
-keeps one op node per activation (``export_program``).
-
-ONNX runtimes don't know that op. ``export_onnx`` exports the same program, then replaces each op node with
-``group_rational_plain`` (Abs, Mul, Add, Div, and Reshape for the groups) through
-``ExportedProgram.run_decompositions``, and hands the result to PyTorch's ONNX exporter: the file has no custom
-domain and runs on any ONNX runtime. The layer and op code are not touched: eager models keep the fast kernels.
-
-The ``onnx`` and ``onnxscript`` packages (``pip install onnx onnxscript``, or the ``onnx`` extra) are needed for ONNX export;
-``onnxruntime`` for ``check_onnx``.
+``export_program`` keeps one ``kat_timm::group_rational`` node per activation (its fake implementation traces the
+shapes); ``export_onnx`` decomposes those nodes into ``group_rational_plain``'s elementary ops first, so the file
+has no custom domain. README, "ONNX", says what to install.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
 import importlib.util
 import logging
 import os
@@ -23,25 +17,11 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 
 from ..ops.rational_torch import LARGE_INPUT
-
 from ..transforms import model_input_size
 
-__all__ = [
-    "DEFAULT_OPSET",
-    "MIN_OPSET",
-    "MissingDependencyError",
-    "OpsetConversionError",
-    "check_onnx",
-    "decompose_rationals",
-    "export_onnx",
-    "export_program",
-    "group_rational_plain",
-    "model_input_size",
-    "onnx_io_shapes",
-    "onnx_op_domains",
-    "require_packages",
-    "standard_domains_only",
-]
+__all__ = ["DEFAULT_OPSET", "MIN_OPSET", "MissingDependencyError", "OpsetConversionError", "check_onnx",
+           "decompose_rationals", "export_onnx", "export_program", "group_rational_plain", "model_input_size",
+           "onnx_io_shapes", "onnx_op_domains", "require_packages", "standard_domains_only"]
 
 # The opset PyTorch's ONNX exporter (torchlib) translates to natively; other opsets go through onnx's version
 # converter afterwards.
@@ -66,23 +46,28 @@ class OpsetConversionError(RuntimeError):
     """PyTorch's ONNX exporter could not write the graph in the requested opset."""
 
 
-def require_packages(*names: str, purpose: str = "ONNX export") -> None:
-    """Raise :class:`MissingDependencyError` naming every package of ``names`` that can't be imported."""
+def require_packages(*names: str, purpose: str = "ONNX export"):
+    """Raise :class:`MissingDependencyError` naming every package of ``names`` that can't be imported; else import
+    and return the first."""
     missing = [name for name in names if importlib.util.find_spec(name) is None]
     if missing:
-        raise MissingDependencyError(
-            f"{purpose} needs {' and '.join(missing)} (not installed); pip install onnx onnxscript onnxruntime "
-            "(or, in a kat_timm checkout, pip install -e \".[onnx]\")"
-        )
+        raise MissingDependencyError(f"{purpose} needs {' and '.join(missing)} (not installed); pip install onnx "
+                                     'onnxscript onnxruntime (or, in a kat_timm checkout, pip install -e ".[onnx]")')
+    return importlib.import_module(names[0])
 
 
-def group_rational_plain(
-    x: torch.Tensor,
-    numerator: torch.Tensor,
-    denominator: torch.Tensor,
-    channel_dim: int = -1,
-    bias: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(training)
+
+
+def group_rational_plain(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, channel_dim: int = -1,
+                         bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The grouped rational function with elementary ops only: what an exported graph computes.
 
     Same function as ``kat_timm.ops.group_rational`` (float32 math for float16/bfloat16 inputs), written as
@@ -139,9 +124,8 @@ def _example_input(model: torch.nn.Module, batch_size: int) -> torch.Tensor:
     return torch.randn((batch_size,) + model_input_size(model), dtype=parameter.dtype, device=parameter.device)
 
 
-def export_program(
-    model: torch.nn.Module, example_input: Optional[torch.Tensor] = None, dynamic_batch: bool = False
-) -> torch.export.ExportedProgram:
+def export_program(model: torch.nn.Module, example_input: Optional[torch.Tensor] = None,
+                   dynamic_batch: bool = False) -> torch.export.ExportedProgram:
     """``torch.export.export`` of ``model`` in eval mode (its mode is restored afterwards).
 
     The rational activations stay ``kat_timm::group_rational`` nodes: run the program with kat_timm imported.
@@ -162,12 +146,8 @@ def export_program(
             # torch.export specialises a dimension of size 1, so trace with two images.
             example_input = example_input.expand(2, *example_input.shape[1:]).contiguous()
         dynamic_shapes = ({0: torch.export.Dim("batch", min=1)},)
-    training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         return torch.export.export(model, (example_input,), dynamic_shapes=dynamic_shapes)
-    finally:
-        model.train(training)
 
 
 def decompose_rationals(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
@@ -179,18 +159,8 @@ def decompose_rationals(program: torch.export.ExportedProgram) -> torch.export.E
     return program.run_decompositions({torch.ops.kat_timm.group_rational.default: group_rational_plain})
 
 
-def _parameter_bytes(model: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-
-
-def export_onnx(
-    model: torch.nn.Module,
-    path: PathLike,
-    dynamic_batch: bool = False,
-    opset: int = DEFAULT_OPSET,
-    batch_size: int = 1,
-    example_input: Optional[torch.Tensor] = None,
-) -> Path:
+def export_onnx(model: torch.nn.Module, path: PathLike, dynamic_batch: bool = False, opset: int = DEFAULT_OPSET,
+                batch_size: int = 1, example_input: Optional[torch.Tensor] = None) -> Path:
     """Export ``model`` (in eval mode) to an ONNX file of standard ops: input ``images``, output ``logits``.
 
     The file is checked with ``onnx.checker`` (full check, with shape inference) before this returns.
@@ -214,9 +184,7 @@ def export_onnx(
         ValueError: ``opset`` is below ``MIN_OPSET`` or above what the installed onnx knows.
         OpsetConversionError: the exporter could not produce the requested opset.
     """
-    require_packages("onnx", "onnxscript")
-    import onnx
-
+    onnx = require_packages("onnx", "onnxscript")
     if opset < MIN_OPSET:
         raise ValueError(f"opset {opset} is too old: a KAT needs opset {MIN_OPSET} or newer (LayerNormalization)")
     if opset > onnx.defs.onnx_opset_version():
@@ -228,7 +196,8 @@ def export_onnx(
     if example_input is None:
         example_input = _example_input(model, batch_size)
     program = decompose_rationals(export_program(model, example_input, dynamic_batch))
-    external_data = _parameter_bytes(model) > _EXTERNAL_DATA_BYTES
+    weight_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    external_data = weight_bytes > _EXTERNAL_DATA_BYTES
     # Written under a temporary name and renamed once checked, so a failed export leaves no file (and an existing
     # one untouched). Weights in a side file name it after the .onnx file, which a rename would break: those
     # exports (above 1 GiB, no KAT) are written in place.
@@ -238,19 +207,11 @@ def export_onnx(
     log_level = converter_log.level
     converter_log.setLevel(logging.ERROR)
     try:
-        torch.onnx.export(
-            program,
-            (example_input,),
-            str(partial),
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            opset_version=opset,
-            dynamo=True,
-            # The program already has the symbolic batch; this only names it "batch" in the file (else "s77" or so).
-            dynamic_shapes=({0: "batch"},) if dynamic_batch else None,
-            external_data=external_data,
-            verbose=False,
-        )
+        # The program already has the symbolic batch; dynamic_shapes only names it "batch" in the file (not "s77").
+        torch.onnx.export(program, (example_input,), str(partial), input_names=[INPUT_NAME],
+                          output_names=[OUTPUT_NAME], opset_version=opset, dynamo=True,
+                          dynamic_shapes=({0: "batch"},) if dynamic_batch else None, external_data=external_data,
+                          verbose=False)
         converter_log.setLevel(log_level)
         written = _default_opset(onnx.load(str(partial), load_external_data=False))
         if written != opset:
@@ -273,30 +234,21 @@ def _default_opset(model_proto) -> int:
 
 def onnx_io_shapes(path: PathLike) -> Dict[str, List[Union[int, str]]]:
     """{input or output name: shape} of an ONNX file; a symbolic dimension is its name (a string)."""
-    require_packages("onnx")
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    return {
-        value.name: [dim.dim_param or dim.dim_value for dim in value.type.tensor_type.shape.dim]
-        for value in list(graph.input) + list(graph.output)
-    }
+    graph = require_packages("onnx").load(str(path), load_external_data=False).graph
+    return {value.name: [dim.dim_param or dim.dim_value for dim in value.type.tensor_type.shape.dim]
+            for value in list(graph.input) + list(graph.output)}
 
 
 def onnx_op_domains(path: PathLike) -> Dict[str, set]:
     """{domain: set of op types} of the nodes of an ONNX file's main graph ("" is the standard ONNX domain)."""
-    require_packages("onnx")
-    import onnx
-
     domains: Dict[str, set] = {}
-    for node in onnx.load(str(path), load_external_data=False).graph.node:
+    for node in require_packages("onnx").load(str(path), load_external_data=False).graph.node:
         domains.setdefault(node.domain, set()).add(node.op_type)
     return domains
 
 
-def check_onnx(
-    path: PathLike, model: torch.nn.Module, batch_sizes: Sequence[int] = (2,), seed: int = 0
-) -> Dict[int, float]:
+def check_onnx(path: PathLike, model: torch.nn.Module, batch_sizes: Sequence[int] = (2,),
+               seed: int = 0) -> Dict[int, float]:
     """Run the ONNX file with onnxruntime (CPU) and ``model`` on the same random images; compare the outputs.
 
     Args:
@@ -311,25 +263,19 @@ def check_onnx(
     Raises:
         MissingDependencyError: onnxruntime is not installed.
     """
-    require_packages("onnxruntime", purpose="checking an ONNX file")
-    import onnxruntime
-
+    onnxruntime = require_packages("onnxruntime", purpose="checking an ONNX file")
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
     parameter = next(model.parameters())
     generator = torch.Generator().manual_seed(seed)
     errors = {}
-    training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         for batch_size in batch_sizes:
             images = torch.randn((batch_size,) + model_input_size(model), generator=generator)
             with torch.inference_mode():
                 expected = model(images.to(parameter.device, parameter.dtype)).float().cpu()
             actual = torch.from_numpy(session.run(None, {input_name: images.numpy()})[0])
             errors[batch_size] = ((actual - expected).norm() / expected.norm().clamp_min(1e-12)).item()
-    finally:
-        model.train(training)
     return errors
 
 

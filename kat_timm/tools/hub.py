@@ -1,14 +1,8 @@
-"""Hub folders for KAT checkpoints: model cards, timm/transformers-loadable ``config.json``, checkpoint conversion.
-
-``convert_checkpoint`` turns a released or training checkpoint into a folder written by timm's own ``save_for_hf``
-(``config.json`` + ``model.safetensors`` [+ ``pytorch_model.bin``]) plus a ``README.md`` model card;
-``scripts/convert_checkpoint.py`` is its CLI. The ``config.json`` is made loadable by transformers' timm wrapper too
-(``hub_config``).
-"""
+"""Hub folders for KAT checkpoints: model cards, timm/transformers-loadable ``config.json``, checkpoint conversion
+(README, "Deployment"; ``scripts/convert_checkpoint.py`` is the CLI of ``convert_checkpoint``)."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 from collections.abc import Mapping
@@ -20,6 +14,7 @@ import timm
 
 from ..checkpoint import CheckpointError, check_kat_state_dict, load_checkpoint, unwrap_state_dict
 from ..factory import infer_architecture
+from ..models import RELEASED_TOP1
 
 __all__ = ["ConversionResult", "convert_checkpoint", "fix_hub_folder", "hub_config", "kat_num_params", "model_card",
            "released_top1", "save_hub_folder"]
@@ -43,11 +38,6 @@ def kat_num_params(model_name: str, **kwargs) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Model card
-# ---------------------------------------------------------------------------------------------------------------------
-
-
 def _size_of(model_name: str) -> Optional[str]:
     match = _SIZE_OF_NAME.match(model_name)
     return match.group(1) if match else None
@@ -55,8 +45,6 @@ def _size_of(model_name: str) -> Optional[str]:
 
 def released_top1(model_name: str, tag: str = "") -> Optional[float]:
     """ImageNet-1k top-1 (%) reported with the released checkpoint ``model_name``[.``tag``], None if not released."""
-    from ..models import RELEASED_TOP1
-
     size = _size_of(model_name)
     if size is None or "gelu" in model_name or tag not in ("", "vitft"):
         return None
@@ -65,8 +53,6 @@ def released_top1(model_name: str, tag: str = "") -> Optional[float]:
 
 def _comparison_table(model_name: str, tag: str) -> str:
     """The six released checkpoints with their reported top-1; this checkpoint's row in bold."""
-    from ..models import RELEASED_TOP1
-
     rows = ["| Model | Tag | Params | ImageNet-1k top-1 (%) |", "|---|---|---|---|"]
     for size, results in RELEASED_TOP1.items():
         name = f"kat_{size}_patch16_224"
@@ -88,20 +74,10 @@ _CITATION = """@article{yang2024kat,
 }"""
 
 
-def model_card(
-    model_name: str,
-    tag: str = "",
-    num_params: Optional[int] = None,
-    repo_id: Optional[str] = None,
-    source: Optional[str] = None,
-) -> str:
+def model_card(model_name: str, tag: str = "", num_params: Optional[int] = None, repo_id: Optional[str] = None,
+               source: Optional[str] = None) -> str:
     """README.md (Hub model card) for a converted KAT checkpoint, written by timm's own card generator
-    (``timm.models._hub.generate_readme``, what ``push_to_hf_hub`` uses).
-
-    YAML front matter (timm library, image-classification, licence mit, ImageNet-1k), a description, the model
-    details, a usage snippet (``import kat_timm`` before ``timm.create_model``, and through transformers), the table
-    of the six released checkpoints (model, tag, parameters, reported ImageNet-1k top-1; this checkpoint's row in
-    bold) and the citation.
+    (``timm.models._hub.generate_readme``, what ``push_to_hf_hub`` uses): details, usage, the released checkpoints.
 
     Args:
         model_name: registered architecture, e.g. ``"kat_tiny_patch16_224"``.
@@ -176,20 +152,12 @@ upgrading timm does not help, importing kat_timm does.
     return generate_readme(card, full_name)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Conversion
-# ---------------------------------------------------------------------------------------------------------------------
-
-
 def hub_config(config: Mapping[str, Any]) -> Dict[str, Any]:
     """A timm ``config.json`` dict that loads in timm and in transformers' ``TimmWrapper`` alike.
 
-    timm's ``save_for_hf`` records the head width twice: at the root (``num_classes``, which timm and transformers
-    both read) and inside ``model_args``. ``TimmWrapper`` passes ``num_classes`` to ``timm.create_model`` itself
-    and then spreads ``model_args``, so the second copy makes every such folder fail there ("got multiple values
-    for keyword argument 'num_classes'"). This returns a copy without the wrapper's own arguments in
-    ``model_args`` (the root ``num_classes`` is kept, or filled from ``model_args`` when it was missing). timm builds
-    the same model from it: its factory takes ``num_classes`` from the root when ``model_args`` lacks it.
+    ``TimmWrapper`` passes ``num_classes`` itself and then spreads ``model_args``, so the copy that timm's
+    ``save_for_hf`` also writes there fails ("got multiple values for keyword argument"). The copy returned has
+    the wrapper's own arguments only at the root, where timm reads them too.
 
     Args:
         config: the parsed ``config.json`` (timm format: ``architecture``, ``pretrained_cfg``, optional
@@ -211,15 +179,10 @@ def hub_config(config: Mapping[str, Any]) -> Dict[str, Any]:
     return fixed
 
 
-def save_hub_folder(
-    model: torch.nn.Module, output_dir: PathLike, safe_serialization: Union[bool, str] = "both"
-) -> None:
-    """Write ``model`` as a Hub folder (``config.json`` + weights) that timm and transformers both load.
-
-    timm's ``save_for_hf`` writes the folder; its ``config.json`` is then rewritten through ``hub_config``. The
-    folder loads with ``timm.create_model("local-dir:DIR", pretrained=True)``, ``hf-hub:OWNER/REPO`` once
-    uploaded, and ``transformers.AutoModelForImageClassification.from_pretrained(DIR)`` (``import kat_timm``
-    first, in both libraries).
+def save_hub_folder(model: torch.nn.Module, output_dir: PathLike,
+                    safe_serialization: Union[bool, str] = "both") -> None:
+    """Write ``model`` as a Hub folder that timm and transformers both load: timm's ``save_for_hf``, then
+    ``fix_hub_folder``.
 
     Args:
         model: a timm model built by ``timm.create_model`` (it carries the pretrained cfg and model args).
@@ -235,8 +198,7 @@ def save_hub_folder(
 
 
 def fix_hub_folder(folder: PathLike) -> bool:
-    """Rewrite ``folder/config.json`` through ``hub_config`` (a folder written by timm's ``save_for_hf`` then loads
-    in transformers too); the file is replaced atomically.
+    """Rewrite ``folder/config.json`` through ``hub_config``, atomically.
 
     Args:
         folder: a timm Hub folder (holding ``config.json``).
@@ -274,11 +236,10 @@ class ConversionResult:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+    from huggingface_hub.utils.sha import sha_fileobj
+
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return sha_fileobj(f).hex()
 
 
 def _prepare_output_dir(output_dir: Path, force: bool) -> None:
@@ -293,17 +254,10 @@ def _prepare_output_dir(output_dir: Path, force: bool) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
 
 
-def convert_checkpoint(
-    checkpoint_path: PathLike,
-    output_dir: PathLike,
-    model_name: Optional[str] = None,
-    tag: Optional[str] = None,
-    use_ema: Optional[bool] = None,
-    safe_serialization: Union[bool, str] = "both",
-    force: bool = False,
-    repo_id: Optional[str] = None,
-    verify: bool = True,
-) -> ConversionResult:
+def convert_checkpoint(checkpoint_path: PathLike, output_dir: PathLike, model_name: Optional[str] = None,
+                       tag: Optional[str] = None, use_ema: Optional[bool] = None,
+                       safe_serialization: Union[bool, str] = "both", force: bool = False,
+                       repo_id: Optional[str] = None, verify: bool = True) -> ConversionResult:
     """Convert a KAT checkpoint into a Hub-ready folder (timm ``config.json``, weights, ``README.md``).
 
     Args:
@@ -325,7 +279,6 @@ def convert_checkpoint(
     The checkpoint must fit the model exactly (``load_state_dict(strict=True)``), except for the classifier: a head
     of another width gives a model with that many classes (0 when the checkpoint has no head).
     """
-    import timm
     from timm.models import get_pretrained_cfg, split_model_name_tag
 
     if safe_serialization not in ("both", True):

@@ -1,12 +1,6 @@
-"""Draw the learned rational activations of a KAT: what each block's KAN computes, group by group.
-
-``plot_rationals(model)`` returns a matplotlib Figure with one panel per :class:`~kat_timm.layers.GroupRational`
-(rows: the modules holding them, e.g. ``blocks.0.mlp`` .. ``blocks.11.mlp``; columns: their names, ``act1`` and
-``act2``), one curve per channel group, and a dashed reference curve (the function the layer was initialised
-from, or identity / GELU / swish) to compare against.
-
-matplotlib is an optional dependency (``pip install matplotlib``, or the ``plot`` extra). The figure is built without pyplot, on
-matplotlib's Agg canvas: no display is needed and nothing is kept in pyplot's global figure list.
+"""Draw the learned rational activations of a KAT, one panel per GroupRational and one curve per channel group
+(README, "Look at what the KAN learned"). Built on matplotlib's Agg canvas without pyplot: no display is needed
+and nothing is kept in pyplot's global figure list.
 """
 from __future__ import annotations
 
@@ -40,10 +34,8 @@ def find_rationals(model: nn.Module) -> List[Tuple[str, GroupRational]]:
 
 @torch.no_grad()
 def rational_curves(layer: GroupRational, x: torch.Tensor, use_layer: bool = False) -> torch.Tensor:
-    """F_g(x) of every group g of ``layer`` on the 1-D grid ``x``: a float64 tensor of shape (len(x), G).
-
-    The layer is evaluated on an (N, G) input whose column g is ``x``: with one channel per group, column g goes
-    through group g's coefficients.
+    """F_g(x) of every group g of ``layer`` on the 1-D grid ``x``: a float64 tensor of shape (len(x), G), from an
+    (N, G) input whose column g, one channel per group, goes through group g's coefficients.
 
     Args:
         layer: the rational activation.
@@ -77,15 +69,9 @@ def require_matplotlib():
     return Figure, FigureCanvasAgg
 
 
-def plot_rationals(
-    model: nn.Module,
-    reference: Optional[str] = "init",
-    x_range: Tuple[float, float] = (-3.0, 3.0),
-    num_points: int = 241,
-    use_layer: bool = False,
-    title: Optional[str] = None,
-    panel_size: Tuple[float, float] = (3.2, 1.9),
-):
+def plot_rationals(model: nn.Module, reference: Optional[str] = "init", x_range: Tuple[float, float] = (-3.0, 3.0),
+                   num_points: int = 241, use_layer: bool = False, title: Optional[str] = None,
+                   panel_size: Tuple[float, float] = (3.2, 1.9)):
     """A grid of every rational activation of ``model``: one curve per channel group on ``x_range``.
 
     Args:
@@ -120,14 +106,8 @@ def plot_rationals(
     Figure, FigureCanvasAgg = require_matplotlib()
 
     # Rows: the parent modules, in order; columns: the leaf names (act1, act2), in order of first appearance.
-    rows: List[str] = []
-    columns: List[str] = []
-    for name, _ in rationals:
-        parent, _, leaf = name.rpartition(".")
-        if parent not in rows:
-            rows.append(parent)
-        if leaf not in columns:
-            columns.append(leaf)
+    names = [name.rpartition(".") for name, _ in rationals]
+    rows, columns = list(dict.fromkeys(n[0] for n in names)), list(dict.fromkeys(n[2] for n in names))
 
     x = torch.linspace(low, high, num_points, dtype=torch.float64)
     figure = Figure(figsize=(panel_size[0] * len(columns), panel_size[1] * len(rows) + 0.8), layout="constrained")

@@ -1,13 +1,7 @@
 """The model zoo: every registered KAT model and pretrained tag, its size, cost, accuracy and where its weights are.
 
-Read from timm's registry (``timm.list_models("kat*")``, ``timm.list_pretrained``, the pretrained cfgs), so what is
-listed is what ``timm.create_model`` accepts. Parameters are counted on the meta device and FLOPs measured with
-``torch.utils.flop_counter.FlopCounterMode`` on meta tensors (the rational op counted through its registered
-formula, see ``kat_timm.ops.flops``): nothing is allocated and no weights are downloaded, so the whole zoo is cheap.
-
-Names that are another name under a second spelling (``kat_tiny`` and ``kat_tiny_swish_patch16_224`` load the same
-weights as ``kat_tiny_patch16_224``) are rows with ``alias_of`` set; ``canonical_rows`` drops them for the table.
-
+Read from timm's registry, so what is listed is what ``timm.create_model`` accepts; parameters and FLOPs are counted
+on the meta device (nothing allocated or downloaded). Second names of the same weights are rows with ``alias_of``.
 Used by ``kat-timm info`` and ``scripts/model_zoo.py`` (the README table).
 """
 from __future__ import annotations
@@ -19,22 +13,14 @@ import torch
 import timm
 from timm.models import get_pretrained_cfg, split_model_name_tag
 
+from huggingface_hub import try_to_load_from_cache
+
 from .download import pretrained_names, weight_files
 from .hub import kat_num_params, released_top1
 
-__all__ = [
-    "FlopCount",
-    "WEIGHT_FILES",
-    "ZooRow",
-    "canonical_rows",
-    "checkpoint_cached",
-    "markdown_table",
-    "model_flops",
-    "zoo_rows",
-]
+__all__ = ["FlopCount", "WEIGHT_FILES", "ZooRow", "canonical_rows", "checkpoint_cached", "markdown_table",
+           "model_flops", "zoo_rows"]
 
-# The weight files timm's Hub loading looks for, in its order: safetensors first, then the pickled state dict (the
-# released repos hold only pytorch_model.bin).
 WEIGHT_FILES = tuple(weight_files())
 
 # How each released tag was trained (KAT_NOTES: "from ViT" runs start from AugReg ViT ImageNet-21k checkpoints).
@@ -43,12 +29,8 @@ _TRAINING = {"": "from scratch, IN-1k", "vitft": "from AugReg ViT (IN-21k), IN-1
 
 @dataclasses.dataclass(frozen=True)
 class FlopCount:
-    """FLOPs of one forward (or training step), batch 1, as counted by ``FlopCounterMode`` (2 FLOPs per MAC).
-
-    Attributes:
-        total: every counted FLOP (matmuls, convolutions, attention, the rational op).
-        rational: the part spent in the rational op (``kat_timm::group_rational`` and its backward).
-    """
+    """FLOPs of one forward (or training step) as ``FlopCounterMode`` counts them (2 per MAC): ``total``, and the
+    ``rational`` part spent in ``kat_timm::group_rational`` and its backward."""
 
     total: int
     rational: int
@@ -61,17 +43,10 @@ class FlopCount:
 
 @dataclasses.dataclass(frozen=True)
 class ZooRow:
-    """One registered model name with one pretrained tag (or without weights).
+    """One registered model name with one pretrained tag (``""``: the default one; None: no released weights).
 
-    Attributes:
-        model: the registered architecture name, e.g. ``kat_tiny_patch16_224``.
-        tag: the pretrained tag (``""`` for the default one), or None when the model has no released weights.
-        params: parameter count (1000 classes).
-        hf_hub_id: the Hugging Face repo of the weights, or None.
-        top1: ImageNet-1k top-1 (%) reported with the weights, or None.
-        alias_of: for a second name of a released model (short names, the explicit ``_swish_`` names), the full
-            ``model.tag`` name it loads the same weights as; None for the canonical names.
-        flops: FLOPs of one 224 px forward, batch 1, when asked for (``zoo_rows(flops=True)``).
+    ``alias_of`` is, for a second name of released weights (``kat_tiny``, the ``_swish_`` names), the ``model.tag``
+    it loads the same weights as; ``flops`` is set by ``zoo_rows(flops=True)``.
     """
 
     model: str
@@ -101,9 +76,7 @@ class ZooRow:
     @property
     def load(self) -> str:
         """The Python that creates this model (with its weights, when it has some)."""
-        if not self.has_weights:
-            return f'timm.create_model("{self.name}")'
-        return f'timm.create_model("{self.name}", pretrained=True)'
+        return f'timm.create_model("{self.name}"' + (", pretrained=True)" if self.has_weights else ")")
 
     def as_dict(self) -> dict:
         """A JSON-ready dict of every field, plus ``name``, ``training`` and ``load``."""
@@ -120,11 +93,8 @@ def _pretrained_tags(model: str) -> List[str]:
 
 
 def _alias_target(model: str, tag: str, hf_hub_id: Optional[str]) -> Optional[str]:
-    """The canonical ``model.tag`` whose weights ``model.tag`` loads, when it is a second name for them.
-
-    The released repos are named after their canonical model and tag (``adamdad/kat_tiny_patch16_224.vitft``), so a
-    name whose repo is named otherwise is an alias of the name the repo carries.
-    """
+    """The canonical ``model.tag`` whose weights ``model.tag`` loads, when it is a second name for them: the
+    released repos are named after their canonical model and tag (``adamdad/kat_tiny_patch16_224.vitft``)."""
     if not hf_hub_id:
         return None
     repo_name = hf_hub_id.split("/", 1)[-1]
@@ -158,19 +128,14 @@ def model_flops(model_name: str, img_size: int = 224, batch_size: int = 1, backw
 
 
 def checkpoint_cached(hf_hub_id: str) -> bool:
-    """Whether the weights of ``hf_hub_id`` are in the local Hugging Face cache (no network access).
-
-    True when any of ``WEIGHT_FILES`` is cached for the repo's ``main`` revision, which is what an offline
-    ``timm.create_model(..., pretrained=True)`` needs.
-    """
-    from huggingface_hub import try_to_load_from_cache
-
+    """Whether any of ``WEIGHT_FILES`` of ``hf_hub_id`` is in the local Hugging Face cache (what an offline
+    ``timm.create_model(..., pretrained=True)`` needs); no network access."""
     return any(isinstance(try_to_load_from_cache(hf_hub_id, filename), str) for filename in WEIGHT_FILES)
 
 
 def zoo_rows(pattern: str = "kat*", flops: bool = False) -> List[ZooRow]:
-    """One row per registered model and pretrained tag, one tag-less row per model without weights; smallest model
-    first, released weights before init variants, then by name.
+    """One row per registered model and pretrained tag (or without weights); smallest first, released before init
+    variants, then by name.
 
     Args:
         pattern: a ``timm.list_models`` filter.
@@ -211,15 +176,9 @@ def canonical_rows(rows: Iterable[ZooRow]) -> Tuple[List[ZooRow], Dict[str, List
     return shown, aliases
 
 
-def _millions(n: int) -> str:
-    return f"{n / 1e6:.2f} M"
-
-
 def markdown_table(rows: Iterable[ZooRow]) -> str:
-    """The README's model table: the canonical rows in ``rows``' order, aliases in a note below.
-
-    Rows measured with FLOPs get GMACs and GFLOPs columns (batch 1, 224 x 224).
-    """
+    """The README's model table: the canonical rows in ``rows``' order (GMACs and GFLOPs when measured), aliases in
+    a note below."""
     shown, aliases = canonical_rows(rows)
     with_flops = all(row.flops is not None for row in shown)
     header = ["Model", "Tag", "Trained", "Params"]
@@ -229,7 +188,7 @@ def markdown_table(rows: Iterable[ZooRow]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in shown:
         cells = [f"`{row.model}`", f"`{row.tag}`" if row.tag else ("(default)" if row.has_weights else "-"),
-                 row.training, _millions(row.params)]
+                 row.training, f"{row.params / 1e6:.2f} M"]
         if with_flops:
             cells += [f"{row.flops.macs / 1e9:.2f}", f"{row.flops.total / 1e9:.2f}",
                       f"{row.flops.rational / 1e6:.1f} M"]
@@ -238,9 +197,7 @@ def markdown_table(rows: Iterable[ZooRow]) -> str:
                   f"`{row.load}`"]
         lines.append("| " + " | ".join(cells) + " |")
     if aliases:
-        lines.append("")
-        lines.append("Other names for the same weights (same architecture, same tags):")
-        lines.append("")
+        lines += ["", "Other names for the same weights (same architecture, same tags):", ""]
         for target, names in aliases.items():
             lines.append(f"- `{target}`: " + ", ".join(f"`{name}`" for name in names))
     return "\n".join(lines)
