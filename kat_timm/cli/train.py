@@ -28,7 +28,7 @@ from kat_timm.training.saver import AtomicCheckpointSaver, edit_atomically, remo
 
 from . import CLIError, run_main
 from .common import add_dataset_reader_arguments, check_backend_setting, check_preprocessing, check_writable_folder
-from .validate import KeywordArguments, folder_dataset_hint, resolve_checked_data_config
+from .validate import KeywordArguments, open_split, resolve_checked_data_config
 
 __all__ = ["build_parser", "main", "parse_args", "train"]
 
@@ -591,60 +591,24 @@ class _Data:
 
 def _check_data(args: argparse.Namespace) -> _Data:
     """The checked training and validation datasets; the validation labels follow the training class order."""
-    from kat_timm.training.data import (DataError, ImageFolderDataset, ImageFolderSplit, check_class_sets,
-                               check_readable_classes, check_split, load_class_names)
-    from kat_timm.training.readers import is_folder_dataset
+    from kat_timm.training.data import labelled_like
 
-    if not is_folder_dataset(args.dataset):
-        return _open_reader_datasets(args)
-    try:
-        class_names = load_class_names(args.class_map) if args.class_map else None
-        train_split = check_split(args.data_dir, args.train_split, class_names)
-        val_split = None
-        if args.val_split:
-            val_split = check_split(args.data_dir, args.val_split)
-            check_class_sets(train_split, val_split)
-            val_split = ImageFolderSplit(val_split.root, train_split.classes)
-        for split in (train_split, val_split):
-            if split is not None:
-                check_readable_classes(split)
-    except DataError as error:
-        raise CLIError(str(error) + folder_dataset_hint(args.dataset)) from error
-    return _Data(ImageFolderDataset(train_split), ImageFolderDataset(val_split) if val_split else None,
-                 list(train_split.classes), str(train_split.root), str(val_split.root) if val_split else "")
-
-
-def _open_reader_datasets(args: argparse.Namespace) -> _Data:
-    """--dataset hfds/..., wds/..., torch/...: timm's readers, checked by kat_timm.training.readers."""
-    from kat_timm.training.data import DataError
-    from kat_timm.training.readers import (DatasetSpec, check_distributed_evaluation, check_training_shards,
-                                  dataset_class_names, open_dataset)
-
-    spec = DatasetSpec(name=args.dataset, root=args.data_dir, download=args.dataset_download,
-                       input_img_mode=args.input_img_mode or "RGB", input_key=args.input_key,
-                       target_key=args.target_key, class_map=args.class_map, seed=args.seed,
-                       batch_size=args.batch_size)
-    try:
-        train = open_dataset(spec, args.train_split, is_training=True, num_samples=args.train_num_samples)
-        check_training_shards(spec, args.train_split, args.world_size, args.workers)
-        val = None
-        if args.val_split:
-            val = open_dataset(spec, args.val_split, is_training=False, num_samples=args.val_num_samples,
-                               split_option="--val-split", samples_option="--val-num-samples")
-            check_distributed_evaluation(spec, args.val_split, args.world_size, args.workers, args.val_num_samples)
-    except DataError as error:
-        raise CLIError(str(error), code=2) from error
-    classes = dataset_class_names(train)
-    if val is not None and classes is not None:
-        val_classes = dataset_class_names(val)
-        if val_classes is not None and val_classes != classes:
-            raise CLIError(f"--dataset {args.dataset}: the splits {args.train_split} and {args.val_split} name "
-                           f"other classes ({len(classes)} and {len(val_classes)}), so their labels differ", code=2)
+    train, classes, train_name = open_split(
+        args, args.train_split, is_training=True, num_samples=args.train_num_samples, split_option="--train-split",
+        samples_option="--train-num-samples", world_size=args.world_size)
+    val, val_classes, val_name = None, None, ""
+    if args.val_split:  # an ImageFolder's is checked for the training classes and labelled in their order
+        val, val_classes, val_name = open_split(
+            args, args.val_split, use_class_map=False, relabel=lambda split: labelled_like(train.split, split),
+            num_samples=args.val_num_samples, split_option="--val-split", samples_option="--val-num-samples",
+            world_size=args.world_size)
+    if val is not None and classes is not None and val_classes is not None and val_classes != classes:
+        raise CLIError(f"--dataset {args.dataset}: the splits {args.train_split} and {args.val_split} name "
+                       f"other classes ({len(classes)} and {len(val_classes)}), so their labels differ", code=2)
     if classes is None and args.num_classes is None:
         raise CLIError(f"--dataset {args.dataset}: the data does not name its classes, so their number is unknown; "
                        f"give --num-classes N (or --class-map FILE with the class names in label order)", code=2)
-    name = f"{args.dataset} {args.train_split}"
-    return _Data(train, val, classes, name, f"{args.dataset} {args.val_split}" if val is not None else "")
+    return _Data(train, val, classes, train_name, val_name)
 
 
 def _model_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
