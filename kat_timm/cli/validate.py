@@ -1,5 +1,6 @@
 """``kat-validate`` (also ``kat-timm validate``): top-1, top-5 and loss of a model on an ImageFolder split or a split
-of any dataset timm's readers take, printed as JSON shaped like timm's validate.py's (README, "Evaluation").
+of any dataset timm's readers take, printed as JSON shaped like timm's validate.py's (README, "Fine-tuning and
+evaluation").
 
 The images are prepared as the model's pretrained_cfg says or, for a training checkpoint, as its run's options
 said; the loop is :func:`kat_timm.training.evaluation.evaluate`, the one ``kat-train`` runs after every epoch.
@@ -17,7 +18,7 @@ import torch
 
 from kat_timm.training.data import DataError, open_checked_split
 from kat_timm.training.evaluation import amp_autocast, create_eval_loader, default_workers, evaluate
-from kat_timm.training.saver import write_atomically
+from kat_timm.training.saver import edit_atomically
 
 from . import CLIError, run_main
 from .common import (add_dataset_reader_arguments, add_model_arguments, check_backend_setting, check_preprocessing,
@@ -307,7 +308,9 @@ def _report(args: argparse.Namespace, model, data_config: Dict[str, Any], metric
     print(text)
     if results_file is not None:
         try:
-            write_atomically(results_file, text + "\n")
+            results_file.parent.mkdir(parents=True, exist_ok=True)
+            edit_atomically(str(results_file), lambda partial: Path(partial).write_text(text + "\n", encoding="utf-8"),
+                            start_from_current=False)
         except OSError as error:
             raise CLIError(f"--results-file {results_file}: cannot write it ({error.strerror or error})") from None
     return 0

@@ -3,7 +3,8 @@ images, and :func:`open_checked_split`, which opens any split (ImageFolder or ti
 
 timm's ImageFolder reader silently drops class folders without images (shifting every later label), uses
 ``DATA_DIR`` itself when a split folder is missing, and numbers each split's classes on its own; the checks here
-turn each of those into an error naming the path and the expected layout (README, "Training").
+turn each of those into an error naming the path and the expected layout (README, "Fine-tuning and
+evaluation").
 """
 from __future__ import annotations
 
