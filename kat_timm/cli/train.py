@@ -1,11 +1,6 @@
 """``kat-train`` (also ``kat-timm train``): train or fine-tune any timm model, KAT included, on an ImageFolder or
-any dataset timm's readers take (``--dataset hfds/...``, ``wds/...``, ``torch/...``; see :mod:`kat_timm.training.readers`).
-
-For people without a timm checkout: the options keep the names of timm's ``train.py`` (``--batch-size``, ``--opt``,
-``--mixup``, ``--model-ema`` ...) and ``-c/--config FILE.yaml`` works as it does there (the YAML keys are option
-names with ``_`` for ``-``; they become the defaults, and options given on the command line override them).
-Everything is built from timm's library: dataset and loader, Mixup, optimizer and scheduler factories, ModelEmaV3,
-CheckpointSaver, resume_checkpoint, init_distributed_device, its losses. What is ours: checking the data before
+any dataset timm's readers take, with timm train.py's option names and ``-c/--config FILE.yaml`` (README,
+"Fine-tuning and evaluation"). Everything is built from timm's library; what is ours: checking the data before
 anything starts, checkpoints that are never half-written, clear errors, and a progress bar.
 """
 from __future__ import annotations
@@ -43,12 +38,16 @@ _FRACTIONS = (("smoothing", 0.0, 1.0, False), ("drop", 0.0, 1.0, False), ("drop_
               ("mixup_prob", 0.0, 1.0, True), ("mixup_switch_prob", 0.0, 1.0, True),
               ("model_ema_decay", 0.0, 1.0, True))
 
+# Counts and indices: the lowest value each may have (None, for the sample counts, is not given).
+_AT_LEAST = dict(train_num_samples=1, val_num_samples=1, batch_size=1, epochs=1, grad_accum_steps=1, checkpoint_hist=1,
+                 log_interval=1, workers=0, warmup_epochs=0, cooldown_epochs=0, recovery_interval=0, mixup_off_epoch=0)
+
 # Options of timm's train.py that kat-train does not offer; a config naming one gets an error that says so.
 TIMM_ONLY_OPTIONS = frozenset({
-    "epoch_repeats", "in_chans", "drop_connect", "drop_block", "bn_momentum",
-    "bn_eps", "split_bn", "aug_splits", "jsd_loss", "resplit", "torchscript", "fuser", "fast_norm", "amp_impl",
-    "apex_amp", "native_amp", "no_ddp_bb", "synchronize_step", "no_prefetcher", "prefetcher", "save_images",
-    "tta", "log_wandb", "model_ema_force_cpu", "head_init_scale", "head_init_bias", "dist_url",
+    "epoch_repeats", "in_chans", "drop_connect", "drop_block", "bn_momentum", "bn_eps", "split_bn", "aug_splits",
+    "jsd_loss", "resplit", "torchscript", "fuser", "fast_norm", "amp_impl", "apex_amp", "native_amp", "no_ddp_bb",
+    "synchronize_step", "no_prefetcher", "prefetcher", "save_images", "tta", "log_wandb", "model_ema_force_cpu",
+    "head_init_scale", "head_init_bias", "dist_url",
     # values timm's train.py computes and writes into its args.yaml; they are not options
     "distributed", "world_size", "rank", "num_aug_splits",
 })
@@ -406,19 +405,9 @@ def _parse_args(argv: List[str], prog: str) -> argparse.Namespace:
 
 
 def parse_args(argv: List[str]) -> argparse.Namespace:
-    """Parse ``kat-train`` arguments, ``-c/--config FILE.yaml`` included, as timm's train.py does.
-
-    The YAML keys are option destinations (``batch_size`` for ``--batch-size``); they replace the defaults and any
-    option on the command line overrides them. An unknown key, a value of the wrong type or a missing file is a
-    usage error: like every argparse error it prints ``kat-train: error: ...`` (naming the key) and raises
-    ``SystemExit(2)``. ``--data-dir`` is not required here (a config can be parsed on its own); ``main`` checks it.
-
-    Args:
-        argv: the command-line arguments, without the program name.
-
-    Returns:
-        The parsed options; ``data_dir`` is filled from the positional DIR when only that was given.
-    """
+    """Parse ``kat-train`` arguments (without the program name), ``-c/--config FILE.yaml`` included, as timm's
+    train.py does; a bad config is a usage error (``SystemExit(2)``) like argparse's own. ``--data-dir`` (filled from
+    the positional DIR) is not required here: ``main`` checks it."""
     return _parse_args(list(argv), "kat-train")
 
 
@@ -436,14 +425,9 @@ def _write_failure(error: OSError, folder: str) -> str:
     import errno
 
     where = error.filename or folder
-    if error.errno == errno.ENOSPC:
-        what = f"no space left on device at {where}"
-    elif error.errno == errno.EDQUOT:
-        what = f"disk quota exceeded at {where}"
-    elif error.errno == errno.EFBIG:
-        what = f"file size limit reached writing {where} (see ulimit -f)"
-    else:
-        what = f"cannot write {where}: {error.strerror or error}"
+    what = {errno.ENOSPC: f"no space left on device at {where}", errno.EDQUOT: f"disk quota exceeded at {where}",
+            errno.EFBIG: f"file size limit reached writing {where} (see ulimit -f)"}.get(
+        error.errno, f"cannot write {where}: {error.strerror or error}")
     return (f"{what}. Nothing was half-written: the files from before (last.pth.tar, summary.csv) are intact; free "
             f"space and continue with --resume {os.path.join(folder, 'last.pth.tar')} if it exists")
 
@@ -482,17 +466,12 @@ def _check_arguments(args: argparse.Namespace):
     if not args.data_dir and (is_folder_dataset(args.dataset) or dataset_prefix(args.dataset) == "wds"):
         raise CLIError("give the dataset folder: --data-dir DIR (layout DIR/train/CLASS/*.png and "
                        "DIR/validation/CLASS/*.png; for --dataset wds/NAME the folder of the shards)", code=2)
-    for name in ("train_num_samples", "val_num_samples"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise CLIError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}", code=2)
-    for name in ("batch_size", "epochs", "grad_accum_steps", "checkpoint_hist", "log_interval"):
-        if getattr(args, name) < 1:
-            raise CLIError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}", code=2)
     if args.workers is None:
         args.workers = default_workers()
-    for name in ("workers", "warmup_epochs", "cooldown_epochs", "recovery_interval", "mixup_off_epoch"):
-        if getattr(args, name) < 0:
-            raise CLIError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(args, name)}", code=2)
+    for name, lowest in _AT_LEAST.items():
+        value = getattr(args, name)
+        if value is not None and value < lowest:
+            raise CLIError(f"--{name.replace('_', '-')} must be at least {lowest}, got {value}", code=2)
     if args.num_classes is not None and args.num_classes < 1:
         raise CLIError(f"--num-classes must be at least 1, got {args.num_classes} (leave it out to use the number "
                        f"of class folders)", code=2)
