@@ -12,8 +12,8 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from kat_timm.training import loop
@@ -385,9 +385,12 @@ def _config_value(action: argparse.Action, value: Any) -> Any:
 _TYPE_NAMES = {int: "an integer", float: "a number"}
 
 
-def _parse_args(argv: List[str], prog: str) -> argparse.Namespace:
-    """As timm's train.py: ``-c`` first, the config as the parser's defaults, then the whole command line."""
+def parse_args(argv: List[str], prog: str = "kat-train") -> argparse.Namespace:
+    """Parse ``kat-train`` arguments (without the program name), ``-c/--config FILE.yaml`` included, as timm's
+    train.py does: the config's values become the defaults. A bad config is a usage error (``SystemExit(2)``) like
+    argparse's own. ``--data-dir`` (filled from the positional DIR) is not required here: ``main`` checks it."""
     parser = build_parser(prog)
+    argv = list(argv)
     known, _ = parser.parse_known_args(argv)
     if known.config:
         defaults = _config_defaults(known.config, parser)
@@ -402,13 +405,6 @@ def _parse_args(argv: List[str], prog: str) -> argparse.Namespace:
         parser.error(f"the dataset is given twice, as DIR ({args.data}) and --data-dir ({args.data_dir})")
     args.data_dir = args.data_dir or args.data
     return args
-
-
-def parse_args(argv: List[str]) -> argparse.Namespace:
-    """Parse ``kat-train`` arguments (without the program name), ``-c/--config FILE.yaml`` included, as timm's
-    train.py does; a bad config is a usage error (``SystemExit(2)``) like argparse's own. ``--data-dir`` (filled from
-    the positional DIR) is not required here: ``main`` checks it."""
-    return _parse_args(list(argv), "kat-train")
 
 
 @contextlib.contextmanager
@@ -556,20 +552,9 @@ def _check_augmentation_policy(policy: str) -> None:
                        f"original / v0 (AutoAugment)", code=2) from None
 
 
-@dataclass
-class _Data:
-    """The checked datasets of a run: ``classes`` in label order (None when the reader knows no names), and how
-    each split is named in messages."""
-
-    train: Any
-    val: Any
-    classes: Optional[List[str]]
-    train_name: str
-    val_name: str
-
-
-def _check_data(args: argparse.Namespace) -> _Data:
-    """The checked training and validation datasets; the validation labels follow the training class order."""
+def _check_data(args: argparse.Namespace):
+    """The checked training and validation (or None) datasets, the class names in label order (None when the reader
+    knows none; the validation labels follow them) and each split's name in messages."""
     from kat_timm.training.data import labelled_like
 
     train, classes, train_name = open_split(
@@ -587,7 +572,7 @@ def _check_data(args: argparse.Namespace) -> _Data:
     if classes is None and args.num_classes is None:
         raise CLIError(f"--dataset {args.dataset}: the data does not name its classes, so their number is unknown; "
                        f"give --num-classes N (or --class-map FILE with the class names in label order)", code=2)
-    return _Data(train, val, classes, train_name, val_name)
+    return train, val, classes, train_name, val_name
 
 
 def _model_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
@@ -738,19 +723,13 @@ def _write_args_yaml(path: str, parsed: Dict[str, Any]) -> None:
 
     # Not --resume: args.yaml is a config for new runs, and one naming a checkpoint would resume that run again.
     options = {key: value for key, value in parsed.items() if key not in ("config", "data", "resume")}
-
-    def write(partial: str) -> None:
-        with open(partial, "w", encoding="utf-8") as file:
-            yaml.safe_dump(options, file, default_flow_style=False, sort_keys=False)
-
-    edit_atomically(path, write, start_from_current=False)
+    text = yaml.safe_dump(options, default_flow_style=False, sort_keys=False)
+    edit_atomically(path, lambda partial: Path(partial).write_text(text, encoding="utf-8"), start_from_current=False)
 
 
 def train(args: argparse.Namespace, prog: str = "kat-train") -> TrainResult:
-    """Run the training that ``args`` (from :func:`parse_args`) describes; bad input raises ``CLIError``.
-
-    Under torchrun every process calls this; rank 0 prints, evaluates into the summary and writes the checkpoints.
-    """
+    """Run the training that ``args`` (from :func:`parse_args`) describes; bad input raises ``CLIError``. Under
+    torchrun every process calls this; rank 0 prints and writes the summary and checkpoints."""
     import torch
 
     parsed = dict(vars(args))
@@ -785,14 +764,13 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, pr
         if primary:
             print(message, flush=True)
 
-    data = _check_data(args)
-    known_classes = len(data.classes) if data.classes is not None else None
+    dataset_train, dataset_eval, classes, train_name, val_name = _check_data(args)
+    known_classes = len(classes) if classes is not None else None
     num_classes = args.num_classes or known_classes
     if known_classes is not None and num_classes < known_classes:
-        raise CLIError(f"--num-classes {num_classes} is less than the {known_classes} classes of {data.train_name}",
-                       code=2)
-    args.class_names = data.classes  # saved in every checkpoint; kat-validate checks them
-    if resumed is not None and data.classes is not None:
+        raise CLIError(f"--num-classes {num_classes} is less than the {known_classes} classes of {train_name}", code=2)
+    args.class_names = classes  # saved in every checkpoint; kat-validate checks them
+    if resumed is not None and classes is not None:
         _check_resumed_classes(args, args.class_names, resumed)
     utils.random_seed(args.seed, args.rank)
 
@@ -844,7 +822,6 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, pr
         model = torch.compile(model, backend=args.torchcompile)
 
     # Data: timm's loader and augmentation over our checked (for folders: corruption-tolerant) datasets.
-    dataset_train = data.train
     mixing = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
     mixup_fn = None
     if mixing:
@@ -863,12 +840,12 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, pr
         num_workers=args.workers, distributed=args.distributed, pin_memory=args.pin_mem, device=device,
         use_multi_epochs_loader=args.use_multi_epochs_loader, worker_seeding=args.worker_seeding)
     if len(loader_train) == 0:
-        raise CLIError(f"{data.train_name} has {len(dataset_train)} images: not one full batch of "
+        raise CLIError(f"{train_name} has {len(dataset_train)} images: not one full batch of "
                        f"{args.batch_size} per process ({args.world_size} process(es)); lower --batch-size", code=2)
     loader_eval = None
-    if data.val is not None:
+    if dataset_eval is not None:
         loader_eval = create_eval_loader(
-            data.val, data_config, args.validation_batch_size or args.batch_size,
+            dataset_eval, data_config, args.validation_batch_size or args.batch_size,
             args.workers, rank=args.rank, world_size=args.world_size, pin_memory=args.pin_mem)
 
     train_loss_fn = create_loss(args, mixing, device)
@@ -923,7 +900,8 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, pr
     say(f"{prog}: model {args.model}{size_note}: {params:,} parameters ({trainable:,} trainable), "
         f"{num_classes} classes")
     world = f"{args.world_size} processes ({torch.distributed.get_backend()})" if args.distributed else "1 process"
-    say(f"{prog}: device {device} ({_device_name(device)}), world size {world}, "
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    say(f"{prog}: device {device} ({device_name}), world size {world}, "
         f"AMP {args.amp_dtype if args.amp else 'off'}")
     if args.aug_repeats and not args.distributed:
         say(f"{prog}: note: --aug-repeats {args.aug_repeats:g} applies to distributed training only; it is off in "
@@ -931,8 +909,8 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, pr
     if known_classes is not None and num_classes > known_classes:
         say(f"{prog}: note: --num-classes {num_classes} but the data has {known_classes} classes; the "
             f"extra {num_classes - known_classes} outputs are never a target")
-    say(f"{prog}: data {data.train_name}: {len(dataset_train)} images; "
-        + (f"{data.val_name}: {len(loader_eval.dataset)} images; " if loader_eval is not None
+    say(f"{prog}: data {train_name}: {len(dataset_train)} images; "
+        + (f"{val_name}: {len(loader_eval.dataset)} images; " if loader_eval is not None
            else "no validation split; ")
         + f"{num_classes if known_classes is None else known_classes} classes, "
           f"input {tuple(data_config['input_size'])}")
@@ -1006,14 +984,6 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, pr
     return result
 
 
-def _device_name(device) -> str:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{torch.get_num_threads()} threads"
-
-
 def _evaluate_epoch(model, loader, device, autocast, distributed: bool) -> Dict[str, float]:
     """The scores summary.csv and the epoch line show (evaluate also returns counts and timings)."""
     metrics = evaluate(model, loader, device, autocast, distributed=distributed)
@@ -1023,7 +993,7 @@ def _evaluate_epoch(model, loader, device, autocast, distributed: bool) -> Dict[
 def main(argv: Optional[List[str]] = None, prog: str = "kat-train") -> int:
     """Entry point of ``kat-train`` and ``kat-timm train``: parse, train, and turn bad input into one clear line."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = _parse_args(argv, prog)
+    args = parse_args(argv, prog)
 
     def run() -> int:
         train(args, prog)

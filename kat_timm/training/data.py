@@ -44,14 +44,13 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class ImageFolderSplit:
-    """A checked split folder: where it is and its class names in label order."""
+    """A checked split folder: where it is and its class names in label order (``class_to_idx``: name -> label)."""
 
     root: Path
     classes: Tuple[str, ...]
 
     @property
     def class_to_idx(self) -> Dict[str, int]:
-        """Class folder name -> label index."""
         return {name: index for index, name in enumerate(self.classes)}
 
 
@@ -137,12 +136,9 @@ def check_split(data_dir: Union[str, Path], split: str, class_names: Optional[Se
     unlisted = sorted(set(class_dirs) - set(class_names), key=natural_key)
     missing = [] if allow_missing else [name for name in class_names if name not in set(class_dirs)]
     if unlisted or missing:
-        parts = []
-        if unlisted:
-            parts.append(f"folders not in the class map: {_name_list(unlisted)}")
-        if missing:
-            parts.append(f"classes of the class map without a folder: {_name_list(missing)}")
-        raise DataError(f"the class map does not match {root}: {'; '.join(parts)}")
+        parts = [f"folders not in the class map: {_name_list(unlisted)}" if unlisted else "",
+                 f"classes of the class map without a folder: {_name_list(missing)}" if missing else ""]
+        raise DataError(f"the class map does not match {root}: {'; '.join(filter(None, parts))}")
     return ImageFolderSplit(root, tuple(class_names))
 
 
@@ -151,13 +147,10 @@ def check_class_sets(first: ImageFolderSplit, second: ImageFolderSplit) -> None:
     only_first = sorted(set(first.classes) - set(second.classes), key=natural_key)
     only_second = sorted(set(second.classes) - set(first.classes), key=natural_key)
     if only_first or only_second:
-        parts = []
-        if only_first:
-            parts.append(f"only in {first.root}: {_name_list(only_first)}")
-        if only_second:
-            parts.append(f"only in {second.root}: {_name_list(only_second)}")
-        raise DataError("the splits have different class folders (" + "; ".join(parts) + "); every split needs the "
-                        "same classes so that the labels agree")
+        parts = [f"only in {first.root}: {_name_list(only_first)}" if only_first else "",
+                 f"only in {second.root}: {_name_list(only_second)}" if only_second else ""]
+        raise DataError("the splits have different class folders (" + "; ".join(filter(None, parts)) + "); every "
+                        "split needs the same classes so that the labels agree")
 
 
 def check_readable_classes(split: ImageFolderSplit) -> None:
@@ -188,8 +181,8 @@ def _decodes(path: Path) -> bool:
 
 
 def collate_readable(batch):
-    """``default_collate`` over the samples that are not None (images an evaluation dataset could not decode);
-    None when none is left. Use with ``ImageFolderDataset(..., skip_unreadable=True)``."""
+    """``default_collate`` over the samples that are not None (see ``ImageFolderDataset(skip_unreadable=True)``);
+    None when none is left."""
     from torch.utils.data import default_collate
 
     kept = [sample for sample in batch if sample is not None]
@@ -233,7 +226,6 @@ class ImageFolderDataset(ImageDataset):
 
     @property
     def classes(self) -> Tuple[str, ...]:
-        """Class names in label order."""
         return self.split.classes
 
     def __getitem__(self, index: int):
