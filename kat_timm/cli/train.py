@@ -32,11 +32,12 @@ DEFAULT_MODEL = "kat_tiny_patch16_224"
 # The schedules timm's create_scheduler_v2 builds.
 SCHEDULERS = ("cosine", "tanh", "step", "multistep", "plateau", "poly", "constant", "rsqrt")
 
-# Options that are probabilities or rates: (name, lowest, highest, whether highest itself is allowed).
-_FRACTIONS = (("smoothing", 0.0, 1.0, False), ("drop", 0.0, 1.0, False), ("drop_path", 0.0, 1.0, False),
-              ("reprob", 0.0, 1.0, True), ("hflip", 0.0, 1.0, True), ("vflip", 0.0, 1.0, True),
-              ("mixup_prob", 0.0, 1.0, True), ("mixup_switch_prob", 0.0, 1.0, True),
-              ("model_ema_decay", 0.0, 1.0, True))
+# Options that are probabilities or rates, from 0 to 1: whether 1 itself is allowed.
+_FRACTIONS = dict(smoothing=False, drop=False, drop_path=False, reprob=True, hflip=True, vflip=True, mixup_prob=True,
+                  mixup_switch_prob=True, model_ema_decay=True)
+
+# The scores summary.csv and the epoch line show (evaluate also returns counts and timings).
+_SCORES = ("loss", "top1", "top5")
 
 # Counts and indices: the lowest value each may have (None, for the sample counts, is not given).
 _AT_LEAST = dict(train_num_samples=1, val_num_samples=1, batch_size=1, epochs=1, grad_accum_steps=1, checkpoint_hist=1,
@@ -327,7 +328,8 @@ def _config_defaults(path: str, parser: argparse.ArgumentParser) -> Dict[str, An
     except (OSError, yaml.YAMLError) as error:
         _config_error(parser, f"config {path}: not readable YAML: {str(error).splitlines()[0]}")
     if not isinstance(config, (dict, type(None))):
-        _config_error(parser, f"config {path}: expected a mapping of option names to values, got {type(config).__name__}")
+        _config_error(parser, f"config {path}: expected a mapping of option names to values, got "
+                              f"{type(config).__name__}")
     actions = {action.dest: action for action in parser._actions if action.dest not in ("help", "config")}
     defaults = {}
     for key, value in (config or {}).items():
@@ -474,11 +476,11 @@ def _check_arguments(args: argparse.Namespace):
     if args.start_epoch is not None and args.start_epoch < 0:
         raise CLIError(f"--start-epoch must be at least 0 (epochs are numbered from 0), got {args.start_epoch}",
                        code=2)
-    for name, low, high, high_allowed in _FRACTIONS:
+    for name, one_allowed in _FRACTIONS.items():
         value = getattr(args, name)
-        if value is not None and not (low <= value < high or (high_allowed and value == high)):
-            upper = f"{high:g}" if high_allowed else f"below {high:g}"
-            raise CLIError(f"--{name.replace('_', '-')} {value:g}: must be from {low:g} to {upper}", code=2)
+        if value is not None and not (0 <= value < 1 or (one_allowed and value == 1)):
+            raise CLIError(f"--{name.replace('_', '-')} {value:g}: must be from 0 to {1 if one_allowed else 'below 1'}",
+                           code=2)
     for name in ("mixup", "cutmix", "color_jitter", "weight_decay", "lr", "lr_base", "warmup_lr", "min_lr"):
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and value >= 0):
@@ -821,7 +823,6 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, pr
     if args.torchcompile:
         model = torch.compile(model, backend=args.torchcompile)
 
-    # Data: timm's loader and augmentation over our checked (for folders: corruption-tolerant) datasets.
     mixing = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
     mixup_fn = None
     if mixing:
@@ -914,8 +915,9 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, pr
            else "no validation split; ")
         + f"{num_classes if known_classes is None else known_classes} classes, "
           f"input {tuple(data_config['input_size'])}")
+    steps = f"{updates_per_epoch} step{'s' if updates_per_epoch != 1 else ''}"
     say(f"{prog}: batch {args.batch_size} per process x {args.world_size} x {args.grad_accum_steps} accumulation "
-        f"= {args.batch_size * args.world_size * args.grad_accum_steps}; {updates_per_epoch} step{'s' if updates_per_epoch != 1 else ''} per epoch; "
+        f"= {args.batch_size * args.world_size * args.grad_accum_steps}; {steps} per epoch; "
         f"{args.opt} lr {args.lr:.3g}, {args.sched} schedule, weight decay {args.weight_decay}")
     say(f"{prog}: epochs {start_epoch}..{num_epochs - 1} (0-based)" + (f", resumed from {args.resume}"
                                                                        if args.resume else ""))
@@ -969,11 +971,9 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, pr
         result.history.append(row)
         seconds = time.perf_counter() - started
         shown = ""
-        if eval_metrics is not None:
-            shown = "  | eval " + "  ".join(f"{key} {eval_metrics[key]:.4g}" for key in ("loss", "top1", "top5"))
-            if model_ema is not None:
-                shown += "  | EMA " + "  ".join(f"{key} {eval_metrics['ema_' + key]:.4g}"
-                                                for key in ("loss", "top1", "top5"))
+        for label, prefix in (("eval", ""), ("EMA", "ema_")):
+            if eval_metrics is not None and prefix + "loss" in eval_metrics:
+                shown += f"  | {label} " + "  ".join(f"{key} {eval_metrics[prefix + key]:.4g}" for key in _SCORES)
         say(f"epoch {epoch}: train loss {train_metrics['loss']:.4g}{shown}  | lr {lr:.3g}  {seconds:.1f} s")
 
     if primary:
@@ -985,15 +985,13 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, pr
 
 
 def _evaluate_epoch(model, loader, device, autocast, distributed: bool) -> Dict[str, float]:
-    """The scores summary.csv and the epoch line show (evaluate also returns counts and timings)."""
     metrics = evaluate(model, loader, device, autocast, distributed=distributed)
-    return {"loss": metrics["loss"], "top1": metrics["top1"], "top5": metrics["top5"]}
+    return {key: metrics[key] for key in _SCORES}
 
 
 def main(argv: Optional[List[str]] = None, prog: str = "kat-train") -> int:
     """Entry point of ``kat-train`` and ``kat-timm train``: parse, train, and turn bad input into one clear line."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv, prog)
+    args = parse_args(sys.argv[1:] if argv is None else argv, prog)
 
     def run() -> int:
         train(args, prog)

@@ -136,10 +136,7 @@ def create_from_checkpoint(name: str, loaded, size: Optional[List[int]], model_k
     check_model_name(name)
     if size is not None:
         built = tuple(size) if len(size) > 1 else int(size[0])
-        if size_given:
-            model_kwargs["img_size"] = built
-        else:
-            model_kwargs.setdefault("img_size", built)
+        model_kwargs["img_size"] = built if size_given else model_kwargs.get("img_size", built)
     try:
         try:
             model = create_model(name, loaded, **model_kwargs)

@@ -287,13 +287,10 @@ def open_checked_split(options, split: str, *, is_training: bool = False, use_cl
                        allow_missing: bool = False, relabel=None, num_samples: Optional[int] = None,
                        split_option: str = "--split", samples_option: str = "--num-samples", world_size: int = 1):
     """One split of ``options.dataset`` under ``options.data_dir`` (kat-train's or kat-validate's options), checked:
-    ``(dataset, class names in label order or None, its name in messages)``; a :class:`DataError` otherwise.
-
-    An ImageFolder goes through :func:`check_split` (labelled by ``--class-map`` if ``use_class_map``; for
-    ``allow_missing`` see there), then ``relabel(split)``
-    (another label order, e.g. :func:`labelled_like` the training split) and :func:`check_readable_classes`. Any
-    other ``--dataset`` is opened by :mod:`kat_timm.training.readers`, whose shard checks use ``world_size``.
-    """
+    ``(dataset, class names in label order or None, its name in messages)``, else a :class:`DataError`. An
+    ImageFolder goes through :func:`check_split` (with ``--class-map`` if ``use_class_map``), ``relabel(split)``
+    (e.g. :func:`labelled_like` the training split) and :func:`check_readable_classes`; any other ``--dataset``
+    through :mod:`kat_timm.training.readers`, whose shard checks count ``world_size`` processes."""
     from .readers import (DatasetSpec, check_distributed_evaluation, check_training_shards, dataset_class_names,
                           is_folder_dataset, open_dataset)
 

@@ -100,7 +100,8 @@ def create_loss(args: argparse.Namespace, mixing: bool, device):
 
 def train_one_epoch(epoch: int, model, loader, optimizer, loss_fn, args: argparse.Namespace, device, *,
                     autocast, loss_scaler, lr_scheduler, model_ema, mixup_fn, saver, num_updates: int,
-                    num_epochs: int, primary: bool, folder_writes: Callable[[], ContextManager] = contextlib.nullcontext):
+                    num_epochs: int, primary: bool,
+                    folder_writes: Callable[[], ContextManager] = contextlib.nullcontext):
     """One pass over ``loader`` as timm's train.py makes it (gradient accumulation, clipping, AMP scaler, EMA and
     per-update schedule steps), with a recovery checkpoint every ``args.recovery_interval`` updates, written by
     ``saver`` (None on other ranks than 0) inside ``folder_writes()``. Returns ``({"loss": the mean training loss

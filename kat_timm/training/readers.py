@@ -32,7 +32,7 @@ def dataset_prefix(name: Optional[str]) -> str:
 
 
 def is_folder_dataset(name: Optional[str]) -> bool:
-    """Whether ``--dataset name`` is read from an ImageFolder (timm's default reader), checked by kat_timm.training.data."""
+    """Whether ``--dataset name`` is read from an ImageFolder (timm's default reader; see kat_timm.training.data)."""
     return dataset_prefix(name) == ""
 
 
@@ -263,7 +263,8 @@ def check_distributed_evaluation(spec: DatasetSpec, split: str, world_size: int,
     if largest > cap:
         scored = sum(min(sum(lengths[g::readers]), cap) for g in range(readers))
         raise DataError(f"{split_option} {split}: {len(lengths)} shards over {readers} loaders "
-                        f"({_processes(world_size)} x {max(workers, 1)} workers) would score only {scored} of {sum(lengths)} samples "
+                        f"({_processes(world_size)} x {max(workers, 1)} workers) would score only {scored} of "
+                        f"{sum(lengths)} samples "
                         f"(timm caps each loader at {cap}); give at least {readers} shards of equal length, fewer "
                         f"--workers, or --val-split \"\" and kat-validate the checkpoints afterwards")
 
@@ -292,20 +293,20 @@ def _check_wds_sample(shard: str, spec: DatasetSpec) -> None:
     if first_key is None:
         raise DataError(f"{shard}: the shard holds no samples")
     extensions = members[first_key]
+    listed = ", ".join("." + extension for extension in extensions)
     input_keys = (spec.input_key or WDS_IMAGE_KEYS).split(";")
     if not any(key in extensions for key in input_keys):
         raise DataError(f"--input-key {spec.input_key or WDS_IMAGE_KEYS}: sample {first_key} of {shard} has no such "
-                        f"member (it has {', '.join('.' + e for e in extensions)})")
+                        f"member (it has {listed})")
     if spec.target_key:  # the labels come from the .json sidecar rather than the .cls member
         if "json" not in extensions:
             raise DataError(f"--target-key {spec.target_key}: sample {first_key} of {shard} has no .json sidecar "
-                            f"(it has {', '.join('.' + e for e in extensions)})")
+                            f"(it has {listed})")
         fields = members.get("__json__", [])
         for key in spec.target_key.split(","):
             if key.strip() not in fields:
                 raise DataError(f"--target-key {key.strip()}: not a field of the .json of sample {first_key} in "
                                 f"{shard} (fields: {', '.join(fields) or 'none'})")
     elif "cls" not in extensions:
-        raise DataError(f"sample {first_key} of {shard} has no .cls label (it has "
-                        f"{', '.join('.' + e for e in extensions)}); give --target-key FIELD to read the label from "
-                        f"its .json")
+        raise DataError(f"sample {first_key} of {shard} has no .cls label (it has {listed}); give --target-key FIELD "
+                        f"to read the label from its .json")
