@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from kat_timm.training.data import DataError, open_checked_split
+from kat_timm.training.data import DataError
 from kat_timm.training.evaluation import amp_autocast, create_eval_loader, default_workers, evaluate
 from kat_timm.training.saver import edit_atomically
 
@@ -200,9 +200,9 @@ def resolve_checked_data_config(options: Dict[str, Any], model: torch.nn.Module)
 
 
 def open_split(args: argparse.Namespace, split: str, **options):
-    """:func:`~kat_timm.training.data.open_checked_split` of kat-train and kat-validate, its ``DataError`` a
+    """:func:`~kat_timm.training.readers.open_checked_split` of kat-train and kat-validate, its ``DataError`` a
     ``CLIError`` (a usage error, code 2, for a reader's dataset)."""
-    from kat_timm.training.readers import is_folder_dataset
+    from kat_timm.training.readers import is_folder_dataset, open_checked_split
 
     try:
         return open_checked_split(args, split, **options)

@@ -1,5 +1,4 @@
-"""The datasets of ``kat-train`` and ``kat-validate``: ImageFolder splits checked before use and tolerant of corrupt
-images, and :func:`open_checked_split`, which opens any split (ImageFolder or timm reader) for both commands.
+"""ImageFolder datasets for ``kat-train`` and ``kat-validate``: checked before use, and tolerant of corrupt images.
 
 timm's ImageFolder reader silently drops class folders without images (shifting every later label), uses
 ``DATA_DIR`` itself when a split folder is missing, and numbers each split's classes on its own; the checks here
@@ -23,7 +22,7 @@ from timm.utils.misc import natural_key
 
 __all__ = ["DataError", "ImageFolderDataset", "ImageFolderSplit", "check_class_sets", "check_readable_classes",
            "check_split", "collate_readable", "find_split_folder", "folder_dataset_hint", "labelled_like",
-           "load_class_names", "open_checked_split"]
+           "load_class_names"]
 
 _logger = logging.getLogger(__name__)
 
@@ -281,35 +280,3 @@ def labelled_like(reference: ImageFolderSplit, split: ImageFolderSplit) -> Image
     """``split`` labelled in the class order of ``reference`` once :func:`check_class_sets` finds the same classes."""
     check_class_sets(reference, split)
     return ImageFolderSplit(split.root, reference.classes)
-
-
-def open_checked_split(options, split: str, *, is_training: bool = False, use_class_map: bool = True,
-                       allow_missing: bool = False, relabel=None, num_samples: Optional[int] = None,
-                       split_option: str = "--split", samples_option: str = "--num-samples", world_size: int = 1):
-    """One split of ``options.dataset`` under ``options.data_dir`` (kat-train's or kat-validate's options), checked:
-    ``(dataset, class names in label order or None, its name in messages)``, else a :class:`DataError`. An
-    ImageFolder goes through :func:`check_split` (with ``--class-map`` if ``use_class_map``), ``relabel(split)``
-    (e.g. :func:`labelled_like` the training split) and :func:`check_readable_classes`; any other ``--dataset``
-    through :mod:`kat_timm.training.readers`, whose shard checks count ``world_size`` processes."""
-    from .readers import (DatasetSpec, check_distributed_evaluation, check_training_shards, dataset_class_names,
-                          is_folder_dataset, open_dataset)
-
-    if is_folder_dataset(options.dataset):
-        try:
-            class_names = load_class_names(options.class_map) if use_class_map and options.class_map else None
-            folder = check_split(options.data_dir, split, class_names, allow_missing=allow_missing)
-            folder = relabel(folder) if relabel is not None else folder
-            check_readable_classes(folder)
-        except DataError as error:
-            raise DataError(str(error) + folder_dataset_hint(options.dataset)) from error
-        return ImageFolderDataset(folder), list(folder.classes), str(folder.root)
-    spec = DatasetSpec(name=options.dataset, root=options.data_dir, download=options.dataset_download,
-                       input_img_mode=options.input_img_mode or "RGB", input_key=options.input_key,
-                       target_key=options.target_key, class_map=options.class_map, batch_size=options.batch_size,
-                       seed=getattr(options, "seed", DatasetSpec.seed))  # kat-validate has no --seed
-    dataset = open_dataset(spec, split, is_training, num_samples, split_option, samples_option)
-    if is_training:
-        check_training_shards(spec, split, world_size, options.workers, split_option)
-    else:
-        check_distributed_evaluation(spec, split, world_size, options.workers, num_samples, split_option)
-    return dataset, dataset_class_names(dataset), f"{options.dataset} {split}"

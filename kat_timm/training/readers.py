@@ -4,6 +4,7 @@ timm's ``create_dataset`` reads ``torch/``, ``hfds/``, ``hfids/``, ``tfds/`` and
 timm's meaning, and what timm reports as a traceback, a bare ``KeyError`` or (WebDataset) a silently empty epoch
 becomes a one-line :class:`~kat_timm.training.data.DataError` naming the option and what exists instead. README,
 "Fine-tuning and evaluation" ("Other datasets"), lists the checks made before training starts.
+:func:`open_checked_split` opens any split, ImageFolder or not, for both commands.
 """
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import tarfile
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-from .data import DataError
+from .data import (DataError, ImageFolderDataset, check_readable_classes, check_split, folder_dataset_hint,
+                   load_class_names)
 
 __all__ = ["DatasetSpec", "READER_PREFIXES", "check_distributed_evaluation", "check_training_shards",
-           "dataset_class_names", "dataset_prefix", "is_folder_dataset", "open_dataset"]
+           "dataset_class_names", "dataset_prefix", "is_folder_dataset", "open_checked_split", "open_dataset"]
 
 # The --dataset prefixes timm's create_dataset reads with a reader of its own (anything else is a folder or tar).
 READER_PREFIXES = ("torch", "hfds", "hfids", "tfds", "wds")
@@ -310,3 +312,32 @@ def _check_wds_sample(shard: str, spec: DatasetSpec) -> None:
     elif "cls" not in extensions:
         raise DataError(f"sample {first_key} of {shard} has no .cls label (it has {listed}); give --target-key FIELD "
                         f"to read the label from its .json")
+
+
+def open_checked_split(options, split: str, *, is_training: bool = False, use_class_map: bool = True,
+                       allow_missing: bool = False, relabel=None, num_samples: Optional[int] = None,
+                       split_option: str = "--split", samples_option: str = "--num-samples", world_size: int = 1):
+    """One split of ``options.dataset`` under ``options.data_dir`` (kat-train's or kat-validate's options), checked:
+    ``(dataset, class names in label order or None, its name in messages)``, else a :class:`DataError`. An
+    ImageFolder goes through ``check_split`` (with ``--class-map`` if ``use_class_map``), ``relabel(split)`` (e.g.
+    ``labelled_like`` the training split) and ``check_readable_classes`` of :mod:`kat_timm.training.data`; any other
+    ``--dataset`` through :func:`open_dataset`, whose shard checks count ``world_size`` processes."""
+    if is_folder_dataset(options.dataset):
+        try:
+            class_names = load_class_names(options.class_map) if use_class_map and options.class_map else None
+            folder = check_split(options.data_dir, split, class_names, allow_missing=allow_missing)
+            folder = relabel(folder) if relabel is not None else folder
+            check_readable_classes(folder)
+        except DataError as error:
+            raise DataError(str(error) + folder_dataset_hint(options.dataset)) from error
+        return ImageFolderDataset(folder), list(folder.classes), str(folder.root)
+    spec = DatasetSpec(name=options.dataset, root=options.data_dir, download=options.dataset_download,
+                       input_img_mode=options.input_img_mode or "RGB", input_key=options.input_key,
+                       target_key=options.target_key, class_map=options.class_map, batch_size=options.batch_size,
+                       seed=getattr(options, "seed", DatasetSpec.seed))  # kat-validate has no --seed
+    dataset = open_dataset(spec, split, is_training, num_samples, split_option, samples_option)
+    if is_training:
+        check_training_shards(spec, split, world_size, options.workers, split_option)
+    else:
+        check_distributed_evaluation(spec, split, world_size, options.workers, num_samples, split_option)
+    return dataset, dataset_class_names(dataset), f"{options.dataset} {split}"
