@@ -295,8 +295,8 @@ def build_parser(prog: str = "kat-train") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, usage=f"{prog} [-c FILE.yaml] --data-dir DIR [--dataset NAME] [--model NAME] [OPTIONS]",
         description="Train or fine-tune any timm model, KAT included, on an ImageFolder or another dataset timm "
-                    "reads (--dataset). Options keep the names of "
-                    "timm's train.py; -c FILE.yaml sets their defaults as it does there.", epilog=_EPILOG,
+                    "reads (--dataset). Options keep the names of timm's train.py; -c FILE.yaml sets their defaults "
+                    "as it does there.", epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", default="", metavar="FILE.yaml",
                         help="YAML file of option defaults (keys: option names with _ for -, e.g. batch_size: 64); "
