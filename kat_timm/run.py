@@ -1,10 +1,7 @@
 """Run any Python script with kat_timm imported first, so the KAT models are in timm's registry.
 
-    python -m kat_timm.run validate.py --model kat_tiny_patch16_224 --pretrained --data-dir /data/imagenet
-
-For timm's own scripts that have no ``--device-modules`` flag (validate.py, inference.py, benchmark.py). The script
-runs as ``__main__`` with ``sys.argv`` set to its own name and arguments and its folder first on ``sys.path``, as if
-started with ``python SCRIPT.py ARGS...``. (timm's train.py can instead take ``--device-modules kat_timm``.)
+For timm's scripts without ``--device-modules`` (README, "With timm's train.py and validate.py"); the script runs as
+if started with ``python SCRIPT.py ARGS...``.
 """
 from __future__ import annotations
 

@@ -1,11 +1,6 @@
 """``kat-train`` (also ``kat-timm train``): train or fine-tune any timm model, KAT included, on an ImageFolder or
-any dataset timm's readers take (``--dataset hfds/...``, ``wds/...``, ``torch/...``; see :mod:`kat_timm.training.readers`).
-
-For people without a timm checkout: the options keep the names of timm's ``train.py`` (``--batch-size``, ``--opt``,
-``--mixup``, ``--model-ema`` ...) and ``-c/--config FILE.yaml`` works as it does there (the YAML keys are option
-names with ``_`` for ``-``; they become the defaults, and options given on the command line override them).
-Everything is built from timm's library: dataset and loader, Mixup, optimizer and scheduler factories, ModelEmaV3,
-CheckpointSaver, resume_checkpoint, init_distributed_device, its losses. What is ours: checking the data before
+any dataset timm's readers take, with timm train.py's option names and ``-c/--config FILE.yaml`` (README,
+"Fine-tuning and evaluation"). Everything is built from timm's library; what is ours: checking the data before
 anything starts, checkpoints that are never half-written, clear errors, and a progress bar.
 """
 from __future__ import annotations
@@ -17,8 +12,8 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from kat_timm.training import loop
@@ -28,7 +23,7 @@ from kat_timm.training.saver import AtomicCheckpointSaver, edit_atomically, remo
 
 from . import CLIError, run_main
 from .common import add_dataset_reader_arguments, check_backend_setting, check_preprocessing, check_writable_folder
-from .validate import KeywordArguments, folder_dataset_hint, resolve_checked_data_config
+from .validate import KeywordArguments, open_split, resolve_checked_data_config
 
 __all__ = ["build_parser", "main", "parse_args", "train"]
 
@@ -37,18 +32,23 @@ DEFAULT_MODEL = "kat_tiny_patch16_224"
 # The schedules timm's create_scheduler_v2 builds.
 SCHEDULERS = ("cosine", "tanh", "step", "multistep", "plateau", "poly", "constant", "rsqrt")
 
-# Options that are probabilities or rates: (name, lowest, highest, whether highest itself is allowed).
-_FRACTIONS = (("smoothing", 0.0, 1.0, False), ("drop", 0.0, 1.0, False), ("drop_path", 0.0, 1.0, False),
-              ("reprob", 0.0, 1.0, True), ("hflip", 0.0, 1.0, True), ("vflip", 0.0, 1.0, True),
-              ("mixup_prob", 0.0, 1.0, True), ("mixup_switch_prob", 0.0, 1.0, True),
-              ("model_ema_decay", 0.0, 1.0, True))
+# Options that are probabilities or rates, from 0 to 1: whether 1 itself is allowed.
+_FRACTIONS = dict(smoothing=False, drop=False, drop_path=False, reprob=True, hflip=True, vflip=True, mixup_prob=True,
+                  mixup_switch_prob=True, model_ema_decay=True)
+
+# The scores summary.csv and the epoch line show (evaluate also returns counts and timings).
+_SCORES = ("loss", "top1", "top5")
+
+# Counts and indices: the lowest value each may have (None, for the sample counts, is not given).
+_AT_LEAST = dict(train_num_samples=1, val_num_samples=1, batch_size=1, epochs=1, grad_accum_steps=1, checkpoint_hist=1,
+                 log_interval=1, workers=0, warmup_epochs=0, cooldown_epochs=0, recovery_interval=0, mixup_off_epoch=0)
 
 # Options of timm's train.py that kat-train does not offer; a config naming one gets an error that says so.
 TIMM_ONLY_OPTIONS = frozenset({
-    "epoch_repeats", "in_chans", "drop_connect", "drop_block", "bn_momentum",
-    "bn_eps", "split_bn", "aug_splits", "jsd_loss", "resplit", "torchscript", "fuser", "fast_norm", "amp_impl",
-    "apex_amp", "native_amp", "no_ddp_bb", "synchronize_step", "no_prefetcher", "prefetcher", "save_images",
-    "tta", "log_wandb", "model_ema_force_cpu", "head_init_scale", "head_init_bias", "dist_url",
+    "epoch_repeats", "in_chans", "drop_connect", "drop_block", "bn_momentum", "bn_eps", "split_bn", "aug_splits",
+    "jsd_loss", "resplit", "torchscript", "fuser", "fast_norm", "amp_impl", "apex_amp", "native_amp", "no_ddp_bb",
+    "synchronize_step", "no_prefetcher", "prefetcher", "save_images", "tta", "log_wandb", "model_ema_force_cpu",
+    "head_init_scale", "head_init_bias", "dist_url",
     # values timm's train.py computes and writes into its args.yaml; they are not options
     "distributed", "world_size", "rank", "num_aug_splits",
 })
@@ -295,8 +295,8 @@ def build_parser(prog: str = "kat-train") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, usage=f"{prog} [-c FILE.yaml] --data-dir DIR [--dataset NAME] [--model NAME] [OPTIONS]",
         description="Train or fine-tune any timm model, KAT included, on an ImageFolder or another dataset timm "
-                    "reads (--dataset). Options keep the names of "
-                    "timm's train.py; -c FILE.yaml sets their defaults as it does there.", epilog=_EPILOG,
+                    "reads (--dataset). Options keep the names of timm's train.py; -c FILE.yaml sets their defaults "
+                    "as it does there.", epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", default="", metavar="FILE.yaml",
                         help="YAML file of option defaults (keys: option names with _ for -, e.g. batch_size: 64); "
@@ -328,7 +328,8 @@ def _config_defaults(path: str, parser: argparse.ArgumentParser) -> Dict[str, An
     except (OSError, yaml.YAMLError) as error:
         _config_error(parser, f"config {path}: not readable YAML: {str(error).splitlines()[0]}")
     if not isinstance(config, (dict, type(None))):
-        _config_error(parser, f"config {path}: expected a mapping of option names to values, got {type(config).__name__}")
+        _config_error(parser, f"config {path}: expected a mapping of option names to values, got "
+                              f"{type(config).__name__}")
     actions = {action.dest: action for action in parser._actions if action.dest not in ("help", "config")}
     defaults = {}
     for key, value in (config or {}).items():
@@ -386,9 +387,12 @@ def _config_value(action: argparse.Action, value: Any) -> Any:
 _TYPE_NAMES = {int: "an integer", float: "a number"}
 
 
-def _parse_args(argv: List[str], prog: str) -> argparse.Namespace:
-    """As timm's train.py: ``-c`` first, the config as the parser's defaults, then the whole command line."""
+def parse_args(argv: List[str], prog: str = "kat-train") -> argparse.Namespace:
+    """Parse ``kat-train`` arguments (without the program name), ``-c/--config FILE.yaml`` included, as timm's
+    train.py does: the config's values become the defaults. A bad config is a usage error (``SystemExit(2)``) like
+    argparse's own. ``--data-dir`` (filled from the positional DIR) is not required here: ``main`` checks it."""
     parser = build_parser(prog)
+    argv = list(argv)
     known, _ = parser.parse_known_args(argv)
     if known.config:
         defaults = _config_defaults(known.config, parser)
@@ -405,23 +409,6 @@ def _parse_args(argv: List[str], prog: str) -> argparse.Namespace:
     return args
 
 
-def parse_args(argv: List[str]) -> argparse.Namespace:
-    """Parse ``kat-train`` arguments, ``-c/--config FILE.yaml`` included, as timm's train.py does.
-
-    The YAML keys are option destinations (``batch_size`` for ``--batch-size``); they replace the defaults and any
-    option on the command line overrides them. An unknown key, a value of the wrong type or a missing file is a
-    usage error: like every argparse error it prints ``kat-train: error: ...`` (naming the key) and raises
-    ``SystemExit(2)``. ``--data-dir`` is not required here (a config can be parsed on its own); ``main`` checks it.
-
-    Args:
-        argv: the command-line arguments, without the program name.
-
-    Returns:
-        The parsed options; ``data_dir`` is filled from the positional DIR when only that was given.
-    """
-    return _parse_args(list(argv), "kat-train")
-
-
 @contextlib.contextmanager
 def _run_folder_writes(folder: str):
     """Writes into the run folder: a failure (disk full, quota, permissions) becomes one CLIError line."""
@@ -436,14 +423,9 @@ def _write_failure(error: OSError, folder: str) -> str:
     import errno
 
     where = error.filename or folder
-    if error.errno == errno.ENOSPC:
-        what = f"no space left on device at {where}"
-    elif error.errno == errno.EDQUOT:
-        what = f"disk quota exceeded at {where}"
-    elif error.errno == errno.EFBIG:
-        what = f"file size limit reached writing {where} (see ulimit -f)"
-    else:
-        what = f"cannot write {where}: {error.strerror or error}"
+    what = {errno.ENOSPC: f"no space left on device at {where}", errno.EDQUOT: f"disk quota exceeded at {where}",
+            errno.EFBIG: f"file size limit reached writing {where} (see ulimit -f)"}.get(
+        error.errno, f"cannot write {where}: {error.strerror or error}")
     return (f"{what}. Nothing was half-written: the files from before (last.pth.tar, summary.csv) are intact; free "
             f"space and continue with --resume {os.path.join(folder, 'last.pth.tar')} if it exists")
 
@@ -482,28 +464,23 @@ def _check_arguments(args: argparse.Namespace):
     if not args.data_dir and (is_folder_dataset(args.dataset) or dataset_prefix(args.dataset) == "wds"):
         raise CLIError("give the dataset folder: --data-dir DIR (layout DIR/train/CLASS/*.png and "
                        "DIR/validation/CLASS/*.png; for --dataset wds/NAME the folder of the shards)", code=2)
-    for name in ("train_num_samples", "val_num_samples"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise CLIError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}", code=2)
-    for name in ("batch_size", "epochs", "grad_accum_steps", "checkpoint_hist", "log_interval"):
-        if getattr(args, name) < 1:
-            raise CLIError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}", code=2)
     if args.workers is None:
         args.workers = default_workers()
-    for name in ("workers", "warmup_epochs", "cooldown_epochs", "recovery_interval", "mixup_off_epoch"):
-        if getattr(args, name) < 0:
-            raise CLIError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(args, name)}", code=2)
+    for name, lowest in _AT_LEAST.items():
+        value = getattr(args, name)
+        if value is not None and value < lowest:
+            raise CLIError(f"--{name.replace('_', '-')} must be at least {lowest}, got {value}", code=2)
     if args.num_classes is not None and args.num_classes < 1:
         raise CLIError(f"--num-classes must be at least 1, got {args.num_classes} (leave it out to use the number "
                        f"of class folders)", code=2)
     if args.start_epoch is not None and args.start_epoch < 0:
         raise CLIError(f"--start-epoch must be at least 0 (epochs are numbered from 0), got {args.start_epoch}",
                        code=2)
-    for name, low, high, high_allowed in _FRACTIONS:
+    for name, one_allowed in _FRACTIONS.items():
         value = getattr(args, name)
-        if value is not None and not (low <= value < high or (high_allowed and value == high)):
-            upper = f"{high:g}" if high_allowed else f"below {high:g}"
-            raise CLIError(f"--{name.replace('_', '-')} {value:g}: must be from {low:g} to {upper}", code=2)
+        if value is not None and not (0 <= value < 1 or (one_allowed and value == 1)):
+            raise CLIError(f"--{name.replace('_', '-')} {value:g}: must be from 0 to {1 if one_allowed else 'below 1'}",
+                           code=2)
     for name in ("mixup", "cutmix", "color_jitter", "weight_decay", "lr", "lr_base", "warmup_lr", "min_lr"):
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and value >= 0):
@@ -577,74 +554,27 @@ def _check_augmentation_policy(policy: str) -> None:
                        f"original / v0 (AutoAugment)", code=2) from None
 
 
-@dataclass
-class _Data:
-    """The checked datasets of a run: ``classes`` in label order (None when the reader knows no names), and how
-    each split is named in messages."""
+def _check_data(args: argparse.Namespace):
+    """The checked training and validation (or None) datasets, the class names in label order (None when the reader
+    knows none; the validation labels follow them) and each split's name in messages."""
+    from kat_timm.training.data import labelled_like
 
-    train: Any
-    val: Any
-    classes: Optional[List[str]]
-    train_name: str
-    val_name: str
-
-
-def _check_data(args: argparse.Namespace) -> _Data:
-    """The checked training and validation datasets; the validation labels follow the training class order."""
-    from kat_timm.training.data import (DataError, ImageFolderDataset, ImageFolderSplit, check_class_sets,
-                               check_readable_classes, check_split, load_class_names)
-    from kat_timm.training.readers import is_folder_dataset
-
-    if not is_folder_dataset(args.dataset):
-        return _open_reader_datasets(args)
-    try:
-        class_names = load_class_names(args.class_map) if args.class_map else None
-        train_split = check_split(args.data_dir, args.train_split, class_names)
-        val_split = None
-        if args.val_split:
-            val_split = check_split(args.data_dir, args.val_split)
-            check_class_sets(train_split, val_split)
-            val_split = ImageFolderSplit(val_split.root, train_split.classes)
-        for split in (train_split, val_split):
-            if split is not None:
-                check_readable_classes(split)
-    except DataError as error:
-        raise CLIError(str(error) + folder_dataset_hint(args.dataset)) from error
-    return _Data(ImageFolderDataset(train_split), ImageFolderDataset(val_split) if val_split else None,
-                 list(train_split.classes), str(train_split.root), str(val_split.root) if val_split else "")
-
-
-def _open_reader_datasets(args: argparse.Namespace) -> _Data:
-    """--dataset hfds/..., wds/..., torch/...: timm's readers, checked by kat_timm.training.readers."""
-    from kat_timm.training.data import DataError
-    from kat_timm.training.readers import (DatasetSpec, check_distributed_evaluation, check_training_shards,
-                                  dataset_class_names, open_dataset)
-
-    spec = DatasetSpec(name=args.dataset, root=args.data_dir, download=args.dataset_download,
-                       input_img_mode=args.input_img_mode or "RGB", input_key=args.input_key,
-                       target_key=args.target_key, class_map=args.class_map, seed=args.seed,
-                       batch_size=args.batch_size)
-    try:
-        train = open_dataset(spec, args.train_split, is_training=True, num_samples=args.train_num_samples)
-        check_training_shards(spec, args.train_split, args.world_size, args.workers)
-        val = None
-        if args.val_split:
-            val = open_dataset(spec, args.val_split, is_training=False, num_samples=args.val_num_samples,
-                               split_option="--val-split", samples_option="--val-num-samples")
-            check_distributed_evaluation(spec, args.val_split, args.world_size, args.workers, args.val_num_samples)
-    except DataError as error:
-        raise CLIError(str(error), code=2) from error
-    classes = dataset_class_names(train)
-    if val is not None and classes is not None:
-        val_classes = dataset_class_names(val)
-        if val_classes is not None and val_classes != classes:
-            raise CLIError(f"--dataset {args.dataset}: the splits {args.train_split} and {args.val_split} name "
-                           f"other classes ({len(classes)} and {len(val_classes)}), so their labels differ", code=2)
+    train, classes, train_name = open_split(
+        args, args.train_split, is_training=True, num_samples=args.train_num_samples, split_option="--train-split",
+        samples_option="--train-num-samples", world_size=args.world_size)
+    val, val_classes, val_name = None, None, ""
+    if args.val_split:  # an ImageFolder's is checked for the training classes and labelled in their order
+        val, val_classes, val_name = open_split(
+            args, args.val_split, use_class_map=False, relabel=lambda split: labelled_like(train.split, split),
+            num_samples=args.val_num_samples, split_option="--val-split", samples_option="--val-num-samples",
+            world_size=args.world_size)
+    if val is not None and classes is not None and val_classes is not None and val_classes != classes:
+        raise CLIError(f"--dataset {args.dataset}: the splits {args.train_split} and {args.val_split} name "
+                       f"other classes ({len(classes)} and {len(val_classes)}), so their labels differ", code=2)
     if classes is None and args.num_classes is None:
         raise CLIError(f"--dataset {args.dataset}: the data does not name its classes, so their number is unknown; "
                        f"give --num-classes N (or --class-map FILE with the class names in label order)", code=2)
-    name = f"{args.dataset} {args.train_split}"
-    return _Data(train, val, classes, name, f"{args.dataset} {args.val_split}" if val is not None else "")
+    return train, val, classes, train_name, val_name
 
 
 def _model_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
@@ -795,19 +725,13 @@ def _write_args_yaml(path: str, parsed: Dict[str, Any]) -> None:
 
     # Not --resume: args.yaml is a config for new runs, and one naming a checkpoint would resume that run again.
     options = {key: value for key, value in parsed.items() if key not in ("config", "data", "resume")}
-
-    def write(partial: str) -> None:
-        with open(partial, "w", encoding="utf-8") as file:
-            yaml.safe_dump(options, file, default_flow_style=False, sort_keys=False)
-
-    edit_atomically(path, write, start_from_current=False)
+    text = yaml.safe_dump(options, default_flow_style=False, sort_keys=False)
+    edit_atomically(path, lambda partial: Path(partial).write_text(text, encoding="utf-8"), start_from_current=False)
 
 
 def train(args: argparse.Namespace, prog: str = "kat-train") -> TrainResult:
-    """Run the training that ``args`` (from :func:`parse_args`) describes; bad input raises ``CLIError``.
-
-    Under torchrun every process calls this; rank 0 prints, evaluates into the summary and writes the checkpoints.
-    """
+    """Run the training that ``args`` (from :func:`parse_args`) describes; bad input raises ``CLIError``. Under
+    torchrun every process calls this; rank 0 prints and writes the summary and checkpoints."""
     import torch
 
     parsed = dict(vars(args))
@@ -842,14 +766,13 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, pr
         if primary:
             print(message, flush=True)
 
-    data = _check_data(args)
-    known_classes = len(data.classes) if data.classes is not None else None
+    dataset_train, dataset_eval, classes, train_name, val_name = _check_data(args)
+    known_classes = len(classes) if classes is not None else None
     num_classes = args.num_classes or known_classes
     if known_classes is not None and num_classes < known_classes:
-        raise CLIError(f"--num-classes {num_classes} is less than the {known_classes} classes of {data.train_name}",
-                       code=2)
-    args.class_names = data.classes  # saved in every checkpoint; kat-validate checks them
-    if resumed is not None and data.classes is not None:
+        raise CLIError(f"--num-classes {num_classes} is less than the {known_classes} classes of {train_name}", code=2)
+    args.class_names = classes  # saved in every checkpoint; kat-validate checks them
+    if resumed is not None and classes is not None:
         _check_resumed_classes(args, args.class_names, resumed)
     utils.random_seed(args.seed, args.rank)
 
@@ -900,8 +823,6 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, pr
     if args.torchcompile:
         model = torch.compile(model, backend=args.torchcompile)
 
-    # Data: timm's loader and augmentation over our checked (for folders: corruption-tolerant) datasets.
-    dataset_train = data.train
     mixing = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
     mixup_fn = None
     if mixing:
@@ -920,12 +841,12 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, pr
         num_workers=args.workers, distributed=args.distributed, pin_memory=args.pin_mem, device=device,
         use_multi_epochs_loader=args.use_multi_epochs_loader, worker_seeding=args.worker_seeding)
     if len(loader_train) == 0:
-        raise CLIError(f"{data.train_name} has {len(dataset_train)} images: not one full batch of "
+        raise CLIError(f"{train_name} has {len(dataset_train)} images: not one full batch of "
                        f"{args.batch_size} per process ({args.world_size} process(es)); lower --batch-size", code=2)
     loader_eval = None
-    if data.val is not None:
+    if dataset_eval is not None:
         loader_eval = create_eval_loader(
-            data.val, data_config, args.validation_batch_size or args.batch_size,
+            dataset_eval, data_config, args.validation_batch_size or args.batch_size,
             args.workers, rank=args.rank, world_size=args.world_size, pin_memory=args.pin_mem)
 
     train_loss_fn = create_loss(args, mixing, device)
@@ -980,7 +901,8 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, pr
     say(f"{prog}: model {args.model}{size_note}: {params:,} parameters ({trainable:,} trainable), "
         f"{num_classes} classes")
     world = f"{args.world_size} processes ({torch.distributed.get_backend()})" if args.distributed else "1 process"
-    say(f"{prog}: device {device} ({_device_name(device)}), world size {world}, "
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    say(f"{prog}: device {device} ({device_name}), world size {world}, "
         f"AMP {args.amp_dtype if args.amp else 'off'}")
     if args.aug_repeats and not args.distributed:
         say(f"{prog}: note: --aug-repeats {args.aug_repeats:g} applies to distributed training only; it is off in "
@@ -988,13 +910,14 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, pr
     if known_classes is not None and num_classes > known_classes:
         say(f"{prog}: note: --num-classes {num_classes} but the data has {known_classes} classes; the "
             f"extra {num_classes - known_classes} outputs are never a target")
-    say(f"{prog}: data {data.train_name}: {len(dataset_train)} images; "
-        + (f"{data.val_name}: {len(loader_eval.dataset)} images; " if loader_eval is not None
+    say(f"{prog}: data {train_name}: {len(dataset_train)} images; "
+        + (f"{val_name}: {len(loader_eval.dataset)} images; " if loader_eval is not None
            else "no validation split; ")
         + f"{num_classes if known_classes is None else known_classes} classes, "
           f"input {tuple(data_config['input_size'])}")
+    steps = f"{updates_per_epoch} step{'s' if updates_per_epoch != 1 else ''}"
     say(f"{prog}: batch {args.batch_size} per process x {args.world_size} x {args.grad_accum_steps} accumulation "
-        f"= {args.batch_size * args.world_size * args.grad_accum_steps}; {updates_per_epoch} step{'s' if updates_per_epoch != 1 else ''} per epoch; "
+        f"= {args.batch_size * args.world_size * args.grad_accum_steps}; {steps} per epoch; "
         f"{args.opt} lr {args.lr:.3g}, {args.sched} schedule, weight decay {args.weight_decay}")
     say(f"{prog}: epochs {start_epoch}..{num_epochs - 1} (0-based)" + (f", resumed from {args.resume}"
                                                                        if args.resume else ""))
@@ -1048,11 +971,9 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, pr
         result.history.append(row)
         seconds = time.perf_counter() - started
         shown = ""
-        if eval_metrics is not None:
-            shown = "  | eval " + "  ".join(f"{key} {eval_metrics[key]:.4g}" for key in ("loss", "top1", "top5"))
-            if model_ema is not None:
-                shown += "  | EMA " + "  ".join(f"{key} {eval_metrics['ema_' + key]:.4g}"
-                                                for key in ("loss", "top1", "top5"))
+        for label, prefix in (("eval", ""), ("EMA", "ema_")):
+            if eval_metrics is not None and prefix + "loss" in eval_metrics:
+                shown += f"  | {label} " + "  ".join(f"{key} {eval_metrics[prefix + key]:.4g}" for key in _SCORES)
         say(f"epoch {epoch}: train loss {train_metrics['loss']:.4g}{shown}  | lr {lr:.3g}  {seconds:.1f} s")
 
     if primary:
@@ -1063,24 +984,14 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, pr
     return result
 
 
-def _device_name(device) -> str:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{torch.get_num_threads()} threads"
-
-
 def _evaluate_epoch(model, loader, device, autocast, distributed: bool) -> Dict[str, float]:
-    """The scores summary.csv and the epoch line show (evaluate also returns counts and timings)."""
     metrics = evaluate(model, loader, device, autocast, distributed=distributed)
-    return {"loss": metrics["loss"], "top1": metrics["top1"], "top5": metrics["top5"]}
+    return {key: metrics[key] for key in _SCORES}
 
 
 def main(argv: Optional[List[str]] = None, prog: str = "kat-train") -> int:
     """Entry point of ``kat-train`` and ``kat-timm train``: parse, train, and turn bad input into one clear line."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = _parse_args(argv, prog)
+    args = parse_args(sys.argv[1:] if argv is None else argv, prog)
 
     def run() -> int:
         train(args, prog)

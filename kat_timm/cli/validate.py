@@ -1,17 +1,14 @@
-"""``kat-validate`` (also ``kat-timm validate``): top-1, top-5 and loss of a model on an ImageFolder split, or on a
-split of any dataset timm's readers take (``--dataset hfds/...``, ``wds/...``; see :mod:`kat_timm.training.readers`).
+"""``kat-validate`` (also ``kat-timm validate``): top-1, top-5 and loss of a model on an ImageFolder split or a split
+of any dataset timm's readers take, printed as JSON shaped like timm's validate.py's (README, "Fine-tuning and
+evaluation").
 
-The images are prepared as the model's pretrained_cfg says (timm's ``resolve_data_config`` and
-``create_transform``: resize, centre crop ``crop_pct``, interpolation, mean and std), or, for a training checkpoint
-(kat-train's or timm train.py's), as its run's options said; each is overridable on the command line. The result
-is printed as JSON shaped like timm's validate.py (model, top1, top1_err, top5, top5_err, param_count, img_size,
-crop_pct, interpolation) plus loss, images/s and the image count; ``--results-file`` also writes it.
-
-:func:`kat_timm.training.evaluation.evaluate` is the loop, the same one ``kat-train`` runs after every epoch.
+The images are prepared as the model's pretrained_cfg says or, for a training checkpoint, as its run's options
+said; the loop is :func:`kat_timm.training.evaluation.evaluate`, the one ``kat-train`` runs after every epoch.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -21,13 +18,13 @@ import torch
 
 from kat_timm.training.data import DataError
 from kat_timm.training.evaluation import amp_autocast, create_eval_loader, default_workers, evaluate
-from kat_timm.training.saver import write_atomically
+from kat_timm.training.saver import edit_atomically
 
 from . import CLIError, run_main
 from .common import (add_dataset_reader_arguments, add_model_arguments, check_backend_setting, check_preprocessing,
                      check_writable_folder, create_sized_model, resolve_device)
 
-__all__ = ["build_parser", "main", "resolve_checked_data_config"]
+__all__ = ["build_parser", "main", "open_split", "resolve_checked_data_config"]
 
 DEFAULT_MODEL = "kat_tiny_patch16_224"
 
@@ -128,17 +125,9 @@ def _create_model(args: argparse.Namespace, loaded, size: Optional[List[int]], m
 
 def create_from_checkpoint(name: str, loaded, size: Optional[List[int]], model_kwargs: Dict[str, Any],
                            size_given: bool) -> torch.nn.Module:
-    """``kat_timm.factory.create_model(name, loaded, **model_kwargs)`` built for ``size`` where the model takes an
-    ``img_size`` (a ViT or KAT's position embedding fits one size; the checkpoint's own unless ``size_given``), with
-    its errors as ``CLIError``.
-
-    Args:
-        name: the timm model name.
-        loaded: the checkpoint, from ``kat_timm.factory.read_checkpoint``.
-        size: the image size, (H, W) or (N,); None: the checkpoint's.
-        model_kwargs: more keyword arguments for the model.
-        size_given: the size came from the command line, so it replaces the one the checkpoint records.
-    """
+    """``kat_timm.factory.create_model(name, loaded, **model_kwargs)`` with its errors as ``CLIError``, built for
+    ``size`` ((H, W) or (N,); None: the checkpoint's) where the model takes an ``img_size``. ``size_given``: the size
+    came from the command line, so it replaces the one the checkpoint records."""
     from kat_timm.checkpoint import CheckpointError
     from kat_timm.factory import create_model
 
@@ -147,10 +136,7 @@ def create_from_checkpoint(name: str, loaded, size: Optional[List[int]], model_k
     check_model_name(name)
     if size is not None:
         built = tuple(size) if len(size) > 1 else int(size[0])
-        if size_given:
-            model_kwargs["img_size"] = built
-        else:
-            model_kwargs.setdefault("img_size", built)
+        model_kwargs["img_size"] = built if size_given else model_kwargs.get("img_size", built)
     try:
         try:
             model = create_model(name, loaded, **model_kwargs)
@@ -213,33 +199,23 @@ def resolve_checked_data_config(options: Dict[str, Any], model: torch.nn.Module)
     return resolve_data_config(options, model=model)
 
 
-def _open_reader_dataset(args: argparse.Namespace, data_dir: Optional[str], trained: Dict[str, Any]):
-    """--dataset hfds/..., wds/..., torch/...: (dataset, class names or None, its name in messages)."""
-    from kat_timm.training.readers import DatasetSpec, dataset_class_names, open_dataset
+def open_split(args: argparse.Namespace, split: str, **options):
+    """:func:`~kat_timm.training.readers.open_checked_split` of kat-train and kat-validate, its ``DataError`` a
+    ``CLIError`` (a usage error, code 2, for a reader's dataset)."""
+    from kat_timm.training.readers import is_folder_dataset, open_checked_split
 
-    spec = DatasetSpec(name=args.dataset, root=data_dir, download=args.dataset_download,
-                       input_img_mode=args.input_img_mode or "RGB", input_key=args.input_key,
-                       target_key=args.target_key, class_map=args.class_map, batch_size=args.batch_size)
     try:
-        dataset = open_dataset(spec, args.split, is_training=False, num_samples=args.num_samples,
-                               split_option="--split", samples_option="--num-samples")
+        return open_checked_split(args, split, **options)
     except DataError as error:
-        raise CLIError(str(error), code=2) from error
-    classes = dataset_class_names(dataset)
-    trained_classes = trained.get("class_names")
-    if classes is not None and trained_classes and list(trained_classes) != classes:
-        raise CLIError(f"{args.dataset} {args.split} names other classes than the checkpoint {args.checkpoint} was "
-                       f"trained on ({len(classes)} vs {len(trained_classes)}, or another order), so the labels "
-                       f"would not match")
-    return dataset, classes, f"{args.dataset} {args.split}"
+        raise CLIError(str(error), code=1 if is_folder_dataset(args.dataset) else 2) from error
 
 
 def _validate(args: argparse.Namespace) -> int:
     from kat_timm.training.readers import dataset_prefix, is_folder_dataset
 
-    data_dir = args.data_dir or args.data
+    args.data_dir = args.data_dir or args.data
     folder = is_folder_dataset(args.dataset)
-    if not data_dir and (folder or dataset_prefix(args.dataset) == "wds"):
+    if not args.data_dir and (folder or dataset_prefix(args.dataset) == "wds"):
         raise CLIError("give the dataset folder: --data-dir DIR (layout DIR/validation/CLASS/*.png; for --dataset "
                        "wds/NAME the folder of the shards)", code=2)
     if args.num_samples is not None and args.num_samples < 1:
@@ -261,10 +237,16 @@ def _validate(args: argparse.Namespace) -> int:
     loaded = _read_checkpoint(args) if args.checkpoint is not None else None
     trained = loaded.args if loaded is not None else {}
     args.model = args.model or (loaded.architecture if loaded is not None else None) or DEFAULT_MODEL
-    if not folder:
-        dataset, classes, data_name = _open_reader_dataset(args, data_dir, trained)
-    else:
-        dataset, classes, data_name = _open_folder_dataset(args, data_dir, trained)
+    trained_classes = list(trained.get("class_names") or [])
+    relabel = None
+    if trained_classes and not args.class_map:
+        relabel = functools.partial(_trained_classes, trained=trained_classes, checkpoint=args.checkpoint)
+    dataset, classes, data_name = open_split(args, args.split, allow_missing=True, relabel=relabel,
+                                             num_samples=args.num_samples)
+    if not folder and classes is not None and trained_classes and trained_classes != classes:
+        raise CLIError(f"{args.dataset} {args.split} names other classes than the checkpoint {args.checkpoint} was "
+                       f"trained on ({len(classes)} vs {len(trained_classes)}, or another order), so the labels "
+                       f"would not match")
 
     # A training checkpoint (kat-train's or timm train.py's) remembers how its images were prepared; evaluating
     # with other preprocessing (size, mean/std, crop) or another pooling would load fine and score silently lower.
@@ -305,48 +287,17 @@ def _validate(args: argparse.Namespace) -> int:
     return _report(args, model, data_config, metrics, len(dataset), results_file)
 
 
-def _open_folder_dataset(args: argparse.Namespace, data_dir: str, trained: Dict[str, Any]):
-    """An ImageFolder split, checked (kat_timm.training.data): (dataset, class names, its folder in messages)."""
-    from kat_timm.training.data import ImageFolderDataset, check_readable_classes, check_split, load_class_names
-
-    try:
-        if args.class_map:
-            split = check_split(data_dir, args.split, load_class_names(args.class_map), allow_missing=True)
-        else:
-            split = check_split(data_dir, args.split)
-            if trained.get("class_names"):
-                split = _trained_classes(split, list(trained["class_names"]), args.checkpoint)
-        check_readable_classes(split)
-    except DataError as error:
-        raise CLIError(str(error) + folder_dataset_hint(args.dataset)) from error
-    return ImageFolderDataset(split), list(split.classes), str(split.root)
-
-
-def folder_dataset_hint(dataset: str) -> str:
-    """For an ImageFolder error when ``--dataset NAME`` was given without a reader prefix (timm then reads an
-    ImageFolder too): a note that says so and names the prefixes, else ""."""
-    if not dataset:
-        return ""
-    return (f" (--dataset {dataset} has no reader prefix, so it is read as an ImageFolder, as in timm; "
-            f"hfds/{dataset}, wds/{dataset} or torch/{dataset} pick another reader)")
-
-
 def _report(args: argparse.Namespace, model, data_config: Dict[str, Any], metrics: Dict[str, float],
             dataset_size: int, results_file: Optional[Path]) -> int:
     """Print (and with --results-file write) the JSON result."""
     result = {
-        "model": args.model,
-        "top1": round(metrics["top1"], 4), "top1_err": round(100.0 - metrics["top1"], 4),
+        "model": args.model, "top1": round(metrics["top1"], 4), "top1_err": round(100.0 - metrics["top1"], 4),
         "top5": round(metrics["top5"], 4), "top5_err": round(100.0 - metrics["top5"], 4),
         "param_count": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-        "img_size": data_config["input_size"][-1],
-        "crop_pct": data_config["crop_pct"],
-        "interpolation": data_config["interpolation"],
-        "loss": round(metrics["loss"], 6),
-        "images_per_second": round(metrics["images_per_second"], 2),
-        "num_images": metrics["count"],
-        "unreadable_images": max(dataset_size - metrics["count"], 0),
-    }
+        "img_size": data_config["input_size"][-1], "crop_pct": data_config["crop_pct"],
+        "interpolation": data_config["interpolation"], "loss": round(metrics["loss"], 6),
+        "images_per_second": round(metrics["images_per_second"], 2), "num_images": metrics["count"],
+        "unreadable_images": max(dataset_size - metrics["count"], 0)}
     if result["unreadable_images"]:
         print(f"{result['unreadable_images']} of {dataset_size} images could not be decoded and were left out "
               f"(named in the warnings above)", file=sys.stderr)
@@ -354,7 +305,9 @@ def _report(args: argparse.Namespace, model, data_config: Dict[str, Any], metric
     print(text)
     if results_file is not None:
         try:
-            write_atomically(results_file, text + "\n")
+            results_file.parent.mkdir(parents=True, exist_ok=True)
+            edit_atomically(str(results_file), lambda partial: Path(partial).write_text(text + "\n", encoding="utf-8"),
+                            start_from_current=False)
         except OSError as error:
             raise CLIError(f"--results-file {results_file}: cannot write it ({error.strerror or error})") from None
     return 0

@@ -1,15 +1,9 @@
 """ImageFolder datasets for ``kat-train`` and ``kat-validate``: checked before use, and tolerant of corrupt images.
 
-The layout is timm's ImageFolder: ``DATA_DIR/SPLIT/CLASS/IMAGE`` with ``.png``, ``.jpg`` or ``.jpeg`` images, one folder
-per class, the same class folders in every split. timm's reader silently drops class folders without images (so
-the labels of every later class shift by one), uses ``DATA_DIR`` itself when a split folder is missing, and numbers
-each split's classes on its own (so a validation split missing one class is scored against the wrong labels).
-:func:`check_split` and :func:`check_class_sets` turn each of those into an error that names the path and the
-expected layout.
-
-:class:`ImageFolderDataset` is timm's ``ImageDataset`` (its ImageFolder reader and the transform that
-``timm.data.create_loader`` installs) with one change: a file that PIL cannot decode is skipped with a warning that
-names it, once per file in each loader process, and the next sample takes its place.
+timm's ImageFolder reader silently drops class folders without images (shifting every later label), uses
+``DATA_DIR`` itself when a split folder is missing, and numbers each split's classes on its own; the checks here
+turn each of those into an error naming the path and the expected layout (README, "Fine-tuning and
+evaluation").
 """
 from __future__ import annotations
 
@@ -22,24 +16,18 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 from PIL import Image
 from timm.data import ImageDataset
 from timm.data.readers import create_reader
+from timm.data.dataset_factory import _EVAL_SYNONYM, _TRAIN_SYNONYM
 from timm.data.readers.img_extensions import get_img_extensions
 from timm.utils.misc import natural_key
 
 __all__ = ["DataError", "ImageFolderDataset", "ImageFolderSplit", "check_class_sets", "check_readable_classes",
-           "check_split", "collate_readable", "find_split_folder", "load_class_names"]
+           "check_split", "collate_readable", "find_split_folder", "folder_dataset_hint", "labelled_like",
+           "load_class_names"]
 
 _logger = logging.getLogger(__name__)
 
 # Split names timm's create_dataset also accepts for a split (it tries the exact name first).
-_SPLIT_SYNONYMS = {
-    "train": ("train", "training"),
-    "training": ("train", "training"),
-    "validation": ("val", "valid", "validation", "eval", "evaluation"),
-    "val": ("val", "valid", "validation", "eval", "evaluation"),
-    "valid": ("val", "valid", "validation", "eval", "evaluation"),
-    "eval": ("val", "valid", "validation", "eval", "evaluation"),
-    "evaluation": ("val", "valid", "validation", "eval", "evaluation"),
-}
+_SPLIT_SYNONYMS = {name: tuple(group) for group in (_TRAIN_SYNONYM, _EVAL_SYNONYM) for name in group}
 
 # What PIL raises for a file it cannot read or decode (UnidentifiedImageError and truncation are OSErrors; some
 # decoders raise SyntaxError or ValueError on malformed headers).
@@ -55,14 +43,13 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class ImageFolderSplit:
-    """A checked split folder: where it is and its class names in label order."""
+    """A checked split folder: where it is and its class names in label order (``class_to_idx``: name -> label)."""
 
     root: Path
     classes: Tuple[str, ...]
 
     @property
     def class_to_idx(self) -> Dict[str, int]:
-        """Class folder name -> label index."""
         return {name: index for index, name in enumerate(self.classes)}
 
 
@@ -109,20 +96,9 @@ def load_class_names(class_map: Union[str, Path]) -> List[str]:
 
 def check_split(data_dir: Union[str, Path], split: str, class_names: Optional[Sequence[str]] = None,
                 allow_missing: bool = False) -> ImageFolderSplit:
-    """Check one split of an ImageFolder and return its folder and classes.
-
-    Errors (:class:`DataError`): no such data folder or split folder; no class folders; images lying directly in
-    the split folder; class folders without images (all named); images in sub-folders of a class folder (timm
-    would label them by the innermost folder's name); with ``class_names``, class folders missing from it or
-    names without a folder.
-
-    Args:
-        data_dir: the dataset root.
-        split: split folder name (timm's synonyms such as ``val`` for ``validation`` are found too).
-        class_names: the classes in label order (from ``--class-map``); default: the folder names in timm's
-            natural sort order, which is what timm's own scripts use.
-        allow_missing: accept names in ``class_names`` that have no folder (evaluating on a subset of classes).
-    """
+    """One split of an ImageFolder, checked (a :class:`DataError` names what is wrong): its folder and classes,
+    labelled by ``class_names`` (``--class-map``; ``allow_missing``: names without a folder are fine) or else by the
+    folder names in timm's natural sort order."""
     root = find_split_folder(data_dir, split)
     class_dirs, loose_images = [], 0
     for entry in os.scandir(root):
@@ -159,12 +135,9 @@ def check_split(data_dir: Union[str, Path], split: str, class_names: Optional[Se
     unlisted = sorted(set(class_dirs) - set(class_names), key=natural_key)
     missing = [] if allow_missing else [name for name in class_names if name not in set(class_dirs)]
     if unlisted or missing:
-        parts = []
-        if unlisted:
-            parts.append(f"folders not in the class map: {_name_list(unlisted)}")
-        if missing:
-            parts.append(f"classes of the class map without a folder: {_name_list(missing)}")
-        raise DataError(f"the class map does not match {root}: {'; '.join(parts)}")
+        parts = [f"folders not in the class map: {_name_list(unlisted)}" if unlisted else "",
+                 f"classes of the class map without a folder: {_name_list(missing)}" if missing else ""]
+        raise DataError(f"the class map does not match {root}: {'; '.join(filter(None, parts))}")
     return ImageFolderSplit(root, tuple(class_names))
 
 
@@ -173,22 +146,16 @@ def check_class_sets(first: ImageFolderSplit, second: ImageFolderSplit) -> None:
     only_first = sorted(set(first.classes) - set(second.classes), key=natural_key)
     only_second = sorted(set(second.classes) - set(first.classes), key=natural_key)
     if only_first or only_second:
-        parts = []
-        if only_first:
-            parts.append(f"only in {first.root}: {_name_list(only_first)}")
-        if only_second:
-            parts.append(f"only in {second.root}: {_name_list(only_second)}")
-        raise DataError("the splits have different class folders (" + "; ".join(parts) + "); every split needs the "
-                        "same classes so that the labels agree")
+        parts = [f"only in {first.root}: {_name_list(only_first)}" if only_first else "",
+                 f"only in {second.root}: {_name_list(only_second)}" if only_second else ""]
+        raise DataError("the splits have different class folders (" + "; ".join(filter(None, parts)) + "); every "
+                        "split needs the same classes so that the labels agree")
 
 
 def check_readable_classes(split: ImageFolderSplit) -> None:
-    """A :class:`DataError` naming the class folders of ``split`` in which no image decodes.
-
-    Each class folder's images are decoded in order until one works, so a sound data set costs one image per
-    class. Without this check a class of unreadable files would train (or score) silently on other classes'
-    images, since an unreadable training image is replaced by the next one.
-    """
+    """A :class:`DataError` naming the class folders of ``split`` in which no image decodes (an unreadable training
+    image is replaced by the next one, so such a class would silently train on others' images). Each folder is
+    decoded until one image works: a sound data set costs one image per class."""
     unreadable = []
     for name in split.classes:
         folder = split.root / name
@@ -213,8 +180,8 @@ def _decodes(path: Path) -> bool:
 
 
 def collate_readable(batch):
-    """``default_collate`` over the samples that are not None (images an evaluation dataset could not decode);
-    None when none is left. Use with ``ImageFolderDataset(..., skip_unreadable=True)``."""
+    """``default_collate`` over the samples that are not None (see ``ImageFolderDataset(skip_unreadable=True)``);
+    None when none is left."""
     from torch.utils.data import default_collate
 
     kept = [sample for sample in batch if sample is not None]
@@ -242,18 +209,11 @@ def _name_list(names: Sequence[str], limit: int = 10) -> str:
 
 
 class ImageFolderDataset(ImageDataset):
-    """timm's ImageDataset over a checked split, skipping images that cannot be decoded.
+    """timm's ImageDataset over a checked split (its class order fixes the labels) that skips undecodable images.
 
-    When PIL cannot open or decode a file, the file is named in a warning (once per file in each process; loader
-    workers are separate processes). For training the next sample is returned instead, so one bad file does not
-    stop a run; more than ``MAX_CONSECUTIVE_FAILURES`` unreadable files in a row raise :class:`DataError`. For
-    evaluation (``skip_unreadable``) the sample is None, so that :func:`collate_readable` leaves it out: an
-    unreadable file is neither scored nor replaced by a neighbour that would be counted twice.
-
-    Args:
-        split: the checked split (see :func:`check_split`); its class order fixes the labels.
-        transform: image transform (``timm.data.create_loader`` installs one).
-        skip_unreadable: return None for an unreadable file instead of the next sample.
+    Such a file is named in a warning once per file and process. In training the next sample takes its place
+    (``MAX_CONSECUTIVE_FAILURES`` in a row raise :class:`DataError`); with ``skip_unreadable`` (evaluation) the
+    sample is None, which :func:`collate_readable` leaves out, so nothing is scored twice.
     """
 
     def __init__(self, split: ImageFolderSplit, transform=None, skip_unreadable: bool = False):
@@ -265,7 +225,6 @@ class ImageFolderDataset(ImageDataset):
 
     @property
     def classes(self) -> Tuple[str, ...]:
-        """Class names in label order."""
         return self.split.classes
 
     def __getitem__(self, index: int):
@@ -306,3 +265,18 @@ class ImageFolderDataset(ImageDataset):
         reason = str(error).split(" <_io.", 1)[0] or type(error).__name__
         instead = "it is left out" if self.skip_unreadable else "another sample takes its place"
         _logger.warning("skipping unreadable image %s (%s); %s", path, reason, instead)
+
+
+def folder_dataset_hint(dataset: str) -> str:
+    """For an ImageFolder error when ``--dataset NAME`` was given without a reader prefix (timm then reads an
+    ImageFolder too): a note that says so and names the prefixes, else ""."""
+    if not dataset:
+        return ""
+    return (f" (--dataset {dataset} has no reader prefix, so it is read as an ImageFolder, as in timm; "
+            f"hfds/{dataset}, wds/{dataset} or torch/{dataset} pick another reader)")
+
+
+def labelled_like(reference: ImageFolderSplit, split: ImageFolderSplit) -> ImageFolderSplit:
+    """``split`` labelled in the class order of ``reference`` once :func:`check_class_sets` finds the same classes."""
+    check_class_sets(reference, split)
+    return ImageFolderSplit(split.root, reference.classes)

@@ -1,8 +1,5 @@
-"""Evaluation shared by ``kat-train`` (after every epoch) and ``kat-validate``: the loader, the loop, the AMP choice.
-
-:func:`evaluate` is the one evaluation loop of the project; its sums are exact (float64, no padded repeats under
-several processes) so train and validate report the same numbers for the same weights.
-"""
+"""Evaluation shared by ``kat-train`` (after every epoch) and ``kat-validate``: the loader, the loop, the AMP choice;
+exact sums, so both report the same numbers for the same weights."""
 from __future__ import annotations
 
 import contextlib
@@ -26,13 +23,10 @@ def default_workers(wanted: int = 4) -> int:
 
 def create_eval_loader(dataset, data_config: Dict[str, Any], batch_size: int, workers: int,
                        rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """A loader of ``dataset`` with timm's evaluation transform for ``data_config``.
+    """A loader of ``dataset`` with timm's evaluation transform for ``data_config``, leaving out undecodable images.
 
-    Under several processes each takes every ``world_size``-th image starting at ``rank``, so together they see
-    every image exactly once (timm's distributed evaluation pads with repeats; exact sums need no padding); a
-    streamed dataset (WebDataset) gives each process its own shards instead. Images
-    that cannot be decoded are left out of the batches (a batch of only such images is None, which
-    :func:`evaluate` skips), so they are neither scored nor counted.
+    Each of several processes takes every ``world_size``-th image from ``rank`` (a streamed dataset: its own shards),
+    so together they see every image exactly once, where timm's distributed evaluation pads with repeats.
     """
     from timm.data import create_transform
 
@@ -42,37 +36,22 @@ def create_eval_loader(dataset, data_config: Dict[str, Any], batch_size: int, wo
         data_config["input_size"], is_training=False, interpolation=data_config["interpolation"],
         mean=data_config["mean"], std=data_config["std"], crop_pct=data_config["crop_pct"],
         crop_mode=data_config.get("crop_mode"))
-    if isinstance(dataset, torch.utils.data.IterableDataset):
-        # A streamed reader (wds/, hfids/) splits its shards between processes and loader workers itself.
-        if hasattr(dataset, "set_loader_cfg"):
-            dataset.set_loader_cfg(num_workers=workers)
-        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                           pin_memory=pin_memory, persistent_workers=False, collate_fn=collate_readable)
-    indices = list(range(rank, len(dataset), world_size))
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=indices, num_workers=workers, pin_memory=pin_memory,
-        persistent_workers=False, collate_fn=collate_readable)
+    indices = None
+    if not isinstance(dataset, torch.utils.data.IterableDataset):
+        indices = list(range(rank, len(dataset), world_size))
+    elif hasattr(dataset, "set_loader_cfg"):  # a streamed reader splits its shards between loader workers itself
+        dataset.set_loader_cfg(num_workers=workers)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=workers,
+                                       pin_memory=pin_memory, persistent_workers=False, collate_fn=collate_readable)
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: torch.utils.data.DataLoader, device: torch.device,
              autocast: Callable[[], ContextManager] = contextlib.nullcontext, distributed: bool = False,
              progress: Optional[Callable[[int, int], None]] = None) -> Dict[str, float]:
-    """Cross-entropy loss, top-1 and top-5 accuracy (in %) of ``model`` over every batch of ``loader``.
-
-    Sums are kept in float64 and, when ``distributed``, added across processes, so the result is exact and the
-    same on every rank. With fewer than 5 classes, top-5 counts the top ``num_classes``.
-
-    Args:
-        model: the model (put in eval mode here).
-        loader: yields (images, integer labels).
-        device: where the model is.
-        autocast: a factory of the mixed-precision context (``--amp``), or a null context.
-        distributed: add the sums across the torch.distributed group.
-        progress: called as ``progress(batches_done, total_batches)`` after each batch.
-
-    Returns:
-        ``{"loss", "top1", "top5", "count", "seconds", "images_per_second"}``.
+    """``{"loss", "top1", "top5", "count", "seconds", "images_per_second"}`` of ``model`` over ``loader``: the
+    cross-entropy, top-1 and top-5 accuracy in % (top-``num_classes`` below 5 classes), from float64 sums added across
+    processes when ``distributed``, so exact and the same on every rank. ``progress(done, total)`` after each batch.
     """
     was_training = model.training
     model.eval()
@@ -112,11 +91,8 @@ def evaluate(model: torch.nn.Module, loader: torch.utils.data.DataLoader, device
 
 
 def default_amp_dtype(dtype_name: Optional[str], device: torch.device) -> str:
-    """``--amp-dtype`` when given, else float16 on CUDA and bfloat16 on the CPU.
-
-    timm defaults to float16 everywhere, but CPU autocast in float16 runs many times slower than float32, while
-    bfloat16 is the CPU's native low precision (README, under "--amp", has the measured numbers).
-    """
+    """``--amp-dtype`` when given, else float16 on CUDA and bfloat16 on the CPU, where float16 autocast runs many
+    times slower than float32 (README, under "--amp", has the measured numbers)."""
     if dtype_name:
         return dtype_name
     return "float16" if device.type == "cuda" else "bfloat16"

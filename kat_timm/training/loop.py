@@ -1,8 +1,5 @@
-"""The training loop of ``kat-train``: one epoch as timm's train.py runs it, the loss it picks, the progress line.
-
-``kat_timm.cli.train`` parses the options, checks the data and builds the model, optimizer, scheduler and saver with
-timm's factories; what runs them epoch by epoch is here.
-"""
+"""The training loop of ``kat-train`` (:mod:`kat_timm.cli.train` builds what it runs): one epoch as timm's train.py
+runs it, the loss it picks, the progress line."""
 from __future__ import annotations
 
 import argparse
@@ -23,17 +20,9 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class TrainResult:
-    """What a finished ``train`` call leaves behind, for callers in Python (tests, notebooks).
-
-    Attributes:
-        model: the trained model, unwrapped from DDP and torch.compile.
-        model_ema: the EMA copy (``--model-ema``), else None.
-        optimizer: the optimizer, with its state.
-        output_dir: the run folder (None on ranks other than 0).
-        start_epoch: the first epoch this call ran (0-based; after ``--resume``, the one after the checkpoint's).
-        history: one dict per epoch run: epoch, train_loss, lr, and eval_* when there is a validation split.
-        best_metric, best_epoch: the best ``--eval-metric`` and its epoch (None without evaluation).
-    """
+    """What a finished ``train`` call leaves behind for callers in Python: the unwrapped model and its EMA copy (or
+    None), the optimizer, the run folder (None on other ranks than 0), the first epoch run, one dict per epoch run
+    (epoch, train_loss, lr, eval_*) and the best ``--eval-metric`` with its epoch (None without evaluation)."""
 
     model: Any
     model_ema: Any
@@ -111,26 +100,12 @@ def create_loss(args: argparse.Namespace, mixing: bool, device):
 
 def train_one_epoch(epoch: int, model, loader, optimizer, loss_fn, args: argparse.Namespace, device, *,
                     autocast, loss_scaler, lr_scheduler, model_ema, mixup_fn, saver, num_updates: int,
-                    num_epochs: int, primary: bool, folder_writes: Callable[[], ContextManager] = contextlib.nullcontext):
+                    num_epochs: int, primary: bool,
+                    folder_writes: Callable[[], ContextManager] = contextlib.nullcontext):
     """One pass over ``loader`` as timm's train.py makes it (gradient accumulation, clipping, AMP scaler, EMA and
-    per-update schedule steps), with a recovery checkpoint every ``args.recovery_interval`` updates.
-
-    Args:
-        epoch: the epoch (0-based); num_epochs: how many the run has, for the progress line.
-        model: the model (DDP / torch.compile wrapped or not); model_ema: its ModelEmaV3 or None.
-        loader, optimizer, loss_fn, loss_scaler, lr_scheduler, mixup_fn: timm's objects for the run (None: unused).
-        args: kat-train's options (grad_accum_steps, clip_grad, clip_mode, channels_last, world_size, distributed,
-            recovery_interval, log_interval).
-        device: where the model is; autocast: a factory of the mixed-precision context.
-        saver: the AtomicCheckpointSaver (rank 0) or None; folder_writes: the context its writes run in.
-        num_updates: optimizer updates before this epoch; primary: this process prints.
-
-    Returns:
-        ({"loss": mean training loss over all processes}, updates so far).
-
-    Raises:
-        TrainingError: the loss became NaN or infinite.
-    """
+    per-update schedule steps), with a recovery checkpoint every ``args.recovery_interval`` updates, written by
+    ``saver`` (None on other ranks than 0) inside ``folder_writes()``. Returns ``({"loss": the mean training loss
+    over all processes}, num_updates so far)``; raises :class:`TrainingError` when the loss is NaN or infinite."""
     import torch
     from timm.models import model_parameters
     from timm.utils import dispatch_clip_grad, unwrap_model

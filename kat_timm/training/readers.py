@@ -1,17 +1,10 @@
 """Datasets that are not an ImageFolder, for ``kat-train`` and ``kat-validate``: timm's readers, checked first.
 
-timm's ``create_dataset`` reads ``torch/NAME`` (torchvision datasets), ``hfds/NAME`` (Hugging Face datasets: a
-Hub name, a data folder, or a folder written by ``DatasetDict.save_to_disk``), ``hfids/NAME`` (the same, streamed),
-``tfds/NAME`` and ``wds/NAME`` (WebDataset tar shards under ``root``, the split a brace pattern such as
-``train-{0000..0127}.tar`` or a split named in ``root/_info.json``). This module passes the options through with
-timm's meaning (``--dataset``, ``--train-split``, ``--input-key`` ...) and turns what timm reports as a traceback, a
-bare ``KeyError`` or, for WebDataset, a silently empty epoch, into a :class:`~kat_timm.training.data.DataError` whose one
-line names the option, the dataset and what exists instead.
-
-What is checked before any training starts: the dataset exists, the split exists, the image and label keys are
-columns (``hfds``) or members of the first sample of the first shard (``wds``), every shard file of the split is
-there, and a streamed training split has a sample count. Folder datasets (``--dataset ""``, timm's default) keep
-the ImageFolder checks of :mod:`kat_timm.training.data`.
+timm's ``create_dataset`` reads ``torch/``, ``hfds/``, ``hfids/``, ``tfds/`` and ``wds/`` datasets; the options keep
+timm's meaning, and what timm reports as a traceback, a bare ``KeyError`` or (WebDataset) a silently empty epoch
+becomes a one-line :class:`~kat_timm.training.data.DataError` naming the option and what exists instead. README,
+"Fine-tuning and evaluation" ("Other datasets"), lists the checks made before training starts.
+:func:`open_checked_split` opens any split, ImageFolder or not, for both commands.
 """
 from __future__ import annotations
 
@@ -22,10 +15,11 @@ import tarfile
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-from .data import DataError
+from .data import (DataError, ImageFolderDataset, check_readable_classes, check_split, folder_dataset_hint,
+                   load_class_names)
 
 __all__ = ["DatasetSpec", "READER_PREFIXES", "check_distributed_evaluation", "check_training_shards",
-           "dataset_class_names", "dataset_prefix", "is_folder_dataset", "open_dataset"]
+           "dataset_class_names", "dataset_prefix", "is_folder_dataset", "open_checked_split", "open_dataset"]
 
 # The --dataset prefixes timm's create_dataset reads with a reader of its own (anything else is a folder or tar).
 READER_PREFIXES = ("torch", "hfds", "hfids", "tfds", "wds")
@@ -40,25 +34,15 @@ def dataset_prefix(name: Optional[str]) -> str:
 
 
 def is_folder_dataset(name: Optional[str]) -> bool:
-    """Whether ``--dataset name`` is read from an ImageFolder (timm's default reader), checked by kat_timm.training.data."""
+    """Whether ``--dataset name`` is read from an ImageFolder (timm's default reader; see kat_timm.training.data)."""
     return dataset_prefix(name) == ""
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """The dataset options shared by the splits of one run (timm train.py's names).
-
-    Args:
-        name: ``--dataset`` (``hfds/NAME``, ``wds/NAME``, ``torch/NAME`` ...).
-        root: ``--data-dir``: the shard folder for ``wds``, the cache or download folder for the others.
-        download: ``--dataset-download`` (torchvision, hfids, tfds).
-        input_img_mode: ``--input-img-mode`` (PIL mode, e.g. ``RGB`` or ``L``).
-        input_key: ``--input-key``: the image column / sample member (None: the reader's default).
-        target_key: ``--target-key``: the label column / json field (None: the reader's default).
-        class_map: ``--class-map``: a file of class names in label order ("" for none).
-        seed: the shuffle seed of streamed readers (``--seed``).
-        batch_size: per-process batch size (streamed readers round each worker's samples to it in training).
-    """
+    """The dataset options shared by the splits of one run, named and meant as the timm train.py options
+    ``--dataset``, ``--data-dir`` (root), ``--dataset-download``, ``--input-img-mode``, ``--input-key``,
+    ``--target-key``, ``--class-map``, ``--seed`` and ``--batch-size`` (None or "": the reader's default)."""
 
     name: str
     root: Optional[str] = None
@@ -73,23 +57,8 @@ class DatasetSpec:
 
 def open_dataset(spec: DatasetSpec, split: str, is_training: bool, num_samples: Optional[int] = None,
                  split_option: str = "--train-split", samples_option: str = "--train-num-samples"):
-    """timm's ``create_dataset`` for a non-folder ``--dataset``, after checks that make every mistake one line.
-
-    Args:
-        spec: the run's dataset options.
-        split: the split to read (``--train-split`` / ``--val-split`` / ``--split``).
-        is_training: shuffle streamed readers and round their samples per worker to whole batches (timm's meaning).
-        num_samples: ``--train-num-samples`` / ``--val-num-samples`` (streamed readers; None: from the split info).
-        split_option: the option that gave ``split``, named in errors.
-        samples_option: the option that gives ``num_samples``, named in errors.
-
-    Returns:
-        timm's ``ImageDataset`` (random access: torch, hfds) or ``IterableImageDataset`` (hfids, tfds, wds).
-
-    Raises:
-        DataError: the dataset, the split, a key or the shards are missing, or a streamed training split has no
-            sample count.
-    """
+    """timm's ``create_dataset`` for a non-folder ``--dataset`` (``is_training`` and ``num_samples`` as there), after
+    checks that make every mistake one :class:`DataError` line naming ``split_option`` / ``samples_option``."""
     from timm.data import create_dataset
 
     prefix = dataset_prefix(spec.name)
@@ -100,7 +69,8 @@ def open_dataset(spec: DatasetSpec, split: str, is_training: bool, num_samples: 
         if not is_training and num_samples is None and not _wds_counted(spec, split):
             # An evaluation split of unknown size would report 0 samples (and make the loader warn); its headers
             # give the count without decoding anything.
-            num_samples = _count_wds_samples(shards)
+            lengths = _shard_lengths(shards)
+            num_samples = None if lengths is None else sum(lengths)
     elif prefix == "hfds":
         _check_hfds(spec, split, split_option)
     kwargs: Dict[str, Any] = dict(input_key=spec.input_key, target_key=spec.target_key)
@@ -128,34 +98,21 @@ def dataset_class_names(dataset) -> Optional[List[str]]:
     return [str(name) for name in classes] if classes else None
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Hugging Face datasets
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _hfds_path(spec: DatasetSpec) -> str:
-    return spec.name.split("/", 1)[1]
-
-
-def _check_hfds_source(spec: DatasetSpec) -> None:
-    path = _hfds_path(spec)
+def _check_hfds(spec: DatasetSpec, split: str, split_option: str) -> None:
+    """The dataset and split open, and the image and label keys are columns of it. (timm's reader casts a missing
+    image column without a word and fails on the first sample; a missing label column is a bare KeyError.)"""
+    path = spec.name.split("/", 1)[1]
     if not path:
         raise DataError("--dataset hfds/: give the dataset after the prefix: hfds/OWNER/NAME (a Hub dataset) or "
                         "hfds/FOLDER (a data folder, or one written by save_to_disk)")
     looks_local = path.startswith((".", "/", "~"))  # a Hub name is OWNER/NAME or NAME
     if looks_local and not os.path.isdir(os.path.expanduser(path)):
         raise DataError(f"--dataset {spec.name}: no such folder: {path}")
-
-
-def _check_hfds(spec: DatasetSpec, split: str, split_option: str) -> None:
-    """The dataset and split open, and the image and label keys are columns of it. (timm's reader casts a missing
-    image column without a word and fails on the first sample; a missing label column is a bare KeyError.)"""
-    _check_hfds_source(spec)
     try:
         import datasets
 
         # Memory-mapped and cached: timm's reader opens the same files again at no real cost.
-        columns = list(datasets.load_dataset(_hfds_path(spec), split=split, cache_dir=spec.root).column_names)
+        columns = list(datasets.load_dataset(path, split=split, cache_dir=spec.root).column_names)
     except ImportError:
         raise DataError(f"--dataset {spec.name} needs Hugging Face datasets: pip install datasets (or "
                         f"kat-timm[data])") from None
@@ -188,11 +145,6 @@ def _explain(spec: DatasetSpec, split: str, split_option: str, error: BaseExcept
             return (f"--dataset {spec.name} in --data-dir {spec.root}: {text} (add --dataset-download to fetch it "
                     f"there)")
     return f"--dataset {spec.name} {split_option} {split}: {type(error).__name__}: {text}"
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# WebDataset
-# ---------------------------------------------------------------------------------------------------------------------
 
 
 def _wds_shards(spec: DatasetSpec, split: str, split_option: str) -> List[str]:
@@ -262,13 +214,8 @@ def _wds_counted(spec: DatasetSpec, split: str) -> bool:
     return bool(_wds_info(spec.root))
 
 
-def _count_wds_samples(shards: List[str]) -> Optional[int]:
-    """Samples (distinct keys) in local shards, read from the tar headers; None for remote shards."""
-    counts = _shard_lengths(shards)
-    return None if counts is None else sum(counts)
-
-
 def _shard_lengths(shards: List[str]) -> Optional[List[int]]:
+    """Samples (distinct keys) in each local shard, read from the tar headers; None for remote shards."""
     if any("://" in path for path in shards):
         return None
     counts = []
@@ -288,22 +235,9 @@ def _processes(world_size: int) -> str:
 
 def check_training_shards(spec: DatasetSpec, split: str, world_size: int, workers: int,
                           split_option: str = "--train-split") -> None:
-    """Refuse a WebDataset training split with fewer shards than loaders.
-
-    timm's reader hands whole shards to the ``world_size x max(workers, 1)`` loaders and caps each at its share of
-    the samples, so a loader without a shard reads nothing while the others stop at their cap: every epoch would
-    silently see only part of the data.
-
-    Args:
-        spec: the run's dataset options (a ``wds/`` dataset; anything else is not checked).
-        split: the training split.
-        world_size: processes of the run.
-        workers: loader workers per process.
-        split_option: the option that gave ``split``, named in the error.
-
-    Raises:
-        DataError: there are fewer shards than loaders.
-    """
+    """A :class:`DataError` for a ``wds/`` training split with fewer shards than the ``world_size x max(workers, 1)``
+    loaders: timm's reader hands out whole shards and caps each loader at its share of the samples, so a loader
+    without a shard reads nothing and every epoch would silently see only part of the data."""
     if dataset_prefix(spec.name) != "wds":
         return
     shards = len(_wds_shards(spec, split, split_option))
@@ -316,23 +250,9 @@ def check_training_shards(spec: DatasetSpec, split: str, world_size: int, worker
 
 def check_distributed_evaluation(spec: DatasetSpec, split: str, world_size: int, workers: int,
                                  num_samples: Optional[int], split_option: str = "--val-split") -> None:
-    """Refuse a WebDataset evaluation split that torchrun would score only in part.
-
-    Under several processes timm's reader gives loader worker ``g`` of ``G = world_size x max(workers, 1)`` the
-    shards ``g, g + G, ...`` and caps it at ``ceil(N / G)`` samples; a worker whose shards hold more is cut short
-    without a word, and the accuracy is then over part of the split. The shard lengths come from the tar headers.
-
-    Args:
-        spec: the run's dataset options (a ``wds/`` dataset; anything else is not checked).
-        split: the evaluation split.
-        world_size: processes of the run.
-        workers: loader workers per process.
-        num_samples: ``--val-num-samples`` (None: the split's own count).
-        split_option: the option that gave ``split``, named in the error.
-
-    Raises:
-        DataError: some samples would not be evaluated; the message says how to fix it.
-    """
+    """A :class:`DataError` for a ``wds/`` evaluation split that torchrun would score only in part: timm's reader
+    gives loader ``g`` of ``G = world_size x max(workers, 1)`` the shards ``g, g + G, ...`` capped at ``ceil(N / G)``
+    samples (``num_samples``, else the tar headers' count), cutting short without a word a loader with more."""
     if dataset_prefix(spec.name) != "wds" or world_size <= 1:
         return
     lengths = _shard_lengths(_wds_shards(spec, split, split_option))
@@ -345,7 +265,8 @@ def check_distributed_evaluation(spec: DatasetSpec, split: str, world_size: int,
     if largest > cap:
         scored = sum(min(sum(lengths[g::readers]), cap) for g in range(readers))
         raise DataError(f"{split_option} {split}: {len(lengths)} shards over {readers} loaders "
-                        f"({_processes(world_size)} x {max(workers, 1)} workers) would score only {scored} of {sum(lengths)} samples "
+                        f"({_processes(world_size)} x {max(workers, 1)} workers) would score only {scored} of "
+                        f"{sum(lengths)} samples "
                         f"(timm caps each loader at {cap}); give at least {readers} shards of equal length, fewer "
                         f"--workers, or --val-split \"\" and kat-validate the checkpoints afterwards")
 
@@ -366,7 +287,7 @@ def _check_wds_sample(shard: str, spec: DatasetSpec) -> None:
                 if key != first_key:
                     break
                 members.setdefault(key, []).append(extension)
-                if _json_wanted(spec) and extension == "json":
+                if spec.target_key and extension == "json":
                     sidecar = json.load(tar.extractfile(member))
                     members["__json__"] = list(sidecar) if isinstance(sidecar, dict) else []
     except (OSError, tarfile.TarError, ValueError) as error:
@@ -374,25 +295,49 @@ def _check_wds_sample(shard: str, spec: DatasetSpec) -> None:
     if first_key is None:
         raise DataError(f"{shard}: the shard holds no samples")
     extensions = members[first_key]
+    listed = ", ".join("." + extension for extension in extensions)
     input_keys = (spec.input_key or WDS_IMAGE_KEYS).split(";")
     if not any(key in extensions for key in input_keys):
         raise DataError(f"--input-key {spec.input_key or WDS_IMAGE_KEYS}: sample {first_key} of {shard} has no such "
-                        f"member (it has {', '.join('.' + e for e in extensions)})")
-    if _json_wanted(spec):
+                        f"member (it has {listed})")
+    if spec.target_key:  # the labels come from the .json sidecar rather than the .cls member
         if "json" not in extensions:
             raise DataError(f"--target-key {spec.target_key}: sample {first_key} of {shard} has no .json sidecar "
-                            f"(it has {', '.join('.' + e for e in extensions)})")
+                            f"(it has {listed})")
         fields = members.get("__json__", [])
         for key in spec.target_key.split(","):
             if key.strip() not in fields:
                 raise DataError(f"--target-key {key.strip()}: not a field of the .json of sample {first_key} in "
                                 f"{shard} (fields: {', '.join(fields) or 'none'})")
     elif "cls" not in extensions:
-        raise DataError(f"sample {first_key} of {shard} has no .cls label (it has "
-                        f"{', '.join('.' + e for e in extensions)}); give --target-key FIELD to read the label from "
-                        f"its .json")
+        raise DataError(f"sample {first_key} of {shard} has no .cls label (it has {listed}); give --target-key FIELD "
+                        f"to read the label from its .json")
 
 
-def _json_wanted(spec: DatasetSpec) -> bool:
-    """Whether the WebDataset labels come from the .json sidecar (a --target-key) rather than the .cls member."""
-    return bool(spec.target_key)
+def open_checked_split(options, split: str, *, is_training: bool = False, use_class_map: bool = True,
+                       allow_missing: bool = False, relabel=None, num_samples: Optional[int] = None,
+                       split_option: str = "--split", samples_option: str = "--num-samples", world_size: int = 1):
+    """One split of ``options.dataset`` under ``options.data_dir`` (kat-train's or kat-validate's options), checked:
+    ``(dataset, class names in label order or None, its name in messages)``, else a :class:`DataError`. An
+    ImageFolder goes through ``check_split`` (with ``--class-map`` if ``use_class_map``), ``relabel(split)`` (e.g.
+    ``labelled_like`` the training split) and ``check_readable_classes`` of :mod:`kat_timm.training.data`; any other
+    ``--dataset`` through :func:`open_dataset`, whose shard checks count ``world_size`` processes."""
+    if is_folder_dataset(options.dataset):
+        try:
+            class_names = load_class_names(options.class_map) if use_class_map and options.class_map else None
+            folder = check_split(options.data_dir, split, class_names, allow_missing=allow_missing)
+            folder = relabel(folder) if relabel is not None else folder
+            check_readable_classes(folder)
+        except DataError as error:
+            raise DataError(str(error) + folder_dataset_hint(options.dataset)) from error
+        return ImageFolderDataset(folder), list(folder.classes), str(folder.root)
+    spec = DatasetSpec(name=options.dataset, root=options.data_dir, download=options.dataset_download,
+                       input_img_mode=options.input_img_mode or "RGB", input_key=options.input_key,
+                       target_key=options.target_key, class_map=options.class_map, batch_size=options.batch_size,
+                       seed=getattr(options, "seed", DatasetSpec.seed))  # kat-validate has no --seed
+    dataset = open_dataset(spec, split, is_training, num_samples, split_option, samples_option)
+    if is_training:
+        check_training_shards(spec, split, world_size, options.workers, split_option)
+    else:
+        check_distributed_evaluation(spec, split, world_size, options.workers, num_samples, split_option)
+    return dataset, dataset_class_names(dataset), f"{options.dataset} {split}"

@@ -10,27 +10,20 @@ import contextlib
 import glob
 import os
 import shutil
-from pathlib import Path
 from typing import Optional
 
 from timm.utils import CheckpointSaver
 
-__all__ = ["AtomicCheckpointSaver", "checkpoint_epoch", "edit_atomically", "remove_partials", "write_atomically"]
+__all__ = ["AtomicCheckpointSaver", "checkpoint_epoch", "edit_atomically", "remove_partials"]
 
 
 class AtomicCheckpointSaver(CheckpointSaver):
     """timm's CheckpointSaver, changed so that no file ever appears under a ``*.pth.tar`` name half-written.
 
-    timm's saver writes ``tmp.pth.tar`` in place (a kill mid-write leaves a partial ``*.pth.tar``), deletes
-    ``last.pth.tar`` before renaming the new one over it (a kill in between leaves none), and falls back to
-    copying into the final name where hard links fail. Here every write goes to a ``.partial`` name, is flushed to
-    disk, and is renamed into place with ``os.replace``, which is atomic: readers see the old file or the new one.
-    Hard links (the numbered and best checkpoints share ``last``'s data) are made under a ``.partial`` name and
-    renamed too. Numbered files are never written in place, so replacing ``last`` never changes them.
-
-    A write that fails (a full disk) removes its ``.partial`` file and raises ``OSError`` with the errno the system
-    gave and the file's name (torch.save itself reports only "iostream error"). On resume, :meth:`restore_history`
-    repairs the numbered and best files a kill between two of its writes left out of step.
+    timm's saver writes ``tmp.pth.tar`` in place, deletes ``last.pth.tar`` before renaming the new one over it and
+    copies into the final name where hard links fail; here every write and hard link goes to a ``.partial`` name and
+    is renamed into place. A failed write removes its ``.partial`` and raises ``OSError`` with the system's errno and
+    the file's name (torch.save itself reports only "iostream error").
     """
 
     _relink_only = False  # see restore_history: save_checkpoint's bookkeeping without writing last.pth.tar again
@@ -90,14 +83,9 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
     def restore_history(self, checkpoint_path: str, checkpoint: dict) -> None:
         """timm's ``load_state_dict_from_checkpoint`` from the already read ``checkpoint`` (the file at
-        ``checkpoint_path``), then repair what a kill between two writes of ``save_checkpoint`` left behind, so the
-        resumed run keeps ranking as if it had not been killed.
-
-        - Killed after ``last`` was replaced but before ``checkpoint-N`` was linked: epoch N exists only as
-          ``last``, which the next epoch replaces. Link it now if it earns a place, as the save would have.
-        - Killed after ``checkpoint-N`` but before ``model_best``: the history counts epoch N as the best while
-          ``model_best`` holds a worse one. Link the best epoch's file to ``model_best``.
-        """
+        ``checkpoint_path``), then repair what a kill between two writes of ``save_checkpoint`` left behind: an epoch
+        that exists only as ``last`` is linked as ``checkpoint-N`` if it earns a place, and ``model_best`` is linked
+        again from the best epoch's file if it holds another."""
         if checkpoint.get("saver") is not None:
             self.load_state_dict(checkpoint["saver"])
         last = os.path.join(self.checkpoint_dir, "last" + self.extension)
@@ -171,23 +159,17 @@ def _fsync(path: str) -> None:
 
 def _fsync_dir(path: str) -> None:
     """Make a rename durable (POSIX); a no-op where folders cannot be opened (Windows)."""
-    try:
+    with contextlib.suppress(OSError):
         descriptor = os.open(path or ".", os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 def edit_atomically(path: str, edit, start_from_current: bool = True) -> None:
     """Change the file ``path`` all at once: ``edit(partial)`` works on ``PATH.partial`` (a copy of the file when
-    ``start_from_current``), which is flushed and renamed over ``path``. A kill leaves the old file or the new
-    one, never a truncated one (timm's trim_summary rewrites summary.csv in place); a failure removes the partial.
-    """
+    ``start_from_current``), which is flushed and renamed over ``path``; a failure removes the partial."""
     partial = path + ".partial"
     try:
         if start_from_current and os.path.exists(path):
@@ -206,15 +188,3 @@ def edit_atomically(path: str, edit, start_from_current: bool = True) -> None:
         raise
     _fsync_dir(os.path.dirname(path))
 
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through ``PATH.partial`` and a rename, so ``path`` is never half-written; the
-    partial file is removed when the write fails (a full disk, say)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    try:
-        partial.write_text(text, encoding="utf-8")
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
