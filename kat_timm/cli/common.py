@@ -28,7 +28,6 @@ __all__ = [
     "create_model",
     "create_model_from_options",
     "create_sized_model",
-    "hub_unreachable",
     "released_weights_file",
     "resolve_device",
 ]
@@ -312,77 +311,26 @@ def create_model_from_options(args: argparse.Namespace, alternatives: Sequence[s
     return model
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The Hugging Face Hub: its own timeouts and offline mode, its cache when it can't be reached
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def hub_unreachable(url: Optional[str] = None) -> Optional[str]:
-    """None when the Hub answers one HTTP request (any status), else why not, in a few words.
-
-    One HEAD request through huggingface_hub's session (``HF_ENDPOINT``, proxies, certificates and token apply),
-    bounded by its ``HF_HUB_ETAG_TIMEOUT``, and without the retries its downloads make: those cost tens of seconds
-    before they fall back to the cache. Nothing is sent in offline mode (``HF_HUB_OFFLINE=1``).
-    """
-    from huggingface_hub import constants
-    from huggingface_hub.utils import build_hf_headers, get_session
-
-    if constants.is_offline_mode():
-        return "offline mode (HF_HUB_OFFLINE=1)"
-    host = constants.ENDPOINT.split("://", 1)[-1]
-    try:
-        get_session().head(url or constants.ENDPOINT, headers=build_hf_headers(), timeout=constants.HF_HUB_ETAG_TIMEOUT)
-    except Exception as error:  # whatever the HTTP library raises, the Hub did not answer
-        if "timeout" in type(error).__name__.lower() or "timed out" in str(error):
-            return f"{host} did not answer within {constants.HF_HUB_ETAG_TIMEOUT:g} s (HF_HUB_ETAG_TIMEOUT)"
-        detail = str(error).strip().splitlines()
-        return f"{host} is unreachable: {detail[0] if detail else type(error).__name__}"
-    return None
-
-
 def released_weights_file(name: str, offline: bool = False, alternatives: Sequence[str] = ()) -> str:
-    """The local path of ``name``'s released weights: downloaded (or found up to date) by huggingface_hub when the
-    Hub answers, else from its local cache (``try_to_load_from_cache``).
+    """The local path of ``name``'s released weights (:func:`kat_timm.tools.download.weights_path`): from the Hub
+    when it answers, else its cache; ``ReleasedWeightsUnavailable`` offers ``alternatives`` (the command's options)."""
+    from kat_timm.tools.download import DownloadError, resolve_hub_repo, weights_path
 
-    Args:
-        name: a model name whose pretrained config has an ``hf_hub_id``.
-        offline: use the cache only (``--offline``; ``HF_HUB_OFFLINE=1`` does the same).
-        alternatives: the calling command's options that the error offers instead.
-
-    Raises:
-        ReleasedWeightsUnavailable: not in the cache and the Hub unreachable, or the Hub refused the download.
-    """
-    from huggingface_hub import constants, hf_hub_download, hf_hub_url, try_to_load_from_cache
-    from timm.models import get_pretrained_cfg
-
-    cfg = get_pretrained_cfg(name)
-    if cfg is None or not cfg.hf_hub_id:
-        raise CLIError(f"{name} has no released weights on the Hugging Face Hub; drop the pretrained option")
-    repo_id, _, revision = cfg.hf_hub_id.partition("@")
-    # timm's own order: the safetensors file first, the pickled one when the repo has none.
-    files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", constants.PYTORCH_WEIGHTS_NAME]
-    reason = "offline mode (--offline)" if offline else hub_unreachable(hf_hub_url(repo_id, files[0],
-                                                                                   revision=revision or None))
-    if reason is None:
-        for filename in files:
-            try:
-                return hf_hub_download(repo_id, filename, revision=revision or None)
-            except Exception as error:  # a file the repo lacks: try the next; anything else is reported
-                if type(error).__name__ in ("EntryNotFoundError", "RemoteEntryNotFoundError"):
-                    continue
-                first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-                raise ReleasedWeightsUnavailable(f"could not load the released weights of {name}: "
-                                                 f"{type(error).__name__}: {first}", first) from None
-        reason = f"{repo_id} has none of {', '.join(files)}"
-    for filename in files:
-        path = try_to_load_from_cache(repo_id, filename, revision=revision or None)
-        if isinstance(path, str):
-            return path
-    reason = f"{reason}, and they are not in the local Hugging Face cache ({constants.HF_HUB_CACHE})"
-    instead = f", or pass {' or '.join(alternatives)}" if alternatives else ""
-    raise ReleasedWeightsUnavailable(f"could not load the released weights of {name}: {reason}. Run 'kat-timm "
-                                     f"download {name}' where the Hub is reachable (then share or copy the "
-                                     f"cache){instead}.", reason)
+    try:
+        repo_id, revision, filename = resolve_hub_repo(name)
+    except ValueError:
+        raise CLIError(f"{name} has no released weights on the Hugging Face Hub; drop the pretrained option") from None
+    try:
+        return weights_path(repo_id, filename, revision, offline)
+    except DownloadError as error:
+        instead = f", or pass {' or '.join(alternatives)}" if alternatives else ""
+        raise ReleasedWeightsUnavailable(f"could not load the released weights of {name}: {error.reason}. Run "
+                                         f"'kat-timm download {name}' where the Hub is reachable (then share or copy "
+                                         f"the cache){instead}.", error.reason) from None
+    except Exception as error:  # the Hub refused the download
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ReleasedWeightsUnavailable(f"could not load the released weights of {name}: "
+                                         f"{type(error).__name__}: {first}", first) from None
 
 
 def checkpoint_training_args(path: Path) -> dict:
