@@ -1,9 +1,5 @@
-"""``kat-timm export MODEL -o model.onnx``: an ONNX file of standard ops that any ONNX runtime runs.
-
-The rational activations become Abs, Mul, Add and Div on a grouped reshape (``kat_timm.tools.export``); there is no
-custom domain. ``--check`` runs the file with onnxruntime on CPU next to the PyTorch model and prints the relative
-error of the logits (exit code 1 above 1e-4). Needs onnx and onnxscript (and onnxruntime for --check): the ``onnx`` extra.
-"""
+"""``kat-timm export MODEL -o model.onnx``: an ONNX file of standard ops (:mod:`kat_timm.tools.export`) that any
+ONNX runtime runs (README, "Deployment"); needs the ``onnx`` extra."""
 from __future__ import annotations
 
 import argparse
@@ -24,12 +20,11 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     from kat_timm.tools.export import DEFAULT_OPSET, MIN_OPSET
 
     parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Export a KAT (or any timm image model) to ONNX. The rational activations are written as plain "
-                    "ONNX ops (Abs, Mul, Add, Div, Reshape), so any ONNX runtime runs the file. Input 'images' "
-                    "(N, 3, H, W) float32, normalised as the model's pretrained config says; output 'logits'.",
-        epilog="example: %(prog)s kat_tiny --pretrained -o kat_tiny.onnx --dynamic-batch --check",
-    )
+        prog=prog, description="Export a KAT (or any timm image model) to ONNX. The rational activations are "
+                               "written as plain ONNX ops (Abs, Mul, Add, Div, Reshape), so any ONNX runtime runs the "
+                               "file. Input 'images' (N, 3, H, W) float32, normalised as the model's pretrained config "
+                               "says; output 'logits'.",
+        epilog="example: %(prog)s kat_tiny --pretrained -o kat_tiny.onnx --dynamic-batch --check")
     parser.add_argument("model", metavar="MODEL", nargs="?", default=None,
                         help="timm model name (kat_tiny, kat_base_patch16_224.vitft, ...; default: the --checkpoint's "
                              "architecture)")
@@ -94,7 +89,7 @@ def _validate(args: argparse.Namespace) -> None:
 
 
 def _newest_opset() -> Optional[int]:
-    """The newest opset the installed onnx knows (None without onnx: that is reported on its own)."""
+    """None without onnx: that is reported on its own."""
     try:
         import onnx
     except ImportError:
@@ -108,7 +103,8 @@ def _format_shape(shape) -> str:
 
 def _run(args: argparse.Namespace, prog: str) -> int:
     _validate(args)  # before building the model: the usual mistakes fail in a second
-    from kat_timm.tools.export import INPUT_NAME, OUTPUT_NAME, OpsetConversionError, check_onnx, export_onnx, onnx_io_shapes
+    from kat_timm.tools.export import (INPUT_NAME, OUTPUT_NAME, OpsetConversionError, check_onnx, export_onnx,
+                                       onnx_io_shapes)
 
     from .common import check_model_input_size, create_model
 
@@ -129,15 +125,13 @@ def _run(args: argparse.Namespace, prog: str) -> int:
         model.set_input_size(img_size=(args.img_size, args.img_size))
     model = model.eval().float()
     try:
-        export_onnx(model, args.output, dynamic_batch=args.dynamic_batch, opset=args.opset,
-                    batch_size=args.batch_size)
+        export_onnx(model, args.output, dynamic_batch=args.dynamic_batch, opset=args.opset, batch_size=args.batch_size)
     except OpsetConversionError as error:
         raise CLIError(str(error)) from error
     except PermissionError as error:
         raise CLIError(f"{args.output}: cannot write the file ({error.strerror})") from error
     shapes = onnx_io_shapes(args.output)
-    size_mb = args.output.stat().st_size / 1e6
-    print(f"wrote {args.output} ({size_mb:.1f} MB, opset {args.opset}): "
+    print(f"wrote {args.output} ({args.output.stat().st_size / 1e6:.1f} MB, opset {args.opset}): "
           f"{INPUT_NAME} {_format_shape(shapes[INPUT_NAME])} -> {OUTPUT_NAME} {_format_shape(shapes[OUTPUT_NAME])}")
     if args.check:
         batches = (1, 3) if args.dynamic_batch else (args.batch_size,)

@@ -89,7 +89,7 @@ def pretrained_names(architecture: str) -> List[str]:
 
 
 def weight_files(filename: str = constants.PYTORCH_WEIGHTS_NAME) -> List[str]:
-    """The files timm's ``load_state_dict_from_hf`` tries, in its order: a safetensors alternative, then ``filename``."""
+    """The files timm's ``load_state_dict_from_hf`` tries, in order: a safetensors alternative, then ``filename``."""
     if filename == constants.PYTORCH_WEIGHTS_NAME:
         return [constants.SAFETENSORS_SINGLE_FILE, filename]
     if filename.endswith(".bin"):
