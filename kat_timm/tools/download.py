@@ -12,9 +12,9 @@ from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTT
                                     RepositoryNotFoundError, RevisionNotFoundError)
 from huggingface_hub.utils.sha import git_hash, sha_fileobj
 
-__all__ = ["CachedFile", "DownloadError", "DownloadResult", "cached_file_intact", "download_pretrained",
-           "format_size", "hub_unreachable", "pretrained_names", "released_models", "resolve_hub_repo",
-           "weight_files", "weights_path"]
+__all__ = ["CachedFile", "DownloadError", "DownloadResult", "cached_file_intact", "cached_weights",
+           "download_pretrained", "format_size", "hub_unreachable", "pretrained_names", "released_models",
+           "resolve_hub_repo", "weight_files", "weights_path"]
 
 HF_HUB_PREFIX = "hf-hub:"
 
@@ -178,8 +178,8 @@ def _first_in_repo(candidates: List[str], fetch: Callable[[str], Any]) -> Any:
     return None
 
 
-def _cached_path(repo_id: str, candidates: List[str], revision: Optional[str],
-                 cache_dir: Optional[PathLike] = None) -> Optional[Tuple[str, str]]:
+def cached_weights(repo_id: str, candidates: List[str], revision: Optional[str] = None,
+                   cache_dir: Optional[PathLike] = None) -> Optional[Tuple[str, str]]:
     """(filename, path) of the first candidate in the cache, or None."""
     for candidate in candidates:
         path = try_to_load_from_cache(repo_id, candidate, cache_dir=cache_dir, revision=revision)
@@ -204,7 +204,7 @@ def weights_path(repo_id: str, filename: str = constants.PYTORCH_WEIGHTS_NAME, r
         if path is not None:
             return path
         reason = f"{repo_id} has none of {', '.join(candidates)}"
-    cached = _cached_path(repo_id, candidates, revision)
+    cached = cached_weights(repo_id, candidates, revision)
     if cached is None:
         raise DownloadError(repo_id, f"{reason}, and they are not in the local Hugging Face cache "
                                      f"({constants.HF_HUB_CACHE})")
@@ -235,7 +235,7 @@ def _fetch_weights(repo_id: str, filename: str, revision: Optional[str], cache_d
                    force: bool = False) -> CachedFile:
     candidates = weight_files(filename)
     # Any one cached candidate is enough: offline, timm skips the candidates that are not cached.
-    cached = _cached_path(repo_id, candidates, revision, cache_dir)
+    cached = cached_weights(repo_id, candidates, revision, cache_dir)
     if cached is not None:
         return _fetch(repo_id, cached[0], revision, cache_dir, force)  # again if damaged or forced
 
