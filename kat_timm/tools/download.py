@@ -138,12 +138,8 @@ def cached_file_intact(path: PathLike) -> bool:
 
 
 def hub_unreachable(url: Optional[str] = None) -> Optional[str]:
-    """None when the Hub answers one HTTP request (any status), else why not, in a few words.
-
-    One HEAD request through huggingface_hub's session (its endpoint, proxies and token apply), bounded by its
-    ``HF_HUB_ETAG_TIMEOUT`` and without the retries of ``hf_hub_download``, which cost about 20 s before it gives up.
-    Nothing is sent in offline mode (``HF_HUB_OFFLINE=1``).
-    """
+    """None when the Hub answers one HEAD request (any status; through huggingface_hub's session, within its
+    ``HF_HUB_ETAG_TIMEOUT``; none in offline mode), else why not. ``hf_hub_download`` alone retries for about 20 s."""
     from huggingface_hub.utils import build_hf_headers, get_session  # at call time: tests replace the session
 
     if constants.is_offline_mode():
@@ -192,10 +188,7 @@ def weights_path(repo_id: str, filename: str = constants.PYTORCH_WEIGHTS_NAME, r
                  offline: bool = False) -> str:
     """The local path of the weights file timm loads from ``repo_id`` (the first of :func:`weight_files` it has):
     through ``hf_hub_download`` (a newer version is fetched) when the Hub answers, else from the cache.
-
-    Raises ``DownloadError`` (why the Hub was not asked, or that the repo has none of the files) when the cache lacks
-    them too, and the Hub's own errors (``HfHubHTTPError``, ...) when it refused the download.
-    """
+    ``DownloadError`` says why neither has them; the Hub's own errors (``HfHubHTTPError``, ...) pass through."""
     candidates = weight_files(filename)
     reason = "offline mode (--offline)" if offline else hub_unreachable(hf_hub_url(repo_id, candidates[0],
                                                                                    revision=revision))
@@ -226,8 +219,7 @@ def _fetch(repo_id: str, filename: str, revision: Optional[str], cache_dir: Opti
                                       "checksum (a download or a copy was cut short)")
     if not constants.is_offline_mode():
         _hub_answers(repo_id, filename, revision)
-    path = hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
-                           force_download=force or damaged)
+    path = hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir, force_download=force or damaged)
     return _cached_file(filename, path, fetched=True)
 
 
