@@ -64,7 +64,12 @@ def _validate(args: argparse.Namespace) -> None:
 
     if args.opset < MIN_OPSET:
         raise CLIError(f"--opset {args.opset} is too old: a KAT needs opset {MIN_OPSET} or newer", code=2)
-    newest = _newest_opset()
+    try:
+        import onnx
+
+        newest = onnx.defs.onnx_opset_version()
+    except ImportError:  # reported on its own below
+        newest = None
     if newest is not None and args.opset > newest:
         raise CLIError(f"--opset {args.opset} is newer than the installed onnx knows ({newest}); the default is "
                        f"{DEFAULT_OPSET}", code=2)
@@ -86,15 +91,6 @@ def _validate(args: argparse.Namespace) -> None:
         require_packages(*names, purpose="kat-timm export --check" if args.check else "kat-timm export")
     except MissingDependencyError as error:
         raise CLIError(str(error)) from error
-
-
-def _newest_opset() -> Optional[int]:
-    """None without onnx: that is reported on its own."""
-    try:
-        import onnx
-    except ImportError:
-        return None
-    return onnx.defs.onnx_opset_version()
 
 
 def _format_shape(shape) -> str:

@@ -75,11 +75,6 @@ class ZooRow:
         return out
 
 
-def _pretrained_tags(model: str) -> List[str]:
-    """Tags of the weights registered for ``model`` ("" = default), in timm's listing order."""
-    return list(dict.fromkeys(split_model_name_tag(name)[1] for name in pretrained_names(model)))
-
-
 def _alias_target(model: str, tag: str, hf_hub_id: Optional[str]) -> Optional[str]:
     """The canonical ``model.tag`` whose weights ``model.tag`` loads, when it is a second name for them: the
     released repos are named after their canonical model and tag (``adamdad/kat_tiny_patch16_224.vitft``)."""
@@ -123,7 +118,7 @@ def zoo_rows(pattern: str = "kat*", flops: bool = False) -> List[ZooRow]:
 
     rows: List[ZooRow] = []
     for model in timm.list_models(pattern):
-        tags = _pretrained_tags(model)
+        tags = [split_model_name_tag(name)[1] for name in pretrained_names(model)]  # "": the default tag
         if not tags:
             params, count = measure(model)
             rows.append(ZooRow(model=model, tag=None, params=params, flops=count))
