@@ -77,27 +77,20 @@ def unwrap_state_dict(checkpoint: Any, use_ema: Optional[bool] = None) -> Tuple[
     """
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f"not a state dict or training checkpoint: the file holds a {type(checkpoint).__name__}")
-    is_state_dict = len(checkpoint) > 0 and all(isinstance(v, torch.Tensor) for v in checkpoint.values())
-    ema_keys = [k for k in EMA_KEYS if isinstance(checkpoint.get(k), Mapping)]
-    model_keys = [k for k in MODEL_KEYS if isinstance(checkpoint.get(k), Mapping)]
-    if is_state_dict:
-        source, state_dict = "", checkpoint
+    if len(checkpoint) > 0 and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         if use_ema:
             raise CheckpointError("EMA weights requested, but the checkpoint is a bare state dict (no state_dict_ema)")
-    elif use_ema is True:
-        if not ema_keys:
-            raise CheckpointError(f"EMA weights requested, but the checkpoint has none of {EMA_KEYS}")
-        source = ema_keys[0]
-    elif use_ema is None and ema_keys:
-        source = ema_keys[0]
-    elif model_keys:
-        source = model_keys[0]
+        source = ""
     else:
+        wanted = (EMA_KEYS if use_ema is not False else ()) + (MODEL_KEYS if not use_ema else ())
+        source = next((key for key in wanted if isinstance(checkpoint.get(key), Mapping)), None)
+    if source is None and use_ema:
+        raise CheckpointError(f"EMA weights requested, but the checkpoint has none of {EMA_KEYS}")
+    if source is None:
         top = ", ".join(repr(k) for k in list(checkpoint)[:8]) or "nothing"
         raise CheckpointError(f"no model weights found: neither a state dict of tensors nor a training checkpoint "
                               f"with one of {EMA_KEYS + MODEL_KEYS} (top-level keys: {top})")
-    if source:
-        state_dict = checkpoint[source]
+    state_dict = checkpoint[source] if source else checkpoint
     non_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
     if non_tensors or not state_dict:
         where = f"checkpoint[{source!r}]" if source else "the checkpoint"
