@@ -3,6 +3,7 @@ model and pretrained tag, its size and cost (counted on the meta device), accura
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import timm
@@ -109,12 +110,10 @@ def checkpoint_cached(hf_hub_id: str) -> bool:
 def zoo_rows(pattern: str = "kat*", flops: bool = False) -> List[ZooRow]:
     """One row per model of ``timm.list_models(pattern)`` and pretrained tag (or without weights), smallest first,
     released before init variants; ``flops``: also each architecture's forward FLOPs (224 px, batch 1)."""
-    measured: Dict[str, Tuple[int, Optional[FlopCount]]] = {}
 
+    @functools.lru_cache(maxsize=None)
     def measure(model: str) -> Tuple[int, Optional[FlopCount]]:
-        if model not in measured:
-            measured[model] = (kat_num_params(model), model_flops(model) if flops else None)
-        return measured[model]
+        return kat_num_params(model), model_flops(model) if flops else None
 
     rows: List[ZooRow] = []
     for model in timm.list_models(pattern):
