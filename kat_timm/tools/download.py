@@ -109,9 +109,8 @@ def resolve_hub_repo(name: str) -> Tuple[str, Optional[str], str]:
             raise ValueError(f"{name!r} is not of the form hf-hub:owner/repo")
         return repo_id, revision or None, constants.PYTORCH_WEIGHTS_NAME
     architecture, tag = timm.models.split_model_name_tag(name)
-    known = ", ".join(released_models())
     if not timm.models.is_model(architecture):
-        raise ValueError(f"unknown model {name!r}; released KAT checkpoints: {known}")
+        raise ValueError(f"unknown model {name!r}; released KAT checkpoints: {', '.join(released_models())}")
     try:
         cfg = timm.models.get_pretrained_cfg(name)
     except RuntimeError:  # timm: the architecture exists but not this tag
@@ -119,7 +118,8 @@ def resolve_hub_repo(name: str) -> Tuple[str, Optional[str], str]:
         raise ValueError(f"{architecture} has no pretrained tag {tag!r}; its pretrained names: {tags}") from None
     if cfg is None or not cfg.hf_hub_id:
         where = f" (timm fetches it from {cfg.url})" if cfg is not None and cfg.url else ""
-        raise ValueError(f"{name} has no weights on the Hugging Face Hub{where}; released KAT checkpoints: {known}")
+        raise ValueError(f"{name} has no weights on the Hugging Face Hub{where}; released KAT checkpoints: "
+                         f"{', '.join(released_models())}")
     repo_id, _, revision = cfg.hf_hub_id.partition("@")
     return repo_id, revision or None, cfg.hf_hub_filename or constants.PYTORCH_WEIGHTS_NAME
 
