@@ -104,14 +104,13 @@ def _run(args: argparse.Namespace, prog: str) -> int:
 
     from .common import check_model_input_size, create_model
 
-    random_weights = not args.pretrained and args.checkpoint is None
     if args.model is None and args.checkpoint is None:
         raise CLIError("give the MODEL to export, or --checkpoint FILE to export the model it holds", code=2)
     # A checkpoint's model is built at the size it was trained at, then resized by --img-size.
     model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, use_ema=args.use_ema,
                          offline=args.offline, alternatives=("--checkpoint FILE",))
     args.model = args.model or model.pretrained_cfg.get("architecture")
-    if random_weights:
+    if not args.pretrained and args.checkpoint is None:
         print(f"{prog}: warning: no --pretrained or --checkpoint: exporting {args.model} with random weights",
               file=sys.stderr)
     if args.img_size is not None:
