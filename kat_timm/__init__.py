@@ -1,11 +1,7 @@
-"""kat_timm: the Kolmogorov-Arnold Transformer (KAT) for timm.
+"""kat_timm: the Kolmogorov-Arnold Transformer (KAT, arXiv 2409.10594) for timm; see the README.
 
-KAT (Yang & Wang, 2024, arXiv 2409.10594) is a Vision Transformer whose MLP is a group-rational KAN: a learnable
-rational function P(x)/Q(x), shared within groups of channels, before and after the first linear layer.
-
-``import kat_timm`` registers the KAT models in timm: ``timm.create_model("kat_base", pretrained=True)``. The tools
-(``kat_timm.download_pretrained``, ``kat_timm.export_program``, ...) and the subpackages are imported on first use,
-so that registering the models does not pay for onnx, matplotlib or the training loop.
+``import kat_timm`` registers the KAT models in timm. The tools and subpackages are imported on first use, so that
+registering the models does not pay for onnx, matplotlib or the training loop.
 """
 import importlib
 

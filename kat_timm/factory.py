@@ -1,10 +1,6 @@
-"""One way to build a model: from a timm name, a checkpoint, or both.
-
-:func:`read_checkpoint` reads a file once (weights-only, see :mod:`kat_timm.checkpoint`) and keeps everything a
-command needs from it: the unwrapped state dict, the whole dict (optimizer, epoch, args for a resume), the
-architecture and the model arguments it records (kat-train's ``args`` dict, timm train.py's ``args`` Namespace) or
-that its tensors imply. :func:`create_model` builds the model from that, so a checkpoint trained at ``img_size=32``
-or for 10 classes needs no option to load, and a given name that contradicts the checkpoint is one clear error.
+"""One way to build a model: from a timm name, a checkpoint, or both. :func:`read_checkpoint` reads a file once and
+keeps what it records or its tensors imply (architecture, image size, classes), so :func:`create_model` needs no
+option to load a checkpoint trained at ``img_size=32`` or for 10 classes, and a contradicting name is one clear error.
 """
 from __future__ import annotations
 
@@ -15,7 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
+import timm
 import torch
+from timm.models import is_model, is_model_in_modules, split_model_name_tag
 
 from .checkpoint import CheckpointError, check_kat_state_dict, load_checkpoint, unwrap_state_dict
 from .models.kat import KAT, SIZES, checkpoint_filter_fn
@@ -24,29 +22,18 @@ __all__ = ["LoadedCheckpoint", "create_model", "infer_architecture", "read_check
 
 PathLike = Union[str, Path]
 
+
 @dataclass
 class LoadedCheckpoint:
-    """What :func:`read_checkpoint` got from one read of a checkpoint file.
-
-    Attributes:
-        path: the file.
-        state_dict: the model weights, unwrapped (EMA or not, as asked) and without DDP / torch.compile prefixes.
-        source: the wrapper key the weights came from (``state_dict_ema``, ``state_dict``, ...; ``""``: bare).
-        raw: everything the file holds (optimizer, epoch, args, ... of a training checkpoint).
-        architecture: the model name it records (``args.model`` / ``arch``) or, for a KAT without one, the
-            released name its shapes match; None when neither tells.
-        model_kwargs: the model arguments it records or its tensors imply (``img_size``, ``num_classes``, the
-            ``model_kwargs`` of the run), which :func:`create_model` passes unless told otherwise.
-        args: the training arguments as a dict ({} for a bare state dict).
-    """
+    """What :func:`read_checkpoint` got from one read of a checkpoint file."""
 
     path: Path
-    state_dict: Dict[str, torch.Tensor]
-    source: str
-    raw: Any
-    architecture: Optional[str]
-    model_kwargs: Dict[str, Any] = field(default_factory=dict)
-    args: Dict[str, Any] = field(default_factory=dict)
+    state_dict: Dict[str, torch.Tensor]  # unwrapped (EMA or not, as asked), without DDP / torch.compile prefixes
+    source: str  # the wrapper key the weights came from (state_dict_ema, state_dict, ...; "": a bare state dict)
+    raw: Any  # everything the file holds (optimizer, epoch, args, ... of a training checkpoint)
+    architecture: Optional[str]  # the model name it records or, for a KAT without one, the one its shapes match
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)  # recorded or implied: img_size, num_classes, ...
+    args: Dict[str, Any] = field(default_factory=dict)  # the training arguments ({} for a bare state dict)
 
     @property
     def class_names(self) -> Optional[Tuple[str, ...]]:
@@ -66,8 +53,8 @@ def _kat_shapes(state_dict: Mapping) -> Tuple[int, Tuple[int, int], int]:
 
 
 def _kat_layout(state_dict: Mapping) -> Tuple[Optional[str], Dict[str, Any]]:
-    """(size, kwargs) of a KAT state dict: the ``SIZES`` entry its shapes match (None: none does), the image size
-    its position embedding was built for and its classifier size."""
+    """(size, kwargs) of a KAT state dict: the ``SIZES`` entry its shapes match (None: none does), and the image size
+    its position embedding was built for."""
     embed_dim, patch, depth = _kat_shapes(state_dict)
     matches = [s for s, cfg in SIZES.items() if (cfg["embed_dim"], cfg["depth"]) == (embed_dim, depth)]
     kwargs: Dict[str, Any] = {}
@@ -78,27 +65,18 @@ def _kat_layout(state_dict: Mapping) -> Tuple[Optional[str], Dict[str, Any]]:
         grid = round(tokens ** 0.5)
         if grid * grid == tokens and grid * patch[0] != 224:
             kwargs["img_size"] = grid * patch[0]
-    if "head.weight" in state_dict:
-        kwargs["num_classes"] = int(state_dict["head.weight"].shape[0])
     return (matches[0] if matches and patch == (16, 16) else None), kwargs
 
 
 def infer_architecture(state_dict: Mapping) -> str:
-    """The registered KAT architecture whose shapes match ``state_dict`` (e.g. ``"kat_tiny_patch16_224"``).
-
-    Reads embed dim (192 / 384 / 768 for KAT-T / S / B), depth, patch size and position-embedding length from the
-    tensors. The swish- and GELU-initialised variants share every shape (only the initial rational coefficients
-    differ), so the released name ``kat_{size}_patch16_224`` is returned. Raises ``CheckpointError`` when the
-    checkpoint is not a KAT or matches no released 224-pixel layout; pass the model name explicitly in that case
-    (:func:`read_checkpoint` also reports the image size, so a KAT trained at another size needs no name).
-    """
+    """The released KAT architecture whose shapes match ``state_dict`` (``"kat_tiny_patch16_224"``: the swish and
+    GELU variants share every shape); ``CheckpointError`` for a non-KAT or a layout other than the released 224 px."""
     embed_dim, patch, depth = _kat_shapes(state_dict)
     size = next((s for s, cfg in SIZES.items() if cfg["embed_dim"] == embed_dim), None)
     if size is None:
         known = ", ".join(f"{cfg['embed_dim']} (kat_{s})" for s, cfg in SIZES.items())
-        raise CheckpointError(
-            f"unknown architecture: embed dim {embed_dim} matches no KAT size (known: {known}); pass the model name"
-        )
+        raise CheckpointError(f"unknown architecture: embed dim {embed_dim} matches no KAT size (known: {known}); "
+                              "pass the model name")
     problems = [f"depth {depth} != {SIZES[size]['depth']}"] if depth != SIZES[size]["depth"] else []
     if patch != (16, 16):
         problems.append(f"patch size {patch[0]}x{patch[1]} != 16x16")
@@ -106,33 +84,15 @@ def infer_architecture(state_dict: Mapping) -> str:
     if pos is not None and pos.shape[-2] != 1 + (224 // 16) ** 2:
         problems.append(f"pos_embed of {pos.shape[-2]} tokens != 197 (a 224x224 input)")
     if problems:
-        raise CheckpointError(
-            f"ambiguous architecture: embed dim {embed_dim} suggests kat_{size}_patch16_224, but "
-            f"{'; '.join(problems)}; pass the model name (and its arguments) explicitly"
-        )
+        raise CheckpointError(f"ambiguous architecture: embed dim {embed_dim} suggests kat_{size}_patch16_224, but "
+                              f"{'; '.join(problems)}; pass the model name (and its arguments) explicitly")
     return f"kat_{size}_patch16_224"
 
 
-def _as_dict(args: Any) -> Dict[str, Any]:
-    if isinstance(args, argparse.Namespace):
-        return dict(vars(args))
-    return dict(args) if isinstance(args, Mapping) else {}
-
-
 def read_checkpoint(path: PathLike, use_ema: Optional[bool] = None) -> LoadedCheckpoint:
-    """Read a checkpoint file once: its weights, and the architecture and model arguments it records.
-
-    Args:
-        path: ``.pth`` / ``.pth.tar`` / ``.bin`` / ``.pt`` (read with ``torch.load(weights_only=True)``) or
-            ``.safetensors``; a bare state dict or a training checkpoint (kat-train, timm's train.py, DeiT).
-        use_ema: None: the EMA weights when there are any (timm's ``load_checkpoint`` does the same); True: the
-            EMA weights, an error without them; False: the model weights.
-
-    Raises:
-        CheckpointError: missing, unreadable or unsafe file, no weights in it, or EMA weights asked for and absent.
-    """
-    from timm.models import is_model, split_model_name_tag
-
+    """Read a checkpoint file once (:func:`kat_timm.checkpoint.load_checkpoint`): its weights (``use_ema`` as in
+    :func:`~kat_timm.checkpoint.unwrap_state_dict`), and the architecture and model arguments it records or implies.
+    ``CheckpointError`` for a missing, unreadable or unsafe file, or one without the weights asked for."""
     path = Path(path)
     try:
         raw = load_checkpoint(path)
@@ -142,7 +102,9 @@ def read_checkpoint(path: PathLike, use_ema: Optional[bool] = None) -> LoadedChe
         state_dict, source = unwrap_state_dict(raw, use_ema=use_ema)
     except CheckpointError as error:
         raise CheckpointError(f"{path}: {error}") from None
-    args = _as_dict(raw.get("args")) if isinstance(raw, Mapping) and source else {}
+    args = raw.get("args") if isinstance(raw, Mapping) and source else {}
+    args = vars(args) if isinstance(args, argparse.Namespace) else args  # timm's train.py saves a Namespace
+    args = dict(args) if isinstance(args, Mapping) else {}
     arch = raw.get("arch") if source else None  # timm's saver: args.model, or the class name without args
     architecture = args.get("model") or (arch if isinstance(arch, str) and is_model(split_model_name_tag(arch)[0])
                                          else None)
@@ -154,10 +116,10 @@ def read_checkpoint(path: PathLike, use_ema: Optional[bool] = None) -> LoadedChe
         model_kwargs.setdefault("num_classes", int(args["num_classes"]))
     try:
         size, implied = _kat_layout(state_dict)
-    except CheckpointError:
+    except CheckpointError:  # not a KAT
         size, implied = None, {}
-        if "head.weight" in state_dict:
-            implied["num_classes"] = int(state_dict["head.weight"].shape[0])
+    if "head.weight" in state_dict:
+        implied["num_classes"] = int(state_dict["head.weight"].shape[0])
     model_kwargs.update(implied)  # the tensors are the truth where they tell
     if architecture is None and size is not None:
         architecture = f"kat_{size}_patch16_224"
@@ -167,8 +129,6 @@ def read_checkpoint(path: PathLike, use_ema: Optional[bool] = None) -> LoadedChe
 def _base_name(name: str) -> str:
     """What decides a model's tensors: the architecture without its pretrained tag, KAT names by size (kat_tiny,
     kat_tiny_patch16_224 and its swish / gelu variants share every shape)."""
-    from timm.models import split_model_name_tag
-
     architecture = split_model_name_tag(name)[0]
     match = re.match(r"^kat_(tiny|small|base)(?:_(?:swish|gelu))?(?:_patch16_224)?$", architecture)
     return f"kat_{match.group(1)}" if match else architecture
@@ -199,34 +159,16 @@ def _load_into(model: torch.nn.Module, checkpoint: LoadedCheckpoint, name: str) 
         raise CheckpointError(f"{checkpoint.path} does not fit {name}: {detail}{hint}") from None
 
 
-def create_model(
-    model_name: Optional[str] = None,
-    checkpoint: Optional[Union[PathLike, LoadedCheckpoint]] = None,
-    pretrained: bool = False,
-    use_ema: Optional[bool] = None,
-    **model_kwargs: Any,
-) -> torch.nn.Module:
-    """A timm model from a name, a checkpoint, or both.
+def create_model(model_name: Optional[str] = None, checkpoint: Optional[Union[PathLike, LoadedCheckpoint]] = None,
+                 pretrained: bool = False, use_ema: Optional[bool] = None, **model_kwargs: Any) -> torch.nn.Module:
+    """A timm model from a name (None: the checkpoint's architecture), a checkpoint (a file or a
+    :func:`read_checkpoint` result, loaded strictly), or both.
 
-    Args:
-        model_name: a timm name (``"kat_tiny"``, ``"kat_base_patch16_224.vitft"``); None: the architecture the
-            checkpoint records or its shapes imply.
-        checkpoint: a file or a :func:`read_checkpoint` result, whose weights are loaded strictly. Its recorded
-            ``img_size``, ``num_classes`` and model arguments are used unless ``model_kwargs`` gives others (a
-            KAT's position embedding is then resampled); a kat-train checkpoint's class names become the model's
-            ``pretrained_cfg["label_names"]``.
-        pretrained: the released weights, through timm (only without ``checkpoint``).
-        use_ema: which weights of a training checkpoint, as in :func:`read_checkpoint` (only for a path).
-        **model_kwargs: passed to ``timm.create_model`` (``img_size``, ``num_classes``, ``drop_path_rate``, ...).
-
-    Raises:
-        CheckpointError: an unreadable checkpoint, one whose architecture differs from ``model_name``, weights that
-            don't fit, or no way to tell the architecture.
-        ValueError: both ``pretrained`` and ``checkpoint``.
+    The checkpoint's recorded model arguments are used unless ``model_kwargs`` (for ``timm.create_model``) gives
+    others (a KAT's position embedding is then resampled); kat-train's class names become the model's
+    ``pretrained_cfg["label_names"]``. ``pretrained``: timm's released weights (only without a checkpoint).
+    ``CheckpointError`` for a checkpoint that is unreadable, of another architecture or does not fit.
     """
-    import timm
-    from timm.models import is_model_in_modules, split_model_name_tag
-
     if checkpoint is None:
         if model_name is None:
             raise ValueError("create_model needs a model name or a checkpoint")

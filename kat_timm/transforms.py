@@ -1,9 +1,5 @@
-"""Image preprocessing of a model, as its pretrained config says (timm's data config and transform factory).
-
-``create_transform(model)`` is ``timm.data.create_transform(**resolve_model_data_config(model), is_training=False)``
-with one correction: a model built for another input size (``img_size=64``, ``set_input_size``, a checkpoint
-fine-tuned at 32 px) gets images of that size, where timm's data config still says the registered 224.
-"""
+"""Image preprocessing of a model, as its pretrained config says: timm's data config and transform factory, but at
+the size the model was built for (``img_size=64``, ``set_input_size``), where timm's data config still says 224."""
 from __future__ import annotations
 
 from typing import Any, Callable, Tuple, Union
@@ -27,21 +23,9 @@ def model_input_size(model: torch.nn.Module) -> Tuple[int, int, int]:
 
 
 def create_transform(model: Union[torch.nn.Module, str], is_training: bool = False, **overrides: Any) -> Callable:
-    """The preprocessing of ``model``'s pretrained config: PIL image -> normalised float tensor (C, H, W).
-
-    Args:
-        model: a timm model (its ``pretrained_cfg`` and input size are read), or a model name with an optional tag
-            (no model is built; the registered pretrained config is used).
-        is_training: the training augmentation (random resized crop, flip, ...) instead of the evaluation pipeline.
-        **overrides: data-config values to change (``input_size``, ``interpolation``, ``mean``, ``std``,
-            ``crop_pct``, ``crop_mode``) and any other keyword of ``timm.data.create_transform``.
-
-    Returns:
-        The transform (a torchvision ``Compose``).
-
-    Raises:
-        ValueError: a model name that timm does not know.
-    """
+    """PIL image -> normalised tensor as ``model``'s pretrained config says (``model``: a timm model, or a model
+    name whose registered config is used); ``overrides``: data-config values or other ``timm.data.create_transform``
+    keywords. ``ValueError`` for a model name that timm does not know."""
     from timm.data import create_transform as timm_create_transform
     from timm.data import resolve_data_config, resolve_model_data_config
 

@@ -77,7 +77,3 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     module = importlib.import_module(f"kat_timm.cli.{name}")
     return module.main(rest, prog=f"kat-timm {name}")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

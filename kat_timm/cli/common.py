@@ -1,6 +1,5 @@
-"""What several subcommands share: the model and weight options, building a model from them (through
-:mod:`kat_timm.factory`) with one-line errors, the released weights from the Hugging Face Hub or its cache without
-waiting through retries when it is unreachable, and the options a training checkpoint was saved with."""
+"""What several subcommands share: the model and weight options, their checks, and building a model from them
+(through :mod:`kat_timm.factory`, released weights through :mod:`kat_timm.tools.download`) with one-line errors."""
 from __future__ import annotations
 
 import argparse
@@ -15,23 +14,9 @@ import torch
 
 from . import CLIError
 
-__all__ = [
-    "ReleasedWeightsUnavailable",
-    "add_model_arguments",
-    "add_weight_source_arguments",
-    "check_backend_setting",
-    "check_image_size",
-    "check_model_name",
-    "check_preprocessing",
-    "check_writable_folder",
-    "checkpoint_training_args",
-    "create_model",
-    "create_model_from_options",
-    "create_sized_model",
-    "hub_unreachable",
-    "released_weights_file",
-    "resolve_device",
-]
+__all__ = ["ReleasedWeightsUnavailable", "add_model_arguments", "add_weight_source_arguments", "check_backend_setting",
+           "check_image_size", "check_model_name", "check_preprocessing", "check_writable_folder", "create_model",
+           "create_model_from_options", "create_sized_model", "released_weights_file", "resolve_device"]
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, default_model: str = "kat_tiny") -> None:
@@ -51,8 +36,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_model: str = "k
 
 
 def add_dataset_reader_arguments(group) -> None:
-    """timm's reader options that kat-train and kat-validate share, with timm's names and meaning: the reader
-    (--dataset), its download switch and the image mode and keys of a sample."""
+    """timm's dataset reader options (its names and meaning) that kat-train and kat-validate share."""
     group.add_argument("--dataset", metavar="NAME", default="",
                        help="timm's dataset reader: '' (default: an ImageFolder), hfds/NAME or hfds/FOLDER "
                             "(Hugging Face datasets), wds/NAME (WebDataset shards in --data-dir), torch/NAME "
@@ -68,8 +52,8 @@ def add_dataset_reader_arguments(group) -> None:
 
 
 def add_weight_source_arguments(parser: argparse.ArgumentParser, default_model: str, random_help: str) -> None:
-    """--model, --checkpoint, --use-ema, --random-weights, --offline: the options of the commands that use the
-    released weights unless told otherwise (predict, plot); ``random_help`` says what --random-weights gives there."""
+    """The weight options of predict and plot (released weights unless told otherwise); ``random_help`` says what
+    --random-weights gives there."""
     parser.add_argument("--model", default=None,
                         help=f"a timm model name with an optional .tag, e.g. kat_base.vitft (default: the "
                              f"checkpoint's architecture, else {default_model})")
@@ -84,8 +68,7 @@ def add_weight_source_arguments(parser: argparse.ArgumentParser, default_model: 
 
 
 def check_model_name(name: str) -> None:
-    """Raise ``CLIError`` (code 2) unless ``name`` is a registered model with, if it has a ``.tag``, a known
-    pretrained tag. Unknown names get the closest registered ones; unknown tags the model's pretrained names."""
+    """Raise ``CLIError`` (code 2) naming the closest models (or the pretrained tags) for an unknown name (or tag)."""
     import timm
     from timm.models import get_pretrained_cfg, split_model_name_tag
 
@@ -113,11 +96,8 @@ INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 
 
 def check_image_size(img_size: Optional[int] = None, input_size: Optional[Sequence[int]] = None) -> None:
-    """Raise ``CLIError`` (code 2) for an ``--img-size`` or ``--input-size`` that no model can take.
-
-    The size must be 1 to ``MAX_IMAGE_SIZE`` pixels; ``--input-size`` must have 3 channels, because every command
-    loads images as RGB. Whether a model's patches fit is checked once it is built (``check_model_input_size``).
-    """
+    """Raise ``CLIError`` (code 2) for an ``--img-size`` or ``--input-size`` that no model can take (whether the
+    patches fit is checked once the model is built: ``check_model_input_size``)."""
     if img_size is not None and not 1 <= img_size <= MAX_IMAGE_SIZE:
         raise CLIError(f"--img-size {img_size}: the image size must be 1 to {MAX_IMAGE_SIZE} pixels", code=2)
     if input_size is not None:
@@ -143,13 +123,8 @@ def check_model_input_size(model: torch.nn.Module, size: Sequence[int], option: 
 
 
 def check_preprocessing(options: dict, training: bool = False) -> None:
-    """Raise ``CLIError`` (code 2) for preprocessing options that timm would reject with a traceback, or worse, use.
-
-    Args:
-        options: ``img_size``, ``input_size``, ``crop_pct``, ``mean``, ``std``, ``interpolation`` (and, when
-            ``training``, ``train_interpolation``); None or "" means the model's default.
-        training: also check kat-train's training-only options.
-    """
+    """Raise ``CLIError`` (code 2) for preprocessing ``options`` (``vars(args)``; None or "": the model's default)
+    that timm would reject with a traceback, or worse, use; ``training``: also kat-train's training-only ones."""
     check_image_size(options.get("img_size"), options.get("input_size"))
     crop_pct = options.get("crop_pct")
     if crop_pct is not None and not 0.01 <= crop_pct <= 1.0:  # also catches NaN
@@ -173,8 +148,8 @@ def check_preprocessing(options: dict, training: bool = False) -> None:
 
 
 def check_writable_folder(folder, option: str) -> None:
-    """Raise ``CLIError`` (code 2) unless files can be written in ``folder`` (created later if missing): the first
-    existing folder on its path must be a writable folder. ``option`` names what asked for it in the message."""
+    """Raise ``CLIError`` (code 2) naming ``option`` unless files can be written in ``folder`` (created later if
+    missing): the first existing folder on its path must be writable."""
     existing = Path(folder).absolute()
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -193,10 +168,6 @@ def check_backend_setting() -> None:
         raise CLIError(f"{error}; unset it or set one of those", code=2) from None
 
 
-# What the released-weights error offers instead, per command, as options of that command's parser.
-WEIGHT_ALTERNATIVES = ("--checkpoint FILE", "--random-weights")
-
-
 class ReleasedWeightsUnavailable(CLIError):
     """The released weights could not be loaded; ``reason`` says why in a few words (for ``kat-timm demo``)."""
 
@@ -206,21 +177,14 @@ class ReleasedWeightsUnavailable(CLIError):
 
 
 def create_model(name: Optional[str] = None, pretrained: bool = False, checkpoint: Optional[Path] = None,
-                 use_ema: bool = False, num_classes: Optional[int] = None, prefer_ema: bool = True,
-                 offline: bool = False, alternatives: Sequence[str] = (), **kwargs: Any) -> torch.nn.Module:
+                 use_ema: bool = False, num_classes: Optional[int] = None, offline: bool = False,
+                 alternatives: Sequence[str] = (), **kwargs: Any) -> torch.nn.Module:
     """:func:`kat_timm.factory.create_model` with the usual failures turned into one-line ``CLIError``.
 
-    Args:
-        name: a timm model name; None: the checkpoint's architecture.
-        pretrained: the released weights (:func:`released_weights_file`: the Hub, else its local cache).
-        checkpoint: a weights file, read once; its architecture, image size and class count are used unless given.
-        use_ema: the checkpoint's EMA weights (an error without them). Otherwise its EMA weights when it has them,
-            unless ``prefer_ema`` is False (timm's validate.py: the model weights unless ``--use-ema``).
-        num_classes: classifier size (default: the checkpoint's, else the model's).
-        offline: released weights only from the local cache.
-        alternatives: options of the calling command that the missing-weights error offers instead (none by
-            default: an option another command has would mislead).
-        **kwargs: more ``timm.create_model`` arguments.
+    ``name`` None builds the checkpoint's architecture; ``pretrained``: :func:`released_weights_file` (``offline``:
+    the cache only); ``use_ema``: the checkpoint's EMA weights or an error (else its EMA weights when it has them);
+    ``alternatives``: the calling command's options that the missing-weights error offers (none by default: an
+    option another command has would mislead); ``kwargs``: more ``timm.create_model`` arguments.
     """
     from timm.models import is_model_in_modules, split_model_name_tag
 
@@ -243,7 +207,7 @@ def create_model(name: Optional[str] = None, pretrained: bool = False, checkpoin
             kwargs.setdefault("weight_init", "skip")  # every tensor is overwritten by the strict load that follows
     try:
         return factory_create_model(name, checkpoint=checkpoint, pretrained=pretrained,
-                                    use_ema=True if use_ema else (None if prefer_ema else False), **kwargs)
+                                    use_ema=True if use_ema else None, **kwargs)
     except CheckpointError as error:
         raise CLIError(str(error)) from None
     except TypeError as error:
@@ -296,103 +260,36 @@ def create_sized_model(name: str, size: Optional[Sequence[int]] = None, **kwargs
     return model
 
 
-def create_model_from_options(args: argparse.Namespace, alternatives: Sequence[str] = WEIGHT_ALTERNATIVES,
-                              **kwargs: Any) -> torch.nn.Module:
-    """The model with the weights :func:`add_weight_source_arguments`' options ask for: ``--checkpoint``, random
-    (``--random-weights``), else the released ones. Without ``--model``, a checkpoint's own architecture is built
-    (else the command's default model); ``args.model`` is then set to the name built."""
-    random_weights = getattr(args, "random_weights", False)
-    if random_weights and args.checkpoint is not None:
+def create_model_from_options(args: argparse.Namespace) -> torch.nn.Module:
+    """The model :func:`add_weight_source_arguments`' options ask for; ``args.model`` is set to the name built
+    (without ``--model``: the checkpoint's architecture, else the command's default model)."""
+    if args.random_weights and args.checkpoint is not None:
         raise CLIError("give --checkpoint or --random-weights, not both", code=2)
     name = args.model or (None if args.checkpoint is not None else args.default_model)
-    model = create_model(name, pretrained=not random_weights and args.checkpoint is None,
-                         checkpoint=args.checkpoint, use_ema=args.use_ema, offline=getattr(args, "offline", False),
-                         alternatives=alternatives, **kwargs)
+    model = create_model(name, pretrained=not args.random_weights and args.checkpoint is None,
+                         checkpoint=args.checkpoint, use_ema=args.use_ema, offline=args.offline,
+                         alternatives=("--checkpoint FILE", "--random-weights"))
     args.model = name or (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
     return model
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The Hugging Face Hub: its own timeouts and offline mode, its cache when it can't be reached
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def hub_unreachable(url: Optional[str] = None) -> Optional[str]:
-    """None when the Hub answers one HTTP request (any status), else why not, in a few words.
-
-    One HEAD request through huggingface_hub's session (``HF_ENDPOINT``, proxies, certificates and token apply),
-    bounded by its ``HF_HUB_ETAG_TIMEOUT``, and without the retries its downloads make: those cost tens of seconds
-    before they fall back to the cache. Nothing is sent in offline mode (``HF_HUB_OFFLINE=1``).
-    """
-    from huggingface_hub import constants
-    from huggingface_hub.utils import build_hf_headers, get_session
-
-    if constants.is_offline_mode():
-        return "offline mode (HF_HUB_OFFLINE=1)"
-    host = constants.ENDPOINT.split("://", 1)[-1]
-    try:
-        get_session().head(url or constants.ENDPOINT, headers=build_hf_headers(), timeout=constants.HF_HUB_ETAG_TIMEOUT)
-    except Exception as error:  # whatever the HTTP library raises, the Hub did not answer
-        if "timeout" in type(error).__name__.lower() or "timed out" in str(error):
-            return f"{host} did not answer within {constants.HF_HUB_ETAG_TIMEOUT:g} s (HF_HUB_ETAG_TIMEOUT)"
-        detail = str(error).strip().splitlines()
-        return f"{host} is unreachable: {detail[0] if detail else type(error).__name__}"
-    return None
-
-
 def released_weights_file(name: str, offline: bool = False, alternatives: Sequence[str] = ()) -> str:
-    """The local path of ``name``'s released weights: downloaded (or found up to date) by huggingface_hub when the
-    Hub answers, else from its local cache (``try_to_load_from_cache``).
-
-    Args:
-        name: a model name whose pretrained config has an ``hf_hub_id``.
-        offline: use the cache only (``--offline``; ``HF_HUB_OFFLINE=1`` does the same).
-        alternatives: the calling command's options that the error offers instead.
-
-    Raises:
-        ReleasedWeightsUnavailable: not in the cache and the Hub unreachable, or the Hub refused the download.
-    """
-    from huggingface_hub import constants, hf_hub_download, hf_hub_url, try_to_load_from_cache
-    from timm.models import get_pretrained_cfg
-
-    cfg = get_pretrained_cfg(name)
-    if cfg is None or not cfg.hf_hub_id:
-        raise CLIError(f"{name} has no released weights on the Hugging Face Hub; drop the pretrained option")
-    repo_id, _, revision = cfg.hf_hub_id.partition("@")
-    # timm's own order: the safetensors file first, the pickled one when the repo has none.
-    files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", constants.PYTORCH_WEIGHTS_NAME]
-    reason = "offline mode (--offline)" if offline else hub_unreachable(hf_hub_url(repo_id, files[0],
-                                                                                   revision=revision or None))
-    if reason is None:
-        for filename in files:
-            try:
-                return hf_hub_download(repo_id, filename, revision=revision or None)
-            except Exception as error:  # a file the repo lacks: try the next; anything else is reported
-                if type(error).__name__ in ("EntryNotFoundError", "RemoteEntryNotFoundError"):
-                    continue
-                first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-                raise ReleasedWeightsUnavailable(f"could not load the released weights of {name}: "
-                                                 f"{type(error).__name__}: {first}", first) from None
-        reason = f"{repo_id} has none of {', '.join(files)}"
-    for filename in files:
-        path = try_to_load_from_cache(repo_id, filename, revision=revision or None)
-        if isinstance(path, str):
-            return path
-    reason = f"{reason}, and they are not in the local Hugging Face cache ({constants.HF_HUB_CACHE})"
-    instead = f", or pass {' or '.join(alternatives)}" if alternatives else ""
-    raise ReleasedWeightsUnavailable(f"could not load the released weights of {name}: {reason}. Run 'kat-timm "
-                                     f"download {name}' where the Hub is reachable (then share or copy the "
-                                     f"cache){instead}.", reason)
-
-
-def checkpoint_training_args(path: Path) -> dict:
-    """The ``args`` a kat-train (or timm train.py) checkpoint was saved with, as a dict; {} for a bare state dict
-    or a file that cannot be read (loading the weights reports that properly). Prefer
-    :func:`kat_timm.factory.read_checkpoint`, which reads the file once for everything."""
-    from kat_timm.checkpoint import CheckpointError
-    from kat_timm.factory import read_checkpoint
+    """The local path of ``name``'s released weights (:func:`kat_timm.tools.download.weights_path`): from the Hub
+    when it answers, else its cache; ``ReleasedWeightsUnavailable`` offers ``alternatives`` (the command's options)."""
+    from kat_timm.tools.download import DownloadError, resolve_hub_repo, weights_path
 
     try:
-        return read_checkpoint(path).args
-    except CheckpointError:
-        return {}
+        repo_id, revision, filename = resolve_hub_repo(name)
+    except ValueError:
+        raise CLIError(f"{name} has no released weights on the Hugging Face Hub; drop the pretrained option") from None
+    try:
+        return weights_path(repo_id, filename, revision, offline)
+    except DownloadError as error:
+        instead = f", or pass {' or '.join(alternatives)}" if alternatives else ""
+        raise ReleasedWeightsUnavailable(f"could not load the released weights of {name}: {error.reason}. Run "
+                                         f"'kat-timm download {name}' where the Hub is reachable (then share or copy "
+                                         f"the cache){instead}.", error.reason) from None
+    except Exception as error:  # the Hub refused the download
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ReleasedWeightsUnavailable(f"could not load the released weights of {name}: "
+                                         f"{type(error).__name__}: {first}", first) from None

@@ -1,11 +1,5 @@
-"""``kat-timm demo``: the first five minutes of KAT on this machine, offline-capable.
-
-1. checks the rational op on its active backend (native CPU kernel, Triton, or PyTorch) against the float64
-   reference: forward and the three gradients, PASS/FAIL (exit code 1 on FAIL);
-2. builds KAT-T with the released weights, or, when they cannot be fetched, says so and goes on with random weights;
-3. classifies the sample images bundled with the package (``kat_timm/assets``);
-4. times inference of KAT against timm's ViT of the same size (random weights, never downloaded).
-"""
+"""``kat-timm demo``: the first five minutes of KAT on this machine, offline-capable (README, "Command line"): the
+op against its float64 reference (exit code 1 on FAIL), KAT-T's predictions on the bundled images, KAT vs ViT."""
 from __future__ import annotations
 
 import argparse
@@ -38,11 +32,6 @@ def sample_images() -> List[Path]:
     return sorted(Path(str(entry)) for entry in folder.iterdir() if entry.name.lower().endswith(IMAGE_SUFFIXES))
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# 1. The op against its reference
-# ---------------------------------------------------------------------------------------------------------------------
-
-
 @dataclass
 class OpCheck:
     """Result of :func:`check_op`: the backend that ran and its relative error per output."""
@@ -59,11 +48,8 @@ class OpCheck:
 
 def check_op(device: torch.device, shape: Tuple[int, ...] = OP_CHECK_SHAPE, groups: int = OP_CHECK_GROUPS,
              tolerance: float = OP_CHECK_TOLERANCE) -> OpCheck:
-    """Run ``group_rational`` (forward and backward, float32) on ``device`` and compare with the float64 reference.
-
-    Random input and coefficients, drawn from a private generator (the caller's RNG state is left alone); a dense
-    upstream gradient. The error of each output is max |op - reference| / max |reference|.
-    """
+    """``group_rational``'s forward and backward (float32, random input from a private generator: the caller's RNG
+    is left alone) on ``device`` against the float64 reference: max |op - reference| / max |reference| per output."""
     from kat_timm.ops import group_rational, group_rational_reference, select_backend
 
     generator = torch.Generator().manual_seed(0)
@@ -77,10 +63,8 @@ def check_op(device: torch.device, shape: Tuple[int, ...] = OP_CHECK_SHAPE, grou
     expected = group_rational_reference(x, numerator, denominator, -1, grad_output)
     actual = (y, x.grad, numerator.grad, denominator.grad)
     names = ("output", "grad x", "grad numerator", "grad denominator")
-    errors = {}
-    for name, got, want in zip(names, actual, expected):
-        scale = want.abs().max().clamp_min(1e-12)
-        errors[name] = ((got.detach().double() - want).abs().max() / scale).item()
+    errors = {name: ((got.detach().double() - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
+              for name, got, want in zip(names, actual, expected)}
     return OpCheck(backend=backend, shape=tuple(shape), errors=errors, tolerance=tolerance)
 
 
@@ -97,11 +81,6 @@ def _backend_detail(backend: str, device: torch.device) -> str:
     return "pure PyTorch"
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# 4. Throughput
-# ---------------------------------------------------------------------------------------------------------------------
-
-
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -110,11 +89,8 @@ def _synchronize(device: torch.device) -> None:
 @torch.inference_mode()
 def time_inference(models: Dict[str, torch.nn.Module], batch: int, reps: int, device: torch.device,
                    image_size: int = 224) -> Dict[str, float]:
-    """Images per second of each model's forward pass (eval, no grad) on a random batch.
-
-    One warm-up pass each, then ``reps`` timed passes interleaved across models (so a load change on a shared
-    machine hits all of them alike); the median pass time counts.
-    """
+    """Images per second of each model's forward pass on a random batch: the median of ``reps`` timed passes after
+    a warm-up, interleaved across models so that a load change on a shared machine hits all of them alike."""
     images = torch.randn(batch, 3, image_size, image_size, device=device)
     for model in models.values():
         model.eval()(images)
@@ -133,11 +109,6 @@ def vit_counterpart(model_name: str) -> Optional[str]:
     """timm's ViT of the same width, depth and heads as a KAT (``kat_tiny...`` -> ``vit_tiny_patch16_224``)."""
     match = re.match(r"^kat_(tiny|small|base)(?:_|\.|$)", model_name)
     return f"vit_{match.group(1)}_patch16_224" if match else None
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------------------------------
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -159,8 +130,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None, prog: str = "kat-timm demo") -> int:
     """Entry point of ``kat-timm demo``."""
-    parser = build_parser(prog)
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = build_parser(prog).parse_args(sys.argv[1:] if argv is None else argv)
     threads = torch.get_num_threads()
     try:
         return run_main(lambda: _run(args), prog)
@@ -193,16 +163,13 @@ def _run(args: argparse.Namespace) -> int:
     print(f"kat-timm {__version__} demo on {device.type}: {device_name(device.type)}{threads}")
     print(f"torch {torch.__version__}, timm {timm.__version__}\n")
 
-    # 1. The op.
     check = check_op(device)
     print(f"1. Rational op on backend '{check.backend}' ({_backend_detail(check.backend, device)}) vs the float64 "
           f"reference, input {tuple(check.shape)} float32:")
     for name, error in check.errors.items():
         print(f"   {name:<17} max relative error {error:.1e}")
-    verdict = "PASS" if check.passed else "FAIL"
-    print(f"   {verdict} (tolerance {check.tolerance:.0e})\n")
+    print(f"   {'PASS' if check.passed else 'FAIL'} (tolerance {check.tolerance:.0e})\n")
 
-    # 2. The model.
     print(f"2. Model {args.model}")
     try:
         model = create_model(args.model, pretrained=True, offline=args.offline)
@@ -217,17 +184,14 @@ def _run(args: argparse.Namespace) -> int:
         model = create_model(args.model)
         random_weights = True
     model.to(device).eval()
-    parameters = sum(p.numel() for p in model.parameters())
-    print(f"   {parameters:,} parameters\n")
+    print(f"   {sum(p.numel() for p in model.parameters()):,} parameters\n")
 
-    # 3. The sample images.
     paths = sample_images()
     predictions = predict(model, read_images(paths), class_labeller(model), top_k=5, device=device)
     caveat = " (random weights: meaningless)" if random_weights else ""
     print(f"3. Top-5 predictions on the bundled sample images{caveat}:")
     print(format_predictions([path.name for path in paths], predictions, indent="   ") + "\n")
 
-    # 4. KAT vs ViT.
     vit_name = vit_counterpart(args.model)
     if args.skip_benchmark:
         print("4. Throughput: skipped (--skip-benchmark)")

@@ -1,7 +1,5 @@
-"""``kat-timm download MODEL[.TAG]... [--cache-dir DIR]``: put released weights into the Hugging Face cache (README,
-"Offline machines"). Each model's failure is one line naming the model and the reason; the others are still
-fetched, and the exit code is 1 when any failed.
-"""
+"""``kat-timm download MODEL[.TAG]... [--cache-dir DIR]``: released weights into the Hugging Face cache (README,
+"Offline machines"); a model that fails is one line on stderr, the others are still fetched (exit code 1)."""
 from __future__ import annotations
 
 import argparse
@@ -18,13 +16,11 @@ ALL = "all"
 
 def _parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Fetch the config and weights of released models into the Hugging Face cache, so that "
-                    "timm.create_model(name, pretrained=True) later works offline (HF_HUB_OFFLINE=1) on a machine "
-                    "that shares the cache. Files already cached are not fetched again.",
+        prog=prog, description="Fetch the config and weights of released models into the Hugging Face cache, so that "
+                               "timm.create_model(name, pretrained=True) later works offline (HF_HUB_OFFLINE=1) on a "
+                               "machine that shares the cache. Files already cached are not fetched again.",
         epilog="examples: %(prog)s kat_tiny kat_base.vitft | %(prog)s all | "
-               "%(prog)s all --cache-dir /shared/hf-hub  (then: export HF_HUB_CACHE=/shared/hf-hub)",
-    )
+               "%(prog)s all --cache-dir /shared/hf-hub  (then: export HF_HUB_CACHE=/shared/hf-hub)")
     parser.add_argument("models", nargs="+", metavar="MODEL[.TAG]",
                         help=f"timm model names with an optional pretrained tag (kat_tiny, kat_small.vitft, "
                              f"kat_base_patch16_224), hf-hub:owner/repo, or '{ALL}' for every released KAT checkpoint")
@@ -38,19 +34,14 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _expand(names: List[str]) -> List[str]:
-    """``all`` -> every released checkpoint; duplicates dropped, order kept."""
-    from kat_timm.tools.download import released_models
-
-    return list(dict.fromkeys(item for name in names for item in (released_models() if name == ALL else [name])))
-
-
 def _run(args: argparse.Namespace, prog: str) -> int:
     from huggingface_hub import constants
 
-    from kat_timm.tools.download import DownloadError, download_pretrained, format_size, resolve_hub_repo
+    from kat_timm.tools.download import (DownloadError, download_pretrained, format_size, released_models,
+                                         resolve_hub_repo)
 
-    names = _expand(args.models)
+    # "all": every released checkpoint; duplicates dropped, order kept
+    names = list(dict.fromkeys(item for name in args.models for item in (released_models() if name == ALL else [name])))
     unknown = 0
     for name in names:  # every name checked before anything is fetched
         try:

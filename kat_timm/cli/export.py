@@ -1,9 +1,5 @@
-"""``kat-timm export MODEL -o model.onnx``: an ONNX file of standard ops that any ONNX runtime runs.
-
-The rational activations become Abs, Mul, Add and Div on a grouped reshape (``kat_timm.tools.export``); there is no
-custom domain. ``--check`` runs the file with onnxruntime on CPU next to the PyTorch model and prints the relative
-error of the logits (exit code 1 above 1e-4). Needs onnx and onnxscript (and onnxruntime for --check): the ``onnx`` extra.
-"""
+"""``kat-timm export MODEL -o model.onnx``: an ONNX file of standard ops (:mod:`kat_timm.tools.export`) that any
+ONNX runtime runs (README, "Deployment"); needs the ``onnx`` extra."""
 from __future__ import annotations
 
 import argparse
@@ -24,12 +20,11 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     from kat_timm.tools.export import DEFAULT_OPSET, MIN_OPSET
 
     parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Export a KAT (or any timm image model) to ONNX. The rational activations are written as plain "
-                    "ONNX ops (Abs, Mul, Add, Div, Reshape), so any ONNX runtime runs the file. Input 'images' "
-                    "(N, 3, H, W) float32, normalised as the model's pretrained config says; output 'logits'.",
-        epilog="example: %(prog)s kat_tiny --pretrained -o kat_tiny.onnx --dynamic-batch --check",
-    )
+        prog=prog, description="Export a KAT (or any timm image model) to ONNX. The rational activations are "
+                               "written as plain ONNX ops (Abs, Mul, Add, Div, Reshape), so any ONNX runtime runs the "
+                               "file. Input 'images' (N, 3, H, W) float32, normalised as the model's pretrained config "
+                               "says; output 'logits'.",
+        epilog="example: %(prog)s kat_tiny --pretrained -o kat_tiny.onnx --dynamic-batch --check")
     parser.add_argument("model", metavar="MODEL", nargs="?", default=None,
                         help="timm model name (kat_tiny, kat_base_patch16_224.vitft, ...; default: the --checkpoint's "
                              "architecture)")
@@ -69,7 +64,12 @@ def _validate(args: argparse.Namespace) -> None:
 
     if args.opset < MIN_OPSET:
         raise CLIError(f"--opset {args.opset} is too old: a KAT needs opset {MIN_OPSET} or newer", code=2)
-    newest = _newest_opset()
+    try:
+        import onnx
+
+        newest = onnx.defs.onnx_opset_version()
+    except ImportError:  # reported on its own below
+        newest = None
     if newest is not None and args.opset > newest:
         raise CLIError(f"--opset {args.opset} is newer than the installed onnx knows ({newest}); the default is "
                        f"{DEFAULT_OPSET}", code=2)
@@ -93,33 +93,24 @@ def _validate(args: argparse.Namespace) -> None:
         raise CLIError(str(error)) from error
 
 
-def _newest_opset() -> Optional[int]:
-    """The newest opset the installed onnx knows (None without onnx: that is reported on its own)."""
-    try:
-        import onnx
-    except ImportError:
-        return None
-    return onnx.defs.onnx_opset_version()
-
-
 def _format_shape(shape) -> str:
     return "[" + ", ".join(str(dim) for dim in shape) + "]"
 
 
 def _run(args: argparse.Namespace, prog: str) -> int:
     _validate(args)  # before building the model: the usual mistakes fail in a second
-    from kat_timm.tools.export import INPUT_NAME, OUTPUT_NAME, OpsetConversionError, check_onnx, export_onnx, onnx_io_shapes
+    from kat_timm.tools.export import (INPUT_NAME, OUTPUT_NAME, OpsetConversionError, check_onnx, export_onnx,
+                                       onnx_io_shapes)
 
     from .common import check_model_input_size, create_model
 
-    random_weights = not args.pretrained and args.checkpoint is None
     if args.model is None and args.checkpoint is None:
         raise CLIError("give the MODEL to export, or --checkpoint FILE to export the model it holds", code=2)
     # A checkpoint's model is built at the size it was trained at, then resized by --img-size.
     model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, use_ema=args.use_ema,
                          offline=args.offline, alternatives=("--checkpoint FILE",))
     args.model = args.model or model.pretrained_cfg.get("architecture")
-    if random_weights:
+    if not args.pretrained and args.checkpoint is None:
         print(f"{prog}: warning: no --pretrained or --checkpoint: exporting {args.model} with random weights",
               file=sys.stderr)
     if args.img_size is not None:
@@ -129,15 +120,13 @@ def _run(args: argparse.Namespace, prog: str) -> int:
         model.set_input_size(img_size=(args.img_size, args.img_size))
     model = model.eval().float()
     try:
-        export_onnx(model, args.output, dynamic_batch=args.dynamic_batch, opset=args.opset,
-                    batch_size=args.batch_size)
+        export_onnx(model, args.output, dynamic_batch=args.dynamic_batch, opset=args.opset, batch_size=args.batch_size)
     except OpsetConversionError as error:
         raise CLIError(str(error)) from error
     except PermissionError as error:
         raise CLIError(f"{args.output}: cannot write the file ({error.strerror})") from error
     shapes = onnx_io_shapes(args.output)
-    size_mb = args.output.stat().st_size / 1e6
-    print(f"wrote {args.output} ({size_mb:.1f} MB, opset {args.opset}): "
+    print(f"wrote {args.output} ({args.output.stat().st_size / 1e6:.1f} MB, opset {args.opset}): "
           f"{INPUT_NAME} {_format_shape(shapes[INPUT_NAME])} -> {OUTPUT_NAME} {_format_shape(shapes[OUTPUT_NAME])}")
     if args.check:
         batches = (1, 3) if args.dynamic_batch else (args.batch_size,)

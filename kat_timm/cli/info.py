@@ -1,9 +1,5 @@
-"""``kat-timm info``: what runs the rational op on this machine, the versions, and the model zoo.
-
-Quick and offline: parameters are counted on the meta device, the Hugging Face cache is only looked at
-(``try_to_load_from_cache``), nothing is downloaded, and FLOPs are measured (on meta tensors) only with ``--flops``.
-``--json`` prints the same as one JSON object for scripts and bug reports.
-"""
+"""``kat-timm info``: what runs the rational op on this machine, the versions, and the model zoo; quick and offline
+(parameters and ``--flops`` counted on the meta device, the Hugging Face cache only looked at)."""
 from __future__ import annotations
 
 import argparse
@@ -33,15 +29,12 @@ def _describe_backend(backend: str, device: str, triton_mode: str) -> str:
 
 
 def backend_report() -> Dict[str, Any]:
-    """Which implementation of the rational op runs here, per device and dtype, and why.
-
-    Never raises for a misconfiguration: a bad ``KAT_RATIONAL_BACKEND`` or a forced backend that cannot run is
-    reported under ``error`` (that is what this report is for).
-    """
+    """Which implementation of the rational op runs here, per device and dtype, and why; a bad
+    ``KAT_RATIONAL_BACKEND`` or a forced backend that cannot run is reported under ``error``, never raised."""
     import torch
 
-    from kat_timm.ops import BACKEND_ENV, native_cpu_status, rational_cpu, requested_backend, select_backend
-    from kat_timm.ops import triton_status
+    from kat_timm.ops import (BACKEND_ENV, native_cpu_status, rational_cpu, requested_backend, select_backend,
+                              triton_status)
 
     native_ok, native_reason = native_cpu_status()
     library = getattr(getattr(rational_cpu, "_library", None), "_name", None) if native_ok else None
@@ -92,14 +85,8 @@ def _versions() -> Dict[str, Any]:
 
 
 def collect(flops: bool = False) -> Dict[str, Any]:
-    """Everything ``kat-timm info`` reports, as a JSON-ready dict (``versions``, ``backend``, ``hub``, ``models``).
-
-    Args:
-        flops: also measure each model's forward FLOPs (224 px, batch 1).
-
-    Raises:
-        CLIError: no KAT model is registered (a broken install).
-    """
+    """Everything ``kat-timm info`` reports, as a JSON-ready dict (``versions``, ``backend``, ``hub``, ``models``);
+    ``flops``: also each model's forward FLOPs (224 px, batch 1)."""
     from huggingface_hub import constants
 
     from kat_timm.tools.zoo import checkpoint_cached, zoo_rows
@@ -183,11 +170,10 @@ def _text(info: Dict[str, Any], flops: bool) -> str:
 def main(argv: Optional[List[str]] = None, prog: str = "kat-timm info") -> int:
     """Entry point of ``kat-timm info``."""
     parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Show which implementation of the rational op runs on this machine, the versions of the packages "
-                    "that matter, and the registered KAT models with parameters, reported top-1, Hub id and whether "
-                    "their weights are in the local Hugging Face cache. Offline: nothing is downloaded.",
-    )
+        prog=prog, description="Show which implementation of the rational op runs on this machine, the versions of "
+                               "the packages that matter, and the registered KAT models with parameters, reported "
+                               "top-1, Hub id and whether their weights are in the local Hugging Face cache. Offline: "
+                               "nothing is downloaded.")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--flops", action="store_true",
                         help="also count each model's FLOPs for one 224 x 224 image (meta tensors; about a second)")

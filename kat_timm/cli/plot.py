@@ -1,10 +1,5 @@
-"""``kat-timm plot -o activations.png``: draw every block's learned rational activations (act1, act2).
-
-One panel per rational, one curve per channel group, a dashed reference curve to compare with; the figure comes
-from :func:`kat_timm.tools.plot.plot_rationals`. Weights as for ``kat-timm predict``: the released ones by default,
-``--checkpoint FILE`` for your own, ``--random-weights`` for the initialisation. Needs matplotlib
-(``pip install matplotlib``, or the ``plot`` extra).
-"""
+"""``kat-timm plot -o activations.png``: every block's learned rational activations (act1, act2), drawn by
+:func:`kat_timm.tools.plot.plot_rationals`, with the weights options of ``kat-timm predict``; needs matplotlib."""
 from __future__ import annotations
 
 import argparse
@@ -48,20 +43,12 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _supported_formats() -> set:
-    """The file extensions matplotlib's savefig writes (png, pdf, svg, ...)."""
-    from matplotlib.backend_bases import FigureCanvasBase
-
-    return set(FigureCanvasBase.get_supported_filetypes())
-
-
 def main(argv: Optional[List[str]] = None, prog: str = "kat-timm plot") -> int:
     """Entry point of ``kat-timm plot``."""
-    parser = build_parser(prog)
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = build_parser(prog).parse_args(sys.argv[1:] if argv is None else argv)
 
     def run() -> int:
-        from ..tools.plot import INSTALL_HINT, require_matplotlib, find_rationals, plot_rationals
+        from ..tools.plot import INSTALL_HINT, find_rationals, plot_rationals, require_matplotlib
         from .common import create_model_from_options
 
         try:
@@ -75,7 +62,9 @@ def main(argv: Optional[List[str]] = None, prog: str = "kat-timm plot") -> int:
                            f"{args.output / 'activations.png'}", code=2)
         if not args.output.suffix:  # matplotlib would add .png itself, and the message would name another file
             args.output = args.output.with_name(args.output.name + ".png")
-        formats = _supported_formats()
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        formats = set(FigureCanvasBase.get_supported_filetypes())  # the extensions savefig writes
         if args.output.suffix[1:].lower() not in formats:
             raise CLIError(f"{args.output}: matplotlib cannot write {args.output.suffix} files; use one of "
                            f"{', '.join('.' + f for f in sorted(formats))}", code=2)
@@ -102,8 +91,7 @@ def main(argv: Optional[List[str]] = None, prog: str = "kat-timm plot") -> int:
             figure.savefig(args.output, dpi=args.dpi)
         except (OSError, ValueError) as error:  # ValueError: an extension matplotlib has no writer for
             raise CLIError(f"{args.output}: cannot write the figure ({error})") from None
-        print(f"wrote {args.output}: {len(find_rationals(model))} rational activations of {args.model} "
-              f"({weights})")
+        print(f"wrote {args.output}: {len(find_rationals(model))} rational activations of {args.model} ({weights})")
         return 0
 
     return run_main(run, prog)

@@ -1,19 +1,11 @@
-"""``kat-timm predict IMAGE...``: top-k ImageNet labels with probabilities.
-
-Preprocessing comes from the model's pretrained config (timm's ``resolve_data_config`` + ``create_transform``), the
-labels from timm's ImageNet info; all images go through the model in batches. Weights: the released ones by
-default, ``--checkpoint FILE`` for your own, ``--random-weights`` to skip loading (the output then says the
-predictions are meaningless).
-
-This module also holds what ``kat-timm demo`` shares with it: reading images with errors that name the file, and
-turning logits into labelled top-k lists.
-"""
+"""``kat-timm predict IMAGE...``: top-k ImageNet labels with probabilities (README, "Command line"); also what
+``kat-timm demo`` shares with it: reading images with errors that name the file, labelled top-k lists."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
@@ -22,29 +14,13 @@ import torch
 from . import CLIError, run_main
 from .common import add_weight_source_arguments, create_model_from_options, resolve_device
 
-__all__ = [
-    "Prediction",
-    "class_labeller",
-    "main",
-    "predict",
-    "read_images",
-]
+__all__ = ["Prediction", "class_labeller", "main", "predict", "read_images"]
 
 RANDOM_WEIGHTS_WARNING = "random weights (--random-weights): the predictions below are meaningless"
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Images, labels, predictions
-# ---------------------------------------------------------------------------------------------------------------------
-
-
 def read_images(paths: Sequence[Path], problems: Optional[List[str]] = None):
-    """Open every image as RGB, all before any model work, so a bad path fails fast.
-
-    Args:
-        paths: image files.
-        problems: when given, each file that is missing, not a file, or not an image PIL can decode is skipped and
-            named here; otherwise they are all named in one ``CLIError``.
-    """
+    """Every image as RGB, read before any model work so a bad path fails fast; unreadable files are named in
+    ``problems`` (and skipped) when it is given, else all in one ``CLIError``."""
     from PIL import Image, UnidentifiedImageError
 
     images, found = [], []
@@ -61,19 +37,16 @@ def read_images(paths: Sequence[Path], problems: Optional[List[str]] = None):
                 found.append(f"{path}: not an image file PIL can read (JPEG, PNG, WebP, BMP, ...)")
             except (OSError, ValueError) as error:
                 found.append(f"{path}: cannot read the image ({error})")
-    if problems is None and found:
-        raise CLIError("; ".join(found))
     if problems is not None:
         problems.extend(found)
+    elif found:
+        raise CLIError("; ".join(found))
     return images
 
 
 def _to_rgb(image):
-    """``image.convert("RGB")``, except that high-bit-depth greyscale is scaled to 8 bits first.
-
-    PIL's conversion clips 16-bit ("I;16", and "I" as some versions open 16-bit PNGs) and float ("F") greyscale to
-    0..255 instead of scaling it, which turns a 16-bit image almost entirely white.
-    """
+    """``image.convert("RGB")``, but high-bit-depth greyscale scaled to 8 bits first: PIL clips 16-bit ("I;16",
+    and "I" as some versions open 16-bit PNGs) and float ("F") greyscale to 0..255, which turns it almost white."""
     if not (image.mode.startswith("I") or image.mode == "F"):
         return image.convert("RGB")
     import numpy as np
@@ -89,16 +62,9 @@ def _to_rgb(image):
 
 
 def class_labeller(model: torch.nn.Module, class_map: Optional[Path] = None) -> Callable[[int], str]:
-    """index -> label for the model's classifier.
-
-    ``class_map`` (timm's format: a .txt file with one class name per line, line i naming class i) wins; else the
-    model's own class names (``pretrained_cfg["label_names"]``, with ``label_descriptions`` when there are any: what
-    a kat-train checkpoint or a Hub config gives); else ImageNet descriptions when the classifier size is an
-    ImageNet subset's (timm's ``infer_imagenet_subset``, e.g. 1000 classes -> imagenet-1k); else the class index.
-
-    Raises:
-        CLIError: the class map is unreadable or does not have one name per class.
-    """
+    """index -> label: from ``class_map`` (timm's .txt format, line i naming class i), else the model's
+    ``pretrained_cfg["label_names"]`` (and ``label_descriptions``), else ImageNet's descriptions for an ImageNet
+    subset's classifier size (timm's ``infer_imagenet_subset``), else the class index."""
     num_classes = int(getattr(model, "num_classes", 0) or 0)
     if class_map is not None:
         names = _read_class_map(class_map)
@@ -114,10 +80,7 @@ def class_labeller(model: torch.nn.Module, class_map: Optional[Path] = None) -> 
     from timm.data import ImageNetInfo, infer_imagenet_subset
 
     subset = infer_imagenet_subset(model)
-    if subset is None:
-        return lambda index: f"class {index}"
-    info = ImageNetInfo(subset)
-    return info.index_to_description
+    return ImageNetInfo(subset).index_to_description if subset else lambda index: f"class {index}"
 
 
 def _read_class_map(path: Path) -> List[str]:
@@ -135,7 +98,7 @@ def _read_class_map(path: Path) -> List[str]:
     return names
 
 
-@dataclass
+@dataclasses.dataclass
 class Prediction:
     """One of an image's top-k classes."""
 
@@ -145,30 +108,15 @@ class Prediction:
 
 
 @torch.inference_mode()
-def predict(
-    model: torch.nn.Module,
-    images: Sequence,
-    labeller: Callable[[int], str],
-    top_k: int = 5,
-    batch_size: int = 16,
-    device: Optional[torch.device] = None,
-) -> List[List[Prediction]]:
-    """Top-k softmax probabilities of each image, preprocessed with the model's pretrained data config (at the
-    model's input size).
-
-    Args:
-        model: a timm classifier (put in eval mode here).
-        images: PIL images.
-        labeller: index -> label (:func:`class_labeller`).
-        top_k: how many classes per image (capped at the number of classes).
-        batch_size: images per forward pass.
-        device: where to run (default: the model's device).
-    """
+def predict(model: torch.nn.Module, images: Sequence, labeller: Callable[[int], str], top_k: int = 5,
+            batch_size: int = 16, device: Optional[torch.device] = None) -> List[List[Prediction]]:
+    """Top-k softmax probabilities of each PIL image (at most the class count), preprocessed as the model's
+    pretrained config says (:func:`kat_timm.transforms.create_transform`), on ``device`` (default: the model's)."""
     from kat_timm.transforms import create_transform
 
     model.eval()
     device = device or next(model.parameters()).device
-    transform = create_transform(model)  # the pretrained config's preprocessing, at the model's own input size
+    transform = create_transform(model)
     k = min(top_k, int(model.num_classes))
     results: List[List[Prediction]] = []
     for start in range(0, len(images), batch_size):
@@ -190,20 +138,12 @@ def format_predictions(names: Sequence[str], predictions: Sequence[Sequence[Pred
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------------------------------
-
-
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Top-k ImageNet labels for images, with the released KAT weights (default), a checkpoint, or "
-                    "random weights.")
+    parser = argparse.ArgumentParser(prog=prog, description="Top-k ImageNet labels for images, with the released KAT "
+                                                            "weights (default), a checkpoint, or random weights.")
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (JPEG, PNG, ...)")
-    add_weight_source_arguments(
-        parser, default_model="kat_base",
-        random_help="skip loading weights (for trying the command offline; predictions are meaningless)")
+    add_weight_source_arguments(parser, default_model="kat_base", random_help="skip loading weights (for trying the "
+                                "command offline; predictions are meaningless)")
     parser.add_argument("--class-map", metavar="FILE", type=Path,
                         help="class names, one per line (line i = class i), for a classifier that is not ImageNet's")
     parser.add_argument("--top-k", type=int, default=5, help="classes per image (default: 5)")
@@ -246,12 +186,9 @@ def main(argv: Optional[List[str]] = None, prog: str = "kat-timm predict") -> in
         if args.random_weights:
             print(f"{prog}: warning: {RANDOM_WEIGHTS_WARNING}", file=sys.stderr)
         if args.json:
-            records = [
-                {"image": name, "model": args.model, "weights": weights,
-                 "predictions": [{"index": p.index, "label": p.label, "probability": p.probability} for p in top]}
-                for name, top in zip(names, predictions)
-            ]
-            print(json.dumps(records, indent=2))
+            print(json.dumps([{"image": name, "model": args.model, "weights": weights,
+                               "predictions": [dataclasses.asdict(p) for p in top]}
+                              for name, top in zip(names, predictions)], indent=2))
         else:
             print(f"{args.model} ({weights} weights) on {device}")
             if args.random_weights:

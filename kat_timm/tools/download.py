@@ -1,25 +1,20 @@
-"""Fetch released weights into the Hugging Face cache, so that ``timm.create_model(name, pretrained=True)`` later
-works offline (README, "Offline machines").
-
-What is fetched is what timm looks for: ``config.json`` and the first weights file of :func:`weight_files` that the
-repo has (timm falls back from safetensors to ``pytorch_model.bin``). Cached files are found with
-``try_to_load_from_cache`` and never fetched again, so checking a complete cache makes no request at all.
-"""
+"""Released weights from the Hugging Face Hub or its cache, failing fast when the Hub is unreachable (README,
+"Offline machines"): :func:`download_pretrained` fills the cache, :func:`weights_path` finds the file to load."""
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import timm
-from huggingface_hub import (_CACHED_NO_EXIST, constants, get_hf_file_metadata, hf_hub_download, hf_hub_url,
-                             try_to_load_from_cache)
+from huggingface_hub import _CACHED_NO_EXIST, constants, hf_hub_download, hf_hub_url, try_to_load_from_cache
 from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                     RepositoryNotFoundError, RevisionNotFoundError)
 from huggingface_hub.utils.sha import git_hash, sha_fileobj
 
-__all__ = ["CachedFile", "DownloadError", "DownloadResult", "cached_file_intact", "download_pretrained",
-           "format_size", "pretrained_names", "released_models", "resolve_hub_repo", "weight_files"]
+__all__ = ["CachedFile", "DownloadError", "DownloadResult", "cached_file_intact", "cached_weights",
+           "download_pretrained", "format_size", "hub_unreachable", "pretrained_names", "released_models",
+           "resolve_hub_repo", "weight_files", "weights_path"]
 
 HF_HUB_PREFIX = "hf-hub:"
 
@@ -36,8 +31,7 @@ class DownloadError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class CachedFile:
-    """One file of a model in the cache: its name in the repo, its path in the snapshot folder, its size in bytes,
-    and whether this call downloaded it (False: it was already cached)."""
+    """One file of a model in the cache; ``fetched``: this call downloaded it (False: it was already cached)."""
 
     filename: str
     path: Path
@@ -55,7 +49,6 @@ class DownloadResult:
 
     @property
     def folder(self) -> Path:
-        """The snapshot folder holding the files."""
         return self.files[0].path.parent
 
     @property
@@ -70,22 +63,20 @@ class DownloadResult:
 def format_size(num_bytes: int) -> str:
     """Human-readable size in decimal units, as the Hugging Face tools print them: ``"22.9 MB"``."""
     size = float(num_bytes)
-    for unit in ("B", "kB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
+    for unit in ("B", "kB", "MB"):
+        if size < 1000:
             return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1000
-    raise AssertionError("unreachable")
+    return f"{size:.1f} GB"
 
 
 def released_models(pattern: str = "kat*") -> Dict[str, str]:
-    """{model name: Hub repo id} of every released checkpoint, from timm's registered pretrained configs; a repo that
-    several names load is listed once, under the name that equals the repo's own name when there is one."""
+    """{model name: Hub repo id} of every released checkpoint; a repo that several names load is listed once, under
+    the name that equals the repo's own name when there is one."""
     by_repo: Dict[str, str] = {}
     for name in timm.list_pretrained(pattern):
         repo_id = (timm.models.get_pretrained_cfg(name).hf_hub_id or "").split("@", 1)[0]
-        if not repo_id:
-            continue
-        if repo_id not in by_repo or name == repo_id.rsplit("/", 1)[-1]:
+        if repo_id and (repo_id not in by_repo or name == repo_id.rsplit("/", 1)[-1]):
             by_repo[repo_id] = name
     return {name: repo_id for repo_id, name in sorted(by_repo.items())}
 
@@ -98,7 +89,7 @@ def pretrained_names(architecture: str) -> List[str]:
 
 
 def weight_files(filename: str = constants.PYTORCH_WEIGHTS_NAME) -> List[str]:
-    """The files timm's ``load_state_dict_from_hf`` tries, in its order: a safetensors alternative, then ``filename``."""
+    """The files timm's ``load_state_dict_from_hf`` tries, in order: a safetensors alternative, then ``filename``."""
     if filename == constants.PYTORCH_WEIGHTS_NAME:
         return [constants.SAFETENSORS_SINGLE_FILE, filename]
     if filename.endswith(".bin"):
@@ -106,20 +97,11 @@ def weight_files(filename: str = constants.PYTORCH_WEIGHTS_NAME) -> List[str]:
     return [filename]
 
 
-def _known_names() -> str:
-    return ", ".join(released_models())
-
-
 def resolve_hub_repo(name: str) -> Tuple[str, Optional[str], str]:
-    """Where timm fetches ``name``'s pretrained weights from: (repo id, revision or None, weights filename).
+    """(repo id, revision or None, weights filename) that timm fetches ``name``'s pretrained weights from.
 
-    Args:
-        name: a timm model name with an optional ``.tag`` (``kat_tiny``, ``kat_base.vitft``), or
-            ``hf-hub:owner/repo[@revision]``.
-
-    Raises:
-        ValueError: an unknown model, an unknown tag, or a model without weights on the Hub; the message lists the
-            released KAT checkpoints (or the model's own tags).
+    ``name``: a timm model name with an optional ``.tag``, or ``hf-hub:owner/repo[@revision]``. Raises ``ValueError``
+    for an unknown model or tag or a model without weights on the Hub, listing the released KAT checkpoints.
     """
     if name.startswith(HF_HUB_PREFIX):
         repo_id, _, revision = name[len(HF_HUB_PREFIX):].partition("@")
@@ -128,7 +110,7 @@ def resolve_hub_repo(name: str) -> Tuple[str, Optional[str], str]:
         return repo_id, revision or None, constants.PYTORCH_WEIGHTS_NAME
     architecture, tag = timm.models.split_model_name_tag(name)
     if not timm.models.is_model(architecture):
-        raise ValueError(f"unknown model {name!r}; released KAT checkpoints: {_known_names()}")
+        raise ValueError(f"unknown model {name!r}; released KAT checkpoints: {', '.join(released_models())}")
     try:
         cfg = timm.models.get_pretrained_cfg(name)
     except RuntimeError:  # timm: the architecture exists but not this tag
@@ -136,14 +118,10 @@ def resolve_hub_repo(name: str) -> Tuple[str, Optional[str], str]:
         raise ValueError(f"{architecture} has no pretrained tag {tag!r}; its pretrained names: {tags}") from None
     if cfg is None or not cfg.hf_hub_id:
         where = f" (timm fetches it from {cfg.url})" if cfg is not None and cfg.url else ""
-        raise ValueError(f"{name} has no weights on the Hugging Face Hub{where}; "
-                         f"released KAT checkpoints: {_known_names()}")
+        raise ValueError(f"{name} has no weights on the Hugging Face Hub{where}; released KAT checkpoints: "
+                         f"{', '.join(released_models())}")
     repo_id, _, revision = cfg.hf_hub_id.partition("@")
     return repo_id, revision or None, cfg.hf_hub_filename or constants.PYTORCH_WEIGHTS_NAME
-
-
-def _cached_file(filename: str, path: str, fetched: bool) -> CachedFile:
-    return CachedFile(filename=filename, path=Path(path), size=Path(path).stat().st_size, fetched=fetched)
 
 
 def cached_file_intact(path: PathLike) -> bool:
@@ -159,12 +137,75 @@ def cached_file_intact(path: PathLike) -> bool:
     return git_hash(blob.read_bytes()) == name
 
 
+def hub_unreachable(url: Optional[str] = None) -> Optional[str]:
+    """None when the Hub answers one HEAD request (any status; through huggingface_hub's session, within its
+    ``HF_HUB_ETAG_TIMEOUT``; none in offline mode), else why not. ``hf_hub_download`` alone retries for about 20 s."""
+    from huggingface_hub.utils import build_hf_headers, get_session  # at call time: tests replace the session
+
+    if constants.is_offline_mode():
+        return "offline mode (HF_HUB_OFFLINE=1)"
+    host = constants.ENDPOINT.split("://", 1)[-1]
+    try:
+        get_session().head(url or constants.ENDPOINT, headers=build_hf_headers(), timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except Exception as error:  # whatever the HTTP library raises, the Hub did not answer
+        if "timeout" in type(error).__name__.lower() or "timed out" in str(error):
+            return f"{host} did not answer within {constants.HF_HUB_ETAG_TIMEOUT:g} s (HF_HUB_ETAG_TIMEOUT)"
+        detail = str(error).strip().splitlines()
+        return f"{host} is unreachable: {detail[0] if detail else type(error).__name__}"
+    return None
+
+
 def _hub_answers(repo_id: str, filename: str, revision: Optional[str]) -> None:
-    """One HEAD request for the file, without retries, within huggingface_hub's ``HF_HUB_ETAG_TIMEOUT``: an
-    unreachable Hub (or a missing repo or file) fails here at once, where ``hf_hub_download`` would first retry a
-    connection error with growing waits for about 20 s."""
-    get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision),
-                         timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    """Raise ``ConnectionError`` at once when the Hub does not answer (:func:`hub_unreachable`)."""
+    reason = hub_unreachable(hf_hub_url(repo_id, filename, revision=revision))
+    if reason is not None:
+        raise ConnectionError(reason)
+
+
+def _first_in_repo(candidates: List[str], fetch: Callable[[str], Any]) -> Any:
+    """``fetch`` of the first candidate file the repo has, as timm picks its weights file; None when it has none."""
+    for candidate in candidates:
+        try:
+            return fetch(candidate)
+        except LocalEntryNotFoundError:
+            raise  # offline or unreachable: not a missing file
+        except EntryNotFoundError:
+            continue
+    return None
+
+
+def cached_weights(repo_id: str, candidates: List[str], revision: Optional[str] = None,
+                   cache_dir: Optional[PathLike] = None) -> Optional[Tuple[str, str]]:
+    """(filename, path) of the first candidate in the cache, or None."""
+    for candidate in candidates:
+        path = try_to_load_from_cache(repo_id, candidate, cache_dir=cache_dir, revision=revision)
+        if isinstance(path, str):
+            return candidate, path
+    return None
+
+
+def weights_path(repo_id: str, filename: str = constants.PYTORCH_WEIGHTS_NAME, revision: Optional[str] = None,
+                 offline: bool = False) -> str:
+    """The local path of the weights file timm loads from ``repo_id`` (the first of :func:`weight_files` it has):
+    through ``hf_hub_download`` (a newer version is fetched) when the Hub answers, else from the cache.
+    ``DownloadError`` says why neither has them; the Hub's own errors (``HfHubHTTPError``, ...) pass through."""
+    candidates = weight_files(filename)
+    reason = "offline mode (--offline)" if offline else hub_unreachable(hf_hub_url(repo_id, candidates[0],
+                                                                                   revision=revision))
+    if reason is None:
+        path = _first_in_repo(candidates, lambda name: hf_hub_download(repo_id, name, revision=revision))
+        if path is not None:
+            return path
+        reason = f"{repo_id} has none of {', '.join(candidates)}"
+    cached = cached_weights(repo_id, candidates, revision)
+    if cached is None:
+        raise DownloadError(repo_id, f"{reason}, and they are not in the local Hugging Face cache "
+                                     f"({constants.HF_HUB_CACHE})")
+    return cached[1]
+
+
+def _cached_file(filename: str, path: str, fetched: bool) -> CachedFile:
+    return CachedFile(filename=filename, path=Path(path), size=Path(path).stat().st_size, fetched=fetched)
 
 
 def _fetch(repo_id: str, filename: str, revision: Optional[str], cache_dir: Optional[PathLike],
@@ -178,8 +219,7 @@ def _fetch(repo_id: str, filename: str, revision: Optional[str], cache_dir: Opti
                                       "checksum (a download or a copy was cut short)")
     if not constants.is_offline_mode():
         _hub_answers(repo_id, filename, revision)
-    path = hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
-                           force_download=force or damaged)
+    path = hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir, force_download=force or damaged)
     return _cached_file(filename, path, fetched=True)
 
 
@@ -187,20 +227,19 @@ def _fetch_weights(repo_id: str, filename: str, revision: Optional[str], cache_d
                    force: bool = False) -> CachedFile:
     candidates = weight_files(filename)
     # Any one cached candidate is enough: offline, timm skips the candidates that are not cached.
-    for candidate in candidates:
-        cached = try_to_load_from_cache(repo_id, candidate, cache_dir=cache_dir, revision=revision)
-        if isinstance(cached, str):
-            return _fetch(repo_id, candidate, revision, cache_dir, force)  # again if damaged or forced
-    for candidate in candidates:
-        if try_to_load_from_cache(repo_id, candidate, cache_dir=cache_dir, revision=revision) is _CACHED_NO_EXIST:
-            continue
-        try:
-            return _fetch(repo_id, candidate, revision, cache_dir, force)
-        except LocalEntryNotFoundError:
-            raise  # offline or unreachable: not a missing file
-        except EntryNotFoundError:
-            continue  # the repo has no such file: try the next candidate, as timm does
-    raise EntryNotFoundError(f"the repo holds none of {', '.join(candidates)}")
+    cached = cached_weights(repo_id, candidates, revision, cache_dir)
+    if cached is not None:
+        return _fetch(repo_id, cached[0], revision, cache_dir, force)  # again if damaged or forced
+
+    def fetch(name: str) -> CachedFile:
+        if try_to_load_from_cache(repo_id, name, cache_dir=cache_dir, revision=revision) is _CACHED_NO_EXIST:
+            raise EntryNotFoundError(name)  # the cache remembers that the repo lacks it
+        return _fetch(repo_id, name, revision, cache_dir, force)
+
+    found = _first_in_repo(candidates, fetch)
+    if found is None:
+        raise EntryNotFoundError(f"the repo holds none of {', '.join(candidates)}")
+    return found
 
 
 def _cache_root(cache_dir: Optional[PathLike]) -> str:
@@ -242,22 +281,11 @@ def _reason(error: Exception, repo_id: str, revision: Optional[str], cache_dir: 
 
 def download_pretrained(name: str, cache_dir: Optional[PathLike] = None, force: bool = False) -> DownloadResult:
     """Make sure the cache holds what ``timm.create_model(name, pretrained=True)`` needs: ``config.json`` and the
-    weights file timm will pick. Cached files are not fetched again (no request at all) unless damaged
-    (:func:`cached_file_intact`) or ``force`` is set.
+    weights file timm will pick (README, "Offline machines").
 
-    Args:
-        name: a model name with an optional tag (``kat_tiny``, ``kat_base_patch16_224.vitft``) or
-            ``hf-hub:owner/repo``.
-        cache_dir: the Hugging Face cache folder (default: huggingface_hub's, ``HF_HUB_CACHE``). timm reads this
-            folder only when ``HF_HUB_CACHE`` points to it.
-        force: fetch every file again, cached or not.
-
-    Returns:
-        What is in the cache now, with what this call fetched.
-
-    Raises:
-        DownloadError: unknown model or tag, no network, offline mode with the file missing from the cache, no such
-            repo or file, or an unwritable cache; the message names the model and the reason.
+    Cached files are not fetched again (no request at all) unless damaged (:func:`cached_file_intact`) or ``force``
+    is set. ``cache_dir``: the cache folder (default ``HF_HUB_CACHE``; timm reads another one only when
+    ``HF_HUB_CACHE`` points to it). Raises ``DownloadError`` naming the model and the reason.
     """
     try:
         repo_id, revision, weights = resolve_hub_repo(name)

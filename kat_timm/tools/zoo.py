@@ -1,27 +1,19 @@
-"""The model zoo: every registered KAT model and pretrained tag, its size, cost, accuracy and where its weights are.
-
-Read from timm's registry, so what is listed is what ``timm.create_model`` accepts; parameters and FLOPs are counted
-on the meta device (nothing allocated or downloaded). Second names of the same weights are rows with ``alias_of``.
-Used by ``kat-timm info`` and ``scripts/model_zoo.py`` (the README table).
-"""
+"""The model zoo from timm's registry (``kat-timm info``, the README table of ``scripts/model_zoo.py``): every KAT
+model and pretrained tag, its size and cost (counted on the meta device), accuracy and where its weights are."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Dict, Iterable, List, Optional, Tuple
 
-import torch
 import timm
+import torch
 from timm.models import get_pretrained_cfg, split_model_name_tag
 
-from huggingface_hub import try_to_load_from_cache
-
-from .download import pretrained_names, weight_files
+from .download import cached_weights, pretrained_names, weight_files
 from .hub import kat_num_params, released_top1
 
-__all__ = ["FlopCount", "WEIGHT_FILES", "ZooRow", "canonical_rows", "checkpoint_cached", "markdown_table",
-           "model_flops", "zoo_rows"]
-
-WEIGHT_FILES = tuple(weight_files())
+__all__ = ["FlopCount", "ZooRow", "canonical_rows", "checkpoint_cached", "markdown_table", "model_flops", "zoo_rows"]
 
 # How each released tag was trained (KAT_NOTES: "from ViT" runs start from AugReg ViT ImageNet-21k checkpoints).
 _TRAINING = {"": "from scratch, IN-1k", "vitft": "from AugReg ViT (IN-21k), IN-1k"}
@@ -29,8 +21,8 @@ _TRAINING = {"": "from scratch, IN-1k", "vitft": "from AugReg ViT (IN-21k), IN-1
 
 @dataclasses.dataclass(frozen=True)
 class FlopCount:
-    """FLOPs of one forward (or training step) as ``FlopCounterMode`` counts them (2 per MAC): ``total``, and the
-    ``rational`` part spent in ``kat_timm::group_rational`` and its backward."""
+    """FLOPs of one forward (or training step) as ``FlopCounterMode`` counts them (2 per MAC), and the part spent in
+    the rational op."""
 
     total: int
     rational: int
@@ -43,11 +35,8 @@ class FlopCount:
 
 @dataclasses.dataclass(frozen=True)
 class ZooRow:
-    """One registered model name with one pretrained tag (``""``: the default one; None: no released weights).
-
-    ``alias_of`` is, for a second name of released weights (``kat_tiny``, the ``_swish_`` names), the ``model.tag``
-    it loads the same weights as; ``flops`` is set by ``zoo_rows(flops=True)``.
-    """
+    """One registered model name with one pretrained tag (``""``: the default one; None: no released weights);
+    ``alias_of``: for a second name of released weights, the ``model.tag`` it loads the same weights as."""
 
     model: str
     tag: Optional[str]
@@ -87,11 +76,6 @@ class ZooRow:
         return out
 
 
-def _pretrained_tags(model: str) -> List[str]:
-    """Tags of the weights registered for ``model`` ("" = default), in timm's listing order."""
-    return list(dict.fromkeys(split_model_name_tag(name)[1] for name in pretrained_names(model)))
-
-
 def _alias_target(model: str, tag: str, hf_hub_id: Optional[str]) -> Optional[str]:
     """The canonical ``model.tag`` whose weights ``model.tag`` loads, when it is a second name for them: the
     released repos are named after their canonical model and tag (``adamdad/kat_tiny_patch16_224.vitft``)."""
@@ -102,17 +86,8 @@ def _alias_target(model: str, tag: str, hf_hub_id: Optional[str]) -> Optional[st
 
 
 def model_flops(model_name: str, img_size: int = 224, batch_size: int = 1, backward: bool = False) -> FlopCount:
-    """FLOPs of ``model_name`` on a ``batch_size`` x 3 x ``img_size`` x ``img_size`` input, counted on meta tensors.
-
-    Args:
-        model_name: a registered timm model (KAT or not, e.g. ``vit_tiny_patch16_224`` for comparison).
-        img_size: input resolution.
-        batch_size: images per forward.
-        backward: count a training step (forward + backward of the summed logits) instead of a forward.
-
-    Returns:
-        The total count and the rational op's part (0 for models without it).
-    """
+    """FLOPs of any timm model on a ``batch_size`` x 3 x ``img_size`` x ``img_size`` input, counted on meta tensors;
+    ``backward``: a training step (forward + backward of the summed logits) instead of a forward."""
     from torch.utils.flop_counter import FlopCounterMode
 
     kwargs = {"img_size": img_size} if img_size != 224 else {}
@@ -128,29 +103,21 @@ def model_flops(model_name: str, img_size: int = 224, batch_size: int = 1, backw
 
 
 def checkpoint_cached(hf_hub_id: str) -> bool:
-    """Whether any of ``WEIGHT_FILES`` of ``hf_hub_id`` is in the local Hugging Face cache (what an offline
-    ``timm.create_model(..., pretrained=True)`` needs); no network access."""
-    return any(isinstance(try_to_load_from_cache(hf_hub_id, filename), str) for filename in WEIGHT_FILES)
+    """Whether the local Hugging Face cache holds weights timm loads offline for ``hf_hub_id`` (no network access)."""
+    return cached_weights(hf_hub_id, weight_files()) is not None
 
 
 def zoo_rows(pattern: str = "kat*", flops: bool = False) -> List[ZooRow]:
-    """One row per registered model and pretrained tag (or without weights); smallest first, released before init
-    variants, then by name.
+    """One row per model of ``timm.list_models(pattern)`` and pretrained tag (or without weights), smallest first,
+    released before init variants; ``flops``: also each architecture's forward FLOPs (224 px, batch 1)."""
 
-    Args:
-        pattern: a ``timm.list_models`` filter.
-        flops: also measure each architecture's forward FLOPs (224 px, batch 1; a fraction of a second each).
-    """
-    measured: Dict[str, Tuple[int, Optional[FlopCount]]] = {}
-
+    @functools.lru_cache(maxsize=None)
     def measure(model: str) -> Tuple[int, Optional[FlopCount]]:
-        if model not in measured:
-            measured[model] = (kat_num_params(model), model_flops(model) if flops else None)
-        return measured[model]
+        return kat_num_params(model), model_flops(model) if flops else None
 
     rows: List[ZooRow] = []
     for model in timm.list_models(pattern):
-        tags = _pretrained_tags(model)
+        tags = [split_model_name_tag(name)[1] for name in pretrained_names(model)]  # "": the default tag
         if not tags:
             params, count = measure(model)
             rows.append(ZooRow(model=model, tag=None, params=params, flops=count))
@@ -177,8 +144,7 @@ def canonical_rows(rows: Iterable[ZooRow]) -> Tuple[List[ZooRow], Dict[str, List
 
 
 def markdown_table(rows: Iterable[ZooRow]) -> str:
-    """The README's model table: the canonical rows in ``rows``' order (GMACs and GFLOPs when measured), aliases in
-    a note below."""
+    """The README's model table: the canonical rows (with FLOPs when measured), aliases in a note below."""
     shown, aliases = canonical_rows(rows)
     with_flops = all(row.flops is not None for row in shown)
     header = ["Model", "Tag", "Trained", "Params"]

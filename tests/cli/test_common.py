@@ -5,6 +5,7 @@ import time
 import pytest
 import torch
 
+import kat_timm.tools.download as download_module
 from kat_timm.cli import CLIError, common
 from kat_timm.cli.common import create_model, resolve_device
 
@@ -51,10 +52,8 @@ def test_pretrained_with_an_unreachable_hub_fails_at_once_naming_the_reason(monk
 
     from huggingface_hub import constants
 
-    from kat_timm.cli import common
-
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # online mode; sockets stay blocked by offline_hub
-    monkeypatch.setattr(common, "hub_unreachable", lambda url=None: "huggingface.co did not answer")
+    monkeypatch.setattr(download_module, "hub_unreachable", lambda url=None: "huggingface.co did not answer")
     start = time.perf_counter()
     with pytest.raises(CLIError, match=r"huggingface.co did not answer, and they are not in the local .*kat-timm "
                                        r"download kat_tiny"):
@@ -159,15 +158,15 @@ def test_probe_is_one_request_bounded_by_huggingface_hubs_etag_timeout(monkeypat
 
     monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 0.5)
     session = _use_session(monkeypatch, hang)
-    assert common.hub_unreachable() == "huggingface.co did not answer within 0.5 s (HF_HUB_ETAG_TIMEOUT)"
+    assert download_module.hub_unreachable() == "huggingface.co did not answer within 0.5 s (HF_HUB_ETAG_TIMEOUT)"
     assert session.calls == [(constants.ENDPOINT, 0.5)], "one request, with huggingface_hub's own timeout"
 
 
 def test_probe_reports_connection_errors_and_answers(monkeypatch, online_mode):
     _use_session(monkeypatch, _refuse)
-    assert common.hub_unreachable() == "huggingface.co is unreachable: Name or service not known"
+    assert download_module.hub_unreachable() == "huggingface.co is unreachable: Name or service not known"
     _use_session(monkeypatch, lambda url, timeout: object())
-    assert common.hub_unreachable() is None
+    assert download_module.hub_unreachable() is None
 
 
 def test_unreachable_hub_loads_cached_weights_without_switching_offline_mode(monkeypatch, released_hub, online_mode,
@@ -197,7 +196,7 @@ def test_reachable_hub_downloads_through_huggingface_hub(monkeypatch, released_h
             raise EntryNotFoundError("404: no model.safetensors")
         return huggingface_hub.try_to_load_from_cache(repo_id, filename)
 
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(download_module, "hf_hub_download", download)
     model = common.create_model("kat_tiny", pretrained=True)
     assert asked == ["model.safetensors", "pytorch_model.bin"]
     torch.testing.assert_close(model.state_dict()["head.weight"], kat_tiny_weights["scratch"]["head.weight"])
