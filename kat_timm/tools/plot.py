@@ -119,7 +119,8 @@ def plot_rationals(model: nn.Module, reference: Optional[str] = "init", x_range:
                 if label in REFERENCE_LABELS.values() and leaf not in panels.setdefault(label, []):
                     panels[label].append(leaf)
     labels = [f"{label} ({', '.join(panels[label])})" if label in panels else label for label in entries]
-    figure.legend(list(entries.values()), labels, loc="outside lower center", ncols=min(len(labels), 5), fontsize=7, frameon=False)
+    figure.legend(list(entries.values()), labels, loc="outside lower center", ncols=min(len(labels), 5), fontsize=7,
+                  frameon=False)
     figure.suptitle(title or f"{type(model).__name__}: {len(rationals)} rational activations, "
                              f"one curve per channel group", fontsize=10)
     return figure
