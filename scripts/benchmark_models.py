@@ -21,15 +21,15 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 import timm
 import torch
 import torch.nn.functional as F
 
 import kat_timm  # noqa: F401  (registers the kat_* models in timm)
-from _benchmark_common import (benchmark_parser, error_text, load_text, markdown_table, parse_benchmark_args, run_meta,
-                               synchronize, verdict, version_lines, write_json)
+from _benchmark_common import (Timer, benchmark_parser, error_text, load_text, markdown_table, parse_benchmark_args,
+                               run_meta, verdict, version_lines, write_json)
 
 from kat_timm.benchmark import device_name, load_average
 from kat_timm.ops import BACKEND_ENV, select_backend
@@ -74,43 +74,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-class Timer:
-    """Times a no-argument callable: ``calibrate`` (warm-up, returns the number of calls per sample) and ``sample``
-    (seconds per call over that many calls). CPU: ``time.perf_counter``; CUDA: events + synchronize."""
-
-    def __init__(self, device: str, quick: bool, compiled: bool):
-        self.device, self.cuda = device, device == "cuda"
-        self.warmup, self.min_rep_s = {(True, True): (2, 0.02), (True, False): (5, 0.2), (False, True): (1, 0.0),
-                                       (False, False): (2, 0.25)}[(self.cuda, quick)]
-        self.warmup += 2 if compiled else 0  # the first call compiles; a couple more settle autotuning and caches
-
-    def first_call_s(self, fn: Callable[[], object]) -> float:
-        """Seconds of one call, synchronized (used for the compile time, the first call of a compiled model)."""
-        synchronize(self.device)
-        start = time.perf_counter()
-        fn()
-        synchronize(self.device)
-        return time.perf_counter() - start
-
-    def calibrate(self, fn: Callable[[], object]) -> int:
-        for _ in range(self.warmup):
-            fn()
-        return max(1, int(self.min_rep_s / max(self.sample(fn, 1), 1e-9) + 0.999))
-
-    def sample(self, fn: Callable[[], object], calls: int) -> float:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-        else:
-            start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        if not self.cuda:
-            return (time.perf_counter() - start) / calls
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3 / calls
+def make_timer(device: str, quick: bool, compiled: bool) -> Timer:
+    """Warm-up calls and the least seconds per sample for this run (CUDA events on CUDA, else perf_counter)."""
+    warmup, min_rep_s = {(True, True): (2, 0.02), (True, False): (5, 0.2), (False, True): (1, 0.0),
+                         (False, False): (2, 0.25)}[(device == "cuda", quick)]
+    # A compiled model's first call compiles; a couple more settle autotuning and caches.
+    return Timer(device, warmup + (2 if compiled else 0), min_rep_s)
 
 
 def set_compile_cache_limit(limit: int = 64) -> None:
@@ -159,7 +128,7 @@ def measure_pair(models: Dict[str, torch.nn.Module], mode: str, args, timer: Tim
     runners = {f: Runner(models[f], mode, images, labels, args.device, args.compile) for f in FAMILIES}
     row: dict = {"mode": mode}
     if args.compile:
-        row["compile_s"] = {f: timer.first_call_s(runners[f].step) for f in FAMILIES}
+        row["compile_s"] = {f: timer.sample(runners[f].step, 1, wall=True) for f in FAMILIES}
     calls = {f: timer.calibrate(runners[f].step) for f in FAMILIES}
     samples: Dict[str, List[float]] = {f: [] for f in FAMILIES}
     for _ in range(args.reps):
@@ -328,7 +297,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.compile:
         set_compile_cache_limit()
-    timer = Timer(args.device, args.quick, args.compile)
+    timer = make_timer(args.device, args.quick, args.compile)
     started = time.perf_counter()
     construction, rows = [], []
     for size in args.sizes:
