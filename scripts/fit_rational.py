@@ -77,16 +77,16 @@ def evaluate_expression(expression: str, x: np.ndarray) -> np.ndarray:
                        f"{type(value).__name__} ({exc})") from exc
     if not np.all(np.isfinite(value)):
         bad = np.asarray(x)[~np.isfinite(value)]
-        raise FitError(f"expression {expression!r} is not finite at x = {float(bad[0])!r} (and {bad.size - 1} other points)")
+        raise FitError(f"expression {expression!r} is not finite at x = {float(bad[0])!r} "
+                       f"(and {bad.size - 1} other points)")
     return value
 
 
 def rational(x: np.ndarray, numerator, denominator) -> np.ndarray:
     """F(x) in float64 with the layer's formula (denominator through absolute values)."""
     x = np.asarray(x, dtype=np.float64)
-    ax = np.abs(x)
     p = sum(float(numerator[i]) * x**i for i in range(NUM_DEGREE + 1))
-    q = 1.0 + sum(abs(float(denominator[j - 1])) * ax**j for j in range(1, DEN_DEGREE + 1))
+    q = 1.0 + sum(abs(float(denominator[j - 1])) * np.abs(x) ** j for j in range(1, DEN_DEGREE + 1))
     return p / q
 
 
@@ -132,10 +132,8 @@ class Problem:
         return theta
 
     def snap_negligible(self, theta, relative=1e-12):
-        """Zero coefficients whose whole contribution on the range is negligible (e.g. 1e-19 left by the optimiser).
-
-        In the scaled variable |t| <= 1, so |alpha_i t^i| <= |alpha_i| and |gamma_j |t|^j| <= gamma_j. The snapped
-        coefficients are kept only if the max error on the grid does not grow by more than 0.1 %."""
+        """Zero coefficients whose whole contribution on the range (|t| <= 1: at most the coefficient) is negligible,
+        e.g. 1e-19 left by the optimiser, unless that grows the max error on the grid by more than 0.1 %."""
         f_scale = max(float(np.max(np.abs(self.f))), np.finfo(np.float64).tiny)
         snapped = np.array(theta, dtype=np.float64)
         snapped[:NUM_DEGREE][np.abs(snapped[:NUM_DEGREE]) < relative * f_scale] = 0.0
@@ -150,7 +148,6 @@ class Problem:
         den = [float(abs(theta[NUM_DEGREE + j - 1]) / s**j) + 0.0 for j in range(1, DEN_DEGREE + 1)]
         return num, den
 
-    # -- fitting stages ------------------------------------------------------------------------------------------------
     def solve(self, fun, jac, theta, max_nfev):
         """Bounded nonlinear least squares (trust-region reflective) of the residual ``fun``, denominators >= 0."""
         res = least_squares(fun, theta, jac=jac, bounds=(self.lower, self.upper), method="trf",
@@ -262,10 +259,10 @@ def fit_entry(name, spec, lo, hi, points):
             ones = np.ones_like(x)
             theta_ls = prob.weighted_least_squares(ones, prob.sanathanan_koerner(ones))
             coarse = prob.subgrid(REFINE_POINTS)
-            candidates = [theta_ls, coarse.lp_continuation(theta_ls), coarse.lawson(theta_ls)]
-            errors = [prob.max_error(th) for th in candidates]
-            theta = candidates[int(np.argmin(errors))]
-            which = ["least squares", "L^p continuation", "Lawson iteration"][int(np.argmin(errors))]
+            candidates = {"least squares": theta_ls, "L^p continuation": coarse.lp_continuation(theta_ls),
+                          "Lawson iteration": coarse.lawson(theta_ls)}
+            which = min(candidates, key=lambda method: prob.max_error(candidates[method]))
+            theta = candidates[which]
             note = ("uniform weight on the fit range: Sanathanan-Koerner linearised LSQ, nonlinear LSQ, then minimax "
                     f"refinement (best of LSQ / L^p p<=32 / Lawson: {which}); a0 pinned to target(0)")
         elif mode == "weighted":
@@ -297,11 +294,9 @@ def measure(expression, numerator, denominator, lo, hi):
     x = np.linspace(lo, hi, EVAL_POINTS)
     err = np.abs(rational(x, numerator, denominator) - evaluate_expression(expression, x))
     near = np.abs(x) < 1.0
-    return {
-        "max_abs_error": float(err.max()),
-        "max_abs_error_near_zero": float(err[near].max()) if near.any() else float("nan"),
-        "f0": float(rational(np.zeros(1), numerator, denominator)[0]),
-    }
+    return {"max_abs_error": float(err.max()),
+            "max_abs_error_near_zero": float(err[near].max()) if near.any() else float("nan"),
+            "f0": float(rational(np.zeros(1), numerator, denominator)[0])}
 
 
 def parse_args(argv=None):
