@@ -173,14 +173,14 @@ def run_case(shape, dtype, providers, device, bench) -> List[dict]:
 def header(args, copy_gbps: Optional[float]) -> List[str]:
     lines = ["## group_rational benchmark", ""]
     if args.device == "cuda":
-        lines.append(f"- device: {device_name('cuda')} (copy bandwidth {copy_gbps:.0f} GB/s)")
-        lines.append("- timing: triton.testing.do_bench, median")
+        lines += [f"- device: {device_name('cuda')} (copy bandwidth {copy_gbps:.0f} GB/s)",
+                  "- timing: triton.testing.do_bench, median"]
     else:
-        lines.append(f"- device: CPU, {device_name('cpu')}, {torch.get_num_threads()} threads")
-        lines.append(f"- load average (1 min) at start: {load_text(args.load_at_start)} on {os.cpu_count()} CPUs "
-                     "(other busy processes slow multi-threaded runs down a lot)")
-        lines.append(f"- timing: time.perf_counter, median of {args.reps} repetitions")
-    lines += version_lines(args) + [
+        lines += [f"- device: CPU, {device_name('cpu')}, {torch.get_num_threads()} threads",
+                  f"- load average (1 min) at start: {load_text(args.load_at_start)} on {os.cpu_count()} CPUs "
+                  "(other busy processes slow multi-threaded runs down a lot)",
+                  f"- timing: time.perf_counter, median of {args.reps} repetitions"]
+    return lines + version_lines(args) + [
         f"- shapes: ({args.batch}, {TOKENS}, C), {GROUPS} groups; C = "
         + ", ".join(f"{c} ({WIDTHS.get(c, 'custom')})" for c in args.shapes),
         "- fwd: forward under no_grad; bwd: backward alone (dense upstream gradient, grads of x and the "
@@ -188,7 +188,6 @@ def header(args, copy_gbps: Optional[float]) -> List[str]:
         "GB/s: (2, 3, 5) x numel x bytes / time",
         "",
     ]
-    return lines
 
 
 def table(rows: List[dict], cuda: bool, copy_gbps: Optional[float]) -> List[str]:
