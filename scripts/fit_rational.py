@@ -143,13 +143,20 @@ class Problem:
 
     def coefficients(self, theta):
         """Unscaled (numerator a0..a5, denominator c1..c4 >= 0) as Python floats."""
-        s = self.scale
-        num = [float(self.a0)] + [float(theta[i - 1] / s**i) for i in range(1, NUM_DEGREE + 1)]
-        den = [float(abs(theta[NUM_DEGREE + j - 1]) / s**j) + 0.0 for j in range(1, DEN_DEGREE + 1)]
-        return num, den
+        powers = self.scale ** np.arange(1, NUM_DEGREE + 1, dtype=np.float64)
+        return ([float(self.a0), *(theta[:NUM_DEGREE] / powers).tolist()],
+                (np.abs(theta[NUM_DEGREE:]) / powers[:DEN_DEGREE] + 0.0).tolist())
 
-    def solve(self, fun, jac, theta, max_nfev):
-        """Bounded nonlinear least squares (trust-region reflective) of the residual ``fun``, denominators >= 0."""
+    def solve(self, blocks, theta, max_nfev):
+        """Bounded nonlinear least squares (trust-region reflective, denominators >= 0) of the residuals that
+        ``blocks(e)`` makes of the error e: (value, d value / d e) pairs, elementwise functions of e, stacked."""
+        def fun(th):
+            return np.concatenate([value for value, _ in blocks(self.error(th))])
+
+        def jac(th):
+            jm = self.jacobian(th)
+            return np.concatenate([jm * slope[:, None] for _, slope in blocks(self.error(th))])
+
         res = least_squares(fun, theta, jac=jac, bounds=(self.lower, self.upper), method="trf",
                             xtol=LSQ_TOL, ftol=LSQ_TOL, gtol=LSQ_TOL, max_nfev=max_nfev)
         return self.clip(res.x)
@@ -171,8 +178,7 @@ class Problem:
         return theta
 
     def weighted_least_squares(self, sqrt_w, theta, max_nfev=500):
-        return self.solve(lambda th: sqrt_w * self.error(th), lambda th: self.jacobian(th) * sqrt_w[:, None],
-                          theta, max_nfev)
+        return self.solve(lambda e: [(sqrt_w * e, sqrt_w)], theta, max_nfev)
 
     def lp_continuation(self, theta, powers=(4, 8, 16, 32), max_nfev=100):
         """Minimise sum |e|^p for growing p (each stage warm-started), as least squares on e |e|^((p-2)/2)."""
@@ -182,15 +188,11 @@ class Problem:
                 break
             k = (p - 2) / 2.0
 
-            def fun(th, e0=e0, k=k):
-                r = self.error(th) / e0
-                return r * np.abs(r) ** k
+            def blocks(e, e0=e0, k=k):
+                r = e / e0
+                return [(r * np.abs(r) ** k, (1.0 + k) * np.abs(r) ** k / e0)]
 
-            def jac(th, e0=e0, k=k):
-                r = self.error(th) / e0
-                return ((1.0 + k) * np.abs(r) ** k / e0)[:, None] * self.jacobian(th)
-
-            theta = self.solve(fun, jac, theta, max_nfev)
+            theta = self.solve(blocks, theta, max_nfev)
         return theta
 
     def lawson(self, theta, iterations=100, inner_nfev=20):
@@ -218,17 +220,11 @@ class Problem:
         for mu in penalties:
             sqrt_mu = math.sqrt(mu / n) / cap
 
-            def fun(th, sqrt_mu=sqrt_mu):
-                r = self.error(th)
-                return np.concatenate([sqrt_w * r, sqrt_mu * np.maximum(np.abs(r) - target, 0.0)])
+            def blocks(e, sqrt_mu=sqrt_mu):
+                penalty_slope = np.where(np.abs(e) > target, np.sign(e) * sqrt_mu, 0.0)
+                return [(sqrt_w * e, sqrt_w), (sqrt_mu * np.maximum(np.abs(e) - target, 0.0), penalty_slope)]
 
-            def jac(th, sqrt_mu=sqrt_mu):
-                r = self.error(th)
-                jm = self.jacobian(th)
-                active = np.where(np.abs(r) > target, np.sign(r) * sqrt_mu, 0.0)
-                return np.concatenate([jm * sqrt_w[:, None], jm * active[:, None]], axis=0)
-
-            theta = self.solve(fun, jac, theta, max_nfev)
+            theta = self.solve(blocks, theta, max_nfev)
         return theta
 
 
