@@ -4,13 +4,8 @@
 ViT and KAT of one size are built with the same batch, input and precision (bf16 autocast on CUDA, fp32 on CPU) and
 timed interleaved (ViT, KAT, ViT, ...) so machine noise hits both alike; each sample lasts at least ``min_rep_s``.
 The markdown table gives medians and the per-repetition KAT/ViT time ratio; the targets (README, "Benchmarks") are
-printed as PASS/FAIL, never asserted. ``--compile`` times the first (compiling) call apart.
-
-Examples::
-
-    python scripts/benchmark_models.py --device cpu --threads 2          # the CPU targets' configuration
-    python scripts/benchmark_models.py --device cuda --compile --json results.json
-    python scripts/benchmark_models.py --quick                           # a smoke run of a few seconds
+printed as PASS/FAIL, never asserted. ``--compile`` times the first (compiling) call apart. The CPU targets'
+configuration is ``--device cpu --threads 2``; ``--quick`` is a smoke run of a few seconds.
 """
 from __future__ import annotations
 

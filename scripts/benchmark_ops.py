@@ -6,14 +6,8 @@ Providers (``--providers``): gelu, ours (the auto-selected backend), bias (ours 
 compile time reported apart); modes fwd (no grad), bwd (a DENSE upstream gradient: ``y.sum().backward()`` would hand
 the kernels a stride-0 one) and fwd+bwd, on the KAT-T/S/B activation shapes. Bandwidth counts only an elementwise
 op's unavoidable traffic (5 passes over the tensor for fwd+bwd). ``--overhead`` times the host cost of one call on
-a (2, 64) tensor instead. Targets (README, "Benchmarks") are printed as PASS/FAIL, never asserted.
-
-Examples::
-
-    python scripts/benchmark_ops.py --device cpu --threads 2 --shapes 3072
-    python scripts/benchmark_ops.py --dtype float32 bfloat16 --providers gelu ours --json results.json
-    python scripts/benchmark_ops.py --quick                  # a smoke run of a few seconds
-    python scripts/benchmark_ops.py --overhead --device cpu --threads 2   # host time per call, tiny tensor
+a (2, 64) tensor instead. Targets are printed as PASS/FAIL, never asserted. Commands and results: README,
+"Benchmarks"; ``--quick`` is a smoke run of a few seconds.
 """
 from __future__ import annotations
 
