@@ -1,9 +1,5 @@
-"""Deployment exports of a KAT: ``torch.export`` programs and ONNX files made of standard ONNX ops only.
-
-``export_program`` keeps one ``kat_timm::group_rational`` node per activation (its fake implementation traces the
-shapes); ``export_onnx`` decomposes those nodes into ``group_rational_plain``'s elementary ops first, so the file
-has no custom domain. README, "ONNX", says what to install.
-"""
+"""Deployment exports of a KAT (README, "ONNX"): ``torch.export`` programs, which keep one ``kat_timm::group_rational``
+node per activation, and ONNX files, where those nodes become ``group_rational_plain``'s standard ops."""
 from __future__ import annotations
 
 import contextlib
@@ -27,8 +23,7 @@ DEFAULT_OPSET = 18  # what PyTorch's exporter (torchlib) writes natively; others
 MIN_OPSET = 17  # LayerNormalization, which every ViT block uses, is an ONNX op from opset 17 on
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
-# Above this many bytes of weights the ONNX file keeps them in a side file (protobuf's 2 GiB limit); every KAT is
-# far below, so its export is a single self-contained file.
+# Above this many bytes of weights (protobuf's limit is 2 GiB) they go to a side file; every KAT is far below.
 _EXTERNAL_DATA_BYTES = 1 << 30
 _STANDARD_DOMAINS = ("", "ai.onnx")
 
