@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 
 # The matrices are small (N x 9): BLAS threads only cost time, and badly so on a busy machine. Set before numpy loads;
 # an explicit setting in the environment wins.
@@ -326,8 +327,7 @@ def load_table(path):
     if not os.path.exists(path):
         return {}
     try:
-        with open(path) as fh:
-            table = json.load(fh)
+        table = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise FitError(f"cannot read the table {path}: {exc}") from exc
     if not isinstance(table, dict):
@@ -408,11 +408,8 @@ def main(argv=None):
         print("(dry run: nothing written)")
         return 0
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    tmp = output + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(new_table, fh, indent=2)
-        fh.write("\n")
-    os.replace(tmp, output)
+    Path(output + ".tmp").write_text(json.dumps(new_table, indent=2) + "\n")
+    os.replace(output + ".tmp", output)
     print(f"wrote {output} ({len(results)} entr{'y' if len(results) == 1 else 'ies'} refitted, {len(new_table)} in all)")
     return 0
 
