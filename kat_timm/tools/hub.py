@@ -146,12 +146,10 @@ upgrading timm does not help, importing kat_timm does.
 def hub_config(config: Mapping[str, Any]) -> Dict[str, Any]:
     """A copy of a timm ``config.json`` dict that loads in timm and in transformers' ``TimmWrapper`` alike: the
     wrapper's own arguments (``WRAPPER_OWN_ARGS``) only at the root, where timm reads them too."""
-    fixed = dict(config)
-    model_args = dict(fixed.get("model_args") or {})
+    fixed, model_args = dict(config), config.get("model_args") or {}
     if "num_classes" in model_args:
         fixed.setdefault("num_classes", model_args["num_classes"])
-    for key in WRAPPER_OWN_ARGS:
-        model_args.pop(key, None)
+    model_args = {key: value for key, value in model_args.items() if key not in WRAPPER_OWN_ARGS}
     if model_args:
         fixed["model_args"] = model_args
     else:
