@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: their common options, the run's metadata and the JSON file (not package code)."""
+"""What the benchmark scripts share: their common options, the timer, the run's metadata and the JSON file."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,9 @@ import datetime
 import json
 import os
 import platform
-from typing import List, Optional
+import statistics
+import time
+from typing import Callable, List, Optional
 
 import torch
 
@@ -60,6 +62,39 @@ def verdict(passed: bool) -> str:
 def synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+class Timer:
+    """Times a no-argument callable: ``calibrate`` warms up and returns the calls per sample that make a sample last
+    ``min_rep_s``; ``sample`` gives seconds per call, by CUDA events on CUDA, else (or ``wall``) time.perf_counter."""
+
+    def __init__(self, device: str, warmup: int = 0, min_rep_s: float = 0.0):
+        self.device, self.warmup, self.min_rep_s = device, warmup, min_rep_s
+
+    def calibrate(self, fn: Callable[[], object]) -> int:
+        for _ in range(self.warmup):
+            fn()
+        return max(1, int(self.min_rep_s / max(self.sample(fn, 1), 1e-9) + 0.999))
+
+    def sample(self, fn: Callable[[], object], calls: int, wall: bool = False) -> float:
+        events = self.device == "cuda" and not wall
+        synchronize(self.device)
+        if events:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        else:
+            start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        if events:
+            end.record()
+        synchronize(self.device)
+        return start.elapsed_time(end) / 1e3 / calls if events else (time.perf_counter() - start) / calls
+
+    def median(self, fn: Callable[[], object], reps: int) -> float:
+        """Median seconds per call over ``reps`` calibrated samples."""
+        calls = self.calibrate(fn)
+        return statistics.median(self.sample(fn, calls) for _ in range(reps))
 
 
 def error_text(error: Exception) -> str:

@@ -4,13 +4,8 @@
 ViT and KAT of one size are built with the same batch, input and precision (bf16 autocast on CUDA, fp32 on CPU) and
 timed interleaved (ViT, KAT, ViT, ...) so machine noise hits both alike; each sample lasts at least ``min_rep_s``.
 The markdown table gives medians and the per-repetition KAT/ViT time ratio; the targets (README, "Benchmarks") are
-printed as PASS/FAIL, never asserted. ``--compile`` times the first (compiling) call apart.
-
-Examples::
-
-    python scripts/benchmark_models.py --device cpu --threads 2          # the CPU targets' configuration
-    python scripts/benchmark_models.py --device cuda --compile --json results.json
-    python scripts/benchmark_models.py --quick                           # a smoke run of a few seconds
+printed as PASS/FAIL, never asserted. ``--compile`` times the first (compiling) call apart. The CPU targets'
+configuration is ``--device cpu --threads 2``; ``--quick`` is a smoke run of a few seconds.
 """
 from __future__ import annotations
 
@@ -28,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 import kat_timm  # noqa: F401  (registers the kat_* models in timm)
-from _benchmark_common import (benchmark_parser, error_text, load_text, markdown_table, parse_benchmark_args, run_meta,
-                               synchronize, verdict, version_lines, write_json)
+from _benchmark_common import (Timer, benchmark_parser, error_text, load_text, markdown_table, parse_benchmark_args,
+                               run_meta, verdict, version_lines, write_json)
 
 from kat_timm.benchmark import device_name, load_average
 from kat_timm.ops import BACKEND_ENV, select_backend
@@ -74,43 +69,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-class Timer:
-    """Times a no-argument callable: ``calibrate`` (warm-up, returns the number of calls per sample) and ``sample``
-    (seconds per call over that many calls). CPU: ``time.perf_counter``; CUDA: events + synchronize."""
-
-    def __init__(self, device: str, quick: bool, compiled: bool):
-        self.device, self.cuda = device, device == "cuda"
-        self.warmup, self.min_rep_s = {(True, True): (2, 0.02), (True, False): (5, 0.2), (False, True): (1, 0.0),
-                                       (False, False): (2, 0.25)}[(self.cuda, quick)]
-        self.warmup += 2 if compiled else 0  # the first call compiles; a couple more settle autotuning and caches
-
-    def first_call_s(self, fn: Callable[[], object]) -> float:
-        """Seconds of one call, synchronized (used for the compile time, the first call of a compiled model)."""
-        synchronize(self.device)
-        start = time.perf_counter()
-        fn()
-        synchronize(self.device)
-        return time.perf_counter() - start
-
-    def calibrate(self, fn: Callable[[], object]) -> int:
-        for _ in range(self.warmup):
-            fn()
-        return max(1, int(self.min_rep_s / max(self.sample(fn, 1), 1e-9) + 0.999))
-
-    def sample(self, fn: Callable[[], object], calls: int) -> float:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-        else:
-            start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        if not self.cuda:
-            return (time.perf_counter() - start) / calls
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3 / calls
+def make_timer(device: str, quick: bool, compiled: bool) -> Timer:
+    """Warm-up calls and the least seconds per sample for this run (CUDA events on CUDA, else perf_counter)."""
+    warmup, min_rep_s = {(True, True): (2, 0.02), (True, False): (5, 0.2), (False, True): (1, 0.0),
+                         (False, False): (2, 0.25)}[(device == "cuda", quick)]
+    # A compiled model's first call compiles; a couple more settle autotuning and caches.
+    return Timer(device, warmup + (2 if compiled else 0), min_rep_s)
 
 
 def set_compile_cache_limit(limit: int = 64) -> None:
@@ -125,28 +89,26 @@ def autocast(device: str):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()  # fp32 CPU
 
 
-class Runner:
-    """One model ready to run one mode: ``step()`` is the timed unit (a forward, or a full training step)."""
+def timed_step(model: torch.nn.Module, mode: str, images: torch.Tensor, labels: torch.Tensor, device: str,
+               compiled: bool) -> Callable[[], None]:
+    """The timed unit of one model in one mode: an eval forward, or a full training step."""
+    forward = torch.compile(model) if compiled else model
+    model.train(mode == "train")
+    if mode == "infer":
+        def infer() -> None:
+            with torch.inference_mode(), autocast(device):
+                forward(images)
+        return infer
+    # foreach / fused left to PyTorch's default for the device: the same for ViT and KAT.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
 
-    def __init__(self, model: torch.nn.Module, mode: str, images: torch.Tensor, labels: torch.Tensor, device: str,
-                 compiled: bool):
-        self.model, self.mode, self.images, self.labels, self.device = model, mode, images, labels, device
-        self.callable = torch.compile(model) if compiled else model
-        model.train(mode == "train")
-        # foreach / fused left to PyTorch's default for the device: the same for ViT and KAT.
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY) \
-            if mode == "train" else None
-
-    def step(self) -> None:
-        if self.mode == "infer":
-            with torch.inference_mode(), autocast(self.device):
-                self.callable(self.images)
-            return
-        self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device):
-            loss = F.cross_entropy(self.callable(self.images), self.labels)
+    def train() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device):
+            loss = F.cross_entropy(forward(images), labels)
         loss.backward()
-        self.optimizer.step()
+        optimizer.step()
+    return train
 
 
 def measure_pair(models: Dict[str, torch.nn.Module], mode: str, args, timer: Timer) -> dict:
@@ -156,15 +118,15 @@ def measure_pair(models: Dict[str, torch.nn.Module], mode: str, args, timer: Tim
     if args.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, NUM_CLASSES, (args.batch,), generator=generator).to(args.device)
-    runners = {f: Runner(models[f], mode, images, labels, args.device, args.compile) for f in FAMILIES}
+    steps = {f: timed_step(models[f], mode, images, labels, args.device, args.compile) for f in FAMILIES}
     row: dict = {"mode": mode}
     if args.compile:
-        row["compile_s"] = {f: timer.first_call_s(runners[f].step) for f in FAMILIES}
-    calls = {f: timer.calibrate(runners[f].step) for f in FAMILIES}
+        row["compile_s"] = {f: timer.sample(steps[f], 1, wall=True) for f in FAMILIES}
+    calls = {f: timer.calibrate(steps[f]) for f in FAMILIES}
     samples: Dict[str, List[float]] = {f: [] for f in FAMILIES}
     for _ in range(args.reps):
         for family in FAMILIES:  # ViT, KAT, ViT, KAT, ...
-            samples[family].append(timer.sample(runners[family].step, calls[family]))
+            samples[family].append(timer.sample(steps[family], calls[family]))
     ratios = [k / v for v, k in zip(samples["vit"], samples["kat"])]
     row.update({
         "calls_per_sample": calls,
@@ -180,8 +142,7 @@ def measure_pair(models: Dict[str, torch.nn.Module], mode: str, args, timer: Tim
 
 
 def run_size(size: str, args, timer: Timer) -> tuple:
-    """Construct ViT and KAT of one size (timed, on CPU, fresh init), then measure every mode.
-    Returns (construction rows, rows)."""
+    """(construction rows, rows): ViT and KAT of one size constructed (timed, on CPU, fresh init) and measured."""
     construction, models = [], {}
     for family in FAMILIES:
         name = f"{family}_{size}_patch16_224"
@@ -232,16 +193,14 @@ def threads_text(count: int) -> str:
 
 def header(args) -> List[str]:
     lines = ["## KAT vs ViT model benchmark", ""]
+    repetitions = f"{args.reps} interleaved repetitions (ViT, KAT, ...), medians"
     if args.device == "cuda":
-        lines.append(f"- device: {device_name('cuda')}")
-        lines.append(f"- timing: CUDA events + synchronize, {args.reps} interleaved repetitions (ViT, KAT, ...), "
-                     "medians")
+        lines += [f"- device: {device_name('cuda')}", f"- timing: CUDA events + synchronize, {repetitions}"]
     else:
-        lines.append(f"- device: CPU, {device_name('cpu')}, {threads_text(torch.get_num_threads())}")
-        lines.append(f"- load average (1 min): {load_text(args.load_at_start)} at start, "
-                     f"{load_text(args.load_at_end)} at end, "
-                     f"on {os.cpu_count()} CPUs (other busy processes slow multi-threaded runs down a lot)")
-        lines.append(f"- timing: time.perf_counter, {args.reps} interleaved repetitions (ViT, KAT, ...), medians")
+        lines += [f"- device: CPU, {device_name('cpu')}, {threads_text(torch.get_num_threads())}",
+                  f"- load average (1 min): {load_text(args.load_at_start)} at start, {load_text(args.load_at_end)} "
+                  f"at end, on {os.cpu_count()} CPUs (other busy processes slow multi-threaded runs down a lot)",
+                  f"- timing: time.perf_counter, {repetitions}"]
     return lines + version_lines(args, f"timm {timm.__version__}, kat_timm {kat_timm.__version__}, ") + [
         f"- batch {args.batch}, {args.img_size} px, {precision(args.device)}"
         + (", channels-last" if args.channels_last else "") + (", torch.compile" if args.compile else ", eager")
@@ -275,7 +234,7 @@ def report_lines(construction: List[dict], rows: List[dict]) -> List[str]:
                     f"KAT {row['compile_s']['kat']:.1f} s; not in the timings" for row in rows if "compile_s" in row]
 
 
-def differs_note(args, conditions: List[tuple], target: str) -> str:
+def differs_note(conditions: List[tuple], target: str) -> str:
     """`` [measured with ...; the target is for ...]`` when this run's conditions are not the target's."""
     differs = [text for same, text in conditions if not same]
     return f" [measured with {', '.join(differs)}; the target is for {target}]" if differs else ""
@@ -287,11 +246,11 @@ def target_lines(args, rows: List[dict], construction: List[dict]) -> List[str]:
     lines = []
     if args.device == "cpu":
         t, threads = CPU_TARGET, torch.get_num_threads()
-        note = differs_note(args, [(threads == t["threads"], threads_text(threads)),
-                                   (args.batch == t["batch"], f"batch {args.batch}"),
-                                   (args.img_size == t["img_size"], f"{args.img_size} px"),
-                                   (not (args.channels_last or args.compile),
-                                    "channels-last" if args.channels_last else "torch.compile")],
+        note = differs_note([(threads == t["threads"], threads_text(threads)),
+                             (args.batch == t["batch"], f"batch {args.batch}"),
+                             (args.img_size == t["img_size"], f"{args.img_size} px"),
+                             (not (args.channels_last or args.compile),
+                              "channels-last" if args.channels_last else "torch.compile")],
                             f"{t['threads']} threads, batch {t['batch']}, {t['img_size']} px, eager")
         for mode, sizes, limit in t["limits"]:
             what = "inference" if mode == "infer" else "training step"
@@ -303,8 +262,8 @@ def target_lines(args, rows: List[dict], construction: List[dict]) -> List[str]:
                              f"{limit:.2f}): {verdict(row['time_ratio'] <= limit)}{note}")
     else:
         c, gpu = CUDA_TARGET_CONDITIONS, device_name("cuda")
-        note = differs_note(args, [(c["device"] in gpu, gpu), (args.batch == c["batch"], f"batch {args.batch}"),
-                                   (args.img_size == c["img_size"], f"{args.img_size} px")],
+        note = differs_note([(c["device"] in gpu, gpu), (args.batch == c["batch"], f"batch {args.batch}"),
+                             (args.img_size == c["img_size"], f"{args.img_size} px")],
                             f"an {c['device']}, batch {c['batch']}, {c['img_size']} px, bf16 autocast")
         for size in args.sizes:
             for mode, target in CUDA_TARGETS.items():
@@ -313,22 +272,18 @@ def target_lines(args, rows: List[dict], construction: List[dict]) -> List[str]:
                     lines.append(f"- CUDA target, {size} {'training' if mode == 'train' else 'inference'}: KAT "
                                  f"throughput {ratio:.3f}x ViT's (target >= {target:.2f}x): "
                                  f"{verdict(ratio >= target)}{note}")
-    built = {c["model"]: c for c in construction}
+    seconds = {c["model"]: c["seconds"] for c in construction}
     name, limit = CONSTRUCTION_TARGET["model"], CONSTRUCTION_TARGET["max_s"]
-    if name in built:
-        seconds = built[name]["seconds"]
-        lines.append(f"- construction target, {name} on CPU ({threads_text(torch.get_num_threads())}): {seconds:.2f} s "
-                     f"(target < {limit:g} s): {verdict(seconds < limit)}")
-    else:
-        lines.append(f"- construction target, {name}: not evaluated (needs --sizes base)")
-    return lines
+    return lines + [f"- construction target, {name}: not evaluated (needs --sizes base)" if name not in seconds else
+                    f"- construction target, {name} on CPU ({threads_text(torch.get_num_threads())}): "
+                    f"{seconds[name]:.2f} s (target < {limit:g} s): {verdict(seconds[name] < limit)}"]
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.compile:
         set_compile_cache_limit()
-    timer = Timer(args.device, args.quick, args.compile)
+    timer = make_timer(args.device, args.quick, args.compile)
     started = time.perf_counter()
     construction, rows = [], []
     for size in args.sizes:

@@ -6,20 +6,13 @@ Providers (``--providers``): gelu, ours (the auto-selected backend), bias (ours 
 compile time reported apart); modes fwd (no grad), bwd (a DENSE upstream gradient: ``y.sum().backward()`` would hand
 the kernels a stride-0 one) and fwd+bwd, on the KAT-T/S/B activation shapes. Bandwidth counts only an elementwise
 op's unavoidable traffic (5 passes over the tensor for fwd+bwd). ``--overhead`` times the host cost of one call on
-a (2, 64) tensor instead. Targets (README, "Benchmarks") are printed as PASS/FAIL, never asserted.
-
-Examples::
-
-    python scripts/benchmark_ops.py --device cpu --threads 2 --shapes 3072
-    python scripts/benchmark_ops.py --dtype float32 bfloat16 --providers gelu ours --json results.json
-    python scripts/benchmark_ops.py --quick                  # a smoke run of a few seconds
-    python scripts/benchmark_ops.py --overhead --device cpu --threads 2   # host time per call, tiny tensor
+a (2, 64) tensor instead. Targets are printed as PASS/FAIL, never asserted. Commands and results: README,
+"Benchmarks"; ``--quick`` is a smoke run of a few seconds.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from unittest import mock
@@ -28,8 +21,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from _benchmark_common import (benchmark_parser, error_text, load_text, markdown_table, parse_benchmark_args, run_meta,
-                               synchronize, verdict, version_lines, write_json)
+from _benchmark_common import (Timer, benchmark_parser, error_text, load_text, markdown_table, parse_benchmark_args,
+                               run_meta, verdict, version_lines, write_json)
 
 from kat_timm.benchmark import device_name
 from kat_timm.ops import BACKEND_ENV, group_rational, group_rational_autograd, select_backend
@@ -76,24 +69,8 @@ def make_timer(device: str, quick: bool, reps: int) -> Callable[[Callable[[], ob
 
         warmup, rep = (5, 20) if quick else (25, 100)
         return lambda fn: do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
-
-    warmup, min_rep_s = (1, 0.002) if quick else (2, 0.05)
-
-    def cpu_bench(fn: Callable[[], object]) -> float:
-        for _ in range(warmup):
-            fn()
-        start = time.perf_counter()
-        fn()
-        inner = max(1, int(min_rep_s / max(time.perf_counter() - start, 1e-9)))
-        samples = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            samples.append((time.perf_counter() - start) / inner)
-        return statistics.median(samples) * 1e3
-
-    return cpu_bench
+    timer = Timer("cpu", *((1, 0.002) if quick else (2, 0.05)))
+    return lambda fn: timer.median(fn, reps) * 1e3
 
 
 def copy_bandwidth_gbps(bench) -> float:
@@ -117,15 +94,14 @@ def build_provider(name: str, x, numerator, denominator, g, bias) -> dict:
     rational = (numerator, denominator)
     if name == "gelu":
         return {"label": "gelu", "fn": F.gelu, "params": ()}
-    if name in ("ours", "fallback"):
-        return {"label": f"ours ({select_backend(x)})", "params": rational,
-                "fn": lambda t: group_rational(t, numerator, denominator)}
-    if name == "bias":
-        return {"label": f"ours+bias ({select_backend(x)})", "params": rational + (bias,),
-                "fn": lambda t: group_rational(t, numerator, denominator, bias=bias)}
     if name == "formula":
         return {"label": "formula (eager)", "params": rational,
                 "fn": lambda t: group_rational_autograd(t, numerator, denominator)}
+    if name != "compiled":  # ours, bias, and fallback (ours with the backend forced by the environment)
+        with_bias = bias if name == "bias" else None
+        return {"label": f"ours{'' if with_bias is None else '+bias'} ({select_backend(x)})",
+                "params": rational + (() if with_bias is None else (bias,)),
+                "fn": lambda t: group_rational(t, numerator, denominator, bias=with_bias)}
     # compiled: compile from scratch for this shape and dtype, outside the timed region; the first no-grad call
     # compiles the inference graph, the first grad call + backward the training graphs. Donated buffers (backward
     # reusing saved tensors' memory) are turned off for the whole process (the flag is also read when the backward
@@ -135,16 +111,12 @@ def build_provider(name: str, x, numerator, denominator, g, bias) -> dict:
     compiled = torch.compile(group_rational_autograd, dynamic=False)
     from torch._inductor.utils import fresh_inductor_cache  # private; torch 2.1+, an alias of the newer fresh_cache
 
+    timer = Timer(x.device.type)
     with fresh_inductor_cache():  # an empty inductor (and Triton) cache: the compile time reported is a first one
-        start = time.perf_counter()
         with torch.no_grad():
-            compiled(x, numerator, denominator)
-        synchronize(x.device.type)
-        inference_s = time.perf_counter() - start
-        start = time.perf_counter()
-        torch.autograd.grad(compiled(x, numerator, denominator), (x,) + rational, g)
-        synchronize(x.device.type)
-        training_s = time.perf_counter() - start
+            inference_s = timer.sample(lambda: compiled(x, numerator, denominator), 1, wall=True)
+        training_s = timer.sample(lambda: torch.autograd.grad(compiled(x, numerator, denominator), (x,) + rational, g),
+                                  1, wall=True)
     return {"label": "formula (compiled)", "params": rational,
             "fn": lambda t: compiled(t, numerator, denominator),
             "compile_s": {"inference": inference_s, "training": training_s}}
@@ -195,14 +167,14 @@ def run_case(shape, dtype, providers, device, bench) -> List[dict]:
 def header(args, copy_gbps: Optional[float]) -> List[str]:
     lines = ["## group_rational benchmark", ""]
     if args.device == "cuda":
-        lines.append(f"- device: {device_name('cuda')} (copy bandwidth {copy_gbps:.0f} GB/s)")
-        lines.append("- timing: triton.testing.do_bench, median")
+        lines += [f"- device: {device_name('cuda')} (copy bandwidth {copy_gbps:.0f} GB/s)",
+                  "- timing: triton.testing.do_bench, median"]
     else:
-        lines.append(f"- device: CPU, {device_name('cpu')}, {torch.get_num_threads()} threads")
-        lines.append(f"- load average (1 min) at start: {load_text(args.load_at_start)} on {os.cpu_count()} CPUs "
-                     "(other busy processes slow multi-threaded runs down a lot)")
-        lines.append(f"- timing: time.perf_counter, median of {args.reps} repetitions")
-    lines += version_lines(args) + [
+        lines += [f"- device: CPU, {device_name('cpu')}, {torch.get_num_threads()} threads",
+                  f"- load average (1 min) at start: {load_text(args.load_at_start)} on {os.cpu_count()} CPUs "
+                  "(other busy processes slow multi-threaded runs down a lot)",
+                  f"- timing: time.perf_counter, median of {args.reps} repetitions"]
+    return lines + version_lines(args) + [
         f"- shapes: ({args.batch}, {TOKENS}, C), {GROUPS} groups; C = "
         + ", ".join(f"{c} ({WIDTHS.get(c, 'custom')})" for c in args.shapes),
         "- fwd: forward under no_grad; bwd: backward alone (dense upstream gradient, grads of x and the "
@@ -210,7 +182,6 @@ def header(args, copy_gbps: Optional[float]) -> List[str]:
         "GB/s: (2, 3, 5) x numel x bytes / time",
         "",
     ]
-    return lines
 
 
 def table(rows: List[dict], cuda: bool, copy_gbps: Optional[float]) -> List[str]:
@@ -236,14 +207,9 @@ def table(rows: List[dict], cuda: bool, copy_gbps: Optional[float]) -> List[str]
 
 
 def compile_lines(rows: List[dict]) -> List[str]:
-    lines = []
-    for row in rows:
-        if "compile_s" in row:
-            c = row["compile_s"]
-            lines.append(f"- torch.compile time, {'x'.join(map(str, row['shape']))} {row['dtype']}: "
-                         f"{c['inference'] + c['training']:.1f} s (inference graph {c['inference']:.1f} s, "
-                         f"training graphs {c['training']:.1f} s), empty inductor cache; not in the timings")
-    return lines
+    return [f"- torch.compile time, {'x'.join(map(str, row['shape']))} {row['dtype']}: "
+            f"{sum(c.values()):.1f} s (inference graph {c['inference']:.1f} s, training graphs {c['training']:.1f} s), "
+            "empty inductor cache; not in the timings" for row in rows if (c := row.get("compile_s"))]
 
 
 def target_lines(rows: List[dict], cuda: bool, copy_gbps: Optional[float]) -> List[str]:
@@ -282,41 +248,30 @@ def overhead_rows(device: str, rounds: int, calls: int) -> List[dict]:
     numerator = (torch.randn(1, 6, device=device) * 0.5).requires_grad_()
     denominator = (torch.randn(GROUPS, 4, device=device) * 0.5).requires_grad_()
     g = torch.randn_like(x)
-    backends = ("triton", "torch") if device == "cuda" else ("native", "torch")
 
-    def fwd():
-        with torch.no_grad():
-            group_rational(x, numerator, denominator)
-
-    def fwd_bwd():
-        y = group_rational(xg, numerator, denominator)
-        torch.autograd.grad(y, (xg, numerator, denominator), g)
-
-    def gelu_fwd():
-        with torch.no_grad():
-            F.gelu(x)
-
-    def gelu_fwd_bwd():
-        torch.autograd.grad(F.gelu(xg), (xg,), g)
+    def modes(fn: Callable, params: tuple) -> Dict[str, Callable[[], object]]:
+        """fn(x, *params) under no_grad, and with the backward to x and params (fn called directly: no wrapper's
+        call is timed)."""
+        def fwd():
+            with torch.no_grad():
+                fn(x, *params)
+        return {"fwd": fwd, "fwd+bwd": lambda: torch.autograd.grad(fn(xg, *params), (xg, *params), g)}
 
     # (backend set around the timed batch, not per call, so the environment lookup isn't counted twice)
-    providers = {"gelu": (None, gelu_fwd, gelu_fwd_bwd)}
-    providers.update({f"ours ({b})": (b, fwd, fwd_bwd) for b in backends})
+    providers = {"gelu": (None, modes(F.gelu, ()))}
+    providers.update({f"ours ({b})": (b, modes(group_rational, (numerator, denominator)))
+                      for b in (("triton", "torch") if device == "cuda" else ("native", "torch"))})
     samples = {(name, mode): [] for name in providers for mode in ("fwd", "fwd+bwd")}
-    for backend, f, fb in providers.values():  # warm up: builds, imports, first-call caches
+    timer = Timer(device, warmup=3)
+    for backend, fns in providers.values():  # warm up: builds, imports, first-call caches
         with backend_env(backend):
-            for _ in range(3):
-                f(), fb()
+            for fn in fns.values():
+                timer.calibrate(fn)
     for _ in range(rounds):
-        for name, (backend, f, fb) in providers.items():
+        for name, (backend, fns) in providers.items():
             with backend_env(backend):
-                for mode, fn in (("fwd", f), ("fwd+bwd", fb)):
-                    synchronize(device)
-                    start = time.perf_counter()
-                    for _ in range(calls):
-                        fn()
-                    synchronize(device)
-                    samples[(name, mode)].append((time.perf_counter() - start) / calls * 1e6)
+                for mode, fn in fns.items():
+                    samples[(name, mode)].append(timer.sample(fn, calls, wall=True) * 1e6)
     return [{"provider": name, "us": {mode: min(samples[(name, mode)]) for mode in ("fwd", "fwd+bwd")}}
             for name in providers]
 
@@ -331,12 +286,10 @@ def overhead_lines(rows: List[dict], args, rounds: int) -> List[str]:
          f"{r['us']['fwd+bwd'] / gelu['fwd+bwd']:.2f}x"] for r in rows]) + [""]
     for r in rows:
         if device == "cpu" and r["provider"] == "ours (native)":
-            verdicts = []
-            for mode in ("fwd", "fwd+bwd"):
-                ratio = r["us"][mode] / gelu[mode]
-                verdicts.append(f"{mode} {ratio:.2f}x GELU (target <= {OVERHEAD_TARGET}x): "
-                                f"{verdict(ratio <= OVERHEAD_TARGET)}")
-            lines.append("- CPU host-overhead target, native backend: " + "; ".join(verdicts))
+            ratios = {mode: r["us"][mode] / gelu[mode] for mode in ("fwd", "fwd+bwd")}
+            lines.append("- CPU host-overhead target, native backend: " + "; ".join(
+                f"{mode} {ratio:.2f}x GELU (target <= {OVERHEAD_TARGET}x): {verdict(ratio <= OVERHEAD_TARGET)}"
+                for mode, ratio in ratios.items()))
     return lines
 
 

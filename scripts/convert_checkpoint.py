@@ -1,13 +1,6 @@
 #!/usr/bin/env python
-"""Convert a KAT checkpoint (released weights or a training checkpoint) into a Hugging Face Hub-ready folder for timm.
-
-The logic, and what is read and written, is ``kat_timm.tools.hub.convert_checkpoint``; see README, "Deployment".
-
-Examples::
-
-    python scripts/convert_checkpoint.py pytorch_model.bin --model kat_tiny_patch16_224 -o out/kat_tiny
-    python scripts/convert_checkpoint.py checkpoint-299.pth.tar --tag vitft --no-ema -o out/kat_small_vitft
-"""
+"""Convert a KAT checkpoint (released weights or a training checkpoint) into a Hugging Face Hub-ready folder for timm:
+the CLI of ``kat_timm.tools.hub.convert_checkpoint`` (README, "Deployment")."""
 from __future__ import annotations
 
 import argparse

@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 
 # The matrices are small (N x 9): BLAS threads only cost time, and badly so on a busy machine. Set before numpy loads;
 # an explicit setting in the environment wins.
@@ -77,16 +78,16 @@ def evaluate_expression(expression: str, x: np.ndarray) -> np.ndarray:
                        f"{type(value).__name__} ({exc})") from exc
     if not np.all(np.isfinite(value)):
         bad = np.asarray(x)[~np.isfinite(value)]
-        raise FitError(f"expression {expression!r} is not finite at x = {float(bad[0])!r} (and {bad.size - 1} other points)")
+        raise FitError(f"expression {expression!r} is not finite at x = {float(bad[0])!r} "
+                       f"(and {bad.size - 1} other points)")
     return value
 
 
 def rational(x: np.ndarray, numerator, denominator) -> np.ndarray:
     """F(x) in float64 with the layer's formula (denominator through absolute values)."""
     x = np.asarray(x, dtype=np.float64)
-    ax = np.abs(x)
     p = sum(float(numerator[i]) * x**i for i in range(NUM_DEGREE + 1))
-    q = 1.0 + sum(abs(float(denominator[j - 1])) * ax**j for j in range(1, DEN_DEGREE + 1))
+    q = 1.0 + sum(abs(float(denominator[j - 1])) * np.abs(x) ** j for j in range(1, DEN_DEGREE + 1))
     return p / q
 
 
@@ -132,10 +133,8 @@ class Problem:
         return theta
 
     def snap_negligible(self, theta, relative=1e-12):
-        """Zero coefficients whose whole contribution on the range is negligible (e.g. 1e-19 left by the optimiser).
-
-        In the scaled variable |t| <= 1, so |alpha_i t^i| <= |alpha_i| and |gamma_j |t|^j| <= gamma_j. The snapped
-        coefficients are kept only if the max error on the grid does not grow by more than 0.1 %."""
+        """Zero coefficients whose whole contribution on the range (|t| <= 1: at most the coefficient) is negligible,
+        e.g. 1e-19 left by the optimiser, unless that grows the max error on the grid by more than 0.1 %."""
         f_scale = max(float(np.max(np.abs(self.f))), np.finfo(np.float64).tiny)
         snapped = np.array(theta, dtype=np.float64)
         snapped[:NUM_DEGREE][np.abs(snapped[:NUM_DEGREE]) < relative * f_scale] = 0.0
@@ -145,14 +144,20 @@ class Problem:
 
     def coefficients(self, theta):
         """Unscaled (numerator a0..a5, denominator c1..c4 >= 0) as Python floats."""
-        s = self.scale
-        num = [float(self.a0)] + [float(theta[i - 1] / s**i) for i in range(1, NUM_DEGREE + 1)]
-        den = [float(abs(theta[NUM_DEGREE + j - 1]) / s**j) + 0.0 for j in range(1, DEN_DEGREE + 1)]
-        return num, den
+        powers = self.scale ** np.arange(1, NUM_DEGREE + 1, dtype=np.float64)
+        return ([float(self.a0), *(theta[:NUM_DEGREE] / powers).tolist()],
+                (np.abs(theta[NUM_DEGREE:]) / powers[:DEN_DEGREE] + 0.0).tolist())
 
-    # -- fitting stages ------------------------------------------------------------------------------------------------
-    def solve(self, fun, jac, theta, max_nfev):
-        """Bounded nonlinear least squares (trust-region reflective) of the residual ``fun``, denominators >= 0."""
+    def solve(self, blocks, theta, max_nfev):
+        """Bounded nonlinear least squares (trust-region reflective, denominators >= 0) of the residuals that
+        ``blocks(e)`` makes of the error e: (value, d value / d e) pairs, elementwise functions of e, stacked."""
+        def fun(th):
+            return np.concatenate([value for value, _ in blocks(self.error(th))])
+
+        def jac(th):
+            jm = self.jacobian(th)
+            return np.concatenate([jm * slope[:, None] for _, slope in blocks(self.error(th))])
+
         res = least_squares(fun, theta, jac=jac, bounds=(self.lower, self.upper), method="trf",
                             xtol=LSQ_TOL, ftol=LSQ_TOL, gtol=LSQ_TOL, max_nfev=max_nfev)
         return self.clip(res.x)
@@ -174,8 +179,7 @@ class Problem:
         return theta
 
     def weighted_least_squares(self, sqrt_w, theta, max_nfev=500):
-        return self.solve(lambda th: sqrt_w * self.error(th), lambda th: self.jacobian(th) * sqrt_w[:, None],
-                          theta, max_nfev)
+        return self.solve(lambda e: [(sqrt_w * e, sqrt_w)], theta, max_nfev)
 
     def lp_continuation(self, theta, powers=(4, 8, 16, 32), max_nfev=100):
         """Minimise sum |e|^p for growing p (each stage warm-started), as least squares on e |e|^((p-2)/2)."""
@@ -185,15 +189,11 @@ class Problem:
                 break
             k = (p - 2) / 2.0
 
-            def fun(th, e0=e0, k=k):
-                r = self.error(th) / e0
-                return r * np.abs(r) ** k
+            def blocks(e, e0=e0, k=k):
+                r = e / e0
+                return [(r * np.abs(r) ** k, (1.0 + k) * np.abs(r) ** k / e0)]
 
-            def jac(th, e0=e0, k=k):
-                r = self.error(th) / e0
-                return ((1.0 + k) * np.abs(r) ** k / e0)[:, None] * self.jacobian(th)
-
-            theta = self.solve(fun, jac, theta, max_nfev)
+            theta = self.solve(blocks, theta, max_nfev)
         return theta
 
     def lawson(self, theta, iterations=100, inner_nfev=20):
@@ -221,17 +221,11 @@ class Problem:
         for mu in penalties:
             sqrt_mu = math.sqrt(mu / n) / cap
 
-            def fun(th, sqrt_mu=sqrt_mu):
-                r = self.error(th)
-                return np.concatenate([sqrt_w * r, sqrt_mu * np.maximum(np.abs(r) - target, 0.0)])
+            def blocks(e, sqrt_mu=sqrt_mu):
+                penalty_slope = np.where(np.abs(e) > target, np.sign(e) * sqrt_mu, 0.0)
+                return [(sqrt_w * e, sqrt_w), (sqrt_mu * np.maximum(np.abs(e) - target, 0.0), penalty_slope)]
 
-            def jac(th, sqrt_mu=sqrt_mu):
-                r = self.error(th)
-                jm = self.jacobian(th)
-                active = np.where(np.abs(r) > target, np.sign(r) * sqrt_mu, 0.0)
-                return np.concatenate([jm * sqrt_w[:, None], jm * active[:, None]], axis=0)
-
-            theta = self.solve(fun, jac, theta, max_nfev)
+            theta = self.solve(blocks, theta, max_nfev)
         return theta
 
 
@@ -262,10 +256,10 @@ def fit_entry(name, spec, lo, hi, points):
             ones = np.ones_like(x)
             theta_ls = prob.weighted_least_squares(ones, prob.sanathanan_koerner(ones))
             coarse = prob.subgrid(REFINE_POINTS)
-            candidates = [theta_ls, coarse.lp_continuation(theta_ls), coarse.lawson(theta_ls)]
-            errors = [prob.max_error(th) for th in candidates]
-            theta = candidates[int(np.argmin(errors))]
-            which = ["least squares", "L^p continuation", "Lawson iteration"][int(np.argmin(errors))]
+            candidates = {"least squares": theta_ls, "L^p continuation": coarse.lp_continuation(theta_ls),
+                          "Lawson iteration": coarse.lawson(theta_ls)}
+            which = min(candidates, key=lambda method: prob.max_error(candidates[method]))
+            theta = candidates[which]
             note = ("uniform weight on the fit range: Sanathanan-Koerner linearised LSQ, nonlinear LSQ, then minimax "
                     f"refinement (best of LSQ / L^p p<=32 / Lawson: {which}); a0 pinned to target(0)")
         elif mode == "weighted":
@@ -297,11 +291,9 @@ def measure(expression, numerator, denominator, lo, hi):
     x = np.linspace(lo, hi, EVAL_POINTS)
     err = np.abs(rational(x, numerator, denominator) - evaluate_expression(expression, x))
     near = np.abs(x) < 1.0
-    return {
-        "max_abs_error": float(err.max()),
-        "max_abs_error_near_zero": float(err[near].max()) if near.any() else float("nan"),
-        "f0": float(rational(np.zeros(1), numerator, denominator)[0]),
-    }
+    return {"max_abs_error": float(err.max()),
+            "max_abs_error_near_zero": float(err[near].max()) if near.any() else float("nan"),
+            "f0": float(rational(np.zeros(1), numerator, denominator)[0])}
 
 
 def parse_args(argv=None):
@@ -335,8 +327,7 @@ def load_table(path):
     if not os.path.exists(path):
         return {}
     try:
-        with open(path) as fh:
-            table = json.load(fh)
+        table = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise FitError(f"cannot read the table {path}: {exc}") from exc
     if not isinstance(table, dict):
@@ -417,11 +408,8 @@ def main(argv=None):
         print("(dry run: nothing written)")
         return 0
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    tmp = output + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(new_table, fh, indent=2)
-        fh.write("\n")
-    os.replace(tmp, output)
+    Path(output + ".tmp").write_text(json.dumps(new_table, indent=2) + "\n")
+    os.replace(output + ".tmp", output)
     print(f"wrote {output} ({len(results)} entr{'y' if len(results) == 1 else 'ies'} refitted, {len(new_table)} in all)")
     return 0
 

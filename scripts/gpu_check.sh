@@ -1,21 +1,16 @@
 #!/usr/bin/env bash
-# One call that measures kat_timm on a GPU: the CUDA tests, the kernel resource report, the op benchmark (GB/s and
-# % of copy bandwidth, bf16 and fp32, KAT-T/S/B shapes, and the host overhead) and the model benchmark (KAT vs ViT,
-# T/S/B, train and infer, batch 128, bf16 autocast, eager and torch.compile). Markdown and JSON go to OUTDIR; a
-# short summary is printed last. Each step has its own time limit (about 8 minutes in all) and a failed step does
-# not stop the others.
-#
-# Needs only what the GPU machine has: python3 with torch, triton, timm and pytest; no network, no pip. Run from a
-# checkout (PYTHONPATH is set to it).
+# One call that measures kat_timm on a GPU (README, "Benchmarks"): the CUDA tests, the kernel report, the op benchmark
+# and host overhead, the model benchmark eager and compiled. Markdown and JSON go to OUTDIR, a summary is printed
+# last; each step has its own time limit (about 8 minutes in all) and a failed step does not stop the others.
+# Needs python3 with torch, triton, timm and pytest; no network, no pip.
 #
 #   scripts/gpu_check.sh OUTDIR             # on a machine with a CUDA GPU
 #   scripts/gpu_check.sh --dry-run OUTDIR   # the same steps in their quick CPU forms (what CI runs)
 set -uo pipefail
 
-usage() { echo "usage: $0 [--dry-run] OUTDIR" >&2; exit 2; }
 dry_run=0
 if [ "${1:-}" = "--dry-run" ]; then dry_run=1; shift; fi
-[ $# -eq 1 ] || usage
+[ $# -eq 1 ] || { echo "usage: $0 [--dry-run] OUTDIR" >&2; exit 2; }
 out=$1
 mkdir -p "$out" || { echo "gpu_check: can't create $out" >&2; exit 2; }
 out=$(cd "$out" && pwd)
@@ -35,31 +30,30 @@ failures=0
 
 # step NAME LIMIT_S OUTFILE COMMAND...: run with a time limit, output to OUTFILE, status into the summary.
 step() {
-    local name=$1 limit=$2 file=$3
+    local name=$1 limit=$2 file=$3 start=$SECONDS rc
     shift 3
-    local start=$SECONDS
     timeout "$limit" "$@" > "$out/$file" 2>&1
-    local rc=$?
-    local took=$((SECONDS - start))
+    rc=$?
     if [ $rc -eq 0 ]; then
-        echo "- $name: ok (${took} s, $file)" >> "$summary"
+        echo "- $name: ok ($((SECONDS - start)) s, $file)" >> "$summary"
     else
         failures=$((failures + 1))
         [ $rc -eq 124 ] && rc="timed out after ${limit} s"
-        echo "- $name: FAILED ($rc, ${took} s, $file)" >> "$summary"
+        echo "- $name: FAILED ($rc, $((SECONDS - start)) s, $file)" >> "$summary"
     fi
 }
 
 if [ $dry_run -eq 1 ]; then
+    cpu=(--quick --device cpu --threads 1)
     step "pytest -m cuda" 300 pytest_cuda.txt "$py" -m pytest -q -p no:cacheprovider -m cuda tests/ops/test_cuda.py
     step "kernel report" 300 kernel_report.md "$py" scripts/kernel_report.py --arch sm_90a --batch 1 \
         --dtype bfloat16 --json "$out/kernel_report.json"
-    step "op benchmark" 300 benchmark_ops.md "$py" scripts/benchmark_ops.py --quick --device cpu --threads 1 \
-        --shapes 192 --providers gelu ours --json "$out/benchmark_ops.json"
-    step "op host overhead" 300 overhead.md "$py" scripts/benchmark_ops.py --overhead --quick --device cpu \
-        --threads 1 --json "$out/overhead.json"
-    step "model benchmark" 300 benchmark_models.md "$py" scripts/benchmark_models.py --quick --device cpu \
-        --threads 1 --sizes tiny --json "$out/benchmark_models.json"
+    step "op benchmark" 300 benchmark_ops.md "$py" scripts/benchmark_ops.py "${cpu[@]}" --shapes 192 \
+        --providers gelu ours --json "$out/benchmark_ops.json"
+    step "op host overhead" 300 overhead.md "$py" scripts/benchmark_ops.py --overhead "${cpu[@]}" \
+        --json "$out/overhead.json"
+    step "model benchmark" 300 benchmark_models.md "$py" scripts/benchmark_models.py "${cpu[@]}" --sizes tiny \
+        --json "$out/benchmark_models.json"
 else
     "$py" -c "import torch, triton, timm; print('torch', torch.__version__, 'triton', triton.__version__, 'timm', \
 timm.__version__, torch.cuda.get_device_name())" > "$out/versions.txt" 2>&1

@@ -1,11 +1,5 @@
 #!/usr/bin/env python
-"""Resource report of the Triton kernels, compiled for a GPU without one; see README, "Benchmarks".
-
-Examples::
-
-    python scripts/kernel_report.py --arch sm_90a --batch 128 --dtype bfloat16
-    python scripts/kernel_report.py --json report.json
-"""
+"""Resource report of the Triton kernels, compiled for a GPU without one; see README, "Benchmarks"."""
 from __future__ import annotations
 
 import argparse

@@ -1,11 +1,5 @@
 #!/usr/bin/env python
-"""Print the README's model zoo table (Markdown) or the same rows as JSON; the logic is ``kat_timm.tools.zoo``.
-
-Examples::
-
-    python scripts/model_zoo.py --json       # one JSON list, every registered name and tag
-    python scripts/model_zoo.py --no-flops   # skip the FLOP count (parameters only)
-"""
+"""Print the README's model zoo table (Markdown) or the same rows as JSON; the logic is ``kat_timm.tools.zoo``."""
 from __future__ import annotations
 
 import argparse

@@ -38,11 +38,6 @@ PATCH_LINES = (
 )
 
 
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "kat_timm" / "timm-sdist"
-
-
 def fetch_sdist(timm_version: str, cache_dir: Path) -> Path:
     """The unpacked sdist of timm ``timm_version`` under ``cache_dir`` (downloaded and unpacked when missing)."""
     root = cache_dir / f"timm-{timm_version}"
@@ -56,7 +51,8 @@ def fetch_sdist(timm_version: str, cache_dir: Path) -> Path:
                    f"timm=={timm_version}", "-d", str(cache_dir)]
         if subprocess.run(command).returncode != 0 or not archive.is_file():
             raise SystemExit(f"could not download the timm {timm_version} sdist (command: {' '.join(command)}); this "
-                             f"needs network access to PyPI, or put timm-{timm_version}.tar.gz into {cache_dir} by hand")
+                             f"needs network access to PyPI, or put timm-{timm_version}.tar.gz into {cache_dir} by "
+                             "hand")
     print(f"[run_timm_model_tests] unpacking {archive}")
     with tarfile.open(archive) as tar:
         if hasattr(tarfile, "data_filter"):
@@ -109,9 +105,8 @@ class KatSelection:
         return self.with_pretrained or test_name(item.nodeid) not in PRETRAINED_TESTS
 
     def pytest_collection_modifyitems(self, config, items):
-        keep, drop = [], []
-        for item in items:
-            (keep if self._selected(item) else drop).append(item)
+        keep = [item for item in items if self._selected(item)]
+        drop = [item for item in items if not self._selected(item)]
         if drop:
             config.hook.pytest_deselected(items=drop)
         items[:] = keep
@@ -133,26 +128,22 @@ class KatSelection:
             self.failed.append(report.nodeid)
 
     def summary(self, timm_version: str, test_file: Path, seconds: float) -> str:
-        lines = ["", f"timm {timm_version} {test_file.name} on {len(self.models)} KAT model(s), {seconds:.0f} s"]
-        totals = collections.Counter()
+        rows = {name: self.outcomes[name] for name in sorted(self.outcomes)}
+        rows["TOTAL"] = sum(rows.values(), collections.Counter())
         width = max([len(n) for n in self.outcomes] + [10])
-        for name in sorted(self.outcomes):
-            counts = self.outcomes[name]
-            totals.update(counts)
-            lines.append(f"  {name:<{width}}  " + "  ".join(f"{k} {counts[k]}" for k in sorted(counts)))
-        lines.append(f"  {'TOTAL':<{width}}  " + "  ".join(f"{k} {totals[k]}" for k in sorted(totals)))
-        for (name, reason), ids in sorted(self.skips.items()):
-            lines.append(f"  skipped {name} x{len(ids)}: {reason}")
-        for nodeid in self.failed:
-            lines.append(f"  FAILED {nodeid}")
-        return "\n".join(lines)
+        return "\n".join(
+            ["", f"timm {timm_version} {test_file.name} on {len(self.models)} KAT model(s), {seconds:.0f} s"]
+            + [f"  {name:<{width}}  " + "  ".join(f"{k} {c[k]}" for k in sorted(c)) for name, c in rows.items()]
+            + [f"  skipped {name} x{len(ids)}: {reason}" for (name, reason), ids in sorted(self.skips.items())]
+            + [f"  FAILED {nodeid}" for nodeid in self.failed])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                      epilog="Other arguments are passed on to pytest.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dir", type=Path, default=default_cache_dir(),
+    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    parser.add_argument("--dir", type=Path, default=Path(cache_home) / "kat_timm" / "timm-sdist",
                         help="cache directory for the timm sdist (default: %(default)s)")
     parser.add_argument("--models", nargs="+", default=["kat*"], metavar="GLOB",
                         help="KAT model names or patterns to test (default: kat*)")

@@ -1,9 +1,5 @@
-"""Deployment exports of a KAT: ``torch.export`` programs and ONNX files made of standard ONNX ops only.
-
-``export_program`` keeps one ``kat_timm::group_rational`` node per activation (its fake implementation traces the
-shapes); ``export_onnx`` decomposes those nodes into ``group_rational_plain``'s elementary ops first, so the file
-has no custom domain. README, "ONNX", says what to install.
-"""
+"""Deployment exports of a KAT (README, "ONNX"): ``torch.export`` programs, which keep one ``kat_timm::group_rational``
+node per activation, and ONNX files, where those nodes become ``group_rational_plain``'s standard ops."""
 from __future__ import annotations
 
 import contextlib
@@ -23,15 +19,11 @@ __all__ = ["DEFAULT_OPSET", "MIN_OPSET", "MissingDependencyError", "OpsetConvers
            "decompose_rationals", "export_onnx", "export_program", "group_rational_plain", "model_input_size",
            "onnx_io_shapes", "onnx_op_domains", "require_packages", "standard_domains_only"]
 
-# The opset PyTorch's ONNX exporter (torchlib) translates to natively; other opsets go through onnx's version
-# converter afterwards.
-DEFAULT_OPSET = 18
-# LayerNormalization, which every ViT block uses, is an ONNX op from opset 17 on.
-MIN_OPSET = 17
+DEFAULT_OPSET = 18  # what PyTorch's exporter (torchlib) writes natively; others go through onnx's version converter
+MIN_OPSET = 17  # LayerNormalization, which every ViT block uses, is an ONNX op from opset 17 on
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
-# Above this many bytes of weights the ONNX file keeps them in a side file (protobuf's 2 GiB limit); every KAT is
-# far below, so its export is a single self-contained file.
+# Above this many bytes of weights (protobuf's limit is 2 GiB) they go to a side file; every KAT is far below.
 _EXTERNAL_DATA_BYTES = 1 << 30
 _STANDARD_DOMAINS = ("", "ai.onnx")
 
@@ -59,32 +51,17 @@ def require_packages(*names: str, purpose: str = "ONNX export"):
 @contextlib.contextmanager
 def _eval_mode(model: torch.nn.Module):
     training = model.training
-    model.eval()
     try:
-        yield
+        yield model.eval()
     finally:
         model.train(training)
 
 
 def group_rational_plain(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, channel_dim: int = -1,
                          bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The grouped rational function with elementary ops only: what an exported graph computes.
-
-    Same function as ``kat_timm.ops.group_rational`` (float32 math for float16/bfloat16 inputs), written as
-    Horner steps (Mul, Add), Abs and one Div on a ``(..., G, rest)`` reshape of ``x``, so that every exporter
-    and runtime understands it. Meant for inference and export; train with ``group_rational`` (its gradient of
-    |b| at b == 0 is +1, autograd's is 0).
-
-    Args:
-        x: input with C channels on ``channel_dim``, C a multiple of G.
-        numerator: (1, 6) shared row or (G, 6) rows of a0..a5.
-        denominator: (G, 4) rows of b1..b4.
-        channel_dim: the channel axis.
-        bias: optional (C,) input bias (F is taken at x + bias): one Add before the Horner steps.
-
-    Returns:
-        F(x) with x's shape and dtype (contiguous).
-    """
+    """``kat_timm.ops.group_rational`` (same arguments, float32 math for half inputs) with elementary ops only, what
+    an exported graph computes: Horner steps (Mul, Add), Abs and one Div on a ``(..., G, rest)`` reshape of ``x``.
+    For inference and export; train with ``group_rational`` (its gradient of |b| at b == 0 is +1, autograd's 0)."""
     groups = denominator.shape[0]
     cdim = channel_dim % x.dim()
     compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
@@ -94,29 +71,26 @@ def group_rational_plain(x: torch.Tensor, numerator: torch.Tensor, denominator: 
         xc = xc + bias.to(compute).reshape((x.shape[cdim],) + (1,) * (x.dim() - 1 - cdim))
     # Each group's channels, and everything after the channel axis, form one contiguous run of the last axis.
     xg = xc.reshape(tuple(x.shape[:cdim]) + (groups, -1))
-    a = numerator.to(compute).expand(groups, 6)
-    b = denominator.to(compute).abs()
+    numerator, denominator = numerator.to(compute).expand(groups, 6), denominator.to(compute).abs()
+    a = [numerator[:, i : i + 1] for i in range(6)]  # a0..a5, each (G, 1)
+    b = [denominator[:, j : j + 1] for j in range(4)]  # |b1|..|b4|
+    ax = xg.abs()
     # Large |x|: the reciprocal form x * P~(1/x) / Q~(1/|x|) (kat_timm.ops.rational_torch), so that a large input
     # gives the finite value it should instead of inf or NaN; Where and Reciprocal are standard ONNX ops too.
-    large = xg.abs() > LARGE_INPUT
+    large = ax > LARGE_INPUT
     u = 1.0 / torch.where(large, xg, torch.full_like(xg, 2.0))
     au = u.abs()
-    q_recip = au + b[:, 0:1]
-    for j in range(1, 4):
-        q_recip = q_recip * au + b[:, j : j + 1]
+    q_recip = _horner(au, au + b[0], b[1:])
     use = large & torch.isfinite(1.0 / q_recip)  # Q~ underflows only when the top b's are 0: the plain form is exact
-    p_recip = a[:, 0:1]
-    for i in range(1, 6):
-        p_recip = p_recip * u + a[:, i : i + 1]
-    p = a[:, 5:6]
-    for i in range(4, -1, -1):
-        p = p * xg + a[:, i : i + 1]
-    ax = xg.abs()
-    q = b[:, 3:4]
-    for j in range(2, -1, -1):
-        q = q * ax + b[:, j : j + 1]
-    q = q * ax + 1.0
-    return torch.where(use, xg * p_recip / q_recip, p / q).reshape(x.shape).to(x.dtype)
+    plain = _horner(xg, a[5], a[4::-1]) / _horner(ax, b[3], [*b[2::-1], 1.0])
+    return torch.where(use, xg * _horner(u, a[0], a[1:]) / q_recip, plain).reshape(x.shape).to(x.dtype)
+
+
+def _horner(t: torch.Tensor, leading, coefficients):
+    """``leading * t^n + c_1 * t^(n-1) + ... + c_n`` for ``coefficients`` c_1..c_n, as Mul and Add steps."""
+    for coefficient in coefficients:
+        leading = leading * t + coefficient
+    return leading
 
 
 def _example_input(model: torch.nn.Module, batch_size: int) -> torch.Tensor:
@@ -126,18 +100,9 @@ def _example_input(model: torch.nn.Module, batch_size: int) -> torch.Tensor:
 
 def export_program(model: torch.nn.Module, example_input: Optional[torch.Tensor] = None,
                    dynamic_batch: bool = False) -> torch.export.ExportedProgram:
-    """``torch.export.export`` of ``model`` in eval mode (its mode is restored afterwards).
-
-    The rational activations stay ``kat_timm::group_rational`` nodes: run the program with kat_timm imported.
-
-    Args:
-        model: the model (a KAT or any timm image model).
-        example_input: a batch of images to trace with (default: 2 random images of the model's input size).
-        dynamic_batch: make the batch dimension symbolic, so the program accepts any batch size.
-
-    Returns:
-        The exported program.
-    """
+    """``torch.export.export`` of ``model`` in eval mode (its mode restored afterwards), traced with
+    ``example_input`` (default: 2 random images), optionally with a symbolic batch dimension. The rationals stay
+    ``kat_timm::group_rational`` nodes: run the program with kat_timm imported (README, "ONNX")."""
     if example_input is None:
         example_input = _example_input(model, batch_size=2)
     dynamic_shapes = None
@@ -151,39 +116,18 @@ def export_program(model: torch.nn.Module, example_input: Optional[torch.Tensor]
 
 
 def decompose_rationals(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
-    """``program`` with every ``kat_timm::group_rational`` node replaced by ``group_rational_plain``'s ops.
-
-    Only that op is decomposed: the ONNX exporter then applies its own decompositions, which keep the ops ONNX
-    has natively (LayerNormalization, Gemm, ...), and tracing with a one-entry table is about twice as fast.
-    """
+    """``program`` with every ``kat_timm::group_rational`` node replaced by ``group_rational_plain``'s ops; only that
+    op: the ONNX exporter's own decompositions keep what ONNX has natively (LayerNormalization, Gemm...), and a
+    one-entry table traces about twice as fast."""
     return program.run_decompositions({torch.ops.kat_timm.group_rational.default: group_rational_plain})
 
 
 def export_onnx(model: torch.nn.Module, path: PathLike, dynamic_batch: bool = False, opset: int = DEFAULT_OPSET,
                 batch_size: int = 1, example_input: Optional[torch.Tensor] = None) -> Path:
-    """Export ``model`` (in eval mode) to an ONNX file of standard ops: input ``images``, output ``logits``.
-
-    The file is checked with ``onnx.checker`` (full check, with shape inference) before this returns.
-
-    Args:
-        model: the model to export.
-        path: the ``.onnx`` file to write (its folder must exist; an existing file is replaced, but only once the
-            new one is complete and checked: a failed export leaves no file behind).
-        dynamic_batch: accept any batch size (the input's first dimension is symbolic); else the batch size is
-            fixed in the graph.
-        opset: the ONNX opset (default ``DEFAULT_OPSET``, 18; at least ``MIN_OPSET``, 17).
-        batch_size: the batch size of the graph without ``dynamic_batch`` (with it, only the tracing batch).
-        example_input: images to trace with (default: ``batch_size`` random images of the model's input size).
-
-    Returns:
-        ``path``.
-
-    Raises:
-        MissingDependencyError: onnx or onnxscript is not installed.
-        FileNotFoundError: the output folder does not exist.
-        ValueError: ``opset`` is below ``MIN_OPSET`` or above what the installed onnx knows.
-        OpsetConversionError: the exporter could not produce the requested opset.
-    """
+    """Export ``model`` (in eval mode) to an ONNX file of standard ops, input ``images``, output ``logits``, checked
+    with ``onnx.checker`` (full check) and only then put at ``path`` (README, "ONNX"). ``batch_size`` is the graph's
+    fixed batch (with ``dynamic_batch``, only the tracing batch). Raises MissingDependencyError (no onnx/onnxscript),
+    FileNotFoundError (no output folder), ValueError (opset out of range), OpsetConversionError."""
     onnx = require_packages("onnx", "onnxscript")
     if opset < MIN_OPSET:
         raise ValueError(f"opset {opset} is too old: a KAT needs opset {MIN_OPSET} or newer (LayerNormalization)")
@@ -212,8 +156,8 @@ def export_onnx(model: torch.nn.Module, path: PathLike, dynamic_batch: bool = Fa
                           output_names=[OUTPUT_NAME], opset_version=opset, dynamo=True,
                           dynamic_shapes=({0: "batch"},) if dynamic_batch else None, external_data=external_data,
                           verbose=False)
-        converter_log.setLevel(log_level)
-        written = _default_opset(onnx.load(str(partial), load_external_data=False))
+        written = next(entry.version for entry in onnx.load(str(partial), load_external_data=False).opset_import
+                       if entry.domain in _STANDARD_DOMAINS)
         if written != opset:
             # The exporter keeps its own opset when the version converter fails, with only a log message.
             raise OpsetConversionError(f"the ONNX exporter could not convert the graph to opset {opset} (it wrote "
@@ -226,10 +170,6 @@ def export_onnx(model: torch.nn.Module, path: PathLike, dynamic_batch: bool = Fa
         if partial != path:
             partial.unlink(missing_ok=True)
     return path
-
-
-def _default_opset(model_proto) -> int:
-    return next(entry.version for entry in model_proto.opset_import if entry.domain in _STANDARD_DOMAINS)
 
 
 def onnx_io_shapes(path: PathLike) -> Dict[str, List[Union[int, str]]]:
@@ -249,20 +189,8 @@ def onnx_op_domains(path: PathLike) -> Dict[str, set]:
 
 def check_onnx(path: PathLike, model: torch.nn.Module, batch_sizes: Sequence[int] = (2,),
                seed: int = 0) -> Dict[int, float]:
-    """Run the ONNX file with onnxruntime (CPU) and ``model`` on the same random images; compare the outputs.
-
-    Args:
-        path: an ONNX file written by ``export_onnx`` for ``model``.
-        model: the PyTorch model it was exported from (run in eval mode, on CPU, in float32).
-        batch_sizes: batches to try (sizes other than the exported one need ``dynamic_batch=True``).
-        seed: seed of the random images.
-
-    Returns:
-        {batch size: relative error ||onnx - torch|| / ||torch|| of the whole output tensor}.
-
-    Raises:
-        MissingDependencyError: onnxruntime is not installed.
-    """
+    """{batch size: ||onnx - torch|| / ||torch||} of the ONNX file run by onnxruntime (CPU) and ``model`` (eval
+    mode) on the same random images; MissingDependencyError without onnxruntime."""
     onnxruntime = require_packages("onnxruntime", purpose="checking an ONNX file")
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name

@@ -21,7 +21,6 @@ __all__ = ["ConversionResult", "convert_checkpoint", "fix_hub_folder", "hub_conf
 
 PathLike = Union[str, Path]
 
-# Files written into a converted folder (removed first when overwriting with force=True).
 OUTPUT_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", "README.md")
 # Arguments transformers' TimmWrapper passes to timm.create_model itself (num_classes from the config's root
 # ``num_classes``): the same key in ``model_args`` makes it fail with "got multiple values for keyword argument".
@@ -39,8 +38,7 @@ def kat_num_params(model_name: str, **kwargs) -> int:
 
 
 def _size_of(model_name: str) -> Optional[str]:
-    match = _SIZE_OF_NAME.match(model_name)
-    return match.group(1) if match else None
+    return match.group(1) if (match := _SIZE_OF_NAME.match(model_name)) else None
 
 
 def released_top1(model_name: str, tag: str = "") -> Optional[float]:
@@ -76,16 +74,9 @@ _CITATION = """@article{yang2024kat,
 
 def model_card(model_name: str, tag: str = "", num_params: Optional[int] = None, repo_id: Optional[str] = None,
                source: Optional[str] = None) -> str:
-    """README.md (Hub model card) for a converted KAT checkpoint, written by timm's own card generator
-    (``timm.models._hub.generate_readme``, what ``push_to_hf_hub`` uses): details, usage, the released checkpoints.
-
-    Args:
-        model_name: registered architecture, e.g. ``"kat_tiny_patch16_224"``.
-        tag: pretrained tag (``""`` = trained from scratch, ``"vitft"`` = initialised from a ViT).
-        num_params: parameter count of this checkpoint (default: computed for a 1000-class model).
-        repo_id: Hub repository the folder is meant for (used in the usage snippet).
-        source: a line on where the weights came from (file name, checksum, EMA or not).
-    """
+    """README.md (Hub model card) of a converted KAT checkpoint by timm's own card generator (what
+    ``push_to_hf_hub`` uses): details, usage for ``repo_id``, the released checkpoints; ``source`` says where the
+    weights came from, ``num_params`` defaults to the 1000-class model's."""
     from timm.models._hub import generate_readme
 
     size = _size_of(model_name)
@@ -153,25 +144,12 @@ upgrading timm does not help, importing kat_timm does.
 
 
 def hub_config(config: Mapping[str, Any]) -> Dict[str, Any]:
-    """A timm ``config.json`` dict that loads in timm and in transformers' ``TimmWrapper`` alike.
-
-    ``TimmWrapper`` passes ``num_classes`` itself and then spreads ``model_args``, so the copy that timm's
-    ``save_for_hf`` also writes there fails ("got multiple values for keyword argument"). The copy returned has
-    the wrapper's own arguments only at the root, where timm reads them too.
-
-    Args:
-        config: the parsed ``config.json`` (timm format: ``architecture``, ``pretrained_cfg``, optional
-            ``model_args``).
-
-    Returns:
-        The fixed copy; ``config`` itself is not modified.
-    """
-    fixed = dict(config)
-    model_args = dict(fixed.get("model_args") or {})
+    """A copy of a timm ``config.json`` dict that loads in timm and in transformers' ``TimmWrapper`` alike: the
+    wrapper's own arguments (``WRAPPER_OWN_ARGS``) only at the root, where timm reads them too."""
+    fixed, model_args = dict(config), config.get("model_args") or {}
     if "num_classes" in model_args:
         fixed.setdefault("num_classes", model_args["num_classes"])
-    for key in WRAPPER_OWN_ARGS:
-        model_args.pop(key, None)
+    model_args = {key: value for key, value in model_args.items() if key not in WRAPPER_OWN_ARGS}
     if model_args:
         fixed["model_args"] = model_args
     else:
@@ -181,14 +159,8 @@ def hub_config(config: Mapping[str, Any]) -> Dict[str, Any]:
 
 def save_hub_folder(model: torch.nn.Module, output_dir: PathLike,
                     safe_serialization: Union[bool, str] = "both") -> None:
-    """Write ``model`` as a Hub folder that timm and transformers both load: timm's ``save_for_hf``, then
-    ``fix_hub_folder``.
-
-    Args:
-        model: a timm model built by ``timm.create_model`` (it carries the pretrained cfg and model args).
-        output_dir: folder to write into (created when absent).
-        safe_serialization: ``"both"`` (model.safetensors + pytorch_model.bin) or True (model.safetensors only).
-    """
+    """Write a ``timm.create_model`` model as a Hub folder that timm and transformers both load: timm's
+    ``save_for_hf`` (``safe_serialization``: "both" files or True, model.safetensors only), then ``fix_hub_folder``."""
     from timm.models import save_for_hf
 
     output_dir = Path(output_dir)
@@ -198,17 +170,8 @@ def save_hub_folder(model: torch.nn.Module, output_dir: PathLike,
 
 
 def fix_hub_folder(folder: PathLike) -> bool:
-    """Rewrite ``folder/config.json`` through ``hub_config``, atomically.
-
-    Args:
-        folder: a timm Hub folder (holding ``config.json``).
-
-    Returns:
-        Whether the file changed (False: it already loaded in transformers).
-
-    Raises:
-        FileNotFoundError: ``folder`` has no ``config.json``.
-    """
+    """Rewrite ``folder/config.json`` through ``hub_config``, atomically; returns whether it changed (README, "In
+    Hugging Face transformers"). FileNotFoundError without a config.json."""
     config_path = Path(folder) / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"no config.json in {folder}: not a timm Hub folder")
@@ -225,7 +188,6 @@ def fix_hub_folder(folder: PathLike) -> bool:
 @dataclasses.dataclass
 class ConversionResult:
     """What ``convert_checkpoint`` wrote."""
-
     output_dir: Path
     model_name: str
     tag: str
@@ -258,27 +220,11 @@ def convert_checkpoint(checkpoint_path: PathLike, output_dir: PathLike, model_na
                        tag: Optional[str] = None, use_ema: Optional[bool] = None,
                        safe_serialization: Union[bool, str] = "both", force: bool = False,
                        repo_id: Optional[str] = None, verify: bool = True) -> ConversionResult:
-    """Convert a KAT checkpoint into a Hub-ready folder (timm ``config.json``, weights, ``README.md``).
-
-    Args:
-        checkpoint_path: released ``.bin`` / ``.pth`` / ``.safetensors``, or a training checkpoint (see
-            ``unwrap_state_dict``); loaded with ``load_checkpoint`` (no arbitrary code runs).
-        output_dir: folder to write; must be empty or absent unless ``force`` (which replaces only the files a
-            conversion writes).
-        model_name: registered KAT name, optionally with a tag (``"kat_tiny_patch16_224.vitft"``); inferred from the
-            tensor shapes when None (``infer_architecture``).
-        tag: pretrained tag ("" or "vitft" for the released names); overrides a tag in ``model_name``.
-        use_ema: see ``unwrap_state_dict``.
-        safe_serialization: ``"both"`` (model.safetensors + pytorch_model.bin) or True (model.safetensors only),
-            passed to ``timm.models.save_for_hf``.
-        force: overwrite a non-empty ``output_dir``.
-        repo_id: Hub repository id for the card's usage snippet (default: the pretrained cfg's ``hf_hub_id``).
-        verify: reload the folder with ``timm.create_model("local-dir:...", pretrained=True)`` and check that every
-            tensor round-trips exactly.
-
-    The checkpoint must fit the model exactly (``load_state_dict(strict=True)``), except for the classifier: a head
-    of another width gives a model with that many classes (0 when the checkpoint has no head).
-    """
+    """Convert a KAT checkpoint into a Hub-ready folder (timm ``config.json``, weights, ``README.md``); README,
+    "Deployment", says what is read and written. ``model_name`` (with an optional tag, which ``tag`` overrides) is
+    inferred from the shapes when None; ``force`` replaces only the files a conversion writes; ``verify`` reloads the
+    folder and checks every tensor. The checkpoint must fit exactly but for the classifier, whose width sets the
+    number of classes (0 without a head)."""
     from timm.models import get_pretrained_cfg, split_model_name_tag
 
     if safe_serialization not in ("both", True):

@@ -34,15 +34,8 @@ def find_rationals(model: nn.Module) -> List[Tuple[str, GroupRational]]:
 
 @torch.no_grad()
 def rational_curves(layer: GroupRational, x: torch.Tensor, use_layer: bool = False) -> torch.Tensor:
-    """F_g(x) of every group g of ``layer`` on the 1-D grid ``x``: a float64 tensor of shape (len(x), G), from an
-    (N, G) input whose column g, one channel per group, goes through group g's coefficients.
-
-    Args:
-        layer: the rational activation.
-        x: 1-D grid of inputs.
-        use_layer: run the layer itself (its backend, its dtype, its device) instead of the float64 reference
-            (``kat_timm.ops.group_rational_reference``) on its coefficients.
-    """
+    """F_g(x) of every group g of ``layer`` on the 1-D grid ``x``, a float64 (len(x), G) tensor: the float64
+    reference formula on the layer's coefficients, or with ``use_layer`` the layer itself (backend, dtype, device)."""
     groups = layer.num_groups
     grid = x.detach().to(torch.float64).reshape(-1, 1).expand(-1, groups)
     if use_layer:
@@ -51,12 +44,6 @@ def rational_curves(layer: GroupRational, x: torch.Tensor, use_layer: bool = Fal
         # A (N, G) tensor has its channels on axis 1, which is also -1: right for either channel_dim.
         return layer(inputs).to(device="cpu", dtype=torch.float64)
     return group_rational_reference(grid, layer.weight_numerator.cpu(), layer.weight_denominator.cpu())
-
-
-def _reference_name(reference: Optional[str], layer: GroupRational) -> Optional[str]:
-    if reference == "init":
-        return layer.init if layer.init in REFERENCE_FUNCTIONS else None
-    return reference
 
 
 def require_matplotlib():
@@ -72,30 +59,14 @@ def require_matplotlib():
 def plot_rationals(model: nn.Module, reference: Optional[str] = "init", x_range: Tuple[float, float] = (-3.0, 3.0),
                    num_points: int = 241, use_layer: bool = False, title: Optional[str] = None,
                    panel_size: Tuple[float, float] = (3.2, 1.9)):
-    """A grid of every rational activation of ``model``: one curve per channel group on ``x_range``.
-
-    Args:
-        model: a KAT (or any module holding :class:`~kat_timm.layers.GroupRational` layers).
-        reference: dashed comparison curve in every panel: ``"init"`` (the function each layer was initialised
-            from: identity for act1, swish for act2 of the released models; none when that is not one of the
-            functions below), ``"identity"``, ``"gelu"``, ``"swish"``, or None for no reference.
-        x_range: (low, high) of the x axis.
-        num_points: grid points per curve.
-        use_layer: evaluate each layer itself (its backend and dtype) instead of the float64 reference formula.
-        title: figure title (default: the model's class name and number of rationals).
-        panel_size: (width, height) of one panel in inches.
-
-    Returns:
-        A ``matplotlib.figure.Figure`` (Agg canvas) with rows = modules holding rationals (``blocks.i.mlp``) and
-        columns = the rational names within them (``act1``, ``act2``). Save it with ``fig.savefig("a.png")``.
-
-    Raises:
-        ImportError: matplotlib is not installed (the message says how to install it).
-        ValueError: ``model`` has no GroupRational, or ``reference`` / ``x_range`` / ``num_points`` is invalid.
-    """
+    """A matplotlib Figure (Agg canvas) of every rational of ``model``, one curve per channel group on ``x_range``:
+    rows are the modules holding rationals (``blocks.i.mlp``), columns the rationals in them (``act1``, ``act2``);
+    ``reference`` is the dashed curve in every panel ("init": the layer's init function when it is one of
+    ``REFERENCE_FUNCTIONS``), ``panel_size`` is in inches (README, "Look at what the KAN learned"). ImportError
+    without matplotlib, ValueError on a model without rationals or a bad argument."""
     if reference is not None and reference not in REFERENCES:
         raise ValueError(f"reference must be one of {', '.join(REFERENCES)} or None, got {reference!r}")
-    low, high = (float(v) for v in x_range)
+    low, high = map(float, x_range)
     if not (math.isfinite(low) and math.isfinite(high) and low < high):
         raise ValueError(f"x_range must be two finite numbers (low, high) with low < high, got {x_range!r}")
     if num_points < 2:
@@ -104,6 +75,7 @@ def plot_rationals(model: nn.Module, reference: Optional[str] = "init", x_range:
     if not rationals:
         raise ValueError(f"{type(model).__name__} has no GroupRational layers: nothing to plot (is it a KAT?)")
     Figure, FigureCanvasAgg = require_matplotlib()
+    from matplotlib import colormaps
 
     # Rows: the parent modules, in order; columns: the leaf names (act1, act2), in order of first appearance.
     names = [name.rpartition(".") for name, _ in rationals]
@@ -116,15 +88,16 @@ def plot_rationals(model: nn.Module, reference: Optional[str] = "init", x_range:
     for ax in axes.flat:
         ax.set_visible(False)  # a KAN lacking one of the columns' rationals leaves its panel empty
     max_groups = max(layer.num_groups for _, layer in rationals)
+    viridis = colormaps["viridis"]
     for name, layer in rationals:
         parent, _, leaf = name.rpartition(".")
         ax = axes[rows.index(parent), columns.index(leaf)]
         ax.set_visible(True)
         curves = rational_curves(layer, x, use_layer=use_layer).numpy()
         for group in range(curves.shape[1]):
-            ax.plot(x.numpy(), curves[:, group], color=_group_color(group, max_groups), linewidth=1.0,
+            ax.plot(x.numpy(), curves[:, group], color=viridis(group / max(1, max_groups - 1) * 0.9), linewidth=1.0,
                     label=f"group {group}")
-        ref = _reference_name(reference, layer)
+        ref = (layer.init if layer.init in REFERENCE_FUNCTIONS else None) if reference == "init" else reference
         if ref is not None:
             ax.plot(x.numpy(), REFERENCE_FUNCTIONS[ref](x).numpy(), color="black", linestyle="--", linewidth=0.9,
                     label=REFERENCE_LABELS[ref])
@@ -146,14 +119,8 @@ def plot_rationals(model: nn.Module, reference: Optional[str] = "init", x_range:
                 if label in REFERENCE_LABELS.values() and leaf not in panels.setdefault(label, []):
                     panels[label].append(leaf)
     labels = [f"{label} ({', '.join(panels[label])})" if label in panels else label for label in entries]
-    handles = list(entries.values())
-    figure.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 5), fontsize=7, frameon=False)
+    figure.legend(list(entries.values()), labels, loc="outside lower center", ncols=min(len(labels), 5), fontsize=7,
+                  frameon=False)
     figure.suptitle(title or f"{type(model).__name__}: {len(rationals)} rational activations, "
                              f"one curve per channel group", fontsize=10)
     return figure
-
-
-def _group_color(group: int, groups: int):
-    from matplotlib import colormaps
-
-    return colormaps["viridis"](group / max(1, groups - 1) * 0.9)
