@@ -588,6 +588,10 @@ def _model_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     return kwargs
 
 
+# What the missing-released-weights error offers instead, in kat-train's own options.
+PRETRAINED_ALTERNATIVES = ("--pretrained-path FILE (a copy of the weights) or leave out --pretrained (random weights)",)
+
+
 def _is_npz(path: str) -> bool:
     return os.path.splitext(path)[1].lower() in (".npz", ".npy")
 
@@ -610,7 +614,7 @@ def _create_model(args: argparse.Namespace, num_classes: int):
         from timm.models import load_checkpoint
 
         model = create_sized_model(args.model, size, pretrained=args.pretrained, num_classes=num_classes,
-                                   **_model_kwargs(args))
+                                   alternatives=PRETRAINED_ALTERNATIVES, **_model_kwargs(args))
         try:
             load_checkpoint(model, checkpoint)
         except Exception as error:
@@ -637,17 +641,10 @@ def _create_model(args: argparse.Namespace, num_classes: int):
         if loaded is not None:
             kwargs["pretrained_cfg_overlay"]["state_dict"] = loaded.state_dict  # timm prefers it to reading the file
     model = create_sized_model(args.model, size, pretrained=args.pretrained or bool(args.pretrained_path),
-                               num_classes=num_classes, **kwargs)
+                               num_classes=num_classes, alternatives=PRETRAINED_ALTERNATIVES, **kwargs)
     if loaded is not None:
         _check_pretrained_path_covers(args.pretrained_path, loaded.state_dict, model, args.model)
     return model
-
-
-def _in_train_options(message: str) -> str:
-    """A model-building error worded for the commands that take ``--checkpoint``, with their advice in kat-train's
-    options (argparse would read ``--checkpoint`` as an abbreviation of ``--checkpoint-hist``)."""
-    return (message.replace("pass --checkpoint FILE", "pass --pretrained-path FILE (your own copy of the weights)")
-            .replace("--random-weights", "no --pretrained (random weights)"))
 
 
 def _check_pretrained_path_covers(path: str, state_dict, model, model_name: str) -> None:
@@ -776,10 +773,7 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, pr
         _check_resumed_classes(args, args.class_names, resumed)
     utils.random_seed(args.seed, args.rank)
 
-    try:
-        model = _create_model(args, num_classes)
-    except CLIError as error:
-        raise CLIError(_in_train_options(str(error)), code=error.code) from error.__cause__
+    model = _create_model(args, num_classes)
     args.num_classes = num_classes
     if args.grad_checkpointing:
         try:
