@@ -32,6 +32,8 @@ from kat_timm.ops import BACKEND_ENV, select_backend
 SIZES = ("tiny", "small", "base")
 MODES = ("infer", "train")
 FAMILIES = ("vit", "kat")  # measured in this order within every repetition
+# --activation-bound: ViT with its MLP activation removed, what an activation that cost nothing would give.
+BOUND = "vit_noact"
 NUM_CLASSES = 1000
 LR, WEIGHT_DECAY = 1e-5, 0.05  # small lr: random labels, the weights should barely move during the benchmark
 
@@ -58,6 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="channels-last input and models (torch.channels_last)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile both models (the compile time is reported apart)")
+    parser.add_argument("--activation-bound", action="store_true",
+                        help="also time ViT with its MLP activation removed (nn.Identity), interleaved with the two: "
+                             "the ratio an activation that cost nothing would give (column 'no-act ViT/ViT time')")
     args = parse_benchmark_args(parser, argv)
     cuda = args.device == "cuda"
     args.batch = args.batch or (2 if args.quick else (128 if cuda else 8))
@@ -118,21 +123,24 @@ def measure_pair(models: Dict[str, torch.nn.Module], mode: str, args, timer: Tim
     if args.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, NUM_CLASSES, (args.batch,), generator=generator).to(args.device)
-    steps = {f: timed_step(models[f], mode, images, labels, args.device, args.compile) for f in FAMILIES}
+    families = list(models)
+    steps = {f: timed_step(models[f], mode, images, labels, args.device, args.compile) for f in families}
     row: dict = {"mode": mode}
     if args.compile:
-        row["compile_s"] = {f: timer.sample(steps[f], 1, wall=True) for f in FAMILIES}
-    calls = {f: timer.calibrate(steps[f]) for f in FAMILIES}
-    samples: Dict[str, List[float]] = {f: [] for f in FAMILIES}
+        row["compile_s"] = {f: timer.sample(steps[f], 1, wall=True) for f in families}
+    calls = {f: timer.calibrate(steps[f]) for f in families}
+    samples: Dict[str, List[float]] = {f: [] for f in families}
     for _ in range(args.reps):
-        for family in FAMILIES:  # ViT, KAT, ViT, KAT, ...
+        for family in families:  # ViT, KAT, ViT, KAT, ...
             samples[family].append(timer.sample(steps[family], calls[family]))
     ratios = [k / v for v, k in zip(samples["vit"], samples["kat"])]
+    if BOUND in samples:
+        row["bound_time_ratio"] = statistics.median(b / v for v, b in zip(samples["vit"], samples[BOUND]))
     row.update({
         "calls_per_sample": calls,
-        "samples_ms": {f: [s * 1e3 for s in samples[f]] for f in FAMILIES},
-        "median_ms": {f: statistics.median(samples[f]) * 1e3 for f in FAMILIES},
-        "images_per_s": {f: args.batch / statistics.median(samples[f]) for f in FAMILIES},
+        "samples_ms": {f: [s * 1e3 for s in samples[f]] for f in families},
+        "median_ms": {f: statistics.median(samples[f]) * 1e3 for f in families},
+        "images_per_s": {f: args.batch / statistics.median(samples[f]) for f in families},
         "time_ratios": ratios,
         "time_ratio": statistics.median(ratios),
         "time_ratio_range": [min(ratios), max(ratios)],
@@ -144,13 +152,16 @@ def measure_pair(models: Dict[str, torch.nn.Module], mode: str, args, timer: Tim
 def run_size(size: str, args, timer: Timer) -> tuple:
     """(construction rows, rows): ViT and KAT of one size constructed (timed, on CPU, fresh init) and measured."""
     construction, models = [], {}
-    for family in FAMILIES:
-        name = f"{family}_{size}_patch16_224"
+    for family in FAMILIES + ((BOUND,) if args.activation_bound else ()):
+        name = f"{family.split('_')[0]}_{size}_patch16_224"
         print(f"constructing {name} ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
         model = timm.create_model(name, pretrained=False, img_size=args.img_size, num_classes=NUM_CLASSES)
         construction.append({"size": size, "family": family, "model": name, "seconds": time.perf_counter() - start,
                              "params_m": sum(p.numel() for p in model.parameters()) / 1e6})
+        if family == BOUND:
+            for block in model.blocks:
+                block.mlp.act = torch.nn.Identity()
         model = model.to(args.device)
         models[family] = model.to(memory_format=torch.channels_last) if args.channels_last else model
     if args.compile:
@@ -212,6 +223,7 @@ def header(args) -> List[str]:
 
 
 def table(rows: List[dict]) -> List[str]:
+    bound = any("bound_time_ratio" in row for row in rows)
     cells = []
     for row in rows:
         if "error" in row:
@@ -220,15 +232,17 @@ def table(rows: List[dict]) -> List[str]:
         lo, hi = row["time_ratio_range"]
         ips, ms = row["images_per_s"], row["median_ms"]
         cells.append([row["size"], row["mode"], f"{ips['vit']:.1f}", f"{ips['kat']:.1f}", f"{row['time_ratio']:.3f}",
-                      f"{row['throughput_ratio']:.3f}", f"{lo:.2f}-{hi:.2f}", f"{ms['vit']:.1f}", f"{ms['kat']:.1f}"])
+                      f"{row['throughput_ratio']:.3f}", f"{lo:.2f}-{hi:.2f}", f"{ms['vit']:.1f}", f"{ms['kat']:.1f}"]
+                     + ([f"{row['bound_time_ratio']:.3f}"] if bound else []))
     return markdown_table(["size", "mode", "ViT img/s", "KAT img/s", "KAT/ViT time", "KAT/ViT throughput",
-                           "time ratio range", "ViT ms", "KAT ms"], cells)
+                           "time ratio range", "ViT ms", "KAT ms"] + (["no-act ViT/ViT time"] if bound else []), cells)
 
 
 def report_lines(construction: List[dict], rows: List[dict]) -> List[str]:
     """The construction line and, under --compile, the compile time of every case."""
     lines = ["- construction (timm.create_model on CPU, fresh init): " + "; ".join(
-        f"{c['model']} {c['seconds']:.2f} s ({c['params_m']:.1f} M params)" for c in construction)] \
+        f"{c['model']}{' (no activation)' if c['family'] == BOUND else ''} {c['seconds']:.2f} s "
+        f"({c['params_m']:.1f} M params)" for c in construction)] \
         if construction else []
     return lines + [f"- torch.compile, first call of {row['size']} {row['mode']}: ViT {row['compile_s']['vit']:.1f} s, "
                     f"KAT {row['compile_s']['kat']:.1f} s; not in the timings" for row in rows if "compile_s" in row]

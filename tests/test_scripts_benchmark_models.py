@@ -42,3 +42,19 @@ def test_benchmark_models_quick_cpu(tmp_path):
         assert row["time_ratio"] > 0 and row["images_per_s"]["kat"] > 0
     assert {c["model"] for c in data["construction"]} == {"vit_tiny_patch16_224", "kat_tiny_patch16_224"}
     assert all(c["seconds"] > 0 for c in data["construction"])
+
+
+def test_activation_bound_times_a_vit_without_its_activation(tmp_path):
+    out_json = tmp_path / "results.json"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--device", "cpu", "--threads", "1", "--modes", "infer",
+         "--activation-bound", "--json", str(out_json)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "| ViT ms | KAT ms | no-act ViT/ViT time |" in result.stdout
+    assert "vit_tiny_patch16_224 (no activation)" in result.stdout
+    (row,) = json.loads(out_json.read_text())["results"]
+    assert set(row["samples_ms"]) == {"vit", "kat", "vit_noact"}
+    assert len(row["samples_ms"]["vit_noact"]) == len(row["samples_ms"]["vit"])
+    assert row["bound_time_ratio"] > 0
