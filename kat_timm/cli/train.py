@@ -22,8 +22,9 @@ from kat_timm.training.loop import TrainingError, TrainResult, base_lr, create_l
 from kat_timm.training.saver import AtomicCheckpointSaver, edit_atomically, remove_partials
 
 from . import CLIError, run_main
-from .common import add_dataset_reader_arguments, check_backend_setting, check_preprocessing, check_writable_folder
-from .validate import KeywordArguments, open_split, resolve_checked_data_config
+from .common import check_backend_setting, check_preprocessing, check_writable_folder
+from .validate import (COUNT, INDEX, KeywordArguments, add_data_arguments, checked_number, open_split,
+                       resolve_checked_data_config)
 
 __all__ = ["build_parser", "main", "parse_args", "train"]
 
@@ -32,16 +33,16 @@ DEFAULT_MODEL = "kat_tiny_patch16_224"
 # The schedules timm's create_scheduler_v2 builds.
 SCHEDULERS = ("cosine", "tanh", "step", "multistep", "plateau", "poly", "constant", "rsqrt")
 
-# Options that are probabilities or rates, from 0 to 1: whether 1 itself is allowed.
-_FRACTIONS = dict(smoothing=False, drop=False, drop_path=False, reprob=True, hflip=True, vflip=True, mixup_prob=True,
-                  mixup_switch_prob=True, model_ema_decay=True)
-
 # The scores summary.csv and the epoch line show (evaluate also returns counts and timings).
 _SCORES = ("loss", "top1", "top5")
 
-# Counts and indices: the lowest value each may have (None, for the sample counts, is not given).
-_AT_LEAST = dict(train_num_samples=1, val_num_samples=1, batch_size=1, epochs=1, grad_accum_steps=1, checkpoint_hist=1,
-                 log_interval=1, workers=0, warmup_epochs=0, cooldown_epochs=0, recovery_interval=0, mixup_off_epoch=0)
+# Option types that check the range (argparse's error names the option; a config's values go through them too).
+FRACTION = checked_number(float, lambda value: 0 <= value < 1, "from 0 to below 1")
+PROBABILITY = checked_number(float, lambda value: 0 <= value <= 1, "from 0 to 1")
+RATE = checked_number(float, lambda value: 0 <= value < math.inf, "a number at least 0")
+POSITIVE = checked_number(float, lambda value: value > 0, "positive")
+CLASS_COUNT = checked_number(int, lambda value: value >= 1, "at least 1 (leave it out to use the number of class "
+                                                            "folders)")
 
 # Options of timm's train.py that kat-train does not offer; a config naming one gets an error that says so.
 TIMM_ONLY_OPTIONS = frozenset({
@@ -55,46 +56,20 @@ TIMM_ONLY_OPTIONS = frozenset({
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", nargs="?", metavar="DIR", default=None,
-                        help="the dataset folder (timm's older positional form of --data-dir)")
-    group = parser.add_argument_group("data (an ImageFolder DATA_DIR/SPLIT/CLASS/IMAGE.png|jpg|jpeg, or --dataset)")
-    group.add_argument("--data-dir", metavar="DIR", default=None,
-                       help="dataset root holding the --train-split and --val-split folders (wds/: the shard "
-                            "folder; hfds/, torch/: the cache or download folder)")
-    add_dataset_reader_arguments(group)
+    group = add_data_arguments(parser, "data (an ImageFolder DATA_DIR/SPLIT/CLASS/IMAGE.png|jpg|jpeg, or --dataset)",
+                               batch_size=128)
     group.add_argument("--train-split", metavar="NAME", default="train",
                        help="training split: a folder (default: train; 'training' is also found), a split name, or "
                             "for wds/ a shard pattern such as 'train-{0000..0127}.tar'")
     group.add_argument("--val-split", metavar="NAME", default="validation",
                        help="validation split folder (default: validation; also found as val, valid, eval, "
                             "evaluation) or name or shard pattern. An empty string skips evaluation.")
-    group.add_argument("--train-num-samples", type=int, default=None, metavar="N",
+    group.add_argument("--train-num-samples", type=COUNT, default=None, metavar="N",
                        help="samples in the training split, for streamed readers (wds/ without _info.json)")
-    group.add_argument("--val-num-samples", type=int, default=None, metavar="N",
+    group.add_argument("--val-num-samples", type=COUNT, default=None, metavar="N",
                        help="samples in the validation split, for streamed readers")
-    group.add_argument("--class-map", metavar="FILE", default="",
-                       help="text file of class folder names, one per line, in label order (default: the sorted "
-                            "folder names)")
-    group.add_argument("--img-size", type=int, default=None, metavar="N",
-                       help="image size. A model with a fixed input size (ViT, KAT) also gets img_size=N, so "
-                            "its position embedding fits; pretrained position embeddings are resampled")
-    group.add_argument("--input-size", type=int, nargs=3, default=None, metavar=("C", "H", "W"),
-                       help="full input size, e.g. 3 224 224 (default: the model's)")
-    group.add_argument("--crop-pct", type=float, default=None, metavar="PCT",
-                       help="centre crop fraction for evaluation (default: the model's)")
-    group.add_argument("--mean", type=float, nargs="+", default=None, metavar="MEAN",
-                       help="normalisation mean per channel (default: the model's)")
-    group.add_argument("--std", type=float, nargs="+", default=None, metavar="STD",
-                       help="normalisation std per channel (default: the model's)")
-    group.add_argument("--interpolation", default="", metavar="NAME",
-                       help="resize interpolation for evaluation (default: the model's)")
-    group.add_argument("-b", "--batch-size", type=int, default=128, metavar="N",
-                       help="batch size per process (default: 128)")
-    group.add_argument("-vb", "--validation-batch-size", type=int, default=None, metavar="N",
+    group.add_argument("-vb", "--validation-batch-size", type=COUNT, default=None, metavar="N",
                        help="evaluation batch size (default: --batch-size)")
-    group.add_argument("-j", "--workers", type=int, default=None, metavar="N",
-                       help="data loading processes per training process (default: 4, or the usable CPU count if "
-                            "lower; 0 loads in the main process)")
     group.add_argument("--pin-mem", action="store_true", help="pin CPU memory in the data loader")
     group.add_argument("--use-multi-epochs-loader", action="store_true",
                        help="keep the loader's worker processes across epochs")
@@ -120,18 +95,18 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                             "scaler, EMA, schedule and epoch")
     group.add_argument("--no-resume-opt", action="store_true",
                        help="with --resume: restore the weights and epoch but start a fresh optimizer")
-    group.add_argument("--num-classes", type=int, default=None, metavar="N",
+    group.add_argument("--num-classes", type=CLASS_COUNT, default=None, metavar="N",
                        help="classifier size (default: the number of class folders)")
     group.add_argument("--gp", default=None, metavar="POOL", help="global pool type (default: the model's)")
-    group.add_argument("--drop", type=float, default=0.0, metavar="PCT", help="dropout rate (default: 0)")
-    group.add_argument("--drop-path", type=float, default=None, metavar="PCT",
+    group.add_argument("--drop", type=FRACTION, default=0.0, metavar="PCT", help="dropout rate (default: 0)")
+    group.add_argument("--drop-path", type=FRACTION, default=None, metavar="PCT",
                        help="stochastic depth rate (default: the model's; the KAT recipe uses 0.1 for T/S, 0.4 for B)")
     group.add_argument("--model-kwargs", nargs="*", default={}, action=KeywordArguments, metavar="KEY=VALUE",
                        help="extra keyword arguments for timm.create_model, e.g. act_init=swish")
     group.add_argument("--channels-last", action="store_true", help="use the channels_last memory layout")
     group.add_argument("--grad-checkpointing", action="store_true",
                        help="recompute block activations in backward to save memory")
-    group.add_argument("--grad-accum-steps", type=int, default=1, metavar="N",
+    group.add_argument("--grad-accum-steps", type=COUNT, default=1, metavar="N",
                        help="batches whose gradients are summed per optimizer step (default: 1)")
     group.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                        help="torch.compile the model (default backend when given: inductor)")
@@ -148,9 +123,9 @@ def _add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--opt-eps", type=float, default=None, metavar="EPS")
     group.add_argument("--opt-betas", type=float, nargs="+", default=None, metavar="BETA")
     group.add_argument("--momentum", type=float, default=0.9, metavar="M", help="SGD momentum (default: 0.9)")
-    group.add_argument("--weight-decay", type=float, default=0.05, metavar="WD",
+    group.add_argument("--weight-decay", type=RATE, default=0.05, metavar="WD",
                        help="weight decay; 1-D tensors (biases, norms) are exempt (default: 0.05)")
-    group.add_argument("--clip-grad", type=float, default=None, metavar="NORM",
+    group.add_argument("--clip-grad", type=POSITIVE, default=None, metavar="NORM",
                        help="clip gradients to this norm (default: no clipping)")
     group.add_argument("--clip-mode", default="norm", choices=("norm", "value", "agc"),
                        help="gradient clipping mode (default: norm)")
@@ -166,9 +141,9 @@ def _add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"timm scheduler: {', '.join(SCHEDULERS)} (default: cosine)")
     group.add_argument("--sched-on-updates", action="store_true",
                        help="step the schedule every optimizer update instead of every epoch")
-    group.add_argument("--lr", type=float, default=None, metavar="LR",
+    group.add_argument("--lr", type=RATE, default=None, metavar="LR",
                        help="peak learning rate (default: --lr-base scaled by the global batch size)")
-    group.add_argument("--lr-base", type=float, default=5e-4, metavar="LR",
+    group.add_argument("--lr-base", type=RATE, default=5e-4, metavar="LR",
                        help="learning rate at --lr-base-size images per step (default: 5e-4, i.e. the KAT/DeiT "
                             "recipe's 1e-3 at a global batch of 1024)")
     group.add_argument("--lr-base-size", type=int, default=512, metavar="N", help="(default: 512)")
@@ -181,20 +156,20 @@ def _add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lr-cycle-decay", type=float, default=0.5, metavar="MULT")
     group.add_argument("--lr-cycle-limit", type=int, default=1, metavar="N")
     group.add_argument("--lr-k-decay", type=float, default=1.0, metavar="K")
-    group.add_argument("--warmup-lr", type=float, default=1e-5, metavar="LR",
+    group.add_argument("--warmup-lr", type=RATE, default=1e-5, metavar="LR",
                        help="learning rate at the start of warmup (default: 1e-5)")
-    group.add_argument("--min-lr", type=float, default=0.0, metavar="LR",
+    group.add_argument("--min-lr", type=RATE, default=0.0, metavar="LR",
                        help="floor of the schedule (default: 0)")
-    group.add_argument("--epochs", type=int, default=300, metavar="N", help="epochs to train (default: 300)")
-    group.add_argument("--start-epoch", type=int, default=None, metavar="N",
+    group.add_argument("--epochs", type=COUNT, default=300, metavar="N", help="epochs to train (default: 300)")
+    group.add_argument("--start-epoch", type=INDEX, default=None, metavar="N",
                        help="first epoch (0-based; default: 0, or the one after the --resume checkpoint)")
     group.add_argument("--decay-milestones", type=int, nargs="+", default=[90, 180, 270], metavar="EPOCH")
     group.add_argument("--decay-epochs", type=float, default=90, metavar="N")
-    group.add_argument("--warmup-epochs", type=int, default=5, metavar="N",
+    group.add_argument("--warmup-epochs", type=INDEX, default=5, metavar="N",
                        help="epochs of linear warmup (default: 5)")
     group.add_argument("--warmup-prefix", action="store_true",
                        help="keep the warmup epochs out of the decay schedule")
-    group.add_argument("--cooldown-epochs", type=int, default=0, metavar="N")
+    group.add_argument("--cooldown-epochs", type=INDEX, default=0, metavar="N")
     group.add_argument("--patience-epochs", type=int, default=10, metavar="N")
     group.add_argument("--decay-rate", "--dr", type=float, default=0.1, metavar="RATE")
 
@@ -206,28 +181,28 @@ def _add_augmentation_arguments(parser: argparse.ArgumentParser) -> None:
                        help="random-resized-crop area range (default: 0.08 1.0)")
     group.add_argument("--ratio", type=float, nargs="+", default=[3.0 / 4.0, 4.0 / 3.0], metavar="RATIO",
                        help="random-resized-crop aspect range (default: 0.75 1.33)")
-    group.add_argument("--hflip", type=float, default=0.5, metavar="P", help="horizontal flip probability")
-    group.add_argument("--vflip", type=float, default=0.0, metavar="P", help="vertical flip probability")
-    group.add_argument("--color-jitter", type=float, default=0.4, metavar="PCT")
+    group.add_argument("--hflip", type=PROBABILITY, default=0.5, metavar="P", help="horizontal flip probability")
+    group.add_argument("--vflip", type=PROBABILITY, default=0.0, metavar="P", help="vertical flip probability")
+    group.add_argument("--color-jitter", type=RATE, default=0.4, metavar="PCT")
     group.add_argument("--aa", default=None, metavar="POLICY",
                        help="AutoAugment/RandAugment policy, e.g. rand-m9-mstd0.5 (the KAT recipe)")
     group.add_argument("--aug-repeats", type=float, default=0, metavar="N",
                        help="repeated augmentation count (distributed training only)")
     group.add_argument("--train-interpolation", default="random", metavar="NAME",
                        help="training resize interpolation (default: random)")
-    group.add_argument("--reprob", type=float, default=0.0, metavar="P", help="random erasing probability")
+    group.add_argument("--reprob", type=PROBABILITY, default=0.0, metavar="P", help="random erasing probability")
     group.add_argument("--remode", default="pixel", choices=("const", "rand", "pixel"),
                        help="random erasing fill (default: pixel)")
     group.add_argument("--recount", type=int, default=1, metavar="N", help="random erasing count")
-    group.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA", help="mixup alpha (0: off)")
-    group.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA", help="cutmix alpha (0: off)")
+    group.add_argument("--mixup", type=RATE, default=0.0, metavar="ALPHA", help="mixup alpha (0: off)")
+    group.add_argument("--cutmix", type=RATE, default=0.0, metavar="ALPHA", help="cutmix alpha (0: off)")
     group.add_argument("--cutmix-minmax", type=float, nargs="+", default=None, metavar="RATIO")
-    group.add_argument("--mixup-prob", type=float, default=1.0, metavar="P")
-    group.add_argument("--mixup-switch-prob", type=float, default=0.5, metavar="P")
+    group.add_argument("--mixup-prob", type=PROBABILITY, default=1.0, metavar="P")
+    group.add_argument("--mixup-switch-prob", type=PROBABILITY, default=0.5, metavar="P")
     group.add_argument("--mixup-mode", default="batch", choices=("batch", "pair", "elem"))
-    group.add_argument("--mixup-off-epoch", type=int, default=0, metavar="N",
+    group.add_argument("--mixup-off-epoch", type=INDEX, default=0, metavar="N",
                        help="turn mixup/cutmix off from this epoch (0: never)")
-    group.add_argument("--smoothing", type=float, default=0.1, metavar="EPS",
+    group.add_argument("--smoothing", type=FRACTION, default=0.1, metavar="EPS",
                        help="label smoothing (default: 0.1)")
     group.add_argument("--bce-loss", action="store_true", help="binary cross-entropy instead of softmax CE")
     group.add_argument("--bce-target-thresh", type=float, default=None, metavar="T")
@@ -238,7 +213,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=False,
                        help="keep an exponential moving average of the weights (evaluated, saved, and the one the "
                             "best checkpoint is ranked by)")
-    group.add_argument("--model-ema-decay", type=float, default=0.9998, metavar="D",
+    group.add_argument("--model-ema-decay", type=PROBABILITY, default=0.9998, metavar="D",
                        help="EMA decay (default: 0.9998; the KAT recipe uses 0.9999)")
     group.add_argument("--model-ema-warmup", action="store_true", help="ramp the EMA decay up at the start")
 
@@ -260,11 +235,11 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
                             "--experiment: the folder of the resumed checkpoint)")
     group.add_argument("--eval-metric", default="top1", choices=("top1", "top5", "loss"),
                        help="metric that ranks the kept checkpoints (default: top1)")
-    group.add_argument("--checkpoint-hist", type=int, default=10, metavar="N",
+    group.add_argument("--checkpoint-hist", type=COUNT, default=10, metavar="N",
                        help="keep the N best epoch checkpoints (default: 10)")
-    group.add_argument("--log-interval", type=int, default=50, metavar="N",
+    group.add_argument("--log-interval", type=COUNT, default=50, metavar="N",
                        help="steps between progress lines when the output is not a terminal (default: 50)")
-    group.add_argument("--recovery-interval", type=int, default=0, metavar="N",
+    group.add_argument("--recovery-interval", type=INDEX, default=0, metavar="N",
                        help="also write a recovery checkpoint every N steps (default: 0, off)")
 
 
@@ -315,11 +290,13 @@ def _config_error(parser: argparse.ArgumentParser, message: str) -> None:
     parser.exit(2, f"{parser.prog}: error: {message}\n")
 
 
-def _config_defaults(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
-    """Read a YAML config into ``{dest: value}`` for ``parser.set_defaults``, every value through its option's own
-    type and choices (argparse converts only string defaults, so a YAML number or list would otherwise pass as is)."""
+def _config_defaults(path: str, prog: str = "kat-train") -> Dict[str, Any]:
+    """Read a YAML config into ``{dest: value}`` for ``parser.set_defaults``. Each value is written back as the
+    command-line tokens of its option and parsed by kat-train's parser, so argparse converts and checks it."""
     import yaml
 
+    parser = build_parser(prog)
+    parser.exit_on_error = False  # a bad value raises ArgumentError, reported below with the file and the key
     if not os.path.isfile(path):
         _config_error(parser, f"config file not found: {path}")
     try:
@@ -333,12 +310,13 @@ def _config_defaults(path: str, parser: argparse.ArgumentParser) -> Dict[str, An
     actions = {action.dest: action for action in parser._actions if action.dest not in ("help", "config")}
     defaults = {}
     for key, value in (config or {}).items():
-        if not isinstance(key, str) or key not in actions:
+        if key not in actions:
             _config_error(parser, f"config {path}: {_unknown_key_message(key, actions)}")
         try:
-            defaults[key] = _config_value(actions[key], value)
-        except ValueError as error:
-            _config_error(parser, f"config {path}: {key}: {error}")
+            tokens = _config_tokens(actions[key], value)
+            defaults[key] = None if tokens is None else getattr(parser.parse_known_args(tokens)[0], key)
+        except argparse.ArgumentError as error:
+            _config_error(parser, f"config {path}: {key}: {error.message}")
     return defaults
 
 
@@ -352,39 +330,23 @@ def _unknown_key_message(key: Any, actions: Dict[str, argparse.Action]) -> str:
             f"(e.g. batch_size for --batch-size), see kat-train --help")
 
 
-def _config_value(action: argparse.Action, value: Any) -> Any:
-    """``value`` as the command line would have given it to ``action``; ValueError says what was expected."""
-    if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):  # a switch
+def _config_tokens(action: argparse.Action, value: Any) -> Optional[List[str]]:
+    """A config's ``value`` as the command-line tokens of ``action`` (None: the value None, which has none)."""
+    if action.nargs == 0:  # a switch: --flag, or --no-flag for a BooleanOptionalAction, or nothing
         if not isinstance(value, bool):
-            raise ValueError(f"expected true or false, got {value!r}")
-        return value
+            raise argparse.ArgumentError(action, f"expected true or false, got {value!r}")
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return [action.option_strings[0 if value else 1]]
+        return action.option_strings[:1] if value else []
     if value is None:
         return None
-    if isinstance(action, KeywordArguments):
-        if not isinstance(value, dict):
-            raise ValueError(f"expected a mapping of keyword arguments, got {value!r}")
-        return value
-    takes_list = action.nargs in ("+", "*") or isinstance(action.nargs, int)
     if isinstance(action.nargs, int) and not (isinstance(value, list) and len(value) == action.nargs):
-        raise ValueError(f"expected a list of {action.nargs} values, got {value!r}")
-    items = []
-    for item in value if takes_list and isinstance(value, list) else [value]:
-        if action.type is not None:
-            # Through the option's type as text, as argparse would convert it: 1.5 is no integer, true no number.
-            expected = f"expected {_TYPE_NAMES.get(action.type, 'a value')}, got {item!r}"
-            if isinstance(item, bool) or not isinstance(item, (int, float, str)):
-                raise ValueError(expected)
-            try:
-                item = action.type(str(item))
-            except (TypeError, ValueError):
-                raise ValueError(expected) from None
-        if action.choices is not None and item not in action.choices:
-            raise ValueError(f"expected one of {', '.join(map(repr, action.choices))}, got {item!r}")
-        items.append(item)
-    return items if takes_list else items[0]
-
-
-_TYPE_NAMES = {int: "an integer", float: "a number"}
+        raise argparse.ArgumentError(action, f"expected a list of {action.nargs} values, got {value!r}")
+    if isinstance(action, KeywordArguments) and isinstance(value, dict):
+        value = [f"{name}={item!r}" for name, item in value.items()]
+    if isinstance(value, list) and action.nargs not in (None, "?"):
+        return action.option_strings[-1:] + [str(item) for item in value]
+    return [f"{action.option_strings[-1]}={value}" if action.option_strings else str(value)]
 
 
 def parse_args(argv: List[str], prog: str = "kat-train") -> argparse.Namespace:
@@ -395,7 +357,7 @@ def parse_args(argv: List[str], prog: str = "kat-train") -> argparse.Namespace:
     argv = list(argv)
     known, _ = parser.parse_known_args(argv)
     if known.config:
-        defaults = _config_defaults(known.config, parser)
+        defaults = _config_defaults(known.config, prog)
         if defaults.get("resume") and known.experiment:
             # An args.yaml of a resumed run (written before args.yaml left resume out) would resume that run again.
             print(f"{prog}: note: ignoring resume: {defaults.pop('resume')} of config {known.config} for the new "
@@ -466,27 +428,6 @@ def _check_arguments(args: argparse.Namespace):
                        "DIR/validation/CLASS/*.png; for --dataset wds/NAME the folder of the shards)", code=2)
     if args.workers is None:
         args.workers = default_workers()
-    for name, lowest in _AT_LEAST.items():
-        value = getattr(args, name)
-        if value is not None and value < lowest:
-            raise CLIError(f"--{name.replace('_', '-')} must be at least {lowest}, got {value}", code=2)
-    if args.num_classes is not None and args.num_classes < 1:
-        raise CLIError(f"--num-classes must be at least 1, got {args.num_classes} (leave it out to use the number "
-                       f"of class folders)", code=2)
-    if args.start_epoch is not None and args.start_epoch < 0:
-        raise CLIError(f"--start-epoch must be at least 0 (epochs are numbered from 0), got {args.start_epoch}",
-                       code=2)
-    for name, one_allowed in _FRACTIONS.items():
-        value = getattr(args, name)
-        if value is not None and not (0 <= value < 1 or (one_allowed and value == 1)):
-            raise CLIError(f"--{name.replace('_', '-')} {value:g}: must be from 0 to {1 if one_allowed else 'below 1'}",
-                           code=2)
-    for name in ("mixup", "cutmix", "color_jitter", "weight_decay", "lr", "lr_base", "warmup_lr", "min_lr"):
-        value = getattr(args, name)
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            raise CLIError(f"--{name.replace('_', '-')} {value:g}: must be a number at least 0", code=2)
-    if args.clip_grad is not None and not args.clip_grad > 0:
-        raise CLIError(f"--clip-grad {args.clip_grad:g}: must be positive", code=2)
     check_preprocessing(vars(args), training=True)
     check_backend_setting()
     if args.aa:

@@ -12,7 +12,7 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -29,6 +29,23 @@ __all__ = ["build_parser", "main", "open_split", "resolve_checked_data_config"]
 DEFAULT_MODEL = "kat_tiny_patch16_224"
 
 
+def checked_number(convert: Callable[[str], Any], test: Callable[[Any], bool], requirement: str):
+    """An argparse ``type``: ``convert(text)`` (int or float) where ``test`` holds for it, else the usage error
+    ``argument --OPTION: must be REQUIREMENT, got TEXT``."""
+    def parse(text: str):
+        value = convert(text)
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+        return value
+
+    parse.__name__ = convert.__name__  # argparse's "invalid int value: ..." for text that is no number
+    return parse
+
+
+COUNT = checked_number(int, lambda value: value >= 1, "at least 1")
+INDEX = checked_number(int, lambda value: value >= 0, "at least 0")
+
+
 def build_parser(prog: str = "kat-validate") -> argparse.ArgumentParser:
     """The argument parser of ``kat-validate``."""
     parser = argparse.ArgumentParser(
@@ -41,30 +58,12 @@ def build_parser(prog: str = "kat-validate") -> argparse.ArgumentParser:
                "class folder in which no image decodes is an error. A training checkpoint is evaluated with its "
                "run's image size, mean/std, crop and interpolation unless given here.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data", nargs="?", metavar="DIR", default=None, help="same as --data-dir")
-    group = parser.add_argument_group("data")
-    group.add_argument("--data-dir", metavar="DIR", default=None,
-                       help="dataset root holding the split folder (wds/: the shard folder; hfds/, torch/: the "
-                            "cache or download folder)")
-    add_dataset_reader_arguments(group)
+    group = add_data_arguments(parser, "data", batch_size=256)
     group.add_argument("--split", default="validation", metavar="NAME",
                        help="split folder (default: validation; also found as val, valid, eval, evaluation), split "
                             "name, or for wds/ a shard pattern such as 'validation-{0000..0063}.tar'")
-    group.add_argument("--num-samples", type=int, default=None, metavar="N",
+    group.add_argument("--num-samples", type=COUNT, default=None, metavar="N",
                        help="samples in the split, for streamed readers (default: from _info.json, or counted)")
-    group.add_argument("--class-map", default="", metavar="FILE",
-                       help="text file of class folder names in label order (may list classes without a folder)")
-    group.add_argument("--img-size", type=int, default=None, metavar="N",
-                       help="image size (default: the model's); a fixed-size model (ViT, KAT) is built for it")
-    group.add_argument("--input-size", type=int, nargs=3, default=None, metavar=("C", "H", "W"))
-    group.add_argument("--crop-pct", type=float, default=None, metavar="PCT")
-    group.add_argument("--mean", type=float, nargs="+", default=None, metavar="MEAN")
-    group.add_argument("--std", type=float, nargs="+", default=None, metavar="STD")
-    group.add_argument("--interpolation", default="", metavar="NAME")
-    group.add_argument("-b", "--batch-size", type=int, default=256, metavar="N", help="(default: 256)")
-    group.add_argument("-j", "--workers", type=int, default=None, metavar="N",
-                       help="data loading processes (default: 4, or the usable CPU count if lower; 0 loads in the "
-                            "main process)")
     add_model_arguments(parser, default_model=DEFAULT_MODEL)
     parser.set_defaults(model=None)  # not given: the checkpoint's own architecture, else DEFAULT_MODEL
     next(action for action in parser._actions if action.dest == "model").help = (
@@ -80,6 +79,39 @@ def build_parser(prog: str = "kat-validate") -> argparse.ArgumentParser:
     return parser
 
 
+def add_data_arguments(parser: argparse.ArgumentParser, title: str, batch_size: int):
+    """The data options kat-train and kat-validate share (timm's names); returns their group for the split options."""
+    parser.add_argument("data", nargs="?", metavar="DIR", default=None,
+                        help="the dataset folder (timm's older positional form of --data-dir)")
+    group = parser.add_argument_group(title)
+    group.add_argument("--data-dir", metavar="DIR", default=None,
+                       help="dataset root holding the split folders (wds/: the shard folder; hfds/, torch/: the "
+                            "cache or download folder)")
+    add_dataset_reader_arguments(group)
+    group.add_argument("--class-map", metavar="FILE", default="",
+                       help="text file of class folder names, one per line, in label order (default: the sorted "
+                            "folder names)")
+    group.add_argument("--img-size", type=int, default=None, metavar="N",
+                       help="image size. A model with a fixed input size (ViT, KAT) also gets img_size=N, so "
+                            "its position embedding fits; pretrained position embeddings are resampled")
+    group.add_argument("--input-size", type=int, nargs=3, default=None, metavar=("C", "H", "W"),
+                       help="full input size, e.g. 3 224 224 (default: the model's)")
+    group.add_argument("--crop-pct", type=float, default=None, metavar="PCT",
+                       help="centre crop fraction for evaluation (default: the model's)")
+    group.add_argument("--mean", type=float, nargs="+", default=None, metavar="MEAN",
+                       help="normalisation mean per channel (default: the model's)")
+    group.add_argument("--std", type=float, nargs="+", default=None, metavar="STD",
+                       help="normalisation std per channel (default: the model's)")
+    group.add_argument("--interpolation", default="", metavar="NAME",
+                       help="resize interpolation for evaluation (default: the model's)")
+    group.add_argument("-b", "--batch-size", type=COUNT, default=batch_size, metavar="N",
+                       help=f"batch size per process (default: {batch_size})")
+    group.add_argument("-j", "--workers", type=INDEX, default=None, metavar="N",
+                       help="data loading processes per process (default: 4, or the usable CPU count if lower; 0 "
+                            "loads in the main process)")
+    return group
+
+
 class KeywordArguments(argparse.Action):
     """``KEY=VALUE ...`` into a dict, values read as Python literals where they parse (timm's ParseKwargs
     convention, with a usage error instead of a traceback for an item without ``=``)."""
@@ -90,7 +122,7 @@ class KeywordArguments(argparse.Action):
         result = {}
         for item in values:
             if "=" not in item:
-                parser.error(f"argument {option_string}: expected KEY=VALUE, got {item!r}")
+                raise argparse.ArgumentError(self, f"expected KEY=VALUE, got {item!r}")
             key, value = item.split("=", 1)
             try:
                 result[key] = ast.literal_eval(value)
@@ -218,12 +250,8 @@ def _validate(args: argparse.Namespace) -> int:
     if not args.data_dir and (folder or dataset_prefix(args.dataset) == "wds"):
         raise CLIError("give the dataset folder: --data-dir DIR (layout DIR/validation/CLASS/*.png; for --dataset "
                        "wds/NAME the folder of the shards)", code=2)
-    if args.num_samples is not None and args.num_samples < 1:
-        raise CLIError(f"--num-samples must be at least 1, got {args.num_samples}", code=2)
     if args.workers is None:
         args.workers = default_workers()
-    if args.batch_size < 1 or args.workers < 0:
-        raise CLIError("--batch-size must be at least 1 and --workers at least 0", code=2)
     if args.num_classes is not None and args.num_classes < 1:
         raise CLIError(f"--num-classes must be at least 1, got {args.num_classes} (leave it out to use the "
                        f"checkpoint's or the model's)", code=2)
