@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from kat_timm.training import loop
-from kat_timm.training.evaluation import amp_autocast, create_eval_loader, default_amp_dtype, default_workers, evaluate
+from kat_timm.training.evaluation import amp_autocast, create_eval_loader, default_amp_dtype, evaluate
 from kat_timm.training.loop import TrainingError, TrainResult, base_lr, create_loss
 from kat_timm.training.saver import AtomicCheckpointSaver, edit_atomically, remove_partials
 
 from . import CLIError, run_main
 from .common import check_backend_setting, check_preprocessing, check_writable_folder
-from .validate import (COUNT, INDEX, KeywordArguments, add_data_arguments, checked_number, open_split,
-                       resolve_checked_data_config)
+from .validate import (COUNT, INDEX, KeywordArguments, add_data_arguments, check_data_options, checked_number,
+                       open_split, read_checkpoint_file, resolve_checked_data_config)
 
 __all__ = ["build_parser", "main", "parse_args", "train"]
 
@@ -55,7 +55,39 @@ TIMM_ONLY_OPTIONS = frozenset({
 })
 
 
-def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+_EPILOG = """\
+Data layout: DATA_DIR/train/CLASS/*.png (or .jpg/.jpeg) and DATA_DIR/validation/CLASS/*.png, the same class folders
+in both. The folders are checked before training: a missing folder, a split without class folders, class folders
+without images and class sets that differ between the splits are errors. An image file that cannot be decoded is
+skipped with a warning naming it (once per file and loader process) and another sample takes its place; in the
+evaluation it is left out. A class folder in which no image decodes is an error.
+
+Other data (timm's readers, timm's option names): --dataset hfds/NAME|FOLDER (Hugging Face datasets),
+--dataset wds/NAME --data-dir SHARDS --train-split 'train-{0000..0127}.tar' --train-num-samples N --num-classes C
+(WebDataset), --dataset torch/NAME [--dataset-download]. A missing dataset, split, shard, key or sample count is
+an error before training starts.
+
+Output (OUTPUT/EXPERIMENT/): args.yaml (reusable with -c), summary.csv (one row per epoch), last.pth.tar,
+checkpoint-EPOCH.pth.tar (the --checkpoint-hist best by --eval-metric), model_best.pth.tar. Every file is written
+to a temporary file and renamed, so a crash, kill or full disk never leaves a partial one. Epochs are numbered from
+0, as in timm.
+
+Several GPUs or machines: torchrun --nproc_per_node=N -m kat_timm.cli.train ... (or the kat-train script under
+torchrun); --batch-size is per process.
+"""
+
+
+def build_parser(prog: str = "kat-train") -> argparse.ArgumentParser:
+    """The argument parser of ``kat-train`` (without ``-c/--config``, which ``parse_args`` handles first)."""
+    parser = argparse.ArgumentParser(
+        prog=prog, usage=f"{prog} [-c FILE.yaml] --data-dir DIR [--dataset NAME] [--model NAME] [OPTIONS]",
+        description="Train or fine-tune any timm model, KAT included, on an ImageFolder or another dataset timm "
+                    "reads (--dataset). Options keep the names of timm's train.py; -c FILE.yaml sets their defaults "
+                    "as it does there.", epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-c", "--config", default="", metavar="FILE.yaml",
+                        help="YAML file of option defaults (keys: option names with _ for -, e.g. batch_size: 64); "
+                             "command-line options override it")
     group = add_data_arguments(parser, "data (an ImageFolder DATA_DIR/SPLIT/CLASS/IMAGE.png|jpg|jpeg, or --dataset)",
                                batch_size=128)
     group.add_argument("--train-split", metavar="NAME", default="train",
@@ -76,8 +108,6 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--worker-seeding", default="all", metavar="MODE",
                        help="how loader workers are seeded (timm's 'all' or 'part'; default: all)")
 
-
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME",
                        help=f"any timm model name, kat_* included, optionally with a .tag (default: {DEFAULT_MODEL})")
@@ -115,8 +145,6 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="share BatchNorm statistics between processes after each epoch (default: reduce; no "
                             "effect on models without BatchNorm, such as KAT)")
 
-
-def _add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("optimizer")
     group.add_argument("--opt", default="adamw", metavar="NAME",
                        help="any timm optimizer (default: adamw)")
@@ -134,8 +162,6 @@ def _add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--opt-kwargs", nargs="*", default={}, action=KeywordArguments, metavar="KEY=VALUE",
                        help="extra keyword arguments for the optimizer")
 
-
-def _add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("learning-rate schedule")
     group.add_argument("--sched", default="cosine", choices=SCHEDULERS, metavar="NAME",
                        help=f"timm scheduler: {', '.join(SCHEDULERS)} (default: cosine)")
@@ -173,8 +199,6 @@ def _add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--patience-epochs", type=int, default=10, metavar="N")
     group.add_argument("--decay-rate", "--dr", type=float, default=0.1, metavar="RATE")
 
-
-def _add_augmentation_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("augmentation and regularisation")
     group.add_argument("--no-aug", action="store_true", help="no training augmentation at all")
     group.add_argument("--scale", type=float, nargs="+", default=[0.08, 1.0], metavar="PCT",
@@ -207,8 +231,6 @@ def _add_augmentation_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--bce-loss", action="store_true", help="binary cross-entropy instead of softmax CE")
     group.add_argument("--bce-target-thresh", type=float, default=None, metavar="T")
 
-
-def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("EMA")
     group.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=False,
                        help="keep an exponential moving average of the weights (evaluated, saved, and the one the "
@@ -216,6 +238,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model-ema-decay", type=PROBABILITY, default=0.9998, metavar="D",
                        help="EMA decay (default: 0.9998; the KAT recipe uses 0.9999)")
     group.add_argument("--model-ema-warmup", action="store_true", help="ramp the EMA decay up at the start")
+
 
     group = parser.add_argument_group("run")
     group.add_argument("--device", default=None, metavar="DEVICE",
@@ -241,47 +264,6 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
                        help="steps between progress lines when the output is not a terminal (default: 50)")
     group.add_argument("--recovery-interval", type=INDEX, default=0, metavar="N",
                        help="also write a recovery checkpoint every N steps (default: 0, off)")
-
-
-_EPILOG = """\
-Data layout: DATA_DIR/train/CLASS/*.png (or .jpg/.jpeg) and DATA_DIR/validation/CLASS/*.png, the same class folders
-in both. The folders are checked before training: a missing folder, a split without class folders, class folders
-without images and class sets that differ between the splits are errors. An image file that cannot be decoded is
-skipped with a warning naming it (once per file and loader process) and another sample takes its place; in the
-evaluation it is left out. A class folder in which no image decodes is an error.
-
-Other data (timm's readers, timm's option names): --dataset hfds/NAME|FOLDER (Hugging Face datasets),
---dataset wds/NAME --data-dir SHARDS --train-split 'train-{0000..0127}.tar' --train-num-samples N --num-classes C
-(WebDataset), --dataset torch/NAME [--dataset-download]. A missing dataset, split, shard, key or sample count is
-an error before training starts.
-
-Output (OUTPUT/EXPERIMENT/): args.yaml (reusable with -c), summary.csv (one row per epoch), last.pth.tar,
-checkpoint-EPOCH.pth.tar (the --checkpoint-hist best by --eval-metric), model_best.pth.tar. Every file is written
-to a temporary file and renamed, so a crash, kill or full disk never leaves a partial one. Epochs are numbered from
-0, as in timm.
-
-Several GPUs or machines: torchrun --nproc_per_node=N -m kat_timm.cli.train ... (or the kat-train script under
-torchrun); --batch-size is per process.
-"""
-
-
-def build_parser(prog: str = "kat-train") -> argparse.ArgumentParser:
-    """The argument parser of ``kat-train`` (without ``-c/--config``, which ``parse_args`` handles first)."""
-    parser = argparse.ArgumentParser(
-        prog=prog, usage=f"{prog} [-c FILE.yaml] --data-dir DIR [--dataset NAME] [--model NAME] [OPTIONS]",
-        description="Train or fine-tune any timm model, KAT included, on an ImageFolder or another dataset timm "
-                    "reads (--dataset). Options keep the names of timm's train.py; -c FILE.yaml sets their defaults "
-                    "as it does there.", epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-c", "--config", default="", metavar="FILE.yaml",
-                        help="YAML file of option defaults (keys: option names with _ for -, e.g. batch_size: 64); "
-                             "command-line options override it")
-    _add_data_arguments(parser)
-    _add_model_arguments(parser)
-    _add_optimizer_arguments(parser)
-    _add_schedule_arguments(parser)
-    _add_augmentation_arguments(parser)
-    _add_run_arguments(parser)
     return parser
 
 
@@ -421,13 +403,7 @@ def _init_device(args: argparse.Namespace):
 
 def _check_arguments(args: argparse.Namespace):
     """Refuse bad options before anything is built; returns the --resume checkpoint, read (the only read of it)."""
-    from kat_timm.training.readers import dataset_prefix, is_folder_dataset
-
-    if not args.data_dir and (is_folder_dataset(args.dataset) or dataset_prefix(args.dataset) == "wds"):
-        raise CLIError("give the dataset folder: --data-dir DIR (layout DIR/train/CLASS/*.png and "
-                       "DIR/validation/CLASS/*.png; for --dataset wds/NAME the folder of the shards)", code=2)
-    if args.workers is None:
-        args.workers = default_workers()
+    check_data_options(args, "DIR/train/CLASS/*.png and DIR/validation/CLASS/*.png")
     check_preprocessing(vars(args), training=True)
     check_backend_setting()
     if args.aa:
@@ -453,13 +429,7 @@ def _check_arguments(args: argparse.Namespace):
 def _read_resume(args: argparse.Namespace):
     """--resume: the training checkpoint, read once for everything a resume restores, and checked against the run's
     optimizer options (its state fits only the optimizer and parameter groups it was saved from)."""
-    from kat_timm.checkpoint import CheckpointError
-    from kat_timm.factory import read_checkpoint
-
-    try:
-        loaded = read_checkpoint(args.resume, use_ema=False)
-    except CheckpointError as error:
-        raise CLIError(str(error), code=2) from None
+    loaded = read_checkpoint_file(args.resume, code=2, use_ema=False)
     if not isinstance(loaded.raw, dict) or loaded.raw.get("epoch") is None:
         raise CLIError(f"--resume {args.resume} is not a training checkpoint (no epoch, optimizer or run options: a "
                        f"bare state dict or another file); start a new run from its weights with --initial-checkpoint "
@@ -519,14 +489,8 @@ def _check_data(args: argparse.Namespace):
 
 
 def _model_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
-    kwargs = dict(args.model_kwargs)
-    if args.drop:
-        kwargs.setdefault("drop_rate", args.drop)
-    if args.drop_path is not None:
-        kwargs.setdefault("drop_path_rate", args.drop_path)
-    if args.gp:
-        kwargs.setdefault("global_pool", args.gp)
-    return kwargs
+    options = dict(drop_rate=args.drop or None, drop_path_rate=args.drop_path, global_pool=args.gp or None)
+    return {**{name: value for name, value in options.items() if value is not None}, **args.model_kwargs}
 
 
 # What the missing-released-weights error offers instead, in kat-train's own options.
@@ -541,9 +505,6 @@ def _create_model(args: argparse.Namespace, num_classes: int):
     """The model as timm's train.py builds it, with kat_timm's clear errors and ``img_size`` passed on. Every weight
     file is read once: --initial-checkpoint through kat_timm.factory, --pretrained-path handed to timm as a state
     dict (timm then adapts the classifier and position embedding as for the released weights)."""
-    from kat_timm.checkpoint import CheckpointError
-    from kat_timm.factory import read_checkpoint
-
     from .common import create_sized_model
     from .validate import create_from_checkpoint
 
@@ -564,10 +525,7 @@ def _create_model(args: argparse.Namespace, num_classes: int):
         return model
     # A --pretrained-path .npz is Google's ViT format, which only timm's loader reads: it is handed over as a file.
     own = checkpoint or (args.pretrained_path if args.pretrained_path and not _is_npz(args.pretrained_path) else None)
-    try:
-        loaded = read_checkpoint(own) if own else None
-    except CheckpointError as error:
-        raise CLIError(str(error)) from None
+    loaded = read_checkpoint_file(own) if own else None
     if checkpoint:
         head = loaded.state_dict.get("head.weight")
         if head is not None and head.ndim == 2 and head.shape[0] != num_classes:

@@ -112,6 +112,17 @@ def add_data_arguments(parser: argparse.ArgumentParser, title: str, batch_size: 
     return group
 
 
+def check_data_options(args: argparse.Namespace, layout: str) -> None:
+    """A usage error without the --data-dir an ImageFolder or wds/ needs; the default --workers filled in."""
+    from kat_timm.training.readers import dataset_prefix, is_folder_dataset
+
+    if not args.data_dir and (is_folder_dataset(args.dataset) or dataset_prefix(args.dataset) == "wds"):
+        raise CLIError(f"give the dataset folder: --data-dir DIR (layout {layout}; for --dataset wds/NAME the folder "
+                       f"of the shards)", code=2)
+    if args.workers is None:
+        args.workers = default_workers()
+
+
 class KeywordArguments(argparse.Action):
     """``KEY=VALUE ...`` into a dict, values read as Python literals where they parse (timm's ParseKwargs
     convention, with a usage error instead of a traceback for an item without ``=``)."""
@@ -131,17 +142,15 @@ class KeywordArguments(argparse.Action):
         setattr(namespace, self.dest, result)
 
 
-def _read_checkpoint(args: argparse.Namespace):
-    """--checkpoint, read once: its model weights unless --use-ema (timm validate.py's choice), its run's options."""
+def read_checkpoint_file(path, code: int = 1, **options):
+    """:func:`kat_timm.factory.read_checkpoint` (one read of the file), its ``CheckpointError`` a ``CLIError``."""
     from kat_timm.checkpoint import CheckpointError
     from kat_timm.factory import read_checkpoint
 
-    if args.pretrained:
-        raise CLIError("give --pretrained or --checkpoint, not both", code=2)
     try:
-        return read_checkpoint(args.checkpoint, use_ema=bool(args.use_ema))
+        return read_checkpoint(path, **options)
     except CheckpointError as error:
-        raise CLIError(str(error)) from None
+        raise CLIError(str(error), code=code) from None
 
 
 def _create_model(args: argparse.Namespace, loaded, size: Optional[List[int]], model_kwargs: Dict[str, Any]):
@@ -243,15 +252,11 @@ def open_split(args: argparse.Namespace, split: str, **options):
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from kat_timm.training.readers import dataset_prefix, is_folder_dataset
+    from kat_timm.training.readers import is_folder_dataset
 
     args.data_dir = args.data_dir or args.data
     folder = is_folder_dataset(args.dataset)
-    if not args.data_dir and (folder or dataset_prefix(args.dataset) == "wds"):
-        raise CLIError("give the dataset folder: --data-dir DIR (layout DIR/validation/CLASS/*.png; for --dataset "
-                       "wds/NAME the folder of the shards)", code=2)
-    if args.workers is None:
-        args.workers = default_workers()
+    check_data_options(args, "DIR/validation/CLASS/*.png")
     if args.num_classes is not None and args.num_classes < 1:
         raise CLIError(f"--num-classes must be at least 1, got {args.num_classes} (leave it out to use the "
                        f"checkpoint's or the model's)", code=2)
@@ -262,7 +267,10 @@ def _validate(args: argparse.Namespace) -> int:
         _check_writable(results_file)
     device = resolve_device(args.device)
 
-    loaded = _read_checkpoint(args) if args.checkpoint is not None else None
+    if args.pretrained and args.checkpoint is not None:
+        raise CLIError("give --pretrained or --checkpoint, not both", code=2)
+    # Its model weights unless --use-ema (timm validate.py's choice), and its run's options.
+    loaded = read_checkpoint_file(args.checkpoint, use_ema=bool(args.use_ema)) if args.checkpoint is not None else None
     trained = loaded.args if loaded is not None else {}
     args.model = args.model or (loaded.architecture if loaded is not None else None) or DEFAULT_MODEL
     trained_classes = list(trained.get("class_names") or [])

@@ -1,19 +1,18 @@
 """Datasets that are not an ImageFolder, for ``kat-train`` and ``kat-validate``: timm's readers, checked first.
 
-timm's ``create_dataset`` reads ``torch/``, ``hfds/``, ``hfids/``, ``tfds/`` and ``wds/`` datasets; the options keep
-timm's meaning, and what timm reports as a traceback, a bare ``KeyError`` or (WebDataset) a silently empty epoch
-becomes a one-line :class:`~kat_timm.training.data.DataError` naming the option and what exists instead. README,
-"Fine-tuning and evaluation" ("Other datasets"), lists the checks made before training starts.
-:func:`open_checked_split` opens any split, ImageFolder or not, for both commands.
+What timm's ``create_dataset`` reports as a traceback, a bare ``KeyError`` or (WebDataset) a silently empty epoch
+becomes a one-line :class:`~kat_timm.training.data.DataError` naming the option and what exists instead (README,
+"Other datasets"). :func:`open_checked_split` opens any split, ImageFolder or not, for both commands.
 """
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import os
 import tarfile
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from .data import (DataError, ImageFolderDataset, check_readable_classes, check_split, folder_dataset_hint,
                    load_class_names)
@@ -62,8 +61,6 @@ def open_dataset(spec: DatasetSpec, split: str, is_training: bool, num_samples: 
     from timm.data import create_dataset
 
     prefix = dataset_prefix(spec.name)
-    if prefix not in READER_PREFIXES:
-        raise DataError(f"--dataset {spec.name!r} is read as an ImageFolder, not by open_dataset")
     if prefix == "wds":
         shards = _check_wds(spec, split, is_training, num_samples, split_option, samples_option)
         if not is_training and num_samples is None and not _wds_counted(spec, split):
@@ -73,14 +70,12 @@ def open_dataset(spec: DatasetSpec, split: str, is_training: bool, num_samples: 
             num_samples = None if lengths is None else sum(lengths)
     elif prefix == "hfds":
         _check_hfds(spec, split, split_option)
-    kwargs: Dict[str, Any] = dict(input_key=spec.input_key, target_key=spec.target_key)
+    keys = {name: key for name, key in (("input_key", spec.input_key), ("target_key", spec.target_key)) if key}
     try:
         return create_dataset(
             spec.name, root=spec.root, split=split, is_training=is_training, class_map=spec.class_map or None,
             download=spec.download, batch_size=spec.batch_size, num_samples=num_samples, seed=spec.seed,
-            input_img_mode=spec.input_img_mode, **{k: v for k, v in kwargs.items() if v is not None})
-    except DataError:
-        raise
+            input_img_mode=spec.input_img_mode, **keys)
     except Exception as error:  # each reader fails its own way: FileNotFoundError, ValueError, KeyError, assert
         raise DataError(_explain(spec, split, split_option, error)) from None
 
@@ -118,14 +113,11 @@ def _check_hfds(spec: DatasetSpec, split: str, split_option: str) -> None:
                         f"kat-timm[data])") from None
     except Exception as error:
         raise DataError(_explain(spec, split, split_option, error)) from None
-    input_key = spec.input_key or "image"
-    if input_key not in columns:
-        raise DataError(f"--input-key {input_key}: {spec.name} split {split} has no such column (columns: "
-                        f"{', '.join(columns)})")
-    for key in (spec.target_key or "label").split(","):
-        if key.strip() not in columns:
-            raise DataError(f"--target-key {key.strip()}: {spec.name} split {split} has no such column (columns: "
-                            f"{', '.join(columns)})")
+    for option, keys in (("--input-key", spec.input_key or "image"), ("--target-key", spec.target_key or "label")):
+        for key in keys.split(","):
+            if key.strip() not in columns:
+                raise DataError(f"{option} {key.strip()}: {spec.name} split {split} has no such column (columns: "
+                                f"{', '.join(columns)})")
 
 
 def _explain(spec: DatasetSpec, split: str, split_option: str, error: BaseException) -> str:
@@ -180,10 +172,8 @@ def _wds_info(root: str) -> dict:
 
 def _check_wds(spec: DatasetSpec, split: str, is_training: bool, num_samples: Optional[int], split_option: str,
                samples_option: str) -> List[str]:
-    try:
-        import webdataset  # noqa: F401  (timm's reader needs it; without it timm fails later, less clearly)
-    except ImportError:
-        raise DataError(f"--dataset {spec.name} needs webdataset: pip install webdataset (or kat-timm[data])") from None
+    if importlib.util.find_spec("webdataset") is None:  # timm's reader needs it, and fails later less clearly
+        raise DataError(f"--dataset {spec.name} needs webdataset: pip install webdataset (or kat-timm[data])")
     if not spec.root:
         raise DataError(f"--dataset {spec.name}: give the folder of the shards with --data-dir DIR")
     if not os.path.isdir(spec.root):
@@ -214,6 +204,12 @@ def _wds_counted(spec: DatasetSpec, split: str) -> bool:
     return bool(_wds_info(spec.root))
 
 
+def _sample_key(member: tarfile.TarInfo) -> Tuple[str, str]:
+    """(sample key, extension) of a shard member, as WebDataset groups them: the path up to the name's first dot."""
+    key, _, extension = os.path.basename(member.name).partition(".")
+    return os.path.join(os.path.dirname(member.name), key), extension
+
+
 def _shard_lengths(shards: List[str]) -> Optional[List[int]]:
     """Samples (distinct keys) in each local shard, read from the tar headers; None for remote shards."""
     if any("://" in path for path in shards):
@@ -222,8 +218,7 @@ def _shard_lengths(shards: List[str]) -> Optional[List[int]]:
     for path in shards:
         try:
             with tarfile.open(path) as tar:
-                counts.append(len({os.path.join(os.path.dirname(m.name), os.path.basename(m.name).partition(".")[0])
-                                   for m in tar if m.isfile()}))
+                counts.append(len({_sample_key(member)[0] for member in tar if member.isfile()}))
         except (OSError, tarfile.TarError) as error:
             raise DataError(f"{path}: not a readable tar shard ({error})") from None
     return counts
@@ -280,8 +275,7 @@ def _check_wds_sample(shard: str, spec: DatasetSpec) -> None:
             for member in tar:
                 if not member.isfile():
                     continue
-                key, _, extension = os.path.basename(member.name).partition(".")
-                key = os.path.join(os.path.dirname(member.name), key)
+                key, extension = _sample_key(member)
                 if first_key is None:
                     first_key = key
                 if key != first_key:
