@@ -146,8 +146,7 @@ def build_parser(prog: str = "kat-train") -> argparse.ArgumentParser:
                             "effect on models without BatchNorm, such as KAT)")
 
     group = parser.add_argument_group("optimizer")
-    group.add_argument("--opt", default="adamw", metavar="NAME",
-                       help="any timm optimizer (default: adamw)")
+    group.add_argument("--opt", default="adamw", metavar="NAME", help="any timm optimizer (default: adamw)")
     group.add_argument("--opt-eps", type=float, default=None, metavar="EPS")
     group.add_argument("--opt-betas", type=float, nargs="+", default=None, metavar="BETA")
     group.add_argument("--momentum", type=float, default=0.9, metavar="M", help="SGD momentum (default: 0.9)")
@@ -184,8 +183,7 @@ def build_parser(prog: str = "kat-train") -> argparse.ArgumentParser:
     group.add_argument("--lr-k-decay", type=float, default=1.0, metavar="K")
     group.add_argument("--warmup-lr", type=RATE, default=1e-5, metavar="LR",
                        help="learning rate at the start of warmup (default: 1e-5)")
-    group.add_argument("--min-lr", type=RATE, default=0.0, metavar="LR",
-                       help="floor of the schedule (default: 0)")
+    group.add_argument("--min-lr", type=RATE, default=0.0, metavar="LR", help="floor of the schedule (default: 0)")
     group.add_argument("--epochs", type=COUNT, default=300, metavar="N", help="epochs to train (default: 300)")
     group.add_argument("--start-epoch", type=INDEX, default=None, metavar="N",
                        help="first epoch (0-based; default: 0, or the one after the --resume checkpoint)")
@@ -193,8 +191,7 @@ def build_parser(prog: str = "kat-train") -> argparse.ArgumentParser:
     group.add_argument("--decay-epochs", type=float, default=90, metavar="N")
     group.add_argument("--warmup-epochs", type=INDEX, default=5, metavar="N",
                        help="epochs of linear warmup (default: 5)")
-    group.add_argument("--warmup-prefix", action="store_true",
-                       help="keep the warmup epochs out of the decay schedule")
+    group.add_argument("--warmup-prefix", action="store_true", help="keep the warmup epochs out of the decay schedule")
     group.add_argument("--cooldown-epochs", type=INDEX, default=0, metavar="N")
     group.add_argument("--patience-epochs", type=int, default=10, metavar="N")
     group.add_argument("--decay-rate", "--dr", type=float, default=0.1, metavar="RATE")
@@ -226,8 +223,7 @@ def build_parser(prog: str = "kat-train") -> argparse.ArgumentParser:
     group.add_argument("--mixup-mode", default="batch", choices=("batch", "pair", "elem"))
     group.add_argument("--mixup-off-epoch", type=INDEX, default=0, metavar="N",
                        help="turn mixup/cutmix off from this epoch (0: never)")
-    group.add_argument("--smoothing", type=FRACTION, default=0.1, metavar="EPS",
-                       help="label smoothing (default: 0.1)")
+    group.add_argument("--smoothing", type=FRACTION, default=0.1, metavar="EPS", help="label smoothing (default: 0.1)")
     group.add_argument("--bce-loss", action="store_true", help="binary cross-entropy instead of softmax CE")
     group.add_argument("--bce-target-thresh", type=float, default=None, metavar="T")
 
@@ -238,7 +234,6 @@ def build_parser(prog: str = "kat-train") -> argparse.ArgumentParser:
     group.add_argument("--model-ema-decay", type=PROBABILITY, default=0.9998, metavar="D",
                        help="EMA decay (default: 0.9998; the KAT recipe uses 0.9999)")
     group.add_argument("--model-ema-warmup", action="store_true", help="ramp the EMA decay up at the start")
-
 
     group = parser.add_argument_group("run")
     group.add_argument("--device", default=None, metavar="DEVICE",
@@ -355,23 +350,20 @@ def parse_args(argv: List[str], prog: str = "kat-train") -> argparse.Namespace:
 
 @contextlib.contextmanager
 def _run_folder_writes(folder: str):
-    """Writes into the run folder: a failure (disk full, quota, permissions) becomes one CLIError line."""
+    """Writes into the run folder: a failure (disk full, quota, permissions) becomes one CLIError line naming the
+    file and what the system said."""
+    import errno
+
     try:
         yield
     except OSError as error:
-        raise CLIError(_write_failure(error, folder)) from None
-
-
-def _write_failure(error: OSError, folder: str) -> str:
-    """The one line for a write into the run folder that failed, naming the file and what the system said."""
-    import errno
-
-    where = error.filename or folder
-    what = {errno.ENOSPC: f"no space left on device at {where}", errno.EDQUOT: f"disk quota exceeded at {where}",
-            errno.EFBIG: f"file size limit reached writing {where} (see ulimit -f)"}.get(
-        error.errno, f"cannot write {where}: {error.strerror or error}")
-    return (f"{what}. Nothing was half-written: the files from before (last.pth.tar, summary.csv) are intact; free "
-            f"space and continue with --resume {os.path.join(folder, 'last.pth.tar')} if it exists")
+        where = error.filename or folder
+        what = {errno.ENOSPC: f"no space left on device at {where}", errno.EDQUOT: f"disk quota exceeded at {where}",
+                errno.EFBIG: f"file size limit reached writing {where} (see ulimit -f)"}.get(
+            error.errno, f"cannot write {where}: {error.strerror or error}")
+        raise CLIError(f"{what}. Nothing was half-written: the files from before (last.pth.tar, summary.csv) are "
+                       f"intact; free space and continue with --resume {os.path.join(folder, 'last.pth.tar')} if it "
+                       f"exists") from None
 
 
 def _setup_logging(primary: bool) -> None:
@@ -787,12 +779,10 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, pr
     unwrapped = utils.unwrap_model(model)
     params = sum(p.numel() for p in unwrapped.parameters())
     trainable = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
-    size_note = ""
     built_size = getattr(getattr(unwrapped, "patch_embed", None), "img_size", None)
-    if (args.img_size or args.input_size) and built_size is not None:
-        size_note = f" (built for img_size {tuple(built_size)})"
-    say(f"{prog}: model {args.model}{size_note}: {params:,} parameters ({trainable:,} trainable), "
-        f"{num_classes} classes")
+    sized = built_size is not None and (args.img_size or args.input_size)
+    say(f"{prog}: model {args.model}{f' (built for img_size {tuple(built_size)})' if sized else ''}: {params:,} "
+        f"parameters ({trainable:,} trainable), {num_classes} classes")
     world = f"{args.world_size} processes ({torch.distributed.get_backend()})" if args.distributed else "1 process"
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     say(f"{prog}: device {device} ({device_name}), world size {world}, "
@@ -803,17 +793,15 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, pr
     if known_classes is not None and num_classes > known_classes:
         say(f"{prog}: note: --num-classes {num_classes} but the data has {known_classes} classes; the "
             f"extra {num_classes - known_classes} outputs are never a target")
-    say(f"{prog}: data {train_name}: {len(dataset_train)} images; "
-        + (f"{val_name}: {len(loader_eval.dataset)} images; " if loader_eval is not None
-           else "no validation split; ")
-        + f"{num_classes if known_classes is None else known_classes} classes, "
-          f"input {tuple(data_config['input_size'])}")
+    val_note = f"{val_name}: {len(loader_eval.dataset)} images" if loader_eval is not None else "no validation split"
+    say(f"{prog}: data {train_name}: {len(dataset_train)} images; {val_note}; {known_classes or num_classes} classes, "
+        f"input {tuple(data_config['input_size'])}")
     steps = f"{updates_per_epoch} step{'s' if updates_per_epoch != 1 else ''}"
     say(f"{prog}: batch {args.batch_size} per process x {args.world_size} x {args.grad_accum_steps} accumulation "
         f"= {args.batch_size * args.world_size * args.grad_accum_steps}; {steps} per epoch; "
         f"{args.opt} lr {args.lr:.3g}, {args.sched} schedule, weight decay {args.weight_decay}")
-    say(f"{prog}: epochs {start_epoch}..{num_epochs - 1} (0-based)" + (f", resumed from {args.resume}"
-                                                                       if args.resume else ""))
+    resumed_note = f", resumed from {args.resume}" if args.resume else ""
+    say(f"{prog}: epochs {start_epoch}..{num_epochs - 1} (0-based){resumed_note}")
     say(f"{prog}: output {os.path.abspath(output_dir) if output_dir else '-'}")
 
     result = TrainResult(model=unwrapped, model_ema=model_ema.module if model_ema else None, optimizer=optimizer,
@@ -846,9 +834,8 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, pr
 
         lr = base_lr(optimizer)
         # The EMA weights rank the checkpoints when there is an EMA, as in timm.
-        metric = None
-        if eval_metrics is not None:
-            metric = eval_metrics[f"ema_{eval_metric}" if model_ema is not None else eval_metric]
+        ranking = f"ema_{eval_metric}" if model_ema is not None else eval_metric
+        metric = None if eval_metrics is None else eval_metrics[ranking]
         if output_dir is not None:
             with _run_folder_writes(output_dir):
                 edit_atomically(os.path.join(output_dir, "summary.csv"), lambda partial: utils.update_summary(

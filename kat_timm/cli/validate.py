@@ -153,17 +153,6 @@ def read_checkpoint_file(path, code: int = 1, **options):
         raise CLIError(str(error), code=code) from None
 
 
-def _create_model(args: argparse.Namespace, loaded, size: Optional[List[int]], model_kwargs: Dict[str, Any]):
-    """The model to evaluate: the checkpoint's (its architecture, size and classes unless given here), or by name."""
-    if loaded is None:
-        return create_sized_model(args.model, size, pretrained=args.pretrained, use_ema=args.use_ema,
-                                  num_classes=args.num_classes, **model_kwargs)
-    if args.num_classes is not None:
-        model_kwargs["num_classes"] = args.num_classes
-    return create_from_checkpoint(args.model, loaded, size, model_kwargs,
-                                  size_given=args.img_size is not None or args.input_size is not None)
-
-
 def create_from_checkpoint(name: str, loaded, size: Optional[List[int]], model_kwargs: Dict[str, Any],
                            size_given: bool) -> torch.nn.Module:
     """``kat_timm.factory.create_model(name, loaded, **model_kwargs)`` with its errors as ``CLIError``, built for
@@ -293,7 +282,14 @@ def _validate(args: argparse.Namespace) -> int:
     if trained.get("gp"):
         model_kwargs["global_pool"] = trained["gp"]
     model_kwargs.update(args.model_kwargs)
-    model = _create_model(args, loaded, size, model_kwargs)
+    if loaded is None:
+        model = create_sized_model(args.model, size, pretrained=args.pretrained, use_ema=args.use_ema,
+                                   num_classes=args.num_classes, **model_kwargs)
+    else:  # the checkpoint's architecture, size and classes unless given here
+        if args.num_classes is not None:
+            model_kwargs["num_classes"] = args.num_classes
+        model = create_from_checkpoint(args.model, loaded, size, model_kwargs,
+                                       size_given=args.img_size is not None or args.input_size is not None)
     num_classes = getattr(model, "num_classes", None)
     # Labels from sorted folder names mean something only for a model with exactly that many classes; labels from
     # the checkpoint's class list or a class map may use the first outputs of a larger classifier
@@ -359,8 +355,7 @@ def _check_writable(path: Path) -> None:
 
 def main(argv: Optional[List[str]] = None, prog: str = "kat-validate") -> int:
     """Entry point of ``kat-validate`` and ``kat-timm validate``."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(prog).parse_args(argv)
+    args = build_parser(prog).parse_args(sys.argv[1:] if argv is None else list(argv))
     return run_main(lambda: _validate(args), prog)
 
 

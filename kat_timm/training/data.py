@@ -1,9 +1,8 @@
 """ImageFolder datasets for ``kat-train`` and ``kat-validate``: checked before use, and tolerant of corrupt images.
 
 timm's ImageFolder reader silently drops class folders without images (shifting every later label), uses
-``DATA_DIR`` itself when a split folder is missing, and numbers each split's classes on its own; the checks here
-turn each of those into an error naming the path and the expected layout (README, "Fine-tuning and
-evaluation").
+``DATA_DIR`` itself when a split folder is missing, and numbers each split's classes on its own; here each of
+those is an error naming the path and the expected layout.
 """
 from __future__ import annotations
 
@@ -63,7 +62,7 @@ def _is_image(name: str) -> bool:
 
 def find_split_folder(data_dir: Union[str, Path], split: str) -> Path:
     """The folder of ``split`` under ``data_dir``, found as timm's create_dataset finds it (``val`` for
-    ``validation`` and so on), or a :class:`DataError` naming what was looked for and what is there."""
+    ``validation`` and so on), else a :class:`DataError` naming what was looked for and what is there."""
     data_dir = Path(data_dir)
     if not data_dir.exists():
         raise DataError(f"data folder not found: {data_dir} (expected {_layout(data_dir, split)})")
@@ -96,9 +95,8 @@ def load_class_names(class_map: Union[str, Path]) -> List[str]:
 
 def check_split(data_dir: Union[str, Path], split: str, class_names: Optional[Sequence[str]] = None,
                 allow_missing: bool = False) -> ImageFolderSplit:
-    """One split of an ImageFolder, checked (a :class:`DataError` names what is wrong): its folder and classes,
-    labelled by ``class_names`` (``--class-map``; ``allow_missing``: names without a folder are fine) or else by the
-    folder names in timm's natural sort order."""
+    """One split of an ImageFolder, checked: its folder and classes, labelled by ``class_names`` (``--class-map``;
+    ``allow_missing``: names without a folder are fine) or else by the folder names in timm's natural sort order."""
     root = find_split_folder(data_dir, split)
     class_dirs, loose_images = [], 0
     for entry in os.scandir(root):
@@ -154,8 +152,7 @@ def check_class_sets(first: ImageFolderSplit, second: ImageFolderSplit) -> None:
 
 def check_readable_classes(split: ImageFolderSplit) -> None:
     """A :class:`DataError` naming the class folders of ``split`` in which no image decodes (an unreadable training
-    image is replaced by the next one, so such a class would silently train on others' images). Each folder is
-    decoded until one image works: a sound data set costs one image per class."""
+    image is replaced by the next one, so such a class would train on others' images); one image per sound class."""
     unreadable = []
     for name in split.classes:
         folder = split.root / name
@@ -231,7 +228,10 @@ class ImageFolderDataset(ImageDataset):
         failures = 0
         while True:
             try:
-                image, target = self._load(index)
+                file, target = self.reader[index]
+                with file:
+                    # convert() decodes every pixel, so a truncated file fails here rather than inside the transform.
+                    image = Image.open(file).convert(self.input_img_mode or "RGB")
                 break
             except _DECODE_ERRORS as error:
                 self._warn_skipped(index, error)
@@ -247,14 +247,6 @@ class ImageFolderDataset(ImageDataset):
             image = self.transform(image)
         if self.target_transform is not None:
             target = self.target_transform(target)
-        return image, target
-
-    def _load(self, index: int):
-        file, target = self.reader[index]
-        with file:
-            image = Image.open(file)
-            # convert() decodes every pixel, so a truncated file fails here rather than inside the transform.
-            image = image.convert(self.input_img_mode or "RGB")
         return image, target
 
     def _warn_skipped(self, index: int, error: BaseException) -> None:

@@ -17,8 +17,8 @@ from typing import Dict, List, Optional, Tuple
 from .data import (DataError, ImageFolderDataset, check_readable_classes, check_split, folder_dataset_hint,
                    load_class_names)
 
-__all__ = ["DatasetSpec", "READER_PREFIXES", "check_distributed_evaluation", "check_training_shards",
-           "dataset_class_names", "dataset_prefix", "is_folder_dataset", "open_checked_split", "open_dataset"]
+__all__ = ["DatasetSpec", "READER_PREFIXES", "check_shard_spread", "dataset_class_names", "dataset_prefix",
+           "is_folder_dataset", "open_checked_split", "open_dataset"]
 
 # The --dataset prefixes timm's create_dataset reads with a reader of its own (anything else is a folder or tar).
 READER_PREFIXES = ("torch", "hfds", "hfids", "tfds", "wds")
@@ -224,46 +224,33 @@ def _shard_lengths(shards: List[str]) -> Optional[List[int]]:
     return counts
 
 
-def _processes(world_size: int) -> str:
-    return f"{world_size} process" + ("es" if world_size != 1 else "")
-
-
-def check_training_shards(spec: DatasetSpec, split: str, world_size: int, workers: int,
-                          split_option: str = "--train-split") -> None:
-    """A :class:`DataError` for a ``wds/`` training split with fewer shards than the ``world_size x max(workers, 1)``
-    loaders: timm's reader hands out whole shards and caps each loader at its share of the samples, so a loader
-    without a shard reads nothing and every epoch would silently see only part of the data."""
-    if dataset_prefix(spec.name) != "wds":
+def check_shard_spread(spec: DatasetSpec, split: str, world_size: int, workers: int, num_samples: Optional[int] = None,
+                       split_option: str = "--val-split", is_training: bool = False) -> None:
+    """A :class:`DataError` for a ``wds/`` split that timm's reader would read only in part. It gives loader ``g`` of
+    ``G = world_size x max(workers, 1)`` the shards ``g, g + G, ...`` capped at ``ceil(N / G)`` samples (``N``:
+    ``num_samples``, else the tar headers' count): in training a loader without a shard reads nothing, so each epoch
+    would see only part of the data; under torchrun an evaluation loader holding more is cut short without a word."""
+    if dataset_prefix(spec.name) != "wds" or not (is_training or world_size > 1):
         return
-    shards = len(_wds_shards(spec, split, split_option))
+    shards = _wds_shards(spec, split, split_option)
     readers = world_size * max(workers, 1)
-    if shards < readers:
-        raise DataError(f"{split_option} {split}: {shards} shards for {readers} loaders ({_processes(world_size)} x "
-                        f"{max(workers, 1)} workers): a loader without a shard reads nothing and each epoch would "
-                        f"see only part of the data; cut the data into at least {readers} shards or lower --workers")
-
-
-def check_distributed_evaluation(spec: DatasetSpec, split: str, world_size: int, workers: int,
-                                 num_samples: Optional[int], split_option: str = "--val-split") -> None:
-    """A :class:`DataError` for a ``wds/`` evaluation split that torchrun would score only in part: timm's reader
-    gives loader ``g`` of ``G = world_size x max(workers, 1)`` the shards ``g, g + G, ...`` capped at ``ceil(N / G)``
-    samples (``num_samples``, else the tar headers' count), cutting short without a word a loader with more."""
-    if dataset_prefix(spec.name) != "wds" or world_size <= 1:
+    loaders = f"{readers} loaders ({world_size} process{'es' if world_size != 1 else ''} x {max(workers, 1)} workers)"
+    if is_training:
+        if len(shards) < readers:
+            raise DataError(f"{split_option} {split}: {len(shards)} shards for {loaders}: a loader without a shard "
+                            f"reads nothing and each epoch would see only part of the data; cut the data into at "
+                            f"least {readers} shards or lower --workers")
         return
-    lengths = _shard_lengths(_wds_shards(spec, split, split_option))
+    lengths = _shard_lengths(shards)
     if lengths is None:
         return
-    total = num_samples or sum(lengths)
-    readers = world_size * max(workers, 1)
-    cap = -(-total // readers)
-    largest = max(sum(lengths[g::readers]) for g in range(readers))
-    if largest > cap:
-        scored = sum(min(sum(lengths[g::readers]), cap) for g in range(readers))
-        raise DataError(f"{split_option} {split}: {len(lengths)} shards over {readers} loaders "
-                        f"({_processes(world_size)} x {max(workers, 1)} workers) would score only {scored} of "
-                        f"{sum(lengths)} samples "
-                        f"(timm caps each loader at {cap}); give at least {readers} shards of equal length, fewer "
-                        f"--workers, or --val-split \"\" and kat-validate the checkpoints afterwards")
+    cap = -(-(num_samples or sum(lengths)) // readers)
+    per_loader = [sum(lengths[g::readers]) for g in range(readers)]
+    if max(per_loader) > cap:
+        raise DataError(f"{split_option} {split}: {len(lengths)} shards over {loaders} would score only "
+                        f"{sum(min(count, cap) for count in per_loader)} of {sum(lengths)} samples (timm caps each "
+                        f"loader at {cap}); give at least {readers} shards of equal length, fewer --workers, or "
+                        f"--val-split \"\" and kat-validate the checkpoints afterwards")
 
 
 def _check_wds_sample(shard: str, spec: DatasetSpec) -> None:
@@ -313,9 +300,8 @@ def open_checked_split(options, split: str, *, is_training: bool = False, use_cl
                        split_option: str = "--split", samples_option: str = "--num-samples", world_size: int = 1):
     """One split of ``options.dataset`` under ``options.data_dir`` (kat-train's or kat-validate's options), checked:
     ``(dataset, class names in label order or None, its name in messages)``, else a :class:`DataError`. An
-    ImageFolder goes through ``check_split`` (with ``--class-map`` if ``use_class_map``), ``relabel(split)`` (e.g.
-    ``labelled_like`` the training split) and ``check_readable_classes`` of :mod:`kat_timm.training.data`; any other
-    ``--dataset`` through :func:`open_dataset`, whose shard checks count ``world_size`` processes."""
+    ImageFolder is checked by :mod:`kat_timm.training.data` (``relabel(split)``: e.g. ``labelled_like`` the training
+    split), any other ``--dataset`` by :func:`open_dataset` and :func:`check_shard_spread`."""
     if is_folder_dataset(options.dataset):
         try:
             class_names = load_class_names(options.class_map) if use_class_map and options.class_map else None
@@ -330,8 +316,5 @@ def open_checked_split(options, split: str, *, is_training: bool = False, use_cl
                        target_key=options.target_key, class_map=options.class_map, batch_size=options.batch_size,
                        seed=getattr(options, "seed", DatasetSpec.seed))  # kat-validate has no --seed
     dataset = open_dataset(spec, split, is_training, num_samples, split_option, samples_option)
-    if is_training:
-        check_training_shards(spec, split, world_size, options.workers, split_option)
-    else:
-        check_distributed_evaluation(spec, split, world_size, options.workers, num_samples, split_option)
+    check_shard_spread(spec, split, world_size, options.workers, num_samples, split_option, is_training)
     return dataset, dataset_class_names(dataset), f"{options.dataset} {split}"
