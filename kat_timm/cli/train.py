@@ -498,17 +498,16 @@ def _create_model(args: argparse.Namespace, num_classes: int):
     file is read once: --initial-checkpoint through kat_timm.factory, --pretrained-path handed to timm as a state
     dict (timm then adapts the classifier and position embedding as for the released weights)."""
     from .common import create_sized_model
-    from .validate import create_from_checkpoint
 
     size = args.input_size[1:] if args.input_size else ([args.img_size] if args.img_size else None)
+    kwargs = dict(_model_kwargs(args), num_classes=num_classes, alternatives=PRETRAINED_ALTERNATIVES)
     checkpoint = args.initial_checkpoint or None
     if checkpoint and _is_npz(checkpoint):
         # Google's ViT .npz (the .vitft recipes): timm hands it to the model's load_pretrained, which maps the ViT
         # weights, skips a head of another size and resamples the position embedding.
         from timm.models import load_checkpoint
 
-        model = create_sized_model(args.model, size, pretrained=args.pretrained, num_classes=num_classes,
-                                   alternatives=PRETRAINED_ALTERNATIVES, **_model_kwargs(args))
+        model = create_sized_model(args.model, size, **kwargs)
         try:
             load_checkpoint(model, checkpoint)
         except Exception as error:
@@ -524,15 +523,14 @@ def _create_model(args: argparse.Namespace, num_classes: int):
             raise CLIError(f"--initial-checkpoint {checkpoint} has a {head.shape[0]}-class classifier but the data has "
                            f"{num_classes} classes; use --pretrained-path {checkpoint} instead: it loads the weights "
                            f"with a new classifier (and resamples the position embedding for --img-size)", code=2)
-        return create_from_checkpoint(args.model, loaded, size, dict(_model_kwargs(args), num_classes=num_classes),
-                                      size_given=size is not None)
-    kwargs = _model_kwargs(args)
+        if size is not None:
+            kwargs.pop("img_size", None)  # --img-size/--input-size replace the checkpoint's (and --model-kwargs')
+        return create_sized_model(args.model, size, checkpoint=loaded, **kwargs)
     if args.pretrained_path:
         kwargs["pretrained_cfg_overlay"] = dict(file=os.path.abspath(args.pretrained_path))
         if loaded is not None:
             kwargs["pretrained_cfg_overlay"]["state_dict"] = loaded.state_dict  # timm prefers it to reading the file
-    model = create_sized_model(args.model, size, pretrained=args.pretrained or bool(args.pretrained_path),
-                               num_classes=num_classes, alternatives=PRETRAINED_ALTERNATIVES, **kwargs)
+    model = create_sized_model(args.model, size, pretrained=args.pretrained or bool(args.pretrained_path), **kwargs)
     if loaded is not None:
         _check_pretrained_path_covers(args.pretrained_path, loaded.state_dict, model, args.model)
     return model

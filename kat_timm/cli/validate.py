@@ -153,37 +153,6 @@ def read_checkpoint_file(path, code: int = 1, **options):
         raise CLIError(str(error), code=code) from None
 
 
-def create_from_checkpoint(name: str, loaded, size: Optional[List[int]], model_kwargs: Dict[str, Any],
-                           size_given: bool) -> torch.nn.Module:
-    """``kat_timm.factory.create_model(name, loaded, **model_kwargs)`` with its errors as ``CLIError``, built for
-    ``size`` ((H, W) or (N,); None: the checkpoint's) where the model takes an ``img_size``. ``size_given``: the size
-    came from the command line, so it replaces the one the checkpoint records."""
-    from kat_timm.checkpoint import CheckpointError
-    from kat_timm.factory import create_model
-
-    from .common import check_model_input_size, check_model_name
-
-    check_model_name(name)
-    if size is not None:
-        built = tuple(size) if len(size) > 1 else int(size[0])
-        model_kwargs["img_size"] = built if size_given else model_kwargs.get("img_size", built)
-    try:
-        try:
-            model = create_model(name, loaded, **model_kwargs)
-        except TypeError as error:
-            if "img_size" not in str(error) or "img_size" not in model_kwargs:
-                taken = ", ".join(sorted(key for key in model_kwargs if f"'{key}'" in str(error))) or str(error)
-                raise CLIError(f"{name} does not take the keyword argument {taken} (from --model-kwargs or an "
-                               f"option); remove it", code=2) from None
-            model_kwargs.pop("img_size")  # a size-agnostic model (ResNet)
-            model = create_model(name, loaded, **model_kwargs)
-    except CheckpointError as error:
-        raise CLIError(str(error)) from None
-    if size is not None and model_kwargs.get("img_size") == built:
-        check_model_input_size(model, size, "the image size")
-    return model
-
-
 def _trained_classes(split, trained: List[str], checkpoint: Path):
     """The split labelled in the order of the classes a kat-train checkpoint was trained on (a subset may be
     evaluated); folders the model never saw are an error."""
@@ -282,14 +251,11 @@ def _validate(args: argparse.Namespace) -> int:
     if trained.get("gp"):
         model_kwargs["global_pool"] = trained["gp"]
     model_kwargs.update(args.model_kwargs)
-    if loaded is None:
-        model = create_sized_model(args.model, size, pretrained=args.pretrained, use_ema=args.use_ema,
-                                   num_classes=args.num_classes, **model_kwargs)
-    else:  # the checkpoint's architecture, size and classes unless given here
-        if args.num_classes is not None:
-            model_kwargs["num_classes"] = args.num_classes
-        model = create_from_checkpoint(args.model, loaded, size, model_kwargs,
-                                       size_given=args.img_size is not None or args.input_size is not None)
+    if loaded is not None and (args.img_size is not None or args.input_size is not None):
+        model_kwargs.pop("img_size", None)  # the size given here replaces the checkpoint run's
+    # The checkpoint's architecture, size and classes unless given here.
+    model = create_sized_model(args.model, size, pretrained=args.pretrained, checkpoint=loaded, use_ema=args.use_ema,
+                               num_classes=args.num_classes, **model_kwargs)
     num_classes = getattr(model, "num_classes", None)
     # Labels from sorted folder names mean something only for a model with exactly that many classes; labels from
     # the checkpoint's class list or a class map may use the first outputs of a larger classifier
