@@ -1,9 +1,7 @@
 """``kat-validate`` (also ``kat-timm validate``): top-1, top-5 and loss of a model on an ImageFolder split or a split
-of any dataset timm's readers take, printed as JSON shaped like timm's validate.py's (README, "Fine-tuning and
-evaluation").
-
-The images are prepared as the model's pretrained_cfg says or, for a training checkpoint, as its run's options
-said; the loop is :func:`kat_timm.training.evaluation.evaluate`, the one ``kat-train`` runs after every epoch.
+of any dataset timm's readers take, printed as JSON shaped like timm's validate.py's. The images are prepared as the
+model's pretrained_cfg says or, for a training checkpoint, as its run's options said; the loop is kat-train's. The
+data options and checks kat-train shares live here too.
 """
 from __future__ import annotations
 

@@ -112,6 +112,7 @@ def check_split(data_dir: Union[str, Path], split: str, class_names: Optional[Se
     if not class_dirs:
         raise DataError(f"{root} has no class folders. Expected layout: {_layout(data_dir, root.name)}")
 
+    class_dirs.sort(key=natural_key)
     empty, nested = [], []
     for name in class_dirs:
         direct, deeper = _count_images(root / name)
@@ -120,17 +121,15 @@ def check_split(data_dir: Union[str, Path], split: str, class_names: Optional[Se
         elif not direct:
             empty.append(name)
     if empty:
-        empty.sort(key=natural_key)
         raise DataError(f"{len(empty)} class folder(s) in {root} hold no images (.png, .jpg, .jpeg): "
                         f"{_name_list(empty)}. Add images or remove the folders.")
     if nested:
-        nested.sort(key=natural_key)
         raise DataError(f"class folder(s) in {root} keep images in sub-folders: {_name_list(nested)}. timm labels an "
                         f"image by its innermost folder, so put each class's images directly in {root}/CLASS/.")
 
     if class_names is None:
-        return ImageFolderSplit(root, tuple(sorted(class_dirs, key=natural_key)))
-    unlisted = sorted(set(class_dirs) - set(class_names), key=natural_key)
+        return ImageFolderSplit(root, tuple(class_dirs))
+    unlisted = [name for name in class_dirs if name not in set(class_names)]
     missing = [] if allow_missing else [name for name in class_names if name not in set(class_dirs)]
     if unlisted or missing:
         parts = [f"folders not in the class map: {_name_list(unlisted)}" if unlisted else "",
@@ -186,18 +185,14 @@ def collate_readable(batch):
 
 
 def _count_images(folder: Path) -> Tuple[int, int]:
-    """(images directly in ``folder``, images in its sub-folders)."""
-    direct = deeper = 0
-    for current, subdirs, files in os.walk(folder, followlinks=True):
+    """(images directly in ``folder``, images in its sub-folders up to the first that holds any)."""
+    counts = []
+    for _, subdirs, files in os.walk(folder, followlinks=True):  # top-down: ``folder`` itself comes first
         subdirs[:] = [name for name in subdirs if not name.startswith(".")]
-        count = sum(1 for name in files if _is_image(name))
-        if Path(current) == folder:
-            direct += count
-        else:
-            deeper += count
-            if deeper:
-                break
-    return direct, deeper
+        counts.append(sum(1 for name in files if _is_image(name)))
+        if len(counts) > 1 and counts[-1]:
+            break
+    return counts[0], sum(counts[1:])
 
 
 def _name_list(names: Sequence[str], limit: int = 10) -> str:

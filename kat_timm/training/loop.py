@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import math
 import sys
 import time
@@ -58,16 +59,11 @@ class Progress:
             remaining = elapsed / step * (self.total - step)
             fields = "  ".join(f"{name} {value}" for name, value in shown.items())
             print(f"{self.description} [{step:>{len(str(self.total))}}/{self.total}]  {fields}  {rate:.1f} img/s  "
-                  f"ETA {clock(remaining)}", flush=True)
+                  f"ETA {datetime.timedelta(seconds=round(remaining))}", flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def base_lr(optimizer) -> float:
