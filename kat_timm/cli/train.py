@@ -77,6 +77,20 @@ torchrun); --batch-size is per process.
 """
 
 
+def _augmentation_policy(policy: str) -> str:
+    """--aa's type: timm's training transform is built with the policy once (milliseconds), so that a bad one is a
+    usage error now rather than an assertion inside timm after the model and data are ready."""
+    from timm.data import create_transform
+
+    try:
+        create_transform(32, is_training=True, auto_augment=policy)
+    except (AssertionError, ValueError, KeyError, IndexError) as error:
+        detail = str(error).strip() or "not a policy timm knows"
+        raise argparse.ArgumentTypeError(f"{policy}: {detail}; use e.g. rand-m9-mstd0.5 (RandAugment), augmix-m5-w3, "
+                                         f"or original / v0 (AutoAugment)") from None
+    return policy
+
+
 def build_parser(prog: str = "kat-train") -> argparse.ArgumentParser:
     """The argument parser of ``kat-train`` (without ``-c/--config``, which ``parse_args`` handles first)."""
     parser = argparse.ArgumentParser(
@@ -103,8 +117,7 @@ def build_parser(prog: str = "kat-train") -> argparse.ArgumentParser:
     group.add_argument("-vb", "--validation-batch-size", type=COUNT, default=None, metavar="N",
                        help="evaluation batch size (default: --batch-size)")
     group.add_argument("--pin-mem", action="store_true", help="pin CPU memory in the data loader")
-    group.add_argument("--use-multi-epochs-loader", action="store_true",
-                       help="keep the loader's worker processes across epochs")
+    group.add_argument("--use-multi-epochs-loader", action="store_true", help="keep loader workers across epochs")
     group.add_argument("--worker-seeding", default="all", metavar="MODE",
                        help="how loader workers are seeded (timm's 'all' or 'part'; default: all)")
 
@@ -189,8 +202,7 @@ def build_parser(prog: str = "kat-train") -> argparse.ArgumentParser:
                        help="first epoch (0-based; default: 0, or the one after the --resume checkpoint)")
     group.add_argument("--decay-milestones", type=int, nargs="+", default=[90, 180, 270], metavar="EPOCH")
     group.add_argument("--decay-epochs", type=float, default=90, metavar="N")
-    group.add_argument("--warmup-epochs", type=INDEX, default=5, metavar="N",
-                       help="epochs of linear warmup (default: 5)")
+    group.add_argument("--warmup-epochs", type=INDEX, default=5, metavar="N", help="linear warmup epochs (default: 5)")
     group.add_argument("--warmup-prefix", action="store_true", help="keep the warmup epochs out of the decay schedule")
     group.add_argument("--cooldown-epochs", type=INDEX, default=0, metavar="N")
     group.add_argument("--patience-epochs", type=int, default=10, metavar="N")
@@ -205,7 +217,7 @@ def build_parser(prog: str = "kat-train") -> argparse.ArgumentParser:
     group.add_argument("--hflip", type=PROBABILITY, default=0.5, metavar="P", help="horizontal flip probability")
     group.add_argument("--vflip", type=PROBABILITY, default=0.0, metavar="P", help="vertical flip probability")
     group.add_argument("--color-jitter", type=RATE, default=0.4, metavar="PCT")
-    group.add_argument("--aa", default=None, metavar="POLICY",
+    group.add_argument("--aa", type=_augmentation_policy, default=None, metavar="POLICY",
                        help="AutoAugment/RandAugment policy, e.g. rand-m9-mstd0.5 (the KAT recipe)")
     group.add_argument("--aug-repeats", type=float, default=0, metavar="N",
                        help="repeated augmentation count (distributed training only)")
@@ -236,8 +248,7 @@ def build_parser(prog: str = "kat-train") -> argparse.ArgumentParser:
     group.add_argument("--model-ema-warmup", action="store_true", help="ramp the EMA decay up at the start")
 
     group = parser.add_argument_group("run")
-    group.add_argument("--device", default=None, metavar="DEVICE",
-                       help="cpu or cuda (default: cuda when available, else cpu)")
+    group.add_argument("--device", default=None, metavar="DEVICE", help="cpu or cuda (default: cuda when available)")
     group.add_argument("--dist-backend", default=None, metavar="NAME",
                        help="torch.distributed backend under torchrun (default: nccl on cuda, gloo on cpu)")
     group.add_argument("--local-rank", "--local_rank", type=int, default=0, help=argparse.SUPPRESS)
@@ -246,8 +257,7 @@ def build_parser(prog: str = "kat-train") -> argparse.ArgumentParser:
                        help="autocast dtype (default: float16 with a gradient scaler on cuda; bfloat16 on cpu, "
                             "where float16 autocast is many times slower)")
     group.add_argument("--seed", type=int, default=42, metavar="S", help="random seed (default: 42)")
-    group.add_argument("--output", default="", metavar="DIR",
-                       help="parent folder of the run folders (default: ./output/train)")
+    group.add_argument("--output", default="", metavar="DIR", help="parent folder of runs (default: ./output/train)")
     group.add_argument("--experiment", default="", metavar="NAME",
                        help="run folder name (default: DATE-TIME-MODEL-SIZE; with --resume and neither --output nor "
                             "--experiment: the folder of the resumed checkpoint)")
@@ -398,8 +408,6 @@ def _check_arguments(args: argparse.Namespace):
     check_data_options(args, "DIR/train/CLASS/*.png and DIR/validation/CLASS/*.png")
     check_preprocessing(vars(args), training=True)
     check_backend_setting()
-    if args.aa:
-        _check_augmentation_policy(args.aa)
     for name in ("resume", "initial_checkpoint", "pretrained_path"):
         path = getattr(args, name)
         if path and not os.path.isfile(path):
@@ -442,19 +450,6 @@ def _read_resume(args: argparse.Namespace):
                        f"--layer-decay {_option_text(saved['layer_decay'])}, or add --no-resume-opt to keep only the "
                        f"weights and epoch", code=2)
     return loaded
-
-
-def _check_augmentation_policy(policy: str) -> None:
-    """--aa: build timm's training transform with it once (a few milliseconds) so that a bad policy string is a
-    usage error now rather than an assertion inside timm after the model and data are ready."""
-    from timm.data import create_transform
-
-    try:
-        create_transform(32, is_training=True, auto_augment=policy)
-    except (AssertionError, ValueError, KeyError, IndexError) as error:
-        detail = str(error).strip() or "not a policy timm knows"
-        raise CLIError(f"--aa {policy}: {detail}; use e.g. rand-m9-mstd0.5 (RandAugment), augmix-m5-w3, or "
-                       f"original / v0 (AutoAugment)", code=2) from None
 
 
 def _check_data(args: argparse.Namespace):
@@ -843,10 +838,8 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, pr
             # --sched plateau needs a metric every epoch: without evaluation, the training loss (as timm does)
             lr_scheduler.step(epoch + 1, metric if metric is not None else train_metrics["loss"])
 
-        row = {"epoch": epoch, "train_loss": train_metrics["loss"], "lr": lr}
-        if eval_metrics is not None:
-            row.update({f"eval_{key}": value for key, value in eval_metrics.items()})
-        result.history.append(row)
+        evaluated = {f"eval_{key}": value for key, value in (eval_metrics or {}).items()}
+        result.history.append({"epoch": epoch, "train_loss": train_metrics["loss"], "lr": lr, **evaluated})
         seconds = time.perf_counter() - started
         shown = ""
         for label, prefix in (("eval", ""), ("EMA", "ema_")):

@@ -51,10 +51,10 @@ def build_parser(prog: str = "kat-validate") -> argparse.ArgumentParser:
                                 "model's pretrained_cfg says; the result is printed as JSON (timm validate.py's "
                                 "fields plus loss and images/s).",
         epilog="Data layout: DATA_DIR/SPLIT/CLASS/*.png (or .jpg/.jpeg). Labels follow the class folders' sorted "
-               "names (timm's order), or --class-map, or the class list a kat-train checkpoint carries. An image "
-               "that cannot be decoded is left out with a warning naming it and counted in unreadable_images; a "
-               "class folder in which no image decodes is an error. A training checkpoint is evaluated with its "
-               "run's image size, mean/std, crop and interpolation unless given here.",
+               "names (timm's order), or --class-map (it may list classes without a folder), or the class list a "
+               "kat-train checkpoint carries. An image that cannot be decoded is left out with a warning naming it "
+               "and counted in unreadable_images; a class folder in which no image decodes is an error. A training "
+               "checkpoint is evaluated with its run's image size, mean/std, crop and interpolation unless given here.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     group = add_data_arguments(parser, "data", batch_size=256)
     group.add_argument("--split", default="validation", metavar="NAME",
@@ -105,7 +105,7 @@ def add_data_arguments(parser: argparse.ArgumentParser, title: str, batch_size: 
     group.add_argument("-b", "--batch-size", type=COUNT, default=batch_size, metavar="N",
                        help=f"batch size per process (default: {batch_size})")
     group.add_argument("-j", "--workers", type=INDEX, default=None, metavar="N",
-                       help="data loading processes per process (default: 4, or the usable CPU count if lower; 0 "
+                       help="data loading workers per process (default: 4, or the usable CPU count if lower; 0 "
                             "loads in the main process)")
     return group
 

@@ -70,7 +70,7 @@ def _train_args(data, tmp_path, *extra):
     (["--img-size", "100000"], "--img-size 100000: the image size must be 1 to 4096"),
     (["--input-size", "1", "32", "32"], "images are loaded as RGB, so the first value (channels) must be 3"),
     (["--sched", "foo"], "argument --sched: invalid choice: 'foo'"),
-    (["--aa", "foo"], "--aa foo: "),
+    (["--aa", "foo"], "argument --aa: foo: "),
     (["--smoothing", "2"], "argument --smoothing: must be from 0 to below 1, got 2"),
     (["--drop-path", "5"], "argument --drop-path: must be from 0 to below 1, got 5"),
     (["--reprob", "-0.5"], "argument --reprob: must be from 0 to 1, got -0.5"),
