@@ -360,8 +360,7 @@ def parse_args(argv: List[str], prog: str = "kat-train") -> argparse.Namespace:
 
 @contextlib.contextmanager
 def _run_folder_writes(folder: str):
-    """Writes into the run folder: a failure (disk full, quota, permissions) becomes one CLIError line naming the
-    file and what the system said."""
+    """Writes into the run folder: an OSError (disk full, quota, permissions) becomes one CLIError line naming it."""
     import errno
 
     try:

@@ -176,8 +176,7 @@ def _decodes(path: Path) -> bool:
 
 
 def collate_readable(batch):
-    """``default_collate`` over the samples that are not None (see ``ImageFolderDataset(skip_unreadable=True)``);
-    None when none is left."""
+    """``default_collate`` of the samples that are not None (``ImageFolderDataset.skip_unreadable``), else None."""
     from torch.utils.data import default_collate
 
     kept = [sample for sample in batch if sample is not None]

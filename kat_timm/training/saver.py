@@ -115,11 +115,9 @@ def checkpoint_epoch(path: str) -> Optional[int]:
     """The epoch a training checkpoint holds (its tensors memory-mapped, not read); None if there is none."""
     from timm.utils.checkpoint_saver import load_checkpoint_metadata
 
-    if not os.path.exists(path):
-        return None
     try:
         checkpoint = load_checkpoint_metadata(path)
-    except Exception:  # unreadable: whatever it is, it is not the best epoch's checkpoint
+    except Exception:  # missing or unreadable: whatever it is, it is not the best epoch's checkpoint
         return None
     return checkpoint.get("epoch") if isinstance(checkpoint, dict) else None
 
