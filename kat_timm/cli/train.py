@@ -16,7 +16,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import torch
+
 from kat_timm.training import loop
+from kat_timm.training.data import DataError
 from kat_timm.training.evaluation import amp_autocast, create_eval_loader, default_amp_dtype, evaluate
 from kat_timm.training.loop import TrainingError, TrainResult, base_lr, create_loss
 from kat_timm.training.saver import AtomicCheckpointSaver, edit_atomically, remove_partials
@@ -612,15 +615,11 @@ def _write_args_yaml(path: str, parsed: Dict[str, Any]) -> None:
 def train(args: argparse.Namespace, prog: str = "kat-train") -> TrainResult:
     """Run the training that ``args`` (from :func:`parse_args`) describes; bad input raises ``CLIError``. Under
     torchrun every process calls this; rank 0 prints and writes the summary and checkpoints."""
-    import torch
-
     parsed = dict(vars(args))
     resumed = _check_arguments(args)
     device = _init_device(args)
     primary = args.rank == 0
     _setup_logging(primary)
-    from kat_timm.training.data import DataError
-
     try:
         return _train(args, parsed, resumed, device, primary, prog)
     except DataError as error:
@@ -634,7 +633,6 @@ def train(args: argparse.Namespace, prog: str = "kat-train") -> TrainResult:
 
 
 def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, primary: bool, prog: str) -> TrainResult:
-    import torch
     from timm import utils
     from timm.data import Mixup, create_loader
     from timm.layers import convert_sync_batchnorm

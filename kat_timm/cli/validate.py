@@ -103,9 +103,9 @@ def add_data_arguments(parser: argparse.ArgumentParser, title: str, batch_size: 
     group.add_argument("--interpolation", default="", metavar="NAME",
                        help="resize interpolation for evaluation (default: the model's)")
     group.add_argument("-b", "--batch-size", type=COUNT, default=batch_size, metavar="N",
-                       help=f"batch size per process (default: {batch_size})")
+                       help=f"batch size (default: {batch_size})")
     group.add_argument("-j", "--workers", type=INDEX, default=None, metavar="N",
-                       help="data loading workers per process (default: 4, or the usable CPU count if lower; 0 "
+                       help="data loading worker processes (default: 4, or the usable CPU count if lower; 0 "
                             "loads in the main process)")
     return group
 
