@@ -693,8 +693,7 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, pr
             model_ema.module.load_state_dict(unwrap_state_dict(resumed.raw)[0])
 
     if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None)
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     if args.torchcompile:
         model = torch.compile(model, backend=args.torchcompile)
 
@@ -718,11 +717,9 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, pr
     if len(loader_train) == 0:
         raise CLIError(f"{train_name} has {len(dataset_train)} images: not one full batch of "
                        f"{args.batch_size} per process ({args.world_size} process(es)); lower --batch-size", code=2)
-    loader_eval = None
-    if dataset_eval is not None:
-        loader_eval = create_eval_loader(
-            dataset_eval, data_config, args.validation_batch_size or args.batch_size,
-            args.workers, rank=args.rank, world_size=args.world_size, pin_memory=args.pin_mem)
+    loader_eval = None if dataset_eval is None else create_eval_loader(
+        dataset_eval, data_config, args.validation_batch_size or args.batch_size, args.workers, rank=args.rank,
+        world_size=args.world_size, pin_memory=args.pin_mem)
 
     train_loss_fn = create_loss(args, mixing, device)
 
