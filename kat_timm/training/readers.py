@@ -11,7 +11,7 @@ import importlib.util
 import json
 import os
 import tarfile
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 from .data import (DataError, ImageFolderDataset, check_readable_classes, check_split, folder_dataset_hint,
                    load_class_names)
@@ -240,7 +240,8 @@ def check_shard_spread(args, split: str, world_size: int, workers: int, num_samp
 
 def _check_wds_sample(shard: str, args) -> None:
     """The first sample of ``shard`` has an image under the input key and a label where the target key says."""
-    members: Dict[str, List[str]] = {}
+    extensions: List[str] = []
+    fields: List[str] = []  # of the .json sidecar
     first_key = None
     try:
         with tarfile.open(shard) as tar:
@@ -252,15 +253,14 @@ def _check_wds_sample(shard: str, args) -> None:
                     first_key = key
                 if key != first_key:
                     break
-                members.setdefault(key, []).append(extension)
+                extensions.append(extension)
                 if args.target_key and extension == "json":
                     sidecar = json.load(tar.extractfile(member))
-                    members["__json__"] = list(sidecar) if isinstance(sidecar, dict) else []
+                    fields = list(sidecar) if isinstance(sidecar, dict) else []
     except (OSError, tarfile.TarError, ValueError) as error:
         raise DataError(f"{shard}: not a readable tar shard ({error})") from None
     if first_key is None:
         raise DataError(f"{shard}: the shard holds no samples")
-    extensions = members[first_key]
     listed = ", ".join("." + extension for extension in extensions)
     input_keys = (args.input_key or WDS_IMAGE_KEYS).split(";")
     if not any(key in extensions for key in input_keys):
@@ -270,7 +270,6 @@ def _check_wds_sample(shard: str, args) -> None:
         if "json" not in extensions:
             raise DataError(f"--target-key {args.target_key}: sample {first_key} of {shard} has no .json sidecar "
                             f"(it has {listed})")
-        fields = members.get("__json__", [])
         for key in args.target_key.split(","):
             if key.strip() not in fields:
                 raise DataError(f"--target-key {key.strip()}: not a field of the .json of sample {first_key} in "
