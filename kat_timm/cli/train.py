@@ -16,14 +16,18 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import torch
+
 from kat_timm.training import loop
-from kat_timm.training.evaluation import amp_autocast, create_eval_loader, default_amp_dtype, default_workers, evaluate
+from kat_timm.training.data import DataError
+from kat_timm.training.evaluation import amp_autocast, create_eval_loader, default_amp_dtype, evaluate
 from kat_timm.training.loop import TrainingError, TrainResult, base_lr, create_loss
 from kat_timm.training.saver import AtomicCheckpointSaver, edit_atomically, remove_partials
 
 from . import CLIError, run_main
-from .common import add_dataset_reader_arguments, check_backend_setting, check_preprocessing, check_writable_folder
-from .validate import KeywordArguments, open_split, resolve_checked_data_config
+from .common import check_backend_setting, check_preprocessing, check_writable_folder
+from .validate import (COUNT, INDEX, KeywordArguments, add_data_arguments, check_data_options, checked_number,
+                       open_split, read_checkpoint_file, resolve_checked_data_config)
 
 __all__ = ["build_parser", "main", "parse_args", "train"]
 
@@ -32,16 +36,16 @@ DEFAULT_MODEL = "kat_tiny_patch16_224"
 # The schedules timm's create_scheduler_v2 builds.
 SCHEDULERS = ("cosine", "tanh", "step", "multistep", "plateau", "poly", "constant", "rsqrt")
 
-# Options that are probabilities or rates, from 0 to 1: whether 1 itself is allowed.
-_FRACTIONS = dict(smoothing=False, drop=False, drop_path=False, reprob=True, hflip=True, vflip=True, mixup_prob=True,
-                  mixup_switch_prob=True, model_ema_decay=True)
-
 # The scores summary.csv and the epoch line show (evaluate also returns counts and timings).
 _SCORES = ("loss", "top1", "top5")
 
-# Counts and indices: the lowest value each may have (None, for the sample counts, is not given).
-_AT_LEAST = dict(train_num_samples=1, val_num_samples=1, batch_size=1, epochs=1, grad_accum_steps=1, checkpoint_hist=1,
-                 log_interval=1, workers=0, warmup_epochs=0, cooldown_epochs=0, recovery_interval=0, mixup_off_epoch=0)
+# Option types that check the range (argparse's error names the option; a config's values go through them too).
+FRACTION = checked_number(float, lambda value: 0 <= value < 1, "from 0 to below 1")
+PROBABILITY = checked_number(float, lambda value: 0 <= value <= 1, "from 0 to 1")
+RATE = checked_number(float, lambda value: 0 <= value < math.inf, "a number at least 0")
+POSITIVE = checked_number(float, lambda value: value > 0, "positive")
+CLASS_COUNT = checked_number(int, lambda value: value >= 1, "at least 1 (leave it out to use the number of class "
+                                                            "folders)")
 
 # Options of timm's train.py that kat-train does not offer; a config naming one gets an error that says so.
 TIMM_ONLY_OPTIONS = frozenset({
@@ -52,220 +56,6 @@ TIMM_ONLY_OPTIONS = frozenset({
     # values timm's train.py computes and writes into its args.yaml; they are not options
     "distributed", "world_size", "rank", "num_aug_splits",
 })
-
-
-def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", nargs="?", metavar="DIR", default=None,
-                        help="the dataset folder (timm's older positional form of --data-dir)")
-    group = parser.add_argument_group("data (an ImageFolder DATA_DIR/SPLIT/CLASS/IMAGE.png|jpg|jpeg, or --dataset)")
-    group.add_argument("--data-dir", metavar="DIR", default=None,
-                       help="dataset root holding the --train-split and --val-split folders (wds/: the shard "
-                            "folder; hfds/, torch/: the cache or download folder)")
-    add_dataset_reader_arguments(group)
-    group.add_argument("--train-split", metavar="NAME", default="train",
-                       help="training split: a folder (default: train; 'training' is also found), a split name, or "
-                            "for wds/ a shard pattern such as 'train-{0000..0127}.tar'")
-    group.add_argument("--val-split", metavar="NAME", default="validation",
-                       help="validation split folder (default: validation; also found as val, valid, eval, "
-                            "evaluation) or name or shard pattern. An empty string skips evaluation.")
-    group.add_argument("--train-num-samples", type=int, default=None, metavar="N",
-                       help="samples in the training split, for streamed readers (wds/ without _info.json)")
-    group.add_argument("--val-num-samples", type=int, default=None, metavar="N",
-                       help="samples in the validation split, for streamed readers")
-    group.add_argument("--class-map", metavar="FILE", default="",
-                       help="text file of class folder names, one per line, in label order (default: the sorted "
-                            "folder names)")
-    group.add_argument("--img-size", type=int, default=None, metavar="N",
-                       help="image size. A model with a fixed input size (ViT, KAT) also gets img_size=N, so "
-                            "its position embedding fits; pretrained position embeddings are resampled")
-    group.add_argument("--input-size", type=int, nargs=3, default=None, metavar=("C", "H", "W"),
-                       help="full input size, e.g. 3 224 224 (default: the model's)")
-    group.add_argument("--crop-pct", type=float, default=None, metavar="PCT",
-                       help="centre crop fraction for evaluation (default: the model's)")
-    group.add_argument("--mean", type=float, nargs="+", default=None, metavar="MEAN",
-                       help="normalisation mean per channel (default: the model's)")
-    group.add_argument("--std", type=float, nargs="+", default=None, metavar="STD",
-                       help="normalisation std per channel (default: the model's)")
-    group.add_argument("--interpolation", default="", metavar="NAME",
-                       help="resize interpolation for evaluation (default: the model's)")
-    group.add_argument("-b", "--batch-size", type=int, default=128, metavar="N",
-                       help="batch size per process (default: 128)")
-    group.add_argument("-vb", "--validation-batch-size", type=int, default=None, metavar="N",
-                       help="evaluation batch size (default: --batch-size)")
-    group.add_argument("-j", "--workers", type=int, default=None, metavar="N",
-                       help="data loading processes per training process (default: 4, or the usable CPU count if "
-                            "lower; 0 loads in the main process)")
-    group.add_argument("--pin-mem", action="store_true", help="pin CPU memory in the data loader")
-    group.add_argument("--use-multi-epochs-loader", action="store_true",
-                       help="keep the loader's worker processes across epochs")
-    group.add_argument("--worker-seeding", default="all", metavar="MODE",
-                       help="how loader workers are seeded (timm's 'all' or 'part'; default: all)")
-
-
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model")
-    group.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME",
-                       help=f"any timm model name, kat_* included, optionally with a .tag (default: {DEFAULT_MODEL})")
-    group.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False,
-                       help="start from the released weights (Hugging Face Hub or its local cache); a classifier of "
-                            "another size is re-initialised")
-    group.add_argument("--pretrained-path", default=None, metavar="FILE",
-                       help="start from this file as if it were the released weights (implies --pretrained: "
-                            "classifier and position embeddings are adapted)")
-    group.add_argument("--initial-checkpoint", default="", metavar="FILE",
-                       help="start from the weights in this file, loaded strictly (a training checkpoint or state "
-                            "dict for exactly this model)")
-    group.add_argument("--resume", default="", metavar="FILE",
-                       help="continue a run from its checkpoint (e.g. OUTPUT/last.pth.tar): weights, optimizer, AMP "
-                            "scaler, EMA, schedule and epoch")
-    group.add_argument("--no-resume-opt", action="store_true",
-                       help="with --resume: restore the weights and epoch but start a fresh optimizer")
-    group.add_argument("--num-classes", type=int, default=None, metavar="N",
-                       help="classifier size (default: the number of class folders)")
-    group.add_argument("--gp", default=None, metavar="POOL", help="global pool type (default: the model's)")
-    group.add_argument("--drop", type=float, default=0.0, metavar="PCT", help="dropout rate (default: 0)")
-    group.add_argument("--drop-path", type=float, default=None, metavar="PCT",
-                       help="stochastic depth rate (default: the model's; the KAT recipe uses 0.1 for T/S, 0.4 for B)")
-    group.add_argument("--model-kwargs", nargs="*", default={}, action=KeywordArguments, metavar="KEY=VALUE",
-                       help="extra keyword arguments for timm.create_model, e.g. act_init=swish")
-    group.add_argument("--channels-last", action="store_true", help="use the channels_last memory layout")
-    group.add_argument("--grad-checkpointing", action="store_true",
-                       help="recompute block activations in backward to save memory")
-    group.add_argument("--grad-accum-steps", type=int, default=1, metavar="N",
-                       help="batches whose gradients are summed per optimizer step (default: 1)")
-    group.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                       help="torch.compile the model (default backend when given: inductor)")
-    group.add_argument("--sync-bn", action="store_true", help="synchronised BatchNorm across processes")
-    group.add_argument("--dist-bn", default="reduce", choices=("reduce", "broadcast", ""),
-                       help="share BatchNorm statistics between processes after each epoch (default: reduce; no "
-                            "effect on models without BatchNorm, such as KAT)")
-
-
-def _add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("optimizer")
-    group.add_argument("--opt", default="adamw", metavar="NAME",
-                       help="any timm optimizer (default: adamw)")
-    group.add_argument("--opt-eps", type=float, default=None, metavar="EPS")
-    group.add_argument("--opt-betas", type=float, nargs="+", default=None, metavar="BETA")
-    group.add_argument("--momentum", type=float, default=0.9, metavar="M", help="SGD momentum (default: 0.9)")
-    group.add_argument("--weight-decay", type=float, default=0.05, metavar="WD",
-                       help="weight decay; 1-D tensors (biases, norms) are exempt (default: 0.05)")
-    group.add_argument("--clip-grad", type=float, default=None, metavar="NORM",
-                       help="clip gradients to this norm (default: no clipping)")
-    group.add_argument("--clip-mode", default="norm", choices=("norm", "value", "agc"),
-                       help="gradient clipping mode (default: norm)")
-    group.add_argument("--layer-decay", type=float, default=None, metavar="RATE",
-                       help="layer-wise learning-rate decay, e.g. 0.75 for fine-tuning (default: off)")
-    group.add_argument("--opt-kwargs", nargs="*", default={}, action=KeywordArguments, metavar="KEY=VALUE",
-                       help="extra keyword arguments for the optimizer")
-
-
-def _add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("learning-rate schedule")
-    group.add_argument("--sched", default="cosine", choices=SCHEDULERS, metavar="NAME",
-                       help=f"timm scheduler: {', '.join(SCHEDULERS)} (default: cosine)")
-    group.add_argument("--sched-on-updates", action="store_true",
-                       help="step the schedule every optimizer update instead of every epoch")
-    group.add_argument("--lr", type=float, default=None, metavar="LR",
-                       help="peak learning rate (default: --lr-base scaled by the global batch size)")
-    group.add_argument("--lr-base", type=float, default=5e-4, metavar="LR",
-                       help="learning rate at --lr-base-size images per step (default: 5e-4, i.e. the KAT/DeiT "
-                            "recipe's 1e-3 at a global batch of 1024)")
-    group.add_argument("--lr-base-size", type=int, default=512, metavar="N", help="(default: 512)")
-    group.add_argument("--lr-base-scale", default="linear", choices=("linear", "sqrt"),
-                       help="how --lr-base scales with the global batch size (default: linear)")
-    group.add_argument("--lr-noise", type=float, nargs="+", default=None, metavar="PCT")
-    group.add_argument("--lr-noise-pct", type=float, default=0.67, metavar="PCT")
-    group.add_argument("--lr-noise-std", type=float, default=1.0, metavar="STD")
-    group.add_argument("--lr-cycle-mul", type=float, default=1.0, metavar="MULT")
-    group.add_argument("--lr-cycle-decay", type=float, default=0.5, metavar="MULT")
-    group.add_argument("--lr-cycle-limit", type=int, default=1, metavar="N")
-    group.add_argument("--lr-k-decay", type=float, default=1.0, metavar="K")
-    group.add_argument("--warmup-lr", type=float, default=1e-5, metavar="LR",
-                       help="learning rate at the start of warmup (default: 1e-5)")
-    group.add_argument("--min-lr", type=float, default=0.0, metavar="LR",
-                       help="floor of the schedule (default: 0)")
-    group.add_argument("--epochs", type=int, default=300, metavar="N", help="epochs to train (default: 300)")
-    group.add_argument("--start-epoch", type=int, default=None, metavar="N",
-                       help="first epoch (0-based; default: 0, or the one after the --resume checkpoint)")
-    group.add_argument("--decay-milestones", type=int, nargs="+", default=[90, 180, 270], metavar="EPOCH")
-    group.add_argument("--decay-epochs", type=float, default=90, metavar="N")
-    group.add_argument("--warmup-epochs", type=int, default=5, metavar="N",
-                       help="epochs of linear warmup (default: 5)")
-    group.add_argument("--warmup-prefix", action="store_true",
-                       help="keep the warmup epochs out of the decay schedule")
-    group.add_argument("--cooldown-epochs", type=int, default=0, metavar="N")
-    group.add_argument("--patience-epochs", type=int, default=10, metavar="N")
-    group.add_argument("--decay-rate", "--dr", type=float, default=0.1, metavar="RATE")
-
-
-def _add_augmentation_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("augmentation and regularisation")
-    group.add_argument("--no-aug", action="store_true", help="no training augmentation at all")
-    group.add_argument("--scale", type=float, nargs="+", default=[0.08, 1.0], metavar="PCT",
-                       help="random-resized-crop area range (default: 0.08 1.0)")
-    group.add_argument("--ratio", type=float, nargs="+", default=[3.0 / 4.0, 4.0 / 3.0], metavar="RATIO",
-                       help="random-resized-crop aspect range (default: 0.75 1.33)")
-    group.add_argument("--hflip", type=float, default=0.5, metavar="P", help="horizontal flip probability")
-    group.add_argument("--vflip", type=float, default=0.0, metavar="P", help="vertical flip probability")
-    group.add_argument("--color-jitter", type=float, default=0.4, metavar="PCT")
-    group.add_argument("--aa", default=None, metavar="POLICY",
-                       help="AutoAugment/RandAugment policy, e.g. rand-m9-mstd0.5 (the KAT recipe)")
-    group.add_argument("--aug-repeats", type=float, default=0, metavar="N",
-                       help="repeated augmentation count (distributed training only)")
-    group.add_argument("--train-interpolation", default="random", metavar="NAME",
-                       help="training resize interpolation (default: random)")
-    group.add_argument("--reprob", type=float, default=0.0, metavar="P", help="random erasing probability")
-    group.add_argument("--remode", default="pixel", choices=("const", "rand", "pixel"),
-                       help="random erasing fill (default: pixel)")
-    group.add_argument("--recount", type=int, default=1, metavar="N", help="random erasing count")
-    group.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA", help="mixup alpha (0: off)")
-    group.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA", help="cutmix alpha (0: off)")
-    group.add_argument("--cutmix-minmax", type=float, nargs="+", default=None, metavar="RATIO")
-    group.add_argument("--mixup-prob", type=float, default=1.0, metavar="P")
-    group.add_argument("--mixup-switch-prob", type=float, default=0.5, metavar="P")
-    group.add_argument("--mixup-mode", default="batch", choices=("batch", "pair", "elem"))
-    group.add_argument("--mixup-off-epoch", type=int, default=0, metavar="N",
-                       help="turn mixup/cutmix off from this epoch (0: never)")
-    group.add_argument("--smoothing", type=float, default=0.1, metavar="EPS",
-                       help="label smoothing (default: 0.1)")
-    group.add_argument("--bce-loss", action="store_true", help="binary cross-entropy instead of softmax CE")
-    group.add_argument("--bce-target-thresh", type=float, default=None, metavar="T")
-
-
-def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("EMA")
-    group.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=False,
-                       help="keep an exponential moving average of the weights (evaluated, saved, and the one the "
-                            "best checkpoint is ranked by)")
-    group.add_argument("--model-ema-decay", type=float, default=0.9998, metavar="D",
-                       help="EMA decay (default: 0.9998; the KAT recipe uses 0.9999)")
-    group.add_argument("--model-ema-warmup", action="store_true", help="ramp the EMA decay up at the start")
-
-    group = parser.add_argument_group("run")
-    group.add_argument("--device", default=None, metavar="DEVICE",
-                       help="cpu or cuda (default: cuda when available, else cpu)")
-    group.add_argument("--dist-backend", default=None, metavar="NAME",
-                       help="torch.distributed backend under torchrun (default: nccl on cuda, gloo on cpu)")
-    group.add_argument("--local-rank", "--local_rank", type=int, default=0, help=argparse.SUPPRESS)
-    group.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="mixed precision (autocast)")
-    group.add_argument("--amp-dtype", default=None, choices=("float16", "bfloat16"),
-                       help="autocast dtype (default: float16 with a gradient scaler on cuda; bfloat16 on cpu, "
-                            "where float16 autocast is many times slower)")
-    group.add_argument("--seed", type=int, default=42, metavar="S", help="random seed (default: 42)")
-    group.add_argument("--output", default="", metavar="DIR",
-                       help="parent folder of the run folders (default: ./output/train)")
-    group.add_argument("--experiment", default="", metavar="NAME",
-                       help="run folder name (default: DATE-TIME-MODEL-SIZE; with --resume and neither --output nor "
-                            "--experiment: the folder of the resumed checkpoint)")
-    group.add_argument("--eval-metric", default="top1", choices=("top1", "top5", "loss"),
-                       help="metric that ranks the kept checkpoints (default: top1)")
-    group.add_argument("--checkpoint-hist", type=int, default=10, metavar="N",
-                       help="keep the N best epoch checkpoints (default: 10)")
-    group.add_argument("--log-interval", type=int, default=50, metavar="N",
-                       help="steps between progress lines when the output is not a terminal (default: 50)")
-    group.add_argument("--recovery-interval", type=int, default=0, metavar="N",
-                       help="also write a recovery checkpoint every N steps (default: 0, off)")
 
 
 _EPILOG = """\
@@ -290,6 +80,20 @@ torchrun); --batch-size is per process.
 """
 
 
+def _augmentation_policy(policy: str) -> str:
+    """--aa's type: timm's training transform is built with the policy once (milliseconds), so that a bad one is a
+    usage error now rather than an assertion inside timm after the model and data are ready."""
+    from timm.data import create_transform
+
+    try:
+        create_transform(32, is_training=True, auto_augment=policy)
+    except (AssertionError, ValueError, KeyError, IndexError) as error:
+        detail = str(error).strip() or "not a policy timm knows"
+        raise argparse.ArgumentTypeError(f"{policy}: {detail}; use e.g. rand-m9-mstd0.5 (RandAugment), augmix-m5-w3, "
+                                         f"or original / v0 (AutoAugment)") from None
+    return policy
+
+
 def build_parser(prog: str = "kat-train") -> argparse.ArgumentParser:
     """The argument parser of ``kat-train`` (without ``-c/--config``, which ``parse_args`` handles first)."""
     parser = argparse.ArgumentParser(
@@ -301,12 +105,173 @@ def build_parser(prog: str = "kat-train") -> argparse.ArgumentParser:
     parser.add_argument("-c", "--config", default="", metavar="FILE.yaml",
                         help="YAML file of option defaults (keys: option names with _ for -, e.g. batch_size: 64); "
                              "command-line options override it")
-    _add_data_arguments(parser)
-    _add_model_arguments(parser)
-    _add_optimizer_arguments(parser)
-    _add_schedule_arguments(parser)
-    _add_augmentation_arguments(parser)
-    _add_run_arguments(parser)
+    group = add_data_arguments(parser, "data (an ImageFolder DATA_DIR/SPLIT/CLASS/IMAGE.png|jpg|jpeg, or --dataset)",
+                               batch_size=128)
+    group.add_argument("--train-split", metavar="NAME", default="train",
+                       help="training split: a folder (default: train; 'training' is also found), a split name, or "
+                            "for wds/ a shard pattern such as 'train-{0000..0127}.tar'")
+    group.add_argument("--val-split", metavar="NAME", default="validation",
+                       help="validation split folder (default: validation; also found as val, valid, eval, "
+                            "evaluation) or name or shard pattern. An empty string skips evaluation.")
+    group.add_argument("--train-num-samples", type=COUNT, default=None, metavar="N",
+                       help="samples in the training split, for streamed readers (wds/ without _info.json)")
+    group.add_argument("--val-num-samples", type=COUNT, default=None, metavar="N",
+                       help="samples in the validation split, for streamed readers")
+    group.add_argument("-vb", "--validation-batch-size", type=COUNT, default=None, metavar="N",
+                       help="evaluation batch size (default: --batch-size)")
+    group.add_argument("--pin-mem", action="store_true", help="pin CPU memory in the data loader")
+    group.add_argument("--use-multi-epochs-loader", action="store_true", help="keep loader workers across epochs")
+    group.add_argument("--worker-seeding", default="all", metavar="MODE",
+                       help="how loader workers are seeded (timm's 'all' or 'part'; default: all)")
+
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME",
+                       help=f"any timm model name, kat_* included, optionally with a .tag (default: {DEFAULT_MODEL})")
+    group.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False,
+                       help="start from the released weights (Hugging Face Hub or its local cache); a classifier of "
+                            "another size is re-initialised")
+    group.add_argument("--pretrained-path", default=None, metavar="FILE",
+                       help="start from this file as if it were the released weights (implies --pretrained: "
+                            "classifier and position embeddings are adapted)")
+    group.add_argument("--initial-checkpoint", default="", metavar="FILE",
+                       help="start from the weights in this file, loaded strictly (a training checkpoint or state "
+                            "dict for exactly this model)")
+    group.add_argument("--resume", default="", metavar="FILE",
+                       help="continue a run from its checkpoint (e.g. OUTPUT/last.pth.tar): weights, optimizer, AMP "
+                            "scaler, EMA, schedule and epoch")
+    group.add_argument("--no-resume-opt", action="store_true",
+                       help="with --resume: restore the weights and epoch but start a fresh optimizer")
+    group.add_argument("--num-classes", type=CLASS_COUNT, default=None, metavar="N",
+                       help="classifier size (default: the number of class folders)")
+    group.add_argument("--gp", default=None, metavar="POOL", help="global pool type (default: the model's)")
+    group.add_argument("--drop", type=FRACTION, default=0.0, metavar="PCT", help="dropout rate (default: 0)")
+    group.add_argument("--drop-path", type=FRACTION, default=None, metavar="PCT",
+                       help="stochastic depth rate (default: the model's; the KAT recipe uses 0.1 for T/S, 0.4 for B)")
+    group.add_argument("--model-kwargs", nargs="*", default={}, action=KeywordArguments, metavar="KEY=VALUE",
+                       help="extra keyword arguments for timm.create_model, e.g. act_init=swish")
+    group.add_argument("--channels-last", action="store_true", help="use the channels_last memory layout")
+    group.add_argument("--grad-checkpointing", action="store_true",
+                       help="recompute block activations in backward to save memory")
+    group.add_argument("--grad-accum-steps", type=COUNT, default=1, metavar="N",
+                       help="batches whose gradients are summed per optimizer step (default: 1)")
+    group.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                       help="torch.compile the model (default backend when given: inductor)")
+    group.add_argument("--sync-bn", action="store_true", help="synchronised BatchNorm across processes")
+    group.add_argument("--dist-bn", default="reduce", choices=("reduce", "broadcast", ""),
+                       help="share BatchNorm statistics between processes after each epoch (default: reduce; no "
+                            "effect on models without BatchNorm, such as KAT)")
+
+    group = parser.add_argument_group("optimizer")
+    group.add_argument("--opt", default="adamw", metavar="NAME", help="any timm optimizer (default: adamw)")
+    group.add_argument("--opt-eps", type=float, default=None, metavar="EPS")
+    group.add_argument("--opt-betas", type=float, nargs="+", default=None, metavar="BETA")
+    group.add_argument("--momentum", type=float, default=0.9, metavar="M", help="SGD momentum (default: 0.9)")
+    group.add_argument("--weight-decay", type=RATE, default=0.05, metavar="WD",
+                       help="weight decay; 1-D tensors (biases, norms) are exempt (default: 0.05)")
+    group.add_argument("--clip-grad", type=POSITIVE, default=None, metavar="NORM",
+                       help="clip gradients to this norm (default: no clipping)")
+    group.add_argument("--clip-mode", default="norm", choices=("norm", "value", "agc"),
+                       help="gradient clipping mode (default: norm)")
+    group.add_argument("--layer-decay", type=float, default=None, metavar="RATE",
+                       help="layer-wise learning-rate decay, e.g. 0.75 for fine-tuning (default: off)")
+    group.add_argument("--opt-kwargs", nargs="*", default={}, action=KeywordArguments, metavar="KEY=VALUE",
+                       help="extra keyword arguments for the optimizer")
+
+    group = parser.add_argument_group("learning-rate schedule")
+    group.add_argument("--sched", default="cosine", choices=SCHEDULERS, metavar="NAME",
+                       help=f"timm scheduler: {', '.join(SCHEDULERS)} (default: cosine)")
+    group.add_argument("--sched-on-updates", action="store_true",
+                       help="step the schedule every optimizer update instead of every epoch")
+    group.add_argument("--lr", type=RATE, default=None, metavar="LR",
+                       help="peak learning rate (default: --lr-base scaled by the global batch size)")
+    group.add_argument("--lr-base", type=RATE, default=5e-4, metavar="LR",
+                       help="learning rate at --lr-base-size images per step (default: 5e-4, i.e. the KAT/DeiT "
+                            "recipe's 1e-3 at a global batch of 1024)")
+    group.add_argument("--lr-base-size", type=int, default=512, metavar="N", help="(default: 512)")
+    group.add_argument("--lr-base-scale", default="linear", choices=("linear", "sqrt"),
+                       help="how --lr-base scales with the global batch size (default: linear)")
+    group.add_argument("--lr-noise", type=float, nargs="+", default=None, metavar="PCT")
+    group.add_argument("--lr-noise-pct", type=float, default=0.67, metavar="PCT")
+    group.add_argument("--lr-noise-std", type=float, default=1.0, metavar="STD")
+    group.add_argument("--lr-cycle-mul", type=float, default=1.0, metavar="MULT")
+    group.add_argument("--lr-cycle-decay", type=float, default=0.5, metavar="MULT")
+    group.add_argument("--lr-cycle-limit", type=int, default=1, metavar="N")
+    group.add_argument("--lr-k-decay", type=float, default=1.0, metavar="K")
+    group.add_argument("--warmup-lr", type=RATE, default=1e-5, metavar="LR",
+                       help="learning rate at the start of warmup (default: 1e-5)")
+    group.add_argument("--min-lr", type=RATE, default=0.0, metavar="LR", help="floor of the schedule (default: 0)")
+    group.add_argument("--epochs", type=COUNT, default=300, metavar="N", help="epochs to train (default: 300)")
+    group.add_argument("--start-epoch", type=INDEX, default=None, metavar="N",
+                       help="first epoch (0-based; default: 0, or the one after the --resume checkpoint)")
+    group.add_argument("--decay-milestones", type=int, nargs="+", default=[90, 180, 270], metavar="EPOCH")
+    group.add_argument("--decay-epochs", type=float, default=90, metavar="N")
+    group.add_argument("--warmup-epochs", type=INDEX, default=5, metavar="N", help="linear warmup epochs (default: 5)")
+    group.add_argument("--warmup-prefix", action="store_true", help="keep the warmup epochs out of the decay schedule")
+    group.add_argument("--cooldown-epochs", type=INDEX, default=0, metavar="N")
+    group.add_argument("--patience-epochs", type=int, default=10, metavar="N")
+    group.add_argument("--decay-rate", "--dr", type=float, default=0.1, metavar="RATE")
+
+    group = parser.add_argument_group("augmentation and regularisation")
+    group.add_argument("--no-aug", action="store_true", help="no training augmentation at all")
+    group.add_argument("--scale", type=float, nargs="+", default=[0.08, 1.0], metavar="PCT",
+                       help="random-resized-crop area range (default: 0.08 1.0)")
+    group.add_argument("--ratio", type=float, nargs="+", default=[3.0 / 4.0, 4.0 / 3.0], metavar="RATIO",
+                       help="random-resized-crop aspect range (default: 0.75 1.33)")
+    group.add_argument("--hflip", type=PROBABILITY, default=0.5, metavar="P", help="horizontal flip probability")
+    group.add_argument("--vflip", type=PROBABILITY, default=0.0, metavar="P", help="vertical flip probability")
+    group.add_argument("--color-jitter", type=RATE, default=0.4, metavar="PCT")
+    group.add_argument("--aa", type=_augmentation_policy, default=None, metavar="POLICY",
+                       help="AutoAugment/RandAugment policy, e.g. rand-m9-mstd0.5 (the KAT recipe)")
+    group.add_argument("--aug-repeats", type=float, default=0, metavar="N",
+                       help="repeated augmentation count (distributed training only)")
+    group.add_argument("--train-interpolation", default="random", metavar="NAME",
+                       help="training resize interpolation (default: random)")
+    group.add_argument("--reprob", type=PROBABILITY, default=0.0, metavar="P", help="random erasing probability")
+    group.add_argument("--remode", default="pixel", choices=("const", "rand", "pixel"),
+                       help="random erasing fill (default: pixel)")
+    group.add_argument("--recount", type=int, default=1, metavar="N", help="random erasing count")
+    group.add_argument("--mixup", type=RATE, default=0.0, metavar="ALPHA", help="mixup alpha (0: off)")
+    group.add_argument("--cutmix", type=RATE, default=0.0, metavar="ALPHA", help="cutmix alpha (0: off)")
+    group.add_argument("--cutmix-minmax", type=float, nargs="+", default=None, metavar="RATIO")
+    group.add_argument("--mixup-prob", type=PROBABILITY, default=1.0, metavar="P")
+    group.add_argument("--mixup-switch-prob", type=PROBABILITY, default=0.5, metavar="P")
+    group.add_argument("--mixup-mode", default="batch", choices=("batch", "pair", "elem"))
+    group.add_argument("--mixup-off-epoch", type=INDEX, default=0, metavar="N",
+                       help="turn mixup/cutmix off from this epoch (0: never)")
+    group.add_argument("--smoothing", type=FRACTION, default=0.1, metavar="EPS", help="label smoothing (default: 0.1)")
+    group.add_argument("--bce-loss", action="store_true", help="binary cross-entropy instead of softmax CE")
+    group.add_argument("--bce-target-thresh", type=float, default=None, metavar="T")
+
+    group = parser.add_argument_group("EMA")
+    group.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=False,
+                       help="keep an exponential moving average of the weights (evaluated, saved, and the one the "
+                            "best checkpoint is ranked by)")
+    group.add_argument("--model-ema-decay", type=PROBABILITY, default=0.9998, metavar="D",
+                       help="EMA decay (default: 0.9998; the KAT recipe uses 0.9999)")
+    group.add_argument("--model-ema-warmup", action="store_true", help="ramp the EMA decay up at the start")
+
+    group = parser.add_argument_group("run")
+    group.add_argument("--device", default=None, metavar="DEVICE", help="cpu or cuda (default: cuda when available)")
+    group.add_argument("--dist-backend", default=None, metavar="NAME",
+                       help="torch.distributed backend under torchrun (default: nccl on cuda, gloo on cpu)")
+    group.add_argument("--local-rank", "--local_rank", type=int, default=0, help=argparse.SUPPRESS)
+    group.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="mixed precision (autocast)")
+    group.add_argument("--amp-dtype", default=None, choices=("float16", "bfloat16"),
+                       help="autocast dtype (default: float16 with a gradient scaler on cuda; bfloat16 on cpu, "
+                            "where float16 autocast is many times slower)")
+    group.add_argument("--seed", type=int, default=42, metavar="S", help="random seed (default: 42)")
+    group.add_argument("--output", default="", metavar="DIR", help="parent folder of runs (default: ./output/train)")
+    group.add_argument("--experiment", default="", metavar="NAME",
+                       help="run folder name (default: DATE-TIME-MODEL-SIZE; with --resume and neither --output nor "
+                            "--experiment: the folder of the resumed checkpoint)")
+    group.add_argument("--eval-metric", default="top1", choices=("top1", "top5", "loss"),
+                       help="metric that ranks the kept checkpoints (default: top1)")
+    group.add_argument("--checkpoint-hist", type=COUNT, default=10, metavar="N",
+                       help="keep the N best epoch checkpoints (default: 10)")
+    group.add_argument("--log-interval", type=COUNT, default=50, metavar="N",
+                       help="steps between progress lines when the output is not a terminal (default: 50)")
+    group.add_argument("--recovery-interval", type=INDEX, default=0, metavar="N",
+                       help="also write a recovery checkpoint every N steps (default: 0, off)")
     return parser
 
 
@@ -315,11 +280,13 @@ def _config_error(parser: argparse.ArgumentParser, message: str) -> None:
     parser.exit(2, f"{parser.prog}: error: {message}\n")
 
 
-def _config_defaults(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
-    """Read a YAML config into ``{dest: value}`` for ``parser.set_defaults``, every value through its option's own
-    type and choices (argparse converts only string defaults, so a YAML number or list would otherwise pass as is)."""
+def _config_defaults(path: str, prog: str = "kat-train") -> Dict[str, Any]:
+    """Read a YAML config into ``{dest: value}`` for ``parser.set_defaults``. Each value is written back as the
+    command-line tokens of its option and parsed by kat-train's parser, so argparse converts and checks it."""
     import yaml
 
+    parser = build_parser(prog)
+    parser.exit_on_error = False  # a bad value raises ArgumentError, reported below with the file and the key
     if not os.path.isfile(path):
         _config_error(parser, f"config file not found: {path}")
     try:
@@ -333,12 +300,13 @@ def _config_defaults(path: str, parser: argparse.ArgumentParser) -> Dict[str, An
     actions = {action.dest: action for action in parser._actions if action.dest not in ("help", "config")}
     defaults = {}
     for key, value in (config or {}).items():
-        if not isinstance(key, str) or key not in actions:
+        if key not in actions:
             _config_error(parser, f"config {path}: {_unknown_key_message(key, actions)}")
         try:
-            defaults[key] = _config_value(actions[key], value)
-        except ValueError as error:
-            _config_error(parser, f"config {path}: {key}: {error}")
+            tokens = _config_tokens(actions[key], value)
+            defaults[key] = None if tokens is None else getattr(parser.parse_known_args(tokens)[0], key)
+        except argparse.ArgumentError as error:
+            _config_error(parser, f"config {path}: {key}: {error.message}")
     return defaults
 
 
@@ -352,39 +320,23 @@ def _unknown_key_message(key: Any, actions: Dict[str, argparse.Action]) -> str:
             f"(e.g. batch_size for --batch-size), see kat-train --help")
 
 
-def _config_value(action: argparse.Action, value: Any) -> Any:
-    """``value`` as the command line would have given it to ``action``; ValueError says what was expected."""
-    if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):  # a switch
+def _config_tokens(action: argparse.Action, value: Any) -> Optional[List[str]]:
+    """A config's ``value`` as the command-line tokens of ``action`` (None: the value None, which has none)."""
+    if action.nargs == 0:  # a switch: --flag, or --no-flag for a BooleanOptionalAction, or nothing
         if not isinstance(value, bool):
-            raise ValueError(f"expected true or false, got {value!r}")
-        return value
+            raise argparse.ArgumentError(action, f"expected true or false, got {value!r}")
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return [action.option_strings[0 if value else 1]]
+        return action.option_strings[:1] if value else []
     if value is None:
         return None
-    if isinstance(action, KeywordArguments):
-        if not isinstance(value, dict):
-            raise ValueError(f"expected a mapping of keyword arguments, got {value!r}")
-        return value
-    takes_list = action.nargs in ("+", "*") or isinstance(action.nargs, int)
     if isinstance(action.nargs, int) and not (isinstance(value, list) and len(value) == action.nargs):
-        raise ValueError(f"expected a list of {action.nargs} values, got {value!r}")
-    items = []
-    for item in value if takes_list and isinstance(value, list) else [value]:
-        if action.type is not None:
-            # Through the option's type as text, as argparse would convert it: 1.5 is no integer, true no number.
-            expected = f"expected {_TYPE_NAMES.get(action.type, 'a value')}, got {item!r}"
-            if isinstance(item, bool) or not isinstance(item, (int, float, str)):
-                raise ValueError(expected)
-            try:
-                item = action.type(str(item))
-            except (TypeError, ValueError):
-                raise ValueError(expected) from None
-        if action.choices is not None and item not in action.choices:
-            raise ValueError(f"expected one of {', '.join(map(repr, action.choices))}, got {item!r}")
-        items.append(item)
-    return items if takes_list else items[0]
-
-
-_TYPE_NAMES = {int: "an integer", float: "a number"}
+        raise argparse.ArgumentError(action, f"expected a list of {action.nargs} values, got {value!r}")
+    if isinstance(action, KeywordArguments) and isinstance(value, dict):
+        value = [f"{name}={item!r}" for name, item in value.items()]
+    if isinstance(value, list) and action.nargs not in (None, "?"):
+        return action.option_strings[-1:] + [str(item) for item in value]
+    return [f"{action.option_strings[-1]}={value}" if action.option_strings else str(value)]
 
 
 def parse_args(argv: List[str], prog: str = "kat-train") -> argparse.Namespace:
@@ -395,7 +347,7 @@ def parse_args(argv: List[str], prog: str = "kat-train") -> argparse.Namespace:
     argv = list(argv)
     known, _ = parser.parse_known_args(argv)
     if known.config:
-        defaults = _config_defaults(known.config, parser)
+        defaults = _config_defaults(known.config, prog)
         if defaults.get("resume") and known.experiment:
             # An args.yaml of a resumed run (written before args.yaml left resume out) would resume that run again.
             print(f"{prog}: note: ignoring resume: {defaults.pop('resume')} of config {known.config} for the new "
@@ -411,23 +363,19 @@ def parse_args(argv: List[str], prog: str = "kat-train") -> argparse.Namespace:
 
 @contextlib.contextmanager
 def _run_folder_writes(folder: str):
-    """Writes into the run folder: a failure (disk full, quota, permissions) becomes one CLIError line."""
+    """Writes into the run folder: an OSError (disk full, quota, permissions) becomes one CLIError line naming it."""
+    import errno
+
     try:
         yield
     except OSError as error:
-        raise CLIError(_write_failure(error, folder)) from None
-
-
-def _write_failure(error: OSError, folder: str) -> str:
-    """The one line for a write into the run folder that failed, naming the file and what the system said."""
-    import errno
-
-    where = error.filename or folder
-    what = {errno.ENOSPC: f"no space left on device at {where}", errno.EDQUOT: f"disk quota exceeded at {where}",
-            errno.EFBIG: f"file size limit reached writing {where} (see ulimit -f)"}.get(
-        error.errno, f"cannot write {where}: {error.strerror or error}")
-    return (f"{what}. Nothing was half-written: the files from before (last.pth.tar, summary.csv) are intact; free "
-            f"space and continue with --resume {os.path.join(folder, 'last.pth.tar')} if it exists")
+        where = error.filename or folder
+        what = {errno.ENOSPC: f"no space left on device at {where}", errno.EDQUOT: f"disk quota exceeded at {where}",
+                errno.EFBIG: f"file size limit reached writing {where} (see ulimit -f)"}.get(
+            error.errno, f"cannot write {where}: {error.strerror or error}")
+        raise CLIError(f"{what}. Nothing was half-written: the files from before (last.pth.tar, summary.csv) are "
+                       f"intact; free space and continue with --resume {os.path.join(folder, 'last.pth.tar')} if it "
+                       f"exists") from None
 
 
 def _setup_logging(primary: bool) -> None:
@@ -459,38 +407,9 @@ def _init_device(args: argparse.Namespace):
 
 def _check_arguments(args: argparse.Namespace):
     """Refuse bad options before anything is built; returns the --resume checkpoint, read (the only read of it)."""
-    from kat_timm.training.readers import dataset_prefix, is_folder_dataset
-
-    if not args.data_dir and (is_folder_dataset(args.dataset) or dataset_prefix(args.dataset) == "wds"):
-        raise CLIError("give the dataset folder: --data-dir DIR (layout DIR/train/CLASS/*.png and "
-                       "DIR/validation/CLASS/*.png; for --dataset wds/NAME the folder of the shards)", code=2)
-    if args.workers is None:
-        args.workers = default_workers()
-    for name, lowest in _AT_LEAST.items():
-        value = getattr(args, name)
-        if value is not None and value < lowest:
-            raise CLIError(f"--{name.replace('_', '-')} must be at least {lowest}, got {value}", code=2)
-    if args.num_classes is not None and args.num_classes < 1:
-        raise CLIError(f"--num-classes must be at least 1, got {args.num_classes} (leave it out to use the number "
-                       f"of class folders)", code=2)
-    if args.start_epoch is not None and args.start_epoch < 0:
-        raise CLIError(f"--start-epoch must be at least 0 (epochs are numbered from 0), got {args.start_epoch}",
-                       code=2)
-    for name, one_allowed in _FRACTIONS.items():
-        value = getattr(args, name)
-        if value is not None and not (0 <= value < 1 or (one_allowed and value == 1)):
-            raise CLIError(f"--{name.replace('_', '-')} {value:g}: must be from 0 to {1 if one_allowed else 'below 1'}",
-                           code=2)
-    for name in ("mixup", "cutmix", "color_jitter", "weight_decay", "lr", "lr_base", "warmup_lr", "min_lr"):
-        value = getattr(args, name)
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            raise CLIError(f"--{name.replace('_', '-')} {value:g}: must be a number at least 0", code=2)
-    if args.clip_grad is not None and not args.clip_grad > 0:
-        raise CLIError(f"--clip-grad {args.clip_grad:g}: must be positive", code=2)
+    check_data_options(args, "DIR/train/CLASS/*.png and DIR/validation/CLASS/*.png")
     check_preprocessing(vars(args), training=True)
     check_backend_setting()
-    if args.aa:
-        _check_augmentation_policy(args.aa)
     for name in ("resume", "initial_checkpoint", "pretrained_path"):
         path = getattr(args, name)
         if path and not os.path.isfile(path):
@@ -512,13 +431,7 @@ def _check_arguments(args: argparse.Namespace):
 def _read_resume(args: argparse.Namespace):
     """--resume: the training checkpoint, read once for everything a resume restores, and checked against the run's
     optimizer options (its state fits only the optimizer and parameter groups it was saved from)."""
-    from kat_timm.checkpoint import CheckpointError
-    from kat_timm.factory import read_checkpoint
-
-    try:
-        loaded = read_checkpoint(args.resume, use_ema=False)
-    except CheckpointError as error:
-        raise CLIError(str(error), code=2) from None
+    loaded = read_checkpoint_file(args.resume, code=2, use_ema=False)
     if not isinstance(loaded.raw, dict) or loaded.raw.get("epoch") is None:
         raise CLIError(f"--resume {args.resume} is not a training checkpoint (no epoch, optimizer or run options: a "
                        f"bare state dict or another file); start a new run from its weights with --initial-checkpoint "
@@ -539,19 +452,6 @@ def _read_resume(args: argparse.Namespace):
                        f"--layer-decay {_option_text(saved['layer_decay'])}, or add --no-resume-opt to keep only the "
                        f"weights and epoch", code=2)
     return loaded
-
-
-def _check_augmentation_policy(policy: str) -> None:
-    """--aa: build timm's training transform with it once (a few milliseconds) so that a bad policy string is a
-    usage error now rather than an assertion inside timm after the model and data are ready."""
-    from timm.data import create_transform
-
-    try:
-        create_transform(32, is_training=True, auto_augment=policy)
-    except (AssertionError, ValueError, KeyError, IndexError) as error:
-        detail = str(error).strip() or "not a policy timm knows"
-        raise CLIError(f"--aa {policy}: {detail}; use e.g. rand-m9-mstd0.5 (RandAugment), augmix-m5-w3, or "
-                       f"original / v0 (AutoAugment)", code=2) from None
 
 
 def _check_data(args: argparse.Namespace):
@@ -578,14 +478,8 @@ def _check_data(args: argparse.Namespace):
 
 
 def _model_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
-    kwargs = dict(args.model_kwargs)
-    if args.drop:
-        kwargs.setdefault("drop_rate", args.drop)
-    if args.drop_path is not None:
-        kwargs.setdefault("drop_path_rate", args.drop_path)
-    if args.gp:
-        kwargs.setdefault("global_pool", args.gp)
-    return kwargs
+    options = dict(drop_rate=args.drop or None, drop_path_rate=args.drop_path, global_pool=args.gp or None)
+    return {**{name: value for name, value in options.items() if value is not None}, **args.model_kwargs}
 
 
 # What the missing-released-weights error offers instead, in kat-train's own options.
@@ -600,21 +494,17 @@ def _create_model(args: argparse.Namespace, num_classes: int):
     """The model as timm's train.py builds it, with kat_timm's clear errors and ``img_size`` passed on. Every weight
     file is read once: --initial-checkpoint through kat_timm.factory, --pretrained-path handed to timm as a state
     dict (timm then adapts the classifier and position embedding as for the released weights)."""
-    from kat_timm.checkpoint import CheckpointError
-    from kat_timm.factory import read_checkpoint
-
     from .common import create_sized_model
-    from .validate import create_from_checkpoint
 
     size = args.input_size[1:] if args.input_size else ([args.img_size] if args.img_size else None)
+    kwargs = dict(_model_kwargs(args), num_classes=num_classes, alternatives=PRETRAINED_ALTERNATIVES)
     checkpoint = args.initial_checkpoint or None
     if checkpoint and _is_npz(checkpoint):
         # Google's ViT .npz (the .vitft recipes): timm hands it to the model's load_pretrained, which maps the ViT
         # weights, skips a head of another size and resamples the position embedding.
         from timm.models import load_checkpoint
 
-        model = create_sized_model(args.model, size, pretrained=args.pretrained, num_classes=num_classes,
-                                   alternatives=PRETRAINED_ALTERNATIVES, **_model_kwargs(args))
+        model = create_sized_model(args.model, size, **kwargs)
         try:
             load_checkpoint(model, checkpoint)
         except Exception as error:
@@ -623,25 +513,21 @@ def _create_model(args: argparse.Namespace, num_classes: int):
         return model
     # A --pretrained-path .npz is Google's ViT format, which only timm's loader reads: it is handed over as a file.
     own = checkpoint or (args.pretrained_path if args.pretrained_path and not _is_npz(args.pretrained_path) else None)
-    try:
-        loaded = read_checkpoint(own) if own else None
-    except CheckpointError as error:
-        raise CLIError(str(error)) from None
+    loaded = read_checkpoint_file(own) if own else None
     if checkpoint:
         head = loaded.state_dict.get("head.weight")
         if head is not None and head.ndim == 2 and head.shape[0] != num_classes:
             raise CLIError(f"--initial-checkpoint {checkpoint} has a {head.shape[0]}-class classifier but the data has "
                            f"{num_classes} classes; use --pretrained-path {checkpoint} instead: it loads the weights "
                            f"with a new classifier (and resamples the position embedding for --img-size)", code=2)
-        return create_from_checkpoint(args.model, loaded, size, dict(_model_kwargs(args), num_classes=num_classes),
-                                      size_given=size is not None)
-    kwargs = _model_kwargs(args)
+        if size is not None:
+            kwargs.pop("img_size", None)  # --img-size/--input-size replace the checkpoint's (and --model-kwargs')
+        return create_sized_model(args.model, size, checkpoint=loaded, **kwargs)
     if args.pretrained_path:
         kwargs["pretrained_cfg_overlay"] = dict(file=os.path.abspath(args.pretrained_path))
         if loaded is not None:
             kwargs["pretrained_cfg_overlay"]["state_dict"] = loaded.state_dict  # timm prefers it to reading the file
-    model = create_sized_model(args.model, size, pretrained=args.pretrained or bool(args.pretrained_path),
-                               num_classes=num_classes, alternatives=PRETRAINED_ALTERNATIVES, **kwargs)
+    model = create_sized_model(args.model, size, pretrained=args.pretrained or bool(args.pretrained_path), **kwargs)
     if loaded is not None:
         _check_pretrained_path_covers(args.pretrained_path, loaded.state_dict, model, args.model)
     return model
@@ -729,15 +615,11 @@ def _write_args_yaml(path: str, parsed: Dict[str, Any]) -> None:
 def train(args: argparse.Namespace, prog: str = "kat-train") -> TrainResult:
     """Run the training that ``args`` (from :func:`parse_args`) describes; bad input raises ``CLIError``. Under
     torchrun every process calls this; rank 0 prints and writes the summary and checkpoints."""
-    import torch
-
     parsed = dict(vars(args))
     resumed = _check_arguments(args)
     device = _init_device(args)
     primary = args.rank == 0
     _setup_logging(primary)
-    from kat_timm.training.data import DataError
-
     try:
         return _train(args, parsed, resumed, device, primary, prog)
     except DataError as error:
@@ -751,7 +633,6 @@ def train(args: argparse.Namespace, prog: str = "kat-train") -> TrainResult:
 
 
 def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, primary: bool, prog: str) -> TrainResult:
-    import torch
     from timm import utils
     from timm.data import Mixup, create_loader
     from timm.layers import convert_sync_batchnorm
@@ -812,8 +693,7 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, pr
             model_ema.module.load_state_dict(unwrap_state_dict(resumed.raw)[0])
 
     if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None)
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     if args.torchcompile:
         model = torch.compile(model, backend=args.torchcompile)
 
@@ -837,11 +717,9 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, pr
     if len(loader_train) == 0:
         raise CLIError(f"{train_name} has {len(dataset_train)} images: not one full batch of "
                        f"{args.batch_size} per process ({args.world_size} process(es)); lower --batch-size", code=2)
-    loader_eval = None
-    if dataset_eval is not None:
-        loader_eval = create_eval_loader(
-            dataset_eval, data_config, args.validation_batch_size or args.batch_size,
-            args.workers, rank=args.rank, world_size=args.world_size, pin_memory=args.pin_mem)
+    loader_eval = None if dataset_eval is None else create_eval_loader(
+        dataset_eval, data_config, args.validation_batch_size or args.batch_size, args.workers, rank=args.rank,
+        world_size=args.world_size, pin_memory=args.pin_mem)
 
     train_loss_fn = create_loss(args, mixing, device)
 
@@ -888,12 +766,10 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, pr
     unwrapped = utils.unwrap_model(model)
     params = sum(p.numel() for p in unwrapped.parameters())
     trainable = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
-    size_note = ""
     built_size = getattr(getattr(unwrapped, "patch_embed", None), "img_size", None)
-    if (args.img_size or args.input_size) and built_size is not None:
-        size_note = f" (built for img_size {tuple(built_size)})"
-    say(f"{prog}: model {args.model}{size_note}: {params:,} parameters ({trainable:,} trainable), "
-        f"{num_classes} classes")
+    sized = built_size is not None and (args.img_size or args.input_size)
+    say(f"{prog}: model {args.model}{f' (built for img_size {tuple(built_size)})' if sized else ''}: {params:,} "
+        f"parameters ({trainable:,} trainable), {num_classes} classes")
     world = f"{args.world_size} processes ({torch.distributed.get_backend()})" if args.distributed else "1 process"
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     say(f"{prog}: device {device} ({device_name}), world size {world}, "
@@ -904,17 +780,15 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, pr
     if known_classes is not None and num_classes > known_classes:
         say(f"{prog}: note: --num-classes {num_classes} but the data has {known_classes} classes; the "
             f"extra {num_classes - known_classes} outputs are never a target")
-    say(f"{prog}: data {train_name}: {len(dataset_train)} images; "
-        + (f"{val_name}: {len(loader_eval.dataset)} images; " if loader_eval is not None
-           else "no validation split; ")
-        + f"{num_classes if known_classes is None else known_classes} classes, "
-          f"input {tuple(data_config['input_size'])}")
+    val_note = f"{val_name}: {len(loader_eval.dataset)} images" if loader_eval is not None else "no validation split"
+    say(f"{prog}: data {train_name}: {len(dataset_train)} images; {val_note}; {known_classes or num_classes} classes, "
+        f"input {tuple(data_config['input_size'])}")
     steps = f"{updates_per_epoch} step{'s' if updates_per_epoch != 1 else ''}"
     say(f"{prog}: batch {args.batch_size} per process x {args.world_size} x {args.grad_accum_steps} accumulation "
         f"= {args.batch_size * args.world_size * args.grad_accum_steps}; {steps} per epoch; "
         f"{args.opt} lr {args.lr:.3g}, {args.sched} schedule, weight decay {args.weight_decay}")
-    say(f"{prog}: epochs {start_epoch}..{num_epochs - 1} (0-based)" + (f", resumed from {args.resume}"
-                                                                       if args.resume else ""))
+    resumed_note = f", resumed from {args.resume}" if args.resume else ""
+    say(f"{prog}: epochs {start_epoch}..{num_epochs - 1} (0-based){resumed_note}")
     say(f"{prog}: output {os.path.abspath(output_dir) if output_dir else '-'}")
 
     result = TrainResult(model=unwrapped, model_ema=model_ema.module if model_ema else None, optimizer=optimizer,
@@ -947,9 +821,8 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, pr
 
         lr = base_lr(optimizer)
         # The EMA weights rank the checkpoints when there is an EMA, as in timm.
-        metric = None
-        if eval_metrics is not None:
-            metric = eval_metrics[f"ema_{eval_metric}" if model_ema is not None else eval_metric]
+        ranking = f"ema_{eval_metric}" if model_ema is not None else eval_metric
+        metric = None if eval_metrics is None else eval_metrics[ranking]
         if output_dir is not None:
             with _run_folder_writes(output_dir):
                 edit_atomically(os.path.join(output_dir, "summary.csv"), lambda partial: utils.update_summary(
@@ -959,10 +832,8 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, pr
             # --sched plateau needs a metric every epoch: without evaluation, the training loss (as timm does)
             lr_scheduler.step(epoch + 1, metric if metric is not None else train_metrics["loss"])
 
-        row = {"epoch": epoch, "train_loss": train_metrics["loss"], "lr": lr}
-        if eval_metrics is not None:
-            row.update({f"eval_{key}": value for key, value in eval_metrics.items()})
-        result.history.append(row)
+        evaluated = {f"eval_{key}": value for key, value in (eval_metrics or {}).items()}
+        result.history.append({"epoch": epoch, "train_loss": train_metrics["loss"], "lr": lr, **evaluated})
         seconds = time.perf_counter() - started
         shown = ""
         for label, prefix in (("eval", ""), ("EMA", "ema_")):

@@ -1,9 +1,7 @@
 """``kat-validate`` (also ``kat-timm validate``): top-1, top-5 and loss of a model on an ImageFolder split or a split
-of any dataset timm's readers take, printed as JSON shaped like timm's validate.py's (README, "Fine-tuning and
-evaluation").
-
-The images are prepared as the model's pretrained_cfg says or, for a training checkpoint, as its run's options
-said; the loop is :func:`kat_timm.training.evaluation.evaluate`, the one ``kat-train`` runs after every epoch.
+of any dataset timm's readers take, printed as JSON shaped like timm's validate.py's. The images are prepared as the
+model's pretrained_cfg says or, for a training checkpoint, as its run's options said; the loop is kat-train's. The
+data options and checks kat-train shares live here too.
 """
 from __future__ import annotations
 
@@ -12,7 +10,7 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -29,6 +27,23 @@ __all__ = ["build_parser", "main", "open_split", "resolve_checked_data_config"]
 DEFAULT_MODEL = "kat_tiny_patch16_224"
 
 
+def checked_number(convert: Callable[[str], Any], test: Callable[[Any], bool], requirement: str):
+    """An argparse ``type``: ``convert(text)`` (int or float) where ``test`` holds for it, else the usage error
+    ``argument --OPTION: must be REQUIREMENT, got TEXT``."""
+    def parse(text: str):
+        value = convert(text)
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+        return value
+
+    parse.__name__ = convert.__name__  # argparse's "invalid int value: ..." for text that is no number
+    return parse
+
+
+COUNT = checked_number(int, lambda value: value >= 1, "at least 1")
+INDEX = checked_number(int, lambda value: value >= 0, "at least 0")
+
+
 def build_parser(prog: str = "kat-validate") -> argparse.ArgumentParser:
     """The argument parser of ``kat-validate``."""
     parser = argparse.ArgumentParser(
@@ -36,35 +51,17 @@ def build_parser(prog: str = "kat-validate") -> argparse.ArgumentParser:
                                 "model's pretrained_cfg says; the result is printed as JSON (timm validate.py's "
                                 "fields plus loss and images/s).",
         epilog="Data layout: DATA_DIR/SPLIT/CLASS/*.png (or .jpg/.jpeg). Labels follow the class folders' sorted "
-               "names (timm's order), or --class-map, or the class list a kat-train checkpoint carries. An image "
-               "that cannot be decoded is left out with a warning naming it and counted in unreadable_images; a "
-               "class folder in which no image decodes is an error. A training checkpoint is evaluated with its "
-               "run's image size, mean/std, crop and interpolation unless given here.",
+               "names (timm's order), or --class-map (it may list classes without a folder), or the class list a "
+               "kat-train checkpoint carries. An image that cannot be decoded is left out with a warning naming it "
+               "and counted in unreadable_images; a class folder in which no image decodes is an error. A training "
+               "checkpoint is evaluated with its run's image size, mean/std, crop and interpolation unless given here.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data", nargs="?", metavar="DIR", default=None, help="same as --data-dir")
-    group = parser.add_argument_group("data")
-    group.add_argument("--data-dir", metavar="DIR", default=None,
-                       help="dataset root holding the split folder (wds/: the shard folder; hfds/, torch/: the "
-                            "cache or download folder)")
-    add_dataset_reader_arguments(group)
+    group = add_data_arguments(parser, "data", batch_size=256)
     group.add_argument("--split", default="validation", metavar="NAME",
                        help="split folder (default: validation; also found as val, valid, eval, evaluation), split "
                             "name, or for wds/ a shard pattern such as 'validation-{0000..0063}.tar'")
-    group.add_argument("--num-samples", type=int, default=None, metavar="N",
+    group.add_argument("--num-samples", type=COUNT, default=None, metavar="N",
                        help="samples in the split, for streamed readers (default: from _info.json, or counted)")
-    group.add_argument("--class-map", default="", metavar="FILE",
-                       help="text file of class folder names in label order (may list classes without a folder)")
-    group.add_argument("--img-size", type=int, default=None, metavar="N",
-                       help="image size (default: the model's); a fixed-size model (ViT, KAT) is built for it")
-    group.add_argument("--input-size", type=int, nargs=3, default=None, metavar=("C", "H", "W"))
-    group.add_argument("--crop-pct", type=float, default=None, metavar="PCT")
-    group.add_argument("--mean", type=float, nargs="+", default=None, metavar="MEAN")
-    group.add_argument("--std", type=float, nargs="+", default=None, metavar="STD")
-    group.add_argument("--interpolation", default="", metavar="NAME")
-    group.add_argument("-b", "--batch-size", type=int, default=256, metavar="N", help="(default: 256)")
-    group.add_argument("-j", "--workers", type=int, default=None, metavar="N",
-                       help="data loading processes (default: 4, or the usable CPU count if lower; 0 loads in the "
-                            "main process)")
     add_model_arguments(parser, default_model=DEFAULT_MODEL)
     parser.set_defaults(model=None)  # not given: the checkpoint's own architecture, else DEFAULT_MODEL
     next(action for action in parser._actions if action.dest == "model").help = (
@@ -80,6 +77,50 @@ def build_parser(prog: str = "kat-validate") -> argparse.ArgumentParser:
     return parser
 
 
+def add_data_arguments(parser: argparse.ArgumentParser, title: str, batch_size: int):
+    """The data options kat-train and kat-validate share (timm's names); returns their group for the split options."""
+    parser.add_argument("data", nargs="?", metavar="DIR", default=None,
+                        help="the dataset folder (timm's older positional form of --data-dir)")
+    group = parser.add_argument_group(title)
+    group.add_argument("--data-dir", metavar="DIR", default=None,
+                       help="dataset root holding the split folders (wds/: the shard folder; hfds/, torch/: the "
+                            "cache or download folder)")
+    add_dataset_reader_arguments(group)
+    group.add_argument("--class-map", metavar="FILE", default="",
+                       help="text file of class folder names, one per line, in label order (default: the sorted "
+                            "folder names)")
+    group.add_argument("--img-size", type=int, default=None, metavar="N",
+                       help="image size. A model with a fixed input size (ViT, KAT) also gets img_size=N, so "
+                            "its position embedding fits; pretrained position embeddings are resampled")
+    group.add_argument("--input-size", type=int, nargs=3, default=None, metavar=("C", "H", "W"),
+                       help="full input size, e.g. 3 224 224 (default: the model's)")
+    group.add_argument("--crop-pct", type=float, default=None, metavar="PCT",
+                       help="centre crop fraction for evaluation (default: the model's)")
+    group.add_argument("--mean", type=float, nargs="+", default=None, metavar="MEAN",
+                       help="normalisation mean per channel (default: the model's)")
+    group.add_argument("--std", type=float, nargs="+", default=None, metavar="STD",
+                       help="normalisation std per channel (default: the model's)")
+    group.add_argument("--interpolation", default="", metavar="NAME",
+                       help="resize interpolation for evaluation (default: the model's)")
+    group.add_argument("-b", "--batch-size", type=COUNT, default=batch_size, metavar="N",
+                       help=f"batch size (default: {batch_size})")
+    group.add_argument("-j", "--workers", type=INDEX, default=None, metavar="N",
+                       help="data loading worker processes (default: 4, or the usable CPU count if lower; 0 "
+                            "loads in the main process)")
+    return group
+
+
+def check_data_options(args: argparse.Namespace, layout: str) -> None:
+    """A usage error without the --data-dir an ImageFolder or wds/ needs; the default --workers filled in."""
+    from kat_timm.training.readers import dataset_prefix, is_folder_dataset
+
+    if not args.data_dir and (is_folder_dataset(args.dataset) or dataset_prefix(args.dataset) == "wds"):
+        raise CLIError(f"give the dataset folder: --data-dir DIR (layout {layout}; for --dataset wds/NAME the folder "
+                       f"of the shards)", code=2)
+    if args.workers is None:
+        args.workers = default_workers()
+
+
 class KeywordArguments(argparse.Action):
     """``KEY=VALUE ...`` into a dict, values read as Python literals where they parse (timm's ParseKwargs
     convention, with a usage error instead of a traceback for an item without ``=``)."""
@@ -90,7 +131,7 @@ class KeywordArguments(argparse.Action):
         result = {}
         for item in values:
             if "=" not in item:
-                parser.error(f"argument {option_string}: expected KEY=VALUE, got {item!r}")
+                raise argparse.ArgumentError(self, f"expected KEY=VALUE, got {item!r}")
             key, value = item.split("=", 1)
             try:
                 result[key] = ast.literal_eval(value)
@@ -99,59 +140,15 @@ class KeywordArguments(argparse.Action):
         setattr(namespace, self.dest, result)
 
 
-def _read_checkpoint(args: argparse.Namespace):
-    """--checkpoint, read once: its model weights unless --use-ema (timm validate.py's choice), its run's options."""
+def read_checkpoint_file(path, code: int = 1, **options):
+    """:func:`kat_timm.factory.read_checkpoint` (one read of the file), its ``CheckpointError`` a ``CLIError``."""
     from kat_timm.checkpoint import CheckpointError
     from kat_timm.factory import read_checkpoint
 
-    if args.pretrained:
-        raise CLIError("give --pretrained or --checkpoint, not both", code=2)
     try:
-        return read_checkpoint(args.checkpoint, use_ema=bool(args.use_ema))
+        return read_checkpoint(path, **options)
     except CheckpointError as error:
-        raise CLIError(str(error)) from None
-
-
-def _create_model(args: argparse.Namespace, loaded, size: Optional[List[int]], model_kwargs: Dict[str, Any]):
-    """The model to evaluate: the checkpoint's (its architecture, size and classes unless given here), or by name."""
-    if loaded is None:
-        return create_sized_model(args.model, size, pretrained=args.pretrained, use_ema=args.use_ema,
-                                  num_classes=args.num_classes, **model_kwargs)
-    if args.num_classes is not None:
-        model_kwargs["num_classes"] = args.num_classes
-    return create_from_checkpoint(args.model, loaded, size, model_kwargs,
-                                  size_given=args.img_size is not None or args.input_size is not None)
-
-
-def create_from_checkpoint(name: str, loaded, size: Optional[List[int]], model_kwargs: Dict[str, Any],
-                           size_given: bool) -> torch.nn.Module:
-    """``kat_timm.factory.create_model(name, loaded, **model_kwargs)`` with its errors as ``CLIError``, built for
-    ``size`` ((H, W) or (N,); None: the checkpoint's) where the model takes an ``img_size``. ``size_given``: the size
-    came from the command line, so it replaces the one the checkpoint records."""
-    from kat_timm.checkpoint import CheckpointError
-    from kat_timm.factory import create_model
-
-    from .common import check_model_input_size, check_model_name
-
-    check_model_name(name)
-    if size is not None:
-        built = tuple(size) if len(size) > 1 else int(size[0])
-        model_kwargs["img_size"] = built if size_given else model_kwargs.get("img_size", built)
-    try:
-        try:
-            model = create_model(name, loaded, **model_kwargs)
-        except TypeError as error:
-            if "img_size" not in str(error) or "img_size" not in model_kwargs:
-                taken = ", ".join(sorted(key for key in model_kwargs if f"'{key}'" in str(error))) or str(error)
-                raise CLIError(f"{name} does not take the keyword argument {taken} (from --model-kwargs or an "
-                               f"option); remove it", code=2) from None
-            model_kwargs.pop("img_size")  # a size-agnostic model (ResNet)
-            model = create_model(name, loaded, **model_kwargs)
-    except CheckpointError as error:
-        raise CLIError(str(error)) from None
-    if size is not None and model_kwargs.get("img_size") == built:
-        check_model_input_size(model, size, "the image size")
-    return model
+        raise CLIError(str(error), code=code) from None
 
 
 def _trained_classes(split, trained: List[str], checkpoint: Path):
@@ -211,19 +208,11 @@ def open_split(args: argparse.Namespace, split: str, **options):
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from kat_timm.training.readers import dataset_prefix, is_folder_dataset
+    from kat_timm.training.readers import is_folder_dataset
 
     args.data_dir = args.data_dir or args.data
     folder = is_folder_dataset(args.dataset)
-    if not args.data_dir and (folder or dataset_prefix(args.dataset) == "wds"):
-        raise CLIError("give the dataset folder: --data-dir DIR (layout DIR/validation/CLASS/*.png; for --dataset "
-                       "wds/NAME the folder of the shards)", code=2)
-    if args.num_samples is not None and args.num_samples < 1:
-        raise CLIError(f"--num-samples must be at least 1, got {args.num_samples}", code=2)
-    if args.workers is None:
-        args.workers = default_workers()
-    if args.batch_size < 1 or args.workers < 0:
-        raise CLIError("--batch-size must be at least 1 and --workers at least 0", code=2)
+    check_data_options(args, "DIR/validation/CLASS/*.png")
     if args.num_classes is not None and args.num_classes < 1:
         raise CLIError(f"--num-classes must be at least 1, got {args.num_classes} (leave it out to use the "
                        f"checkpoint's or the model's)", code=2)
@@ -234,7 +223,10 @@ def _validate(args: argparse.Namespace) -> int:
         _check_writable(results_file)
     device = resolve_device(args.device)
 
-    loaded = _read_checkpoint(args) if args.checkpoint is not None else None
+    if args.pretrained and args.checkpoint is not None:
+        raise CLIError("give --pretrained or --checkpoint, not both", code=2)
+    # Its model weights unless --use-ema (timm validate.py's choice), and its run's options.
+    loaded = read_checkpoint_file(args.checkpoint, use_ema=bool(args.use_ema)) if args.checkpoint is not None else None
     trained = loaded.args if loaded is not None else {}
     args.model = args.model or (loaded.architecture if loaded is not None else None) or DEFAULT_MODEL
     trained_classes = list(trained.get("class_names") or [])
@@ -257,7 +249,11 @@ def _validate(args: argparse.Namespace) -> int:
     if trained.get("gp"):
         model_kwargs["global_pool"] = trained["gp"]
     model_kwargs.update(args.model_kwargs)
-    model = _create_model(args, loaded, size, model_kwargs)
+    if loaded is not None and (args.img_size is not None or args.input_size is not None):
+        model_kwargs.pop("img_size", None)  # the size given here replaces the checkpoint run's
+    # The checkpoint's architecture, size and classes unless given here.
+    model = create_sized_model(args.model, size, pretrained=args.pretrained, checkpoint=loaded, use_ema=args.use_ema,
+                               num_classes=args.num_classes, **model_kwargs)
     num_classes = getattr(model, "num_classes", None)
     # Labels from sorted folder names mean something only for a model with exactly that many classes; labels from
     # the checkpoint's class list or a class map may use the first outputs of a larger classifier
@@ -323,8 +319,7 @@ def _check_writable(path: Path) -> None:
 
 def main(argv: Optional[List[str]] = None, prog: str = "kat-validate") -> int:
     """Entry point of ``kat-validate`` and ``kat-timm validate``."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(prog).parse_args(argv)
+    args = build_parser(prog).parse_args(sys.argv[1:] if argv is None else list(argv))
     return run_main(lambda: _validate(args), prog)
 
 

@@ -1,9 +1,8 @@
 """ImageFolder datasets for ``kat-train`` and ``kat-validate``: checked before use, and tolerant of corrupt images.
 
 timm's ImageFolder reader silently drops class folders without images (shifting every later label), uses
-``DATA_DIR`` itself when a split folder is missing, and numbers each split's classes on its own; the checks here
-turn each of those into an error naming the path and the expected layout (README, "Fine-tuning and
-evaluation").
+``DATA_DIR`` itself when a split folder is missing, and numbers each split's classes on its own; here each of
+those is an error naming the path and the expected layout.
 """
 from __future__ import annotations
 
@@ -63,7 +62,7 @@ def _is_image(name: str) -> bool:
 
 def find_split_folder(data_dir: Union[str, Path], split: str) -> Path:
     """The folder of ``split`` under ``data_dir``, found as timm's create_dataset finds it (``val`` for
-    ``validation`` and so on), or a :class:`DataError` naming what was looked for and what is there."""
+    ``validation`` and so on), else a :class:`DataError` naming what was looked for and what is there."""
     data_dir = Path(data_dir)
     if not data_dir.exists():
         raise DataError(f"data folder not found: {data_dir} (expected {_layout(data_dir, split)})")
@@ -96,9 +95,8 @@ def load_class_names(class_map: Union[str, Path]) -> List[str]:
 
 def check_split(data_dir: Union[str, Path], split: str, class_names: Optional[Sequence[str]] = None,
                 allow_missing: bool = False) -> ImageFolderSplit:
-    """One split of an ImageFolder, checked (a :class:`DataError` names what is wrong): its folder and classes,
-    labelled by ``class_names`` (``--class-map``; ``allow_missing``: names without a folder are fine) or else by the
-    folder names in timm's natural sort order."""
+    """One split of an ImageFolder, checked: its folder and classes, labelled by ``class_names`` (``--class-map``;
+    ``allow_missing``: names without a folder are fine) or else by the folder names in timm's natural sort order."""
     root = find_split_folder(data_dir, split)
     class_dirs, loose_images = [], 0
     for entry in os.scandir(root):
@@ -114,6 +112,7 @@ def check_split(data_dir: Union[str, Path], split: str, class_names: Optional[Se
     if not class_dirs:
         raise DataError(f"{root} has no class folders. Expected layout: {_layout(data_dir, root.name)}")
 
+    class_dirs.sort(key=natural_key)
     empty, nested = [], []
     for name in class_dirs:
         direct, deeper = _count_images(root / name)
@@ -122,17 +121,15 @@ def check_split(data_dir: Union[str, Path], split: str, class_names: Optional[Se
         elif not direct:
             empty.append(name)
     if empty:
-        empty.sort(key=natural_key)
         raise DataError(f"{len(empty)} class folder(s) in {root} hold no images (.png, .jpg, .jpeg): "
                         f"{_name_list(empty)}. Add images or remove the folders.")
     if nested:
-        nested.sort(key=natural_key)
         raise DataError(f"class folder(s) in {root} keep images in sub-folders: {_name_list(nested)}. timm labels an "
                         f"image by its innermost folder, so put each class's images directly in {root}/CLASS/.")
 
     if class_names is None:
-        return ImageFolderSplit(root, tuple(sorted(class_dirs, key=natural_key)))
-    unlisted = sorted(set(class_dirs) - set(class_names), key=natural_key)
+        return ImageFolderSplit(root, tuple(class_dirs))
+    unlisted = [name for name in class_dirs if name not in set(class_names)]
     missing = [] if allow_missing else [name for name in class_names if name not in set(class_dirs)]
     if unlisted or missing:
         parts = [f"folders not in the class map: {_name_list(unlisted)}" if unlisted else "",
@@ -154,8 +151,7 @@ def check_class_sets(first: ImageFolderSplit, second: ImageFolderSplit) -> None:
 
 def check_readable_classes(split: ImageFolderSplit) -> None:
     """A :class:`DataError` naming the class folders of ``split`` in which no image decodes (an unreadable training
-    image is replaced by the next one, so such a class would silently train on others' images). Each folder is
-    decoded until one image works: a sound data set costs one image per class."""
+    image is replaced by the next one, so such a class would train on others' images); one image per sound class."""
     unreadable = []
     for name in split.classes:
         folder = split.root / name
@@ -180,8 +176,7 @@ def _decodes(path: Path) -> bool:
 
 
 def collate_readable(batch):
-    """``default_collate`` over the samples that are not None (see ``ImageFolderDataset(skip_unreadable=True)``);
-    None when none is left."""
+    """``default_collate`` of the samples that are not None (``ImageFolderDataset.skip_unreadable``), else None."""
     from torch.utils.data import default_collate
 
     kept = [sample for sample in batch if sample is not None]
@@ -189,18 +184,14 @@ def collate_readable(batch):
 
 
 def _count_images(folder: Path) -> Tuple[int, int]:
-    """(images directly in ``folder``, images in its sub-folders)."""
-    direct = deeper = 0
-    for current, subdirs, files in os.walk(folder, followlinks=True):
+    """(images directly in ``folder``, images in its sub-folders up to the first that holds any)."""
+    counts = []
+    for _, subdirs, files in os.walk(folder, followlinks=True):  # top-down: ``folder`` itself comes first
         subdirs[:] = [name for name in subdirs if not name.startswith(".")]
-        count = sum(1 for name in files if _is_image(name))
-        if Path(current) == folder:
-            direct += count
-        else:
-            deeper += count
-            if deeper:
-                break
-    return direct, deeper
+        counts.append(sum(1 for name in files if _is_image(name)))
+        if len(counts) > 1 and counts[-1]:
+            break
+    return counts[0], sum(counts[1:])
 
 
 def _name_list(names: Sequence[str], limit: int = 10) -> str:
@@ -231,7 +222,10 @@ class ImageFolderDataset(ImageDataset):
         failures = 0
         while True:
             try:
-                image, target = self._load(index)
+                file, target = self.reader[index]
+                with file:
+                    # convert() decodes every pixel, so a truncated file fails here rather than inside the transform.
+                    image = Image.open(file).convert(self.input_img_mode or "RGB")
                 break
             except _DECODE_ERRORS as error:
                 self._warn_skipped(index, error)
@@ -247,14 +241,6 @@ class ImageFolderDataset(ImageDataset):
             image = self.transform(image)
         if self.target_transform is not None:
             target = self.target_transform(target)
-        return image, target
-
-    def _load(self, index: int):
-        file, target = self.reader[index]
-        with file:
-            image = Image.open(file)
-            # convert() decodes every pixel, so a truncated file fails here rather than inside the transform.
-            image = image.convert(self.input_img_mode or "RGB")
         return image, target
 
     def _warn_skipped(self, index: int, error: BaseException) -> None:

@@ -24,10 +24,8 @@ def default_workers(wanted: int = 4) -> int:
 def create_eval_loader(dataset, data_config: Dict[str, Any], batch_size: int, workers: int,
                        rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """A loader of ``dataset`` with timm's evaluation transform for ``data_config``, leaving out undecodable images.
-
-    Each of several processes takes every ``world_size``-th image from ``rank`` (a streamed dataset: its own shards),
-    so together they see every image exactly once, where timm's distributed evaluation pads with repeats.
-    """
+    Process ``rank`` takes every ``world_size``-th image (a streamed dataset: its own shards), so together they see
+    every image exactly once, where timm's distributed evaluation pads with repeats."""
     from timm.data import create_transform
 
     if hasattr(dataset, "skip_unreadable"):  # an unreadable image is left out, not replaced by (and counted as) another
@@ -47,20 +45,17 @@ def create_eval_loader(dataset, data_config: Dict[str, Any], batch_size: int, wo
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: torch.utils.data.DataLoader, device: torch.device,
-             autocast: Callable[[], ContextManager] = contextlib.nullcontext, distributed: bool = False,
-             progress: Optional[Callable[[int, int], None]] = None) -> Dict[str, float]:
+             autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+             distributed: bool = False) -> Dict[str, float]:
     """``{"loss", "top1", "top5", "count", "seconds", "images_per_second"}`` of ``model`` over ``loader``: the
     cross-entropy, top-1 and top-5 accuracy in % (top-``num_classes`` below 5 classes), from float64 sums added across
-    processes when ``distributed``, so exact and the same on every rank. ``progress(done, total)`` after each batch.
-    """
+    processes when ``distributed``, so exact and the same on every rank."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, images
     start = time.perf_counter()
-    for index, batch in enumerate(loader):
+    for batch in loader:
         if batch is None:  # every image of this batch was unreadable (see create_eval_loader)
-            if progress is not None:
-                progress(index + 1, len(loader))
             continue
         images, targets = batch
         images = images.to(device, non_blocking=True)
@@ -75,8 +70,6 @@ def evaluate(model: torch.nn.Module, loader: torch.utils.data.DataLoader, device
             torch.nn.functional.cross_entropy(logits, targets, reduction="sum").double(),
             hits[:, 0].sum().double(), hits.any(dim=-1).sum().double(),
             torch.tensor(float(targets.numel()), dtype=torch.float64, device=device)])
-        if progress is not None:
-            progress(index + 1, len(loader))
     if distributed:
         torch.distributed.all_reduce(sums)
     if device.type == "cuda":

@@ -1,9 +1,9 @@
-"""The training loop of ``kat-train`` (:mod:`kat_timm.cli.train` builds what it runs): one epoch as timm's train.py
-runs it, the loss it picks, the progress line."""
+"""The training loop of ``kat-train``: one epoch as timm's train.py runs it, the loss it picks, the progress line."""
 from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import math
 import sys
 import time
@@ -20,9 +20,8 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class TrainResult:
-    """What a finished ``train`` call leaves behind for callers in Python: the unwrapped model and its EMA copy (or
-    None), the optimizer, the run folder (None on other ranks than 0), the first epoch run, one dict per epoch run
-    (epoch, train_loss, lr, eval_*) and the best ``--eval-metric`` with its epoch (None without evaluation)."""
+    """What ``train`` returns: the unwrapped model, its EMA copy, the run folder (None off rank 0), one dict per epoch
+    run (epoch, train_loss, lr, eval_*) and the best ``--eval-metric`` with its epoch (None without evaluation)."""
 
     model: Any
     model_ema: Any
@@ -60,40 +59,33 @@ class Progress:
             remaining = elapsed / step * (self.total - step)
             fields = "  ".join(f"{name} {value}" for name, value in shown.items())
             print(f"{self.description} [{step:>{len(str(self.total))}}/{self.total}]  {fields}  {rate:.1f} img/s  "
-                  f"ETA {clock(remaining)}", flush=True)
+                  f"ETA {datetime.timedelta(seconds=round(remaining))}", flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
 
 
-def clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
 def base_lr(optimizer) -> float:
-    """The learning rate the schedule sets, shown by the progress line, the epoch line and summary.csv alike: the
-    largest group's, i.e. that of the groups ``--layer-decay`` leaves unscaled (the head). timm's train.py logs the
-    mean over the groups, which under layer decay no group runs at."""
+    """The learning rate the progress line, the epoch line and summary.csv show: the largest group's (the head's under
+    ``--layer-decay``), not timm's mean over the groups, which under layer decay no group runs at."""
     return max(group["lr"] for group in optimizer.param_groups)
 
 
 def create_loss(args: argparse.Namespace, mixing: bool, device):
     """The training loss timm's train.py picks for ``args`` (bce_loss, bce_target_thresh, smoothing) and mixing."""
+    import torch
     from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-    if mixing:  # Mixup produces soft targets that already include the label smoothing
-        loss = BinaryCrossEntropy(target_threshold=args.bce_target_thresh) if args.bce_loss \
-            else SoftTargetCrossEntropy()
-    elif args.smoothing:
-        loss = BinaryCrossEntropy(smoothing=args.smoothing, target_threshold=args.bce_target_thresh) \
-            if args.bce_loss else LabelSmoothingCrossEntropy(smoothing=args.smoothing)
-    elif args.bce_loss:
-        loss = BinaryCrossEntropy(target_threshold=args.bce_target_thresh)
+    smoothing = 0 if mixing else args.smoothing  # Mixup's soft targets already include the label smoothing
+    if args.bce_loss:  # without a smoothing, timm's BinaryCrossEntropy keeps its own default, as in timm's train.py
+        options = dict(smoothing=smoothing) if smoothing else {}
+        loss = BinaryCrossEntropy(target_threshold=args.bce_target_thresh, **options)
+    elif mixing:
+        loss = SoftTargetCrossEntropy()
+    elif smoothing:
+        loss = LabelSmoothingCrossEntropy(smoothing=smoothing)
     else:
-        import torch
-
         loss = torch.nn.CrossEntropyLoss()
     return loss.to(device)
 
@@ -102,10 +94,9 @@ def train_one_epoch(epoch: int, model, loader, optimizer, loss_fn, args: argpars
                     autocast, loss_scaler, lr_scheduler, model_ema, mixup_fn, saver, num_updates: int,
                     num_epochs: int, primary: bool,
                     folder_writes: Callable[[], ContextManager] = contextlib.nullcontext):
-    """One pass over ``loader`` as timm's train.py makes it (gradient accumulation, clipping, AMP scaler, EMA and
-    per-update schedule steps), with a recovery checkpoint every ``args.recovery_interval`` updates, written by
-    ``saver`` (None on other ranks than 0) inside ``folder_writes()``. Returns ``({"loss": the mean training loss
-    over all processes}, num_updates so far)``; raises :class:`TrainingError` when the loss is NaN or infinite."""
+    """One pass over ``loader`` as timm's train.py makes it, with a recovery checkpoint every
+    ``args.recovery_interval`` updates (``saver`` is None off rank 0). Returns ``({"loss": the mean over all
+    processes}, num_updates so far)``; raises :class:`TrainingError` when the loss is NaN or infinite."""
     import torch
     from timm.models import model_parameters
     from timm.utils import dispatch_clip_grad, unwrap_model

@@ -1,25 +1,23 @@
 """Datasets that are not an ImageFolder, for ``kat-train`` and ``kat-validate``: timm's readers, checked first.
 
-timm's ``create_dataset`` reads ``torch/``, ``hfds/``, ``hfids/``, ``tfds/`` and ``wds/`` datasets; the options keep
-timm's meaning, and what timm reports as a traceback, a bare ``KeyError`` or (WebDataset) a silently empty epoch
-becomes a one-line :class:`~kat_timm.training.data.DataError` naming the option and what exists instead. README,
-"Fine-tuning and evaluation" ("Other datasets"), lists the checks made before training starts.
-:func:`open_checked_split` opens any split, ImageFolder or not, for both commands.
+What timm's ``create_dataset`` reports as a traceback, a bare ``KeyError`` or (WebDataset) a silently empty epoch
+becomes a one-line :class:`~kat_timm.training.data.DataError` naming the option and what exists instead (README,
+"Other datasets"). :func:`open_checked_split` opens any split, ImageFolder or not, for both commands.
 """
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import os
 import tarfile
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import List, Optional, Tuple
 
 from .data import (DataError, ImageFolderDataset, check_readable_classes, check_split, folder_dataset_hint,
                    load_class_names)
 
-__all__ = ["DatasetSpec", "READER_PREFIXES", "check_distributed_evaluation", "check_training_shards",
-           "dataset_class_names", "dataset_prefix", "is_folder_dataset", "open_checked_split", "open_dataset"]
+__all__ = ["READER_PREFIXES", "check_shard_spread", "dataset_class_names", "dataset_prefix",
+           "is_folder_dataset", "open_checked_split", "open_dataset"]
 
 # The --dataset prefixes timm's create_dataset reads with a reader of its own (anything else is a folder or tar).
 READER_PREFIXES = ("torch", "hfds", "hfids", "tfds", "wds")
@@ -38,51 +36,32 @@ def is_folder_dataset(name: Optional[str]) -> bool:
     return dataset_prefix(name) == ""
 
 
-@dataclass(frozen=True)
-class DatasetSpec:
-    """The dataset options shared by the splits of one run, named and meant as the timm train.py options
-    ``--dataset``, ``--data-dir`` (root), ``--dataset-download``, ``--input-img-mode``, ``--input-key``,
-    ``--target-key``, ``--class-map``, ``--seed`` and ``--batch-size`` (None or "": the reader's default)."""
-
-    name: str
-    root: Optional[str] = None
-    download: bool = False
-    input_img_mode: str = "RGB"
-    input_key: Optional[str] = None
-    target_key: Optional[str] = None
-    class_map: str = ""
-    seed: int = 42
-    batch_size: int = 1
-
-
-def open_dataset(spec: DatasetSpec, split: str, is_training: bool, num_samples: Optional[int] = None,
+def open_dataset(args, split: str, is_training: bool, num_samples: Optional[int] = None,
                  split_option: str = "--train-split", samples_option: str = "--train-num-samples"):
-    """timm's ``create_dataset`` for a non-folder ``--dataset`` (``is_training`` and ``num_samples`` as there), after
-    checks that make every mistake one :class:`DataError` line naming ``split_option`` / ``samples_option``."""
+    """timm's ``create_dataset`` for a non-folder ``--dataset`` of kat-train's or kat-validate's ``args`` (timm
+    train.py's options; ``is_training`` and ``num_samples`` as there), after checks that make every mistake one
+    :class:`DataError` line naming ``split_option`` / ``samples_option``."""
     from timm.data import create_dataset
 
-    prefix = dataset_prefix(spec.name)
-    if prefix not in READER_PREFIXES:
-        raise DataError(f"--dataset {spec.name!r} is read as an ImageFolder, not by open_dataset")
+    prefix = dataset_prefix(args.dataset)
     if prefix == "wds":
-        shards = _check_wds(spec, split, is_training, num_samples, split_option, samples_option)
-        if not is_training and num_samples is None and not _wds_counted(spec, split):
+        shards = _check_wds(args, split, is_training, num_samples, split_option, samples_option)
+        if not is_training and num_samples is None and not _wds_counted(args, split):
             # An evaluation split of unknown size would report 0 samples (and make the loader warn); its headers
             # give the count without decoding anything.
             lengths = _shard_lengths(shards)
             num_samples = None if lengths is None else sum(lengths)
     elif prefix == "hfds":
-        _check_hfds(spec, split, split_option)
-    kwargs: Dict[str, Any] = dict(input_key=spec.input_key, target_key=spec.target_key)
+        _check_hfds(args, split, split_option)
+    keys = {name: key for name, key in (("input_key", args.input_key), ("target_key", args.target_key)) if key}
+    seed = getattr(args, "seed", 42)  # kat-validate has no --seed
     try:
         return create_dataset(
-            spec.name, root=spec.root, split=split, is_training=is_training, class_map=spec.class_map or None,
-            download=spec.download, batch_size=spec.batch_size, num_samples=num_samples, seed=spec.seed,
-            input_img_mode=spec.input_img_mode, **{k: v for k, v in kwargs.items() if v is not None})
-    except DataError:
-        raise
+            args.dataset, root=args.data_dir, split=split, is_training=is_training, class_map=args.class_map or None,
+            download=args.dataset_download, batch_size=args.batch_size, num_samples=num_samples, seed=seed,
+            input_img_mode=args.input_img_mode or "RGB", **keys)
     except Exception as error:  # each reader fails its own way: FileNotFoundError, ValueError, KeyError, assert
-        raise DataError(_explain(spec, split, split_option, error)) from None
+        raise DataError(_explain(args, split, split_option, error)) from None
 
 
 def dataset_class_names(dataset) -> Optional[List[str]]:
@@ -98,56 +77,53 @@ def dataset_class_names(dataset) -> Optional[List[str]]:
     return [str(name) for name in classes] if classes else None
 
 
-def _check_hfds(spec: DatasetSpec, split: str, split_option: str) -> None:
+def _check_hfds(args, split: str, split_option: str) -> None:
     """The dataset and split open, and the image and label keys are columns of it. (timm's reader casts a missing
     image column without a word and fails on the first sample; a missing label column is a bare KeyError.)"""
-    path = spec.name.split("/", 1)[1]
+    path = args.dataset.split("/", 1)[1]
     if not path:
         raise DataError("--dataset hfds/: give the dataset after the prefix: hfds/OWNER/NAME (a Hub dataset) or "
                         "hfds/FOLDER (a data folder, or one written by save_to_disk)")
     looks_local = path.startswith((".", "/", "~"))  # a Hub name is OWNER/NAME or NAME
     if looks_local and not os.path.isdir(os.path.expanduser(path)):
-        raise DataError(f"--dataset {spec.name}: no such folder: {path}")
+        raise DataError(f"--dataset {args.dataset}: no such folder: {path}")
     try:
         import datasets
 
         # Memory-mapped and cached: timm's reader opens the same files again at no real cost.
-        columns = list(datasets.load_dataset(path, split=split, cache_dir=spec.root).column_names)
+        columns = list(datasets.load_dataset(path, split=split, cache_dir=args.data_dir).column_names)
     except ImportError:
-        raise DataError(f"--dataset {spec.name} needs Hugging Face datasets: pip install datasets (or "
+        raise DataError(f"--dataset {args.dataset} needs Hugging Face datasets: pip install datasets (or "
                         f"kat-timm[data])") from None
     except Exception as error:
-        raise DataError(_explain(spec, split, split_option, error)) from None
-    input_key = spec.input_key or "image"
-    if input_key not in columns:
-        raise DataError(f"--input-key {input_key}: {spec.name} split {split} has no such column (columns: "
-                        f"{', '.join(columns)})")
-    for key in (spec.target_key or "label").split(","):
-        if key.strip() not in columns:
-            raise DataError(f"--target-key {key.strip()}: {spec.name} split {split} has no such column (columns: "
-                            f"{', '.join(columns)})")
+        raise DataError(_explain(args, split, split_option, error)) from None
+    for option, keys in (("--input-key", args.input_key or "image"), ("--target-key", args.target_key or "label")):
+        for key in keys.split(","):
+            if key.strip() not in columns:
+                raise DataError(f"{option} {key.strip()}: {args.dataset} split {split} has no such column (columns: "
+                                f"{', '.join(columns)})")
 
 
-def _explain(spec: DatasetSpec, split: str, split_option: str, error: BaseException) -> str:
+def _explain(args, split: str, split_option: str, error: BaseException) -> str:
     """One line for what timm's create_dataset raised."""
-    prefix = dataset_prefix(spec.name)
+    prefix = dataset_prefix(args.dataset)
     text = " ".join(str(error).split()) or type(error).__name__
     if prefix == "hfds":
         if "Unknown split" in text or "split" in text.lower() and isinstance(error, ValueError):
-            return f"{split_option} {split}: {spec.name} has no such split ({text})"
+            return f"{split_option} {split}: {args.dataset} has no such split ({text})"
         if isinstance(error, (FileNotFoundError, ConnectionError)) or "offline" in text.lower():
-            return (f"--dataset {spec.name}: not found ({text}); give a Hub dataset name (online, or cached with "
+            return (f"--dataset {args.dataset}: not found ({text}); give a Hub dataset name (online, or cached with "
                     f"HF_DATASETS_OFFLINE=1), a data folder, or a folder written by save_to_disk")
     if prefix == "torch":
         if isinstance(error, AssertionError) and "Unknown torchvision dataset" in text:
-            return f"--dataset {spec.name}: {text}; e.g. torch/cifar10, torch/cifar100, torch/mnist, torch/imagenet"
+            return f"--dataset {args.dataset}: {text}; e.g. torch/cifar10, torch/cifar100, torch/mnist, torch/imagenet"
         if "download" in text.lower() or isinstance(error, (FileNotFoundError, RuntimeError)):
-            return (f"--dataset {spec.name} in --data-dir {spec.root}: {text} (add --dataset-download to fetch it "
-                    f"there)")
-    return f"--dataset {spec.name} {split_option} {split}: {type(error).__name__}: {text}"
+            return (f"--dataset {args.dataset} in --data-dir {args.data_dir}: {text} (add --dataset-download to fetch "
+                    f"it there)")
+    return f"--dataset {args.dataset} {split_option} {split}: {type(error).__name__}: {text}"
 
 
-def _wds_shards(spec: DatasetSpec, split: str, split_option: str) -> List[str]:
+def _wds_shards(args, split: str, split_option: str) -> List[str]:
     """The shard files of a wds split (a brace pattern, optionally ``|N`` samples, or a split of _info.json)."""
     from webdataset.shardlists import expand_urls
 
@@ -155,15 +131,15 @@ def _wds_shards(spec: DatasetSpec, split: str, split_option: str) -> List[str]:
     if "tar" in pattern or ".." in pattern:
         names = expand_urls(pattern)
     else:
-        info = _wds_info(spec.root)
+        info = _wds_info(args.data_dir)
         splits = info.get("splits") or {}
         if split not in splits:
-            where = f"{spec.root}/_info.json lists {', '.join(sorted(splits))}" if splits else \
-                f"{spec.root} has no _info.json naming splits"
+            where = f"{args.data_dir}/_info.json lists {', '.join(sorted(splits))}" if splits else \
+                f"{args.data_dir} has no _info.json naming splits"
             raise DataError(f"{split_option} {split}: not a WebDataset split ({where}); give the shards as a brace "
                             f"pattern, e.g. {split_option} 'train-{{0000..0127}}.tar'")
         names = list(splits[split].get("filenames") or [])
-    return [os.path.join(spec.root, name) for name in names]
+    return [os.path.join(args.data_dir, name) for name in names]
 
 
 def _wds_info(root: str) -> dict:
@@ -178,40 +154,45 @@ def _wds_info(root: str) -> dict:
     return {}
 
 
-def _check_wds(spec: DatasetSpec, split: str, is_training: bool, num_samples: Optional[int], split_option: str,
+def _check_wds(args, split: str, is_training: bool, num_samples: Optional[int], split_option: str,
                samples_option: str) -> List[str]:
-    try:
-        import webdataset  # noqa: F401  (timm's reader needs it; without it timm fails later, less clearly)
-    except ImportError:
-        raise DataError(f"--dataset {spec.name} needs webdataset: pip install webdataset (or kat-timm[data])") from None
-    if not spec.root:
-        raise DataError(f"--dataset {spec.name}: give the folder of the shards with --data-dir DIR")
-    if not os.path.isdir(spec.root):
-        raise DataError(f"--data-dir {spec.root}: no such folder (the WebDataset shards of --dataset {spec.name})")
-    shards = _wds_shards(spec, split, split_option)
+    if importlib.util.find_spec("webdataset") is None:  # timm's reader needs it, and fails later less clearly
+        raise DataError(f"--dataset {args.dataset} needs webdataset: pip install webdataset (or kat-timm[data])")
+    if not args.data_dir:
+        raise DataError(f"--dataset {args.dataset}: give the folder of the shards with --data-dir DIR")
+    if not os.path.isdir(args.data_dir):
+        raise DataError(f"--data-dir {args.data_dir}: no such folder (the WebDataset shards of --dataset "
+                        f"{args.dataset})")
+    shards = _wds_shards(args, split, split_option)
     if not shards:
         raise DataError(f"{split_option} {split}: names no shard files")
     missing = [path for path in shards if "://" not in path and not os.path.isfile(path)]
     if missing:
-        present = sorted(os.path.basename(p) for p in glob.glob(os.path.join(spec.root, "*.tar")))[:5]
+        present = sorted(os.path.basename(p) for p in glob.glob(os.path.join(args.data_dir, "*.tar")))[:5]
         raise DataError(f"{split_option} {split}: {len(missing)} of {len(shards)} shard files are missing, e.g. "
-                        f"{missing[0]} ({spec.root} holds {', '.join(present) or 'no .tar files'})")
-    if is_training and not num_samples and not _wds_counted(spec, split):
+                        f"{missing[0]} ({args.data_dir} holds {', '.join(present) or 'no .tar files'})")
+    if is_training and not num_samples and not _wds_counted(args, split):
         raise DataError(f"{split_option} {split}: the number of samples is unknown (no _info.json with shard "
                         f"lengths); give {samples_option} N, or append it to the pattern: '{split}|N'")
     first = shards[0]
     if "://" not in first:
-        _check_wds_sample(first, spec)
+        _check_wds_sample(first, args)
     return shards
 
 
-def _wds_counted(spec: DatasetSpec, split: str) -> bool:
+def _wds_counted(args, split: str) -> bool:
     """Whether timm's reader knows the sample count of ``split`` ('PATTERN|N', or a split of _info.json)."""
     if "|" in split:
         return True
     if "tar" in split or ".." in split:
         return False  # a pattern's count comes from _info.json only when its shards are listed there: not assumed
-    return bool(_wds_info(spec.root))
+    return bool(_wds_info(args.data_dir))
+
+
+def _sample_key(member: tarfile.TarInfo) -> Tuple[str, str]:
+    """(sample key, extension) of a shard member, as WebDataset groups them: the path up to the name's first dot."""
+    key, _, extension = os.path.basename(member.name).partition(".")
+    return os.path.join(os.path.dirname(member.name), key), extension
 
 
 def _shard_lengths(shards: List[str]) -> Optional[List[int]]:
@@ -222,90 +203,74 @@ def _shard_lengths(shards: List[str]) -> Optional[List[int]]:
     for path in shards:
         try:
             with tarfile.open(path) as tar:
-                counts.append(len({os.path.join(os.path.dirname(m.name), os.path.basename(m.name).partition(".")[0])
-                                   for m in tar if m.isfile()}))
+                counts.append(len({_sample_key(member)[0] for member in tar if member.isfile()}))
         except (OSError, tarfile.TarError) as error:
             raise DataError(f"{path}: not a readable tar shard ({error})") from None
     return counts
 
 
-def _processes(world_size: int) -> str:
-    return f"{world_size} process" + ("es" if world_size != 1 else "")
-
-
-def check_training_shards(spec: DatasetSpec, split: str, world_size: int, workers: int,
-                          split_option: str = "--train-split") -> None:
-    """A :class:`DataError` for a ``wds/`` training split with fewer shards than the ``world_size x max(workers, 1)``
-    loaders: timm's reader hands out whole shards and caps each loader at its share of the samples, so a loader
-    without a shard reads nothing and every epoch would silently see only part of the data."""
-    if dataset_prefix(spec.name) != "wds":
+def check_shard_spread(args, split: str, world_size: int, workers: int, num_samples: Optional[int] = None,
+                       split_option: str = "--val-split", is_training: bool = False) -> None:
+    """A :class:`DataError` for a ``wds/`` split that timm's reader would read only in part. It gives loader ``g`` of
+    ``G = world_size x max(workers, 1)`` the shards ``g, g + G, ...`` capped at ``ceil(N / G)`` samples (``N``:
+    ``num_samples``, else the tar headers' count): in training a loader without a shard reads nothing, so each epoch
+    would see only part of the data; under torchrun an evaluation loader holding more is cut short without a word."""
+    if dataset_prefix(args.dataset) != "wds" or not (is_training or world_size > 1):
         return
-    shards = len(_wds_shards(spec, split, split_option))
+    shards = _wds_shards(args, split, split_option)
     readers = world_size * max(workers, 1)
-    if shards < readers:
-        raise DataError(f"{split_option} {split}: {shards} shards for {readers} loaders ({_processes(world_size)} x "
-                        f"{max(workers, 1)} workers): a loader without a shard reads nothing and each epoch would "
-                        f"see only part of the data; cut the data into at least {readers} shards or lower --workers")
-
-
-def check_distributed_evaluation(spec: DatasetSpec, split: str, world_size: int, workers: int,
-                                 num_samples: Optional[int], split_option: str = "--val-split") -> None:
-    """A :class:`DataError` for a ``wds/`` evaluation split that torchrun would score only in part: timm's reader
-    gives loader ``g`` of ``G = world_size x max(workers, 1)`` the shards ``g, g + G, ...`` capped at ``ceil(N / G)``
-    samples (``num_samples``, else the tar headers' count), cutting short without a word a loader with more."""
-    if dataset_prefix(spec.name) != "wds" or world_size <= 1:
+    loaders = f"{readers} loaders ({world_size} process{'es' if world_size != 1 else ''} x {max(workers, 1)} workers)"
+    if is_training:
+        if len(shards) < readers:
+            raise DataError(f"{split_option} {split}: {len(shards)} shards for {loaders}: a loader without a shard "
+                            f"reads nothing and each epoch would see only part of the data; cut the data into at "
+                            f"least {readers} shards or lower --workers")
         return
-    lengths = _shard_lengths(_wds_shards(spec, split, split_option))
+    lengths = _shard_lengths(shards)
     if lengths is None:
         return
-    total = num_samples or sum(lengths)
-    readers = world_size * max(workers, 1)
-    cap = -(-total // readers)
-    largest = max(sum(lengths[g::readers]) for g in range(readers))
-    if largest > cap:
-        scored = sum(min(sum(lengths[g::readers]), cap) for g in range(readers))
-        raise DataError(f"{split_option} {split}: {len(lengths)} shards over {readers} loaders "
-                        f"({_processes(world_size)} x {max(workers, 1)} workers) would score only {scored} of "
-                        f"{sum(lengths)} samples "
-                        f"(timm caps each loader at {cap}); give at least {readers} shards of equal length, fewer "
-                        f"--workers, or --val-split \"\" and kat-validate the checkpoints afterwards")
+    cap = -(-(num_samples or sum(lengths)) // readers)
+    per_loader = [sum(lengths[g::readers]) for g in range(readers)]
+    if max(per_loader) > cap:
+        raise DataError(f"{split_option} {split}: {len(lengths)} shards over {loaders} would score only "
+                        f"{sum(min(count, cap) for count in per_loader)} of {sum(lengths)} samples (timm caps each "
+                        f"loader at {cap}); give at least {readers} shards of equal length, fewer --workers, or "
+                        f"--val-split \"\" and kat-validate the checkpoints afterwards")
 
 
-def _check_wds_sample(shard: str, spec: DatasetSpec) -> None:
+def _check_wds_sample(shard: str, args) -> None:
     """The first sample of ``shard`` has an image under the input key and a label where the target key says."""
-    members: Dict[str, List[str]] = {}
+    extensions: List[str] = []
+    fields: List[str] = []  # of the .json sidecar
     first_key = None
     try:
         with tarfile.open(shard) as tar:
             for member in tar:
                 if not member.isfile():
                     continue
-                key, _, extension = os.path.basename(member.name).partition(".")
-                key = os.path.join(os.path.dirname(member.name), key)
+                key, extension = _sample_key(member)
                 if first_key is None:
                     first_key = key
                 if key != first_key:
                     break
-                members.setdefault(key, []).append(extension)
-                if spec.target_key and extension == "json":
+                extensions.append(extension)
+                if args.target_key and extension == "json":
                     sidecar = json.load(tar.extractfile(member))
-                    members["__json__"] = list(sidecar) if isinstance(sidecar, dict) else []
+                    fields = list(sidecar) if isinstance(sidecar, dict) else []
     except (OSError, tarfile.TarError, ValueError) as error:
         raise DataError(f"{shard}: not a readable tar shard ({error})") from None
     if first_key is None:
         raise DataError(f"{shard}: the shard holds no samples")
-    extensions = members[first_key]
     listed = ", ".join("." + extension for extension in extensions)
-    input_keys = (spec.input_key or WDS_IMAGE_KEYS).split(";")
+    input_keys = (args.input_key or WDS_IMAGE_KEYS).split(";")
     if not any(key in extensions for key in input_keys):
-        raise DataError(f"--input-key {spec.input_key or WDS_IMAGE_KEYS}: sample {first_key} of {shard} has no such "
+        raise DataError(f"--input-key {args.input_key or WDS_IMAGE_KEYS}: sample {first_key} of {shard} has no such "
                         f"member (it has {listed})")
-    if spec.target_key:  # the labels come from the .json sidecar rather than the .cls member
+    if args.target_key:  # the labels come from the .json sidecar rather than the .cls member
         if "json" not in extensions:
-            raise DataError(f"--target-key {spec.target_key}: sample {first_key} of {shard} has no .json sidecar "
+            raise DataError(f"--target-key {args.target_key}: sample {first_key} of {shard} has no .json sidecar "
                             f"(it has {listed})")
-        fields = members.get("__json__", [])
-        for key in spec.target_key.split(","):
+        for key in args.target_key.split(","):
             if key.strip() not in fields:
                 raise DataError(f"--target-key {key.strip()}: not a field of the .json of sample {first_key} in "
                                 f"{shard} (fields: {', '.join(fields) or 'none'})")
@@ -314,30 +279,22 @@ def _check_wds_sample(shard: str, spec: DatasetSpec) -> None:
                         f"to read the label from its .json")
 
 
-def open_checked_split(options, split: str, *, is_training: bool = False, use_class_map: bool = True,
+def open_checked_split(args, split: str, *, is_training: bool = False, use_class_map: bool = True,
                        allow_missing: bool = False, relabel=None, num_samples: Optional[int] = None,
                        split_option: str = "--split", samples_option: str = "--num-samples", world_size: int = 1):
-    """One split of ``options.dataset`` under ``options.data_dir`` (kat-train's or kat-validate's options), checked:
+    """One split of ``args.dataset`` under ``args.data_dir`` (kat-train's or kat-validate's options), checked:
     ``(dataset, class names in label order or None, its name in messages)``, else a :class:`DataError`. An
-    ImageFolder goes through ``check_split`` (with ``--class-map`` if ``use_class_map``), ``relabel(split)`` (e.g.
-    ``labelled_like`` the training split) and ``check_readable_classes`` of :mod:`kat_timm.training.data`; any other
-    ``--dataset`` through :func:`open_dataset`, whose shard checks count ``world_size`` processes."""
-    if is_folder_dataset(options.dataset):
+    ImageFolder is checked by :mod:`kat_timm.training.data` (``relabel(split)``: e.g. ``labelled_like`` the training
+    split), any other ``--dataset`` by :func:`open_dataset` and :func:`check_shard_spread`."""
+    if is_folder_dataset(args.dataset):
         try:
-            class_names = load_class_names(options.class_map) if use_class_map and options.class_map else None
-            folder = check_split(options.data_dir, split, class_names, allow_missing=allow_missing)
+            class_names = load_class_names(args.class_map) if use_class_map and args.class_map else None
+            folder = check_split(args.data_dir, split, class_names, allow_missing=allow_missing)
             folder = relabel(folder) if relabel is not None else folder
             check_readable_classes(folder)
         except DataError as error:
-            raise DataError(str(error) + folder_dataset_hint(options.dataset)) from error
+            raise DataError(str(error) + folder_dataset_hint(args.dataset)) from error
         return ImageFolderDataset(folder), list(folder.classes), str(folder.root)
-    spec = DatasetSpec(name=options.dataset, root=options.data_dir, download=options.dataset_download,
-                       input_img_mode=options.input_img_mode or "RGB", input_key=options.input_key,
-                       target_key=options.target_key, class_map=options.class_map, batch_size=options.batch_size,
-                       seed=getattr(options, "seed", DatasetSpec.seed))  # kat-validate has no --seed
-    dataset = open_dataset(spec, split, is_training, num_samples, split_option, samples_option)
-    if is_training:
-        check_training_shards(spec, split, world_size, options.workers, split_option)
-    else:
-        check_distributed_evaluation(spec, split, world_size, options.workers, num_samples, split_option)
-    return dataset, dataset_class_names(dataset), f"{options.dataset} {split}"
+    dataset = open_dataset(args, split, is_training, num_samples, split_option, samples_option)
+    check_shard_spread(args, split, world_size, args.workers, num_samples, split_option, is_training)
+    return dataset, dataset_class_names(dataset), f"{args.dataset} {split}"

@@ -1,8 +1,6 @@
-"""Checkpoints and run files that are never half-written: timm's CheckpointSaver with atomic writes, and the
-rename-into-place helpers kat-train and kat-validate write their other files with.
-
-A write goes to ``NAME.partial``, is flushed to disk and renamed over ``NAME`` with ``os.replace`` (atomic on POSIX
-and Windows), and the folder is flushed so the rename survives a power cut: readers see the old file or the new one.
+"""Checkpoints and run files that are never half-written: timm's CheckpointSaver with atomic writes, and the helper
+kat-train and kat-validate write their other files with. A write goes to ``NAME.partial``, is flushed to disk and
+renamed over ``NAME`` (``os.replace``, atomic), and the folder is flushed so the rename survives a power cut.
 """
 from __future__ import annotations
 
@@ -20,35 +18,26 @@ __all__ = ["AtomicCheckpointSaver", "checkpoint_epoch", "edit_atomically", "remo
 class AtomicCheckpointSaver(CheckpointSaver):
     """timm's CheckpointSaver, changed so that no file ever appears under a ``*.pth.tar`` name half-written.
 
-    timm's saver writes ``tmp.pth.tar`` in place, deletes ``last.pth.tar`` before renaming the new one over it and
-    copies into the final name where hard links fail; here every write and hard link goes to a ``.partial`` name and
-    is renamed into place. A failed write removes its ``.partial`` and raises ``OSError`` with the system's errno and
-    the file's name (torch.save itself reports only "iostream error").
+    timm's saver writes ``tmp.pth.tar`` in place, deletes ``last.pth.tar`` before renaming over it and copies into
+    the final name where hard links fail; here every write and link goes to a ``.partial`` name that is renamed into
+    place. A failed write raises ``OSError`` with the errno and file name (torch.save says only "iostream error").
     """
 
     _relink_only = False  # see restore_history: save_checkpoint's bookkeeping without writing last.pth.tar again
 
     def _save(self, save_path, epoch, metric=None):
-        if self._relink_only:
-            return
-        partial = save_path + ".partial"
-        try:
-            with open(partial, "wb") as raw:
-                file = _ErrnoKeepingFile(raw)
-                try:
-                    super()._save(file, epoch, metric)  # timm's _save hands the file to torch.save
-                except Exception as error:
-                    cause = file.error or (error if isinstance(error, OSError) else None)
-                    if cause is None:
-                        raise
-                    raise OSError(cause.errno, cause.strerror, save_path) from error
-                raw.flush()
-                os.fsync(raw.fileno())
-            os.replace(partial, save_path)
-        except BaseException:
-            _remove(partial)
-            raise
-        _fsync_dir(os.path.dirname(save_path))
+        if not self._relink_only:
+            edit_atomically(save_path, lambda partial: self._write(partial, epoch, metric), start_from_current=False)
+
+    def _write(self, path, epoch, metric):
+        with open(path, "wb") as raw:
+            file = _ErrnoKeepingFile(raw)
+            try:
+                super()._save(file, epoch, metric)  # timm's _save hands the file to torch.save
+            except Exception as error:
+                if file.error is None:
+                    raise
+                raise file.error from error
 
     def _replace(self, src, dst):
         if self._relink_only:
@@ -57,23 +46,10 @@ class AtomicCheckpointSaver(CheckpointSaver):
         _fsync_dir(os.path.dirname(dst))
 
     def _duplicate(self, src, dst):
-        partial = dst + ".partial"
-        _remove(partial)
-        try:
-            try:
-                os.link(src, partial)
-            except OSError:  # no hard links here (some network and Windows file systems): copy, then flush
-                shutil.copyfile(src, partial)
-                _fsync(partial)
-            os.replace(partial, dst)
-        except BaseException:
-            _remove(partial)
-            raise
-        _fsync_dir(os.path.dirname(dst))
+        edit_atomically(dst, lambda partial: _link_or_copy(src, partial), start_from_current=False)
 
     def save_recovery(self, epoch, batch_idx=0):
-        """timm's save_recovery, which keeps the current and the previous recovery file of this process; here
-        those of earlier, killed processes are removed too, so they don't pile up across kills."""
+        """timm's save_recovery, also removing the recovery files of earlier, killed processes (timm keeps them)."""
         super().save_recovery(epoch, batch_idx)
         keep = {os.path.abspath(path) for path in (self.curr_recovery_file, self.prev_recovery_file) if path}
         pattern = os.path.join(self.recovery_dir, self.recovery_prefix + "-*" + self.extension)
@@ -107,8 +83,8 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
 
 class _ErrnoKeepingFile:
-    """The file torch.save writes a checkpoint through: writes everything it is given (a short write is retried,
-    so the next one reports the error) and remembers the ``OSError`` that torch turns into a bare RuntimeError."""
+    """What torch.save writes through: retries a short write (so the next reports the error) and remembers the
+    ``OSError`` that torch turns into a bare RuntimeError."""
 
     def __init__(self, file):
         self.file, self.error = file, None
@@ -128,15 +104,20 @@ class _ErrnoKeepingFile:
         self.file.flush()
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # no hard links here (some network and Windows file systems)
+        shutil.copyfile(src, dst)
+
+
 def checkpoint_epoch(path: str) -> Optional[int]:
     """The epoch a training checkpoint holds (its tensors memory-mapped, not read); None if there is none."""
     from timm.utils.checkpoint_saver import load_checkpoint_metadata
 
-    if not os.path.exists(path):
-        return None
     try:
         checkpoint = load_checkpoint_metadata(path)
-    except Exception:  # unreadable: whatever it is, it is not the best epoch's checkpoint
+    except Exception:  # missing or unreadable: whatever it is, it is not the best epoch's checkpoint
         return None
     return checkpoint.get("epoch") if isinstance(checkpoint, dict) else None
 
@@ -169,7 +150,7 @@ def _fsync_dir(path: str) -> None:
 
 def edit_atomically(path: str, edit, start_from_current: bool = True) -> None:
     """Change the file ``path`` all at once: ``edit(partial)`` works on ``PATH.partial`` (a copy of the file when
-    ``start_from_current``), which is flushed and renamed over ``path``; a failure removes the partial."""
+    ``start_from_current``), then renamed over ``path``."""
     partial = path + ".partial"
     try:
         if start_from_current and os.path.exists(path):

@@ -70,17 +70,18 @@ def _train_args(data, tmp_path, *extra):
     (["--img-size", "100000"], "--img-size 100000: the image size must be 1 to 4096"),
     (["--input-size", "1", "32", "32"], "images are loaded as RGB, so the first value (channels) must be 3"),
     (["--sched", "foo"], "argument --sched: invalid choice: 'foo'"),
-    (["--aa", "foo"], "--aa foo: "),
-    (["--smoothing", "2"], "--smoothing 2: must be from 0 to below 1"),
-    (["--drop-path", "5"], "--drop-path 5: must be from 0 to below 1"),
-    (["--reprob", "-0.5"], "--reprob -0.5: must be from 0 to 1"),
-    (["--start-epoch", "-5"], "--start-epoch must be at least 0"),
-    (["--num-classes", "0"], "--num-classes must be at least 1, got 0"),
+    (["--aa", "foo"], "argument --aa: foo: "),
+    (["--smoothing", "2"], "argument --smoothing: must be from 0 to below 1, got 2"),
+    (["--drop-path", "5"], "argument --drop-path: must be from 0 to below 1, got 5"),
+    (["--reprob", "-0.5"], "argument --reprob: must be from 0 to 1, got -0.5"),
+    (["--start-epoch", "-5"], "argument --start-epoch: must be at least 0, got -5"),
+    (["--num-classes", "0"], "argument --num-classes: must be at least 1 (leave it out to use the number of "
+                                "class folders), got 0"),
     (["--crop-pct", "5"], "--crop-pct 5: the centre crop is a fraction"),
     (["--std", "0", "0", "0"], "--std 0.0 0.0 0.0: every value must be positive"),
     (["--interpolation", "foo"], "--interpolation foo: unknown interpolation"),
     (["--train-interpolation", "foo"], "--train-interpolation foo: unknown interpolation; use one of nearest"),
-    (["--lr", "nan"], "--lr nan: must be a number at least 0"),
+    (["--lr", "nan"], "argument --lr: must be a number at least 0, got nan"),
 ])
 def test_kat_train_refuses_before_any_work(data, tmp_path, capsys, models_built, extra, message):
     assert _exit_code(train_module.main, _train_args(data, tmp_path, *extra)) == 2

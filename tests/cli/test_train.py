@@ -195,9 +195,9 @@ def test_config_file_sets_defaults_and_the_command_line_overrides(tmp_path):
 @pytest.mark.parametrize("line, expected", [
     ("batchsize: 8", "unknown key 'batchsize' (did you mean batch_size"),
     ("no_prefetcher: true", "'no_prefetcher' is a timm train.py option that kat-train does not support"),
-    ("epochs: ten", "epochs: expected an integer, got 'ten'"),
+    ("epochs: ten", "epochs: invalid int value: 'ten'"),
     ("amp: 'yes'", "amp: expected true or false"),
-    ("amp_dtype: float32", "amp_dtype: expected one of 'float16', 'bfloat16'"),
+    ("amp_dtype: float32", "amp_dtype: invalid choice: 'float32' (choose from 'float16', 'bfloat16')"),
 ])
 def test_bad_config_is_a_usage_error_naming_the_key(tmp_path, capsys, line, expected):
     config = tmp_path / "bad.yaml"
@@ -527,8 +527,8 @@ def test_config_pretrained_true_is_switched_off_on_the_command_line(tmp_path):
 
 
 @pytest.mark.parametrize("line, expected", [
-    ("epochs: 1.5", "epochs: expected an integer, got 1.5"),
-    ("lr: true", "lr: expected a number, got True"),
+    ("epochs: 1.5", "epochs: invalid int value: '1.5'"),
+    ("lr: true", "lr: invalid float value: 'True'"),
     ("input_size: [3, 32]", "input_size: expected a list of 3 values, got [3, 32]"),
 ])
 def test_config_values_go_through_the_options_own_types(tmp_path, capsys, line, expected):

@@ -6,6 +6,7 @@ unless a test needs more.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -287,14 +288,14 @@ def test_distributed_evaluation_that_timm_would_cut_short_is_refused(tmp_path):
     """2 validation shards of 2 samples: 2 processes x 2 workers are 4 loaders capped at 1 sample each, so half the
     split would go unscored; with 2 loaders (no workers) every sample is read."""
     from kat_timm.training.data import DataError
-    from kat_timm.training.readers import DatasetSpec, check_distributed_evaluation
+    from kat_timm.training.readers import check_shard_spread
 
     make_wds_shards(tmp_path, "val", labels_per_shard=[0, 1], per_shard=2)
-    spec = DatasetSpec("wds/toy", root=str(tmp_path))
+    spec = argparse.Namespace(dataset="wds/toy", data_dir=str(tmp_path))
     with pytest.raises(DataError, match=r"would score only 2 of 4 samples \(timm caps each loader at 1\)"):
-        check_distributed_evaluation(spec, "val-{0000..0001}.tar", world_size=2, workers=2, num_samples=None)
-    check_distributed_evaluation(spec, "val-{0000..0001}.tar", world_size=2, workers=0, num_samples=None)
-    check_distributed_evaluation(spec, "val-{0000..0001}.tar", world_size=1, workers=8, num_samples=None)
+        check_shard_spread(spec, "val-{0000..0001}.tar", world_size=2, workers=2, num_samples=None)
+    check_shard_spread(spec, "val-{0000..0001}.tar", world_size=2, workers=0, num_samples=None)
+    check_shard_spread(spec, "val-{0000..0001}.tar", world_size=1, workers=8, num_samples=None)
 
 
 def test_hfds_torchrun_two_processes(hf_folder, tmp_path):

@@ -127,8 +127,7 @@ def test_readme_training_command_runs_as_written(command, tmp_path, monkeypatch,
     shutil.copytree(REPO / "configs", work / "configs")
     monkeypatch.chdir(work)
     if "vitft" in command:  # the AugReg ViT-S/16 IN-21k file the config names, as a small random ViT
-        checkpoint = train_module._config_defaults("configs/kat_small_vitft.yaml",
-                                                   train_module.build_parser())["initial_checkpoint"]
+        checkpoint = train_module.parse_args(["-c", "configs/kat_small_vitft.yaml"]).initial_checkpoint
         Path(checkpoint).parent.mkdir(parents=True)
         save_vit_as_npz(timm.create_model("vit_small_patch16_224", num_classes=21843, img_size=32), checkpoint)
     resumes = "--resume" in command
