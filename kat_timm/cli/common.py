@@ -188,7 +188,7 @@ def create_model(name: Optional[str] = None, pretrained: bool = False, checkpoin
     """
     from timm.models import is_model_in_modules, split_model_name_tag
 
-    from kat_timm.checkpoint import CheckpointError
+    from kat_timm.checkpoint import CheckpointError, load_error_detail
     from kat_timm.factory import create_model as factory_create_model
 
     if name is not None:
@@ -219,10 +219,9 @@ def create_model(name: Optional[str] = None, pretrained: bool = False, checkpoin
     except (RuntimeError, OSError, ValueError) as error:
         if not pretrained:
             raise
-        lines = [line.strip().rstrip(".") for line in str(error).strip().splitlines() if line.strip()]
-        # torch's first line only says "Error(s) in loading state_dict for KAT:"; the keys are on the next ones
-        text = "; ".join(lines[1:4]) if len(lines) > 1 and "loading state_dict" in lines[0] else (
-            f"{type(error).__name__}: {lines[0] if lines else ''}")
+        text = load_error_detail(error)
+        if "loading state_dict" not in str(error):
+            text = f"{type(error).__name__}: {text}"
         if own_file:  # --pretrained-path: the user's file, not the released weights
             raise CLIError(f"could not load {own_file} into {name}: {text}") from None
         raise ReleasedWeightsUnavailable(f"could not load the released weights of {name}: {text}", text) from None

@@ -242,41 +242,41 @@ def _fetch_weights(repo_id: str, filename: str, revision: Optional[str], cache_d
     return found
 
 
-def _cache_root(cache_dir: Optional[PathLike]) -> str:
-    return str(cache_dir) if cache_dir is not None else constants.HF_HUB_CACHE
-
-
 def _is_network_error(error: Exception) -> bool:
     """A connection or transfer failure (the HTTP client's own exception types, or the builtin ones)."""
     module = type(error).__module__.split(".", 1)[0]
     return isinstance(error, (ConnectionError, TimeoutError)) or module.startswith(("httpx", "httpcore", "urllib3"))
 
 
+_HUB_ERRORS = (
+    (GatedRepoError, "{repo_id} is gated: accept its terms on huggingface.co and log in (hf auth login)"),
+    (RepositoryNotFoundError, "no repository {repo_id} on the Hugging Face Hub (or it is private and you are not "
+                              "logged in)"),
+    (RevisionNotFoundError, "{repo_id} has no revision {revision!r}"),
+    (EntryNotFoundError, "{repo_id}: {detail}"),
+    (HfHubHTTPError, "the Hugging Face Hub answered with an error for {repo_id}: {detail}"),
+)
+
+
 def _reason(error: Exception, repo_id: str, revision: Optional[str], cache_dir: Optional[PathLike], wanted: str) -> str:
     """One line saying why fetching ``wanted`` from ``repo_id`` failed and what to do."""
     detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    cache = cache_dir or constants.HF_HUB_CACHE
     if isinstance(error, LocalEntryNotFoundError):
         if detail.startswith("the cached "):
             return (f"{detail}; it can't be fetched again without the Hub (offline): run 'kat-timm download --force' "
                     "where the Hub is reachable")
         if constants.is_offline_mode():
-            return (f"{wanted} is not in the cache ({_cache_root(cache_dir)}) and HF_HUB_OFFLINE=1 is set, so it "
+            return (f"{wanted} is not in the cache ({cache}) and HF_HUB_OFFLINE=1 is set, so it "
                     "cannot be fetched; run the download on a machine with network access (without HF_HUB_OFFLINE)")
         return f"could not reach the Hugging Face Hub to fetch {wanted} (no network?): {detail}"
     if _is_network_error(error):
         return (f"network error while fetching {wanted}: {type(error).__name__}: {detail} (Hub: {constants.ENDPOINT}); "
                 "run the download on a machine that reaches the Hub")
-    if isinstance(error, GatedRepoError):
-        return f"{repo_id} is gated: accept its terms on huggingface.co and log in (hf auth login)"
-    if isinstance(error, RepositoryNotFoundError):
-        return f"no repository {repo_id} on the Hugging Face Hub (or it is private and you are not logged in)"
-    if isinstance(error, RevisionNotFoundError):
-        return f"{repo_id} has no revision {revision!r}"
-    if isinstance(error, EntryNotFoundError):
-        return f"{repo_id}: {detail}"
-    if isinstance(error, HfHubHTTPError):
-        return f"the Hugging Face Hub answered with an error for {repo_id}: {detail}"
-    return f"could not write to the cache {_cache_root(cache_dir)}: {detail}"
+    for kind, text in _HUB_ERRORS:  # the first match: the subclasses come before HfHubHTTPError
+        if isinstance(error, kind):
+            return text.format(repo_id=repo_id, revision=revision, detail=detail)
+    return f"could not write to the cache {cache}: {detail}"
 
 
 def download_pretrained(name: str, cache_dir: Optional[PathLike] = None, force: bool = False) -> DownloadResult:

@@ -15,7 +15,8 @@ import torch
 from ..ops.rational_torch import LARGE_INPUT
 from ..transforms import model_input_size
 
-__all__ = ["DEFAULT_OPSET", "MIN_OPSET", "MissingDependencyError", "OpsetConversionError", "check_onnx",
+__all__ = ["DEFAULT_OPSET", "MIN_OPSET", "MissingDependencyError", "OpsetConversionError", "check_export_target",
+           "check_onnx",
            "decompose_rationals", "export_onnx", "export_program", "group_rational_plain", "model_input_size",
            "onnx_io_shapes", "onnx_op_domains", "require_packages", "standard_domains_only"]
 
@@ -122,6 +123,20 @@ def decompose_rationals(program: torch.export.ExportedProgram) -> torch.export.E
     return program.run_decompositions({torch.ops.kat_timm.group_rational.default: group_rational_plain})
 
 
+def check_export_target(path: PathLike, opset: int) -> None:
+    """ValueError for an opset a KAT can't be written in (or the installed onnx does not know), FileNotFoundError
+    for a missing output folder."""
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset {opset} is too old: a KAT needs opset {MIN_OPSET} or newer (LayerNormalization)")
+    newest = importlib.import_module("onnx").defs.onnx_opset_version() if importlib.util.find_spec("onnx") else opset
+    if opset > newest:
+        raise ValueError(f"opset {opset} is newer than the installed onnx knows ({newest}); the default is "
+                         f"{DEFAULT_OPSET}")
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"output folder {folder} does not exist; create it first (mkdir -p {folder})")
+
+
 def export_onnx(model: torch.nn.Module, path: PathLike, dynamic_batch: bool = False, opset: int = DEFAULT_OPSET,
                 batch_size: int = 1, example_input: Optional[torch.Tensor] = None) -> Path:
     """Export ``model`` (in eval mode) to an ONNX file of standard ops, input ``images``, output ``logits``, checked
@@ -129,14 +144,8 @@ def export_onnx(model: torch.nn.Module, path: PathLike, dynamic_batch: bool = Fa
     fixed batch (with ``dynamic_batch``, only the tracing batch). Raises MissingDependencyError (no onnx/onnxscript),
     FileNotFoundError (no output folder), ValueError (opset out of range), OpsetConversionError."""
     onnx = require_packages("onnx", "onnxscript")
-    if opset < MIN_OPSET:
-        raise ValueError(f"opset {opset} is too old: a KAT needs opset {MIN_OPSET} or newer (LayerNormalization)")
-    if opset > onnx.defs.onnx_opset_version():
-        raise ValueError(f"opset {opset} is newer than the installed onnx {onnx.__version__} knows "
-                         f"({onnx.defs.onnx_opset_version()})")
+    check_export_target(path, opset)
     path = Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"output folder {path.parent} does not exist; create it first (mkdir -p {path.parent})")
     if example_input is None:
         example_input = _example_input(model, batch_size)
     program = decompose_rationals(export_program(model, example_input, dynamic_batch))
