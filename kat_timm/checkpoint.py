@@ -35,7 +35,7 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
     unsafe."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"checkpoint not found: {path}")
     if path.name.endswith(".safetensors"):
         import safetensors.torch
 

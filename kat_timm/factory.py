@@ -94,10 +94,7 @@ def read_checkpoint(path: PathLike, use_ema: Optional[bool] = None) -> LoadedChe
     """Read a checkpoint file once: its weights (``use_ema`` as in :func:`~kat_timm.checkpoint.unwrap_state_dict`),
     and the architecture and model arguments it records or implies; ``CheckpointError`` for a bad file."""
     path = Path(path)
-    try:
-        raw = load_checkpoint(path)
-    except FileNotFoundError as error:
-        raise CheckpointError(str(error)) from None
+    raw = load_checkpoint(path)
     try:
         state_dict, source = unwrap_state_dict(raw, use_ema=use_ema)
     except CheckpointError as error:
@@ -108,10 +105,8 @@ def read_checkpoint(path: PathLike, use_ema: Optional[bool] = None) -> LoadedChe
     arch = raw.get("arch") if source else None  # timm's saver: args.model, or the class name without args
     architecture = args.get("model") or (arch if isinstance(arch, str) and is_model(split_model_name_tag(arch)[0])
                                          else None)
-    model_kwargs: Dict[str, Any] = {}
     recorded = args.get("model_kwargs")
-    if isinstance(recorded, Mapping):
-        model_kwargs.update(recorded)
+    model_kwargs: Dict[str, Any] = dict(recorded) if isinstance(recorded, Mapping) else {}
     if args.get("num_classes"):
         model_kwargs.setdefault("num_classes", int(args["num_classes"]))
     try:

@@ -1,5 +1,5 @@
 """Hub folders for KAT checkpoints: model cards, timm/transformers-loadable ``config.json``, checkpoint conversion
-(README, "Deployment"; ``scripts/convert_checkpoint.py`` is the CLI of ``convert_checkpoint``)."""
+(README, "Deployment")."""
 from __future__ import annotations
 
 import dataclasses
@@ -144,8 +144,8 @@ upgrading timm does not help, importing kat_timm does.
 
 
 def hub_config(config: Mapping[str, Any]) -> Dict[str, Any]:
-    """A copy of a timm ``config.json`` dict that loads in timm and in transformers' ``TimmWrapper`` alike: the
-    wrapper's own arguments (``WRAPPER_OWN_ARGS``) only at the root, where timm reads them too."""
+    """A copy of a timm ``config.json`` dict that also loads in transformers' ``TimmWrapper``: its own arguments
+    (``WRAPPER_OWN_ARGS``) only at the root, where timm reads them too."""
     fixed, model_args = dict(config), config.get("model_args") or {}
     if "num_classes" in model_args:
         fixed.setdefault("num_classes", model_args["num_classes"])
