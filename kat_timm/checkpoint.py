@@ -1,6 +1,5 @@
-"""Reading KAT checkpoints safely: weights-only loading (no pickled code ever runs), unwrapping training checkpoints
-(timm's train.py, DeiT: ``state_dict`` / ``model`` and their EMA twins, DDP / torch.compile prefixes), checking that
-they are KATs."""
+"""Reading KAT checkpoints safely (weights-only: no pickled code ever runs), unwrapping training checkpoints, checking
+that they are KATs."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +12,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from timm.models import clean_state_dict
 
-__all__ = ["CheckpointError", "check_kat_state_dict", "load_checkpoint", "unwrap_state_dict"]
+__all__ = ["CheckpointError", "check_finite", "check_kat_state_dict", "load_checkpoint", "load_error_detail",
+           "unwrap_state_dict"]
 
 PathLike = Union[str, Path]
 
@@ -30,12 +30,12 @@ class CheckpointError(ValueError):
 
 
 def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Any:
-    """Read a checkpoint file without executing pickled code: ``.safetensors`` with safetensors, anything else with
-    ``torch.load(weights_only=True)`` plus ``argparse.Namespace`` (the ``args`` of timm training checkpoints).
-    ``FileNotFoundError`` for a missing file, ``CheckpointError`` for an unreadable or unsafe one."""
+    """A checkpoint file's content without executing pickled code (``torch.load(weights_only=True)`` plus the
+    ``argparse.Namespace`` of timm training checkpoints, or safetensors); ``CheckpointError`` if unreadable or
+    unsafe."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"checkpoint not found: {path}")
     if path.name.endswith(".safetensors"):
         import safetensors.torch
 
@@ -69,12 +69,9 @@ def _unsafe_globals(path: Path, error: Exception) -> List[str]:
 
 
 def unwrap_state_dict(checkpoint: Any, use_ema: Optional[bool] = None) -> Tuple[Dict[str, torch.Tensor], str]:
-    """``(state_dict, source)``: the model state dict inside ``checkpoint`` without DDP / torch.compile prefixes, and
-    the wrapper key it came from (``""``: a bare state dict).
-
-    ``use_ema``: None: the EMA weights when there are any, as timm's ``load_checkpoint`` does; True: the EMA weights
-    or an error; False: the model weights.
-    """
+    """``(state_dict, source)``: the model weights without DDP / torch.compile prefixes, and the wrapper key they came
+    from (``""``: a bare state dict). ``use_ema``: None: the EMA weights if any (as timm does); True: those or an
+    error; False: the model weights."""
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f"not a state dict or training checkpoint: the file holds a {type(checkpoint).__name__}")
     if len(checkpoint) > 0 and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
@@ -104,8 +101,7 @@ def unwrap_state_dict(checkpoint: Any, use_ema: Optional[bool] = None) -> Tuple[
 
 
 def check_kat_state_dict(state_dict: Mapping) -> int:
-    """The number of blocks with rational coefficients; ``CheckpointError`` (saying so for a plain ViT) unless
-    ``state_dict`` looks like a KAT."""
+    """The number of blocks with rational coefficients; ``CheckpointError`` unless ``state_dict`` looks like a KAT."""
     blocks = {int(m.group(1)) for m in map(_RATIONAL_KEY.match, state_dict) if m}
     if not blocks:
         vit_like = "patch_embed.proj.weight" in state_dict and any(k.startswith("blocks.") for k in state_dict)
@@ -114,3 +110,20 @@ def check_kat_state_dict(state_dict: Mapping) -> int:
         raise CheckpointError("not a KAT checkpoint: no rational activation coefficients (blocks.N.mlp.act1/act2."
                               f"weight_numerator/weight_denominator) among its {len(state_dict)} keys.{hint}")
     return len(blocks)
+
+
+def check_finite(state_dict: Mapping, path: PathLike) -> None:
+    """``CheckpointError`` naming the tensors of ``state_dict`` (read from ``path``) that hold NaN or infinity."""
+    broken = [key for key, value in state_dict.items()
+              if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()]
+    if broken:
+        more = f" and {len(broken) - 5} more" if len(broken) > 5 else ""
+        raise CheckpointError(f"{path} holds non-finite values (NaN or infinity) in {', '.join(broken[:5])}{more}: "
+                              "the run that wrote it probably diverged; use an earlier checkpoint")
+
+
+def load_error_detail(error: Exception) -> str:
+    """The keys of torch's ``load_state_dict`` error (its first line only says "Error(s) in loading state_dict for
+    KAT:"), or the first line of any other error."""
+    lines = [line.strip().rstrip(".") for line in str(error).strip().splitlines() if line.strip()]
+    return "; ".join(lines[1:4]) if len(lines) > 1 and "loading state_dict" in lines[0] else "".join(lines[:1])

@@ -15,7 +15,8 @@ import timm
 import torch
 from timm.models import is_model, is_model_in_modules, split_model_name_tag
 
-from .checkpoint import CheckpointError, check_kat_state_dict, load_checkpoint, unwrap_state_dict
+from .checkpoint import (CheckpointError, check_finite, check_kat_state_dict, load_checkpoint, load_error_detail,
+                         unwrap_state_dict)
 from .models.kat import KAT, SIZES, checkpoint_filter_fn
 
 __all__ = ["LoadedCheckpoint", "create_model", "infer_architecture", "read_checkpoint"]
@@ -90,14 +91,10 @@ def infer_architecture(state_dict: Mapping) -> str:
 
 
 def read_checkpoint(path: PathLike, use_ema: Optional[bool] = None) -> LoadedCheckpoint:
-    """Read a checkpoint file once (:func:`kat_timm.checkpoint.load_checkpoint`): its weights (``use_ema`` as in
-    :func:`~kat_timm.checkpoint.unwrap_state_dict`), and the architecture and model arguments it records or implies.
-    ``CheckpointError`` for a missing, unreadable or unsafe file, or one without the weights asked for."""
+    """Read a checkpoint file once: its weights (``use_ema`` as in :func:`~kat_timm.checkpoint.unwrap_state_dict`),
+    and the architecture and model arguments it records or implies; ``CheckpointError`` for a bad file."""
     path = Path(path)
-    try:
-        raw = load_checkpoint(path)
-    except FileNotFoundError as error:
-        raise CheckpointError(str(error)) from None
+    raw = load_checkpoint(path)
     try:
         state_dict, source = unwrap_state_dict(raw, use_ema=use_ema)
     except CheckpointError as error:
@@ -108,10 +105,8 @@ def read_checkpoint(path: PathLike, use_ema: Optional[bool] = None) -> LoadedChe
     arch = raw.get("arch") if source else None  # timm's saver: args.model, or the class name without args
     architecture = args.get("model") or (arch if isinstance(arch, str) and is_model(split_model_name_tag(arch)[0])
                                          else None)
-    model_kwargs: Dict[str, Any] = {}
     recorded = args.get("model_kwargs")
-    if isinstance(recorded, Mapping):
-        model_kwargs.update(recorded)
+    model_kwargs: Dict[str, Any] = dict(recorded) if isinstance(recorded, Mapping) else {}
     if args.get("num_classes"):
         model_kwargs.setdefault("num_classes", int(args["num_classes"]))
     try:
@@ -134,41 +129,12 @@ def _base_name(name: str) -> str:
     return f"kat_{match.group(1)}" if match else architecture
 
 
-def _check_finite(checkpoint: LoadedCheckpoint) -> None:
-    broken = [key for key, value in checkpoint.state_dict.items()
-              if value.is_floating_point() and not torch.isfinite(value).all()]
-    if broken:
-        more = f" and {len(broken) - 5} more" if len(broken) > 5 else ""
-        raise CheckpointError(f"{checkpoint.path} holds non-finite values (NaN or infinity) in "
-                              f"{', '.join(broken[:5])}{more}: the run that wrote it probably diverged; use an "
-                              "earlier checkpoint")
-
-
-def _load_into(model: torch.nn.Module, checkpoint: LoadedCheckpoint, name: str) -> None:
-    """Strict load of the checkpoint's weights; a mismatch names the keys and the architecture they are for."""
-    state_dict = checkpoint.state_dict
-    try:
-        if isinstance(model, KAT):  # refuses partly missing rationals, resamples position embeddings
-            state_dict = checkpoint_filter_fn(state_dict, model)
-        model.load_state_dict(state_dict)
-    except RuntimeError as error:
-        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-        # torch's first line only says "Error(s) in loading state_dict for KAT:"; the keys are on the next ones
-        detail = "; ".join(line.rstrip(".") for line in lines[1:4]) if len(lines) > 1 else lines[0]
-        hint = f"; the weights look like {checkpoint.architecture}" if checkpoint.architecture else ""
-        raise CheckpointError(f"{checkpoint.path} does not fit {name}: {detail}{hint}") from None
-
-
 def create_model(model_name: Optional[str] = None, checkpoint: Optional[Union[PathLike, LoadedCheckpoint]] = None,
                  pretrained: bool = False, use_ema: Optional[bool] = None, **model_kwargs: Any) -> torch.nn.Module:
     """A timm model from a name (None: the checkpoint's architecture), a checkpoint (a file or a
-    :func:`read_checkpoint` result, loaded strictly), or both.
-
-    The checkpoint's recorded model arguments are used unless ``model_kwargs`` (for ``timm.create_model``) gives
-    others (a KAT's position embedding is then resampled); kat-train's class names become the model's
-    ``pretrained_cfg["label_names"]``. ``pretrained``: timm's released weights (only without a checkpoint).
-    ``CheckpointError`` for a checkpoint that is unreadable, of another architecture or does not fit.
-    """
+    :func:`read_checkpoint` result, loaded strictly, with its recorded model arguments unless ``model_kwargs`` gives
+    others, and kat-train's class names as ``pretrained_cfg["label_names"]``), or both. ``pretrained``: timm's
+    released weights (only without a checkpoint). ``CheckpointError`` for a checkpoint that does not fit."""
     if checkpoint is None:
         if model_name is None:
             raise ValueError("create_model needs a model name or a checkpoint")
@@ -186,7 +152,7 @@ def create_model(model_name: Optional[str] = None, checkpoint: Optional[Union[Pa
     elif recorded is not None and _base_name(model_name) != _base_name(recorded):
         raise CheckpointError(f"{checkpoint.path} does not fit {model_name}: it holds a {recorded}; give the "
                               "matching model name, or none to build the checkpoint's own")
-    _check_finite(checkpoint)
+    check_finite(checkpoint.state_dict, checkpoint.path)
     kwargs = {**checkpoint.model_kwargs, **model_kwargs}
     if is_model_in_modules(split_model_name_tag(model_name)[0], ["kat"]):
         kwargs.setdefault("weight_init", "skip")  # every tensor is overwritten by the strict load that follows
@@ -194,7 +160,12 @@ def create_model(model_name: Optional[str] = None, checkpoint: Optional[Union[Pa
         kwargs = {k: v for k, v in kwargs.items() if k in model_kwargs or k == "num_classes"
                   or k in (checkpoint.args.get("model_kwargs") or {})}
     model = timm.create_model(model_name, pretrained=False, **kwargs)
-    _load_into(model, checkpoint, model_name)
+    state_dict = checkpoint.state_dict
+    try:  # strict; a KAT's filter refuses partly missing rationals and resamples position embeddings
+        model.load_state_dict(checkpoint_filter_fn(state_dict, model) if isinstance(model, KAT) else state_dict)
+    except RuntimeError as error:
+        detail = load_error_detail(error) + (f"; the weights look like {recorded}" if recorded else "")
+        raise CheckpointError(f"{checkpoint.path} does not fit {model_name}: {detail}") from None
     names = checkpoint.class_names
     if names and len(names) <= int(getattr(model, "num_classes", 0) or 0):
         model.pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or {}, label_names=names)

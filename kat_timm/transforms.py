@@ -10,8 +10,8 @@ __all__ = ["create_transform", "model_input_size"]
 
 
 def model_input_size(model: torch.nn.Module) -> Tuple[int, int, int]:
-    """(channels, height, width) the model takes: its patch embedding's image size if it has one (that follows
-    ``img_size=`` and ``set_input_size``), else timm's data config of the model."""
+    """(channels, height, width) the model takes: its patch embedding's image size (which follows ``img_size=`` and
+    ``set_input_size``), else timm's data config."""
     patch_embed = getattr(model, "patch_embed", None)
     img_size = getattr(patch_embed, "img_size", None)
     proj = getattr(patch_embed, "proj", None)
@@ -23,9 +23,8 @@ def model_input_size(model: torch.nn.Module) -> Tuple[int, int, int]:
 
 
 def create_transform(model: Union[torch.nn.Module, str], is_training: bool = False, **overrides: Any) -> Callable:
-    """PIL image -> normalised tensor as ``model``'s pretrained config says (``model``: a timm model, or a model
-    name whose registered config is used); ``overrides``: data-config values or other ``timm.data.create_transform``
-    keywords. ``ValueError`` for a model name that timm does not know."""
+    """PIL image -> normalised tensor as ``model``'s (a timm model or a model name) pretrained config says;
+    ``overrides``: data-config values or other ``timm.data.create_transform`` keywords."""
     from timm.data import create_transform as timm_create_transform
     from timm.data import resolve_data_config, resolve_model_data_config
 

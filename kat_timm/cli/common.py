@@ -1,5 +1,5 @@
-"""What several subcommands share: the model and weight options, their checks, and building a model from them
-(through :mod:`kat_timm.factory`, released weights through :mod:`kat_timm.tools.download`) with one-line errors."""
+"""What several subcommands share: the model and weight options, their checks, and building a model from them with
+one-line errors."""
 from __future__ import annotations
 
 import argparse
@@ -52,8 +52,7 @@ def add_dataset_reader_arguments(group) -> None:
 
 
 def add_weight_source_arguments(parser: argparse.ArgumentParser, default_model: str, random_help: str) -> None:
-    """The weight options of predict and plot (released weights unless told otherwise); ``random_help`` says what
-    --random-weights gives there."""
+    """The weight options of predict and plot (released weights unless told otherwise)."""
     parser.add_argument("--model", default=None,
                         help=f"a timm model name with an optional .tag, e.g. kat_base.vitft (default: the "
                              f"checkpoint's architecture, else {default_model})")
@@ -87,8 +86,7 @@ def check_model_name(name: str) -> None:
                        f"{', '.join(pretrained_names(architecture)) or 'none'}", code=2) from None
 
 
-# Largest --img-size any command accepts: a 4096 x 4096 image is 200 MB in float32 and a ViT-style model sees 65,536
-# patches of 16 px; far larger values only end in an allocation failure deep inside torch.
+# Largest --img-size any command accepts: far larger values only end in an allocation failure deep inside torch.
 MAX_IMAGE_SIZE = 4096
 
 # Interpolation names timm's transforms take (timm.data.transforms.str_to_interp_mode); "random" only for training.
@@ -96,18 +94,14 @@ INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 
 
 def check_image_size(img_size: Optional[int] = None, input_size: Optional[Sequence[int]] = None) -> None:
-    """Raise ``CLIError`` (code 2) for an ``--img-size`` or ``--input-size`` that no model can take (whether the
-    patches fit is checked once the model is built: ``check_model_input_size``)."""
+    """Raise ``CLIError`` (code 2) for an ``--img-size`` or ``--input-size`` that no model can take."""
     if img_size is not None and not 1 <= img_size <= MAX_IMAGE_SIZE:
         raise CLIError(f"--img-size {img_size}: the image size must be 1 to {MAX_IMAGE_SIZE} pixels", code=2)
-    if input_size is not None:
-        channels, *sides = input_size
-        if channels != 3:
-            raise CLIError(f"--input-size {' '.join(map(str, input_size))}: images are loaded as RGB, so the first "
-                           f"value (channels) must be 3", code=2)
-        if not all(1 <= side <= MAX_IMAGE_SIZE for side in sides):
-            raise CLIError(f"--input-size {' '.join(map(str, input_size))}: height and width must be 1 to "
-                           f"{MAX_IMAGE_SIZE} pixels", code=2)
+    given = f"--input-size {' '.join(map(str, input_size or ()))}"
+    if input_size is not None and input_size[0] != 3:
+        raise CLIError(f"{given}: images are loaded as RGB, so the first value (channels) must be 3", code=2)
+    if input_size is not None and not all(1 <= side <= MAX_IMAGE_SIZE for side in input_size[1:]):
+        raise CLIError(f"{given}: height and width must be 1 to {MAX_IMAGE_SIZE} pixels", code=2)
 
 
 def check_model_input_size(model: torch.nn.Module, size: Sequence[int], option: str) -> None:
@@ -123,8 +117,8 @@ def check_model_input_size(model: torch.nn.Module, size: Sequence[int], option: 
 
 
 def check_preprocessing(options: dict, training: bool = False) -> None:
-    """Raise ``CLIError`` (code 2) for preprocessing ``options`` (``vars(args)``; None or "": the model's default)
-    that timm would reject with a traceback, or worse, use; ``training``: also kat-train's training-only ones."""
+    """Raise ``CLIError`` (code 2) for preprocessing ``options`` (``vars(args)``) that timm would reject with a
+    traceback, or worse, use; ``training``: also kat-train's training-only ones."""
     check_image_size(options.get("img_size"), options.get("input_size"))
     crop_pct = options.get("crop_pct")
     if crop_pct is not None and not 0.01 <= crop_pct <= 1.0:  # also catches NaN
@@ -137,19 +131,16 @@ def check_preprocessing(options: dict, training: bool = False) -> None:
     if any(value <= 0 for value in options.get("std") or ()):
         raise CLIError(f"--std {' '.join(map(str, options['std']))}: every value must be positive (images are "
                        f"divided by it)", code=2)
-    names = [("interpolation", INTERPOLATIONS)]
-    if training:
-        names.append(("train_interpolation", INTERPOLATIONS + ("random",)))
-    for name, allowed in names:
+    names = {"interpolation": INTERPOLATIONS, "train_interpolation": INTERPOLATIONS + ("random",) if training else ()}
+    for name, allowed in names.items():
         value = options.get(name)
-        if value and value not in allowed:
+        if value and allowed and value not in allowed:
             raise CLIError(f"--{name.replace('_', '-')} {value}: unknown interpolation; use one of "
                            f"{', '.join(allowed)}", code=2)
 
 
 def check_writable_folder(folder, option: str) -> None:
-    """Raise ``CLIError`` (code 2) naming ``option`` unless files can be written in ``folder`` (created later if
-    missing): the first existing folder on its path must be writable."""
+    """Raise ``CLIError`` (code 2) naming ``option`` unless files can be written in ``folder`` (created if missing)."""
     existing = Path(folder).absolute()
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -181,14 +172,13 @@ def create_model(name: Optional[str] = None, pretrained: bool = False, checkpoin
                  alternatives: Sequence[str] = (), **kwargs: Any) -> torch.nn.Module:
     """:func:`kat_timm.factory.create_model` with the usual failures turned into one-line ``CLIError``.
 
-    ``name`` None builds the checkpoint's architecture; ``pretrained``: :func:`released_weights_file` (``offline``:
-    the cache only); ``use_ema``: the checkpoint's EMA weights or an error (else its EMA weights when it has them);
-    ``alternatives``: the calling command's options that the missing-weights error offers (none by default: an
-    option another command has would mislead); ``kwargs``: more ``timm.create_model`` arguments.
+    ``offline``: released weights from the cache only; ``use_ema``: the checkpoint's EMA weights or an error;
+    ``alternatives``: the calling command's options that the missing-weights error offers (an option another
+    command has would mislead).
     """
     from timm.models import is_model_in_modules, split_model_name_tag
 
-    from kat_timm.checkpoint import CheckpointError
+    from kat_timm.checkpoint import CheckpointError, load_error_detail
     from kat_timm.factory import create_model as factory_create_model
 
     if name is not None:
@@ -219,10 +209,9 @@ def create_model(name: Optional[str] = None, pretrained: bool = False, checkpoin
     except (RuntimeError, OSError, ValueError) as error:
         if not pretrained:
             raise
-        lines = [line.strip().rstrip(".") for line in str(error).strip().splitlines() if line.strip()]
-        # torch's first line only says "Error(s) in loading state_dict for KAT:"; the keys are on the next ones
-        text = "; ".join(lines[1:4]) if len(lines) > 1 and "loading state_dict" in lines[0] else (
-            f"{type(error).__name__}: {lines[0] if lines else ''}")
+        text = load_error_detail(error)
+        if "loading state_dict" not in str(error):
+            text = f"{type(error).__name__}: {text}"
         if own_file:  # --pretrained-path: the user's file, not the released weights
             raise CLIError(f"could not load {own_file} into {name}: {text}") from None
         raise ReleasedWeightsUnavailable(f"could not load the released weights of {name}: {text}", text) from None
@@ -244,9 +233,8 @@ def resolve_device(name: Optional[str]) -> torch.device:
 
 
 def create_sized_model(name: str, size: Optional[Sequence[int]] = None, **kwargs: Any) -> torch.nn.Module:
-    """:func:`create_model`, also passing a training run's image size (``size``: ``[N]`` or ``[H, W]``) as
-    ``img_size`` to models that take it (a ViT's position embedding fits one size); an ``img_size`` in ``kwargs``
-    (``--model-kwargs img_size=N``) wins, and models without the argument are built without it."""
+    """:func:`create_model`, also passing a training run's image size (``[N]`` or ``[H, W]``) as ``img_size`` to
+    models that take it (an ``img_size`` in ``kwargs`` wins)."""
     if size is None or "img_size" in kwargs:
         return create_model(name, **kwargs)
     img_size = tuple(size) if len(size) > 1 else int(size[0])
@@ -261,8 +249,7 @@ def create_sized_model(name: str, size: Optional[Sequence[int]] = None, **kwargs
 
 
 def create_model_from_options(args: argparse.Namespace) -> torch.nn.Module:
-    """The model :func:`add_weight_source_arguments`' options ask for; ``args.model`` is set to the name built
-    (without ``--model``: the checkpoint's architecture, else the command's default model)."""
+    """The model :func:`add_weight_source_arguments`' options ask for; ``args.model`` is set to the name built."""
     if args.random_weights and args.checkpoint is not None:
         raise CLIError("give --checkpoint or --random-weights, not both", code=2)
     name = args.model or (None if args.checkpoint is not None else args.default_model)
@@ -274,8 +261,7 @@ def create_model_from_options(args: argparse.Namespace) -> torch.nn.Module:
 
 
 def released_weights_file(name: str, offline: bool = False, alternatives: Sequence[str] = ()) -> str:
-    """The local path of ``name``'s released weights (:func:`kat_timm.tools.download.weights_path`): from the Hub
-    when it answers, else its cache; ``ReleasedWeightsUnavailable`` offers ``alternatives`` (the command's options)."""
+    """The local path of ``name``'s released weights (:func:`kat_timm.tools.download.weights_path`)."""
     from kat_timm.tools.download import DownloadError, resolve_hub_repo, weights_path
 
     try:

@@ -48,8 +48,8 @@ class OpCheck:
 
 def check_op(device: torch.device, shape: Tuple[int, ...] = OP_CHECK_SHAPE, groups: int = OP_CHECK_GROUPS,
              tolerance: float = OP_CHECK_TOLERANCE) -> OpCheck:
-    """``group_rational``'s forward and backward (float32, random input from a private generator: the caller's RNG
-    is left alone) on ``device`` against the float64 reference: max |op - reference| / max |reference| per output."""
+    """max |op - reference| / max |reference| of ``group_rational``'s forward and backward outputs (float32, a private
+    generator's random input) on ``device`` against the float64 reference."""
     from kat_timm.ops import group_rational, group_rational_reference, select_backend
 
     generator = torch.Generator().manual_seed(0)
@@ -89,8 +89,8 @@ def _synchronize(device: torch.device) -> None:
 @torch.inference_mode()
 def time_inference(models: Dict[str, torch.nn.Module], batch: int, reps: int, device: torch.device,
                    image_size: int = 224) -> Dict[str, float]:
-    """Images per second of each model's forward pass on a random batch: the median of ``reps`` timed passes after
-    a warm-up, interleaved across models so that a load change on a shared machine hits all of them alike."""
+    """Images per second of each model's forward pass: the median of ``reps`` timed passes after a warm-up,
+    interleaved across models so that a load change on a shared machine hits all of them alike."""
     images = torch.randn(batch, 3, image_size, image_size, device=device)
     for model in models.values():
         model.eval()(images)

@@ -58,29 +58,22 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 
 
 def _validate(args: argparse.Namespace) -> None:
-    from kat_timm.tools.export import DEFAULT_OPSET, MIN_OPSET, MissingDependencyError, require_packages
+    from kat_timm.tools.export import MissingDependencyError, check_export_target, require_packages
 
     from .common import check_image_size
 
-    if args.opset < MIN_OPSET:
-        raise CLIError(f"--opset {args.opset} is too old: a KAT needs opset {MIN_OPSET} or newer", code=2)
     try:
-        import onnx
-
-        newest = onnx.defs.onnx_opset_version()
-    except ImportError:  # reported on its own below
-        newest = None
-    if newest is not None and args.opset > newest:
-        raise CLIError(f"--opset {args.opset} is newer than the installed onnx knows ({newest}); the default is "
-                       f"{DEFAULT_OPSET}", code=2)
+        check_export_target(args.output, args.opset)
+    except ValueError as error:
+        raise CLIError(f"--{error}", code=2) from None
+    except FileNotFoundError as error:
+        raise CLIError(str(error)) from None
     if args.batch_size < 1:
         raise CLIError("--batch-size must be >= 1", code=2)
     check_image_size(args.img_size)
     if args.use_ema and args.checkpoint is None:
         raise CLIError("--use-ema needs --checkpoint", code=2)
     folder = args.output.parent
-    if not folder.is_dir():
-        raise CLIError(f"output folder {folder} does not exist; create it first (mkdir -p {folder})")
     if args.output.is_dir():
         raise CLIError(f"{args.output} is a folder; give the .onnx file to write (-o {args.output / 'model.onnx'})",
                        code=2)

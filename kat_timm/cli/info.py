@@ -77,8 +77,7 @@ def _versions() -> Dict[str, Any]:
     import kat_timm
     from kat_timm.benchmark import device_name, package_version
 
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() \
-        else []
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]  # none without CUDA
     return {"kat_timm": kat_timm.__version__, "python": platform.python_version(),
             **{name: package_version(name) for name in PACKAGES}, "cuda": torch.version.cuda,
             "cpu": device_name("cpu"), "cpu_threads": torch.get_num_threads(), "gpus": gpus}

@@ -19,8 +19,8 @@ __all__ = ["Prediction", "class_labeller", "main", "predict", "read_images"]
 RANDOM_WEIGHTS_WARNING = "random weights (--random-weights): the predictions below are meaningless"
 
 def read_images(paths: Sequence[Path], problems: Optional[List[str]] = None):
-    """Every image as RGB, read before any model work so a bad path fails fast; unreadable files are named in
-    ``problems`` (and skipped) when it is given, else all in one ``CLIError``."""
+    """Every image as RGB; unreadable files are named in ``problems`` (and skipped) when given, else in a
+    ``CLIError``."""
     from PIL import Image, UnidentifiedImageError
 
     images, found = [], []
@@ -62,9 +62,8 @@ def _to_rgb(image):
 
 
 def class_labeller(model: torch.nn.Module, class_map: Optional[Path] = None) -> Callable[[int], str]:
-    """index -> label: from ``class_map`` (timm's .txt format, line i naming class i), else the model's
-    ``pretrained_cfg["label_names"]`` (and ``label_descriptions``), else ImageNet's descriptions for an ImageNet
-    subset's classifier size (timm's ``infer_imagenet_subset``), else the class index."""
+    """index -> label: from ``class_map`` (line i naming class i), else the model's ``pretrained_cfg["label_names"]``,
+    else ImageNet's descriptions for an ImageNet classifier size, else the class index."""
     num_classes = int(getattr(model, "num_classes", 0) or 0)
     if class_map is not None:
         names = _read_class_map(class_map)
@@ -110,8 +109,8 @@ class Prediction:
 @torch.inference_mode()
 def predict(model: torch.nn.Module, images: Sequence, labeller: Callable[[int], str], top_k: int = 5,
             batch_size: int = 16, device: Optional[torch.device] = None) -> List[List[Prediction]]:
-    """Top-k softmax probabilities of each PIL image (at most the class count), preprocessed as the model's
-    pretrained config says (:func:`kat_timm.transforms.create_transform`), on ``device`` (default: the model's)."""
+    """Top-k softmax probabilities of each PIL image, preprocessed as the model's pretrained config says, on
+    ``device`` (default: the model's)."""
     from kat_timm.transforms import create_transform
 
     model.eval()

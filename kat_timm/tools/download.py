@@ -1,5 +1,5 @@
 """Released weights from the Hugging Face Hub or its cache, failing fast when the Hub is unreachable (README,
-"Offline machines"): :func:`download_pretrained` fills the cache, :func:`weights_path` finds the file to load."""
+"Offline machines")."""
 from __future__ import annotations
 
 import dataclasses
@@ -71,8 +71,7 @@ def format_size(num_bytes: int) -> str:
 
 
 def released_models(pattern: str = "kat*") -> Dict[str, str]:
-    """{model name: Hub repo id} of every released checkpoint; a repo that several names load is listed once, under
-    the name that equals the repo's own name when there is one."""
+    """{model name: Hub repo id} of every released checkpoint, each repo once (under its own name when registered)."""
     by_repo: Dict[str, str] = {}
     for name in timm.list_pretrained(pattern):
         repo_id = (timm.models.get_pretrained_cfg(name).hf_hub_id or "").split("@", 1)[0]
@@ -98,11 +97,8 @@ def weight_files(filename: str = constants.PYTORCH_WEIGHTS_NAME) -> List[str]:
 
 
 def resolve_hub_repo(name: str) -> Tuple[str, Optional[str], str]:
-    """(repo id, revision or None, weights filename) that timm fetches ``name``'s pretrained weights from.
-
-    ``name``: a timm model name with an optional ``.tag``, or ``hf-hub:owner/repo[@revision]``. Raises ``ValueError``
-    for an unknown model or tag or a model without weights on the Hub, listing the released KAT checkpoints.
-    """
+    """(repo id, revision or None, weights filename) that timm fetches ``name``'s (``model[.tag]`` or
+    ``hf-hub:owner/repo[@revision]``) pretrained weights from; ``ValueError`` for a name without weights there."""
     if name.startswith(HF_HUB_PREFIX):
         repo_id, _, revision = name[len(HF_HUB_PREFIX):].partition("@")
         if repo_id.count("/") != 1 or not all(repo_id.split("/")):
@@ -126,7 +122,7 @@ def resolve_hub_repo(name: str) -> Tuple[str, Optional[str], str]:
 
 def cached_file_intact(path: PathLike) -> bool:
     """Whether a file of the Hugging Face cache still holds what was downloaded: its ``blobs/<id>`` name is the
-    SHA-256 (LFS files) or git blob hash (others) of the content. A file outside that layout counts as intact."""
+    SHA-256 (LFS files) or git blob hash (others) of the content; a file outside that layout counts as intact."""
     blob = Path(path).resolve()
     name = blob.name
     if blob.parent.name != "blobs" or len(name) not in (40, 64) or any(c not in "0123456789abcdef" for c in name):
@@ -138,8 +134,8 @@ def cached_file_intact(path: PathLike) -> bool:
 
 
 def hub_unreachable(url: Optional[str] = None) -> Optional[str]:
-    """None when the Hub answers one HEAD request (any status; through huggingface_hub's session, within its
-    ``HF_HUB_ETAG_TIMEOUT``; none in offline mode), else why not. ``hf_hub_download`` alone retries for about 20 s."""
+    """None when the Hub answers one HEAD request within ``HF_HUB_ETAG_TIMEOUT``, else why not (``hf_hub_download``
+    alone retries for about 20 s)."""
     from huggingface_hub.utils import build_hf_headers, get_session  # at call time: tests replace the session
 
     if constants.is_offline_mode():
@@ -186,9 +182,8 @@ def cached_weights(repo_id: str, candidates: List[str], revision: Optional[str] 
 
 def weights_path(repo_id: str, filename: str = constants.PYTORCH_WEIGHTS_NAME, revision: Optional[str] = None,
                  offline: bool = False) -> str:
-    """The local path of the weights file timm loads from ``repo_id`` (the first of :func:`weight_files` it has):
-    through ``hf_hub_download`` (a newer version is fetched) when the Hub answers, else from the cache.
-    ``DownloadError`` says why neither has them; the Hub's own errors (``HfHubHTTPError``, ...) pass through."""
+    """The local path of the weights file timm loads from ``repo_id``: through ``hf_hub_download`` when the Hub
+    answers, else from the cache; ``DownloadError`` says why neither has it (the Hub's own errors pass through)."""
     candidates = weight_files(filename)
     reason = "offline mode (--offline)" if offline else hub_unreachable(hf_hub_url(repo_id, candidates[0],
                                                                                    revision=revision))
@@ -204,46 +199,34 @@ def weights_path(repo_id: str, filename: str = constants.PYTORCH_WEIGHTS_NAME, r
     return cached[1]
 
 
-def _cached_file(filename: str, path: str, fetched: bool) -> CachedFile:
-    return CachedFile(filename=filename, path=Path(path), size=Path(path).stat().st_size, fetched=fetched)
-
-
 def _fetch(repo_id: str, filename: str, revision: Optional[str], cache_dir: Optional[PathLike],
            force: bool = False) -> CachedFile:
-    cached = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
-    damaged = isinstance(cached, str) and not cached_file_intact(cached)
-    if isinstance(cached, str) and not (force or damaged):
-        return _cached_file(filename, cached, fetched=False)
+    path = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
+    damaged = isinstance(path, str) and not cached_file_intact(path)
+    fetched = not isinstance(path, str) or force or damaged
     if damaged and constants.is_offline_mode():
-        raise LocalEntryNotFoundError(f"the cached {filename} ({cached}) is damaged: its content does not match its "
+        raise LocalEntryNotFoundError(f"the cached {filename} ({path}) is damaged: its content does not match its "
                                       "checksum (a download or a copy was cut short)")
-    if not constants.is_offline_mode():
-        _hub_answers(repo_id, filename, revision)
-    path = hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir, force_download=force or damaged)
-    return _cached_file(filename, path, fetched=True)
+    if fetched:
+        if not constants.is_offline_mode():
+            _hub_answers(repo_id, filename, revision)
+        path = hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
+                               force_download=force or damaged)
+    return CachedFile(filename=filename, path=Path(path), size=Path(path).stat().st_size, fetched=fetched)
 
 
 def _fetch_weights(repo_id: str, filename: str, revision: Optional[str], cache_dir: Optional[PathLike],
                    force: bool = False) -> CachedFile:
     candidates = weight_files(filename)
-    # Any one cached candidate is enough: offline, timm skips the candidates that are not cached.
+    # Any one cached candidate is enough: offline, timm skips the candidates that are not cached. Those the cache
+    # remembers the repo lacks are not asked for.
     cached = cached_weights(repo_id, candidates, revision, cache_dir)
-    if cached is not None:
-        return _fetch(repo_id, cached[0], revision, cache_dir, force)  # again if damaged or forced
-
-    def fetch(name: str) -> CachedFile:
-        if try_to_load_from_cache(repo_id, name, cache_dir=cache_dir, revision=revision) is _CACHED_NO_EXIST:
-            raise EntryNotFoundError(name)  # the cache remembers that the repo lacks it
-        return _fetch(repo_id, name, revision, cache_dir, force)
-
-    found = _first_in_repo(candidates, fetch)
+    names = [cached[0]] if cached else [name for name in candidates if try_to_load_from_cache(
+        repo_id, name, cache_dir=cache_dir, revision=revision) is not _CACHED_NO_EXIST]
+    found = _first_in_repo(names, lambda name: _fetch(repo_id, name, revision, cache_dir, force))
     if found is None:
         raise EntryNotFoundError(f"the repo holds none of {', '.join(candidates)}")
     return found
-
-
-def _cache_root(cache_dir: Optional[PathLike]) -> str:
-    return str(cache_dir) if cache_dir is not None else constants.HF_HUB_CACHE
 
 
 def _is_network_error(error: Exception) -> bool:
@@ -252,41 +235,41 @@ def _is_network_error(error: Exception) -> bool:
     return isinstance(error, (ConnectionError, TimeoutError)) or module.startswith(("httpx", "httpcore", "urllib3"))
 
 
+_HUB_ERRORS = (
+    (GatedRepoError, "{repo_id} is gated: accept its terms on huggingface.co and log in (hf auth login)"),
+    (RepositoryNotFoundError, "no repository {repo_id} on the Hugging Face Hub (or it is private and you are not "
+                              "logged in)"),
+    (RevisionNotFoundError, "{repo_id} has no revision {revision!r}"),
+    (EntryNotFoundError, "{repo_id}: {detail}"),
+    (HfHubHTTPError, "the Hugging Face Hub answered with an error for {repo_id}: {detail}"),
+)
+
+
 def _reason(error: Exception, repo_id: str, revision: Optional[str], cache_dir: Optional[PathLike], wanted: str) -> str:
     """One line saying why fetching ``wanted`` from ``repo_id`` failed and what to do."""
     detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    cache = cache_dir or constants.HF_HUB_CACHE
     if isinstance(error, LocalEntryNotFoundError):
         if detail.startswith("the cached "):
             return (f"{detail}; it can't be fetched again without the Hub (offline): run 'kat-timm download --force' "
                     "where the Hub is reachable")
         if constants.is_offline_mode():
-            return (f"{wanted} is not in the cache ({_cache_root(cache_dir)}) and HF_HUB_OFFLINE=1 is set, so it "
+            return (f"{wanted} is not in the cache ({cache}) and HF_HUB_OFFLINE=1 is set, so it "
                     "cannot be fetched; run the download on a machine with network access (without HF_HUB_OFFLINE)")
         return f"could not reach the Hugging Face Hub to fetch {wanted} (no network?): {detail}"
     if _is_network_error(error):
         return (f"network error while fetching {wanted}: {type(error).__name__}: {detail} (Hub: {constants.ENDPOINT}); "
                 "run the download on a machine that reaches the Hub")
-    if isinstance(error, GatedRepoError):
-        return f"{repo_id} is gated: accept its terms on huggingface.co and log in (hf auth login)"
-    if isinstance(error, RepositoryNotFoundError):
-        return f"no repository {repo_id} on the Hugging Face Hub (or it is private and you are not logged in)"
-    if isinstance(error, RevisionNotFoundError):
-        return f"{repo_id} has no revision {revision!r}"
-    if isinstance(error, EntryNotFoundError):
-        return f"{repo_id}: {detail}"
-    if isinstance(error, HfHubHTTPError):
-        return f"the Hugging Face Hub answered with an error for {repo_id}: {detail}"
-    return f"could not write to the cache {_cache_root(cache_dir)}: {detail}"
+    for kind, text in _HUB_ERRORS:  # the first match: the subclasses come before HfHubHTTPError
+        if isinstance(error, kind):
+            return text.format(repo_id=repo_id, revision=revision, detail=detail)
+    return f"could not write to the cache {cache}: {detail}"
 
 
 def download_pretrained(name: str, cache_dir: Optional[PathLike] = None, force: bool = False) -> DownloadResult:
-    """Make sure the cache holds what ``timm.create_model(name, pretrained=True)`` needs: ``config.json`` and the
-    weights file timm will pick (README, "Offline machines").
-
-    Cached files are not fetched again (no request at all) unless damaged (:func:`cached_file_intact`) or ``force``
-    is set. ``cache_dir``: the cache folder (default ``HF_HUB_CACHE``; timm reads another one only when
-    ``HF_HUB_CACHE`` points to it). Raises ``DownloadError`` naming the model and the reason.
-    """
+    """Make sure the cache (``cache_dir``, default ``HF_HUB_CACHE``) holds the ``config.json`` and weights file that
+    ``timm.create_model(name, pretrained=True)`` loads; cached files are fetched again only if damaged or ``force``.
+    ``DownloadError`` names the model and the reason."""
     try:
         repo_id, revision, weights = resolve_hub_repo(name)
     except ValueError as error:

@@ -1,5 +1,4 @@
-"""Deployment exports of a KAT (README, "ONNX"): ``torch.export`` programs, which keep one ``kat_timm::group_rational``
-node per activation, and ONNX files, where those nodes become ``group_rational_plain``'s standard ops."""
+"""Deployment exports of a KAT (README, "ONNX"): ``torch.export`` programs and ONNX files of standard ops."""
 from __future__ import annotations
 
 import contextlib
@@ -15,7 +14,8 @@ import torch
 from ..ops.rational_torch import LARGE_INPUT
 from ..transforms import model_input_size
 
-__all__ = ["DEFAULT_OPSET", "MIN_OPSET", "MissingDependencyError", "OpsetConversionError", "check_onnx",
+__all__ = ["DEFAULT_OPSET", "MIN_OPSET", "MissingDependencyError", "OpsetConversionError", "check_export_target",
+           "check_onnx",
            "decompose_rationals", "export_onnx", "export_program", "group_rational_plain", "model_input_size",
            "onnx_io_shapes", "onnx_op_domains", "require_packages", "standard_domains_only"]
 
@@ -39,8 +39,7 @@ class OpsetConversionError(RuntimeError):
 
 
 def require_packages(*names: str, purpose: str = "ONNX export"):
-    """Raise :class:`MissingDependencyError` naming every package of ``names`` that can't be imported; else import
-    and return the first."""
+    """The first of ``names`` imported; :class:`MissingDependencyError` naming every one that is missing."""
     missing = [name for name in names if importlib.util.find_spec(name) is None]
     if missing:
         raise MissingDependencyError(f"{purpose} needs {' and '.join(missing)} (not installed); pip install onnx "
@@ -59,9 +58,8 @@ def _eval_mode(model: torch.nn.Module):
 
 def group_rational_plain(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, channel_dim: int = -1,
                          bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``kat_timm.ops.group_rational`` (same arguments, float32 math for half inputs) with elementary ops only, what
-    an exported graph computes: Horner steps (Mul, Add), Abs and one Div on a ``(..., G, rest)`` reshape of ``x``.
-    For inference and export; train with ``group_rational`` (its gradient of |b| at b == 0 is +1, autograd's 0)."""
+    """``kat_timm.ops.group_rational`` with elementary ops only (Horner steps, Abs, Div, Where), what an exported
+    graph computes; for inference and export (train with ``group_rational``: its gradient of |b| at b == 0 is +1)."""
     groups = denominator.shape[0]
     cdim = channel_dim % x.dim()
     compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
@@ -100,9 +98,8 @@ def _example_input(model: torch.nn.Module, batch_size: int) -> torch.Tensor:
 
 def export_program(model: torch.nn.Module, example_input: Optional[torch.Tensor] = None,
                    dynamic_batch: bool = False) -> torch.export.ExportedProgram:
-    """``torch.export.export`` of ``model`` in eval mode (its mode restored afterwards), traced with
-    ``example_input`` (default: 2 random images), optionally with a symbolic batch dimension. The rationals stay
-    ``kat_timm::group_rational`` nodes: run the program with kat_timm imported (README, "ONNX")."""
+    """``torch.export.export`` of ``model`` in eval mode, traced with ``example_input`` (default: 2 random images),
+    optionally with a symbolic batch; the rationals stay ``kat_timm::group_rational`` nodes (README, "ONNX")."""
     if example_input is None:
         example_input = _example_input(model, batch_size=2)
     dynamic_shapes = None
@@ -116,27 +113,33 @@ def export_program(model: torch.nn.Module, example_input: Optional[torch.Tensor]
 
 
 def decompose_rationals(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
-    """``program`` with every ``kat_timm::group_rational`` node replaced by ``group_rational_plain``'s ops; only that
-    op: the ONNX exporter's own decompositions keep what ONNX has natively (LayerNormalization, Gemm...), and a
-    one-entry table traces about twice as fast."""
+    """``program`` with every ``kat_timm::group_rational`` node replaced by ``group_rational_plain``'s ops (only that
+    op: the exporter's own decompositions keep what ONNX has natively, LayerNormalization, Gemm...)."""
     return program.run_decompositions({torch.ops.kat_timm.group_rational.default: group_rational_plain})
+
+
+def check_export_target(path: PathLike, opset: int) -> None:
+    """ValueError for an opset a KAT can't be written in (or the installed onnx does not know), FileNotFoundError
+    for a missing output folder."""
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset {opset} is too old: a KAT needs opset {MIN_OPSET} or newer (LayerNormalization)")
+    newest = importlib.import_module("onnx").defs.onnx_opset_version() if importlib.util.find_spec("onnx") else opset
+    if opset > newest:
+        raise ValueError(f"opset {opset} is newer than the installed onnx knows ({newest}); the default is "
+                         f"{DEFAULT_OPSET}")
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"output folder {folder} does not exist; create it first (mkdir -p {folder})")
 
 
 def export_onnx(model: torch.nn.Module, path: PathLike, dynamic_batch: bool = False, opset: int = DEFAULT_OPSET,
                 batch_size: int = 1, example_input: Optional[torch.Tensor] = None) -> Path:
     """Export ``model`` (in eval mode) to an ONNX file of standard ops, input ``images``, output ``logits``, checked
-    with ``onnx.checker`` (full check) and only then put at ``path`` (README, "ONNX"). ``batch_size`` is the graph's
-    fixed batch (with ``dynamic_batch``, only the tracing batch). Raises MissingDependencyError (no onnx/onnxscript),
-    FileNotFoundError (no output folder), ValueError (opset out of range), OpsetConversionError."""
+    with ``onnx.checker`` and only then put at ``path`` (README, "ONNX"); ``batch_size``: the graph's fixed batch
+    (with ``dynamic_batch``, the tracing batch)."""
     onnx = require_packages("onnx", "onnxscript")
-    if opset < MIN_OPSET:
-        raise ValueError(f"opset {opset} is too old: a KAT needs opset {MIN_OPSET} or newer (LayerNormalization)")
-    if opset > onnx.defs.onnx_opset_version():
-        raise ValueError(f"opset {opset} is newer than the installed onnx {onnx.__version__} knows "
-                         f"({onnx.defs.onnx_opset_version()})")
+    check_export_target(path, opset)
     path = Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"output folder {path.parent} does not exist; create it first (mkdir -p {path.parent})")
     if example_input is None:
         example_input = _example_input(model, batch_size)
     program = decompose_rationals(export_program(model, example_input, dynamic_batch))
@@ -189,8 +192,8 @@ def onnx_op_domains(path: PathLike) -> Dict[str, set]:
 
 def check_onnx(path: PathLike, model: torch.nn.Module, batch_sizes: Sequence[int] = (2,),
                seed: int = 0) -> Dict[int, float]:
-    """{batch size: ||onnx - torch|| / ||torch||} of the ONNX file run by onnxruntime (CPU) and ``model`` (eval
-    mode) on the same random images; MissingDependencyError without onnxruntime."""
+    """{batch size: ||onnx - torch|| / ||torch||} of the ONNX file run by onnxruntime (CPU) and ``model`` on the
+    same random images."""
     onnxruntime = require_packages("onnxruntime", purpose="checking an ONNX file")
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name

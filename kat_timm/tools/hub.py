@@ -1,5 +1,5 @@
 """Hub folders for KAT checkpoints: model cards, timm/transformers-loadable ``config.json``, checkpoint conversion
-(README, "Deployment"; ``scripts/convert_checkpoint.py`` is the CLI of ``convert_checkpoint``)."""
+(README, "Deployment")."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,8 +11,9 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 import timm
+from huggingface_hub.utils.sha import sha_fileobj
 
-from ..checkpoint import CheckpointError, check_kat_state_dict, load_checkpoint, unwrap_state_dict
+from ..checkpoint import CheckpointError, check_finite, check_kat_state_dict, load_checkpoint, unwrap_state_dict
 from ..factory import infer_architecture
 from ..models import RELEASED_TOP1
 
@@ -74,9 +75,8 @@ _CITATION = """@article{yang2024kat,
 
 def model_card(model_name: str, tag: str = "", num_params: Optional[int] = None, repo_id: Optional[str] = None,
                source: Optional[str] = None) -> str:
-    """README.md (Hub model card) of a converted KAT checkpoint by timm's own card generator (what
-    ``push_to_hf_hub`` uses): details, usage for ``repo_id``, the released checkpoints; ``source`` says where the
-    weights came from, ``num_params`` defaults to the 1000-class model's."""
+    """README.md (Hub model card) of a converted KAT checkpoint, by timm's own card generator; ``source`` says where
+    the weights came from, ``num_params`` defaults to the 1000-class model's."""
     from timm.models._hub import generate_readme
 
     size = _size_of(model_name)
@@ -144,8 +144,8 @@ upgrading timm does not help, importing kat_timm does.
 
 
 def hub_config(config: Mapping[str, Any]) -> Dict[str, Any]:
-    """A copy of a timm ``config.json`` dict that loads in timm and in transformers' ``TimmWrapper`` alike: the
-    wrapper's own arguments (``WRAPPER_OWN_ARGS``) only at the root, where timm reads them too."""
+    """A copy of a timm ``config.json`` dict that also loads in transformers' ``TimmWrapper``: its own arguments
+    (``WRAPPER_OWN_ARGS``) only at the root, where timm reads them too."""
     fixed, model_args = dict(config), config.get("model_args") or {}
     if "num_classes" in model_args:
         fixed.setdefault("num_classes", model_args["num_classes"])
@@ -159,8 +159,8 @@ def hub_config(config: Mapping[str, Any]) -> Dict[str, Any]:
 
 def save_hub_folder(model: torch.nn.Module, output_dir: PathLike,
                     safe_serialization: Union[bool, str] = "both") -> None:
-    """Write a ``timm.create_model`` model as a Hub folder that timm and transformers both load: timm's
-    ``save_for_hf`` (``safe_serialization``: "both" files or True, model.safetensors only), then ``fix_hub_folder``."""
+    """Write a timm model as a Hub folder that timm and transformers both load: timm's ``save_for_hf``
+    (``safe_serialization``: "both" files, or True: model.safetensors only), then ``fix_hub_folder``."""
     from timm.models import save_for_hf
 
     output_dir = Path(output_dir)
@@ -170,8 +170,7 @@ def save_hub_folder(model: torch.nn.Module, output_dir: PathLike,
 
 
 def fix_hub_folder(folder: PathLike) -> bool:
-    """Rewrite ``folder/config.json`` through ``hub_config``, atomically; returns whether it changed (README, "In
-    Hugging Face transformers"). FileNotFoundError without a config.json."""
+    """Rewrite ``folder/config.json`` through ``hub_config``, atomically; returns whether it changed."""
     config_path = Path(folder) / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"no config.json in {folder}: not a timm Hub folder")
@@ -197,13 +196,6 @@ class ConversionResult:
     files: List[str]
 
 
-def _sha256(path: Path) -> str:
-    from huggingface_hub.utils.sha import sha_fileobj
-
-    with open(path, "rb") as f:
-        return sha_fileobj(f).hex()
-
-
 def _prepare_output_dir(output_dir: Path, force: bool) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise CheckpointError(f"output path exists and is not a directory: {output_dir}")
@@ -220,30 +212,21 @@ def convert_checkpoint(checkpoint_path: PathLike, output_dir: PathLike, model_na
                        tag: Optional[str] = None, use_ema: Optional[bool] = None,
                        safe_serialization: Union[bool, str] = "both", force: bool = False,
                        repo_id: Optional[str] = None, verify: bool = True) -> ConversionResult:
-    """Convert a KAT checkpoint into a Hub-ready folder (timm ``config.json``, weights, ``README.md``); README,
-    "Deployment", says what is read and written. ``model_name`` (with an optional tag, which ``tag`` overrides) is
-    inferred from the shapes when None; ``force`` replaces only the files a conversion writes; ``verify`` reloads the
-    folder and checks every tensor. The checkpoint must fit exactly but for the classifier, whose width sets the
-    number of classes (0 without a head)."""
+    """Convert a KAT checkpoint into a Hub-ready folder (README, "Deployment"). ``model_name`` (with an optional tag,
+    which ``tag`` overrides) is inferred from the shapes when None; ``force`` replaces only the files a conversion
+    writes; ``verify`` reloads the folder and checks every tensor. The checkpoint must fit exactly but for the
+    classifier, whose width sets the number of classes."""
     from timm.models import get_pretrained_cfg, split_model_name_tag
 
     if safe_serialization not in ("both", True):
         raise CheckpointError(f"safe_serialization must be 'both' or True, not {safe_serialization!r}")
     checkpoint_path = Path(checkpoint_path)
     output_dir = Path(output_dir)
-    if not checkpoint_path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint_path}")
     if output_dir.resolve() == checkpoint_path.parent.resolve():
         raise CheckpointError("the output directory must not be the checkpoint's own directory")
     state_dict, source_key = unwrap_state_dict(load_checkpoint(checkpoint_path), use_ema=use_ema)
     check_kat_state_dict(state_dict)
-    broken = [key for key, value in state_dict.items()
-              if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()]
-    if broken:
-        more = f" and {len(broken) - 5} more" if len(broken) > 5 else ""
-        raise CheckpointError(f"{checkpoint_path} holds non-finite values (NaN or infinity) in "
-                              f"{', '.join(broken[:5])}{more}: the run that wrote it probably diverged; convert an "
-                              f"earlier checkpoint")
+    check_finite(state_dict, checkpoint_path)
 
     if model_name is None:
         model_name = infer_architecture(state_dict)
@@ -271,8 +254,10 @@ def convert_checkpoint(checkpoint_path: PathLike, output_dir: PathLike, model_na
     _prepare_output_dir(output_dir, force)
     save_hub_folder(model, output_dir, safe_serialization=safe_serialization)
     num_params = sum(p.numel() for p in model.parameters())
+    with open(checkpoint_path, "rb") as file:
+        digest = sha_fileobj(file).hex()
     what = f"`{source_key}` of " if source_key else ""
-    source = f"{what}`{checkpoint_path.name}` (sha256 `{_sha256(checkpoint_path)[:16]}...`)"
+    source = f"{what}`{checkpoint_path.name}` (sha256 `{digest[:16]}...`)"
     card = model_card(arch, tag, num_params, repo_id=repo_id or pretrained_cfg.hf_hub_id, source=source)
     (output_dir / "README.md").write_text(card, encoding="utf-8")
 

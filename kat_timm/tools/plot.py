@@ -1,7 +1,5 @@
-"""Draw the learned rational activations of a KAT, one panel per GroupRational and one curve per channel group
-(README, "Look at what the KAN learned"). Built on matplotlib's Agg canvas without pyplot: no display is needed
-and nothing is kept in pyplot's global figure list.
-"""
+"""Draw the learned rational activations of a KAT, one panel per GroupRational and one curve per channel group, on
+matplotlib's Agg canvas without pyplot (no display needed, nothing kept in pyplot's global figure list)."""
 from __future__ import annotations
 
 import math
@@ -34,8 +32,8 @@ def find_rationals(model: nn.Module) -> List[Tuple[str, GroupRational]]:
 
 @torch.no_grad()
 def rational_curves(layer: GroupRational, x: torch.Tensor, use_layer: bool = False) -> torch.Tensor:
-    """F_g(x) of every group g of ``layer`` on the 1-D grid ``x``, a float64 (len(x), G) tensor: the float64
-    reference formula on the layer's coefficients, or with ``use_layer`` the layer itself (backend, dtype, device)."""
+    """F_g(x) of every group g of ``layer`` on the 1-D grid ``x`` as a float64 (len(x), G) tensor: by the float64
+    reference formula, or with ``use_layer`` by the layer itself."""
     groups = layer.num_groups
     grid = x.detach().to(torch.float64).reshape(-1, 1).expand(-1, groups)
     if use_layer:
@@ -59,11 +57,9 @@ def require_matplotlib():
 def plot_rationals(model: nn.Module, reference: Optional[str] = "init", x_range: Tuple[float, float] = (-3.0, 3.0),
                    num_points: int = 241, use_layer: bool = False, title: Optional[str] = None,
                    panel_size: Tuple[float, float] = (3.2, 1.9)):
-    """A matplotlib Figure (Agg canvas) of every rational of ``model``, one curve per channel group on ``x_range``:
-    rows are the modules holding rationals (``blocks.i.mlp``), columns the rationals in them (``act1``, ``act2``);
-    ``reference`` is the dashed curve in every panel ("init": the layer's init function when it is one of
-    ``REFERENCE_FUNCTIONS``), ``panel_size`` is in inches (README, "Look at what the KAN learned"). ImportError
-    without matplotlib, ValueError on a model without rationals or a bad argument."""
+    """A matplotlib Figure of every rational of ``model``, one curve per channel group on ``x_range``: a row per
+    module holding rationals, a column per rational name (act1, act2); ``reference``: the dashed curve ("init": the
+    layer's init function); ``panel_size`` in inches (README, "Look at what the KAN learned")."""
     if reference is not None and reference not in REFERENCES:
         raise ValueError(f"reference must be one of {', '.join(REFERENCES)} or None, got {reference!r}")
     low, high = map(float, x_range)

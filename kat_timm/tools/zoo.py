@@ -1,5 +1,5 @@
-"""The model zoo from timm's registry (``kat-timm info``, the README table of ``scripts/model_zoo.py``): every KAT
-model and pretrained tag, its size and cost (counted on the meta device), accuracy and where its weights are."""
+"""The model zoo from timm's registry (``kat-timm info``, ``scripts/model_zoo.py``): every KAT model and pretrained
+tag, its size and cost (counted on the meta device), accuracy and where its weights are."""
 from __future__ import annotations
 
 import dataclasses
@@ -21,8 +21,7 @@ _TRAINING = {"": "from scratch, IN-1k", "vitft": "from AugReg ViT (IN-21k), IN-1
 
 @dataclasses.dataclass(frozen=True)
 class FlopCount:
-    """FLOPs of one forward (or training step) as ``FlopCounterMode`` counts them (2 per MAC), and the part spent in
-    the rational op."""
+    """FLOPs of one forward (or training step), 2 per MAC, and the part spent in the rational op."""
 
     total: int
     rational: int
@@ -35,8 +34,8 @@ class FlopCount:
 
 @dataclasses.dataclass(frozen=True)
 class ZooRow:
-    """One registered model name with one pretrained tag (``""``: the default one; None: no released weights);
-    ``alias_of``: for a second name of released weights, the ``model.tag`` it loads the same weights as."""
+    """One registered model with one pretrained tag (``""``: the default; None: no weights); ``alias_of``: the
+    ``model.tag`` whose weights a second name loads."""
 
     model: str
     tag: Optional[str]
@@ -48,7 +47,7 @@ class ZooRow:
 
     @property
     def name(self) -> str:
-        """``model.tag`` as ``timm.create_model`` takes it (just ``model`` for the default tag or no weights)."""
+        """``model.tag`` as ``timm.create_model`` takes it."""
         return f"{self.model}.{self.tag}" if self.tag else self.model
 
     @property
@@ -77,8 +76,7 @@ class ZooRow:
 
 
 def _alias_target(model: str, tag: str, hf_hub_id: Optional[str]) -> Optional[str]:
-    """The canonical ``model.tag`` whose weights ``model.tag`` loads, when it is a second name for them: the
-    released repos are named after their canonical model and tag (``adamdad/kat_tiny_patch16_224.vitft``)."""
+    """The canonical ``model.tag`` whose weights a second name loads (released repos are named after it)."""
     if not hf_hub_id:
         return None
     repo_name = hf_hub_id.split("/", 1)[-1]
@@ -87,7 +85,7 @@ def _alias_target(model: str, tag: str, hf_hub_id: Optional[str]) -> Optional[st
 
 def model_flops(model_name: str, img_size: int = 224, batch_size: int = 1, backward: bool = False) -> FlopCount:
     """FLOPs of any timm model on a ``batch_size`` x 3 x ``img_size`` x ``img_size`` input, counted on meta tensors;
-    ``backward``: a training step (forward + backward of the summed logits) instead of a forward."""
+    ``backward``: a training step instead of a forward."""
     from torch.utils.flop_counter import FlopCounterMode
 
     kwargs = {"img_size": img_size} if img_size != 224 else {}
@@ -103,13 +101,13 @@ def model_flops(model_name: str, img_size: int = 224, batch_size: int = 1, backw
 
 
 def checkpoint_cached(hf_hub_id: str) -> bool:
-    """Whether the local Hugging Face cache holds weights timm loads offline for ``hf_hub_id`` (no network access)."""
+    """Whether the local Hugging Face cache holds weights timm loads offline for ``hf_hub_id``."""
     return cached_weights(hf_hub_id, weight_files()) is not None
 
 
 def zoo_rows(pattern: str = "kat*", flops: bool = False) -> List[ZooRow]:
-    """One row per model of ``timm.list_models(pattern)`` and pretrained tag (or without weights), smallest first,
-    released before init variants; ``flops``: also each architecture's forward FLOPs (224 px, batch 1)."""
+    """One row per model of ``timm.list_models(pattern)`` and pretrained tag, smallest first, released first;
+    ``flops``: also each architecture's forward FLOPs (224 px, batch 1)."""
 
     @functools.lru_cache(maxsize=None)
     def measure(model: str) -> Tuple[int, Optional[FlopCount]]:
