@@ -23,10 +23,8 @@ import torch
 import torch.nn.functional as F
 
 import kat_timm  # noqa: F401  (registers the kat_* models in timm)
-from _benchmark_common import (Timer, benchmark_parser, error_text, load_text, markdown_table, parse_benchmark_args,
-                               run_meta, verdict, version_lines, write_json)
-
-from kat_timm.benchmark import device_name, load_average
+from kat_timm.benchmark import (Timer, benchmark_parser, device_name, error_text, load_average, load_text,
+                                markdown_table, parse_benchmark_args, run_meta, verdict, version_lines, write_json)
 from kat_timm.ops import BACKEND_ENV, select_backend
 
 SIZES = ("tiny", "small", "base")
