@@ -125,11 +125,6 @@ class Problem:
     def max_error(self, theta):
         return float(np.max(np.abs(self.error(theta))))
 
-    def clip(self, theta):
-        theta = np.array(theta, dtype=np.float64)
-        theta[NUM_DEGREE:] = np.maximum(theta[NUM_DEGREE:], self.lower[NUM_DEGREE:])
-        return theta
-
     def snap_negligible(self, theta, relative=1e-12):
         """Zero coefficients whose whole contribution on the range (|t| <= 1: at most the coefficient) is negligible,
         e.g. 1e-19 left by the optimiser, unless that grows the max error on the grid by more than 0.1 %."""
@@ -158,7 +153,7 @@ class Problem:
 
         res = least_squares(fun, theta, jac=jac, bounds=(self.lower, np.inf), method="trf",
                             xtol=LSQ_TOL, ftol=LSQ_TOL, gtol=LSQ_TOL, max_nfev=max_nfev)
-        return self.clip(res.x)
+        return res.x  # within the bounds: trf keeps its iterates feasible
 
     def sanathanan_koerner(self, sqrt_w, iterations=20):
         """Linearised weighted least squares, reweighted by 1 / Q_prev, denominators bounded to >= 0."""
@@ -168,7 +163,7 @@ class Problem:
             row = sqrt_w / q_prev
             a = np.concatenate([self.num_basis, -self.f[:, None] * self.den_basis], axis=1) * row[:, None]
             rhs = (self.f - self.a0) * row
-            new = self.clip(lsq_linear(a, rhs, bounds=(self.lower, np.inf), method="bvls").x)
+            new = lsq_linear(a, rhs, bounds=(self.lower, np.inf), method="bvls").x  # feasible, as trf's
             converged = np.max(np.abs(new - theta)) <= 1e-12 * max(1.0, np.max(np.abs(new)))
             theta = new
             _, q_prev = self.pq(theta)
