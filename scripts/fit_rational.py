@@ -84,8 +84,7 @@ def evaluate_expression(expression: str, x: np.ndarray) -> np.ndarray:
 
 
 def rational(x: np.ndarray, numerator, denominator) -> np.ndarray:
-    """F(x) in float64 with the layer's formula (denominator through absolute values)."""
-    x = np.asarray(x, dtype=np.float64)
+    """F(x) on the float64 points ``x`` with the layer's formula (denominator through absolute values)."""
     p = sum(float(numerator[i]) * x**i for i in range(NUM_DEGREE + 1))
     q = 1.0 + sum(abs(float(denominator[j - 1])) * np.abs(x) ** j for j in range(1, DEN_DEGREE + 1))
     return p / q

@@ -73,9 +73,7 @@ def prepare_test_file(root: Path, as_is: bool) -> Path:
         raise SystemExit(f"{original} has no single {PATCH_ANCHOR!r} line / FEAT_INTER_FILTERS list: this timm "
                          "version's test file differs from the one this script knows; run with --as-is")
     patched = root / "tests" / "test_models_kat.py"
-    patched_text = text.replace(PATCH_ANCHOR, PATCH_LINES + PATCH_ANCHOR)
-    if not patched.is_file() or patched.read_text() != patched_text:
-        patched.write_text(patched_text)
+    patched.write_text(text.replace(PATCH_ANCHOR, PATCH_LINES + PATCH_ANCHOR))
     return patched
 
 
