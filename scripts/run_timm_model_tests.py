@@ -103,19 +103,15 @@ class KatSelection:
         items[:] = keep
 
     def pytest_runtest_logreport(self, report):
+        # a setup counts when it fails or skips, a teardown when it fails
+        if report.when != "call" and not (report.failed or (report.skipped and report.when == "setup")):
+            return
         name = test_name(report.nodeid)
-        if report.when == "call" or (report.when == "setup" and not report.passed):
-            if report.skipped:
-                reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-                self.outcomes[name]["skipped"] += 1
-                self.skips[(name, reason)].append(report.nodeid.split("[")[-1].rstrip("]"))
-            elif report.failed:
-                self.outcomes[name]["failed" if report.when == "call" else "error"] += 1
-                self.failed.append(report.nodeid)
-            else:
-                self.outcomes[name]["passed"] += 1
-        elif report.when == "teardown" and report.failed:
-            self.outcomes[name]["error"] += 1
+        self.outcomes[name]["error" if report.failed and report.when != "call" else report.outcome] += 1
+        if report.skipped:
+            reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            self.skips[(name, reason)].append(report.nodeid.split("[")[-1].rstrip("]"))
+        elif report.failed:
             self.failed.append(report.nodeid)
 
     def summary(self, timm_version: str, test_file: Path, seconds: float) -> str:
