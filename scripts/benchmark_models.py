@@ -23,10 +23,8 @@ import torch
 import torch.nn.functional as F
 
 import kat_timm  # noqa: F401  (registers the kat_* models in timm)
-from _benchmark_common import (Timer, benchmark_parser, error_text, load_text, markdown_table, parse_benchmark_args,
-                               run_meta, verdict, version_lines, write_json)
-
-from kat_timm.benchmark import device_name, load_average
+from kat_timm.benchmark import (Timer, benchmark_parser, device_name, error_text, load_average, load_text,
+                                markdown_table, parse_benchmark_args, run_meta, verdict, version_lines, write_json)
 from kat_timm.ops import BACKEND_ENV, select_backend
 
 SIZES = ("tiny", "small", "base")
@@ -43,6 +41,9 @@ CPU_TARGET = {"threads": 2, "batch": 8, "img_size": 224,
 CONSTRUCTION_TARGET = {"model": "kat_base_patch16_224", "max_s": 5.0}
 CUDA_TARGETS = {"train": 0.90, "infer": 0.95}  # KAT throughput >= N x ViT's
 CUDA_TARGET_CONDITIONS = {"device": "H200", "batch": 128, "img_size": 224}
+# (cuda, quick) -> warm-up calls and the least seconds per sample (CUDA events on CUDA, else perf_counter)
+TIMING = {(True, True): (2, 0.02), (True, False): (5, 0.2), (False, True): (1, 0.0), (False, False): (2, 0.25)}
+PRECISION = {"cuda": "bf16 autocast (fp32 weights)", "cpu": "fp32"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -72,22 +73,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.img_size < 1 or args.img_size % 16:
         parser.error("--img-size must be a positive multiple of the patch size, 16")
     return args
-
-
-def make_timer(device: str, quick: bool, compiled: bool) -> Timer:
-    """Warm-up calls and the least seconds per sample for this run (CUDA events on CUDA, else perf_counter)."""
-    warmup, min_rep_s = {(True, True): (2, 0.02), (True, False): (5, 0.2), (False, True): (1, 0.0),
-                         (False, False): (2, 0.25)}[(device == "cuda", quick)]
-    # A compiled model's first call compiles; a couple more settle autotuning and caches.
-    return Timer(device, warmup + (2 if compiled else 0), min_rep_s)
-
-
-def set_compile_cache_limit(limit: int = 64) -> None:
-    """Room for every (model, mode) graph: ViT and KAT share VisionTransformer's code objects, and a full cache
-    would silently fall back to eager. The option was renamed (cache_size_limit -> recompile_limit)."""
-    for option in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, option):
-            setattr(torch._dynamo.config, option, max(limit, getattr(torch._dynamo.config, option)))
 
 
 def autocast(device: str):
@@ -194,10 +179,6 @@ def rational_backend(device: str) -> str:
         return f"unavailable ({type(error).__name__})"
 
 
-def precision(device: str) -> str:
-    return "bf16 autocast (fp32 weights)" if device == "cuda" else "fp32"
-
-
 def threads_text(count: int) -> str:
     return f"{count} thread" + ("" if count == 1 else "s")
 
@@ -213,7 +194,7 @@ def header(args) -> List[str]:
                   f"at end, on {os.cpu_count()} CPUs (other busy processes slow multi-threaded runs down a lot)",
                   f"- timing: time.perf_counter, {repetitions}"]
     return lines + version_lines(args, f"timm {timm.__version__}, kat_timm {kat_timm.__version__}, ") + [
-        f"- batch {args.batch}, {args.img_size} px, {precision(args.device)}"
+        f"- batch {args.batch}, {args.img_size} px, {PRECISION[args.device]}"
         + (", channels-last" if args.channels_last else "") + (", torch.compile" if args.compile else ", eager")
         + f"; KAT rationals: {os.environ.get(BACKEND_ENV, 'auto')} -> {rational_backend(args.device)} backend",
         "- infer: eval forward under inference_mode; train: zero_grad + forward + cross-entropy + backward + AdamW "
@@ -296,8 +277,14 @@ def target_lines(args, rows: List[dict], construction: List[dict]) -> List[str]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.compile:
-        set_compile_cache_limit()
-    timer = make_timer(args.device, args.quick, args.compile)
+        # Room for every (model, mode) graph: ViT and KAT share VisionTransformer's code objects, and a full cache
+        # would silently fall back to eager. The option was renamed (cache_size_limit -> recompile_limit).
+        for option in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, option):
+                setattr(torch._dynamo.config, option, max(64, getattr(torch._dynamo.config, option)))
+    warmup, min_rep_s = TIMING[(args.device == "cuda", args.quick)]
+    # A compiled model's first call compiles; a couple more settle autotuning and caches.
+    timer = Timer(args.device, warmup + (2 if args.compile else 0), min_rep_s)
     started = time.perf_counter()
     construction, rows = [], []
     for size in args.sizes:
@@ -310,7 +297,7 @@ def main(argv=None) -> int:
     print("\n".join(header(args) + table(rows) + [""] + report_lines(construction, rows) + targets
                     + [f"- measured in {elapsed:.0f} s"]))
     meta = run_meta(args, load_at_end=args.load_at_end, timm=timm.__version__, kat_timm=kat_timm.__version__,
-                    img_size=args.img_size, precision=precision(args.device), channels_last=args.channels_last,
+                    img_size=args.img_size, precision=PRECISION[args.device], channels_last=args.channels_last,
                     compile=args.compile, sizes=args.sizes, modes=args.modes,
                     rational_backend=rational_backend(args.device), elapsed_s=elapsed)
     write_json(args.json, meta=meta, construction=construction, results=rows, targets=targets)

@@ -11,7 +11,8 @@ from kat_timm.checkpoint import CheckpointError
 from kat_timm.tools.hub import convert_checkpoint
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def main(argv: Optional[List[str]] = None) -> int:
+    """Parse the command line and convert; 0 on success, 2 on a bad checkpoint."""
     parser = argparse.ArgumentParser(
         description="Convert a KAT checkpoint into a Hub-ready timm folder (config.json, weights, README.md).")
     parser.add_argument("checkpoint", help="released .bin/.pth, a .safetensors file or a KAT training checkpoint")
@@ -28,11 +29,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--repo-id", help="Hub repo id for the card's usage snippet")
     parser.add_argument("--force", action="store_true", help="overwrite the files of a non-empty output folder")
     parser.add_argument("--no-verify", action="store_true", help="skip reloading the folder to check the weights")
-    return parser.parse_args(argv)
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    args = parse_args(argv)
+    args = parser.parse_args(argv)
     try:
         result = convert_checkpoint(args.checkpoint, args.output_dir, model_name=args.model, tag=args.tag,
                                     use_ema=args.ema, safe_serialization=args.safe_serialization == "true" or "both",

@@ -84,8 +84,7 @@ def evaluate_expression(expression: str, x: np.ndarray) -> np.ndarray:
 
 
 def rational(x: np.ndarray, numerator, denominator) -> np.ndarray:
-    """F(x) in float64 with the layer's formula (denominator through absolute values)."""
-    x = np.asarray(x, dtype=np.float64)
+    """F(x) on the float64 points ``x`` with the layer's formula (denominator through absolute values)."""
     p = sum(float(numerator[i]) * x**i for i in range(NUM_DEGREE + 1))
     q = 1.0 + sum(abs(float(denominator[j - 1])) * np.abs(x) ** j for j in range(1, DEN_DEGREE + 1))
     return p / q
@@ -102,7 +101,6 @@ class Problem:
         self.lower = np.r_[np.full(NUM_DEGREE, -np.inf), np.zeros(DEN_DEGREE)]
         # |b4| > 0 makes F grow linearly (slope a5/|b4|) beyond the fit range instead of like x^(5-k).
         self.lower[-1] = min_b4 * scale**DEN_DEGREE
-        self.upper = np.full(NUM_DEGREE + DEN_DEGREE, np.inf)
 
     def pq(self, theta):
         return self.a0 + self.num_basis @ theta[:NUM_DEGREE], 1.0 + self.den_basis @ theta[NUM_DEGREE:]
@@ -118,19 +116,13 @@ class Problem:
 
     def subgrid(self, max_points):
         """The same problem on every k-th point (end points kept), for the iterative refinements."""
-        n = self.x.size
-        if n <= max_points:
+        if self.x.size <= max_points:
             return self
-        idx = np.unique(np.r_[np.round(np.linspace(0, n - 1, max_points)).astype(int), n - 1])
+        idx = np.round(np.linspace(0, self.x.size - 1, max_points)).astype(int)  # distinct: the step exceeds 1
         return Problem(self.x[idx], self.f[idx], self.a0, self.scale, self.min_b4)
 
     def max_error(self, theta):
         return float(np.max(np.abs(self.error(theta))))
-
-    def clip(self, theta):
-        theta = np.array(theta, dtype=np.float64)
-        theta[NUM_DEGREE:] = np.maximum(theta[NUM_DEGREE:], self.lower[NUM_DEGREE:])
-        return theta
 
     def snap_negligible(self, theta, relative=1e-12):
         """Zero coefficients whose whole contribution on the range (|t| <= 1: at most the coefficient) is negligible,
@@ -158,9 +150,9 @@ class Problem:
             jm = self.jacobian(th)
             return np.concatenate([jm * slope[:, None] for _, slope in blocks(self.error(th))])
 
-        res = least_squares(fun, theta, jac=jac, bounds=(self.lower, self.upper), method="trf",
+        res = least_squares(fun, theta, jac=jac, bounds=(self.lower, np.inf), method="trf",
                             xtol=LSQ_TOL, ftol=LSQ_TOL, gtol=LSQ_TOL, max_nfev=max_nfev)
-        return self.clip(res.x)
+        return res.x  # within the bounds: trf keeps its iterates feasible
 
     def sanathanan_koerner(self, sqrt_w, iterations=20):
         """Linearised weighted least squares, reweighted by 1 / Q_prev, denominators bounded to >= 0."""
@@ -170,7 +162,7 @@ class Problem:
             row = sqrt_w / q_prev
             a = np.concatenate([self.num_basis, -self.f[:, None] * self.den_basis], axis=1) * row[:, None]
             rhs = (self.f - self.a0) * row
-            new = self.clip(lsq_linear(a, rhs, bounds=(self.lower, self.upper), method="bvls").x)
+            new = lsq_linear(a, rhs, bounds=(self.lower, np.inf), method="bvls").x  # feasible, as trf's
             converged = np.max(np.abs(new - theta)) <= 1e-12 * max(1.0, np.max(np.abs(new)))
             theta = new
             _, q_prev = self.pq(theta)
@@ -239,36 +231,30 @@ def gaussian_weight(x, sigma, uniform):
 
 def fit_entry(name, spec, lo, hi, points):
     """Fit one entry; returns (json_record, stats)."""
-    expression = spec["expression"]
+    expression, mode = spec["expression"], spec["mode"]
     a0 = float(evaluate_expression(expression, np.zeros(1))[0])
     x = np.linspace(lo, hi, points)
     f = evaluate_expression(expression, x)
-    mode = spec["mode"]
-
-    if mode == "exact":
-        if expression.strip() != "x":
-            raise FitError(f"{name}: only the identity can be exact")
+    if mode == "exact":  # only the identity (build_spec makes any other expression a fit)
         numerator, denominator = [0.0, 1.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]
         note = "exact: F(x) = x (no fitting)"
     else:
         prob = Problem(x, f, a0, max(abs(lo), abs(hi)), spec.get("min_b4", 0.0))
-        if mode == "minimax":
-            ones = np.ones_like(x)
-            theta_ls = prob.weighted_least_squares(ones, prob.sanathanan_koerner(ones))
+        weighted = mode == "weighted"
+        w = gaussian_weight(x, spec["gaussian_sigma"], spec["uniform_weight"]) if weighted else np.ones_like(x)
+        theta = prob.weighted_least_squares(np.sqrt(w), prob.sanathanan_koerner(np.sqrt(w)))
+        if not weighted:
             coarse = prob.subgrid(REFINE_POINTS)
-            candidates = {"least squares": theta_ls, "L^p continuation": coarse.lp_continuation(theta_ls),
-                          "Lawson iteration": coarse.lawson(theta_ls)}
+            candidates = {"least squares": theta, "L^p continuation": coarse.lp_continuation(theta),
+                          "Lawson iteration": coarse.lawson(theta)}
             which = min(candidates, key=lambda method: prob.max_error(candidates[method]))
             theta = candidates[which]
             note = ("uniform weight on the fit range: Sanathanan-Koerner linearised LSQ, nonlinear LSQ, then minimax "
                     f"refinement (best of LSQ / L^p p<=32 / Lawson: {which}); a0 pinned to target(0)")
-        elif mode == "weighted":
-            sigma, uniform, cap = spec["gaussian_sigma"], spec["uniform_weight"], spec.get("max_error_cap")
-            w = gaussian_weight(x, sigma, uniform)
-            sqrt_w = np.sqrt(w)
-            theta = prob.weighted_least_squares(sqrt_w, prob.sanathanan_koerner(sqrt_w))
-            note = (f"weighted LSQ, weight (1-u)*N(0, sigma)/mean + u with sigma={sigma:g}, u={uniform:g} "
-                    "(Sanathanan-Koerner start, nonlinear LSQ)")
+        else:
+            note = (f"weighted LSQ, weight (1-u)*N(0, sigma)/mean + u with sigma={spec['gaussian_sigma']:g}, "
+                    f"u={spec['uniform_weight']:g} (Sanathanan-Koerner start, nonlinear LSQ)")
+            cap = spec.get("max_error_cap")
             if cap is not None:
                 theta = prob.capped_weighted_least_squares(w, theta, cap)
                 note += f", max error on the fit range held under {cap:g} by a penalty"
@@ -278,8 +264,6 @@ def fit_entry(name, spec, lo, hi, points):
             if spec.get("min_b4"):
                 note += f", |b4| >= {spec['min_b4']:g} so the tails grow linearly"
             note += "; a0 pinned to target(0)"
-        else:
-            raise FitError(f"{name}: unknown mode {mode!r}")
         numerator, denominator = prob.coefficients(prob.snap_negligible(theta))
 
     stats = measure(expression, numerator, denominator, lo, hi)
@@ -337,19 +321,15 @@ def load_table(path):
 
 def build_spec(name, expression, table, args):
     """The fitting spec of one entry: built-in defaults, then the stored expression, then the command line."""
-    if name in BUILTINS:
-        spec = dict(BUILTINS[name])
-    elif isinstance(table.get(name), dict) and "expression" in table[name]:
-        spec = dict(expression=table[name]["expression"], mode="minimax")
-    elif expression is None:
-        known = sorted(set(BUILTINS) | set(table))
-        raise FitError(f"unknown entry {name!r} (known: {', '.join(known)}); give --name {name} --expr EXPRESSION")
-    else:
-        spec = dict(mode="minimax")
+    stored = table.get(name) if isinstance(table.get(name), dict) else {}
+    spec = dict(BUILTINS.get(name) or dict(expression=stored.get("expression"), mode="minimax"))
     if expression is not None:
         spec["expression"] = expression
         if spec["mode"] == "exact" and expression.strip() != "x":
             spec["mode"] = "minimax"
+    if spec["expression"] is None:
+        known = sorted(set(BUILTINS) | set(table))
+        raise FitError(f"unknown entry {name!r} (known: {', '.join(known)}); give --name {name} --expr EXPRESSION")
     if spec["mode"] != "exact":
         if args.gaussian_sigma is not None:
             if args.gaussian_sigma > 0:
@@ -404,7 +384,7 @@ def main(argv=None):
     merged = {**table, **results}
     new_table = {name: merged[name] for name in dict.fromkeys([*BUILTINS, *table, *results]) if name in merged}
     if args.dry_run:
-        print(json.dumps({n: new_table[n] for n in results}, indent=2))
+        print(json.dumps(results, indent=2))
         print("(dry run: nothing written)")
         return 0
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)

@@ -43,31 +43,29 @@ step() {
     fi
 }
 
+# The two forms differ in device, sizes and time limits only: the same steps with the same flags otherwise.
 if [ $dry_run -eq 1 ]; then
-    cpu=(--quick --device cpu --threads 1)
-    step "pytest -m cuda" 300 pytest_cuda.txt "$py" -m pytest -q -p no:cacheprovider -m cuda tests/ops/test_cuda.py
-    step "kernel report" 300 kernel_report.md "$py" scripts/kernel_report.py --arch sm_90a --batch 1 \
-        --dtype bfloat16 --json "$out/kernel_report.json"
-    step "op benchmark" 300 benchmark_ops.md "$py" scripts/benchmark_ops.py "${cpu[@]}" --shapes 192 \
-        --providers gelu ours --json "$out/benchmark_ops.json"
-    step "op host overhead" 300 overhead.md "$py" scripts/benchmark_ops.py --overhead "${cpu[@]}" \
-        --json "$out/overhead.json"
-    step "model benchmark" 300 benchmark_models.md "$py" scripts/benchmark_models.py "${cpu[@]}" --sizes tiny \
-        --json "$out/benchmark_models.json"
+    dev=(--quick --device cpu --threads 1) kernels=(--batch 1 --dtype bfloat16) ops=(--shapes 192)
+    models=(--sizes tiny) limits=(300 300 300 300 300) eager="model benchmark"
 else
     "$py" -c "import torch, triton, timm; print('torch', torch.__version__, 'triton', triton.__version__, 'timm', \
 timm.__version__, torch.cuda.get_device_name())" > "$out/versions.txt" 2>&1
-    step "pytest -m cuda" 100 pytest_cuda.txt "$py" -m pytest -q -p no:cacheprovider -m cuda tests/ops/test_cuda.py
-    step "kernel report" 50 kernel_report.md "$py" scripts/kernel_report.py --arch sm_90a --batch 128 \
-        --json "$out/kernel_report.json"
-    step "op benchmark" 90 benchmark_ops.md "$py" scripts/benchmark_ops.py --device cuda --batch 128 \
-        --dtype bfloat16 float32 --providers gelu ours --json "$out/benchmark_ops.json"
-    step "op host overhead" 30 overhead.md "$py" scripts/benchmark_ops.py --overhead --device cuda \
-        --json "$out/overhead.json"
-    step "model benchmark, eager" 90 benchmark_models.md "$py" scripts/benchmark_models.py --device cuda \
-        --batch 128 --reps 5 --json "$out/benchmark_models.json"
-    step "model benchmark, compiled" 120 benchmark_models_compiled.md "$py" scripts/benchmark_models.py \
-        --device cuda --batch 128 --reps 5 --compile --json "$out/benchmark_models_compiled.json"
+    dev=(--device cuda) kernels=(--batch 128) ops=(--batch 128 --dtype bfloat16 float32) models=(--batch 128 --reps 5)
+    limits=(100 50 90 30 90) eager="model benchmark, eager"
+fi
+step "pytest -m cuda" "${limits[0]}" pytest_cuda.txt "$py" -m pytest -q -p no:cacheprovider -m cuda \
+    tests/ops/test_cuda.py
+step "kernel report" "${limits[1]}" kernel_report.md "$py" scripts/kernel_report.py --arch sm_90a "${kernels[@]}" \
+    --json "$out/kernel_report.json"
+step "op benchmark" "${limits[2]}" benchmark_ops.md "$py" scripts/benchmark_ops.py "${dev[@]}" "${ops[@]}" \
+    --providers gelu ours --json "$out/benchmark_ops.json"
+step "op host overhead" "${limits[3]}" overhead.md "$py" scripts/benchmark_ops.py --overhead "${dev[@]}" \
+    --json "$out/overhead.json"
+step "$eager" "${limits[4]}" benchmark_models.md "$py" scripts/benchmark_models.py "${dev[@]}" "${models[@]}" \
+    --json "$out/benchmark_models.json"
+if [ $dry_run -eq 0 ]; then
+    step "model benchmark, compiled" 120 benchmark_models_compiled.md "$py" scripts/benchmark_models.py "${dev[@]}" \
+        "${models[@]}" --compile --json "$out/benchmark_models_compiled.json"
 fi
 
 {

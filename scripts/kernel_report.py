@@ -17,7 +17,8 @@ ODD_SHAPES = [("odd C=40 (L=5)", (37, 8, 5)), ("odd C=168 (L=21)", (1000, 8, 21)
               ("image 2x40x5x3 (L=75)", (2, 8, 75)), ("C=96 (L=12)", (640, 8, 12))]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def main(argv=None) -> int:
+    """Compile the kernels, print the markdown report, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", nargs="+", choices=sorted(ARCHS), default=sorted(ARCHS), help="targets")
@@ -30,11 +31,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--batch values must be >= 1")
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         parser.error(f"--json {args.json}: the folder {os.path.dirname(os.path.abspath(args.json))} does not exist")
-    return args
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
     shapes = []
     for batch in args.batch:
         shapes += [(f"{label} batch {batch}", shape) for label, shape in kat_shapes(batch)]

@@ -15,15 +15,12 @@ from kat_timm.tools.zoo import markdown_table, model_flops, zoo_rows
 VIT_BASELINES = ("vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224")
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def main(argv: Optional[List[str]] = None) -> int:
+    """Print the table or the JSON rows."""
     parser = argparse.ArgumentParser(description="Print the KAT model zoo table (Markdown) or its rows as JSON.")
     parser.add_argument("--json", action="store_true", help="print the rows (all names and tags) as JSON")
     parser.add_argument("--no-flops", action="store_true", help="leave out the FLOP columns")
-    return parser.parse_args(argv)
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    args = parse_args(argv)
+    args = parser.parse_args(argv)
     rows = zoo_rows(flops=not args.no_flops)
     if args.json:
         print(json.dumps([row.as_dict() for row in rows], indent=2))

@@ -39,11 +39,11 @@ PATCH_LINES = (
 
 
 def fetch_sdist(timm_version: str, cache_dir: Path) -> Path:
-    """The unpacked sdist of timm ``timm_version`` under ``cache_dir`` (downloaded and unpacked when missing)."""
+    """The sdist of timm ``timm_version`` under ``cache_dir``: downloaded when missing, then the two files pytest reads
+    (tests/test_models.py, and pyproject.toml for its markers) unpacked."""
     root = cache_dir / f"timm-{timm_version}"
     if (root / "tests" / "test_models.py").is_file():
         return root
-    cache_dir.mkdir(parents=True, exist_ok=True)
     archive = cache_dir / f"timm-{timm_version}.tar.gz"
     if not archive.is_file():
         print(f"[run_timm_model_tests] downloading the timm {timm_version} sdist from PyPI into {cache_dir}")
@@ -54,17 +54,12 @@ def fetch_sdist(timm_version: str, cache_dir: Path) -> Path:
                              f"needs network access to PyPI, or put timm-{timm_version}.tar.gz into {cache_dir} by "
                              "hand")
     print(f"[run_timm_model_tests] unpacking {archive}")
-    with tarfile.open(archive) as tar:
-        if hasattr(tarfile, "data_filter"):
-            tar.extractall(cache_dir, filter="data")
-        else:  # Python < 3.10.12 / 3.11.4: check the member paths ourselves
-            for member in tar.getmembers():
-                target = (cache_dir / member.name).resolve()
-                if cache_dir.resolve() not in target.parents or member.issym() or member.islnk():
-                    raise SystemExit(f"refusing to unpack suspicious member {member.name!r} of {archive}")
-            tar.extractall(cache_dir)
-    if not (root / "tests" / "test_models.py").is_file():
-        raise SystemExit(f"{archive} has no tests/test_models.py (expected at {root / 'tests'})")
+    with tarfile.open(archive) as tar:  # two files by exact name, written by us: nothing can land outside root
+        for name in ("pyproject.toml", "tests/test_models.py"):
+            if f"{root.name}/{name}" not in tar.getnames():
+                raise SystemExit(f"{archive} has no {root.name}/{name}")
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_bytes(tar.extractfile(f"{root.name}/{name}").read())
     return root
 
 
@@ -78,9 +73,7 @@ def prepare_test_file(root: Path, as_is: bool) -> Path:
         raise SystemExit(f"{original} has no single {PATCH_ANCHOR!r} line / FEAT_INTER_FILTERS list: this timm "
                          "version's test file differs from the one this script knows; run with --as-is")
     patched = root / "tests" / "test_models_kat.py"
-    patched_text = text.replace(PATCH_ANCHOR, PATCH_LINES + PATCH_ANCHOR)
-    if not patched.is_file() or patched.read_text() != patched_text:
-        patched.write_text(patched_text)
+    patched.write_text(text.replace(PATCH_ANCHOR, PATCH_LINES + PATCH_ANCHOR))
     return patched
 
 
@@ -106,25 +99,19 @@ class KatSelection:
 
     def pytest_collection_modifyitems(self, config, items):
         keep = [item for item in items if self._selected(item)]
-        drop = [item for item in items if not self._selected(item)]
-        if drop:
-            config.hook.pytest_deselected(items=drop)
+        config.hook.pytest_deselected(items=[item for item in items if not self._selected(item)])
         items[:] = keep
 
     def pytest_runtest_logreport(self, report):
+        # a setup counts when it fails or skips, a teardown when it fails
+        if report.when != "call" and not (report.failed or (report.skipped and report.when == "setup")):
+            return
         name = test_name(report.nodeid)
-        if report.when == "call" or (report.when == "setup" and not report.passed):
-            if report.skipped:
-                reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-                self.outcomes[name]["skipped"] += 1
-                self.skips[(name, reason)].append(report.nodeid.split("[")[-1].rstrip("]"))
-            elif report.failed:
-                self.outcomes[name]["failed" if report.when == "call" else "error"] += 1
-                self.failed.append(report.nodeid)
-            else:
-                self.outcomes[name]["passed"] += 1
-        elif report.when == "teardown" and report.failed:
-            self.outcomes[name]["error"] += 1
+        self.outcomes[name]["error" if report.failed and report.when != "call" else report.outcome] += 1
+        if report.skipped:
+            reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            self.skips[(name, reason)].append(report.nodeid.split("[")[-1].rstrip("]"))
+        elif report.failed:
             self.failed.append(report.nodeid)
 
     def summary(self, timm_version: str, test_file: Path, seconds: float) -> str:
