@@ -27,3 +27,11 @@ def test_benchmark_quick_cpu(tmp_path):
     assert "CPU targets" in result.stdout
     data = json.loads(out_json.read_text())
     assert len(data["results"]) == 10 and all("ms" in r for r in data["results"])
+
+
+def test_benchmark_json_into_a_missing_folder_is_refused_before_measuring(tmp_path):
+    result = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--device", "cpu", "--json",
+                             str(tmp_path / "none" / "x.json")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"--json {tmp_path / 'none' / 'x.json'}: the folder {tmp_path / 'none'} does not exist" in result.stderr
+    assert "| shape |" not in result.stdout, "nothing is measured first"

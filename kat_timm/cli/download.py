@@ -54,7 +54,14 @@ def _run(args: argparse.Namespace, prog: str) -> int:
     if args.cache_dir is not None:
         if args.cache_dir.exists() and not args.cache_dir.is_dir():
             raise CLIError(f"--cache-dir {args.cache_dir} exists and is not a folder", code=2)
-        args.cache_dir.mkdir(parents=True, exist_ok=True)
+        from .common import check_writable_folder
+
+        check_writable_folder(args.cache_dir, "--cache-dir")
+        try:
+            args.cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise CLIError(f"--cache-dir {args.cache_dir}: cannot create it ({error.strerror or error})",
+                           code=2) from None
     cache = args.cache_dir if args.cache_dir is not None else constants.HF_HUB_CACHE
 
     fetched = cached = failures = 0

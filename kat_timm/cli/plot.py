@@ -80,7 +80,7 @@ def main(argv: Optional[List[str]] = None, prog: str = "kat-timm plot") -> int:
                                     x_range=tuple(args.x_range), use_layer=args.use_layer,
                                     title=f"{args.model} ({weights}): rational activations, one curve per group")
         except ValueError as error:
-            raise CLIError(str(error), code=2) from None
+            raise CLIError(str(error).replace("x_range", "--x-range LOW HIGH"), code=2) from None
         width, height = (float(side) * args.dpi for side in figure.get_size_inches())
         if max(width, height) >= MAX_SIDE_PIXELS or width * height > MAX_PIXELS:
             most = int(min(MAX_SIDE_PIXELS / max(width, height), (MAX_PIXELS / (width * height)) ** 0.5) * args.dpi)

@@ -164,7 +164,8 @@ def build_parser(prog: str = "kat-train") -> argparse.ArgumentParser:
     group = parser.add_argument_group("optimizer")
     group.add_argument("--opt", default="adamw", metavar="NAME", help="any timm optimizer (default: adamw)")
     group.add_argument("--opt-eps", type=float, default=None, metavar="EPS")
-    group.add_argument("--opt-betas", type=float, nargs="+", default=None, metavar="BETA")
+    group.add_argument("--opt-betas", type=FRACTION, nargs="+", default=None, metavar="BETA",
+                       help="optimizer betas: two values (three for adan)")
     group.add_argument("--momentum", type=float, default=0.9, metavar="M", help="SGD momentum (default: 0.9)")
     group.add_argument("--weight-decay", type=RATE, default=0.05, metavar="WD",
                        help="weight decay; 1-D tensors (biases, norms) are exempt (default: 0.05)")
@@ -172,7 +173,7 @@ def build_parser(prog: str = "kat-train") -> argparse.ArgumentParser:
                        help="clip gradients to this norm (default: no clipping)")
     group.add_argument("--clip-mode", default="norm", choices=("norm", "value", "agc"),
                        help="gradient clipping mode (default: norm)")
-    group.add_argument("--layer-decay", type=float, default=None, metavar="RATE",
+    group.add_argument("--layer-decay", type=POSITIVE, default=None, metavar="RATE",
                        help="layer-wise learning-rate decay, e.g. 0.75 for fine-tuning (default: off)")
     group.add_argument("--opt-kwargs", nargs="*", default={}, action=KeywordArguments, metavar="KEY=VALUE",
                        help="extra keyword arguments for the optimizer")
@@ -187,7 +188,7 @@ def build_parser(prog: str = "kat-train") -> argparse.ArgumentParser:
     group.add_argument("--lr-base", type=RATE, default=5e-4, metavar="LR",
                        help="learning rate at --lr-base-size images per step (default: 5e-4, i.e. the KAT/DeiT "
                             "recipe's 1e-3 at a global batch of 1024)")
-    group.add_argument("--lr-base-size", type=int, default=512, metavar="N", help="(default: 512)")
+    group.add_argument("--lr-base-size", type=COUNT, default=512, metavar="N", help="(default: 512)")
     group.add_argument("--lr-base-scale", default="linear", choices=("linear", "sqrt"),
                        help="how --lr-base scales with the global batch size (default: linear)")
     group.add_argument("--lr-noise", type=float, nargs="+", default=None, metavar="PCT")
@@ -213,9 +214,9 @@ def build_parser(prog: str = "kat-train") -> argparse.ArgumentParser:
 
     group = parser.add_argument_group("augmentation and regularisation")
     group.add_argument("--no-aug", action="store_true", help="no training augmentation at all")
-    group.add_argument("--scale", type=float, nargs="+", default=[0.08, 1.0], metavar="PCT",
+    group.add_argument("--scale", type=POSITIVE, nargs=2, default=[0.08, 1.0], metavar=("MIN", "MAX"),
                        help="random-resized-crop area range (default: 0.08 1.0)")
-    group.add_argument("--ratio", type=float, nargs="+", default=[3.0 / 4.0, 4.0 / 3.0], metavar="RATIO",
+    group.add_argument("--ratio", type=POSITIVE, nargs=2, default=[3.0 / 4.0, 4.0 / 3.0], metavar=("MIN", "MAX"),
                        help="random-resized-crop aspect range (default: 0.75 1.33)")
     group.add_argument("--hflip", type=PROBABILITY, default=0.5, metavar="P", help="horizontal flip probability")
     group.add_argument("--vflip", type=PROBABILITY, default=0.0, metavar="P", help="vertical flip probability")
@@ -229,7 +230,7 @@ def build_parser(prog: str = "kat-train") -> argparse.ArgumentParser:
     group.add_argument("--reprob", type=PROBABILITY, default=0.0, metavar="P", help="random erasing probability")
     group.add_argument("--remode", default="pixel", choices=("const", "rand", "pixel"),
                        help="random erasing fill (default: pixel)")
-    group.add_argument("--recount", type=int, default=1, metavar="N", help="random erasing count")
+    group.add_argument("--recount", type=COUNT, default=1, metavar="N", help="random erasing count")
     group.add_argument("--mixup", type=RATE, default=0.0, metavar="ALPHA", help="mixup alpha (0: off)")
     group.add_argument("--cutmix", type=RATE, default=0.0, metavar="ALPHA", help="cutmix alpha (0: off)")
     group.add_argument("--cutmix-minmax", type=float, nargs="+", default=None, metavar="RATIO")
@@ -329,11 +330,16 @@ def _config_tokens(action: argparse.Action, value: Any) -> Optional[List[str]]:
             return [action.option_strings[0 if value else 1]]
         return action.option_strings[:1] if value else []
     if value is None:
+        if action.default is not None:
+            raise argparse.ArgumentError(action, f"null is not allowed (its default is {action.default!r}); give a "
+                                                 "value or remove the key")
         return None
+    if action.nargs == "?" and action.const is not None and isinstance(value, bool):  # --torchcompile: true
+        return action.option_strings[-1:] if value else None
     if isinstance(action.nargs, int) and not (isinstance(value, list) and len(value) == action.nargs):
         raise argparse.ArgumentError(action, f"expected a list of {action.nargs} values, got {value!r}")
     if isinstance(action, KeywordArguments) and isinstance(value, dict):
-        value = [f"{name}={item!r}" for name, item in value.items()]
+        value = [f"{name}={item if isinstance(item, str) else repr(item)}" for name, item in value.items()]
     if isinstance(value, list) and action.nargs not in (None, "?"):
         return action.option_strings[-1:] + [str(item) for item in value]
     return [f"{action.option_strings[-1]}={value}" if action.option_strings else str(value)]
@@ -410,6 +416,13 @@ def _check_arguments(args: argparse.Namespace):
     check_data_options(args, "DIR/train/CLASS/*.png and DIR/validation/CLASS/*.png")
     check_preprocessing(vars(args), training=True)
     check_backend_setting()
+    for name in ("scale", "ratio"):
+        low, high = getattr(args, name)
+        if low > high:
+            raise CLIError(f"--{name} {low:g} {high:g}: give MIN MAX with MIN <= MAX", code=2)
+    if args.opt_betas is not None and len(args.opt_betas) < 2:
+        raise CLIError(f"--opt-betas {' '.join(map(str, args.opt_betas))}: give two values, e.g. 0.9 0.999 "
+                       "(three for adan)", code=2)
     for name in ("resume", "initial_checkpoint", "pretrained_path"):
         path = getattr(args, name)
         if path and not os.path.isfile(path):

@@ -82,6 +82,11 @@ def _train_args(data, tmp_path, *extra):
     (["--interpolation", "foo"], "--interpolation foo: unknown interpolation"),
     (["--train-interpolation", "foo"], "--train-interpolation foo: unknown interpolation; use one of nearest"),
     (["--lr", "nan"], "argument --lr: must be a number at least 0, got nan"),
+    (["--scale", "0.9", "0.1"], "--scale 0.9 0.1: give MIN MAX with MIN <= MAX"),
+    (["--opt-betas", "0.9"], "--opt-betas 0.9: give two values, e.g. 0.9 0.999 (three for adan)"),
+    (["--layer-decay", "-1"], "argument --layer-decay: must be positive, got -1"),
+    (["--lr-base-size", "0"], "argument --lr-base-size: must be at least 1, got 0"),
+    (["--recount", "-1"], "argument --recount: must be at least 1, got -1"),
 ])
 def test_kat_train_refuses_before_any_work(data, tmp_path, capsys, models_built, extra, message):
     assert _exit_code(train_module.main, _train_args(data, tmp_path, *extra)) == 2
@@ -226,3 +231,10 @@ def test_kat_train_pretrained_path_that_does_not_fit(data, tmp_path, capsys, kat
     line = _one_line_error(capsys, "kat-train", message.format(path=path))
     assert "released weights" not in line
     assert not (tmp_path / "out" / "run" / "last.pth.tar").exists()
+
+
+def test_plot_x_range_error_names_the_option(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    assert plot_cli.main(["--random-weights", "--model", "kat_tiny", "-o", str(tmp_path / "act.png"), "--x-range",
+                          "3", "-3"]) == 2
+    _one_line_error(capsys, "kat-timm plot", "--x-range LOW HIGH must be two finite numbers")

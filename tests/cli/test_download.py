@@ -181,3 +181,11 @@ def test_a_damaged_file_is_fetched_again_and_force_fetches_everything(released_h
     assert hub.calls[1:] == [(TINY_REPO, "config.json"), (TINY_REPO, "pytorch_model.bin")]
     assert "already cached" not in capsys.readouterr().out.splitlines()[-2]
 
+
+
+def test_cache_dir_that_cannot_be_created_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert cli.main(["kat_tiny", "--cache-dir", str(blocker / "cache")]) == 2
+    err = capsys.readouterr().err
+    assert f"--cache-dir: cannot write there ({blocker} is not a folder)" in err and "Traceback" not in err, err

@@ -530,6 +530,9 @@ def test_config_pretrained_true_is_switched_off_on_the_command_line(tmp_path):
     ("epochs: 1.5", "epochs: invalid int value: '1.5'"),
     ("lr: true", "lr: invalid float value: 'True'"),
     ("input_size: [3, 32]", "input_size: expected a list of 3 values, got [3, 32]"),
+    ("hflip: null", "hflip: null is not allowed (its default is 0.5); give a value or remove the key"),
+    ("epochs: null", "epochs: null is not allowed (its default is 300)"),
+    ("scale: 0.5", "scale: expected a list of 2 values, got 0.5"),
 ])
 def test_config_values_go_through_the_options_own_types(tmp_path, capsys, line, expected):
     config = tmp_path / "bad.yaml"
@@ -537,6 +540,18 @@ def test_config_values_go_through_the_options_own_types(tmp_path, capsys, line, 
     with pytest.raises(SystemExit):
         parse_args(["-c", str(config)])
     assert expected in capsys.readouterr().err
+
+
+def test_config_values_that_read_as_the_command_line_would(tmp_path):
+    """null where the default is None, ``torchcompile: true`` as the bare option, a quoted number in model_kwargs
+    converted as ``--model-kwargs img_size=32`` converts it."""
+    config = tmp_path / "recipe.yaml"
+    config.write_text("torchcompile: true\npretrained_path: null\nmodel_kwargs: {img_size: '32', act_init: swish}\n")
+    args = parse_args(["-c", str(config)])
+    assert args.torchcompile == "inductor" and args.pretrained_path is None
+    assert args.model_kwargs == {"img_size": 32, "act_init": "swish"}
+    config.write_text("torchcompile: false\n")
+    assert parse_args(["-c", str(config)]).torchcompile is None
 
 
 def test_default_workers_stay_within_the_cpus_without_pytorchs_warning(data, tmp_path, monkeypatch):
