@@ -74,8 +74,9 @@ def parse_benchmark_args(parser: argparse.ArgumentParser, argv=None) -> argparse
     for name in ("threads", "reps", "batch"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        parser.error(f"--json {args.json}: the folder {os.path.dirname(os.path.abspath(args.json))} does not exist")
+    folder = os.path.dirname(os.path.abspath(args.json or "."))
+    if args.json and not os.path.isdir(folder):
+        parser.error(f"--json {args.json}: the folder {folder} does not exist")
     if args.device == "cpu" and args.threads is not None:
         torch.set_num_threads(args.threads)
     args.load_at_start = load_average()

@@ -54,9 +54,6 @@ def _run(args: argparse.Namespace, prog: str) -> int:
     if args.cache_dir is not None:
         if args.cache_dir.exists() and not args.cache_dir.is_dir():
             raise CLIError(f"--cache-dir {args.cache_dir} exists and is not a folder", code=2)
-        from .common import check_writable_folder
-
-        check_writable_folder(args.cache_dir, "--cache-dir")
         try:
             args.cache_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:

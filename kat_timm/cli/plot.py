@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 from pathlib import Path
@@ -48,6 +49,9 @@ def main(argv: Optional[List[str]] = None, prog: str = "kat-timm plot") -> int:
     args = build_parser(prog).parse_args(sys.argv[1:] if argv is None else argv)
 
     def run() -> int:
+        low, high = args.x_range
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise CLIError(f"--x-range {low:g} {high:g}: give two finite numbers LOW HIGH with LOW < HIGH", code=2)
         from ..tools.plot import INSTALL_HINT, find_rationals, plot_rationals, require_matplotlib
         from .common import create_model_from_options
 
@@ -80,7 +84,7 @@ def main(argv: Optional[List[str]] = None, prog: str = "kat-timm plot") -> int:
                                     x_range=tuple(args.x_range), use_layer=args.use_layer,
                                     title=f"{args.model} ({weights}): rational activations, one curve per group")
         except ValueError as error:
-            raise CLIError(str(error).replace("x_range", "--x-range LOW HIGH"), code=2) from None
+            raise CLIError(str(error), code=2) from None
         width, height = (float(side) * args.dpi for side in figure.get_size_inches())
         if max(width, height) >= MAX_SIDE_PIXELS or width * height > MAX_PIXELS:
             most = int(min(MAX_SIDE_PIXELS / max(width, height), (MAX_PIXELS / (width * height)) ** 0.5) * args.dpi)

@@ -237,4 +237,4 @@ def test_plot_x_range_error_names_the_option(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     assert plot_cli.main(["--random-weights", "--model", "kat_tiny", "-o", str(tmp_path / "act.png"), "--x-range",
                           "3", "-3"]) == 2
-    _one_line_error(capsys, "kat-timm plot", "--x-range LOW HIGH must be two finite numbers")
+    _one_line_error(capsys, "kat-timm plot", "--x-range 3 -3: give two finite numbers LOW HIGH with LOW < HIGH")
