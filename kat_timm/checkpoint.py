@@ -12,8 +12,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from timm.models import clean_state_dict
 
-__all__ = ["CheckpointError", "check_finite", "check_kat_state_dict", "load_checkpoint", "load_error_detail",
-           "unwrap_state_dict"]
+__all__ = ["CheckpointError", "check_finite", "check_floating", "check_kat_state_dict", "load_checkpoint",
+           "load_error_detail", "unwrap_state_dict"]
 
 PathLike = Union[str, Path]
 
@@ -120,6 +120,21 @@ def check_finite(state_dict: Mapping, path: PathLike) -> None:
         more = f" and {len(broken) - 5} more" if len(broken) > 5 else ""
         raise CheckpointError(f"{path} holds non-finite values (NaN or infinity) in {', '.join(broken[:5])}{more}: "
                               "the run that wrote it probably diverged; use an earlier checkpoint")
+
+
+def check_floating(state_dict: Mapping, model: torch.nn.Module) -> None:
+    """``CheckpointError`` naming the entries of ``state_dict`` that would fill a floating-point parameter or buffer
+    of ``model`` from an integer or bool tensor: ``load_state_dict`` converts them silently (an all-zero model from
+    a file of integers), where no trained weights look like that."""
+    targets = model.state_dict()
+    wrong = [f"{key} ({value.dtype})" for key, value in state_dict.items()
+             if torch.is_tensor(value) and not value.is_floating_point() and key in targets
+             and targets[key].is_floating_point()]
+    if wrong:
+        more = f" and {len(wrong) - 5} more" if len(wrong) > 5 else ""
+        raise CheckpointError(f"the checkpoint holds integer or bool tensors where the model has floating-point "
+                              f"weights: {', '.join(wrong[:5])}{more}; these are not trained weights (a wrongly "
+                              "converted or exported file?): re-export them as float32")
 
 
 def load_error_detail(error: Exception) -> str:

@@ -48,7 +48,10 @@ class KAN(nn.Module):
     and act2 adds ``fc1.bias`` inside its own pass (and returns its gradient from its backward pass): the same
     function, one pass over the hidden activations fewer each way. The parameters stay where they are, so the
     state dict is the released one either way. In eager inference act2 then writes over fc1's output instead of
-    allocating its own. TorchScript and fx tracing take the plain path.
+    allocating its own. The fusion is taken only while fc1 is exactly an ``nn.Linear`` and act2 exactly a
+    ``GroupRational``, with no hooks (their own or global), no parametrization and no patched ``forward``: a LoRA /
+    PEFT wrapper, a quantized Linear, a hook or a pruning mask on either is called as a module, as in any other
+    timm model. TorchScript and fx tracing take the plain path.
 
     ``init_weights`` applies the paper's variance-preserving initialisation (section S3), which the released code
     intended but overwrote: fc1 with variance 1 / fan_in (act1 is the identity), fc2 with variance gain / fan_in,
@@ -131,7 +134,8 @@ class KAN(nn.Module):
         fc1's output (which nothing else reads) instead of into a new tensor."""
         if not torch.jit.is_scripting():
             # fx symbolic tracing hands a Proxy, whose device can't be asked: it records the plain path.
-            if not isinstance(x, torch.fx.Proxy) and fuses_linear_bias(x):
+            if (not isinstance(x, torch.fx.Proxy) and fuses_linear_bias(x)
+                    and _is_bare(self.fc1, nn.Linear) and _is_bare(self.act2, GroupRational)):
                 hidden = F.linear(x, self.fc1.weight)
                 if self._in_place_ok(hidden):
                     return self.act2.forward_(hidden, self.fc1.bias)
@@ -140,16 +144,27 @@ class KAN(nn.Module):
 
     def _in_place_ok(self, hidden: torch.Tensor) -> bool:
         """Whether act2 may overwrite ``hidden``: eager inference (no autograd graph to keep its input for, and no
-        tracer that would record a copy instead) with no hook on act2 (the in-place call bypasses ``__call__``, and
-        a hook may keep its input)."""
+        tracer that would record a copy instead)."""
         if torch.compiler.is_compiling() or torch.jit.is_tracing() or type(hidden) is not torch.Tensor:
-            return False
-        act2 = self.act2
-        if (act2._forward_hooks or act2._forward_pre_hooks or nn.modules.module._global_forward_hooks
-                or nn.modules.module._global_forward_pre_hooks):
             return False
         if not torch.is_grad_enabled():
             return True
         bias = self.fc1.bias
         return not (hidden.requires_grad or self.act2.weight_numerator.requires_grad
                     or self.act2.weight_denominator.requires_grad or (bias is not None and bias.requires_grad))
+
+
+def _is_bare(module: nn.Module, kind: type) -> bool:
+    """Whether calling ``module`` runs exactly ``kind.forward`` and nothing else, so that KAN may compute what the
+    call would compute without making it: the exact type (not a wrapper or a parametrized or quantized subclass), no
+    hooks of its own or global ones (forward, pre-forward, backward), and no ``forward`` patched on the instance
+    (as accelerate's hooks do)."""
+    hooks = nn.modules.module
+    return (
+        type(module) is kind
+        and not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                 or module._backward_pre_hooks)
+        and not (hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
+                 or hooks._global_backward_pre_hooks)
+        and "forward" not in module.__dict__
+    )

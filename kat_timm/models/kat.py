@@ -22,7 +22,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import VisionTransformer, build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
-from ..checkpoint import unwrap_state_dict
+from ..checkpoint import check_floating, unwrap_state_dict
 from ..layers import KAN, GroupRational, rational_init
 
 _logger = logging.getLogger(__name__)
@@ -210,8 +210,10 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: KAT, **kwargs) -> Di
     Raises:
         RuntimeError: some, but not all, rational coefficients are missing. (timm loads non-strictly when the
             head is replaced, which would silently keep their init; none at all is a ViT, completed by a hook.)
+        CheckpointError: integer or bool tensors for floating-point weights (``kat_timm.checkpoint.check_floating``).
     """
     state_dict, _ = unwrap_state_dict(state_dict)  # the same unwrapping as scripts/convert_checkpoint.py
+    check_floating(state_dict, model)
     rational = [k for k in model.state_dict() if k.endswith(RATIONAL_PARAMETERS)]
     missing = [k for k in rational if k not in state_dict]
     if missing and len(missing) < len(rational):

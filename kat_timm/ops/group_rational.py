@@ -418,5 +418,10 @@ def group_rational_(
             "and a tensor requires grad); use group_rational, or run under torch.no_grad() / torch.inference_mode()"
         )
     if _plain_eager(x):
+        # The native kernel writes behind autograd's back. An empty in-place write through torch first applies
+        # torch's own rules for in-place ops to x (an inference tensor outside inference mode, a view made in
+        # no-grad mode or by a multi-output op: torch's errors, raised here before anything is written) and bumps
+        # x's version counter, so a graph that saved x fails at its backward instead of using the new values.
+        x.narrow(0, 0, 0).zero_()
         return _forward_in_place(x, numerator, denominator, channel_dim, bias)
     return x.copy_(group_rational(x, numerator, denominator, channel_dim, bias))

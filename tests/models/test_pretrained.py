@@ -295,6 +295,27 @@ def test_missing_rational_keys_are_an_error(tmp_path, kat_tiny_weights, ckpt):
     assert "blocks.11.mlp.act1.weight_numerator" in str(info.value)
 
 
+@pytest.mark.parametrize("how", ["timm_overlay", "kat_timm_factory"])
+def test_integer_weights_are_refused_naming_the_keys(tmp_path, kat_tiny_weights, how):
+    """A safetensors file of integer tensors (a botched export) used to load as an all-zero model without a word."""
+    import safetensors.torch
+
+    from kat_timm.checkpoint import CheckpointError
+    from kat_timm.factory import create_model
+
+    weights = {k: v.contiguous() for k, v in kat_tiny_weights["scratch"].items()}
+    weights["blocks.0.mlp.fc1.weight"] = weights["blocks.0.mlp.fc1.weight"].to(torch.int64)
+    weights["head.weight"] = weights["head.weight"].to(torch.int8)
+    path = tmp_path / "model.safetensors"
+    safetensors.torch.save_file(weights, str(path))
+    with pytest.raises(CheckpointError, match="integer or bool tensors") as info:
+        if how == "timm_overlay":
+            timm.create_model(TINY, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+        else:
+            create_model(TINY, checkpoint=path)
+    assert "blocks.0.mlp.fc1.weight (torch.int64)" in str(info.value) and "head.weight (torch.int8)" in str(info.value)
+
+
 def test_plain_vit_checkpoint_gets_function_preserving_rationals(tmp_path, kat_tiny_weights, ckpt):
     """A ViT state dict (mlp.fc1/fc2, no rational coefficients at all) is not an error: KAT's load_state_dict
     pre-hook completes it with act1 = identity, act2 = GELU fit (kat_timm.models.vit_state_dict_to_kat)."""

@@ -38,6 +38,24 @@ def test_environment_is_interpreted():
     assert os.environ.get("TRITON_INTERPRET") == "1"
     available, mode = triton_status()
     assert available and mode.startswith("interpreted"), mode
+
+
+def test_kan_calls_fc1_as_a_module_on_triton():
+    """KAN on the Triton backend: a hook on fc1 fires and a LoRA-style wrapper of fc1 is used and trained (the fused
+    fc1-bias path must never bypass what the user attached; tests/layers/test_kan.py covers the CPU backends)."""
+    from tests.layers.test_kan import LoraLinear, _called_one_by_one, _kan
+
+    assert select_backend(torch.randn(2, 32)) == "triton"
+    kan = _kan()
+    fired = []
+    kan.fc1.register_forward_hook(lambda module, args, out: fired.append(out))
+    kan.fc1 = LoraLinear(kan.fc1)
+    x = torch.randn(3, 32)
+    y = kan(x)
+    assert len(fired) == 1, "the hook on the base Linear fires when the wrapper calls it"
+    assert relative_error(y, _called_one_by_one(kan, x)) <= 1e-5
+    y.sum().backward()
+    assert kan.fc1.lora_a.grad is not None and kan.fc1.lora_a.grad.abs().sum() > 0
     assert select_backend(torch.randn(2, 8)) == "triton"
 
 

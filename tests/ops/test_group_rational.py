@@ -1,4 +1,6 @@
 """group_rational on CPU: every CPU backend against the float64 reference, plus the op's contract."""
+import contextlib
+
 import pytest
 import torch
 
@@ -675,6 +677,75 @@ def test_in_place_refuses_autograd():
         group_rational_(x, numerator, denominator)
     with pytest.raises(ValueError, match="multiple of G"):
         group_rational_(torch.randn(4, 60), numerator.detach(), denominator.detach())
+
+
+def _in_place_situations():
+    """(name, make) pairs: ``make()`` returns (target, check) where target is the tensor an in-place op writes and
+    check() is what runs afterwards (a backward that needs the old values, or nothing)."""
+
+    def saved_for_backward():
+        weight = torch.randn(4, 64, requires_grad=True)
+        x = torch.randn(4, 64)
+        loss = (weight * x).sum()  # saves x for weight's gradient
+        return x, loss.backward
+
+    def inference_tensor_outside():
+        with torch.inference_mode():
+            x = torch.randn(4, 64)
+        return x, lambda: None
+
+    def view_made_without_grad():
+        base = torch.randn(3, 4, 64, requires_grad=True)
+        with torch.no_grad():
+            view = base[1]
+        return view, lambda: None
+
+    def plain_no_grad_leaf():
+        leaf = torch.randn(4, 64, requires_grad=True)
+        return leaf, lambda: None
+
+    return [saved_for_backward, inference_tensor_outside, view_made_without_grad, plain_no_grad_leaf]
+
+
+@pytest.mark.parametrize("situation", _in_place_situations(), ids=lambda f: f.__name__)
+def test_in_place_follows_torchs_in_place_rules(cpu_backend, situation):
+    """group_rational_ raises where torch's own in-place ops raise (at the call or at the backward that needs the
+    overwritten values), bumps the version counter, and writes nothing before refusing."""
+    numerator, denominator = (t.detach() for t in random_coefficients(8))
+    no_grad = situation.__name__ == "plain_no_grad_leaf"  # a no-grad update of a leaf (as optimizers do)
+
+    def outcome(op):
+        """(the RuntimeError type raised or None, whether x was handled right: untouched if the call itself refused,
+        its version counter moved if the write happened)."""
+        torch.manual_seed(1)
+        target, check = situation()
+        version = lambda: None if target.is_inference() else target._version  # noqa: E731 (no counter there)
+        before, version_before = target.detach().clone(), version()
+        try:
+            with torch.no_grad() if no_grad else contextlib.nullcontext():
+                op(target)
+        except RuntimeError as error:
+            return type(error), torch.equal(target.detach(), before)
+        written = version() != version_before
+        try:
+            check()
+        except RuntimeError as error:
+            return type(error), written
+        return None, written
+
+    torch_raised, _ = outcome(torch.Tensor.sigmoid_)
+    ours_raised, handled = outcome(lambda t: group_rational_(t, numerator, denominator))
+    assert ours_raised == torch_raised, f"torch.sigmoid_ -> {torch_raised}, group_rational_ -> {ours_raised}"
+    assert handled, "a refused call must leave x untouched, a write must move x's version counter"
+
+
+def test_in_place_inside_inference_mode_writes_inference_tensors(cpu_backend):
+    numerator, denominator = (t.detach() for t in random_coefficients(8))
+    with torch.inference_mode():
+        x = torch.randn(4, 7, 64)
+        expected = group_rational(x, numerator, denominator)
+        assert group_rational_(x, numerator, denominator) is x
+    assert torch.equal(x, expected)
 
 
 def test_in_place_under_compile(use_backend):
