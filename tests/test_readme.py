@@ -73,3 +73,53 @@ def test_readme_has_offline_snippets():
 @pytest.mark.parametrize("block", OFFLINE_BLOCKS, ids=[b.splitlines()[0][:40] for b in OFFLINE_BLOCKS])
 def test_readme_offline_snippet_runs(block):
     _fresh_python("import torch; torch.set_num_threads(1)\n" + block)
+
+
+def _shell_commands(prefixes):
+    """The command lines of README.md's fenced shell blocks that start with one of ``prefixes`` (continuation lines
+    joined, comments dropped), as argument lists."""
+    import shlex
+
+    commands = []
+    for block in re.findall(r"```(?:bash|console)\n(.*?)```", TEXT, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line.lstrip("$ "), comments=True)
+            if words and words[0] in prefixes:
+                commands.append(words)
+    return commands
+
+
+class _Parsed(Exception):
+    pass
+
+
+CLI_COMMANDS = _shell_commands({"kat-timm", "kat-validate"})
+
+
+def test_readme_shows_cli_commands():
+    shown = {" ".join(words[:2]) if words[0] == "kat-timm" else words[0] for words in CLI_COMMANDS}
+    assert {"kat-timm predict", "kat-timm plot", "kat-timm download", "kat-timm export", "kat-validate"} <= shown
+
+
+@pytest.mark.parametrize("words", CLI_COMMANDS, ids=[" ".join(w)[:60] for w in CLI_COMMANDS])
+def test_readme_cli_command_parses(words, monkeypatch, capsys):
+    """Every kat-timm / kat-validate command the README shows is accepted by the command's own parser as written
+    (the run itself stops right after parsing: the README's files and weights are not here)."""
+    import argparse
+
+    import kat_timm.cli
+    import kat_timm.cli.validate
+
+    def parse_then_stop(self, args=None, namespace=None):
+        raise _Parsed(original(self, args, namespace))
+
+    original = argparse.ArgumentParser.parse_args
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    main = kat_timm.cli.main if words[0] == "kat-timm" else kat_timm.cli.validate.main
+    try:
+        main(words[1:])
+    except _Parsed:
+        return
+    except SystemExit as error:
+        pytest.fail(f"{' '.join(words)}: the parser refused it (exit {error.code}): {capsys.readouterr().err}")
+    pytest.fail(f"{' '.join(words)}: finished without parsing any arguments")
