@@ -1,16 +1,17 @@
-"""Checkpoints and run files that are never half-written: timm's CheckpointSaver with atomic writes, and the helper
-kat-train and kat-validate write their other files with. A write goes to ``NAME.partial``, is flushed to disk and
-renamed over ``NAME`` (``os.replace``, atomic), and the folder is flushed so the rename survives a power cut.
+"""Checkpoints and run files that are never half-written: timm's CheckpointSaver with atomic writes
+(:func:`kat_timm.files.edit_atomically`, also re-exported here). A write goes to ``NAME.partial``, is flushed to disk
+and renamed over ``NAME`` (``os.replace``, atomic), and the folder is flushed so the rename survives a power cut.
 """
 from __future__ import annotations
 
-import contextlib
 import glob
 import os
 import shutil
 from typing import Optional
 
 from timm.utils import CheckpointSaver
+
+from kat_timm.files import edit_atomically, fsync_dir, output_target, remove_file
 
 __all__ = ["AtomicCheckpointSaver", "checkpoint_epoch", "edit_atomically", "remove_partials"]
 
@@ -42,8 +43,9 @@ class AtomicCheckpointSaver(CheckpointSaver):
     def _replace(self, src, dst):
         if self._relink_only:
             return
-        os.replace(src, dst)
-        _fsync_dir(os.path.dirname(dst))
+        target = output_target(dst)  # a link's target, never the link; a device or FIFO refused
+        os.replace(src, target)
+        fsync_dir(os.path.dirname(target))
 
     def _duplicate(self, src, dst):
         edit_atomically(dst, lambda partial: _link_or_copy(src, partial), start_from_current=False)
@@ -55,7 +57,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
         pattern = os.path.join(self.recovery_dir, self.recovery_prefix + "-*" + self.extension)
         for path in glob.glob(pattern):
             if os.path.abspath(path) not in keep:
-                _remove(path)
+                remove_file(path)
 
     def restore_history(self, checkpoint_path: str, checkpoint: dict) -> None:
         """timm's ``load_state_dict_from_checkpoint`` from the already read ``checkpoint`` (the file at
@@ -125,47 +127,4 @@ def checkpoint_epoch(path: str) -> Optional[int]:
 def remove_partials(folder: str) -> None:
     """Remove the ``*.partial`` files a killed run left in ``folder``: none of them was ever complete."""
     for stale in glob.glob(os.path.join(folder, "*.partial")):
-        _remove(stale)
-
-
-def _remove(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
-
-
-def _fsync(path: str) -> None:
-    with open(path, "rb") as file:
-        os.fsync(file.fileno())
-
-
-def _fsync_dir(path: str) -> None:
-    """Make a rename durable (POSIX); a no-op where folders cannot be opened (Windows)."""
-    with contextlib.suppress(OSError):
-        descriptor = os.open(path or ".", os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-
-
-def edit_atomically(path: str, edit, start_from_current: bool = True) -> None:
-    """Change the file ``path`` all at once: ``edit(partial)`` works on ``PATH.partial`` (a copy of the file when
-    ``start_from_current``), then renamed over ``path``."""
-    partial = path + ".partial"
-    try:
-        if start_from_current and os.path.exists(path):
-            shutil.copyfile(path, partial)
-        else:
-            _remove(partial)
-        edit(partial)
-        if os.path.exists(partial):
-            _fsync(partial)
-            os.replace(partial, path)
-    except OSError as error:
-        _remove(partial)
-        raise OSError(error.errno, error.strerror, path) from error  # the file, whatever call failed
-    except BaseException:
-        _remove(partial)
-        raise
-    _fsync_dir(os.path.dirname(path))
-
+        remove_file(stale)
