@@ -1,19 +1,31 @@
 """Checkpoints and run files that are never half-written: timm's CheckpointSaver with atomic writes
 (:func:`kat_timm.files.edit_atomically`, also re-exported here). A write goes to ``NAME.partial``, is flushed to disk
 and renamed over ``NAME`` (``os.replace``, atomic), and the folder is flushed so the rename survives a power cut.
+
+One run per folder: :func:`claim_run_folder` creates or takes a run folder and locks it for the run's life, refusing
+a folder another process runs in or that holds another run's files (unless the run resumes it, or overwrites it).
 """
 from __future__ import annotations
 
 import glob
+import itertools
 import os
+import re
 import shutil
-from typing import Optional
+import stat
+from typing import List, Optional, Tuple
+
+try:
+    import fcntl
+except ImportError:  # Windows: run folders are not locked
+    fcntl = None
 
 from timm.utils import CheckpointSaver
 
 from kat_timm.files import edit_atomically, fsync_dir, output_target, remove_file
 
-__all__ = ["AtomicCheckpointSaver", "checkpoint_epoch", "edit_atomically", "remove_partials"]
+__all__ = ["AtomicCheckpointSaver", "RunFolderError", "RunFolderLock", "check_run_folder", "checkpoint_epoch",
+           "claim_run_folder", "edit_atomically", "remove_partials", "run_files"]
 
 
 class AtomicCheckpointSaver(CheckpointSaver):
@@ -128,3 +140,136 @@ def remove_partials(folder: str) -> None:
     """Remove the ``*.partial`` files a killed run left in ``folder``: none of them was ever complete."""
     for stale in glob.glob(os.path.join(folder, "*.partial")):
         remove_file(stale)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# One run per folder
+# --------------------------------------------------------------------------------------------------------------------
+
+LOCK_FILE = "run.lock"
+# What a kat-train run writes into its folder (AtomicCheckpointSaver's names with timm's default prefixes), besides
+# the lock file: a folder holding any of these holds a run.
+_RUN_FILE_PATTERNS = (r"args\.yaml", r"summary\.csv", r"(last|model_best|tmp)\.pth\.tar", r"checkpoint-\d+\.pth\.tar",
+                      r"recovery-\d+-\d+\.pth\.tar")
+_RUN_FILE = re.compile("(?:" + "|".join(_RUN_FILE_PATTERNS) + r")(?:\.partial)?")
+
+
+class RunFolderError(Exception):
+    """A run folder that kat-train must not write into; the message is one line saying what to do."""
+
+
+def run_files(folder: str) -> List[str]:
+    """The names of the files of a kat-train run in ``folder`` (checkpoints, summary.csv, args.yaml and their
+    ``.partial`` leftovers), sorted; empty where there is no run (or no folder)."""
+    try:
+        names = os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(name for name in names if _RUN_FILE.fullmatch(name))
+
+
+class RunFolderLock:
+    """An exclusive lock on a run folder (``flock`` of ``FOLDER/run.lock``, which records the holder's pid), held
+    until :meth:`release` or the end of the process, however it ends: the kernel drops the lock of a dead process,
+    so a lock file left by a killed run never blocks. Where there is no ``fcntl`` (Windows) nothing is locked.
+
+    Raises:
+        RunFolderError: another process holds the lock (its pid named), or ``run.lock`` is not a regular file.
+    """
+
+    def __init__(self, folder: str):
+        self.folder, self.descriptor = folder, None
+        if fcntl is None:
+            return
+        path = os.path.join(folder, LOCK_FILE)
+        try:
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK, 0o644)
+        except OSError as error:  # ELOOP: a symbolic link (O_NOFOLLOW); ENXIO and friends: a FIFO or device
+            raise RunFolderError(f"{path}: cannot use it as the run's lock file ({error.strerror}); remove it") from None
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            os.close(descriptor)
+            raise RunFolderError(f"{path} is not a regular file; remove it so that kat-train can lock the run folder")
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip()
+            os.close(descriptor)
+            raise RunFolderError(f"{folder} is in use by another kat-train run (process {holder or 'unknown'}); wait "
+                                 f"for it to end, or give another --experiment") from None
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+        self.descriptor = descriptor
+
+    def release(self) -> None:
+        """Drop the lock (the file stays: removing it would let two processes lock two different files)."""
+        if self.descriptor is not None:
+            os.close(self.descriptor)
+            self.descriptor = None
+
+    def __enter__(self) -> "RunFolderLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def check_run_folder(folder: str, resume: bool = False, overwrite: bool = False, locked: bool = False) -> None:
+    """Raise :class:`RunFolderError` where kat-train must not start a run in ``folder``: it is a file, another process
+    runs there (its lock held; not checked when ``locked``: this process holds it), or it holds the files of another
+    run and neither ``resume`` nor ``overwrite``."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise RunFolderError(f"{folder} is a file, not a folder; give another --experiment (or --output)")
+    if not locked and fcntl is not None and os.path.isfile(os.path.join(folder, LOCK_FILE)):
+        RunFolderLock(folder).release()  # a probe: refused now rather than after the model is built
+    found = run_files(folder)
+    if found and not (resume or overwrite):
+        shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        last = os.path.join(folder, "last.pth.tar")
+        resume_hint = f"continue it with --resume {last}, " if os.path.isfile(last) else ""
+        raise RunFolderError(f"{folder} holds another run ({shown}); {resume_hint}start afresh there with --overwrite "
+                             f"(removes that run's checkpoints, summary.csv and args.yaml), or give another --experiment")
+
+
+def claim_run_folder(parent: str, name: str, unique: bool = False, resume: bool = False,
+                     overwrite: bool = False) -> Tuple[str, RunFolderLock]:
+    """Create (or take) the run folder ``parent/name`` and lock it for this run.
+
+    Args:
+        parent: the folder of runs (created if missing).
+        name: the run folder's name.
+        unique: a generated name: the folder is created exclusively, as ``name``, else ``name-1``, ``name-2``, ...
+            so that two runs started in the same second never share one.
+        resume: the run continues one (from its checkpoint): a folder holding run files is taken as it is.
+        overwrite: a folder holding another run is taken after that run's files (:func:`run_files`) are removed.
+
+    Returns:
+        (the folder, its lock): release the lock when the run ends.
+
+    Raises:
+        RunFolderError: see :func:`check_run_folder` and :class:`RunFolderLock`.
+    """
+    os.makedirs(parent, exist_ok=True)
+    if unique:
+        for count in itertools.count():
+            folder = os.path.join(parent, name if count == 0 else f"{name}-{count}")
+            try:
+                os.mkdir(folder)
+                break
+            except FileExistsError:
+                continue
+    else:
+        folder = os.path.join(parent, name)
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            check_run_folder(folder)  # raises: a file
+        os.makedirs(folder, exist_ok=True)
+    lock = RunFolderLock(folder)
+    try:
+        check_run_folder(folder, resume=resume, overwrite=overwrite, locked=True)
+        if overwrite and not resume:
+            for stale in run_files(folder):
+                remove_file(os.path.join(folder, stale))
+            fsync_dir(folder)
+    except BaseException:
+        lock.release()
+        raise
+    return folder, lock
