@@ -18,11 +18,11 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from kat_timm.files import OutputPathError, same_file
 from kat_timm.training import loop
 from kat_timm.training.data import DataError
 from kat_timm.training.evaluation import amp_autocast, create_eval_loader, default_amp_dtype, evaluate
 from kat_timm.training.loop import TrainingError, TrainResult, base_lr, create_loss
-from kat_timm.files import OutputPathError, same_file
 from kat_timm.training.saver import (AtomicCheckpointSaver, RunFolderError, check_run_folder, claim_run_folder,
                                      edit_atomically, remove_partials, run_files)
 
@@ -439,7 +439,8 @@ def _check_arguments(args: argparse.Namespace):
     resumed = _read_resume(args) if args.resume else None
     if args.output:
         check_writable_folder(args.output, "--output")
-    _check_run_folder(args)
+    if args.overwrite and args.resume:
+        raise CLIError("give --resume (continue the run) or --overwrite (start afresh), not both", code=2)
     if args.pretrained_path and args.initial_checkpoint:
         raise CLIError("give --pretrained-path or --initial-checkpoint, not both", code=2)
     if args.pretrained and args.initial_checkpoint:
@@ -458,15 +459,15 @@ def _named_run_folder(args: argparse.Namespace) -> Optional[str]:
     return os.path.normpath(os.path.join(args.output or DEFAULT_OUTPUT, args.experiment)) if args.experiment else None
 
 
-def _check_run_folder(args: argparse.Namespace) -> None:
-    """One run per folder, checked before anything is built (and again, under the folder's lock, before writing)."""
-    if args.overwrite and args.resume:
-        raise CLIError("give --resume (continue the run) or --overwrite (start afresh), not both", code=2)
+def _check_run_folder(args: argparse.Namespace, primary: bool) -> None:
+    """One run per folder, checked before anything is built (and again, under the folder's lock, before writing).
+    Only the ``primary`` process (rank 0, the one that writes) probes the lock: under torchrun the others would
+    take each other's probes for another run."""
     folder = _named_run_folder(args)
     if folder is None:
         return
     try:
-        check_run_folder(folder, resume=bool(args.resume), overwrite=args.overwrite)
+        check_run_folder(folder, resume=bool(args.resume), overwrite=args.overwrite, locked=not primary)
     except RunFolderError as error:
         raise CLIError(str(error), code=2) from None
     if args.overwrite:
@@ -672,7 +673,8 @@ def train(args: argparse.Namespace, prog: str = "kat-train") -> TrainResult:
     primary = args.rank == 0
     _setup_logging(primary)
     try:
-        with contextlib.ExitStack() as run_folder:  # holds the run folder's lock until training ends, however
+        _check_run_folder(args, primary)
+        with contextlib.ExitStack() as run_folder:  # holds the run folder's lock until training ends, however it ends
             return _train(args, parsed, resumed, device, primary, prog, run_folder)
     except DataError as error:
         # Raised in a loader worker, it arrives with the worker's traceback in its message: keep the last line.

@@ -185,17 +185,21 @@ class RunFolderLock:
         try:
             descriptor = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK, 0o644)
         except OSError as error:  # ELOOP: a symbolic link (O_NOFOLLOW); ENXIO and friends: a FIFO or device
-            raise RunFolderError(f"{path}: cannot use it as the run's lock file ({error.strerror}); remove it") from None
+            raise RunFolderError(f"{path}: cannot use it as the run's lock file ({error.strerror}); "
+                                 f"remove it") from None
         if not stat.S_ISREG(os.fstat(descriptor).st_mode):
             os.close(descriptor)
             raise RunFolderError(f"{path} is not a regular file; remove it so that kat-train can lock the run folder")
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip()
             os.close(descriptor)
             raise RunFolderError(f"{folder} is in use by another kat-train run (process {holder or 'unknown'}); wait "
                                  f"for it to end, or give another --experiment") from None
+        except OSError:  # a file system without locks (ENOLCK, EINVAL): run unlocked, as where there is no fcntl
+            os.close(descriptor)
+            return
         os.ftruncate(descriptor, 0)
         os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
         self.descriptor = descriptor
@@ -215,8 +219,8 @@ class RunFolderLock:
 
 def check_run_folder(folder: str, resume: bool = False, overwrite: bool = False, locked: bool = False) -> None:
     """Raise :class:`RunFolderError` where kat-train must not start a run in ``folder``: it is a file, another process
-    runs there (its lock held; not checked when ``locked``: this process holds it), or it holds the files of another
-    run and neither ``resume`` nor ``overwrite``."""
+    runs there (its lock held; not checked when ``locked``: this process holds it, or does not take it), or it holds
+    the files of another run and neither ``resume`` nor ``overwrite``."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise RunFolderError(f"{folder} is a file, not a folder; give another --experiment (or --output)")
     if not locked and fcntl is not None and os.path.isfile(os.path.join(folder, LOCK_FILE)):
@@ -226,8 +230,9 @@ def check_run_folder(folder: str, resume: bool = False, overwrite: bool = False,
         shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
         last = os.path.join(folder, "last.pth.tar")
         resume_hint = f"continue it with --resume {last}, " if os.path.isfile(last) else ""
-        raise RunFolderError(f"{folder} holds another run ({shown}); {resume_hint}start afresh there with --overwrite "
-                             f"(removes that run's checkpoints, summary.csv and args.yaml), or give another --experiment")
+        raise RunFolderError(f"{folder} holds another run ({shown}); {resume_hint}start afresh there with "
+                             f"--overwrite (removes that run's checkpoints, summary.csv and args.yaml), or give "
+                             f"another --experiment")
 
 
 def claim_run_folder(parent: str, name: str, unique: bool = False, resume: bool = False,

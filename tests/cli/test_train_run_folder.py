@@ -84,8 +84,8 @@ def test_the_lock_is_taken_under_the_folder_check_too(data, tmp_path, capsys, mo
     real_check = train_module._check_run_folder
     holders = []
 
-    def check_then_another_run_starts(args):
-        real_check(args)
+    def check_then_another_run_starts(*args, **kwargs):
+        real_check(*args, **kwargs)
         holders.append(lock_held_by_another_process(out / "run"))
         return holders[-1].__enter__()
 
