@@ -124,3 +124,24 @@ def test_an_experiment_that_is_a_file_is_named_so(data, tmp_path, capsys):
     assert (code, err) == (2, f"kat-train: error: {out / 'run'} is a file, not a folder; give another --experiment "
                               f"(or --output)\n")
     assert (out / "run").read_text() == "not a folder"
+
+
+def test_a_resumed_run_writes_through_links_and_refuses_a_fifo(data, tmp_path, capsys):
+    """Item 4 for kat-train's own files: args.yaml a link (written through), summary.csv a FIFO (refused, in one
+    line, instead of a rename that replaces it or a copy that blocks on it)."""
+    import os
+
+    out = tmp_path / "out"
+    run_dir = out / "run"
+    assert _kat_train(capsys, *run_args(data, out, "--epochs", "1"))[0] == 0
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (run_dir / "args.yaml").rename(kept / "args.yaml")
+    (run_dir / "args.yaml").symlink_to(kept / "args.yaml")
+    (run_dir / "summary.csv").unlink()
+    os.mkfifo(run_dir / "summary.csv")
+    code, err = _kat_train(capsys, *run_args(data, None, "--epochs", "2", "--resume", run_dir / "last.pth.tar"))
+    assert (code, err) == (2, f"kat-train: error: {run_dir / 'summary.csv'} is a FIFO (named pipe), not a regular "
+                              f"file; give the path of a file to write\n")
+    assert (run_dir / "args.yaml").is_symlink() and "model: kat_tiny" in (kept / "args.yaml").read_text()
+    assert (run_dir / "summary.csv").is_fifo()
