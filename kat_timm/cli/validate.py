@@ -322,11 +322,11 @@ def _check_writable(path: Path, inputs: Dict[str, Any]) -> None:
     if path.is_dir():
         raise CLIError(f"--results-file {path} is a folder; give the JSON file to write, e.g. "
                        f"{path / 'results.json'}", code=2)
+    check_writable_folder(path.parent, f"--results-file {path}")
     try:
         output_target(path, inputs, label=f"--results-file {path}")
     except OutputPathError as error:
         raise CLIError(str(error), code=2) from None
-    check_writable_folder(path.parent, f"--results-file {path}")
 
 
 def main(argv: Optional[List[str]] = None, prog: str = "kat-validate") -> int:
