@@ -10,10 +10,12 @@ import os
 import platform
 import statistics
 import time
+from pathlib import Path
 from typing import Callable, List, Optional
 
 import torch
 
+from kat_timm.files import OutputPathError, edit_atomically, output_target
 from kat_timm.ops import BACKEND_ENV
 
 __all__ = ["device_name", "package_version", "load_average", "benchmark_parser", "parse_benchmark_args", "Timer",
@@ -77,6 +79,11 @@ def parse_benchmark_args(parser: argparse.ArgumentParser, argv=None) -> argparse
     folder = os.path.dirname(os.path.abspath(args.json or "."))
     if args.json and not os.path.isdir(folder):
         parser.error(f"--json {args.json}: the folder {folder} does not exist")
+    if args.json:
+        try:
+            output_target(args.json, label=f"--json {args.json}")  # before measuring, not after
+        except OutputPathError as error:
+            parser.error(str(error))
     if args.device == "cpu" and args.threads is not None:
         torch.set_num_threads(args.threads)
     args.load_at_start = load_average()
@@ -158,5 +165,6 @@ def version_lines(args: argparse.Namespace, versions: str = "") -> List[str]:
 def write_json(path: Optional[str], **payload) -> None:
     """``payload`` as indented JSON at ``path`` (nothing when no --json was given)."""
     if path:
-        with open(path, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=2)
+        text = json.dumps(payload, indent=2)
+        edit_atomically(path, lambda partial: Path(partial).write_text(text, encoding="utf-8"),
+                        start_from_current=False, label=f"--json {path}")

@@ -29,6 +29,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy.optimize import least_squares, lsq_linear  # noqa: E402
 
+from kat_timm.files import OutputPathError, edit_atomically, output_target  # noqa: E402
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUTPUT = os.path.join("kat_timm", "layers", "rational_inits.json")
 DEFAULT_RANGE = (-3.0, 3.0)
@@ -357,6 +359,10 @@ def main(argv=None):
         if args.expr is not None and not args.name:
             raise FitError("--expr needs --name")
         output = args.output or os.path.join(REPO_ROOT, DEFAULT_OUTPUT)
+        try:
+            output_target(output, label=f"--output {output}")  # a FIFO would block the read below
+        except OutputPathError as exc:
+            raise FitError(str(exc)) from None
         table = load_table(output)
 
         names = list(dict.fromkeys(args.names + ([args.name] if args.name else [])))
@@ -388,8 +394,9 @@ def main(argv=None):
         print("(dry run: nothing written)")
         return 0
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    Path(output + ".tmp").write_text(json.dumps(new_table, indent=2) + "\n")
-    os.replace(output + ".tmp", output)
+    text = json.dumps(new_table, indent=2) + "\n"
+    edit_atomically(output, lambda partial: Path(partial).write_text(text), start_from_current=False,
+                    label=f"--output {output}")
     print(f"wrote {output} ({len(results)} entr{'y' if len(results) == 1 else 'ies'} refitted, {len(new_table)} in all)")
     return 0
 

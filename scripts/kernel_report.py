@@ -7,9 +7,11 @@ import datetime
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 
+from kat_timm.files import OutputPathError, edit_atomically, output_target
 from kat_timm.ops.kernel_report import ARCHS, TOKENS, kat_shapes, report_rows
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -31,6 +33,11 @@ def main(argv=None) -> int:
         parser.error("--batch values must be >= 1")
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         parser.error(f"--json {args.json}: the folder {os.path.dirname(os.path.abspath(args.json))} does not exist")
+    if args.json:
+        try:
+            output_target(args.json, label=f"--json {args.json}")  # before compiling, not after
+        except OutputPathError as error:
+            parser.error(str(error))
     shapes = []
     for batch in args.batch:
         shapes += [(f"{label} batch {batch}", shape) for label, shape in kat_shapes(batch)]
@@ -62,11 +69,13 @@ def main(argv=None) -> int:
               f"{r['bandwidth_bound'] * 100:.0f}% |")
     if args.json:
         try:
-            with open(args.json, "w", encoding="utf-8") as handle:
-                json.dump({"date": datetime.date.today().isoformat(), "triton": triton.__version__, "rows": rows},
-                          handle, indent=1, default=str)
-        except OSError as error:
-            print(f"kernel_report: can't write {args.json}: {error.strerror}", file=sys.stderr)
+            text = json.dumps({"date": datetime.date.today().isoformat(), "triton": triton.__version__, "rows": rows},
+                              indent=1, default=str)
+            edit_atomically(args.json, lambda partial: Path(partial).write_text(text, encoding="utf-8"),
+                            start_from_current=False, label=f"--json {args.json}")
+        except (OSError, OutputPathError) as error:
+            print(f"kernel_report: can't write {args.json}: {getattr(error, 'strerror', None) or error}",
+                  file=sys.stderr)
             return 1
     return 0
 

@@ -1,6 +1,9 @@
 """Shared test helpers: random coefficients, comparison against the float64 reference, and test models and files."""
 import contextlib
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -188,3 +191,28 @@ def sigkill_training_after_first_checkpoint(args, cwd, run_dir, log_path, timeou
         if process.poll() is None:
             process.kill()
     assert process.returncode == -signal.SIGKILL, "kat-train finished before it could be killed"
+
+
+# A process that holds the lock of a run folder as kat-train does, until its stdin closes.
+_HOLDER = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+os.write(fd, f"{os.getpid()}\\n".encode())
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def lock_held_by_another_process(folder: Path):
+    """The run folder ``folder`` locked by a child process, as a kat-train run locks it (``flock`` of its run.lock,
+    which records the pid), until the block ends; yields the child's pid."""
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(folder / "run.lock")], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        yield holder.pid
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)

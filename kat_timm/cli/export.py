@@ -77,6 +77,7 @@ def _validate(args: argparse.Namespace) -> None:
     if args.output.is_dir():
         raise CLIError(f"{args.output} is a folder; give the .onnx file to write (-o {args.output / 'model.onnx'})",
                        code=2)
+    _check_output(args)
     if not os.access(folder, os.W_OK):
         raise CLIError(f"cannot write to the folder {folder} (permission denied)")
     try:
@@ -84,6 +85,16 @@ def _validate(args: argparse.Namespace) -> None:
         require_packages(*names, purpose="kat-timm export --check" if args.check else "kat-timm export")
     except MissingDependencyError as error:
         raise CLIError(str(error)) from error
+
+
+def _check_output(args: argparse.Namespace) -> None:
+    """-o: not a device, FIFO or socket (a rename would replace it), and not the --checkpoint it reads."""
+    from kat_timm.files import OutputPathError, output_target
+
+    try:
+        output_target(args.output, {"--checkpoint": args.checkpoint}, label=f"-o {args.output}")
+    except OutputPathError as error:
+        raise CLIError(str(error), code=2) from None
 
 
 def _format_shape(shape) -> str:

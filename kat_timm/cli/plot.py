@@ -74,6 +74,13 @@ def main(argv: Optional[List[str]] = None, prog: str = "kat-timm plot") -> int:
                            f"{', '.join('.' + f for f in sorted(formats))}", code=2)
         if not args.output.parent.is_dir():
             raise CLIError(f"{args.output}: the folder {args.output.parent} does not exist")
+        from ..files import OutputPathError, edit_atomically, output_target
+
+        inputs = {"--checkpoint": args.checkpoint}
+        try:
+            output_target(args.output, inputs, label=f"-o {args.output}")  # before the model: a mistake fails fast
+        except OutputPathError as error:
+            raise CLIError(str(error), code=2) from None
         model = create_model_from_options(args)
         if not find_rationals(model):
             raise CLIError(f"{args.model} has no rational activations to plot (not a KAT model)", code=2)
@@ -92,7 +99,10 @@ def main(argv: Optional[List[str]] = None, prog: str = "kat-timm plot") -> int:
                            f"can draw ({MAX_SIDE_PIXELS - 1} pixels a side, {MAX_PIXELS:.0e} in all); use --dpi "
                            f"{most} or less", code=2)
         try:
-            figure.savefig(args.output, dpi=args.dpi)
+            # Through the partial file and a rename, as every output: a folder that fills up keeps the old image.
+            edit_atomically(args.output, lambda partial: figure.savefig(partial, format=args.output.suffix[1:],
+                                                                        dpi=args.dpi),
+                            start_from_current=False, inputs=inputs, label=f"-o {args.output}")
         except (OSError, ValueError) as error:  # ValueError: an extension matplotlib has no writer for
             raise CLIError(f"{args.output}: cannot write the figure ({error})") from None
         print(f"wrote {args.output}: {len(find_rationals(model))} rational activations of {args.model} ({weights})")

@@ -18,11 +18,13 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from kat_timm.files import OutputPathError, same_file
 from kat_timm.training import loop
 from kat_timm.training.data import DataError
 from kat_timm.training.evaluation import amp_autocast, create_eval_loader, default_amp_dtype, evaluate
 from kat_timm.training.loop import TrainingError, TrainResult, base_lr, create_loss
-from kat_timm.training.saver import AtomicCheckpointSaver, edit_atomically, remove_partials
+from kat_timm.training.saver import (AtomicCheckpointSaver, RunFolderError, check_run_folder, claim_run_folder,
+                                     edit_atomically, remove_partials, run_files)
 
 from . import CLIError, run_main
 from .common import check_backend_setting, check_preprocessing, check_writable_folder
@@ -32,6 +34,7 @@ from .validate import (COUNT, INDEX, KeywordArguments, add_data_arguments, check
 __all__ = ["build_parser", "main", "parse_args", "train"]
 
 DEFAULT_MODEL = "kat_tiny_patch16_224"
+DEFAULT_OUTPUT = "./output/train"
 
 # The schedules timm's create_scheduler_v2 builds.
 SCHEDULERS = ("cosine", "tanh", "step", "multistep", "plateau", "poly", "constant", "rsqrt")
@@ -263,8 +266,12 @@ def build_parser(prog: str = "kat-train") -> argparse.ArgumentParser:
     group.add_argument("--seed", type=int, default=42, metavar="S", help="random seed (default: 42)")
     group.add_argument("--output", default="", metavar="DIR", help="parent folder of runs (default: ./output/train)")
     group.add_argument("--experiment", default="", metavar="NAME",
-                       help="run folder name (default: DATE-TIME-MODEL-SIZE; with --resume and neither --output nor "
-                            "--experiment: the folder of the resumed checkpoint)")
+                       help="run folder name (default: DATE-TIME-MODEL-SIZE, made unique; with --resume and neither "
+                            "--output nor --experiment: the folder of the resumed checkpoint). One run per folder: a "
+                            "folder that holds another run is refused unless --resume or --overwrite")
+    group.add_argument("--overwrite", action="store_true",
+                       help="start afresh in a run folder that holds another run: first remove that run's checkpoints, "
+                            "summary.csv and args.yaml (nothing else in the folder)")
     group.add_argument("--eval-metric", default="top1", choices=("top1", "top5", "loss"),
                        help="metric that ranks the kept checkpoints (default: top1)")
     group.add_argument("--checkpoint-hist", type=COUNT, default=10, metavar="N",
@@ -374,6 +381,8 @@ def _run_folder_writes(folder: str):
 
     try:
         yield
+    except OutputPathError as error:  # a run file that is a device, FIFO or socket (a link is written through)
+        raise CLIError(str(error), code=2) from None
     except OSError as error:
         where = error.filename or folder
         what = {errno.ENOSPC: f"no space left on device at {where}", errno.EDQUOT: f"disk quota exceeded at {where}",
@@ -430,6 +439,8 @@ def _check_arguments(args: argparse.Namespace):
     resumed = _read_resume(args) if args.resume else None
     if args.output:
         check_writable_folder(args.output, "--output")
+    if args.overwrite and args.resume:
+        raise CLIError("give --resume (continue the run) or --overwrite (start afresh), not both", code=2)
     if args.pretrained_path and args.initial_checkpoint:
         raise CLIError("give --pretrained-path or --initial-checkpoint, not both", code=2)
     if args.pretrained and args.initial_checkpoint:
@@ -439,6 +450,33 @@ def _check_arguments(args: argparse.Namespace):
         raise CLIError(f"mixup/cutmix pair the images of a batch, so --batch-size must be even (got "
                        f"{args.batch_size})", code=2)
     return resumed
+
+
+def _named_run_folder(args: argparse.Namespace) -> Optional[str]:
+    """The run folder where the options name it (not a generated default name)."""
+    if args.resume and not args.output and not args.experiment:
+        return os.path.dirname(os.path.abspath(args.resume))  # continue the run where it was
+    return os.path.normpath(os.path.join(args.output or DEFAULT_OUTPUT, args.experiment)) if args.experiment else None
+
+
+def _check_run_folder(args: argparse.Namespace, primary: bool) -> None:
+    """One run per folder, checked before anything is built (and again, under the folder's lock, before writing).
+    Only the ``primary`` process (rank 0, the one that writes) probes the lock: under torchrun the others would
+    take each other's probes for another run."""
+    folder = _named_run_folder(args)
+    if folder is None:
+        return
+    try:
+        check_run_folder(folder, resume=bool(args.resume), overwrite=args.overwrite, locked=not primary)
+    except RunFolderError as error:
+        raise CLIError(str(error), code=2) from None
+    if args.overwrite:
+        doomed = [os.path.join(folder, name) for name in run_files(folder)]
+        for name in ("initial_checkpoint", "pretrained_path"):
+            path = getattr(args, name)
+            if path and any(same_file(path, file) for file in doomed):
+                raise CLIError(f"--{name.replace('_', '-')} {path} is a file of the run that --overwrite removes; "
+                               f"copy it out of {folder} first", code=2)
 
 
 def _read_resume(args: argparse.Namespace):
@@ -620,7 +658,8 @@ def _write_args_yaml(path: str, parsed: Dict[str, Any]) -> None:
     import yaml
 
     # Not --resume: args.yaml is a config for new runs, and one naming a checkpoint would resume that run again.
-    options = {key: value for key, value in parsed.items() if key not in ("config", "data", "resume")}
+    # Nor --overwrite: a config that removes a run's files whenever it is used again.
+    options = {key: value for key, value in parsed.items() if key not in ("config", "data", "resume", "overwrite")}
     text = yaml.safe_dump(options, default_flow_style=False, sort_keys=False)
     edit_atomically(path, lambda partial: Path(partial).write_text(text, encoding="utf-8"), start_from_current=False)
 
@@ -634,7 +673,9 @@ def train(args: argparse.Namespace, prog: str = "kat-train") -> TrainResult:
     primary = args.rank == 0
     _setup_logging(primary)
     try:
-        return _train(args, parsed, resumed, device, primary, prog)
+        _check_run_folder(args, primary)
+        with contextlib.ExitStack() as run_folder:  # holds the run folder's lock until training ends, however it ends
+            return _train(args, parsed, resumed, device, primary, prog, run_folder)
     except DataError as error:
         # Raised in a loader worker, it arrives with the worker's traceback in its message: keep the last line.
         raise CLIError(str(error).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
@@ -645,7 +686,8 @@ def train(args: argparse.Namespace, prog: str = "kat-train") -> TrainResult:
             torch.distributed.destroy_process_group()
 
 
-def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, primary: bool, prog: str) -> TrainResult:
+def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, primary: bool, prog: str,
+           run_folder: contextlib.ExitStack) -> TrainResult:
     from timm import utils
     from timm.data import Mixup, create_loader
     from timm.layers import convert_sync_batchnorm
@@ -756,14 +798,16 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, pr
     output_dir = saver = None
     eval_metric = args.eval_metric
     if primary:
-        if args.resume and not args.output and not args.experiment:
-            output_dir = os.path.dirname(os.path.abspath(args.resume))  # continue the run where it was
-        else:
-            name = args.experiment or "-".join([
-                datetime.now().strftime("%Y%m%d-%H%M%S"), safe_model_name(args.model),
-                str(data_config["input_size"][-1])])
-            with _run_folder_writes(args.output or "./output/train"):
-                output_dir = utils.get_outdir(args.output or "./output/train", name)
+        folder = _named_run_folder(args) or os.path.join(args.output or DEFAULT_OUTPUT, "-".join([
+            datetime.now().strftime("%Y%m%d-%H%M%S"), safe_model_name(args.model), str(data_config["input_size"][-1])]))
+        try:
+            with _run_folder_writes(os.path.dirname(folder)):
+                output_dir, lock = claim_run_folder(os.path.dirname(folder), os.path.basename(folder),
+                                                    unique=_named_run_folder(args) is None, resume=bool(args.resume),
+                                                    overwrite=args.overwrite)
+        except RunFolderError as error:
+            raise CLIError(str(error), code=2) from None
+        run_folder.enter_context(lock)
         saver = AtomicCheckpointSaver(
             model=model, optimizer=optimizer, args=args, model_ema=model_ema, amp_scaler=loss_scaler,
             checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing=eval_metric == "loss",

@@ -16,7 +16,7 @@ import torch
 
 from kat_timm.training.data import DataError
 from kat_timm.training.evaluation import amp_autocast, create_eval_loader, default_workers, evaluate
-from kat_timm.training.saver import edit_atomically
+from kat_timm.files import OutputPathError, edit_atomically, output_target
 
 from . import CLIError, run_main
 from .common import (add_dataset_reader_arguments, add_model_arguments, check_backend_setting, check_preprocessing,
@@ -220,7 +220,7 @@ def _validate(args: argparse.Namespace) -> int:
     check_backend_setting()
     results_file = Path(args.results_file) if args.results_file else None
     if results_file is not None:
-        _check_writable(results_file)
+        _check_writable(results_file, _inputs(args))
     device = resolve_device(args.device)
 
     if args.pretrained and args.checkpoint is not None:
@@ -303,18 +303,30 @@ def _report(args: argparse.Namespace, model, data_config: Dict[str, Any], metric
         try:
             results_file.parent.mkdir(parents=True, exist_ok=True)
             edit_atomically(str(results_file), lambda partial: Path(partial).write_text(text + "\n", encoding="utf-8"),
-                            start_from_current=False)
+                            start_from_current=False, inputs=_inputs(args), label=f"--results-file {results_file}")
+        except OutputPathError as error:
+            raise CLIError(str(error), code=2) from None
         except OSError as error:
             raise CLIError(f"--results-file {results_file}: cannot write it ({error.strerror or error})") from None
     return 0
 
 
-def _check_writable(path: Path) -> None:
-    """--results-file: refuse a folder or an unwritable place before the evaluation runs, not after it."""
+def _inputs(args: argparse.Namespace) -> Dict[str, Any]:
+    """The files kat-validate reads, which --results-file must not be."""
+    return {"--checkpoint": args.checkpoint, "--class-map": args.class_map}
+
+
+def _check_writable(path: Path, inputs: Dict[str, Any]) -> None:
+    """--results-file: refuse a folder, a device or FIFO, an input file or an unwritable place before the evaluation
+    runs, not after it."""
     if path.is_dir():
         raise CLIError(f"--results-file {path} is a folder; give the JSON file to write, e.g. "
                        f"{path / 'results.json'}", code=2)
     check_writable_folder(path.parent, f"--results-file {path}")
+    try:
+        output_target(path, inputs, label=f"--results-file {path}")
+    except OutputPathError as error:
+        raise CLIError(str(error), code=2) from None
 
 
 def main(argv: Optional[List[str]] = None, prog: str = "kat-validate") -> int:

@@ -11,6 +11,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
+from ..files import output_target
 from ..ops.rational_torch import LARGE_INPUT
 from ..transforms import model_input_size
 
@@ -136,10 +137,12 @@ def export_onnx(model: torch.nn.Module, path: PathLike, dynamic_batch: bool = Fa
                 batch_size: int = 1, example_input: Optional[torch.Tensor] = None) -> Path:
     """Export ``model`` (in eval mode) to an ONNX file of standard ops, input ``images``, output ``logits``, checked
     with ``onnx.checker`` and only then put at ``path`` (README, "ONNX"); ``batch_size``: the graph's fixed batch
-    (with ``dynamic_batch``, the tracing batch)."""
+    (with ``dynamic_batch``, the tracing batch). A symbolic link at ``path`` is written through; a folder, device or
+    FIFO there raises :class:`kat_timm.files.OutputPathError`."""
     onnx = require_packages("onnx", "onnxscript")
     check_export_target(path, opset)
     path = Path(path)
+    target = Path(output_target(path))  # a link's target; a device, FIFO or folder refused (a rename replaces them)
     if example_input is None:
         example_input = _example_input(model, batch_size)
     program = decompose_rationals(export_program(model, example_input, dynamic_batch))
@@ -148,7 +151,7 @@ def export_onnx(model: torch.nn.Module, path: PathLike, dynamic_batch: bool = Fa
     # Written under a temporary name and renamed once checked, so a failed export leaves no file (and an existing
     # one untouched). Weights in a side file name it after the .onnx file, which a rename would break: those
     # exports (above 1 GiB, no KAT) are written in place.
-    partial = path if external_data else path.with_name(f".{path.name}.{os.getpid()}.partial.onnx")
+    partial = target if external_data else target.with_name(f".{target.name}.{os.getpid()}.partial.onnx")
     # onnxscript logs a failed opset conversion with a traceback; the check below reports it in one line instead.
     converter_log = logging.getLogger("onnxscript.version_converter")
     log_level = converter_log.level
@@ -166,11 +169,11 @@ def export_onnx(model: torch.nn.Module, path: PathLike, dynamic_batch: bool = Fa
             raise OpsetConversionError(f"the ONNX exporter could not convert the graph to opset {opset} (it wrote "
                                        f"opset {written}); use opset {DEFAULT_OPSET}")
         onnx.checker.check_model(str(partial), full_check=True)
-        if partial != path:
-            os.replace(partial, path)
+        if partial != target:
+            os.replace(partial, target)
     finally:
         converter_log.setLevel(log_level)
-        if partial != path:
+        if partial != target:
             partial.unlink(missing_ok=True)
     return path
 

@@ -15,10 +15,11 @@ from huggingface_hub.utils.sha import sha_fileobj
 
 from ..checkpoint import CheckpointError, check_finite, check_kat_state_dict, load_checkpoint, unwrap_state_dict
 from ..factory import infer_architecture
+from ..files import OutputPathError, edit_atomically, output_target
 from ..models import RELEASED_TOP1
 
-__all__ = ["ConversionResult", "convert_checkpoint", "fix_hub_folder", "hub_config", "kat_num_params", "model_card",
-           "released_top1", "save_hub_folder"]
+__all__ = ["ConversionResult", "check_hub_files", "convert_checkpoint", "fix_hub_folder", "hub_config",
+           "kat_num_params", "model_card", "released_top1", "save_hub_folder"]
 
 PathLike = Union[str, Path]
 
@@ -164,9 +165,18 @@ def save_hub_folder(model: torch.nn.Module, output_dir: PathLike,
     from timm.models import save_for_hf
 
     output_dir = Path(output_dir)
+    check_hub_files(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     save_for_hf(model, str(output_dir), safe_serialization=safe_serialization)
     fix_hub_folder(output_dir)
+
+
+def check_hub_files(output_dir: PathLike, inputs: Optional[Mapping[str, Any]] = None) -> None:
+    """Raise :class:`kat_timm.files.OutputPathError` where a file a Hub folder is written into (``OUTPUT_FILES``)
+    is a device, FIFO, socket or folder, or one of ``inputs`` (``{what: path}``); symbolic links are written
+    through."""
+    for name in OUTPUT_FILES:
+        output_target(Path(output_dir) / name, inputs)
 
 
 def fix_hub_folder(folder: PathLike) -> bool:
@@ -178,9 +188,9 @@ def fix_hub_folder(folder: PathLike) -> bool:
     fixed = hub_config(config)
     if fixed == config:
         return False
-    partial = config_path.with_name(config_path.name + ".partial")
-    partial.write_text(json.dumps(fixed, indent=2) + "\n", encoding="utf-8")
-    partial.replace(config_path)
+    text = json.dumps(fixed, indent=2) + "\n"
+    edit_atomically(config_path, lambda partial: Path(partial).write_text(text, encoding="utf-8"),
+                    start_from_current=False)
     return True
 
 
@@ -203,8 +213,10 @@ def _prepare_output_dir(output_dir: Path, force: bool) -> None:
         if not force:
             raise CheckpointError(f"output directory is not empty: {output_dir} (use --force to overwrite)")
         # Only what a conversion writes: a stale pytorch_model.bin next to a new model.safetensors would mislead.
+        # A symbolic link stays (the new file is written through it, as every output is).
         for name in OUTPUT_FILES:
-            (output_dir / name).unlink(missing_ok=True)
+            if not (output_dir / name).is_symlink():
+                (output_dir / name).unlink(missing_ok=True)
     output_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -224,6 +236,11 @@ def convert_checkpoint(checkpoint_path: PathLike, output_dir: PathLike, model_na
     output_dir = Path(output_dir)
     if output_dir.resolve() == checkpoint_path.parent.resolve():
         raise CheckpointError("the output directory must not be the checkpoint's own directory")
+    if output_dir.is_dir():  # before the checkpoint is read: a device, FIFO or the input among the files to write
+        try:
+            check_hub_files(output_dir, {"checkpoint": checkpoint_path})
+        except OutputPathError as error:
+            raise CheckpointError(str(error)) from None
     state_dict, source_key = unwrap_state_dict(load_checkpoint(checkpoint_path), use_ema=use_ema)
     check_kat_state_dict(state_dict)
     check_finite(state_dict, checkpoint_path)
@@ -259,7 +276,8 @@ def convert_checkpoint(checkpoint_path: PathLike, output_dir: PathLike, model_na
     what = f"`{source_key}` of " if source_key else ""
     source = f"{what}`{checkpoint_path.name}` (sha256 `{digest[:16]}...`)"
     card = model_card(arch, tag, num_params, repo_id=repo_id or pretrained_cfg.hf_hub_id, source=source)
-    (output_dir / "README.md").write_text(card, encoding="utf-8")
+    edit_atomically(output_dir / "README.md", lambda partial: Path(partial).write_text(card, encoding="utf-8"),
+                    start_from_current=False)
 
     if verify:
         reloaded = timm.create_model(f"local-dir:{output_dir}", pretrained=True).state_dict()

@@ -1,18 +1,31 @@
-"""Checkpoints and run files that are never half-written: timm's CheckpointSaver with atomic writes, and the helper
-kat-train and kat-validate write their other files with. A write goes to ``NAME.partial``, is flushed to disk and
-renamed over ``NAME`` (``os.replace``, atomic), and the folder is flushed so the rename survives a power cut.
+"""Checkpoints and run files that are never half-written: timm's CheckpointSaver with atomic writes
+(:func:`kat_timm.files.edit_atomically`, also re-exported here). A write goes to ``NAME.partial``, is flushed to disk
+and renamed over ``NAME`` (``os.replace``, atomic), and the folder is flushed so the rename survives a power cut.
+
+One run per folder: :func:`claim_run_folder` creates or takes a run folder and locks it for the run's life, refusing
+a folder another process runs in or that holds another run's files (unless the run resumes it, or overwrites it).
 """
 from __future__ import annotations
 
-import contextlib
 import glob
+import itertools
 import os
+import re
 import shutil
-from typing import Optional
+import stat
+from typing import List, Optional, Tuple
+
+try:
+    import fcntl
+except ImportError:  # Windows: run folders are not locked
+    fcntl = None
 
 from timm.utils import CheckpointSaver
 
-__all__ = ["AtomicCheckpointSaver", "checkpoint_epoch", "edit_atomically", "remove_partials"]
+from kat_timm.files import edit_atomically, fsync_dir, output_target, remove_file
+
+__all__ = ["AtomicCheckpointSaver", "RunFolderError", "RunFolderLock", "check_run_folder", "checkpoint_epoch",
+           "claim_run_folder", "edit_atomically", "remove_partials", "run_files"]
 
 
 class AtomicCheckpointSaver(CheckpointSaver):
@@ -42,8 +55,9 @@ class AtomicCheckpointSaver(CheckpointSaver):
     def _replace(self, src, dst):
         if self._relink_only:
             return
-        os.replace(src, dst)
-        _fsync_dir(os.path.dirname(dst))
+        target = output_target(dst)  # a link's target, never the link; a device or FIFO refused
+        os.replace(src, target)
+        fsync_dir(os.path.dirname(target))
 
     def _duplicate(self, src, dst):
         edit_atomically(dst, lambda partial: _link_or_copy(src, partial), start_from_current=False)
@@ -55,7 +69,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
         pattern = os.path.join(self.recovery_dir, self.recovery_prefix + "-*" + self.extension)
         for path in glob.glob(pattern):
             if os.path.abspath(path) not in keep:
-                _remove(path)
+                remove_file(path)
 
     def restore_history(self, checkpoint_path: str, checkpoint: dict) -> None:
         """timm's ``load_state_dict_from_checkpoint`` from the already read ``checkpoint`` (the file at
@@ -125,47 +139,142 @@ def checkpoint_epoch(path: str) -> Optional[int]:
 def remove_partials(folder: str) -> None:
     """Remove the ``*.partial`` files a killed run left in ``folder``: none of them was ever complete."""
     for stale in glob.glob(os.path.join(folder, "*.partial")):
-        _remove(stale)
+        remove_file(stale)
 
 
-def _remove(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
+# --------------------------------------------------------------------------------------------------------------------
+# One run per folder
+# --------------------------------------------------------------------------------------------------------------------
+
+LOCK_FILE = "run.lock"
+# What a kat-train run writes into its folder (AtomicCheckpointSaver's names with timm's default prefixes), besides
+# the lock file: a folder holding any of these holds a run.
+_RUN_FILE_PATTERNS = (r"args\.yaml", r"summary\.csv", r"(last|model_best|tmp)\.pth\.tar", r"checkpoint-\d+\.pth\.tar",
+                      r"recovery-\d+-\d+\.pth\.tar")
+_RUN_FILE = re.compile("(?:" + "|".join(_RUN_FILE_PATTERNS) + r")(?:\.partial)?")
 
 
-def _fsync(path: str) -> None:
-    with open(path, "rb") as file:
-        os.fsync(file.fileno())
+class RunFolderError(Exception):
+    """A run folder that kat-train must not write into; the message is one line saying what to do."""
 
 
-def _fsync_dir(path: str) -> None:
-    """Make a rename durable (POSIX); a no-op where folders cannot be opened (Windows)."""
-    with contextlib.suppress(OSError):
-        descriptor = os.open(path or ".", os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-
-
-def edit_atomically(path: str, edit, start_from_current: bool = True) -> None:
-    """Change the file ``path`` all at once: ``edit(partial)`` works on ``PATH.partial`` (a copy of the file when
-    ``start_from_current``), then renamed over ``path``."""
-    partial = path + ".partial"
+def run_files(folder: str) -> List[str]:
+    """The names of the files of a kat-train run in ``folder`` (checkpoints, summary.csv, args.yaml and their
+    ``.partial`` leftovers), sorted; empty where there is no run (or no folder)."""
     try:
-        if start_from_current and os.path.exists(path):
-            shutil.copyfile(path, partial)
-        else:
-            _remove(partial)
-        edit(partial)
-        if os.path.exists(partial):
-            _fsync(partial)
-            os.replace(partial, path)
-    except OSError as error:
-        _remove(partial)
-        raise OSError(error.errno, error.strerror, path) from error  # the file, whatever call failed
-    except BaseException:
-        _remove(partial)
-        raise
-    _fsync_dir(os.path.dirname(path))
+        names = os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(name for name in names if _RUN_FILE.fullmatch(name))
 
+
+class RunFolderLock:
+    """An exclusive lock on a run folder (``flock`` of ``FOLDER/run.lock``, which records the holder's pid), held
+    until :meth:`release` or the end of the process, however it ends: the kernel drops the lock of a dead process,
+    so a lock file left by a killed run never blocks. Where there is no ``fcntl`` (Windows) nothing is locked.
+
+    Raises:
+        RunFolderError: another process holds the lock (its pid named), or ``run.lock`` is not a regular file.
+    """
+
+    def __init__(self, folder: str):
+        self.folder, self.descriptor = folder, None
+        if fcntl is None:
+            return
+        path = os.path.join(folder, LOCK_FILE)
+        try:
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK, 0o644)
+        except OSError as error:  # ELOOP: a symbolic link (O_NOFOLLOW); ENXIO and friends: a FIFO or device
+            raise RunFolderError(f"{path}: cannot use it as the run's lock file ({error.strerror}); "
+                                 f"remove it") from None
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            os.close(descriptor)
+            raise RunFolderError(f"{path} is not a regular file; remove it so that kat-train can lock the run folder")
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip()
+            os.close(descriptor)
+            raise RunFolderError(f"{folder} is in use by another kat-train run (process {holder or 'unknown'}); wait "
+                                 f"for it to end, or give another --experiment") from None
+        except OSError:  # a file system without locks (ENOLCK, EINVAL): run unlocked, as where there is no fcntl
+            os.close(descriptor)
+            return
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+        self.descriptor = descriptor
+
+    def release(self) -> None:
+        """Drop the lock (the file stays: removing it would let two processes lock two different files)."""
+        if self.descriptor is not None:
+            os.close(self.descriptor)
+            self.descriptor = None
+
+    def __enter__(self) -> "RunFolderLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def check_run_folder(folder: str, resume: bool = False, overwrite: bool = False, locked: bool = False) -> None:
+    """Raise :class:`RunFolderError` where kat-train must not start a run in ``folder``: it is a file, another process
+    runs there (its lock held; not checked when ``locked``: this process holds it, or does not take it), or it holds
+    the files of another run and neither ``resume`` nor ``overwrite``."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise RunFolderError(f"{folder} is a file, not a folder; give another --experiment (or --output)")
+    if not locked and fcntl is not None and os.path.isfile(os.path.join(folder, LOCK_FILE)):
+        RunFolderLock(folder).release()  # a probe: refused now rather than after the model is built
+    found = run_files(folder)
+    if found and not (resume or overwrite):
+        shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        last = os.path.join(folder, "last.pth.tar")
+        resume_hint = f"continue it with --resume {last}, " if os.path.isfile(last) else ""
+        raise RunFolderError(f"{folder} holds another run ({shown}); {resume_hint}start afresh there with "
+                             f"--overwrite (removes that run's checkpoints, summary.csv and args.yaml), or give "
+                             f"another --experiment")
+
+
+def claim_run_folder(parent: str, name: str, unique: bool = False, resume: bool = False,
+                     overwrite: bool = False) -> Tuple[str, RunFolderLock]:
+    """Create (or take) the run folder ``parent/name`` and lock it for this run.
+
+    Args:
+        parent: the folder of runs (created if missing).
+        name: the run folder's name.
+        unique: a generated name: the folder is created exclusively, as ``name``, else ``name-1``, ``name-2``, ...
+            so that two runs started in the same second never share one.
+        resume: the run continues one (from its checkpoint): a folder holding run files is taken as it is.
+        overwrite: a folder holding another run is taken after that run's files (:func:`run_files`) are removed.
+
+    Returns:
+        (the folder, its lock): release the lock when the run ends.
+
+    Raises:
+        RunFolderError: see :func:`check_run_folder` and :class:`RunFolderLock`.
+    """
+    os.makedirs(parent, exist_ok=True)
+    if unique:
+        for count in itertools.count():
+            folder = os.path.join(parent, name if count == 0 else f"{name}-{count}")
+            try:
+                os.mkdir(folder)
+                break
+            except FileExistsError:
+                continue
+    else:
+        folder = os.path.join(parent, name)
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            check_run_folder(folder)  # raises: a file
+        os.makedirs(folder, exist_ok=True)
+    lock = RunFolderLock(folder)
+    try:
+        check_run_folder(folder, resume=resume, overwrite=overwrite, locked=True)
+        if overwrite and not resume:
+            for stale in run_files(folder):
+                remove_file(os.path.join(folder, stale))
+            fsync_dir(folder)
+    except BaseException:
+        lock.release()
+        raise
+    return folder, lock

@@ -330,5 +330,6 @@ def test_wds_splits_named_in_info_json(shards, tmp_path, capsys):
     assert len(result.history) == 1
     assert "wds/toy train: 32 images; wds/toy validation: 8 images" in capsys.readouterr().out
     argv[argv.index("--num-classes"):argv.index("--num-classes")] = ["--train-split", "training"]
+    argv[argv.index("--experiment") + 1] = "second"  # one run per folder: "run" holds the first
     err = one_line_error(capsys, argv)
     assert "--train-split training: not a WebDataset split" in err and "lists train, validation" in err, err
