@@ -157,7 +157,7 @@ def weights_description(args: argparse.Namespace) -> str:
     if args.random_weights:
         return "random"
     if args.checkpoint is not None:
-        return f"checkpoint {args.checkpoint}" + (" (EMA)" if args.use_ema else "")
+        return f"checkpoint {args.checkpoint}" + {True: " (EMA)", False: " (raw, not EMA)"}.get(args.use_ema, "")
     return "released"
 
 

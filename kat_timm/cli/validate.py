@@ -225,8 +225,10 @@ def _validate(args: argparse.Namespace) -> int:
 
     if args.pretrained and args.checkpoint is not None:
         raise CLIError("give --pretrained or --checkpoint, not both", code=2)
-    # Its model weights unless --use-ema (timm validate.py's choice), and its run's options.
-    loaded = read_checkpoint_file(args.checkpoint, use_ema=bool(args.use_ema)) if args.checkpoint is not None else None
+    # Its EMA weights where it has them unless --no-ema (the one rule of every command), and its run's options.
+    loaded = read_checkpoint_file(args.checkpoint, use_ema=args.use_ema) if args.checkpoint is not None else None
+    if loaded is not None:
+        _say_which_weights(loaded)
     trained = loaded.args if loaded is not None else {}
     args.model = args.model or (loaded.architecture if loaded is not None else None) or DEFAULT_MODEL
     trained_classes = list(trained.get("class_names") or [])
@@ -281,6 +283,29 @@ def _validate(args: argparse.Namespace) -> int:
     except DataError as error:  # from a loader worker it carries the worker's traceback: keep the last line
         raise CLIError(str(error).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
     return _report(args, model, data_config, metrics, len(dataset), results_file)
+
+
+def _say_which_weights(loaded) -> None:
+    """Where the checkpoint holds EMA and raw weights: which ones are evaluated, how to get the others, and which
+    scored higher when the run's summary.csv (beside the checkpoint) has both at the checkpoint's epoch."""
+    from kat_timm.checkpoint import EMA_KEYS
+    from kat_timm.training.summary import compare_ema, run_summary
+
+    other = loaded.other_weights
+    if other is None:
+        return
+    ema = loaded.source in EMA_KEYS
+    which = "EMA" if ema else "raw model"
+    switch = "--no-ema evaluates its raw model weights" if ema else "leave out --no-ema to evaluate its EMA weights"
+    note = f"evaluating the {which} weights ({loaded.source}) of {loaded.path}; {switch}"
+    epoch = loaded.raw.get("epoch") if isinstance(loaded.raw.get("epoch"), int) else None
+    comparison = compare_ema(run_summary(loaded.path), epoch)
+    if comparison is not None and comparison.ema != comparison.raw:
+        scored = "the EMA weights" if comparison.ema_better else "the raw model weights"
+        evaluated = comparison.ema_better == ema
+        note += (f" (in training {scored} scored higher: {comparison.describe()}"
+                 f"{'' if evaluated else ', so the others may score higher here too'})")
+    print(f"note: {note}", file=sys.stderr)
 
 
 def _report(args: argparse.Namespace, model, data_config: Dict[str, Any], metrics: Dict[str, float],
