@@ -71,8 +71,8 @@ def folder_given_message(path: PathLike) -> str:
     for another folder, the checkpoint files it holds are named."""
     path = Path(path)
     if (path / "config.json").is_file() and any((path / name).is_file() for name in HUB_WEIGHT_FILES):
-        return (f"{path} is a folder, not a checkpoint file: a Hub-style model folder (config.json + weights); "
-                f"load it as the model local-dir:{path} (e.g. --model local-dir:{path})")
+        return (f"{path} is a folder, not a checkpoint file: a Hub-style model folder (config.json + weights), "
+                f"which loads by the model name local-dir:{path}")
     found = sorted(p.name for p in path.iterdir() if p.is_file() and p.name.endswith(CHECKPOINT_SUFFIXES))
     shown = f"; it holds {', '.join(found[:4])}{' ...' if len(found) > 4 else ''}" if found else ""
     return f"{path} is a folder, not a checkpoint file: give a file in it{shown}"

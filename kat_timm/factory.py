@@ -181,7 +181,8 @@ def create_model(model_name: Optional[str] = None, checkpoint: Optional[Union[Pa
     try:  # strict; a KAT's filter refuses partly missing rationals and resamples position embeddings
         model.load_state_dict(checkpoint_filter_fn(state_dict, model) if isinstance(model, KAT) else state_dict)
     except RuntimeError as error:
-        detail = load_error_detail(error) + (f"; the weights look like {recorded}" if recorded else "")
+        differs = recorded and _base_name(recorded) != _base_name(model_name)
+        detail = load_error_detail(error) + (f"; the weights look like {recorded}" if differs else "")
         raise CheckpointError(f"{checkpoint.path} does not fit {model_name}: {detail}") from None
     names = checkpoint.class_names
     if names and len(names) <= int(getattr(model, "num_classes", 0) or 0):

@@ -71,6 +71,13 @@ def _publish(args: argparse.Namespace, prog: str) -> int:
         raise CLIError("--push needs --repo-id OWNER/NAME (the Hub repo to upload to)", code=2)
     if args.repo_id:
         _check_repo_id(args.repo_id)
+    if args.push:
+        from huggingface_hub import constants
+
+        if constants.is_offline_mode():  # said before the work, not after it
+            raise CLIError(f"--push: the Hugging Face Hub is in offline mode (HF_HUB_OFFLINE is set); unset it to "
+                           f"upload, or publish without --push and upload {args.output_dir} later "
+                           f"('hf upload {args.repo_id} {args.output_dir}')", code=2)
     if args.checkpoint.is_dir():
         raise CLIError(folder_given_message(args.checkpoint), code=2)
     check_writable_folder(args.output_dir, f"-o {args.output_dir}")

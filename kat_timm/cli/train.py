@@ -288,6 +288,11 @@ def _config_defaults(path: str, prog: str = "kat-train") -> Dict[str, Any]:
 
     parser = build_parser(prog)
     parser.exit_on_error = False  # a bad value raises ArgumentError, reported below with the file and the key
+    if os.path.isdir(path):
+        run_args = os.path.join(path, "args.yaml")
+        hint = (f"; a run folder's config is {run_args}" if os.path.isfile(run_args)
+                else "; give the YAML file (configs/*.yaml, or a run's args.yaml)")
+        _config_error(parser, f"-c {path} is a folder, not a config file{hint}")
     if not os.path.isfile(path):
         _config_error(parser, f"config file not found: {path}")
     try:

@@ -26,6 +26,9 @@ OUTPUT_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", "README
 # Arguments transformers' TimmWrapper passes to timm.create_model itself (num_classes from the config's root
 # ``num_classes``): the same key in ``model_args`` makes it fail with "got multiple values for keyword argument".
 WRAPPER_OWN_ARGS = ("num_classes", "pretrained")
+# Arguments that say how a model was built here, not what it is: a folder's model built with weight_init="skip" would
+# hold uninitialised tensors wherever it is created without its weights.
+RUNTIME_ARGS = ("weight_init", "pretrained_cfg_overlay")
 
 _SIZE_OF_NAME = re.compile(r"^kat_(tiny|small|base)(?:_|$)")
 _SIZE_TITLES = {"tiny": "KAT-T", "small": "KAT-S", "base": "KAT-B"}
@@ -145,11 +148,11 @@ upgrading timm does not help, importing kat_timm does.
 
 def hub_config(config: Mapping[str, Any]) -> Dict[str, Any]:
     """A copy of a timm ``config.json`` dict that also loads in transformers' ``TimmWrapper``: its own arguments
-    (``WRAPPER_OWN_ARGS``) only at the root, where timm reads them too."""
+    (``WRAPPER_OWN_ARGS``) only at the root, where timm reads them too, and no build-time ``RUNTIME_ARGS``."""
     fixed, model_args = dict(config), config.get("model_args") or {}
     if "num_classes" in model_args:
         fixed.setdefault("num_classes", model_args["num_classes"])
-    model_args = {key: value for key, value in model_args.items() if key not in WRAPPER_OWN_ARGS}
+    model_args = {key: value for key, value in model_args.items() if key not in WRAPPER_OWN_ARGS + RUNTIME_ARGS}
     if model_args:
         fixed["model_args"] = model_args
     else:
