@@ -41,13 +41,14 @@ EMA_RULE = ("a checkpoint with EMA weights (a --model-ema run) is loaded with th
             "checkpoints")
 
 
-def add_ema_arguments(parser, *extra_names: str) -> None:
-    """--use-ema / --no-ema (``args.use_ema``: True, False, or None for the rule ``EMA_RULE`` states)."""
+def add_ema_arguments(parser, *extra_names: str, given: str = "with --checkpoint: ") -> None:
+    """--use-ema / --no-ema (``args.use_ema``: True, False, or None for the rule ``EMA_RULE`` states); ``given``
+    starts their help (the option that names the checkpoint)."""
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--use-ema", *extra_names, dest="use_ema", action="store_const", const=True, default=None,
-                       help=f"with --checkpoint: its EMA weights, an error where it has none (default: {EMA_RULE})")
+                       help=f"{given}the checkpoint's EMA weights, an error where it has none (default: {EMA_RULE})")
     group.add_argument("--no-ema", dest="use_ema", action="store_const", const=False,
-                       help="with --checkpoint: its raw model weights, not the EMA's")
+                       help=f"{given}the checkpoint's raw model weights, not the EMA's")
 
 
 def is_weights_name(name: Optional[str]) -> bool:

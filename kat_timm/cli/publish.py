@@ -41,7 +41,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                                         "records, or the released KAT its shapes match)")
     parser.add_argument("--tag", help="pretrained tag written in the config: '' (default for a training run) or "
                                       "vitft (released weights of the ViT-initialised models)")
-    add_ema_arguments(parser, "--ema")
+    add_ema_arguments(parser, "--ema", given="")
     parser.add_argument("--safe-serialization", choices=("both", "true"), default="both",
                         help="both: model.safetensors and pytorch_model.bin (default); true: model.safetensors only")
     parser.add_argument("--force", action="store_true", help="overwrite the files of a non-empty output folder")
