@@ -316,8 +316,8 @@ def convert_checkpoint(checkpoint_path: PathLike, output_dir: PathLike, model_na
 
 def _base_model(args: Mapping[str, Any]) -> Optional[str]:
     """Where a training run started, in words, from its recorded options; None when it records nothing."""
-    if not args:
-        return None
+    if not any(key in args for key in ("pretrained", "pretrained_path", "initial_checkpoint")):
+        return None  # a record without the options that say it (not kat-train's or timm train.py's)
     if args.get("pretrained_path"):
         return f"the weights in `{Path(str(args['pretrained_path'])).name}` (--pretrained-path)"
     if args.get("initial_checkpoint"):
@@ -364,7 +364,7 @@ def run_model_card(loaded: LoadedCheckpoint, arch: str, num_params: int, num_cla
     more = f" and {len(label_names) - 20} more" if label_names and len(label_names) > 20 else ""
     base = _base_model(args)
     if base is None:
-        origin = "The checkpoint records no training run, so where its weights come from is not stated here."
+        origin = "The checkpoint does not record where its training started, so that is not stated here."
     else:
         origin = f"Started from {base}" + (f", trained on the dataset folder {dataset}" if dataset else "") + "."
     details = {

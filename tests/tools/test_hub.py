@@ -199,6 +199,17 @@ def test_vitft_tag_and_other_head(tmp_path, capsys, weights):
     _assert_same_weights(model, sd)
 
 
+def test_a_gelu_model_and_a_bare_training_record_get_no_imagenet_claim(tmp_path, capsys, weights):
+    """*_gelu_* shares every shape with the released swish models but has no released weights (issue 22.2)."""
+    path = _save_released(weights["model"], tmp_path / "pytorch_model.bin")
+    code, captured = _convert([path, "--model", "kat_tiny_gelu_patch16_224", "-o", tmp_path / "gelu"], capsys)
+    assert code == 0, captured.err
+    card = (tmp_path / "gelu" / "README.md").read_text()
+    assert "imagenet" not in card.lower() and "74.6" not in card and "adamdad/" not in card
+    assert "does not record where its training started" in card
+    assert f'timm.create_model("local-dir:{(tmp_path / "gelu").resolve()}", pretrained=True)' in card
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------------------------------------------------
