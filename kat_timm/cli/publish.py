@@ -103,7 +103,8 @@ def _publish(args: argparse.Namespace, prog: str) -> int:
         try:
             url = push_folder(result.output_dir, args.repo_id, private=args.private or None)
         except PushError as error:
-            raise CLIError(str(error)) from None
+            raise CLIError(f"{error}; the folder {result.output_dir} is written: upload it later with 'hf upload "
+                           f"{args.repo_id} {result.output_dir}'") from None
         print(f"uploaded to {url}; load it with timm.create_model('hf-hub:{args.repo_id}', pretrained=True)")
     else:
         print(f"load it with timm.create_model('local-dir:{result.output_dir}', pretrained=True) after "
