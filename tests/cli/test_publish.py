@@ -341,6 +341,7 @@ def test_wrong_model_is_the_same_one_line_in_every_command(run, tmp_path, capsys
         "predict": lambda: predict_module.main([str(run.data / "validation" / "red" / "0.png"), "--checkpoint", ckpt,
                                                 "--model", "kat_small", "--device", "cpu"]),
         "export": lambda: export_module.main(["kat_small", "--checkpoint", ckpt, "-o", str(tmp_path / "m.onnx")]),
+        "plot": lambda: plot_module.main(["--checkpoint", ckpt, "--model", "kat_small", "-o", str(tmp_path / "a.png")]),
         "publish": lambda: publish_module.main([ckpt, "--model", "kat_small", "-o", str(tmp_path / "pub")]),
     }
     for name, command in commands.items():
@@ -377,6 +378,7 @@ def test_a_folder_given_for_a_checkpoint_says_so(run, tmp_path, capsys):
             lambda path: predict_module.main([image, "--checkpoint", path, "--device", "cpu"]),
             lambda path: validate_module.main(["--data-dir", str(run.data), "--checkpoint", path, "--workers", "0"]),
             lambda path: export_module.main(["--checkpoint", path, "-o", str(tmp_path / "m.onnx")]),
+            lambda path: plot_module.main(["--checkpoint", path, "-o", str(tmp_path / "a.png")]),
             lambda path: publish_module.main([path, "-o", str(tmp_path / "pub")])):
         assert command(run_folder) != 0
         line = _one_line(capsys.readouterr().err)
