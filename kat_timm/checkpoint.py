@@ -12,8 +12,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from timm.models import clean_state_dict
 
-__all__ = ["CheckpointError", "check_finite", "check_floating", "check_kat_state_dict", "load_checkpoint",
-           "load_error_detail", "unwrap_state_dict"]
+__all__ = ["CheckpointError", "check_finite", "check_floating", "check_kat_state_dict", "folder_given_message",
+           "load_checkpoint", "load_error_detail", "unwrap_state_dict"]
 
 PathLike = Union[str, Path]
 
@@ -21,6 +21,10 @@ PathLike = Union[str, Path]
 # looks for them: EMA weights first, then the raw model weights.
 EMA_KEYS = ("state_dict_ema", "model_ema")
 MODEL_KEYS = ("state_dict", "model")
+
+# What timm's save_for_hf (and the released Hub repos) hold beside config.json, and checkpoint file endings.
+HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+CHECKPOINT_SUFFIXES = (".pth", ".pth.tar", ".pt", ".bin", ".safetensors", ".ckpt")
 
 _RATIONAL_KEY = re.compile(r"^blocks\.(\d+)\.mlp\.act[12]\.weight_(numerator|denominator)$")
 
@@ -34,6 +38,8 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
     ``argparse.Namespace`` of timm training checkpoints, or safetensors); ``CheckpointError`` if unreadable or
     unsafe."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(folder_given_message(path))
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.name.endswith(".safetensors"):
@@ -57,6 +63,19 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
                               "dict.") from e
     except Exception as e:  # a truncated or foreign file: torch raises RuntimeError, EOFError, even KeyError
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+
+
+def folder_given_message(path: PathLike) -> str:
+    """What to say when a folder is given where a checkpoint file is expected: a Hub-style model folder (config.json
+    and weights, as ``kat-timm publish`` or timm's ``save_for_hf`` write) is a model name, ``local-dir:FOLDER``;
+    for another folder, the checkpoint files it holds are named."""
+    path = Path(path)
+    if (path / "config.json").is_file() and any((path / name).is_file() for name in HUB_WEIGHT_FILES):
+        return (f"{path} is a folder, not a checkpoint file: a Hub-style model folder (config.json + weights), "
+                f"which loads by the model name local-dir:{path}")
+    found = sorted(p.name for p in path.iterdir() if p.is_file() and p.name.endswith(CHECKPOINT_SUFFIXES))
+    shown = f"; it holds {', '.join(found[:4])}{' ...' if len(found) > 4 else ''}" if found else ""
+    return f"{path} is a folder, not a checkpoint file: give a file in it{shown}"
 
 
 def _unsafe_globals(path: Path, error: Exception) -> List[str]:
@@ -83,6 +102,10 @@ def unwrap_state_dict(checkpoint: Any, use_ema: Optional[bool] = None) -> Tuple[
         source = next((key for key in wanted if isinstance(checkpoint.get(key), Mapping)), None)
     if source is None and use_ema:
         raise CheckpointError(f"EMA weights requested, but the checkpoint has none of {EMA_KEYS}")
+    ema_only = next((key for key in EMA_KEYS if isinstance(checkpoint.get(key), Mapping)), None)
+    if source is None and ema_only:
+        raise CheckpointError(f"it holds only EMA weights ({ema_only}), no raw model weights, which were asked for "
+                              f"(--no-ema, use_ema=False); load its EMA weights: leave out --no-ema")
     if source is None:
         top = ", ".join(repr(k) for k in list(checkpoint)[:8]) or "nothing"
         raise CheckpointError(f"no model weights found: neither a state dict of tensors nor a training checkpoint "
@@ -141,4 +164,18 @@ def load_error_detail(error: Exception) -> str:
     """The keys of torch's ``load_state_dict`` error (its first line only says "Error(s) in loading state_dict for
     KAT:"), or the first line of any other error."""
     lines = [line.strip().rstrip(".") for line in str(error).strip().splitlines() if line.strip()]
-    return "; ".join(lines[1:4]) if len(lines) > 1 and "loading state_dict" in lines[0] else "".join(lines[:1])
+    if not (len(lines) > 1 and "loading state_dict" in lines[0]):
+        return "".join(lines[:1])
+    # torch lists every missing/unexpected key on one line and every size mismatch on its own: a wrong model gives
+    # kilobytes. A few of each, and how many there are, say as much.
+    parts, mismatches = [], [line for line in lines[1:] if line.startswith("size mismatch for ")]
+    for line in lines[1:]:
+        what, found, keys = line.partition(": ")
+        if found and what.endswith("key(s) in state_dict"):
+            names = re.findall(r'"([^"]+)"', keys)
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            parts.append(f"{what}: {', '.join(names[:3])}{more}")
+    parts += mismatches[:2]
+    if len(mismatches) > 2:
+        parts.append(f"and {len(mismatches) - 2} more size mismatches")
+    return "; ".join(parts) or "; ".join(lines[1:4])

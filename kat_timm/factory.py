@@ -15,11 +15,11 @@ import timm
 import torch
 from timm.models import is_model, is_model_in_modules, split_model_name_tag
 
-from .checkpoint import (CheckpointError, check_finite, check_kat_state_dict, load_checkpoint, load_error_detail,
-                         unwrap_state_dict)
+from .checkpoint import (EMA_KEYS, MODEL_KEYS, CheckpointError, check_finite, check_kat_state_dict, load_checkpoint,
+                         load_error_detail, unwrap_state_dict)
 from .models.kat import KAT, SIZES, checkpoint_filter_fn
 
-__all__ = ["LoadedCheckpoint", "create_model", "infer_architecture", "read_checkpoint"]
+__all__ = ["LoadedCheckpoint", "check_model_matches", "create_model", "infer_architecture", "read_checkpoint"]
 
 PathLike = Union[str, Path]
 
@@ -35,6 +35,15 @@ class LoadedCheckpoint:
     architecture: Optional[str]  # the model name it records or, for a KAT without one, the one its shapes match
     model_kwargs: Dict[str, Any] = field(default_factory=dict)  # recorded or implied: img_size, num_classes, ...
     args: Dict[str, Any] = field(default_factory=dict)  # the training arguments ({} for a bare state dict)
+
+    @property
+    def other_weights(self) -> Optional[str]:
+        """The wrapper key of the weights not loaded (the raw model's when the EMA's were, or the reverse), None when
+        the file holds one set only."""
+        if not isinstance(self.raw, Mapping) or not self.source:
+            return None
+        others = MODEL_KEYS if self.source in EMA_KEYS else EMA_KEYS
+        return next((key for key in others if isinstance(self.raw.get(key), Mapping)), None)
 
     @property
     def class_names(self) -> Optional[Tuple[str, ...]]:
@@ -129,6 +138,15 @@ def _base_name(name: str) -> str:
     return f"kat_{match.group(1)}" if match else architecture
 
 
+def check_model_matches(model_name: str, checkpoint: LoadedCheckpoint) -> None:
+    """``CheckpointError`` (one line: what the file holds, what to give) when ``checkpoint`` records or implies an
+    architecture other than ``model_name``'s; names of one size (kat_tiny, kat_tiny_patch16_224, ...) match."""
+    recorded = checkpoint.architecture
+    if recorded is not None and _base_name(model_name) != _base_name(recorded):
+        raise CheckpointError(f"{checkpoint.path} does not fit {model_name}: it holds a {recorded}; give the "
+                              "matching model name, or none to build the checkpoint's own")
+
+
 def create_model(model_name: Optional[str] = None, checkpoint: Optional[Union[PathLike, LoadedCheckpoint]] = None,
                  pretrained: bool = False, use_ema: Optional[bool] = None, **model_kwargs: Any) -> torch.nn.Module:
     """A timm model from a name (None: the checkpoint's architecture), a checkpoint (a file or a
@@ -149,9 +167,8 @@ def create_model(model_name: Optional[str] = None, checkpoint: Optional[Union[Pa
             raise CheckpointError(f"{checkpoint.path}: it records no model name and its shapes match no released KAT; "
                                   "pass the model name")
         model_name = recorded
-    elif recorded is not None and _base_name(model_name) != _base_name(recorded):
-        raise CheckpointError(f"{checkpoint.path} does not fit {model_name}: it holds a {recorded}; give the "
-                              "matching model name, or none to build the checkpoint's own")
+    else:
+        check_model_matches(model_name, checkpoint)
     check_finite(checkpoint.state_dict, checkpoint.path)
     kwargs = {**checkpoint.model_kwargs, **model_kwargs}
     if is_model_in_modules(split_model_name_tag(model_name)[0], ["kat"]):
@@ -164,7 +181,8 @@ def create_model(model_name: Optional[str] = None, checkpoint: Optional[Union[Pa
     try:  # strict; a KAT's filter refuses partly missing rationals and resamples position embeddings
         model.load_state_dict(checkpoint_filter_fn(state_dict, model) if isinstance(model, KAT) else state_dict)
     except RuntimeError as error:
-        detail = load_error_detail(error) + (f"; the weights look like {recorded}" if recorded else "")
+        differs = recorded and _base_name(recorded) != _base_name(model_name)
+        detail = load_error_detail(error) + (f"; the weights look like {recorded}" if differs else "")
         raise CheckpointError(f"{checkpoint.path} does not fit {model_name}: {detail}") from None
     names = checkpoint.class_names
     if names and len(names) <= int(getattr(model, "num_classes", 0) or 0):

@@ -29,10 +29,31 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_model: str = "k
     group.add_argument("--checkpoint", metavar="FILE", type=Path,
                        help="load weights from this file (.pth/.pth.tar/.bin/.safetensors; a training checkpoint "
                             "or a bare state dict)")
-    group.add_argument("--use-ema", action="store_true",
-                       help="with --checkpoint: take its EMA weights (an error when it has none)")
+    add_ema_arguments(group)
     group.add_argument("--num-classes", type=int, default=None,
                        help="classifier size (default: the checkpoint's, else the model's)")
+
+
+# The one EMA rule of every command that reads a checkpoint (README, "Fine-tuning"): the EMA weights when the file
+# has them (kat-train and timm rank a --model-ema run's checkpoints by them, and timm's loaders take them), unless
+# --no-ema; --use-ema insists on them.
+EMA_RULE = ("a checkpoint with EMA weights (a --model-ema run) is loaded with them, the weights that ranked its "
+            "checkpoints")
+
+
+def add_ema_arguments(parser, *extra_names: str, given: str = "with --checkpoint: ") -> None:
+    """--use-ema / --no-ema (``args.use_ema``: True, False, or None for the rule ``EMA_RULE`` states); ``given``
+    starts their help (the option that names the checkpoint)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--use-ema", *extra_names, dest="use_ema", action="store_const", const=True, default=None,
+                       help=f"{given}the checkpoint's EMA weights, an error where it has none (default: {EMA_RULE})")
+    group.add_argument("--no-ema", dest="use_ema", action="store_const", const=False,
+                       help=f"{given}the checkpoint's raw model weights, not the EMA's")
+
+
+def is_weights_name(name: Optional[str]) -> bool:
+    """Whether ``name`` is timm's ``local-dir:FOLDER`` or ``hf-hub:OWNER/NAME``: a model that brings its weights."""
+    return bool(name) and name.startswith(("local-dir:", "hf-hub:"))
 
 
 def add_dataset_reader_arguments(group) -> None:
@@ -60,7 +81,7 @@ def add_weight_source_arguments(parser: argparse.ArgumentParser, default_model: 
     parser.add_argument("--checkpoint", metavar="FILE", type=Path,
                         help="weights from this file instead of the released ones (.pth/.pth.tar/.bin/.safetensors; "
                              "it also brings its architecture, image size, class count and kat-train's class names)")
-    parser.add_argument("--use-ema", action="store_true", help="with --checkpoint: take its EMA weights")
+    add_ema_arguments(parser)
     parser.add_argument("--random-weights", action="store_true", help=random_help)
     parser.add_argument("--offline", action="store_true",
                         help="don't contact the Hugging Face Hub; use released weights only from the local cache")
@@ -72,6 +93,14 @@ def check_model_name(name: str) -> None:
     from timm.models import get_pretrained_cfg, split_model_name_tag
 
     importlib.import_module("kat_timm")  # registers the kat_* models in timm
+    if name.startswith("local-dir:"):
+        folder = Path(name[len("local-dir:"):])
+        if not (folder / "config.json").is_file():
+            raise CLIError(f"{name}: {folder} is not a model folder (no config.json); 'kat-timm publish' writes "
+                           f"one from a checkpoint", code=2)
+        return
+    if is_weights_name(name):
+        return  # hf-hub:OWNER/NAME: timm reads its config.json (the Hub or its cache) when the model is built
     architecture, tag = split_model_name_tag(name)
     if architecture not in timm.list_models(architecture):
         close = difflib.get_close_matches(architecture, timm.list_models(), n=5, cutoff=0.6)
@@ -168,11 +197,13 @@ class ReleasedWeightsUnavailable(CLIError):
 
 
 def create_model(name: Optional[str] = None, pretrained: bool = False, checkpoint: Optional[Path] = None,
-                 use_ema: bool = False, num_classes: Optional[int] = None, offline: bool = False,
+                 use_ema: Optional[bool] = None, num_classes: Optional[int] = None, offline: bool = False,
                  alternatives: Sequence[str] = (), **kwargs: Any) -> torch.nn.Module:
     """:func:`kat_timm.factory.create_model` with the usual failures turned into one-line ``CLIError``.
 
-    ``offline``: released weights from the cache only; ``use_ema``: the checkpoint's EMA weights or an error;
+    ``offline``: released weights from the cache only; ``use_ema``: True: the checkpoint's EMA weights or an error,
+    False: its raw model weights, None: the EMA's where it has them (``EMA_RULE``); a ``local-dir:``/``hf-hub:``
+    name loads its own weights;
     ``alternatives``: the calling command's options that the missing-weights error offers (an option another
     command has would mislead).
     """
@@ -186,18 +217,21 @@ def create_model(name: Optional[str] = None, pretrained: bool = False, checkpoin
     check_backend_setting()
     if pretrained and checkpoint is not None:
         raise CLIError("give --pretrained or --checkpoint, not both", code=2)
-    if use_ema and checkpoint is None:
-        raise CLIError("--use-ema needs --checkpoint", code=2)
+    if use_ema is not None and checkpoint is None:
+        raise CLIError(f"{'--use-ema' if use_ema else '--no-ema'} needs --checkpoint", code=2)
+    if is_weights_name(name) and checkpoint is None:
+        pretrained = True  # local-dir:/hf-hub: name the weights to load (timm loads them only with pretrained)
+    elif is_weights_name(name):
+        raise CLIError(f"{name} brings its own weights; give it or --checkpoint, not both", code=2)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     own_file = (kwargs.get("pretrained_cfg_overlay") or {}).get("file")
-    if pretrained and not own_file:
+    if pretrained and not own_file and not is_weights_name(name):
         kwargs["pretrained_cfg_overlay"] = dict(file=released_weights_file(name, offline, alternatives))
         if num_classes is None and is_model_in_modules(split_model_name_tag(name)[0], ["kat"]):
             kwargs.setdefault("weight_init", "skip")  # every tensor is overwritten by the strict load that follows
     try:
-        return factory_create_model(name, checkpoint=checkpoint, pretrained=pretrained,
-                                    use_ema=True if use_ema else None, **kwargs)
+        return factory_create_model(name, checkpoint=checkpoint, pretrained=pretrained, use_ema=use_ema, **kwargs)
     except CheckpointError as error:
         raise CLIError(str(error)) from None
     except TypeError as error:
@@ -214,6 +248,8 @@ def create_model(name: Optional[str] = None, pretrained: bool = False, checkpoin
             text = f"{type(error).__name__}: {text}"
         if own_file:  # --pretrained-path: the user's file, not the released weights
             raise CLIError(f"could not load {own_file} into {name}: {text}") from None
+        if is_weights_name(name):
+            raise CLIError(f"could not load {name}: {text}") from None
         raise ReleasedWeightsUnavailable(f"could not load the released weights of {name}: {text}", text) from None
 
 

@@ -19,6 +19,8 @@ CHECK_RTOL = 1e-4
 def _parser(prog: str) -> argparse.ArgumentParser:
     from kat_timm.tools.export import DEFAULT_OPSET, MIN_OPSET
 
+    from .common import add_ema_arguments
+
     parser = argparse.ArgumentParser(
         prog=prog, description="Export a KAT (or any timm image model) to ONNX. The rational activations are "
                                "written as plain ONNX ops (Abs, Mul, Add, Div, Reshape), so any ONNX runtime runs the "
@@ -35,7 +37,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     weights.add_argument("--checkpoint", metavar="FILE", type=Path,
                          help="weights from this file (a state dict or a training checkpoint, built with the "
                               "architecture, image size and class count it records)")
-    parser.add_argument("--use-ema", action="store_true", help="with --checkpoint: its EMA weights")
+    add_ema_arguments(parser)
     parser.add_argument("--offline", action="store_true",
                         help="with --pretrained: don't contact the Hugging Face Hub, use its local cache only")
     parser.add_argument("-o", "--output", metavar="FILE", type=Path, required=True,
@@ -71,8 +73,8 @@ def _validate(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise CLIError("--batch-size must be >= 1", code=2)
     check_image_size(args.img_size)
-    if args.use_ema and args.checkpoint is None:
-        raise CLIError("--use-ema needs --checkpoint", code=2)
+    if args.use_ema is not None and args.checkpoint is None:
+        raise CLIError(f"{'--use-ema' if args.use_ema else '--no-ema'} needs --checkpoint", code=2)
     folder = args.output.parent
     if args.output.is_dir():
         raise CLIError(f"{args.output} is a folder; give the .onnx file to write (-o {args.output / 'model.onnx'})",

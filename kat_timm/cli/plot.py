@@ -53,7 +53,7 @@ def main(argv: Optional[List[str]] = None, prog: str = "kat-timm plot") -> int:
         if not (math.isfinite(low) and math.isfinite(high) and low < high):
             raise CLIError(f"--x-range {low:g} {high:g}: give two finite numbers LOW HIGH with LOW < HIGH", code=2)
         from ..tools.plot import INSTALL_HINT, find_rationals, plot_rationals, require_matplotlib
-        from .common import create_model_from_options
+        from .common import create_model_from_options, is_weights_name
 
         try:
             require_matplotlib()  # before the model: a missing extra is the first thing to hear about
@@ -85,7 +85,8 @@ def main(argv: Optional[List[str]] = None, prog: str = "kat-timm plot") -> int:
         if not find_rationals(model):
             raise CLIError(f"{args.model} has no rational activations to plot (not a KAT model)", code=2)
         weights = ("random weights" if args.random_weights else
-                   f"checkpoint {args.checkpoint.name}" if args.checkpoint else "released weights")
+                   f"checkpoint {args.checkpoint.name}" if args.checkpoint else
+                   "its own weights" if is_weights_name(args.model) else "released weights")
         try:
             figure = plot_rationals(model, reference=None if args.reference == "none" else args.reference,
                                     x_range=tuple(args.x_range), use_layer=args.use_layer,

@@ -12,7 +12,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from . import CLIError, run_main
-from .common import add_weight_source_arguments, create_model_from_options, resolve_device
+from .common import add_weight_source_arguments, create_model_from_options, is_weights_name, resolve_device
 
 __all__ = ["Prediction", "class_labeller", "main", "predict", "read_images"]
 
@@ -156,8 +156,10 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 def weights_description(args: argparse.Namespace) -> str:
     if args.random_weights:
         return "random"
+    if args.checkpoint is None and is_weights_name(args.model):
+        return "its own"
     if args.checkpoint is not None:
-        return f"checkpoint {args.checkpoint}" + (" (EMA)" if args.use_ema else "")
+        return f"checkpoint {args.checkpoint}" + {True: " (EMA)", False: " (raw, not EMA)"}.get(args.use_ema, "")
     return "released"
 
 

@@ -295,6 +295,11 @@ def _config_defaults(path: str, prog: str = "kat-train") -> Dict[str, Any]:
 
     parser = build_parser(prog)
     parser.exit_on_error = False  # a bad value raises ArgumentError, reported below with the file and the key
+    if os.path.isdir(path):
+        run_args = os.path.join(path, "args.yaml")
+        hint = (f"; a run folder's config is {run_args}" if os.path.isfile(run_args)
+                else "; give the YAML file (configs/*.yaml, or a run's args.yaml)")
+        _config_error(parser, f"-c {path} is a folder, not a config file{hint}")
     if not os.path.isfile(path):
         _config_error(parser, f"config file not found: {path}")
     try:
@@ -434,6 +439,8 @@ def _check_arguments(args: argparse.Namespace):
                        "(three for adan)", code=2)
     for name in ("resume", "initial_checkpoint", "pretrained_path"):
         path = getattr(args, name)
+        if path and os.path.isdir(path):
+            _refuse_folder(f"--{name.replace('_', '-')}", path)
         if path and not os.path.isfile(path):
             raise CLIError(f"--{name.replace('_', '-')}: no such file: {path}", code=2)
     resumed = _read_resume(args) if args.resume else None
@@ -479,6 +486,18 @@ def _check_run_folder(args: argparse.Namespace, primary: bool) -> None:
                                f"copy it out of {folder} first", code=2)
 
 
+def _refuse_folder(option: str, path: str) -> None:
+    """A folder given where a checkpoint file is expected: name the files in it, or for a Hub-style model folder
+    (what kat-timm publish writes) the option that starts a run from its weights."""
+    from kat_timm.checkpoint import HUB_WEIGHT_FILES, folder_given_message
+
+    weights = next((Path(path) / name for name in HUB_WEIGHT_FILES if (Path(path) / name).is_file()), None)
+    if weights is not None and (Path(path) / "config.json").is_file():
+        raise CLIError(f"{option} {path} is a folder, not a checkpoint file: a Hub-style model folder (config.json + "
+                       f"weights); start a run from its weights with --pretrained-path {weights}", code=2)
+    raise CLIError(f"{option} {folder_given_message(path)}", code=2)
+
+
 def _read_resume(args: argparse.Namespace):
     """--resume: the training checkpoint, read once for everything a resume restores, and checked against the run's
     optimizer options (its state fits only the optimizer and parameter groups it was saved from)."""
@@ -488,6 +507,15 @@ def _read_resume(args: argparse.Namespace):
                        f"bare state dict or another file); start a new run from its weights with --initial-checkpoint "
                        f"{args.resume}, or --pretrained-path {args.resume} for another class count or image size",
                        code=2)
+    if loaded.architecture is not None and args.model:
+        from kat_timm.checkpoint import CheckpointError
+        from kat_timm.factory import check_model_matches
+
+        try:
+            check_model_matches(args.model, loaded)
+        except CheckpointError:
+            raise CLIError(f"cannot resume from {args.resume} with --model {args.model}: it holds a "
+                           f"{loaded.architecture}; give the matching model name (--model {loaded.architecture})")
     saved = loaded.args
     if args.no_resume_opt:
         return loaded
@@ -635,7 +663,9 @@ def _resume(args: argparse.Namespace, resumed, model, optimizer, loss_scaler) ->
             if loss_scaler is not None and loss_scaler.state_dict_key in raw:
                 loss_scaler.load_state_dict(raw[loss_scaler.state_dict_key])
     except (RuntimeError, KeyError, ValueError) as error:
-        detail = "; ".join(line.strip() for line in str(error).strip().splitlines()[:3])
+        from kat_timm.checkpoint import load_error_detail
+
+        detail = load_error_detail(error)
         # The usual cause: options that shape the model differ from the run's (its args are in the checkpoint).
         saved = resumed.args
         differing = [f"--{name.replace('_', '-')} {_option_text(saved[name])}"

@@ -225,14 +225,14 @@ def _validate(args: argparse.Namespace) -> int:
 
     if args.pretrained and args.checkpoint is not None:
         raise CLIError("give --pretrained or --checkpoint, not both", code=2)
-    # Its model weights unless --use-ema (timm validate.py's choice), and its run's options.
-    loaded = read_checkpoint_file(args.checkpoint, use_ema=bool(args.use_ema)) if args.checkpoint is not None else None
+    # Its EMA weights where it has them unless --no-ema (the one rule of every command), and its run's options.
+    loaded = read_checkpoint_file(args.checkpoint, use_ema=args.use_ema) if args.checkpoint is not None else None
     trained = loaded.args if loaded is not None else {}
     args.model = args.model or (loaded.architecture if loaded is not None else None) or DEFAULT_MODEL
-    trained_classes = list(trained.get("class_names") or [])
+    trained_classes = list(trained.get("class_names") or []) or _folder_label_names(args.model)
     relabel = None
     if trained_classes and not args.class_map:
-        relabel = functools.partial(_trained_classes, trained=trained_classes, checkpoint=args.checkpoint)
+        relabel = functools.partial(_trained_classes, trained=trained_classes, checkpoint=args.checkpoint or args.model)
     dataset, classes, data_name = open_split(args, args.split, allow_missing=True, relabel=relabel,
                                              num_samples=args.num_samples)
     if not folder and classes is not None and trained_classes and trained_classes != classes:
@@ -254,11 +254,13 @@ def _validate(args: argparse.Namespace) -> int:
     # The checkpoint's architecture, size and classes unless given here.
     model = create_sized_model(args.model, size, pretrained=args.pretrained, checkpoint=loaded, use_ema=args.use_ema,
                                num_classes=args.num_classes, **model_kwargs)
+    if loaded is not None:
+        _say_which_weights(loaded)
     num_classes = getattr(model, "num_classes", None)
     # Labels from sorted folder names mean something only for a model with exactly that many classes; labels from
     # the checkpoint's class list or a class map may use the first outputs of a larger classifier
     # (kat-train --num-classes above the folder count). A reader's own class names are its labels.
-    labelled = bool(args.class_map) or bool(trained.get("class_names")) or not folder
+    labelled = bool(args.class_map) or bool(trained_classes) or not folder
     if classes is not None and num_classes is not None and (
             num_classes < len(classes) or (num_classes != len(classes) and not labelled)):
         what = "class folders" if folder else "classes"
@@ -281,6 +283,45 @@ def _validate(args: argparse.Namespace) -> int:
     except DataError as error:  # from a loader worker it carries the worker's traceback: keep the last line
         raise CLIError(str(error).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
     return _report(args, model, data_config, metrics, len(dataset), results_file)
+
+
+def _folder_label_names(model: Optional[str]) -> List[str]:
+    """The class names a ``local-dir:`` model folder's config.json lists (as kat-timm publish writes them), so its
+    split is labelled in the model's order, as for the checkpoint it was published from; [] for other names."""
+    if not model or not model.startswith("local-dir:"):
+        return []
+    try:
+        names = json.loads((Path(model[len("local-dir:"):]) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    names = names.get("label_names") if isinstance(names, dict) else None
+    return [str(name) for name in names] if isinstance(names, list) else []
+
+
+def _say_which_weights(loaded) -> None:
+    """Where the checkpoint holds EMA and raw weights: which ones are evaluated, how to get the others, and which
+    scored higher when the run's summary.csv (beside the checkpoint) has both at the checkpoint's epoch."""
+    from kat_timm.checkpoint import EMA_KEYS
+    from kat_timm.training.summary import compare_ema, run_summary
+
+    other = loaded.other_weights
+    ema = loaded.source in EMA_KEYS
+    if other is None:
+        if ema:  # an EMA-only file: no choice to make, but say which weights these are
+            print(f"note: evaluating the EMA weights ({loaded.source}) of {loaded.path}, the only weights it holds",
+                  file=sys.stderr)
+        return
+    which = "EMA" if ema else "raw model"
+    switch = "--no-ema evaluates its raw model weights" if ema else "leave out --no-ema to evaluate its EMA weights"
+    note = f"evaluating the {which} weights ({loaded.source}) of {loaded.path}; {switch}"
+    epoch = loaded.raw.get("epoch") if isinstance(loaded.raw.get("epoch"), int) else None
+    comparison = compare_ema(run_summary(loaded.path), epoch)
+    if comparison is not None and comparison.ema != comparison.raw:
+        scored = "the EMA weights" if comparison.ema_better else "the raw model weights"
+        evaluated = comparison.ema_better == ema
+        note += (f" (in training {scored} scored higher: {comparison.describe()}"
+                 f"{'' if evaluated else ', so the others may score higher here too'})")
+    print(f"note: {note}", file=sys.stderr)
 
 
 def _report(args: argparse.Namespace, model, data_config: Dict[str, Any], metrics: Dict[str, float],

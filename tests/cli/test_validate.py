@@ -72,10 +72,11 @@ def test_checkpoint_accuracy_above_chance_as_timm_shaped_json(trained, tmp_path,
 
 
 def test_training_evaluation_and_kat_validate_agree(trained, capsys):
-    """Both use validate.evaluate: the last epoch's eval metrics are the checkpoint's kat-validate result."""
+    """Both use validate.evaluate: the last epoch's eval metrics are the checkpoint's kat-validate result (its EMA
+    weights unless --no-ema, the rule of every command)."""
     data, run_dir, result = trained
     last = result.history[-1]
-    for flags, prefix in (([], "eval_"), (["--use-ema"], "eval_ema_")):
+    for flags, prefix in ((["--no-ema"], "eval_"), ([], "eval_ema_"), (["--use-ema"], "eval_ema_")):
         code, out, err = run_validate(capsys, "--data-dir", data, "--model", "kat_tiny",
                                       "--checkpoint", run_dir / "last.pth.tar", *flags)
         assert code == 0, err

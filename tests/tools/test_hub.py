@@ -180,7 +180,8 @@ def test_training_checkpoint_layouts(tmp_path, capsys, weights, layout, flags, e
 
 
 def test_vitft_tag_and_other_head(tmp_path, capsys, weights):
-    """--tag vitft: the card's marked row and the config's tag; a 10-class head gives a 10-class model."""
+    """--tag vitft: the config's tag; a 10-class head gives a 10-class model, whose card claims no ImageNet result
+    (a released file's head has 1000 classes: these are not the released weights)."""
     sd = OrderedDict(weights["model"])
     sd["head.weight"], sd["head.bias"] = torch.randn(10, 192), torch.randn(10)
     path = _save_released(sd, tmp_path / "finetuned.bin")
@@ -190,11 +191,23 @@ def test_vitft_tag_and_other_head(tmp_path, capsys, weights):
     assert config["architecture"] == "kat_tiny" and config["num_classes"] == 10
     assert config["pretrained_cfg"]["tag"] == "vitft"
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "| **`kat_tiny_patch16_224.vitft`** | **ViT init** | **5.7M** | **75.7** |" in card
+    assert "imagenet" not in card.lower() and "75.7" not in card and "74.6" not in card
+    assert "Classes:** 10 (no class names recorded)" in card
     assert "Params:** 5.53M (5,527,258)" in card  # this checkpoint's own count (10-class head)
     model = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True)
     assert model.num_classes == 10
     _assert_same_weights(model, sd)
+
+
+def test_a_gelu_model_and_a_bare_training_record_get_no_imagenet_claim(tmp_path, capsys, weights):
+    """*_gelu_* shares every shape with the released swish models but has no released weights (issue 22.2)."""
+    path = _save_released(weights["model"], tmp_path / "pytorch_model.bin")
+    code, captured = _convert([path, "--model", "kat_tiny_gelu_patch16_224", "-o", tmp_path / "gelu"], capsys)
+    assert code == 0, captured.err
+    card = (tmp_path / "gelu" / "README.md").read_text()
+    assert "imagenet" not in card.lower() and "74.6" not in card and "adamdad/" not in card
+    assert "does not record where its training started" in card
+    assert f'timm.create_model("local-dir:{(tmp_path / "gelu").resolve()}", pretrained=True)' in card
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -205,7 +218,7 @@ def test_vitft_tag_and_other_head(tmp_path, capsys, weights):
 def _error(argv, capsys) -> str:
     code, captured = _convert(argv, capsys)
     assert code == 2, captured
-    assert captured.err.startswith("error: ")
+    assert captured.err.startswith("convert_checkpoint.py: error: ")
     return captured.err
 
 
@@ -236,9 +249,10 @@ def test_error_unknown_and_ambiguous_architecture(tmp_path, capsys, weights):
     path = _save_released(shallow, tmp_path / "shallow.bin")
     err = _error([path, "-o", tmp_path / "out"], capsys)
     assert "ambiguous architecture" in err and "depth 6 != 12" in err
-    # An explicit --model that does not fit: the load error names keys and shapes.
+    # An explicit --model that does not fit: the load error names the missing keys, in one line.
     err = _error([path, "--model", TINY, "-o", tmp_path / "out"], capsys)
-    assert "does not fit kat_tiny_patch16_224" in err and "blocks.6.norm1.weight" in err
+    assert "does not fit kat_tiny_patch16_224" in err and "blocks.6.mlp.act1.weight_numerator" in err
+    assert err.count("\n") == 1 and len(err) < 600, err
     assert "unknown model 'vit_tiny_patch16_224'" in _error(
         [path, "--model", "vit_tiny_patch16_224", "-o", tmp_path / "out"], capsys)
     err = _error([tmp_path / "odd.pth", "--model", TINY, "--tag", "in22k", "-o", tmp_path / "out"], capsys)
@@ -260,7 +274,9 @@ def test_error_size_mismatch(tmp_path, capsys):
     small = _random_state_dict(3, "kat_small_patch16_224", weight_init="skip")
     path = _save_released(small, tmp_path / "small.bin")
     err = _error([path, "--model", TINY, "-o", tmp_path / "out"], capsys)
-    assert "size mismatch for blocks.0.attn.qkv.weight" in err and "torch.Size([1152, 384])" in err
+    # One line naming what the file holds (issue 22.7: it was 152 lines of torch's key list), as every command says it.
+    assert f"{path} does not fit {TINY}: it holds a kat_small_patch16_224; give the matching model name" in err
+    assert err.count("\n") == 1, err
 
 
 def test_error_output_dir_not_empty_then_force(tmp_path, capsys, weights):
