@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-import kat_timm
+import kat_timm  # noqa: F401  (registers the KAT models in timm, for the peft test)
 from kat_timm.layers import KAN
 from tests.helpers import relative_error
 
