@@ -149,14 +149,41 @@ def check_writable_folder(folder, option: str) -> None:
                        f"{'not a folder' if not existing.is_dir() else 'not writable'})", code=2)
 
 
-def check_backend_setting() -> None:
-    """Raise ``CLIError`` (code 2) when ``KAT_RATIONAL_BACKEND`` names no backend, before any work is done."""
-    from kat_timm.ops import requested_backend
+def check_backend_setting(device: Optional[torch.device] = None) -> None:
+    """Raise ``CLIError`` (code 2) when ``KAT_RATIONAL_BACKEND`` names no backend; given the ``device`` the command
+    runs its model on, also when the backend it forces can't run there (``triton`` without a GPU, ``native`` where
+    the kernel can't be built). Called before any model is built or file written: the op's own dispatch is asked,
+    so the answer is the one the model's first forward would meet."""
+    from kat_timm.ops import BACKEND_ENV, native_cpu_status, requested_backend, select_backend, triton_status
 
     try:
-        requested_backend()
+        requested = requested_backend()
     except ValueError as error:
         raise CLIError(f"{error}; unset it or set one of those", code=2) from None
+    if device is None or requested in ("auto", "torch"):
+        return
+    try:
+        select_backend(torch.empty(0, device=device))
+        return
+    except RuntimeError as error:
+        # The kernel's build error runs over many lines; 'kat-timm info' shows all of them.
+        cause = str(error).strip().splitlines()[0].rstrip(":")
+    instead = f"unset {BACKEND_ENV} (auto picks what runs here) or set it to torch"
+    if requested == "triton":
+        usable, reason = triton_status()
+        if not usable:
+            cause = reason
+        elif device.type != "cuda":
+            where = "" if torch.cuda.is_available() else " (there is no CUDA GPU here)"
+            cause = (f"Triton runs the op on a CUDA GPU (on a CPU only in its interpreter, TRITON_INTERPRET=1), and "
+                     f"this command runs on the {device.type}{where}")
+    elif requested == "native":
+        available, reason = native_cpu_status()
+        if not available:
+            cause = f"the native CPU kernel is not available: {reason.strip().splitlines()[0].rstrip(':')}"
+        elif device.type != "cpu":
+            cause = f"the native kernel runs on the CPU only, and this command runs on {device} (add --device cpu)"
+    raise CLIError(f"{BACKEND_ENV}={requested}: {cause}; {instead}", code=2)
 
 
 class ReleasedWeightsUnavailable(CLIError):

@@ -95,10 +95,13 @@ def _run(args: argparse.Namespace, prog: str) -> int:
     from kat_timm.tools.export import (INPUT_NAME, OUTPUT_NAME, OpsetConversionError, check_onnx, export_onnx,
                                        onnx_io_shapes)
 
-    from .common import check_model_input_size, create_model
+    import torch
+
+    from .common import check_backend_setting, check_model_input_size, create_model
 
     if args.model is None and args.checkpoint is None:
         raise CLIError("give the MODEL to export, or --checkpoint FILE to export the model it holds", code=2)
+    check_backend_setting(torch.device("cpu"))  # the model is traced on the CPU
     # A checkpoint's model is built at the size it was trained at, then resized by --img-size.
     model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, use_ema=args.use_ema,
                          offline=args.offline, alternatives=("--checkpoint FILE",))

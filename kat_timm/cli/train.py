@@ -634,6 +634,7 @@ def train(args: argparse.Namespace, prog: str = "kat-train") -> TrainResult:
     primary = args.rank == 0
     _setup_logging(primary)
     try:
+        check_backend_setting(device)  # before the model is built and args.yaml written
         return _train(args, parsed, resumed, device, primary, prog)
     except DataError as error:
         # Raised in a loader worker, it arrives with the worker's traceback in its message: keep the last line.

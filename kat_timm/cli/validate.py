@@ -222,6 +222,7 @@ def _validate(args: argparse.Namespace) -> int:
     if results_file is not None:
         _check_writable(results_file)
     device = resolve_device(args.device)
+    check_backend_setting(device)
 
     if args.pretrained and args.checkpoint is not None:
         raise CLIError("give --pretrained or --checkpoint, not both", code=2)
