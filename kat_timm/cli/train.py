@@ -663,6 +663,13 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, pr
     num_classes = args.num_classes or known_classes
     if known_classes is not None and num_classes < known_classes:
         raise CLIError(f"--num-classes {num_classes} is less than the {known_classes} classes of {train_name}", code=2)
+    # One class leaves nothing to tell apart: the loss is 0 and top-1 100% from the first step, and nothing is learned.
+    if known_classes == 1:
+        raise CLIError(f"{train_name} has one class ({classes[0]}): a classifier learns nothing from it (loss 0 and "
+                       f"top-1 100% from the start); give at least two classes", code=2)
+    if num_classes == 1:
+        raise CLIError("--num-classes 1: a classifier learns nothing with one class (loss 0 and top-1 100% from the "
+                       "start); give at least two classes", code=2)
     args.class_names = classes  # saved in every checkpoint; kat-validate checks them
     if resumed is not None and classes is not None:
         _check_resumed_classes(args, args.class_names, resumed)

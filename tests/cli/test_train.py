@@ -248,6 +248,16 @@ def test_train_and_validation_classes_differ(data, tmp_path, capsys):
     assert f"only in {data / 'validation'}: cyan" in capsys.readouterr().err
 
 
+def test_one_class_is_refused_before_the_run_starts(tmp_path, capsys):
+    """Issue 21, item 14: one class trained to loss 0 and top-1 100 without a word."""
+    data = make_image_folder(tmp_path / "data", classes=("red",), splits=(("train", 8), ("validation", 2)))
+    assert train_module.main(run_args(data, tmp_path / "out")) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"kat-train: error: {data / 'train'} has one class (red): a classifier learns nothing from it (loss 0 and "
+        f"top-1 100% from the start); give at least two classes")
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_model_name(data, tmp_path, capsys):
     assert train_module.main(run_args(data, tmp_path / "out", "--model", "kat_gigantic")) == 2
     assert "kat-train: error: unknown model 'kat_gigantic'" in capsys.readouterr().err
