@@ -495,8 +495,11 @@ def _model_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     return {**{name: value for name, value in options.items() if value is not None}, **args.model_kwargs}
 
 
-# What the missing-released-weights error offers instead, in kat-train's own options.
-PRETRAINED_ALTERNATIVES = ("--pretrained-path FILE (a copy of the weights) or leave out --pretrained (random weights)",)
+def _pretrained_alternatives(args: argparse.Namespace) -> tuple:
+    """What the missing-released-weights error offers instead, in kat-train's own options: where a config may have
+    set pretrained: true, leaving out --pretrained changes nothing, and --no-pretrained is what switches it off."""
+    off = "--no-pretrained" if args.config else "leave out --pretrained"
+    return (f"--pretrained-path FILE (a copy of the weights) or {off} (random weights)",)
 
 
 def _is_npz(path: str) -> bool:
@@ -510,7 +513,7 @@ def _create_model(args: argparse.Namespace, num_classes: int):
     from .common import create_sized_model
 
     size = args.input_size[1:] if args.input_size else ([args.img_size] if args.img_size else None)
-    kwargs = dict(_model_kwargs(args), num_classes=num_classes, alternatives=PRETRAINED_ALTERNATIVES)
+    kwargs = dict(_model_kwargs(args), num_classes=num_classes, alternatives=_pretrained_alternatives(args))
     checkpoint = args.initial_checkpoint or None
     if checkpoint and _is_npz(checkpoint):
         # Google's ViT .npz (the .vitft recipes): timm hands it to the model's load_pretrained, which maps the ViT

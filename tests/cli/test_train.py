@@ -528,6 +528,18 @@ def test_offline_pretrained_error_suggests_only_options_kat_train_has(data, tmp_
     assert all(option in known for option in suggested), (sorted(suggested - set(known)), error)
 
 
+def test_offline_pretrained_error_of_a_config_with_pretrained_true_advises_no_pretrained(data, tmp_path, capsys,
+                                                                                         offline_hub):
+    """Issue 22, item 6: "leave out --pretrained" when the config set it, where only --no-pretrained helps."""
+    config = tmp_path / "recipe.yaml"
+    config.write_text("pretrained: true\n")
+    assert train_module.main(["-c", str(config), *run_args(data, tmp_path / "out")]) == 1
+    error = capsys.readouterr().err
+    assert "or --no-pretrained (random weights)" in error and "leave out" not in error, error
+    assert train_module.main(run_args(data, tmp_path / "out", "--pretrained")) == 1
+    assert "or leave out --pretrained (random weights)" in capsys.readouterr().err
+
+
 def test_config_pretrained_true_is_switched_off_on_the_command_line(tmp_path):
     config = tmp_path / "recipe.yaml"
     config.write_text("pretrained: true\nmodel_ema: true\nepochs: 3\n")
