@@ -573,6 +573,23 @@ def _resolve_lr(args: argparse.Namespace) -> None:
     args.lr = args.lr_base * (ratio ** 0.5 if args.lr_base_scale == "sqrt" else ratio)
 
 
+def _schedule_warnings(args: argparse.Namespace, num_epochs: int) -> List[str]:
+    """What makes the lr schedule other than the announced lr suggests: a warmup that never reaches the lr within
+    the run, or one that starts above it (then the "warmup" lowers the lr)."""
+    if not args.warmup_epochs:
+        return []
+    warnings = []
+    if args.warmup_epochs >= num_epochs:
+        warnings.append(f"--warmup-epochs {args.warmup_epochs} covers the whole run of {num_epochs} epoch"
+                        f"{'s' if num_epochs != 1 else ''}: the lr never reaches {args.lr:.3g}; give --warmup-epochs "
+                        f"below {num_epochs} (0: no warmup)")
+    if args.warmup_lr > args.lr:
+        warnings.append(f"--warmup-lr {args.warmup_lr:.3g} is above the lr {args.lr:.3g}: the warmup starts higher "
+                        f"and lowers the lr; give --warmup-lr below {args.lr:.3g} (e.g. {args.lr / 10:.3g}) or "
+                        f"--warmup-epochs 0")
+    return warnings
+
+
 def _check_resumed_classes(args: argparse.Namespace, classes: List[str], resumed) -> None:
     """A resumed run must see the class folders it was trained on: otherwise every label changes meaning while the
     weights load without complaint (a folder renamed, added or removed with --num-classes fixed)."""
@@ -808,9 +825,14 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, pr
     say(f"{prog}: data {train_name}: {len(dataset_train)} images; {val_note}; {known_classes or num_classes} classes, "
         f"input {tuple(data_config['input_size'])}")
     steps = f"{updates_per_epoch} step{'s' if updates_per_epoch != 1 else ''}"
+    # The epoch lines show the lr each epoch runs at: during a warmup, not the announced one.
+    warmup = (f" (reached after {args.warmup_epochs} warmup epoch{'s' if args.warmup_epochs != 1 else ''} from "
+              f"{args.warmup_lr:.3g})" if lr_scheduler is not None and args.warmup_epochs else "")
     say(f"{prog}: batch {args.batch_size} per process x {args.world_size} x {args.grad_accum_steps} accumulation "
         f"= {args.batch_size * args.world_size * args.grad_accum_steps}; {steps} per epoch; "
-        f"{args.opt} lr {args.lr:.3g}, {args.sched} schedule, weight decay {args.weight_decay}")
+        f"{args.opt} lr {args.lr:.3g}{warmup}, {args.sched} schedule, weight decay {args.weight_decay}")
+    for warning in _schedule_warnings(args, num_epochs) if lr_scheduler is not None else ():
+        say(f"{prog}: warning: {warning}")
     resumed_note = f", resumed from {args.resume}" if args.resume else ""
     say(f"{prog}: epochs {start_epoch}..{num_epochs - 1} (0-based){resumed_note}")
     say(f"{prog}: output {os.path.abspath(output_dir) if output_dir else '-'}")

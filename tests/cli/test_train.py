@@ -600,6 +600,24 @@ def test_progress_and_epoch_lines_show_the_same_unscaled_lr_with_layer_decay(dat
     assert progress and epoch and float(progress[0]) == float(epoch[0]) == 1e-3, out
 
 
+def test_a_warmup_that_covers_the_run_or_starts_above_the_lr_is_announced(tmp_path, capsys):
+    """Issue 22, item 10: "lr 7.81e-06" announced, the epochs ran at 1e-05 falling (warmup-lr above the scaled lr,
+    5 warmup epochs for a short run), without a word."""
+    data = make_image_folder(tmp_path / "data", classes=("red", "green"), splits=(("train", 4), ("validation", 1)))
+    argv = run_args(data, tmp_path / "out", "--epochs", "1", "--val-split", "")
+    argv[argv.index("--warmup-epochs") + 1] = "2"
+    assert train_module.main([*argv, "--warmup-lr", "0.01"]) == 0
+    out = capsys.readouterr().out
+    assert "adamw lr 0.001 (reached after 2 warmup epochs from 0.01), cosine schedule" in out, out
+    assert ("kat-train: warning: --warmup-epochs 2 covers the whole run of 1 epoch: the lr never reaches 0.001; give "
+            "--warmup-epochs below 1 (0: no warmup)") in out, out
+    assert ("kat-train: warning: --warmup-lr 0.01 is above the lr 0.001: the warmup starts higher and lowers the lr; "
+            "give --warmup-lr below 0.001 (e.g. 0.0001) or --warmup-epochs 0") in out, out
+    assert float(re.findall(r"epoch 0: .*\| lr (\S+)", out)[0]) == 0.01, "the epoch ran at the warmup lr"
+    assert train_module.main([*argv, "--warmup-lr", "1e-5", "--epochs", "3", "--experiment", "quiet"]) == 0
+    assert "warning" not in capsys.readouterr().out
+
+
 def test_a_resumed_run_reads_its_checkpoint_once(data, tmp_path, monkeypatch):
     """Weights, optimizer, EMA, epoch, saver history and the checks all come from one read of last.pth.tar (it was
     read four times)."""
