@@ -819,8 +819,11 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, pr
         say(f"{prog}: note: --aug-repeats {args.aug_repeats:g} applies to distributed training only; it is off in "
             f"this single-process run")
     if known_classes is not None and num_classes > known_classes:
-        say(f"{prog}: note: --num-classes {num_classes} but the data has {known_classes} classes; the "
-            f"extra {num_classes - known_classes} outputs are never a target")
+        given = f"--num-classes {num_classes}" + (f" (or num_classes: {num_classes} in {args.config})" if args.config
+                                                  else "")
+        say(f"{prog}: warning: {given} but the data has {known_classes} classes: the extra "
+            f"{num_classes - known_classes} outputs are never a target, yet they can still win the top-1; give "
+            f"--num-classes {known_classes} (it overrides a config) to match the data")
     val_note = f"{val_name}: {len(loader_eval.dataset)} images" if loader_eval is not None else "no validation split"
     say(f"{prog}: data {train_name}: {len(dataset_train)} images; {val_note}; {known_classes or num_classes} classes, "
         f"input {tuple(data_config['input_size'])}")

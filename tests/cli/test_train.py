@@ -618,6 +618,17 @@ def test_a_warmup_that_covers_the_run_or_starts_above_the_lr_is_announced(tmp_pa
     assert "warning" not in capsys.readouterr().out
 
 
+def test_more_classes_than_the_data_says_which_option_to_change(tmp_path, capsys):
+    """Issue 22, item 11: a config's num_classes: 10 on a 3-class folder trained to top-1 0 after a vague note."""
+    data = make_image_folder(tmp_path / "data", classes=("red", "green"), splits=(("train", 4), ("validation", 1)))
+    config = tmp_path / "recipe.yaml"
+    config.write_text("num_classes: 4\n")
+    assert train_module.main(["-c", str(config), *run_args(data, tmp_path / "out", "--epochs", "1")]) == 0
+    assert (f"kat-train: warning: --num-classes 4 (or num_classes: 4 in {config}) but the data has 2 classes: the "
+            f"extra 2 outputs are never a target, yet they can still win the top-1; give --num-classes 2 (it "
+            f"overrides a config) to match the data") in capsys.readouterr().out
+
+
 def test_a_resumed_run_reads_its_checkpoint_once(data, tmp_path, monkeypatch):
     """Weights, optimizer, EMA, epoch, saver history and the checks all come from one read of last.pth.tar (it was
     read four times)."""
