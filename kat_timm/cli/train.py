@@ -391,7 +391,10 @@ def _setup_logging(primary: bool) -> None:
     logging.getLogger("kat_timm").setLevel(logging.INFO if primary else logging.WARNING)
     logging.getLogger("timm").setLevel(logging.INFO if primary else logging.WARNING)
     logging.getLogger("timm.utils.checkpoint_saver").setLevel(logging.WARNING)  # lists every file it keeps
-    if not logging.getLogger().handlers:
+    # Its one line ("Dropping N rows ... from summary.csv.partial") names the temporary copy the trim works on; the
+    # run's own "epochs A..B" line says from which epoch summary.csv is written.
+    logging.getLogger("timm.utils.summary").setLevel(logging.WARNING)
+    if not logging.getLogger().handlers:  # train() called without main(): run_main routes the records otherwise
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
 

@@ -649,6 +649,26 @@ def test_a_resumed_run_reads_its_checkpoint_once(data, tmp_path, monkeypatch):
     assert len(reads) == 1, f"last.pth.tar was read {len(reads)} times"
 
 
+def test_timms_log_lines_are_prefixed_and_the_trim_names_no_temporary_file(data, tmp_path, capsys, monkeypatch,
+                                                                          kat_tiny_weights, ckpt):
+    """Issue 22, item 12: timm's lines came out bare, one naming summary.csv.partial, a file the user never sees."""
+    import logging
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])  # as in a fresh kat-train process (pytest's capture handler removed)
+    monkeypatch.setattr(root, "level", root.level)
+    weights = ckpt.save_released(kat_tiny_weights["scratch"], tmp_path / "kat_tiny.bin")
+    argv = run_args(data, tmp_path / "out", "--model", "kat_tiny_patch16_224", "--epochs", "2")
+    assert train_module.main([*argv, "--pretrained-path", str(weights)]) == 0
+    err = capsys.readouterr().err
+    assert "\nkat-train: Loading pretrained weights from state dict\n" in f"\n{err}", err
+    assert train_module.main([*argv, "--resume", str(tmp_path / "out" / "run" / "checkpoint-0.pth.tar")]) == 0
+    err = capsys.readouterr().err
+    assert ".partial" not in err and "Dropping" not in err, err
+    assert all(line.startswith("kat-train: ") for line in err.splitlines()), err
+    assert summary_epochs(tmp_path / "out" / "run") == [0, 1]
+
+
 def test_pretrained_path_is_read_once(data, tmp_path, monkeypatch, kat_tiny_weights, ckpt):
     """timm gets the state dict kat-train read (for its coverage check) instead of reading the file again."""
     weights = ckpt.save_released(kat_tiny_weights["scratch"], tmp_path / "weights" / "kat_tiny.bin").resolve()
