@@ -15,8 +15,8 @@ import torch
 from . import CLIError
 
 __all__ = ["ReleasedWeightsUnavailable", "add_model_arguments", "add_weight_source_arguments", "check_backend_setting",
-           "check_image_size", "check_model_name", "check_preprocessing", "check_writable_folder", "create_model",
-           "create_model_from_options", "create_sized_model", "released_weights_file", "resolve_device"]
+           "check_image_size", "check_model_name", "check_preprocessing", "check_whole_patches", "check_writable_folder",
+           "create_model", "create_model_from_options", "create_sized_model", "released_weights_file", "resolve_device"]
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, default_model: str = "kat_tiny") -> None:
@@ -104,9 +104,34 @@ def check_image_size(img_size: Optional[int] = None, input_size: Optional[Sequen
         raise CLIError(f"{given}: height and width must be 1 to {MAX_IMAGE_SIZE} pixels", code=2)
 
 
-def check_model_input_size(model: torch.nn.Module, size: Sequence[int], option: str) -> None:
-    """Raise ``CLIError`` (code 2) when a patch-based model's patches are larger than the image (no patch at all)."""
-    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+def check_whole_patches(sides: Sequence[int], patch: Sequence[int], option: str) -> None:
+    """Raise ``CLIError`` (code 2) unless every side of an image size given by ``option`` is a multiple of the
+    model's patch: the one image-size rule of the commands and the benchmark scripts. A ViT cuts the image into
+    whole patches, so a border that fills no whole patch would be dropped without a word.
+
+    Args:
+        sides: height and width in pixels.
+        patch: the patch's height and width in pixels.
+        option: the option the size came from, as the message names it (e.g. ``"--img-size"``).
+    """
+    if all(side % edge == 0 for side, edge in zip(sides, patch)):
+        return
+    given = " x ".join(map(str, sides)) if len(set(sides)) > 1 else str(sides[0])
+    edge = "x".join(map(str, patch)) if len(set(patch)) > 1 else str(patch[0])
+    nearest = sorted({max(edge, side // edge * edge) for side, edge in zip(sides, patch)}
+                     | {-(-side // edge) * edge for side, edge in zip(sides, patch)})
+    raise CLIError(f"{option} {given} is not a multiple of the model's {edge}-pixel patches: the image is cut into "
+                   f"whole patches, and the border that fills none would be dropped; use a multiple, e.g. "
+                   f"{' or '.join(map(str, nearest))}", code=2)
+
+
+def check_model_input_size(model: torch.nn.Module, size: Sequence[int], option: str,
+                           whole_patches: bool = False) -> None:
+    """Raise ``CLIError`` (code 2) when a patch-based model's patches are larger than the image (no patch at all);
+    ``whole_patches``: also when a side is not a multiple of the patch (:func:`check_whole_patches`), unless the
+    model pads the image to whole patches itself (``dynamic_img_pad``)."""
+    embed = getattr(model, "patch_embed", None)
+    patch = getattr(embed, "patch_size", None)
     if patch is None:
         return
     patch = tuple(patch) if isinstance(patch, (tuple, list)) else (int(patch), int(patch))
@@ -114,6 +139,8 @@ def check_model_input_size(model: torch.nn.Module, size: Sequence[int], option: 
     if any(side < edge for side, edge in zip(sides, patch)):
         raise CLIError(f"{option} {' x '.join(map(str, sides))} is smaller than the model's {patch[0]}-pixel "
                        f"patches; use at least {max(patch)}", code=2)
+    if whole_patches and not getattr(embed, "dynamic_img_pad", False):
+        check_whole_patches(sides, patch, option)
 
 
 def check_preprocessing(options: dict, training: bool = False) -> None:
@@ -259,9 +286,11 @@ def resolve_device(name: Optional[str]) -> torch.device:
     return device
 
 
-def create_sized_model(name: str, size: Optional[Sequence[int]] = None, **kwargs: Any) -> torch.nn.Module:
+def create_sized_model(name: str, size: Optional[Sequence[int]] = None, size_option: Optional[str] = None,
+                       **kwargs: Any) -> torch.nn.Module:
     """:func:`create_model`, also passing a training run's image size (``[N]`` or ``[H, W]``) as ``img_size`` to
-    models that take it (an ``img_size`` in ``kwargs`` wins)."""
+    models that take it (an ``img_size`` in ``kwargs`` wins). ``size_option``: the option the user gave the size
+    with; it must then be whole patches (:func:`check_whole_patches`; a checkpoint's recorded size is taken as is)."""
     if size is None or "img_size" in kwargs:
         return create_model(name, **kwargs)
     img_size = tuple(size) if len(size) > 1 else int(size[0])
@@ -271,7 +300,7 @@ def create_sized_model(name: str, size: Optional[Sequence[int]] = None, **kwargs
         if "keyword argument img_size" not in str(error):
             raise
         return create_model(name, **kwargs)
-    check_model_input_size(model, size, "the image size")
+    check_model_input_size(model, size, size_option or "the image size", whole_patches=size_option is not None)
     return model
 
 

@@ -49,8 +49,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                         help=f"ONNX opset, at least {MIN_OPSET} (default: {DEFAULT_OPSET}, what PyTorch's exporter "
                              "writes natively; others are converted)")
     parser.add_argument("--img-size", type=int, metavar="N",
-                        help="input height and width (default: the model's: 224, or a kat-train checkpoint's; "
-                             "position embeddings are resampled)")
+                        help="input height and width, a multiple of the model's patch size (16 for the KAT "
+                             "models; default: the model's: 224, or a kat-train checkpoint's; position embeddings are "
+                             "resampled)")
     parser.add_argument("--check", action="store_true",
                         help=f"run the file with onnxruntime (CPU) next to PyTorch on random images and print the "
                              f"relative error of the logits; fail above {CHECK_RTOL:g}")
@@ -112,7 +113,7 @@ def _run(args: argparse.Namespace, prog: str) -> int:
     if args.img_size is not None:
         if not hasattr(model, "set_input_size"):
             raise CLIError(f"{args.model} can't change its input size (no set_input_size); drop --img-size", code=2)
-        check_model_input_size(model, [args.img_size], "--img-size")
+        check_model_input_size(model, [args.img_size], "--img-size", whole_patches=True)
         model.set_input_size(img_size=(args.img_size, args.img_size))
     model = model.eval().float()
     try:

@@ -516,7 +516,8 @@ def _create_model(args: argparse.Namespace, num_classes: int):
     from .common import create_sized_model
 
     size = args.input_size[1:] if args.input_size else ([args.img_size] if args.img_size else None)
-    kwargs = dict(_model_kwargs(args), num_classes=num_classes, alternatives=_pretrained_alternatives(args))
+    kwargs = dict(_model_kwargs(args), num_classes=num_classes, alternatives=_pretrained_alternatives(args),
+                  size_option="--input-size" if args.input_size else "--img-size")
     checkpoint = args.initial_checkpoint or None
     if checkpoint and _is_npz(checkpoint):
         # Google's ViT .npz (the .vitft recipes): timm hands it to the model's load_pretrained, which maps the ViT
