@@ -25,7 +25,7 @@ from kat_timm.training.loop import TrainingError, TrainResult, base_lr, create_l
 from kat_timm.training.saver import AtomicCheckpointSaver, edit_atomically, remove_partials
 
 from . import CLIError, run_main
-from .common import check_backend_setting, check_preprocessing, check_writable_folder
+from .common import check_backend_setting, check_preprocessing, check_writable_folder, resolve_device
 from .validate import (COUNT, INDEX, KeywordArguments, add_data_arguments, check_data_options, checked_number,
                        open_split, read_checkpoint_file, resolve_checked_data_config)
 
@@ -418,7 +418,7 @@ def _check_arguments(args: argparse.Namespace):
     """Refuse bad options before anything is built; returns the --resume checkpoint, read (the only read of it)."""
     check_data_options(args, "DIR/train/CLASS/*.png and DIR/validation/CLASS/*.png")
     check_preprocessing(vars(args), training=True)
-    check_backend_setting()
+    check_backend_setting(resolve_device(args.device))  # can the forced op backend run there (before any file)?
     for name in ("scale", "ratio"):
         low, high = getattr(args, name)
         if low > high:
@@ -658,7 +658,6 @@ def train(args: argparse.Namespace, prog: str = "kat-train") -> TrainResult:
     primary = args.rank == 0
     _setup_logging(primary)
     try:
-        check_backend_setting(device)  # before the model is built and args.yaml written
         return _train(args, parsed, resumed, device, primary, prog)
     except DataError as error:
         # Raised in a loader worker, it arrives with the worker's traceback in its message: keep the last line.
