@@ -154,8 +154,9 @@ def _run(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise CLIError(f"--{option} must be >= 1", code=2)
     check_model_name(args.model)  # before the op check: a typo should not cost its time first
+    check_backend_setting()
     device = resolve_device(args.device)
-    check_backend_setting(device)
+    check_backend_setting(device)  # and whether a forced backend runs on that device
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     count = torch.get_num_threads()
