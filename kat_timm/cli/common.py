@@ -15,8 +15,9 @@ import torch
 from . import CLIError
 
 __all__ = ["ReleasedWeightsUnavailable", "add_model_arguments", "add_weight_source_arguments", "check_backend_setting",
-           "check_image_size", "check_model_name", "check_preprocessing", "check_whole_patches", "check_writable_folder",
-           "create_model", "create_model_from_options", "create_sized_model", "released_weights_file", "resolve_device"]
+           "check_image_size", "check_model_name", "check_preprocessing", "check_whole_patches",
+           "check_writable_folder", "create_model", "create_model_from_options", "create_sized_model",
+           "released_weights_file", "resolve_device"]
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, default_model: str = "kat_tiny") -> None:
