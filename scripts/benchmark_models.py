@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 import kat_timm  # noqa: F401  (registers the kat_* models in timm)
+from kat_timm.cli import CLIError
+from kat_timm.cli.common import check_whole_patches
 from kat_timm.benchmark import (Timer, benchmark_parser, device_name, error_text, load_average, load_text,
                                 markdown_table, parse_benchmark_args, run_meta, verdict, version_lines, write_json)
 from kat_timm.ops import BACKEND_ENV, select_backend
@@ -70,8 +72,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.sizes = [s for s in SIZES if s in (args.sizes or (["tiny"] if args.quick else SIZES))]  # canonical order
     args.modes = [m for m in MODES if m in args.modes]
     args.reps = args.reps or (3 if args.quick else (10 if cuda else 7))
-    if args.img_size < 1 or args.img_size % 16:
+    if args.img_size < 1:
         parser.error("--img-size must be a positive multiple of the patch size, 16")
+    try:
+        check_whole_patches((args.img_size, args.img_size), (16, 16), "--img-size")  # the commands' rule
+    except CLIError as error:
+        parser.error(str(error))
     return args
 
 

@@ -301,6 +301,16 @@ def test_pretrained_path_does_not_read_npz(tmp_path, vit_21k_like):
                                    pretrained=True, pretrained_path=str(path))
 
 
+def test_transfer_recipe_comments_say_what_kat_train_does():
+    """Issue 22, item 11: the comment said another img_size also needs model_kwargs, which is timm's train.py only
+    (kat-train builds the model for --img-size, as the README says); and how to change the class count."""
+    text = (CONFIGS_DIR / "kat_tiny_transfer.yaml").read_text()
+    lines = [line for line in text.splitlines() if "model_kwargs" in line]
+    assert lines and all("timm's train.py" in line for line in lines), lines
+    assert "kat-train builds the model for another" in text
+    assert "--num-classes N (N = your number of class folders; it overrides num_classes below)" in text
+
+
 def test_transfer_recipe(released_hub, kat_tiny_weights, single_thread):
     """The released KAT-T with a new 10-class head, and timm's optimizer factory given the recipe's arguments:
     layer-wise lr decay over the KAT's blocks, rational coefficients not decayed."""

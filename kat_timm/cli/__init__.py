@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import logging
 import os
 import sys
 from typing import Callable, List, Optional
@@ -34,8 +35,34 @@ class CLIError(Exception):
         self.code = code
 
 
+class _PrefixedFormatter(logging.Formatter):
+    """Log records of timm and kat_timm as the command's own lines: ``<prog>: <message>``, with ``warning:`` (or
+    ``error:``) before the message as our own warnings have it."""
+
+    def __init__(self, prog: str):
+        super().__init__("%(message)s")
+        self.prog = prog
+
+    def format(self, record: logging.LogRecord) -> str:
+        kind = f"{record.levelname.lower()}: " if record.levelno >= logging.WARNING else ""
+        return f"{self.prog}: {kind}{super().format(record)}"
+
+
+def _route_logging(prog: str) -> None:
+    """Send log records (timm's and ours) to stderr prefixed with ``prog``, unless the process has configured logging
+    itself (an application or a test that calls a command's ``main``): unconfigured, Python printed bare messages."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(_PrefixedFormatter(prog))
+        root.addHandler(handler)
+        root.setLevel(logging.WARNING)
+
+
 def run_main(func: Callable[[], int], prog: str) -> int:
-    """Run ``func`` and turn a :class:`CLIError` into a one-line message on stderr and its exit code."""
+    """Run ``func`` and turn a :class:`CLIError` into a one-line message on stderr and its exit code; log records
+    are printed as the command's own lines."""
+    _route_logging(prog)
     try:
         return int(func() or 0)
     except CLIError as error:

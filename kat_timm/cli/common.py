@@ -15,8 +15,9 @@ import torch
 from . import CLIError
 
 __all__ = ["ReleasedWeightsUnavailable", "add_model_arguments", "add_weight_source_arguments", "check_backend_setting",
-           "check_image_size", "check_model_name", "check_preprocessing", "check_writable_folder", "create_model",
-           "create_model_from_options", "create_sized_model", "released_weights_file", "resolve_device"]
+           "check_image_size", "check_model_name", "check_preprocessing", "check_whole_patches",
+           "check_writable_folder", "create_model", "create_model_from_options", "create_sized_model",
+           "released_weights_file", "resolve_device"]
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, default_model: str = "kat_tiny") -> None:
@@ -133,9 +134,34 @@ def check_image_size(img_size: Optional[int] = None, input_size: Optional[Sequen
         raise CLIError(f"{given}: height and width must be 1 to {MAX_IMAGE_SIZE} pixels", code=2)
 
 
-def check_model_input_size(model: torch.nn.Module, size: Sequence[int], option: str) -> None:
-    """Raise ``CLIError`` (code 2) when a patch-based model's patches are larger than the image (no patch at all)."""
-    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+def check_whole_patches(sides: Sequence[int], patch: Sequence[int], option: str) -> None:
+    """Raise ``CLIError`` (code 2) unless every side of an image size given by ``option`` is a multiple of the
+    model's patch: the one image-size rule of the commands and the benchmark scripts. A ViT cuts the image into
+    whole patches, so a border that fills no whole patch would be dropped without a word.
+
+    Args:
+        sides: height and width in pixels.
+        patch: the patch's height and width in pixels.
+        option: the option the size came from, as the message names it (e.g. ``"--img-size"``).
+    """
+    if all(side % edge == 0 for side, edge in zip(sides, patch)):
+        return
+    given = " x ".join(map(str, sides)) if len(set(sides)) > 1 else str(sides[0])
+    edge = "x".join(map(str, patch)) if len(set(patch)) > 1 else str(patch[0])
+    nearest = sorted({max(edge, side // edge * edge) for side, edge in zip(sides, patch)}
+                     | {-(-side // edge) * edge for side, edge in zip(sides, patch)})
+    raise CLIError(f"{option} {given} is not a multiple of the model's {edge}-pixel patches: the image is cut into "
+                   f"whole patches, and the border that fills none would be dropped; use a multiple, e.g. "
+                   f"{' or '.join(map(str, nearest))}", code=2)
+
+
+def check_model_input_size(model: torch.nn.Module, size: Sequence[int], option: str,
+                           whole_patches: bool = False) -> None:
+    """Raise ``CLIError`` (code 2) when a patch-based model's patches are larger than the image (no patch at all);
+    ``whole_patches``: also when a side is not a multiple of the patch (:func:`check_whole_patches`), unless the
+    model pads the image to whole patches itself (``dynamic_img_pad``)."""
+    embed = getattr(model, "patch_embed", None)
+    patch = getattr(embed, "patch_size", None)
     if patch is None:
         return
     patch = tuple(patch) if isinstance(patch, (tuple, list)) else (int(patch), int(patch))
@@ -143,6 +169,8 @@ def check_model_input_size(model: torch.nn.Module, size: Sequence[int], option: 
     if any(side < edge for side, edge in zip(sides, patch)):
         raise CLIError(f"{option} {' x '.join(map(str, sides))} is smaller than the model's {patch[0]}-pixel "
                        f"patches; use at least {max(patch)}", code=2)
+    if whole_patches and not getattr(embed, "dynamic_img_pad", False):
+        check_whole_patches(sides, patch, option)
 
 
 def check_preprocessing(options: dict, training: bool = False) -> None:
@@ -178,14 +206,41 @@ def check_writable_folder(folder, option: str) -> None:
                        f"{'not a folder' if not existing.is_dir() else 'not writable'})", code=2)
 
 
-def check_backend_setting() -> None:
-    """Raise ``CLIError`` (code 2) when ``KAT_RATIONAL_BACKEND`` names no backend, before any work is done."""
-    from kat_timm.ops import requested_backend
+def check_backend_setting(device: Optional[torch.device] = None) -> None:
+    """Raise ``CLIError`` (code 2) when ``KAT_RATIONAL_BACKEND`` names no backend; given the ``device`` the command
+    runs its model on, also when the backend it forces can't run there (``triton`` without a GPU, ``native`` where
+    the kernel can't be built). Called before any model is built or file written: the op's own dispatch is asked,
+    so the answer is the one the model's first forward would meet."""
+    from kat_timm.ops import BACKEND_ENV, native_cpu_status, requested_backend, select_backend, triton_status
 
     try:
-        requested_backend()
+        requested = requested_backend()
     except ValueError as error:
         raise CLIError(f"{error}; unset it or set one of those", code=2) from None
+    if device is None or requested in ("auto", "torch"):
+        return
+    try:
+        select_backend(torch.empty(0, device=device))
+        return
+    except RuntimeError as error:
+        # The kernel's build error runs over many lines; 'kat-timm info' shows all of them.
+        cause = str(error).strip().splitlines()[0].rstrip(":")
+    instead = f"unset {BACKEND_ENV} (auto picks what runs here) or set it to torch"
+    if requested == "triton":
+        usable, reason = triton_status()
+        if not usable:
+            cause = reason
+        elif device.type != "cuda":
+            where = "" if torch.cuda.is_available() else " (there is no CUDA GPU here)"
+            cause = (f"Triton runs the op on a CUDA GPU (on a CPU only in its interpreter, TRITON_INTERPRET=1), and "
+                     f"this command runs on the {device.type}{where}")
+    elif requested == "native":
+        available, reason = native_cpu_status()
+        if not available:
+            cause = f"the native CPU kernel is not available: {reason.strip().splitlines()[0].rstrip(':')}"
+        elif device.type != "cpu":
+            cause = f"the native kernel runs on the CPU only, and this command runs on {device} (add --device cpu)"
+    raise CLIError(f"{BACKEND_ENV}={requested}: {cause}; {instead}", code=2)
 
 
 class ReleasedWeightsUnavailable(CLIError):
@@ -268,9 +323,11 @@ def resolve_device(name: Optional[str]) -> torch.device:
     return device
 
 
-def create_sized_model(name: str, size: Optional[Sequence[int]] = None, **kwargs: Any) -> torch.nn.Module:
+def create_sized_model(name: str, size: Optional[Sequence[int]] = None, size_option: Optional[str] = None,
+                       **kwargs: Any) -> torch.nn.Module:
     """:func:`create_model`, also passing a training run's image size (``[N]`` or ``[H, W]``) as ``img_size`` to
-    models that take it (an ``img_size`` in ``kwargs`` wins)."""
+    models that take it (an ``img_size`` in ``kwargs`` wins). ``size_option``: the option the user gave the size
+    with; it must then be whole patches (:func:`check_whole_patches`; a checkpoint's recorded size is taken as is)."""
     if size is None or "img_size" in kwargs:
         return create_model(name, **kwargs)
     img_size = tuple(size) if len(size) > 1 else int(size[0])
@@ -280,7 +337,7 @@ def create_sized_model(name: str, size: Optional[Sequence[int]] = None, **kwargs
         if "keyword argument img_size" not in str(error):
             raise
         return create_model(name, **kwargs)
-    check_model_input_size(model, size, "the image size")
+    check_model_input_size(model, size, size_option or "the image size", whole_patches=size_option is not None)
     return model
 
 

@@ -51,8 +51,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                         help=f"ONNX opset, at least {MIN_OPSET} (default: {DEFAULT_OPSET}, what PyTorch's exporter "
                              "writes natively; others are converted)")
     parser.add_argument("--img-size", type=int, metavar="N",
-                        help="input height and width (default: the model's: 224, or a kat-train checkpoint's; "
-                             "position embeddings are resampled)")
+                        help="input height and width, a multiple of the model's patch size (16 for the KAT "
+                             "models; default: the model's: 224, or a kat-train checkpoint's; position embeddings are "
+                             "resampled)")
     parser.add_argument("--check", action="store_true",
                         help=f"run the file with onnxruntime (CPU) next to PyTorch on random images and print the "
                              f"relative error of the logits; fail above {CHECK_RTOL:g}")
@@ -108,10 +109,13 @@ def _run(args: argparse.Namespace, prog: str) -> int:
     from kat_timm.tools.export import (INPUT_NAME, OUTPUT_NAME, OpsetConversionError, check_onnx, export_onnx,
                                        onnx_io_shapes)
 
-    from .common import check_model_input_size, create_model
+    import torch
+
+    from .common import check_backend_setting, check_model_input_size, create_model
 
     if args.model is None and args.checkpoint is None:
         raise CLIError("give the MODEL to export, or --checkpoint FILE to export the model it holds", code=2)
+    check_backend_setting(torch.device("cpu"))  # the model is traced on the CPU
     # A checkpoint's model is built at the size it was trained at, then resized by --img-size.
     model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, use_ema=args.use_ema,
                          offline=args.offline, alternatives=("--checkpoint FILE",))
@@ -122,7 +126,7 @@ def _run(args: argparse.Namespace, prog: str) -> int:
     if args.img_size is not None:
         if not hasattr(model, "set_input_size"):
             raise CLIError(f"{args.model} can't change its input size (no set_input_size); drop --img-size", code=2)
-        check_model_input_size(model, [args.img_size], "--img-size")
+        check_model_input_size(model, [args.img_size], "--img-size", whole_patches=True)
         model.set_input_size(img_size=(args.img_size, args.img_size))
     model = model.eval().float()
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -25,7 +26,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog=prog, description="Draw every block's rational activations (act1, act2) of a KAT to an image file.")
-    parser.add_argument("-o", "--output", type=Path, default=Path("activations.png"),
+    # A str, not a Path: Path drops a trailing slash, and "-o plots/" then wrote plots.png.
+    parser.add_argument("-o", "--output", default="activations.png",
                         help="image file to write; the format follows the extension: .png, .pdf, .svg, ... (.png "
                              "when there is none; default: activations.png)")
     add_weight_source_arguments(parser, default_model="kat_tiny",
@@ -61,6 +63,10 @@ def main(argv: Optional[List[str]] = None, prog: str = "kat-timm plot") -> int:
             raise CLIError(INSTALL_HINT) from None
         if args.dpi < 1:
             raise CLIError("--dpi must be >= 1", code=2)
+        if args.output.endswith(("/", os.sep)) and not os.path.isdir(args.output):
+            raise CLIError(f"-o {args.output}: no such folder; give the image file to write, e.g. "
+                           f"{os.path.join(args.output, 'activations.png')} once the folder exists", code=2)
+        args.output = Path(args.output)
         if args.output.is_dir():
             raise CLIError(f"{args.output} is a folder; give the image file to write, e.g. "
                            f"{args.output / 'activations.png'}", code=2)

@@ -12,7 +12,8 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from . import CLIError, run_main
-from .common import add_weight_source_arguments, create_model_from_options, is_weights_name, resolve_device
+from .common import (add_weight_source_arguments, check_backend_setting, create_model_from_options, is_weights_name,
+                     resolve_device)
 
 __all__ = ["Prediction", "class_labeller", "main", "predict", "read_images"]
 
@@ -174,6 +175,7 @@ def main(argv: Optional[List[str]] = None, prog: str = "kat-timm predict") -> in
         if args.batch_size < 1:
             raise CLIError("--batch-size must be >= 1", code=2)
         device = resolve_device(args.device)
+        check_backend_setting(device)
         problems: List[str] = []
         images = read_images(args.images, problems)
         if not images:

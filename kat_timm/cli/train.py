@@ -27,7 +27,7 @@ from kat_timm.training.saver import (AtomicCheckpointSaver, RunFolderError, chec
                                      edit_atomically, remove_partials, run_files)
 
 from . import CLIError, run_main
-from .common import check_backend_setting, check_preprocessing, check_writable_folder
+from .common import check_backend_setting, check_preprocessing, check_writable_folder, resolve_device
 from .validate import (COUNT, INDEX, KeywordArguments, add_data_arguments, check_data_options, checked_number,
                        open_split, read_checkpoint_file, resolve_checked_data_config)
 
@@ -405,7 +405,10 @@ def _setup_logging(primary: bool) -> None:
     logging.getLogger("kat_timm").setLevel(logging.INFO if primary else logging.WARNING)
     logging.getLogger("timm").setLevel(logging.INFO if primary else logging.WARNING)
     logging.getLogger("timm.utils.checkpoint_saver").setLevel(logging.WARNING)  # lists every file it keeps
-    if not logging.getLogger().handlers:
+    # Its one line ("Dropping N rows ... from summary.csv.partial") names the temporary copy the trim works on; the
+    # run's own "epochs A..B" line says from which epoch summary.csv is written.
+    logging.getLogger("timm.utils.summary").setLevel(logging.WARNING)
+    if not logging.getLogger().handlers:  # train() called without main(): run_main routes the records otherwise
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
 
@@ -429,7 +432,7 @@ def _check_arguments(args: argparse.Namespace):
     """Refuse bad options before anything is built; returns the --resume checkpoint, read (the only read of it)."""
     check_data_options(args, "DIR/train/CLASS/*.png and DIR/validation/CLASS/*.png")
     check_preprocessing(vars(args), training=True)
-    check_backend_setting()
+    check_backend_setting(resolve_device(args.device))  # can the forced op backend run there (before any file)?
     for name in ("scale", "ratio"):
         low, high = getattr(args, name)
         if low > high:
@@ -561,8 +564,11 @@ def _model_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     return {**{name: value for name, value in options.items() if value is not None}, **args.model_kwargs}
 
 
-# What the missing-released-weights error offers instead, in kat-train's own options.
-PRETRAINED_ALTERNATIVES = ("--pretrained-path FILE (a copy of the weights) or leave out --pretrained (random weights)",)
+def _pretrained_alternatives(args: argparse.Namespace) -> tuple:
+    """What the missing-released-weights error offers instead, in kat-train's own options: where a config may have
+    set pretrained: true, leaving out --pretrained changes nothing, and --no-pretrained is what switches it off."""
+    off = "--no-pretrained" if args.config else "leave out --pretrained"
+    return (f"--pretrained-path FILE (a copy of the weights) or {off} (random weights)",)
 
 
 def _is_npz(path: str) -> bool:
@@ -576,7 +582,8 @@ def _create_model(args: argparse.Namespace, num_classes: int):
     from .common import create_sized_model
 
     size = args.input_size[1:] if args.input_size else ([args.img_size] if args.img_size else None)
-    kwargs = dict(_model_kwargs(args), num_classes=num_classes, alternatives=PRETRAINED_ALTERNATIVES)
+    kwargs = dict(_model_kwargs(args), num_classes=num_classes, alternatives=_pretrained_alternatives(args),
+                  size_option="--input-size" if args.input_size else "--img-size")
     checkpoint = args.initial_checkpoint or None
     if checkpoint and _is_npz(checkpoint):
         # Google's ViT .npz (the .vitft recipes): timm hands it to the model's load_pretrained, which maps the ViT
@@ -634,6 +641,23 @@ def _resolve_lr(args: argparse.Namespace) -> None:
     global_batch = args.batch_size * args.world_size * args.grad_accum_steps
     ratio = global_batch / args.lr_base_size
     args.lr = args.lr_base * (ratio ** 0.5 if args.lr_base_scale == "sqrt" else ratio)
+
+
+def _schedule_warnings(args: argparse.Namespace, num_epochs: int) -> List[str]:
+    """What makes the lr schedule other than the announced lr suggests: a warmup that never reaches the lr within
+    the run, or one that starts above it (then the "warmup" lowers the lr)."""
+    if not args.warmup_epochs:
+        return []
+    warnings = []
+    if args.warmup_epochs >= num_epochs:
+        warnings.append(f"--warmup-epochs {args.warmup_epochs} covers the whole run of {num_epochs} epoch"
+                        f"{'s' if num_epochs != 1 else ''}: the lr never reaches {args.lr:.3g}; give --warmup-epochs "
+                        f"below {num_epochs} (0: no warmup)")
+    if args.warmup_lr > args.lr:
+        warnings.append(f"--warmup-lr {args.warmup_lr:.3g} is above the lr {args.lr:.3g}: the warmup starts higher "
+                        f"and lowers the lr; give --warmup-lr below {args.lr:.3g} (e.g. {args.lr / 10:.3g}) or "
+                        f"--warmup-epochs 0")
+    return warnings
 
 
 def _check_resumed_classes(args: argparse.Namespace, classes: List[str], resumed) -> None:
@@ -734,6 +758,13 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, pr
     num_classes = args.num_classes or known_classes
     if known_classes is not None and num_classes < known_classes:
         raise CLIError(f"--num-classes {num_classes} is less than the {known_classes} classes of {train_name}", code=2)
+    # One class leaves nothing to tell apart: the loss is 0 and top-1 100% from the first step, and nothing is learned.
+    if known_classes == 1:
+        raise CLIError(f"{train_name} has one class ({classes[0]}): a classifier learns nothing from it (loss 0 and "
+                       f"top-1 100% from the start); give at least two classes", code=2)
+    if num_classes == 1:
+        raise CLIError("--num-classes 1: a classifier learns nothing with one class (loss 0 and top-1 100% from the "
+                       "start); give at least two classes", code=2)
     args.class_names = classes  # saved in every checkpoint; kat-validate checks them
     if resumed is not None and classes is not None:
         _check_resumed_classes(args, args.class_names, resumed)
@@ -865,15 +896,23 @@ def _train(args: argparse.Namespace, parsed: Dict[str, Any], resumed, device, pr
         say(f"{prog}: note: --aug-repeats {args.aug_repeats:g} applies to distributed training only; it is off in "
             f"this single-process run")
     if known_classes is not None and num_classes > known_classes:
-        say(f"{prog}: note: --num-classes {num_classes} but the data has {known_classes} classes; the "
-            f"extra {num_classes - known_classes} outputs are never a target")
+        given = f"--num-classes {num_classes}" + (f" (or num_classes: {num_classes} in {args.config})" if args.config
+                                                  else "")
+        say(f"{prog}: warning: {given} but the data has {known_classes} classes: the extra "
+            f"{num_classes - known_classes} outputs are never a target, yet they can still win the top-1; give "
+            f"--num-classes {known_classes} (it overrides a config) to match the data")
     val_note = f"{val_name}: {len(loader_eval.dataset)} images" if loader_eval is not None else "no validation split"
     say(f"{prog}: data {train_name}: {len(dataset_train)} images; {val_note}; {known_classes or num_classes} classes, "
         f"input {tuple(data_config['input_size'])}")
     steps = f"{updates_per_epoch} step{'s' if updates_per_epoch != 1 else ''}"
+    # The epoch lines show the lr each epoch runs at: during a warmup, not the announced one.
+    warmup = (f" (reached after {args.warmup_epochs} warmup epoch{'s' if args.warmup_epochs != 1 else ''} from "
+              f"{args.warmup_lr:.3g})" if lr_scheduler is not None and args.warmup_epochs else "")
     say(f"{prog}: batch {args.batch_size} per process x {args.world_size} x {args.grad_accum_steps} accumulation "
         f"= {args.batch_size * args.world_size * args.grad_accum_steps}; {steps} per epoch; "
-        f"{args.opt} lr {args.lr:.3g}, {args.sched} schedule, weight decay {args.weight_decay}")
+        f"{args.opt} lr {args.lr:.3g}{warmup}, {args.sched} schedule, weight decay {args.weight_decay}")
+    for warning in _schedule_warnings(args, num_epochs) if lr_scheduler is not None else ():
+        say(f"{prog}: warning: {warning}")
     resumed_note = f", resumed from {args.resume}" if args.resume else ""
     say(f"{prog}: epochs {start_epoch}..{num_epochs - 1} (0-based){resumed_note}")
     say(f"{prog}: output {os.path.abspath(output_dir) if output_dir else '-'}")

@@ -90,8 +90,9 @@ def add_data_arguments(parser: argparse.ArgumentParser, title: str, batch_size: 
                        help="text file of class folder names, one per line, in label order (default: the sorted "
                             "folder names)")
     group.add_argument("--img-size", type=int, default=None, metavar="N",
-                       help="image size. A model with a fixed input size (ViT, KAT) also gets img_size=N, so "
-                            "its position embedding fits; pretrained position embeddings are resampled")
+                       help="image size, a multiple of the model's patch size (16 for the KAT models). A model with "
+                            "a fixed input size (ViT, KAT) also gets img_size=N, so its position embedding fits; "
+                            "pretrained position embeddings are resampled")
     group.add_argument("--input-size", type=int, nargs=3, default=None, metavar=("C", "H", "W"),
                        help="full input size, e.g. 3 224 224 (default: the model's)")
     group.add_argument("--crop-pct", type=float, default=None, metavar="PCT",
@@ -222,6 +223,7 @@ def _validate(args: argparse.Namespace) -> int:
     if results_file is not None:
         _check_writable(results_file, _inputs(args))
     device = resolve_device(args.device)
+    check_backend_setting(device)
 
     if args.pretrained and args.checkpoint is not None:
         raise CLIError("give --pretrained or --checkpoint, not both", code=2)
@@ -252,8 +254,9 @@ def _validate(args: argparse.Namespace) -> int:
     if loaded is not None and (args.img_size is not None or args.input_size is not None):
         model_kwargs.pop("img_size", None)  # the size given here replaces the checkpoint run's
     # The checkpoint's architecture, size and classes unless given here.
-    model = create_sized_model(args.model, size, pretrained=args.pretrained, checkpoint=loaded, use_ema=args.use_ema,
-                               num_classes=args.num_classes, **model_kwargs)
+    given = "--input-size" if args.input_size is not None else "--img-size" if args.img_size is not None else None
+    model = create_sized_model(args.model, size, given, pretrained=args.pretrained, checkpoint=loaded,
+                               use_ema=args.use_ema, num_classes=args.num_classes, **model_kwargs)
     if loaded is not None:
         _say_which_weights(loaded)
     num_classes = getattr(model, "num_classes", None)

@@ -97,8 +97,8 @@ def test_kat_train_refuses_before_any_work(data, tmp_path, capsys, models_built,
 
 def test_kat_train_image_smaller_than_a_patch(data, tmp_path, capsys):
     assert train_module.main(_train_args(data, tmp_path, "--img-size", "7")) == 2
-    _one_line_error(capsys, "kat-train", "the image size 7 x 7 is smaller than the model's 16-pixel patches; use at "
-                                         "least 16")
+    _one_line_error(capsys, "kat-train", "--img-size 7 x 7 is smaller than the model's 16-pixel patches; use at least "
+                                         "16")
 
 
 def test_kat_train_unknown_model_kwarg(data, tmp_path, capsys):

@@ -82,6 +82,22 @@ def test_output_without_extension_is_a_png_named_so_and_unknown_formats_fail_fir
     assert "curves.xyz: matplotlib cannot write .xyz files; use one of " in err and ".pdf" in err and ".svg" in err
 
 
+def test_output_ending_in_a_slash_is_a_folder_not_a_file_name(monkeypatch, capsys, tmp_path):
+    """Issue 21, item 14: "-o plots/" wrote plots.png; a missing folder is named, an existing one is refused."""
+    from kat_timm.cli import common
+
+    monkeypatch.setattr(common, "create_model_from_options", lambda *args, **kwargs: pytest.fail("model built"))
+    assert plot_cli.main(["-o", f"{tmp_path / 'plots'}/", "--random-weights"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"kat-timm plot: error: -o {tmp_path / 'plots'}/: no such folder; give the image file to write, e.g. "
+        f"{tmp_path / 'plots' / 'activations.png'} once the folder exists")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "plots").mkdir()
+    assert plot_cli.main(["-o", f"{tmp_path / 'plots'}/", "--random-weights"]) == 2
+    assert "is a folder; give the image file to write" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [tmp_path / "plots"]
+
+
 def test_legend_names_each_reference_with_its_panels(small_kat):
     """act1 panels show identity and act2 panels swish: the legend names both (it said only "identity")."""
     figure = plot_rationals(small_kat)

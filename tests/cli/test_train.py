@@ -248,6 +248,16 @@ def test_train_and_validation_classes_differ(data, tmp_path, capsys):
     assert f"only in {data / 'validation'}: cyan" in capsys.readouterr().err
 
 
+def test_one_class_is_refused_before_the_run_starts(tmp_path, capsys):
+    """Issue 21, item 14: one class trained to loss 0 and top-1 100 without a word."""
+    data = make_image_folder(tmp_path / "data", classes=("red",), splits=(("train", 8), ("validation", 2)))
+    assert train_module.main(run_args(data, tmp_path / "out")) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"kat-train: error: {data / 'train'} has one class (red): a classifier learns nothing from it (loss 0 and "
+        f"top-1 100% from the start); give at least two classes")
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_model_name(data, tmp_path, capsys):
     assert train_module.main(run_args(data, tmp_path / "out", "--model", "kat_gigantic")) == 2
     assert "kat-train: error: unknown model 'kat_gigantic'" in capsys.readouterr().err
@@ -518,6 +528,18 @@ def test_offline_pretrained_error_suggests_only_options_kat_train_has(data, tmp_
     assert all(option in known for option in suggested), (sorted(suggested - set(known)), error)
 
 
+def test_offline_pretrained_error_of_a_config_with_pretrained_true_advises_no_pretrained(data, tmp_path, capsys,
+                                                                                         offline_hub):
+    """Issue 22, item 6: "leave out --pretrained" when the config set it, where only --no-pretrained helps."""
+    config = tmp_path / "recipe.yaml"
+    config.write_text("pretrained: true\n")
+    assert train_module.main(["-c", str(config), *run_args(data, tmp_path / "out")]) == 1
+    error = capsys.readouterr().err
+    assert "or --no-pretrained (random weights)" in error and "leave out" not in error, error
+    assert train_module.main(run_args(data, tmp_path / "out", "--pretrained")) == 1
+    assert "or leave out --pretrained (random weights)" in capsys.readouterr().err
+
+
 def test_config_pretrained_true_is_switched_off_on_the_command_line(tmp_path):
     config = tmp_path / "recipe.yaml"
     config.write_text("pretrained: true\nmodel_ema: true\nepochs: 3\n")
@@ -578,6 +600,35 @@ def test_progress_and_epoch_lines_show_the_same_unscaled_lr_with_layer_decay(dat
     assert progress and epoch and float(progress[0]) == float(epoch[0]) == 1e-3, out
 
 
+def test_a_warmup_that_covers_the_run_or_starts_above_the_lr_is_announced(tmp_path, capsys):
+    """Issue 22, item 10: "lr 7.81e-06" announced, the epochs ran at 1e-05 falling (warmup-lr above the scaled lr,
+    5 warmup epochs for a short run), without a word."""
+    data = make_image_folder(tmp_path / "data", classes=("red", "green"), splits=(("train", 4), ("validation", 1)))
+    argv = run_args(data, tmp_path / "out", "--epochs", "1", "--val-split", "")
+    argv[argv.index("--warmup-epochs") + 1] = "2"
+    assert train_module.main([*argv, "--warmup-lr", "0.01"]) == 0
+    out = capsys.readouterr().out
+    assert "adamw lr 0.001 (reached after 2 warmup epochs from 0.01), cosine schedule" in out, out
+    assert ("kat-train: warning: --warmup-epochs 2 covers the whole run of 1 epoch: the lr never reaches 0.001; give "
+            "--warmup-epochs below 1 (0: no warmup)") in out, out
+    assert ("kat-train: warning: --warmup-lr 0.01 is above the lr 0.001: the warmup starts higher and lowers the lr; "
+            "give --warmup-lr below 0.001 (e.g. 0.0001) or --warmup-epochs 0") in out, out
+    assert float(re.findall(r"epoch 0: .*\| lr (\S+)", out)[0]) == 0.01, "the epoch ran at the warmup lr"
+    assert train_module.main([*argv, "--warmup-lr", "1e-5", "--epochs", "3", "--experiment", "quiet"]) == 0
+    assert "warning" not in capsys.readouterr().out
+
+
+def test_more_classes_than_the_data_says_which_option_to_change(tmp_path, capsys):
+    """Issue 22, item 11: a config's num_classes: 10 on a 3-class folder trained to top-1 0 after a vague note."""
+    data = make_image_folder(tmp_path / "data", classes=("red", "green"), splits=(("train", 4), ("validation", 1)))
+    config = tmp_path / "recipe.yaml"
+    config.write_text("num_classes: 4\n")
+    assert train_module.main(["-c", str(config), *run_args(data, tmp_path / "out", "--epochs", "1")]) == 0
+    assert (f"kat-train: warning: --num-classes 4 (or num_classes: 4 in {config}) but the data has 2 classes: the "
+            f"extra 2 outputs are never a target, yet they can still win the top-1; give --num-classes 2 (it "
+            f"overrides a config) to match the data") in capsys.readouterr().out
+
+
 def test_a_resumed_run_reads_its_checkpoint_once(data, tmp_path, monkeypatch):
     """Weights, optimizer, EMA, epoch, saver history and the checks all come from one read of last.pth.tar (it was
     read four times)."""
@@ -596,6 +647,26 @@ def test_a_resumed_run_reads_its_checkpoint_once(data, tmp_path, monkeypatch):
     result = train(parse_args(run_args(data, None, "--epochs", "2", "--model-ema", "--resume", str(last))))
     assert result.start_epoch == 1 and [row["epoch"] for row in result.history] == [1]
     assert len(reads) == 1, f"last.pth.tar was read {len(reads)} times"
+
+
+def test_timms_log_lines_are_prefixed_and_the_trim_names_no_temporary_file(data, tmp_path, capsys, monkeypatch,
+                                                                          kat_tiny_weights, ckpt):
+    """Issue 22, item 12: timm's lines came out bare, one naming summary.csv.partial, a file the user never sees."""
+    import logging
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])  # as in a fresh kat-train process (pytest's capture handler removed)
+    monkeypatch.setattr(root, "level", root.level)
+    weights = ckpt.save_released(kat_tiny_weights["scratch"], tmp_path / "kat_tiny.bin")
+    argv = run_args(data, tmp_path / "out", "--model", "kat_tiny_patch16_224", "--epochs", "2")
+    assert train_module.main([*argv, "--pretrained-path", str(weights)]) == 0
+    err = capsys.readouterr().err
+    assert "\nkat-train: Loading pretrained weights from state dict\n" in f"\n{err}", err
+    assert train_module.main([*argv, "--resume", str(tmp_path / "out" / "run" / "checkpoint-0.pth.tar")]) == 0
+    err = capsys.readouterr().err
+    assert ".partial" not in err and "Dropping" not in err, err
+    assert all(line.startswith("kat-train: ") for line in err.splitlines()), err
+    assert summary_epochs(tmp_path / "out" / "run") == [0, 1]
 
 
 def test_pretrained_path_is_read_once(data, tmp_path, monkeypatch, kat_tiny_weights, ckpt):

@@ -171,6 +171,7 @@ def test_wds_labels_from_the_json_sidecar(shards, tmp_path, capsys):
     (("--target-key", "label"), "--target-key label: not a field of the .json of sample"),
     (("--input-key", "jpg"), "--input-key jpg: sample train_0000_0000 of"),
     (("--num-classes", None), "--dataset wds/toy: the data does not name its classes"),
+    (("--num-classes", "1"), "--num-classes 1: a classifier learns nothing with one class (loss 0 and top-1 100%"),
     (("--data-dir", "MISSING"), "(the WebDataset shards of --dataset wds/toy)"),
     (("--workers", "8"), "4 shards for 8 loaders (1 process x 8 workers)"),
 ])
