@@ -23,7 +23,7 @@ from timm.models import VisionTransformer, build_model_with_cfg, generate_defaul
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
 from ..checkpoint import unwrap_state_dict
-from ..layers import KAN, GroupRational, rational_init
+from ..layers import KAN, GroupRational, check_num_groups, rational_init
 
 _logger = logging.getLogger(__name__)
 
@@ -143,6 +143,10 @@ class KAT(VisionTransformer):
             raise TypeError("KAT builds its own mlp_layer (kat_timm.layers.KAN); use VisionTransformer for others")
         if attn_init not in ATTN_INITS:
             raise ValueError(f"attn_init={attn_init!r} is not one of {ATTN_INITS}")
+        embed_dim, mlp_ratio = kwargs.get("embed_dim", 768), kwargs.get("mlp_ratio", 4.0)  # timm's ViT defaults
+        if isinstance(embed_dim, int) and isinstance(mlp_ratio, (int, float)):  # else timm's ViT names the problem
+            # Named in the model's own terms here; the KAN blocks would name their in/hidden features.
+            check_num_groups(num_groups, "KAT", embed_dim=embed_dim, mlp_hidden_width=int(embed_dim * mlp_ratio))
         # Initialise once, below, after the attributes init_weights needs are set.
         super().__init__(mlp_layer=partial(KAN, act_init=act_init, num_groups=num_groups), weight_init="skip", **kwargs)
         self.act_init = act_init

@@ -160,6 +160,30 @@ def test_kat_rejects_other_mlp_layers_and_bad_attn_init():
         KAT(embed_dim=64, depth=1, num_heads=2, attn_init="xavier")
 
 
+TINY_GROUPS = "1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 192"  # the common divisors of 192 and 768
+
+
+@pytest.mark.parametrize("num_groups", [0, -8, 7, 8.0, True, "8"])
+def test_bad_num_groups_names_the_valid_values(num_groups):
+    """0 used to end in ZeroDivisionError, 7 in a message without the valid values, True in a TypeError."""
+    expected = (f"KAT: num_groups={num_groups!r} is not valid: it must be a positive integer that divides "
+                f"embed_dim=192 and mlp_hidden_width=768; valid values: {TINY_GROUPS}")
+    with pytest.raises(ValueError) as error:
+        timm.create_model("kat_tiny", num_groups=num_groups, device="meta")
+    assert str(error.value) == expected
+    with pytest.raises(ValueError, match=r"KAN: num_groups=0 is not valid: .* in_features=40 and "
+                                         r"hidden_features=60; valid values: 1, 2, 4, 5, 10, 20$"):
+        KAN(40, 60, num_groups=0)
+    with pytest.raises(ValueError, match=r"^GroupRational: num_groups=-1 is not valid: it must be a positive integer$"):
+        kat_timm.layers.GroupRational(num_groups=-1)
+
+
+def test_num_groups_that_divide_both_widths_work():
+    model = timm.create_model("kat_tiny", num_groups=3, depth=1, img_size=32)
+    assert model.blocks[0].mlp.act2.weight_denominator.shape == (3, 4)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
+
+
 def test_kat_from_vit_preserves_function():
     vit = timm.create_model("vit_tiny_patch16_224").eval()
     kat = kat_from_vit(vit)
