@@ -9,6 +9,11 @@ iteration, by max error) or ``weighted`` (a Gaussian weight around 0 plus a unif
 cap held by a penalty; for GELU, whose converted pre-activations cluster near 0). Errors are measured on a denser
 grid than the fit grid. Usage: README, "The layer"; expressions are Python in ``x`` (a float64 tensor) with
 ``torch``, ``math`` and ``F`` available.
+
+Only two kinds of expression are ever evaluated: the built-in entries' (``BUILTINS``, in this file) and one given
+on the command line with ``--expr``. The table is data: an entry's stored ``"expression"`` is a record of what it
+was fitted to and is never evaluated (a table can come from anywhere), so an entry that is not built in is kept as
+it is unless refitted with ``--name NAME --expr EXPRESSION``.
 """
 from __future__ import annotations
 
@@ -287,7 +292,8 @@ def parse_args(argv=None):
         epilog="built-in entries: " + ", ".join(BUILTINS) + "\nexamples:\n  python scripts/fit_rational.py\n"
                '  python scripts/fit_rational.py gelu swish\n  python scripts/fit_rational.py --name mish --expr '
                '"x * torch.tanh(torch.nn.functional.softplus(x))"\n')
-    parser.add_argument("names", nargs="*", help="entries to refit (default: every entry of the table)")
+    parser.add_argument("names", nargs="*", help="built-in entries to refit (default: all of them; the table's "
+                        "other entries are kept as stored: their expressions are never evaluated)")
     parser.add_argument("--name", help="name of an entry to add or refit from --expr")
     parser.add_argument("--expr", help="Python expression in x (a float64 torch tensor; torch, math and "
                         "F = torch.nn.functional available)")
@@ -320,16 +326,19 @@ def load_table(path):
 
 
 def build_spec(name, expression, table, args):
-    """The fitting spec of one entry: built-in defaults, then the stored expression, then the command line."""
-    stored = table.get(name) if isinstance(table.get(name), dict) else {}
-    spec = dict(BUILTINS.get(name) or dict(expression=stored.get("expression"), mode="minimax"))
+    """The fitting spec of one entry: the built-in defaults, or the command line's ``--expr`` (never the table's
+    stored expression, which is data), then the command line's options."""
+    if expression is None and name not in BUILTINS:
+        if name in table:
+            raise FitError(f"{name!r} is not a built-in entry and the expression stored in the table is never "
+                           f"evaluated; refit it with --name {name} --expr EXPRESSION")
+        raise FitError(f"unknown entry {name!r} (built in: {', '.join(BUILTINS)}); "
+                       f"give --name {name} --expr EXPRESSION")
+    spec = dict(BUILTINS.get(name) or dict(mode="minimax"))
     if expression is not None:
         spec["expression"] = expression
         if spec["mode"] == "exact" and expression.strip() != "x":
             spec["mode"] = "minimax"
-    if spec["expression"] is None:
-        known = sorted(set(BUILTINS) | set(table))
-        raise FitError(f"unknown entry {name!r} (known: {', '.join(known)}); give --name {name} --expr EXPRESSION")
     if spec["mode"] != "exact":
         if args.gaussian_sigma is not None:
             if args.gaussian_sigma > 0:
@@ -360,7 +369,10 @@ def main(argv=None):
         table = load_table(output)
 
         names = list(dict.fromkeys(args.names + ([args.name] if args.name else [])))
-        names = names or list(dict.fromkeys([*BUILTINS, *table]))
+        kept = []
+        if not names:  # every built-in entry; the table's other entries are data, kept as they are
+            names = list(BUILTINS)
+            kept = [name for name in table if name not in BUILTINS]
 
         specs = {name: build_spec(name, args.expr if name == args.name else None, table, args) for name in names}
         if args.expr is not None:  # fail early and clearly on a broken expression
@@ -376,6 +388,8 @@ def main(argv=None):
             print(f"{name:<14} {stats['max_abs_error']:>15.3e} {stats['max_abs_error_near_zero']:>15.3e} "
                   f"{stats['f0']:>12.5g}  {time.perf_counter() - t0:>5.1f}s")
         print(f"total {time.perf_counter() - start:.1f}s")
+        if kept:
+            print(f"kept as stored (not built in; refit one with --name NAME --expr EXPRESSION): {', '.join(kept)}")
     except FitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
