@@ -14,6 +14,10 @@ from .rational_inits import rational_init
 
 __all__ = ["GroupRational", "check_num_groups"]
 
+# Plain torch.fx.symbolic_trace records the op as one call (its input checks can't run on a Proxy): the layer's
+# forward looks ``group_rational`` up in this module's globals, which fx patches while it traces.
+torch.fx.wrap("group_rational")
+
 
 def check_num_groups(num_groups, owner: str, **widths: int) -> None:
     """Check a channel-group count: a positive integer (not a bool) that divides every one of ``widths``.
