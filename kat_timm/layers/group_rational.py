@@ -1,6 +1,8 @@
 """``GroupRational``: the learnable grouped rational activation of a GR-KAN layer."""
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional
 
 import torch
@@ -10,7 +12,37 @@ from ..ops.group_rational import group_rational, group_rational_
 from ..ops.rational_torch import group_rational_autograd
 from .rational_inits import rational_init
 
-__all__ = ["GroupRational"]
+__all__ = ["GroupRational", "check_num_groups"]
+
+# Plain torch.fx.symbolic_trace records the op as one call (its input checks can't run on a Proxy): the layer's
+# forward looks ``group_rational`` up in this module's globals, which fx patches while it traces.
+torch.fx.wrap("group_rational")
+
+
+def check_num_groups(num_groups, owner: str, **widths: int) -> None:
+    """Check a channel-group count: a positive integer (not a bool) that divides every one of ``widths``.
+
+    Args:
+        num_groups: the value to check.
+        owner: who takes it, for the message (e.g. ``"KAN"``).
+        **widths: channel counts the groups must cut into equal chunks, by name (e.g. ``in_features=192``).
+
+    Raises:
+        ValueError: ``num_groups`` is not valid; the message names the valid values (the common divisors of the
+            widths, or "a positive integer" without widths).
+    """
+    valid = isinstance(num_groups, numbers.Integral) and not isinstance(num_groups, bool) and num_groups >= 1
+    if valid and all(width % num_groups == 0 for width in widths.values()):
+        return
+    if not widths:
+        raise ValueError(f"{owner}: num_groups={num_groups!r} is not valid: it must be a positive integer")
+    common = math.gcd(*widths.values())
+    divisors = [d for d in range(1, common + 1) if common % d == 0]
+    named = " and ".join(f"{name}={width}" for name, width in widths.items())
+    raise ValueError(
+        f"{owner}: num_groups={num_groups!r} is not valid: it must be a positive integer that divides {named}; "
+        f"valid values: {', '.join(map(str, divisors))}"
+    )
 
 
 class GroupRational(nn.Module):
@@ -30,8 +62,7 @@ class GroupRational(nn.Module):
 
     def __init__(self, num_groups: int = 8, init: str = "identity", channel_dim: int = -1, device=None, dtype=None):
         super().__init__()
-        if not isinstance(num_groups, int) or num_groups < 1:
-            raise ValueError(f"GroupRational: num_groups must be a positive int, got {num_groups!r}")
+        check_num_groups(num_groups, "GroupRational")
         rational_init(init)  # fails early, listing the known names, on a typo
         self.num_groups = num_groups
         self.init = init

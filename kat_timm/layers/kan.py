@@ -12,7 +12,7 @@ from torch import nn
 
 from ..ops.backend import fuses_linear_bias
 from ..ops.rational_reference import group_rational_reference
-from .group_rational import GroupRational
+from .group_rational import GroupRational, check_num_groups
 from .rational_inits import rational_init
 
 __all__ = ["KAN", "rational_second_moment"]
@@ -91,9 +91,7 @@ class KAN(nn.Module):
         factory = {"device": device, "dtype": dtype}
         out_features = out_features or in_features
         hidden_features = hidden_features or in_features
-        for name, width in (("in_features", in_features), ("hidden_features", hidden_features)):
-            if width % num_groups:
-                raise ValueError(f"KAN: {name}={width} is not a multiple of num_groups={num_groups}")
+        check_num_groups(num_groups, "KAN", in_features=in_features, hidden_features=hidden_features)
         self.act1 = GroupRational(num_groups, init=act1_init, **factory)
         self.drop1 = nn.Dropout(drop)
         self.fc1 = nn.Linear(in_features, hidden_features, bias=bias, **factory)

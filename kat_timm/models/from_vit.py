@@ -1,8 +1,8 @@
 """ViT -> KAT, function-preserving: copy everything a ViT and a KAT share, and set the rationals so that the KAN
-computes what the ViT's MLP did (act1 = identity, act2 = the GELU fit of the init table).
+computes what the ViT's MLP did (act1 = identity, act2 = the init table's "gelu_wide", GELU fitted on [-10, 10]).
 
 The released ".vitft" recipe loaded ViT weights into a swish-initialised act2, which changes the network's
-function at step 0; starting from the GELU fit keeps it (logits within ~1e-2 of the ViT's).
+function at step 0; starting from the GELU fit keeps it, to the error measured in the README ("From a ViT").
 """
 from __future__ import annotations
 
@@ -79,7 +79,8 @@ def _config_from_state_dict(state_dict: Mapping[str, torch.Tensor], num_heads) -
 def kat_from_vit(vit: Union[VisionTransformer, Mapping[str, torch.Tensor]], num_heads=None, **kwargs) -> nn.Module:
     """Build the KAT matching a timm ViT (or a ViT state dict) that computes (almost) the same function.
 
-    Embeddings, attention, norms, head, fc1 and fc2 are copied; act1 is the identity and act2 the GELU fit.
+    Embeddings, attention, norms, head, fc1 and fc2 are copied; act1 is the identity and act2 the GELU fit on
+    [-10, 10] (``"gelu_wide"``: fc1 outputs of trained ViTs reach |x| ~ 10).
 
     Args:
         vit: a timm ``VisionTransformer`` with GELU MLPs, or its state dict.

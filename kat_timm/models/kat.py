@@ -23,7 +23,7 @@ from timm.models import VisionTransformer, build_model_with_cfg, generate_defaul
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
 from ..checkpoint import check_floating, unwrap_state_dict
-from ..layers import KAN, GroupRational, rational_init
+from ..layers import KAN, GroupRational, check_num_groups, rational_init
 
 _logger = logging.getLogger(__name__)
 
@@ -35,8 +35,9 @@ RATIONAL_PARAMETERS = ("weight_numerator", "weight_denominator")
 # ImageNet-1k top-1 (%) reported with the released checkpoints: (from scratch, from ViT ".vitft").
 RELEASED_TOP1 = {"tiny": (74.6, 75.7), "small": (81.2, 82.0), "base": (82.3, 82.8)}
 
-# A ViT MLP computes fc2(GELU(fc1(x))): the KAN equivalent has act1 = identity, act2 = GELU.
-VIT_ACT1_INIT, VIT_ACT2_INIT = "identity", "gelu"
+# A ViT MLP computes fc2(GELU(fc1(x))): the KAN equivalent has act1 = identity, act2 = GELU. The GELU fit on
+# [-10, 10], not the [-3, 3] one: trained ViTs' fc1 outputs reach |x| ~ 10 (README, "From a ViT").
+VIT_ACT1_INIT, VIT_ACT2_INIT = "identity", "gelu_wide"
 
 
 def _rational_entries(prefix: str, num_groups: int, dtype=torch.float32) -> Dict[str, torch.Tensor]:
@@ -63,11 +64,16 @@ def vit_state_dict_to_kat(
 
 
 @torch.no_grad()
-def set_rationals_for_vit_mlp_(model: nn.Module) -> None:
-    """Set every KAN block of ``model`` to act1 = identity, act2 = GELU fit (after loading ViT weights into it)."""
+def set_rationals_for_vit_mlp_(model: nn.Module, act2_init: str = VIT_ACT2_INIT) -> None:
+    """Set every KAN block of ``model`` to act1 = identity, act2 = GELU fit (after loading ViT weights into it).
+
+    Args:
+        model: a KAT (or any model whose KAN blocks are named ``*.mlp``).
+        act2_init: the init table's entry for act2 (default: the conversion's GELU fit, ``"gelu_wide"``).
+    """
     for name, module in model.named_modules():
         if isinstance(module, GroupRational) and name.endswith(("mlp.act1", "mlp.act2")):
-            init = VIT_ACT1_INIT if name.endswith("act1") else VIT_ACT2_INIT
+            init = VIT_ACT1_INIT if name.endswith("act1") else act2_init
             numerator, denominator = rational_init(init)
             module.weight_numerator.copy_(torch.tensor([numerator]))
             module.weight_denominator.copy_(torch.tensor([denominator]).expand_as(module.weight_denominator))
@@ -143,6 +149,10 @@ class KAT(VisionTransformer):
             raise TypeError("KAT builds its own mlp_layer (kat_timm.layers.KAN); use VisionTransformer for others")
         if attn_init not in ATTN_INITS:
             raise ValueError(f"attn_init={attn_init!r} is not one of {ATTN_INITS}")
+        embed_dim, mlp_ratio = kwargs.get("embed_dim", 768), kwargs.get("mlp_ratio", 4.0)  # timm's ViT defaults
+        if isinstance(embed_dim, int) and isinstance(mlp_ratio, (int, float)):  # else timm's ViT names the problem
+            # Named in the model's own terms here; the KAN blocks would name their in/hidden features.
+            check_num_groups(num_groups, "KAT", embed_dim=embed_dim, mlp_hidden_width=int(embed_dim * mlp_ratio))
         # Initialise once, below, after the attributes init_weights needs are set.
         super().__init__(mlp_layer=partial(KAN, act_init=act_init, num_groups=num_groups), weight_init="skip", **kwargs)
         self.act_init = act_init

@@ -23,6 +23,8 @@ REFERENCE_FUNCTIONS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 REFERENCE_LABELS = {"identity": "identity", "gelu": "GELU", "swish": "swish"}
 REFERENCES = ("init", *REFERENCE_FUNCTIONS)
+# Init-table entries fitted to one of these functions on another range (kat_from_vit's act2 starts as "gelu_wide").
+INIT_REFERENCES = {"gelu_wide": "gelu"}
 
 
 def find_rationals(model: nn.Module) -> List[Tuple[str, GroupRational]]:
@@ -93,7 +95,8 @@ def plot_rationals(model: nn.Module, reference: Optional[str] = "init", x_range:
         for group in range(curves.shape[1]):
             ax.plot(x.numpy(), curves[:, group], color=viridis(group / max(1, max_groups - 1) * 0.9), linewidth=1.0,
                     label=f"group {group}")
-        ref = (layer.init if layer.init in REFERENCE_FUNCTIONS else None) if reference == "init" else reference
+        init = INIT_REFERENCES.get(layer.init, layer.init)
+        ref = (init if init in REFERENCE_FUNCTIONS else None) if reference == "init" else reference
         if ref is not None:
             ax.plot(x.numpy(), REFERENCE_FUNCTIONS[ref](x).numpy(), color="black", linestyle="--", linewidth=0.9,
                     label=REFERENCE_LABELS[ref])

@@ -59,6 +59,18 @@ def test_init_table_entry_within_bound(name):
     assert abs(evaluate(name, torch.zeros(1, 1, dtype=torch.float64)).item() - TARGETS[name](torch.zeros(1)).item()) < 1e-12
 
 
+def test_wide_gelu_entry_for_vit_conversion():
+    """"gelu_wide" (kat_from_vit's act2) holds GELU within 7.5e-3 on [-10, 10], where trained ViTs' fc1 outputs
+    reach; the narrow "gelu" is off by 0.8 at |x| = 10. F(0) = 0 exactly (ViT pre-activations cluster there)."""
+    entry = rational_inits()["gelu_wide"]
+    assert entry["fit_range"] == [-10.0, 10.0]
+    x = torch.linspace(-10, 10, 200001, dtype=torch.float64).view(-1, 1)
+    error = (evaluate("gelu_wide", x) - TARGETS["gelu"](x)).abs()
+    assert error.max().item() <= 7.5e-3 and error.max().item() <= entry["max_abs_error"] * 1.01
+    assert (evaluate("gelu", x) - TARGETS["gelu"](x)).abs().max().item() > 0.5
+    assert evaluate("gelu_wide", torch.zeros(1, 1, dtype=torch.float64)).item() == 0.0
+
+
 def test_identity_is_exact():
     numerator, denominator = rational_init("identity")
     assert numerator == [0.0, 1.0, 0.0, 0.0, 0.0, 0.0] and denominator == [0.0, 0.0, 0.0, 0.0]

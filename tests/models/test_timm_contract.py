@@ -399,6 +399,31 @@ def test_fx_feature_extraction():
         assert [tuple(f.shape[:2]) for f in graph_net(x)] == [(2, 1 + 4)] * 2
 
 
+def test_plain_fx_symbolic_trace():
+    """torch.fx.symbolic_trace (not only timm's tracer) traces a KAT as it traces a ViT: the rational op is one
+    recorded call (``torch.fx.wrap``), and the GraphModule computes the model's outputs and gradients."""
+    from kat_timm.ops import group_rational
+
+    torch.manual_seed(0)
+    model = tiny(num_classes=10)
+    graph_module = torch.fx.symbolic_trace(model)
+    calls = [n for n in graph_module.graph.nodes if n.op == "call_function" and n.target is group_rational]
+    assert len(calls) == 2 * 2, "act1 and act2 of both blocks, each one call"
+    x = torch.randn(2, 3, 32, 32)
+    for mode in (False, True):  # eval, then train (dropout is 0: the same function)
+        model.train(mode), graph_module.train(mode)
+        with torch.no_grad():
+            torch.testing.assert_close(graph_module(x), model(x), rtol=0, atol=0)
+    model(x).square().mean().backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    graph_module(x).square().mean().backward()
+    for name, parameter in model.named_parameters():
+        assert graph_module.get_parameter(name) is parameter, "symbolic_trace shares the model's parameters"
+        assert parameter.grad is not None, f"no gradient of {name} through the trace"
+        torch.testing.assert_close(parameter.grad, expected[name], msg=f"gradient of {name} through the trace")
+
+
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_torch_compile_fullgraph_forward_backward(backend):
     """fullgraph=True: no graph break anywhere (the rational op is a custom op with fake and autograd

@@ -73,3 +73,6 @@ def test_any_module_with_rationals_and_clear_errors():
     # A rational initialised from a function without a reference curve gets none under reference="init".
     figure = plot_rationals(GroupRational(4, init="tanh"))
     assert len(figure.axes[0].get_lines()) == 4
+    # kat_from_vit's act2 starts as "gelu_wide" (GELU fitted on [-10, 10]): drawn against GELU.
+    lines = plot_rationals(GroupRational(4, init="gelu_wide")).axes[0].get_lines()
+    assert len(lines) == 4 + 1 and lines[-1].get_label() == "GELU"
