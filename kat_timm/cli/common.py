@@ -7,10 +7,12 @@ import difflib
 import importlib
 import math
 import os
+import pickle
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
+from safetensors import SafetensorError
 
 from . import CLIError
 
@@ -206,7 +208,7 @@ def create_model(name: Optional[str] = None, pretrained: bool = False, checkpoin
         taken = ", ".join(sorted(key for key in kwargs if f"'{key}'" in str(error))) or str(error)
         raise CLIError(f"{name} does not take the keyword argument {taken} (from --model-kwargs or an "
                        f"option); remove it", code=2) from None
-    except (RuntimeError, OSError, ValueError) as error:
+    except (RuntimeError, OSError, ValueError, SafetensorError) as error:
         if not pretrained:
             raise
         text = load_error_detail(error)
@@ -214,7 +216,23 @@ def create_model(name: Optional[str] = None, pretrained: bool = False, checkpoin
             text = f"{type(error).__name__}: {text}"
         if own_file:  # --pretrained-path: the user's file, not the released weights
             raise CLIError(f"could not load {own_file} into {name}: {text}") from None
+        damage = _cached_file_damage(kwargs["pretrained_cfg_overlay"]["file"], error, text)
+        if damage is not None:
+            text = f"{damage}; fetch it again with 'kat-timm download {name} --force'"
         raise ReleasedWeightsUnavailable(f"could not load the released weights of {name}: {text}", text) from None
+
+
+def _cached_file_damage(path: str, error: Exception, detail: str) -> Optional[str]:
+    """Why the cached weights file ``path`` could not be read (its checksum does not match, or ``error`` is a read
+    failure of an unchecked file), or None where the file is fine and ``error`` is about its content."""
+    from kat_timm.tools.download import cached_file_intact
+
+    if Path(path).is_file() and not cached_file_intact(path):
+        return (f"the cached weights file {path} is damaged (its content does not match its checksum: a download or "
+                "a copy was cut short)")
+    if isinstance(error, (SafetensorError, pickle.UnpicklingError, EOFError)) or "zip archive" in str(error):
+        return f"the cached weights file {path} cannot be read ({detail})"
+    return None
 
 
 def resolve_device(name: Optional[str]) -> torch.device:
