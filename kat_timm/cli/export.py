@@ -26,8 +26,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                                "says; output 'logits'.",
         epilog="example: %(prog)s kat_tiny --pretrained -o kat_tiny.onnx --dynamic-batch --check")
     parser.add_argument("model", metavar="MODEL", nargs="?", default=None,
-                        help="timm model name (kat_tiny, kat_base_patch16_224.vitft, ...; default: the --checkpoint's "
-                             "architecture)")
+                        help="timm model name (kat_tiny, kat_base_patch16_224.vitft, ..., hf-hub:OWNER/NAME, "
+                             "local-dir:FOLDER; default: the --checkpoint's architecture)")
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--pretrained", action="store_true",
                          help="the released weights (from the Hugging Face Hub or its cache; see 'kat-timm "

@@ -126,7 +126,8 @@ def build_parser(prog: str = "kat-train") -> argparse.ArgumentParser:
 
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME",
-                       help=f"any timm model name, kat_* included, optionally with a .tag (default: {DEFAULT_MODEL})")
+                       help=f"any timm model name, kat_* included, optionally with a .tag, or hf-hub:OWNER/NAME or "
+                            f"local-dir:FOLDER (default: {DEFAULT_MODEL})")
     group.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False,
                        help="start from the released weights (Hugging Face Hub or its local cache); a classifier of "
                             "another size is re-initialised")
