@@ -73,3 +73,16 @@ def test_any_module_with_rationals_and_clear_errors():
     # A rational initialised from a function without a reference curve gets none under reference="init".
     figure = plot_rationals(GroupRational(4, init="tanh"))
     assert len(figure.axes[0].get_lines()) == 4
+
+
+def test_group_colours_are_told_apart_and_the_y_axis_is_labelled(small_kat):
+    """Every two groups' curves differ clearly in colour (viridis made groups 0-3 near-identical dark blues), and the
+    panels of the first column say what the y axis is."""
+    from matplotlib.colors import to_rgb
+
+    figure = plot_rationals(small_kat)
+    colours = [to_rgb(line.get_color()) for line in figure.axes[0].get_lines()[:GROUPS]]
+    closest = min(sum((a - b) ** 2 for a, b in zip(first, second)) ** 0.5
+                  for i, first in enumerate(colours) for second in colours[i + 1:])
+    assert closest > 0.25, f"two groups' colours are {closest:.3f} apart in RGB"
+    assert [ax.get_ylabel() for ax in figure.axes] == ["F(x)", ""] * 3
