@@ -92,6 +92,10 @@ def _format_shape(shape) -> str:
 
 def _run(args: argparse.Namespace, prog: str) -> int:
     _validate(args)  # before building the model: the usual mistakes fail in a second
+    # A name is the user's to choose (a refusal would block m.onnx.tmp or a FIFO), but m.txt is likely a slip.
+    if args.output.suffix.lower() != ".onnx" and (args.output.is_file() or not args.output.exists()):
+        print(f"{prog}: warning: {args.output} does not end in .onnx; an ONNX model is written there all the same",
+              file=sys.stderr)
     from kat_timm.tools.export import (INPUT_NAME, OUTPUT_NAME, OpsetConversionError, check_onnx, export_onnx,
                                        onnx_io_shapes)
 
