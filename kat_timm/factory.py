@@ -129,7 +129,8 @@ def _local_dir_architecture(name: str) -> str:
     if not name.startswith("local-dir:"):
         return name
     try:
-        architecture = json.loads((Path(name[len("local-dir:"):]) / "config.json").read_text(encoding="utf-8"))
+        architecture = json.loads((Path(name[len("local-dir:"):]).expanduser() / "config.json").read_text(
+            encoding="utf-8"))
         return architecture["architecture"] if isinstance(architecture.get("architecture"), str) else name
     except (OSError, ValueError, AttributeError):
         return name
@@ -174,6 +175,8 @@ def create_model(model_name: Optional[str] = None, checkpoint: Optional[Union[Pa
     else:  # another family: pass only what it was given, and the classifier size
         kwargs = {k: v for k, v in kwargs.items() if k in model_kwargs or k == "num_classes"
                   or k in (checkpoint.args.get("model_kwargs") or {})}
+    if model_name.startswith("local-dir:"):  # as recorded by a run given local-dir:~/x
+        model_name = "local-dir:" + str(Path(model_name[len("local-dir:"):]).expanduser())
     try:
         model = timm.create_model(model_name, pretrained=False, **kwargs)
     except OSError as error:  # a run started from local-dir:FOLDER (or hf-hub:) records that name; gone since

@@ -242,7 +242,9 @@ def create_model(name: Optional[str] = None, pretrained: bool = False, checkpoin
         raise CLIError(f"{name} brings its own weights; to load {own_file}, give the architecture's name instead",
                        code=2)
     timm_name, weights_file = name, None
-    if name is not None and name.startswith(HF_HUB_PREFIX):
+    if name is not None and name.startswith(LOCAL_DIR_PREFIX):  # the shell leaves local-dir:~/x unexpanded
+        timm_name = LOCAL_DIR_PREFIX + os.path.expanduser(name[len(LOCAL_DIR_PREFIX):])
+    elif name is not None and name.startswith(HF_HUB_PREFIX):
         # The repo's files through the same bounded Hub access as the released weights, then built from the cache's
         # snapshot folder (timm would fetch config.json itself, retrying an unreachable Hub for seconds).
         config = released_weights_file(name, offline, alternatives, filename="config.json")

@@ -175,3 +175,10 @@ def test_bad_sources_are_one_line(name, message, tmp_path, offline_hub, capsys):
 def test_hf_hub_repo_missing_from_the_cache_offline_names_the_download(offline_hub):
     with pytest.raises(CLIError, match=r"kat-timm download hf-hub:someone/absent"):
         create_model("hf-hub:someone/absent", pretrained=True)
+
+
+def test_local_dir_with_a_tilde_is_the_home_folder(folder, monkeypatch):
+    """The shell expands ~ only at the start of a word: local-dir:~/x reaches the command as written."""
+    monkeypatch.setenv("HOME", str(folder.parent))
+    model = create_model(f"local-dir:~/{folder.name}", pretrained=True)
+    _assert_same_weights(model, f"local-dir:{folder}")
