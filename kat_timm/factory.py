@@ -130,10 +130,25 @@ def read_checkpoint(path: PathLike, use_ema: Optional[bool] = None) -> LoadedChe
     return LoadedCheckpoint(path, state_dict, source, raw, architecture, model_kwargs, args)
 
 
+def _local_dir_architecture(name: str) -> str:
+    """The architecture that a ``local-dir:FOLDER`` name's config.json names (``name`` itself for other names or an
+    unreadable folder: then timm's own error says what is wrong)."""
+    import json
+
+    if not name.startswith("local-dir:"):
+        return name
+    try:
+        architecture = json.loads((Path(name[len("local-dir:"):]).expanduser() / "config.json").read_text(
+            encoding="utf-8"))
+        return architecture["architecture"] if isinstance(architecture.get("architecture"), str) else name
+    except (OSError, ValueError, AttributeError):
+        return name
+
+
 def _base_name(name: str) -> str:
     """What decides a model's tensors: the architecture without its pretrained tag, KAT names by size (kat_tiny,
     kat_tiny_patch16_224 and its swish / gelu variants share every shape)."""
-    architecture = split_model_name_tag(name)[0]
+    architecture = split_model_name_tag(_local_dir_architecture(name))[0]
     match = re.match(r"^kat_(tiny|small|base)(?:_(?:swish|gelu))?(?:_patch16_224)?$", architecture)
     return f"kat_{match.group(1)}" if match else architecture
 
@@ -142,6 +157,8 @@ def check_model_matches(model_name: str, checkpoint: LoadedCheckpoint) -> None:
     """``CheckpointError`` (one line: what the file holds, what to give) when ``checkpoint`` records or implies an
     architecture other than ``model_name``'s; names of one size (kat_tiny, kat_tiny_patch16_224, ...) match."""
     recorded = checkpoint.architecture
+    if recorded is not None and recorded.startswith(("local-dir:", "hf-hub:")):
+        return  # a run started from a model folder or repo: unresolved here, the strict load decides
     if recorded is not None and _base_name(model_name) != _base_name(recorded):
         raise CheckpointError(f"{checkpoint.path} does not fit {model_name}: it holds a {recorded}; give the "
                               "matching model name, or none to build the checkpoint's own")
@@ -171,12 +188,21 @@ def create_model(model_name: Optional[str] = None, checkpoint: Optional[Union[Pa
         check_model_matches(model_name, checkpoint)
     check_finite(checkpoint.state_dict, checkpoint.path)
     kwargs = {**checkpoint.model_kwargs, **model_kwargs}
-    if is_model_in_modules(split_model_name_tag(model_name)[0], ["kat"]):
+    if is_model_in_modules(split_model_name_tag(_local_dir_architecture(model_name))[0], ["kat"]):
         kwargs.setdefault("weight_init", "skip")  # every tensor is overwritten by the strict load that follows
     else:  # another family: pass only what it was given, and the classifier size
         kwargs = {k: v for k, v in kwargs.items() if k in model_kwargs or k == "num_classes"
                   or k in (checkpoint.args.get("model_kwargs") or {})}
-    model = timm.create_model(model_name, pretrained=False, **kwargs)
+    if model_name.startswith("local-dir:"):  # as recorded by a run given local-dir:~/x
+        model_name = "local-dir:" + str(Path(model_name[len("local-dir:"):]).expanduser())
+    try:
+        model = timm.create_model(model_name, pretrained=False, **kwargs)
+    except OSError as error:  # a run started from local-dir:FOLDER (or hf-hub:) records that name; gone since
+        if model_name.startswith(("local-dir:", "hf-hub:")):
+            raise CheckpointError(f"{checkpoint.path} records the model {model_name}, which can't be read now "
+                                  f"({load_error_detail(error)}); restore it, or pass the architecture's "
+                                  "name") from None
+        raise
     state_dict = checkpoint.state_dict
     try:  # strict; a KAT's filter refuses partly missing rationals and resamples position embeddings
         model.load_state_dict(checkpoint_filter_fn(state_dict, model) if isinstance(model, KAT) else state_dict)

@@ -22,7 +22,7 @@ ODD_SHAPES = [("odd C=40 (L=5)", (37, 8, 5)), ("odd C=168 (L=21)", (1000, 8, 21)
 def main(argv=None) -> int:
     """Compile the kernels, print the markdown report, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--arch", nargs="+", choices=sorted(ARCHS), default=sorted(ARCHS), help="targets")
     parser.add_argument("--batch", nargs="+", type=int, default=[128, 1], help="batch sizes (x 197 tokens)")
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=sorted(DTYPES))

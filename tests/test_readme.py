@@ -123,3 +123,31 @@ def test_readme_cli_command_parses(words, monkeypatch, capsys):
     except SystemExit as error:
         pytest.fail(f"{' '.join(words)}: the parser refused it (exit {error.code}): {capsys.readouterr().err}")
     pytest.fail(f"{' '.join(words)}: finished without parsing any arguments")
+
+
+def _undefined_names(block: str) -> set:
+    """Names ``block`` reads but neither imports nor defines (builtins aside), nor declares as the reader's own in a
+    comment ("# image: a PIL image")."""
+    import ast
+    import builtins
+
+    tree = ast.parse(block)
+    defined = set(dir(builtins)) | set(re.findall(r"#\s*(\w+):", block))
+    used = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            defined.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.Name):
+            (used if isinstance(node.ctx, ast.Load) else defined).add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, ast.arg):
+            defined.add(node.arg)
+    return used - defined
+
+
+@pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=[b.splitlines()[0][:40] for b in PYTHON_BLOCKS])
+def test_every_snippet_imports_what_it_uses(block):
+    """Also the snippets that can't run here (released weights, the Hub): copied alone, each must at least not fail
+    on a missing import."""
+    assert not _undefined_names(block), f"the snippet uses {sorted(_undefined_names(block))} without importing them"

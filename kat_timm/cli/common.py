@@ -7,24 +7,27 @@ import difflib
 import importlib
 import math
 import os
+import pickle
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
+from safetensors import SafetensorError
 
 from . import CLIError
 
 __all__ = ["ReleasedWeightsUnavailable", "add_model_arguments", "add_weight_source_arguments", "check_backend_setting",
            "check_image_size", "check_model_name", "check_preprocessing", "check_whole_patches",
            "check_writable_folder", "create_model", "create_model_from_options", "create_sized_model",
-           "released_weights_file", "resolve_device"]
+           "local_dir_architecture", "released_weights_file", "resolve_device"]
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, default_model: str = "kat_tiny") -> None:
     """--model, --pretrained, --checkpoint, --use-ema, --num-classes (what ``create_model`` takes)."""
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=default_model,
-                       help=f"a timm model name, with an optional .tag (default: {default_model})")
+                       help=f"a timm model name, with an optional .tag, or hf-hub:OWNER/NAME or "
+                            f"local-dir:FOLDER (default: {default_model})")
     group.add_argument("--pretrained", action="store_true",
                        help="load the released weights (from the Hugging Face Hub or its local cache)")
     group.add_argument("--checkpoint", metavar="FILE", type=Path,
@@ -76,8 +79,8 @@ def add_dataset_reader_arguments(group) -> None:
 def add_weight_source_arguments(parser: argparse.ArgumentParser, default_model: str, random_help: str) -> None:
     """The weight options of predict and plot (released weights unless told otherwise)."""
     parser.add_argument("--model", default=None,
-                        help=f"a timm model name with an optional .tag, e.g. kat_base.vitft (default: the "
-                             f"checkpoint's architecture, else {default_model})")
+                        help=f"a timm model name with an optional .tag, e.g. kat_base.vitft, or hf-hub:OWNER/NAME "
+                             f"or local-dir:FOLDER (default: the checkpoint's architecture, else {default_model})")
     parser.set_defaults(default_model=default_model)
     parser.add_argument("--checkpoint", metavar="FILE", type=Path,
                         help="weights from this file instead of the released ones (.pth/.pth.tar/.bin/.safetensors; "
@@ -88,20 +91,28 @@ def add_weight_source_arguments(parser: argparse.ArgumentParser, default_model: 
                         help="don't contact the Hugging Face Hub; use released weights only from the local cache")
 
 
+# Model names with a source, as timm.create_model takes them: a Hub repo, a folder timm's save_for_hf wrote.
+HF_HUB_PREFIX, LOCAL_DIR_PREFIX = "hf-hub:", "local-dir:"
+
+
 def check_model_name(name: str) -> None:
-    """Raise ``CLIError`` (code 2) naming the closest models (or the pretrained tags) for an unknown name (or tag)."""
+    """Raise ``CLIError`` (code 2) naming the closest models (or the pretrained tags) for an unknown name (or tag),
+    and for a ``local-dir:`` folder or ``hf-hub:`` repo name that timm could not build from."""
     import timm
     from timm.models import get_pretrained_cfg, split_model_name_tag
 
     importlib.import_module("kat_timm")  # registers the kat_* models in timm
-    if name.startswith("local-dir:"):
-        folder = Path(name[len("local-dir:"):])
-        if not (folder / "config.json").is_file():
-            raise CLIError(f"{name}: {folder} is not a model folder (no config.json); 'kat-timm publish' writes "
-                           f"one from a checkpoint", code=2)
+    if name.startswith(LOCAL_DIR_PREFIX):
+        local_dir_architecture(name)
         return
-    if is_weights_name(name):
-        return  # hf-hub:OWNER/NAME: timm reads its config.json (the Hub or its cache) when the model is built
+    if name.startswith(HF_HUB_PREFIX):
+        from kat_timm.tools.download import resolve_hub_repo
+
+        try:
+            resolve_hub_repo(name)
+        except ValueError as error:
+            raise CLIError(str(error), code=2) from None
+        return
     architecture, tag = split_model_name_tag(name)
     if architecture not in timm.list_models(architecture):
         close = difflib.get_close_matches(architecture, timm.list_models(), n=5, cutoff=0.6)
@@ -114,6 +125,32 @@ def check_model_name(name: str) -> None:
 
         raise CLIError(f"{architecture} has no pretrained tag {tag!r}; its pretrained names: "
                        f"{', '.join(pretrained_names(architecture)) or 'none'}", code=2) from None
+
+
+def local_dir_architecture(name: str) -> str:
+    """The registered architecture that the ``config.json`` of a ``local-dir:FOLDER`` model names; ``CLIError``
+    (code 2) saying what is wrong with the folder."""
+    import json
+
+    import timm
+
+    folder = Path(name[len(LOCAL_DIR_PREFIX):]).expanduser()
+    if not folder.exists():
+        raise CLIError(f"{name}: no such folder", code=2)
+    if not folder.is_dir():
+        raise CLIError(f"{name}: not a folder (local-dir: takes the folder that holds config.json and the weights)",
+                       code=2)
+    config = folder / "config.json"
+    if not config.is_file():
+        raise CLIError(f"{name}: the folder holds no config.json (a folder that timm's save_for_hf or "
+                       "scripts/convert_checkpoint.py wrote)", code=2)
+    try:
+        architecture = json.loads(config.read_text(encoding="utf-8")).get("architecture")
+    except (ValueError, OSError, AttributeError) as error:
+        raise CLIError(f"{config}: not a readable timm config.json ({error})", code=2) from None
+    if not isinstance(architecture, str) or not timm.is_model(architecture):
+        raise CLIError(f"{config}: its architecture {architecture!r} is not a model timm knows", code=2)
+    return architecture
 
 
 # Largest --img-size any command accepts: far larger values only end in an allocation failure deep inside torch.
@@ -281,12 +318,29 @@ def create_model(name: Optional[str] = None, pretrained: bool = False, checkpoin
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     own_file = (kwargs.get("pretrained_cfg_overlay") or {}).get("file")
-    if pretrained and not own_file and not is_weights_name(name):
-        kwargs["pretrained_cfg_overlay"] = dict(file=released_weights_file(name, offline, alternatives))
+    sourced = name is not None and name.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX))
+    if sourced and own_file:
+        raise CLIError(f"{name} brings its own weights; to load {own_file}, give the architecture's name instead",
+                       code=2)
+    timm_name, weights_file = name, None
+    if name is not None and name.startswith(LOCAL_DIR_PREFIX):  # the shell leaves local-dir:~/x unexpanded
+        timm_name = LOCAL_DIR_PREFIX + os.path.expanduser(name[len(LOCAL_DIR_PREFIX):])
+    elif name is not None and name.startswith(HF_HUB_PREFIX):
+        # The repo's files through the same bounded Hub access as the released weights, then built from the cache's
+        # snapshot folder (timm would fetch config.json itself, retrying an unreachable Hub for seconds).
+        config = released_weights_file(name, offline, alternatives, filename="config.json")
+        if pretrained:
+            weights_file = released_weights_file(name, offline, alternatives)
+        timm_name = f"{LOCAL_DIR_PREFIX}{Path(config).parent}"
+        kwargs["pretrained_cfg_overlay"] = dict(hf_hub_id=name[len(HF_HUB_PREFIX):])
+    elif pretrained and not own_file and not sourced:
+        weights_file = released_weights_file(name, offline, alternatives)
+        kwargs["pretrained_cfg_overlay"] = dict(file=weights_file)
         if num_classes is None and is_model_in_modules(split_model_name_tag(name)[0], ["kat"]):
             kwargs.setdefault("weight_init", "skip")  # every tensor is overwritten by the strict load that follows
     try:
-        return factory_create_model(name, checkpoint=checkpoint, pretrained=pretrained, use_ema=use_ema, **kwargs)
+        return factory_create_model(timm_name, checkpoint=checkpoint, pretrained=pretrained,
+                                    use_ema=use_ema, **kwargs)
     except CheckpointError as error:
         raise CLIError(str(error)) from None
     except TypeError as error:
@@ -295,7 +349,7 @@ def create_model(name: Optional[str] = None, pretrained: bool = False, checkpoin
         taken = ", ".join(sorted(key for key in kwargs if f"'{key}'" in str(error))) or str(error)
         raise CLIError(f"{name} does not take the keyword argument {taken} (from --model-kwargs or an "
                        f"option); remove it", code=2) from None
-    except (RuntimeError, OSError, ValueError) as error:
+    except (RuntimeError, OSError, ValueError, SafetensorError) as error:
         if not pretrained:
             raise
         text = load_error_detail(error)
@@ -303,9 +357,25 @@ def create_model(name: Optional[str] = None, pretrained: bool = False, checkpoin
             text = f"{type(error).__name__}: {text}"
         if own_file:  # --pretrained-path: the user's file, not the released weights
             raise CLIError(f"could not load {own_file} into {name}: {text}") from None
-        if is_weights_name(name):
-            raise CLIError(f"could not load {name}: {text}") from None
+        if weights_file is None:  # local-dir: the user's folder
+            raise CLIError(f"could not load the weights of {name}: {text}") from None
+        damage = _cached_file_damage(weights_file, error, text)
+        if damage is not None:
+            text = f"{damage}; fetch it again with 'kat-timm download {name} --force'"
         raise ReleasedWeightsUnavailable(f"could not load the released weights of {name}: {text}", text) from None
+
+
+def _cached_file_damage(path: str, error: Exception, detail: str) -> Optional[str]:
+    """Why the cached weights file ``path`` could not be read (its checksum does not match, or ``error`` is a read
+    failure of an unchecked file), or None where the file is fine and ``error`` is about its content."""
+    from kat_timm.tools.download import cached_file_intact
+
+    if Path(path).is_file() and not cached_file_intact(path):
+        return (f"the cached weights file {path} is damaged (its content does not match its checksum: a download or "
+                "a copy was cut short)")
+    if isinstance(error, (SafetensorError, pickle.UnpicklingError, EOFError)) or "zip archive" in str(error):
+        return f"the cached weights file {path} cannot be read ({detail})"
+    return None
 
 
 def resolve_device(name: Optional[str]) -> torch.device:
@@ -353,16 +423,18 @@ def create_model_from_options(args: argparse.Namespace) -> torch.nn.Module:
     return model
 
 
-def released_weights_file(name: str, offline: bool = False, alternatives: Sequence[str] = ()) -> str:
-    """The local path of ``name``'s released weights (:func:`kat_timm.tools.download.weights_path`)."""
+def released_weights_file(name: str, offline: bool = False, alternatives: Sequence[str] = (),
+                          filename: Optional[str] = None) -> str:
+    """The local path of ``name``'s released weights, or of its repo's file ``filename``
+    (:func:`kat_timm.tools.download.weights_path`)."""
     from kat_timm.tools.download import DownloadError, resolve_hub_repo, weights_path
 
     try:
-        repo_id, revision, filename = resolve_hub_repo(name)
+        repo_id, revision, weights = resolve_hub_repo(name)
     except ValueError:
         raise CLIError(f"{name} has no released weights on the Hugging Face Hub; drop the pretrained option") from None
     try:
-        return weights_path(repo_id, filename, revision, offline)
+        return weights_path(repo_id, filename or weights, revision, offline)
     except DownloadError as error:
         instead = f", or pass {' or '.join(alternatives)}" if alternatives else ""
         raise ReleasedWeightsUnavailable(f"could not load the released weights of {name}: {error.reason}. Run "

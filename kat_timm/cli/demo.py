@@ -111,12 +111,27 @@ def vit_counterpart(model_name: str) -> Optional[str]:
     return f"vit_{match.group(1)}_patch16_224" if match else None
 
 
+def _check_is_kat(name: str) -> None:
+    """Raise ``CLIError`` (code 2) unless ``name`` (a checked model name) is a KAT: the demo's steps need one."""
+    from timm.models import is_model_in_modules, split_model_name_tag
+
+    from .common import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, local_dir_architecture
+
+    if name.startswith(HF_HUB_PREFIX):
+        return  # its config.json is read with the model (checked then)
+    architecture = local_dir_architecture(name) if name.startswith(LOCAL_DIR_PREFIX) else name
+    if not is_model_in_modules(split_model_name_tag(architecture)[0], ["kat"]):
+        raise CLIError(f"--model {name}: not a KAT model; the demo runs a KAT (kat_tiny, kat_small, kat_base, with an "
+                       "optional .tag, or hf-hub:/local-dir: names of one)", code=2)
+
+
 def build_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, description="Check the rational op, classify the bundled sample images with KAT, and time "
                                "KAT against ViT on this machine. Works offline (random weights then).")
     parser.add_argument("--model", default="kat_tiny",
-                        help="a KAT model name with an optional .tag (default: kat_tiny)")
+                        help="a KAT model name with an optional .tag, or hf-hub:OWNER/NAME or local-dir:FOLDER of "
+                             "a KAT (default: kat_tiny)")
     parser.add_argument("--offline", action="store_true",
                         help="don't contact the Hugging Face Hub (released weights only from the local cache)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
@@ -143,6 +158,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from kat_timm import __version__
     from kat_timm.benchmark import device_name, load_average
+    from kat_timm.models.kat import KAT
     from kat_timm.tools.hub import released_top1
 
     from .common import (ReleasedWeightsUnavailable, check_backend_setting, check_model_name, create_model,
@@ -154,6 +170,7 @@ def _run(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise CLIError(f"--{option} must be >= 1", code=2)
     check_model_name(args.model)  # before the op check: a typo should not cost its time first
+    _check_is_kat(args.model)
     check_backend_setting()
     device = resolve_device(args.device)
     check_backend_setting(device)  # and whether a forced backend runs on that device
@@ -184,6 +201,8 @@ def _run(args: argparse.Namespace) -> int:
               "predictions below are meaningless.")
         model = create_model(args.model)
         random_weights = True
+    if not isinstance(model, KAT):  # an hf-hub: repo, whose architecture is known only now
+        raise CLIError(f"--model {args.model}: its architecture {type(model).__name__} is not a KAT", code=2)
     model.to(device).eval()
     print(f"   {sum(p.numel() for p in model.parameters()):,} parameters\n")
 

@@ -51,6 +51,9 @@ def _run(args: argparse.Namespace, prog: str) -> int:
             unknown += 1
     if unknown:
         return 2
+    if args.force and constants.is_offline_mode():
+        raise CLIError("--force fetches every file from the Hub again, but HF_HUB_OFFLINE=1 is set: run it without "
+                       "HF_HUB_OFFLINE on a machine that reaches the Hub", code=2)
     if args.cache_dir is not None:
         if args.cache_dir.exists() and not args.cache_dir.is_dir():
             raise CLIError(f"--cache-dir {args.cache_dir} exists and is not a folder", code=2)

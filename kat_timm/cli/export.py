@@ -28,8 +28,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                                "says; output 'logits'.",
         epilog="example: %(prog)s kat_tiny --pretrained -o kat_tiny.onnx --dynamic-batch --check")
     parser.add_argument("model", metavar="MODEL", nargs="?", default=None,
-                        help="timm model name (kat_tiny, kat_base_patch16_224.vitft, ...; default: the --checkpoint's "
-                             "architecture)")
+                        help="timm model name (kat_tiny, kat_base_patch16_224.vitft, ..., hf-hub:OWNER/NAME, "
+                             "local-dir:FOLDER; default: the --checkpoint's architecture)")
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--pretrained", action="store_true",
                          help="the released weights (from the Hugging Face Hub or its cache; see 'kat-timm "
@@ -106,6 +106,10 @@ def _format_shape(shape) -> str:
 
 def _run(args: argparse.Namespace, prog: str) -> int:
     _validate(args)  # before building the model: the usual mistakes fail in a second
+    # A name is the user's to choose (a refusal would block m.onnx.tmp or a FIFO), but m.txt is likely a slip.
+    if args.output.suffix.lower() != ".onnx" and (args.output.is_file() or not args.output.exists()):
+        print(f"{prog}: warning: {args.output} does not end in .onnx; an ONNX model is written there all the same",
+              file=sys.stderr)
     from kat_timm.tools.export import (INPUT_NAME, OUTPUT_NAME, OpsetConversionError, check_onnx, export_onnx,
                                        onnx_io_shapes)
 

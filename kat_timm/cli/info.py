@@ -88,12 +88,15 @@ def collect(flops: bool = False) -> Dict[str, Any]:
     ``flops``: also each model's forward FLOPs (224 px, batch 1)."""
     from huggingface_hub import constants
 
-    from kat_timm.tools.zoo import checkpoint_cached, zoo_rows
+    from kat_timm.tools.zoo import cache_state, zoo_rows
 
     rows = zoo_rows(flops=flops)
     if not rows:
         raise CLIError("no kat* model is registered in timm: the kat_timm install is broken (reinstall it)")
-    models = [{**row.as_dict(), "cached": checkpoint_cached(row.hf_hub_id) if row.hf_hub_id else None} for row in rows]
+    states = {repo: cache_state(repo) for repo in dict.fromkeys(row.hf_hub_id for row in rows if row.hf_hub_id)}
+    # "cache": cached, damaged (checksum mismatch) or not cached; "cached": whether intact weights are there.
+    models = [{**row.as_dict(), "cache": states.get(row.hf_hub_id),
+               "cached": states[row.hf_hub_id] == "cached" if row.hf_hub_id else None} for row in rows]
     hub = {"cache": str(constants.HF_HUB_CACHE), "offline": bool(constants.is_offline_mode())}
     return {"versions": _versions(), "backend": backend_report(), "hub": hub, "models": models}
 
@@ -146,7 +149,7 @@ def _text(info: Dict[str, Any], flops: bool) -> str:
             aliases.setdefault(model["alias_of"], []).append(model["name"])
             continue
         tag = model["tag"]
-        cached = {True: "cached", False: "not cached", None: "-"}[model["cached"]]
+        cached = model["cache"] or "-"
         row = [model["model"], tag if tag else ("(default)" if tag == "" else "-"), f"{model['params']:,}",
                f"{model['top1']:.1f}" if model["top1"] is not None else "-", model["training"],
                model["hf_hub_id"] or "-", cached]
@@ -171,8 +174,8 @@ def main(argv: Optional[List[str]] = None, prog: str = "kat-timm info") -> int:
     parser = argparse.ArgumentParser(
         prog=prog, description="Show which implementation of the rational op runs on this machine, the versions of "
                                "the packages that matter, and the registered KAT models with parameters, reported "
-                               "top-1, Hub id and whether their weights are in the local Hugging Face cache. Offline: "
-                               "nothing is downloaded.")
+                               "top-1, Hub id and whether their weights are in the local Hugging Face cache (damaged: "
+                               "the cached file does not match its checksum). Offline: nothing is downloaded.")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--flops", action="store_true",
                         help="also count each model's FLOPs for one 224 x 224 image (meta tensors; about a second)")

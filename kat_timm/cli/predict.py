@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
@@ -36,6 +37,10 @@ def read_images(paths: Sequence[Path], problems: Optional[List[str]] = None):
                     images.append(_to_rgb(image))
             except UnidentifiedImageError:
                 found.append(f"{path}: not an image file PIL can read (JPEG, PNG, WebP, BMP, ...)")
+            except Image.DecompressionBombError as error:
+                pixels = ", limit ".join(f"{int(n):,}" for n in re.findall(r"\d+", str(error))[:2])
+                found.append(f"{path}: too many pixels for PIL to open safely ({pixels}: a possible decompression "
+                             "bomb); downscale it")
             except (OSError, ValueError) as error:
                 found.append(f"{path}: cannot read the image ({error})")
     if problems is not None:

@@ -129,7 +129,8 @@ def build_parser(prog: str = "kat-train") -> argparse.ArgumentParser:
 
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME",
-                       help=f"any timm model name, kat_* included, optionally with a .tag (default: {DEFAULT_MODEL})")
+                       help=f"any timm model name, kat_* included, optionally with a .tag, or hf-hub:OWNER/NAME or "
+                            f"local-dir:FOLDER (default: {DEFAULT_MODEL})")
     group.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False,
                        help="start from the released weights (Hugging Face Hub or its local cache); a classifier of "
                             "another size is re-initialised")
@@ -303,8 +304,13 @@ def _config_defaults(path: str, prog: str = "kat-train") -> Dict[str, Any]:
     if not os.path.isfile(path):
         _config_error(parser, f"config file not found: {path}")
     try:
-        with open(path, encoding="utf-8") as file:
-            config = yaml.safe_load(file)
+        with open(path, "rb") as file:
+            data = file.read()
+        config = yaml.safe_load(data.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        _config_error(parser, f"config {path}: not UTF-8 text (byte 0x{data[error.start]:02x} at line {line}); save "
+                              "it as UTF-8")
     except (OSError, yaml.YAMLError) as error:
         _config_error(parser, f"config {path}: not readable YAML: {str(error).splitlines()[0]}")
     if not isinstance(config, (dict, type(None))):

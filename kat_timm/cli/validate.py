@@ -65,7 +65,8 @@ def build_parser(prog: str = "kat-validate") -> argparse.ArgumentParser:
     add_model_arguments(parser, default_model=DEFAULT_MODEL)
     parser.set_defaults(model=None)  # not given: the checkpoint's own architecture, else DEFAULT_MODEL
     next(action for action in parser._actions if action.dest == "model").help = (
-        f"a timm model name, with an optional .tag (default: the --checkpoint's architecture, else {DEFAULT_MODEL})")
+        f"a timm model name, with an optional .tag, or hf-hub:OWNER/NAME or local-dir:FOLDER (default: the "
+        f"--checkpoint's architecture, else {DEFAULT_MODEL})")
     group = parser.add_argument_group("run")
     group.add_argument("--model-kwargs", nargs="*", default={}, action=KeywordArguments, metavar="KEY=VALUE",
                        help="extra keyword arguments for timm.create_model (default: a kat-train checkpoint's)")

@@ -274,6 +274,8 @@ def download_pretrained(name: str, cache_dir: Optional[PathLike] = None, force: 
         repo_id, revision, weights = resolve_hub_repo(name)
     except ValueError as error:
         raise DownloadError(name, str(error)) from None
+    if force and constants.is_offline_mode():  # huggingface_hub would raise a ValueError after the first lookup
+        raise DownloadError(name, "force=True fetches the files again, which offline mode (HF_HUB_OFFLINE=1) forbids")
     files = []
     wanted = constants.CONFIG_NAME
     try:

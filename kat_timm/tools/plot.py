@@ -86,15 +86,20 @@ def plot_rationals(model: nn.Module, reference: Optional[str] = "init", x_range:
     for ax in axes.flat:
         ax.set_visible(False)  # a KAN lacking one of the columns' rationals leaves its panel empty
     max_groups = max(layer.num_groups for _, layer in rationals)
-    viridis = colormaps["viridis"]
+    # Qualitative colours, one per group (a sequential map made neighbouring groups look alike); beyond ten groups
+    # a wide-hued continuous map.
+    if max_groups <= 10:
+        colour = colormaps["tab10"]
+    else:
+        turbo = colormaps["turbo"]
+        colour = lambda group: turbo(0.05 + 0.9 * group / (max_groups - 1))  # noqa: E731
     for name, layer in rationals:
         parent, _, leaf = name.rpartition(".")
         ax = axes[rows.index(parent), columns.index(leaf)]
         ax.set_visible(True)
         curves = rational_curves(layer, x, use_layer=use_layer).numpy()
         for group in range(curves.shape[1]):
-            ax.plot(x.numpy(), curves[:, group], color=viridis(group / max(1, max_groups - 1) * 0.9), linewidth=1.0,
-                    label=f"group {group}")
+            ax.plot(x.numpy(), curves[:, group], color=colour(group), linewidth=1.0, label=f"group {group}")
         init = INIT_REFERENCES.get(layer.init, layer.init)
         ref = (init if init in REFERENCE_FUNCTIONS else None) if reference == "init" else reference
         if ref is not None:
@@ -106,6 +111,8 @@ def plot_rationals(model: nn.Module, reference: Optional[str] = "init", x_range:
         ax.set_xlim(low, high)
     for ax in axes[-1]:
         ax.set_xlabel("x", fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("F(x)", fontsize=8)
     # One legend for the figure: every group once, and each dashed reference named with the panels it is on (act1
     # panels may show identity while act2 panels show swish: one panel's legend would name only one of them).
     entries: Dict[str, object] = {}

@@ -10,10 +10,11 @@ import timm
 import torch
 from timm.models import get_pretrained_cfg, split_model_name_tag
 
-from .download import cached_weights, pretrained_names, weight_files
+from .download import cached_file_intact, cached_weights, pretrained_names, weight_files
 from .hub import kat_num_params, released_top1
 
-__all__ = ["FlopCount", "ZooRow", "canonical_rows", "checkpoint_cached", "markdown_table", "model_flops", "zoo_rows"]
+__all__ = ["FlopCount", "ZooRow", "cache_state", "canonical_rows", "checkpoint_cached", "markdown_table", "model_flops",
+           "zoo_rows"]
 
 # How each released tag was trained (KAT_NOTES: "from ViT" runs start from AugReg ViT ImageNet-21k checkpoints).
 _TRAINING = {"": "from scratch, IN-1k", "vitft": "from AugReg ViT (IN-21k), IN-1k"}
@@ -100,9 +101,18 @@ def model_flops(model_name: str, img_size: int = 224, batch_size: int = 1, backw
     return FlopCount(total=counter.get_total_flops(), rational=sum(counts.get(op, 0) for op in rational_ops))
 
 
+def cache_state(hf_hub_id: str) -> str:
+    """What the local Hugging Face cache holds of ``hf_hub_id``'s weights: "cached" (weights timm loads offline),
+    "damaged" (the file timm would load does not match its checksum; reads the whole file) or "not cached"."""
+    cached = cached_weights(hf_hub_id, weight_files())
+    if cached is None:
+        return "not cached"
+    return "cached" if cached_file_intact(cached[1]) else "damaged"
+
+
 def checkpoint_cached(hf_hub_id: str) -> bool:
-    """Whether the local Hugging Face cache holds weights timm loads offline for ``hf_hub_id``."""
-    return cached_weights(hf_hub_id, weight_files()) is not None
+    """Whether the local Hugging Face cache holds intact weights timm loads offline for ``hf_hub_id``."""
+    return cache_state(hf_hub_id) == "cached"
 
 
 def zoo_rows(pattern: str = "kat*", flops: bool = False) -> List[ZooRow]:

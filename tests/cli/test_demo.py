@@ -126,3 +126,19 @@ def test_bad_model_name_fails_before_the_op_check(capsys, offline_hub):
     captured = capsys.readouterr()
     assert "no pretrained tag 'bogus'" in captured.err
     assert "Rational op" not in captured.out
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224"])
+def test_a_model_that_is_not_a_kat_is_refused_before_the_op_check(capsys, offline_hub, name):
+    assert demo.main(["--model", name, "--skip-benchmark"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (f"kat-timm demo: error: --model {name}: not a KAT model; the demo runs a KAT (kat_tiny, "
+                            "kat_small, kat_base, with an optional .tag, or hf-hub:/local-dir: names of one)\n")
+    assert "Rational op" not in captured.out
+
+
+def test_a_hub_repo_that_is_not_a_kat_is_refused(capsys, offline_hub):
+    offline_hub.add_config("someone/resnet", {"architecture": "resnet18", "num_classes": 10, "pretrained_cfg": {}})
+    assert demo.main(["--model", "hf-hub:someone/resnet", "--skip-benchmark", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == ("kat-timm demo: error: --model hf-hub:someone/resnet: its architecture ResNet "
+                                       "is not a KAT\n")

@@ -190,3 +190,15 @@ def test_cache_dir_that_cannot_be_created_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"--cache-dir {blocker / 'cache'}: cannot create it (Not a directory)" in err, err
     assert "Traceback" not in err, err
+
+
+def test_force_in_offline_mode_is_one_line_before_anything_is_fetched(released_hub, monkeypatch, capsys):
+    """huggingface_hub refuses force_download offline with a ValueError: say so in one line, naming the fix."""
+    monkeypatch.setattr(download_module, "hf_hub_download", _no_fetch)
+    assert cli.main(["kat_tiny", "--force"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kat-timm download: error: --force fetches every file from the Hub again, but "
+                          "HF_HUB_OFFLINE=1 is set"), err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    with pytest.raises(DownloadError, match="offline mode"):
+        download_pretrained("kat_tiny", force=True)

@@ -9,6 +9,7 @@ import pytest
 import timm
 import torch
 
+from kat_timm.cli import common
 from kat_timm.cli import export as cli
 from kat_timm.cli import main as kat_timm_main
 from tests.conftest import random_kat_state_dict
@@ -139,3 +140,19 @@ def test_checkpoint_trained_at_32_px_exports_at_its_size_without_a_model_name(tm
 def test_no_model_and_no_checkpoint_is_a_usage_error(tmp_path, capsys, no_export):
     assert cli.main(["-o", str(tmp_path / "kat.onnx")]) == 2
     assert "give the MODEL to export, or --checkpoint FILE" in capsys.readouterr().err
+
+
+def test_an_output_name_without_the_onnx_suffix_is_warned_about_before_the_export(tmp_path, capsys, monkeypatch):
+    """-o m.txt: a warning (the suffix is the user's to choose, so no refusal), given before the model is built."""
+    import kat_timm.tools.export
+
+    monkeypatch.setattr(kat_timm.tools.export, "export_onnx", lambda *a, **k: pytest.fail("stop: the warning came"))
+    monkeypatch.setattr(common, "create_model", lambda *a, **k: pytest.fail("no warning before the model is built"))
+    output = tmp_path / "m.txt"
+    with pytest.raises(pytest.fail.Exception, match="no warning before"):
+        cli.main(["kat_tiny", "-o", str(output)])
+    assert capsys.readouterr().err == (f"kat-timm export: warning: {output} does not end in .onnx; an ONNX model is "
+                                       "written there all the same\n")
+    with pytest.raises(pytest.fail.Exception):
+        cli.main(["kat_tiny", "-o", str(tmp_path / "m.ONNX")])
+    assert capsys.readouterr().err == ""

@@ -132,6 +132,30 @@ def test_top_k_is_capped_at_the_number_of_classes(capsys, tmp_path, ckpt, kat_ti
     assert sum(p["probability"] for p in got) == pytest.approx(1.0, abs=1e-5)
 
 
+def _png_header_only(path, width: int, height: int) -> None:
+    """A 1-bit greyscale PNG of ``width`` x ``height`` that declares its size and holds no pixels (a few bytes: PIL
+    reads the size from the header alone, which is all a decompression-bomb check needs)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+
+
+def test_an_image_too_large_to_open_safely_is_named_and_the_others_classified(capsys, tmp_path, offline_hub):
+    bomb = tmp_path / "huge.png"
+    _png_header_only(bomb, 20000, 20000)
+    code, out, err = _run(capsys, IMAGES[0], str(bomb), "--random-weights", "--model", "kat_tiny")
+    assert code == 1
+    assert err.strip().splitlines()[-1] == (f"kat-timm predict: error: {bomb}: too many pixels for PIL to open safely "
+                                            "(400,000,000, limit 178,956,970: a possible decompression bomb); "
+                                            "downscale it"), err
+    assert f"{IMAGES[0]}\n  1. " in out and str(bomb) not in out
+
+
 def test_unreadable_and_missing_images_are_named(capsys, tmp_path, offline_hub):
     not_an_image = tmp_path / "notes.jpg"
     not_an_image.write_text("this is text")

@@ -209,6 +209,17 @@ def test_bad_config_is_a_usage_error_naming_the_key(tmp_path, capsys, line, expe
     assert error.startswith(f"kat-train: error: config {config}: ") and expected in error, error
 
 
+def test_config_that_is_not_utf8_is_a_usage_error(tmp_path, capsys):
+    config = tmp_path / "latin1.yaml"
+    config.write_bytes("model: kat_tiny\n# r\u00e9glages\nepochs: 2\n".encode("latin-1"))
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["-c", str(config)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error == (f"kat-train: error: config {config}: not UTF-8 text (byte 0xe9 at line 2); save it as "
+                     "UTF-8\n"), error
+
+
 def test_missing_config_file(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(["-c", str(tmp_path / "none.yaml")])

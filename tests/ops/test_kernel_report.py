@@ -80,3 +80,18 @@ def test_finalize_kernel_compiles_without_spills():
     )
     registers, spills, stack = ptxas_info(kernel.asm["ptx"], "sm_90a")
     assert spills == 0 and stack == 0 and registers < 255
+
+
+def test_script_help_shows_the_defaults(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "kernel_report.py"
+    spec = importlib.util.spec_from_file_location("kernel_report_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(SystemExit) as exited:
+        script.main(["--help"])
+    assert exited.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: ['sm_80', 'sm_90a'])" in text and "(default: [128, 1])" in text, text

@@ -76,3 +76,16 @@ def test_any_module_with_rationals_and_clear_errors():
     # kat_from_vit's act2 starts as "gelu_wide" (GELU fitted on [-10, 10]): drawn against GELU.
     lines = plot_rationals(GroupRational(4, init="gelu_wide")).axes[0].get_lines()
     assert len(lines) == 4 + 1 and lines[-1].get_label() == "GELU"
+
+
+def test_group_colours_are_told_apart_and_the_y_axis_is_labelled(small_kat):
+    """Every two groups' curves differ clearly in colour (viridis made groups 0-3 near-identical dark blues), and the
+    panels of the first column say what the y axis is."""
+    from matplotlib.colors import to_rgb
+
+    figure = plot_rationals(small_kat)
+    colours = [to_rgb(line.get_color()) for line in figure.axes[0].get_lines()[:GROUPS]]
+    closest = min(sum((a - b) ** 2 for a, b in zip(first, second)) ** 0.5
+                  for i, first in enumerate(colours) for second in colours[i + 1:])
+    assert closest > 0.25, f"two groups' colours are {closest:.3f} apart in RGB"
+    assert [ax.get_ylabel() for ax in figure.axes] == ["F(x)", ""] * 3
