@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import sys
 
 import torch
 
+from kat_timm.benchmark import json_path_problem
 from kat_timm.ops.kernel_report import ARCHS, TOKENS, kat_shapes, report_rows
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -29,8 +29,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if any(b < 1 for b in args.batch):
         parser.error("--batch values must be >= 1")
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        parser.error(f"--json {args.json}: the folder {os.path.dirname(os.path.abspath(args.json))} does not exist")
+    problem = json_path_problem(args.json)  # before the compile: a bad path must not cost the run
+    if problem:
+        parser.error(f"--json {args.json}: {problem}")
     shapes = []
     for batch in args.batch:
         shapes += [(f"{label} batch {batch}", shape) for label, shape in kat_shapes(batch)]
