@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""One short call that measures kat_timm on a lent GPU within a time budget; scripts/README.md, "gpu_check".
+"""One short call that measures kat_timm on a lent GPU within a time budget; scripts/README.md, "GPU, measured".
 
 The steps run most important first, each only while its estimated time still fits in the budget (``--budget``,
 seconds, counted from the start); a step that no longer fits is reported "not run", and a step that runs is cut off
@@ -42,7 +42,7 @@ from typing import Callable, Dict, List, Optional
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
 DEFAULT_BUDGET_S = 270
-WHEEL_DIR = ".whl"  # the folder a device call carries (scripts/README.md, "gpu_check"); ignored by git
+WHEEL_DIR = ".whl"  # the folder a device call carries (scripts/README.md, "GPU, measured"); ignored by git
 FILES = ("summary.md", "results.json", "ops.md", "models.md", "pytest_cuda.txt", "log.txt")
 OP_CHECK_SHAPE = (8, 197, 768)
 # Relative error (||out - ref|| / ||ref||) allowed against the float64 reference, as tests/ops/test_cuda.py allows.
@@ -104,7 +104,8 @@ class Run:
                  f"driver {m.get('driver', '?')}, CUDA {m.get('cuda', '?')}",
                  f"- python {m.get('python')}, torch {m.get('torch')}, triton {m.get('triton')}, timm {m.get('timm')}, "
                  f"numpy {m.get('numpy')}",
-                 f"- copy bandwidth (device to device, bytes read + written): {m.get('copy_gbps', 'not measured')} GB/s",
+                 "- copy bandwidth (device to device, bytes read + written): "
+                 f"{m.get('copy_gbps', 'not measured')} GB/s",
                  f"- budget {self.budget:.0f} s; used {time.monotonic() - self.started:.0f} s", ""]
         lines += [f"- **{note}**" for note in self.notes] + ([""] if self.notes else [])
         lines += ["| check | case | measured | target | verdict |", "|---|---|---|---|---|"]
@@ -363,7 +364,7 @@ def pytest_step(run: Run, dry_run: bool, timeout: float) -> str:
 
 def plan(dry_run: bool, timm_ok: bool) -> List[dict]:
     """The steps after the preamble: name, estimated seconds (skipped when more than what is left), upper limit,
-    and what runs. Estimates on an H100/H200 are derived in scripts/README.md ("gpu_check"); the dry run's are this
+    and what runs. Estimates on an H100/H200 are derived in scripts/README.md ("GPU, measured"); the dry run's are this
     CPU's."""
     if dry_run:
         common = ["--device", "cpu", "--threads", "1", "--quick"]
@@ -454,7 +455,8 @@ def main(argv=None) -> int:
     timm_ok = version_tuple(timm_version) >= version_tuple(floor) if timm_version[0].isdigit() else False
     run.row("timm version", "KAT needs timm >= " + floor, timm_version, f">= {floor}", "PASS" if timm_ok else "FAIL")
     if not timm_ok:
-        run.notes.append(f"timm {timm_version} here; the model steps are not run. Next time, {carry_instructions(floor)}")
+        run.notes.append(f"timm {timm_version} here: the model steps are not run. Next time, "
+                         + carry_instructions(floor))
         print(f"gpu_check: timm {timm_version} is older than {floor}: {carry_instructions(floor)}", file=sys.stderr)
 
     step_started = time.monotonic()

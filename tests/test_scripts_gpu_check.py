@@ -1,6 +1,7 @@
 """scripts/gpu_check.sh, the one prepared call for a lent GPU, in its CPU dry run: every step runs (or is reported
 "not run" when the budget can't hold it) and writes at most six files, so the call can't rot between the rare runs on
 a GPU; and its command line, checked before anything is made or measured."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -26,7 +27,9 @@ def summary_rows(summary: str) -> list:
 
 def test_dry_run_runs_every_step_and_reports_the_compile_it_cannot_afford(tmp_path):
     out = tmp_path / "gpu"
-    result = gpu_check("--dry-run", out)
+    # A budget with room for a busy CI machine (about 60 s of CPU time, minutes of wall time under load), still below
+    # the estimate of a CPU compile (600 s): steps 1-5 run, step 6 is reported not run.
+    result = gpu_check("--dry-run", "--budget", "590", out, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert {p.name for p in out.iterdir()} == FILES  # the device returns at most 8 files
     summary = (out / "summary.md").read_text()
@@ -94,3 +97,26 @@ def test_gpu_check_without_gpu_refuses(tmp_path):
     assert not (tmp_path / "x").exists()
     result = gpu_check(timeout=60)
     assert result.returncode == 2 and "usage:" in result.stderr
+
+
+def load_gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_an_old_timm_skips_the_model_steps_and_says_what_to_carry():
+    gpu = load_gpu_check()
+    floor = gpu.timm_floor()
+    assert f'"timm>={floor}"' in (ROOT / "pyproject.toml").read_text()
+    assert gpu.version_tuple("1.0.20") < gpu.version_tuple(floor) and gpu.version_tuple("1.0.31+cu") == (1, 0, 31)
+    steps = {step["name"]: step.get("skip") for step in gpu.plan(dry_run=False, timm_ok=False)}
+    assert all(skip for name, skip in steps.items() if name.startswith("models")), steps
+    assert not any(skip for name, skip in steps.items() if not name.startswith("models")), steps
+    assert [name for name in steps if "compile" in name][:2] == ["models, torch.compile, tiny train",
+                                                                 "models, torch.compile, tiny infer"]
+    text = gpu.carry_instructions(floor)
+    assert f"timm {floor}" in text and "scripts/device_wheels.sh" in text and 'carry [".whl"]' in text
+    assert "--target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site" in text
+    assert (ROOT / "scripts" / "device_wheels.sh").exists() and "/.whl/" in (ROOT / ".gitignore").read_text()
