@@ -105,7 +105,7 @@ class Run:
                  f"- python {m.get('python')}, torch {m.get('torch')}, triton {m.get('triton')}, timm {m.get('timm')}, "
                  f"numpy {m.get('numpy')}",
                  "- copy bandwidth (device to device, bytes read + written): "
-                 f"{m.get('copy_gbps', 'not measured')} GB/s",
+                 + (f"{m['copy_gbps']} GB/s" if "copy_gbps" in m else "not measured"),
                  f"- budget {self.budget:.0f} s; used {time.monotonic() - self.started:.0f} s", ""]
         lines += [f"- **{note}**" for note in self.notes] + ([""] if self.notes else [])
         lines += ["| check | case | measured | target | verdict |", "|---|---|---|---|---|"]
