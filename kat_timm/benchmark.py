@@ -19,7 +19,8 @@ from kat_timm.files import OutputPathError, edit_atomically, output_target
 from kat_timm.ops import BACKEND_ENV
 
 __all__ = ["device_name", "package_version", "load_average", "benchmark_parser", "parse_benchmark_args", "Timer",
-           "load_text", "verdict", "error_text", "markdown_table", "run_meta", "version_lines", "write_json"]
+           "load_text", "verdict", "error_text", "markdown_table", "run_meta", "version_lines", "json_path_problem",
+           "write_json"]
 
 
 def device_name(device: str) -> str:
@@ -76,19 +77,43 @@ def parse_benchmark_args(parser: argparse.ArgumentParser, argv=None) -> argparse
     for name in ("threads", "reps", "batch"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
-    folder = os.path.dirname(os.path.abspath(args.json or "."))
-    if args.json and not os.path.isdir(folder):
-        parser.error(f"--json {args.json}: the folder {folder} does not exist")
-    if args.json:
-        try:
-            output_target(args.json, label=f"--json {args.json}")  # before measuring, not after
-        except OutputPathError as error:
-            parser.error(str(error))
+    problem = json_path_problem(args.json)
+    if problem:
+        parser.error(f"--json {args.json}: {problem}")
     if args.device == "cpu" and args.threads is not None:
         torch.set_num_threads(args.threads)
     args.load_at_start = load_average()
     args.date = datetime.datetime.now().isoformat(timespec="minutes")
     return args
+
+
+def json_path_problem(path: Optional[str]) -> Optional[str]:
+    """Why results can't be written to ``path`` (None when they can, or when no path was given).
+
+    Checked before anything is measured, so a bad ``--json`` never loses a finished measurement: the folder must exist,
+    the path must not be a folder, and the file must open for writing (it is opened for appending, so an existing file
+    keeps its content until the results replace it, and one created by the check is removed again).
+    """
+    if not path:
+        return None
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"the folder {folder} does not exist"
+    if os.path.isdir(path):
+        return "is a folder; give a file path such as " + os.path.join(path, "results.json")
+    try:
+        path = output_target(path, label="it")  # a device, FIFO or socket is refused (opening a FIFO would block)
+    except OutputPathError as error:
+        return str(error)
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as error:
+        return f"can't be written ({error.strerror})"
+    if not existed:
+        os.remove(path)
+    return None
 
 
 def load_text(value: Optional[float]) -> str:
@@ -163,7 +188,10 @@ def version_lines(args: argparse.Namespace, versions: str = "") -> List[str]:
 
 
 def write_json(path: Optional[str], **payload) -> None:
-    """``payload`` as indented JSON at ``path`` (nothing when no --json was given)."""
+    """``payload`` as indented JSON at ``path`` (nothing when no --json was given).
+
+    The scripts call it after every measured case, so a run cut off by a time limit keeps what it measured; the file
+    is replaced in one step (written beside it, then renamed), so it is never left half written."""
     if path:
         text = json.dumps(payload, indent=2)
         edit_atomically(path, lambda partial: Path(partial).write_text(text, encoding="utf-8"),

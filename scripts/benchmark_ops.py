@@ -34,7 +34,7 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 BYTES_MOVED = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}  # x numel * element size, per mode (see the docstring)
 CPU_TARGET_SHAPE, CPU_TARGETS = (8, TOKENS, 3072), {"fwd": 3.0, "fwd+bwd": 4.0}  # ours <= N x GELU
 BIAS_TARGETS = {"fwd": 1.05, "fwd+bwd": 1.05}  # ours with a bias <= N x ours without, same shape
-CUDA_TARGETS = {"fwd": 85.0, "bwd": 80.0}  # ours >= N % of copy bandwidth
+CUDA_TARGETS = {"fwd": 90.0, "bwd": 85.0}  # ours >= N % of copy bandwidth (the README's GPU targets)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -182,11 +182,14 @@ def header(args, copy_gbps: Optional[float]) -> List[str]:
     ]
 
 
-def table(rows: List[dict], cuda: bool, copy_gbps: Optional[float]) -> List[str]:
+def table_columns(cuda: bool) -> List[str]:
     columns = ["shape", "dtype", "provider", "fwd ms", "bwd ms", "fwd+bwd ms", "fwd x GELU", "fwd+bwd x GELU",
                "fwd+bwd GB/s"]
-    if cuda:
-        columns += ["fwd % copy", "bwd % copy"]
+    return columns + (["fwd % copy", "bwd % copy"] if cuda else [])
+
+
+def table_rows(rows: List[dict], cuda: bool, copy_gbps: Optional[float]) -> List[str]:
+    """The markdown rows of measured cases (one case's rows hold its GELU row, the ratios' base)."""
     gelu = {(tuple(r["shape"]), r["dtype"]): r["ms"] for r in rows if r["provider"] == "gelu" and "ms" in r}
     lines = []
     for row in rows:
@@ -201,7 +204,7 @@ def table(rows: List[dict], cuda: bool, copy_gbps: Optional[float]) -> List[str]
             if cuda:
                 cells += [f"{100 * row['gbps'][m] / copy_gbps:.0f}%" for m in ("fwd", "bwd")]
         lines.append(cells)
-    return markdown_table(columns, lines)
+    return markdown_table(table_columns(cuda), lines)[2:]
 
 
 def target_lines(rows: List[dict], cuda: bool, copy_gbps: Optional[float]) -> List[str]:
@@ -295,17 +298,23 @@ def main(argv=None) -> int:
     bench = make_timer(args.device, args.quick, args.reps)
     copy_gbps = copy_bandwidth_gbps(bench) if args.device == "cuda" else None
 
+    cuda = args.device == "cuda"
+    # The header and each case's rows are printed, and the JSON rewritten, as soon as they are known: a run cut off
+    # by a time limit (scripts/gpu_check.sh) keeps every case it finished.
+    print("\n".join(header(args, copy_gbps) + markdown_table(table_columns(cuda), [])), flush=True)
     started = time.perf_counter()
     rows = []
     for width in args.shapes:
         for dtype_name in args.dtype:
             shape = (args.batch, TOKENS, width)
             print(f"measuring {shape} {dtype_name} ...", file=sys.stderr, flush=True)
-            rows += run_case(shape, DTYPES[dtype_name], args.providers, args.device, bench)
+            case = run_case(shape, DTYPES[dtype_name], args.providers, args.device, bench)
+            rows += case
+            write_json(args.json, meta=run_meta(args, copy_gbps=copy_gbps), results=rows, complete=False)
+            print("\n".join(table_rows(case, cuda, copy_gbps)), flush=True)  # (after the JSON holds it)
     elapsed = time.perf_counter() - started
 
-    cuda = args.device == "cuda"
-    lines = header(args, copy_gbps) + table(rows, cuda, copy_gbps) + [""]
+    lines = [""]
     lines += [f"- torch.compile time, {'x'.join(map(str, row['shape']))} {row['dtype']}: {sum(c.values()):.1f} s "
               f"(inference graph {c['inference']:.1f} s, training graphs {c['training']:.1f} s), empty inductor cache; "
               "not in the timings" for row in rows if (c := row.get("compile_s"))]
@@ -313,7 +322,7 @@ def main(argv=None) -> int:
     lines.append(f"- measured in {elapsed:.0f} s")
     print("\n".join(lines))
 
-    write_json(args.json, meta=run_meta(args, copy_gbps=copy_gbps, elapsed_s=elapsed), results=rows)
+    write_json(args.json, meta=run_meta(args, copy_gbps=copy_gbps, elapsed_s=elapsed), results=rows, complete=True)
     return 0
 
 

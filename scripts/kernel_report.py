@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
-from kat_timm.files import OutputPathError, edit_atomically, output_target
+from kat_timm.benchmark import json_path_problem
+from kat_timm.files import OutputPathError, edit_atomically
 from kat_timm.ops.kernel_report import ARCHS, TOKENS, kat_shapes, report_rows
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -31,13 +31,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if any(b < 1 for b in args.batch):
         parser.error("--batch values must be >= 1")
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        parser.error(f"--json {args.json}: the folder {os.path.dirname(os.path.abspath(args.json))} does not exist")
-    if args.json:
-        try:
-            output_target(args.json, label=f"--json {args.json}")  # before compiling, not after
-        except OutputPathError as error:
-            parser.error(str(error))
+    problem = json_path_problem(args.json)  # before the compile: a bad path must not cost the run
+    if problem:
+        parser.error(f"--json {args.json}: {problem}")
     shapes = []
     for batch in args.batch:
         shapes += [(f"{label} batch {batch}", shape) for label, shape in kat_shapes(batch)]

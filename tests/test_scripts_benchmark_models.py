@@ -58,3 +58,20 @@ def test_activation_bound_times_a_vit_without_its_activation(tmp_path):
     assert set(row["samples_ms"]) == {"vit", "kat", "vit_noact"}
     assert len(row["samples_ms"]["vit_noact"]) == len(row["samples_ms"]["vit"])
     assert row["bound_time_ratio"] > 0
+
+
+def test_each_row_is_printed_and_in_the_json_as_soon_as_it_is_measured(tmp_path):
+    out_json = tmp_path / "results.json"
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--quick", "--device", "cpu", "--threads", "1", "--img-size", "32",
+         "--json", str(out_json)], stdout=subprocess.PIPE, text=True)
+    try:
+        for line in process.stdout:  # the infer row, while the train row is still to be measured
+            if line.startswith("| tiny | infer |"):
+                break
+        data = json.loads(out_json.read_text())
+        assert data["complete"] is False and [(r["size"], r["mode"]) for r in data["results"]] == [("tiny", "infer")]
+        assert {c["model"] for c in data["construction"]} == {"vit_tiny_patch16_224", "kat_tiny_patch16_224"}
+    finally:
+        process.kill()
+        process.wait()
