@@ -288,14 +288,15 @@ class ReleasedWeightsUnavailable(CLIError):
         self.reason = reason
 
 
-def create_model(name: Optional[str] = None, pretrained: bool = False, checkpoint: Optional[Path] = None,
+def create_model(name: Optional[str] = None, pretrained: Optional[bool] = None, checkpoint: Optional[Path] = None,
                  use_ema: Optional[bool] = None, num_classes: Optional[int] = None, offline: bool = False,
                  alternatives: Sequence[str] = (), **kwargs: Any) -> torch.nn.Module:
     """:func:`kat_timm.factory.create_model` with the usual failures turned into one-line ``CLIError``.
 
     ``offline``: released weights from the cache only; ``use_ema``: True: the checkpoint's EMA weights or an error,
-    False: its raw model weights, None: the EMA's where it has them (``EMA_RULE``); a ``local-dir:``/``hf-hub:``
-    name loads its own weights;
+    False: its raw model weights, None: the EMA's where it has them (``EMA_RULE``); ``pretrained``: None (the
+    default): a ``local-dir:``/``hf-hub:`` name loads its own weights, any other name none; True / False: load the
+    weights or not (``--random-weights``);
     ``alternatives``: the calling command's options that the missing-weights error offers (an option another
     command has would mislead).
     """
@@ -311,10 +312,10 @@ def create_model(name: Optional[str] = None, pretrained: bool = False, checkpoin
         raise CLIError("give --pretrained or --checkpoint, not both", code=2)
     if use_ema is not None and checkpoint is None:
         raise CLIError(f"{'--use-ema' if use_ema else '--no-ema'} needs --checkpoint", code=2)
-    if is_weights_name(name) and checkpoint is None:
-        pretrained = True  # local-dir:/hf-hub: name the weights to load (timm loads them only with pretrained)
-    elif is_weights_name(name):
+    if is_weights_name(name) and checkpoint is not None:
         raise CLIError(f"{name} brings its own weights; give it or --checkpoint, not both", code=2)
+    if pretrained is None:  # local-dir:/hf-hub: name the weights to load (timm loads them only with pretrained)
+        pretrained = is_weights_name(name) and checkpoint is None
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     own_file = (kwargs.get("pretrained_cfg_overlay") or {}).get("file")

@@ -199,7 +199,7 @@ def _run(args: argparse.Namespace) -> int:
     except ReleasedWeightsUnavailable as error:
         print(f"   Could not fetch the released weights ({error.reason}); continuing with random weights: "
               "predictions below are meaningless.")
-        model = create_model(args.model)
+        model = create_model(args.model, pretrained=False)
         random_weights = True
     if not isinstance(model, KAT):  # an hf-hub: repo, whose architecture is known only now
         raise CLIError(f"--model {args.model}: its architecture {type(model).__name__} is not a KAT", code=2)

@@ -121,7 +121,7 @@ def _run(args: argparse.Namespace, prog: str) -> int:
         raise CLIError("give the MODEL to export, or --checkpoint FILE to export the model it holds", code=2)
     check_backend_setting(torch.device("cpu"))  # the model is traced on the CPU
     # A checkpoint's model is built at the size it was trained at, then resized by --img-size.
-    model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, use_ema=args.use_ema,
+    model = create_model(args.model, pretrained=args.pretrained or None, checkpoint=args.checkpoint, use_ema=args.use_ema,
                          offline=args.offline, alternatives=("--checkpoint FILE",))
     args.model = args.model or model.pretrained_cfg.get("architecture")
     if not args.pretrained and args.checkpoint is None:

@@ -619,7 +619,7 @@ def _create_model(args: argparse.Namespace, num_classes: int):
         kwargs["pretrained_cfg_overlay"] = dict(file=os.path.abspath(args.pretrained_path))
         if loaded is not None:
             kwargs["pretrained_cfg_overlay"]["state_dict"] = loaded.state_dict  # timm prefers it to reading the file
-    model = create_sized_model(args.model, size, pretrained=args.pretrained or bool(args.pretrained_path), **kwargs)
+    model = create_sized_model(args.model, size, pretrained=args.pretrained or bool(args.pretrained_path) or None, **kwargs)
     if loaded is not None:
         _check_pretrained_path_covers(args.pretrained_path, loaded.state_dict, model, args.model)
     return model

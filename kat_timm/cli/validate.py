@@ -256,7 +256,7 @@ def _validate(args: argparse.Namespace) -> int:
         model_kwargs.pop("img_size", None)  # the size given here replaces the checkpoint run's
     # The checkpoint's architecture, size and classes unless given here.
     given = "--input-size" if args.input_size is not None else "--img-size" if args.img_size is not None else None
-    model = create_sized_model(args.model, size, given, pretrained=args.pretrained, checkpoint=loaded,
+    model = create_sized_model(args.model, size, given, pretrained=args.pretrained or None, checkpoint=loaded,
                                use_ema=args.use_ema, num_classes=args.num_classes, **model_kwargs)
     if loaded is not None:
         _say_which_weights(loaded)

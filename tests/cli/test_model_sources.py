@@ -55,7 +55,7 @@ def test_create_model_takes_both_sources(source, folder, hub_repo):
     _assert_same_weights(model, name)
     trained = create_sized_model(name, [32], pretrained=True, num_classes=2)  # the kat-train route
     assert trained.num_classes == 2
-    random = create_model(name)  # the architecture of config.json, no weights
+    random = create_model(name, pretrained=False)  # the architecture of config.json, no weights (--random-weights)
     assert len(random.blocks) == 1
     assert not torch.equal(random.state_dict()["cls_token"], model.state_dict()["cls_token"])
 
