@@ -58,3 +58,13 @@ def test_activation_bound_times_a_vit_without_its_activation(tmp_path):
     assert set(row["samples_ms"]) == {"vit", "kat", "vit_noact"}
     assert len(row["samples_ms"]["vit_noact"]) == len(row["samples_ms"]["vit"])
     assert row["bound_time_ratio"] > 0
+
+
+def test_deployment_paths_refuse_what_they_cannot_measure():
+    """--path onnxruntime / aoti are CPU inference only; --compile is --path compile: one-line usage errors."""
+    for args, message in ((["--path", "aoti", "--modes", "train"], "--path aoti is for inference: use --modes infer"),
+                          (["--path", "onnxruntime", "--compile"],
+                           "--compile is --path compile; it can't be combined with --path onnxruntime")):
+        result = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", *args], capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
