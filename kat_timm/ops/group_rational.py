@@ -19,11 +19,11 @@ needed: the custom op's Python dispatch alone costs several times a GELU call, w
 Inside ``torch.func`` transforms and forward-mode AD, for which the custom op has no rule, and for a backward with
 ``create_graph=True``, the op runs as differentiable PyTorch ops (``group_rational_autograd``) instead.
 
-Under ``torch.compile`` (not ``torch.export``, which keeps the op) the forward is written as pointwise ops
-(``group_rational_plain``), which inductor fuses with what surrounds it (act1 with the LayerNorm before it, act2 with
-fc1's bias add): an opaque op would cost a pass of its own and one more for each neighbour it keeps inductor from
-fusing. Where a gradient is needed, the backward is still the backward op (the kernels' deterministic one, with
-d|b|/db = +1 at b == 0).
+Under ``torch.compile`` (not ``torch.export``, which keeps the op), where no gradient is needed, the op is written as
+pointwise ops (``group_rational_plain``), which inductor fuses with what surrounds it (act1 with the LayerNorm before
+it, act2 with fc1's bias add): an opaque op would cost a pass of its own and one more for each neighbour it keeps
+inductor from fusing. Where a gradient is needed the custom op stays, with the kernels' deterministic backward
+(d|b|/db = +1 at b == 0) and their exact forward values.
 """
 from __future__ import annotations
 
@@ -249,24 +249,6 @@ class _EagerGroupRational(torch.autograd.Function):
         return grad_x, grad_numerator, grad_denominator, None, None if bias is None else grad_bias
 
 
-class _CompiledGroupRational(torch.autograd.Function):
-    """What torch.compile traces where a gradient is needed: the pointwise forward, the backward op."""
-
-    @staticmethod
-    def forward(ctx, x, numerator, denominator, channel_dim, bias):
-        ctx.save_for_backward(x, numerator, denominator, bias)
-        ctx.channel_dim = channel_dim
-        return group_rational_plain(x, numerator, denominator, channel_dim, bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, numerator, denominator, bias = ctx.saved_tensors
-        grad_x, grad_numerator, grad_denominator, grad_bias = _group_rational_backward_op(
-            grad, x, numerator, denominator, ctx.channel_dim, bias
-        )
-        return grad_x, grad_numerator, grad_denominator, None, None if bias is None else grad_bias
-
-
 def _compiling_not_exporting() -> bool:
     """True while torch.compile's dynamo traces the call, False for torch.export (its programs keep the op)."""
     return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
@@ -404,12 +386,10 @@ def group_rational(
         ):
             return _EagerGroupRational.apply(x, numerator, denominator, channel_dim, bias)
         return _forward(x, numerator, denominator, channel_dim, bias)
-    if _compiling_not_exporting():
-        if torch.is_grad_enabled() and (
-            x.requires_grad or numerator.requires_grad or denominator.requires_grad
-            or (bias is not None and bias.requires_grad)
-        ):
-            return _CompiledGroupRational.apply(x, numerator, denominator, channel_dim, bias)
+    if _compiling_not_exporting() and not (torch.is_grad_enabled() and (
+        x.requires_grad or numerator.requires_grad or denominator.requires_grad
+        or (bias is not None and bias.requires_grad)
+    )):
         return group_rational_plain(x, numerator, denominator, channel_dim, bias)
     if _under_transform():
         return _differentiable(x, numerator, denominator, channel_dim, bias)

@@ -145,30 +145,7 @@ def test_torch_compile_inference_sees_pointwise_rationals_and_matches_eager(kat_
     assert relative_error(compiled, eager) < 1e-5
 
 
-def test_torch_compile_inductor_training_matches_eager():
-    """Inductor compiles a training step of a KAT block (pointwise forward, the kernels' backward op): logits and
-    every gradient as in eager mode (inference: the test above)."""
-    import timm
-
-    torch.manual_seed(0)
-    model = timm.create_model("kat_tiny", img_size=32, depth=1, num_classes=10)
-    for name, parameter in model.named_parameters():  # rationals away from their init, so every term matters
-        if "act" in name:
-            parameter.data.add_(torch.randn_like(parameter) * 0.1)
-    images = torch.randn(2, 3, 32, 32)
-    torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True)
-    logits = compiled(images)
-    assert relative_error(logits, model(images)) < 1e-5
-    logits.square().mean().backward()
-    compiled_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
-    model.zero_grad()
-    model(images).square().mean().backward()
-    for name, parameter in model.named_parameters():
-        assert relative_error(compiled_grads[name], parameter.grad) < 1e-4, name
-
-
-def test_aoti_package_runs_without_the_op_and_matches_eager(tmp_path):
+def test_aoti_package_matches_eager(tmp_path):
     """An AOTInductor package (rationals decomposed into pointwise ops) of a 1-block KAT: eager's logits; compiling
     it stays within a minute-scale budget (it is a C++ build)."""
     import time
