@@ -30,7 +30,8 @@ import torch
 
 from .layout import check_column_bias
 
-__all__ = ["native_cpu_status", "native_cpu_supports", "rational_forward_native", "rational_backward_native"]
+__all__ = ["build_library", "native_cpu_status", "native_cpu_supports", "rational_forward_native",
+           "rational_backward_native"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "group_rational_cpu.c"
 _BASE_FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-std=gnu11"]
