@@ -231,8 +231,8 @@ def test_onnxruntime_kernel_names_a_wrong_input(tmp_path):
         [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 20])],
         [onnx.numpy_helper.from_array(torch.ones(1, 6).numpy(), "numerator"),
          onnx.numpy_helper.from_array(torch.ones(8, 4).numpy(), "denominator")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(RATIONAL_DOMAIN, 1)],
-                              functions=rational_functions(18))
+    model = helper.make_model(graph, functions=rational_functions(18),
+                              opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(RATIONAL_DOMAIN, 1)])
     path = tmp_path / "bad.onnx"
     onnx.save(model, str(path))
     session = onnxruntime_session(path, fast=True)

@@ -134,7 +134,9 @@ static Status input_shape(const void *value, int64_t *dims, size_t *rank, int64_
     return status;
 }
 
-static Status fail(const char *message) { return API(SLOT_CREATE_STATUS, CreateStatusFn)(ORT_INVALID_ARGUMENT, message); }
+static Status fail(const char *message) {
+    return API(SLOT_CREATE_STATUS, CreateStatusFn)(ORT_INVALID_ARGUMENT, message);
+}
 
 static Status compute(void *kernel, void *context) {
     const CustomOp *op = (const CustomOp *)kernel;
@@ -220,7 +222,8 @@ __attribute__((visibility("default"))) Status RegisterCustomOps(void *options, c
     if (!api) return NULL;  /* an ONNX Runtime older than 1.17: nothing registered, the function bodies run */
     void *domain = NULL;
     Status status = API(SLOT_CREATE_CUSTOM_OP_DOMAIN, CreateCustomOpDomainFn)("kat_timm", &domain);
-    for (int i = 0; !status && i < 2; ++i) status = API(SLOT_CUSTOM_OP_DOMAIN_ADD, CustomOpDomainAddFn)(domain, &kat_ops[i]);
+    for (int i = 0; !status && i < 2; ++i)
+        status = API(SLOT_CUSTOM_OP_DOMAIN_ADD, CustomOpDomainAddFn)(domain, &kat_ops[i]);
     if (!status) status = API(SLOT_ADD_CUSTOM_OP_DOMAIN, AddCustomOpDomainFn)(options, domain);
     return status;
 }
