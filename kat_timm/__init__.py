@@ -19,6 +19,8 @@ _LAZY = {
     "export_program": "kat_timm.tools.export",
     "export_onnx": "kat_timm.tools.export",
     "check_onnx": "kat_timm.tools.export",
+    "onnxruntime_session": "kat_timm.tools.export",
+    "aoti_package": "kat_timm.tools.export",
     "save_hub_folder": "kat_timm.tools.hub",
     "fix_hub_folder": "kat_timm.tools.hub",
     "convert_checkpoint": "kat_timm.tools.hub",

@@ -4,8 +4,17 @@
 ViT and KAT of one size are built with the same batch, input and precision (bf16 autocast on CUDA, fp32 on CPU) and
 timed interleaved (ViT, KAT, ViT, ...) so machine noise hits both alike; each sample lasts at least ``min_rep_s``.
 The markdown table gives medians and the per-repetition KAT/ViT time ratio; the targets (README, "Benchmarks") are
-printed as PASS/FAIL, never asserted. ``--compile`` times the first (compiling) call apart. The CPU targets'
-configuration is ``--device cpu --threads 2``; ``--quick`` is a smoke run of a few seconds.
+printed as PASS/FAIL, never asserted. The CPU targets' configuration is ``--device cpu --threads 2``; ``--quick`` is a
+smoke run of a few seconds.
+
+``--path`` picks how both models run (inference only, except eager and compile):
+- ``eager``: the PyTorch modules (default);
+- ``compile``: ``torch.compile`` of both (``--compile`` for short); the first (compiling) call is timed apart;
+- ``onnxruntime``: ONNX files from ``kat_timm.export_onnx`` run by ONNX Runtime on the CPU with kat_timm's rational
+  kernel registered (``kat_timm.onnxruntime_session``); ``onnxruntime-plain``: the same files without it (the
+  function bodies, as any runtime without kat_timm runs them);
+- ``aoti``: AOTInductor packages from ``kat_timm.aoti_package`` (rationals decomposed, fused by inductor).
+Export and compile times are reported apart, not in the timings.
 """
 from __future__ import annotations
 
@@ -15,6 +24,7 @@ import gc
 import os
 import statistics
 import sys
+import tempfile
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -30,6 +40,8 @@ from kat_timm.benchmark import (Timer, benchmark_parser, device_name, error_text
 from kat_timm.ops import BACKEND_ENV, select_backend
 
 SIZES = ("tiny", "small", "base")
+PATHS = ("eager", "compile", "onnxruntime", "onnxruntime-plain", "aoti")
+INFERENCE_ONLY = ("onnxruntime", "onnxruntime-plain", "aoti")
 MODES = ("infer", "train")
 FAMILIES = ("vit", "kat")  # measured in this order within every repetition
 # --activation-bound: ViT with its MLP activation removed, what an activation that cost nothing would give.
@@ -61,12 +73,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--img-size", type=int, default=224, help="input resolution in px (default: 224)")
     parser.add_argument("--channels-last", action="store_true",
                         help="channels-last input and models (torch.channels_last)")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile both models (the compile time is reported apart)")
+    parser.add_argument("--path", choices=PATHS, default="eager",
+                        help="how both models run: eager PyTorch (default), torch.compile, ONNX Runtime with "
+                             "kat_timm's kernel (onnxruntime) or without (onnxruntime-plain), AOTInductor (aoti); "
+                             "the last three are inference only and CPU only")
+    parser.add_argument("--compile", action="store_true", help="the same as --path compile")
     parser.add_argument("--activation-bound", action="store_true",
                         help="also time ViT with its MLP activation removed (nn.Identity), interleaved with the two: "
                              "the ratio an activation that cost nothing would give (column 'no-act ViT/ViT time')")
+    modes_given = argv is not None and "--modes" in argv or argv is None and "--modes" in sys.argv[1:]
     args = parse_benchmark_args(parser, argv)
+    if args.compile:
+        if args.path not in ("eager", "compile"):
+            parser.error(f"--compile is --path compile; it can't be combined with --path {args.path}")
+        args.path = "compile"
+    args.compile = args.path == "compile"
+    if args.path in INFERENCE_ONLY:
+        if args.device != "cpu":
+            parser.error(f"--path {args.path} runs on the CPU: add --device cpu")
+        if modes_given and "train" in args.modes:
+            parser.error(f"--path {args.path} is for inference: use --modes infer")
+        args.modes = ["infer"]
     cuda = args.device == "cuda"
     args.batch = args.batch or (2 if args.quick else (128 if cuda else 8))
     args.sizes = [s for s in SIZES if s in (args.sizes or (["tiny"] if args.quick else SIZES))]  # canonical order
@@ -85,11 +112,29 @@ def autocast(device: str):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()  # fp32 CPU
 
 
+def deployed_forward(model: torch.nn.Module, path: str, images: torch.Tensor, folder: str) -> Callable:
+    """``model``'s inference on ``images`` through a deployment path: an ONNX Runtime session of its ONNX file, or
+    its AOTInductor package (written into ``folder``)."""
+    from kat_timm.tools.export import aoti_package, export_onnx, onnxruntime_session
+
+    model.eval()
+    if path == "aoti":
+        package = aoti_package(model, os.path.join(folder, "model.pt2"), example_input=images)
+        return torch._inductor.aoti_load_package(str(package))
+    onnx_file = export_onnx(model, os.path.join(folder, "model.onnx"), example_input=images)
+    session = onnxruntime_session(onnx_file, threads=torch.get_num_threads(), fast=path == "onnxruntime")
+    feed = {session.get_inputs()[0].name: images.numpy()}
+    return lambda _images: session.run(None, feed)
+
+
 def timed_step(model: torch.nn.Module, mode: str, images: torch.Tensor, labels: torch.Tensor, device: str,
-               compiled: bool) -> Callable[[], None]:
+               path: str, folder: str) -> Callable[[], None]:
     """The timed unit of one model in one mode: an eval forward, or a full training step."""
-    forward = torch.compile(model) if compiled else model
     model.train(mode == "train")
+    if path in INFERENCE_ONLY:
+        run = deployed_forward(model, path, images, folder)
+        return lambda: run(images)
+    forward = torch.compile(model) if path == "compile" else model
     if mode == "infer":
         def infer() -> None:
             with torch.inference_mode(), autocast(device):
@@ -115,10 +160,25 @@ def measure_pair(models: Dict[str, torch.nn.Module], mode: str, args, timer: Tim
         images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, NUM_CLASSES, (args.batch,), generator=generator).to(args.device)
     families = list(models)
-    steps = {f: timed_step(models[f], mode, images, labels, args.device, args.compile) for f in families}
     row: dict = {"mode": mode}
-    if args.compile:
-        row["compile_s"] = {f: timer.sample(steps[f], 1, wall=True) for f in families}
+    with tempfile.TemporaryDirectory(prefix="kat-benchmark-") as folder:
+        steps, prepare_s = {}, {}
+        for family in families:
+            started = time.perf_counter()
+            os.makedirs(os.path.join(folder, family))
+            steps[family] = timed_step(models[family], mode, images, labels, args.device, args.path,
+                                       os.path.join(folder, family))
+            prepare_s[family] = time.perf_counter() - started
+        if args.path in INFERENCE_ONLY:
+            row["export_s"] = prepare_s
+        if args.compile:
+            row["compile_s"] = {f: timer.sample(steps[f], 1, wall=True) for f in families}
+        _time_interleaved(row, steps, families, args, timer)
+    return row
+
+
+def _time_interleaved(row: dict, steps: dict, families: List[str], args, timer: Timer) -> None:
+    """Time ``steps`` interleaved (ViT, KAT, ViT, ...) and put the medians and ratios into ``row``."""
     calls = {f: timer.calibrate(steps[f]) for f in families}
     samples: Dict[str, List[float]] = {f: [] for f in families}
     for _ in range(args.reps):
@@ -137,7 +197,6 @@ def measure_pair(models: Dict[str, torch.nn.Module], mode: str, args, timer: Tim
         "time_ratio_range": [min(ratios), max(ratios)],
         "throughput_ratio": statistics.median([1.0 / r for r in ratios]),
     })
-    return row
 
 
 def run_size(size: str, args, timer: Timer, on_row: Optional[Callable[[List[dict], dict], None]] = None) -> tuple:
@@ -188,6 +247,10 @@ def rational_backend(device: str) -> str:
         return f"unavailable ({type(error).__name__})"
 
 
+PATH_TEXT = {"eager": "eager", "compile": "torch.compile", "onnxruntime": "ONNX Runtime with kat_timm's kernel",
+             "onnxruntime-plain": "ONNX Runtime, function bodies (no kat_timm kernel)", "aoti": "AOTInductor"}
+
+
 def threads_text(count: int) -> str:
     return f"{count} thread" + ("" if count == 1 else "s")
 
@@ -204,7 +267,7 @@ def header(args) -> List[str]:
                   f"- timing: time.perf_counter, {repetitions}"]
     return lines + version_lines(args, f"timm {timm.__version__}, kat_timm {kat_timm.__version__}, ") + [
         f"- batch {args.batch}, {args.img_size} px, {PRECISION[args.device]}"
-        + (", channels-last" if args.channels_last else "") + (", torch.compile" if args.compile else ", eager")
+        + (", channels-last" if args.channels_last else "") + f", path: {PATH_TEXT[args.path]}"
         + f"; KAT rationals: {os.environ.get(BACKEND_ENV, 'auto')} -> {rational_backend(args.device)} backend",
         "- infer: eval forward under inference_mode; train: zero_grad + forward + cross-entropy + backward + AdamW "
         "step, train mode; ratio: median over repetitions of KAT time / ViT time (range: min-max)",
@@ -236,7 +299,9 @@ def report_lines(construction: List[dict], rows: List[dict]) -> List[str]:
         f"({c['params_m']:.1f} M params)" for c in construction)] \
         if construction else []
     return lines + [f"- torch.compile, first call of {row['size']} {row['mode']}: ViT {row['compile_s']['vit']:.1f} s, "
-                    f"KAT {row['compile_s']['kat']:.1f} s; not in the timings" for row in rows if "compile_s" in row]
+                    f"KAT {row['compile_s']['kat']:.1f} s; not in the timings" for row in rows if "compile_s" in row] \
+        + [f"- export of {row['size']}: ViT {row['export_s']['vit']:.1f} s, KAT {row['export_s']['kat']:.1f} s; not in "
+           f"the timings" for row in rows if "export_s" in row]
 
 
 def differs_note(conditions: List[tuple], target: str) -> str:
@@ -254,8 +319,8 @@ def target_lines(args, rows: List[dict], construction: List[dict]) -> List[str]:
         note = differs_note([(threads == t["threads"], threads_text(threads)),
                              (args.batch == t["batch"], f"batch {args.batch}"),
                              (args.img_size == t["img_size"], f"{args.img_size} px"),
-                             (not (args.channels_last or args.compile),
-                              "channels-last" if args.channels_last else "torch.compile")],
+                             (not args.channels_last, "channels-last"),
+                             (args.path == "eager", PATH_TEXT[args.path])],
                             f"{t['threads']} threads, batch {t['batch']}, {t['img_size']} px, eager")
         for mode, sizes, limit in t["limits"]:
             what = "inference" if mode == "infer" else "training step"
@@ -297,7 +362,7 @@ def main(argv=None) -> int:
     timer = Timer(args.device, warmup + (2 if args.compile else 0), min_rep_s)
     meta = run_meta(args, timm=timm.__version__, kat_timm=kat_timm.__version__, img_size=args.img_size,
                     precision=PRECISION[args.device], channels_last=args.channels_last, compile=args.compile,
-                    sizes=args.sizes, modes=args.modes, rational_backend=rational_backend(args.device))
+                    path=args.path, sizes=args.sizes, modes=args.modes, rational_backend=rational_backend(args.device))
     # The header and each row are printed, and the JSON rewritten, as soon as they are known: a run cut off by a time
     # limit (scripts/gpu_check.sh) keeps every case it finished.
     print("\n".join(header(args) + table([], args.activation_bound)), flush=True)

@@ -75,3 +75,13 @@ def test_each_row_is_printed_and_in_the_json_as_soon_as_it_is_measured(tmp_path)
     finally:
         process.kill()
         process.wait()
+
+
+def test_deployment_paths_refuse_what_they_cannot_measure():
+    """--path onnxruntime / aoti are CPU inference only; --compile is --path compile: one-line usage errors."""
+    for args, message in ((["--path", "aoti", "--modes", "train"], "--path aoti is for inference: use --modes infer"),
+                          (["--path", "onnxruntime", "--compile"],
+                           "--compile is --path compile; it can't be combined with --path onnxruntime")):
+        result = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", *args], capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 2 and message in result.stderr, result.stderr

@@ -5,7 +5,8 @@
 - ``group_rational_autograd``: the same formula with plain differentiable PyTorch ops (TorchScript);
 - ``select_backend`` / ``native_cpu_status`` / ``triton_status``: which implementation runs, and why;
 - ``fuses_linear_bias``: whether a Linear before the op hands its bias to the op (``group_rational(..., bias=)``);
-- ``register_flop_formulas``: the op's FLOP counts for ``torch.utils.flop_counter`` (done at import).
+- ``register_flop_formulas``: the op's FLOP counts for ``torch.utils.flop_counter`` (done at import);
+- ``rational_onnxruntime``: the ONNX Runtime kernel of the rational nodes of kat_timm's ONNX files (imported on use).
 """
 from .backend import BACKEND_ENV, BACKENDS, fuses_linear_bias, requested_backend, select_backend, triton_status
 from .flops import register_flop_formulas  # importing registers them with torch.utils.flop_counter

@@ -18,6 +18,12 @@ same forward and backward run through a ``torch.autograd.Function`` instead, or 
 needed: the custom op's Python dispatch alone costs several times a GELU call, which a KAT pays 24 times a step.
 Inside ``torch.func`` transforms and forward-mode AD, for which the custom op has no rule, and for a backward with
 ``create_graph=True``, the op runs as differentiable PyTorch ops (``group_rational_autograd``) instead.
+
+Under ``torch.compile`` (not ``torch.export``, which keeps the op), where no gradient is needed, the op is written as
+pointwise ops (``group_rational_plain``), which inductor fuses with what surrounds it (act1 with the LayerNorm before
+it, act2 with fc1's bias add): an opaque op would cost a pass of its own and one more for each neighbour it keeps
+inductor from fusing. Where a gradient is needed the custom op stays, with the kernels' deterministic backward
+(d|b|/db = +1 at b == 0) and their exact forward values.
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ from torch.autograd import forward_ad
 
 from .backend import select_backend
 from .layout import channels_moved_last, empty_output, mgl_view
-from .rational_torch import group_rational_autograd
+from .rational_torch import group_rational_autograd, group_rational_plain
 
 __all__ = ["group_rational", "group_rational_"]
 
@@ -243,6 +249,11 @@ class _EagerGroupRational(torch.autograd.Function):
         return grad_x, grad_numerator, grad_denominator, None, None if bias is None else grad_bias
 
 
+def _compiling_not_exporting() -> bool:
+    """True while torch.compile's dynamo traces the call, False for torch.export (its programs keep the op)."""
+    return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+
+
 _functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _in_dispatch_mode = torch.utils._python_dispatch.is_in_torch_dispatch_mode  # user and infra modes alike
 
@@ -375,6 +386,11 @@ def group_rational(
         ):
             return _EagerGroupRational.apply(x, numerator, denominator, channel_dim, bias)
         return _forward(x, numerator, denominator, channel_dim, bias)
+    if _compiling_not_exporting() and not (torch.is_grad_enabled() and (
+        x.requires_grad or numerator.requires_grad or denominator.requires_grad
+        or (bias is not None and bias.requires_grad)
+    )):
+        return group_rational_plain(x, numerator, denominator, channel_dim, bias)
     if _under_transform():
         return _differentiable(x, numerator, denominator, channel_dim, bias)
     if bias is None:
@@ -424,4 +440,6 @@ def group_rational_(
         # x's version counter, so a graph that saved x fails at its backward instead of using the new values.
         x.narrow(0, 0, 0).zero_()
         return _forward_in_place(x, numerator, denominator, channel_dim, bias)
+    if _compiling_not_exporting():  # the kernel's values, as in eager mode (KAN calls group_rational under compile)
+        return x.copy_(_group_rational_op(x, numerator, denominator, channel_dim, bias))
     return x.copy_(group_rational(x, numerator, denominator, channel_dim, bias))

@@ -30,7 +30,8 @@ import torch
 
 from .layout import check_column_bias
 
-__all__ = ["native_cpu_status", "native_cpu_supports", "rational_forward_native", "rational_backward_native"]
+__all__ = ["build_library", "native_cpu_status", "native_cpu_supports", "rational_forward_native",
+           "rational_backward_native"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "group_rational_cpu.c"
 _BASE_FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-std=gnu11"]
@@ -87,7 +88,7 @@ def _remove_stale_builds(folder: Path) -> None:
     """Remove the temporary files of builds whose process is gone (killed mid-build) or that are very old."""
     import time
 
-    for path in list(folder.glob("group_rational_cpu-*-build-*")) + list(folder.glob("tmp*.so")):
+    for path in list(folder.glob("group_rational_*-build-*")) + list(folder.glob("tmp*.so")):
         try:
             pid = int(path.name.split("-build-", 1)[1].split("-", 1)[0]) if "-build-" in path.name else None
             dead = pid is not None and pid != os.getpid() and not _running(pid)
@@ -107,16 +108,17 @@ def _running(pid: int) -> bool:
     return True
 
 
-def _build(compiler: list, flags: list) -> Path:
-    """The cached library for this source, compiler and flags, built (and its checksum written) unless a verified
-    one is there already. A cached file that fails verification is rebuilt, with a warning."""
+def _build(compiler: list, flags: list, sources: Tuple[Path, ...] = (_SOURCE,),
+           name: str = "group_rational_cpu") -> Path:
+    """The cached library ``name`` of these sources, compiler and flags, built (and its checksum written) unless a
+    verified one is there already. A cached file that fails verification is rebuilt, with a warning."""
     import warnings
 
-    source = _SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in sources)
     key = hashlib.sha256(
         source + _compiler_identity(compiler).encode() + " ".join(flags).encode() + platform.machine().encode()
     ).hexdigest()[:16]
-    target = _cache_dir() / f"group_rational_cpu-{key}.so"
+    target = _cache_dir() / f"{name}-{key}.so"
     if _verified(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -124,13 +126,13 @@ def _build(compiler: list, flags: list) -> Path:
     if target.exists() and _checksum_path(target).exists():  # without one: built by an older kat_timm, redo it
         warnings.warn(f"the cached native CPU kernel {target} is damaged (incomplete, or it does not match its "
                       f"checksum); rebuilding it", RuntimeWarning, stacklevel=2)
-    fd, tmp = tempfile.mkstemp(prefix=f"group_rational_cpu-{key}-build-{os.getpid()}-", suffix=".so",
+    fd, tmp = tempfile.mkstemp(prefix=f"{name}-{key}-build-{os.getpid()}-", suffix=".so",
                                dir=target.parent)
     os.close(fd)
     checksum_tmp = tmp + ".sha256"
     try:
         result = subprocess.run(
-            [*compiler, *flags, "-o", tmp, str(_SOURCE)], capture_output=True, text=True, timeout=300
+            [*compiler, *flags, "-o", tmp, *map(str, sources)], capture_output=True, text=True, timeout=300
         )
         if result.returncode != 0:
             raise RuntimeError(f"`{' '.join(compiler)} {' '.join(flags)}` failed:\n{result.stderr.strip()[-2000:]}")
@@ -164,6 +166,22 @@ def _open_library(compiler: list, flags: list) -> ctypes.CDLL:
     raise RuntimeError(f"{path} does not define {', '.join(missing)}")
 
 
+def build_library(build):
+    """``build(compiler, flags)`` with the C compiler ($CC, default ``cc``) and the kernel's flags, retried without
+    the per-ISA clones for compilers that do not know target_clones; RuntimeError saying why when it can't."""
+    # $CC may be a command line ("ccache gcc", "gcc -m64"), as make and setuptools take it.
+    compiler = shlex.split(os.environ.get("CC", "cc")) or ["cc"]
+    if shutil.which(compiler[0]) is None:
+        raise RuntimeError(f"no C compiler found (looked for `{compiler[0]}`; set CC or install gcc)")
+    errors = []
+    for flags in (_BASE_FLAGS, _BASE_FLAGS + ["-DKAT_NO_CLONES"]):
+        try:
+            return build(compiler, flags)
+        except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+            errors.append(str(error))
+    raise RuntimeError("building the native CPU kernel failed: " + "\n".join(errors))
+
+
 def _load() -> Optional[ctypes.CDLL]:
     """Build (once per machine) and load the library; on failure remember why and return None."""
     global _library, _failure
@@ -172,21 +190,10 @@ def _load() -> Optional[ctypes.CDLL]:
     with _lock:
         if _library is not None or _failure is not None:
             return _library
-        # $CC may be a command line ("ccache gcc", "gcc -m64"), as make and setuptools take it.
-        compiler = shlex.split(os.environ.get("CC", "cc")) or ["cc"]
-        if shutil.which(compiler[0]) is None:
-            _failure = f"no C compiler found (looked for `{compiler[0]}`; set CC or install gcc)"
-            return None
-        errors = []
-        # The second attempt drops the per-ISA clones, for compilers that do not know target_clones.
-        for flags in (_BASE_FLAGS, _BASE_FLAGS + ["-DKAT_NO_CLONES"]):
-            try:
-                library = _open_library(compiler, flags)
-                break
-            except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-                errors.append(str(error))
-        else:
-            _failure = "building the native CPU kernel failed: " + "\n".join(errors)
+        try:
+            library = build_library(_open_library)
+        except RuntimeError as error:
+            _failure = str(error)
             return None
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         library.kat_rational_supports.argtypes = [ctypes.c_int]

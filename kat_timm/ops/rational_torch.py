@@ -28,6 +28,7 @@ __all__ = [
     "COEFFICIENT_SUMS",
     "coefficient_grads",
     "group_rational_autograd",
+    "group_rational_plain",
     "rational_backward_torch",
     "rational_forward_torch",
 ]
@@ -289,3 +290,39 @@ def group_rational_autograd(
     q_recip = _reversed_denominator(u * _sign_zero_positive(u), b_abs)
     y = torch.where(use, x_recip * p_recip / q_recip, p / q).reshape(xl.shape)
     return y.movedim(-1, cdim)
+
+
+def group_rational_plain(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, channel_dim: int = -1,
+                         bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``kat_timm.ops.group_rational`` with elementary pointwise ops only (Horner steps, Abs, Div, Where): what an
+    exported graph computes, and the forward that torch.compile fuses with its neighbours. Its own autograd gives
+    d|b|/db = 0 at b == 0: train through ``group_rational`` (whose backward is the kernels')."""
+    groups = denominator.shape[0]
+    cdim = channel_dim % x.dim()
+    compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    xc = x.to(compute)
+    if bias is not None:
+        # (C,) -> (C, 1, ..., 1): one value per channel, broadcast over the axes after the channel axis.
+        xc = xc + bias.to(compute).reshape((x.shape[cdim],) + (1,) * (x.dim() - 1 - cdim))
+    # Each group's channels, and everything after the channel axis, form one contiguous run of the last axis.
+    xg = xc.reshape(tuple(x.shape[:cdim]) + (groups, -1))
+    numerator, denominator = numerator.to(compute).expand(groups, 6), denominator.to(compute).abs()
+    a = [numerator[:, i : i + 1] for i in range(6)]  # a0..a5, each (G, 1)
+    b = [denominator[:, j : j + 1] for j in range(4)]  # |b1|..|b4|
+    ax = xg.abs()
+    # Large |x|: the reciprocal form x * P~(1/x) / Q~(1/|x|) (the module docstring), so that a large input
+    # gives the finite value it should instead of inf or NaN; Where and Reciprocal are standard ONNX ops too.
+    large = ax > LARGE_INPUT
+    u = 1.0 / torch.where(large, xg, torch.full_like(xg, 2.0))
+    au = u.abs()
+    q_recip = _horner_steps(au, au + b[0], b[1:])
+    use = large & torch.isfinite(1.0 / q_recip)  # Q~ underflows only when the top b's are 0: the plain form is exact
+    plain = _horner_steps(xg, a[5], a[4::-1]) / _horner_steps(ax, b[3], [*b[2::-1], 1.0])
+    return torch.where(use, xg * _horner_steps(u, a[0], a[1:]) / q_recip, plain).reshape(x.shape).to(x.dtype)
+
+
+def _horner_steps(t: torch.Tensor, leading, coefficients):
+    """``leading * t^n + c_1 * t^(n-1) + ... + c_n`` for ``coefficients`` c_1..c_n, as Mul and Add steps."""
+    for coefficient in coefficients:
+        leading = leading * t + coefficient
+    return leading

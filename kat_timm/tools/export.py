@@ -1,4 +1,10 @@
-"""Deployment exports of a KAT (README, "ONNX"): ``torch.export`` programs and ONNX files of standard ops."""
+"""Deployment exports of a KAT (README, "Deployment"): ``torch.export`` programs, AOTInductor packages and ONNX files.
+
+In an ONNX file each rational is one ``kat_timm::GroupRational`` node (``GroupRationalBias`` with fc1's bias folded
+in) whose ONNX function body, shipped in the file, computes it with standard ops: any runtime runs the file (it
+inlines the body), and ONNX Runtime with kat_timm's kernel registered (``onnxruntime_session``) runs each node in one
+native pass instead. ``inline_rationals=True`` writes the bodies inlined: standard ops only, no function.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -12,13 +18,13 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 
 from ..files import output_target
-from ..ops.rational_torch import LARGE_INPUT
+from ..ops.rational_torch import LARGE_INPUT, group_rational_plain
 from ..transforms import model_input_size
 
-__all__ = ["DEFAULT_OPSET", "MIN_OPSET", "MissingDependencyError", "OpsetConversionError", "check_export_target",
-           "check_onnx",
-           "decompose_rationals", "export_onnx", "export_program", "group_rational_plain", "model_input_size",
-           "onnx_io_shapes", "onnx_op_domains", "require_packages", "standard_domains_only"]
+__all__ = ["DEFAULT_OPSET", "MIN_OPSET", "RATIONAL_DOMAIN", "MissingDependencyError", "OpsetConversionError",
+           "aoti_package", "check_export_target", "check_onnx", "decompose_rationals", "export_onnx", "export_program",
+           "group_rational_plain", "model_input_size", "onnx_io_shapes", "onnx_op_domains", "onnxruntime_session",
+           "rational_functions", "require_packages", "standard_domains_only"]
 
 DEFAULT_OPSET = 18  # what PyTorch's exporter (torchlib) writes natively; others go through onnx's version converter
 MIN_OPSET = 17  # LayerNormalization, which every ViT block uses, is an ONNX op from opset 17 on
@@ -27,6 +33,8 @@ OUTPUT_NAME = "logits"
 # Above this many bytes of weights (protobuf's limit is 2 GiB) they go to a side file; every KAT is far below.
 _EXTERNAL_DATA_BYTES = 1 << 30
 _STANDARD_DOMAINS = ("", "ai.onnx")
+RATIONAL_DOMAIN = "kat_timm"  # the ONNX domain of the rational nodes (and of their function bodies)
+_RATIONAL_OPS = {False: "GroupRational", True: "GroupRationalBias"}  # by "has a bias input"
 
 PathLike = Union[str, Path]
 
@@ -57,41 +65,6 @@ def _eval_mode(model: torch.nn.Module):
         model.train(training)
 
 
-def group_rational_plain(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, channel_dim: int = -1,
-                         bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``kat_timm.ops.group_rational`` with elementary ops only (Horner steps, Abs, Div, Where), what an exported
-    graph computes; for inference and export (train with ``group_rational``: its gradient of |b| at b == 0 is +1)."""
-    groups = denominator.shape[0]
-    cdim = channel_dim % x.dim()
-    compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    xc = x.to(compute)
-    if bias is not None:
-        # (C,) -> (C, 1, ..., 1): one value per channel, broadcast over the axes after the channel axis.
-        xc = xc + bias.to(compute).reshape((x.shape[cdim],) + (1,) * (x.dim() - 1 - cdim))
-    # Each group's channels, and everything after the channel axis, form one contiguous run of the last axis.
-    xg = xc.reshape(tuple(x.shape[:cdim]) + (groups, -1))
-    numerator, denominator = numerator.to(compute).expand(groups, 6), denominator.to(compute).abs()
-    a = [numerator[:, i : i + 1] for i in range(6)]  # a0..a5, each (G, 1)
-    b = [denominator[:, j : j + 1] for j in range(4)]  # |b1|..|b4|
-    ax = xg.abs()
-    # Large |x|: the reciprocal form x * P~(1/x) / Q~(1/|x|) (kat_timm.ops.rational_torch), so that a large input
-    # gives the finite value it should instead of inf or NaN; Where and Reciprocal are standard ONNX ops too.
-    large = ax > LARGE_INPUT
-    u = 1.0 / torch.where(large, xg, torch.full_like(xg, 2.0))
-    au = u.abs()
-    q_recip = _horner(au, au + b[0], b[1:])
-    use = large & torch.isfinite(1.0 / q_recip)  # Q~ underflows only when the top b's are 0: the plain form is exact
-    plain = _horner(xg, a[5], a[4::-1]) / _horner(ax, b[3], [*b[2::-1], 1.0])
-    return torch.where(use, xg * _horner(u, a[0], a[1:]) / q_recip, plain).reshape(x.shape).to(x.dtype)
-
-
-def _horner(t: torch.Tensor, leading, coefficients):
-    """``leading * t^n + c_1 * t^(n-1) + ... + c_n`` for ``coefficients`` c_1..c_n, as Mul and Add steps."""
-    for coefficient in coefficients:
-        leading = leading * t + coefficient
-    return leading
-
-
 def _example_input(model: torch.nn.Module, batch_size: int) -> torch.Tensor:
     parameter = next(model.parameters())
     return torch.randn((batch_size,) + model_input_size(model), dtype=parameter.dtype, device=parameter.device)
@@ -119,6 +92,102 @@ def decompose_rationals(program: torch.export.ExportedProgram) -> torch.export.E
     return program.run_decompositions({torch.ops.kat_timm.group_rational.default: group_rational_plain})
 
 
+def aoti_package(model: torch.nn.Module, path: PathLike, example_input: Optional[torch.Tensor] = None,
+                 dynamic_batch: bool = False) -> Path:
+    """An AOTInductor package of ``model`` (eval mode) at ``path`` (``.pt2``), for
+    ``torch._inductor.aoti_load_package``: the rationals are decomposed into pointwise ops first
+    (``decompose_rationals``), which inductor fuses with what surrounds them, so the package runs without kat_timm
+    and on any device inductor compiles for (the example input's)."""
+    import torch._inductor
+
+    program = decompose_rationals(export_program(model, example_input, dynamic_batch))
+    return Path(torch._inductor.aoti_compile_and_package(program, package_path=str(path)))
+
+
+def _rational_body(opset: int, bias: bool):
+    """The FunctionProto of ``kat_timm::GroupRational(x, numerator, denominator)`` (``GroupRationalBias`` with a
+    fourth input, the (C,) bias): ``group_rational_plain``'s math over x's last axis, in standard ops."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    nodes = []
+
+    def node(op_type: str, *inputs: str, **attributes) -> str:
+        output = f"_{len(nodes)}"
+        nodes.append(helper.make_node(op_type, list(inputs), [output], **attributes))
+        return output
+
+    def constant(value, dtype) -> str:
+        return node("Constant", value=numpy_helper.from_array(np.array(value, dtype=dtype)))
+
+    def horner(t: str, leading: str, coefficients) -> str:
+        for coefficient in coefficients:
+            leading = node("Add", node("Mul", leading, t), coefficient)
+        return leading
+
+    index = [constant([i], np.int64) for i in range(7)]
+    axis1 = constant([1], np.int64)
+    x = node("Add", "x", "bias") if bias else "x"
+    # (..., C) -> (..., G, C / G): each group's channels are one run of the last axis, its coefficients (G, 1) rows.
+    grouped_shape = node("Concat", node("Shape", x, end=-1), node("Shape", "denominator", start=0, end=1),
+                         constant([-1], np.int64), axis=0)
+    xg = node("Reshape", x, grouped_shape)
+    ax = node("Abs", xg)
+    a = [node("Slice", "numerator", index[i], index[i + 1], axis1) for i in range(6)]  # (1 or G, 1) each
+    abs_denominator = node("Abs", "denominator")
+    b = [node("Slice", abs_denominator, index[j], index[j + 1], axis1) for j in range(4)]
+    plain = node("Div", horner(xg, a[5], a[4::-1]), horner(ax, b[3], [b[2], b[1], b[0], constant(1.0, np.float32)]))
+    # |x| > LARGE_INPUT: the reciprocal form, as group_rational_plain (finite where x^5 would overflow).
+    large = node("Greater", ax, constant(LARGE_INPUT, np.float32))
+    u = node("Reciprocal", node("Where", large, xg, constant(2.0, np.float32)))
+    au = node("Abs", u)
+    q_recip = horner(au, node("Add", au, b[0]), b[1:])
+    inverse = node("Reciprocal", q_recip)
+    finite = node("Not", node("Or", node("IsInf", inverse), node("IsNaN", inverse)))
+    reciprocal_form = node("Div", node("Mul", xg, horner(u, a[0], a[1:])), q_recip)
+    y = node("Where", node("And", large, finite), reciprocal_form, plain)
+    nodes.append(helper.make_node("Reshape", [y, node("Shape", x)], ["y"]))
+    return helper.make_function(RATIONAL_DOMAIN, _RATIONAL_OPS[bias],
+                                ["x", "numerator", "denominator"] + (["bias"] if bias else []), ["y"], nodes,
+                                [helper.make_opsetid("", opset)])
+
+
+def rational_functions(opset: int = DEFAULT_OPSET) -> list:
+    """The ONNX function bodies (FunctionProto) of the ``kat_timm`` rational nodes, in standard ops of ``opset``."""
+    return [_rational_body(opset, bias) for bias in (False, True)]
+
+
+def _rational_translation():
+    """The ONNX translation of ``kat_timm::group_rational`` for ``torch.onnx.export``: one ``kat_timm`` node (the
+    channel axis moved last around it when it is not)."""
+    import onnxscript
+    from onnx.defs import OpSchema
+
+    domain = onnxscript.values.Opset(RATIONAL_DOMAIN, 1)
+    types = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
+    ops = {}
+    for bias, name in _RATIONAL_OPS.items():
+        inputs = ["x", "numerator", "denominator"] + (["bias"] if bias else [])
+        schema = OpSchema(name, RATIONAL_DOMAIN, 1, inputs=[OpSchema.FormalParameter(i, "T") for i in inputs],
+                          outputs=[OpSchema.FormalParameter("y", "T")], type_constraints=[("T", types, "")])
+        ops[bias] = onnxscript.values.Op(domain, name, schema)
+    standard = onnxscript.values.Opset("", DEFAULT_OPSET)
+
+    def translate(x, numerator, denominator, channel_dim: int, bias=None):
+        rank = len(x.shape)
+        cdim = channel_dim % rank
+        if cdim != rank - 1:
+            order = [d for d in range(rank) if d != cdim] + [cdim]
+            x = standard.Transpose(x, perm=order)
+        inputs = (x, numerator, denominator) + (() if bias is None else (bias,))
+        y = ops[bias is not None](*inputs)
+        if cdim != rank - 1:
+            y = standard.Transpose(y, perm=[order.index(d) for d in range(rank)])
+        return y
+
+    return translate
+
+
 def check_export_target(path: PathLike, opset: int) -> None:
     """ValueError for an opset a KAT can't be written in (or the installed onnx does not know), FileNotFoundError
     for a missing output folder."""
@@ -134,18 +203,20 @@ def check_export_target(path: PathLike, opset: int) -> None:
 
 
 def export_onnx(model: torch.nn.Module, path: PathLike, dynamic_batch: bool = False, opset: int = DEFAULT_OPSET,
-                batch_size: int = 1, example_input: Optional[torch.Tensor] = None) -> Path:
-    """Export ``model`` (in eval mode) to an ONNX file of standard ops, input ``images``, output ``logits``, checked
-    with ``onnx.checker`` and only then put at ``path`` (README, "ONNX"); ``batch_size``: the graph's fixed batch
-    (with ``dynamic_batch``, the tracing batch). A symbolic link at ``path`` is written through; a folder, device or
-    FIFO there raises :class:`kat_timm.files.OutputPathError`."""
+                batch_size: int = 1, example_input: Optional[torch.Tensor] = None,
+                inline_rationals: bool = False) -> Path:
+    """Export ``model`` (in eval mode) to an ONNX file, input ``images``, output ``logits``, checked with
+    ``onnx.checker`` and only then put at ``path`` (README, "Deployment"); ``batch_size``: the graph's fixed batch
+    (with ``dynamic_batch``, the tracing batch). The rationals are ``kat_timm`` nodes with standard-op function
+    bodies (the module docstring), or with ``inline_rationals`` those bodies inlined (standard ops only). A symbolic
+    link at ``path`` is written through; a folder, device or FIFO there raises :class:`kat_timm.files.OutputPathError`."""
     onnx = require_packages("onnx", "onnxscript")
     check_export_target(path, opset)
     path = Path(path)
     target = Path(output_target(path))  # a link's target; a device, FIFO or folder refused (a rename replaces them)
     if example_input is None:
         example_input = _example_input(model, batch_size)
-    program = decompose_rationals(export_program(model, example_input, dynamic_batch))
+    program = export_program(model, example_input, dynamic_batch)
     weight_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     external_data = weight_bytes > _EXTERNAL_DATA_BYTES
     # Written under a temporary name and renamed once checked, so a failed export leaves no file (and an existing
@@ -161,6 +232,7 @@ def export_onnx(model: torch.nn.Module, path: PathLike, dynamic_batch: bool = Fa
         torch.onnx.export(program, (example_input,), str(partial), input_names=[INPUT_NAME],
                           output_names=[OUTPUT_NAME], opset_version=opset, dynamo=True,
                           dynamic_shapes=({0: "batch"},) if dynamic_batch else None, external_data=external_data,
+                          custom_translation_table={torch.ops.kat_timm.group_rational.default: _rational_translation()},
                           verbose=False)
         written = next(entry.version for entry in onnx.load(str(partial), load_external_data=False).opset_import
                        if entry.domain in _STANDARD_DOMAINS)
@@ -168,6 +240,7 @@ def export_onnx(model: torch.nn.Module, path: PathLike, dynamic_batch: bool = Fa
             # The exporter keeps its own opset when the version converter fails, with only a log message.
             raise OpsetConversionError(f"the ONNX exporter could not convert the graph to opset {opset} (it wrote "
                                        f"opset {written}); use opset {DEFAULT_OPSET}")
+        _add_rational_functions(partial, opset, inline_rationals)
         onnx.checker.check_model(str(partial), full_check=True)
         if partial != target:
             os.replace(partial, target)
@@ -176,6 +249,51 @@ def export_onnx(model: torch.nn.Module, path: PathLike, dynamic_batch: bool = Fa
         if partial != target:
             partial.unlink(missing_ok=True)
     return path
+
+
+def _add_rational_functions(path: Path, opset: int, inline: bool) -> None:
+    """Give the ONNX file at ``path`` the function bodies of its ``kat_timm`` nodes (or inline them)."""
+    onnx = require_packages("onnx")
+    model = onnx.load(str(path), load_external_data=False)
+    used = {node.op_type for node in model.graph.node if node.domain == RATIONAL_DOMAIN}
+    if not used:
+        return
+    model.functions.extend(f for f in rational_functions(opset) if f.name in used)
+    if not any(entry.domain == RATIONAL_DOMAIN for entry in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(RATIONAL_DOMAIN, 1))
+    if inline:
+        import onnx.inliner
+
+        model = onnx.inliner.inline_local_functions(model)
+        del model.functions[:]
+        kept = [entry for entry in model.opset_import if entry.domain != RATIONAL_DOMAIN]
+        del model.opset_import[:]
+        model.opset_import.extend(kept)
+    onnx.save(model, str(path))
+
+
+def onnxruntime_session(path: PathLike, threads: Optional[int] = None, fast: bool = True):
+    """An ONNX Runtime CPU ``InferenceSession`` of an ONNX file; with ``fast`` (default) kat_timm's rational kernel
+    is registered, so the ``kat_timm`` nodes of files from ``export_onnx`` run in one native pass each.
+
+    Args:
+        path: the .onnx file.
+        threads: intra-op threads (default: ONNX Runtime's choice, one per core).
+        fast: register the kernel; False runs the function bodies, as a runtime without kat_timm does.
+
+    Raises:
+        MissingDependencyError: onnxruntime is not installed.
+        RuntimeError: ``fast`` and the kernel could not be built (no C compiler; the message says why).
+    """
+    onnxruntime = require_packages("onnxruntime", purpose="running an ONNX file")
+    options = onnxruntime.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    if fast:
+        from ..ops.rational_onnxruntime import onnxruntime_session_options
+
+        options = onnxruntime_session_options(options)
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def onnx_io_shapes(path: PathLike) -> Dict[str, List[Union[int, str]]]:
@@ -194,11 +312,12 @@ def onnx_op_domains(path: PathLike) -> Dict[str, set]:
 
 
 def check_onnx(path: PathLike, model: torch.nn.Module, batch_sizes: Sequence[int] = (2,),
-               seed: int = 0) -> Dict[int, float]:
+               seed: int = 0, fast: bool = False) -> Dict[int, float]:
     """{batch size: ||onnx - torch|| / ||torch||} of the ONNX file run by onnxruntime (CPU) and ``model`` on the
-    same random images."""
-    onnxruntime = require_packages("onnxruntime", purpose="checking an ONNX file")
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    same random images; ``fast``: with kat_timm's rational kernel registered (``onnxruntime_session``), else as a
+    runtime without kat_timm runs it."""
+    require_packages("onnxruntime", purpose="checking an ONNX file")
+    session = onnxruntime_session(path, fast=fast)
     input_name = session.get_inputs()[0].name
     parameter = next(model.parameters())
     generator = torch.Generator().manual_seed(seed)

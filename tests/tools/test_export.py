@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -14,6 +16,7 @@ import torch
 
 import kat_timm.tools.export as export_module
 from kat_timm.tools.export import (
+    RATIONAL_DOMAIN,
     MissingDependencyError,
     check_onnx,
     decompose_rationals,
@@ -23,6 +26,8 @@ from kat_timm.tools.export import (
     model_input_size,
     onnx_io_shapes,
     onnx_op_domains,
+    onnxruntime_session,
+    rational_functions,
     standard_domains_only,
 )
 from kat_timm.ops import group_rational_reference
@@ -112,29 +117,127 @@ def test_decomposed_program_has_plain_ops_only_and_matches(kat_tiny_32):
 
 
 @needs_onnx
-def test_onnx_file_has_standard_ops_only(onnx_file):
+def test_onnx_file_has_one_rational_node_each_with_a_standard_op_body(onnx_file):
     import onnx
+    import onnx.inliner
 
     domains = onnx_op_domains(onnx_file)
-    assert standard_domains_only(domains), f"non-standard domains: {set(domains) - {'', 'ai.onnx'}}"
+    assert set(domains) == {"", RATIONAL_DOMAIN}, domains
     model = onnx.load(str(onnx_file))
-    for node in model.graph.node:
-        assert node.domain in ("", "ai.onnx"), f"{node.op_type} in domain {node.domain!r}"
-    assert not model.functions, "no local functions (they could hide custom ops)"
-    ops = {node.op_type for node in model.graph.node}
-    assert {"Abs", "Div", "Mul", "Add"} <= ops
+    rationals = [node.op_type for node in model.graph.node if node.domain == RATIONAL_DOMAIN]
+    # act1 of 12 blocks, and act2 with fc1's bias folded in (on the CPU, kat_timm.ops.fuses_linear_bias).
+    assert sorted(rationals) == ["GroupRational"] * 12 + ["GroupRationalBias"] * 12
+    assert {(f.domain, f.name) for f in model.functions} == {(RATIONAL_DOMAIN, "GroupRational"),
+                                                              (RATIONAL_DOMAIN, "GroupRationalBias")}
+    for function in model.functions:
+        assert {node.domain for node in function.node} == {""}, f"{function.name}: a body of standard ops only"
+        assert {"Abs", "Div", "Mul", "Add", "Where"} <= {node.op_type for node in function.node}
     assert [entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")] == [18]
     onnx.checker.check_model(model, full_check=True)
     assert onnx_io_shapes(onnx_file) == {"images": ["batch", 3, 32, 32], "logits": ["batch", 1000]}
+    inlined = onnx.inliner.inline_local_functions(model)
+    assert standard_domains_only({node.domain: {node.op_type} for node in inlined.graph.node})
 
 
 @needs_onnx
 @needs_ort
-def test_onnxruntime_matches_pytorch_for_several_batch_sizes(onnx_file, kat_tiny_32):
-    errors = check_onnx(onnx_file, kat_tiny_32, batch_sizes=(2, 3, 1))
+def test_inline_rationals_writes_standard_ops_only(tmp_path):
+    import onnx
+
+    model = timm.create_model("kat_tiny", img_size=32, depth=1, num_classes=10).eval()
+    path = export_onnx(model, tmp_path / "inlined.onnx", inline_rationals=True)
+    assert standard_domains_only(onnx_op_domains(path))
+    assert not onnx.load(str(path)).functions, "no local functions left"
+    assert check_onnx(path, model, batch_sizes=(1,))[1] <= ONNX_RTOL
+
+
+@needs_onnx
+@needs_ort
+@pytest.mark.parametrize("fast", [False, True], ids=["function-bodies", "kat_timm-kernel"])
+def test_onnxruntime_matches_pytorch_for_several_batch_sizes(onnx_file, kat_tiny_32, fast):
+    errors = check_onnx(onnx_file, kat_tiny_32, batch_sizes=(2, 3, 1), fast=fast)
     assert set(errors) == {1, 2, 3}
     for batch, error in errors.items():
         assert error <= ONNX_RTOL, f"batch {batch}: relative error {error:.2e}"
+
+
+@needs_onnx
+@needs_ort
+def test_the_file_runs_where_kat_timm_is_not_imported(onnx_file, kat_tiny_32, tmp_path):
+    """Another process runs the file with plain onnxruntime (kat_timm never imported) and gets PyTorch's logits."""
+    import numpy as np
+
+    images = torch.randn(3, *model_input_size(kat_tiny_32), generator=torch.Generator().manual_seed(3))
+    np.save(tmp_path / "images.npy", images.numpy())
+    script = (
+        "import sys, numpy, onnxruntime\n"
+        f"session = onnxruntime.InferenceSession({str(onnx_file)!r}, providers=['CPUExecutionProvider'])\n"
+        f"images = numpy.load({str(tmp_path / 'images.npy')!r})\n"
+        f"numpy.save({str(tmp_path / 'logits.npy')!r}, session.run(None, {{'images': images}})[0])\n"
+        "assert not any(name.startswith('kat_timm') for name in sys.modules), 'kat_timm was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    with torch.inference_mode():
+        expected = kat_tiny_32(images)
+    assert relative_error(torch.from_numpy(np.load(tmp_path / "logits.npy")), expected) <= ONNX_RTOL
+
+
+@needs_onnx
+@needs_ort
+@pytest.mark.parametrize("shape,shared_numerator,scale", [((3, 50, 1024), True, 2.0), ((7, 40), False, 3.0),
+                                                          ((2, 197, 768), True, 1e4), ((1, 8), False, 1e37)])
+def test_onnxruntime_kernel_equals_the_function_body(shape, shared_numerator, scale, tmp_path):
+    """One kat_timm node run by the registered kernel and by its function body (many row tasks for the thread
+    pool, a per-group numerator, inputs on both sides of LARGE_INPUT up to float32's limit): the same values,
+    and the reference's."""
+    import numpy as np
+    import onnx
+    from onnx import helper
+
+    channels = shape[-1]
+    numerator, denominator = (t.detach() for t in random_coefficients(8, shared_numerator))
+    bias = torch.randn(channels)
+    x = torch.randn(shape) * scale
+    graph = helper.make_graph(
+        [helper.make_node("GroupRationalBias", ["x", "numerator", "denominator", "bias"], ["y"],
+                          domain=RATIONAL_DOMAIN)], "rational",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(shape))],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, list(shape))],
+        [onnx.numpy_helper.from_array(t.numpy(), name) for t, name in
+         ((numerator, "numerator"), (denominator, "denominator"), (bias, "bias"))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid(RATIONAL_DOMAIN, 1)],
+                              functions=rational_functions(18))
+    onnx.checker.check_model(model, full_check=True)
+    path = tmp_path / "rational.onnx"
+    onnx.save(model, str(path))
+    outputs = {fast: onnxruntime_session(path, threads=2, fast=fast).run(None, {"x": x.numpy()})[0]
+               for fast in (False, True)}
+    expected = group_rational_reference(x.double(), numerator.double(), denominator.double(), bias=bias.double())
+    for fast, y in outputs.items():
+        assert np.isfinite(y).all(), f"fast={fast}: non-finite values"
+        assert relative_error(torch.from_numpy(y), expected) <= 1e-5, f"fast={fast}"
+    np.testing.assert_allclose(outputs[True], outputs[False], rtol=2e-5, atol=1e-6 * np.abs(outputs[False]).max())
+
+
+@needs_ort
+def test_onnxruntime_kernel_names_a_wrong_input(tmp_path):
+    import onnx
+    from onnx import helper
+
+    graph = helper.make_graph(
+        [helper.make_node("GroupRational", ["x", "numerator", "denominator"], ["y"], domain=RATIONAL_DOMAIN)], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 20])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 20])],
+        [onnx.numpy_helper.from_array(torch.ones(1, 6).numpy(), "numerator"),
+         onnx.numpy_helper.from_array(torch.ones(8, 4).numpy(), "denominator")])
+    model = helper.make_model(graph, functions=rational_functions(18),
+                              opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(RATIONAL_DOMAIN, 1)])
+    path = tmp_path / "bad.onnx"
+    onnx.save(model, str(path))
+    session = onnxruntime_session(path, fast=True)
+    with pytest.raises(Exception, match="the last axis is not a multiple of G"):
+        session.run(None, {"x": torch.ones(2, 20).numpy()})
 
 
 @needs_ort
