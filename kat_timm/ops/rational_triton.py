@@ -35,6 +35,7 @@ loads and stores (one kernel is compiled per distinct group length; a KAT model 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -46,14 +47,16 @@ from .layout import check_column_bias
 from .rational_torch import COEFFICIENT_SUMS
 
 __all__ = [
-    "BACKWARD_PROGRAMS_PER_SM",
+    "DeviceLimits",
     "Launch",
     "backward_launch",
-    "backward_programs_per_sm",
+    "coefficient_grads_launch",
+    "device_limits",
     "forward_launch",
     "kernels_are_interpreted",
     "rational_backward_triton",
     "rational_forward_triton",
+    "resident_programs",
 ]
 
 _MAX_BLOCK_L = 128  # columns of a segment
@@ -61,12 +64,12 @@ _FORWARD_WARPS = 4
 _FORWARD_VECTORS = 4  # 16-byte vectors of x each forward thread loads (and of y it stores)
 _BACKWARD_WARPS = 4
 _BACKWARD_VECTORS = 2  # 16-byte vectors of x (and as many of the gradient) a backward thread loads per iteration
-# Backward programs resident per SM: the compiled kernel's real occupancy (registers per thread x threads), by
-# dtype, the same on sm_90a and sm_80, checked against the compiler by tests/ops/test_kernel_report.py. The grid is
-# sized in whole waves of this many programs per SM.
-BACKWARD_PROGRAMS_PER_SM = {torch.float32: 5, torch.bfloat16: 4, torch.float16: 4}
 _MAX_WAVES = 4
 _UNALIGNED_ELEMENTS = 4
+_SAFE_PROGRAMS_PER_SM = 4  # the large-|x| pass: its fixed grid (at most this many programs per SM) ...
+_SAFE_SCAN = 128  # ... each reading this many flags at once: one load per program up to 64K tiles on 128 SMs
+_INTERPRETED_PROGRAMS_PER_SM = 4  # the interpreter has no occupancy: a few programs, multi-program paths exercised
+_FINALIZE_ROWS = 256  # partial rows a coefficient-gradient program sums at once
 
 
 @triton.jit
@@ -96,6 +99,17 @@ def _segment_tile(pid_segment, K, GROUP_LEN: tl.constexpr, BLOCK_L: tl.constexpr
     cols = group * GROUP_LEN + in_group
     col_mask = in_group < GROUP_LEN
     return group, cols, col_mask
+
+
+@triton.jit
+def _tile_offsets(rows, cols, K, WIDE: tl.constexpr):
+    """Offsets of a [rows, cols] tile in a row-major (M, K) array, from its first row: 32-bit products unless
+    ``WIDE`` (BLOCK_M x K may pass 2^31; 64-bit offsets cost registers, so only that specialisation pays)."""
+    if WIDE:
+        offsets = rows[:, None].to(tl.int64) * K + cols[None, :]
+    else:
+        offsets = rows[:, None] * K + cols[None, :]
+    return offsets
 
 
 # Above this |x| an element is evaluated in the reciprocal form (the same bound as every other backend:
@@ -198,7 +212,7 @@ def _safe_terms(x, g, a0, a1, a2, a3, a4, a5, b1, b2, b3, b4):
 def _forward_program(
     pid, x_ptr, y_ptr, num_ptr, den_ptr, bias_ptr, flag_ptr, M, K, num_row_stride, segments,
     GROUP_LEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, CHUNKS: tl.constexpr,
-    EVEN_L: tl.constexpr, HAS_BIAS: tl.constexpr, SAFE: tl.constexpr,
+    EVEN_L: tl.constexpr, HAS_BIAS: tl.constexpr, WIDE: tl.constexpr, SAFE: tl.constexpr,
 ):
     pid_segment = pid % segments
     pid_m = pid // segments
@@ -206,7 +220,7 @@ def _forward_program(
     a0, a1, a2, a3, a4, a5, b1, b2, b3, b4 = _segment_coefficients(num_ptr, den_ptr, group, num_row_stride)
     rows = tl.arange(0, BLOCK_M)
     row0 = pid_m * BLOCK_M
-    offsets = rows[:, None] * K + cols[None, :]
+    offsets = _tile_offsets(rows, cols, K, WIDE)
     base = row0.to(tl.int64) * K
     mask = (row0 + rows < M)[:, None]
     if not EVEN_L:
@@ -232,28 +246,40 @@ def _group_rational_forward_kernel(
     num_ptr,  # (G, 6) rows, row stride num_row_stride (0: one shared row)
     den_ptr,  # (G, 4) contiguous
     bias_ptr,  # (K,) float32 input bias per column when HAS_BIAS (else any pointer, never read)
-    flag_ptr,  # int32 (programs,): written by the plain pass (1: the tile holds an |x| > LARGE_INPUT), read by SAFE
+    flag_ptr,  # int32 (tiles,): written by the plain pass (1: the tile holds an |x| > LARGE_INPUT), read by SAFE
     M,
     K,
     num_row_stride,
     segments,  # G * CHUNKS
+    tiles,  # programs of the plain pass: segments x cdiv(M, BLOCK_M)
     GROUP_LEN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_L: tl.constexpr,
     CHUNKS: tl.constexpr,
     EVEN_L: tl.constexpr,  # GROUP_LEN % BLOCK_L == 0: no column mask
     HAS_BIAS: tl.constexpr,
+    WIDE: tl.constexpr,  # BLOCK_M x K passes 2^31: 64-bit tile offsets
     SAFE: tl.constexpr,  # 0: the plain form, flags tiles with large inputs; 1: recompute the flagged tiles
+    SCAN: tl.constexpr,  # SAFE: flags each program reads at once
 ):
-    # One flat grid, segment fastest: neighbouring programs read neighbouring columns of the same rows.
-    pid = tl.program_id(0)
     if SAFE:
-        if tl.load(flag_ptr + pid) != 0:
-            _forward_program(pid, x_ptr, y_ptr, num_ptr, den_ptr, bias_ptr, flag_ptr, M, K, num_row_stride, segments,
-                             GROUP_LEN, BLOCK_M, BLOCK_L, CHUNKS, EVEN_L, HAS_BIAS, True)
+        # A small fixed grid (it does not grow with the input) walks the flags, program p taking tiles p, p + P, ...
+        # (flagged tiles, often neighbours, spread over the programs); nothing flagged: one vector load each.
+        programs = tl.num_programs(0)
+        for base in range(0, tiles, SCAN * programs):
+            tile = base + tl.arange(0, SCAN) * programs + tl.program_id(0)
+            if tl.max(tl.load(flag_ptr + tile, mask=tile < tiles, other=0), axis=0) != 0:
+                for j in range(0, SCAN):
+                    pid = base + j * programs + tl.program_id(0)
+                    if pid < tiles:
+                        if tl.load(flag_ptr + pid) != 0:
+                            _forward_program(pid, x_ptr, y_ptr, num_ptr, den_ptr, bias_ptr, flag_ptr, M, K,
+                                             num_row_stride, segments, GROUP_LEN, BLOCK_M, BLOCK_L, CHUNKS, EVEN_L,
+                                             HAS_BIAS, WIDE, True)
     else:
-        _forward_program(pid, x_ptr, y_ptr, num_ptr, den_ptr, bias_ptr, flag_ptr, M, K, num_row_stride, segments,
-                         GROUP_LEN, BLOCK_M, BLOCK_L, CHUNKS, EVEN_L, HAS_BIAS, False)
+        # One flat grid, segment fastest: neighbouring programs read neighbouring columns of the same rows.
+        _forward_program(tl.program_id(0), x_ptr, y_ptr, num_ptr, den_ptr, bias_ptr, flag_ptr, M, K, num_row_stride,
+                         segments, GROUP_LEN, BLOCK_M, BLOCK_L, CHUNKS, EVEN_L, HAS_BIAS, WIDE, False)
 
 
 @triton.jit
@@ -273,7 +299,7 @@ def _backward_program(
     pid, grad_ptr, x_ptr, dx_ptr, num_ptr, den_ptr, partial_ptr, bias_ptr, bias_partial_ptr, flag_ptr,
     M, K, num_row_stride, segments, rows_per_program,
     GROUP_LEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, CHUNKS: tl.constexpr,
-    EVEN_L: tl.constexpr, VEC: tl.constexpr, HAS_BIAS: tl.constexpr, SAFE: tl.constexpr,
+    EVEN_L: tl.constexpr, VEC: tl.constexpr, HAS_BIAS: tl.constexpr, WIDE: tl.constexpr, SAFE: tl.constexpr,
 ):
     pid_segment = pid % segments
     pid_m = pid // segments
@@ -297,11 +323,15 @@ def _backward_program(
         db = tl.zeros((BLOCK_M, BLOCK_L), dtype=tl.float32)
 
     rows = tl.arange(0, BLOCK_M)
-    offsets = rows[:, None] * K + cols[None, :]
+    offsets = _tile_offsets(rows, cols, K, WIDE)
     row_start = pid_m * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
-    # 64-bit base of the program's rows; offsets inside a BLOCK_M-row tile stay 32-bit.
+    # 64-bit base of the program's rows; offsets inside a BLOCK_M-row tile are 32-bit unless WIDE.
     start = row_start.to(tl.int64) * K
+    if WIDE:
+        step = K.to(tl.int64) * BLOCK_M
+    else:
+        step = K * BLOCK_M
     x_rows = x_ptr + start
     g_rows = grad_ptr + start
     dx_rows = dx_ptr + start
@@ -322,9 +352,9 @@ def _backward_program(
         tl.store(dx_rows + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if HAS_BIAS:
             db += dx
-        x_rows += BLOCK_M * K
-        g_rows += BLOCK_M * K
-        dx_rows += BLOCK_M * K
+        x_rows += step
+        g_rows += step
+        dx_rows += step
         s0 += _thread_sum(e0, BLOCK_M, BLOCK_L, VEC)
         s1 += _thread_sum(e1, BLOCK_M, BLOCK_L, VEC)
         s2 += _thread_sum(e2, BLOCK_M, BLOCK_L, VEC)
@@ -363,12 +393,13 @@ def _group_rational_backward_kernel(
     partial_ptr,  # fp32 (programs_m, segments, 10)
     bias_ptr,  # (K,) float32 input bias per column when HAS_BIAS
     bias_partial_ptr,  # fp32 (programs_m, K) per-column sums of dx when HAS_BIAS
-    flag_ptr,  # int32 (programs,): written by the plain pass (1: an |x| > LARGE_INPUT was seen), read by SAFE
+    flag_ptr,  # int32 (tiles,): written by the plain pass (1: an |x| > LARGE_INPUT was seen), read by SAFE
     M,
     K,
     num_row_stride,
     segments,
     rows_per_program,  # a multiple of BLOCK_M
+    tiles,  # programs of the plain pass: segments x programs_m
     GROUP_LEN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_L: tl.constexpr,
@@ -376,18 +407,27 @@ def _group_rational_backward_kernel(
     EVEN_L: tl.constexpr,
     VEC: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    WIDE: tl.constexpr,  # BLOCK_M x K passes 2^31: 64-bit tile offsets
     SAFE: tl.constexpr,  # 0: the plain form, flags programs with large inputs; 1: redo the flagged programs
+    SCAN: tl.constexpr,  # SAFE: flags each program reads at once
 ):
-    pid = tl.program_id(0)
-    if SAFE:
-        if tl.load(flag_ptr + pid) != 0:
-            _backward_program(pid, grad_ptr, x_ptr, dx_ptr, num_ptr, den_ptr, partial_ptr, bias_ptr, bias_partial_ptr,
-                              flag_ptr, M, K, num_row_stride, segments, rows_per_program, GROUP_LEN, BLOCK_M, BLOCK_L,
-                              CHUNKS, EVEN_L, VEC, HAS_BIAS, True)
+    if SAFE:  # as in the forward: a small fixed grid redoes the flagged programs' rows
+        programs = tl.num_programs(0)
+        for base in range(0, tiles, SCAN * programs):
+            tile = base + tl.arange(0, SCAN) * programs + tl.program_id(0)
+            if tl.max(tl.load(flag_ptr + tile, mask=tile < tiles, other=0), axis=0) != 0:
+                for j in range(0, SCAN):
+                    pid = base + j * programs + tl.program_id(0)
+                    if pid < tiles:
+                        if tl.load(flag_ptr + pid) != 0:
+                            _backward_program(pid, grad_ptr, x_ptr, dx_ptr, num_ptr, den_ptr, partial_ptr, bias_ptr,
+                                              bias_partial_ptr, flag_ptr, M, K, num_row_stride, segments,
+                                              rows_per_program, GROUP_LEN, BLOCK_M, BLOCK_L, CHUNKS, EVEN_L, VEC,
+                                              HAS_BIAS, WIDE, True)
     else:
-        _backward_program(pid, grad_ptr, x_ptr, dx_ptr, num_ptr, den_ptr, partial_ptr, bias_ptr, bias_partial_ptr,
-                          flag_ptr, M, K, num_row_stride, segments, rows_per_program, GROUP_LEN, BLOCK_M, BLOCK_L,
-                          CHUNKS, EVEN_L, VEC, HAS_BIAS, False)
+        _backward_program(tl.program_id(0), grad_ptr, x_ptr, dx_ptr, num_ptr, den_ptr, partial_ptr, bias_ptr,
+                          bias_partial_ptr, flag_ptr, M, K, num_row_stride, segments, rows_per_program, GROUP_LEN,
+                          BLOCK_M, BLOCK_L, CHUNKS, EVEN_L, VEC, HAS_BIAS, WIDE, False)
 
 
 @triton.jit
@@ -402,30 +442,33 @@ def _coefficient_grads_kernel(
     SHARED_NUMERATOR: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    # One program, a fixed order: the sums are reproducible bit for bit.
-    sums = tl.arange(0, 16)
-    sum_mask = sums < 10
-    shared = tl.zeros((16,), dtype=tl.float32)
-    for group in range(0, G):
-        total = tl.zeros((BLOCK_R, 16), dtype=tl.float32)
-        # Rows of the partials that belong to this group: (program p, chunk c) -> p * G * CHUNKS + group * CHUNKS + c.
-        for start in range(0, programs_m * CHUNKS, BLOCK_R):
+    # Grid (10, G): program (term, group) sums one of the ten coefficient sums (S0..S5, T1..T4) over the partials of
+    # one group, BLOCK_R rows at a time in a fixed order, so the sums are reproducible bit for bit. A shared
+    # numerator's six sums run over every group's rows, in programs (term, 0); programs (term < 6, group > 0) exit.
+    term = tl.program_id(0)
+    group = tl.program_id(1)
+    total = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    if (term < 6) & (SHARED_NUMERATOR == 1):
+        if group == 0:
+            rows_total = programs_m * G * CHUNKS
+            for start in range(0, rows_total, BLOCK_R):
+                r = start + tl.arange(0, BLOCK_R)
+                total += tl.load(partial_ptr + r.to(tl.int64) * 10 + term, mask=r < rows_total, other=0.0)
+            tl.store(grad_num_ptr + term, tl.sum(total, axis=0).to(grad_num_ptr.dtype.element_ty))
+    else:
+        # The group's rows of the partials: (program p, chunk c) -> p * G * CHUNKS + group * CHUNKS + c.
+        group_rows = programs_m * CHUNKS
+        for start in range(0, group_rows, BLOCK_R):
             r = start + tl.arange(0, BLOCK_R)
-            program = r // CHUNKS
-            row = program * (G * CHUNKS) + group * CHUNKS + r % CHUNKS
-            mask = (r < programs_m * CHUNKS)[:, None] & sum_mask[None, :]
-            total += tl.load(partial_ptr + row[:, None] * 10 + sums[None, :], mask=mask, other=0.0)
-        group_sums = tl.sum(total, axis=0)  # [16]: S0..S5, T1..T4, padding
-        b = tl.load(den_ptr + group * 4 + (sums - 6), mask=(sums >= 6) & sum_mask, other=0.0).to(tl.float32)
-        sign_b = tl.where(b < 0.0, -1.0, 1.0)
-        tl.store(grad_den_ptr + group * 4 + (sums - 6), (-sign_b * group_sums).to(grad_den_ptr.dtype.element_ty),
-                 mask=(sums >= 6) & sum_mask)
-        if SHARED_NUMERATOR:
-            shared += group_sums
+            row = (r // CHUNKS).to(tl.int64) * (G * CHUNKS) + group * CHUNKS + r % CHUNKS
+            total += tl.load(partial_ptr + row * 10 + term, mask=r < group_rows, other=0.0)
+        value = tl.sum(total, axis=0)
+        if term < 6:
+            tl.store(grad_num_ptr + group * 6 + term, value.to(grad_num_ptr.dtype.element_ty))
         else:
-            tl.store(grad_num_ptr + group * 6 + sums, group_sums.to(grad_num_ptr.dtype.element_ty), mask=sums < 6)
-    if SHARED_NUMERATOR:
-        tl.store(grad_num_ptr + sums, shared.to(grad_num_ptr.dtype.element_ty), mask=sums < 6)
+            b = tl.load(den_ptr + group * 4 + (term - 6)).to(tl.float32)
+            sign_b = tl.where(b < 0.0, -1.0, 1.0)
+            tl.store(grad_den_ptr + group * 4 + (term - 6), (-sign_b * value).to(grad_den_ptr.dtype.element_ty))
 
 
 def kernels_are_interpreted() -> bool:
@@ -434,20 +477,73 @@ def kernels_are_interpreted() -> bool:
 
 
 @dataclass(frozen=True)
+class DeviceLimits:
+    """What the launch configuration reads of a GPU: from the device at run time (``device_limits``), from the
+    target's data sheet in the static report (``kernel_report.TARGETS``).
+
+    Attributes:
+        sm_count: SMs (NVIDIA) or compute units (AMD).
+        warp_size: 32 on NVIDIA, 64 on AMD Instinct (CDNA).
+        registers_per_sm: 32-bit registers of an SM (NVIDIA).
+        threads_per_sm: resident threads per SM / CU.
+        blocks_per_sm: resident programs per SM / CU at most.
+        shared_per_sm: shared memory (LDS) bytes per SM / CU.
+        vgprs_per_simd: AMD: VGPRs a SIMD has per lane (512 on CDNA2/3, the accumulation registers included);
+            0 on NVIDIA.
+    """
+
+    sm_count: int
+    warp_size: int = 32
+    registers_per_sm: int = 65536
+    threads_per_sm: int = 2048
+    blocks_per_sm: int = 32
+    shared_per_sm: int = 228 * 1024
+    vgprs_per_simd: int = 0
+
+
+def resident_programs(limits: DeviceLimits, registers: int, num_warps: int, shared: int) -> int:
+    """Programs of a compiled kernel that one SM (CU) holds at once: the least of what its registers, threads,
+    block slots and shared memory allow.
+
+    Args:
+        limits: the device's limits.
+        registers: registers per thread (VGPRs on AMD), as the compiler allocated them.
+        num_warps: warps (wavefronts) per program.
+        shared: shared memory (LDS) bytes per program.
+    """
+    if limits.vgprs_per_simd:
+        # CDNA: a CU's 4 SIMDs each hold up to 8 wavefronts, as many as their VGPR file allows (granules of 8); a
+        # program's wavefronts are spread over the SIMDs.
+        waves_per_simd = min(8, limits.vgprs_per_simd // (math.ceil(max(registers, 1) / 8) * 8))
+        by_registers = 4 * waves_per_simd // num_warps
+        reserved = 0
+    else:
+        # NVIDIA: registers are allocated per warp in units of 256; each block reserves 1 KB of shared memory.
+        per_warp = math.ceil(max(registers, 1) * limits.warp_size / 256) * 256
+        by_registers = (limits.registers_per_sm // per_warp) // num_warps
+        reserved = 1024
+    by_threads = limits.threads_per_sm // (limits.warp_size * num_warps)
+    by_shared = limits.shared_per_sm // (shared + reserved) if shared else limits.blocks_per_sm
+    return max(0, min(by_registers, by_threads, limits.blocks_per_sm, by_shared))
+
+
+@dataclass(frozen=True)
 class Launch:
     """How one kernel is launched for one (M, G, L) shape and dtype: grid, tile and compile-time constants.
 
     Attributes:
-        grid: the (flat) grid, ``segments * programs_m`` programs.
+        grid: the (flat) grid of the plain pass, ``segments * programs_m`` programs.
+        safe_grid: the large-|x| pass's grid: a few programs per SM, whatever the input's size.
         segments: G * chunks, column segments of ``block_l`` columns each, inside one group.
         programs_m: programs along the rows.
         rows_per_program: rows each program walks (backward; the forward's programs own ``block_m`` rows).
-        constexprs: the kernel's compile-time arguments (GROUP_LEN, BLOCK_M, BLOCK_L, CHUNKS, EVEN_L[, VEC]).
+        constexprs: the kernel's compile-time arguments (GROUP_LEN, BLOCK_M, BLOCK_L, CHUNKS, EVEN_L, WIDE[, VEC]).
         num_warps: warps per program.
         num_stages: software-pipelining depth passed to the compiler.
     """
 
     grid: Tuple[int]
+    safe_grid: Tuple[int]
     segments: int
     programs_m: int
     rows_per_program: int
@@ -463,6 +559,8 @@ def _segment_shape(length: int, element_size: int) -> Tuple[int, int, int]:
     of two (<= 128) dividing L, so segments tile the group exactly with no masked lanes, and VEC is the elements of
     a 16-byte vector. Otherwise no access can be vectorised: VEC = 1 and one masked power of two covers L.
     """
+    if length == 0:  # an empty channel axis: nothing to launch, but a valid configuration
+        return 1, 0, 1
     if (length * element_size) % 16 == 0:
         block_l, vec = min(_MAX_BLOCK_L, length & -length), 16 // element_size
     else:
@@ -470,9 +568,9 @@ def _segment_shape(length: int, element_size: int) -> Tuple[int, int, int]:
     return block_l, triton.cdiv(length, block_l), vec
 
 
-def _block_m(block_l: int, elements_per_thread: int, num_warps: int) -> int:
+def _block_m(block_l: int, elements_per_thread: int, num_warps: int, warp_size: int) -> int:
     """Rows of a tile so that each thread holds ``elements_per_thread`` elements of it."""
-    return max(1, (32 * num_warps * elements_per_thread) // block_l)
+    return max(1, (warp_size * num_warps * elements_per_thread) // block_l)
 
 
 def _elements_per_thread(vec: int, vectors: int) -> int:
@@ -480,60 +578,111 @@ def _elements_per_thread(vec: int, vectors: int) -> int:
     return vec * vectors if vec > 1 else _UNALIGNED_ELEMENTS
 
 
-def forward_launch(rows: int, groups: int, length: int, element_size: int) -> Launch:
-    """Launch parameters of the forward kernel for an (M, G, L) input of ``element_size``-byte elements."""
+def _wide(block_m: int, columns: int) -> int:
+    """1 when a tile's offsets (up to BLOCK_M x K) or a step of BLOCK_M rows pass int32: the 64-bit specialisation."""
+    return int(block_m * columns >= 2**31)
+
+
+def _safe_grid(tiles: int, limits: DeviceLimits) -> Tuple[int]:
+    return (max(1, min(tiles, limits.sm_count * _SAFE_PROGRAMS_PER_SM)),)
+
+
+def forward_launch(rows: int, groups: int, length: int, element_size: int, limits: DeviceLimits) -> Launch:
+    """Launch parameters of the forward kernel for an (M, G, L) input of ``element_size``-byte elements on a device
+    with ``limits``. Any M, G, L >= 0 (an empty input gives an empty grid, which the launcher does not launch)."""
     block_l, chunks, vec = _segment_shape(length, element_size)
-    block_m = _block_m(block_l, _elements_per_thread(vec, _FORWARD_VECTORS), _FORWARD_WARPS)
+    block_m = _block_m(block_l, _elements_per_thread(vec, _FORWARD_VECTORS), _FORWARD_WARPS, limits.warp_size)
     segments = groups * chunks
     programs_m = triton.cdiv(rows, block_m)
     return Launch(
-        grid=(segments * programs_m,), segments=segments, programs_m=programs_m, rows_per_program=block_m,
+        grid=(segments * programs_m,), safe_grid=_safe_grid(segments * programs_m, limits), segments=segments,
+        programs_m=programs_m, rows_per_program=block_m,
         constexprs=dict(GROUP_LEN=length, BLOCK_M=block_m, BLOCK_L=block_l, CHUNKS=chunks,
-                        EVEN_L=int(length % block_l == 0)),
+                        EVEN_L=int(length % block_l == 0), WIDE=_wide(block_m, groups * length)),
         num_warps=_FORWARD_WARPS,
     )
 
 
-def backward_programs_per_sm(dtype: torch.dtype) -> int:
-    """Programs of the backward kernel that fit on one SM at once (see ``BACKWARD_PROGRAMS_PER_SM``)."""
-    return BACKWARD_PROGRAMS_PER_SM.get(dtype, 4)
-
-
-def backward_launch(rows: int, groups: int, length: int, dtype: torch.dtype, sm_count: int) -> Launch:
+def backward_launch(rows: int, groups: int, length: int, element_size: int, limits: DeviceLimits,
+                    programs_per_sm: int) -> Launch:
     """Launch parameters of the backward kernel.
 
     Each program walks ``rows_per_program`` rows (a multiple of BLOCK_M) of one segment. Among grids of 1 to
-    ``_MAX_WAVES`` whole waves (``sm_count`` SMs x the kernel's resident programs per SM), the one with the least
-    work on the busiest slot wins (waves x rows per program); ties go to the smaller grid (fewer partial sums).
+    ``_MAX_WAVES`` whole waves (``limits.sm_count`` SMs x ``programs_per_sm``, the compiled kernel's resident
+    programs: ``resident_programs``), the one with the least work on the busiest slot wins (waves x rows per
+    program); ties go to the smaller grid (fewer partial sums). The tile (``constexprs``) does not depend on
+    ``programs_per_sm``. Any M, G, L >= 0 (an empty input gives an empty grid).
     """
-    element_size = torch.empty((), dtype=dtype).element_size()
     block_l, chunks, vec = _segment_shape(length, element_size)
-    block_m = _block_m(block_l, _elements_per_thread(vec, _BACKWARD_VECTORS), _BACKWARD_WARPS)
+    block_m = _block_m(block_l, _elements_per_thread(vec, _BACKWARD_VECTORS), _BACKWARD_WARPS, limits.warp_size)
     segments = groups * chunks
-    slots = sm_count * backward_programs_per_sm(dtype)
+    slots = limits.sm_count * max(1, programs_per_sm)
     row_tiles = triton.cdiv(rows, block_m)
-    best = None
-    for waves in range(1, _MAX_WAVES + 1):
-        programs_m = max(1, min(row_tiles, (waves * slots) // segments))
-        rows_per_program = triton.cdiv(row_tiles, programs_m) * block_m
-        programs_m = triton.cdiv(rows, rows_per_program)
-        cost = (triton.cdiv(programs_m * segments, slots) * rows_per_program, programs_m)
-        if best is None or cost < best[0]:
-            best = (cost, programs_m, rows_per_program)
-    _, programs_m, rows_per_program = best
+    programs_m, rows_per_program = 0, block_m
+    if row_tiles and segments:
+        best = None
+        for waves in range(1, _MAX_WAVES + 1):
+            programs_m = max(1, min(row_tiles, (waves * slots) // segments))
+            rows_per_program = triton.cdiv(row_tiles, programs_m) * block_m
+            programs_m = triton.cdiv(rows, rows_per_program)
+            cost = (triton.cdiv(programs_m * segments, slots) * rows_per_program, programs_m)
+            if best is None or cost < best[0]:
+                best = (cost, programs_m, rows_per_program)
+        _, programs_m, rows_per_program = best
     return Launch(
-        grid=(segments * programs_m,), segments=segments, programs_m=programs_m, rows_per_program=rows_per_program,
+        grid=(segments * programs_m,), safe_grid=_safe_grid(segments * programs_m, limits), segments=segments,
+        programs_m=programs_m, rows_per_program=rows_per_program,
         constexprs=dict(GROUP_LEN=length, BLOCK_M=block_m, BLOCK_L=block_l, CHUNKS=chunks,
-                        EVEN_L=int(length % block_l == 0), VEC=vec),
+                        EVEN_L=int(length % block_l == 0), VEC=vec, WIDE=_wide(block_m, groups * length)),
         num_warps=_BACKWARD_WARPS,
     )
 
 
+def coefficient_grads_launch(groups: int) -> Tuple[int, int]:
+    """The coefficient-gradient kernel's grid: one program per (coefficient sum, group)."""
+    return (COEFFICIENT_SUMS, groups)
+
+
 @functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: a few programs, so the multi-program paths are exercised
+def device_limits(device: torch.device) -> DeviceLimits:
+    """The launch-relevant limits of ``device``, read from it (torch's ROCm build reports AMD GPUs as "cuda"
+    devices: their 64-wide wavefronts and VGPR files are taken as such). CPU tensors (the interpreter): a few
+    pretend SMs, so the multi-program paths are exercised."""
+    if device.type != "cuda":
+        return DeviceLimits(sm_count=4)
+    props = torch.cuda.get_device_properties(device)
+    amd = torch.version.hip is not None
+    return DeviceLimits(
+        sm_count=props.multi_processor_count,
+        warp_size=props.warp_size,
+        registers_per_sm=getattr(props, "regs_per_multiprocessor", 65536),
+        threads_per_sm=props.max_threads_per_multi_processor,
+        shared_per_sm=props.shared_memory_per_multiprocessor,
+        vgprs_per_simd=512 if amd else 0,
+    )
+
+
+_BACKWARD_RESIDENT = {}
+
+
+def _backward_programs_per_sm(x3: torch.Tensor, limits: DeviceLimits, launch: Launch, has_bias: int, args) -> int:
+    """Resident programs per SM of the backward kernel compiled for this (device, dtype, tile): read from the
+    compiled kernel (registers, shared memory, warps) at its first launch and cached, so the grid is sized in whole
+    waves of what really fits, whatever the Triton version or GPU. ``args``: a callable giving the kernel's runtime
+    arguments (only their types and alignment matter), called on the first launch only."""
+    if kernels_are_interpreted():
+        return _INTERPRETED_PROGRAMS_PER_SM
+    key = (x3.device, x3.dtype, has_bias, tuple(sorted(launch.constexprs.items())))
+    resident = _BACKWARD_RESIDENT.get(key)
+    if resident is None:
+        compiled = _group_rational_backward_kernel.warmup(
+            *args(), grid=launch.grid, num_warps=launch.num_warps, num_stages=launch.num_stages, HAS_BIAS=has_bias,
+            SAFE=0, SCAN=_SAFE_SCAN, **launch.constexprs,
+        )
+        compiled._init_handles()  # loads the module: n_regs is known from here on
+        resident = resident_programs(limits, compiled.n_regs, launch.num_warps, compiled.metadata.shared)
+        _BACKWARD_RESIDENT[key] = resident = max(1, resident)
+    return resident
 
 
 def _coefficients(numerator: torch.Tensor, denominator: torch.Tensor):
@@ -571,21 +720,23 @@ def rational_forward_triton(
     x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, bias: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
     """Forward on a contiguous (M, G, L) view: F(x3 + bias) (bias: None or float32 (G, L), one value per column);
-    returns a new tensor of x3's dtype."""
+    returns a new tensor of x3's dtype. Two launches: the plain pass over the whole input, then the large-|x| pass
+    (a fixed small grid that recomputes only the tiles the first flagged)."""
     rows, groups, length = x3.shape
     out = torch.empty_like(x3)
+    if out.numel() == 0:
+        return out
     num, num_row_stride, den = _coefficients(numerator, denominator)
     bias_arg, has_bias = _bias_columns(bias, x3)
-    launch = forward_launch(rows, groups, length, x3.element_size())
+    launch = forward_launch(rows, groups, length, x3.element_size(), device_limits(x3.device))
     flags = torch.empty(launch.grid[0], dtype=torch.int32, device=x3.device)
-    args = (x3, out, num, den, bias_arg, flags, rows, groups * length, num_row_stride, launch.segments)
+    args = (x3, out, num, den, bias_arg, flags, rows, groups * length, num_row_stride, launch.segments, launch.grid[0])
     with _on_device(x3):
-        # The plain pass, then the reciprocal form for the tiles it flagged (a pass of programs that mostly exit at
-        # once: no host sync, so CUDA graphs can capture both).
-        for safe in (0, 1):
-            _group_rational_forward_kernel[launch.grid](
+        # No host sync between the passes, so CUDA graphs can capture both.
+        for safe, grid in ((0, launch.grid), (1, launch.safe_grid)):
+            _group_rational_forward_kernel[grid](
                 *args, num_warps=launch.num_warps, num_stages=launch.num_stages, HAS_BIAS=has_bias, SAFE=safe,
-                **launch.constexprs,
+                SCAN=_SAFE_SCAN, **launch.constexprs,
             )
     return out
 
@@ -597,7 +748,8 @@ def rational_backward_triton(
     denominator: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Backward on contiguous (M, G, L) views of F(x3 + bias).
+    """Backward on contiguous (M, G, L) views of F(x3 + bias). Three launches: the plain pass, the large-|x| pass
+    (a fixed small grid) and the coefficient-gradient reduction (one program per coefficient sum and group).
 
     Returns:
         grad_x (x3's dtype), the gradients of numerator and denominator (their shapes and dtypes) and, with a bias,
@@ -606,27 +758,41 @@ def rational_backward_triton(
     rows, groups, length = x3.shape
     cols = groups * length
     grad_x = torch.empty_like(x3)
-    num, num_row_stride, den = _coefficients(numerator, denominator)
     bias_arg, has_bias = _bias_columns(bias, x3)
-    launch = backward_launch(rows, groups, length, x3.dtype, _sm_count(x3.device))
-    partials = torch.empty(launch.programs_m, launch.segments, COEFFICIENT_SUMS, dtype=torch.float32,
-                           device=x3.device)
-    bias_partials = torch.empty(launch.programs_m, cols, dtype=torch.float32, device=x3.device) if has_bias \
-        else partials
-    grad_numerator = torch.empty(numerator.shape, dtype=numerator.dtype, device=x3.device)
-    grad_denominator = torch.empty(denominator.shape, dtype=denominator.dtype, device=x3.device)
-    flags = torch.empty(launch.grid[0], dtype=torch.int32, device=x3.device)
-    args = (grad3, x3, grad_x, num, den, partials, bias_arg, bias_partials, flags, rows, cols, num_row_stride,
-            launch.segments, launch.rows_per_program)
+    if x3.numel() == 0:  # no element: every sum is zero
+        bias_sums = torch.zeros(groups, length, dtype=torch.float32, device=x3.device) if has_bias else None
+        return grad_x, torch.zeros_like(numerator), torch.zeros_like(denominator), bias_sums
+    num, num_row_stride, den = _coefficients(numerator, denominator)
+    limits = device_limits(x3.device)
     with _on_device(x3):
-        for safe in (0, 1):  # as in the forward: programs that saw an |x| > LARGE_INPUT redo their rows
-            _group_rational_backward_kernel[launch.grid](
+        launch = backward_launch(rows, groups, length, x3.element_size(), limits, 1)  # the tile only
+
+        def probe_args():
+            scratch = torch.empty(16, dtype=torch.float32, device=x3.device)
+            flags = torch.empty(16, dtype=torch.int32, device=x3.device)
+            return (grad3, x3, grad_x, num, den, scratch, bias_arg, scratch, flags, rows, cols, num_row_stride,
+                    launch.segments, launch.rows_per_program * 16, launch.grid[0])
+
+        resident = _backward_programs_per_sm(x3, limits, launch, has_bias, probe_args)
+        launch = backward_launch(rows, groups, length, x3.element_size(), limits, resident)
+        partials = torch.empty(launch.programs_m, launch.segments, COEFFICIENT_SUMS, dtype=torch.float32,
+                               device=x3.device)
+        bias_partials = torch.empty(launch.programs_m, cols, dtype=torch.float32, device=x3.device) if has_bias \
+            else partials
+        grad_numerator = torch.empty(numerator.shape, dtype=numerator.dtype, device=x3.device)
+        grad_denominator = torch.empty(denominator.shape, dtype=denominator.dtype, device=x3.device)
+        flags = torch.empty(launch.grid[0], dtype=torch.int32, device=x3.device)
+        args = (grad3, x3, grad_x, num, den, partials, bias_arg, bias_partials, flags, rows, cols, num_row_stride,
+                launch.segments, launch.rows_per_program, launch.grid[0])
+        for safe, grid in ((0, launch.grid), (1, launch.safe_grid)):
+            _group_rational_backward_kernel[grid](
                 *args, num_warps=launch.num_warps, num_stages=launch.num_stages, HAS_BIAS=has_bias, SAFE=safe,
-                **launch.constexprs,
+                SCAN=_SAFE_SCAN, **launch.constexprs,
             )
-        _coefficient_grads_kernel[(1,)](
+        _coefficient_grads_kernel[coefficient_grads_launch(groups)](
             partials, den, grad_numerator, grad_denominator, launch.programs_m, groups,
-            CHUNKS=launch.constexprs["CHUNKS"], SHARED_NUMERATOR=int(num.shape[0] == 1), BLOCK_R=64, num_warps=4,
+            CHUNKS=launch.constexprs["CHUNKS"], SHARED_NUMERATOR=int(num.shape[0] == 1), BLOCK_R=_FINALIZE_ROWS,
+            num_warps=4,
         )
     bias_sums = bias_partials.sum(0).view(groups, length) if has_bias else None
     return grad_x, grad_numerator, grad_denominator, bias_sums

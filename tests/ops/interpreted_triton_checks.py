@@ -63,6 +63,22 @@ def test_triton_zero_denominator_and_channels_last():
 def test_triton_deterministic():
     assert_backward_deterministic(torch.randn(64, 96), *random_coefficients(8))  # per-column partials
     assert_backward_deterministic(torch.randn(40, 2048), *random_coefficients(8))  # one group per tile
+    # The coefficient-gradient reduction runs one program per (sum, group): per-group numerators too.
+    assert_backward_deterministic(torch.randn(9, 3 * 48), *random_coefficients(3, shared_numerator=False))
+
+
+def test_triton_launchers_take_empty_inputs():
+    """The launchers themselves (not only the op, which returns early) take inputs without elements."""
+    from kat_timm.ops.rational_triton import rational_backward_triton, rational_forward_triton
+
+    numerator, denominator = (t.detach() for t in random_coefficients(8))
+    for shape in [(0, 8, 3), (4, 8, 0)]:
+        x3 = torch.empty(shape)
+        assert rational_forward_triton(x3, numerator, denominator).shape == shape
+        grad_x, grad_num, grad_den, bias_sums = rational_backward_triton(x3, x3, numerator, denominator,
+                                                                         bias=torch.zeros(shape[1:]))
+        assert grad_x.shape == shape and bias_sums.shape == shape[1:], shape
+        assert not grad_num.any() and not grad_den.any() and not bias_sums.any(), shape
 
 
 def _low_precision_rtol(dtype, exact: torch.Tensor) -> float:

@@ -1,6 +1,8 @@
 """The Triton kernels' resources, from a static compile for sm_90a and sm_80 (Triton's compiler and bundled ptxas run
 without a GPU): no spills, 16-byte vector I/O, enough loads in flight per SM to reach HBM bandwidth at KAT shapes,
 and a grid sized from the kernel's real occupancy."""
+import re
+
 import pytest
 import torch
 
@@ -35,14 +37,15 @@ def test_kat_shapes_reach_bandwidth_on_sm90(label, shape, dtype, direction):
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_backward_grid_uses_real_occupancy(arch, dtype):
+    # The grid is sized from the compiled kernel's resources through the same function the launcher calls at its
+    # first launch on a GPU (rational_triton.resident_programs), so what is reported is what runs.
     for label, shape in KAT_SHAPES:
         r = kernel_resources("backward", shape, dtype, arch)
-        assumed = rational_triton.backward_programs_per_sm(dtype)
-        assert r.programs_per_sm == assumed, (
-            f"{label} {dtype} {arch}: the compiled backward fits {r.programs_per_sm} programs per SM "
-            f"({r.registers} registers), the grid is sized for {assumed}: "
-            "update BACKWARD_PROGRAMS_PER_SM in kat_timm/ops/rational_triton.py"
-        )
+        limits = ARCHS[arch].limits
+        expected = rational_triton.resident_programs(limits, r.registers, r.num_warps, r.shared_bytes)
+        assert r.programs_per_sm == expected >= 1, f"{label} {dtype} {arch}: {r.programs_per_sm} vs {expected}"
+        launch = rational_triton.backward_launch(*shape, dtype.itemsize, limits, r.programs_per_sm)
+        assert r.grid == launch.grid[0], f"{label} {dtype} {arch}: the report's grid is not the launcher's"
         assert r.vectorised and r.spill_bytes == 0, f"{label} {dtype} {arch}"
 
 
@@ -56,8 +59,9 @@ def test_odd_shapes_do_not_spill(shape, dtype, direction):
 
 def test_backward_grid_fills_whole_waves():
     # KAT-B act2 at batch 128: enough rows for several waves; the grid must not leave a ragged last wave.
-    launch = rational_triton.backward_launch(128 * 197, 8, 384, torch.bfloat16, 132)
-    slots = 132 * rational_triton.backward_programs_per_sm(torch.bfloat16)
+    limits = rational_triton.DeviceLimits(sm_count=132)
+    launch = rational_triton.backward_launch(128 * 197, 8, 384, 2, limits, 4)
+    slots = 132 * 4
     waves = -(-launch.grid[0] // slots)
     assert launch.grid[0] / (waves * slots) >= 0.9, f"{launch.grid[0]} programs on {slots} slots: ragged last wave"
     assert launch.programs_m * launch.rows_per_program >= 128 * 197
@@ -76,7 +80,60 @@ def test_finalize_kernel_compiles_without_spills():
     partials = torch.empty(16, dtype=torch.float32)
     kernel = compile_for(
         rational_triton._coefficient_grads_kernel, [partials, partials, partials, partials, 55, 8],
-        dict(CHUNKS=3, SHARED_NUMERATOR=1, BLOCK_R=64), num_warps=4, num_stages=1, arch="sm_90a",
+        dict(CHUNKS=3, SHARED_NUMERATOR=1, BLOCK_R=rational_triton._FINALIZE_ROWS), num_warps=4, num_stages=1,
+        arch="sm_90a",
     )
     registers, spills, stack = ptxas_info(kernel.asm["ptx"], "sm_90a")
     assert spills == 0 and stack == 0 and registers < 255
+
+
+# A data pointer (x, y, grad, dx: bf16 here) moved by a 32-bit offset: ``tt.addptr`` of a bf16 pointer (or tensor
+# of them) with an i32 offset, and 32-bit products of tensors (the tile offsets rows x K).
+_NARROW_ADDRESS = re.compile(r"tt\.addptr .*: (?:tensor<[0-9x]+x)?!tt\.ptr<bf16>>?, (?:tensor<[0-9x]+x)?i32>?"
+                             r"|arith\.muli .*: tensor<[0-9x]+xi32>")
+
+
+@pytest.mark.parametrize("direction,shape", [
+    ("forward", (600, 8, 528392)),  # the review's example: BLOCK_M = 512, 512 x K = 2.16e9 > 2^31
+    ("backward", (600, 8, 1048584)),  # BLOCK_M = 256: 256 x K = 2.15e9
+], ids=["forward", "backward"])
+def test_offsets_past_int32_are_64_bit(direction, shape):
+    """channel_dim=1 with a large C x H x W: the tile offsets and the row step (BLOCK_M x K) pass 2^31. The
+    launcher picks the WIDE specialisation there, whose address arithmetic on the data pointers is 64-bit."""
+    rows, groups, length = shape
+    limits = ARCHS["sm_90a"].limits
+    launch = (rational_triton.forward_launch(rows, groups, length, 2, limits) if direction == "forward"
+              else rational_triton.backward_launch(rows, groups, length, 2, limits, 4))
+    assert launch.constexprs["BLOCK_M"] * groups * length >= 2**31, "the shape no longer crosses 2^31"
+    assert launch.constexprs["WIDE"] == 1
+    r = kernel_resources(direction, shape, torch.bfloat16, "sm_90a", keep_ir=True)
+    narrow = [line.strip()[:160] for line in r.ttir.splitlines() if _NARROW_ADDRESS.search(line)]
+    assert not narrow, f"{direction} {shape}: 32-bit address arithmetic on the data:\n" + "\n".join(narrow)
+    assert r.spill_bytes == 0 and r.stack_bytes == 0
+    # The usual shapes keep the 32-bit tile offsets (fewer registers): WIDE only where needed.
+    assert rational_triton.forward_launch(128 * 197, 8, 384, 2, limits).constexprs["WIDE"] == 0
+
+
+def test_launchers_accept_empty_shapes():
+    limits = rational_triton.DeviceLimits(sm_count=132)
+    for rows, groups, length in [(0, 8, 24), (5, 8, 0), (0, 1, 0)]:
+        forward = rational_triton.forward_launch(rows, groups, length, 4, limits)
+        backward = rational_triton.backward_launch(rows, groups, length, 4, limits, 4)
+        assert forward.grid == (0,) and backward.grid == (0,), (rows, groups, length)
+        assert backward.programs_m == 0 and backward.rows_per_program >= 1
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_large_input_pass_grid_does_not_grow(direction):
+    """The large-|x| pass is a fixed grid of a few programs per SM walking the first pass's flags: at most
+    4 x SMs programs, the same for KAT-B act2 at batch 128 and at batch 1024."""
+    limits = rational_triton.DeviceLimits(sm_count=132)
+    grids = []
+    for batch in (1, 128, 1024):
+        shape = (batch * 197, 8, 384)
+        launch = (rational_triton.forward_launch(*shape, 2, limits) if direction == "forward"
+                  else rational_triton.backward_launch(*shape, 2, limits, 4))
+        assert launch.safe_grid[0] <= 4 * 132 and launch.safe_grid[0] <= max(1, launch.grid[0])
+        grids.append(launch.safe_grid[0])
+    assert grids[1] == grids[2], f"{direction}: the large-|x| grid grew with the input: {grids}"
+    assert rational_triton.coefficient_grads_launch(8) == (10, 8)
