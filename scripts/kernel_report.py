@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Resource report of the Triton kernels, compiled for a GPU without one; see README, "Benchmarks"."""
+"""Resource report of the Triton kernels, compiled for GPUs without one; see scripts/README.md, "Kernel report"."""
 from __future__ import annotations
 
 import argparse
@@ -10,9 +10,10 @@ import sys
 
 import torch
 
-from kat_timm.ops.kernel_report import ARCHS, TOKENS, kat_shapes, report_rows
+from kat_timm.ops.kernel_report import ARCHS, TOKENS, kat_shapes, op_launches, report_rows
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+VARIANTS = {"plain": (False, False), "bias": (True, False), "safe": (False, True), "safe+bias": (True, True)}
 ODD_SHAPES = [("odd C=40 (L=5)", (37, 8, 5)), ("odd C=168 (L=21)", (1000, 8, 21)),
               ("image 2x40x5x3 (L=75)", (2, 8, 75)), ("C=96 (L=12)", (640, 8, 12))]
 
@@ -21,9 +22,12 @@ def main(argv=None) -> int:
     """Compile the kernels, print the markdown report, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", nargs="+", choices=sorted(ARCHS), default=sorted(ARCHS), help="targets")
+    parser.add_argument("--arch", nargs="+", choices=sorted(ARCHS) + ["all"], default=["sm_80", "sm_90a"],
+                        help="targets (all: every one; default: sm_80 sm_90a)")
     parser.add_argument("--batch", nargs="+", type=int, default=[128, 1], help="batch sizes (x 197 tokens)")
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=sorted(DTYPES))
+    parser.add_argument("--variant", nargs="+", choices=sorted(VARIANTS) + ["all"], default=["plain"],
+                        help="kernel variants: plain, bias (input bias), safe (the large-|x| pass), safe+bias; all")
     parser.add_argument("--odd", action="store_true", help="also report odd shapes (masked, unaligned)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
@@ -31,31 +35,43 @@ def main(argv=None) -> int:
         parser.error("--batch values must be >= 1")
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         parser.error(f"--json {args.json}: the folder {os.path.dirname(os.path.abspath(args.json))} does not exist")
+    arches = list(ARCHS) if "all" in args.arch else list(dict.fromkeys(args.arch))
+    variants = list(VARIANTS) if "all" in args.variant else list(dict.fromkeys(args.variant))
     shapes = []
     for batch in args.batch:
         shapes += [(f"{label} batch {batch}", shape) for label, shape in kat_shapes(batch)]
     if args.odd:
         shapes += ODD_SHAPES
     try:
-        rows = report_rows(shapes, [DTYPES[d] for d in args.dtype], args.arch)
-    except RuntimeError as error:  # ptxas missing or failing: one line, not a traceback
+        rows = report_rows(shapes, [DTYPES[d] for d in args.dtype], arches,
+                           variants=[(name, *VARIANTS[name]) for name in variants])
+        launches = {arch: op_launches((128 * TOKENS, 8, 24), torch.float32, arch) for arch in arches}
+    except RuntimeError as error:  # a bundled tool missing or failing: one line, not a traceback
         print(f"kernel_report: {error}", file=sys.stderr)
         return 1
     import triton
 
     print(f"# Triton kernel resources ({datetime.date.today().isoformat()}, triton {triton.__version__}, "
           f"static compile, no GPU needed)\n")
-    for arch in args.arch:
+    for arch in arches:
         a = ARCHS[arch]
-        print(f"{arch} ({a.device}: {a.sm_count} SMs, {a.hbm_bytes_per_s / 1e12:.1f} TB/s, latency "
-              f"{a.latency_s * 1e6:.1f} us assumed): {a.needed_in_flight / 1024:.1f} KB in flight per SM keep HBM busy.")
-    print(f"\nRows are (M, G, L) with M = batch x {TOKENS} tokens. Loads and stores are bytes per thread per "
-          "iteration (16-byte vector / narrower).\n")
-    print("| arch | shape | (M, G, L) | dtype | kernel | regs | spill B | stack B | smem B | warps | programs/SM | "
-          "occupancy | load B (vec/narrow) | store B (vec/narrow) | in flight/SM | HBM bound |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        unit = "CU" if a.backend == "hip" else "SM"
+        print(f"- {arch} ({a.device}: {a.sm_count} {unit}s, warp {a.warp_size}, {a.hbm_bytes_per_s / 1e12:.2f} TB/s, "
+              f"latency {a.latency_s * 1e6:.1f} us assumed): {a.needed_in_flight / 1024:.1f} KB in flight per {unit} "
+              f"keep HBM busy." + (f" Note: {a.note}." if a.note else ""))
+    print("\nThe op at (128 x 197, 192) fp32 (KAT-T act1), launches and the programs each starts:\n")
+    for arch, ops in launches.items():
+        print(f"- {arch}: " + "; ".join(f"{direction}: {len(kernels)} launches ("
+                                         + ", ".join(f"{name} {programs}" for name, programs in kernels) + ")"
+                                         for direction, kernels in ops.items()))
+    print(f"\nRows are (M, G, L) with M = batch x {TOKENS} tokens. Registers are VGPRs (SGPRs after the slash) on AMD. "
+          "Loads and stores are bytes per thread per iteration (16-byte vector / narrower).\n")
+    print("| arch | shape | (M, G, L) | dtype | kernel | variant | regs | spill B | stack B | smem B | warps | "
+          "programs/SM | occupancy | load B (vec/narrow) | store B (vec/narrow) | in flight/SM | HBM bound |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['arch']} | {r['label']} | {r['shape']} | {r['dtype']} | {r['kernel']} | {r['registers']} | "
+        regs = f"{r['registers']}/{r['sgprs']}" if r["sgprs"] is not None else f"{r['registers']}"
+        print(f"| {r['arch']} | {r['label']} | {r['shape']} | {r['dtype']} | {r['kernel']} | {r['variant']} | {regs} | "
               f"{r['spill_bytes']} | {r['stack_bytes']} | {r['shared_bytes']} | {r['num_warps']} | "
               f"{r['programs_per_sm']} | {r['occupancy']:.2f} | {r['vector_load_bytes']}/{r['scalar_load_bytes']} | "
               f"{r['vector_store_bytes']}/{r['scalar_store_bytes']} | {r['in_flight_per_sm'] / 1024:.1f} KB | "
@@ -63,8 +79,8 @@ def main(argv=None) -> int:
     if args.json:
         try:
             with open(args.json, "w", encoding="utf-8") as handle:
-                json.dump({"date": datetime.date.today().isoformat(), "triton": triton.__version__, "rows": rows},
-                          handle, indent=1, default=str)
+                json.dump({"date": datetime.date.today().isoformat(), "triton": triton.__version__, "rows": rows,
+                           "launches": launches}, handle, indent=1, default=str)
         except OSError as error:
             print(f"kernel_report: can't write {args.json}: {error.strerror}", file=sys.stderr)
             return 1

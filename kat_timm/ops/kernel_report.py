@@ -32,7 +32,7 @@ import torch
 
 __all__ = ["ARCHS", "BANDWIDTH_ARCHS", "KernelResources", "amdgcn_resources", "compile_for", "cubin_resources",
            "kat_shapes",
-           "kernel_resources", "ptxas_info", "report_rows"]
+           "kernel_resources", "op_launches", "ptxas_info", "report_rows"]
 
 
 @dataclass(frozen=True)
@@ -141,6 +141,7 @@ class KernelResources:
     sgprs: Optional[int] = None  # AMD: scalar registers
     occupancy_reported: Optional[int] = None  # AMD: the assembler's wavefronts per SIMD
     launches: object = None  # the rational_triton.Launch the numbers are for
+    max_registers: Optional[int] = None  # the register cap (maxnreg) the launcher compiles this kernel with
     ttir: str = ""  # Triton IR, when asked for
 
     @property
@@ -188,8 +189,10 @@ def _specialise(fn, args: Sequence, constexprs: dict):
     return {name: signature[name] for name in fn.arg_names}, constants, attrs
 
 
-def compile_for(fn, args: Sequence, constexprs: dict, num_warps: int, num_stages: int, arch: str):
-    """Compile a ``@triton.jit`` function for ``arch`` without a GPU; returns Triton's compiled kernel."""
+def compile_for(fn, args: Sequence, constexprs: dict, num_warps: int, num_stages: int, arch: str,
+                options: Optional[dict] = None):
+    """Compile a ``@triton.jit`` function for ``arch`` without a GPU; returns Triton's compiled kernel. ``options``:
+    more compiler options (e.g. ``maxnreg``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -198,7 +201,8 @@ def compile_for(fn, args: Sequence, constexprs: dict, num_warps: int, num_stages
     source = ASTSource(fn, signature, constants, attrs)
     spec = ARCHS[arch]
     target = GPUTarget(spec.backend, spec.arch, spec.warp_size)
-    return triton.compile(source, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
+    return triton.compile(source, target=target,
+                          options={"num_warps": num_warps, "num_stages": num_stages, **(options or {})})
 
 
 def _bundled_tool(name: str) -> str:
@@ -378,7 +382,25 @@ def kernel_resources(direction: str, shape: Tuple[int, int, int], dtype: torch.d
     else:
         raise ValueError(f"direction must be 'forward' or 'backward', got {direction!r}")
     constexprs = dict(launch.constexprs, HAS_BIAS=int(bias), SAFE=int(safe), SCAN=kernels._SAFE_SCAN)
-    compiled = compile_for(fn, args, constexprs, launch.num_warps, launch.num_stages, arch)
+    compiled = {}
+    warps = launch.safe_warps if safe else launch.num_warps
+
+    def resources(cap):  # what the launcher reads from the loaded kernel, here from the cubin / amdgcn
+        compiled[cap] = kernel = compile_for(fn, args, constexprs, warps, launch.num_stages, arch,
+                                             None if cap is None else {"maxnreg": cap})
+        shared = int(getattr(kernel.metadata, "shared", 0))
+        if target.backend == "hip":
+            amd = amdgcn_resources(kernel.asm["amdgcn"])
+            return amd["vgprs"], amd["scratch"], shared
+        registers, local, stack = cubin_resources(kernel.asm["cubin"])
+        return registers, local + stack, shared
+
+    if direction == "backward" and not safe and not bias:  # the launcher's register-cap choice, made the same way
+        cap, _ = kernels.backward_register_cap(limits, resources)
+    else:
+        cap = None
+        resources(None)
+    compiled = compiled[cap]
     shared = int(getattr(compiled.metadata, "shared", 0))
     sgprs = occupancy_reported = None
     if target.backend == "hip":
@@ -392,34 +414,54 @@ def kernel_resources(direction: str, shape: Tuple[int, int, int], dtype: torch.d
         # Outside the data: the ten coefficient loads; the forward's per-program flag store.
         loads_v, loads_s, stores_v, stores_s = _traffic(compiled.asm["ptx"], data_loads_outside=10,
                                                         data_stores_outside=1)
-    resident = kernels.resident_programs(limits, registers, launch.num_warps, shared)
+    resident = kernels.resident_programs(limits, registers, warps, shared)
     if direction == "backward" and not safe:  # the launcher sizes its grid from these very resources
         launch = kernels.backward_launch(rows, groups, length, data.element_size(), limits, resident)
     programs = launch.grid[0]
-    threads = target.warp_size * launch.num_warps
+    threads = target.warp_size * warps
     resident_now = min(resident, math.ceil(programs / target.sm_count))  # a small grid fills fewer slots
     in_flight = resident_now * threads * (loads_v + loads_s)
     return KernelResources(
         kernel=direction, arch=arch, dtype=str(dtype).replace("torch.", ""), shape=shape,
-        num_warps=launch.num_warps, constexprs=constexprs, grid=programs, registers=registers,
+        num_warps=warps, constexprs=constexprs, grid=programs, registers=registers,
         spill_bytes=spills, stack_bytes=stack, shared_bytes=shared, programs_per_sm=resident,
         occupancy=resident * threads / target.threads_per_sm,
         vector_load_bytes=loads_v, scalar_load_bytes=loads_s, vector_store_bytes=stores_v,
         scalar_store_bytes=stores_s, in_flight_per_sm=float(in_flight),
         bandwidth_bound=min(1.0, in_flight / target.needed_in_flight),
-        sgprs=sgprs, occupancy_reported=occupancy_reported, launches=launch,
+        sgprs=sgprs, occupancy_reported=occupancy_reported, launches=launch, max_registers=cap,
         ttir=compiled.asm["ttir"] if keep_ir else "",
     )
 
 
 def report_rows(shapes: Sequence[Tuple[str, Tuple[int, int, int]]], dtypes: Sequence[torch.dtype],
-                arches: Sequence[str], directions: Sequence[str] = ("forward", "backward")) -> List[dict]:
-    """One dict per (shape, dtype, arch, direction): the label and ``KernelResources`` fields."""
+                arches: Sequence[str], directions: Sequence[str] = ("forward", "backward"),
+                variants: Sequence[Tuple[str, bool, bool]] = (("plain", False, False),)) -> List[dict]:
+    """One dict per (arch, shape, dtype, variant, direction): the label, the variant's name and the
+    ``KernelResources`` fields (without the IR). ``variants``: (name, bias, safe) triples."""
     rows = []
     for arch in arches:
         for label, shape in shapes:
             for dtype in dtypes:
-                for direction in directions:
-                    resources = kernel_resources(direction, shape, dtype, arch)
-                    rows.append(dict(label=label, vectorised=resources.vectorised, **resources.__dict__))
+                for name, bias, safe in variants:
+                    for direction in directions:
+                        resources = kernel_resources(direction, shape, dtype, arch, bias=bias, safe=safe)
+                        fields = {k: v for k, v in resources.__dict__.items() if k not in ("ttir", "launches")}
+                        rows.append(dict(label=label, variant=name, vectorised=resources.vectorised, **fields))
     return rows
+
+
+def op_launches(shape: Tuple[int, int, int], dtype: torch.dtype, arch: str) -> Dict[str, List[Tuple[str, int]]]:
+    """The kernel launches of one forward and one backward of the op on an (M, G, L) input on ``arch``, as
+    (kernel, programs started): the plain pass, the large-|x| pass (a fixed grid) and, backward, the
+    coefficient-gradient reduction."""
+    from . import rational_triton as kernels
+
+    groups = shape[1]
+    forward = kernel_resources("forward", shape, dtype, arch).launches
+    backward = kernel_resources("backward", shape, dtype, arch).launches
+    return {
+        "forward": [("plain", forward.grid[0]), ("large-|x|", forward.safe_grid[0])],
+        "backward": [("plain", backward.grid[0]), ("large-|x|", backward.safe_grid[0]),
+                     ("coefficient sums", math.prod(kernels.coefficient_grads_launch(groups)))],
+    }

@@ -37,7 +37,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import triton
@@ -50,6 +50,7 @@ __all__ = [
     "DeviceLimits",
     "Launch",
     "backward_launch",
+    "backward_register_cap",
     "coefficient_grads_launch",
     "device_limits",
     "forward_launch",
@@ -68,8 +69,15 @@ _MAX_WAVES = 4
 _UNALIGNED_ELEMENTS = 4
 _SAFE_PROGRAMS_PER_SM = 4  # the large-|x| pass: its fixed grid (at most this many programs per SM) ...
 _SAFE_SCAN = 128  # ... each reading this many flags at once: one load per program up to 64K tiles on 128 SMs
+# The forward's large-|x| pass holds both forms of a tile: with the plain pass's 4 warps ptxas spills 8 bytes
+# (sm_90a fp16, sm_70 16-bit); 8 warps halve each thread's share of the tile. It runs only on flagged tiles.
+_SAFE_FORWARD_WARPS = 8
 _INTERPRETED_PROGRAMS_PER_SM = 4  # the interpreter has no occupancy: a few programs, multi-program paths exercised
 _FINALIZE_ROWS = 256  # partial rows a coefficient-gradient program sums at once
+# NVIDIA: 128 registers x 128 threads = 4 backward programs on a 64K-register SM (32 KB of loads in flight). Where
+# the compiler takes more (sm_100's 16-bit backward: 149, 3 programs, 24 KB) the plain backward is compiled with
+# this cap, kept only if it doesn't spill (``backward_register_cap``).
+_BACKWARD_REGISTER_CAP = 128
 
 
 @triton.jit
@@ -539,7 +547,9 @@ class Launch:
         rows_per_program: rows each program walks (backward; the forward's programs own ``block_m`` rows).
         constexprs: the kernel's compile-time arguments (GROUP_LEN, BLOCK_M, BLOCK_L, CHUNKS, EVEN_L, WIDE[, VEC]).
         num_warps: warps per program.
-        num_stages: software-pipelining depth passed to the compiler.
+        safe_warps: warps per program of the large-|x| pass.
+        num_stages: software-pipelining depth passed to the compiler (1: Triton 3.8 does not pipeline these loops'
+            loads at any depth on sm_80 to sm_100, checked with the static report).
     """
 
     grid: Tuple[int]
@@ -549,6 +559,7 @@ class Launch:
     rows_per_program: int
     constexprs: dict
     num_warps: int
+    safe_warps: int
     num_stages: int = 1
 
 
@@ -599,7 +610,7 @@ def forward_launch(rows: int, groups: int, length: int, element_size: int, limit
         programs_m=programs_m, rows_per_program=block_m,
         constexprs=dict(GROUP_LEN=length, BLOCK_M=block_m, BLOCK_L=block_l, CHUNKS=chunks,
                         EVEN_L=int(length % block_l == 0), WIDE=_wide(block_m, groups * length)),
-        num_warps=_FORWARD_WARPS,
+        num_warps=_FORWARD_WARPS, safe_warps=_SAFE_FORWARD_WARPS,
     )
 
 
@@ -634,7 +645,7 @@ def backward_launch(rows: int, groups: int, length: int, element_size: int, limi
         programs_m=programs_m, rows_per_program=rows_per_program,
         constexprs=dict(GROUP_LEN=length, BLOCK_M=block_m, BLOCK_L=block_l, CHUNKS=chunks,
                         EVEN_L=int(length % block_l == 0), VEC=vec, WIDE=_wide(block_m, groups * length)),
-        num_warps=_BACKWARD_WARPS,
+        num_warps=_BACKWARD_WARPS, safe_warps=_BACKWARD_WARPS,
     )
 
 
@@ -662,27 +673,58 @@ def device_limits(device: torch.device) -> DeviceLimits:
     )
 
 
-_BACKWARD_RESIDENT = {}
+def backward_register_cap(limits: DeviceLimits, resources: Callable[[Optional[int]], Tuple[int, int, int]]
+                          ) -> Tuple[Optional[int], Tuple[int, int, int]]:
+    """The register cap (Triton's ``maxnreg``) the plain backward is compiled with on a device, and the compiled
+    kernel's (registers, spilled bytes, shared bytes) with it. No cap on AMD or where the kernel needs at most
+    ``_BACKWARD_REGISTER_CAP`` registers; the cap where it fits more programs per SM without spilling; else none.
+
+    Args:
+        limits: the device's limits.
+        resources: compiles the kernel with a cap (or None) and returns its (registers, spilled bytes, shared
+            bytes): the launcher reads them from the loaded kernel, the static report from the cubin.
+    """
+    plain = resources(None)
+    if limits.vgprs_per_simd or plain[0] <= _BACKWARD_REGISTER_CAP:
+        return None, plain
+    capped = resources(_BACKWARD_REGISTER_CAP)
+    fits = resident_programs(limits, capped[0], _BACKWARD_WARPS, capped[2]) > \
+        resident_programs(limits, plain[0], _BACKWARD_WARPS, plain[2])
+    return (_BACKWARD_REGISTER_CAP, capped) if capped[1] == 0 and fits else (None, plain)
 
 
-def _backward_programs_per_sm(x3: torch.Tensor, limits: DeviceLimits, launch: Launch, has_bias: int, args) -> int:
-    """Resident programs per SM of the backward kernel compiled for this (device, dtype, tile): read from the
-    compiled kernel (registers, shared memory, warps) at its first launch and cached, so the grid is sized in whole
-    waves of what really fits, whatever the Triton version or GPU. ``args``: a callable giving the kernel's runtime
-    arguments (only their types and alignment matter), called on the first launch only."""
+_BACKWARD_CONFIG = {}
+
+
+def _backward_config(x3: torch.Tensor, limits: DeviceLimits, launch: Launch, has_bias: int, args
+                     ) -> Tuple[int, dict]:
+    """(resident programs per SM, extra compile options) of the backward kernel for this (device, dtype, tile):
+    read from the compiled kernel (registers, shared memory, warps) at its first launch and cached, so the grid is
+    sized in whole waves of what really fits, whatever the Triton version or GPU. ``args``: a callable giving the
+    kernel's runtime arguments (only their types and alignment matter), called on the first launch only."""
     if kernels_are_interpreted():
-        return _INTERPRETED_PROGRAMS_PER_SM
+        return _INTERPRETED_PROGRAMS_PER_SM, {}
     key = (x3.device, x3.dtype, has_bias, tuple(sorted(launch.constexprs.items())))
-    resident = _BACKWARD_RESIDENT.get(key)
-    if resident is None:
-        compiled = _group_rational_backward_kernel.warmup(
-            *args(), grid=launch.grid, num_warps=launch.num_warps, num_stages=launch.num_stages, HAS_BIAS=has_bias,
-            SAFE=0, SCAN=_SAFE_SCAN, **launch.constexprs,
-        )
-        compiled._init_handles()  # loads the module: n_regs is known from here on
-        resident = resident_programs(limits, compiled.n_regs, launch.num_warps, compiled.metadata.shared)
-        _BACKWARD_RESIDENT[key] = resident = max(1, resident)
-    return resident
+    config = _BACKWARD_CONFIG.get(key)
+    if config is None:
+        runtime_args = args()
+
+        def resources(cap):
+            compiled = _group_rational_backward_kernel.warmup(
+                *runtime_args, grid=launch.grid, num_warps=launch.num_warps, num_stages=launch.num_stages,
+                HAS_BIAS=has_bias, SAFE=0, SCAN=_SAFE_SCAN, **launch.constexprs, **({} if cap is None else
+                                                                                  {"maxnreg": cap}),
+            )
+            compiled._init_handles()  # loads the module: n_regs and n_spills are known from here on
+            return compiled.n_regs, compiled.n_spills, compiled.metadata.shared
+
+        if has_bias:  # the bias variant (not used on CUDA by the models) is never capped
+            cap, (registers, _, shared) = None, resources(None)
+        else:
+            cap, (registers, _, shared) = backward_register_cap(limits, resources)
+        resident = max(1, resident_programs(limits, registers, launch.num_warps, shared))
+        config = _BACKWARD_CONFIG[key] = (resident, {} if cap is None else {"maxnreg": cap})
+    return config
 
 
 def _coefficients(numerator: torch.Tensor, denominator: torch.Tensor):
@@ -733,9 +775,9 @@ def rational_forward_triton(
     args = (x3, out, num, den, bias_arg, flags, rows, groups * length, num_row_stride, launch.segments, launch.grid[0])
     with _on_device(x3):
         # No host sync between the passes, so CUDA graphs can capture both.
-        for safe, grid in ((0, launch.grid), (1, launch.safe_grid)):
+        for safe, grid, warps in ((0, launch.grid, launch.num_warps), (1, launch.safe_grid, launch.safe_warps)):
             _group_rational_forward_kernel[grid](
-                *args, num_warps=launch.num_warps, num_stages=launch.num_stages, HAS_BIAS=has_bias, SAFE=safe,
+                *args, num_warps=warps, num_stages=launch.num_stages, HAS_BIAS=has_bias, SAFE=safe,
                 SCAN=_SAFE_SCAN, **launch.constexprs,
             )
     return out
@@ -773,7 +815,7 @@ def rational_backward_triton(
             return (grad3, x3, grad_x, num, den, scratch, bias_arg, scratch, flags, rows, cols, num_row_stride,
                     launch.segments, launch.rows_per_program * 16, launch.grid[0])
 
-        resident = _backward_programs_per_sm(x3, limits, launch, has_bias, probe_args)
+        resident, options = _backward_config(x3, limits, launch, has_bias, probe_args)
         launch = backward_launch(rows, groups, length, x3.element_size(), limits, resident)
         partials = torch.empty(launch.programs_m, launch.segments, COEFFICIENT_SUMS, dtype=torch.float32,
                                device=x3.device)
@@ -784,10 +826,10 @@ def rational_backward_triton(
         flags = torch.empty(launch.grid[0], dtype=torch.int32, device=x3.device)
         args = (grad3, x3, grad_x, num, den, partials, bias_arg, bias_partials, flags, rows, cols, num_row_stride,
                 launch.segments, launch.rows_per_program, launch.grid[0])
-        for safe, grid in ((0, launch.grid), (1, launch.safe_grid)):
+        for safe, grid, warps in ((0, launch.grid, launch.num_warps), (1, launch.safe_grid, launch.safe_warps)):
             _group_rational_backward_kernel[grid](
-                *args, num_warps=launch.num_warps, num_stages=launch.num_stages, HAS_BIAS=has_bias, SAFE=safe,
-                SCAN=_SAFE_SCAN, **launch.constexprs,
+                *args, num_warps=warps, num_stages=launch.num_stages, HAS_BIAS=has_bias, SAFE=safe,
+                SCAN=_SAFE_SCAN, **launch.constexprs, **({} if safe else options),
             )
         _coefficient_grads_kernel[coefficient_grads_launch(groups)](
             partials, den, grad_numerator, grad_denominator, launch.programs_m, groups,

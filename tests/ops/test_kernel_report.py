@@ -1,6 +1,10 @@
-"""The Triton kernels' resources, from a static compile for sm_90a and sm_80 (Triton's compiler and bundled ptxas run
-without a GPU): no spills, 16-byte vector I/O, enough loads in flight per SM to reach HBM bandwidth at KAT shapes,
-and a grid sized from the kernel's real occupancy."""
+"""The Triton kernels' resources, from a static compile for every GPU target (Triton's compiler and bundled tools run
+without a GPU): no spills, 16-byte vector I/O, enough loads in flight per SM to reach HBM bandwidth at KAT shapes on
+sm_80, sm_90a, sm_100 and gfx942, a grid sized from the kernel's real occupancy, and the launcher's latent limits.
+
+CI stays lean: sm_90a is checked at every KAT shape and variant, the bandwidth targets at every KAT shape (plain
+passes), every other target at two KAT shapes (group lengths 24 and 384: the smallest and the largest segment) in
+every dtype plus the heaviest variant; ``scripts/kernel_report.py --arch all --variant all`` is the full matrix."""
 import re
 
 import pytest
@@ -9,7 +13,15 @@ import torch
 pytest.importorskip("triton", reason="the static compile needs triton (installed with torch on Linux)")
 
 from kat_timm.ops import rational_triton  # noqa: E402
-from kat_timm.ops.kernel_report import ARCHS, compile_for, kat_shapes, kernel_resources, ptxas_info  # noqa: E402
+from kat_timm.ops.kernel_report import (  # noqa: E402
+    ARCHS,
+    BANDWIDTH_ARCHS,
+    compile_for,
+    kat_shapes,
+    kernel_resources,
+    op_launches,
+    ptxas_info,
+)
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 KAT_SHAPES = kat_shapes(128)
@@ -20,13 +32,14 @@ MIN_IN_FLIGHT = 32 * 1024  # bytes per SM; an H200 needs ~29 KB (Little's law)
 @pytest.mark.parametrize("direction", ["forward", "backward"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("label,shape", KAT_SHAPES, ids=[label for label, _ in KAT_SHAPES])
-def test_kat_shapes_reach_bandwidth_on_sm90(label, shape, dtype, direction):
-    r = kernel_resources(direction, shape, dtype, "sm_90a")
-    where = f"{direction} {label} {dtype} sm_90a"
+@pytest.mark.parametrize("arch", BANDWIDTH_ARCHS)
+def test_kat_shapes_reach_bandwidth(arch, label, shape, dtype, direction):
+    r = kernel_resources(direction, shape, dtype, arch)
+    where = f"{direction} {label} {dtype} {arch}"
     assert r.spill_bytes == 0 and r.stack_bytes == 0, f"{where}: {r.spill_bytes} B spilled, {r.stack_bytes} B stack"
     assert r.vectorised, f"{where}: narrow accesses: {r.scalar_load_bytes} B loads, {r.scalar_store_bytes} B stores"
     tensors = 2 if direction == "backward" else 1  # x and the gradient, or x
-    tile = r.constexprs["BLOCK_M"] * r.constexprs["BLOCK_L"] // (32 * r.num_warps)
+    tile = r.constexprs["BLOCK_M"] * r.constexprs["BLOCK_L"] // (ARCHS[arch].warp_size * r.num_warps)
     assert r.vector_load_bytes == tensors * tile * dtype.itemsize, f"{where}: not every element loaded once"
     assert r.in_flight_per_sm >= MIN_IN_FLIGHT, (
         f"{where}: {r.in_flight_per_sm / 1024:.1f} KB in flight per SM ({r.programs_per_sm} programs x "
@@ -34,7 +47,7 @@ def test_kat_shapes_reach_bandwidth_on_sm90(label, shape, dtype, direction):
     )
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("arch", BANDWIDTH_ARCHS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_backward_grid_uses_real_occupancy(arch, dtype):
     # The grid is sized from the compiled kernel's resources through the same function the launcher calls at its
@@ -45,6 +58,8 @@ def test_backward_grid_uses_real_occupancy(arch, dtype):
         expected = rational_triton.resident_programs(limits, r.registers, r.num_warps, r.shared_bytes)
         assert r.programs_per_sm == expected >= 1, f"{label} {dtype} {arch}: {r.programs_per_sm} vs {expected}"
         launch = rational_triton.backward_launch(*shape, dtype.itemsize, limits, r.programs_per_sm)
+        assert ARCHS[arch].backend == "cuda" or r.occupancy_reported * 4 // r.num_warps == r.programs_per_sm, (
+            f"{label} {dtype} {arch}: the assembler's occupancy ({r.occupancy_reported} waves per SIMD) disagrees")
         assert r.grid == launch.grid[0], f"{label} {dtype} {arch}: the report's grid is not the launcher's"
         assert r.vectorised and r.spill_bytes == 0, f"{label} {dtype} {arch}"
 
@@ -55,6 +70,45 @@ def test_backward_grid_uses_real_occupancy(arch, dtype):
 def test_odd_shapes_do_not_spill(shape, dtype, direction):
     r = kernel_resources(direction, shape, dtype, "sm_90a")
     assert r.spill_bytes == 0 and r.stack_bytes == 0, f"{direction} {shape} {dtype}: spills {r.spill_bytes} B"
+
+
+OTHER_ARCHS = [arch for arch in ARCHS if arch not in BANDWIDTH_ARCHS]
+REPRESENTATIVE = [("KAT-T act1", (128 * 197, 8, 24)), ("KAT-B act2", (128 * 197, 8, 384))]
+
+
+@pytest.mark.parametrize("arch", OTHER_ARCHS)
+def test_every_target_compiles_kat_shapes_without_spills(arch):
+    """Volta to Blackwell consumer parts and the MI250X: every dtype, both directions; the heaviest variant (the
+    large-|x| pass with a bias) in fp32. bf16 compiles before sm_80 too (Triton emulates its conversions)."""
+    checks = [(label, shape, dtype, direction, False, False) for label, shape in REPRESENTATIVE for dtype in DTYPES
+              for direction in ("forward", "backward")]
+    checks += [("KAT-B act2", REPRESENTATIVE[1][1], torch.float32, direction, True, True)
+               for direction in ("forward", "backward")]
+    for label, shape, dtype, direction, bias, safe in checks:
+        r = kernel_resources(direction, shape, dtype, arch, bias=bias, safe=safe)
+        where = f"{arch} {direction} {label} {dtype} bias={bias} safe={safe}"
+        assert r.spill_bytes == 0 and r.stack_bytes == 0, f"{where}: {r.spill_bytes} B spilled, {r.stack_bytes} B stack"
+        assert r.programs_per_sm >= 1 and (safe or r.vectorised), f"{where}: {r}"
+
+
+@pytest.mark.parametrize("arch", ["sm_100", "gfx942"])
+def test_bandwidth_targets_other_variants_do_not_spill(arch):
+    for direction in ("forward", "backward"):
+        for dtype in DTYPES:
+            r = kernel_resources(direction, REPRESENTATIVE[1][1], dtype, arch, bias=True, safe=True)
+            assert r.spill_bytes == 0 and r.stack_bytes == 0, f"{arch} {direction} {dtype}: {r.spill_bytes} B spilled"
+
+
+def test_launches_per_call_at_kat_t_act1():
+    """The op at (128 x 197, 192) fp32: two launches forward, three backward; the large-|x| pass and the
+    coefficient sums start a number of programs that doesn't grow with the input."""
+    ops = op_launches((128 * 197, 8, 24), torch.float32, "sm_90a")
+    assert [name for name, _ in ops["forward"]] == ["plain", "large-|x|"]
+    assert [name for name, _ in ops["backward"]] == ["plain", "large-|x|", "coefficient sums"]
+    assert dict(ops["forward"])["large-|x|"] <= 4 * 132 and dict(ops["backward"])["coefficient sums"] == 80
+    bigger = op_launches((1024 * 197, 8, 24), torch.float32, "sm_90a")
+    assert dict(bigger["forward"])["large-|x|"] == dict(ops["forward"])["large-|x|"]
+    assert dict(bigger["forward"])["plain"] > dict(ops["forward"])["plain"]
 
 
 def test_backward_grid_fills_whole_waves():
