@@ -11,19 +11,26 @@ Backward: writes dx and the ten coefficient sums per group (S_i = sum g x^i / Q,
 Each program walks a fixed run of rows of its segment. Every loaded 16-byte vector (8 bf16/fp16 or 4 fp32 values,
 all in one group) is summed inside its thread before it is added to the accumulators, so a thread keeps ten fp32
 accumulators per vector it loads per iteration instead of ten per element. The program then reduces them to ten
-scalars -> partials[program_m, segment, 10]. One small finalize kernel sums the partials over programs and
-segments in a fixed order, applies d|b|/db = sign(b) (+1 at 0) and the sum over groups of a shared numerator, and
-writes both coefficient gradients in their dtypes. The grid and every reduction order depend only on the shape, the
-dtype and the device's SM count, so gradients are bitwise reproducible; there are no atomics.
+scalars -> partials[program_m, segment, 10]. A small finalize kernel, one program per group (and one for a shared
+numerator's sum over groups), sums the partials over programs and segments in a fixed order, applies d|b|/db =
+sign(b) (+1 at 0), and writes both coefficient gradients in their dtypes. The grid and every reduction order depend
+only on the shape, the dtype and the device (its SM count and the compiled kernel's occupancy there), so gradients
+are bitwise reproducible run to run; there are no atomics.
 
 Input bias (``HAS_BIAS``, a constexpr: the plain variant compiles it away): F(x + bias) with one float32 bias per
 column, and the backward's per-column sums of dx (the bias gradient) from the same pass.
 
 Large inputs: above |x| = ``LARGE_INPUT`` (1e3, as every backend) an element is evaluated in the reciprocal form
 F = x P~(1/x) / Q~(1/|x|) (and its gradients likewise), so nothing overflows where the true value is finite. Both
-directions run as two launches of one grid: the plain form, which also flags each program whose tiles held such an
-input, then a pass that recomputes only the flagged programs in the safe form (the others exit at once). The plain
-pass keeps its small register footprint, the rare safe one pays for both forms, and nothing waits on the host.
+directions run two launches: the plain form over the whole input, which also flags each program whose tiles held
+such an input, then the safe form on a small fixed grid (a few programs per SM, whatever the input's size) whose
+programs read the flags a vector at a time and recompute only the flagged programs' work. The plain pass keeps its
+small register footprint, the rare safe one pays for both forms, no input is large -> one flag load per program of
+a fixed grid, and nothing waits on the host.
+
+Offsets: a program's row base is 64-bit; the offsets inside a tile (up to BLOCK_M x K) are 32-bit, except in the
+``WIDE`` specialisation the launcher picks where BLOCK_M x K passes 2^31 (a channel_dim=1 input with a large
+C x H x W).
 
 The launch parameters are plain data (``forward_launch`` / ``backward_launch``): the launchers and the static
 resource report (``kernel_report.py``) both read them, so what is reported is what runs. ``GROUP_LEN`` is a
@@ -73,7 +80,7 @@ _SAFE_SCAN = 128  # ... each reading this many flags at once: one load per progr
 # (sm_90a fp16, sm_70 16-bit); 8 warps halve each thread's share of the tile. It runs only on flagged tiles.
 _SAFE_FORWARD_WARPS = 8
 _INTERPRETED_PROGRAMS_PER_SM = 4  # the interpreter has no occupancy: a few programs, multi-program paths exercised
-_FINALIZE_ROWS = 256  # partial rows a coefficient-gradient program sums at once
+_FINALIZE_ROWS = 128  # partial rows a coefficient-gradient program sums at once (x 16 lanes: 16 values a thread)
 # NVIDIA: 128 registers x 128 threads = 4 backward programs on a 64K-register SM (32 KB of loads in flight). Where
 # the compiler takes more (sm_100's 16-bit backward: 149, 3 programs, 24 KB) the plain backward is compiled with
 # this cap, kept only if it doesn't spill (``backward_register_cap``).
@@ -450,33 +457,35 @@ def _coefficient_grads_kernel(
     SHARED_NUMERATOR: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    # Grid (10, G): program (term, group) sums one of the ten coefficient sums (S0..S5, T1..T4) over the partials of
-    # one group, BLOCK_R rows at a time in a fixed order, so the sums are reproducible bit for bit. A shared
-    # numerator's six sums run over every group's rows, in programs (term, 0); programs (term < 6, group > 0) exit.
-    term = tl.program_id(0)
-    group = tl.program_id(1)
-    total = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    if (term < 6) & (SHARED_NUMERATOR == 1):
-        if group == 0:
-            rows_total = programs_m * G * CHUNKS
-            for start in range(0, rows_total, BLOCK_R):
-                r = start + tl.arange(0, BLOCK_R)
-                total += tl.load(partial_ptr + r.to(tl.int64) * 10 + term, mask=r < rows_total, other=0.0)
-            tl.store(grad_num_ptr + term, tl.sum(total, axis=0).to(grad_num_ptr.dtype.element_ty))
+    # Grid (G + SHARED_NUMERATOR,): program g < G sums group g's partial rows, its ten sums (S0..S5, T1..T4) side by
+    # side, BLOCK_R rows at a time; with a shared numerator, program G sums S0..S5 over every row. A fixed order in
+    # each: the sums are reproducible bit for bit.
+    group = tl.program_id(0)
+    sums = tl.arange(0, 16)
+    sum_mask = sums < 10
+    total = tl.zeros((BLOCK_R, 16), dtype=tl.float32)
+    if group == G:  # only launched with a shared numerator
+        rows_total = programs_m * G * CHUNKS
+        for start in range(0, rows_total, BLOCK_R):
+            r = start + tl.arange(0, BLOCK_R)
+            mask = (r < rows_total)[:, None] & (sums < 6)[None, :]
+            total += tl.load(partial_ptr + r.to(tl.int64)[:, None] * 10 + sums[None, :], mask=mask, other=0.0)
+        tl.store(grad_num_ptr + sums, tl.sum(total, axis=0).to(grad_num_ptr.dtype.element_ty), mask=sums < 6)
     else:
         # The group's rows of the partials: (program p, chunk c) -> p * G * CHUNKS + group * CHUNKS + c.
         group_rows = programs_m * CHUNKS
         for start in range(0, group_rows, BLOCK_R):
             r = start + tl.arange(0, BLOCK_R)
             row = (r // CHUNKS).to(tl.int64) * (G * CHUNKS) + group * CHUNKS + r % CHUNKS
-            total += tl.load(partial_ptr + row * 10 + term, mask=r < group_rows, other=0.0)
-        value = tl.sum(total, axis=0)
-        if term < 6:
-            tl.store(grad_num_ptr + group * 6 + term, value.to(grad_num_ptr.dtype.element_ty))
-        else:
-            b = tl.load(den_ptr + group * 4 + (term - 6)).to(tl.float32)
-            sign_b = tl.where(b < 0.0, -1.0, 1.0)
-            tl.store(grad_den_ptr + group * 4 + (term - 6), (-sign_b * value).to(grad_den_ptr.dtype.element_ty))
+            mask = (r < group_rows)[:, None] & sum_mask[None, :]
+            total += tl.load(partial_ptr + row[:, None] * 10 + sums[None, :], mask=mask, other=0.0)
+        group_sums = tl.sum(total, axis=0)  # [16]: S0..S5, T1..T4, padding
+        b = tl.load(den_ptr + group * 4 + (sums - 6), mask=(sums >= 6) & sum_mask, other=0.0).to(tl.float32)
+        sign_b = tl.where(b < 0.0, -1.0, 1.0)
+        tl.store(grad_den_ptr + group * 4 + (sums - 6), (-sign_b * group_sums).to(grad_den_ptr.dtype.element_ty),
+                 mask=(sums >= 6) & sum_mask)
+        if not SHARED_NUMERATOR:
+            tl.store(grad_num_ptr + group * 6 + sums, group_sums.to(grad_num_ptr.dtype.element_ty), mask=sums < 6)
 
 
 def kernels_are_interpreted() -> bool:
@@ -649,9 +658,9 @@ def backward_launch(rows: int, groups: int, length: int, element_size: int, limi
     )
 
 
-def coefficient_grads_launch(groups: int) -> Tuple[int, int]:
-    """The coefficient-gradient kernel's grid: one program per (coefficient sum, group)."""
-    return (COEFFICIENT_SUMS, groups)
+def coefficient_grads_launch(groups: int, shared_numerator: bool) -> Tuple[int]:
+    """The coefficient-gradient kernel's grid: one program per group, and one for a shared numerator."""
+    return (groups + int(shared_numerator),)
 
 
 @functools.lru_cache(maxsize=None)
@@ -791,7 +800,8 @@ def rational_backward_triton(
     bias: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Backward on contiguous (M, G, L) views of F(x3 + bias). Three launches: the plain pass, the large-|x| pass
-    (a fixed small grid) and the coefficient-gradient reduction (one program per coefficient sum and group).
+    (a fixed small grid) and the coefficient-gradient reduction (one program per group, one more for a shared
+    numerator).
 
     Returns:
         grad_x (x3's dtype), the gradients of numerator and denominator (their shapes and dtypes) and, with a bias,
@@ -831,7 +841,7 @@ def rational_backward_triton(
                 *args, num_warps=warps, num_stages=launch.num_stages, HAS_BIAS=has_bias, SAFE=safe,
                 SCAN=_SAFE_SCAN, **launch.constexprs, **({} if safe else options),
             )
-        _coefficient_grads_kernel[coefficient_grads_launch(groups)](
+        _coefficient_grads_kernel[coefficient_grads_launch(groups, num.shape[0] == 1)](
             partials, den, grad_numerator, grad_denominator, launch.programs_m, groups,
             CHUNKS=launch.constexprs["CHUNKS"], SHARED_NUMERATOR=int(num.shape[0] == 1), BLOCK_R=_FINALIZE_ROWS,
             num_warps=4,
