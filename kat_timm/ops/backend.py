@@ -24,6 +24,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from . import rational_torch
 from .rational_cpu import native_cpu_status, native_cpu_supports
 
 __all__ = ["BACKEND_ENV", "BACKENDS", "fuses_linear_bias", "probe_triton", "requested_backend", "select_backend",
@@ -133,8 +134,6 @@ def triton_implementation(direction: str) -> Callable:
     them (now and, through ``select_backend``, from then on) after one warning with the reason; a forced
     ``KAT_RATIONAL_BACKEND=triton`` raises a RuntimeError with the reason instead. Running out of GPU memory is
     raised as it is (the PyTorch path would need more)."""
-    from . import rational_torch
-
     kernel = getattr(_triton_kernels(), f"rational_{direction}_triton")
     fallback = getattr(rational_torch, f"rational_{direction}_torch")
 

@@ -381,7 +381,7 @@ def kernel_resources(direction: str, shape: Tuple[int, int, int], dtype: torch.d
                 groups * length, 0, launch.segments, launch.rows_per_program, launch.grid[0]]
     else:
         raise ValueError(f"direction must be 'forward' or 'backward', got {direction!r}")
-    constexprs = dict(launch.constexprs, HAS_BIAS=int(bias), SAFE=int(safe), SCAN=kernels._SAFE_SCAN)
+    constexprs = dict(launch.constexprs, HAS_BIAS=int(bias), SAFE=int(safe), SCAN=launch.safe_scan if safe else 1)
     compiled = {}
     warps = launch.safe_warps if safe else launch.num_warps
 

@@ -75,7 +75,7 @@ _BACKWARD_VECTORS = 2  # 16-byte vectors of x (and as many of the gradient) a ba
 _MAX_WAVES = 4
 _UNALIGNED_ELEMENTS = 4
 _SAFE_PROGRAMS_PER_SM = 4  # the large-|x| pass: its fixed grid (at most this many programs per SM) ...
-_SAFE_SCAN = 128  # ... each reading this many flags at once: one load per program up to 64K tiles on 128 SMs
+_MAX_SAFE_SCAN = 1024  # ... each reading up to this many flags (one vector); past 1024 x 4 x SMs tiles it grows
 # The forward's large-|x| pass holds both forms of a tile: with the plain pass's 4 warps ptxas spills 8 bytes
 # (sm_90a fp16, sm_70 16-bit); 8 warps halve each thread's share of the tile. It runs only on flagged tiles.
 _SAFE_FORWARD_WARPS = 8
@@ -275,22 +275,23 @@ def _group_rational_forward_kernel(
     HAS_BIAS: tl.constexpr,
     WIDE: tl.constexpr,  # BLOCK_M x K passes 2^31: 64-bit tile offsets
     SAFE: tl.constexpr,  # 0: the plain form, flags tiles with large inputs; 1: recompute the flagged tiles
-    SCAN: tl.constexpr,  # SAFE: flags each program reads at once
+    SCAN: tl.constexpr,  # SAFE: flags each program reads (a power of two >= tiles / programs); 1 otherwise
 ):
     if SAFE:
-        # A small fixed grid (it does not grow with the input) walks the flags, program p taking tiles p, p + P, ...
-        # (flagged tiles, often neighbours, spread over the programs); nothing flagged: one vector load each.
+        # A small fixed grid walks the flags, program p taking tiles p, p + P, ... (flagged tiles, often
+        # neighbours, spread over the programs); nothing flagged: one vector load each.
+        # One vector of SCAN flags covers the program's tiles (the launcher sizes SCAN so): no loop around the
+        # loop that redoes a tile, which made ptxas spill.
         programs = tl.num_programs(0)
-        for base in range(0, tiles, SCAN * programs):
-            tile = base + tl.arange(0, SCAN) * programs + tl.program_id(0)
-            if tl.max(tl.load(flag_ptr + tile, mask=tile < tiles, other=0), axis=0) != 0:
-                for j in range(0, SCAN):
-                    pid = base + j * programs + tl.program_id(0)
-                    if pid < tiles:
-                        if tl.load(flag_ptr + pid) != 0:
-                            _forward_program(pid, x_ptr, y_ptr, num_ptr, den_ptr, bias_ptr, flag_ptr, M, K,
-                                             num_row_stride, segments, GROUP_LEN, BLOCK_M, BLOCK_L, CHUNKS, EVEN_L,
-                                             HAS_BIAS, WIDE, True)
+        tile = tl.arange(0, SCAN) * programs + tl.program_id(0)
+        if tl.max(tl.load(flag_ptr + tile, mask=tile < tiles, other=0), axis=0) != 0:
+            for j in range(0, SCAN):
+                pid = j * programs + tl.program_id(0)
+                if pid < tiles:
+                    if tl.load(flag_ptr + pid) != 0:
+                        _forward_program(pid, x_ptr, y_ptr, num_ptr, den_ptr, bias_ptr, flag_ptr, M, K,
+                                         num_row_stride, segments, GROUP_LEN, BLOCK_M, BLOCK_L, CHUNKS, EVEN_L,
+                                         HAS_BIAS, WIDE, True)
     else:
         # One flat grid, segment fastest: neighbouring programs read neighbouring columns of the same rows.
         _forward_program(tl.program_id(0), x_ptr, y_ptr, num_ptr, den_ptr, bias_ptr, flag_ptr, M, K, num_row_stride,
@@ -424,18 +425,17 @@ def _group_rational_backward_kernel(
     HAS_BIAS: tl.constexpr,
     WIDE: tl.constexpr,  # BLOCK_M x K passes 2^31: 64-bit tile offsets
     SAFE: tl.constexpr,  # 0: the plain form, flags programs with large inputs; 1: redo the flagged programs
-    SCAN: tl.constexpr,  # SAFE: flags each program reads at once
+    SCAN: tl.constexpr,  # SAFE: flags each program reads (a power of two >= tiles / programs); 1 otherwise
 ):
     if SAFE:  # as in the forward: a small fixed grid redoes the flagged programs' rows
         programs = tl.num_programs(0)
-        for base in range(0, tiles, SCAN * programs):
-            tile = base + tl.arange(0, SCAN) * programs + tl.program_id(0)
-            if tl.max(tl.load(flag_ptr + tile, mask=tile < tiles, other=0), axis=0) != 0:
-                for j in range(0, SCAN):
-                    pid = base + j * programs + tl.program_id(0)
-                    if pid < tiles:
-                        if tl.load(flag_ptr + pid) != 0:
-                            _backward_program(pid, grad_ptr, x_ptr, dx_ptr, num_ptr, den_ptr, partial_ptr, bias_ptr,
+        tile = tl.arange(0, SCAN) * programs + tl.program_id(0)
+        if tl.max(tl.load(flag_ptr + tile, mask=tile < tiles, other=0), axis=0) != 0:
+            for j in range(0, SCAN):
+                pid = j * programs + tl.program_id(0)
+                if pid < tiles:
+                    if tl.load(flag_ptr + pid) != 0:
+                        _backward_program(pid, grad_ptr, x_ptr, dx_ptr, num_ptr, den_ptr, partial_ptr, bias_ptr,
                                               bias_partial_ptr, flag_ptr, M, K, num_row_stride, segments,
                                               rows_per_program, GROUP_LEN, BLOCK_M, BLOCK_L, CHUNKS, EVEN_L, VEC,
                                               HAS_BIAS, WIDE, True)
@@ -550,7 +550,8 @@ class Launch:
 
     Attributes:
         grid: the (flat) grid of the plain pass, ``segments * programs_m`` programs.
-        safe_grid: the large-|x| pass's grid: a few programs per SM, whatever the input's size.
+        safe_grid: the large-|x| pass's grid: a few programs per SM, whatever the input's size (``_safe_launch``).
+        safe_scan: flags each of its programs reads.
         segments: G * chunks, column segments of ``block_l`` columns each, inside one group.
         programs_m: programs along the rows.
         rows_per_program: rows each program walks (backward; the forward's programs own ``block_m`` rows).
@@ -563,6 +564,7 @@ class Launch:
 
     grid: Tuple[int]
     safe_grid: Tuple[int]
+    safe_scan: int
     segments: int
     programs_m: int
     rows_per_program: int
@@ -603,8 +605,13 @@ def _wide(block_m: int, columns: int) -> int:
     return int(block_m * columns >= 2**31)
 
 
-def _safe_grid(tiles: int, limits: DeviceLimits) -> Tuple[int]:
-    return (max(1, min(tiles, limits.sm_count * _SAFE_PROGRAMS_PER_SM)),)
+def _safe_launch(tiles: int, limits: DeviceLimits) -> dict:
+    """The large-|x| pass over ``tiles`` programs of the plain pass: 4 programs per SM (fewer for a small input),
+    each reading ``safe_scan`` (a power of two) flags in one vector. The grid stays fixed up to
+    ``_MAX_SAFE_SCAN`` flags per program (540K tiles on 132 SMs: KAT-B act2 forward at a batch of ~1,800), and
+    grows by one program per 1024 tiles past that."""
+    programs = max(1, min(tiles, limits.sm_count * _SAFE_PROGRAMS_PER_SM), triton.cdiv(tiles, _MAX_SAFE_SCAN))
+    return dict(safe_grid=(programs,), safe_scan=triton.next_power_of_2(max(1, triton.cdiv(tiles, programs))))
 
 
 def forward_launch(rows: int, groups: int, length: int, element_size: int, limits: DeviceLimits) -> Launch:
@@ -615,7 +622,7 @@ def forward_launch(rows: int, groups: int, length: int, element_size: int, limit
     segments = groups * chunks
     programs_m = triton.cdiv(rows, block_m)
     return Launch(
-        grid=(segments * programs_m,), safe_grid=_safe_grid(segments * programs_m, limits), segments=segments,
+        grid=(segments * programs_m,), **_safe_launch(segments * programs_m, limits), segments=segments,
         programs_m=programs_m, rows_per_program=block_m,
         constexprs=dict(GROUP_LEN=length, BLOCK_M=block_m, BLOCK_L=block_l, CHUNKS=chunks,
                         EVEN_L=int(length % block_l == 0), WIDE=_wide(block_m, groups * length)),
@@ -650,7 +657,7 @@ def backward_launch(rows: int, groups: int, length: int, element_size: int, limi
                 best = (cost, programs_m, rows_per_program)
         _, programs_m, rows_per_program = best
     return Launch(
-        grid=(segments * programs_m,), safe_grid=_safe_grid(segments * programs_m, limits), segments=segments,
+        grid=(segments * programs_m,), **_safe_launch(segments * programs_m, limits), segments=segments,
         programs_m=programs_m, rows_per_program=rows_per_program,
         constexprs=dict(GROUP_LEN=length, BLOCK_M=block_m, BLOCK_L=block_l, CHUNKS=chunks,
                         EVEN_L=int(length % block_l == 0), VEC=vec, WIDE=_wide(block_m, groups * length)),
@@ -721,7 +728,7 @@ def _backward_config(x3: torch.Tensor, limits: DeviceLimits, launch: Launch, has
         def resources(cap):
             compiled = _group_rational_backward_kernel.warmup(
                 *runtime_args, grid=launch.grid, num_warps=launch.num_warps, num_stages=launch.num_stages,
-                HAS_BIAS=has_bias, SAFE=0, SCAN=_SAFE_SCAN, **launch.constexprs, **({} if cap is None else
+                HAS_BIAS=has_bias, SAFE=0, SCAN=1, **launch.constexprs, **({} if cap is None else
                                                                                   {"maxnreg": cap}),
             )
             compiled._init_handles()  # loads the module: n_regs and n_spills are known from here on
@@ -784,10 +791,11 @@ def rational_forward_triton(
     args = (x3, out, num, den, bias_arg, flags, rows, groups * length, num_row_stride, launch.segments, launch.grid[0])
     with _on_device(x3):
         # No host sync between the passes, so CUDA graphs can capture both.
-        for safe, grid, warps in ((0, launch.grid, launch.num_warps), (1, launch.safe_grid, launch.safe_warps)):
+        for safe, grid, warps, scan in ((0, launch.grid, launch.num_warps, 1),
+                                        (1, launch.safe_grid, launch.safe_warps, launch.safe_scan)):
             _group_rational_forward_kernel[grid](
-                *args, num_warps=warps, num_stages=launch.num_stages, HAS_BIAS=has_bias, SAFE=safe,
-                SCAN=_SAFE_SCAN, **launch.constexprs,
+                *args, num_warps=warps, num_stages=launch.num_stages, HAS_BIAS=has_bias, SAFE=safe, SCAN=scan,
+                **launch.constexprs,
             )
     return out
 
@@ -836,10 +844,11 @@ def rational_backward_triton(
         flags = torch.empty(launch.grid[0], dtype=torch.int32, device=x3.device)
         args = (grad3, x3, grad_x, num, den, partials, bias_arg, bias_partials, flags, rows, cols, num_row_stride,
                 launch.segments, launch.rows_per_program, launch.grid[0])
-        for safe, grid, warps in ((0, launch.grid, launch.num_warps), (1, launch.safe_grid, launch.safe_warps)):
+        for safe, grid, warps, scan in ((0, launch.grid, launch.num_warps, 1),
+                                        (1, launch.safe_grid, launch.safe_warps, launch.safe_scan)):
             _group_rational_backward_kernel[grid](
-                *args, num_warps=warps, num_stages=launch.num_stages, HAS_BIAS=has_bias, SAFE=safe,
-                SCAN=_SAFE_SCAN, **launch.constexprs, **({} if safe else options),
+                *args, num_warps=warps, num_stages=launch.num_stages, HAS_BIAS=has_bias, SAFE=safe, SCAN=scan,
+                **launch.constexprs, **({} if safe else options),
             )
         _coefficient_grads_kernel[coefficient_grads_launch(groups, num.shape[0] == 1)](
             partials, den, grad_numerator, grad_denominator, launch.programs_m, groups,
