@@ -22,12 +22,13 @@ def main(argv=None) -> int:
     """Compile the kernels, print the markdown report, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", nargs="+", choices=sorted(ARCHS) + ["all"], default=["sm_80", "sm_90a"],
-                        help="targets (all: every one; default: sm_80 sm_90a)")
+    parser.add_argument("--arch", nargs="+", choices=list(ARCHS) + ["all"], default=["sm_80", "sm_90a"],
+                        metavar="ARCH", help=f"targets: {', '.join(ARCHS)}, or all (default: sm_80 sm_90a)")
     parser.add_argument("--batch", nargs="+", type=int, default=[128, 1], help="batch sizes (x 197 tokens)")
-    parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=sorted(DTYPES))
-    parser.add_argument("--variant", nargs="+", choices=sorted(VARIANTS) + ["all"], default=["plain"],
-                        help="kernel variants: plain, bias (input bias), safe (the large-|x| pass), safe+bias; all")
+    parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=sorted(DTYPES), metavar="DTYPE",
+                        help=f"{', '.join(sorted(DTYPES))} (default: all three)")
+    parser.add_argument("--variant", nargs="+", choices=list(VARIANTS) + ["all"], default=["plain"], metavar="VARIANT",
+                        help="plain, bias (input bias), safe (the large-|x| pass), safe+bias, or all (default: plain)")
     parser.add_argument("--odd", action="store_true", help="also report odd shapes (masked, unaligned)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
