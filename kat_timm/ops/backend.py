@@ -125,7 +125,8 @@ def select_backend(x: torch.Tensor) -> str:
 def triton_fallbacks() -> Dict[str, str]:
     """Where the Triton kernels failed in this process and the PyTorch path runs instead: ``{"cuda:0 bfloat16":
     reason}``."""
-    return {f"{device} {str(dtype).replace('torch.', '')}": reason for (device, dtype), reason in _triton_failed.items()}
+    return {f"{device} {str(dtype).replace('torch.', '')}": reason
+            for (device, dtype), reason in _triton_failed.items()}
 
 
 def triton_implementation(direction: str) -> Callable:
