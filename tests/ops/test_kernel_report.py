@@ -96,7 +96,8 @@ def test_bandwidth_targets_other_variants_do_not_spill(arch):
     for direction in ("forward", "backward"):
         for dtype in DTYPES:
             r = kernel_resources(direction, REPRESENTATIVE[1][1], dtype, arch, bias=True, safe=True)
-            assert r.spill_bytes == 0 and r.stack_bytes == 0, f"{arch} {direction} {dtype}: {r.spill_bytes} B spilled"
+            assert r.spill_bytes == 0 and r.stack_bytes == 0, (
+                f"{arch} {direction} {dtype}: {r.spill_bytes} B spilled, {r.stack_bytes} B stack")
 
 
 def test_launches_per_call_at_kat_t_act1():
