@@ -1,5 +1,6 @@
 """``kat-timm info``: what runs the rational op on this machine, the versions, and the model zoo; quick and offline
-(parameters and ``--flops`` counted on the meta device, the Hugging Face cache only looked at)."""
+(parameters and ``--flops`` counted on the meta device, the Hugging Face cache only looked at; on a GPU the Triton
+kernels are compiled and run once on a tiny input, so a (device, dtype) they fail on is shown with the reason)."""
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,8 @@ def backend_report() -> Dict[str, Any]:
     import torch
 
     from kat_timm.ops import (BACKEND_ENV, native_cpu_status, rational_cpu, requested_backend, select_backend,
-                              triton_status)
+                              triton_fallbacks, triton_status)
+    from kat_timm.ops.backend import probe_triton
 
     native_ok, native_reason = native_cpu_status()
     library = getattr(getattr(rational_cpu, "_library", None), "_name", None) if native_ok else None
@@ -42,7 +44,8 @@ def backend_report() -> Dict[str, Any]:
     report: Dict[str, Any] = {
         "env": {BACKEND_ENV: os.environ.get(BACKEND_ENV), "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET")},
         "requested": None, "native_cpu": {"available": native_ok, "reason": native_reason, "library": library},
-        "triton": {"available": triton_ok, "mode": triton_mode}, "devices": {}, "error": None}
+        "triton": {"available": triton_ok, "mode": triton_mode}, "devices": {}, "error": None,
+        "triton_fallbacks": {}}
     try:
         report["requested"] = requested_backend()
     except ValueError as error:
@@ -61,13 +64,20 @@ def backend_report() -> Dict[str, Any]:
                 with warnings.catch_warnings():  # the "native kernel unavailable" warning: reported above instead
                     warnings.simplefilter("ignore")
                     backend = select_backend(torch.empty(0, device=device, dtype=dtype))
+                    # On a GPU the kernels are compiled and run once on a tiny input (seconds the first time, then
+                    # Triton's cache): a failure shows here, as the op would meet it.
+                    failed = backend == "triton" and device == "cuda" and probe_triton(torch.device(device), dtype)
             except RuntimeError as error:
                 errors.setdefault(str(error), []).append(f"{device} {name}")
                 per_dtype[name] = {"backend": None, "description": f"error: {error}"}
                 continue
+            if failed:
+                per_dtype[name] = {"backend": "torch", "description": "pure PyTorch: the Triton kernels failed (below)"}
+                continue
             per_dtype[name] = {"backend": backend, "description": _describe_backend(backend, device, triton_mode)}
         report["devices"][device] = per_dtype
     report["error"] = "; ".join(f"{', '.join(where)}: {message}" for message, where in errors.items()) or None
+    report["triton_fallbacks"] = triton_fallbacks()
     return report
 
 
@@ -136,6 +146,9 @@ def _text(info: Dict[str, Any], flops: bool) -> str:
     if triton["mode"] == "compiled" and "cuda" not in backend["devices"]:
         triton_line += " (runs CUDA tensors; none here)"
     lines.append(f"  triton: {triton_line}")
+    for where, reason in backend["triton_fallbacks"].items():
+        lines.append(f"  triton failed on {where}, PyTorch runs there instead: {reason} (please report it with this "
+                     "output)")
     if backend["error"]:
         lines.append(f"  ERROR: {backend['error']}")
 

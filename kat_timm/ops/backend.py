@@ -2,10 +2,13 @@
 
 ``KAT_RATIONAL_BACKEND`` (read at every call, so it can be changed at run time):
 - ``auto`` (default): Triton for CUDA tensors; the native CPU kernel for CPU float32/bfloat16/float16 tensors;
-  pure PyTorch for float64, for devices neither covers, and where the native kernel can't be built.
+  pure PyTorch for float64, for devices neither covers, and where the native kernel can't be built. Where Triton
+  can't compile or launch its kernel for a (device, dtype) (an architecture or dtype it doesn't support, a compiler
+  error), that pair falls back to PyTorch from then on, with one warning (``triton_fallbacks`` lists them,
+  ``kat-timm info`` shows them).
 - ``torch``: pure PyTorch everywhere.
 - ``triton``: the Triton kernels; on CPU tensors only through Triton's interpreter (``TRITON_INTERPRET=1`` set
-  before kat_timm is imported). Fails with a message otherwise.
+  before kat_timm is imported). Fails with a message otherwise, and with the reason where a kernel fails.
 - ``native``: the native CPU kernel; fails with the build error when it isn't available.
 float64 inputs always take the PyTorch path (the kernels compute in float32).
 
@@ -17,13 +20,15 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from . import rational_torch
 from .rational_cpu import native_cpu_status, native_cpu_supports
 
-__all__ = ["BACKEND_ENV", "BACKENDS", "fuses_linear_bias", "requested_backend", "select_backend", "triton_status"]
+__all__ = ["BACKEND_ENV", "BACKENDS", "fuses_linear_bias", "probe_triton", "requested_backend", "select_backend",
+           "triton_fallbacks", "triton_implementation", "triton_status"]
 
 BACKEND_ENV = "KAT_RATIONAL_BACKEND"
 BACKENDS = ("auto", "torch", "triton", "native")
@@ -31,6 +36,10 @@ BACKENDS = ("auto", "torch", "triton", "native")
 _triton_module = None
 _triton_failure: Optional[str] = None
 _warned_native = False
+# (device, dtype) -> why the Triton kernels failed there; the PyTorch path runs those pairs instead.
+_triton_failed: Dict[Tuple[str, torch.dtype], str] = {}
+_REPORT_HINT = ("please report it to the kat_timm maintainers with this message and the output of `kat-timm info`; "
+                "KAT_RATIONAL_BACKEND=torch silences this")
 
 
 def requested_backend() -> str:
@@ -100,6 +109,8 @@ def select_backend(x: torch.Tensor) -> str:
         return "native"
     # auto
     if x.device.type == "cuda":
+        if _triton_failed and (str(x.device), x.dtype) in _triton_failed:
+            return "torch"
         return "triton" if _triton_kernels() is not None else "torch"
     if x.device.type == "cpu":
         if native_cpu_supports(x.dtype):
@@ -109,6 +120,61 @@ def select_backend(x: torch.Tensor) -> str:
             _warned_native = True
             warnings.warn(f"kat_timm: native CPU kernel unavailable, using the slower PyTorch path ({reason})")
     return "torch"
+
+
+def triton_fallbacks() -> Dict[str, str]:
+    """Where the Triton kernels failed in this process and the PyTorch path runs instead: ``{"cuda:0 bfloat16":
+    reason}``."""
+    return {f"{device} {str(dtype).replace('torch.', '')}": reason
+            for (device, dtype), reason in _triton_failed.items()}
+
+
+def triton_implementation(direction: str) -> Callable:
+    """The Triton (M, G, L) function for ``direction`` ("forward" or "backward"), guarded: if the kernel can't be
+    compiled or launched for the tensors' (device, dtype), ``KAT_RATIONAL_BACKEND=auto`` runs the PyTorch path for
+    them (now and, through ``select_backend``, from then on) after one warning with the reason; a forced
+    ``KAT_RATIONAL_BACKEND=triton`` raises a RuntimeError with the reason instead. Running out of GPU memory is
+    raised as it is (the PyTorch path would need more)."""
+    kernel = getattr(_triton_kernels(), f"rational_{direction}_triton")
+    fallback = getattr(rational_torch, f"rational_{direction}_torch")
+
+    def run(*args, **kwargs):
+        try:
+            return kernel(*args, **kwargs)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as error:  # any compiler or launcher error: named in the warning, never swallowed
+            tensor = args[0]
+            lines = str(error).strip().splitlines()
+            reason = f"{type(error).__name__}: {lines[-1] if lines else ''}".strip()
+            where = f"{tensor.device} {str(tensor.dtype).replace('torch.', '')}"
+            if requested_backend() == "triton":
+                raise RuntimeError(f"{BACKEND_ENV}=triton: the Triton {direction} kernel failed on {where} "
+                                   f"({reason}); use KAT_RATIONAL_BACKEND=auto to fall back to PyTorch") from error
+            key = (str(tensor.device), tensor.dtype)
+            if key not in _triton_failed:
+                _triton_failed[key] = reason
+                warnings.warn(f"kat_timm: the Triton {direction} kernel failed on {where} ({reason}); the slower "
+                              f"PyTorch path runs there from now on; {_REPORT_HINT}", RuntimeWarning, stacklevel=2)
+            return fallback(*args, **kwargs)
+
+    return run
+
+
+def probe_triton(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """Compile and run the Triton forward and backward once on a tiny input of ``device`` and ``dtype`` through the
+    op's guard (``triton_implementation``); the reason they failed there, or None. For ``kat-timm info``: a
+    failure is recorded and warned about as at the op's first call (under ``KAT_RATIONAL_BACKEND=triton`` it
+    raises, as the op would)."""
+    key = (str(torch.empty(0, device=device).device), dtype)
+    if key not in _triton_failed:
+        x3 = torch.linspace(-3, 3, 2 * 8 * 4, device=device).to(dtype).view(2, 8, 4)
+        numerator = torch.full((1, 6), 0.5, device=device)
+        denominator = torch.full((8, 4), 0.5, device=device)
+        triton_implementation("forward")(x3, numerator, denominator)
+        if key not in _triton_failed:
+            triton_implementation("backward")(x3, x3, numerator, denominator)
+    return _triton_failed.get(key)
 
 
 @torch.compiler.assume_constant_result

@@ -34,7 +34,7 @@ import torch
 import torch.utils._python_dispatch
 from torch.autograd import forward_ad
 
-from .backend import select_backend
+from .backend import select_backend, triton_implementation
 from .layout import channels_moved_last, empty_output, mgl_view
 from .rational_torch import group_rational_autograd, group_rational_plain
 
@@ -48,10 +48,11 @@ def _implementation(backend: str, direction: str):
     modules are imported on first use (building the C kernel, importing triton)."""
     function = _IMPLEMENTATIONS.get((backend, direction))
     if function is None:
+        if backend == "triton":  # guarded: a kernel that can't compile or launch falls back to PyTorch
+            function = _IMPLEMENTATIONS[(backend, direction)] = triton_implementation(direction)
+            return function
         if backend == "native":
             from . import rational_cpu as module
-        elif backend == "triton":
-            from . import rational_triton as module
         else:
             from . import rational_torch as module
         function = _IMPLEMENTATIONS[(backend, direction)] = getattr(module, f"rational_{direction}_{backend}")

@@ -81,6 +81,22 @@ def test_triton_zero_denominator_and_channels_last():
 def test_triton_deterministic():
     assert_backward_deterministic(torch.randn(64, 96), *random_coefficients(8))  # per-column partials
     assert_backward_deterministic(torch.randn(40, 2048), *random_coefficients(8))  # one group per tile
+    # The coefficient-gradient reduction runs one program per (sum, group): per-group numerators too.
+    assert_backward_deterministic(torch.randn(9, 3 * 48), *random_coefficients(3, shared_numerator=False))
+
+
+def test_triton_launchers_take_empty_inputs():
+    """The launchers themselves (not only the op, which returns early) take inputs without elements."""
+    from kat_timm.ops.rational_triton import rational_backward_triton, rational_forward_triton
+
+    numerator, denominator = (t.detach() for t in random_coefficients(8))
+    for shape in [(0, 8, 3), (4, 8, 0)]:
+        x3 = torch.empty(shape)
+        assert rational_forward_triton(x3, numerator, denominator).shape == shape
+        grad_x, grad_num, grad_den, bias_sums = rational_backward_triton(x3, x3, numerator, denominator,
+                                                                         bias=torch.zeros(shape[1:]))
+        assert grad_x.shape == shape and bias_sums.shape == shape[1:], shape
+        assert not grad_num.any() and not grad_den.any() and not bias_sums.any(), shape
 
 
 def _low_precision_rtol(dtype, exact: torch.Tensor) -> float:
@@ -169,3 +185,50 @@ def test_triton_large_inputs_stay_finite():
     ref_y, ref_dx, _, _ = group_rational_reference(x, numerator, denominator, -1, grad)
     assert_matches_rounded_reference(y, ref_y, 1e-5, "value")
     assert_matches_rounded_reference(x.grad, ref_dx, 1e-5, "grad x")
+
+
+FUZZ_GROUPS = [1, 2, 3, 4, 7, 8, 16, 32, 64]
+
+
+def _fuzz_inputs(groups: int, generator: torch.Generator):
+    """Small inputs for G groups: a token layout with an odd row count (C = G x L with L odd: C is not a multiple
+    of 16 wherever G < 16 allows it), a channel_dim=1 image (4-D for odd G, 5-D for even), and a non-contiguous one
+    (a strided slice for odd G, channels_last memory for even). G >= 32 (many programs: slow in the interpreter)
+    takes one of them: the image for 32 (tokens: test_triton_32_groups_authors_crash), channels_last for 64."""
+    length = 3 if groups < 16 else 1
+    channels = groups * length
+    token = torch.randn(5, 3, channels, generator=generator) * 2  # 15 rows
+    image = torch.randn((2, channels, 3, 5) if groups % 2 else (1, channels, 3, 1, 5), generator=generator) * 2
+    if groups % 2:
+        other = (torch.randn(7, 2 * channels, generator=generator) * 2)[:, ::2]  # a strided channel axis
+        other_dim = -1
+    else:
+        other = (torch.randn(3, channels, 5, 3, generator=generator) * 2).to(memory_format=torch.channels_last)
+        other_dim = 1
+    inputs = [(token, -1), (image, 1), (other, other_dim)]
+    return inputs if groups < 32 else [inputs[1 if groups == 32 else 2]]
+
+
+@pytest.mark.parametrize("groups", FUZZ_GROUPS)
+def test_triton_fuzz_groups_and_layouts(groups):
+    """Forward and every gradient against the float64 reference for each group count, in every layout the
+    dispatcher hands the kernels, with an input bias and (for even G) one numerator per group."""
+    generator = torch.Generator().manual_seed(1000 + groups)
+    shared = groups % 2 == 1
+    numerator = torch.randn(1 if shared else groups, 6, generator=generator) * 0.5
+    denominator = torch.randn(groups, 4, generator=generator) * 0.5
+    for x, channel_dim in _fuzz_inputs(groups, generator):
+        bias = torch.randn(x.shape[channel_dim], generator=generator)
+        assert x.shape[channel_dim] % 16 or groups >= 16 or groups * 3 % 16 == 0
+        check_against_reference(x, numerator, denominator, channel_dim, bias=bias)
+
+
+def test_triton_32_groups_authors_crash():
+    """The authors' kernels hit an illegal memory access with 32 groups (Adamdad/kat #14): G = 32 at a KAT-T width
+    (C = 192, L = 6: unaligned group starts in fp32) and at C = 768 (L = 24), per-group and shared numerators."""
+    generator = torch.Generator().manual_seed(32)
+    for channels, shared in ((192, False), (768, True)):
+        x = torch.randn(3, 7, channels, generator=generator) * 2
+        numerator = torch.randn(1 if shared else 32, 6, generator=generator) * 0.5
+        denominator = torch.randn(32, 4, generator=generator) * 0.5
+        check_against_reference(x, numerator, denominator)
