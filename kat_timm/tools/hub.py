@@ -345,9 +345,15 @@ def _base_model(args: Mapping[str, Any]) -> Optional[str]:
     return "random initialisation (trained from scratch)"
 
 
-def _metrics(rows: List[Dict[str, float]]) -> Dict[str, str]:
+def _metrics(rows: List[Dict[str, float]], epoch: Any = None) -> Dict[str, str]:
     """The card's training results from summary.csv rows: epochs, and the last and best evaluation (top-1/top-5 of
-    the run's own validation split; the EMA's too where the run had one)."""
+    the run's own validation split; the EMA's too where the run had one) of the training the weights had: up to the
+    checkpoint's ``epoch`` (a run goes on after model_best or checkpoint-N is saved), and for an epoch a resumed run
+    repeated, its later row."""
+    by_epoch = {int(row["epoch"]): row for row in rows}  # the later row of a repeated epoch
+    if isinstance(epoch, int) and not isinstance(epoch, bool):
+        by_epoch = {number: row for number, row in by_epoch.items() if number <= epoch}
+    rows = [by_epoch[number] for number in sorted(by_epoch)]
     if not rows:
         return {}
     found = {"Epochs trained": f"{len(rows)} (epochs {int(rows[0]['epoch'])}-{int(rows[-1]['epoch'])}, summary.csv)"}
@@ -393,7 +399,7 @@ def run_model_card(loaded: LoadedCheckpoint, arch: str, num_params: int, num_cla
         "Classes": f"{num_classes}" + (f": {shown}{more}" if shown else " (no class names recorded)"),
         "Training data": dataset,
         "Started from": base,
-        **_metrics(run_summary(loaded.path) if args else []),
+        **_metrics(run_summary(loaded.path) if args else [], loaded.raw.get("epoch")),
         "Papers": "[Kolmogorov-Arnold Transformer](https://arxiv.org/abs/2409.10594)",
         "Model code": _GITHUB,
         "Weights converted from": source,

@@ -354,3 +354,21 @@ def test_hub_config_keeps_what_it_does_not_own():
     assert fixed["num_classes"] == 7 and fixed["model_args"] == {"img_size": [32, 32]}
     assert written["model_args"]["num_classes"] == 7, "the input must not be modified"
     assert "model_args" not in hub.hub_config({"architecture": TINY, "model_args": {"num_classes": 3}})
+
+
+def test_run_card_reports_the_training_of_the_published_checkpoint_only(tmp_path, weights):
+    """A checkpoint of epoch 1 in a run folder whose summary.csv went on to epoch 3 (and was resumed at epoch 2, so
+    epoch 2 has two rows): the card's epochs and scores are those of the weights published, not of later epochs."""
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"epoch": 1, "arch": TINY, "state_dict": weights["model"],
+                "args": {"model": TINY, "pretrained": False, "data_dir": "shapes"}}, run / "checkpoint-1.pth.tar")
+    rows = [(0, 40.0), (1, 50.0), (2, 90.0), (2, 95.0), (3, 99.0)]
+    (run / "summary.csv").write_text("epoch,train_loss,eval_top1,eval_top5\n"
+                                     + "".join(f"{e},1.0,{top1},100.0\n" for e, top1 in rows))
+    hub.convert_checkpoint(run / "checkpoint-1.pth.tar", tmp_path / "out", verify=False)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "**Epochs trained:** 2 (epochs 0-1, summary.csv)" in card, card
+    assert "**Final validation (epoch 1):** top-1 50.00%" in card, card
+    assert "**Best validation (epoch 1):** top-1 50.00%" in card, card
+    assert "epoch 2" not in card and "epoch 3" not in card and "99.00" not in card and "95.00" not in card
