@@ -372,3 +372,13 @@ def test_run_card_reports_the_training_of_the_published_checkpoint_only(tmp_path
     assert "**Final validation (epoch 1):** top-1 50.00%" in card, card
     assert "**Best validation (epoch 1):** top-1 50.00%" in card, card
     assert "epoch 2" not in card and "epoch 3" not in card and "99.00" not in card and "95.00" not in card
+
+
+def test_a_link_into_a_missing_folder_among_the_outputs_writes_nothing(tmp_path, capsys, weights):
+    path = _save_released(weights["model"], tmp_path / "pytorch_model.bin")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "README.md").symlink_to(tmp_path / "gone" / "README.md")
+    err = _error([path, "-o", tmp_path / "out", "--force"], capsys)
+    assert f"README.md: a symbolic link to {tmp_path / 'gone' / 'README.md'}, whose folder" in err, err
+    assert err.count("\n") == 1
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["README.md"], "nothing written"
