@@ -270,7 +270,8 @@ def convert_checkpoint(checkpoint_path: PathLike, output_dir: PathLike, model_na
     checkpoint_path = Path(checkpoint_path)
     output_dir = Path(output_dir)
     if output_dir.resolve() == checkpoint_path.parent.resolve():
-        raise CheckpointError("the output directory must not be the checkpoint's own directory")
+        raise CheckpointError(f"the output folder {output_dir} is the folder the checkpoint {checkpoint_path.name} is "
+                              "in; give a new or empty folder")
     if output_dir.is_dir():  # before the checkpoint is read: a device, FIFO or the input among the files to write
         try:
             check_hub_files(output_dir, {"checkpoint": checkpoint_path})

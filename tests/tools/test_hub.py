@@ -382,3 +382,11 @@ def test_a_link_into_a_missing_folder_among_the_outputs_writes_nothing(tmp_path,
     assert f"README.md: a symbolic link to {tmp_path / 'gone' / 'README.md'}, whose folder" in err, err
     assert err.count("\n") == 1
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["README.md"], "nothing written"
+
+
+def test_error_output_in_the_checkpoints_folder_says_what_to_give(tmp_path, capsys, weights):
+    path = _save_released(weights["model"], tmp_path / "pytorch_model.bin")
+    err = _error([path, "-o", tmp_path], capsys)
+    assert (f"the output folder {tmp_path} is the folder the checkpoint pytorch_model.bin is in; give a new or empty "
+            "folder") in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pytorch_model.bin"]
