@@ -85,7 +85,7 @@ def _publish(args: argparse.Namespace, prog: str) -> int:
     try:
         result = convert_checkpoint(args.checkpoint, args.output_dir, model_name=args.model, tag=args.tag,
                                     use_ema=args.use_ema, force=args.force, repo_id=args.repo_id,
-                                    safe_serialization=args.safe_serialization == "true" or "both",
+                                    safe_serialization=True if args.safe_serialization == "true" else "both",
                                     verify=not args.no_verify)
     except (CheckpointError, FileNotFoundError) as error:
         raise CLIError(str(error), code=2) from None
