@@ -161,16 +161,17 @@ def hub_config(config: Mapping[str, Any]) -> Dict[str, Any]:
     return fixed
 
 
-def save_hub_folder(model: torch.nn.Module, output_dir: PathLike,
-                    safe_serialization: Union[bool, str] = "both") -> None:
+def save_hub_folder(model: torch.nn.Module, output_dir: PathLike, safe_serialization: Union[bool, str] = "both",
+                    model_config: Optional[Dict[str, Any]] = None) -> None:
     """Write a timm model as a Hub folder that timm and transformers both load: timm's ``save_for_hf``
-    (``safe_serialization``: "both" files, or True: model.safetensors only), then ``fix_hub_folder``."""
+    (``safe_serialization``: "both" files, or True: model.safetensors only; ``model_config``: extra config.json
+    entries, e.g. ``label_names``), then ``fix_hub_folder``."""
     from timm.models import save_for_hf
 
     output_dir = Path(output_dir)
     check_hub_files(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    save_for_hf(model, str(output_dir), safe_serialization=safe_serialization)
+    save_for_hf(model, str(output_dir), model_config=model_config, safe_serialization=safe_serialization)
     fix_hub_folder(output_dir)
     _match_file_mode(output_dir / "model.safetensors", output_dir / "config.json")
 
@@ -261,7 +262,7 @@ def convert_checkpoint(checkpoint_path: PathLike, output_dir: PathLike, model_na
     overrides, must match it). ``use_ema``: None: its EMA weights where it has them (the rule of every command),
     True: those or an error, False: the raw model weights. ``force`` replaces only the files a conversion writes;
     ``verify`` reloads the folder and checks every tensor."""
-    from timm.models import get_pretrained_cfg, save_for_hf, split_model_name_tag
+    from timm.models import get_pretrained_cfg, split_model_name_tag
 
     from ..factory import create_model, read_checkpoint
 
@@ -301,10 +302,8 @@ def convert_checkpoint(checkpoint_path: PathLike, output_dir: PathLike, model_na
     released = _is_released(loaded, arch, tag, num_classes, img_size)
 
     _prepare_output_dir(output_dir, force)
-    save_for_hf(model, str(output_dir), model_config={"label_names": list(labels)} if labels else None,
-                safe_serialization=safe_serialization)
-    fix_hub_folder(output_dir)
-    _match_file_mode(output_dir / "model.safetensors", output_dir / "config.json")
+    save_hub_folder(model, output_dir, safe_serialization=safe_serialization,
+                    model_config={"label_names": list(labels)} if labels else None)
     num_params = sum(p.numel() for p in model.parameters())
     with open(checkpoint_path, "rb") as file:
         digest = sha_fileobj(file).hex()
