@@ -78,8 +78,10 @@ def _publish(args: argparse.Namespace, prog: str) -> int:
             raise CLIError(f"--push: the Hugging Face Hub is in offline mode (HF_HUB_OFFLINE is set); unset it to "
                            f"upload, or publish without --push and upload {args.output_dir} later "
                            f"('hf upload {args.repo_id} {args.output_dir}')", code=2)
-    if args.checkpoint.is_dir():
-        raise CLIError(folder_given_message(args.checkpoint), code=2)
+    if args.checkpoint.is_dir():  # (publish takes no model name: a folder it wrote is to upload, not to load)
+        advice = ("; it is published already: upload it with 'hf upload OWNER/NAME {folder}', or give the checkpoint "
+                  "it was written from")
+        raise CLIError(folder_given_message(args.checkpoint, hub_advice=advice), code=2)
     check_writable_folder(args.output_dir, f"-o {args.output_dir}")
     check_backend_setting()
     try:

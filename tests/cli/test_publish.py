@@ -374,20 +374,26 @@ def test_a_mismatch_within_one_architecture_is_one_short_line(run, capsys):
 def test_a_folder_given_for_a_checkpoint_says_so(run, tmp_path, capsys):
     image = str(run.data / "validation" / "red" / "0.png")
     run_folder, hub_folder = str(run.dir), str(run.folder)
-    for command in (
-            lambda path: predict_module.main([image, "--checkpoint", path, "--device", "cpu"]),
-            lambda path: validate_module.main(["--data-dir", str(run.data), "--checkpoint", path, "--workers", "0"]),
-            lambda path: export_module.main(["--checkpoint", path, "-o", str(tmp_path / "m.onnx")]),
-            lambda path: plot_module.main(["--checkpoint", path, "-o", str(tmp_path / "a.png")]),
-            lambda path: publish_module.main([path, "-o", str(tmp_path / "pub")])):
+    loads_by_name = f", which loads by the model name local-dir:{hub_folder}"
+    # publish takes no model name: for a folder it wrote, what to do with that folder instead.
+    published = (f"; it is published already: upload it with 'hf upload OWNER/NAME {hub_folder}', or give the "
+                 "checkpoint it was written from")
+    for command, hub_advice in (
+            (lambda path: predict_module.main([image, "--checkpoint", path, "--device", "cpu"]), loads_by_name),
+            (lambda path: validate_module.main(["--data-dir", str(run.data), "--checkpoint", path, "--workers", "0"]),
+             loads_by_name),
+            (lambda path: export_module.main(["--checkpoint", path, "-o", str(tmp_path / "m.onnx")]), loads_by_name),
+            (lambda path: plot_module.main(["--checkpoint", path, "-o", str(tmp_path / "a.png")]), loads_by_name),
+            (lambda path: publish_module.main([path, "-o", str(tmp_path / "pub")]), published)):
         assert command(run_folder) != 0
         line = _one_line(capsys.readouterr().err)
         assert f"{run_folder} is a folder, not a checkpoint file: give a file in it; it holds " in line, line
         assert "model_best.pth.tar" in line
         assert command(hub_folder) != 0
         line = _one_line(capsys.readouterr().err)
-        assert (f"{hub_folder} is a folder, not a checkpoint file: a Hub-style model folder (config.json + weights), "
-                f"which loads by the model name local-dir:{hub_folder}") in line, line
+        assert (f"{hub_folder} is a folder, not a checkpoint file: a Hub-style model folder (config.json + weights)"
+                f"{hub_advice}") in line, line
+        assert line.endswith(hub_advice), line
     train_args = ["--data-dir", str(run.data), "--model", "kat_tiny", "--output", str(tmp_path / "out")]
     assert train_module.main(train_args + ["--resume", run_folder]) == 2
     assert f"--resume {run_folder} is a folder, not a checkpoint file: give a file in it" in _one_line(
