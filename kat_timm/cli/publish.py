@@ -67,6 +67,9 @@ def _publish(args: argparse.Namespace, prog: str) -> int:
 
     from .common import check_backend_setting
 
+    if args.private and not args.push:
+        raise CLIError("--private makes the repo that --push creates private; add --push, or leave --private out",
+                       code=2)
     if args.push and not args.repo_id:
         raise CLIError("--push needs --repo-id OWNER/NAME (the Hub repo to upload to)", code=2)
     if args.repo_id:

@@ -224,6 +224,11 @@ def test_push_offline_or_without_repo_is_one_line_before_any_work(run, tmp_path,
     assert "--push needs --repo-id OWNER/NAME" in _one_line(capsys.readouterr().err)
     assert publish_module.main([str(run.checkpoint), "-o", str(out), "--repo-id", "no/such/repo"]) == 2
     assert "--repo-id no/such/repo: not a Hub repo id" in _one_line(capsys.readouterr().err)
+    # --private says how the repo --push creates is made: without --push it would be ignored without a word.
+    assert publish_module.main([str(run.checkpoint), "-o", str(out), "--repo-id", REPO_ID, "--private"]) == 2
+    assert _one_line(capsys.readouterr().err) == ("kat-timm publish: error: --private makes the repo that --push "
+                                                  "creates private; add --push, or leave --private out")
+    assert not out.exists()
 
 
 def test_push_refused_by_the_hub_is_one_line_naming_the_login(run, monkeypatch):
