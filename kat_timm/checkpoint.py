@@ -65,14 +65,16 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
 
 
-def folder_given_message(path: PathLike) -> str:
+def folder_given_message(path: PathLike, hub_advice: str = ", which loads by the model name local-dir:{folder}") -> str:
     """What to say when a folder is given where a checkpoint file is expected: a Hub-style model folder (config.json
-    and weights, as ``kat-timm publish`` or timm's ``save_for_hf`` write) is a model name, ``local-dir:FOLDER``;
-    for another folder, the checkpoint files it holds are named."""
+    and weights, as ``kat-timm publish`` or timm's ``save_for_hf`` write) gets ``hub_advice`` (formatted with
+    ``folder`` and ``weights``, its weights file: the calling command's way to use it); for another folder, the
+    checkpoint files it holds are named."""
     path = Path(path)
-    if (path / "config.json").is_file() and any((path / name).is_file() for name in HUB_WEIGHT_FILES):
-        return (f"{path} is a folder, not a checkpoint file: a Hub-style model folder (config.json + weights), "
-                f"which loads by the model name local-dir:{path}")
+    weights = next((path / name for name in HUB_WEIGHT_FILES if (path / name).is_file()), None)
+    if weights is not None and (path / "config.json").is_file():
+        return (f"{path} is a folder, not a checkpoint file: a Hub-style model folder (config.json + weights)"
+                + hub_advice.format(folder=path, weights=weights))
     found = sorted(p.name for p in path.iterdir() if p.is_file() and p.name.endswith(CHECKPOINT_SUFFIXES))
     shown = f"; it holds {', '.join(found[:4])}{' ...' if len(found) > 4 else ''}" if found else ""
     return f"{path} is a folder, not a checkpoint file: give a file in it{shown}"

@@ -60,6 +60,10 @@ def output_target(path: PathLike, inputs: Optional[Mapping[str, Optional[PathLik
         mode = os.stat(target).st_mode
     except FileNotFoundError:
         mode = None
+        folder = os.path.dirname(target)
+        if not os.path.isdir(folder) and os.path.islink(path):  # the command made no folder there: the link did
+            raise OutputPathError(f"{label}: a symbolic link to {target}, whose folder {folder} does not exist; "
+                                  f"create it or give another path") from None
     except OSError as error:  # a loop of symbolic links, a path through a file, ...
         raise OutputPathError(f"{label}: cannot write there ({error.strerror})") from None
     if mode is not None and not stat.S_ISREG(mode):

@@ -247,3 +247,13 @@ def test_a_real_socket_is_refused(tmp_path):
             output_target(path)
     finally:
         server.close()
+
+
+def test_a_link_into_a_missing_folder_is_refused_before_anything_is_written(tmp_path):
+    """The rename target would be in a folder that does not exist: refused in one line naming where the link leads,
+    not an ENOENT after the other outputs of the command are written."""
+    (tmp_path / "out.json").symlink_to(tmp_path / "gone" / "x.json")
+    with pytest.raises(OutputPathError, match=rf"^out: a symbolic link to {tmp_path / 'gone' / 'x.json'}, whose "
+                                              rf"folder {tmp_path / 'gone'} does not exist; create it or give "
+                                              "another path$"):
+        output_target(tmp_path / "out.json", label="out")

@@ -67,6 +67,9 @@ def _publish(args: argparse.Namespace, prog: str) -> int:
 
     from .common import check_backend_setting
 
+    if args.private and not args.push:
+        raise CLIError("--private makes the repo that --push creates private; add --push, or leave --private out",
+                       code=2)
     if args.push and not args.repo_id:
         raise CLIError("--push needs --repo-id OWNER/NAME (the Hub repo to upload to)", code=2)
     if args.repo_id:
@@ -78,14 +81,16 @@ def _publish(args: argparse.Namespace, prog: str) -> int:
             raise CLIError(f"--push: the Hugging Face Hub is in offline mode (HF_HUB_OFFLINE is set); unset it to "
                            f"upload, or publish without --push and upload {args.output_dir} later "
                            f"('hf upload {args.repo_id} {args.output_dir}')", code=2)
-    if args.checkpoint.is_dir():
-        raise CLIError(folder_given_message(args.checkpoint), code=2)
+    if args.checkpoint.is_dir():  # (publish takes no model name: a folder it wrote is to upload, not to load)
+        advice = ("; it is published already: upload it with 'hf upload OWNER/NAME {folder}', or give the checkpoint "
+                  "it was written from")
+        raise CLIError(folder_given_message(args.checkpoint, hub_advice=advice), code=2)
     check_writable_folder(args.output_dir, f"-o {args.output_dir}")
     check_backend_setting()
     try:
         result = convert_checkpoint(args.checkpoint, args.output_dir, model_name=args.model, tag=args.tag,
                                     use_ema=args.use_ema, force=args.force, repo_id=args.repo_id,
-                                    safe_serialization=args.safe_serialization == "true" or "both",
+                                    safe_serialization=True if args.safe_serialization == "true" else "both",
                                     verify=not args.no_verify)
     except (CheckpointError, FileNotFoundError) as error:
         raise CLIError(str(error), code=2) from None

@@ -498,13 +498,10 @@ def _check_run_folder(args: argparse.Namespace, primary: bool) -> None:
 def _refuse_folder(option: str, path: str) -> None:
     """A folder given where a checkpoint file is expected: name the files in it, or for a Hub-style model folder
     (what kat-timm publish writes) the option that starts a run from its weights."""
-    from kat_timm.checkpoint import HUB_WEIGHT_FILES, folder_given_message
+    from kat_timm.checkpoint import folder_given_message
 
-    weights = next((Path(path) / name for name in HUB_WEIGHT_FILES if (Path(path) / name).is_file()), None)
-    if weights is not None and (Path(path) / "config.json").is_file():
-        raise CLIError(f"{option} {path} is a folder, not a checkpoint file: a Hub-style model folder (config.json + "
-                       f"weights); start a run from its weights with --pretrained-path {weights}", code=2)
-    raise CLIError(f"{option} {folder_given_message(path)}", code=2)
+    advice = "; start a run from its weights with --pretrained-path {weights}"
+    raise CLIError(f"{option} {folder_given_message(path, hub_advice=advice)}", code=2)
 
 
 def _read_resume(args: argparse.Namespace):

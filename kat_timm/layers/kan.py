@@ -132,8 +132,7 @@ class KAN(nn.Module):
         fc1's output (which nothing else reads) instead of into a new tensor."""
         if not torch.jit.is_scripting():
             # fx symbolic tracing hands a Proxy, whose device can't be asked: it records the plain path.
-            if (not isinstance(x, torch.fx.Proxy) and fuses_linear_bias(x)
-                    and _is_bare(self.fc1, nn.Linear) and _is_bare(self.act2, GroupRational)):
+            if not isinstance(x, torch.fx.Proxy) and fuses_linear_bias(x) and _bare(self.fc1, self.act2):
                 hidden = F.linear(x, self.fc1.weight)
                 if self._in_place_ok(hidden):
                     return self.act2.forward_(hidden, self.fc1.bias)
@@ -152,17 +151,20 @@ class KAN(nn.Module):
                     or self.act2.weight_denominator.requires_grad or (bias is not None and bias.requires_grad))
 
 
-def _is_bare(module: nn.Module, kind: type) -> bool:
-    """Whether calling ``module`` runs exactly ``kind.forward`` and nothing else, so that KAN may compute what the
-    call would compute without making it: the exact type (not a wrapper or a parametrized or quantized subclass), no
-    hooks of its own or global ones (forward, pre-forward, backward), and no ``forward`` patched on the instance
-    (as accelerate's hooks do)."""
+def _bare(fc1: nn.Module, act2: nn.Module) -> bool:
+    """Whether calling ``fc1`` and ``act2`` runs exactly ``nn.Linear.forward`` and ``GroupRational.forward`` and
+    nothing else, so that KAN may compute what the calls would compute without making them: the exact types (not a
+    wrapper or a parametrized or quantized subclass), no hooks, global (checked once: this runs on every forward) or
+    their own (forward, pre-forward, backward), and no ``forward`` patched on the instance (as accelerate's hooks
+    do)."""
     hooks = nn.modules.module
-    return (
-        type(module) is kind
-        and not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                 or module._backward_pre_hooks)
-        and not (hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
-                 or hooks._global_backward_pre_hooks)
-        and "forward" not in module.__dict__
-    )
+    if (hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
+            or hooks._global_backward_pre_hooks):
+        return False
+    return type(fc1) is nn.Linear and type(act2) is GroupRational and _no_own_hooks(fc1) and _no_own_hooks(act2)
+
+
+def _no_own_hooks(module: nn.Module) -> bool:
+    """No hook registered on ``module`` itself and no ``forward`` patched on the instance."""
+    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or "forward" in module.__dict__)

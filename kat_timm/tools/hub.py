@@ -13,7 +13,7 @@ import torch
 import timm
 from huggingface_hub.utils.sha import sha_fileobj
 
-from ..checkpoint import CheckpointError, check_finite, check_kat_state_dict
+from ..checkpoint import CheckpointError, check_kat_state_dict
 from ..factory import LoadedCheckpoint, infer_architecture
 from ..files import OutputPathError, edit_atomically, output_target
 from ..models import RELEASED_TOP1
@@ -161,16 +161,17 @@ def hub_config(config: Mapping[str, Any]) -> Dict[str, Any]:
     return fixed
 
 
-def save_hub_folder(model: torch.nn.Module, output_dir: PathLike,
-                    safe_serialization: Union[bool, str] = "both") -> None:
+def save_hub_folder(model: torch.nn.Module, output_dir: PathLike, safe_serialization: Union[bool, str] = "both",
+                    model_config: Optional[Dict[str, Any]] = None) -> None:
     """Write a timm model as a Hub folder that timm and transformers both load: timm's ``save_for_hf``
-    (``safe_serialization``: "both" files, or True: model.safetensors only), then ``fix_hub_folder``."""
+    (``safe_serialization``: "both" files, or True: model.safetensors only; ``model_config``: extra config.json
+    entries, e.g. ``label_names``), then ``fix_hub_folder``."""
     from timm.models import save_for_hf
 
     output_dir = Path(output_dir)
     check_hub_files(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    save_for_hf(model, str(output_dir), safe_serialization=safe_serialization)
+    save_for_hf(model, str(output_dir), model_config=model_config, safe_serialization=safe_serialization)
     fix_hub_folder(output_dir)
     _match_file_mode(output_dir / "model.safetensors", output_dir / "config.json")
 
@@ -261,7 +262,7 @@ def convert_checkpoint(checkpoint_path: PathLike, output_dir: PathLike, model_na
     overrides, must match it). ``use_ema``: None: its EMA weights where it has them (the rule of every command),
     True: those or an error, False: the raw model weights. ``force`` replaces only the files a conversion writes;
     ``verify`` reloads the folder and checks every tensor."""
-    from timm.models import get_pretrained_cfg, save_for_hf, split_model_name_tag
+    from timm.models import get_pretrained_cfg, split_model_name_tag
 
     from ..factory import create_model, read_checkpoint
 
@@ -270,15 +271,15 @@ def convert_checkpoint(checkpoint_path: PathLike, output_dir: PathLike, model_na
     checkpoint_path = Path(checkpoint_path)
     output_dir = Path(output_dir)
     if output_dir.resolve() == checkpoint_path.parent.resolve():
-        raise CheckpointError("the output directory must not be the checkpoint's own directory")
+        raise CheckpointError(f"the output folder {output_dir} is the folder the checkpoint {checkpoint_path.name} is "
+                              "in; give a new or empty folder")
     if output_dir.is_dir():  # before the checkpoint is read: a device, FIFO or the input among the files to write
         try:
             check_hub_files(output_dir, {"checkpoint": checkpoint_path})
         except OutputPathError as error:
             raise CheckpointError(str(error)) from None
     loaded = read_checkpoint(checkpoint_path, use_ema=use_ema)
-    check_kat_state_dict(loaded.state_dict)
-    check_finite(loaded.state_dict, checkpoint_path)
+    check_kat_state_dict(loaded.state_dict)  # (create_model below refuses non-finite weights)
 
     name = model_name or loaded.architecture or infer_architecture(loaded.state_dict)  # the last one explains
     arch, name_tag = split_model_name_tag(name)
@@ -301,10 +302,8 @@ def convert_checkpoint(checkpoint_path: PathLike, output_dir: PathLike, model_na
     released = _is_released(loaded, arch, tag, num_classes, img_size)
 
     _prepare_output_dir(output_dir, force)
-    save_for_hf(model, str(output_dir), model_config={"label_names": list(labels)} if labels else None,
-                safe_serialization=safe_serialization)
-    fix_hub_folder(output_dir)
-    _match_file_mode(output_dir / "model.safetensors", output_dir / "config.json")
+    save_hub_folder(model, output_dir, safe_serialization=safe_serialization,
+                    model_config={"label_names": list(labels)} if labels else None)
     num_params = sum(p.numel() for p in model.parameters())
     with open(checkpoint_path, "rb") as file:
         digest = sha_fileobj(file).hex()
@@ -345,9 +344,15 @@ def _base_model(args: Mapping[str, Any]) -> Optional[str]:
     return "random initialisation (trained from scratch)"
 
 
-def _metrics(rows: List[Dict[str, float]]) -> Dict[str, str]:
+def _metrics(rows: List[Dict[str, float]], epoch: Any = None) -> Dict[str, str]:
     """The card's training results from summary.csv rows: epochs, and the last and best evaluation (top-1/top-5 of
-    the run's own validation split; the EMA's too where the run had one)."""
+    the run's own validation split; the EMA's too where the run had one) of the training the weights had: up to the
+    checkpoint's ``epoch`` (a run goes on after model_best or checkpoint-N is saved), and for an epoch a resumed run
+    repeated, its later row."""
+    by_epoch = {int(row["epoch"]): row for row in rows}  # the later row of a repeated epoch
+    if isinstance(epoch, int) and not isinstance(epoch, bool):
+        by_epoch = {number: row for number, row in by_epoch.items() if number <= epoch}
+    rows = [by_epoch[number] for number in sorted(by_epoch)]
     if not rows:
         return {}
     found = {"Epochs trained": f"{len(rows)} (epochs {int(rows[0]['epoch'])}-{int(rows[-1]['epoch'])}, summary.csv)"}
@@ -393,7 +398,7 @@ def run_model_card(loaded: LoadedCheckpoint, arch: str, num_params: int, num_cla
         "Classes": f"{num_classes}" + (f": {shown}{more}" if shown else " (no class names recorded)"),
         "Training data": dataset,
         "Started from": base,
-        **_metrics(run_summary(loaded.path) if args else []),
+        **_metrics(run_summary(loaded.path) if args else [], loaded.raw.get("epoch")),
         "Papers": "[Kolmogorov-Arnold Transformer](https://arxiv.org/abs/2409.10594)",
         "Model code": _GITHUB,
         "Weights converted from": source,

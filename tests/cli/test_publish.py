@@ -224,6 +224,11 @@ def test_push_offline_or_without_repo_is_one_line_before_any_work(run, tmp_path,
     assert "--push needs --repo-id OWNER/NAME" in _one_line(capsys.readouterr().err)
     assert publish_module.main([str(run.checkpoint), "-o", str(out), "--repo-id", "no/such/repo"]) == 2
     assert "--repo-id no/such/repo: not a Hub repo id" in _one_line(capsys.readouterr().err)
+    # --private says how the repo --push creates is made: without --push it would be ignored without a word.
+    assert publish_module.main([str(run.checkpoint), "-o", str(out), "--repo-id", REPO_ID, "--private"]) == 2
+    assert _one_line(capsys.readouterr().err) == ("kat-timm publish: error: --private makes the repo that --push "
+                                                  "creates private; add --push, or leave --private out")
+    assert not out.exists()
 
 
 def test_push_refused_by_the_hub_is_one_line_naming_the_login(run, monkeypatch):
@@ -374,20 +379,26 @@ def test_a_mismatch_within_one_architecture_is_one_short_line(run, capsys):
 def test_a_folder_given_for_a_checkpoint_says_so(run, tmp_path, capsys):
     image = str(run.data / "validation" / "red" / "0.png")
     run_folder, hub_folder = str(run.dir), str(run.folder)
-    for command in (
-            lambda path: predict_module.main([image, "--checkpoint", path, "--device", "cpu"]),
-            lambda path: validate_module.main(["--data-dir", str(run.data), "--checkpoint", path, "--workers", "0"]),
-            lambda path: export_module.main(["--checkpoint", path, "-o", str(tmp_path / "m.onnx")]),
-            lambda path: plot_module.main(["--checkpoint", path, "-o", str(tmp_path / "a.png")]),
-            lambda path: publish_module.main([path, "-o", str(tmp_path / "pub")])):
+    loads_by_name = f", which loads by the model name local-dir:{hub_folder}"
+    # publish takes no model name: for a folder it wrote, what to do with that folder instead.
+    published = (f"; it is published already: upload it with 'hf upload OWNER/NAME {hub_folder}', or give the "
+                 "checkpoint it was written from")
+    for command, hub_advice in (
+            (lambda path: predict_module.main([image, "--checkpoint", path, "--device", "cpu"]), loads_by_name),
+            (lambda path: validate_module.main(["--data-dir", str(run.data), "--checkpoint", path, "--workers", "0"]),
+             loads_by_name),
+            (lambda path: export_module.main(["--checkpoint", path, "-o", str(tmp_path / "m.onnx")]), loads_by_name),
+            (lambda path: plot_module.main(["--checkpoint", path, "-o", str(tmp_path / "a.png")]), loads_by_name),
+            (lambda path: publish_module.main([path, "-o", str(tmp_path / "pub")]), published)):
         assert command(run_folder) != 0
         line = _one_line(capsys.readouterr().err)
         assert f"{run_folder} is a folder, not a checkpoint file: give a file in it; it holds " in line, line
         assert "model_best.pth.tar" in line
         assert command(hub_folder) != 0
         line = _one_line(capsys.readouterr().err)
-        assert (f"{hub_folder} is a folder, not a checkpoint file: a Hub-style model folder (config.json + weights), "
-                f"which loads by the model name local-dir:{hub_folder}") in line, line
+        assert (f"{hub_folder} is a folder, not a checkpoint file: a Hub-style model folder (config.json + weights)"
+                f"{hub_advice}") in line, line
+        assert line.endswith(hub_advice), line
     train_args = ["--data-dir", str(run.data), "--model", "kat_tiny", "--output", str(tmp_path / "out")]
     assert train_module.main(train_args + ["--resume", run_folder]) == 2
     assert f"--resume {run_folder} is a folder, not a checkpoint file: give a file in it" in _one_line(

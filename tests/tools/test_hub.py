@@ -354,3 +354,39 @@ def test_hub_config_keeps_what_it_does_not_own():
     assert fixed["num_classes"] == 7 and fixed["model_args"] == {"img_size": [32, 32]}
     assert written["model_args"]["num_classes"] == 7, "the input must not be modified"
     assert "model_args" not in hub.hub_config({"architecture": TINY, "model_args": {"num_classes": 3}})
+
+
+def test_run_card_reports_the_training_of_the_published_checkpoint_only(tmp_path, weights):
+    """A checkpoint of epoch 1 in a run folder whose summary.csv went on to epoch 3 (and was resumed at epoch 2, so
+    epoch 2 has two rows): the card's epochs and scores are those of the weights published, not of later epochs."""
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"epoch": 1, "arch": TINY, "state_dict": weights["model"],
+                "args": {"model": TINY, "pretrained": False, "data_dir": "shapes"}}, run / "checkpoint-1.pth.tar")
+    rows = [(0, 40.0), (1, 50.0), (2, 90.0), (2, 95.0), (3, 99.0)]
+    (run / "summary.csv").write_text("epoch,train_loss,eval_top1,eval_top5\n"
+                                     + "".join(f"{e},1.0,{top1},100.0\n" for e, top1 in rows))
+    hub.convert_checkpoint(run / "checkpoint-1.pth.tar", tmp_path / "out", verify=False)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "**Epochs trained:** 2 (epochs 0-1, summary.csv)" in card, card
+    assert "**Final validation (epoch 1):** top-1 50.00%" in card, card
+    assert "**Best validation (epoch 1):** top-1 50.00%" in card, card
+    assert "epoch 2" not in card and "epoch 3" not in card and "99.00" not in card and "95.00" not in card
+
+
+def test_a_link_into_a_missing_folder_among_the_outputs_writes_nothing(tmp_path, capsys, weights):
+    path = _save_released(weights["model"], tmp_path / "pytorch_model.bin")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "README.md").symlink_to(tmp_path / "gone" / "README.md")
+    err = _error([path, "-o", tmp_path / "out", "--force"], capsys)
+    assert f"README.md: a symbolic link to {tmp_path / 'gone' / 'README.md'}, whose folder" in err, err
+    assert err.count("\n") == 1
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["README.md"], "nothing written"
+
+
+def test_error_output_in_the_checkpoints_folder_says_what_to_give(tmp_path, capsys, weights):
+    path = _save_released(weights["model"], tmp_path / "pytorch_model.bin")
+    err = _error([path, "-o", tmp_path], capsys)
+    assert (f"the output folder {tmp_path} is the folder the checkpoint pytorch_model.bin is in; give a new or empty "
+            "folder") in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pytorch_model.bin"]
