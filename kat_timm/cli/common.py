@@ -351,6 +351,8 @@ def create_model(name: Optional[str] = None, pretrained: Optional[bool] = None, 
         raise CLIError(f"{name} does not take the keyword argument {taken} (from --model-kwargs or an "
                        f"option); remove it", code=2) from None
     except (RuntimeError, OSError, ValueError, SafetensorError) as error:
+        if not pretrained and isinstance(error, ValueError):  # the model's constructor refused an argument
+            raise CLIError(f"{name}: {error} (check --model-kwargs)", code=2) from None
         if not pretrained:
             raise
         text = load_error_detail(error)

@@ -106,6 +106,18 @@ def test_kat_train_unknown_model_kwarg(data, tmp_path, capsys):
     _one_line_error(capsys, "kat-train", "kat_tiny does not take the keyword argument foo")
 
 
+@pytest.mark.parametrize("kwarg,message", [
+    ("num_groups=0", "kat_tiny: KAT: num_groups=0 is not valid: it must be a positive integer that divides "
+                     "embed_dim=192 and mlp_hidden_width=768; valid values: 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, "
+                     "96, 192 (check --model-kwargs)"),
+    ("act_init=nope", "kat_tiny: unknown rational init 'nope'; known: gelu, gelu_wide, identity"),
+])
+def test_kat_train_model_kwarg_the_model_refuses(data, tmp_path, capsys, kwarg, message):
+    """A value the model's constructor refuses (ValueError) is one line naming it, not a traceback."""
+    assert train_module.main(_train_args(data, tmp_path, "--model-kwargs", kwarg)) == 2
+    _one_line_error(capsys, "kat-train", message)
+
+
 def _run_checkpoint(path, **run_args):
     model = fill_uninitialised_(common.create_model("kat_tiny", img_size=32, num_classes=3, weight_init="skip"))
     torch.save({"state_dict": model.state_dict(), "epoch": 0, "version": 2,
