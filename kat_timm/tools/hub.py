@@ -77,6 +77,20 @@ _CITATION = """@article{yang2024kat,
 }"""
 
 
+def _transformers_usage(model: Any) -> str:
+    """The model cards' transformers snippet: the image-classification pipeline of ``model`` (a repo id or folder)."""
+    return f"""With Hugging Face transformers (`pip install kat-timm[hf]`), through its timm wrapper:
+
+```python
+import kat_timm  # first: transformers builds the model through timm, which must know KAT
+from transformers import pipeline
+
+classifier = pipeline("image-classification", model="{model}")
+print(classifier("image.jpg"))
+```
+"""
+
+
 def model_card(model_name: str, tag: str = "", num_params: Optional[int] = None, repo_id: Optional[str] = None,
                source: Optional[str] = None) -> str:
     """README.md (Hub model card) of a converted KAT checkpoint, by timm's own card generator; ``source`` says where
@@ -119,16 +133,7 @@ with torch.no_grad():
 top5 = logits.softmax(-1).topk(5)
 ```
 
-With Hugging Face transformers (`pip install kat-timm[hf]`), through its timm wrapper:
-
-```python
-import kat_timm  # first: transformers builds the model through timm, which must know KAT
-from transformers import pipeline
-
-classifier = pipeline("image-classification", model="{repo_id or 'OWNER/REPO'}")
-print(classifier("image.jpg"))
-```
-
+{_transformers_usage(repo_id or 'OWNER/REPO')}
 Without `import kat_timm`, transformers reports that the architecture is not supported by the installed timm:
 upgrading timm does not help, importing kat_timm does.
 """
@@ -421,16 +426,7 @@ with torch.no_grad():
     probabilities = model(transform(img).unsqueeze(0)).softmax(-1)  # img: a PIL image
 ```
 
-With Hugging Face transformers (`pip install kat-timm[hf]`), through its timm wrapper:
-
-```python
-import kat_timm  # first: transformers builds the model through timm, which must know KAT
-from transformers import pipeline
-
-classifier = pipeline("image-classification", model="{repo_id or folder}")
-print(classifier("image.jpg"))
-```
-
+{_transformers_usage(repo_id or folder)}
 From the command line: `kat-timm predict image.jpg --model {timm_name}`.
 """
     card = {
