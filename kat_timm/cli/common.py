@@ -55,9 +55,13 @@ def add_ema_arguments(parser, *extra_names: str, given: str = "with --checkpoint
                        help=f"{given}the checkpoint's raw model weights, not the EMA's")
 
 
+# Model names with a source, as timm.create_model takes them: a Hub repo, a folder timm's save_for_hf wrote.
+HF_HUB_PREFIX, LOCAL_DIR_PREFIX = "hf-hub:", "local-dir:"
+
+
 def is_weights_name(name: Optional[str]) -> bool:
     """Whether ``name`` is timm's ``local-dir:FOLDER`` or ``hf-hub:OWNER/NAME``: a model that brings its weights."""
-    return bool(name) and name.startswith(("local-dir:", "hf-hub:"))
+    return bool(name) and name.startswith((LOCAL_DIR_PREFIX, HF_HUB_PREFIX))
 
 
 def add_dataset_reader_arguments(group) -> None:
@@ -90,9 +94,6 @@ def add_weight_source_arguments(parser: argparse.ArgumentParser, default_model: 
     parser.add_argument("--offline", action="store_true",
                         help="don't contact the Hugging Face Hub; use released weights only from the local cache")
 
-
-# Model names with a source, as timm.create_model takes them: a Hub repo, a folder timm's save_for_hf wrote.
-HF_HUB_PREFIX, LOCAL_DIR_PREFIX = "hf-hub:", "local-dir:"
 
 
 def check_model_name(name: str) -> None:
@@ -315,12 +316,11 @@ def create_model(name: Optional[str] = None, pretrained: Optional[bool] = None, 
     if is_weights_name(name) and checkpoint is not None:
         raise CLIError(f"{name} brings its own weights; give it or --checkpoint, not both", code=2)
     if pretrained is None:  # local-dir:/hf-hub: name the weights to load (timm loads them only with pretrained)
-        pretrained = is_weights_name(name) and checkpoint is None
+        pretrained = is_weights_name(name)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     own_file = (kwargs.get("pretrained_cfg_overlay") or {}).get("file")
-    sourced = name is not None and name.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX))
-    if sourced and own_file:
+    if is_weights_name(name) and own_file:
         raise CLIError(f"{name} brings its own weights; to load {own_file}, give the architecture's name instead",
                        code=2)
     timm_name, weights_file = name, None
@@ -334,7 +334,7 @@ def create_model(name: Optional[str] = None, pretrained: Optional[bool] = None, 
             weights_file = released_weights_file(name, offline, alternatives)
         timm_name = f"{LOCAL_DIR_PREFIX}{Path(config).parent}"
         kwargs["pretrained_cfg_overlay"] = dict(hf_hub_id=name[len(HF_HUB_PREFIX):])
-    elif pretrained and not own_file and not sourced:
+    elif pretrained and not own_file:  # a released name (the two branches above took the sourced ones)
         weights_file = released_weights_file(name, offline, alternatives)
         kwargs["pretrained_cfg_overlay"] = dict(file=weights_file)
         if num_classes is None and is_model_in_modules(split_model_name_tag(name)[0], ["kat"]):
