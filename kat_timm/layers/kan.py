@@ -140,9 +140,10 @@ class KAN(nn.Module):
         return self.act2(self.fc1(x))
 
     def _in_place_ok(self, hidden: torch.Tensor) -> bool:
-        """Whether act2 may overwrite ``hidden``: eager inference (no autograd graph to keep its input for, and no
-        tracer that would record a copy instead)."""
-        if torch.compiler.is_compiling() or torch.jit.is_tracing() or type(hidden) is not torch.Tensor:
+        """Whether act2 may overwrite ``hidden``: inference (no autograd graph to keep its input for), eager or
+        under torch.compile (whose graph then writes act2 over fc1's output too), not in an exported program (which
+        keeps the functional op) or a jit trace (which would record a copy)."""
+        if torch.compiler.is_exporting() or torch.jit.is_tracing() or type(hidden) is not torch.Tensor:
             return False
         if not torch.is_grad_enabled():
             return True

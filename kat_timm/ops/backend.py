@@ -27,8 +27,8 @@ import torch
 from . import rational_torch
 from .rational_cpu import native_cpu_status, native_cpu_supports
 
-__all__ = ["BACKEND_ENV", "BACKENDS", "fuses_linear_bias", "probe_triton", "requested_backend", "select_backend",
-           "triton_fallbacks", "triton_implementation", "triton_status"]
+__all__ = ["BACKEND_ENV", "BACKENDS", "fuses_linear_bias", "native_kernel_runs", "probe_triton", "requested_backend",
+           "select_backend", "triton_fallbacks", "triton_implementation", "triton_status"]
 
 BACKEND_ENV = "KAT_RATIONAL_BACKEND"
 BACKENDS = ("auto", "torch", "triton", "native")
@@ -178,16 +178,24 @@ def probe_triton(device: torch.device, dtype: torch.dtype) -> Optional[str]:
 
 
 @torch.compiler.assume_constant_result
-def _fuses_linear_bias(device_type: str, dtype: torch.dtype) -> bool:
+def _native_kernel_runs(device_type: str, dtype: torch.dtype) -> bool:
     # A constant for torch.compile / torch.export (the decision is made once, when the graph is traced): the
     # native kernel's availability is a ctypes call, which dynamo could not trace.
-    if device_type == "cuda":
-        # On a GPU cuBLAS adds a Linear's bias in its epilogue at no cost; the Triton kernels take the bias only
-        # once they implement it, and whether the saved backward reduction pays there is still to be measured.
-        return False
-    # On a CPU the bias costs a pass of its own over the hidden activations (and its gradient another): fold it
-    # into the native kernel's single pass. The PyTorch path gains nothing from it and keeps the Linear's bias.
     return device_type == "cpu" and select_backend(torch.empty(0, dtype=dtype)) == "native"
+
+
+def native_kernel_runs(x: torch.Tensor) -> bool:
+    """Whether ``group_rational`` on ``x``'s device and dtype runs the native CPU kernel (fixed when a graph is
+    traced under ``torch.compile`` / ``torch.export``)."""
+    return _native_kernel_runs(x.device.type, x.dtype)
+
+
+def _fuses_linear_bias(device_type: str, dtype: torch.dtype) -> bool:
+    # On a GPU cuBLAS adds a Linear's bias in its epilogue at no cost; the Triton kernels take the bias only once
+    # they implement it, and whether the saved backward reduction pays there is still to be measured. On a CPU the
+    # bias costs a pass of its own over the hidden activations (and its gradient another): fold it into the native
+    # kernel's single pass. The PyTorch path gains nothing from it and keeps the Linear's bias.
+    return _native_kernel_runs(device_type, dtype)
 
 
 def fuses_linear_bias(x: torch.Tensor) -> bool:

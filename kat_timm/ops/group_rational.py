@@ -19,10 +19,14 @@ needed: the custom op's Python dispatch alone costs several times a GELU call, w
 Inside ``torch.func`` transforms and forward-mode AD, for which the custom op has no rule, and for a backward with
 ``create_graph=True``, the op runs as differentiable PyTorch ops (``group_rational_autograd``) instead.
 
-Under ``torch.compile`` (not ``torch.export``, which keeps the op), where no gradient is needed, the op is written as
-pointwise ops (``group_rational_plain``), which inductor fuses with what surrounds it (act1 with the LayerNorm before
-it, act2 with fc1's bias add): an opaque op would cost a pass of its own and one more for each neighbour it keeps
-inductor from fusing. Where a gradient is needed the custom op stays, with the kernels' deterministic backward
+Under ``torch.compile`` (not ``torch.export``, which keeps the op), where no gradient is needed: where the native CPU
+kernel runs, the graph copies x into a buffer of its own (inductor writes it where x is computed, e.g. in the
+LayerNorm's kernel) and ``kat_timm::group_rational_in_place`` overwrites it, and ``group_rational_`` (KAN's act2 over
+fc1's output) overwrites x itself: the native kernel's values, and no output allocated. The kernel is compute-bound
+there, and inductor's code for the same math (both forms per element, then a select) costs more than the pass it
+would save by fusing. Elsewhere (Triton, the PyTorch path) the op is written as pointwise ops
+(``group_rational_plain``), which inductor fuses with what surrounds it (act1 with the LayerNorm before it, act2 with
+fc1's bias add). Where a gradient is needed the custom op stays, with the kernels' deterministic backward
 (d|b|/db = +1 at b == 0) and their exact forward values.
 """
 from __future__ import annotations
@@ -34,7 +38,7 @@ import torch
 import torch.utils._python_dispatch
 from torch.autograd import forward_ad
 
-from .backend import select_backend, triton_implementation
+from .backend import native_kernel_runs, select_backend, triton_implementation
 from .layout import channels_moved_last, empty_output, mgl_view
 from .rational_torch import group_rational_autograd, group_rational_plain
 
@@ -161,6 +165,24 @@ def _group_rational_op(
 def _(x, numerator, denominator, channel_dim, bias=None):
     cdim = channel_dim % x.dim()
     return empty_output(x, cdim, channels_moved_last(x, cdim))
+
+
+@torch.library.custom_op("kat_timm::group_rational_in_place", mutates_args=("x",))
+def _group_rational_in_place_op(
+    x: torch.Tensor,
+    numerator: torch.Tensor,
+    denominator: torch.Tensor,
+    channel_dim: int,
+    bias: Optional[torch.Tensor] = None,
+) -> None:
+    # What torch.compile runs for inference where the native kernel applies (see the module docstring): inductor
+    # writes x into a buffer of its own and the kernel overwrites it, so no output is allocated.
+    _forward_in_place(x, numerator, denominator, channel_dim, bias)
+
+
+@_group_rational_in_place_op.register_fake
+def _(x, numerator, denominator, channel_dim, bias=None):
+    return None
 
 
 @torch.library.custom_op("kat_timm::group_rational_backward", mutates_args=())
@@ -391,6 +413,10 @@ def group_rational(
         x.requires_grad or numerator.requires_grad or denominator.requires_grad
         or (bias is not None and bias.requires_grad)
     )):
+        if native_kernel_runs(x):
+            y = x.clone()  # a buffer of the graph's own, which inductor fills where x is computed
+            _group_rational_in_place_op(y, numerator, denominator, channel_dim, bias)
+            return y
         return group_rational_plain(x, numerator, denominator, channel_dim, bias)
     if _under_transform():
         return _differentiable(x, numerator, denominator, channel_dim, bias)
@@ -441,6 +467,9 @@ def group_rational_(
         # x's version counter, so a graph that saved x fails at its backward instead of using the new values.
         x.narrow(0, 0, 0).zero_()
         return _forward_in_place(x, numerator, denominator, channel_dim, bias)
-    if _compiling_not_exporting():  # the kernel's values, as in eager mode (KAN calls group_rational under compile)
+    if _compiling_not_exporting():  # the kernel's values, as in eager mode
+        if native_kernel_runs(x):
+            _group_rational_in_place_op(x, numerator, denominator, channel_dim, bias)
+            return x
         return x.copy_(_group_rational_op(x, numerator, denominator, channel_dim, bias))
     return x.copy_(group_rational(x, numerator, denominator, channel_dim, bias))

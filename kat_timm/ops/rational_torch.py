@@ -316,9 +316,12 @@ def group_rational_plain(x: torch.Tensor, numerator: torch.Tensor, denominator: 
     u = 1.0 / torch.where(large, xg, torch.full_like(xg, 2.0))
     au = u.abs()
     q_recip = _horner_steps(au, au + b[0], b[1:])
-    use = large & torch.isfinite(1.0 / q_recip)  # Q~ underflows only when the top b's are 0: the plain form is exact
-    plain = _horner_steps(xg, a[5], a[4::-1]) / _horner_steps(ax, b[3], [*b[2::-1], 1.0])
-    return torch.where(use, xg * _horner_steps(u, a[0], a[1:]) / q_recip, plain).reshape(x.shape).to(x.dtype)
+    # Q~ is below the smallest normal float only when the top b's are 0, where the plain form is exact (the kernels'
+    # rule). One division for both forms: the form is chosen for numerator and denominator, then they are divided.
+    use = large & (q_recip >= torch.finfo(compute).tiny)
+    numerator_value = torch.where(use, xg * _horner_steps(u, a[0], a[1:]), _horner_steps(xg, a[5], a[4::-1]))
+    denominator_value = torch.where(use, q_recip, _horner_steps(ax, b[3], [*b[2::-1], 1.0]))
+    return (numerator_value / denominator_value).reshape(x.shape).to(x.dtype)
 
 
 def _horner_steps(t: torch.Tensor, leading, coefficients):

@@ -126,9 +126,8 @@ def test_inference_mode_records_no_autograd_graph(model_and_images):
     assert relative_error(logits, reference) <= 1e-6
 
 
-def test_torch_compile_inference_sees_pointwise_rationals_and_matches_eager(kat_tiny_cpu):
-    """Under torch.compile the rationals reach the backend as pointwise ops (which inductor fuses with the LayerNorm
-    before act1 and fc1's bias before act2), not as the opaque kat_timm op; the values stay eager's."""
+def _compile_and_capture(model, images):
+    """(compiled logits, the targets of every node of the graphs dynamo handed to the backend)."""
     graphs = []
 
     def capture(graph_module, example_inputs):
@@ -136,13 +135,50 @@ def test_torch_compile_inference_sees_pointwise_rationals_and_matches_eager(kat_
         return graph_module.forward
 
     torch._dynamo.reset()
-    images = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():
-        compiled = torch.compile(kat_tiny_cpu, backend=capture, fullgraph=True)(images)
+        logits = torch.compile(model, backend=capture, fullgraph=True)(images)
+    return logits, [str(node.target) for graph in graphs for node in graph.graph.nodes]
+
+
+def test_torch_compile_inference_runs_the_native_kernel_in_place(kat_tiny_cpu, use_backend):
+    """On a CPU, compiled inference runs each rational as the native kernel written over a buffer of the graph's own
+    (act1 over its LayerNorm's output, act2 over fc1's, fc1's bias added in the same pass): no functional op, no
+    output allocated; the values stay eager's and the caller's tensors are not touched."""
+    use_backend("native")
+    images = torch.randn(2, 3, 32, 32)
+    kept = images.clone()
+    compiled, targets = _compile_and_capture(kat_tiny_cpu, images)
+    with torch.inference_mode():
         eager = kat_tiny_cpu(images)
-    targets = [str(node.target) for graph in graphs for node in graph.graph.nodes]
+    in_place = [t for t in targets if "kat_timm" in t]
+    assert len(in_place) == 2 * len(kat_tiny_cpu.blocks), in_place
+    assert all(t == "kat_timm.group_rational_in_place.default" for t in in_place), in_place
+    assert relative_error(compiled, eager) < 1e-6
+    assert torch.equal(images, kept)
+
+
+def test_torch_compile_inference_sees_pointwise_rationals_without_the_native_kernel(kat_tiny_cpu, use_backend):
+    """Where the native kernel does not run (here forced to the PyTorch path; on a GPU, Triton), the rationals reach
+    the backend as pointwise ops, which inductor fuses with the LayerNorm before act1 and fc1's bias before act2."""
+    use_backend("torch")
+    images = torch.randn(2, 3, 32, 32)
+    compiled, targets = _compile_and_capture(kat_tiny_cpu, images)
+    with torch.inference_mode():
+        eager = kat_tiny_cpu(images)
     assert targets and not any("kat_timm" in target for target in targets), "the opaque op reached the backend"
     assert relative_error(compiled, eager) < 1e-5
+
+
+def test_torch_compile_inductor_inference_matches_eager(kat_tiny_cpu):
+    """The default backend (inductor) on the native in-place op: eager's logits, the input untouched."""
+    torch._dynamo.reset()
+    images = torch.randn(2, 3, 32, 32)
+    kept = images.clone()
+    with torch.inference_mode():
+        compiled = torch.compile(kat_tiny_cpu, fullgraph=True)(images)
+        eager = kat_tiny_cpu(images)
+    assert relative_error(compiled, eager) < 1e-5
+    assert torch.equal(images, kept)
 
 
 def test_aoti_package_matches_eager(tmp_path):

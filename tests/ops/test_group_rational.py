@@ -275,6 +275,24 @@ def test_torch_compile_inductor(use_backend):
     assert x.grad is not None and numerator.grad is not None and denominator.grad is not None
 
 
+@pytest.mark.parametrize("channel_dim,shape", [(-1, (4, 7, 8 * 24)), (-1, (3, 8 * 200)), (1, (2, 16, 5, 5))])
+def test_torch_compile_inference_on_the_native_kernel(use_backend, channel_dim, shape):
+    """Compiled inference on a CPU runs the native kernel over a copy the graph owns (kat_timm::group_rational_in_place):
+    the eager op's values bit for bit, large inputs included, and the caller's input untouched."""
+    use_backend("native")
+    torch._dynamo.reset()
+    numerator, denominator = (t.detach() for t in random_coefficients(8))
+    x = torch.randn(shape) * 3
+    x.view(-1)[::97] = 3e19
+    bias = torch.randn(shape[channel_dim])
+    kept = x.clone()
+    compiled = torch.compile(lambda t, b: group_rational(t, numerator, denominator, channel_dim, bias=b), fullgraph=True)
+    with torch.no_grad():
+        y = compiled(x, bias)
+    assert torch.equal(y, group_rational(x, numerator, denominator, channel_dim, bias=bias))
+    assert torch.equal(x, kept), "the input was written over"
+
+
 def test_torch_compile_reduce_overhead_runs_on_cpu(use_backend):
     """mode="reduce-overhead" (CUDA graphs on a GPU, tests/ops/test_cuda.py) compiles and runs the op on a CPU."""
     use_backend("auto")

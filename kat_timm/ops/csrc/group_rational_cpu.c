@@ -9,9 +9,11 @@
  * scalar coefficients that the compiler vectorises (one clone per instruction set through target_clones, so the
  * binary runs on any x86-64 CPU without -march=native).
  *
- * Backward with short groups (L < KAT_ROW_MODE_MAX_L, e.g. 24 channels a group in KAT-T's act1) instead takes
- * chunks of whole rows and keeps per-column accumulators, folded into the group sums at the end of each chunk: the
- * fixed cost of a per-piece reduction would otherwise dominate. (Thresholds measured on a 2-core x86-64 VM.)
+ * Short groups (e.g. 24 channels a group in KAT-T's act1) instead take chunks of whole rows with per-column
+ * coefficients: forward below KAT_FORWARD_ROW_MODE_MAX_L, where one short piece per group vectorises poorly, and
+ * backward below KAT_ROW_MODE_MAX_L, with per-column accumulators folded into the group sums at the end of each
+ * chunk: the fixed cost of a per-piece reduction would otherwise dominate. (Thresholds measured on a 2-core x86-64
+ * VM.)
  *
  * Math is float32 whatever the storage type (float32, bfloat16, float16). The backward pass writes dx and the ten
  * coefficient sums per group (S_i = sum g x^i / Q, T_j = sum g P / Q^2 |x|^j): float32 inside a piece, float64
@@ -44,6 +46,10 @@ enum { KAT_OK = 0, KAT_BAD_DTYPE = 1, KAT_NO_MEMORY = 2 };
 #define KAT_ROW_MODE_MAX_L 32
 #endif
 #define KAT_ROW_MODE_MAX_K 4096
+/* Forward switches to whole rows (per-column coefficients) when groups are shorter than this. */
+#ifndef KAT_FORWARD_ROW_MODE_MAX_L
+#define KAT_FORWARD_ROW_MODE_MAX_L 32
+#endif
 #ifndef KAT_TILE_MODE_MAX_L
 #define KAT_TILE_MODE_MAX_L 1024
 #endif
@@ -89,6 +95,20 @@ static void load_coeffs(kat_coeffs *c, int64_t groups, const float *num, int64_t
         for (int i = 0; i < 6; ++i) c[g].a[i] = num[g * num_row_stride + i];
         for (int j = 0; j < 4; ++j) c[g].b[j] = fabsf(den[g * 4 + j]);
     }
+}
+
+/* The coefficients per column of the (M, K = G * L) matrix: ten arrays of K floats (a0..a5, |b1|..|b4|), for the
+ * row-mode loops of short groups. NULL when out of memory; the caller frees it. */
+static float *column_coeffs(const kat_coeffs *c, int64_t groups, int64_t seg_len) {
+    const int64_t K = groups * seg_len;
+    float *cc = (float *)malloc(sizeof(float) * (size_t)(10 * K));
+    if (!cc) return NULL;
+    for (int64_t k = 0; k < K; ++k) {
+        const kat_coeffs *ck = &c[k / seg_len];
+        for (int i = 0; i < 6; ++i) cc[i * K + k] = ck->a[i];
+        for (int j = 0; j < 4; ++j) cc[(6 + j) * K + k] = ck->b[j];
+    }
+    return cc;
 }
 
 /*
@@ -231,6 +251,44 @@ static void load_coeffs(kat_coeffs *c, int64_t groups, const float *num, int64_t
                 forward_piece_##SUFFIX(y + j, block, m, c);                                                       \
             memcpy(y + j, block, (size_t)m * sizeof(T));                                                          \
         }                                                                                                         \
+    }
+
+/*
+ * Forward of short groups (row mode): one row's columns [0, n) of the (M, K) matrix with per-column coefficients
+ * cc (ten arrays of K floats: a0..a5, |b1|..|b4|, each offset to the first column), so the loop runs over whole
+ * rows instead of one short piece per group. The plain pass finds max |x|; a row with a large input is computed
+ * again in the safe form (y must not be x: the caller goes through a buffer when writing in place).
+ */
+#define KAT_FORWARD_ROW_BODY(SUFFIX, XV)                                                                          \
+    float m = 0.0f;                                                                                               \
+    _Pragma("omp simd reduction(max : m)") for (int64_t i = 0; i < n; ++i) {                                      \
+        const float a0 = cc[i], a1 = cc[K + i], a2 = cc[2 * K + i], a3 = cc[3 * K + i], a4 = cc[4 * K + i];       \
+        const float a5 = cc[5 * K + i], b1 = cc[6 * K + i], b2 = cc[7 * K + i], b3 = cc[8 * K + i];               \
+        const float b4 = cc[9 * K + i];                                                                           \
+        const float xv = XV;                                                                                      \
+        KAT_VALUE(xv)                                                                                             \
+        m = ax > m ? ax : m;                                                                                      \
+        store_##SUFFIX(y, i, yv);                                                                                 \
+    }                                                                                                             \
+    if (m > KAT_LARGE) {                                                                                          \
+        _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) {                                                     \
+            const float a0 = cc[i], a1 = cc[K + i], a2 = cc[2 * K + i], a3 = cc[3 * K + i], a4 = cc[4 * K + i];   \
+            const float a5 = cc[5 * K + i], b1 = cc[6 * K + i], b2 = cc[7 * K + i], b3 = cc[8 * K + i];           \
+            const float b4 = cc[9 * K + i];                                                                       \
+            const float xv = XV;                                                                                  \
+            KAT_VALUE_SAFE(xv)                                                                                    \
+            store_##SUFFIX(y, i, yv);                                                                             \
+        }                                                                                                         \
+    }
+
+#define KAT_DEFINE_FORWARD_ROW(SUFFIX, T)                                                                         \
+    KAT_CLONES static void forward_row_##SUFFIX(const T *restrict x, T *restrict y, int64_t n, int64_t K,         \
+                                                const float *restrict cc) {                                       \
+        KAT_FORWARD_ROW_BODY(SUFFIX, load_##SUFFIX(x, i))                                                         \
+    }                                                                                                             \
+    KAT_CLONES static void forward_row_bias_##SUFFIX(const T *restrict x, T *restrict y, int64_t n, int64_t K,    \
+                                                     const float *restrict cc, const float *restrict bias) {      \
+        KAT_FORWARD_ROW_BODY(SUFFIX, load_##SUFFIX(x, i) + bias[i])                                               \
     }
 
 /*
@@ -383,6 +441,7 @@ static void load_coeffs(kat_coeffs *c, int64_t groups, const float *num, int64_t
     KAT_DEFINE_MAX_ABS(SUFFIX, T)                                                                                 \
     KAT_DEFINE_FORWARD_PIECE(SUFFIX, T)                                                                           \
     KAT_DEFINE_FORWARD_IN_PLACE(SUFFIX, T)                                                                        \
+    KAT_DEFINE_FORWARD_ROW(SUFFIX, T)                                                                             \
     KAT_DEFINE_BACKWARD_PIECE(SUFFIX, T)                                                                          \
     KAT_DEFINE_BACKWARD_QUAD(SUFFIX, T)                                                                           \
     KAT_DEFINE_BACKWARD_ROW(SUFFIX, T)                                                                            \
@@ -392,13 +451,8 @@ static void load_coeffs(kat_coeffs *c, int64_t groups, const float *num, int64_t
                                       const float *bias, float *bias_partials, int nthreads) {                    \
         const int64_t K = groups * seg_len;                                                                       \
         const int64_t chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;                                      \
-        float *cc = (float *)malloc(sizeof(float) * (size_t)(10 * K));                                            \
+        float *cc = column_coeffs(c, groups, seg_len);                                                            \
         if (!cc) return KAT_NO_MEMORY;                                                                            \
-        for (int64_t k = 0; k < K; ++k) {                                                                         \
-            const kat_coeffs *ck = &c[k / seg_len];                                                               \
-            for (int i = 0; i < 6; ++i) cc[i * K + k] = ck->a[i];                                                 \
-            for (int j = 0; j < 4; ++j) cc[(6 + j) * K + k] = ck->b[j];                                           \
-        }                                                                                                         \
         int status = KAT_OK;                                                                                      \
         _Pragma("omp parallel num_threads(nthreads)") {                                                           \
             float *acc = (float *)malloc(sizeof(float) * 11 * KAT_COL_BLOCK);                                     \
@@ -474,6 +528,27 @@ static void load_coeffs(kat_coeffs *c, int64_t groups, const float *num, int64_t
             }                                                                                                     \
         }                                                                                                         \
     }                                                                                                             \
+    /* Forward of short groups: chunks of whole rows, column blocks through an L1 buffer when in place. */       \
+    static void forward_rows_##SUFFIX(const T *x, T *y, int64_t rows, int64_t K, const float *cc,                 \
+                                      const float *bias, int nthreads) {                                          \
+        const int64_t rows_per_chunk = (KAT_CHUNK + K - 1) / K;                                                   \
+        const int64_t chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;                                      \
+        _Pragma("omp parallel for schedule(static) num_threads(nthreads)") for (int64_t k = 0; k < chunks; ++k) { \
+            T block[KAT_IN_PLACE_BLOCK];                                                                          \
+            const int64_t r1 = (k + 1) * rows_per_chunk < rows ? (k + 1) * rows_per_chunk : rows;                 \
+            for (int64_t r = k * rows_per_chunk; r < r1; ++r) {                                                   \
+                for (int64_t k0 = 0; k0 < K; k0 += KAT_IN_PLACE_BLOCK) {                                          \
+                    const int64_t n = K - k0 < KAT_IN_PLACE_BLOCK ? K - k0 : KAT_IN_PLACE_BLOCK;                  \
+                    T *out = x == y ? block : y + r * K + k0;                                                      \
+                    if (bias)                                                                                     \
+                        forward_row_bias_##SUFFIX(x + r * K + k0, out, n, K, cc + k0, bias + k0);                 \
+                    else                                                                                          \
+                        forward_row_##SUFFIX(x + r * K + k0, out, n, K, cc + k0);                                 \
+                    if (x == y) memcpy(y + r * K + k0, block, (size_t)n * sizeof(T));                             \
+                }                                                                                                 \
+            }                                                                                                     \
+        }                                                                                                         \
+    }                                                                                                             \
     static void forward_##SUFFIX(const T *x, T *y, int64_t total, int64_t groups, int64_t seg_len,                \
                                  const kat_coeffs *c, const float *bias, int nthreads) {                          \
         const int64_t K = groups * seg_len;                                                                       \
@@ -537,6 +612,22 @@ int kat_rational_forward(int dtype, const void *x, void *y, int64_t total, int64
     kat_coeffs *c = (kat_coeffs *)malloc(sizeof(kat_coeffs) * (size_t)groups);
     if (!c) return KAT_NO_MEMORY;
     load_coeffs(c, groups, num, num_row_stride, den);
+    const int64_t row_len = groups * seg_len;
+    if (seg_len < KAT_FORWARD_ROW_MODE_MAX_L && row_len <= KAT_ROW_MODE_MAX_K) {
+        /* Short groups: a piece per group would be too short to vectorise well; whole rows instead. */
+        float *cc = column_coeffs(c, groups, seg_len);
+        free(c);
+        if (!cc) return KAT_NO_MEMORY;
+        const int64_t rows = total / row_len;
+        if (dtype == KAT_F32) forward_rows_f32((const float *)x, (float *)y, rows, row_len, cc, bias, nthreads);
+        else if (dtype == KAT_BF16)
+            forward_rows_bf16((const uint16_t *)x, (uint16_t *)y, rows, row_len, cc, bias, nthreads);
+#if KAT_HAVE_F16
+        else forward_rows_f16((const _Float16 *)x, (_Float16 *)y, rows, row_len, cc, bias, nthreads);
+#endif
+        free(cc);
+        return KAT_OK;
+    }
     if (dtype == KAT_F32) forward_f32((const float *)x, (float *)y, total, groups, seg_len, c, bias, nthreads);
     else if (dtype == KAT_BF16)
         forward_bf16((const uint16_t *)x, (uint16_t *)y, total, groups, seg_len, c, bias, nthreads);
