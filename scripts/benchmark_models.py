@@ -13,7 +13,10 @@ smoke run of a few seconds.
 - ``onnxruntime``: ONNX files from ``kat_timm.export_onnx`` run by ONNX Runtime on the CPU with kat_timm's rational
   kernel registered (``kat_timm.onnxruntime_session``); ``onnxruntime-plain``: the same files without it (the
   function bodies, as any runtime without kat_timm runs them);
-- ``aoti``: AOTInductor packages from ``kat_timm.aoti_package`` (rationals decomposed, fused by inductor).
+- ``aoti``: AOTInductor packages from ``kat_timm.aoti_package`` (rationals decomposed, fused by inductor);
+- ``openvino``: the ONNX files with the rationals inlined (``export_onnx(..., inline_rationals=True)``: OpenVINO has
+  no conversion for the ``kat_timm`` nodes' function bodies) run by OpenVINO's CPU plugin in float32
+  (``pip install openvino``).
 Export and compile times are reported apart, not in the timings.
 """
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib.util
 import os
 import statistics
 import sys
@@ -40,8 +44,8 @@ from kat_timm.benchmark import (Timer, benchmark_parser, device_name, error_text
 from kat_timm.ops import BACKEND_ENV, select_backend
 
 SIZES = ("tiny", "small", "base")
-PATHS = ("eager", "compile", "onnxruntime", "onnxruntime-plain", "aoti")
-INFERENCE_ONLY = ("onnxruntime", "onnxruntime-plain", "aoti")
+PATHS = ("eager", "compile", "onnxruntime", "onnxruntime-plain", "aoti", "openvino")
+INFERENCE_ONLY = ("onnxruntime", "onnxruntime-plain", "aoti", "openvino")
 MODES = ("infer", "train")
 FAMILIES = ("vit", "kat")  # measured in this order within every repetition
 # --activation-bound: ViT with its MLP activation removed, what an activation that cost nothing would give.
@@ -75,7 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="channels-last input and models (torch.channels_last)")
     parser.add_argument("--path", choices=PATHS, default="eager",
                         help="how both models run: eager PyTorch (default), torch.compile, ONNX Runtime with "
-                             "kat_timm's kernel (onnxruntime) or without (onnxruntime-plain), AOTInductor (aoti); "
+                             "kat_timm's kernel (onnxruntime) or without (onnxruntime-plain), AOTInductor (aoti), OpenVINO "
+                             "(openvino, pip install openvino); "
                              "the last three are inference only and CPU only")
     parser.add_argument("--compile", action="store_true", help="the same as --path compile")
     parser.add_argument("--activation-bound", action="store_true",
@@ -94,6 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         if modes_given and "train" in args.modes:
             parser.error(f"--path {args.path} is for inference: use --modes infer")
         args.modes = ["infer"]
+    if args.path == "openvino" and importlib.util.find_spec("openvino") is None:
+        parser.error("--path openvino needs OpenVINO, which is not installed: pip install openvino")
     cuda = args.device == "cuda"
     args.batch = args.batch or (2 if args.quick else (128 if cuda else 8))
     args.sizes = [s for s in SIZES if s in (args.sizes or (["tiny"] if args.quick else SIZES))]  # canonical order
@@ -121,6 +128,15 @@ def deployed_forward(model: torch.nn.Module, path: str, images: torch.Tensor, fo
     if path == "aoti":
         package = aoti_package(model, os.path.join(folder, "model.pt2"), example_input=images)
         return torch._inductor.aoti_load_package(str(package))
+    if path == "openvino":
+        openvino = importlib.import_module("openvino")
+        onnx_file = export_onnx(model, os.path.join(folder, "model.onnx"), example_input=images, inline_rationals=True)
+        compiled = openvino.Core().compile_model(str(onnx_file), "CPU", {
+            "INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": "f32"})  # its default on CPUs with bf16 units is bf16
+        request = compiled.create_infer_request()
+        feed = {0: images.numpy()}
+        return lambda _images: request.infer(feed)
     onnx_file = export_onnx(model, os.path.join(folder, "model.onnx"), example_input=images)
     session = onnxruntime_session(onnx_file, threads=torch.get_num_threads(), fast=path == "onnxruntime")
     feed = {session.get_inputs()[0].name: images.numpy()}
@@ -248,7 +264,8 @@ def rational_backend(device: str) -> str:
 
 
 PATH_TEXT = {"eager": "eager", "compile": "torch.compile", "onnxruntime": "ONNX Runtime with kat_timm's kernel",
-             "onnxruntime-plain": "ONNX Runtime, function bodies (no kat_timm kernel)", "aoti": "AOTInductor"}
+             "onnxruntime-plain": "ONNX Runtime, function bodies (no kat_timm kernel)", "aoti": "AOTInductor",
+             "openvino": "OpenVINO CPU, float32, rationals inlined"}
 
 
 def threads_text(count: int) -> str:

@@ -85,3 +85,14 @@ def test_deployment_paths_refuse_what_they_cannot_measure():
         result = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", *args], capture_output=True,
                                 text=True, timeout=60)
         assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_openvino_path_without_openvino_says_how_to_install_it():
+    """--path openvino where OpenVINO is not installed (simulated: the import is blocked): a one-line usage error."""
+    code = ("import runpy, sys; sys.modules['openvino'] = None; "
+            f"sys.argv = [{str(SCRIPT)!r}, '--device', 'cpu', '--path', 'openvino']; "
+            f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "--path openvino needs OpenVINO, which is not installed: pip install openvino" in result.stderr
+    assert "Traceback" not in result.stderr

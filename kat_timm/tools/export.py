@@ -128,25 +128,32 @@ def _rational_body(opset: int, bias: bool):
     index = [constant([i], np.int64) for i in range(7)]
     axis1 = constant([1], np.int64)
     x = node("Add", "x", "bias") if bias else "x"
-    # (..., C) -> (..., G, C / G): each group's channels are one run of the last axis, its coefficients (G, 1) rows.
-    grouped_shape = node("Concat", node("Shape", x, end=-1), node("Shape", "denominator", start=0, end=1),
-                         constant([-1], np.int64), axis=0)
-    xg = node("Reshape", x, grouped_shape)
-    ax = node("Abs", xg)
-    a = [node("Slice", "numerator", index[i], index[i + 1], axis1) for i in range(6)]  # (1 or G, 1) each
+    # Per-channel (C,) coefficient vectors (channel c takes the row of group c // (C / G)), which broadcast over x's
+    # last axis, the case runtimes make fast; the coefficients are the model's weights, so runtimes fold this part
+    # into constants.
+    groups = node("Shape", "denominator", start=0, end=1)
+    group_runs = node("Concat", groups, node("Div", node("Shape", x, start=-1), groups), axis=0)  # [G, C / G]
+    rows = node("Expand", "numerator", node("Concat", groups, constant([6], np.int64), axis=0))  # (G, 6)
+    flat = constant([-1], np.int64)
+
+    def per_channel(table: str, i: int) -> str:
+        return node("Reshape", node("Expand", node("Slice", table, index[i], index[i + 1], axis1), group_runs), flat)
+
+    a = [per_channel(rows, i) for i in range(6)]
     abs_denominator = node("Abs", "denominator")
-    b = [node("Slice", abs_denominator, index[j], index[j + 1], axis1) for j in range(4)]
-    plain = node("Div", horner(xg, a[5], a[4::-1]), horner(ax, b[3], [b[2], b[1], b[0], constant(1.0, np.float32)]))
-    # |x| > LARGE_INPUT: the reciprocal form, as group_rational_plain (finite where x^5 would overflow).
+    b = [per_channel(abs_denominator, j) for j in range(4)]
+    ax = node("Abs", x)
+    # |x| > LARGE_INPUT: the reciprocal form, as group_rational_plain (finite where x^5 would overflow), unless Q~ is
+    # below the smallest normal float (the top b's are 0: the plain form is exact). One division for both forms.
     large = node("Greater", ax, constant(LARGE_INPUT, np.float32))
-    u = node("Reciprocal", node("Where", large, xg, constant(2.0, np.float32)))
+    u = node("Reciprocal", node("Where", large, x, constant(2.0, np.float32)))
     au = node("Abs", u)
     q_recip = horner(au, node("Add", au, b[0]), b[1:])
-    inverse = node("Reciprocal", q_recip)
-    finite = node("Not", node("Or", node("IsInf", inverse), node("IsNaN", inverse)))
-    reciprocal_form = node("Div", node("Mul", xg, horner(u, a[0], a[1:])), q_recip)
-    y = node("Where", node("And", large, finite), reciprocal_form, plain)
-    nodes.append(helper.make_node("Reshape", [y, node("Shape", x)], ["y"]))
+    use = node("And", large, node("GreaterOrEqual", q_recip, constant(np.finfo(np.float32).tiny, np.float32)))
+    numerator_value = node("Where", use, node("Mul", x, horner(u, a[0], a[1:])), horner(x, a[5], a[4::-1]))
+    denominator_value = node("Where", use, q_recip,
+                             horner(ax, b[3], [b[2], b[1], b[0], constant(1.0, np.float32)]))
+    nodes.append(helper.make_node("Div", [numerator_value, denominator_value], ["y"]))
     return helper.make_function(RATIONAL_DOMAIN, _RATIONAL_OPS[bias],
                                 ["x", "numerator", "denominator"] + (["bias"] if bias else []), ["y"], nodes,
                                 [helper.make_opsetid("", opset)])
