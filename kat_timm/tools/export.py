@@ -104,26 +104,35 @@ def aoti_package(model: torch.nn.Module, path: PathLike, example_input: Optional
     return Path(torch._inductor.aoti_compile_and_package(program, package_path=str(path)))
 
 
-def _rational_body(opset: int, bias: bool):
+def _rational_body(opset: int, bias: bool, branch_free: bool):
     """The FunctionProto of ``kat_timm::GroupRational(x, numerator, denominator)`` (``GroupRationalBias`` with a
-    fourth input, the (C,) bias): ``group_rational_plain``'s math over x's last axis, in standard ops."""
+    fourth input, the (C,) bias): ``group_rational_plain``'s math over x's last axis, in standard ops. By default an
+    If takes the plain form alone where no |x| exceeds LARGE_INPUT (half the passes in a runtime that runs node by
+    node, as ONNX Runtime does); ``branch_free``: both forms per element, a chain of elementwise ops without control
+    flow, which runtimes that fuse such chains (OpenVINO) compile better."""
+    import itertools
+
     import numpy as np
-    from onnx import helper, numpy_helper
+    from onnx import TensorProto, helper, numpy_helper
 
     nodes = []
+    names = itertools.count()
 
-    def node(op_type: str, *inputs: str, **attributes) -> str:
-        output = f"_{len(nodes)}"
-        nodes.append(helper.make_node(op_type, list(inputs), [output], **attributes))
+    def node(op_type: str, *inputs: str, into: Optional[list] = None, **attributes) -> str:
+        output = f"_{next(names)}"
+        (nodes if into is None else into).append(helper.make_node(op_type, list(inputs), [output], **attributes))
         return output
 
     def constant(value, dtype) -> str:
         return node("Constant", value=numpy_helper.from_array(np.array(value, dtype=dtype)))
 
-    def horner(t: str, leading: str, coefficients) -> str:
+    def horner(t: str, leading: str, coefficients, into: list) -> str:
         for coefficient in coefficients:
-            leading = node("Add", node("Mul", leading, t), coefficient)
+            leading = node("Add", node("Mul", leading, t, into=into), coefficient, into=into)
         return leading
+
+    def branch(branch_nodes: list, output: str, name: str):
+        return helper.make_graph(branch_nodes, name, [], [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)])
 
     index = [constant([i], np.int64) for i in range(7)]
     axis1 = constant([1], np.int64)
@@ -143,25 +152,44 @@ def _rational_body(opset: int, bias: bool):
     abs_denominator = node("Abs", "denominator")
     b = [per_channel(abs_denominator, j) for j in range(4)]
     ax = node("Abs", x)
-    # |x| > LARGE_INPUT: the reciprocal form, as group_rational_plain (finite where x^5 would overflow), unless Q~ is
-    # below the smallest normal float (the top b's are 0: the plain form is exact). One division for both forms.
-    large = node("Greater", ax, constant(LARGE_INPUT, np.float32))
-    u = node("Reciprocal", node("Where", large, x, constant(2.0, np.float32)))
-    au = node("Abs", u)
-    q_recip = horner(au, node("Add", au, b[0]), b[1:])
-    use = node("And", large, node("GreaterOrEqual", q_recip, constant(np.finfo(np.float32).tiny, np.float32)))
-    numerator_value = node("Where", use, node("Mul", x, horner(u, a[0], a[1:])), horner(x, a[5], a[4::-1]))
-    denominator_value = node("Where", use, q_recip,
-                             horner(ax, b[3], [b[2], b[1], b[0], constant(1.0, np.float32)]))
-    nodes.append(helper.make_node("Div", [numerator_value, denominator_value], ["y"]))
+    one, large_input = constant(1.0, np.float32), constant(LARGE_INPUT, np.float32)
+    two, tiny = constant(2.0, np.float32), constant(np.finfo(np.float32).tiny, np.float32)
+    # The plain form, for a tensor whose |x| are all <= LARGE_INPUT (the usual case): half the passes of the full one.
+    plain_nodes = []
+    plain = node("Div", horner(x, a[5], a[4::-1], plain_nodes), horner(ax, b[3], [b[2], b[1], b[0], one], plain_nodes),
+                 into=plain_nodes)
+    # Otherwise per element, as group_rational_plain: above LARGE_INPUT the reciprocal form (finite where x^5 would
+    # overflow), unless Q~ is below the smallest normal float (the top b's are 0: the plain form is exact).
+    full_nodes = []
+    large = node("Greater", ax, large_input, into=full_nodes)
+    u = node("Reciprocal", node("Where", large, x, two, into=full_nodes), into=full_nodes)
+    au = node("Abs", u, into=full_nodes)
+    q_recip = horner(au, node("Add", au, b[0], into=full_nodes), b[1:], full_nodes)
+    use = node("And", large, node("GreaterOrEqual", q_recip, tiny, into=full_nodes), into=full_nodes)
+    numerator_value = node("Where", use, node("Mul", x, horner(u, a[0], a[1:], full_nodes), into=full_nodes),
+                           horner(x, a[5], a[4::-1], full_nodes), into=full_nodes)
+    denominator_value = node("Where", use, q_recip, horner(ax, b[3], [b[2], b[1], b[0], one], full_nodes),
+                             into=full_nodes)
+    full = node("Div", numerator_value, denominator_value, into=full_nodes)
+    if branch_free:
+        nodes.extend(full_nodes)
+        nodes.append(helper.make_node("Identity", [full], ["y"]))
+        return helper.make_function(RATIONAL_DOMAIN, _RATIONAL_OPS[bias],
+                                    ["x", "numerator", "denominator"] + (["bias"] if bias else []), ["y"], nodes,
+                                    [helper.make_opsetid("", opset)])
+    # A NaN maximum (a NaN input, where the runtime's ReduceMax propagates it) takes the full form: never unsafe.
+    only_small = node("LessOrEqual", node("ReduceMax", ax, keepdims=0), large_input)
+    nodes.append(helper.make_node("If", [only_small], ["y"], then_branch=branch(plain_nodes, plain, "plain"),
+                                  else_branch=branch(full_nodes, full, "reciprocal_where_large")))
     return helper.make_function(RATIONAL_DOMAIN, _RATIONAL_OPS[bias],
                                 ["x", "numerator", "denominator"] + (["bias"] if bias else []), ["y"], nodes,
                                 [helper.make_opsetid("", opset)])
 
 
-def rational_functions(opset: int = DEFAULT_OPSET) -> list:
-    """The ONNX function bodies (FunctionProto) of the ``kat_timm`` rational nodes, in standard ops of ``opset``."""
-    return [_rational_body(opset, bias) for bias in (False, True)]
+def rational_functions(opset: int = DEFAULT_OPSET, branch_free: bool = False) -> list:
+    """The ONNX function bodies (FunctionProto) of the ``kat_timm`` rational nodes, in standard ops of ``opset``;
+    ``branch_free``: without the If that skips the large-input form (what ``inline_rationals`` writes)."""
+    return [_rational_body(opset, bias, branch_free) for bias in (False, True)]
 
 
 def _rational_translation():
@@ -265,7 +293,8 @@ def _add_rational_functions(path: Path, opset: int, inline: bool) -> None:
     used = {node.op_type for node in model.graph.node if node.domain == RATIONAL_DOMAIN}
     if not used:
         return
-    model.functions.extend(f for f in rational_functions(opset) if f.name in used)
+    # Inlined, the bodies are for runtimes that fuse elementwise chains (OpenVINO), which an If would break up.
+    model.functions.extend(f for f in rational_functions(opset, branch_free=inline) if f.name in used)
     if not any(entry.domain == RATIONAL_DOMAIN for entry in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(RATIONAL_DOMAIN, 1))
     if inline:

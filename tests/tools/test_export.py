@@ -117,6 +117,15 @@ def test_decomposed_program_has_plain_ops_only_and_matches(kat_tiny_32):
 
 
 @needs_onnx
+def _nodes_with_subgraphs(nodes):
+    """Every node of ``nodes`` and of the graphs in their attributes (an If's branches), depth first."""
+    for node in nodes:
+        yield node
+        for attribute in node.attribute:
+            for graph in [attribute.g, *attribute.graphs]:
+                yield from _nodes_with_subgraphs(graph.node)
+
+
 def test_onnx_file_has_one_rational_node_each_with_a_standard_op_body(onnx_file):
     import onnx
     import onnx.inliner
@@ -130,8 +139,10 @@ def test_onnx_file_has_one_rational_node_each_with_a_standard_op_body(onnx_file)
     assert {(f.domain, f.name) for f in model.functions} == {(RATIONAL_DOMAIN, "GroupRational"),
                                                               (RATIONAL_DOMAIN, "GroupRationalBias")}
     for function in model.functions:
-        assert {node.domain for node in function.node} == {""}, f"{function.name}: a body of standard ops only"
-        assert {"Abs", "Div", "Mul", "Add", "Where"} <= {node.op_type for node in function.node}
+        body = list(_nodes_with_subgraphs(function.node))
+        assert {node.domain for node in body} == {""}, f"{function.name}: a body of standard ops only"
+        # The plain form where every |x| <= LARGE_INPUT (If on the ReduceMax), else both forms per element (Where).
+        assert {"Abs", "Div", "Mul", "Add", "Where", "If", "ReduceMax"} <= {node.op_type for node in body}
     assert [entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")] == [18]
     onnx.checker.check_model(model, full_check=True)
     assert onnx_io_shapes(onnx_file) == {"images": ["batch", 3, 32, 32], "logits": ["batch", 1000]}
@@ -147,7 +158,9 @@ def test_inline_rationals_writes_standard_ops_only(tmp_path):
     model = timm.create_model("kat_tiny", img_size=32, depth=1, num_classes=10).eval()
     path = export_onnx(model, tmp_path / "inlined.onnx", inline_rationals=True)
     assert standard_domains_only(onnx_op_domains(path))
-    assert not onnx.load(str(path)).functions, "no local functions left"
+    inlined = onnx.load(str(path))
+    assert not inlined.functions, "no local functions left"
+    assert "If" not in {node.op_type for node in inlined.graph.node}, "branch-free bodies (for fusing runtimes)"
     assert check_onnx(path, model, batch_sizes=(1,))[1] <= ONNX_RTOL
 
 
@@ -186,10 +199,11 @@ def test_the_file_runs_where_kat_timm_is_not_imported(onnx_file, kat_tiny_32, tm
 @needs_ort
 @pytest.mark.parametrize("shape,shared_numerator,scale", [((3, 50, 1024), True, 2.0), ((7, 40), False, 3.0),
                                                           ((2, 197, 768), True, 1e4), ((1, 8), False, 1e37)])
-def test_onnxruntime_kernel_equals_the_function_body(shape, shared_numerator, scale, tmp_path):
+@pytest.mark.parametrize("branch_free", [False, True], ids=["if-body", "branch-free-body"])
+def test_onnxruntime_kernel_equals_the_function_body(shape, shared_numerator, scale, branch_free, tmp_path):
     """One kat_timm node run by the registered kernel and by its function body (many row tasks for the thread
-    pool, a per-group numerator, inputs on both sides of LARGE_INPUT up to float32's limit): the same values,
-    and the reference's."""
+    pool, a per-group numerator, inputs on both sides of LARGE_INPUT up to float32's limit; the body with its If on
+    the largest |x| and the branch-free one that --inline-rationals writes): the same values, and the reference's."""
     import numpy as np
     import onnx
     from onnx import helper
@@ -207,7 +221,7 @@ def test_onnxruntime_kernel_equals_the_function_body(shape, shared_numerator, sc
          ((numerator, "numerator"), (denominator, "denominator"), (bias, "bias"))])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
                                                     helper.make_opsetid(RATIONAL_DOMAIN, 1)],
-                              functions=rational_functions(18))
+                              functions=rational_functions(18, branch_free=branch_free))
     onnx.checker.check_model(model, full_check=True)
     path = tmp_path / "rational.onnx"
     onnx.save(model, str(path))
@@ -218,6 +232,36 @@ def test_onnxruntime_kernel_equals_the_function_body(shape, shared_numerator, sc
         assert np.isfinite(y).all(), f"fast={fast}: non-finite values"
         assert relative_error(torch.from_numpy(y), expected) <= 1e-5, f"fast={fast}"
     np.testing.assert_allclose(outputs[True], outputs[False], rtol=2e-5, atol=1e-6 * np.abs(outputs[False]).max())
+
+
+@needs_onnx
+@needs_ort
+def test_function_body_with_a_nan_beside_a_large_input(tmp_path):
+    """A NaN stays where it is and a large input beside it still gets its finite value: the body's If on the
+    largest |x| must not take the plain form (which overflows above ~5e7) because of the NaN."""
+    import numpy as np
+    import onnx
+    from onnx import helper
+
+    numerator, denominator = (t.detach() for t in random_coefficients(8, shared_numerator=True))
+    denominator = denominator.abs() + 0.1  # |b4| > 0: F grows like x, finite for every finite x
+    x = torch.randn(2, 16)
+    x[0, 3], x[1, 9] = float("nan"), 3e30
+    graph = helper.make_graph(
+        [helper.make_node("GroupRational", ["x", "numerator", "denominator"], ["y"], domain=RATIONAL_DOMAIN)],
+        "rational", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 16])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 16])],
+        [onnx.numpy_helper.from_array(t.numpy(), name) for t, name in
+         ((numerator, "numerator"), (denominator, "denominator"))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(RATIONAL_DOMAIN, 1)],
+                              functions=rational_functions(18))
+    path = tmp_path / "rational.onnx"
+    onnx.save(model, str(path))
+    y = onnxruntime_session(path, threads=1, fast=False).run(None, {"x": x.numpy()})[0]
+    expected = group_rational_reference(x.double(), numerator.double(), denominator.double())
+    assert np.isnan(y[0, 3]) and np.isfinite(np.delete(y.ravel(), 3)).all()
+    finite = ~torch.isnan(x)
+    assert relative_error(torch.from_numpy(y)[finite], expected[finite]) <= 1e-5
 
 
 @needs_ort
