@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.backend import fuses_linear_bias
+from ..ops.group_rational import native_in_place_pays
 from ..ops.rational_reference import group_rational_reference
 from .group_rational import GroupRational, check_num_groups
 from .rational_inits import rational_init
@@ -141,9 +142,12 @@ class KAN(nn.Module):
 
     def _in_place_ok(self, hidden: torch.Tensor) -> bool:
         """Whether act2 may overwrite ``hidden``: inference (no autograd graph to keep its input for), eager or
-        under torch.compile (whose graph then writes act2 over fc1's output too), not in an exported program (which
+        under torch.compile where the native kernel pays there (then the graph writes act2 over fc1's output too;
+        otherwise inductor fuses act2's pointwise ops into a kernel of its own), not in an exported program (which
         keeps the functional op) or a jit trace (which would record a copy)."""
         if torch.compiler.is_exporting() or torch.jit.is_tracing() or type(hidden) is not torch.Tensor:
+            return False
+        if torch.compiler.is_compiling() and not native_in_place_pays(hidden):
             return False
         if not torch.is_grad_enabled():
             return True

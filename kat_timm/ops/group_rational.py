@@ -20,14 +20,14 @@ Inside ``torch.func`` transforms and forward-mode AD, for which the custom op ha
 ``create_graph=True``, the op runs as differentiable PyTorch ops (``group_rational_autograd``) instead.
 
 Under ``torch.compile`` (not ``torch.export``, which keeps the op), where no gradient is needed: where the native CPU
-kernel runs, the graph copies x into a buffer of its own (inductor writes it where x is computed, e.g. in the
-LayerNorm's kernel) and ``kat_timm::group_rational_in_place`` overwrites it, and ``group_rational_`` (KAN's act2 over
-fc1's output) overwrites x itself: the native kernel's values, and no output allocated. The kernel is compute-bound
-there, and inductor's code for the same math (both forms per element, then a select) costs more than the pass it
-would save by fusing. Elsewhere (Triton, the PyTorch path) the op is written as pointwise ops
-(``group_rational_plain``), which inductor fuses with what surrounds it (act1 with the LayerNorm before it, act2 with
-fc1's bias add). Where a gradient is needed the custom op stays, with the kernels' deterministic backward
-(d|b|/db = +1 at b == 0) and their exact forward values.
+kernel runs on a large enough x (``native_in_place_pays``), the graph copies x into a buffer of its own (inductor
+writes it where x is computed, e.g. in the LayerNorm's kernel) and ``kat_timm::group_rational_in_place`` overwrites
+it, and ``group_rational_`` (KAN's act2 over fc1's output) overwrites x itself: the native kernel's values, and no
+output allocated; inductor's code for the same math (both forms per element, then a select) costs more per element
+than the pass it would save by fusing. Elsewhere (small tensors, whose per-call cost the kernel would not earn back;
+Triton; the PyTorch path) the op is written as pointwise ops (``group_rational_plain``), which inductor fuses with
+what surrounds it (act1 with the LayerNorm before it, act2 with fc1's bias add). Where a gradient is needed the
+custom op stays, with the kernels' deterministic backward (d|b|/db = +1 at b == 0) and their exact forward values.
 """
 from __future__ import annotations
 
@@ -272,6 +272,19 @@ class _EagerGroupRational(torch.autograd.Function):
         return grad_x, grad_numerator, grad_denominator, None, None if bias is None else grad_bias
 
 
+# Under torch.compile the native kernel is called from Python, at a fixed cost per call, while inductor's fused
+# pointwise code costs nothing per call but more per element: below this many elements (KAT-T/S at batch 1) the
+# pointwise code is faster, above it (batch 8) the kernel (scripts/README.md, "Deployment").
+NATIVE_UNDER_COMPILE_MIN_ELEMENTS = 1 << 19
+
+
+def native_in_place_pays(x: torch.Tensor) -> bool:
+    """Whether compiled inference should run the rational on ``x`` as the native kernel written in place
+    (``kat_timm::group_rational_in_place``) rather than as pointwise ops for inductor: where the native kernel runs
+    and x has at least ``NATIVE_UNDER_COMPILE_MIN_ELEMENTS`` elements (a guard on x's size when it is dynamic)."""
+    return native_kernel_runs(x) and x.numel() >= NATIVE_UNDER_COMPILE_MIN_ELEMENTS
+
+
 def _compiling_not_exporting() -> bool:
     """True while torch.compile's dynamo traces the call, False for torch.export (its programs keep the op)."""
     return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
@@ -413,7 +426,7 @@ def group_rational(
         x.requires_grad or numerator.requires_grad or denominator.requires_grad
         or (bias is not None and bias.requires_grad)
     )):
-        if native_kernel_runs(x):
+        if native_in_place_pays(x):
             y = x.clone()  # a buffer of the graph's own, which inductor fills where x is computed
             _group_rational_in_place_op(y, numerator, denominator, channel_dim, bias)
             return y

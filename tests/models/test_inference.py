@@ -7,6 +7,7 @@ float32 forward by the relative error of the whole logits tensor.
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -140,11 +141,13 @@ def _compile_and_capture(model, images):
     return logits, [str(node.target) for graph in graphs for node in graph.graph.nodes]
 
 
-def test_torch_compile_inference_runs_the_native_kernel_in_place(kat_tiny_cpu, use_backend):
-    """On a CPU, compiled inference runs each rational as the native kernel written over a buffer of the graph's own
-    (act1 over its LayerNorm's output, act2 over fc1's, fc1's bias added in the same pass): no functional op, no
-    output allocated; the values stay eager's and the caller's tensors are not touched."""
+def test_torch_compile_inference_runs_the_native_kernel_in_place(kat_tiny_cpu, use_backend, monkeypatch):
+    """On a CPU, compiled inference runs each rational on a large enough tensor (here: every one, the threshold
+    lowered) as the native kernel written over a buffer of the graph's own (act1 over its LayerNorm's output, act2
+    over fc1's, fc1's bias added in the same pass): no functional op, no output allocated; the values stay eager's
+    and the caller's tensors are not touched."""
     use_backend("native")
+    monkeypatch.setattr(sys.modules["kat_timm.ops.group_rational"], "NATIVE_UNDER_COMPILE_MIN_ELEMENTS", 0)
     images = torch.randn(2, 3, 32, 32)
     kept = images.clone()
     compiled, targets = _compile_and_capture(kat_tiny_cpu, images)
@@ -157,10 +160,13 @@ def test_torch_compile_inference_runs_the_native_kernel_in_place(kat_tiny_cpu, u
     assert torch.equal(images, kept)
 
 
-def test_torch_compile_inference_sees_pointwise_rationals_without_the_native_kernel(kat_tiny_cpu, use_backend):
-    """Where the native kernel does not run (here forced to the PyTorch path; on a GPU, Triton), the rationals reach
-    the backend as pointwise ops, which inductor fuses with the LayerNorm before act1 and fc1's bias before act2."""
-    use_backend("torch")
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_torch_compile_inference_sees_pointwise_rationals_without_the_native_kernel(kat_tiny_cpu, use_backend,
+                                                                                     backend):
+    """Where the native kernel does not run (here forced to the PyTorch path; on a GPU, Triton) or does not pay
+    (tensors below NATIVE_UNDER_COMPILE_MIN_ELEMENTS, as this small model's), the rationals reach the backend as
+    pointwise ops, which inductor fuses with the LayerNorm before act1 and fc1's bias before act2."""
+    use_backend(backend)
     images = torch.randn(2, 3, 32, 32)
     compiled, targets = _compile_and_capture(kat_tiny_cpu, images)
     with torch.inference_mode():

@@ -1,6 +1,8 @@
 """group_rational on CPU: every CPU backend against the float64 reference, plus the op's contract."""
 import contextlib
 
+import sys
+
 import pytest
 import torch
 
@@ -275,11 +277,15 @@ def test_torch_compile_inductor(use_backend):
     assert x.grad is not None and numerator.grad is not None and denominator.grad is not None
 
 
-@pytest.mark.parametrize("channel_dim,shape", [(-1, (4, 7, 8 * 24)), (-1, (3, 8 * 200)), (1, (2, 16, 5, 5))])
-def test_torch_compile_inference_on_the_native_kernel(use_backend, channel_dim, shape):
-    """Compiled inference on a CPU runs the native kernel over a copy the graph owns (kat_timm::group_rational_in_place):
-    the eager op's values bit for bit, large inputs included, and the caller's input untouched."""
+@pytest.mark.parametrize("channel_dim,shape,lowered", [(-1, (4, 7, 8 * 24), True), (-1, (3, 8 * 200), True),
+                                                       (1, (2, 16, 5, 5), True), (-1, (2, 197, 1536), False)])
+def test_torch_compile_inference_on_the_native_kernel(use_backend, monkeypatch, channel_dim, shape, lowered):
+    """Compiled inference on a CPU runs the native kernel over a copy the graph owns (kat_timm::group_rational_in_place)
+    for tensors of NATIVE_UNDER_COMPILE_MIN_ELEMENTS or more (lowered to 0 for the small shapes): the eager op's
+    values bit for bit, large inputs included, and the caller's input untouched."""
     use_backend("native")
+    if lowered:
+        monkeypatch.setattr(sys.modules["kat_timm.ops.group_rational"], "NATIVE_UNDER_COMPILE_MIN_ELEMENTS", 0)
     torch._dynamo.reset()
     numerator, denominator = (t.detach() for t in random_coefficients(8))
     x = torch.randn(shape) * 3
@@ -291,6 +297,27 @@ def test_torch_compile_inference_on_the_native_kernel(use_backend, channel_dim, 
         y = compiled(x, bias)
     assert torch.equal(y, group_rational(x, numerator, denominator, channel_dim, bias=bias))
     assert torch.equal(x, kept), "the input was written over"
+
+
+def test_torch_compile_inference_of_small_tensors_is_pointwise(use_backend):
+    """Below NATIVE_UNDER_COMPILE_MIN_ELEMENTS compiled inference reaches the backend as pointwise ops (no kat_timm
+    op), within float32 rounding of the kernel, large inputs included."""
+    use_backend("native")
+    torch._dynamo.reset()
+    graphs = []
+
+    def capture(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    numerator, denominator = (t.detach() for t in random_coefficients(8))
+    x = torch.randn(4, 7, 64) * 3
+    x.view(-1)[::97] = 3e19
+    compiled = torch.compile(lambda t: group_rational(t, numerator, denominator), backend=capture, fullgraph=True)
+    with torch.no_grad():
+        y = compiled(x)
+    assert not any("kat_timm" in str(node.target) for graph in graphs for node in graph.graph.nodes)
+    assert relative_error(y, group_rational(x, numerator, denominator)) < 1e-6
 
 
 def test_torch_compile_reduce_overhead_runs_on_cpu(use_backend):
