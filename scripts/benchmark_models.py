@@ -9,7 +9,8 @@ smoke run of a few seconds.
 
 ``--path`` picks how both models run (inference only, except eager and compile):
 - ``eager``: the PyTorch modules (default);
-- ``compile``: ``torch.compile`` of both (``--compile`` for short); the first (compiling) call is timed apart;
+- ``compile``: ``torch.compile`` of both (``--compile`` for short); the first (compiling) call is timed apart, and
+  a copy of the KAT runs eagerly too, interleaved, for compiled KAT / eager KAT;
 - ``onnxruntime``: ONNX files from ``kat_timm.export_onnx`` run by ONNX Runtime on the CPU with kat_timm's rational
   kernel registered (``kat_timm.onnxruntime_session``); ``onnxruntime-plain``: the same files without it (the
   function bodies, as any runtime without kat_timm runs them);
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import gc
 import importlib.util
 import os
@@ -50,6 +52,8 @@ MODES = ("infer", "train")
 FAMILIES = ("vit", "kat")  # measured in this order within every repetition
 # --activation-bound: ViT with its MLP activation removed, what an activation that cost nothing would give.
 BOUND = "vit_noact"
+# --path compile: KAT run eagerly as well (a copy of the same model), interleaved, for compiled KAT / eager KAT.
+EAGER_KAT = "kat_eager"
 NUM_CLASSES = 1000
 LR, WEIGHT_DECAY = 1e-5, 0.05  # small lr: random labels, the weights should barely move during the benchmark
 
@@ -182,7 +186,8 @@ def measure_pair(models: Dict[str, torch.nn.Module], mode: str, args, timer: Tim
         for family in families:
             started = time.perf_counter()
             os.makedirs(os.path.join(folder, family))
-            steps[family] = timed_step(models[family], mode, images, labels, args.device, args.path,
+            path = "eager" if family == EAGER_KAT else args.path
+            steps[family] = timed_step(models[family], mode, images, labels, args.device, path,
                                        os.path.join(folder, family))
             prepare_s[family] = time.perf_counter() - started
         if args.path in INFERENCE_ONLY:
@@ -203,6 +208,10 @@ def _time_interleaved(row: dict, steps: dict, families: List[str], args, timer: 
     ratios = [k / v for v, k in zip(samples["vit"], samples["kat"])]
     if BOUND in samples:
         row["bound_time_ratio"] = statistics.median(b / v for v, b in zip(samples["vit"], samples[BOUND]))
+    if EAGER_KAT in samples:
+        compiled_over_eager = [k / e for k, e in zip(samples["kat"], samples[EAGER_KAT])]
+        row["compiled_over_eager"] = statistics.median(compiled_over_eager)
+        row["compiled_over_eager_range"] = [min(compiled_over_eager), max(compiled_over_eager)]
     row.update({
         "calls_per_sample": calls,
         "samples_ms": {f: [s * 1e3 for s in samples[f]] for f in families},
@@ -232,6 +241,7 @@ def run_size(size: str, args, timer: Timer, on_row: Optional[Callable[[List[dict
         model = model.to(args.device)
         models[family] = model.to(memory_format=torch.channels_last) if args.channels_last else model
     if args.compile:
+        models[EAGER_KAT] = copy.deepcopy(models["kat"])
         torch._dynamo.reset()
     rows = []
     for mode in args.modes:
@@ -318,7 +328,10 @@ def report_lines(construction: List[dict], rows: List[dict]) -> List[str]:
     return lines + [f"- torch.compile, first call of {row['size']} {row['mode']}: ViT {row['compile_s']['vit']:.1f} s, "
                     f"KAT {row['compile_s']['kat']:.1f} s; not in the timings" for row in rows if "compile_s" in row] \
         + [f"- export of {row['size']}: ViT {row['export_s']['vit']:.1f} s, KAT {row['export_s']['kat']:.1f} s; not in "
-           f"the timings" for row in rows if "export_s" in row]
+           f"the timings" for row in rows if "export_s" in row] \
+        + [f"- compiled KAT / eager KAT time, {row['size']} {row['mode']} (interleaved with the two): "
+           f"{row['compiled_over_eager']:.3f} ({row['compiled_over_eager_range'][0]:.2f}-"
+           f"{row['compiled_over_eager_range'][1]:.2f})" for row in rows if "compiled_over_eager" in row]
 
 
 def differs_note(conditions: List[tuple], target: str) -> str:
