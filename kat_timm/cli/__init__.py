@@ -20,7 +20,7 @@ SUBCOMMANDS = {
     "predict": "top-5 ImageNet labels for images",
     "plot": "draw every block's learned rational activations (act1, act2) to a PNG",
     "download": "fetch released weights into the Hugging Face cache for offline machines",
-    "export": "export a KAT to ONNX (runs anywhere; fastest in ONNX Runtime with kat_timm's kernel)",
+    "export": "export a KAT to ONNX (ONNX Runtime with or without kat_timm; fastest with kat_timm's kernel)",
     "publish": "write a checkpoint as a Hub model folder (labels, size, model card) and optionally upload it",
     "train": "train or fine-tune a timm model on an ImageFolder (same as kat-train)",
     "validate": "top-1/top-5/loss on an ImageFolder split (same as kat-validate)",

@@ -1,5 +1,5 @@
-"""``kat-timm export MODEL -o model.onnx``: an ONNX file (:mod:`kat_timm.tools.export`) that any ONNX runtime runs,
-and ONNX Runtime fastest with kat_timm's kernel (README, "Deployment"); needs the ``onnx`` extra."""
+"""``kat-timm export MODEL -o model.onnx``: an ONNX file (:mod:`kat_timm.tools.export`) that ONNX Runtime runs with or
+without kat_timm, fastest with kat_timm's kernel (README, "Deployment"); needs the ``onnx`` extra."""
 from __future__ import annotations
 
 import argparse
@@ -24,8 +24,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, description="Export a KAT (or any timm image model) to ONNX. Each rational activation is one "
                                "kat_timm node whose function body, in the file, computes it with standard ONNX ops, so "
-                               "any ONNX runtime runs the file; ONNX Runtime with kat_timm's kernel registered "
-                               "(kat_timm.onnxruntime_session) runs it fastest. Input 'images' (N, 3, H, W) float32, "
+                               "ONNX Runtime runs the file with or without kat_timm, fastest with kat_timm's kernel "
+                               "registered (kat_timm.onnxruntime_session). Input 'images' (N, 3, H, W) float32, "
                                "normalised as the model's pretrained config says; output 'logits'.",
         epilog="example: %(prog)s kat_tiny --pretrained -o kat_tiny.onnx --dynamic-batch --check")
     parser.add_argument("model", metavar="MODEL", nargs="?", default=None,
@@ -57,7 +57,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                              "resampled)")
     parser.add_argument("--inline-rationals", action="store_true",
                         help="write the rationals' function bodies inlined: standard ONNX ops only, no kat_timm "
-                             "nodes (for tools that don't read ONNX functions; ONNX Runtime then can't use "
+                             "nodes (for tools that don't read ONNX functions, e.g. OpenVINO; ONNX Runtime then can't use "
                              "kat_timm's kernel)")
     parser.add_argument("--check", action="store_true",
                         help=f"run the file with onnxruntime (CPU) next to PyTorch on random images, as any runtime "

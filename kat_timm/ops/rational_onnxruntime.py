@@ -1,7 +1,8 @@
 """The ONNX Runtime kernel of kat_timm's rational nodes: a custom-op library built from ``csrc/`` on first use.
 
 ONNX files written by ``kat_timm.export_onnx`` hold each rational as one ``kat_timm::GroupRational`` (or
-``GroupRationalBias``) node whose ONNX function body spells the same math in standard ops, so any runtime runs them.
+``GroupRationalBias``) node whose ONNX function body spells the same math in standard ops, so ONNX Runtime (and any
+runtime that inlines local functions) runs them without kat_timm.
 Registering this library with a session's options (``onnxruntime_session_options``) makes ONNX Runtime run those
 nodes with the native CPU kernel instead: one pass over the activations per rational instead of some forty.
 The library is ``csrc/group_rational_onnxruntime.c`` (ONNX Runtime's C ABI) linked with the native kernel, built and

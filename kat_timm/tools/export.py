@@ -1,9 +1,10 @@
 """Deployment exports of a KAT (README, "Deployment"): ``torch.export`` programs, AOTInductor packages and ONNX files.
 
 In an ONNX file each rational is one ``kat_timm::GroupRational`` node (``GroupRationalBias`` with fc1's bias folded
-in) whose ONNX function body, shipped in the file, computes it with standard ops: any runtime runs the file (it
-inlines the body), and ONNX Runtime with kat_timm's kernel registered (``onnxruntime_session``) runs each node in one
-native pass instead. ``inline_rationals=True`` writes the bodies inlined: standard ops only, no function.
+in) whose ONNX function body, shipped in the file, computes it with standard ops: ONNX Runtime (and any runtime that
+inlines local functions) runs the file, and ONNX Runtime with kat_timm's kernel registered (``onnxruntime_session``)
+runs each node in one native pass instead. ``inline_rationals=True`` writes the bodies inlined: standard ops only, no
+function (for OpenVINO, which has no conversion for the nodes).
 """
 from __future__ import annotations
 
