@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.backend import fuses_linear_bias
-from ..ops.group_rational import native_in_place_pays
+from ..ops.group_rational import exporting, native_in_place_pays
 from ..ops.rational_reference import group_rational_reference
 from .group_rational import GroupRational, check_num_groups
 from .rational_inits import rational_init
@@ -145,7 +145,7 @@ class KAN(nn.Module):
         under torch.compile where the native kernel pays there (then the graph writes act2 over fc1's output too;
         otherwise inductor fuses act2's pointwise ops into a kernel of its own), not in an exported program (which
         keeps the functional op) or a jit trace (which would record a copy)."""
-        if torch.compiler.is_exporting() or torch.jit.is_tracing() or type(hidden) is not torch.Tensor:
+        if exporting() or torch.jit.is_tracing() or type(hidden) is not torch.Tensor:
             return False
         if torch.compiler.is_compiling() and not native_in_place_pays(hidden):
             return False

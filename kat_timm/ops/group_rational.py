@@ -285,9 +285,16 @@ def native_in_place_pays(x: torch.Tensor) -> bool:
     return native_kernel_runs(x) and x.numel() >= NATIVE_UNDER_COMPILE_MIN_ELEMENTS
 
 
+def exporting() -> bool:
+    """True while torch.export traces. ``torch.compiler.is_exporting()`` alone reads True in every dynamo trace,
+    torch.compile's too, before torch 2.12 (dynamo folded it to a constant); the flag torch.export sets, which it
+    returns elsewhere, tells the two apart on every version."""
+    return torch.compiler.is_exporting() and getattr(torch.compiler, "_is_exporting_flag", True)
+
+
 def _compiling_not_exporting() -> bool:
     """True while torch.compile's dynamo traces the call, False for torch.export (its programs keep the op)."""
-    return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+    return torch.compiler.is_compiling() and not exporting()
 
 
 _functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
