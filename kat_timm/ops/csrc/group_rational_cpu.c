@@ -111,6 +111,12 @@ static float *column_coeffs(const kat_coeffs *c, int64_t groups, int64_t seg_len
     return cc;
 }
 
+/* Column k's coefficients from column_coeffs' table cc (K columns), for the row-mode loops. */
+#define KAT_COLUMN_COEFFS(k)                                                                                      \
+    const float a0 = cc[k], a1 = cc[K + (k)], a2 = cc[2 * K + (k)], a3 = cc[3 * K + (k)], a4 = cc[4 * K + (k)];   \
+    const float a5 = cc[5 * K + (k)], b1 = cc[6 * K + (k)], b2 = cc[7 * K + (k)], b3 = cc[8 * K + (k)];           \
+    const float b4 = cc[9 * K + (k)];
+
 /*
  * The per-element math shared by every loop below; a0..a5 and b1..b4 (= |b_j|) must be in scope.
  * KAT_VALUE(xv) defines yv = F(x). KAT_BACKWARD_TERMS(xv, gv) defines dxv = g dF/dx and the ten coefficient terms
@@ -204,13 +210,13 @@ static float *column_coeffs(const kat_coeffs *c, int64_t groups, int64_t seg_len
         return m;                                                                                                 \
     }
 
-/* One piece [begin, end) inside a segment: forward; XV is the input of F at i (x, or x plus the column's bias).
- * The plain pass also finds max |x|; a piece with a large input is computed again in the safe form. */
-#define KAT_FORWARD_PIECE_BODY(SUFFIX, XV)                                                                        \
-    const float a0 = c->a[0], a1 = c->a[1], a2 = c->a[2], a3 = c->a[3], a4 = c->a[4], a5 = c->a[5];               \
-    const float b1 = c->b[0], b2 = c->b[1], b3 = c->b[2], b4 = c->b[3];                                           \
+/* Forward over [0, n): XV is the input of F at i (x, or x plus the column's bias); COEFFS declares a0..a5, b1..b4
+ * for element i where they vary per column (empty where the caller holds them). The plain pass also finds max |x|;
+ * a range with a large input is computed again in the safe form (so y must not be x). */
+#define KAT_FORWARD_TWO_PASS(SUFFIX, XV, COEFFS)                                                                  \
     float m = 0.0f;                                                                                               \
     _Pragma("omp simd reduction(max : m)") for (int64_t i = 0; i < n; ++i) {                                      \
+        COEFFS                                                                                                    \
         const float xv = XV;                                                                                      \
         KAT_VALUE(xv)                                                                                             \
         m = ax > m ? ax : m;                                                                                      \
@@ -218,11 +224,18 @@ static float *column_coeffs(const kat_coeffs *c, int64_t groups, int64_t seg_len
     }                                                                                                             \
     if (m > KAT_LARGE) {                                                                                          \
         _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) {                                                     \
+            COEFFS                                                                                                \
             const float xv = XV;                                                                                  \
             KAT_VALUE_SAFE(xv)                                                                                    \
             store_##SUFFIX(y, i, yv);                                                                             \
         }                                                                                                         \
     }
+
+/* One piece inside a segment: forward, with the segment's group's coefficients. */
+#define KAT_FORWARD_PIECE_BODY(SUFFIX, XV)                                                                        \
+    const float a0 = c->a[0], a1 = c->a[1], a2 = c->a[2], a3 = c->a[3], a4 = c->a[4], a5 = c->a[5];               \
+    const float b1 = c->b[0], b2 = c->b[1], b3 = c->b[2], b4 = c->b[3];                                           \
+    KAT_FORWARD_TWO_PASS(SUFFIX, XV, )
 
 #define KAT_DEFINE_FORWARD_PIECE(SUFFIX, T)                                                                       \
     KAT_CLONES static void forward_piece_##SUFFIX(const T *restrict x, T *restrict y, int64_t n,                  \
@@ -259,27 +272,7 @@ static float *column_coeffs(const kat_coeffs *c, int64_t groups, int64_t seg_len
  * rows instead of one short piece per group. The plain pass finds max |x|; a row with a large input is computed
  * again in the safe form (y must not be x: the caller goes through a buffer when writing in place).
  */
-#define KAT_FORWARD_ROW_BODY(SUFFIX, XV)                                                                          \
-    float m = 0.0f;                                                                                               \
-    _Pragma("omp simd reduction(max : m)") for (int64_t i = 0; i < n; ++i) {                                      \
-        const float a0 = cc[i], a1 = cc[K + i], a2 = cc[2 * K + i], a3 = cc[3 * K + i], a4 = cc[4 * K + i];       \
-        const float a5 = cc[5 * K + i], b1 = cc[6 * K + i], b2 = cc[7 * K + i], b3 = cc[8 * K + i];               \
-        const float b4 = cc[9 * K + i];                                                                           \
-        const float xv = XV;                                                                                      \
-        KAT_VALUE(xv)                                                                                             \
-        m = ax > m ? ax : m;                                                                                      \
-        store_##SUFFIX(y, i, yv);                                                                                 \
-    }                                                                                                             \
-    if (m > KAT_LARGE) {                                                                                          \
-        _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) {                                                     \
-            const float a0 = cc[i], a1 = cc[K + i], a2 = cc[2 * K + i], a3 = cc[3 * K + i], a4 = cc[4 * K + i];   \
-            const float a5 = cc[5 * K + i], b1 = cc[6 * K + i], b2 = cc[7 * K + i], b3 = cc[8 * K + i];           \
-            const float b4 = cc[9 * K + i];                                                                       \
-            const float xv = XV;                                                                                  \
-            KAT_VALUE_SAFE(xv)                                                                                    \
-            store_##SUFFIX(y, i, yv);                                                                             \
-        }                                                                                                         \
-    }
+#define KAT_FORWARD_ROW_BODY(SUFFIX, XV) KAT_FORWARD_TWO_PASS(SUFFIX, XV, KAT_COLUMN_COEFFS(i))
 
 #define KAT_DEFINE_FORWARD_ROW(SUFFIX, T)                                                                         \
     KAT_CLONES static void forward_row_##SUFFIX(const T *restrict x, T *restrict y, int64_t n, int64_t K,         \
@@ -391,9 +384,7 @@ static float *column_coeffs(const kat_coeffs *c, int64_t groups, int64_t seg_len
 
 #define KAT_BACKWARD_ROW_LOOP(SUFFIX, XV, BIAS_STEP, TERMS)                                                       \
     _Pragma("omp simd") for (int64_t k = 0; k < n; ++k) {                                                         \
-        const float a0 = cc[k], a1 = cc[K + k], a2 = cc[2 * K + k], a3 = cc[3 * K + k], a4 = cc[4 * K + k];       \
-        const float a5 = cc[5 * K + k], b1 = cc[6 * K + k], b2 = cc[7 * K + k], b3 = cc[8 * K + k];               \
-        const float b4 = cc[9 * K + k];                                                                           \
+        KAT_COLUMN_COEFFS(k)                                                                                      \
         const float xv = XV;                                                                                      \
         const float gv = load_##SUFFIX(grad, k);                                                                  \
         TERMS(xv, gv)                                                                                             \
