@@ -83,9 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="channels-last input and models (torch.channels_last)")
     parser.add_argument("--path", choices=PATHS, default="eager",
                         help="how both models run: eager PyTorch (default), torch.compile, ONNX Runtime with "
-                             "kat_timm's kernel (onnxruntime) or without (onnxruntime-plain), AOTInductor (aoti), OpenVINO "
-                             "(openvino, pip install openvino); "
-                             "the last four are inference only and CPU only")
+                             "kat_timm's kernel (onnxruntime) or without (onnxruntime-plain), AOTInductor (aoti), "
+                             "OpenVINO (openvino, pip install openvino); the last four are inference only and CPU "
+                             "only")
     parser.add_argument("--compile", action="store_true", help="the same as --path compile")
     parser.add_argument("--activation-bound", action="store_true",
                         help="also time ViT with its MLP activation removed (nn.Identity), interleaved with the two: "

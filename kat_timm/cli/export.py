@@ -57,8 +57,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                              "resampled)")
     parser.add_argument("--inline-rationals", action="store_true",
                         help="write the rationals' function bodies inlined: standard ONNX ops only, no kat_timm "
-                             "nodes (for tools that don't read ONNX functions, e.g. OpenVINO; ONNX Runtime then can't use "
-                             "kat_timm's kernel)")
+                             "nodes (for tools that don't read ONNX functions, e.g. OpenVINO; ONNX Runtime then "
+                             "can't use kat_timm's kernel)")
     parser.add_argument("--check", action="store_true",
                         help=f"run the file with onnxruntime (CPU) next to PyTorch on random images, as any runtime "
                              f"runs it and with kat_timm's kernel, and print the relative error of the logits; fail "

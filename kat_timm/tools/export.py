@@ -133,7 +133,8 @@ def _rational_body(opset: int, bias: bool, branch_free: bool):
         return leading
 
     def branch(branch_nodes: list, output: str, name: str):
-        return helper.make_graph(branch_nodes, name, [], [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)])
+        return helper.make_graph(branch_nodes, name, [],
+                                 [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)])
 
     index = [constant([i], np.int64) for i in range(7)]
     axis1 = constant([1], np.int64)
@@ -157,8 +158,8 @@ def _rational_body(opset: int, bias: bool, branch_free: bool):
     two, tiny = constant(2.0, np.float32), constant(np.finfo(np.float32).tiny, np.float32)
     # The plain form, for a tensor whose |x| are all <= LARGE_INPUT (the usual case): half the passes of the full one.
     plain_nodes = []
-    plain = node("Div", horner(x, a[5], a[4::-1], plain_nodes), horner(ax, b[3], [b[2], b[1], b[0], one], plain_nodes),
-                 into=plain_nodes)
+    plain = node("Div", horner(x, a[5], a[4::-1], plain_nodes),
+                 horner(ax, b[3], [b[2], b[1], b[0], one], plain_nodes), into=plain_nodes)
     # Otherwise per element, as group_rational_plain: above LARGE_INPUT the reciprocal form (finite where x^5 would
     # overflow), unless Q~ is below the smallest normal float (the top b's are 0: the plain form is exact).
     full_nodes = []
@@ -175,13 +176,11 @@ def _rational_body(opset: int, bias: bool, branch_free: bool):
     if branch_free:
         nodes.extend(full_nodes)
         nodes.append(helper.make_node("Identity", [full], ["y"]))
-        return helper.make_function(RATIONAL_DOMAIN, _RATIONAL_OPS[bias],
-                                    ["x", "numerator", "denominator"] + (["bias"] if bias else []), ["y"], nodes,
-                                    [helper.make_opsetid("", opset)])
-    # A NaN maximum (a NaN input, where the runtime's ReduceMax propagates it) takes the full form: never unsafe.
-    only_small = node("LessOrEqual", node("ReduceMax", ax, keepdims=0), large_input)
-    nodes.append(helper.make_node("If", [only_small], ["y"], then_branch=branch(plain_nodes, plain, "plain"),
-                                  else_branch=branch(full_nodes, full, "reciprocal_where_large")))
+    else:
+        # A NaN maximum (a NaN input, where the runtime's ReduceMax propagates it) takes the full form: never unsafe.
+        only_small = node("LessOrEqual", node("ReduceMax", ax, keepdims=0), large_input)
+        nodes.append(helper.make_node("If", [only_small], ["y"], then_branch=branch(plain_nodes, plain, "plain"),
+                                      else_branch=branch(full_nodes, full, "reciprocal_where_large")))
     return helper.make_function(RATIONAL_DOMAIN, _RATIONAL_OPS[bias],
                                 ["x", "numerator", "denominator"] + (["bias"] if bias else []), ["y"], nodes,
                                 [helper.make_opsetid("", opset)])

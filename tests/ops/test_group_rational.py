@@ -292,7 +292,8 @@ def test_torch_compile_inference_on_the_native_kernel(use_backend, monkeypatch, 
     x.view(-1)[::97] = 3e19
     bias = torch.randn(shape[channel_dim])
     kept = x.clone()
-    compiled = torch.compile(lambda t, b: group_rational(t, numerator, denominator, channel_dim, bias=b), fullgraph=True)
+    compiled = torch.compile(lambda t, b: group_rational(t, numerator, denominator, channel_dim, bias=b),
+                             fullgraph=True)
     with torch.no_grad():
         y = compiled(x, bias)
     assert torch.equal(y, group_rational(x, numerator, denominator, channel_dim, bias=bias))
