@@ -195,6 +195,26 @@ def test_the_file_runs_where_kat_timm_is_not_imported(onnx_file, kat_tiny_32, tm
     assert relative_error(torch.from_numpy(np.load(tmp_path / "logits.npy")), expected) <= ONNX_RTOL
 
 
+def _one_rational_file(path, shape, numerator, denominator, bias=None, branch_free=False):
+    """An ONNX file at ``path`` of one kat_timm rational node (GroupRationalBias with a bias) on a float32 input
+    ``x`` of ``shape``, its coefficients (and bias) as initializers and its function bodies; returns the model."""
+    import onnx
+    from onnx import helper
+
+    inputs = ["x", "numerator", "denominator"] + ([] if bias is None else ["bias"])
+    weights = [numerator, denominator] + ([] if bias is None else [bias])
+    graph = helper.make_graph(
+        [helper.make_node("GroupRational" if bias is None else "GroupRationalBias", inputs, ["y"],
+                          domain=RATIONAL_DOMAIN)], "rational",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(shape))],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, list(shape))],
+        [onnx.numpy_helper.from_array(t.numpy(), name) for t, name in zip(weights, inputs[1:])])
+    model = helper.make_model(graph, functions=rational_functions(18, branch_free=branch_free),
+                              opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(RATIONAL_DOMAIN, 1)])
+    onnx.save(model, str(path))
+    return model
+
+
 @needs_onnx
 @needs_ort
 @pytest.mark.parametrize("shape,shared_numerator,scale", [((3, 50, 1024), True, 2.0), ((7, 40), False, 3.0),
@@ -206,25 +226,13 @@ def test_onnxruntime_kernel_equals_the_function_body(shape, shared_numerator, sc
     the largest |x| and the branch-free one that --inline-rationals writes): the same values, and the reference's."""
     import numpy as np
     import onnx
-    from onnx import helper
 
-    channels = shape[-1]
     numerator, denominator = (t.detach() for t in random_coefficients(8, shared_numerator))
-    bias = torch.randn(channels)
+    bias = torch.randn(shape[-1])
     x = torch.randn(shape) * scale
-    graph = helper.make_graph(
-        [helper.make_node("GroupRationalBias", ["x", "numerator", "denominator", "bias"], ["y"],
-                          domain=RATIONAL_DOMAIN)], "rational",
-        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(shape))],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, list(shape))],
-        [onnx.numpy_helper.from_array(t.numpy(), name) for t, name in
-         ((numerator, "numerator"), (denominator, "denominator"), (bias, "bias"))])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
-                                                    helper.make_opsetid(RATIONAL_DOMAIN, 1)],
-                              functions=rational_functions(18, branch_free=branch_free))
-    onnx.checker.check_model(model, full_check=True)
     path = tmp_path / "rational.onnx"
-    onnx.save(model, str(path))
+    onnx.checker.check_model(_one_rational_file(path, shape, numerator, denominator, bias, branch_free),
+                             full_check=True)
     outputs = {fast: onnxruntime_session(path, threads=2, fast=fast).run(None, {"x": x.numpy()})[0]
                for fast in (False, True)}
     expected = group_rational_reference(x.double(), numerator.double(), denominator.double(), bias=bias.double())
@@ -240,23 +248,13 @@ def test_function_body_with_a_nan_beside_a_large_input(tmp_path):
     """A NaN stays where it is and a large input beside it still gets its finite value: the body's If on the
     largest |x| must not take the plain form (which overflows above ~5e7) because of the NaN."""
     import numpy as np
-    import onnx
-    from onnx import helper
 
     numerator, denominator = (t.detach() for t in random_coefficients(8, shared_numerator=True))
     denominator = denominator.abs() + 0.1  # |b4| > 0: F grows like x, finite for every finite x
     x = torch.randn(2, 16)
     x[0, 3], x[1, 9] = float("nan"), 3e30
-    graph = helper.make_graph(
-        [helper.make_node("GroupRational", ["x", "numerator", "denominator"], ["y"], domain=RATIONAL_DOMAIN)],
-        "rational", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 16])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 16])],
-        [onnx.numpy_helper.from_array(t.numpy(), name) for t, name in
-         ((numerator, "numerator"), (denominator, "denominator"))])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(RATIONAL_DOMAIN, 1)],
-                              functions=rational_functions(18))
     path = tmp_path / "rational.onnx"
-    onnx.save(model, str(path))
+    _one_rational_file(path, x.shape, numerator, denominator)
     y = onnxruntime_session(path, threads=1, fast=False).run(None, {"x": x.numpy()})[0]
     expected = group_rational_reference(x.double(), numerator.double(), denominator.double())
     assert np.isnan(y[0, 3]) and np.isfinite(np.delete(y.ravel(), 3)).all()
@@ -266,19 +264,8 @@ def test_function_body_with_a_nan_beside_a_large_input(tmp_path):
 
 @needs_ort
 def test_onnxruntime_kernel_names_a_wrong_input(tmp_path):
-    import onnx
-    from onnx import helper
-
-    graph = helper.make_graph(
-        [helper.make_node("GroupRational", ["x", "numerator", "denominator"], ["y"], domain=RATIONAL_DOMAIN)], "g",
-        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 20])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 20])],
-        [onnx.numpy_helper.from_array(torch.ones(1, 6).numpy(), "numerator"),
-         onnx.numpy_helper.from_array(torch.ones(8, 4).numpy(), "denominator")])
-    model = helper.make_model(graph, functions=rational_functions(18),
-                              opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(RATIONAL_DOMAIN, 1)])
     path = tmp_path / "bad.onnx"
-    onnx.save(model, str(path))
+    _one_rational_file(path, (2, 20), torch.ones(1, 6), torch.ones(8, 4))
     session = onnxruntime_session(path, fast=True)
     with pytest.raises(Exception, match="the last axis is not a multiple of G"):
         session.run(None, {"x": torch.ones(2, 20).numpy()})
