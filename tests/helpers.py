@@ -30,6 +30,21 @@ def one_thread_env(**overrides: str) -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", **overrides)
 
 
+def compile_and_capture(fn, *args, mode=torch.inference_mode):
+    """``fn(*args)`` through ``torch.compile(fullgraph=True)`` under ``mode`` (no gradient), with a backend that records
+    the graphs dynamo hands it; returns (the result, the targets of every node of those graphs, as strings)."""
+    graphs = []
+
+    def capture(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    with mode():
+        result = torch.compile(fn, backend=capture, fullgraph=True)(*args)
+    return result, [str(node.target) for graph in graphs for node in graph.graph.nodes]
+
+
 def random_coefficients(groups: int, shared_numerator: bool = True, dtype=torch.float32, scale: float = 0.5):
     numerator = (torch.randn(1 if shared_numerator else groups, 6, dtype=dtype) * scale).requires_grad_()
     denominator = (torch.randn(groups, 4, dtype=dtype) * scale).requires_grad_()

@@ -15,6 +15,7 @@ import torch
 import kat_timm  # noqa: F401  (registers the KAT models)
 
 from tests.conftest import random_kat_tiny_32
+from tests.helpers import compile_and_capture
 
 # bfloat16 keeps 8 significant bits; through 12 blocks the logits drift ~2% (measured 1.9-2.3% on CPU).
 BF16_RTOL = 5e-2
@@ -127,20 +128,6 @@ def test_inference_mode_records_no_autograd_graph(model_and_images):
     assert relative_error(logits, reference) <= 1e-6
 
 
-def _compile_and_capture(model, images):
-    """(compiled logits, the targets of every node of the graphs dynamo handed to the backend)."""
-    graphs = []
-
-    def capture(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
-    torch._dynamo.reset()
-    with torch.inference_mode():
-        logits = torch.compile(model, backend=capture, fullgraph=True)(images)
-    return logits, [str(node.target) for graph in graphs for node in graph.graph.nodes]
-
-
 def test_torch_compile_inference_runs_the_native_kernel_in_place(kat_tiny_cpu, use_backend, monkeypatch):
     """On a CPU, compiled inference runs each rational on a large enough tensor (here: every one, the threshold
     lowered) as the native kernel written over a buffer of the graph's own (act1 over its LayerNorm's output, act2
@@ -150,7 +137,7 @@ def test_torch_compile_inference_runs_the_native_kernel_in_place(kat_tiny_cpu, u
     monkeypatch.setattr(sys.modules["kat_timm.ops.group_rational"], "NATIVE_UNDER_COMPILE_MIN_ELEMENTS", 0)
     images = torch.randn(2, 3, 32, 32)
     kept = images.clone()
-    compiled, targets = _compile_and_capture(kat_tiny_cpu, images)
+    compiled, targets = compile_and_capture(kat_tiny_cpu, images)
     with torch.inference_mode():
         eager = kat_tiny_cpu(images)
     in_place = [t for t in targets if "kat_timm" in t]
@@ -168,7 +155,7 @@ def test_torch_compile_inference_sees_pointwise_rationals_without_the_native_ker
     pointwise ops, which inductor fuses with the LayerNorm before act1 and fc1's bias before act2."""
     use_backend(backend)
     images = torch.randn(2, 3, 32, 32)
-    compiled, targets = _compile_and_capture(kat_tiny_cpu, images)
+    compiled, targets = compile_and_capture(kat_tiny_cpu, images)
     with torch.inference_mode():
         eager = kat_tiny_cpu(images)
     assert targets and not any("kat_timm" in target for target in targets), "the opaque op reached the backend"

@@ -12,6 +12,7 @@ from tests.helpers import (
     assert_backward_deterministic,
     assert_matches_rounded_reference,
     check_against_reference,
+    compile_and_capture,
     magnitudes,
     random_coefficients,
     relative_error,
@@ -304,20 +305,11 @@ def test_torch_compile_inference_of_small_tensors_is_pointwise(use_backend):
     """Below NATIVE_UNDER_COMPILE_MIN_ELEMENTS compiled inference reaches the backend as pointwise ops (no kat_timm
     op), within float32 rounding of the kernel, large inputs included."""
     use_backend("native")
-    torch._dynamo.reset()
-    graphs = []
-
-    def capture(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
     numerator, denominator = (t.detach() for t in random_coefficients(8))
     x = torch.randn(4, 7, 64) * 3
     x.view(-1)[::97] = 3e19
-    compiled = torch.compile(lambda t: group_rational(t, numerator, denominator), backend=capture, fullgraph=True)
-    with torch.no_grad():
-        y = compiled(x)
-    assert not any("kat_timm" in str(node.target) for graph in graphs for node in graph.graph.nodes)
+    y, targets = compile_and_capture(lambda t: group_rational(t, numerator, denominator), x, mode=torch.no_grad)
+    assert not any("kat_timm" in target for target in targets)
     assert relative_error(y, group_rational(x, numerator, denominator)) < 1e-6
 
 
