@@ -130,19 +130,30 @@ def read_checkpoint(path: PathLike, use_ema: Optional[bool] = None) -> LoadedChe
     return LoadedCheckpoint(path, state_dict, source, raw, architecture, model_kwargs, args)
 
 
+def local_dir_config(name: str) -> dict:
+    """The config.json of a ``local-dir:FOLDER`` model name's folder (``~`` expanded), as a dict.
+
+    Raises:
+        OSError: the file can't be read; ValueError: it is not JSON, or not a JSON object.
+    """
+    import json
+
+    config = json.loads((Path(name[len("local-dir:"):]).expanduser() / "config.json").read_text(encoding="utf-8"))
+    if not isinstance(config, dict):
+        raise ValueError(f"config.json holds a JSON {type(config).__name__}, not an object")
+    return config
+
+
 def _local_dir_architecture(name: str) -> str:
     """The architecture that a ``local-dir:FOLDER`` name's config.json names (``name`` itself for other names or an
     unreadable folder: then timm's own error says what is wrong)."""
-    import json
-
     if not name.startswith("local-dir:"):
         return name
     try:
-        architecture = json.loads((Path(name[len("local-dir:"):]).expanduser() / "config.json").read_text(
-            encoding="utf-8"))
-        return architecture["architecture"] if isinstance(architecture.get("architecture"), str) else name
-    except (OSError, ValueError, AttributeError):
+        architecture = local_dir_config(name).get("architecture")
+    except (OSError, ValueError):
         return name
+    return architecture if isinstance(architecture, str) else name
 
 
 def _base_name(name: str) -> str:

@@ -131,8 +131,6 @@ def check_model_name(name: str) -> None:
 def local_dir_architecture(name: str) -> str:
     """The registered architecture that the ``config.json`` of a ``local-dir:FOLDER`` model names; ``CLIError``
     (code 2) saying what is wrong with the folder."""
-    import json
-
     import timm
 
     folder = Path(name[len(LOCAL_DIR_PREFIX):]).expanduser()
@@ -145,9 +143,11 @@ def local_dir_architecture(name: str) -> str:
     if not config.is_file():
         raise CLIError(f"{name}: the folder holds no config.json (a folder that timm's save_for_hf or "
                        "scripts/convert_checkpoint.py wrote)", code=2)
+    from kat_timm.factory import local_dir_config
+
     try:
-        architecture = json.loads(config.read_text(encoding="utf-8")).get("architecture")
-    except (ValueError, OSError, AttributeError) as error:
+        architecture = local_dir_config(name).get("architecture")
+    except (ValueError, OSError) as error:
         raise CLIError(f"{config}: not a readable timm config.json ({error})", code=2) from None
     if not isinstance(architecture, str) or not timm.is_model(architecture):
         raise CLIError(f"{config}: its architecture {architecture!r} is not a model timm knows", code=2)

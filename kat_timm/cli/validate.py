@@ -292,13 +292,14 @@ def _validate(args: argparse.Namespace) -> int:
 def _folder_label_names(model: Optional[str]) -> List[str]:
     """The class names a ``local-dir:`` model folder's config.json lists (as kat-timm publish writes them), so its
     split is labelled in the model's order, as for the checkpoint it was published from; [] for other names."""
+    from kat_timm.factory import local_dir_config
+
     if not model or not model.startswith("local-dir:"):
         return []
     try:
-        names = json.loads((Path(model[len("local-dir:"):]) / "config.json").read_text(encoding="utf-8"))
+        names = local_dir_config(model).get("label_names")
     except (OSError, ValueError):
         return []
-    names = names.get("label_names") if isinstance(names, dict) else None
     return [str(name) for name in names] if isinstance(names, list) else []
 
 

@@ -412,3 +412,10 @@ def test_a_folder_given_for_a_checkpoint_says_so(run, tmp_path, capsys):
     assert exited.value.code == 2
     assert (f"-c {run_folder} is a folder, not a config file; a run folder's config is "
             f"{os.path.join(run_folder, 'args.yaml')}") in _one_line(capsys.readouterr().err)
+
+
+def test_validate_reads_the_class_names_of_a_folder_given_under_home(run, monkeypatch):
+    """``local-dir:~/FOLDER`` (as a shell leaves it when quoted): kat-validate finds the folder's class names as
+    every other command finds the folder, ``~`` expanded."""
+    monkeypatch.setenv("HOME", str(run.folder.parent))
+    assert validate_module._folder_label_names(f"local-dir:~/{run.folder.name}") == LABELS
