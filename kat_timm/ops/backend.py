@@ -190,14 +190,6 @@ def native_kernel_runs(x: torch.Tensor) -> bool:
     return _native_kernel_runs(x.device.type, x.dtype)
 
 
-def _fuses_linear_bias(device_type: str, dtype: torch.dtype) -> bool:
-    # On a GPU cuBLAS adds a Linear's bias in its epilogue at no cost; the Triton kernels take the bias only once
-    # they implement it, and whether the saved backward reduction pays there is still to be measured. On a CPU the
-    # bias costs a pass of its own over the hidden activations (and its gradient another): fold it into the native
-    # kernel's single pass. The PyTorch path gains nothing from it and keeps the Linear's bias.
-    return _native_kernel_runs(device_type, dtype)
-
-
 def fuses_linear_bias(x: torch.Tensor) -> bool:
     """Whether a Linear followed by ``group_rational`` on ``x``'s device and dtype should pass the Linear's bias to
     the op (a bias-free matmul, then F(x + bias) in one pass) instead of adding it in the Linear.
@@ -208,4 +200,8 @@ def fuses_linear_bias(x: torch.Tensor) -> bool:
     Args:
         x: the Linear's input (only its device and dtype matter).
     """
-    return _fuses_linear_bias(x.device.type, x.dtype)
+    # On a GPU cuBLAS adds a Linear's bias in its epilogue at no cost; the Triton kernels take the bias only once
+    # they implement it, and whether the saved backward reduction pays there is still to be measured. On a CPU the
+    # bias costs a pass of its own over the hidden activations (and its gradient another): fold it into the native
+    # kernel's single pass. The PyTorch path gains nothing from it and keeps the Linear's bias.
+    return native_kernel_runs(x)
